@@ -1,0 +1,293 @@
+//! Data sets and the split a plan asks for.
+//!
+//! Reads IDX files (the MNIST / Fashion-MNIST layout, gzip-compressed or not) into plain byte
+//! buffers and derives the deterministic labeled / unlabeled / test split from the plan's seed.
+//! Coordinator and workers compute the same split independently, so example ids (positions in
+//! the training file) agree everywhere. This crate knows nothing of tensors or the network.
+
+use std::io::Read;
+use std::path::{Path, PathBuf};
+
+use mentor_plan::DataPlan;
+use rand::seq::SliceRandom;
+use rand::SeedableRng;
+
+/// Why a data set could not be read.
+#[derive(Debug, thiserror::Error)]
+pub enum DataError {
+    #[error("failed to read `{path}`: {source}")]
+    Read {
+        path: PathBuf,
+        source: std::io::Error,
+    },
+    #[error("data file not found: neither `{path}.gz` nor `{path}` exists (install the data set, e.g. `apt-get install dataset-fashion-mnist`)")]
+    Missing { path: PathBuf },
+    #[error("`{path}` is not a valid IDX file: {reason}")]
+    Format { path: PathBuf, reason: String },
+    #[error("the training set has only {found} images of class {class}, {wanted} labeled ones are wanted")]
+    NotEnoughLabeled { class: u32, found: u32, wanted: u32 },
+}
+
+/// Images (u8 pixels, row-major) with their labels.
+#[derive(Debug, Clone)]
+pub struct ImageSet {
+    pub pixels: Vec<u8>,
+    pub labels: Vec<u8>,
+    pub rows: usize,
+    pub cols: usize,
+}
+
+impl ImageSet {
+    pub fn len(&self) -> usize {
+        self.labels.len()
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.labels.is_empty()
+    }
+
+    pub fn image_size(&self) -> usize {
+        self.rows * self.cols
+    }
+
+    /// Loads `{prefix}-images-idx3-ubyte(.gz)` and `{prefix}-labels-idx1-ubyte(.gz)`.
+    pub fn load(dir: &Path, prefix: &str) -> Result<ImageSet, DataError> {
+        let (labels, _) = read_idx(&dir.join(format!("{prefix}-labels-idx1-ubyte")), 1)?;
+        let (pixels, dims) = read_idx(&dir.join(format!("{prefix}-images-idx3-ubyte")), 3)?;
+        if dims[0] != labels.len() {
+            return Err(DataError::Format {
+                path: dir.join(format!("{prefix}-images-idx3-ubyte")),
+                reason: format!("{} images but {} labels", dims[0], labels.len()),
+            });
+        }
+        Ok(ImageSet {
+            pixels,
+            labels,
+            rows: dims[1],
+            cols: dims[2],
+        })
+    }
+}
+
+/// Reads the labels of the training set only (cheap: what the coordinator needs).
+pub fn load_train_labels(dir: &Path) -> Result<Vec<u8>, DataError> {
+    Ok(read_idx(&dir.join("train-labels-idx1-ubyte"), 1)?.0)
+}
+
+/// Reads an unsigned-byte IDX file with `rank` dimensions, from `path.gz` or `path`.
+pub fn read_idx(path: &Path, rank: usize) -> Result<(Vec<u8>, Vec<usize>), DataError> {
+    let gz = PathBuf::from(format!("{}.gz", path.display()));
+    let (file_path, bytes) = if gz.exists() {
+        let file = std::fs::File::open(&gz).map_err(|source| DataError::Read {
+            path: gz.clone(),
+            source,
+        })?;
+        let mut bytes = Vec::new();
+        flate2::read::GzDecoder::new(file)
+            .read_to_end(&mut bytes)
+            .map_err(|source| DataError::Read {
+                path: gz.clone(),
+                source,
+            })?;
+        (gz, bytes)
+    } else if path.exists() {
+        let bytes = std::fs::read(path).map_err(|source| DataError::Read {
+            path: path.to_path_buf(),
+            source,
+        })?;
+        (path.to_path_buf(), bytes)
+    } else {
+        return Err(DataError::Missing {
+            path: path.to_path_buf(),
+        });
+    };
+    parse_idx(&file_path, bytes, rank)
+}
+
+fn parse_idx(path: &Path, bytes: Vec<u8>, rank: usize) -> Result<(Vec<u8>, Vec<usize>), DataError> {
+    let format_error = |reason: String| DataError::Format {
+        path: path.to_path_buf(),
+        reason,
+    };
+    let header_len = 4 + 4 * rank;
+    if bytes.len() < header_len {
+        return Err(format_error(format!("{} bytes, shorter than its header", bytes.len())));
+    }
+    if bytes[0] != 0 || bytes[1] != 0 || bytes[2] != 0x08 {
+        return Err(format_error("magic number is not an unsigned-byte IDX file".into()));
+    }
+    if bytes[3] as usize != rank {
+        return Err(format_error(format!("{} dimensions, expected {rank}", bytes[3])));
+    }
+    let dims: Vec<usize> = (0..rank)
+        .map(|i| {
+            let at = 4 + 4 * i;
+            u32::from_be_bytes([bytes[at], bytes[at + 1], bytes[at + 2], bytes[at + 3]]) as usize
+        })
+        .collect();
+    let expected: usize = dims.iter().product();
+    if bytes.len() - header_len != expected {
+        return Err(format_error(format!(
+            "dimensions {dims:?} need {expected} bytes of data, found {}",
+            bytes.len() - header_len
+        )));
+    }
+    let mut data = bytes;
+    data.drain(..header_len);
+    Ok((data, dims))
+}
+
+/// The split of a plan: positions in the training set (labeled, unlabeled) and test set.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Split {
+    /// Training-set positions of the labeled examples.
+    pub labeled: Vec<u32>,
+    /// Training-set positions of the unlabeled examples, ascending. The position in this list is
+    /// what pseudo-label shards cover; the value is the example id.
+    pub unlabeled: Vec<u32>,
+    /// Number of test images used.
+    pub test_len: usize,
+}
+
+impl Split {
+    /// Draws `labeled_per_class` images of each class with the seed; the rest is unlabeled.
+    pub fn new(
+        train_labels: &[u8],
+        test_len: usize,
+        data: &DataPlan,
+        seed: u64,
+    ) -> Result<Split, DataError> {
+        let mut order: Vec<u32> = (0..train_labels.len() as u32).collect();
+        let mut rng = rand::rngs::StdRng::seed_from_u64(seed);
+        order.shuffle(&mut rng);
+        let classes = data.classes as usize;
+        let mut taken = vec![0u32; classes];
+        let mut is_labeled = vec![false; train_labels.len()];
+        let mut labeled = Vec::with_capacity(classes * data.labeled_per_class as usize);
+        for &position in &order {
+            let class = train_labels[position as usize] as usize;
+            if class < classes && taken[class] < data.labeled_per_class {
+                taken[class] += 1;
+                is_labeled[position as usize] = true;
+                labeled.push(position);
+            }
+        }
+        for (class, &found) in taken.iter().enumerate() {
+            if found < data.labeled_per_class {
+                return Err(DataError::NotEnoughLabeled {
+                    class: class as u32,
+                    found,
+                    wanted: data.labeled_per_class,
+                });
+            }
+        }
+        let mut unlabeled: Vec<u32> = (0..train_labels.len() as u32)
+            .filter(|&position| !is_labeled[position as usize])
+            .collect();
+        if data.unlabeled_limit > 0 {
+            unlabeled.truncate(data.unlabeled_limit as usize);
+        }
+        let test_len = if data.test_limit > 0 {
+            test_len.min(data.test_limit as usize)
+        } else {
+            test_len
+        };
+        Ok(Split {
+            labeled,
+            unlabeled,
+            test_len,
+        })
+    }
+}
+
+/// The ranges `[start, end)` of unlabeled positions covered by each shard.
+pub fn shard_ranges(unlabeled: u64, shard_size: u64) -> Vec<(u64, u64)> {
+    (0..unlabeled.div_ceil(shard_size))
+        .map(|index| {
+            let start = index * shard_size;
+            (start, (start + shard_size).min(unlabeled))
+        })
+        .collect()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn data_plan(labeled_per_class: u32, unlabeled_limit: u64) -> DataPlan {
+        DataPlan {
+            format: "idx".into(),
+            dir: PathBuf::from("."),
+            labeled_per_class,
+            unlabeled_limit,
+            test_limit: 0,
+            shard_size: 10,
+            classes: 3,
+        }
+    }
+
+    #[test]
+    fn split_is_deterministic_balanced_and_disjoint() {
+        let labels: Vec<u8> = (0..300).map(|i| (i % 3) as u8).collect();
+        let plan = data_plan(5, 0);
+        let split = Split::new(&labels, 100, &plan, 7).expect("split");
+        assert_eq!(split, Split::new(&labels, 100, &plan, 7).expect("split"));
+        assert_ne!(split.labeled, Split::new(&labels, 100, &plan, 8).expect("split").labeled);
+        assert_eq!(split.labeled.len(), 15);
+        for class in 0..3u8 {
+            let count = split.labeled.iter().filter(|&&p| labels[p as usize] == class).count();
+            assert_eq!(count, 5);
+        }
+        assert_eq!(split.unlabeled.len(), 285);
+        assert!(split.unlabeled.iter().all(|p| !split.labeled.contains(p)));
+        assert!(split.unlabeled.windows(2).all(|w| w[0] < w[1]));
+    }
+
+    #[test]
+    fn too_few_images_of_a_class_is_an_error() {
+        let labels = vec![0u8, 0, 1, 2];
+        let error = Split::new(&labels, 1, &data_plan(2, 0), 0).expect_err("must fail");
+        assert_eq!(
+            error.to_string(),
+            "the training set has only 1 images of class 1, 2 labeled ones are wanted"
+        );
+    }
+
+    #[test]
+    fn unlabeled_limit_and_shards() {
+        let labels: Vec<u8> = (0..300).map(|i| (i % 3) as u8).collect();
+        let split = Split::new(&labels, 100, &data_plan(1, 25), 0).expect("split");
+        assert_eq!(split.unlabeled.len(), 25);
+        assert_eq!(shard_ranges(25, 10), vec![(0, 10), (10, 20), (20, 25)]);
+        assert_eq!(shard_ranges(20, 10), vec![(0, 10), (10, 20)]);
+    }
+
+    #[test]
+    fn idx_round_trip_and_corruption() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let path = dir.path().join("x-images-idx3-ubyte");
+        let mut bytes = vec![0, 0, 8, 3, 0, 0, 0, 2, 0, 0, 0, 2, 0, 0, 0, 3];
+        bytes.extend(0..12u8);
+        std::fs::write(&path, &bytes).expect("write");
+        let (data, dims) = read_idx(&path, 3).expect("read");
+        assert_eq!(dims, vec![2, 2, 3]);
+        assert_eq!(data, (0..12u8).collect::<Vec<_>>());
+        std::fs::write(&path, &bytes[..20]).expect("write");
+        let error = read_idx(&path, 3).expect_err("truncated");
+        assert!(error.to_string().contains("need 12 bytes of data, found 4"), "{error}");
+        let missing = read_idx(&dir.path().join("nothing"), 1).expect_err("missing");
+        assert!(matches!(missing, DataError::Missing { .. }));
+    }
+
+    #[test]
+    fn fashion_mnist_split_has_59000_unlabeled() {
+        let dir = Path::new("/usr/share/datasets/fashion-mnist");
+        let labels = load_train_labels(dir).expect("install dataset-fashion-mnist");
+        assert_eq!(labels.len(), 60_000);
+        let mut plan = data_plan(100, 0);
+        plan.classes = 10;
+        let split = Split::new(&labels, 10_000, &plan, 0).expect("split");
+        assert_eq!(split.labeled.len(), 1000);
+        assert_eq!(split.unlabeled.len(), 59_000);
+    }
+}

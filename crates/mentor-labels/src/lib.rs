@@ -1,0 +1,260 @@
+//! Soft-label shards: what the pseudo-label service writes and the student reads.
+//!
+//! A shard is a safetensors file (one line of Python opens it) holding, for each example, its
+//! id, its top-k class ids and their f16 probabilities. Its header carries the teacher
+//! checkpoint, the round, the temperature and a SHA-256 of the tensor data, checked on every
+//! read. Shards go through a [`ShardStore`], which commits each key exactly once and atomically;
+//! the [`Manifest`] of a round is written last. [`select`] computes the global filter and class
+//! balance. This crate knows nothing of models, tensors or the network.
+
+mod format;
+mod select;
+mod store;
+
+pub use format::{decode_shard, encode_shard, ShardHeader, SoftLabels};
+pub use select::{filter_and_balance, SelectionConfig};
+pub use store::{LocalDirStore, MemoryStore, PutOutcome, ShardStore};
+
+use serde::{Deserialize, Serialize};
+use sha2::Digest;
+
+/// What went wrong with a shard, a manifest or the store.
+#[derive(Debug, thiserror::Error)]
+pub enum LabelError {
+    #[error("storage error on `{key}`: {source}")]
+    Io {
+        key: String,
+        source: std::io::Error,
+    },
+    #[error("`{key}` not found in the soft-label store")]
+    NotFound { key: String },
+    #[error("shard `{key}` is corrupt: {reason}")]
+    Corrupt { key: String, reason: String },
+    #[error("shard `{key}` fails its checksum: expected sha256 {expected}, found {actual}")]
+    ChecksumMismatch {
+        key: String,
+        expected: String,
+        actual: String,
+    },
+    #[error("invalid soft labels: {0}")]
+    Invalid(String),
+}
+
+/// Hex SHA-256 of bytes.
+pub fn sha256_hex(bytes: &[u8]) -> String {
+    let digest = sha2::Sha256::digest(bytes);
+    digest.iter().map(|b| format!("{b:02x}")).collect()
+}
+
+/// Store key of a shard.
+pub fn shard_key(round: u32, shard_index: u32) -> String {
+    format!("round-{round}/shard-{shard_index:05}.safetensors")
+}
+
+/// Store key of a round's manifest.
+pub fn manifest_key(round: u32) -> String {
+    format!("round-{round}/manifest.json")
+}
+
+/// One committed shard, as listed in the manifest.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct ManifestShard {
+    pub index: u32,
+    pub key: String,
+    pub examples: u64,
+    /// SHA-256 of the whole shard file.
+    pub sha256: String,
+    pub bytes: u64,
+}
+
+/// The list of a round's shards, written after every shard is committed.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct Manifest {
+    pub format_version: u32,
+    pub round: u32,
+    pub teacher_checkpoint: String,
+    pub temperature: f64,
+    pub top_k: u32,
+    pub classes: u32,
+    pub examples: u64,
+    pub shards: Vec<ManifestShard>,
+}
+
+impl Manifest {
+    pub fn to_json(&self) -> Vec<u8> {
+        serde_json::to_vec_pretty(self).unwrap_or_default()
+    }
+
+    pub fn from_json(key: &str, bytes: &[u8]) -> Result<Manifest, LabelError> {
+        serde_json::from_slice(bytes).map_err(|error| LabelError::Corrupt {
+            key: key.to_string(),
+            reason: format!("manifest is not valid JSON: {error}"),
+        })
+    }
+}
+
+/// Reads a shard, checks the whole file against `expected_sha256` (when given) and the data
+/// against the checksum in its own header.
+pub fn read_shard(
+    store: &dyn ShardStore,
+    key: &str,
+    expected_sha256: Option<&str>,
+) -> Result<(ShardHeader, SoftLabels), LabelError> {
+    let bytes = store.get(key)?;
+    if let Some(expected) = expected_sha256 {
+        let actual = sha256_hex(&bytes);
+        if actual != expected {
+            return Err(LabelError::ChecksumMismatch {
+                key: key.to_string(),
+                expected: expected.to_string(),
+                actual,
+            });
+        }
+    }
+    decode_shard(key, &bytes)
+}
+
+/// Reads a manifest and every shard it lists, checking each one; returns them in index order.
+pub fn read_round(
+    store: &dyn ShardStore,
+    round: u32,
+) -> Result<(Manifest, Vec<SoftLabels>), LabelError> {
+    let key = manifest_key(round);
+    let manifest = Manifest::from_json(&key, &store.get(&key)?)?;
+    let mut shards = Vec::with_capacity(manifest.shards.len());
+    for shard in &manifest.shards {
+        let (_, labels) = read_shard(store, &shard.key, Some(&shard.sha256))?;
+        if labels.len() as u64 != shard.examples {
+            return Err(LabelError::Corrupt {
+                key: shard.key.clone(),
+                reason: format!(
+                    "{} examples, the manifest says {}",
+                    labels.len(),
+                    shard.examples
+                ),
+            });
+        }
+        shards.push(labels);
+    }
+    Ok((manifest, shards))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn header() -> ShardHeader {
+        ShardHeader {
+            round: 2,
+            teacher_checkpoint: "round-1-student".into(),
+            temperature: 1.0,
+            classes: 10,
+        }
+    }
+
+    fn labels() -> SoftLabels {
+        SoftLabels::new(
+            2,
+            vec![7, 9, 11],
+            vec![3, 1, 0, 4, 9, 8],
+            vec![0.75, 0.25, 0.5, 0.25, 0.875, 0.125],
+        )
+        .expect("labels")
+    }
+
+    #[test]
+    fn shard_round_trips() {
+        let bytes = encode_shard(&header(), &labels()).expect("encode");
+        let (read_header, read_labels) = decode_shard("k", &bytes).expect("decode");
+        assert_eq!(read_header, header());
+        assert_eq!(read_labels, labels());
+        assert_eq!(read_labels.top(2), (9, 0.875));
+    }
+
+    #[test]
+    fn flipped_data_byte_fails_the_checksum() {
+        let mut bytes = encode_shard(&header(), &labels()).expect("encode");
+        let last = bytes.len() - 1;
+        bytes[last] ^= 0x40;
+        let error = decode_shard("round-2/shard-00000.safetensors", &bytes).expect_err("corrupt");
+        assert!(matches!(error, LabelError::ChecksumMismatch { .. }), "{error}");
+        assert!(error.to_string().starts_with("shard `round-2/shard-00000.safetensors` fails its checksum"));
+    }
+
+    #[test]
+    fn truncated_shard_is_reported_with_its_key() {
+        let bytes = encode_shard(&header(), &labels()).expect("encode");
+        let error = decode_shard("s", &bytes[..bytes.len() - 5]).expect_err("truncated");
+        assert!(error.to_string().starts_with("shard `s` is corrupt"), "{error}");
+    }
+
+    #[test]
+    fn mismatched_shapes_are_refused() {
+        let error = SoftLabels::new(2, vec![1], vec![1], vec![1.0]).expect_err("shapes");
+        assert!(error.to_string().contains("need 2 class ids"), "{error}");
+    }
+
+    #[test]
+    fn local_store_commits_exactly_once_under_a_race() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let store = std::sync::Arc::new(LocalDirStore::new(dir.path()));
+        let writers: Vec<_> = (0..8u8)
+            .map(|writer| {
+                let store = store.clone();
+                std::thread::spawn(move || {
+                    store
+                        .put_if_absent("round-1/shard-00000.safetensors", &[writer; 4096])
+                        .expect("put")
+                })
+            })
+            .collect();
+        let outcomes: Vec<PutOutcome> = writers
+            .into_iter()
+            .map(|w| w.join().expect("thread"))
+            .collect();
+        assert_eq!(outcomes.iter().filter(|&&o| o == PutOutcome::Created).count(), 1);
+        let content = store.get("round-1/shard-00000.safetensors").expect("get");
+        assert_eq!(content.len(), 4096);
+        assert!(content.iter().all(|&b| b == content[0]), "content mixes writers");
+        let names: Vec<String> = std::fs::read_dir(dir.path().join("round-1"))
+            .expect("dir")
+            .map(|e| e.expect("entry").file_name().to_string_lossy().into_owned())
+            .collect();
+        assert_eq!(names, vec!["shard-00000.safetensors".to_string()], "temporary files left");
+    }
+
+    #[test]
+    fn read_round_checks_every_listed_shard() {
+        let store = MemoryStore::default();
+        let bytes = encode_shard(&header(), &labels()).expect("encode");
+        let key = shard_key(2, 0);
+        store.put_if_absent(&key, &bytes).expect("put");
+        let mut manifest = Manifest {
+            format_version: 1,
+            round: 2,
+            teacher_checkpoint: "round-1-student".into(),
+            temperature: 1.0,
+            top_k: 2,
+            classes: 10,
+            examples: 3,
+            shards: vec![ManifestShard {
+                index: 0,
+                key: key.clone(),
+                examples: 3,
+                sha256: sha256_hex(&bytes),
+                bytes: bytes.len() as u64,
+            }],
+        };
+        store.put(&manifest_key(2), &manifest.to_json()).expect("manifest");
+        let (read, shards) = read_round(&store, 2).expect("round");
+        assert_eq!(read, manifest);
+        assert_eq!(shards, vec![labels()]);
+
+        manifest.shards[0].sha256 = "00".repeat(32);
+        store.put(&manifest_key(2), &manifest.to_json()).expect("manifest");
+        let error = read_round(&store, 2).expect_err("bad checksum");
+        assert!(matches!(error, LabelError::ChecksumMismatch { .. }), "{error}");
+        let missing = read_round(&store, 3).expect_err("no manifest");
+        assert_eq!(missing.to_string(), "`round-3/manifest.json` not found in the soft-label store");
+    }
+}

@@ -1,0 +1,637 @@
+//! Training plans: the TOML file a user writes, parsed and validated before anything starts.
+//!
+//! This crate owns the plan format, its defaults and its validation. It does no I/O beyond
+//! reading the plan file and never touches models or the network. Every validation error names
+//! the field path (`student.train.steps`) and the reason.
+
+use std::path::{Path, PathBuf};
+
+use serde::{Deserialize, Serialize};
+
+/// The only plan format version this build understands.
+pub const PLAN_VERSION: u32 = 1;
+
+/// Why a plan was refused.
+#[derive(Debug, thiserror::Error)]
+pub enum PlanError {
+    #[error("failed to read plan `{path}`: {source}")]
+    Read {
+        path: PathBuf,
+        source: std::io::Error,
+    },
+    #[error("plan is not valid TOML for this format: {message}")]
+    Parse { message: String },
+    #[error("{field}: {reason}")]
+    Invalid { field: String, reason: String },
+}
+
+fn invalid(field: impl Into<String>, reason: impl Into<String>) -> PlanError {
+    PlanError::Invalid {
+        field: field.into(),
+        reason: reason.into(),
+    }
+}
+
+/// Which self-training method a plan runs.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "kebab-case")]
+pub enum Method {
+    NoisyStudent,
+    MetaPseudoLabels,
+}
+
+impl Method {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Method::NoisyStudent => "noisy-student",
+            Method::MetaPseudoLabels => "meta-pseudo-labels",
+        }
+    }
+}
+
+/// A whole plan. Parse it with [`Plan::from_toml_str`] or [`Plan::load`], which validate it.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Plan {
+    /// Plan format version; must be [`PLAN_VERSION`].
+    pub version: u32,
+    /// Human name of the run, used in status output and directory names.
+    pub name: String,
+    pub method: Method,
+    /// Seed of the labeled split, initialisation and sampling.
+    #[serde(default)]
+    pub seed: u64,
+    /// Number of Noisy Student rounds (teacher -> student) to run.
+    #[serde(default = "default_rounds")]
+    pub rounds: u32,
+    pub data: DataPlan,
+    pub teacher: RolePlan,
+    pub student: RolePlan,
+    #[serde(default)]
+    pub pseudo_labels: PseudoLabelPlan,
+    #[serde(default)]
+    pub workers: WorkersPlan,
+}
+
+fn default_rounds() -> u32 {
+    2
+}
+
+/// Data sets: IDX files (MNIST layout) with a labeled subset drawn per class.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct DataPlan {
+    /// Data set format; only `idx` (MNIST / Fashion-MNIST files) today.
+    #[serde(default = "default_format")]
+    pub format: String,
+    /// Directory holding `train-images-idx3-ubyte(.gz)`, `train-labels-idx1-ubyte(.gz)`,
+    /// `t10k-images-idx3-ubyte(.gz)` and `t10k-labels-idx1-ubyte(.gz)`.
+    pub dir: PathBuf,
+    /// Labeled images drawn per class from the training set (the rest is unlabeled).
+    pub labeled_per_class: u32,
+    /// Use at most this many unlabeled images (0 = all of them).
+    #[serde(default)]
+    pub unlabeled_limit: u64,
+    /// Evaluate on at most this many test images (0 = all of them).
+    #[serde(default)]
+    pub test_limit: u64,
+    /// Unlabeled examples per pseudo-label shard.
+    #[serde(default = "default_shard_size")]
+    pub shard_size: u64,
+    /// Number of classes of the data set.
+    #[serde(default = "default_classes")]
+    pub classes: u32,
+}
+
+fn default_format() -> String {
+    "idx".to_string()
+}
+fn default_shard_size() -> u64 {
+    8192
+}
+fn default_classes() -> u32 {
+    10
+}
+
+/// Everything about one model role (teacher or student).
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RolePlan {
+    pub model: ModelPlan,
+    pub train: TrainPlan,
+    #[serde(default)]
+    pub noise: NoisePlan,
+}
+
+/// Architecture of a model.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct ModelPlan {
+    /// `cnn`: a small conv net (conv-bn-relu stages) with optional residual blocks.
+    pub kind: ModelKind,
+    /// Channels of the first stage; the second stage has twice as many.
+    #[serde(default = "default_width")]
+    pub width: u32,
+    /// Residual blocks after the last stage (stochastic depth applies to these).
+    #[serde(default)]
+    pub residual_blocks: u32,
+    /// Units of the hidden fully connected layer.
+    #[serde(default = "default_hidden")]
+    pub hidden: u32,
+    /// Added to `width` at each round after the first (students grow round after round).
+    #[serde(default)]
+    pub width_growth_per_round: u32,
+}
+
+fn default_width() -> u32 {
+    32
+}
+fn default_hidden() -> u32 {
+    128
+}
+
+impl ModelPlan {
+    /// The width of this model at `round` (1-based), after growth.
+    pub fn width_at_round(&self, round: u32) -> u32 {
+        self.width + self.width_growth_per_round * round.saturating_sub(1)
+    }
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "kebab-case")]
+pub enum ModelKind {
+    Cnn,
+}
+
+/// Optimisation of one training task.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct TrainPlan {
+    pub steps: u64,
+    /// Labeled images per step.
+    pub batch_size: u32,
+    /// Pseudo-labeled images per step = `unlabeled_ratio * batch_size` (student only).
+    #[serde(default)]
+    pub unlabeled_ratio: u32,
+    #[serde(default)]
+    pub optimizer: Optimizer,
+    #[serde(default = "default_learning_rate")]
+    pub learning_rate: f64,
+    #[serde(default = "default_momentum")]
+    pub momentum: f64,
+    #[serde(default = "default_weight_decay")]
+    pub weight_decay: f64,
+    #[serde(default)]
+    pub warmup_steps: u64,
+    #[serde(default)]
+    pub schedule: Schedule,
+    /// Label smoothing of the labeled (and hard pseudo-label) cross-entropy.
+    #[serde(default = "default_label_smoothing")]
+    pub label_smoothing: f64,
+    /// Random horizontal flips and small shifts (standard, not counted as student noise).
+    #[serde(default = "default_true")]
+    pub flip_and_shift: bool,
+    /// Report progress every this many steps.
+    #[serde(default = "default_log_every")]
+    pub log_every: u64,
+}
+
+fn default_learning_rate() -> f64 {
+    0.05
+}
+fn default_momentum() -> f64 {
+    0.9
+}
+fn default_weight_decay() -> f64 {
+    5e-4
+}
+fn default_label_smoothing() -> f64 {
+    0.1
+}
+fn default_true() -> bool {
+    true
+}
+fn default_log_every() -> u64 {
+    50
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Serialize, Deserialize)]
+#[serde(rename_all = "kebab-case")]
+pub enum Optimizer {
+    /// SGD with Nesterov momentum.
+    #[default]
+    Sgd,
+    Adam,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Serialize, Deserialize)]
+#[serde(rename_all = "kebab-case")]
+pub enum Schedule {
+    #[default]
+    Cosine,
+    Constant,
+}
+
+/// Noise applied while training a role. Inference (pseudo-labelling, evaluation) is always clean.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct NoisePlan {
+    /// Dropout probability before the classifier.
+    #[serde(default)]
+    pub dropout: f64,
+    /// Survival probability of the last residual block (linear rule); 1.0 disables it.
+    #[serde(default = "default_survival")]
+    pub stochastic_depth_survival: f64,
+    #[serde(default)]
+    pub randaugment: RandAugmentPlan,
+}
+
+fn default_survival() -> f64 {
+    1.0
+}
+
+impl Default for NoisePlan {
+    fn default() -> Self {
+        NoisePlan {
+            dropout: 0.0,
+            stochastic_depth_survival: default_survival(),
+            randaugment: RandAugmentPlan::default(),
+        }
+    }
+}
+
+/// RandAugment: `ops` random operations per image, each at `magnitude / 10` of its range.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RandAugmentPlan {
+    /// Operations per image (0 disables RandAugment).
+    #[serde(default)]
+    pub ops: u32,
+    /// Magnitude: each operation is applied at `magnitude / 10` of its range (0 to 30).
+    #[serde(default)]
+    pub magnitude: f64,
+    /// Operations to draw from; empty means every grayscale operation.
+    #[serde(default)]
+    pub op_list: Vec<String>,
+}
+
+impl Default for RandAugmentPlan {
+    fn default() -> Self {
+        RandAugmentPlan {
+            ops: 0,
+            magnitude: 0.0,
+            op_list: Vec::new(),
+        }
+    }
+}
+
+/// RandAugment operations that make sense for grayscale images.
+pub const RANDAUGMENT_OPS: &[&str] = &[
+    "identity",
+    "auto-contrast",
+    "equalize",
+    "rotate",
+    "posterize",
+    "solarize",
+    "contrast",
+    "brightness",
+    "sharpness",
+    "shear-x",
+    "shear-y",
+    "translate-x",
+    "translate-y",
+    "cutout",
+];
+
+/// How teacher predictions become training targets.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct PseudoLabelPlan {
+    #[serde(default)]
+    pub mode: LabelMode,
+    /// Softmax temperature of the teacher's predictions.
+    #[serde(default = "default_temperature")]
+    pub temperature: f64,
+    /// Probabilities kept per example (k = classes keeps the full distribution).
+    #[serde(default = "default_top_k")]
+    pub top_k: u32,
+    /// Examples whose top probability is below this are dropped.
+    #[serde(default = "default_min_confidence")]
+    pub min_confidence: f64,
+    /// Class-balance the kept examples (duplicate rare classes, trim abundant ones).
+    #[serde(default = "default_true")]
+    pub balance: bool,
+    /// Examples wanted per class when balancing (0 = unlabeled examples / classes).
+    #[serde(default)]
+    pub per_class: u64,
+    /// Where soft-label shards go: a local directory (default: `<state-dir>/pseudo-labels`).
+    #[serde(default)]
+    pub storage: Option<PathBuf>,
+    /// Images per inference batch.
+    #[serde(default = "default_inference_batch")]
+    pub batch_size: u32,
+}
+
+fn default_temperature() -> f64 {
+    1.0
+}
+fn default_top_k() -> u32 {
+    10
+}
+fn default_min_confidence() -> f64 {
+    0.3
+}
+fn default_inference_batch() -> u32 {
+    1024
+}
+
+impl Default for PseudoLabelPlan {
+    fn default() -> Self {
+        PseudoLabelPlan {
+            mode: LabelMode::Soft,
+            temperature: default_temperature(),
+            top_k: default_top_k(),
+            min_confidence: default_min_confidence(),
+            balance: true,
+            per_class: 0,
+            storage: None,
+            batch_size: default_inference_batch(),
+        }
+    }
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Serialize, Deserialize)]
+#[serde(rename_all = "kebab-case")]
+pub enum LabelMode {
+    #[default]
+    Soft,
+    Hard,
+}
+
+/// How the coordinator uses workers.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct WorkersPlan {
+    /// The run starts once this many workers have registered.
+    #[serde(default = "default_min_workers")]
+    pub min_workers: u32,
+    /// A worker silent for this long is declared dead and its task is given to another.
+    #[serde(default = "default_heartbeat_timeout")]
+    pub heartbeat_timeout_seconds: u64,
+}
+
+fn default_min_workers() -> u32 {
+    1
+}
+fn default_heartbeat_timeout() -> u64 {
+    30
+}
+
+impl Default for WorkersPlan {
+    fn default() -> Self {
+        WorkersPlan {
+            min_workers: default_min_workers(),
+            heartbeat_timeout_seconds: default_heartbeat_timeout(),
+        }
+    }
+}
+
+impl Plan {
+    /// Reads and validates a plan file.
+    pub fn load(path: &Path) -> Result<Plan, PlanError> {
+        let text = std::fs::read_to_string(path).map_err(|source| PlanError::Read {
+            path: path.to_path_buf(),
+            source,
+        })?;
+        Plan::from_toml_str(&text)
+    }
+
+    /// Parses and validates a plan.
+    pub fn from_toml_str(text: &str) -> Result<Plan, PlanError> {
+        let plan: Plan = toml::from_str(text).map_err(|error| PlanError::Parse {
+            message: error.to_string().trim_end().to_string(),
+        })?;
+        plan.validate()?;
+        Ok(plan)
+    }
+
+    /// The plan as TOML (what workers receive).
+    pub fn to_toml_string(&self) -> String {
+        toml::to_string(self).unwrap_or_default()
+    }
+
+    /// The role plan (teacher or student) that trained the model of `round`.
+    pub fn role(&self, role: Role) -> &RolePlan {
+        match role {
+            Role::Teacher => &self.teacher,
+            Role::Student => &self.student,
+        }
+    }
+
+    /// Checks every field; the first problem found is returned.
+    pub fn validate(&self) -> Result<(), PlanError> {
+        if self.version != PLAN_VERSION {
+            return Err(invalid(
+                "version",
+                format!("unsupported plan version {}, expected {PLAN_VERSION}", self.version),
+            ));
+        }
+        if self.name.trim().is_empty() {
+            return Err(invalid("name", "must not be empty"));
+        }
+        if !self
+            .name
+            .chars()
+            .all(|c| c.is_ascii_alphanumeric() || c == '-' || c == '_' || c == '.')
+        {
+            return Err(invalid(
+                "name",
+                "may only hold ASCII letters, digits, `-`, `_` and `.`",
+            ));
+        }
+        if self.method == Method::MetaPseudoLabels {
+            return Err(invalid(
+                "method",
+                "`meta-pseudo-labels` is not supported by this build yet; use `noisy-student`",
+            ));
+        }
+        if self.rounds == 0 {
+            return Err(invalid("rounds", "must be >= 1"));
+        }
+        self.validate_data()?;
+        validate_role("teacher", &self.teacher, false)?;
+        validate_role("student", &self.student, true)?;
+        if self.student.model.width < self.teacher.model.width
+            || self.student.model.residual_blocks < self.teacher.model.residual_blocks
+        {
+            return Err(invalid(
+                "student.model",
+                "the student must be at least as large as the teacher (width and residual_blocks)",
+            ));
+        }
+        self.validate_pseudo_labels()?;
+        if self.workers.min_workers == 0 {
+            return Err(invalid("workers.min_workers", "must be >= 1"));
+        }
+        if self.workers.heartbeat_timeout_seconds == 0 {
+            return Err(invalid("workers.heartbeat_timeout_seconds", "must be >= 1"));
+        }
+        Ok(())
+    }
+
+    fn validate_data(&self) -> Result<(), PlanError> {
+        let data = &self.data;
+        if data.format != "idx" {
+            return Err(invalid(
+                "data.format",
+                format!("unknown format `{}`, expected `idx`", data.format),
+            ));
+        }
+        if data.dir.as_os_str().is_empty() {
+            return Err(invalid("data.dir", "must not be empty"));
+        }
+        if data.labeled_per_class == 0 {
+            return Err(invalid("data.labeled_per_class", "must be >= 1"));
+        }
+        if data.shard_size == 0 {
+            return Err(invalid("data.shard_size", "must be >= 1"));
+        }
+        if data.classes < 2 {
+            return Err(invalid("data.classes", "must be >= 2"));
+        }
+        if data.classes > u16::MAX as u32 {
+            return Err(invalid("data.classes", "must be <= 65535"));
+        }
+        Ok(())
+    }
+
+    fn validate_pseudo_labels(&self) -> Result<(), PlanError> {
+        let labels = &self.pseudo_labels;
+        if !(labels.temperature > 0.0 && labels.temperature.is_finite()) {
+            return Err(invalid("pseudo_labels.temperature", "must be > 0"));
+        }
+        if labels.top_k == 0 || labels.top_k > self.data.classes {
+            return Err(invalid(
+                "pseudo_labels.top_k",
+                format!("must be between 1 and data.classes ({})", self.data.classes),
+            ));
+        }
+        if !(0.0..1.0).contains(&labels.min_confidence) {
+            return Err(invalid("pseudo_labels.min_confidence", "must be in [0, 1)"));
+        }
+        if labels.batch_size == 0 {
+            return Err(invalid("pseudo_labels.batch_size", "must be >= 1"));
+        }
+        if let Some(storage) = &labels.storage {
+            if storage.as_os_str().is_empty() {
+                return Err(invalid("pseudo_labels.storage", "must not be empty when set"));
+            }
+        }
+        Ok(())
+    }
+}
+
+fn validate_role(role: &str, plan: &RolePlan, is_student: bool) -> Result<(), PlanError> {
+    let model = &plan.model;
+    if model.width == 0 {
+        return Err(invalid(format!("{role}.model.width"), "must be >= 1"));
+    }
+    if model.hidden == 0 {
+        return Err(invalid(format!("{role}.model.hidden"), "must be >= 1"));
+    }
+    if !is_student && model.width_growth_per_round != 0 {
+        return Err(invalid(
+            format!("{role}.model.width_growth_per_round"),
+            "only students grow; the teacher of later rounds is the previous student",
+        ));
+    }
+    let train = &plan.train;
+    if train.steps == 0 {
+        return Err(invalid(format!("{role}.train.steps"), "must be >= 1"));
+    }
+    if train.batch_size == 0 {
+        return Err(invalid(format!("{role}.train.batch_size"), "must be >= 1"));
+    }
+    if is_student && train.unlabeled_ratio == 0 {
+        return Err(invalid(
+            format!("{role}.train.unlabeled_ratio"),
+            "must be >= 1: the student learns from pseudo-labeled images",
+        ));
+    }
+    if !is_student && train.unlabeled_ratio != 0 {
+        return Err(invalid(
+            format!("{role}.train.unlabeled_ratio"),
+            "the first teacher trains on labeled images only; leave it out",
+        ));
+    }
+    if !(train.learning_rate > 0.0 && train.learning_rate.is_finite()) {
+        return Err(invalid(format!("{role}.train.learning_rate"), "must be > 0"));
+    }
+    if !(0.0..1.0).contains(&train.momentum) {
+        return Err(invalid(format!("{role}.train.momentum"), "must be in [0, 1)"));
+    }
+    if !(train.weight_decay >= 0.0 && train.weight_decay.is_finite()) {
+        return Err(invalid(format!("{role}.train.weight_decay"), "must be >= 0"));
+    }
+    if train.warmup_steps >= train.steps {
+        return Err(invalid(
+            format!("{role}.train.warmup_steps"),
+            format!("must be below {role}.train.steps ({})", train.steps),
+        ));
+    }
+    if !(0.0..1.0).contains(&train.label_smoothing) {
+        return Err(invalid(format!("{role}.train.label_smoothing"), "must be in [0, 1)"));
+    }
+    if train.log_every == 0 {
+        return Err(invalid(format!("{role}.train.log_every"), "must be >= 1"));
+    }
+    let noise = &plan.noise;
+    if !(0.0..1.0).contains(&noise.dropout) {
+        return Err(invalid(format!("{role}.noise.dropout"), "must be in [0, 1)"));
+    }
+    if !(noise.stochastic_depth_survival > 0.0 && noise.stochastic_depth_survival <= 1.0) {
+        return Err(invalid(
+            format!("{role}.noise.stochastic_depth_survival"),
+            "must be in (0, 1]",
+        ));
+    }
+    let randaugment = &noise.randaugment;
+    if !(0.0..=30.0).contains(&randaugment.magnitude) {
+        return Err(invalid(
+            format!("{role}.noise.randaugment.magnitude"),
+            "must be in [0, 30]",
+        ));
+    }
+    for (index, op) in randaugment.op_list.iter().enumerate() {
+        if !RANDAUGMENT_OPS.contains(&op.as_str()) {
+            return Err(invalid(
+                format!("{role}.noise.randaugment.op_list[{index}]"),
+                format!(
+                    "unknown operation `{op}`, expected one of: {}",
+                    RANDAUGMENT_OPS.join(", ")
+                ),
+            ));
+        }
+    }
+    Ok(())
+}
+
+/// Which of the two model roles a task concerns.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "kebab-case")]
+pub enum Role {
+    Teacher,
+    Student,
+}
+
+impl Role {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Role::Teacher => "teacher",
+            Role::Student => "student",
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests;
