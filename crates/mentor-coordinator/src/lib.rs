@@ -1,0 +1,297 @@
+//! The coordinator: owns a run, schedules its tasks over workers and answers status queries.
+//!
+//! [`state`] is the pure Noisy Student state machine; [`Coordinator`] wraps it with the worker
+//! registry, the state store (a JSON snapshot in the run directory, rewritten atomically after
+//! every change, so a restarted coordinator resumes) and the global filter step; [`service`]
+//! exposes it over gRPC. This crate must not link libtorch: it never runs a model.
+
+pub mod filter;
+pub mod service;
+pub mod state;
+
+use std::collections::BTreeMap;
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use mentor_labels::{LocalDirStore, ShardStore};
+use mentor_plan::Plan;
+
+use crate::state::{Effect, RunState, TaskId, TaskOutcome, TaskRecord, WorkerId};
+
+/// How often workers are asked to send a heartbeat.
+pub const HEARTBEAT_INTERVAL: Duration = Duration::from_secs(1);
+
+/// Errors a caller of the coordinator can act on.
+#[derive(Debug, thiserror::Error)]
+pub enum CoordinatorError {
+    #[error("unknown worker `{0}`: register first")]
+    UnknownWorker(String),
+    #[error("invalid request: {0}")]
+    InvalidRequest(String),
+    #[error("failed to read the data set: {0}")]
+    Data(#[from] mentor_data::DataError),
+    #[error("state directory `{dir}` holds a run of another plan; use a new --state-dir or the same plan")]
+    PlanMismatch { dir: PathBuf },
+    #[error("state store `{path}`: {reason}")]
+    StateStore { path: PathBuf, reason: String },
+}
+
+/// What the coordinator knows about one worker.
+#[derive(Debug, Clone)]
+pub struct WorkerEntry {
+    pub id: WorkerId,
+    pub hostname: String,
+    pub device: String,
+    pub last_seen: Instant,
+    pub alive: bool,
+    pub task: Option<TaskId>,
+    pub progress: Progress,
+}
+
+/// The latest progress report of a task.
+#[derive(Debug, Clone, Default, PartialEq)]
+pub struct Progress {
+    pub step: u64,
+    pub total_steps: u64,
+    pub loss: Option<f64>,
+    pub accuracy: Option<f64>,
+    pub images_per_second: f64,
+}
+
+/// The answer to a worker asking for work.
+#[derive(Debug, Clone, PartialEq)]
+pub enum TaskReply {
+    Task(TaskRecord),
+    RetryAfter(Duration),
+    Shutdown,
+}
+
+/// A run and its workers.
+pub struct Coordinator {
+    pub plan: Plan,
+    pub state: RunState,
+    pub workers: BTreeMap<WorkerId, WorkerEntry>,
+    pub store: Arc<dyn ShardStore>,
+    pub started: Instant,
+    pub latest_loss: Option<f64>,
+    pub latest_accuracy: Option<f64>,
+    next_worker: u64,
+}
+
+impl Coordinator {
+    /// Opens the run of `plan` in `run_dir`, resuming the saved state when there is one.
+    pub fn open(plan: Plan, run_dir: &Path) -> Result<Coordinator, CoordinatorError> {
+        let state_store_error = |reason: String| CoordinatorError::StateStore {
+            path: run_dir.to_path_buf(),
+            reason,
+        };
+        std::fs::create_dir_all(run_dir).map_err(|e| state_store_error(e.to_string()))?;
+        let run_dir = run_dir
+            .canonicalize()
+            .map_err(|e| state_store_error(e.to_string()))?;
+        let labels = mentor_data::load_train_labels(&plan.data.dir)?;
+        let split = mentor_data::Split::new(&labels, 0, &plan.data, plan.seed)?;
+        let state_file = run_dir.join("state.json");
+        let state = if state_file.exists() {
+            let text = std::fs::read_to_string(&state_file)
+                .map_err(|e| state_store_error(e.to_string()))?;
+            let mut state: RunState = serde_json::from_str(&text)
+                .map_err(|e| state_store_error(format!("unreadable state.json: {e}")))?;
+            if state.plan_toml != plan.to_toml_string() {
+                return Err(CoordinatorError::PlanMismatch { dir: run_dir });
+            }
+            state.requeue_running();
+            tracing::info!(run = %state.run_id, round = state.round, phase = state.phase.as_str(), "resuming run from the state store");
+            state
+        } else {
+            let run_id = format!("{}-{}", plan.name, unix_seconds());
+            RunState::new(run_id, &plan, split.unlabeled.len() as u64, &run_dir)
+        };
+        let storage = plan
+            .pseudo_labels
+            .storage
+            .clone()
+            .unwrap_or_else(|| run_dir.join("pseudo-labels"));
+        let coordinator = Coordinator {
+            plan,
+            state,
+            workers: BTreeMap::new(),
+            store: Arc::new(LocalDirStore::new(storage)),
+            started: Instant::now(),
+            latest_loss: None,
+            latest_accuracy: None,
+            next_worker: 0,
+        };
+        coordinator.persist()?;
+        Ok(coordinator)
+    }
+
+    /// The root of the soft-label store, as workers must see it.
+    pub fn storage_root(&self) -> String {
+        self.store.location("")
+    }
+
+    /// Writes the state snapshot atomically.
+    pub fn persist(&self) -> Result<(), CoordinatorError> {
+        let path = self.state.paths.state_file();
+        let error = |reason: String| CoordinatorError::StateStore {
+            path: path.clone(),
+            reason,
+        };
+        let json = serde_json::to_vec_pretty(&self.state).map_err(|e| error(e.to_string()))?;
+        let temporary = path.with_extension("json.tmp");
+        std::fs::write(&temporary, json).map_err(|e| error(e.to_string()))?;
+        std::fs::rename(&temporary, &path).map_err(|e| error(e.to_string()))
+    }
+
+    fn persist_or_log(&self) {
+        if let Err(error) = self.persist() {
+            tracing::error!(%error, "failed to save the run state");
+        }
+    }
+
+    pub fn register(&mut self, hostname: String, device: String, now: Instant) -> WorkerId {
+        self.next_worker += 1;
+        let id = WorkerId(format!("w{}-{hostname}", self.next_worker));
+        tracing::info!(worker = %id, device = %device, "worker registered");
+        self.workers.insert(
+            id.clone(),
+            WorkerEntry {
+                id: id.clone(),
+                hostname,
+                device,
+                last_seen: now,
+                alive: true,
+                task: None,
+                progress: Progress::default(),
+            },
+        );
+        let alive = self.workers.values().filter(|w| w.alive).count() as u32;
+        if alive >= self.plan.workers.min_workers && self.state.phase == state::Phase::WaitingForWorkers {
+            tracing::info!(run = %self.state.run_id, workers = alive, "enough workers registered, starting the run");
+            self.state.start();
+            self.persist_or_log();
+        }
+        id
+    }
+
+    fn worker_mut(&mut self, id: &WorkerId, now: Instant) -> Result<&mut WorkerEntry, CoordinatorError> {
+        match self.workers.get_mut(id) {
+            Some(worker) if worker.alive => {
+                worker.last_seen = now;
+                Ok(worker)
+            }
+            _ => Err(CoordinatorError::UnknownWorker(id.0.clone())),
+        }
+    }
+
+    pub fn heartbeat(&mut self, id: &WorkerId, now: Instant) -> bool {
+        self.worker_mut(id, now).is_ok()
+    }
+
+    pub fn get_task(&mut self, id: &WorkerId, now: Instant) -> Result<TaskReply, CoordinatorError> {
+        self.worker_mut(id, now)?;
+        if self.state.is_finished() {
+            return Ok(TaskReply::Shutdown);
+        }
+        match self.state.assign(id) {
+            Some(task) => {
+                tracing::info!(run = %self.state.run_id, round = task.round, worker = %id, task = %task.id, kind = %task.spec.describe(), "task assigned");
+                let worker = self.worker_mut(id, now)?;
+                worker.task = Some(task.id.clone());
+                worker.progress = Progress::default();
+                self.persist_or_log();
+                Ok(TaskReply::Task(task))
+            }
+            None => Ok(TaskReply::RetryAfter(Duration::from_millis(200))),
+        }
+    }
+
+    pub fn progress(&mut self, id: &WorkerId, progress: Progress, now: Instant) -> Result<(), CoordinatorError> {
+        if let Some(loss) = progress.loss {
+            self.latest_loss = Some(loss);
+        }
+        let worker = self.worker_mut(id, now)?;
+        worker.progress = progress;
+        Ok(())
+    }
+
+    /// Records a task's result; returns the effects the caller must carry out.
+    pub fn complete(
+        &mut self,
+        id: &WorkerId,
+        task: &TaskId,
+        outcome: TaskOutcome,
+        now: Instant,
+    ) -> Result<Vec<Effect>, CoordinatorError> {
+        let worker = self.worker_mut(id, now)?;
+        worker.task = None;
+        match &outcome {
+            TaskOutcome::Failed(error) => {
+                tracing::warn!(run = %self.state.run_id, worker = %id, task = %task, %error, "task failed")
+            }
+            TaskOutcome::Evaluated { accuracy, .. } => {
+                self.latest_accuracy = Some(*accuracy);
+                tracing::info!(run = %self.state.run_id, worker = %id, task = %task, accuracy, "evaluation done")
+            }
+            _ => tracing::info!(run = %self.state.run_id, worker = %id, task = %task, "task done"),
+        }
+        let effects = self.state.complete(task, id, outcome);
+        self.log_effects(&effects);
+        self.persist_or_log();
+        Ok(effects)
+    }
+
+    fn log_effects(&self, effects: &[Effect]) {
+        for effect in effects {
+            if *effect == Effect::Finished {
+                tracing::info!(run = %self.state.run_id, status = self.state.outcome.as_str(), "run finished");
+            }
+        }
+    }
+
+    /// Declares workers silent for longer than the plan allows dead; requeues their tasks.
+    pub fn reap(&mut self, now: Instant) {
+        let timeout = Duration::from_secs(self.plan.workers.heartbeat_timeout_seconds);
+        let lost: Vec<WorkerId> = self
+            .workers
+            .values()
+            .filter(|w| w.alive && now.saturating_duration_since(w.last_seen) > timeout)
+            .map(|w| w.id.clone())
+            .collect();
+        for id in lost {
+            if let Some(worker) = self.workers.get_mut(&id) {
+                worker.alive = false;
+                worker.task = None;
+            }
+            let requeued = self.state.worker_lost(&id);
+            tracing::warn!(worker = %id, requeued = requeued.len(), "worker lost");
+            self.persist_or_log();
+        }
+    }
+
+    /// Applies the global filter's result.
+    pub fn filter_finished(&mut self, round: u32, result: Result<(u64, PathBuf), String>) -> Vec<Effect> {
+        let effects = match result {
+            Ok((kept, selection)) => {
+                tracing::info!(run = %self.state.run_id, round, kept, "filter and balance done");
+                self.state.filter_done(round, kept, selection)
+            }
+            Err(message) => {
+                tracing::error!(run = %self.state.run_id, round, error = %message, "filter and balance failed");
+                self.state.filter_failed(format!("round {round}: filter and balance failed: {message}"))
+            }
+        };
+        self.log_effects(&effects);
+        self.persist_or_log();
+        effects
+    }
+}
+
+fn unix_seconds() -> u64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map(|d| d.as_secs())
+        .unwrap_or(0)
+}

@@ -1,0 +1,95 @@
+//! `coordinator`: runs one plan, schedules its tasks over workers, answers status queries.
+
+use std::net::SocketAddr;
+use std::path::PathBuf;
+use std::sync::{Arc, Mutex};
+
+use anyhow::Context;
+use clap::Parser;
+use mentor_coordinator::{service, Coordinator};
+use mentor_plan::Plan;
+
+/// Schedules Noisy Student rounds over gRPC workers and answers status queries.
+#[derive(Debug, Parser)]
+#[command(version)]
+struct Args {
+    /// The plan (TOML) to run; it is validated before anything starts.
+    #[arg(long)]
+    plan: PathBuf,
+    /// Address for workers and status queries (port 0 picks a free port).
+    #[arg(long, default_value = "127.0.0.1:50051")]
+    listen: SocketAddr,
+    /// Run directory: state store, checkpoints, selections, soft labels (default `runs/<name>`).
+    /// A directory holding a run of the same plan resumes it.
+    #[arg(long)]
+    state_dir: Option<PathBuf>,
+    /// Log format.
+    #[arg(long, default_value = "text", value_parser = ["text", "json"])]
+    log_format: String,
+}
+
+fn init_tracing(format: &str) {
+    let filter = tracing_subscriber::EnvFilter::try_from_default_env()
+        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info"));
+    let builder = tracing_subscriber::fmt().with_env_filter(filter).with_writer(std::io::stderr);
+    if format == "json" {
+        builder.json().init();
+    } else {
+        builder.init();
+    }
+}
+
+async fn shutdown_signal() {
+    let ctrl_c = tokio::signal::ctrl_c();
+    #[cfg(unix)]
+    {
+        let mut terminate = match tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()) {
+            Ok(signal) => signal,
+            Err(_) => {
+                let _ = ctrl_c.await;
+                return;
+            }
+        };
+        tokio::select! {
+            _ = ctrl_c => {}
+            _ = terminate.recv() => {}
+        }
+    }
+    #[cfg(not(unix))]
+    {
+        let _ = ctrl_c.await;
+    }
+    tracing::info!("shutting down");
+}
+
+#[tokio::main]
+async fn main() -> anyhow::Result<()> {
+    let args = Args::parse();
+    init_tracing(&args.log_format);
+    let plan = Plan::load(&args.plan).with_context(|| format!("invalid plan `{}`", args.plan.display()))?;
+    let state_dir = args
+        .state_dir
+        .clone()
+        .unwrap_or_else(|| PathBuf::from("runs").join(&plan.name));
+    let coordinator = tokio::task::block_in_place(|| Coordinator::open(plan, &state_dir))
+        .with_context(|| format!("failed to open the run in `{}`", state_dir.display()))?;
+    let run_dir = coordinator.state.paths.run_dir.clone();
+    let listener = tokio::net::TcpListener::bind(args.listen)
+        .await
+        .with_context(|| format!("failed to listen on {}", args.listen))?;
+    let address = service::local_addr(&listener)?;
+    std::fs::write(run_dir.join("coordinator.addr"), format!("http://{address}\n"))
+        .with_context(|| format!("failed to write `{}`", run_dir.join("coordinator.addr").display()))?;
+    tracing::info!(
+        run = %coordinator.state.run_id,
+        %address,
+        run_dir = %run_dir.display(),
+        min_workers = coordinator.plan.workers.min_workers,
+        "coordinator listening"
+    );
+    let shared = Arc::new(Mutex::new(coordinator));
+    service::serve(listener, shared, shutdown_signal())
+        .await
+        .context("gRPC server failed")?;
+    Ok(())
+}

@@ -1,0 +1,317 @@
+//! The gRPC edge: converts protocol messages into domain calls on [`Coordinator`] and back.
+//!
+//! Nothing below this module sees a tonic or prost type. The coordinator lock is a plain mutex
+//! that is never held across an `.await`; the global filter runs on a blocking thread.
+
+use std::net::SocketAddr;
+use std::sync::{Arc, Mutex, MutexGuard};
+use std::time::Instant;
+
+use mentor_plan::Role;
+use mentor_proto::coordinator::v1 as pb;
+use pb::status_service_server::{StatusService, StatusServiceServer};
+use pb::worker_service_server::{WorkerService, WorkerServiceServer};
+use tonic::{Request, Response, Status};
+
+use crate::state::{Effect, ModelRef, ShardRecord, TaskId, TaskOutcome, TaskRecord, TaskSpec, WorkerId};
+use crate::{Coordinator, CoordinatorError, Progress, TaskReply, HEARTBEAT_INTERVAL};
+
+/// The coordinator shared by both services and the background loops.
+pub type Shared = Arc<Mutex<Coordinator>>;
+
+fn lock(shared: &Shared) -> MutexGuard<'_, Coordinator> {
+    shared.lock().unwrap_or_else(|poisoned| poisoned.into_inner())
+}
+
+/// The one place where coordinator errors become gRPC status codes.
+fn to_status(error: CoordinatorError) -> Status {
+    match error {
+        CoordinatorError::UnknownWorker(_) => Status::not_found(error.to_string()),
+        CoordinatorError::InvalidRequest(_) => Status::invalid_argument(error.to_string()),
+        _ => Status::internal(error.to_string()),
+    }
+}
+
+fn role_to_proto(role: Role) -> i32 {
+    match role {
+        Role::Teacher => pb::ModelRole::Teacher as i32,
+        Role::Student => pb::ModelRole::Student as i32,
+    }
+}
+
+fn task_to_proto(task: &TaskRecord, storage: &str) -> pb::Task {
+    let path = |p: &std::path::Path| p.display().to_string();
+    let kind = match &task.spec {
+        TaskSpec::Train { role, output, selection } => pb::task::Kind::Train(pb::TrainTask {
+            role: role_to_proto(*role),
+            output_checkpoint: path(output),
+            selection_path: selection.as_deref().map(path).unwrap_or_default(),
+        }),
+        TaskSpec::Label { teacher, shard_index, start, end } => pb::task::Kind::Label(pb::LabelTask {
+            teacher_checkpoint: path(&teacher.checkpoint),
+            teacher_role: role_to_proto(teacher.role),
+            teacher_round: teacher.model_round,
+            shard_index: *shard_index,
+            start: *start,
+            end: *end,
+            storage: storage.to_string(),
+        }),
+        TaskSpec::Evaluate { model: ModelRef { checkpoint, role, model_round } } => {
+            pb::task::Kind::Evaluate(pb::EvaluateTask {
+                checkpoint: path(checkpoint),
+                role: role_to_proto(*role),
+                model_round: *model_round,
+            })
+        }
+    };
+    pb::Task {
+        task_id: task.id.0.clone(),
+        round: task.round,
+        kind: Some(kind),
+    }
+}
+
+fn outcome_from_proto(outcome: Option<pb::task_result::Outcome>) -> Result<TaskOutcome, CoordinatorError> {
+    use pb::task_result::Outcome;
+    match outcome {
+        Some(Outcome::Train(train)) => Ok(TaskOutcome::Trained {
+            checkpoint: train.checkpoint.into(),
+            final_loss: train.final_loss,
+        }),
+        Some(Outcome::Label(label)) => Ok(TaskOutcome::Labeled(ShardRecord {
+            index: 0,
+            key: label.shard_path,
+            examples: label.examples,
+            sha256: label.sha256,
+            bytes: label.bytes,
+        })),
+        Some(Outcome::Evaluate(eval)) => Ok(TaskOutcome::Evaluated {
+            accuracy: eval.accuracy,
+            loss: eval.loss,
+        }),
+        Some(Outcome::Error(error)) => Ok(TaskOutcome::Failed(error)),
+        None => Err(CoordinatorError::InvalidRequest("task result has no outcome".into())),
+    }
+}
+
+fn finite(value: f64) -> Option<f64> {
+    value.is_finite().then_some(value)
+}
+
+/// Carries out effects that need I/O (the global filter) off the async threads.
+fn spawn_effects(shared: &Shared, effects: Vec<Effect>) {
+    for effect in effects {
+        if let Effect::Filter { round, selection } = effect {
+            let shared = shared.clone();
+            tokio::task::spawn_blocking(move || {
+                let (plan, record, store) = {
+                    let coordinator = lock(&shared);
+                    (
+                        coordinator.plan.clone(),
+                        coordinator.state.current_round().clone(),
+                        coordinator.store.clone(),
+                    )
+                };
+                let result = crate::filter::filter_round(&plan, &record, store.as_ref(), &selection)
+                    .map(|kept| (kept, selection));
+                let more = lock(&shared).filter_finished(round, result);
+                spawn_effects(&shared, more);
+            });
+        }
+    }
+}
+
+/// Resumes an interrupted filter step after a restart.
+pub fn resume_effects(shared: &Shared) {
+    let effects = {
+        let coordinator = lock(shared);
+        let state = &coordinator.state;
+        if state.phase == crate::state::Phase::Filter && !state.is_finished() {
+            vec![Effect::Filter {
+                round: state.round,
+                selection: state.paths.selection(state.round),
+            }]
+        } else {
+            Vec::new()
+        }
+    };
+    spawn_effects(shared, effects);
+}
+
+/// The worker-facing service.
+pub struct WorkerApi {
+    shared: Shared,
+}
+
+#[tonic::async_trait]
+impl WorkerService for WorkerApi {
+    async fn register(&self, request: Request<pb::RegisterRequest>) -> Result<Response<pb::RegisterResponse>, Status> {
+        let request = request.into_inner();
+        if request.device.is_empty() {
+            return Err(Status::invalid_argument("device must not be empty"));
+        }
+        let mut coordinator = lock(&self.shared);
+        let id = coordinator.register(request.hostname, request.device, Instant::now());
+        Ok(Response::new(pb::RegisterResponse {
+            worker_id: id.0,
+            run_id: coordinator.state.run_id.clone(),
+            plan_toml: coordinator.state.plan_toml.clone(),
+            run_dir: coordinator.state.paths.run_dir.display().to_string(),
+            heartbeat_interval_ms: HEARTBEAT_INTERVAL.as_millis() as u64,
+        }))
+    }
+
+    async fn heartbeat(&self, request: Request<pb::HeartbeatRequest>) -> Result<Response<pb::HeartbeatResponse>, Status> {
+        let id = WorkerId(request.into_inner().worker_id);
+        let known = lock(&self.shared).heartbeat(&id, Instant::now());
+        Ok(Response::new(pb::HeartbeatResponse { known }))
+    }
+
+    async fn get_task(&self, request: Request<pb::GetTaskRequest>) -> Result<Response<pb::GetTaskResponse>, Status> {
+        let id = WorkerId(request.into_inner().worker_id);
+        let mut coordinator = lock(&self.shared);
+        let reply = coordinator.get_task(&id, Instant::now()).map_err(to_status)?;
+        let reply = match reply {
+            TaskReply::Task(task) => pb::get_task_response::Reply::Task(task_to_proto(&task, &coordinator.storage_root())),
+            TaskReply::RetryAfter(wait) => pb::get_task_response::Reply::RetryAfterMs(wait.as_millis() as u64),
+            TaskReply::Shutdown => pb::get_task_response::Reply::Shutdown(true),
+        };
+        Ok(Response::new(pb::GetTaskResponse { reply: Some(reply) }))
+    }
+
+    async fn report_progress(&self, request: Request<pb::ProgressReport>) -> Result<Response<pb::Ack>, Status> {
+        let report = request.into_inner();
+        let progress = Progress {
+            step: report.step,
+            total_steps: report.total_steps,
+            loss: finite(report.loss),
+            accuracy: finite(report.accuracy),
+            images_per_second: report.images_per_second,
+        };
+        lock(&self.shared)
+            .progress(&WorkerId(report.worker_id), progress, Instant::now())
+            .map_err(to_status)?;
+        Ok(Response::new(pb::Ack {}))
+    }
+
+    async fn complete_task(&self, request: Request<pb::TaskResult>) -> Result<Response<pb::Ack>, Status> {
+        let result = request.into_inner();
+        let mut outcome = outcome_from_proto(result.outcome).map_err(to_status)?;
+        let task_id = TaskId(result.task_id);
+        let effects = {
+            let mut coordinator = lock(&self.shared);
+            if let TaskOutcome::Labeled(shard) = &mut outcome {
+                match coordinator.state.tasks.get(&task_id).map(|t| &t.spec) {
+                    Some(TaskSpec::Label { shard_index, .. }) => shard.index = *shard_index,
+                    _ => return Err(Status::invalid_argument(format!("task `{task_id}` is not a labeling task"))),
+                }
+            }
+            coordinator
+                .complete(&WorkerId(result.worker_id), &task_id, outcome, Instant::now())
+                .map_err(to_status)?
+        };
+        spawn_effects(&self.shared, effects);
+        Ok(Response::new(pb::Ack {}))
+    }
+}
+
+/// The user-facing status service.
+pub struct StatusApi {
+    shared: Shared,
+}
+
+/// Builds the status message from the coordinator.
+pub fn status_of(coordinator: &Coordinator) -> pb::RunStatus {
+    let state = &coordinator.state;
+    let (tasks_done, tasks_total) = state.task_counts();
+    let workers = coordinator
+        .workers
+        .values()
+        .map(|worker| {
+            let task = worker.task.as_ref().and_then(|id| state.tasks.get(id));
+            pb::WorkerStatus {
+                worker_id: worker.id.0.clone(),
+                device: worker.device.clone(),
+                hostname: worker.hostname.clone(),
+                alive: worker.alive,
+                task_id: task.map(|t| t.id.0.clone()).unwrap_or_default(),
+                task: task.map(|t| t.spec.describe()).unwrap_or_default(),
+                step: worker.progress.step,
+                total_steps: worker.progress.total_steps,
+                loss: worker.progress.loss.unwrap_or(f64::NAN),
+                images_per_second: worker.progress.images_per_second,
+            }
+        })
+        .collect();
+    let rounds = state
+        .rounds
+        .iter()
+        .map(|round| pb::RoundStatus {
+            round: round.round,
+            teacher_test_accuracy: round.teacher_test_accuracy,
+            student_test_accuracy: round.student_test_accuracy,
+            shards: round.shards_total,
+            examples: round.examples,
+            kept: round.kept,
+            shards_done: round.shards.len() as u32,
+        })
+        .collect();
+    pb::RunStatus {
+        run_id: state.run_id.clone(),
+        name: coordinator.plan.name.clone(),
+        method: coordinator.plan.method.as_str().to_string(),
+        status: state.outcome.as_str().to_string(),
+        round: state.round,
+        total_rounds: state.total_rounds,
+        phase: state.phase.as_str().to_string(),
+        error: match &state.outcome {
+            crate::state::RunOutcome::Failed(message) => message.clone(),
+            _ => String::new(),
+        },
+        workers,
+        rounds,
+        latest_loss: coordinator.latest_loss.unwrap_or(f64::NAN),
+        latest_accuracy: coordinator.latest_accuracy.unwrap_or(f64::NAN),
+        elapsed_seconds: coordinator.started.elapsed().as_secs_f64(),
+        tasks_done,
+        tasks_total,
+    }
+}
+
+#[tonic::async_trait]
+impl StatusService for StatusApi {
+    async fn get_status(&self, _request: Request<pb::GetStatusRequest>) -> Result<Response<pb::RunStatus>, Status> {
+        Ok(Response::new(status_of(&lock(&self.shared))))
+    }
+}
+
+/// Serves both services on `listener` until `shutdown` resolves; also runs the worker reaper.
+pub async fn serve(
+    listener: tokio::net::TcpListener,
+    shared: Shared,
+    shutdown: impl std::future::Future<Output = ()> + Send + 'static,
+) -> Result<(), tonic::transport::Error> {
+    let reaper = {
+        let shared = shared.clone();
+        tokio::spawn(async move {
+            let mut ticks = tokio::time::interval(HEARTBEAT_INTERVAL);
+            loop {
+                ticks.tick().await;
+                lock(&shared).reap(Instant::now());
+            }
+        })
+    };
+    resume_effects(&shared);
+    let result = tonic::transport::Server::builder()
+        .add_service(WorkerServiceServer::new(WorkerApi { shared: shared.clone() }))
+        .add_service(StatusServiceServer::new(StatusApi { shared }))
+        .serve_with_incoming_shutdown(tokio_stream::wrappers::TcpListenerStream::new(listener), shutdown)
+        .await;
+    reaper.abort();
+    result
+}
+
+/// The address a listener is bound to, for logs and the address file.
+pub fn local_addr(listener: &tokio::net::TcpListener) -> std::io::Result<SocketAddr> {
+    listener.local_addr()
+}

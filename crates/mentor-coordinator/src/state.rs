@@ -1,0 +1,519 @@
+//! The Noisy Student run as plain data and the pure functions that move it forward.
+//!
+//! No I/O here: the service applies what these functions decide (assign a task, run the global
+//! filter) and feeds results back. Phases of round `r`:
+//! `TrainTeacher` (round 1 only) -> `Label` (every shard, plus the teacher's test evaluation in
+//! round 1) -> `Filter` (the coordinator's own global step) -> `TrainStudent` ->
+//! `EvaluateStudent` -> the student becomes the teacher of round `r + 1`.
+
+use std::collections::BTreeMap;
+use std::path::{Path, PathBuf};
+
+use mentor_plan::{Plan, Role};
+use serde::{Deserialize, Serialize};
+
+/// A task fails the run after this many attempts.
+pub const MAX_ATTEMPTS: u32 = 3;
+
+/// Identifies a task within a run.
+#[derive(Debug, Clone, PartialEq, Eq, PartialOrd, Ord, Hash, Serialize, Deserialize)]
+pub struct TaskId(pub String);
+
+/// Identifies a registered worker process.
+#[derive(Debug, Clone, PartialEq, Eq, PartialOrd, Ord, Hash, Serialize, Deserialize)]
+pub struct WorkerId(pub String);
+
+impl std::fmt::Display for TaskId {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(&self.0)
+    }
+}
+
+impl std::fmt::Display for WorkerId {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(&self.0)
+    }
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "kebab-case")]
+pub enum Phase {
+    WaitingForWorkers,
+    TrainTeacher,
+    Label,
+    Filter,
+    TrainStudent,
+    EvaluateStudent,
+    Done,
+}
+
+impl Phase {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Phase::WaitingForWorkers => "waiting-for-workers",
+            Phase::TrainTeacher => "train-teacher",
+            Phase::Label => "pseudo-label",
+            Phase::Filter => "filter-and-balance",
+            Phase::TrainStudent => "train-student",
+            Phase::EvaluateStudent => "evaluate-student",
+            Phase::Done => "done",
+        }
+    }
+}
+
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(rename_all = "kebab-case", tag = "status", content = "error")]
+pub enum RunOutcome {
+    Running,
+    Succeeded,
+    Failed(String),
+}
+
+impl RunOutcome {
+    pub fn as_str(&self) -> &'static str {
+        match self {
+            RunOutcome::Running => "running",
+            RunOutcome::Succeeded => "succeeded",
+            RunOutcome::Failed(_) => "failed",
+        }
+    }
+}
+
+/// A model checkpoint and the plan section that built it.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct ModelRef {
+    pub checkpoint: PathBuf,
+    pub role: Role,
+    /// Round whose model settings (student growth) the checkpoint follows.
+    pub model_round: u32,
+}
+
+/// What a task asks a worker to do.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(rename_all = "kebab-case", tag = "kind")]
+pub enum TaskSpec {
+    Train {
+        role: Role,
+        output: PathBuf,
+        selection: Option<PathBuf>,
+    },
+    Label {
+        teacher: ModelRef,
+        shard_index: u32,
+        start: u64,
+        end: u64,
+    },
+    Evaluate {
+        model: ModelRef,
+    },
+}
+
+impl TaskSpec {
+    pub fn describe(&self) -> String {
+        match self {
+            TaskSpec::Train { role, .. } => format!("train {}", role.as_str()),
+            TaskSpec::Label { shard_index, .. } => format!("pseudo-label shard {shard_index}"),
+            TaskSpec::Evaluate { model } => format!("evaluate {}", model.role.as_str()),
+        }
+    }
+}
+
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(rename_all = "kebab-case", tag = "state")]
+pub enum TaskState {
+    Pending,
+    Running { worker: WorkerId },
+    Done,
+}
+
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct TaskRecord {
+    pub id: TaskId,
+    pub round: u32,
+    pub spec: TaskSpec,
+    pub state: TaskState,
+    pub attempts: u32,
+    pub last_error: Option<String>,
+}
+
+/// A committed pseudo-label shard.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct ShardRecord {
+    pub index: u32,
+    pub key: String,
+    pub examples: u64,
+    pub sha256: String,
+    pub bytes: u64,
+}
+
+/// What a finished task reports.
+#[derive(Debug, Clone, PartialEq)]
+pub enum TaskOutcome {
+    Trained { checkpoint: PathBuf, final_loss: f64 },
+    Labeled(ShardRecord),
+    Evaluated { accuracy: f64, loss: f64 },
+    Failed(String),
+}
+
+#[derive(Debug, Clone, PartialEq, Default, Serialize, Deserialize)]
+pub struct RoundRecord {
+    pub round: u32,
+    pub teacher: Option<ModelRef>,
+    pub teacher_test_accuracy: Option<f64>,
+    pub student: Option<ModelRef>,
+    pub student_test_accuracy: Option<f64>,
+    pub shards_total: u32,
+    pub shards: Vec<ShardRecord>,
+    pub examples: u64,
+    pub kept: u64,
+    pub selection: Option<PathBuf>,
+}
+
+/// What the caller must do after a transition.
+#[derive(Debug, Clone, PartialEq)]
+pub enum Effect {
+    /// Write the manifest of `round`, filter and balance globally, write the selection to
+    /// `selection`, then call [`RunState::filter_done`].
+    Filter { round: u32, selection: PathBuf },
+    /// The run ended (succeeded or failed).
+    Finished,
+}
+
+/// Where a run keeps its files.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct RunPaths {
+    pub run_dir: PathBuf,
+}
+
+impl RunPaths {
+    pub fn checkpoint(&self, round: u32, role: Role) -> PathBuf {
+        self.run_dir
+            .join("checkpoints")
+            .join(format!("round-{round}-{}.safetensors", role.as_str()))
+    }
+
+    pub fn selection(&self, round: u32) -> PathBuf {
+        self.run_dir
+            .join("selections")
+            .join(format!("round-{round}.safetensors"))
+    }
+
+    pub fn state_file(&self) -> PathBuf {
+        self.run_dir.join("state.json")
+    }
+}
+
+/// The whole state of a run; serialized to the state store after every change.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct RunState {
+    pub run_id: String,
+    pub plan_toml: String,
+    pub outcome: RunOutcome,
+    pub round: u32,
+    pub total_rounds: u32,
+    pub phase: Phase,
+    pub rounds: Vec<RoundRecord>,
+    pub tasks: BTreeMap<TaskId, TaskRecord>,
+    /// Unlabeled shard ranges `[start, end)`.
+    pub shard_ranges: Vec<(u64, u64)>,
+    pub unlabeled_examples: u64,
+    pub paths: RunPaths,
+    next_task: u64,
+}
+
+impl RunState {
+    pub fn new(run_id: String, plan: &Plan, unlabeled_examples: u64, run_dir: &Path) -> RunState {
+        RunState {
+            run_id,
+            plan_toml: plan.to_toml_string(),
+            outcome: RunOutcome::Running,
+            round: 1,
+            total_rounds: plan.rounds,
+            phase: Phase::WaitingForWorkers,
+            rounds: vec![RoundRecord {
+                round: 1,
+                ..RoundRecord::default()
+            }],
+            tasks: BTreeMap::new(),
+            shard_ranges: mentor_data::shard_ranges(unlabeled_examples, plan.data.shard_size),
+            unlabeled_examples,
+            paths: RunPaths {
+                run_dir: run_dir.to_path_buf(),
+            },
+            next_task: 0,
+        }
+    }
+
+    pub fn is_finished(&self) -> bool {
+        self.outcome != RunOutcome::Running
+    }
+
+    pub fn current_round(&self) -> &RoundRecord {
+        &self.rounds[self.rounds.len() - 1]
+    }
+
+    fn current_round_mut(&mut self) -> &mut RoundRecord {
+        let last = self.rounds.len() - 1;
+        &mut self.rounds[last]
+    }
+
+    fn add_task(&mut self, spec: TaskSpec) {
+        self.next_task += 1;
+        let id = TaskId(format!("r{}-t{:04}", self.round, self.next_task));
+        self.tasks.insert(
+            id.clone(),
+            TaskRecord {
+                id,
+                round: self.round,
+                spec,
+                state: TaskState::Pending,
+                attempts: 0,
+                last_error: None,
+            },
+        );
+    }
+
+    /// Starts the run once enough workers are there.
+    pub fn start(&mut self) {
+        if self.phase != Phase::WaitingForWorkers {
+            return;
+        }
+        self.phase = Phase::TrainTeacher;
+        let output = self.paths.checkpoint(1, Role::Teacher);
+        self.add_task(TaskSpec::Train {
+            role: Role::Teacher,
+            output,
+            selection: None,
+        });
+    }
+
+    /// Gives the oldest pending task to `worker`.
+    pub fn assign(&mut self, worker: &WorkerId) -> Option<TaskRecord> {
+        if self.is_finished() {
+            return None;
+        }
+        let task = self
+            .tasks
+            .values_mut()
+            .find(|task| task.state == TaskState::Pending)?;
+        task.state = TaskState::Running {
+            worker: worker.clone(),
+        };
+        task.attempts += 1;
+        Some(task.clone())
+    }
+
+    /// Puts every task running on `worker` back in the queue (the worker is gone).
+    pub fn worker_lost(&mut self, worker: &WorkerId) -> Vec<TaskId> {
+        let mut requeued = Vec::new();
+        for task in self.tasks.values_mut() {
+            if task.state == (TaskState::Running { worker: worker.clone() }) {
+                task.state = TaskState::Pending;
+                task.last_error = Some(format!("worker {worker} was lost"));
+                requeued.push(task.id.clone());
+            }
+        }
+        requeued
+    }
+
+    /// Requeues every running task (after a coordinator restart).
+    pub fn requeue_running(&mut self) {
+        for task in self.tasks.values_mut() {
+            if matches!(task.state, TaskState::Running { .. }) {
+                task.state = TaskState::Pending;
+                task.attempts = task.attempts.saturating_sub(1);
+            }
+        }
+    }
+
+    /// Records the outcome of a task and advances the run when its phase is complete.
+    pub fn complete(&mut self, task_id: &TaskId, worker: &WorkerId, outcome: TaskOutcome) -> Vec<Effect> {
+        let Some(task) = self.tasks.get_mut(task_id) else {
+            return Vec::new();
+        };
+        if task.state != (TaskState::Running { worker: worker.clone() }) {
+            // A late result from a worker whose task was reassigned: ignore it.
+            return Vec::new();
+        }
+        if let TaskOutcome::Failed(error) = &outcome {
+            task.last_error = Some(error.clone());
+            if task.attempts >= MAX_ATTEMPTS {
+                let message = format!(
+                    "task {} ({}, round {}) failed {} times, last error: {error}",
+                    task.id,
+                    task.spec.describe(),
+                    task.round,
+                    task.attempts
+                );
+                return self.fail(message);
+            }
+            task.state = TaskState::Pending;
+            return Vec::new();
+        }
+        task.state = TaskState::Done;
+        let spec = task.spec.clone();
+        let round = self.current_round_mut();
+        match (spec, outcome) {
+            (TaskSpec::Train { role, .. }, TaskOutcome::Trained { checkpoint, .. }) => {
+                let model = ModelRef {
+                    checkpoint,
+                    role,
+                    model_round: round.round,
+                };
+                match role {
+                    Role::Teacher => round.teacher = Some(model),
+                    Role::Student => round.student = Some(model),
+                }
+            }
+            (TaskSpec::Label { .. }, TaskOutcome::Labeled(shard)) => {
+                round.examples += shard.examples;
+                round.shards.push(shard);
+                round.shards.sort_by_key(|shard| shard.index);
+            }
+            (TaskSpec::Evaluate { model }, TaskOutcome::Evaluated { accuracy, .. }) => {
+                match model.role {
+                    Role::Teacher => round.teacher_test_accuracy = Some(accuracy),
+                    Role::Student => round.student_test_accuracy = Some(accuracy),
+                }
+            }
+            (spec, outcome) => {
+                let message = format!(
+                    "task {task_id} ({}) returned a mismatched result: {outcome:?}",
+                    spec.describe()
+                );
+                return self.fail(message);
+            }
+        }
+        self.advance()
+    }
+
+    fn fail(&mut self, message: String) -> Vec<Effect> {
+        self.outcome = RunOutcome::Failed(message);
+        self.phase = Phase::Done;
+        vec![Effect::Finished]
+    }
+
+    fn phase_tasks_done(&self) -> bool {
+        self.tasks
+            .values()
+            .filter(|task| task.round == self.round)
+            .all(|task| task.state == TaskState::Done)
+    }
+
+    /// Moves to the next phase when every task of this round is done.
+    fn advance(&mut self) -> Vec<Effect> {
+        if !self.phase_tasks_done() {
+            return Vec::new();
+        }
+        match self.phase {
+            Phase::TrainTeacher => {
+                let Some(teacher) = self.current_round().teacher.clone() else {
+                    return self.fail("teacher training finished without a checkpoint".into());
+                };
+                self.start_labeling(teacher, true);
+                Vec::new()
+            }
+            Phase::Label => {
+                let round = self.round;
+                self.phase = Phase::Filter;
+                vec![Effect::Filter {
+                    round,
+                    selection: self.paths.selection(round),
+                }]
+            }
+            Phase::TrainStudent => {
+                let Some(student) = self.current_round().student.clone() else {
+                    return self.fail("student training finished without a checkpoint".into());
+                };
+                self.phase = Phase::EvaluateStudent;
+                self.add_task(TaskSpec::Evaluate { model: student });
+                Vec::new()
+            }
+            Phase::EvaluateStudent => self.promote(),
+            Phase::WaitingForWorkers | Phase::Filter | Phase::Done => Vec::new(),
+        }
+    }
+
+    fn start_labeling(&mut self, teacher: ModelRef, evaluate_teacher: bool) {
+        self.phase = Phase::Label;
+        let ranges = self.shard_ranges.clone();
+        let round = self.current_round_mut();
+        round.teacher = Some(teacher.clone());
+        round.shards_total = ranges.len() as u32;
+        if evaluate_teacher {
+            self.add_task(TaskSpec::Evaluate {
+                model: teacher.clone(),
+            });
+        }
+        for (index, (start, end)) in ranges.into_iter().enumerate() {
+            self.add_task(TaskSpec::Label {
+                teacher: teacher.clone(),
+                shard_index: index as u32,
+                start,
+                end,
+            });
+        }
+    }
+
+    /// Records the global filter's result and starts the student's training.
+    pub fn filter_done(&mut self, round: u32, kept: u64, selection: PathBuf) -> Vec<Effect> {
+        if self.phase != Phase::Filter || round != self.round {
+            return Vec::new();
+        }
+        if kept == 0 {
+            return self.fail(format!(
+                "round {round}: no pseudo-labeled example passed the filter (lower pseudo_labels.min_confidence)"
+            ));
+        }
+        let output = self.paths.checkpoint(round, Role::Student);
+        let record = self.current_round_mut();
+        record.kept = kept;
+        record.selection = Some(selection.clone());
+        self.phase = Phase::TrainStudent;
+        self.add_task(TaskSpec::Train {
+            role: Role::Student,
+            output,
+            selection: Some(selection),
+        });
+        Vec::new()
+    }
+
+    /// The filter could not run (corrupt shard, I/O error): the run fails with that reason.
+    pub fn filter_failed(&mut self, message: String) -> Vec<Effect> {
+        self.fail(message)
+    }
+
+    /// The student of this round becomes the teacher of the next one, or the run ends.
+    fn promote(&mut self) -> Vec<Effect> {
+        let finished = self.current_round().clone();
+        if self.round >= self.total_rounds {
+            self.outcome = RunOutcome::Succeeded;
+            self.phase = Phase::Done;
+            return vec![Effect::Finished];
+        }
+        let Some(student) = finished.student.clone() else {
+            return self.fail("round ended without a student".into());
+        };
+        self.round += 1;
+        self.rounds.push(RoundRecord {
+            round: self.round,
+            teacher_test_accuracy: finished.student_test_accuracy,
+            ..RoundRecord::default()
+        });
+        self.start_labeling(student, false);
+        Vec::new()
+    }
+
+    /// Tasks of the whole run: (done, total).
+    pub fn task_counts(&self) -> (u32, u32) {
+        let done = self
+            .tasks
+            .values()
+            .filter(|task| task.state == TaskState::Done)
+            .count();
+        (done as u32, self.tasks.len() as u32)
+    }
+}
+
+#[cfg(test)]
+mod tests;

@@ -1,0 +1,180 @@
+//! The state machine driven through whole runs with made-up task results.
+
+use super::*;
+
+const TINY: &str = include_str!("../../../../deploy/plans/tiny.toml");
+
+fn new_run() -> RunState {
+    let plan = Plan::from_toml_str(TINY).expect("tiny plan");
+    // 1,500 unlabeled examples in shards of 400: 4 shards.
+    RunState::new("run".into(), &plan, 1500, Path::new("/runs/tiny"))
+}
+
+fn worker(name: &str) -> WorkerId {
+    WorkerId(name.into())
+}
+
+/// Runs the pending tasks of the current phase on `w` the way a healthy worker would.
+fn finish_pending(state: &mut RunState, w: &WorkerId, accuracy: f64) -> Vec<Effect> {
+    let mut effects = Vec::new();
+    let phase = state.phase;
+    while state.phase == phase {
+        let Some(task) = state.assign(w) else { break };
+        let outcome = match &task.spec {
+            TaskSpec::Train { output, .. } => TaskOutcome::Trained {
+                checkpoint: output.clone(),
+                final_loss: 0.5,
+            },
+            TaskSpec::Label { shard_index, start, end, .. } => TaskOutcome::Labeled(ShardRecord {
+                index: *shard_index,
+                key: format!("shard-{shard_index}"),
+                examples: end - start,
+                sha256: "00".into(),
+                bytes: 10,
+            }),
+            TaskSpec::Evaluate { .. } => TaskOutcome::Evaluated { accuracy, loss: 0.3 },
+        };
+        effects.extend(state.complete(&task.id, w, outcome));
+    }
+    effects
+}
+
+#[test]
+fn two_rounds_run_through_every_phase() {
+    let mut state = new_run();
+    let w = worker("w1");
+    assert_eq!(state.phase, Phase::WaitingForWorkers);
+    assert!(state.assign(&w).is_none(), "no task before the run starts");
+    state.start();
+    assert_eq!(state.phase, Phase::TrainTeacher);
+
+    let teacher = state.assign(&w).expect("teacher task");
+    assert!(matches!(teacher.spec, TaskSpec::Train { role: Role::Teacher, .. }));
+    state.complete(&teacher.id, &w, TaskOutcome::Trained {
+        checkpoint: "/runs/tiny/checkpoints/round-1-teacher.safetensors".into(),
+        final_loss: 1.0,
+    });
+    assert_eq!(state.phase, Phase::Label);
+    // One evaluation of the teacher plus four shards.
+    assert_eq!(state.task_counts(), (1, 6));
+
+    let effects = finish_pending(&mut state, &w, 0.70);
+    assert_eq!(
+        effects,
+        vec![Effect::Filter { round: 1, selection: "/runs/tiny/selections/round-1.safetensors".into() }]
+    );
+    assert_eq!(state.phase, Phase::Filter);
+    let round = state.current_round();
+    assert_eq!(round.teacher_test_accuracy, Some(0.70));
+    assert_eq!(round.examples, 1500);
+    assert_eq!(round.shards.iter().map(|s| s.index).collect::<Vec<_>>(), vec![0, 1, 2, 3]);
+    assert!(state.assign(&w).is_none(), "nothing to do while the coordinator filters");
+
+    state.filter_done(1, 1200, "/runs/tiny/selections/round-1.safetensors".into());
+    assert_eq!(state.phase, Phase::TrainStudent);
+    let student = state.assign(&w).expect("student task");
+    match &student.spec {
+        TaskSpec::Train { role, selection, .. } => {
+            assert_eq!(*role, Role::Student);
+            assert!(selection.is_some());
+        }
+        other => panic!("unexpected {other:?}"),
+    }
+    state.complete(&student.id, &w, TaskOutcome::Trained {
+        checkpoint: "/runs/tiny/checkpoints/round-1-student.safetensors".into(),
+        final_loss: 1.0,
+    });
+    assert_eq!(state.phase, Phase::EvaluateStudent);
+    finish_pending(&mut state, &w, 0.75);
+
+    // Round 2: the student is the teacher; no new teacher evaluation.
+    assert_eq!(state.round, 2);
+    assert_eq!(state.phase, Phase::Label);
+    let round_two = state.current_round();
+    assert_eq!(round_two.teacher_test_accuracy, Some(0.75));
+    let teacher_two = round_two.teacher.clone().expect("teacher");
+    assert_eq!(teacher_two.role, Role::Student);
+    assert_eq!(teacher_two.model_round, 1);
+    let effects = finish_pending(&mut state, &w, 0.0);
+    assert_eq!(effects.len(), 1);
+    state.filter_done(2, 1300, "/runs/tiny/selections/round-2.safetensors".into());
+    assert!(finish_pending(&mut state, &w, 0.8).is_empty(), "student trained");
+    assert_eq!(state.phase, Phase::EvaluateStudent);
+    let effects = finish_pending(&mut state, &w, 0.8);
+    assert_eq!(effects, vec![Effect::Finished]);
+    assert_eq!(state.outcome, RunOutcome::Succeeded);
+    assert_eq!(state.rounds.len(), 2);
+    assert_eq!(state.rounds[1].student_test_accuracy, Some(0.8));
+    assert_eq!(state.rounds[1].kept, 1300);
+    assert!(state.assign(&w).is_none());
+}
+
+#[test]
+fn lost_worker_tasks_go_to_another_worker() {
+    let mut state = new_run();
+    state.start();
+    let (a, b) = (worker("a"), worker("b"));
+    let task = state.assign(&a).expect("task");
+    assert!(state.assign(&b).is_none(), "only one task exists");
+    assert_eq!(state.worker_lost(&a), vec![task.id.clone()]);
+    let again = state.assign(&b).expect("requeued");
+    assert_eq!(again.id, task.id);
+    assert_eq!(again.attempts, 2);
+    // The lost worker's late answer is ignored.
+    let late = state.complete(&task.id, &a, TaskOutcome::Trained { checkpoint: "x".into(), final_loss: 0.0 });
+    assert!(late.is_empty());
+    assert_eq!(state.phase, Phase::TrainTeacher);
+}
+
+#[test]
+fn a_task_failing_three_times_fails_the_run() {
+    let mut state = new_run();
+    state.start();
+    let w = worker("w");
+    for attempt in 1..=MAX_ATTEMPTS {
+        let task = state.assign(&w).expect("task");
+        let effects = state.complete(&task.id, &w, TaskOutcome::Failed("out of memory".into()));
+        if attempt < MAX_ATTEMPTS {
+            assert!(effects.is_empty());
+            assert!(!state.is_finished());
+        } else {
+            assert_eq!(effects, vec![Effect::Finished]);
+        }
+    }
+    match &state.outcome {
+        RunOutcome::Failed(message) => assert!(
+            message.contains("failed 3 times, last error: out of memory"),
+            "{message}"
+        ),
+        other => panic!("unexpected {other:?}"),
+    }
+}
+
+#[test]
+fn empty_selection_fails_the_run_with_advice() {
+    let mut state = new_run();
+    state.start();
+    let w = worker("w");
+    assert!(finish_pending(&mut state, &w, 0.5).is_empty(), "teacher trained");
+    let effects = finish_pending(&mut state, &w, 0.5);
+    assert_eq!(effects.len(), 1);
+    state.filter_done(1, 0, "/x".into());
+    match &state.outcome {
+        RunOutcome::Failed(message) => assert!(message.contains("min_confidence"), "{message}"),
+        other => panic!("unexpected {other:?}"),
+    }
+}
+
+#[test]
+fn restart_requeues_running_tasks_and_state_round_trips() {
+    let mut state = new_run();
+    state.start();
+    let w = worker("w");
+    state.assign(&w).expect("task");
+    let json = serde_json::to_string(&state).expect("serialize");
+    let mut restored: RunState = serde_json::from_str(&json).expect("deserialize");
+    assert_eq!(restored, state);
+    restored.requeue_running();
+    let task = restored.assign(&worker("other")).expect("requeued task");
+    assert_eq!(task.attempts, 1);
+}
