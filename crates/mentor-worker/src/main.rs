@@ -1,1 +1,307 @@
-fn main(){}
+//! `worker`: registers with a coordinator, runs its tasks on a dedicated libtorch thread,
+//! streams progress and reports results.
+
+use std::path::PathBuf;
+use std::sync::mpsc as std_mpsc;
+use std::time::Duration;
+
+use anyhow::Context;
+use clap::Parser;
+use mentor_plan::{Plan, Role};
+use mentor_proto::coordinator::v1 as pb;
+use mentor_worker::dataset::Dataset;
+use mentor_worker::tasks::{run_task, ModelSource, Outcome, Progress, TaskKind};
+use pb::worker_service_client::WorkerServiceClient;
+use tokio::sync::{mpsc, oneshot};
+use tonic::transport::Channel;
+
+/// Runs training, evaluation and pseudo-labelling tasks for a coordinator.
+#[derive(Debug, Parser)]
+#[command(version)]
+struct Args {
+    /// The coordinator's address, e.g. http://127.0.0.1:50051.
+    #[arg(long)]
+    coordinator: String,
+    /// Device to run models on: `cpu` or `cuda:N`.
+    #[arg(long, default_value = "cpu")]
+    device: String,
+    /// libtorch intra-op threads (0 = libtorch's default).
+    #[arg(long, default_value_t = 0)]
+    threads: i32,
+    /// Give up if the coordinator cannot be reached for this long.
+    #[arg(long, default_value_t = 60)]
+    connect_timeout_seconds: u64,
+    /// Log format.
+    #[arg(long, default_value = "text", value_parser = ["text", "json"])]
+    log_format: String,
+}
+
+fn init_tracing(format: &str) {
+    let filter = tracing_subscriber::EnvFilter::try_from_default_env()
+        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info"));
+    let builder = tracing_subscriber::fmt().with_env_filter(filter).with_writer(std::io::stderr);
+    if format == "json" {
+        builder.json().init();
+    } else {
+        builder.init();
+    }
+}
+
+/// A task for the libtorch thread, with the channels it answers on.
+struct Job {
+    task: TaskKind,
+    progress: mpsc::UnboundedSender<Progress>,
+    done: oneshot::Sender<Result<Outcome, String>>,
+}
+
+/// Starts the thread that owns libtorch: it loads the data set once and runs jobs in order.
+fn spawn_torch_thread(plan: Plan, device: tch::Device, threads: i32) -> anyhow::Result<std_mpsc::Sender<Job>> {
+    let (sender, receiver) = std_mpsc::channel::<Job>();
+    let (ready_sender, ready_receiver) = std_mpsc::channel::<Result<(), String>>();
+    std::thread::Builder::new()
+        .name("libtorch".into())
+        .spawn(move || {
+            if threads > 0 {
+                tch::set_num_threads(threads);
+            }
+            let dataset = match Dataset::load(&plan, device) {
+                Ok(dataset) => {
+                    let _ = ready_sender.send(Ok(()));
+                    dataset
+                }
+                Err(error) => {
+                    let _ = ready_sender.send(Err(error.to_string()));
+                    return;
+                }
+            };
+            for job in receiver {
+                let progress = job.progress;
+                let task = job.task;
+                let result = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
+                    let mut report = |p: Progress| {
+                        let _ = progress.send(p);
+                    };
+                    run_task(&plan, &dataset, &task, &mut report)
+                }))
+                .unwrap_or_else(|panic| {
+                    let message = panic
+                        .downcast_ref::<String>()
+                        .cloned()
+                        .or_else(|| panic.downcast_ref::<&str>().map(|s| s.to_string()))
+                        .unwrap_or_else(|| "unknown panic".into());
+                    Err(format!("libtorch error: {message}"))
+                });
+                let _ = job.done.send(result);
+            }
+        })
+        .context("failed to start the libtorch thread")?;
+    ready_receiver
+        .recv()
+        .context("the libtorch thread stopped while loading data")?
+        .map_err(|e| anyhow::anyhow!("failed to load the data set: {e}"))?;
+    Ok(sender)
+}
+
+fn role_from_proto(value: i32) -> anyhow::Result<Role> {
+    match pb::ModelRole::try_from(value) {
+        Ok(pb::ModelRole::Teacher) => Ok(Role::Teacher),
+        Ok(pb::ModelRole::Student) => Ok(Role::Student),
+        _ => anyhow::bail!("task names an unknown model role {value}"),
+    }
+}
+
+fn task_from_proto(task: &pb::Task) -> anyhow::Result<TaskKind> {
+    use pb::task::Kind;
+    Ok(match task.kind.as_ref().context("task has no kind")? {
+        Kind::Train(train) => TaskKind::Train {
+            role: role_from_proto(train.role)?,
+            round: task.round,
+            output: PathBuf::from(&train.output_checkpoint),
+            selection: (!train.selection_path.is_empty()).then(|| PathBuf::from(&train.selection_path)),
+        },
+        Kind::Evaluate(evaluate) => TaskKind::Evaluate {
+            model: ModelSource {
+                checkpoint: PathBuf::from(&evaluate.checkpoint),
+                role: role_from_proto(evaluate.role)?,
+                model_round: evaluate.model_round,
+            },
+        },
+        Kind::Label(label) => TaskKind::Label {
+            teacher: ModelSource {
+                checkpoint: PathBuf::from(&label.teacher_checkpoint),
+                role: role_from_proto(label.teacher_role)?,
+                model_round: label.teacher_round,
+            },
+            round: task.round,
+            shard_index: label.shard_index,
+            start: label.start,
+            end: label.end,
+            storage: PathBuf::from(&label.storage),
+        },
+    })
+}
+
+fn outcome_to_proto(result: Result<Outcome, String>) -> pb::task_result::Outcome {
+    use pb::task_result::Outcome as Proto;
+    match result {
+        Ok(Outcome::Trained { checkpoint, final_loss, steps, seconds }) => Proto::Train(pb::TrainOutcome {
+            checkpoint: checkpoint.display().to_string(),
+            final_loss,
+            steps,
+            seconds,
+        }),
+        Ok(Outcome::Evaluated { accuracy, loss, examples }) => Proto::Evaluate(pb::EvaluateOutcome { accuracy, loss, examples }),
+        Ok(Outcome::Labeled { key, examples, sha256, bytes, seconds }) => Proto::Label(pb::LabelOutcome {
+            shard_path: key,
+            examples,
+            sha256,
+            bytes,
+            seconds,
+        }),
+        Err(message) => Proto::Error(message),
+    }
+}
+
+async fn connect(address: &str, timeout: Duration) -> anyhow::Result<WorkerServiceClient<Channel>> {
+    let deadline = tokio::time::Instant::now() + timeout;
+    loop {
+        match WorkerServiceClient::connect(address.to_string()).await {
+            Ok(client) => return Ok(client),
+            Err(error) if tokio::time::Instant::now() < deadline => {
+                tracing::debug!(%error, "coordinator not reachable yet, retrying");
+                tokio::time::sleep(Duration::from_millis(250)).await;
+            }
+            Err(error) => {
+                return Err(error).with_context(|| format!("failed to reach the coordinator at {address} within {timeout:?}"))
+            }
+        }
+    }
+}
+
+#[tokio::main]
+async fn main() -> anyhow::Result<()> {
+    let args = Args::parse();
+    init_tracing(&args.log_format);
+    let device = mentor_worker::parse_device(&args.device).map_err(anyhow::Error::msg)?;
+    let mut client = connect(&args.coordinator, Duration::from_secs(args.connect_timeout_seconds)).await?;
+    let hostname = std::fs::read_to_string("/proc/sys/kernel/hostname")
+        .map(|h| h.trim().to_string())
+        .unwrap_or_else(|_| "localhost".into());
+    let registration = client
+        .register(pb::RegisterRequest {
+            hostname,
+            device: args.device.clone(),
+            pid: std::process::id(),
+        })
+        .await
+        .context("registration with the coordinator failed")?
+        .into_inner();
+    let worker_id = registration.worker_id.clone();
+    let plan = Plan::from_toml_str(&registration.plan_toml).context("the coordinator sent a plan this worker cannot read")?;
+    tracing::info!(worker = %worker_id, run = %registration.run_id, device = %args.device, "registered");
+
+    let torch = tokio::task::block_in_place(|| spawn_torch_thread(plan, device, args.threads))?;
+
+    // Heartbeats run beside task execution.
+    let heartbeat = {
+        let mut client = client.clone();
+        let worker_id = worker_id.clone();
+        let interval = Duration::from_millis(registration.heartbeat_interval_ms.max(100));
+        tokio::spawn(async move {
+            let mut ticks = tokio::time::interval(interval);
+            loop {
+                ticks.tick().await;
+                match client.heartbeat(pb::HeartbeatRequest { worker_id: worker_id.clone() }).await {
+                    Ok(reply) if !reply.get_ref().known => {
+                        tracing::error!(worker = %worker_id, "the coordinator no longer knows this worker");
+                    }
+                    Ok(_) => {}
+                    Err(status) => tracing::warn!(worker = %worker_id, %status, "heartbeat failed"),
+                }
+            }
+        })
+    };
+
+    let result = task_loop(&mut client, &worker_id, &torch).await;
+    heartbeat.abort();
+    result
+}
+
+async fn task_loop(
+    client: &mut WorkerServiceClient<Channel>,
+    worker_id: &str,
+    torch: &std_mpsc::Sender<Job>,
+) -> anyhow::Result<()> {
+    loop {
+        let reply = client
+            .get_task(pb::GetTaskRequest { worker_id: worker_id.to_string() })
+            .await
+            .context("failed to ask the coordinator for a task")?
+            .into_inner()
+            .reply;
+        let task = match reply {
+            Some(pb::get_task_response::Reply::Task(task)) => task,
+            Some(pb::get_task_response::Reply::RetryAfterMs(wait)) => {
+                tokio::time::sleep(Duration::from_millis(wait)).await;
+                continue;
+            }
+            Some(pb::get_task_response::Reply::Shutdown(_)) => {
+                tracing::info!(worker = %worker_id, "the run is over, exiting");
+                return Ok(());
+            }
+            None => anyhow::bail!("the coordinator sent an empty task reply"),
+        };
+        tracing::info!(worker = %worker_id, task = %task.task_id, round = task.round, "task received");
+        let result = match task_from_proto(&task) {
+            Ok(kind) => execute(client, worker_id, &task.task_id, torch, kind).await?,
+            Err(error) => Err(error.to_string()),
+        };
+        if let Err(message) = &result {
+            tracing::error!(worker = %worker_id, task = %task.task_id, error = %message, "task failed");
+        }
+        client
+            .complete_task(pb::TaskResult {
+                worker_id: worker_id.to_string(),
+                task_id: task.task_id.clone(),
+                outcome: Some(outcome_to_proto(result)),
+            })
+            .await
+            .context("failed to report a task result")?;
+    }
+}
+
+/// Runs a task on the libtorch thread, forwarding its progress to the coordinator.
+async fn execute(
+    client: &mut WorkerServiceClient<Channel>,
+    worker_id: &str,
+    task_id: &str,
+    torch: &std_mpsc::Sender<Job>,
+    task: TaskKind,
+) -> anyhow::Result<Result<Outcome, String>> {
+    let (progress_sender, mut progress_receiver) = mpsc::unbounded_channel();
+    let (done_sender, mut done_receiver) = oneshot::channel();
+    torch
+        .send(Job { task, progress: progress_sender, done: done_sender })
+        .map_err(|_| anyhow::anyhow!("the libtorch thread has stopped"))?;
+    loop {
+        tokio::select! {
+            result = &mut done_receiver => {
+                return result.map_err(|_| anyhow::anyhow!("the libtorch thread stopped during a task"));
+            }
+            Some(progress) = progress_receiver.recv() => {
+                let report = pb::ProgressReport {
+                    worker_id: worker_id.to_string(),
+                    task_id: task_id.to_string(),
+                    step: progress.step,
+                    total_steps: progress.total_steps,
+                    loss: progress.loss.unwrap_or(f64::NAN),
+                    accuracy: progress.accuracy.unwrap_or(f64::NAN),
+                    images_per_second: progress.images_per_second,
+                };
+                if let Err(status) = client.report_progress(report).await {
+                    tracing::warn!(%status, "progress report failed");
+                }
+            }
+        }
+    }
+}

@@ -1,0 +1,245 @@
+//! Data augmentation, batched on the device the model runs on.
+//!
+//! Images are float tensors `[n, c, h, w]` in `[0, 1]`. [`flip_and_shift`] is the standard
+//! augmentation of supervised training; [`RandAugment`] is the student's input noise: `ops`
+//! operations per image drawn from the list, each at `magnitude / 10` of its range, with a
+//! random sign where the operation has one. Every operation keeps shape, dtype and range, and
+//! is the identity at magnitude 0 where it has a neutral value.
+
+use mentor_plan::{RandAugmentPlan, RANDAUGMENT_OPS};
+use tch::{Device, Kind, Tensor};
+
+fn uniform(n: i64, device: Device) -> Tensor {
+    Tensor::rand([n], (Kind::Float, device))
+}
+
+/// Per-image random sign (+1 or -1).
+fn random_sign(n: i64, device: Device) -> Tensor {
+    uniform(n, device).lt(0.5).to_kind(Kind::Float) * 2.0 - 1.0
+}
+
+/// Applies per-image affine maps `theta` (`[n, 2, 3]`, normalised coordinates), zero padding.
+fn affine(images: &Tensor, theta: &Tensor, nearest: bool) -> Tensor {
+    let grid = Tensor::affine_grid_generator(theta, images.size(), false);
+    images.grid_sampler(&grid, if nearest { 1 } else { 0 }, 0, false)
+}
+
+/// Builds `[n, 2, 3]` from six per-image rows `[a, b, c, d, e, f]`.
+fn theta(rows: [Tensor; 6]) -> Tensor {
+    Tensor::stack(&rows, 1).view([-1, 2, 3])
+}
+
+/// Random horizontal flips and shifts of up to 2 pixels (nearest, zero padding).
+pub fn flip_and_shift(images: &Tensor) -> Tensor {
+    let size = images.size();
+    let (n, height, width) = (size[0], size[2], size[3]);
+    let device = images.device();
+    let zeros = Tensor::zeros([n], (Kind::Float, device));
+    let ones = Tensor::ones([n], (Kind::Float, device));
+    let flip = random_sign(n, device);
+    let shift = |extent: i64| (Tensor::randint(5, [n], (Kind::Float, device)) - 2.0) * (2.0 / extent as f64);
+    let matrix = theta([flip, zeros.shallow_clone(), shift(width), zeros, ones, shift(height)]);
+    affine(images, &matrix, true)
+}
+
+/// RandAugment with the operations of a plan.
+#[derive(Debug, Clone)]
+pub struct RandAugment {
+    pub ops: u32,
+    /// Fraction of each operation's range (plan magnitude / 10).
+    pub strength: f64,
+    pub op_list: Vec<String>,
+}
+
+impl RandAugment {
+    pub fn from_plan(plan: &RandAugmentPlan) -> RandAugment {
+        let op_list = if plan.op_list.is_empty() {
+            RANDAUGMENT_OPS.iter().map(|op| op.to_string()).collect()
+        } else {
+            plan.op_list.clone()
+        };
+        RandAugment {
+            ops: plan.ops,
+            strength: plan.magnitude / 10.0,
+            op_list,
+        }
+    }
+
+    pub fn is_active(&self) -> bool {
+        self.ops > 0 && !self.op_list.is_empty()
+    }
+
+    /// Applies `ops` random operations to each image.
+    pub fn apply(&self, images: &Tensor) -> Tensor {
+        if !self.is_active() {
+            return images.shallow_clone();
+        }
+        let n = images.size()[0];
+        let device = images.device();
+        let mut out = images.shallow_clone();
+        for _ in 0..self.ops {
+            let choice = Tensor::randint(self.op_list.len() as i64, [n], (Kind::Int64, device));
+            for (index, op) in self.op_list.iter().enumerate() {
+                let selected = choice.eq(index as i64).nonzero().squeeze_dim(1);
+                if selected.size()[0] == 0 {
+                    continue;
+                }
+                let subset = out.index_select(0, &selected);
+                let changed = apply_op(op, &subset, self.strength);
+                out = out.index_copy(0, &selected, &changed);
+            }
+        }
+        out
+    }
+}
+
+/// Blends `images` toward `degenerate` by `factor` (1 = unchanged), clamped to [0, 1].
+fn blend(images: &Tensor, degenerate: &Tensor, factor: &Tensor) -> Tensor {
+    (degenerate + factor.view([-1, 1, 1, 1]) * (images - degenerate)).clamp(0.0, 1.0)
+}
+
+/// One RandAugment operation at `strength` (0..=3) of its range.
+pub fn apply_op(op: &str, images: &Tensor, strength: f64) -> Tensor {
+    let size = images.size();
+    let (n, height, width) = (size[0], size[2], size[3]);
+    let device = images.device();
+    let zeros = || Tensor::zeros([n], (Kind::Float, device));
+    let ones = || Tensor::ones([n], (Kind::Float, device));
+    let signed = |range: f64| random_sign(n, device) * (range * strength);
+    match op {
+        "auto-contrast" => {
+            let low = images.amin([1, 2, 3], true);
+            let high = images.amax([1, 2, 3], true);
+            let span = &high - &low;
+            let stretched = (images - &low) / span.clamp_min(1e-6);
+            // Flat images stay as they are.
+            stretched.where_self(&span.gt(1e-6), images)
+        }
+        "equalize" => equalize(images),
+        "rotate" => {
+            let angle = signed(30f64.to_radians());
+            let (cos, sin) = (angle.cos(), angle.sin());
+            let matrix = theta([cos.shallow_clone(), -&sin, zeros(), sin, cos, zeros()]);
+            affine(images, &matrix, false)
+        }
+        "posterize" => {
+            let drop_bits = (4.0 * strength.min(1.0)).round();
+            let step = 2f64.powf(drop_bits);
+            ((images * 255.0).round() / step).floor() * step / 255.0
+        }
+        "solarize" => {
+            let threshold = 1.0 - strength.min(1.0);
+            let inverted = -images + 1.0;
+            inverted.where_self(&images.gt(threshold), images)
+        }
+        "contrast" => {
+            let mean = images.mean_dim(&[1i64, 2, 3][..], true, Kind::Float);
+            blend(images, &mean.expand_as(images), &(signed(0.9) + 1.0))
+        }
+        "brightness" => blend(images, &images.zeros_like(), &(signed(0.9) + 1.0)),
+        "sharpness" => {
+            let channels = size[1];
+            let kernel = Tensor::from_slice(&[1f32, 1., 1., 1., 5., 1., 1., 1., 1.])
+                .to_device(device)
+                .view([1, 1, 3, 3])
+                / 13.0;
+            let kernel = kernel.repeat([channels, 1, 1, 1]);
+            let smooth = images.conv2d(&kernel, None::<Tensor>, [1, 1], [1, 1], [1, 1], channels);
+            blend(images, &smooth, &(signed(0.9) + 1.0))
+        }
+        "shear-x" => affine(images, &theta([ones(), signed(0.3), zeros(), zeros(), ones(), zeros()]), false),
+        "shear-y" => affine(images, &theta([ones(), zeros(), zeros(), signed(0.3), ones(), zeros()]), false),
+        "translate-x" => affine(images, &theta([ones(), zeros(), signed(0.6), zeros(), ones(), zeros()]), false),
+        "translate-y" => affine(images, &theta([ones(), zeros(), zeros(), zeros(), ones(), signed(0.6)]), false),
+        "cutout" => {
+            let side = ((0.5 * strength.min(1.0)) * height.min(width) as f64).round() as i64;
+            if side == 0 {
+                return images.shallow_clone();
+            }
+            let rows = Tensor::arange(height, (Kind::Float, device)).view([1, 1, height, 1]);
+            let cols = Tensor::arange(width, (Kind::Float, device)).view([1, 1, 1, width]);
+            let center_y = (uniform(n, device) * height as f64).view([n, 1, 1, 1]);
+            let center_x = (uniform(n, device) * width as f64).view([n, 1, 1, 1]);
+            let half = side as f64 / 2.0;
+            let inside = (rows - &center_y).abs().lt(half).logical_and(&(cols - &center_x).abs().lt(half));
+            images.masked_fill(&inside.expand_as(images), 0.5)
+        }
+        // "identity" and anything the plan validation let through unchanged.
+        _ => images.shallow_clone(),
+    }
+}
+
+/// Histogram equalisation per image and channel on 256 levels.
+fn equalize(images: &Tensor) -> Tensor {
+    let size = images.size();
+    let levels = (images * 255.0).round().clamp(0.0, 255.0).to_kind(Kind::Int64);
+    let flat = levels.view([size[0] * size[1], -1]);
+    let pixels = flat.size()[1];
+    let histogram = Tensor::zeros([flat.size()[0], 256], (Kind::Float, images.device()))
+        .scatter_add(1, &flat, &Tensor::ones(flat.size(), (Kind::Float, images.device())));
+    let cdf = histogram.cumsum(1, Kind::Float);
+    let cdf_min = cdf.masked_fill(&histogram.eq(0.0), f64::INFINITY).amin([1], true);
+    let denominator = (-&cdf_min + pixels as f64).clamp_min(1.0);
+    let mapped = (cdf.gather(1, &flat, false) - &cdf_min) / denominator;
+    // Single-level images have nothing to equalise.
+    let flat_image = (-&cdf_min + pixels as f64).eq(0.0);
+    let mapped = (flat.to_kind(Kind::Float) / 255.0).where_self(&flat_image, &mapped);
+    mapped.clamp(0.0, 1.0).view(size.as_slice()).to_kind(images.kind())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn images() -> Tensor {
+        tch::manual_seed(3);
+        (Tensor::rand([6, 1, 28, 28], (Kind::Float, Device::Cpu)) * 255.0).round() / 255.0
+    }
+
+    #[test]
+    fn neutral_ops_at_magnitude_zero_change_nothing() {
+        let xs = images();
+        for op in [
+            "identity", "rotate", "posterize", "solarize", "contrast", "brightness", "sharpness",
+            "shear-x", "shear-y", "translate-x", "translate-y", "cutout",
+        ] {
+            let out = apply_op(op, &xs, 0.0);
+            assert!(out.allclose(&xs, 1e-5, 1e-5, false), "{op} changed the images at magnitude 0");
+        }
+    }
+
+    #[test]
+    fn every_op_keeps_shape_kind_and_range() {
+        let xs = images();
+        for op in RANDAUGMENT_OPS {
+            for strength in [0.5, 1.0, 3.0] {
+                let out = apply_op(op, &xs, strength);
+                assert_eq!(out.size(), xs.size(), "{op}");
+                assert_eq!(out.kind(), Kind::Float, "{op}");
+                let low = out.min().double_value(&[]);
+                let high = out.max().double_value(&[]);
+                assert!(low >= 0.0 && high <= 1.0, "{op} at {strength}: range [{low}, {high}]");
+            }
+        }
+    }
+
+    #[test]
+    fn strong_ops_do_change_images() {
+        let xs = images();
+        for op in ["rotate", "solarize", "contrast", "cutout", "translate-x", "equalize", "auto-contrast"] {
+            let out = apply_op(op, &xs, 1.0);
+            assert!(!out.allclose(&xs, 1e-3, 1e-3, false), "{op} did nothing at full strength");
+        }
+    }
+
+    #[test]
+    fn randaugment_batch_keeps_shape_and_changes_images() {
+        let xs = images();
+        let augment = RandAugment::from_plan(&RandAugmentPlan { ops: 2, magnitude: 9.0, op_list: vec!["rotate".into(), "cutout".into()] });
+        let out = augment.apply(&xs);
+        assert_eq!(out.size(), xs.size());
+        assert!(!out.allclose(&xs, 1e-3, 1e-3, false));
+        let flipped = flip_and_shift(&xs);
+        assert_eq!(flipped.size(), xs.size());
+    }
+}

@@ -1,0 +1,60 @@
+//! The plan's data set as tensors: training and test images (u8, kept on the task's device),
+//! labels, and the labeled / unlabeled split shared with the coordinator.
+
+use mentor_data::{ImageSet, Split};
+use mentor_plan::Plan;
+use tch::{Device, Kind, Tensor};
+
+/// Images and labels of a plan, loaded once per worker.
+#[derive(Debug)]
+pub struct Dataset {
+    pub train_images: Tensor,
+    pub train_labels: Tensor,
+    pub test_images: Tensor,
+    pub test_labels: Tensor,
+    pub split: Split,
+    /// Training-set positions of the labeled examples.
+    pub labeled: Tensor,
+    pub image_size: i64,
+    pub device: Device,
+}
+
+fn images_tensor(set: &ImageSet, device: Device) -> Tensor {
+    Tensor::from_slice(&set.pixels)
+        .view([set.len() as i64, 1, set.rows as i64, set.cols as i64])
+        .to_device(device)
+}
+
+fn labels_tensor(labels: &[u8], device: Device) -> Tensor {
+    Tensor::from_slice(labels).to_kind(Kind::Int64).to_device(device)
+}
+
+impl Dataset {
+    pub fn load(plan: &Plan, device: Device) -> Result<Dataset, mentor_data::DataError> {
+        let train = ImageSet::load(&plan.data.dir, "train")?;
+        let test = ImageSet::load(&plan.data.dir, "t10k")?;
+        let split = Split::new(&train.labels, test.len(), &plan.data, plan.seed)?;
+        let test_len = split.test_len;
+        let labeled: Vec<i64> = split.labeled.iter().map(|&p| p as i64).collect();
+        Ok(Dataset {
+            train_images: images_tensor(&train, device),
+            train_labels: labels_tensor(&train.labels, device),
+            test_images: images_tensor(&test, device).narrow(0, 0, test_len as i64),
+            test_labels: labels_tensor(&test.labels, device).narrow(0, 0, test_len as i64),
+            labeled: Tensor::from_slice(&labeled).to_device(device),
+            split,
+            image_size: train.rows as i64,
+            device,
+        })
+    }
+
+    /// Training images at `positions` as floats in [0, 1].
+    pub fn train_batch(&self, positions: &Tensor) -> Tensor {
+        to_unit(&self.train_images.index_select(0, positions))
+    }
+}
+
+/// u8 pixels to floats in [0, 1].
+pub fn to_unit(pixels: &Tensor) -> Tensor {
+    pixels.to_kind(Kind::Float) / 255.0
+}

@@ -1,0 +1,31 @@
+//! The worker's model code: architectures, noise, training, evaluation and pseudo-labelling.
+//!
+//! Everything here runs on the dedicated libtorch thread of the worker binary, never on a tokio
+//! thread. It talks to the rest of the process through plain structs ([`tasks`]) and progress
+//! callbacks; it knows nothing of gRPC.
+
+pub mod augment;
+pub mod dataset;
+pub mod model;
+pub mod tasks;
+
+/// Parses `cpu` or `cuda:N`.
+pub fn parse_device(text: &str) -> Result<tch::Device, String> {
+    if text == "cpu" {
+        return Ok(tch::Device::Cpu);
+    }
+    let Some(index) = text.strip_prefix("cuda:") else {
+        return Err(format!("unknown device `{text}`, expected `cpu` or `cuda:N`"));
+    };
+    let index: usize = index
+        .parse()
+        .map_err(|_| format!("unknown device `{text}`, expected `cpu` or `cuda:N`"))?;
+    if !tch::Cuda::is_available() {
+        return Err(format!("device `{text}` asked for, but CUDA is not available on this machine"));
+    }
+    let count = tch::Cuda::device_count() as usize;
+    if index >= count {
+        return Err(format!("device `{text}` asked for, but this machine has {count} CUDA device(s)"));
+    }
+    Ok(tch::Device::Cuda(index))
+}

@@ -1,0 +1,422 @@
+//! The three kinds of work a worker does: train a model, evaluate a checkpoint on the test set,
+//! and pseudo-label one unlabeled shard with a clean teacher.
+
+use std::path::{Path, PathBuf};
+use std::time::Instant;
+
+use mentor_labels::{encode_shard, LocalDirStore, PutOutcome, ShardHeader, ShardStore, SoftLabels};
+use mentor_plan::{LabelMode, Optimizer, Plan, Role, Schedule, TrainPlan};
+use tch::nn::{self, ModuleT, OptimizerConfig};
+use tch::{Kind, Tensor};
+
+use crate::augment::{flip_and_shift, RandAugment};
+use crate::dataset::{to_unit, Dataset};
+use crate::model::{build, ModelConfig};
+
+/// A model checkpoint and the plan section (role, round) that built it.
+#[derive(Debug, Clone, PartialEq)]
+pub struct ModelSource {
+    pub checkpoint: PathBuf,
+    pub role: Role,
+    pub model_round: u32,
+}
+
+/// Work handed to the libtorch thread.
+#[derive(Debug, Clone, PartialEq)]
+pub enum TaskKind {
+    Train {
+        role: Role,
+        round: u32,
+        output: PathBuf,
+        selection: Option<PathBuf>,
+    },
+    Evaluate {
+        model: ModelSource,
+    },
+    Label {
+        teacher: ModelSource,
+        round: u32,
+        shard_index: u32,
+        start: u64,
+        end: u64,
+        storage: PathBuf,
+    },
+}
+
+/// What a finished task produced.
+#[derive(Debug, Clone, PartialEq)]
+pub enum Outcome {
+    Trained {
+        checkpoint: PathBuf,
+        final_loss: f64,
+        steps: u64,
+        seconds: f64,
+    },
+    Evaluated {
+        accuracy: f64,
+        loss: f64,
+        examples: u64,
+    },
+    Labeled {
+        key: String,
+        examples: u64,
+        sha256: String,
+        bytes: u64,
+        seconds: f64,
+    },
+}
+
+/// A progress report of a running task.
+#[derive(Debug, Clone, Default, PartialEq)]
+pub struct Progress {
+    pub step: u64,
+    pub total_steps: u64,
+    pub loss: Option<f64>,
+    pub accuracy: Option<f64>,
+    pub images_per_second: f64,
+}
+
+/// Runs one task; errors are messages for the coordinator.
+pub fn run_task(
+    plan: &Plan,
+    dataset: &Dataset,
+    task: &TaskKind,
+    progress: &mut dyn FnMut(Progress),
+) -> Result<Outcome, String> {
+    match task {
+        TaskKind::Train { role, round, output, selection } => {
+            train(plan, dataset, *role, *round, output, selection.as_deref(), progress)
+        }
+        TaskKind::Evaluate { model } => evaluate(plan, dataset, model),
+        TaskKind::Label { teacher, round, shard_index, start, end, storage } => {
+            label(plan, dataset, teacher, *round, *shard_index, *start, *end, storage, progress)
+        }
+    }
+}
+
+fn model_config(plan: &Plan, role: Role, model_round: u32, image_size: i64) -> ModelConfig {
+    let role_plan = plan.role(role);
+    ModelConfig::from_plan(&role_plan.model, &role_plan.noise, model_round, plan.data.classes, image_size)
+}
+
+/// Loads a checkpoint into the model its plan section describes.
+fn load_model(plan: &Plan, dataset: &Dataset, source: &ModelSource) -> Result<(nn::VarStore, Box<dyn ModuleT + Send>), String> {
+    let mut vs = nn::VarStore::new(dataset.device);
+    let model = build(&vs.root(), &model_config(plan, source.role, source.model_round, dataset.image_size));
+    vs.load(&source.checkpoint)
+        .map_err(|e| format!("failed to load checkpoint `{}`: {e}", source.checkpoint.display()))?;
+    Ok((vs, model))
+}
+
+/// Learning rate at `step`: linear warmup, then cosine decay or constant.
+pub fn learning_rate(train: &TrainPlan, step: u64) -> f64 {
+    let base = train.learning_rate;
+    if step < train.warmup_steps {
+        return base * (step + 1) as f64 / train.warmup_steps as f64;
+    }
+    match train.schedule {
+        Schedule::Constant => base,
+        Schedule::Cosine => {
+            let progress = (step - train.warmup_steps) as f64 / (train.steps - train.warmup_steps).max(1) as f64;
+            base * 0.5 * (1.0 + (std::f64::consts::PI * progress).cos())
+        }
+    }
+}
+
+/// Cross-entropy against target distributions `[n, classes]`.
+fn soft_cross_entropy(logits: &Tensor, targets: &Tensor) -> Tensor {
+    -(targets * logits.log_softmax(-1, Kind::Float))
+        .sum_dim_intlist(-1, false, Kind::Float)
+        .mean(Kind::Float)
+}
+
+fn smoothed_one_hot(labels: &Tensor, classes: i64, smoothing: f64) -> Tensor {
+    labels.one_hot(classes).to_kind(Kind::Float) * (1.0 - smoothing) + smoothing / classes as f64
+}
+
+/// Pseudo-labeled training examples: positions in the training set and target distributions.
+struct PseudoLabeled {
+    positions: Tensor,
+    targets: Tensor,
+}
+
+fn load_selection(plan: &Plan, dataset: &Dataset, path: &Path, smoothing: f64) -> Result<PseudoLabeled, String> {
+    let bytes = std::fs::read(path).map_err(|e| format!("failed to read selection `{}`: {e}", path.display()))?;
+    let (_, labels) = mentor_labels::decode_shard(&path.display().to_string(), &bytes).map_err(|e| e.to_string())?;
+    if labels.is_empty() {
+        return Err(format!("selection `{}` is empty", path.display()));
+    }
+    let rows = labels.len() as i64;
+    let k = labels.top_k as i64;
+    let classes = plan.data.classes as i64;
+    let device = dataset.device;
+    let class_ids: Vec<i64> = labels.class_ids.iter().map(|&c| c as i64).collect();
+    let class_ids = Tensor::from_slice(&class_ids).view([rows, k]).to_device(device);
+    let targets = match plan.pseudo_labels.mode {
+        LabelMode::Soft => {
+            let probs: Vec<f32> = labels.probs.iter().map(|p| p.to_f32()).collect();
+            let probs = Tensor::from_slice(&probs).view([rows, k]).to_device(device);
+            let dense = Tensor::zeros([rows, classes], (Kind::Float, device)).scatter(1, &class_ids, &probs);
+            // Top-k truncation leaves mass out: renormalise each row.
+            &dense / dense.sum_dim_intlist(-1, true, Kind::Float).clamp_min(1e-12)
+        }
+        LabelMode::Hard => smoothed_one_hot(&class_ids.select(1, 0), classes, smoothing),
+    };
+    Ok(PseudoLabeled {
+        positions: Tensor::from_slice(&labels.example_ids).to_device(device),
+        targets,
+    })
+}
+
+/// Saves the variables atomically (a temporary file renamed into place).
+fn save_checkpoint(vs: &nn::VarStore, output: &Path) -> Result<(), String> {
+    if let Some(parent) = output.parent() {
+        std::fs::create_dir_all(parent).map_err(|e| format!("failed to create `{}`: {e}", parent.display()))?;
+    }
+    let temporary = output.with_extension(format!("{}.tmp.safetensors", std::process::id()));
+    vs.save(&temporary)
+        .map_err(|e| format!("failed to write checkpoint `{}`: {e}", temporary.display()))?;
+    std::fs::rename(&temporary, output).map_err(|e| format!("failed to move checkpoint to `{}`: {e}", output.display()))
+}
+
+#[allow(clippy::too_many_arguments)]
+fn train(
+    plan: &Plan,
+    dataset: &Dataset,
+    role: Role,
+    round: u32,
+    output: &Path,
+    selection: Option<&Path>,
+    progress: &mut dyn FnMut(Progress),
+) -> Result<Outcome, String> {
+    let role_plan = plan.role(role);
+    let train_plan = &role_plan.train;
+    let seed = plan.seed as i64 * 1_000_003 + round as i64 * 101 + role as i64;
+    tch::manual_seed(seed);
+    let classes = plan.data.classes as i64;
+    let vs = nn::VarStore::new(dataset.device);
+    let model = build(&vs.root(), &model_config(plan, role, round, dataset.image_size));
+    let mut optimizer = match train_plan.optimizer {
+        Optimizer::Sgd => nn::Sgd {
+            momentum: train_plan.momentum,
+            dampening: 0.0,
+            wd: train_plan.weight_decay,
+            nesterov: train_plan.momentum > 0.0,
+        }
+        .build(&vs, train_plan.learning_rate),
+        Optimizer::Adam => nn::Adam {
+            wd: train_plan.weight_decay,
+            ..Default::default()
+        }
+        .build(&vs, train_plan.learning_rate),
+    }
+    .map_err(|e| format!("failed to build the optimizer: {e}"))?;
+    let pseudo = match selection {
+        Some(path) => Some(load_selection(plan, dataset, path, train_plan.label_smoothing)?),
+        None => None,
+    };
+    let randaugment = RandAugment::from_plan(&role_plan.noise.randaugment);
+    let augment = |images: Tensor| {
+        let images = if train_plan.flip_and_shift { flip_and_shift(&images) } else { images };
+        randaugment.apply(&images)
+    };
+    let labeled_batch = train_plan.batch_size as i64;
+    let unlabeled_batch = labeled_batch * train_plan.unlabeled_ratio as i64;
+    let labeled_count = dataset.labeled.size()[0];
+    let device = dataset.device;
+    let started = Instant::now();
+    let mut window_started = Instant::now();
+    let mut window_images = 0u64;
+    let mut window_loss = 0.0;
+    let mut window_correct = 0.0;
+    let mut window_labeled = 0u64;
+    let mut last_loss = f64::NAN;
+    for step in 0..train_plan.steps {
+        optimizer.set_lr(learning_rate(train_plan, step));
+        let picks = Tensor::randint(labeled_count, [labeled_batch], (Kind::Int64, device));
+        let positions = dataset.labeled.index_select(0, &picks);
+        let labels = dataset.train_labels.index_select(0, &positions);
+        let labeled_images = augment(dataset.train_batch(&positions));
+        let labeled_targets = smoothed_one_hot(&labels, classes, train_plan.label_smoothing);
+        let (loss, logits_labeled) = match &pseudo {
+            None => {
+                let logits = model.forward_t(&labeled_images, true);
+                (soft_cross_entropy(&logits, &labeled_targets), logits)
+            }
+            Some(pseudo) => {
+                let rows = Tensor::randint(pseudo.targets.size()[0], [unlabeled_batch], (Kind::Int64, device));
+                let unlabeled_images = augment(dataset.train_batch(&pseudo.positions.index_select(0, &rows)));
+                let targets = pseudo.targets.index_select(0, &rows);
+                let logits = model.forward_t(&Tensor::cat(&[&labeled_images, &unlabeled_images], 0), true);
+                let labeled_logits = logits.narrow(0, 0, labeled_batch);
+                let unlabeled_logits = logits.narrow(0, labeled_batch, unlabeled_batch);
+                let loss = soft_cross_entropy(&labeled_logits, &labeled_targets)
+                    + soft_cross_entropy(&unlabeled_logits, &targets) * train_plan.unlabeled_ratio as f64;
+                (loss, labeled_logits)
+            }
+        };
+        optimizer.backward_step(&loss);
+        last_loss = loss.double_value(&[]);
+        if !last_loss.is_finite() {
+            return Err(format!(
+                "{} training diverged at step {step} (loss {last_loss}); lower {}.train.learning_rate",
+                role.as_str(),
+                role.as_str()
+            ));
+        }
+        window_loss += last_loss;
+        window_correct += logits_labeled.argmax(-1, false).eq_tensor(&labels).to_kind(Kind::Float).sum(Kind::Float).double_value(&[]);
+        window_labeled += labeled_batch as u64;
+        window_images += (labeled_batch + if pseudo.is_some() { unlabeled_batch } else { 0 }) as u64;
+        let steps_in_window = (step % train_plan.log_every) + 1;
+        if steps_in_window == train_plan.log_every || step + 1 == train_plan.steps {
+            let seconds = window_started.elapsed().as_secs_f64().max(1e-9);
+            let report = Progress {
+                step: step + 1,
+                total_steps: train_plan.steps,
+                loss: Some(window_loss / steps_in_window as f64),
+                accuracy: Some(window_correct / window_labeled as f64),
+                images_per_second: window_images as f64 / seconds,
+            };
+            tracing::info!(
+                role = role.as_str(),
+                round,
+                step = report.step,
+                total = report.total_steps,
+                loss = format!("{:.4}", window_loss / steps_in_window as f64),
+                labeled_accuracy = format!("{:.3}", window_correct / window_labeled as f64),
+                images_per_second = format!("{:.0}", report.images_per_second),
+                "training"
+            );
+            progress(report);
+            window_started = Instant::now();
+            window_images = 0;
+            window_loss = 0.0;
+            window_correct = 0.0;
+            window_labeled = 0;
+        }
+    }
+    save_checkpoint(&vs, output)?;
+    Ok(Outcome::Trained {
+        checkpoint: output.to_path_buf(),
+        final_loss: last_loss,
+        steps: train_plan.steps,
+        seconds: started.elapsed().as_secs_f64(),
+    })
+}
+
+/// Accuracy and mean cross-entropy of a model on the plan's test images (eval mode, no noise).
+fn evaluate(plan: &Plan, dataset: &Dataset, source: &ModelSource) -> Result<Outcome, String> {
+    let (_vs, model) = load_model(plan, dataset, source)?;
+    let _guard = tch::no_grad_guard();
+    let total = dataset.test_images.size()[0];
+    let batch = plan.pseudo_labels.batch_size as i64;
+    let mut correct = 0.0;
+    let mut loss = 0.0;
+    let mut start = 0;
+    while start < total {
+        let len = batch.min(total - start);
+        let images = to_unit(&dataset.test_images.narrow(0, start, len));
+        let labels = dataset.test_labels.narrow(0, start, len);
+        let logits = model.forward_t(&images, false);
+        correct += logits.argmax(-1, false).eq_tensor(&labels).to_kind(Kind::Float).sum(Kind::Float).double_value(&[]);
+        loss += logits.cross_entropy_for_logits(&labels).double_value(&[]) * len as f64;
+        start += len;
+    }
+    let accuracy = correct / total.max(1) as f64;
+    tracing::info!(role = source.role.as_str(), model_round = source.model_round, accuracy = format!("{accuracy:.4}"), "evaluated on the test set");
+    Ok(Outcome::Evaluated {
+        accuracy,
+        loss: loss / total.max(1) as f64,
+        examples: total as u64,
+    })
+}
+
+/// Teacher inference over unlabeled positions `[start, end)`, committed as one shard.
+#[allow(clippy::too_many_arguments)]
+fn label(
+    plan: &Plan,
+    dataset: &Dataset,
+    teacher: &ModelSource,
+    round: u32,
+    shard_index: u32,
+    start: u64,
+    end: u64,
+    storage: &Path,
+    progress: &mut dyn FnMut(Progress),
+) -> Result<Outcome, String> {
+    let started = Instant::now();
+    let store = LocalDirStore::new(storage);
+    let key = mentor_labels::shard_key(round, shard_index);
+    let unlabeled = &dataset.split.unlabeled;
+    if end as usize > unlabeled.len() || start > end {
+        return Err(format!("shard {shard_index} covers [{start}, {end}) but there are {} unlabeled examples", unlabeled.len()));
+    }
+    let header = ShardHeader {
+        round,
+        teacher_checkpoint: teacher.checkpoint.display().to_string(),
+        temperature: plan.pseudo_labels.temperature,
+        classes: plan.data.classes,
+    };
+    // A shard committed by an earlier attempt is verified and reported, never written twice.
+    if store.exists(&key).map_err(|e| e.to_string())? {
+        return existing_shard(&store, &key, started);
+    }
+    let (_vs, model) = load_model(plan, dataset, teacher)?;
+    let _guard = tch::no_grad_guard();
+    let ids: Vec<i64> = unlabeled[start as usize..end as usize].iter().map(|&p| p as i64).collect();
+    let positions = Tensor::from_slice(&ids).to_device(dataset.device);
+    let top_k = plan.pseudo_labels.top_k as i64;
+    let batch = plan.pseudo_labels.batch_size as i64;
+    let total = ids.len() as i64;
+    let mut class_ids: Vec<u16> = Vec::with_capacity((total * top_k) as usize);
+    let mut probs: Vec<f32> = Vec::with_capacity((total * top_k) as usize);
+    let mut offset = 0;
+    while offset < total {
+        let len = batch.min(total - offset);
+        let images = dataset.train_batch(&positions.narrow(0, offset, len));
+        let logits = model.forward_t(&images, false);
+        let distribution = (logits / plan.pseudo_labels.temperature).softmax(-1, Kind::Float);
+        let (values, indices) = distribution.topk(top_k, -1, true, true);
+        let values: Vec<f32> = Vec::<f32>::try_from(values.to_device(tch::Device::Cpu).flatten(0, -1)).map_err(|e| e.to_string())?;
+        let indices: Vec<i64> = Vec::<i64>::try_from(indices.to_device(tch::Device::Cpu).flatten(0, -1)).map_err(|e| e.to_string())?;
+        probs.extend(values);
+        class_ids.extend(indices.into_iter().map(|c| c as u16));
+        offset += len;
+        progress(Progress {
+            step: offset as u64,
+            total_steps: total as u64,
+            loss: None,
+            accuracy: None,
+            images_per_second: offset as f64 / started.elapsed().as_secs_f64().max(1e-9),
+        });
+    }
+    let labels = SoftLabels::new(top_k as usize, ids, class_ids, probs).map_err(|e| e.to_string())?;
+    let bytes = encode_shard(&header, &labels).map_err(|e| e.to_string())?;
+    match store.put_if_absent(&key, &bytes).map_err(|e| e.to_string())? {
+        PutOutcome::Created => {
+            tracing::info!(round, shard = shard_index, examples = total, location = %store.location(&key), "shard committed");
+            Ok(Outcome::Labeled {
+                key,
+                examples: total as u64,
+                sha256: mentor_labels::sha256_hex(&bytes),
+                bytes: bytes.len() as u64,
+                seconds: started.elapsed().as_secs_f64(),
+            })
+        }
+        PutOutcome::AlreadyExists => existing_shard(&store, &key, started),
+    }
+}
+
+fn existing_shard(store: &LocalDirStore, key: &str, started: Instant) -> Result<Outcome, String> {
+    let bytes = store.get(key).map_err(|e| e.to_string())?;
+    let (_, labels) = mentor_labels::decode_shard(key, &bytes).map_err(|e| e.to_string())?;
+    tracing::info!(shard = key, "shard already committed, reusing it");
+    Ok(Outcome::Labeled {
+        key: key.to_string(),
+        examples: labels.len() as u64,
+        sha256: mentor_labels::sha256_hex(&bytes),
+        bytes: bytes.len() as u64,
+        seconds: started.elapsed().as_secs_f64(),
+    })
+}
