@@ -1,0 +1,219 @@
+//! `mentor`: the user's command line. `mentor status` asks a coordinator how its run is going.
+//!
+//! Talks to the coordinator's status service only; it never links libtorch.
+
+use std::io::IsTerminal;
+use std::time::Duration;
+
+use anyhow::Context;
+use clap::{Parser, Subcommand};
+use mentor_proto::coordinator::v1 as pb;
+use pb::status_service_client::StatusServiceClient;
+use serde_json::{json, Value};
+
+#[derive(Debug, Parser)]
+#[command(version, about = "Self-training orchestrator: query and follow runs")]
+struct Cli {
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Debug, Subcommand)]
+enum Command {
+    /// Shows the run, round, phase, workers and accuracies of a coordinator's run.
+    ///
+    /// Exit status: 0 while running or succeeded, 1 if the run failed, 2 if the coordinator
+    /// cannot be reached.
+    Status {
+        /// The coordinator's address, e.g. http://127.0.0.1:50051.
+        #[arg(long)]
+        coordinator: String,
+        /// Print one JSON object (with --watch: one per line) instead of text.
+        #[arg(long)]
+        json: bool,
+        /// Keep printing until the run ends.
+        #[arg(long)]
+        watch: bool,
+        /// Seconds between two refreshes with --watch.
+        #[arg(long, default_value_t = 2.0)]
+        interval: f64,
+    },
+}
+
+fn number(value: f64) -> Value {
+    if value.is_finite() {
+        json!(value)
+    } else {
+        Value::Null
+    }
+}
+
+/// The `--json` shape: stable field names for scripts.
+fn status_json(status: &pb::RunStatus) -> Value {
+    json!({
+        "run_id": status.run_id,
+        "name": status.name,
+        "status": status.status,
+        "method": status.method,
+        "round": status.round,
+        "total_rounds": status.total_rounds,
+        "phase": status.phase,
+        "error": if status.error.is_empty() { Value::Null } else { json!(status.error) },
+        "elapsed_seconds": number(status.elapsed_seconds),
+        "tasks": { "done": status.tasks_done, "total": status.tasks_total },
+        "latest_loss": number(status.latest_loss),
+        "latest_accuracy": number(status.latest_accuracy),
+        "rounds": status.rounds.iter().map(|round| json!({
+            "round": round.round,
+            "teacher_test_accuracy": round.teacher_test_accuracy,
+            "student_test_accuracy": round.student_test_accuracy,
+            "pseudo_labels": {
+                "shards": round.shards,
+                "shards_done": round.shards_done,
+                "examples": round.examples,
+                "kept": round.kept,
+            },
+        })).collect::<Vec<_>>(),
+        "workers": status.workers.iter().map(|worker| json!({
+            "id": worker.worker_id,
+            "device": worker.device,
+            "host": worker.hostname,
+            "alive": worker.alive,
+            "task": if worker.task_id.is_empty() { Value::Null } else { json!(worker.task) },
+            "task_id": if worker.task_id.is_empty() { Value::Null } else { json!(worker.task_id) },
+            "step": worker.step,
+            "total_steps": worker.total_steps,
+            "loss": number(worker.loss),
+            "images_per_second": number(worker.images_per_second),
+        })).collect::<Vec<_>>(),
+    })
+}
+
+fn percent(value: Option<f64>) -> String {
+    value.map(|v| format!("{:.2}%", v * 100.0)).unwrap_or_else(|| "-".into())
+}
+
+fn status_text(status: &pb::RunStatus) -> String {
+    let mut out = String::new();
+    out.push_str(&format!(
+        "run {} ({}, {})  status: {}  round {}/{}  phase: {}  tasks {}/{}  elapsed {:.0}s\n",
+        status.run_id,
+        status.name,
+        status.method,
+        status.status,
+        status.round,
+        status.total_rounds,
+        status.phase,
+        status.tasks_done,
+        status.tasks_total,
+        status.elapsed_seconds
+    ));
+    if !status.error.is_empty() {
+        out.push_str(&format!("error: {}\n", status.error));
+    }
+    let loss = if status.latest_loss.is_finite() { format!("{:.4}", status.latest_loss) } else { "-".into() };
+    let accuracy = status.latest_accuracy.is_finite().then_some(status.latest_accuracy);
+    out.push_str(&format!("latest loss {loss}  latest test accuracy {}\n", percent(accuracy)));
+    out.push_str("round  teacher acc  student acc  shards  examples  kept\n");
+    for round in &status.rounds {
+        out.push_str(&format!(
+            "{:>5}  {:>11}  {:>11}  {:>2}/{:<3}  {:>8}  {:>6}\n",
+            round.round,
+            percent(round.teacher_test_accuracy),
+            percent(round.student_test_accuracy),
+            round.shards_done,
+            round.shards,
+            round.examples,
+            round.kept
+        ));
+    }
+    for worker in &status.workers {
+        let task = if worker.task_id.is_empty() {
+            "idle".to_string()
+        } else {
+            let mut task = format!("{} [{}]", worker.task, worker.task_id);
+            if worker.total_steps > 0 {
+                task.push_str(&format!(" {}/{}", worker.step, worker.total_steps));
+            }
+            if worker.loss.is_finite() {
+                task.push_str(&format!(" loss {:.4}", worker.loss));
+            }
+            if worker.images_per_second > 0.0 {
+                task.push_str(&format!(" {:.0} img/s", worker.images_per_second));
+            }
+            task
+        };
+        let alive = if worker.alive { "" } else { " (lost)" };
+        out.push_str(&format!("worker {} {}{}: {}\n", worker.worker_id, worker.device, alive, task));
+    }
+    out
+}
+
+async fn status(coordinator: String, as_json: bool, watch: bool, interval: f64) -> anyhow::Result<i32> {
+    let mut client = match StatusServiceClient::connect(coordinator.clone()).await {
+        Ok(client) => client,
+        Err(error) => {
+            eprintln!("error: cannot reach the coordinator at {coordinator}: {error}");
+            return Ok(2);
+        }
+    };
+    let mut last_printed = String::new();
+    loop {
+        let status = client
+            .get_status(pb::GetStatusRequest {})
+            .await
+            .with_context(|| format!("status query to {coordinator} failed"))?
+            .into_inner();
+        let (text, comparable) = if as_json {
+            let mut value = status_json(&status);
+            let text = if watch { serde_json::to_string(&value)? } else { serde_json::to_string_pretty(&value)? };
+            if let Some(object) = value.as_object_mut() {
+                object.remove("elapsed_seconds");
+            }
+            (text, value.to_string())
+        } else {
+            let text = status_text(&status);
+            let comparable = text_without_clock(&text);
+            (text, comparable)
+        };
+        let finished = status.status != "running";
+        if !watch {
+            println!("{text}");
+        } else if std::io::stdout().is_terminal() && !as_json {
+            print!("\x1b[2J\x1b[H{text}");
+        } else if comparable != last_printed || finished {
+            println!("{text}");
+        }
+        last_printed = comparable;
+        if !watch || finished {
+            return Ok(if status.status == "failed" { 1 } else { 0 });
+        }
+        tokio::time::sleep(Duration::from_secs_f64(interval.max(0.1))).await;
+    }
+}
+
+/// The text without its elapsed time, so that --watch prints only real changes.
+fn text_without_clock(text: &str) -> String {
+    text.lines()
+        .map(|line| match line.find("elapsed") {
+            Some(at) => &line[..at],
+            None => line,
+        })
+        .collect::<Vec<_>>()
+        .join("\n")
+}
+
+#[tokio::main]
+async fn main() {
+    let cli = Cli::parse();
+    let code = match cli.command {
+        Command::Status { coordinator, json, watch, interval } => status(coordinator, json, watch, interval).await,
+    };
+    match code {
+        Ok(code) => std::process::exit(code),
+        Err(error) => {
+            eprintln!("error: {error:#}");
+            std::process::exit(2);
+        }
+    }
+}

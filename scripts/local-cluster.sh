@@ -1,0 +1,124 @@
+#!/usr/bin/env bash
+# Runs a whole plan on this machine: one coordinator and N workers, with live progress.
+#
+#   scripts/local-cluster.sh --plan deploy/plans/fashion-mnist-noisy-student.toml [--workers N]
+#
+# Options:
+#   --plan PLAN        the plan to run (required)
+#   --workers N        worker processes to start (default 2)
+#   --device DEVICE    device of every worker: cpu (default) or cuda:N
+#   --threads N        libtorch threads per worker (default: libtorch's choice)
+#   --state-dir DIR    run directory (default runs/<plan file name>-<date>); an existing one resumes
+#   --listen ADDR      coordinator address (default 127.0.0.1:0, a free port)
+#
+# Installs what is missing first (scripts/setup.sh), builds, then prints progress while the run
+# goes, the final status (text and JSON) at the end, and exits non-zero if the run failed.
+# Every process it started is stopped on exit, Ctrl-C included. Logs: <state-dir>/logs/.
+set -euo pipefail
+
+ROOT="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
+plan=""
+workers=2
+device="cpu"
+threads=0
+state_dir=""
+listen="127.0.0.1:0"
+
+usage() { sed -n '2,17p' "$0"; }
+while [ $# -gt 0 ]; do
+  case "$1" in
+    --plan) plan="${2:?--plan needs a file}"; shift 2 ;;
+    --workers) workers="${2:?--workers needs a number}"; shift 2 ;;
+    --device) device="${2:?--device needs a value}"; shift 2 ;;
+    --threads) threads="${2:?--threads needs a number}"; shift 2 ;;
+    --state-dir) state_dir="${2:?--state-dir needs a directory}"; shift 2 ;;
+    --listen) listen="${2:?--listen needs an address}"; shift 2 ;;
+    -h|--help) usage; exit 0 ;;
+    *) echo "local-cluster.sh: unknown argument $1" >&2; usage >&2; exit 2 ;;
+  esac
+done
+[ -n "$plan" ] || { echo "local-cluster.sh: --plan is required" >&2; usage >&2; exit 2; }
+[ -f "$plan" ] || { echo "local-cluster.sh: plan file $plan not found" >&2; exit 2; }
+case "$workers" in ''|*[!0-9]*|0) echo "local-cluster.sh: --workers must be a positive number" >&2; exit 2 ;; esac
+
+eval "$("$ROOT/scripts/setup.sh" --print-env)"
+echo "[local-cluster] building (quick when already built)" >&2
+(cd "$ROOT" && cargo build --release --bins --quiet)
+BIN="$CARGO_TARGET_DIR/release"
+
+if [ -z "$state_dir" ]; then
+  state_dir="$ROOT/runs/$(basename "$plan" .toml)-$(date +%Y%m%d-%H%M%S)"
+fi
+mkdir -p "$state_dir/logs"
+rm -f "$state_dir/coordinator.addr"
+
+pids=()
+cleanup() {
+  trap - EXIT INT TERM
+  for pid in "${pids[@]}"; do kill "$pid" 2>/dev/null || true; done
+  for pid in "${pids[@]}"; do wait "$pid" 2>/dev/null || true; done
+}
+trap cleanup EXIT
+trap 'echo "[local-cluster] interrupted, stopping every process" >&2; exit 130' INT TERM
+
+started=$(date +%s)
+"$BIN/coordinator" --plan "$plan" --listen "$listen" --state-dir "$state_dir" \
+  >"$state_dir/logs/coordinator.log" 2>&1 &
+coordinator_pid=$!
+pids+=("$coordinator_pid")
+
+for _ in $(seq 1 300); do
+  [ -s "$state_dir/coordinator.addr" ] && break
+  if ! kill -0 "$coordinator_pid" 2>/dev/null; then
+    echo "[local-cluster] the coordinator stopped:" >&2
+    cat "$state_dir/logs/coordinator.log" >&2
+    exit 1
+  fi
+  sleep 0.1
+done
+[ -s "$state_dir/coordinator.addr" ] || { echo "[local-cluster] the coordinator did not start" >&2; exit 1; }
+address="$(cat "$state_dir/coordinator.addr")"
+echo "[local-cluster] coordinator at $address, run directory $state_dir" >&2
+
+worker_pids=()
+for i in $(seq 1 "$workers"); do
+  "$BIN/worker" --coordinator "$address" --device "$device" --threads "$threads" \
+    >"$state_dir/logs/worker-$i.log" 2>&1 &
+  worker_pids+=("$!")
+  pids+=("$!")
+done
+echo "[local-cluster] started $workers worker(s); logs in $state_dir/logs" >&2
+
+"$BIN/mentor" status --coordinator "$address" --watch --interval 5 &
+watch_pid=$!
+pids+=("$watch_pid")
+failure=""
+while kill -0 "$watch_pid" 2>/dev/null; do
+  sleep 1
+  if ! kill -0 "$coordinator_pid" 2>/dev/null; then
+    failure="the coordinator stopped unexpectedly (see $state_dir/logs/coordinator.log)"
+    break
+  fi
+  alive=0
+  for pid in "${worker_pids[@]}"; do kill -0 "$pid" 2>/dev/null && alive=$((alive + 1)); done
+  if [ "$alive" -eq 0 ] && kill -0 "$watch_pid" 2>/dev/null; then
+    sleep 2
+    kill -0 "$watch_pid" 2>/dev/null || break
+    failure="every worker stopped before the run ended (see $state_dir/logs/worker-*.log)"
+    break
+  fi
+done
+
+if [ -n "$failure" ]; then
+  echo "[local-cluster] $failure" >&2
+  tail -n 5 "$state_dir"/logs/*.log >&2 || true
+  exit 1
+fi
+
+echo
+echo "=== final status ($(( $(date +%s) - started )) s wall time) ==="
+"$BIN/mentor" status --coordinator "$address"
+"$BIN/mentor" status --coordinator "$address" --json | tee "$state_dir/status.json"
+status="$(python3 -c 'import json,sys; print(json.load(open(sys.argv[1]))["status"])' "$state_dir/status.json")"
+echo "[local-cluster] run $status; checkpoints in $state_dir/checkpoints, soft labels in $state_dir/pseudo-labels" >&2
+[ "$status" = "succeeded" ]

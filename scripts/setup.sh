@@ -1,0 +1,67 @@
+#!/usr/bin/env bash
+# Installs what the project needs, idempotently, and prints the environment to use.
+#
+#   source <(scripts/setup.sh --print-env)    # or: eval "$(scripts/setup.sh --print-env)"
+#
+# - Debian packages: protobuf-compiler (protoc), dataset-fashion-mnist (the demo data);
+# - torch 2.11.0 (the libtorch that tch 0.24 builds against) in a virtual environment under
+#   $MENTOR_HOME (default ~/.cache/mentor), with numpy and safetensors for the Python one-liner;
+# - a persistent CARGO_TARGET_DIR under $MENTOR_HOME, reused across clones;
+# - the release build, when --build is given.
+# Each step is skipped when already done. Progress goes to stderr.
+set -euo pipefail
+
+MENTOR_HOME="${MENTOR_HOME:-$HOME/.cache/mentor}"
+VENV="$MENTOR_HOME/venv"
+TORCH_VERSION="2.11.0"
+ROOT="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
+
+print_env=0
+build=0
+for arg in "$@"; do
+  case "$arg" in
+    --print-env) print_env=1 ;;
+    --build) build=1 ;;
+    -h|--help) sed -n '2,13p' "$0"; exit 0 ;;
+    *) echo "setup.sh: unknown argument $arg" >&2; exit 2 ;;
+  esac
+done
+
+say() { echo "[setup] $*" >&2; }
+
+apt_missing=()
+dpkg -s protobuf-compiler >/dev/null 2>&1 || apt_missing+=(protobuf-compiler)
+dpkg -s dataset-fashion-mnist >/dev/null 2>&1 || apt_missing+=(dataset-fashion-mnist)
+if [ ${#apt_missing[@]} -gt 0 ]; then
+  say "installing Debian packages: ${apt_missing[*]}"
+  sudo_cmd=""
+  [ "$(id -u)" -ne 0 ] && sudo_cmd="sudo"
+  $sudo_cmd apt-get update -qq >&2 || say "apt-get update failed, trying the install anyway"
+  DEBIAN_FRONTEND=noninteractive $sudo_cmd apt-get install -y -qq "${apt_missing[@]}" >&2
+fi
+
+if ! "$VENV/bin/python" -c "import torch, numpy, safetensors, sys; sys.exit(0 if torch.__version__.startswith('$TORCH_VERSION') else 1)" >/dev/null 2>&1; then
+  say "installing torch==$TORCH_VERSION into $VENV (a few GB, a few minutes the first time)"
+  mkdir -p "$MENTOR_HOME"
+  [ -x "$VENV/bin/python" ] || python3 -m venv "$VENV"
+  "$VENV/bin/pip" install -q --disable-pip-version-check "torch==$TORCH_VERSION" numpy safetensors >&2
+fi
+
+TORCH_LIB="$("$VENV/bin/python" -c 'import os, torch; print(os.path.join(os.path.dirname(torch.__file__), "lib"))')"
+export PATH="$VENV/bin:$PATH"
+export LIBTORCH_USE_PYTORCH=1
+export LD_LIBRARY_PATH="$TORCH_LIB${LD_LIBRARY_PATH:+:$LD_LIBRARY_PATH}"
+export CARGO_TARGET_DIR="${CARGO_TARGET_DIR:-$MENTOR_HOME/target}"
+
+if [ "$build" -eq 1 ]; then
+  say "building (release) into $CARGO_TARGET_DIR"
+  (cd "$ROOT" && cargo build --release --bins --quiet >&2)
+fi
+
+if [ "$print_env" -eq 1 ]; then
+  echo "export PATH=\"$PATH\""
+  echo "export LIBTORCH_USE_PYTORCH=1"
+  echo "export LD_LIBRARY_PATH=\"$LD_LIBRARY_PATH\""
+  echo "export CARGO_TARGET_DIR=\"$CARGO_TARGET_DIR\""
+  echo "export MENTOR_BIN=\"$CARGO_TARGET_DIR/release\""
+fi
