@@ -21,29 +21,45 @@ fn start_coordinator(plan: &Path, state_dir: &Path) -> (Process, String) {
         ],
         state_dir.with_extension("coordinator.log"),
     );
-    let address = wait_for("the coordinator's address file", Duration::from_secs(60), || {
-        assert!(coordinator.is_running(), "coordinator exited:\n{}", coordinator.log_text());
-        std::fs::read_to_string(state_dir.join("coordinator.addr"))
-            .ok()
-            .map(|text| text.trim().to_string())
-            .filter(|text| !text.is_empty())
-    });
+    let address = wait_for(
+        "the coordinator's address file",
+        Duration::from_secs(60),
+        || {
+            assert!(
+                coordinator.is_running(),
+                "coordinator exited:\n{}",
+                coordinator.log_text()
+            );
+            std::fs::read_to_string(state_dir.join("coordinator.addr"))
+                .ok()
+                .map(|text| text.trim().to_string())
+                .filter(|text| !text.is_empty())
+        },
+    );
     (coordinator, address)
 }
 
 fn start_worker(address: &str, log: std::path::PathBuf) -> Process {
     Process::start(
         &binary("worker"),
-        &["--coordinator", address, "--device", "cpu", "--threads", "1"],
+        &[
+            "--coordinator",
+            address,
+            "--device",
+            "cpu",
+            "--threads",
+            "1",
+        ],
         log,
     )
 }
 
 fn status(runtime: &tokio::runtime::Runtime, address: &str) -> pb::RunStatus {
     runtime.block_on(async {
-        let mut client = pb::status_service_client::StatusServiceClient::connect(address.to_string())
-            .await
-            .expect("connect to the status service");
+        let mut client =
+            pb::status_service_client::StatusServiceClient::connect(address.to_string())
+                .await
+                .expect("connect to the status service");
         client
             .get_status(pb::GetStatusRequest {})
             .await
@@ -66,21 +82,35 @@ fn tiny_plan_runs_two_rounds_on_two_worker_processes() {
 
     let mut seen_workers_busy = 0;
     let final_status = wait_for("the run to finish", Duration::from_secs(600), || {
-        assert!(coordinator.is_running(), "coordinator exited:\n{}", coordinator.log_text());
+        assert!(
+            coordinator.is_running(),
+            "coordinator exited:\n{}",
+            coordinator.log_text()
+        );
         let current = status(&runtime, &address);
-        seen_workers_busy = seen_workers_busy.max(current.workers.iter().filter(|w| !w.task_id.is_empty()).count());
+        seen_workers_busy = seen_workers_busy.max(
+            current
+                .workers
+                .iter()
+                .filter(|w| !w.task_id.is_empty())
+                .count(),
+        );
         (current.status != "running").then_some(current)
     });
     let logs: String = workers.iter().map(|w| w.log_text()).collect();
     assert_eq!(
-        final_status.status, "succeeded",
+        final_status.status,
+        "succeeded",
         "run failed: {}\ncoordinator log:\n{}\nworker logs:\n{logs}",
         final_status.error,
         coordinator.log_text()
     );
     assert_eq!(final_status.method, "noisy-student");
     assert_eq!(final_status.workers.len(), 2);
-    assert_eq!(seen_workers_busy, 2, "labeling tasks were never spread over both workers");
+    assert_eq!(
+        seen_workers_busy, 2,
+        "labeling tasks were never spread over both workers"
+    );
 
     // Both rounds measured, pseudo labels counted.
     assert_eq!(final_status.rounds.len(), 2);
@@ -96,11 +126,16 @@ fn tiny_plan_runs_two_rounds_on_two_worker_processes() {
     // A trained teacher beats chance (10 classes) on real images.
     assert!(final_status.rounds[0].teacher_test_accuracy.unwrap_or(0.0) > 0.3);
     // The teacher of round 2 is the student of round 1.
-    assert_eq!(final_status.rounds[1].teacher_test_accuracy, final_status.rounds[0].student_test_accuracy);
+    assert_eq!(
+        final_status.rounds[1].teacher_test_accuracy,
+        final_status.rounds[0].student_test_accuracy
+    );
 
     // Workers exit by themselves once the run is over.
     for worker in &mut workers {
-        wait_for("a worker to exit", Duration::from_secs(30), || (!worker.is_running()).then_some(()));
+        wait_for("a worker to exit", Duration::from_secs(30), || {
+            (!worker.is_running()).then_some(())
+        });
     }
 
     // Shards and manifests are complete and valid; no temporary file is left behind.
@@ -118,19 +153,33 @@ fn tiny_plan_runs_two_rounds_on_two_worker_processes() {
         for shard in &shards {
             assert_eq!(shard.top_k, 3);
             for row in 0..shard.len() {
-                let probs: Vec<f32> = shard.probs[row * 3..row * 3 + 3].iter().map(|p| p.to_f32()).collect();
-                assert!(probs.windows(2).all(|w| w[0] >= w[1]), "top-k not sorted: {probs:?}");
+                let probs: Vec<f32> = shard.probs[row * 3..row * 3 + 3]
+                    .iter()
+                    .map(|p| p.to_f32())
+                    .collect();
+                assert!(
+                    probs.windows(2).all(|w| w[0] >= w[1]),
+                    "top-k not sorted: {probs:?}"
+                );
                 assert!(probs.iter().sum::<f32>() <= 1.01);
             }
         }
-        let entries: Vec<String> = std::fs::read_dir(state_dir.join(format!("pseudo-labels/round-{round}")))
-            .expect("round dir")
-            .map(|e| e.expect("entry").file_name().to_string_lossy().into_owned())
-            .collect();
-        assert!(entries.iter().all(|name| !name.starts_with('.')), "temporary files left: {entries:?}");
-        assert!(state_dir.join(format!("checkpoints/round-{round}-student.safetensors")).exists());
+        let entries: Vec<String> =
+            std::fs::read_dir(state_dir.join(format!("pseudo-labels/round-{round}")))
+                .expect("round dir")
+                .map(|e| e.expect("entry").file_name().to_string_lossy().into_owned())
+                .collect();
+        assert!(
+            entries.iter().all(|name| !name.starts_with('.')),
+            "temporary files left: {entries:?}"
+        );
+        assert!(state_dir
+            .join(format!("checkpoints/round-{round}-student.safetensors"))
+            .exists());
     }
-    assert!(state_dir.join("checkpoints/round-1-teacher.safetensors").exists());
+    assert!(state_dir
+        .join("checkpoints/round-1-teacher.safetensors")
+        .exists());
     assert!(store.exists("round-2/manifest.json").expect("exists"));
 
     // The format opens in one line of Python, as the README shows.
@@ -145,19 +194,33 @@ fn tiny_plan_runs_two_rounds_on_two_worker_processes() {
         ])
         .output()
         .expect("run python (scripts/test.sh puts the project's venv first on PATH)");
-    assert!(output.status.success(), "python failed: {}", String::from_utf8_lossy(&output.stderr));
-    assert_eq!(String::from_utf8_lossy(&output.stdout).trim(), "400 float16 3");
+    assert!(
+        output.status.success(),
+        "python failed: {}",
+        String::from_utf8_lossy(&output.stderr)
+    );
+    assert_eq!(
+        String::from_utf8_lossy(&output.stdout).trim(),
+        "400 float16 3"
+    );
 }
 
 #[test]
 fn bad_plan_is_refused_before_anything_starts() {
     let dir = tempfile::tempdir().expect("tempdir");
-    let tiny = std::fs::read_to_string(workspace_root().join("deploy/plans/tiny.toml")).expect("tiny plan");
+    let tiny = std::fs::read_to_string(workspace_root().join("deploy/plans/tiny.toml"))
+        .expect("tiny plan");
     let plan = dir.path().join("bad.toml");
     std::fs::write(&plan, tiny.replacen("top_k = 3", "top_k = 0", 1)).expect("write plan");
     let state_dir = dir.path().join("run");
     let output = std::process::Command::new(binary("coordinator"))
-        .args(["--plan", plan.to_str().expect("utf-8"), "--listen", "127.0.0.1:0", "--state-dir"])
+        .args([
+            "--plan",
+            plan.to_str().expect("utf-8"),
+            "--listen",
+            "127.0.0.1:0",
+            "--state-dir",
+        ])
         .arg(&state_dir)
         .output()
         .expect("run coordinator");
@@ -167,7 +230,10 @@ fn bad_plan_is_refused_before_anything_starts() {
         stderr.contains("pseudo_labels.top_k: must be between 1 and data.classes (10)"),
         "{stderr}"
     );
-    assert!(!state_dir.exists(), "a refused plan must not create its run directory");
+    assert!(
+        !state_dir.exists(),
+        "a refused plan must not create its run directory"
+    );
 }
 
 #[test]
@@ -177,5 +243,6 @@ fn status_command_reports_an_unreachable_coordinator() {
         .output()
         .expect("run mentor");
     assert_eq!(output.status.code(), Some(2));
-    assert!(String::from_utf8_lossy(&output.stderr).contains("cannot reach the coordinator at http://127.0.0.1:9"));
+    assert!(String::from_utf8_lossy(&output.stderr)
+        .contains("cannot reach the coordinator at http://127.0.0.1:9"));
 }

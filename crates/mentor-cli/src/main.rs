@@ -90,7 +90,9 @@ fn status_json(status: &pb::RunStatus) -> Value {
 }
 
 fn percent(value: Option<f64>) -> String {
-    value.map(|v| format!("{:.2}%", v * 100.0)).unwrap_or_else(|| "-".into())
+    value
+        .map(|v| format!("{:.2}%", v * 100.0))
+        .unwrap_or_else(|| "-".into())
 }
 
 fn status_text(status: &pb::RunStatus) -> String {
@@ -111,9 +113,19 @@ fn status_text(status: &pb::RunStatus) -> String {
     if !status.error.is_empty() {
         out.push_str(&format!("error: {}\n", status.error));
     }
-    let loss = if status.latest_loss.is_finite() { format!("{:.4}", status.latest_loss) } else { "-".into() };
-    let accuracy = status.latest_accuracy.is_finite().then_some(status.latest_accuracy);
-    out.push_str(&format!("latest loss {loss}  latest test accuracy {}\n", percent(accuracy)));
+    let loss = if status.latest_loss.is_finite() {
+        format!("{:.4}", status.latest_loss)
+    } else {
+        "-".into()
+    };
+    let accuracy = status
+        .latest_accuracy
+        .is_finite()
+        .then_some(status.latest_accuracy);
+    out.push_str(&format!(
+        "latest loss {loss}  latest test accuracy {}\n",
+        percent(accuracy)
+    ));
     out.push_str("round  teacher acc  student acc  shards  examples  kept\n");
     for round in &status.rounds {
         out.push_str(&format!(
@@ -144,12 +156,20 @@ fn status_text(status: &pb::RunStatus) -> String {
             task
         };
         let alive = if worker.alive { "" } else { " (lost)" };
-        out.push_str(&format!("worker {} {}{}: {}\n", worker.worker_id, worker.device, alive, task));
+        out.push_str(&format!(
+            "worker {} {}{}: {}\n",
+            worker.worker_id, worker.device, alive, task
+        ));
     }
     out
 }
 
-async fn status(coordinator: String, as_json: bool, watch: bool, interval: f64) -> anyhow::Result<i32> {
+async fn status(
+    coordinator: String,
+    as_json: bool,
+    watch: bool,
+    interval: f64,
+) -> anyhow::Result<i32> {
     let mut client = match StatusServiceClient::connect(coordinator.clone()).await {
         Ok(client) => client,
         Err(error) => {
@@ -166,7 +186,11 @@ async fn status(coordinator: String, as_json: bool, watch: bool, interval: f64) 
             .into_inner();
         let (text, comparable) = if as_json {
             let mut value = status_json(&status);
-            let text = if watch { serde_json::to_string(&value)? } else { serde_json::to_string_pretty(&value)? };
+            let text = if watch {
+                serde_json::to_string(&value)?
+            } else {
+                serde_json::to_string_pretty(&value)?
+            };
             if let Some(object) = value.as_object_mut() {
                 object.remove("elapsed_seconds");
             }
@@ -207,7 +231,12 @@ fn text_without_clock(text: &str) -> String {
 async fn main() {
     let cli = Cli::parse();
     let code = match cli.command {
-        Command::Status { coordinator, json, watch, interval } => status(coordinator, json, watch, interval).await,
+        Command::Status {
+            coordinator,
+            json,
+            watch,
+            interval,
+        } => status(coordinator, json, watch, interval).await,
     };
     match code {
         Ok(code) => std::process::exit(code),

@@ -168,7 +168,9 @@ impl Coordinator {
             },
         );
         let alive = self.workers.values().filter(|w| w.alive).count() as u32;
-        if alive >= self.plan.workers.min_workers && self.state.phase == state::Phase::WaitingForWorkers {
+        if alive >= self.plan.workers.min_workers
+            && self.state.phase == state::Phase::WaitingForWorkers
+        {
             tracing::info!(run = %self.state.run_id, workers = alive, "enough workers registered, starting the run");
             self.state.start();
             self.persist_or_log();
@@ -176,7 +178,11 @@ impl Coordinator {
         id
     }
 
-    fn worker_mut(&mut self, id: &WorkerId, now: Instant) -> Result<&mut WorkerEntry, CoordinatorError> {
+    fn worker_mut(
+        &mut self,
+        id: &WorkerId,
+        now: Instant,
+    ) -> Result<&mut WorkerEntry, CoordinatorError> {
         match self.workers.get_mut(id) {
             Some(worker) if worker.alive => {
                 worker.last_seen = now;
@@ -208,7 +214,12 @@ impl Coordinator {
         }
     }
 
-    pub fn progress(&mut self, id: &WorkerId, progress: Progress, now: Instant) -> Result<(), CoordinatorError> {
+    pub fn progress(
+        &mut self,
+        id: &WorkerId,
+        progress: Progress,
+        now: Instant,
+    ) -> Result<(), CoordinatorError> {
         if let Some(loss) = progress.loss {
             self.latest_loss = Some(loss);
         }
@@ -272,7 +283,11 @@ impl Coordinator {
     }
 
     /// Applies the global filter's result.
-    pub fn filter_finished(&mut self, round: u32, result: Result<(u64, PathBuf), String>) -> Vec<Effect> {
+    pub fn filter_finished(
+        &mut self,
+        round: u32,
+        result: Result<(u64, PathBuf), String>,
+    ) -> Vec<Effect> {
         let effects = match result {
             Ok((kept, selection)) => {
                 tracing::info!(run = %self.state.run_id, round, kept, "filter and balance done");
@@ -280,7 +295,9 @@ impl Coordinator {
             }
             Err(message) => {
                 tracing::error!(run = %self.state.run_id, round, error = %message, "filter and balance failed");
-                self.state.filter_failed(format!("round {round}: filter and balance failed: {message}"))
+                self.state.filter_failed(format!(
+                    "round {round}: filter and balance failed: {message}"
+                ))
             }
         };
         self.log_effects(&effects);

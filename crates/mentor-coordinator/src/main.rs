@@ -46,13 +46,14 @@ async fn shutdown_signal() {
     let ctrl_c = tokio::signal::ctrl_c();
     #[cfg(unix)]
     {
-        let mut terminate = match tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()) {
-            Ok(signal) => signal,
-            Err(_) => {
-                let _ = ctrl_c.await;
-                return;
-            }
-        };
+        let mut terminate =
+            match tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()) {
+                Ok(signal) => signal,
+                Err(_) => {
+                    let _ = ctrl_c.await;
+                    return;
+                }
+            };
         tokio::select! {
             _ = ctrl_c => {}
             _ = terminate.recv() => {}
@@ -69,7 +70,8 @@ async fn shutdown_signal() {
 async fn main() -> anyhow::Result<()> {
     let args = Args::parse();
     init_tracing(&args.log_format);
-    let plan = Plan::load(&args.plan).with_context(|| format!("invalid plan `{}`", args.plan.display()))?;
+    let plan = Plan::load(&args.plan)
+        .with_context(|| format!("invalid plan `{}`", args.plan.display()))?;
     let state_dir = args
         .state_dir
         .clone()
@@ -81,8 +83,16 @@ async fn main() -> anyhow::Result<()> {
         .await
         .with_context(|| format!("failed to listen on {}", args.listen))?;
     let address = service::local_addr(&listener)?;
-    std::fs::write(run_dir.join("coordinator.addr"), format!("http://{address}\n"))
-        .with_context(|| format!("failed to write `{}`", run_dir.join("coordinator.addr").display()))?;
+    std::fs::write(
+        run_dir.join("coordinator.addr"),
+        format!("http://{address}\n"),
+    )
+    .with_context(|| {
+        format!(
+            "failed to write `{}`",
+            run_dir.join("coordinator.addr").display()
+        )
+    })?;
     tracing::info!(
         run = %coordinator.state.run_id,
         %address,

@@ -13,14 +13,18 @@ use pb::status_service_server::{StatusService, StatusServiceServer};
 use pb::worker_service_server::{WorkerService, WorkerServiceServer};
 use tonic::{Request, Response, Status};
 
-use crate::state::{Effect, ModelRef, ShardRecord, TaskId, TaskOutcome, TaskRecord, TaskSpec, WorkerId};
+use crate::state::{
+    Effect, ModelRef, ShardRecord, TaskId, TaskOutcome, TaskRecord, TaskSpec, WorkerId,
+};
 use crate::{Coordinator, CoordinatorError, Progress, TaskReply, HEARTBEAT_INTERVAL};
 
 /// The coordinator shared by both services and the background loops.
 pub type Shared = Arc<Mutex<Coordinator>>;
 
 fn lock(shared: &Shared) -> MutexGuard<'_, Coordinator> {
-    shared.lock().unwrap_or_else(|poisoned| poisoned.into_inner())
+    shared
+        .lock()
+        .unwrap_or_else(|poisoned| poisoned.into_inner())
 }
 
 /// The one place where coordinator errors become gRPC status codes.
@@ -42,12 +46,21 @@ fn role_to_proto(role: Role) -> i32 {
 fn task_to_proto(task: &TaskRecord, storage: &str) -> pb::Task {
     let path = |p: &std::path::Path| p.display().to_string();
     let kind = match &task.spec {
-        TaskSpec::Train { role, output, selection } => pb::task::Kind::Train(pb::TrainTask {
+        TaskSpec::Train {
+            role,
+            output,
+            selection,
+        } => pb::task::Kind::Train(pb::TrainTask {
             role: role_to_proto(*role),
             output_checkpoint: path(output),
             selection_path: selection.as_deref().map(path).unwrap_or_default(),
         }),
-        TaskSpec::Label { teacher, shard_index, start, end } => pb::task::Kind::Label(pb::LabelTask {
+        TaskSpec::Label {
+            teacher,
+            shard_index,
+            start,
+            end,
+        } => pb::task::Kind::Label(pb::LabelTask {
             teacher_checkpoint: path(&teacher.checkpoint),
             teacher_role: role_to_proto(teacher.role),
             teacher_round: teacher.model_round,
@@ -56,13 +69,18 @@ fn task_to_proto(task: &TaskRecord, storage: &str) -> pb::Task {
             end: *end,
             storage: storage.to_string(),
         }),
-        TaskSpec::Evaluate { model: ModelRef { checkpoint, role, model_round } } => {
-            pb::task::Kind::Evaluate(pb::EvaluateTask {
-                checkpoint: path(checkpoint),
-                role: role_to_proto(*role),
-                model_round: *model_round,
-            })
-        }
+        TaskSpec::Evaluate {
+            model:
+                ModelRef {
+                    checkpoint,
+                    role,
+                    model_round,
+                },
+        } => pb::task::Kind::Evaluate(pb::EvaluateTask {
+            checkpoint: path(checkpoint),
+            role: role_to_proto(*role),
+            model_round: *model_round,
+        }),
     };
     pb::Task {
         task_id: task.id.0.clone(),
@@ -71,7 +89,9 @@ fn task_to_proto(task: &TaskRecord, storage: &str) -> pb::Task {
     }
 }
 
-fn outcome_from_proto(outcome: Option<pb::task_result::Outcome>) -> Result<TaskOutcome, CoordinatorError> {
+fn outcome_from_proto(
+    outcome: Option<pb::task_result::Outcome>,
+) -> Result<TaskOutcome, CoordinatorError> {
     use pb::task_result::Outcome;
     match outcome {
         Some(Outcome::Train(train)) => Ok(TaskOutcome::Trained {
@@ -90,7 +110,9 @@ fn outcome_from_proto(outcome: Option<pb::task_result::Outcome>) -> Result<TaskO
             loss: eval.loss,
         }),
         Some(Outcome::Error(error)) => Ok(TaskOutcome::Failed(error)),
-        None => Err(CoordinatorError::InvalidRequest("task result has no outcome".into())),
+        None => Err(CoordinatorError::InvalidRequest(
+            "task result has no outcome".into(),
+        )),
     }
 }
 
@@ -112,8 +134,9 @@ fn spawn_effects(shared: &Shared, effects: Vec<Effect>) {
                         coordinator.store.clone(),
                     )
                 };
-                let result = crate::filter::filter_round(&plan, &record, store.as_ref(), &selection)
-                    .map(|kept| (kept, selection));
+                let result =
+                    crate::filter::filter_round(&plan, &record, store.as_ref(), &selection)
+                        .map(|kept| (kept, selection));
                 let more = lock(&shared).filter_finished(round, result);
                 spawn_effects(&shared, more);
             });
@@ -145,7 +168,10 @@ pub struct WorkerApi {
 
 #[tonic::async_trait]
 impl WorkerService for WorkerApi {
-    async fn register(&self, request: Request<pb::RegisterRequest>) -> Result<Response<pb::RegisterResponse>, Status> {
+    async fn register(
+        &self,
+        request: Request<pb::RegisterRequest>,
+    ) -> Result<Response<pb::RegisterResponse>, Status> {
         let request = request.into_inner();
         if request.device.is_empty() {
             return Err(Status::invalid_argument("device must not be empty"));
@@ -161,25 +187,41 @@ impl WorkerService for WorkerApi {
         }))
     }
 
-    async fn heartbeat(&self, request: Request<pb::HeartbeatRequest>) -> Result<Response<pb::HeartbeatResponse>, Status> {
+    async fn heartbeat(
+        &self,
+        request: Request<pb::HeartbeatRequest>,
+    ) -> Result<Response<pb::HeartbeatResponse>, Status> {
         let id = WorkerId(request.into_inner().worker_id);
         let known = lock(&self.shared).heartbeat(&id, Instant::now());
         Ok(Response::new(pb::HeartbeatResponse { known }))
     }
 
-    async fn get_task(&self, request: Request<pb::GetTaskRequest>) -> Result<Response<pb::GetTaskResponse>, Status> {
+    async fn get_task(
+        &self,
+        request: Request<pb::GetTaskRequest>,
+    ) -> Result<Response<pb::GetTaskResponse>, Status> {
         let id = WorkerId(request.into_inner().worker_id);
         let mut coordinator = lock(&self.shared);
-        let reply = coordinator.get_task(&id, Instant::now()).map_err(to_status)?;
+        let reply = coordinator
+            .get_task(&id, Instant::now())
+            .map_err(to_status)?;
         let reply = match reply {
-            TaskReply::Task(task) => pb::get_task_response::Reply::Task(task_to_proto(&task, &coordinator.storage_root())),
-            TaskReply::RetryAfter(wait) => pb::get_task_response::Reply::RetryAfterMs(wait.as_millis() as u64),
+            TaskReply::Task(task) => pb::get_task_response::Reply::Task(task_to_proto(
+                &task,
+                &coordinator.storage_root(),
+            )),
+            TaskReply::RetryAfter(wait) => {
+                pb::get_task_response::Reply::RetryAfterMs(wait.as_millis() as u64)
+            }
             TaskReply::Shutdown => pb::get_task_response::Reply::Shutdown(true),
         };
         Ok(Response::new(pb::GetTaskResponse { reply: Some(reply) }))
     }
 
-    async fn report_progress(&self, request: Request<pb::ProgressReport>) -> Result<Response<pb::Ack>, Status> {
+    async fn report_progress(
+        &self,
+        request: Request<pb::ProgressReport>,
+    ) -> Result<Response<pb::Ack>, Status> {
         let report = request.into_inner();
         let progress = Progress {
             step: report.step,
@@ -194,7 +236,10 @@ impl WorkerService for WorkerApi {
         Ok(Response::new(pb::Ack {}))
     }
 
-    async fn complete_task(&self, request: Request<pb::TaskResult>) -> Result<Response<pb::Ack>, Status> {
+    async fn complete_task(
+        &self,
+        request: Request<pb::TaskResult>,
+    ) -> Result<Response<pb::Ack>, Status> {
         let result = request.into_inner();
         let mut outcome = outcome_from_proto(result.outcome).map_err(to_status)?;
         let task_id = TaskId(result.task_id);
@@ -203,11 +248,20 @@ impl WorkerService for WorkerApi {
             if let TaskOutcome::Labeled(shard) = &mut outcome {
                 match coordinator.state.tasks.get(&task_id).map(|t| &t.spec) {
                     Some(TaskSpec::Label { shard_index, .. }) => shard.index = *shard_index,
-                    _ => return Err(Status::invalid_argument(format!("task `{task_id}` is not a labeling task"))),
+                    _ => {
+                        return Err(Status::invalid_argument(format!(
+                            "task `{task_id}` is not a labeling task"
+                        )))
+                    }
                 }
             }
             coordinator
-                .complete(&WorkerId(result.worker_id), &task_id, outcome, Instant::now())
+                .complete(
+                    &WorkerId(result.worker_id),
+                    &task_id,
+                    outcome,
+                    Instant::now(),
+                )
                 .map_err(to_status)?
         };
         spawn_effects(&self.shared, effects);
@@ -280,7 +334,10 @@ pub fn status_of(coordinator: &Coordinator) -> pb::RunStatus {
 
 #[tonic::async_trait]
 impl StatusService for StatusApi {
-    async fn get_status(&self, _request: Request<pb::GetStatusRequest>) -> Result<Response<pb::RunStatus>, Status> {
+    async fn get_status(
+        &self,
+        _request: Request<pb::GetStatusRequest>,
+    ) -> Result<Response<pb::RunStatus>, Status> {
         Ok(Response::new(status_of(&lock(&self.shared))))
     }
 }
@@ -303,9 +360,14 @@ pub async fn serve(
     };
     resume_effects(&shared);
     let result = tonic::transport::Server::builder()
-        .add_service(WorkerServiceServer::new(WorkerApi { shared: shared.clone() }))
+        .add_service(WorkerServiceServer::new(WorkerApi {
+            shared: shared.clone(),
+        }))
         .add_service(StatusServiceServer::new(StatusApi { shared }))
-        .serve_with_incoming_shutdown(tokio_stream::wrappers::TcpListenerStream::new(listener), shutdown)
+        .serve_with_incoming_shutdown(
+            tokio_stream::wrappers::TcpListenerStream::new(listener),
+            shutdown,
+        )
         .await;
     reaper.abort();
     result

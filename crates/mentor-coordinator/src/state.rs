@@ -149,9 +149,15 @@ pub struct ShardRecord {
 /// What a finished task reports.
 #[derive(Debug, Clone, PartialEq)]
 pub enum TaskOutcome {
-    Trained { checkpoint: PathBuf, final_loss: f64 },
+    Trained {
+        checkpoint: PathBuf,
+        final_loss: f64,
+    },
     Labeled(ShardRecord),
-    Evaluated { accuracy: f64, loss: f64 },
+    Evaluated {
+        accuracy: f64,
+        loss: f64,
+    },
     Failed(String),
 }
 
@@ -307,7 +313,11 @@ impl RunState {
     pub fn worker_lost(&mut self, worker: &WorkerId) -> Vec<TaskId> {
         let mut requeued = Vec::new();
         for task in self.tasks.values_mut() {
-            if task.state == (TaskState::Running { worker: worker.clone() }) {
+            if task.state
+                == (TaskState::Running {
+                    worker: worker.clone(),
+                })
+            {
                 task.state = TaskState::Pending;
                 task.last_error = Some(format!("worker {worker} was lost"));
                 requeued.push(task.id.clone());
@@ -327,11 +337,20 @@ impl RunState {
     }
 
     /// Records the outcome of a task and advances the run when its phase is complete.
-    pub fn complete(&mut self, task_id: &TaskId, worker: &WorkerId, outcome: TaskOutcome) -> Vec<Effect> {
+    pub fn complete(
+        &mut self,
+        task_id: &TaskId,
+        worker: &WorkerId,
+        outcome: TaskOutcome,
+    ) -> Vec<Effect> {
         let Some(task) = self.tasks.get_mut(task_id) else {
             return Vec::new();
         };
-        if task.state != (TaskState::Running { worker: worker.clone() }) {
+        if task.state
+            != (TaskState::Running {
+                worker: worker.clone(),
+            })
+        {
             // A late result from a worker whose task was reassigned: ignore it.
             return Vec::new();
         }

@@ -111,13 +111,21 @@ fn parse_idx(path: &Path, bytes: Vec<u8>, rank: usize) -> Result<(Vec<u8>, Vec<u
     };
     let header_len = 4 + 4 * rank;
     if bytes.len() < header_len {
-        return Err(format_error(format!("{} bytes, shorter than its header", bytes.len())));
+        return Err(format_error(format!(
+            "{} bytes, shorter than its header",
+            bytes.len()
+        )));
     }
     if bytes[0] != 0 || bytes[1] != 0 || bytes[2] != 0x08 {
-        return Err(format_error("magic number is not an unsigned-byte IDX file".into()));
+        return Err(format_error(
+            "magic number is not an unsigned-byte IDX file".into(),
+        ));
     }
     if bytes[3] as usize != rank {
-        return Err(format_error(format!("{} dimensions, expected {rank}", bytes[3])));
+        return Err(format_error(format!(
+            "{} dimensions, expected {rank}",
+            bytes[3]
+        )));
     }
     let dims: Vec<usize> = (0..rank)
         .map(|i| {
@@ -232,10 +240,17 @@ mod tests {
         let plan = data_plan(5, 0);
         let split = Split::new(&labels, 100, &plan, 7).expect("split");
         assert_eq!(split, Split::new(&labels, 100, &plan, 7).expect("split"));
-        assert_ne!(split.labeled, Split::new(&labels, 100, &plan, 8).expect("split").labeled);
+        assert_ne!(
+            split.labeled,
+            Split::new(&labels, 100, &plan, 8).expect("split").labeled
+        );
         assert_eq!(split.labeled.len(), 15);
         for class in 0..3u8 {
-            let count = split.labeled.iter().filter(|&&p| labels[p as usize] == class).count();
+            let count = split
+                .labeled
+                .iter()
+                .filter(|&&p| labels[p as usize] == class)
+                .count();
             assert_eq!(count, 5);
         }
         assert_eq!(split.unlabeled.len(), 285);
@@ -274,7 +289,10 @@ mod tests {
         assert_eq!(data, (0..12u8).collect::<Vec<_>>());
         std::fs::write(&path, &bytes[..20]).expect("write");
         let error = read_idx(&path, 3).expect_err("truncated");
-        assert!(error.to_string().contains("need 12 bytes of data, found 4"), "{error}");
+        assert!(
+            error.to_string().contains("need 12 bytes of data, found 4"),
+            "{error}"
+        );
         let missing = read_idx(&dir.path().join("nothing"), 1).expect_err("missing");
         assert!(matches!(missing, DataError::Missing { .. }));
     }

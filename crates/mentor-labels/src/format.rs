@@ -81,7 +81,8 @@ impl SoftLabels {
         self.example_ids.push(other.example_ids[row]);
         self.class_ids
             .extend_from_slice(&other.class_ids[at..at + other.top_k]);
-        self.probs.extend_from_slice(&other.probs[at..at + other.top_k]);
+        self.probs
+            .extend_from_slice(&other.probs[at..at + other.top_k]);
     }
 }
 
@@ -121,8 +122,14 @@ pub fn encode_shard(header: &ShardHeader, labels: &SoftLabels) -> Result<Vec<u8>
     .collect();
     let tensors = vec![
         ("example_id", tensor_view(Dtype::I64, vec![rows], &ids)?),
-        ("class_ids", tensor_view(Dtype::U16, vec![rows, labels.top_k], &classes)?),
-        ("probs", tensor_view(Dtype::F16, vec![rows, labels.top_k], &probs)?),
+        (
+            "class_ids",
+            tensor_view(Dtype::U16, vec![rows, labels.top_k], &classes)?,
+        ),
+        (
+            "probs",
+            tensor_view(Dtype::F16, vec![rows, labels.top_k], &probs)?,
+        ),
     ];
     safetensors::tensor::serialize(tensors, &Some(metadata))
         .map_err(|error| LabelError::Invalid(error.to_string()))
@@ -171,7 +178,10 @@ pub fn decode_shard(key: &str, bytes: &[u8]) -> Result<(ShardHeader, SoftLabels)
             .tensor(name)
             .map_err(|_| corrupt(format!("tensor `{name}` is missing")))?;
         if view.dtype() != dtype {
-            return Err(corrupt(format!("tensor `{name}` has dtype {:?}", view.dtype())));
+            return Err(corrupt(format!(
+                "tensor `{name}` has dtype {:?}",
+                view.dtype()
+            )));
         }
         Ok(view)
     };

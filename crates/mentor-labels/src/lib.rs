@@ -22,10 +22,7 @@ use sha2::Digest;
 #[derive(Debug, thiserror::Error)]
 pub enum LabelError {
     #[error("storage error on `{key}`: {source}")]
-    Io {
-        key: String,
-        source: std::io::Error,
-    },
+    Io { key: String, source: std::io::Error },
     #[error("`{key}` not found in the soft-label store")]
     NotFound { key: String },
     #[error("shard `{key}` is corrupt: {reason}")]
@@ -177,15 +174,23 @@ mod tests {
         let last = bytes.len() - 1;
         bytes[last] ^= 0x40;
         let error = decode_shard("round-2/shard-00000.safetensors", &bytes).expect_err("corrupt");
-        assert!(matches!(error, LabelError::ChecksumMismatch { .. }), "{error}");
-        assert!(error.to_string().starts_with("shard `round-2/shard-00000.safetensors` fails its checksum"));
+        assert!(
+            matches!(error, LabelError::ChecksumMismatch { .. }),
+            "{error}"
+        );
+        assert!(error
+            .to_string()
+            .starts_with("shard `round-2/shard-00000.safetensors` fails its checksum"));
     }
 
     #[test]
     fn truncated_shard_is_reported_with_its_key() {
         let bytes = encode_shard(&header(), &labels()).expect("encode");
         let error = decode_shard("s", &bytes[..bytes.len() - 5]).expect_err("truncated");
-        assert!(error.to_string().starts_with("shard `s` is corrupt"), "{error}");
+        assert!(
+            error.to_string().starts_with("shard `s` is corrupt"),
+            "{error}"
+        );
     }
 
     #[test]
@@ -212,15 +217,28 @@ mod tests {
             .into_iter()
             .map(|w| w.join().expect("thread"))
             .collect();
-        assert_eq!(outcomes.iter().filter(|&&o| o == PutOutcome::Created).count(), 1);
+        assert_eq!(
+            outcomes
+                .iter()
+                .filter(|&&o| o == PutOutcome::Created)
+                .count(),
+            1
+        );
         let content = store.get("round-1/shard-00000.safetensors").expect("get");
         assert_eq!(content.len(), 4096);
-        assert!(content.iter().all(|&b| b == content[0]), "content mixes writers");
+        assert!(
+            content.iter().all(|&b| b == content[0]),
+            "content mixes writers"
+        );
         let names: Vec<String> = std::fs::read_dir(dir.path().join("round-1"))
             .expect("dir")
             .map(|e| e.expect("entry").file_name().to_string_lossy().into_owned())
             .collect();
-        assert_eq!(names, vec!["shard-00000.safetensors".to_string()], "temporary files left");
+        assert_eq!(
+            names,
+            vec!["shard-00000.safetensors".to_string()],
+            "temporary files left"
+        );
     }
 
     #[test]
@@ -245,16 +263,26 @@ mod tests {
                 bytes: bytes.len() as u64,
             }],
         };
-        store.put(&manifest_key(2), &manifest.to_json()).expect("manifest");
+        store
+            .put(&manifest_key(2), &manifest.to_json())
+            .expect("manifest");
         let (read, shards) = read_round(&store, 2).expect("round");
         assert_eq!(read, manifest);
         assert_eq!(shards, vec![labels()]);
 
         manifest.shards[0].sha256 = "00".repeat(32);
-        store.put(&manifest_key(2), &manifest.to_json()).expect("manifest");
+        store
+            .put(&manifest_key(2), &manifest.to_json())
+            .expect("manifest");
         let error = read_round(&store, 2).expect_err("bad checksum");
-        assert!(matches!(error, LabelError::ChecksumMismatch { .. }), "{error}");
+        assert!(
+            matches!(error, LabelError::ChecksumMismatch { .. }),
+            "{error}"
+        );
         let missing = read_round(&store, 3).expect_err("no manifest");
-        assert_eq!(missing.to_string(), "`round-3/manifest.json` not found in the soft-label store");
+        assert_eq!(
+            missing.to_string(),
+            "`round-3/manifest.json` not found in the soft-label store"
+        );
     }
 }

@@ -99,7 +99,10 @@ mod tests {
     #[test]
     fn without_balance_only_confidence_filters() {
         let examples = [(0, 0.9), (1, 0.2), (2, 0.3), (0, 0.29)];
-        assert_eq!(filter_and_balance(&examples, &config(false, 0)), vec![1, 0, 1, 0]);
+        assert_eq!(
+            filter_and_balance(&examples, &config(false, 0)),
+            vec![1, 0, 1, 0]
+        );
     }
 
     #[test]

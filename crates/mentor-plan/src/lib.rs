@@ -433,7 +433,10 @@ impl Plan {
         if self.version != PLAN_VERSION {
             return Err(invalid(
                 "version",
-                format!("unsupported plan version {}, expected {PLAN_VERSION}", self.version),
+                format!(
+                    "unsupported plan version {}, expected {PLAN_VERSION}",
+                    self.version
+                ),
             ));
         }
         if self.name.trim().is_empty() {
@@ -524,7 +527,10 @@ impl Plan {
         }
         if let Some(storage) = &labels.storage {
             if storage.as_os_str().is_empty() {
-                return Err(invalid("pseudo_labels.storage", "must not be empty when set"));
+                return Err(invalid(
+                    "pseudo_labels.storage",
+                    "must not be empty when set",
+                ));
             }
         }
         Ok(())
@@ -565,13 +571,22 @@ fn validate_role(role: &str, plan: &RolePlan, is_student: bool) -> Result<(), Pl
         ));
     }
     if !(train.learning_rate > 0.0 && train.learning_rate.is_finite()) {
-        return Err(invalid(format!("{role}.train.learning_rate"), "must be > 0"));
+        return Err(invalid(
+            format!("{role}.train.learning_rate"),
+            "must be > 0",
+        ));
     }
     if !(0.0..1.0).contains(&train.momentum) {
-        return Err(invalid(format!("{role}.train.momentum"), "must be in [0, 1)"));
+        return Err(invalid(
+            format!("{role}.train.momentum"),
+            "must be in [0, 1)",
+        ));
     }
     if !(train.weight_decay >= 0.0 && train.weight_decay.is_finite()) {
-        return Err(invalid(format!("{role}.train.weight_decay"), "must be >= 0"));
+        return Err(invalid(
+            format!("{role}.train.weight_decay"),
+            "must be >= 0",
+        ));
     }
     if train.warmup_steps >= train.steps {
         return Err(invalid(
@@ -580,14 +595,20 @@ fn validate_role(role: &str, plan: &RolePlan, is_student: bool) -> Result<(), Pl
         ));
     }
     if !(0.0..1.0).contains(&train.label_smoothing) {
-        return Err(invalid(format!("{role}.train.label_smoothing"), "must be in [0, 1)"));
+        return Err(invalid(
+            format!("{role}.train.label_smoothing"),
+            "must be in [0, 1)",
+        ));
     }
     if train.log_every == 0 {
         return Err(invalid(format!("{role}.train.log_every"), "must be >= 1"));
     }
     let noise = &plan.noise;
     if !(0.0..1.0).contains(&noise.dropout) {
-        return Err(invalid(format!("{role}.noise.dropout"), "must be in [0, 1)"));
+        return Err(invalid(
+            format!("{role}.noise.dropout"),
+            "must be in [0, 1)",
+        ));
     }
     if !(noise.stochastic_depth_survival > 0.0 && noise.stochastic_depth_survival <= 1.0) {
         return Err(invalid(

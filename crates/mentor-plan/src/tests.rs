@@ -50,7 +50,10 @@ fn plan_round_trips_through_toml() {
 
 #[test]
 fn zero_steps_names_the_field() {
-    let text = tiny_with("steps = 30\nbatch_size = 32\nunlabeled_ratio", "steps = 0\nbatch_size = 32\nunlabeled_ratio");
+    let text = tiny_with(
+        "steps = 30\nbatch_size = 32\nunlabeled_ratio",
+        "steps = 0\nbatch_size = 32\nunlabeled_ratio",
+    );
     assert_eq!(error_of(&text), "student.train.steps: must be >= 1");
 }
 
@@ -74,19 +77,32 @@ fn unknown_field_is_refused_with_its_name() {
 fn unknown_method_is_refused() {
     let text = tiny_with("method = \"noisy-student\"", "method = \"co-training\"");
     let message = error_of(&text);
-    assert!(message.contains("unknown variant `co-training`"), "{message}");
+    assert!(
+        message.contains("unknown variant `co-training`"),
+        "{message}"
+    );
 }
 
 #[test]
 fn wrong_version_is_refused() {
     let text = tiny_with("version = 1", "version = 7");
-    assert_eq!(error_of(&text), "version: unsupported plan version 7, expected 1");
+    assert_eq!(
+        error_of(&text),
+        "version: unsupported plan version 7, expected 1"
+    );
 }
 
 #[test]
 fn student_smaller_than_teacher_is_refused() {
-    let text = tiny_with("residual_blocks = 1\nwidth_growth_per_round", "residual_blocks = 0\nwidth_growth_per_round");
-    let text = text.replacen("[teacher.model]\nkind = \"cnn\"\nwidth = 8", "[teacher.model]\nkind = \"cnn\"\nwidth = 8\nresidual_blocks = 2", 1);
+    let text = tiny_with(
+        "residual_blocks = 1\nwidth_growth_per_round",
+        "residual_blocks = 0\nwidth_growth_per_round",
+    );
+    let text = text.replacen(
+        "[teacher.model]\nkind = \"cnn\"\nwidth = 8",
+        "[teacher.model]\nkind = \"cnn\"\nwidth = 8\nresidual_blocks = 2",
+        1,
+    );
     assert_eq!(
         error_of(&text),
         "student.model: the student must be at least as large as the teacher (width and residual_blocks)"
@@ -132,7 +148,10 @@ fn missing_section_is_refused() {
 
 #[test]
 fn warmup_longer_than_training_is_refused() {
-    let text = tiny_with("log_every = 10\n\n[student.model]", "log_every = 10\nwarmup_steps = 30\n\n[student.model]");
+    let text = tiny_with(
+        "log_every = 10\n\n[student.model]",
+        "log_every = 10\nwarmup_steps = 30\n\n[student.model]",
+    );
     assert_eq!(
         error_of(&text),
         "teacher.train.warmup_steps: must be below teacher.train.steps (30)"
@@ -141,14 +160,26 @@ fn warmup_longer_than_training_is_refused() {
 
 #[test]
 fn teacher_growth_is_refused() {
-    let text = tiny_with("hidden = 32\n\n[teacher.train]", "hidden = 32\nwidth_growth_per_round = 2\n\n[teacher.train]");
+    let text = tiny_with(
+        "hidden = 32\n\n[teacher.train]",
+        "hidden = 32\nwidth_growth_per_round = 2\n\n[teacher.train]",
+    );
     let message = error_of(&text);
-    assert!(message.starts_with("teacher.model.width_growth_per_round:"), "{message}");
+    assert!(
+        message.starts_with("teacher.model.width_growth_per_round:"),
+        "{message}"
+    );
 }
 
 #[test]
 fn meta_pseudo_labels_is_refused_until_supported() {
-    let text = tiny_with("method = \"noisy-student\"", "method = \"meta-pseudo-labels\"");
+    let text = tiny_with(
+        "method = \"noisy-student\"",
+        "method = \"meta-pseudo-labels\"",
+    );
     let message = error_of(&text);
-    assert!(message.starts_with("method: `meta-pseudo-labels` is not supported"), "{message}");
+    assert!(
+        message.starts_with("method: `meta-pseudo-labels` is not supported"),
+        "{message}"
+    );
 }

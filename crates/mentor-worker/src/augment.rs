@@ -37,8 +37,17 @@ pub fn flip_and_shift(images: &Tensor) -> Tensor {
     let zeros = Tensor::zeros([n], (Kind::Float, device));
     let ones = Tensor::ones([n], (Kind::Float, device));
     let flip = random_sign(n, device);
-    let shift = |extent: i64| (Tensor::randint(5, [n], (Kind::Float, device)) - 2.0) * (2.0 / extent as f64);
-    let matrix = theta([flip, zeros.shallow_clone(), shift(width), zeros, ones, shift(height)]);
+    let shift = |extent: i64| {
+        (Tensor::randint(5, [n], (Kind::Float, device)) - 2.0) * (2.0 / extent as f64)
+    };
+    let matrix = theta([
+        flip,
+        zeros.shallow_clone(),
+        shift(width),
+        zeros,
+        ones,
+        shift(height),
+    ]);
     affine(images, &matrix, true)
 }
 
@@ -147,10 +156,26 @@ pub fn apply_op(op: &str, images: &Tensor, strength: f64) -> Tensor {
             let smooth = images.conv2d(&kernel, None::<Tensor>, [1, 1], [1, 1], [1, 1], channels);
             blend(images, &smooth, &(signed(0.9) + 1.0))
         }
-        "shear-x" => affine(images, &theta([ones(), signed(0.3), zeros(), zeros(), ones(), zeros()]), false),
-        "shear-y" => affine(images, &theta([ones(), zeros(), zeros(), signed(0.3), ones(), zeros()]), false),
-        "translate-x" => affine(images, &theta([ones(), zeros(), signed(0.6), zeros(), ones(), zeros()]), false),
-        "translate-y" => affine(images, &theta([ones(), zeros(), zeros(), zeros(), ones(), signed(0.6)]), false),
+        "shear-x" => affine(
+            images,
+            &theta([ones(), signed(0.3), zeros(), zeros(), ones(), zeros()]),
+            false,
+        ),
+        "shear-y" => affine(
+            images,
+            &theta([ones(), zeros(), zeros(), signed(0.3), ones(), zeros()]),
+            false,
+        ),
+        "translate-x" => affine(
+            images,
+            &theta([ones(), zeros(), signed(0.6), zeros(), ones(), zeros()]),
+            false,
+        ),
+        "translate-y" => affine(
+            images,
+            &theta([ones(), zeros(), zeros(), zeros(), ones(), signed(0.6)]),
+            false,
+        ),
         "cutout" => {
             let side = ((0.5 * strength.min(1.0)) * height.min(width) as f64).round() as i64;
             if side == 0 {
@@ -161,7 +186,10 @@ pub fn apply_op(op: &str, images: &Tensor, strength: f64) -> Tensor {
             let center_y = (uniform(n, device) * height as f64).view([n, 1, 1, 1]);
             let center_x = (uniform(n, device) * width as f64).view([n, 1, 1, 1]);
             let half = side as f64 / 2.0;
-            let inside = (rows - &center_y).abs().lt(half).logical_and(&(cols - &center_x).abs().lt(half));
+            let inside = (rows - &center_y)
+                .abs()
+                .lt(half)
+                .logical_and(&(cols - &center_x).abs().lt(half));
             images.masked_fill(&inside.expand_as(images), 0.5)
         }
         // "identity" and anything the plan validation let through unchanged.
@@ -172,19 +200,31 @@ pub fn apply_op(op: &str, images: &Tensor, strength: f64) -> Tensor {
 /// Histogram equalisation per image and channel on 256 levels.
 fn equalize(images: &Tensor) -> Tensor {
     let size = images.size();
-    let levels = (images * 255.0).round().clamp(0.0, 255.0).to_kind(Kind::Int64);
+    let levels = (images * 255.0)
+        .round()
+        .clamp(0.0, 255.0)
+        .to_kind(Kind::Int64);
     let flat = levels.view([size[0] * size[1], -1]);
     let pixels = flat.size()[1];
     let histogram = Tensor::zeros([flat.size()[0], 256], (Kind::Float, images.device()))
-        .scatter_add(1, &flat, &Tensor::ones(flat.size(), (Kind::Float, images.device())));
+        .scatter_add(
+            1,
+            &flat,
+            &Tensor::ones(flat.size(), (Kind::Float, images.device())),
+        );
     let cdf = histogram.cumsum(1, Kind::Float);
-    let cdf_min = cdf.masked_fill(&histogram.eq(0.0), f64::INFINITY).amin([1], true);
+    let cdf_min = cdf
+        .masked_fill(&histogram.eq(0.0), f64::INFINITY)
+        .amin([1], true);
     let denominator = (-&cdf_min + pixels as f64).clamp_min(1.0);
     let mapped = (cdf.gather(1, &flat, false) - &cdf_min) / denominator;
     // Single-level images have nothing to equalise.
     let flat_image = (-&cdf_min + pixels as f64).eq(0.0);
     let mapped = (flat.to_kind(Kind::Float) / 255.0).where_self(&flat_image, &mapped);
-    mapped.clamp(0.0, 1.0).view(size.as_slice()).to_kind(images.kind())
+    mapped
+        .clamp(0.0, 1.0)
+        .view(size.as_slice())
+        .to_kind(images.kind())
 }
 
 #[cfg(test)]
@@ -200,11 +240,24 @@ mod tests {
     fn neutral_ops_at_magnitude_zero_change_nothing() {
         let xs = images();
         for op in [
-            "identity", "rotate", "posterize", "solarize", "contrast", "brightness", "sharpness",
-            "shear-x", "shear-y", "translate-x", "translate-y", "cutout",
+            "identity",
+            "rotate",
+            "posterize",
+            "solarize",
+            "contrast",
+            "brightness",
+            "sharpness",
+            "shear-x",
+            "shear-y",
+            "translate-x",
+            "translate-y",
+            "cutout",
         ] {
             let out = apply_op(op, &xs, 0.0);
-            assert!(out.allclose(&xs, 1e-5, 1e-5, false), "{op} changed the images at magnitude 0");
+            assert!(
+                out.allclose(&xs, 1e-5, 1e-5, false),
+                "{op} changed the images at magnitude 0"
+            );
         }
     }
 
@@ -218,7 +271,10 @@ mod tests {
                 assert_eq!(out.kind(), Kind::Float, "{op}");
                 let low = out.min().double_value(&[]);
                 let high = out.max().double_value(&[]);
-                assert!(low >= 0.0 && high <= 1.0, "{op} at {strength}: range [{low}, {high}]");
+                assert!(
+                    low >= 0.0 && high <= 1.0,
+                    "{op} at {strength}: range [{low}, {high}]"
+                );
             }
         }
     }
@@ -226,16 +282,31 @@ mod tests {
     #[test]
     fn strong_ops_do_change_images() {
         let xs = images();
-        for op in ["rotate", "solarize", "contrast", "cutout", "translate-x", "equalize", "auto-contrast"] {
+        for op in [
+            "rotate",
+            "solarize",
+            "contrast",
+            "cutout",
+            "translate-x",
+            "equalize",
+            "auto-contrast",
+        ] {
             let out = apply_op(op, &xs, 1.0);
-            assert!(!out.allclose(&xs, 1e-3, 1e-3, false), "{op} did nothing at full strength");
+            assert!(
+                !out.allclose(&xs, 1e-3, 1e-3, false),
+                "{op} did nothing at full strength"
+            );
         }
     }
 
     #[test]
     fn randaugment_batch_keeps_shape_and_changes_images() {
         let xs = images();
-        let augment = RandAugment::from_plan(&RandAugmentPlan { ops: 2, magnitude: 9.0, op_list: vec!["rotate".into(), "cutout".into()] });
+        let augment = RandAugment::from_plan(&RandAugmentPlan {
+            ops: 2,
+            magnitude: 9.0,
+            op_list: vec!["rotate".into(), "cutout".into()],
+        });
         let out = augment.apply(&xs);
         assert_eq!(out.size(), xs.size());
         assert!(!out.allclose(&xs, 1e-3, 1e-3, false));

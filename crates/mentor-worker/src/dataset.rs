@@ -26,7 +26,9 @@ fn images_tensor(set: &ImageSet, device: Device) -> Tensor {
 }
 
 fn labels_tensor(labels: &[u8], device: Device) -> Tensor {
-    Tensor::from_slice(labels).to_kind(Kind::Int64).to_device(device)
+    Tensor::from_slice(labels)
+        .to_kind(Kind::Int64)
+        .to_device(device)
 }
 
 impl Dataset {

@@ -15,17 +15,23 @@ pub fn parse_device(text: &str) -> Result<tch::Device, String> {
         return Ok(tch::Device::Cpu);
     }
     let Some(index) = text.strip_prefix("cuda:") else {
-        return Err(format!("unknown device `{text}`, expected `cpu` or `cuda:N`"));
+        return Err(format!(
+            "unknown device `{text}`, expected `cpu` or `cuda:N`"
+        ));
     };
     let index: usize = index
         .parse()
         .map_err(|_| format!("unknown device `{text}`, expected `cpu` or `cuda:N`"))?;
     if !tch::Cuda::is_available() {
-        return Err(format!("device `{text}` asked for, but CUDA is not available on this machine"));
+        return Err(format!(
+            "device `{text}` asked for, but CUDA is not available on this machine"
+        ));
     }
     let count = tch::Cuda::device_count() as usize;
     if index >= count {
-        return Err(format!("device `{text}` asked for, but this machine has {count} CUDA device(s)"));
+        return Err(format!(
+            "device `{text}` asked for, but this machine has {count} CUDA device(s)"
+        ));
     }
     Ok(tch::Device::Cuda(index))
 }

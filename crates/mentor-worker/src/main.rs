@@ -58,7 +58,11 @@ struct Job {
 }
 
 /// Starts the thread that owns libtorch: it loads the data set once and runs jobs in order.
-fn spawn_torch_thread(plan: Plan, device: tch::Device, threads: i32) -> anyhow::Result<std_mpsc::Sender<Job>> {
+fn spawn_torch_thread(
+    plan: Plan,
+    device: tch::Device,
+    threads: i32,
+) -> anyhow::Result<std_mpsc::Sender<Job>> {
     let (sender, receiver) = std_mpsc::channel::<Job>();
     let (ready_sender, ready_receiver) = std_mpsc::channel::<Result<(), String>>();
     std::thread::Builder::new()
@@ -120,7 +124,8 @@ fn task_from_proto(task: &pb::Task) -> anyhow::Result<TaskKind> {
             role: role_from_proto(train.role)?,
             round: task.round,
             output: PathBuf::from(&train.output_checkpoint),
-            selection: (!train.selection_path.is_empty()).then(|| PathBuf::from(&train.selection_path)),
+            selection: (!train.selection_path.is_empty())
+                .then(|| PathBuf::from(&train.selection_path)),
         },
         Kind::Evaluate(evaluate) => TaskKind::Evaluate {
             model: ModelSource {
@@ -147,14 +152,33 @@ fn task_from_proto(task: &pb::Task) -> anyhow::Result<TaskKind> {
 fn outcome_to_proto(result: Result<Outcome, String>) -> pb::task_result::Outcome {
     use pb::task_result::Outcome as Proto;
     match result {
-        Ok(Outcome::Trained { checkpoint, final_loss, steps, seconds }) => Proto::Train(pb::TrainOutcome {
+        Ok(Outcome::Trained {
+            checkpoint,
+            final_loss,
+            steps,
+            seconds,
+        }) => Proto::Train(pb::TrainOutcome {
             checkpoint: checkpoint.display().to_string(),
             final_loss,
             steps,
             seconds,
         }),
-        Ok(Outcome::Evaluated { accuracy, loss, examples }) => Proto::Evaluate(pb::EvaluateOutcome { accuracy, loss, examples }),
-        Ok(Outcome::Labeled { key, examples, sha256, bytes, seconds }) => Proto::Label(pb::LabelOutcome {
+        Ok(Outcome::Evaluated {
+            accuracy,
+            loss,
+            examples,
+        }) => Proto::Evaluate(pb::EvaluateOutcome {
+            accuracy,
+            loss,
+            examples,
+        }),
+        Ok(Outcome::Labeled {
+            key,
+            examples,
+            sha256,
+            bytes,
+            seconds,
+        }) => Proto::Label(pb::LabelOutcome {
             shard_path: key,
             examples,
             sha256,
@@ -175,7 +199,9 @@ async fn connect(address: &str, timeout: Duration) -> anyhow::Result<WorkerServi
                 tokio::time::sleep(Duration::from_millis(250)).await;
             }
             Err(error) => {
-                return Err(error).with_context(|| format!("failed to reach the coordinator at {address} within {timeout:?}"))
+                return Err(error).with_context(|| {
+                    format!("failed to reach the coordinator at {address} within {timeout:?}")
+                })
             }
         }
     }
@@ -186,7 +212,11 @@ async fn main() -> anyhow::Result<()> {
     let args = Args::parse();
     init_tracing(&args.log_format);
     let device = mentor_worker::parse_device(&args.device).map_err(anyhow::Error::msg)?;
-    let mut client = connect(&args.coordinator, Duration::from_secs(args.connect_timeout_seconds)).await?;
+    let mut client = connect(
+        &args.coordinator,
+        Duration::from_secs(args.connect_timeout_seconds),
+    )
+    .await?;
     let hostname = std::fs::read_to_string("/proc/sys/kernel/hostname")
         .map(|h| h.trim().to_string())
         .unwrap_or_else(|_| "localhost".into());
@@ -200,7 +230,8 @@ async fn main() -> anyhow::Result<()> {
         .context("registration with the coordinator failed")?
         .into_inner();
     let worker_id = registration.worker_id.clone();
-    let plan = Plan::from_toml_str(&registration.plan_toml).context("the coordinator sent a plan this worker cannot read")?;
+    let plan = Plan::from_toml_str(&registration.plan_toml)
+        .context("the coordinator sent a plan this worker cannot read")?;
     tracing::info!(worker = %worker_id, run = %registration.run_id, device = %args.device, "registered");
 
     let torch = tokio::task::block_in_place(|| spawn_torch_thread(plan, device, args.threads))?;
@@ -214,7 +245,12 @@ async fn main() -> anyhow::Result<()> {
             let mut ticks = tokio::time::interval(interval);
             loop {
                 ticks.tick().await;
-                match client.heartbeat(pb::HeartbeatRequest { worker_id: worker_id.clone() }).await {
+                match client
+                    .heartbeat(pb::HeartbeatRequest {
+                        worker_id: worker_id.clone(),
+                    })
+                    .await
+                {
                     Ok(reply) if !reply.get_ref().known => {
                         tracing::error!(worker = %worker_id, "the coordinator no longer knows this worker");
                     }
@@ -237,7 +273,9 @@ async fn task_loop(
 ) -> anyhow::Result<()> {
     loop {
         let reply = client
-            .get_task(pb::GetTaskRequest { worker_id: worker_id.to_string() })
+            .get_task(pb::GetTaskRequest {
+                worker_id: worker_id.to_string(),
+            })
             .await
             .context("failed to ask the coordinator for a task")?
             .into_inner()
@@ -284,7 +322,11 @@ async fn execute(
     let (progress_sender, mut progress_receiver) = mpsc::unbounded_channel();
     let (done_sender, mut done_receiver) = oneshot::channel();
     torch
-        .send(Job { task, progress: progress_sender, done: done_sender })
+        .send(Job {
+            task,
+            progress: progress_sender,
+            done: done_sender,
+        })
         .map_err(|_| anyhow::anyhow!("the libtorch thread has stopped"))?;
     loop {
         tokio::select! {

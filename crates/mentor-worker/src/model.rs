@@ -27,7 +27,13 @@ pub struct ModelConfig {
 }
 
 impl ModelConfig {
-    pub fn from_plan(model: &ModelPlan, noise: &NoisePlan, round: u32, classes: u32, image_size: i64) -> ModelConfig {
+    pub fn from_plan(
+        model: &ModelPlan,
+        noise: &NoisePlan,
+        round: u32,
+        classes: u32,
+        image_size: i64,
+    ) -> ModelConfig {
         ModelConfig {
             kind: model.kind,
             width: model.width_at_round(round) as i64,
@@ -117,14 +123,33 @@ impl Cnn {
             stage2: ConvBn::new(root / "stage2", width, 2 * width),
             blocks: (0..blocks)
                 .map(|index| ResidualBlock {
-                    first: ConvBn::new(root / format!("block{index}") / "first", 2 * width, 2 * width),
-                    second: ConvBn::new(root / format!("block{index}") / "second", 2 * width, 2 * width),
+                    first: ConvBn::new(
+                        root / format!("block{index}") / "first",
+                        2 * width,
+                        2 * width,
+                    ),
+                    second: ConvBn::new(
+                        root / format!("block{index}") / "second",
+                        2 * width,
+                        2 * width,
+                    ),
                     // Linear rule: survival falls from 1 to `last_survival` at the last block.
-                    survival: 1.0 - (index + 1) as f64 / blocks as f64 * (1.0 - config.last_survival),
+                    survival: 1.0
+                        - (index + 1) as f64 / blocks as f64 * (1.0 - config.last_survival),
                 })
                 .collect(),
-            hidden: nn::linear(root / "hidden", 2 * width * spatial * spatial, config.hidden, Default::default()),
-            classifier: nn::linear(root / "classifier", config.hidden, config.classes, Default::default()),
+            hidden: nn::linear(
+                root / "hidden",
+                2 * width * spatial * spatial,
+                config.hidden,
+                Default::default(),
+            ),
+            classifier: nn::linear(
+                root / "classifier",
+                config.hidden,
+                config.classes,
+                Default::default(),
+            ),
             dropout: config.dropout,
         }
     }
@@ -133,8 +158,16 @@ impl Cnn {
 impl ModuleT for Cnn {
     fn forward_t(&self, xs: &Tensor, train: bool) -> Tensor {
         let xs = (xs - MEAN) / STD;
-        let xs = self.stage1.forward_t(&xs, train).relu().max_pool2d_default(2);
-        let mut xs = self.stage2.forward_t(&xs, train).relu().max_pool2d_default(2);
+        let xs = self
+            .stage1
+            .forward_t(&xs, train)
+            .relu()
+            .max_pool2d_default(2);
+        let mut xs = self
+            .stage2
+            .forward_t(&xs, train)
+            .relu()
+            .max_pool2d_default(2);
         for block in &self.blocks {
             xs = block.forward_t(&xs, train);
         }

@@ -84,27 +84,70 @@ pub fn run_task(
     progress: &mut dyn FnMut(Progress),
 ) -> Result<Outcome, String> {
     match task {
-        TaskKind::Train { role, round, output, selection } => {
-            train(plan, dataset, *role, *round, output, selection.as_deref(), progress)
-        }
+        TaskKind::Train {
+            role,
+            round,
+            output,
+            selection,
+        } => train(
+            plan,
+            dataset,
+            *role,
+            *round,
+            output,
+            selection.as_deref(),
+            progress,
+        ),
         TaskKind::Evaluate { model } => evaluate(plan, dataset, model),
-        TaskKind::Label { teacher, round, shard_index, start, end, storage } => {
-            label(plan, dataset, teacher, *round, *shard_index, *start, *end, storage, progress)
-        }
+        TaskKind::Label {
+            teacher,
+            round,
+            shard_index,
+            start,
+            end,
+            storage,
+        } => label(
+            plan,
+            dataset,
+            teacher,
+            *round,
+            *shard_index,
+            *start,
+            *end,
+            storage,
+            progress,
+        ),
     }
 }
 
 fn model_config(plan: &Plan, role: Role, model_round: u32, image_size: i64) -> ModelConfig {
     let role_plan = plan.role(role);
-    ModelConfig::from_plan(&role_plan.model, &role_plan.noise, model_round, plan.data.classes, image_size)
+    ModelConfig::from_plan(
+        &role_plan.model,
+        &role_plan.noise,
+        model_round,
+        plan.data.classes,
+        image_size,
+    )
 }
 
 /// Loads a checkpoint into the model its plan section describes.
-fn load_model(plan: &Plan, dataset: &Dataset, source: &ModelSource) -> Result<(nn::VarStore, Box<dyn ModuleT + Send>), String> {
+fn load_model(
+    plan: &Plan,
+    dataset: &Dataset,
+    source: &ModelSource,
+) -> Result<(nn::VarStore, Box<dyn ModuleT + Send>), String> {
     let mut vs = nn::VarStore::new(dataset.device);
-    let model = build(&vs.root(), &model_config(plan, source.role, source.model_round, dataset.image_size));
-    vs.load(&source.checkpoint)
-        .map_err(|e| format!("failed to load checkpoint `{}`: {e}", source.checkpoint.display()))?;
+    let model = build(
+        &vs.root(),
+        &model_config(plan, source.role, source.model_round, dataset.image_size),
+    );
+    vs.load(&source.checkpoint).map_err(|e| {
+        format!(
+            "failed to load checkpoint `{}`: {e}",
+            source.checkpoint.display()
+        )
+    })?;
     Ok((vs, model))
 }
 
@@ -117,7 +160,8 @@ pub fn learning_rate(train: &TrainPlan, step: u64) -> f64 {
     match train.schedule {
         Schedule::Constant => base,
         Schedule::Cosine => {
-            let progress = (step - train.warmup_steps) as f64 / (train.steps - train.warmup_steps).max(1) as f64;
+            let progress = (step - train.warmup_steps) as f64
+                / (train.steps - train.warmup_steps).max(1) as f64;
             base * 0.5 * (1.0 + (std::f64::consts::PI * progress).cos())
         }
     }
@@ -140,9 +184,16 @@ struct PseudoLabeled {
     targets: Tensor,
 }
 
-fn load_selection(plan: &Plan, dataset: &Dataset, path: &Path, smoothing: f64) -> Result<PseudoLabeled, String> {
-    let bytes = std::fs::read(path).map_err(|e| format!("failed to read selection `{}`: {e}", path.display()))?;
-    let (_, labels) = mentor_labels::decode_shard(&path.display().to_string(), &bytes).map_err(|e| e.to_string())?;
+fn load_selection(
+    plan: &Plan,
+    dataset: &Dataset,
+    path: &Path,
+    smoothing: f64,
+) -> Result<PseudoLabeled, String> {
+    let bytes = std::fs::read(path)
+        .map_err(|e| format!("failed to read selection `{}`: {e}", path.display()))?;
+    let (_, labels) = mentor_labels::decode_shard(&path.display().to_string(), &bytes)
+        .map_err(|e| e.to_string())?;
     if labels.is_empty() {
         return Err(format!("selection `{}` is empty", path.display()));
     }
@@ -151,14 +202,20 @@ fn load_selection(plan: &Plan, dataset: &Dataset, path: &Path, smoothing: f64) -
     let classes = plan.data.classes as i64;
     let device = dataset.device;
     let class_ids: Vec<i64> = labels.class_ids.iter().map(|&c| c as i64).collect();
-    let class_ids = Tensor::from_slice(&class_ids).view([rows, k]).to_device(device);
+    let class_ids = Tensor::from_slice(&class_ids)
+        .view([rows, k])
+        .to_device(device);
     let targets = match plan.pseudo_labels.mode {
         LabelMode::Soft => {
             let probs: Vec<f32> = labels.probs.iter().map(|p| p.to_f32()).collect();
             let probs = Tensor::from_slice(&probs).view([rows, k]).to_device(device);
-            let dense = Tensor::zeros([rows, classes], (Kind::Float, device)).scatter(1, &class_ids, &probs);
+            let dense = Tensor::zeros([rows, classes], (Kind::Float, device))
+                .scatter(1, &class_ids, &probs);
             // Top-k truncation leaves mass out: renormalise each row.
-            &dense / dense.sum_dim_intlist(-1, true, Kind::Float).clamp_min(1e-12)
+            &dense
+                / dense
+                    .sum_dim_intlist(-1, true, Kind::Float)
+                    .clamp_min(1e-12)
         }
         LabelMode::Hard => smoothed_one_hot(&class_ids.select(1, 0), classes, smoothing),
     };
@@ -171,12 +228,14 @@ fn load_selection(plan: &Plan, dataset: &Dataset, path: &Path, smoothing: f64) -
 /// Saves the variables atomically (a temporary file renamed into place).
 fn save_checkpoint(vs: &nn::VarStore, output: &Path) -> Result<(), String> {
     if let Some(parent) = output.parent() {
-        std::fs::create_dir_all(parent).map_err(|e| format!("failed to create `{}`: {e}", parent.display()))?;
+        std::fs::create_dir_all(parent)
+            .map_err(|e| format!("failed to create `{}`: {e}", parent.display()))?;
     }
     let temporary = output.with_extension(format!("{}.tmp.safetensors", std::process::id()));
     vs.save(&temporary)
         .map_err(|e| format!("failed to write checkpoint `{}`: {e}", temporary.display()))?;
-    std::fs::rename(&temporary, output).map_err(|e| format!("failed to move checkpoint to `{}`: {e}", output.display()))
+    std::fs::rename(&temporary, output)
+        .map_err(|e| format!("failed to move checkpoint to `{}`: {e}", output.display()))
 }
 
 #[allow(clippy::too_many_arguments)]
@@ -195,7 +254,10 @@ fn train(
     tch::manual_seed(seed);
     let classes = plan.data.classes as i64;
     let vs = nn::VarStore::new(dataset.device);
-    let model = build(&vs.root(), &model_config(plan, role, round, dataset.image_size));
+    let model = build(
+        &vs.root(),
+        &model_config(plan, role, round, dataset.image_size),
+    );
     let mut optimizer = match train_plan.optimizer {
         Optimizer::Sgd => nn::Sgd {
             momentum: train_plan.momentum,
@@ -212,12 +274,21 @@ fn train(
     }
     .map_err(|e| format!("failed to build the optimizer: {e}"))?;
     let pseudo = match selection {
-        Some(path) => Some(load_selection(plan, dataset, path, train_plan.label_smoothing)?),
+        Some(path) => Some(load_selection(
+            plan,
+            dataset,
+            path,
+            train_plan.label_smoothing,
+        )?),
         None => None,
     };
     let randaugment = RandAugment::from_plan(&role_plan.noise.randaugment);
     let augment = |images: Tensor| {
-        let images = if train_plan.flip_and_shift { flip_and_shift(&images) } else { images };
+        let images = if train_plan.flip_and_shift {
+            flip_and_shift(&images)
+        } else {
+            images
+        };
         randaugment.apply(&images)
     };
     let labeled_batch = train_plan.batch_size as i64;
@@ -244,14 +315,21 @@ fn train(
                 (soft_cross_entropy(&logits, &labeled_targets), logits)
             }
             Some(pseudo) => {
-                let rows = Tensor::randint(pseudo.targets.size()[0], [unlabeled_batch], (Kind::Int64, device));
-                let unlabeled_images = augment(dataset.train_batch(&pseudo.positions.index_select(0, &rows)));
+                let rows = Tensor::randint(
+                    pseudo.targets.size()[0],
+                    [unlabeled_batch],
+                    (Kind::Int64, device),
+                );
+                let unlabeled_images =
+                    augment(dataset.train_batch(&pseudo.positions.index_select(0, &rows)));
                 let targets = pseudo.targets.index_select(0, &rows);
-                let logits = model.forward_t(&Tensor::cat(&[&labeled_images, &unlabeled_images], 0), true);
+                let logits =
+                    model.forward_t(&Tensor::cat(&[&labeled_images, &unlabeled_images], 0), true);
                 let labeled_logits = logits.narrow(0, 0, labeled_batch);
                 let unlabeled_logits = logits.narrow(0, labeled_batch, unlabeled_batch);
                 let loss = soft_cross_entropy(&labeled_logits, &labeled_targets)
-                    + soft_cross_entropy(&unlabeled_logits, &targets) * train_plan.unlabeled_ratio as f64;
+                    + soft_cross_entropy(&unlabeled_logits, &targets)
+                        * train_plan.unlabeled_ratio as f64;
                 (loss, labeled_logits)
             }
         };
@@ -265,9 +343,15 @@ fn train(
             ));
         }
         window_loss += last_loss;
-        window_correct += logits_labeled.argmax(-1, false).eq_tensor(&labels).to_kind(Kind::Float).sum(Kind::Float).double_value(&[]);
+        window_correct += logits_labeled
+            .argmax(-1, false)
+            .eq_tensor(&labels)
+            .to_kind(Kind::Float)
+            .sum(Kind::Float)
+            .double_value(&[]);
         window_labeled += labeled_batch as u64;
-        window_images += (labeled_batch + if pseudo.is_some() { unlabeled_batch } else { 0 }) as u64;
+        window_images +=
+            (labeled_batch + if pseudo.is_some() { unlabeled_batch } else { 0 }) as u64;
         let steps_in_window = (step % train_plan.log_every) + 1;
         if steps_in_window == train_plan.log_every || step + 1 == train_plan.steps {
             let seconds = window_started.elapsed().as_secs_f64().max(1e-9);
@@ -319,12 +403,22 @@ fn evaluate(plan: &Plan, dataset: &Dataset, source: &ModelSource) -> Result<Outc
         let images = to_unit(&dataset.test_images.narrow(0, start, len));
         let labels = dataset.test_labels.narrow(0, start, len);
         let logits = model.forward_t(&images, false);
-        correct += logits.argmax(-1, false).eq_tensor(&labels).to_kind(Kind::Float).sum(Kind::Float).double_value(&[]);
+        correct += logits
+            .argmax(-1, false)
+            .eq_tensor(&labels)
+            .to_kind(Kind::Float)
+            .sum(Kind::Float)
+            .double_value(&[]);
         loss += logits.cross_entropy_for_logits(&labels).double_value(&[]) * len as f64;
         start += len;
     }
     let accuracy = correct / total.max(1) as f64;
-    tracing::info!(role = source.role.as_str(), model_round = source.model_round, accuracy = format!("{accuracy:.4}"), "evaluated on the test set");
+    tracing::info!(
+        role = source.role.as_str(),
+        model_round = source.model_round,
+        accuracy = format!("{accuracy:.4}"),
+        "evaluated on the test set"
+    );
     Ok(Outcome::Evaluated {
         accuracy,
         loss: loss / total.max(1) as f64,
@@ -350,7 +444,10 @@ fn label(
     let key = mentor_labels::shard_key(round, shard_index);
     let unlabeled = &dataset.split.unlabeled;
     if end as usize > unlabeled.len() || start > end {
-        return Err(format!("shard {shard_index} covers [{start}, {end}) but there are {} unlabeled examples", unlabeled.len()));
+        return Err(format!(
+            "shard {shard_index} covers [{start}, {end}) but there are {} unlabeled examples",
+            unlabeled.len()
+        ));
     }
     let header = ShardHeader {
         round,
@@ -364,7 +461,10 @@ fn label(
     }
     let (_vs, model) = load_model(plan, dataset, teacher)?;
     let _guard = tch::no_grad_guard();
-    let ids: Vec<i64> = unlabeled[start as usize..end as usize].iter().map(|&p| p as i64).collect();
+    let ids: Vec<i64> = unlabeled[start as usize..end as usize]
+        .iter()
+        .map(|&p| p as i64)
+        .collect();
     let positions = Tensor::from_slice(&ids).to_device(dataset.device);
     let top_k = plan.pseudo_labels.top_k as i64;
     let batch = plan.pseudo_labels.batch_size as i64;
@@ -378,8 +478,12 @@ fn label(
         let logits = model.forward_t(&images, false);
         let distribution = (logits / plan.pseudo_labels.temperature).softmax(-1, Kind::Float);
         let (values, indices) = distribution.topk(top_k, -1, true, true);
-        let values: Vec<f32> = Vec::<f32>::try_from(values.to_device(tch::Device::Cpu).flatten(0, -1)).map_err(|e| e.to_string())?;
-        let indices: Vec<i64> = Vec::<i64>::try_from(indices.to_device(tch::Device::Cpu).flatten(0, -1)).map_err(|e| e.to_string())?;
+        let values: Vec<f32> =
+            Vec::<f32>::try_from(values.to_device(tch::Device::Cpu).flatten(0, -1))
+                .map_err(|e| e.to_string())?;
+        let indices: Vec<i64> =
+            Vec::<i64>::try_from(indices.to_device(tch::Device::Cpu).flatten(0, -1))
+                .map_err(|e| e.to_string())?;
         probs.extend(values);
         class_ids.extend(indices.into_iter().map(|c| c as u16));
         offset += len;
@@ -391,9 +495,13 @@ fn label(
             images_per_second: offset as f64 / started.elapsed().as_secs_f64().max(1e-9),
         });
     }
-    let labels = SoftLabels::new(top_k as usize, ids, class_ids, probs).map_err(|e| e.to_string())?;
+    let labels =
+        SoftLabels::new(top_k as usize, ids, class_ids, probs).map_err(|e| e.to_string())?;
     let bytes = encode_shard(&header, &labels).map_err(|e| e.to_string())?;
-    match store.put_if_absent(&key, &bytes).map_err(|e| e.to_string())? {
+    match store
+        .put_if_absent(&key, &bytes)
+        .map_err(|e| e.to_string())?
+    {
         PutOutcome::Created => {
             tracing::info!(round, shard = shard_index, examples = total, location = %store.location(&key), "shard committed");
             Ok(Outcome::Labeled {

@@ -25,14 +25,22 @@ fn finish_pending(state: &mut RunState, w: &WorkerId, accuracy: f64) -> Vec<Effe
                 checkpoint: output.clone(),
                 final_loss: 0.5,
             },
-            TaskSpec::Label { shard_index, start, end, .. } => TaskOutcome::Labeled(ShardRecord {
+            TaskSpec::Label {
+                shard_index,
+                start,
+                end,
+                ..
+            } => TaskOutcome::Labeled(ShardRecord {
                 index: *shard_index,
                 key: format!("shard-{shard_index}"),
                 examples: end - start,
                 sha256: "00".into(),
                 bytes: 10,
             }),
-            TaskSpec::Evaluate { .. } => TaskOutcome::Evaluated { accuracy, loss: 0.3 },
+            TaskSpec::Evaluate { .. } => TaskOutcome::Evaluated {
+                accuracy,
+                loss: 0.3,
+            },
         };
         effects.extend(state.complete(&task.id, w, outcome));
     }
@@ -49,11 +57,21 @@ fn two_rounds_run_through_every_phase() {
     assert_eq!(state.phase, Phase::TrainTeacher);
 
     let teacher = state.assign(&w).expect("teacher task");
-    assert!(matches!(teacher.spec, TaskSpec::Train { role: Role::Teacher, .. }));
-    state.complete(&teacher.id, &w, TaskOutcome::Trained {
-        checkpoint: "/runs/tiny/checkpoints/round-1-teacher.safetensors".into(),
-        final_loss: 1.0,
-    });
+    assert!(matches!(
+        teacher.spec,
+        TaskSpec::Train {
+            role: Role::Teacher,
+            ..
+        }
+    ));
+    state.complete(
+        &teacher.id,
+        &w,
+        TaskOutcome::Trained {
+            checkpoint: "/runs/tiny/checkpoints/round-1-teacher.safetensors".into(),
+            final_loss: 1.0,
+        },
+    );
     assert_eq!(state.phase, Phase::Label);
     // One evaluation of the teacher plus four shards.
     assert_eq!(state.task_counts(), (1, 6));
@@ -61,29 +79,44 @@ fn two_rounds_run_through_every_phase() {
     let effects = finish_pending(&mut state, &w, 0.70);
     assert_eq!(
         effects,
-        vec![Effect::Filter { round: 1, selection: "/runs/tiny/selections/round-1.safetensors".into() }]
+        vec![Effect::Filter {
+            round: 1,
+            selection: "/runs/tiny/selections/round-1.safetensors".into()
+        }]
     );
     assert_eq!(state.phase, Phase::Filter);
     let round = state.current_round();
     assert_eq!(round.teacher_test_accuracy, Some(0.70));
     assert_eq!(round.examples, 1500);
-    assert_eq!(round.shards.iter().map(|s| s.index).collect::<Vec<_>>(), vec![0, 1, 2, 3]);
-    assert!(state.assign(&w).is_none(), "nothing to do while the coordinator filters");
+    assert_eq!(
+        round.shards.iter().map(|s| s.index).collect::<Vec<_>>(),
+        vec![0, 1, 2, 3]
+    );
+    assert!(
+        state.assign(&w).is_none(),
+        "nothing to do while the coordinator filters"
+    );
 
     state.filter_done(1, 1200, "/runs/tiny/selections/round-1.safetensors".into());
     assert_eq!(state.phase, Phase::TrainStudent);
     let student = state.assign(&w).expect("student task");
     match &student.spec {
-        TaskSpec::Train { role, selection, .. } => {
+        TaskSpec::Train {
+            role, selection, ..
+        } => {
             assert_eq!(*role, Role::Student);
             assert!(selection.is_some());
         }
         other => panic!("unexpected {other:?}"),
     }
-    state.complete(&student.id, &w, TaskOutcome::Trained {
-        checkpoint: "/runs/tiny/checkpoints/round-1-student.safetensors".into(),
-        final_loss: 1.0,
-    });
+    state.complete(
+        &student.id,
+        &w,
+        TaskOutcome::Trained {
+            checkpoint: "/runs/tiny/checkpoints/round-1-student.safetensors".into(),
+            final_loss: 1.0,
+        },
+    );
     assert_eq!(state.phase, Phase::EvaluateStudent);
     finish_pending(&mut state, &w, 0.75);
 
@@ -98,7 +131,10 @@ fn two_rounds_run_through_every_phase() {
     let effects = finish_pending(&mut state, &w, 0.0);
     assert_eq!(effects.len(), 1);
     state.filter_done(2, 1300, "/runs/tiny/selections/round-2.safetensors".into());
-    assert!(finish_pending(&mut state, &w, 0.8).is_empty(), "student trained");
+    assert!(
+        finish_pending(&mut state, &w, 0.8).is_empty(),
+        "student trained"
+    );
     assert_eq!(state.phase, Phase::EvaluateStudent);
     let effects = finish_pending(&mut state, &w, 0.8);
     assert_eq!(effects, vec![Effect::Finished]);
@@ -121,7 +157,14 @@ fn lost_worker_tasks_go_to_another_worker() {
     assert_eq!(again.id, task.id);
     assert_eq!(again.attempts, 2);
     // The lost worker's late answer is ignored.
-    let late = state.complete(&task.id, &a, TaskOutcome::Trained { checkpoint: "x".into(), final_loss: 0.0 });
+    let late = state.complete(
+        &task.id,
+        &a,
+        TaskOutcome::Trained {
+            checkpoint: "x".into(),
+            final_loss: 0.0,
+        },
+    );
     assert!(late.is_empty());
     assert_eq!(state.phase, Phase::TrainTeacher);
 }
@@ -155,7 +198,10 @@ fn empty_selection_fails_the_run_with_advice() {
     let mut state = new_run();
     state.start();
     let w = worker("w");
-    assert!(finish_pending(&mut state, &w, 0.5).is_empty(), "teacher trained");
+    assert!(
+        finish_pending(&mut state, &w, 0.5).is_empty(),
+        "teacher trained"
+    );
     let effects = finish_pending(&mut state, &w, 0.5);
     assert_eq!(effects.len(), 1);
     state.filter_done(1, 0, "/x".into());
