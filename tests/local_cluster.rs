@@ -54,18 +54,20 @@ fn start_worker(address: &str, log: std::path::PathBuf) -> Process {
     )
 }
 
-fn status(runtime: &tokio::runtime::Runtime, address: &str) -> pb::RunStatus {
+/// The run's status, or `None` while the coordinator cannot be reached.
+fn try_status(runtime: &tokio::runtime::Runtime, address: &str) -> Option<pb::RunStatus> {
     runtime.block_on(async {
         let mut client =
             pb::status_service_client::StatusServiceClient::connect(address.to_string())
                 .await
-                .expect("connect to the status service");
-        client
-            .get_status(pb::GetStatusRequest {})
-            .await
-            .expect("status query")
-            .into_inner()
+                .ok()?;
+        let reply = client.get_status(pb::GetStatusRequest {}).await.ok()?;
+        Some(reply.into_inner())
     })
+}
+
+fn status(runtime: &tokio::runtime::Runtime, address: &str) -> pb::RunStatus {
+    try_status(runtime, address).expect("the coordinator answers status queries")
 }
 
 #[test]
@@ -245,4 +247,175 @@ fn status_command_reports_an_unreachable_coordinator() {
     assert_eq!(output.status.code(), Some(2));
     assert!(String::from_utf8_lossy(&output.stderr)
         .contains("cannot reach the coordinator at http://127.0.0.1:9"));
+}
+
+/// A worker killed in the middle of its task: the coordinator declares it lost after the
+/// heartbeat timeout, gives the task to another worker, and the run still succeeds.
+#[test]
+fn a_killed_worker_loses_its_task_to_another_worker() {
+    let runtime = tokio::runtime::Runtime::new().expect("runtime");
+    let dir = tempfile::tempdir().expect("tempdir");
+    let tiny = std::fs::read_to_string(workspace_root().join("deploy/plans/tiny.toml"))
+        .expect("tiny plan");
+    // One worker starts the run; the teacher trains long enough to be killed mid-task.
+    let plan_text = tiny
+        .replacen("min_workers = 2", "min_workers = 1", 1)
+        .replacen(
+            "heartbeat_timeout_seconds = 10",
+            "heartbeat_timeout_seconds = 2",
+            1,
+        )
+        .replacen(
+            "[teacher.train]\nsteps = 30",
+            "[teacher.train]\nsteps = 2000",
+            1,
+        )
+        .replacen("rounds = 2", "rounds = 1", 1);
+    assert_ne!(plan_text, tiny);
+    let plan = dir.path().join("plan.toml");
+    std::fs::write(&plan, &plan_text).expect("write plan");
+    let state_dir = dir.path().join("run");
+    let (mut coordinator, address) = start_coordinator(&plan, &state_dir);
+
+    let mut doomed = start_worker(&address, dir.path().join("doomed.log"));
+    let doomed_id = wait_for(
+        "the first worker to train",
+        Duration::from_secs(120),
+        || {
+            let current = status(&runtime, &address);
+            current
+                .workers
+                .iter()
+                .find(|w| w.task == "train teacher" && w.step > 0)
+                .map(|w| w.worker_id.clone())
+        },
+    );
+    doomed.child.kill().expect("kill the worker");
+    let _ = doomed.child.wait();
+
+    let lost = wait_for(
+        "the coordinator to declare the worker lost",
+        Duration::from_secs(30),
+        || {
+            let current = status(&runtime, &address);
+            let lost = current
+                .workers
+                .iter()
+                .any(|w| w.worker_id == doomed_id && w.state == "lost");
+            lost.then_some(current)
+        },
+    );
+    assert_eq!(lost.status, "running");
+    assert_eq!(lost.tasks_done, 0);
+
+    // A new worker picks the requeued task up and the run completes.
+    let _replacement = start_worker(&address, dir.path().join("replacement.log"));
+    let final_status = wait_for("the run to finish", Duration::from_secs(300), || {
+        assert!(
+            coordinator.is_running(),
+            "coordinator exited:\n{}",
+            coordinator.log_text()
+        );
+        let current = status(&runtime, &address);
+        (current.status != "running").then_some(current)
+    });
+    assert_eq!(final_status.status, "succeeded", "{}", final_status.error);
+    assert_eq!(final_status.rounds.len(), 1);
+    assert!(final_status.rounds[0].student_test_accuracy.is_some());
+    let log = std::fs::read_to_string(state_dir.with_extension("coordinator.log")).expect("log");
+    assert!(log.contains("worker lost"), "{log}");
+}
+
+/// The coordinator killed mid-run and started again on the same state directory resumes the
+/// run: finished work is kept, workers re-register by themselves, the run succeeds.
+#[test]
+fn a_restarted_coordinator_resumes_the_run() {
+    let runtime = tokio::runtime::Runtime::new().expect("runtime");
+    let dir = tempfile::tempdir().expect("tempdir");
+    let tiny = std::fs::read_to_string(workspace_root().join("deploy/plans/tiny.toml"))
+        .expect("tiny plan");
+    let plan_text = tiny.replacen("rounds = 2", "rounds = 1", 1).replacen(
+        "steps = 30\nbatch_size = 32\nunlabeled_ratio",
+        "steps = 1500\nbatch_size = 32\nunlabeled_ratio",
+        1,
+    );
+    assert_ne!(plan_text, tiny);
+    let plan = dir.path().join("plan.toml");
+    std::fs::write(&plan, &plan_text).expect("write plan");
+    let state_dir = dir.path().join("run");
+    let port = std::net::TcpListener::bind("127.0.0.1:0")
+        .expect("free port")
+        .local_addr()
+        .expect("address")
+        .port();
+    let listen = format!("127.0.0.1:{port}");
+    let address = format!("http://{listen}");
+    let start = |log: &str| {
+        Process::start(
+            &binary("coordinator"),
+            &[
+                "--plan",
+                plan.to_str().expect("utf-8"),
+                "--listen",
+                &listen,
+                "--state-dir",
+                state_dir.to_str().expect("utf-8"),
+            ],
+            dir.path().join(log),
+        )
+    };
+    let mut coordinator = start("coordinator-1.log");
+    let _workers = [
+        start_worker(&address, dir.path().join("worker-1.log")),
+        start_worker(&address, dir.path().join("worker-2.log")),
+    ];
+    let before = wait_for(
+        "the student to be training",
+        Duration::from_secs(300),
+        || {
+            assert!(
+                coordinator.is_running(),
+                "coordinator exited:\n{}",
+                coordinator.log_text()
+            );
+            let current = try_status(&runtime, &address)?;
+            let training = current
+                .workers
+                .iter()
+                .any(|w| w.task == "train student" && w.step > 0);
+            training.then_some(current)
+        },
+    );
+    assert!(before.rounds[0].teacher_test_accuracy.is_some());
+    coordinator.child.kill().expect("kill the coordinator");
+    let _ = coordinator.child.wait();
+
+    let mut restarted = start("coordinator-2.log");
+    let final_status = wait_for(
+        "the resumed run to finish",
+        Duration::from_secs(300),
+        || {
+            assert!(
+                restarted.is_running(),
+                "restarted coordinator exited:\n{}",
+                restarted.log_text()
+            );
+            let current = try_status(&runtime, &address)?;
+            (current.status != "running").then_some(current)
+        },
+    );
+    assert_eq!(final_status.status, "succeeded", "{}", final_status.error);
+    assert_eq!(
+        final_status.run_id, before.run_id,
+        "the restarted coordinator started a new run"
+    );
+    assert_eq!(
+        final_status.rounds[0].teacher_test_accuracy,
+        before.rounds[0].teacher_test_accuracy
+    );
+    assert_eq!(final_status.rounds[0].shards_done, 4);
+    assert!(final_status.rounds[0].student_test_accuracy.is_some());
+    assert!(restarted
+        .log_text()
+        .contains("resuming run from the state store"));
 }

@@ -79,6 +79,7 @@ fn status_json(status: &pb::RunStatus) -> Value {
             "device": worker.device,
             "host": worker.hostname,
             "alive": worker.alive,
+            "state": worker.state,
             "task": if worker.task_id.is_empty() { Value::Null } else { json!(worker.task) },
             "task_id": if worker.task_id.is_empty() { Value::Null } else { json!(worker.task_id) },
             "step": worker.step,
@@ -155,7 +156,11 @@ fn status_text(status: &pb::RunStatus) -> String {
             }
             task
         };
-        let alive = if worker.alive { "" } else { " (lost)" };
+        let alive = if worker.alive {
+            String::new()
+        } else {
+            format!(" ({})", worker.state)
+        };
         out.push_str(&format!(
             "worker {} {}{}: {}\n",
             worker.worker_id, worker.device, alive, task

@@ -45,6 +45,8 @@ pub struct WorkerEntry {
     pub device: String,
     pub last_seen: Instant,
     pub alive: bool,
+    /// Told to shut down because the run ended.
+    pub exited: bool,
     pub task: Option<TaskId>,
     pub progress: Progress,
 }
@@ -163,6 +165,7 @@ impl Coordinator {
                 device,
                 last_seen: now,
                 alive: true,
+                exited: false,
                 task: None,
                 progress: Progress::default(),
             },
@@ -193,12 +196,18 @@ impl Coordinator {
     }
 
     pub fn heartbeat(&mut self, id: &WorkerId, now: Instant) -> bool {
+        if self.workers.get(id).is_some_and(|worker| worker.exited) {
+            return true;
+        }
         self.worker_mut(id, now).is_ok()
     }
 
     pub fn get_task(&mut self, id: &WorkerId, now: Instant) -> Result<TaskReply, CoordinatorError> {
-        self.worker_mut(id, now)?;
-        if self.state.is_finished() {
+        let finished = self.state.is_finished();
+        let worker = self.worker_mut(id, now)?;
+        if finished {
+            worker.exited = true;
+            worker.alive = false;
             return Ok(TaskReply::Shutdown);
         }
         match self.state.assign(id) {

@@ -3,7 +3,7 @@
 
 use std::path::PathBuf;
 use std::sync::mpsc as std_mpsc;
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use anyhow::Context;
 use clap::Parser;
@@ -12,8 +12,9 @@ use mentor_proto::coordinator::v1 as pb;
 use mentor_worker::dataset::Dataset;
 use mentor_worker::tasks::{run_task, ModelSource, Outcome, Progress, TaskKind};
 use pb::worker_service_client::WorkerServiceClient;
-use tokio::sync::{mpsc, oneshot};
+use tokio::sync::{mpsc, oneshot, watch};
 use tonic::transport::Channel;
+use tonic::Code;
 
 /// Runs training, evaluation and pseudo-labelling tasks for a coordinator.
 #[derive(Debug, Parser)]
@@ -207,114 +208,208 @@ async fn connect(address: &str, timeout: Duration) -> anyhow::Result<WorkerServi
     }
 }
 
+/// The worker's link to the coordinator. It rides out coordinator restarts: while the
+/// coordinator is unreachable calls are retried (up to the outage limit), and a coordinator
+/// that no longer knows this worker (it restarted) gets a new registration.
+struct Session {
+    client: WorkerServiceClient<Channel>,
+    registration: pb::RegisterRequest,
+    worker_id: watch::Sender<String>,
+    plan_toml: String,
+    outage_limit: Duration,
+}
+
+impl Session {
+    fn id(&self) -> String {
+        self.worker_id.borrow().clone()
+    }
+
+    /// Decides what to do after a failed call: `Ok` means try again.
+    async fn recover(
+        &mut self,
+        status: tonic::Status,
+        outage: &mut Option<Instant>,
+        what: &str,
+    ) -> anyhow::Result<()> {
+        match status.code() {
+            Code::NotFound => {
+                tracing::warn!(worker = %self.id(), "the coordinator no longer knows this worker (restarted?), registering again");
+                self.register_again().await
+            }
+            Code::Unavailable | Code::Unknown | Code::Cancelled | Code::DeadlineExceeded => {
+                let started = *outage.get_or_insert_with(|| {
+                    tracing::warn!(%status, "the coordinator is unreachable, retrying");
+                    Instant::now()
+                });
+                if started.elapsed() > self.outage_limit {
+                    anyhow::bail!(
+                        "failed to {what}: the coordinator was unreachable for {:?} ({status})",
+                        self.outage_limit
+                    );
+                }
+                tokio::time::sleep(Duration::from_millis(500)).await;
+                Ok(())
+            }
+            _ => anyhow::bail!("failed to {what}: {status}"),
+        }
+    }
+
+    async fn register_again(&mut self) -> anyhow::Result<()> {
+        let mut outage = None;
+        loop {
+            match self.client.register(self.registration.clone()).await {
+                Ok(reply) => {
+                    let reply = reply.into_inner();
+                    if reply.plan_toml != self.plan_toml {
+                        anyhow::bail!(
+                            "the coordinator now runs another plan (run {}); this worker stops",
+                            reply.run_id
+                        );
+                    }
+                    tracing::info!(worker = %reply.worker_id, run = %reply.run_id, "registered again");
+                    self.worker_id.send_replace(reply.worker_id);
+                    return Ok(());
+                }
+                Err(status) if status.code() == Code::NotFound => {
+                    anyhow::bail!("registration refused: {status}")
+                }
+                Err(status) => {
+                    Box::pin(self.recover(status, &mut outage, "register again")).await?
+                }
+            }
+        }
+    }
+
+    async fn get_task(&mut self) -> anyhow::Result<Option<pb::get_task_response::Reply>> {
+        let mut outage = None;
+        loop {
+            let request = pb::GetTaskRequest {
+                worker_id: self.id(),
+            };
+            match self.client.get_task(request).await {
+                Ok(reply) => return Ok(reply.into_inner().reply),
+                Err(status) => {
+                    self.recover(status, &mut outage, "ask the coordinator for a task")
+                        .await?
+                }
+            }
+        }
+    }
+
+    async fn complete_task(
+        &mut self,
+        task_id: &str,
+        outcome: pb::task_result::Outcome,
+    ) -> anyhow::Result<()> {
+        let mut outage = None;
+        loop {
+            let result = pb::TaskResult {
+                worker_id: self.id(),
+                task_id: task_id.to_string(),
+                outcome: Some(outcome.clone()),
+            };
+            match self.client.complete_task(result).await {
+                Ok(_) => return Ok(()),
+                Err(status) => {
+                    self.recover(status, &mut outage, "report a task result")
+                        .await?
+                }
+            }
+        }
+    }
+}
+
 #[tokio::main]
 async fn main() -> anyhow::Result<()> {
     let args = Args::parse();
     init_tracing(&args.log_format);
     let device = mentor_worker::parse_device(&args.device).map_err(anyhow::Error::msg)?;
-    let mut client = connect(
-        &args.coordinator,
-        Duration::from_secs(args.connect_timeout_seconds),
-    )
-    .await?;
+    let outage_limit = Duration::from_secs(args.connect_timeout_seconds);
+    let mut client = connect(&args.coordinator, outage_limit).await?;
     let hostname = std::fs::read_to_string("/proc/sys/kernel/hostname")
         .map(|h| h.trim().to_string())
         .unwrap_or_else(|_| "localhost".into());
-    let registration = client
-        .register(pb::RegisterRequest {
-            hostname,
-            device: args.device.clone(),
-            pid: std::process::id(),
-        })
+    let registration = pb::RegisterRequest {
+        hostname,
+        device: args.device.clone(),
+        pid: std::process::id(),
+    };
+    let reply = client
+        .register(registration.clone())
         .await
         .context("registration with the coordinator failed")?
         .into_inner();
-    let worker_id = registration.worker_id.clone();
-    let plan = Plan::from_toml_str(&registration.plan_toml)
+    let plan = Plan::from_toml_str(&reply.plan_toml)
         .context("the coordinator sent a plan this worker cannot read")?;
-    tracing::info!(worker = %worker_id, run = %registration.run_id, device = %args.device, "registered");
+    tracing::info!(worker = %reply.worker_id, run = %reply.run_id, device = %args.device, "registered");
 
     let torch = tokio::task::block_in_place(|| spawn_torch_thread(plan, device, args.threads))?;
+    let (worker_id, worker_id_updates) = watch::channel(reply.worker_id.clone());
+    let mut session = Session {
+        client: client.clone(),
+        registration,
+        worker_id,
+        plan_toml: reply.plan_toml,
+        outage_limit,
+    };
 
-    // Heartbeats run beside task execution.
+    // Heartbeats run beside task execution; they follow re-registrations.
     let heartbeat = {
         let mut client = client.clone();
-        let worker_id = worker_id.clone();
-        let interval = Duration::from_millis(registration.heartbeat_interval_ms.max(100));
+        let interval = Duration::from_millis(reply.heartbeat_interval_ms.max(100));
         tokio::spawn(async move {
             let mut ticks = tokio::time::interval(interval);
             loop {
                 ticks.tick().await;
-                match client
+                let worker_id = worker_id_updates.borrow().clone();
+                if let Err(status) = client
                     .heartbeat(pb::HeartbeatRequest {
                         worker_id: worker_id.clone(),
                     })
                     .await
                 {
-                    Ok(reply) if !reply.get_ref().known => {
-                        tracing::error!(worker = %worker_id, "the coordinator no longer knows this worker");
-                    }
-                    Ok(_) => {}
-                    Err(status) => tracing::warn!(worker = %worker_id, %status, "heartbeat failed"),
+                    tracing::debug!(worker = %worker_id, %status, "heartbeat failed");
                 }
             }
         })
     };
 
-    let result = task_loop(&mut client, &worker_id, &torch).await;
+    let result = task_loop(&mut session, &torch).await;
     heartbeat.abort();
     result
 }
 
-async fn task_loop(
-    client: &mut WorkerServiceClient<Channel>,
-    worker_id: &str,
-    torch: &std_mpsc::Sender<Job>,
-) -> anyhow::Result<()> {
+async fn task_loop(session: &mut Session, torch: &std_mpsc::Sender<Job>) -> anyhow::Result<()> {
     loop {
-        let reply = client
-            .get_task(pb::GetTaskRequest {
-                worker_id: worker_id.to_string(),
-            })
-            .await
-            .context("failed to ask the coordinator for a task")?
-            .into_inner()
-            .reply;
-        let task = match reply {
+        let task = match session.get_task().await? {
             Some(pb::get_task_response::Reply::Task(task)) => task,
             Some(pb::get_task_response::Reply::RetryAfterMs(wait)) => {
                 tokio::time::sleep(Duration::from_millis(wait)).await;
                 continue;
             }
             Some(pb::get_task_response::Reply::Shutdown(_)) => {
-                tracing::info!(worker = %worker_id, "the run is over, exiting");
+                tracing::info!(worker = %session.id(), "the run is over, exiting");
                 return Ok(());
             }
             None => anyhow::bail!("the coordinator sent an empty task reply"),
         };
-        tracing::info!(worker = %worker_id, task = %task.task_id, round = task.round, "task received");
+        tracing::info!(worker = %session.id(), task = %task.task_id, round = task.round, "task received");
         let result = match task_from_proto(&task) {
-            Ok(kind) => execute(client, worker_id, &task.task_id, torch, kind).await?,
+            Ok(kind) => execute(session, &task.task_id, torch, kind).await?,
             Err(error) => Err(error.to_string()),
         };
         if let Err(message) = &result {
-            tracing::error!(worker = %worker_id, task = %task.task_id, error = %message, "task failed");
+            tracing::error!(worker = %session.id(), task = %task.task_id, error = %message, "task failed");
         }
-        client
-            .complete_task(pb::TaskResult {
-                worker_id: worker_id.to_string(),
-                task_id: task.task_id.clone(),
-                outcome: Some(outcome_to_proto(result)),
-            })
-            .await
-            .context("failed to report a task result")?;
+        session
+            .complete_task(&task.task_id, outcome_to_proto(result))
+            .await?;
     }
 }
 
 /// Runs a task on the libtorch thread, forwarding its progress to the coordinator.
 async fn execute(
-    client: &mut WorkerServiceClient<Channel>,
-    worker_id: &str,
+    session: &mut Session,
     task_id: &str,
     torch: &std_mpsc::Sender<Job>,
     task: TaskKind,
@@ -335,7 +430,7 @@ async fn execute(
             }
             Some(progress) = progress_receiver.recv() => {
                 let report = pb::ProgressReport {
-                    worker_id: worker_id.to_string(),
+                    worker_id: session.id(),
                     task_id: task_id.to_string(),
                     step: progress.step,
                     total_steps: progress.total_steps,
@@ -343,7 +438,8 @@ async fn execute(
                     accuracy: progress.accuracy.unwrap_or(f64::NAN),
                     images_per_second: progress.images_per_second,
                 };
-                if let Err(status) = client.report_progress(report).await {
+                // Best effort: a lost report is replaced by the next one.
+                if let Err(status) = session.client.report_progress(report).await {
                     tracing::warn!(%status, "progress report failed");
                 }
             }
