@@ -419,3 +419,59 @@ fn a_restarted_coordinator_resumes_the_run() {
         .log_text()
         .contains("resuming run from the state store"));
 }
+
+/// Two Noisy Student rounds whose student grows (EfficientNet-B0, then B1 at its larger input
+/// resolution) complete on real processes.
+#[test]
+fn a_growing_efficientnet_student_runs_two_rounds() {
+    let runtime = tokio::runtime::Runtime::new().expect("runtime");
+    let dir = tempfile::tempdir().expect("tempdir");
+    let tiny = std::fs::read_to_string(workspace_root().join("deploy/plans/tiny.toml"))
+        .expect("tiny plan");
+    let start = tiny.find("[student.model]").expect("student model");
+    let end = tiny[start..]
+        .find("[student.train]")
+        .expect("student train")
+        + start;
+    let plan_text = format!(
+        "{}[student.model]\nkind = \"efficientnet\"\npreset = \"b0\"\nphi_growth_per_round = 1\n\n{}",
+        &tiny[..start],
+        &tiny[end..]
+    )
+    .replacen("steps = 30\nbatch_size = 32\nunlabeled_ratio", "steps = 10\nbatch_size = 16\nunlabeled_ratio", 1);
+    let plan = dir.path().join("plan.toml");
+    std::fs::write(&plan, &plan_text).expect("write plan");
+    let state_dir = dir.path().join("run");
+    let (mut coordinator, address) = start_coordinator(&plan, &state_dir);
+    let _workers = [
+        start_worker(&address, dir.path().join("worker-1.log")),
+        start_worker(&address, dir.path().join("worker-2.log")),
+    ];
+    let final_status = wait_for("the run to finish", Duration::from_secs(600), || {
+        assert!(
+            coordinator.is_running(),
+            "coordinator exited:\n{}",
+            coordinator.log_text()
+        );
+        let current = status(&runtime, &address);
+        (current.status != "running").then_some(current)
+    });
+    assert_eq!(final_status.status, "succeeded", "{}", final_status.error);
+    assert_eq!(final_status.rounds.len(), 2);
+    assert!(final_status
+        .rounds
+        .iter()
+        .all(|r| r.student_test_accuracy.is_some()));
+    // The round-2 student is bigger than the round-1 student.
+    let size = |round: u32| {
+        std::fs::metadata(state_dir.join(format!("checkpoints/round-{round}-student.safetensors")))
+            .expect("student checkpoint")
+            .len()
+    };
+    assert!(
+        size(2) > size(1),
+        "round 2 student ({}) is not larger than round 1's ({})",
+        size(2),
+        size(1)
+    );
+}

@@ -8,6 +8,13 @@ use std::path::{Path, PathBuf};
 
 use serde::{Deserialize, Serialize};
 
+mod model;
+
+pub use model::{
+    BitPlan, CnnPlan, DensenetPlan, EfficientnetPlan, EfficientnetScaling, ModelPlan, ResnetPlan,
+    Stem, WideResnetPlan, EFFICIENTNET_PRESETS,
+};
+
 /// The only plan format version this build understands.
 pub const PLAN_VERSION: u32 = 1;
 
@@ -121,46 +128,6 @@ pub struct RolePlan {
     pub train: TrainPlan,
     #[serde(default)]
     pub noise: NoisePlan,
-}
-
-/// Architecture of a model.
-#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
-#[serde(deny_unknown_fields)]
-pub struct ModelPlan {
-    /// `cnn`: a small conv net (conv-bn-relu stages) with optional residual blocks.
-    pub kind: ModelKind,
-    /// Channels of the first stage; the second stage has twice as many.
-    #[serde(default = "default_width")]
-    pub width: u32,
-    /// Residual blocks after the last stage (stochastic depth applies to these).
-    #[serde(default)]
-    pub residual_blocks: u32,
-    /// Units of the hidden fully connected layer.
-    #[serde(default = "default_hidden")]
-    pub hidden: u32,
-    /// Added to `width` at each round after the first (students grow round after round).
-    #[serde(default)]
-    pub width_growth_per_round: u32,
-}
-
-fn default_width() -> u32 {
-    32
-}
-fn default_hidden() -> u32 {
-    128
-}
-
-impl ModelPlan {
-    /// The width of this model at `round` (1-based), after growth.
-    pub fn width_at_round(&self, round: u32) -> u32 {
-        self.width + self.width_growth_per_round * round.saturating_sub(1)
-    }
-}
-
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
-#[serde(rename_all = "kebab-case")]
-pub enum ModelKind {
-    Cnn,
 }
 
 /// Optimisation of one training task.
@@ -285,7 +252,7 @@ impl Default for RandAugmentPlan {
     }
 }
 
-/// RandAugment operations that make sense for grayscale images.
+/// RandAugment operations. `color` (saturation) changes only 3-channel images.
 pub const RANDAUGMENT_OPS: &[&str] = &[
     "identity",
     "auto-contrast",
@@ -295,6 +262,7 @@ pub const RANDAUGMENT_OPS: &[&str] = &[
     "solarize",
     "contrast",
     "brightness",
+    "color",
     "sharpness",
     "shear-x",
     "shear-y",
@@ -462,14 +430,12 @@ impl Plan {
             return Err(invalid("rounds", "must be >= 1"));
         }
         self.validate_data()?;
-        validate_role("teacher", &self.teacher, false)?;
-        validate_role("student", &self.student, true)?;
-        if self.student.model.width < self.teacher.model.width
-            || self.student.model.residual_blocks < self.teacher.model.residual_blocks
-        {
+        validate_role("teacher", &self.teacher, false, self.rounds)?;
+        validate_role("student", &self.student, true, self.rounds)?;
+        if self.student.model.at_least_as_large_as(&self.teacher.model) == Some(false) {
             return Err(invalid(
                 "student.model",
-                "the student must be at least as large as the teacher (width and residual_blocks)",
+                "the student must be at least as large as the teacher",
             ));
         }
         self.validate_pseudo_labels()?;
@@ -537,17 +503,17 @@ impl Plan {
     }
 }
 
-fn validate_role(role: &str, plan: &RolePlan, is_student: bool) -> Result<(), PlanError> {
+fn validate_role(
+    role: &str,
+    plan: &RolePlan,
+    is_student: bool,
+    rounds: u32,
+) -> Result<(), PlanError> {
     let model = &plan.model;
-    if model.width == 0 {
-        return Err(invalid(format!("{role}.model.width"), "must be >= 1"));
-    }
-    if model.hidden == 0 {
-        return Err(invalid(format!("{role}.model.hidden"), "must be >= 1"));
-    }
-    if !is_student && model.width_growth_per_round != 0 {
+    model.validate(&format!("{role}.model"), rounds)?;
+    if !is_student && model.grows() {
         return Err(invalid(
-            format!("{role}.model.width_growth_per_round"),
+            format!("{role}.model"),
             "only students grow; the teacher of later rounds is the previous student",
         ));
     }

@@ -27,8 +27,12 @@ fn shipped_plans_are_valid() {
     assert_eq!(demo.student.noise.randaugment.ops, 2);
     let tiny = Plan::from_toml_str(TINY).expect("tiny plan");
     assert_eq!(tiny.pseudo_labels.top_k, 3);
-    assert_eq!(tiny.student.model.width_at_round(1), 8);
-    assert_eq!(tiny.student.model.width_at_round(3), 16);
+    let width = |round| match tiny.student.model.at_round(round) {
+        ModelPlan::Cnn(cnn) => cnn.width,
+        other => panic!("unexpected {other:?}"),
+    };
+    assert_eq!(width(1), 8);
+    assert_eq!(width(3), 16);
 }
 
 #[test]
@@ -105,7 +109,7 @@ fn student_smaller_than_teacher_is_refused() {
     );
     assert_eq!(
         error_of(&text),
-        "student.model: the student must be at least as large as the teacher (width and residual_blocks)"
+        "student.model: the student must be at least as large as the teacher"
     );
 }
 
@@ -166,7 +170,7 @@ fn teacher_growth_is_refused() {
     );
     let message = error_of(&text);
     assert!(
-        message.starts_with("teacher.model.width_growth_per_round:"),
+        message.starts_with("teacher.model: only students grow"),
         "{message}"
     );
 }
@@ -182,4 +186,79 @@ fn meta_pseudo_labels_is_refused_until_supported() {
         message.starts_with("method: `meta-pseudo-labels` is not supported"),
         "{message}"
     );
+}
+
+/// A plan whose student is `model` (TOML body of `[student.model]`), teacher unchanged.
+fn tiny_with_student_model(model: &str) -> String {
+    let start = TINY.find("[student.model]").expect("section");
+    let end = TINY[start..].find("[student.train]").expect("next section") + start;
+    format!(
+        "{}[student.model]\n{model}\n\n{}",
+        &TINY[..start],
+        &TINY[end..]
+    )
+}
+
+#[test]
+fn every_model_kind_parses() {
+    for model in [
+        "kind = \"wide-resnet\"\ndepth = 28\nwiden = 2",
+        "kind = \"resnet\"\ndepth = 50\nstem = \"small\"",
+        "kind = \"bit\"\ndepth = 101\nwidth = 3",
+        "kind = \"densenet\"\ngrowth_rate = 12\nblock_config = [6, 12, 24, 16]\nnum_init_features = 24",
+        "kind = \"efficientnet\"\npreset = \"b0\"\nphi_growth_per_round = 1",
+        "kind = \"efficientnet\"\nphi = 0.5",
+    ] {
+        let plan = Plan::from_toml_str(&tiny_with_student_model(model)).unwrap_or_else(|e| panic!("{model}: {e}"));
+        assert!(plan.student.model.kind_name().len() > 2);
+    }
+}
+
+#[test]
+fn bad_model_knobs_name_their_field() {
+    let cases = [
+        ("kind = \"wide-resnet\"\ndepth = 27", "student.model.depth: must be 6n + 4 with n >= 1 (10, 16, 22, 28, ...)"),
+        ("kind = \"resnet\"\ndepth = 20", "student.model.depth: must be one of 18, 34, 50, 101, 152"),
+        ("kind = \"bit\"\ndepth = 50\nwidth = 5", "student.model.width: must be between 1 and 4 (BiT-R50x1 to x4)"),
+        ("kind = \"efficientnet\"\npreset = \"b9\"", "student.model.preset: unknown preset `b9`, expected b0 to b7"),
+        ("kind = \"efficientnet\"\npreset = \"b0\"\nphi = 1.0", "student.model.phi: give either `preset` or `phi`, not both"),
+        ("kind = \"efficientnet\"\npreset = \"b7\"\nphi_growth_per_round = 1", "student.model.phi_growth_per_round: grows past b7 by round 2; use `phi` for larger models"),
+        ("kind = \"densenet\"\nblock_config = []", "student.model.block_config: must list at least one block, each with >= 1 layer"),
+        ("kind = \"transformer\"", "unknown variant `transformer`"),
+    ];
+    for (model, expected) in cases {
+        let message = error_of(&tiny_with_student_model(model));
+        assert!(message.contains(expected), "{model}: {message}");
+    }
+}
+
+#[test]
+fn efficientnet_grows_by_preset_and_by_phi() {
+    let plan = Plan::from_toml_str(&tiny_with_student_model(
+        "kind = \"efficientnet\"\npreset = \"b0\"\nphi_growth_per_round = 1",
+    ))
+    .expect("plan");
+    let round_two = plan.student.model.at_round(2);
+    match &round_two {
+        ModelPlan::Efficientnet(e) => assert_eq!(e.preset.as_deref(), Some("b1")),
+        other => panic!("unexpected {other:?}"),
+    }
+    assert_eq!(round_two.input_resolution(28), 30);
+    assert_eq!(round_two.input_resolution(224), 240);
+    assert_eq!(
+        round_two.at_least_as_large_as(&plan.student.model.at_round(1)),
+        Some(true)
+    );
+    let free = ModelPlan::Efficientnet(EfficientnetPlan {
+        preset: None,
+        phi: Some(1.0),
+        phi_growth_per_round: 0.0,
+        base_resolution: Some(224),
+    });
+    let scaling = match &free {
+        ModelPlan::Efficientnet(e) => e.scaling(),
+        other => panic!("unexpected {other:?}"),
+    };
+    assert!((scaling.depth - 1.2).abs() < 1e-12 && (scaling.width - 1.1).abs() < 1e-12);
+    assert_eq!(free.input_resolution(28), 258);
 }

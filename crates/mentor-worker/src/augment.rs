@@ -146,6 +146,19 @@ pub fn apply_op(op: &str, images: &Tensor, strength: f64) -> Tensor {
             blend(images, &mean.expand_as(images), &(signed(0.9) + 1.0))
         }
         "brightness" => blend(images, &images.zeros_like(), &(signed(0.9) + 1.0)),
+        "color" => {
+            if size[1] != 3 {
+                return images.shallow_clone();
+            }
+            // Blend toward the luminance image (saturation), as PIL's ImageEnhance.Color.
+            let weights = Tensor::from_slice(&[0.299f32, 0.587, 0.114])
+                .to_device(device)
+                .view([1, 3, 1, 1]);
+            let gray = (images * weights)
+                .sum_dim_intlist(1, true, Kind::Float)
+                .expand_as(images);
+            blend(images, &gray, &(signed(0.9) + 1.0))
+        }
         "sharpness" => {
             let channels = size[1];
             let kernel = Tensor::from_slice(&[1f32, 1., 1., 1., 5., 1., 1., 1., 1.])
@@ -231,14 +244,23 @@ fn equalize(images: &Tensor) -> Tensor {
 mod tests {
     use super::*;
 
-    fn images() -> Tensor {
+    fn images_with(channels: i64) -> Tensor {
         tch::manual_seed(3);
-        (Tensor::rand([6, 1, 28, 28], (Kind::Float, Device::Cpu)) * 255.0).round() / 255.0
+        (Tensor::rand([6, channels, 28, 28], (Kind::Float, Device::Cpu)) * 255.0).round() / 255.0
+    }
+
+    fn images() -> Tensor {
+        images_with(1)
     }
 
     #[test]
     fn neutral_ops_at_magnitude_zero_change_nothing() {
-        let xs = images();
+        for channels in [1, 3] {
+            neutral_ops_at_magnitude_zero_change_nothing_on(&images_with(channels));
+        }
+    }
+
+    fn neutral_ops_at_magnitude_zero_change_nothing_on(xs: &Tensor) {
         for op in [
             "identity",
             "rotate",
@@ -246,6 +268,7 @@ mod tests {
             "solarize",
             "contrast",
             "brightness",
+            "color",
             "sharpness",
             "shear-x",
             "shear-y",
@@ -253,20 +276,34 @@ mod tests {
             "translate-y",
             "cutout",
         ] {
-            let out = apply_op(op, &xs, 0.0);
+            let out = apply_op(op, xs, 0.0);
             assert!(
-                out.allclose(&xs, 1e-5, 1e-5, false),
+                out.allclose(xs, 1e-5, 1e-5, false),
                 "{op} changed the images at magnitude 0"
             );
         }
     }
 
     #[test]
+    fn color_changes_only_colour_images() {
+        let gray = images_with(1);
+        assert!(apply_op("color", &gray, 1.0).equal(&gray));
+        let colour = images_with(3);
+        assert!(apply_op("color", &colour, 0.0).allclose(&colour, 1e-5, 1e-5, false));
+        assert!(!apply_op("color", &colour, 1.0).allclose(&colour, 1e-3, 1e-3, false));
+    }
+
+    #[test]
     fn every_op_keeps_shape_kind_and_range() {
-        let xs = images();
+        for xs in [images_with(1), images_with(3)] {
+            every_op_keeps_shape_kind_and_range_on(&xs);
+        }
+    }
+
+    fn every_op_keeps_shape_kind_and_range_on(xs: &Tensor) {
         for op in RANDAUGMENT_OPS {
             for strength in [0.5, 1.0, 3.0] {
-                let out = apply_op(op, &xs, strength);
+                let out = apply_op(op, xs, strength);
                 assert_eq!(out.size(), xs.size(), "{op}");
                 assert_eq!(out.kind(), Kind::Float, "{op}");
                 let low = out.min().double_value(&[]);

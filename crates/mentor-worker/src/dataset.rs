@@ -16,6 +16,10 @@ pub struct Dataset {
     /// Training-set positions of the labeled examples.
     pub labeled: Tensor,
     pub image_size: i64,
+    pub channels: i64,
+    /// Pixel mean and standard deviation of the training images (inputs are normalised).
+    pub mean: f64,
+    pub std: f64,
     pub device: Device,
 }
 
@@ -38,8 +42,15 @@ impl Dataset {
         let split = Split::new(&train.labels, test.len(), &plan.data, plan.seed)?;
         let test_len = split.test_len;
         let labeled: Vec<i64> = split.labeled.iter().map(|&p| p as i64).collect();
+        let train_images = images_tensor(&train, device);
+        let unit = to_unit(&train_images);
+        let mean = unit.mean(Kind::Float).double_value(&[]);
+        let std = unit.std(true).double_value(&[]).max(1e-6);
         Ok(Dataset {
-            train_images: images_tensor(&train, device),
+            mean,
+            std,
+            channels: 1,
+            train_images,
             train_labels: labels_tensor(&train.labels, device),
             test_images: images_tensor(&test, device).narrow(0, 0, test_len as i64),
             test_labels: labels_tensor(&test.labels, device).narrow(0, 0, test_len as i64),
@@ -53,6 +64,17 @@ impl Dataset {
     /// Training images at `positions` as floats in [0, 1].
     pub fn train_batch(&self, positions: &Tensor) -> Tensor {
         to_unit(&self.train_images.index_select(0, positions))
+    }
+
+    /// Model input from images in [0, 1]: resized to `resolution` when the model asks for
+    /// another size, then normalised with the training set's statistics.
+    pub fn model_input(&self, images: &Tensor, resolution: i64) -> Tensor {
+        let images = if resolution != self.image_size {
+            images.upsample_bilinear2d([resolution, resolution], false, None, None)
+        } else {
+            images.shallow_clone()
+        };
+        (images - self.mean) / self.std
     }
 }
 

@@ -6,7 +6,7 @@
 
 pub mod augment;
 pub mod dataset;
-pub mod model;
+pub mod models;
 pub mod tasks;
 
 /// Parses `cpu` or `cuda:N`.

@@ -6,12 +6,12 @@ use std::time::Instant;
 
 use mentor_labels::{encode_shard, LocalDirStore, PutOutcome, ShardHeader, ShardStore, SoftLabels};
 use mentor_plan::{LabelMode, Optimizer, Plan, Role, Schedule, TrainPlan};
-use tch::nn::{self, ModuleT, OptimizerConfig};
+use tch::nn::{self, OptimizerConfig};
 use tch::{Kind, Tensor};
 
 use crate::augment::{flip_and_shift, RandAugment};
 use crate::dataset::{to_unit, Dataset};
-use crate::model::{build, ModelConfig};
+use crate::models::{build, Model, ModelConfig};
 
 /// A model checkpoint and the plan section (role, round) that built it.
 #[derive(Debug, Clone, PartialEq)]
@@ -120,14 +120,15 @@ pub fn run_task(
     }
 }
 
-fn model_config(plan: &Plan, role: Role, model_round: u32, image_size: i64) -> ModelConfig {
+fn model_config(plan: &Plan, role: Role, model_round: u32, dataset: &Dataset) -> ModelConfig {
     let role_plan = plan.role(role);
     ModelConfig::from_plan(
         &role_plan.model,
         &role_plan.noise,
         model_round,
         plan.data.classes,
-        image_size,
+        dataset.channels,
+        dataset.image_size,
     )
 }
 
@@ -136,19 +137,17 @@ fn load_model(
     plan: &Plan,
     dataset: &Dataset,
     source: &ModelSource,
-) -> Result<(nn::VarStore, Box<dyn ModuleT + Send>), String> {
+) -> Result<(nn::VarStore, Model, ModelConfig), String> {
     let mut vs = nn::VarStore::new(dataset.device);
-    let model = build(
-        &vs.root(),
-        &model_config(plan, source.role, source.model_round, dataset.image_size),
-    );
+    let config = model_config(plan, source.role, source.model_round, dataset);
+    let model = build(&vs.root(), &config);
     vs.load(&source.checkpoint).map_err(|e| {
         format!(
             "failed to load checkpoint `{}`: {e}",
             source.checkpoint.display()
         )
     })?;
-    Ok((vs, model))
+    Ok((vs, model, config))
 }
 
 /// Learning rate at `step`: linear warmup, then cosine decay or constant.
@@ -254,10 +253,8 @@ fn train(
     tch::manual_seed(seed);
     let classes = plan.data.classes as i64;
     let vs = nn::VarStore::new(dataset.device);
-    let model = build(
-        &vs.root(),
-        &model_config(plan, role, round, dataset.image_size),
-    );
+    let config = model_config(plan, role, round, dataset);
+    let model = build(&vs.root(), &config);
     let mut optimizer = match train_plan.optimizer {
         Optimizer::Sgd => nn::Sgd {
             momentum: train_plan.momentum,
@@ -283,13 +280,13 @@ fn train(
         None => None,
     };
     let randaugment = RandAugment::from_plan(&role_plan.noise.randaugment);
-    let augment = |images: Tensor| {
+    let augment = |images: Tensor| -> Tensor {
         let images = if train_plan.flip_and_shift {
             flip_and_shift(&images)
         } else {
             images
         };
-        randaugment.apply(&images)
+        dataset.model_input(&randaugment.apply(&images), config.resolution)
     };
     let labeled_batch = train_plan.batch_size as i64;
     let unlabeled_batch = labeled_batch * train_plan.unlabeled_ratio as i64;
@@ -391,7 +388,7 @@ fn train(
 
 /// Accuracy and mean cross-entropy of a model on the plan's test images (eval mode, no noise).
 fn evaluate(plan: &Plan, dataset: &Dataset, source: &ModelSource) -> Result<Outcome, String> {
-    let (_vs, model) = load_model(plan, dataset, source)?;
+    let (_vs, model, config) = load_model(plan, dataset, source)?;
     let _guard = tch::no_grad_guard();
     let total = dataset.test_images.size()[0];
     let batch = plan.pseudo_labels.batch_size as i64;
@@ -400,7 +397,10 @@ fn evaluate(plan: &Plan, dataset: &Dataset, source: &ModelSource) -> Result<Outc
     let mut start = 0;
     while start < total {
         let len = batch.min(total - start);
-        let images = to_unit(&dataset.test_images.narrow(0, start, len));
+        let images = dataset.model_input(
+            &to_unit(&dataset.test_images.narrow(0, start, len)),
+            config.resolution,
+        );
         let labels = dataset.test_labels.narrow(0, start, len);
         let logits = model.forward_t(&images, false);
         correct += logits
@@ -459,7 +459,7 @@ fn label(
     if store.exists(&key).map_err(|e| e.to_string())? {
         return existing_shard(&store, &key, started);
     }
-    let (_vs, model) = load_model(plan, dataset, teacher)?;
+    let (_vs, model, config) = load_model(plan, dataset, teacher)?;
     let _guard = tch::no_grad_guard();
     let ids: Vec<i64> = unlabeled[start as usize..end as usize]
         .iter()
@@ -474,7 +474,10 @@ fn label(
     let mut offset = 0;
     while offset < total {
         let len = batch.min(total - offset);
-        let images = dataset.train_batch(&positions.narrow(0, offset, len));
+        let images = dataset.model_input(
+            &dataset.train_batch(&positions.narrow(0, offset, len)),
+            config.resolution,
+        );
         let logits = model.forward_t(&images, false);
         let distribution = (logits / plan.pseudo_labels.temperature).softmax(-1, Kind::Float);
         let (values, indices) = distribution.topk(top_k, -1, true, true);
