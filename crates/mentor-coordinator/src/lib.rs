@@ -9,7 +9,7 @@ pub mod filter;
 pub mod service;
 pub mod state;
 
-use std::collections::BTreeMap;
+use std::collections::{BTreeMap, HashMap};
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
@@ -17,7 +17,7 @@ use std::time::{Duration, Instant};
 use mentor_labels::{LocalDirStore, ShardStore};
 use mentor_plan::Plan;
 
-use crate::state::{Effect, RunState, TaskId, TaskOutcome, TaskRecord, WorkerId};
+use crate::state::{Assignment, Effect, RunState, TaskId, TaskOutcome, WorkerId};
 
 /// How often workers are asked to send a heartbeat.
 pub const HEARTBEAT_INTERVAL: Duration = Duration::from_secs(1);
@@ -47,6 +47,9 @@ pub struct WorkerEntry {
     pub alive: bool,
     /// Told to shut down because the run ended.
     pub exited: bool,
+    /// Was in a training group that failed and has not been heard of since: left out of new
+    /// groups until it shows signs of life.
+    pub suspect: bool,
     pub task: Option<TaskId>,
     pub progress: Progress,
 }
@@ -64,12 +67,34 @@ pub struct Progress {
 /// The answer to a worker asking for work.
 #[derive(Debug, Clone, PartialEq)]
 pub enum TaskReply {
-    Task(TaskRecord),
+    Task(Assignment),
     RetryAfter(Duration),
     Shutdown,
 }
 
 /// A run and its workers.
+/// Where the ranks of one attempt of a training task listen.
+#[derive(Debug, Clone, Default)]
+struct Rendezvous {
+    addresses: Vec<Option<String>>,
+    nccl_unique_id: Vec<u8>,
+}
+
+/// What a rank learns about its group.
+#[derive(Debug, Clone, PartialEq, Default)]
+pub struct GroupView {
+    pub ready: bool,
+    pub cancelled: bool,
+    pub addresses: Vec<String>,
+    pub nccl_unique_id: Vec<u8>,
+    pub missing_ranks: Vec<u32>,
+}
+
+/// `cpu` or `cuda` from a device name such as `cuda:3`.
+pub fn device_kind(device: &str) -> &str {
+    device.split(':').next().unwrap_or(device)
+}
+
 pub struct Coordinator {
     pub plan: Plan,
     pub state: RunState,
@@ -79,6 +104,7 @@ pub struct Coordinator {
     pub latest_loss: Option<f64>,
     pub latest_accuracy: Option<f64>,
     next_worker: u64,
+    groups: HashMap<(TaskId, u32), Rendezvous>,
 }
 
 impl Coordinator {
@@ -124,6 +150,7 @@ impl Coordinator {
             latest_loss: None,
             latest_accuracy: None,
             next_worker: 0,
+            groups: HashMap::new(),
         };
         coordinator.persist()?;
         Ok(coordinator)
@@ -166,6 +193,7 @@ impl Coordinator {
                 last_seen: now,
                 alive: true,
                 exited: false,
+                suspect: false,
                 task: None,
                 progress: Progress::default(),
             },
@@ -189,6 +217,7 @@ impl Coordinator {
         match self.workers.get_mut(id) {
             Some(worker) if worker.alive => {
                 worker.last_seen = now;
+                worker.suspect = false;
                 Ok(worker)
             }
             _ => Err(CoordinatorError::UnknownWorker(id.0.clone())),
@@ -210,17 +239,145 @@ impl Coordinator {
             worker.alive = false;
             return Ok(TaskReply::Shutdown);
         }
-        match self.state.assign(id) {
-            Some(task) => {
-                tracing::info!(run = %self.state.run_id, round = task.round, worker = %id, task = %task.id, kind = %task.spec.describe(), "task assigned");
+        let kind = device_kind(&worker.device).to_string();
+        let group_size = self.group_size(&kind, now);
+        match self.state.assign(id, &kind, group_size) {
+            Some(assignment) => {
+                let task = &assignment.task;
+                tracing::info!(
+                    run = %self.state.run_id,
+                    round = task.round,
+                    worker = %id,
+                    task = %task.id,
+                    kind = %task.spec.describe(),
+                    rank = assignment.rank,
+                    world_size = task.world_size,
+                    "task assigned"
+                );
                 let worker = self.worker_mut(id, now)?;
                 worker.task = Some(task.id.clone());
                 worker.progress = Progress::default();
                 self.persist_or_log();
-                Ok(TaskReply::Task(task))
+                Ok(TaskReply::Task(assignment))
             }
             None => Ok(TaskReply::RetryAfter(Duration::from_millis(200))),
         }
+    }
+
+    /// Ranks of a new training group: the plan's `world_size`, or every live worker of the
+    /// device kind that answered lately and is not suspected of being gone.
+    fn group_size(&self, kind: &str, now: Instant) -> u32 {
+        if self.plan.workers.world_size > 0 {
+            return self.plan.workers.world_size;
+        }
+        let recent = HEARTBEAT_INTERVAL * 3;
+        self.workers
+            .values()
+            .filter(|w| {
+                w.alive
+                    && !w.suspect
+                    && device_kind(&w.device) == kind
+                    && now.saturating_duration_since(w.last_seen) <= recent
+            })
+            .count()
+            .max(1) as u32
+    }
+
+    /// A rank says where it listens (rank 0 of an NCCL group also gives the unique id).
+    pub fn join_group(
+        &mut self,
+        id: &WorkerId,
+        task: &TaskId,
+        attempt: u32,
+        rank: u32,
+        address: String,
+        nccl_unique_id: Vec<u8>,
+        now: Instant,
+    ) -> Result<GroupView, CoordinatorError> {
+        self.worker_mut(id, now)?;
+        let Some(record) = self.state.tasks.get(task) else {
+            return Err(CoordinatorError::InvalidRequest(format!(
+                "unknown task `{task}`"
+            )));
+        };
+        if !record.is_run_by(id, attempt) {
+            return Ok(GroupView {
+                cancelled: true,
+                ..GroupView::default()
+            });
+        }
+        if record.workers().get(rank as usize) != Some(id) {
+            return Err(CoordinatorError::InvalidRequest(format!(
+                "worker {id} is not rank {rank} of task {task}"
+            )));
+        }
+        let world_size = record.world_size as usize;
+        let rendezvous = self
+            .groups
+            .entry((task.clone(), attempt))
+            .or_insert_with(|| Rendezvous {
+                addresses: vec![None; world_size],
+                ..Rendezvous::default()
+            });
+        rendezvous.addresses[rank as usize] = Some(address);
+        if rank == 0 && !nccl_unique_id.is_empty() {
+            rendezvous.nccl_unique_id = nccl_unique_id;
+        }
+        tracing::info!(task = %task, attempt, rank, world_size, worker = %id, "rank joined");
+        self.get_group(id, task, attempt, now)
+    }
+
+    /// The state of a group's rendezvous.
+    pub fn get_group(
+        &mut self,
+        id: &WorkerId,
+        task: &TaskId,
+        attempt: u32,
+        now: Instant,
+    ) -> Result<GroupView, CoordinatorError> {
+        self.worker_mut(id, now)?;
+        let running = self
+            .state
+            .tasks
+            .get(task)
+            .is_some_and(|record| record.is_run_by(id, attempt));
+        if !running {
+            self.groups.remove(&(task.clone(), attempt));
+            return Ok(GroupView {
+                cancelled: true,
+                ..GroupView::default()
+            });
+        }
+        let world_size = self
+            .state
+            .tasks
+            .get(task)
+            .map(|t| t.world_size as usize)
+            .unwrap_or(0);
+        let Some(rendezvous) = self.groups.get(&(task.clone(), attempt)) else {
+            return Ok(GroupView {
+                missing_ranks: (0..world_size as u32).collect(),
+                ..GroupView::default()
+            });
+        };
+        let missing_ranks: Vec<u32> = rendezvous
+            .addresses
+            .iter()
+            .enumerate()
+            .filter(|(_, address)| address.is_none())
+            .map(|(rank, _)| rank as u32)
+            .collect();
+        Ok(GroupView {
+            ready: missing_ranks.is_empty(),
+            cancelled: false,
+            addresses: rendezvous
+                .addresses
+                .iter()
+                .map(|a| a.clone().unwrap_or_default())
+                .collect(),
+            nccl_unique_id: rendezvous.nccl_unique_id.clone(),
+            missing_ranks,
+        })
     }
 
     pub fn progress(
@@ -242,11 +399,26 @@ impl Coordinator {
         &mut self,
         id: &WorkerId,
         task: &TaskId,
+        attempt: u32,
         outcome: TaskOutcome,
         now: Instant,
     ) -> Result<Vec<Effect>, CoordinatorError> {
         let worker = self.worker_mut(id, now)?;
         worker.task = None;
+        // A group attempt that fails: its other ranks may be gone; leave them out of the next
+        // group until they are heard of again.
+        if let (TaskOutcome::Failed(_), Some(record)) = (&outcome, self.state.tasks.get(task)) {
+            if record.is_run_by(id, attempt) && record.world_size > 1 {
+                for member in record.workers().to_vec() {
+                    if member != *id {
+                        if let Some(entry) = self.workers.get_mut(&member) {
+                            entry.suspect = true;
+                        }
+                    }
+                }
+                self.groups.remove(&(task.clone(), attempt));
+            }
+        }
         match &outcome {
             TaskOutcome::Failed(error) => {
                 tracing::warn!(run = %self.state.run_id, worker = %id, task = %task, %error, "task failed")
@@ -257,7 +429,7 @@ impl Coordinator {
             }
             _ => tracing::info!(run = %self.state.run_id, worker = %id, task = %task, "task done"),
         }
-        let effects = self.state.complete(task, id, outcome);
+        let effects = self.state.complete(task, id, attempt, outcome);
         self.log_effects(&effects);
         self.persist_or_log();
         Ok(effects)

@@ -14,7 +14,7 @@ use pb::worker_service_server::{WorkerService, WorkerServiceServer};
 use tonic::{Request, Response, Status};
 
 use crate::state::{
-    Effect, ModelRef, ShardRecord, TaskId, TaskOutcome, TaskRecord, TaskSpec, WorkerId,
+    Assignment, Effect, ModelRef, ShardRecord, TaskId, TaskOutcome, TaskSpec, WorkerId,
 };
 use crate::{Coordinator, CoordinatorError, Progress, TaskReply, HEARTBEAT_INTERVAL};
 
@@ -43,7 +43,8 @@ fn role_to_proto(role: Role) -> i32 {
     }
 }
 
-fn task_to_proto(task: &TaskRecord, storage: &str) -> pb::Task {
+fn task_to_proto(assignment: &Assignment, storage: &str) -> pb::Task {
+    let task = &assignment.task;
     let path = |p: &std::path::Path| p.display().to_string();
     let kind = match &task.spec {
         TaskSpec::Train {
@@ -54,6 +55,8 @@ fn task_to_proto(task: &TaskRecord, storage: &str) -> pb::Task {
             role: role_to_proto(*role),
             output_checkpoint: path(output),
             selection_path: selection.as_deref().map(path).unwrap_or_default(),
+            world_size: task.world_size,
+            rank: assignment.rank,
         }),
         TaskSpec::Label {
             teacher,
@@ -85,6 +88,7 @@ fn task_to_proto(task: &TaskRecord, storage: &str) -> pb::Task {
     pb::Task {
         task_id: task.id.0.clone(),
         round: task.round,
+        attempt: task.attempts,
         kind: Some(kind),
     }
 }
@@ -259,6 +263,7 @@ impl WorkerService for WorkerApi {
                 .complete(
                     &WorkerId(result.worker_id),
                     &task_id,
+                    result.attempt,
                     outcome,
                     Instant::now(),
                 )
@@ -266,6 +271,51 @@ impl WorkerService for WorkerApi {
         };
         spawn_effects(&self.shared, effects);
         Ok(Response::new(pb::Ack {}))
+    }
+
+    async fn join_group(
+        &self,
+        request: Request<pb::JoinGroupRequest>,
+    ) -> Result<Response<pb::GroupStatus>, Status> {
+        let request = request.into_inner();
+        let view = lock(&self.shared)
+            .join_group(
+                &WorkerId(request.worker_id),
+                &TaskId(request.task_id),
+                request.attempt,
+                request.rank,
+                request.address,
+                request.nccl_unique_id,
+                Instant::now(),
+            )
+            .map_err(to_status)?;
+        Ok(Response::new(group_to_proto(view)))
+    }
+
+    async fn get_group(
+        &self,
+        request: Request<pb::GetGroupRequest>,
+    ) -> Result<Response<pb::GroupStatus>, Status> {
+        let request = request.into_inner();
+        let view = lock(&self.shared)
+            .get_group(
+                &WorkerId(request.worker_id),
+                &TaskId(request.task_id),
+                request.attempt,
+                Instant::now(),
+            )
+            .map_err(to_status)?;
+        Ok(Response::new(group_to_proto(view)))
+    }
+}
+
+fn group_to_proto(view: crate::GroupView) -> pb::GroupStatus {
+    pb::GroupStatus {
+        ready: view.ready,
+        cancelled: view.cancelled,
+        addresses: view.addresses,
+        nccl_unique_id: view.nccl_unique_id,
+        missing_ranks: view.missing_ranks,
     }
 }
 
@@ -289,7 +339,14 @@ pub fn status_of(coordinator: &Coordinator) -> pb::RunStatus {
                 hostname: worker.hostname.clone(),
                 alive: worker.alive,
                 task_id: task.map(|t| t.id.0.clone()).unwrap_or_default(),
-                task: task.map(|t| t.spec.describe()).unwrap_or_default(),
+                task: task
+                    .map(|t| match t.workers().iter().position(|w| *w == worker.id) {
+                        Some(rank) if t.world_size > 1 => {
+                            format!("{} (rank {rank}/{})", t.spec.describe(), t.world_size)
+                        }
+                        _ => t.spec.describe(),
+                    })
+                    .unwrap_or_default(),
                 step: worker.progress.step,
                 total_steps: worker.progress.total_steps,
                 loss: worker.progress.loss.unwrap_or(f64::NAN),

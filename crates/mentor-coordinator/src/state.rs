@@ -122,7 +122,10 @@ impl TaskSpec {
 #[serde(rename_all = "kebab-case", tag = "state")]
 pub enum TaskState {
     Pending,
-    Running { worker: WorkerId },
+    /// Assigned; `workers[r]` is rank r (one worker unless the task trains a group).
+    Running {
+        workers: Vec<WorkerId>,
+    },
     Done,
 }
 
@@ -132,8 +135,37 @@ pub struct TaskRecord {
     pub round: u32,
     pub spec: TaskSpec,
     pub state: TaskState,
+    /// Attempts so far; the current attempt's number while running.
     pub attempts: u32,
     pub last_error: Option<String>,
+    /// Ranks of the current attempt (1 for tasks that do not train).
+    #[serde(default)]
+    pub world_size: u32,
+    /// Device kind (`cpu`, `cuda`) of the current attempt's group.
+    #[serde(default)]
+    pub device_kind: String,
+}
+
+impl TaskRecord {
+    /// The workers of the current attempt, by rank.
+    pub fn workers(&self) -> &[WorkerId] {
+        match &self.state {
+            TaskState::Running { workers } => workers,
+            _ => &[],
+        }
+    }
+
+    /// Whether `worker` runs the current attempt `attempt` of this task.
+    pub fn is_run_by(&self, worker: &WorkerId, attempt: u32) -> bool {
+        self.attempts == attempt && self.workers().contains(worker)
+    }
+}
+
+/// A task given to a worker, with its rank in the task's group.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Assignment {
+    pub task: TaskRecord,
+    pub rank: u32,
 }
 
 /// A committed pseudo-label shard.
@@ -275,6 +307,8 @@ impl RunState {
                 state: TaskState::Pending,
                 attempts: 0,
                 last_error: None,
+                world_size: 0,
+                device_kind: String::new(),
             },
         );
     }
@@ -293,31 +327,56 @@ impl RunState {
         });
     }
 
-    /// Gives the oldest pending task to `worker`.
-    pub fn assign(&mut self, worker: &WorkerId) -> Option<TaskRecord> {
+    /// Gives `worker` (of `device_kind`) a rank in a training group that is still forming, or
+    /// the oldest pending task. A training task's group gets `group_size` ranks.
+    pub fn assign(
+        &mut self,
+        worker: &WorkerId,
+        device_kind: &str,
+        group_size: u32,
+    ) -> Option<Assignment> {
         if self.is_finished() {
             return None;
+        }
+        let forming = self.tasks.values_mut().find(|task| {
+            matches!(&task.state, TaskState::Running { workers }
+                if (workers.len() as u32) < task.world_size && task.device_kind == device_kind && !workers.contains(worker))
+        });
+        if let Some(task) = forming {
+            if let TaskState::Running { workers } = &mut task.state {
+                workers.push(worker.clone());
+                let rank = workers.len() as u32 - 1;
+                return Some(Assignment {
+                    task: task.clone(),
+                    rank,
+                });
+            }
         }
         let task = self
             .tasks
             .values_mut()
             .find(|task| task.state == TaskState::Pending)?;
+        task.world_size = match task.spec {
+            TaskSpec::Train { .. } => group_size.max(1),
+            _ => 1,
+        };
+        task.device_kind = device_kind.to_string();
         task.state = TaskState::Running {
-            worker: worker.clone(),
+            workers: vec![worker.clone()],
         };
         task.attempts += 1;
-        Some(task.clone())
+        Some(Assignment {
+            task: task.clone(),
+            rank: 0,
+        })
     }
 
-    /// Puts every task running on `worker` back in the queue (the worker is gone).
+    /// Puts every task `worker` takes part in back in the queue (the worker is gone); a
+    /// training group loses its attempt as a whole.
     pub fn worker_lost(&mut self, worker: &WorkerId) -> Vec<TaskId> {
         let mut requeued = Vec::new();
         for task in self.tasks.values_mut() {
-            if task.state
-                == (TaskState::Running {
-                    worker: worker.clone(),
-                })
-            {
+            if task.workers().contains(worker) {
                 task.state = TaskState::Pending;
                 task.last_error = Some(format!("worker {worker} was lost"));
                 requeued.push(task.id.clone());
@@ -336,22 +395,24 @@ impl RunState {
         }
     }
 
-    /// Records the outcome of a task and advances the run when its phase is complete.
+    /// Records the outcome a rank reports for `attempt` of a task and advances the run when its
+    /// phase is complete. A failure of any rank fails the attempt; success is rank 0's to report.
     pub fn complete(
         &mut self,
         task_id: &TaskId,
         worker: &WorkerId,
+        attempt: u32,
         outcome: TaskOutcome,
     ) -> Vec<Effect> {
         let Some(task) = self.tasks.get_mut(task_id) else {
             return Vec::new();
         };
-        if task.state
-            != (TaskState::Running {
-                worker: worker.clone(),
-            })
-        {
-            // A late result from a worker whose task was reassigned: ignore it.
+        if !task.is_run_by(worker, attempt) {
+            // A late result of an attempt that was given up or reassigned: ignore it.
+            return Vec::new();
+        }
+        let is_rank_zero = task.workers().first() == Some(worker);
+        if !is_rank_zero && !matches!(outcome, TaskOutcome::Failed(_)) {
             return Vec::new();
         }
         if let TaskOutcome::Failed(error) = &outcome {

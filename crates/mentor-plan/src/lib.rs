@@ -346,6 +346,43 @@ pub struct WorkersPlan {
     /// A worker silent for this long is declared dead and its task is given to another.
     #[serde(default = "default_heartbeat_timeout")]
     pub heartbeat_timeout_seconds: u64,
+    /// Ranks of a data-parallel training task (0 = every live worker of the device kind).
+    #[serde(default)]
+    pub world_size: u32,
+    /// Transport of gradients: `auto` (NCCL on GPUs, TCP ring on CPUs, none for one rank),
+    /// `single`, `ring` or `nccl`.
+    #[serde(default)]
+    pub collective: CollectiveKind,
+    /// Gradients are all-reduced in buckets of this many megabytes.
+    #[serde(default = "default_bucket_size_mb")]
+    pub bucket_size_mb: f64,
+    /// A collective that makes no progress for this long fails the task.
+    #[serde(default = "default_collective_timeout")]
+    pub collective_timeout_seconds: u64,
+    /// A group whose ranks have not all joined after this long fails the task.
+    #[serde(default = "default_join_timeout")]
+    pub join_timeout_seconds: u64,
+}
+
+/// How gradients travel between the ranks of a training group.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Serialize, Deserialize)]
+#[serde(rename_all = "kebab-case")]
+pub enum CollectiveKind {
+    #[default]
+    Auto,
+    Single,
+    Ring,
+    Nccl,
+}
+
+fn default_bucket_size_mb() -> f64 {
+    25.0
+}
+fn default_collective_timeout() -> u64 {
+    60
+}
+fn default_join_timeout() -> u64 {
+    60
 }
 
 fn default_min_workers() -> u32 {
@@ -360,6 +397,11 @@ impl Default for WorkersPlan {
         WorkersPlan {
             min_workers: default_min_workers(),
             heartbeat_timeout_seconds: default_heartbeat_timeout(),
+            world_size: 0,
+            collective: CollectiveKind::Auto,
+            bucket_size_mb: default_bucket_size_mb(),
+            collective_timeout_seconds: default_collective_timeout(),
+            join_timeout_seconds: default_join_timeout(),
         }
     }
 }
@@ -444,6 +486,24 @@ impl Plan {
         }
         if self.workers.heartbeat_timeout_seconds == 0 {
             return Err(invalid("workers.heartbeat_timeout_seconds", "must be >= 1"));
+        }
+        if !(self.workers.bucket_size_mb > 0.0 && self.workers.bucket_size_mb.is_finite()) {
+            return Err(invalid("workers.bucket_size_mb", "must be > 0"));
+        }
+        if self.workers.collective_timeout_seconds == 0 {
+            return Err(invalid(
+                "workers.collective_timeout_seconds",
+                "must be >= 1",
+            ));
+        }
+        if self.workers.join_timeout_seconds == 0 {
+            return Err(invalid("workers.join_timeout_seconds", "must be >= 1"));
+        }
+        if self.workers.collective == CollectiveKind::Single && self.workers.world_size > 1 {
+            return Err(invalid(
+                "workers.collective",
+                "`single` cannot serve a group of several ranks (workers.world_size > 1)",
+            ));
         }
         Ok(())
     }

@@ -51,6 +51,13 @@ pub struct CnnPlan {
     /// Width added at each round after the first.
     #[serde(default)]
     pub width_growth_per_round: u32,
+    /// Batch normalization after each convolution (off: plain conv-ReLU, no batch statistics).
+    #[serde(default = "default_true")]
+    pub batch_norm: bool,
+}
+
+fn default_true() -> bool {
+    true
 }
 
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]

@@ -6,6 +6,7 @@
 
 pub mod augment;
 pub mod dataset;
+pub mod distributed;
 pub mod models;
 pub mod tasks;
 

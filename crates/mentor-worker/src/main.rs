@@ -7,9 +7,11 @@ use std::time::{Duration, Instant};
 
 use anyhow::Context;
 use clap::Parser;
-use mentor_plan::{Plan, Role};
+use mentor_collective::nccl::NcclLibrary;
+use mentor_plan::{CollectiveKind, Plan, Role};
 use mentor_proto::coordinator::v1 as pb;
 use mentor_worker::dataset::Dataset;
+use mentor_worker::distributed::{GroupJoin, GroupSetup};
 use mentor_worker::tasks::{run_task, ModelSource, Outcome, Progress, TaskKind};
 use pb::worker_service_client::WorkerServiceClient;
 use tokio::sync::{mpsc, oneshot, watch};
@@ -35,6 +37,9 @@ struct Args {
     /// Log format.
     #[arg(long, default_value = "text", value_parser = ["text", "json"])]
     log_format: String,
+    /// Host or IP other workers reach this one at (TCP ring of data-parallel groups).
+    #[arg(long, default_value = "127.0.0.1")]
+    advertise_host: String,
 }
 
 fn init_tracing(format: &str) {
@@ -54,6 +59,7 @@ fn init_tracing(format: &str) {
 /// A task for the libtorch thread, with the channels it answers on.
 struct Job {
     task: TaskKind,
+    group: Option<GroupJoin>,
     progress: mpsc::UnboundedSender<Progress>,
     done: oneshot::Sender<Result<Outcome, String>>,
 }
@@ -85,11 +91,12 @@ fn spawn_torch_thread(
             for job in receiver {
                 let progress = job.progress;
                 let task = job.task;
+                let group = job.group;
                 let result = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
                     let mut report = |p: Progress| {
                         let _ = progress.send(p);
                     };
-                    run_task(&plan, &dataset, &task, &mut report)
+                    run_task(&plan, &dataset, &task, group, &mut report)
                 }))
                 .unwrap_or_else(|panic| {
                     let message = panic
@@ -299,11 +306,13 @@ impl Session {
     async fn complete_task(
         &mut self,
         task_id: &str,
+        attempt: u32,
         outcome: pb::task_result::Outcome,
     ) -> anyhow::Result<()> {
         let mut outage = None;
         loop {
             let result = pb::TaskResult {
+                attempt,
                 worker_id: self.id(),
                 task_id: task_id.to_string(),
                 outcome: Some(outcome.clone()),
@@ -343,7 +352,8 @@ async fn main() -> anyhow::Result<()> {
         .context("the coordinator sent a plan this worker cannot read")?;
     tracing::info!(worker = %reply.worker_id, run = %reply.run_id, device = %args.device, "registered");
 
-    let torch = tokio::task::block_in_place(|| spawn_torch_thread(plan, device, args.threads))?;
+    let torch =
+        tokio::task::block_in_place(|| spawn_torch_thread(plan.clone(), device, args.threads))?;
     let (worker_id, worker_id_updates) = watch::channel(reply.worker_id.clone());
     let mut session = Session {
         client: client.clone(),
@@ -374,12 +384,28 @@ async fn main() -> anyhow::Result<()> {
         })
     };
 
-    let result = task_loop(&mut session, &torch).await;
+    let context = TaskContext {
+        plan,
+        device,
+        advertise_host: args.advertise_host.clone(),
+    };
+    let result = task_loop(&mut session, &context, &torch).await;
     heartbeat.abort();
     result
 }
 
-async fn task_loop(session: &mut Session, torch: &std_mpsc::Sender<Job>) -> anyhow::Result<()> {
+/// What the task loop needs besides the session.
+struct TaskContext {
+    plan: Plan,
+    device: tch::Device,
+    advertise_host: String,
+}
+
+async fn task_loop(
+    session: &mut Session,
+    context: &TaskContext,
+    torch: &std_mpsc::Sender<Job>,
+) -> anyhow::Result<()> {
     loop {
         let task = match session.get_task().await? {
             Some(pb::get_task_response::Reply::Task(task)) => task,
@@ -393,18 +419,162 @@ async fn task_loop(session: &mut Session, torch: &std_mpsc::Sender<Job>) -> anyh
             }
             None => anyhow::bail!("the coordinator sent an empty task reply"),
         };
-        tracing::info!(worker = %session.id(), task = %task.task_id, round = task.round, "task received");
+        tracing::info!(worker = %session.id(), task = %task.task_id, round = task.round, attempt = task.attempt, "task received");
         let result = match task_from_proto(&task) {
-            Ok(kind) => execute(session, &task.task_id, torch, kind).await?,
+            Ok(kind) => match rendezvous(session, context, &task).await? {
+                Ok(group) => execute(session, &task.task_id, torch, kind, group).await?,
+                Err(error) => Err(error),
+            },
             Err(error) => Err(error.to_string()),
         };
         if let Err(message) = &result {
             tracing::error!(worker = %session.id(), task = %task.task_id, error = %message, "task failed");
         }
         session
-            .complete_task(&task.task_id, outcome_to_proto(result))
+            .complete_task(&task.task_id, task.attempt, outcome_to_proto(result))
             .await?;
     }
+}
+
+/// The transport a training group of `world_size` ranks uses on `device`.
+fn choose_collective(
+    plan: &Plan,
+    device: tch::Device,
+    world_size: u32,
+) -> Result<CollectiveKind, String> {
+    let cuda = matches!(device, tch::Device::Cuda(_));
+    match plan.workers.collective {
+        CollectiveKind::Auto if world_size == 1 => Ok(CollectiveKind::Single),
+        CollectiveKind::Auto if cuda => Ok(CollectiveKind::Nccl),
+        CollectiveKind::Auto => Ok(CollectiveKind::Ring),
+        CollectiveKind::Single if world_size > 1 => Err(format!(
+            "workers.collective `single` cannot serve {world_size} ranks"
+        )),
+        CollectiveKind::Nccl if !cuda => {
+            Err("workers.collective `nccl` needs CUDA devices; this worker runs on cpu".into())
+        }
+        CollectiveKind::Ring if world_size == 1 => Ok(CollectiveKind::Single),
+        other => Ok(other),
+    }
+}
+
+/// Joins the data-parallel group of a training task through the coordinator: says where this
+/// rank listens (rank 0 of an NCCL group also makes the unique id), then waits until every
+/// rank has joined, up to `workers.join_timeout_seconds`.
+async fn rendezvous(
+    session: &mut Session,
+    context: &TaskContext,
+    task: &pb::Task,
+) -> anyhow::Result<Result<Option<GroupJoin>, String>> {
+    let Some(pb::task::Kind::Train(train)) = &task.kind else {
+        return Ok(Ok(None));
+    };
+    let (rank, world_size) = (train.rank, train.world_size.max(1));
+    let collective = match choose_collective(&context.plan, context.device, world_size) {
+        Ok(kind) => kind,
+        Err(error) => return Ok(Err(error)),
+    };
+    if collective == CollectiveKind::Single {
+        return Ok(Ok(None));
+    }
+    let workers = &context.plan.workers;
+    let join_timeout = Duration::from_secs(workers.join_timeout_seconds);
+    let (listener, address, unique_id) = match collective {
+        CollectiveKind::Ring => {
+            let bind_host = if context.advertise_host.parse::<std::net::IpAddr>().is_ok() {
+                context.advertise_host.as_str()
+            } else {
+                "0.0.0.0"
+            };
+            let listener = match std::net::TcpListener::bind((bind_host, 0)) {
+                Ok(listener) => listener,
+                Err(error) => {
+                    return Ok(Err(format!(
+                        "failed to open the ring listener on {bind_host}: {error}"
+                    )))
+                }
+            };
+            let port = listener.local_addr().map(|a| a.port()).unwrap_or(0);
+            (
+                Some(listener),
+                format!("{}:{port}", context.advertise_host),
+                Vec::new(),
+            )
+        }
+        _ if rank == 0 => match NcclLibrary::load().and_then(|library| library.unique_id()) {
+            Ok(id) => (None, String::new(), id.to_bytes()),
+            Err(error) => return Ok(Err(error.to_string())),
+        },
+        _ => (None, String::new(), Vec::new()),
+    };
+    let request = pb::JoinGroupRequest {
+        worker_id: session.id(),
+        task_id: task.task_id.clone(),
+        attempt: task.attempt,
+        rank,
+        address,
+        nccl_unique_id: unique_id,
+    };
+    let mut status = session
+        .client
+        .join_group(request)
+        .await
+        .map_err(|status| {
+            anyhow::anyhow!(
+                "failed to join the group of task {}: {status}",
+                task.task_id
+            )
+        })?
+        .into_inner();
+    let deadline = tokio::time::Instant::now() + join_timeout;
+    loop {
+        if status.cancelled {
+            return Ok(Err(
+                "the coordinator cancelled this attempt of the task".into()
+            ));
+        }
+        let nccl_ready = collective != CollectiveKind::Nccl || status.nccl_unique_id.len() == 128;
+        if status.ready && nccl_ready {
+            break;
+        }
+        if tokio::time::Instant::now() >= deadline {
+            return Ok(Err(format!(
+                "ranks {:?} of {world_size} did not join task {} within {}s",
+                status.missing_ranks, task.task_id, workers.join_timeout_seconds
+            )));
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+        let request = pb::GetGroupRequest {
+            worker_id: session.id(),
+            task_id: task.task_id.clone(),
+            attempt: task.attempt,
+        };
+        status = match session.client.get_group(request).await {
+            Ok(reply) => reply.into_inner(),
+            Err(error) => {
+                tracing::warn!(%error, "group status query failed, retrying");
+                continue;
+            }
+        };
+    }
+    tracing::info!(task = %task.task_id, rank, world_size, collective = ?collective, "every rank joined");
+    let setup = match listener {
+        Some(listener) => GroupSetup::Ring {
+            listener,
+            addresses: status.addresses,
+            group: format!("{}/{}", task.task_id, task.attempt),
+            timeout: Duration::from_secs(workers.collective_timeout_seconds),
+            setup_timeout: join_timeout,
+        },
+        None => GroupSetup::Nccl {
+            unique_id: status.nccl_unique_id,
+        },
+    };
+    Ok(Ok(Some(GroupJoin {
+        rank: rank as usize,
+        world_size: world_size as usize,
+        setup,
+    })))
 }
 
 /// Runs a task on the libtorch thread, forwarding its progress to the coordinator.
@@ -413,12 +583,14 @@ async fn execute(
     task_id: &str,
     torch: &std_mpsc::Sender<Job>,
     task: TaskKind,
+    group: Option<GroupJoin>,
 ) -> anyhow::Result<Result<Outcome, String>> {
     let (progress_sender, mut progress_receiver) = mpsc::unbounded_channel();
     let (done_sender, mut done_receiver) = oneshot::channel();
     torch
         .send(Job {
             task,
+            group,
             progress: progress_sender,
             done: done_sender,
         })

@@ -9,8 +9,13 @@ use mentor_plan::{LabelMode, Optimizer, Plan, Role, Schedule, TrainPlan};
 use tch::nn::{self, OptimizerConfig};
 use tch::{Kind, Tensor};
 
+use mentor_collective::chunk_bounds;
+use rand::rngs::StdRng;
+use rand::{Rng, SeedableRng};
+
 use crate::augment::{flip_and_shift, RandAugment};
 use crate::dataset::{to_unit, Dataset};
+use crate::distributed::{Group, GroupJoin};
 use crate::models::{build, Model, ModelConfig};
 
 /// A model checkpoint and the plan section (role, round) that built it.
@@ -81,6 +86,7 @@ pub fn run_task(
     plan: &Plan,
     dataset: &Dataset,
     task: &TaskKind,
+    group: Option<GroupJoin>,
     progress: &mut dyn FnMut(Progress),
 ) -> Result<Outcome, String> {
     match task {
@@ -89,15 +95,37 @@ pub fn run_task(
             round,
             output,
             selection,
-        } => train(
-            plan,
-            dataset,
-            *role,
-            *round,
-            output,
-            selection.as_deref(),
-            progress,
-        ),
+        } => {
+            let bucket_bytes = (plan.workers.bucket_size_mb * 1024.0 * 1024.0) as usize;
+            let mut group = match group {
+                Some(join) => Group::form(
+                    join.rank,
+                    join.world_size,
+                    bucket_bytes,
+                    join.setup,
+                    dataset.device,
+                )
+                .map_err(collective_error)?,
+                None => Group::single(bucket_bytes, dataset.device),
+            };
+            if group.world_size > 1 {
+                tracing::info!(
+                    rank = group.rank,
+                    world_size = group.world_size,
+                    "data-parallel group formed"
+                );
+            }
+            train(
+                plan,
+                dataset,
+                *role,
+                *round,
+                output,
+                selection.as_deref(),
+                &mut group,
+                progress,
+            )
+        }
         TaskKind::Evaluate { model } => evaluate(plan, dataset, model),
         TaskKind::Label {
             teacher,
@@ -166,13 +194,6 @@ pub fn learning_rate(train: &TrainPlan, step: u64) -> f64 {
     }
 }
 
-/// Cross-entropy against target distributions `[n, classes]`.
-fn soft_cross_entropy(logits: &Tensor, targets: &Tensor) -> Tensor {
-    -(targets * logits.log_softmax(-1, Kind::Float))
-        .sum_dim_intlist(-1, false, Kind::Float)
-        .mean(Kind::Float)
-}
-
 fn smoothed_one_hot(labels: &Tensor, classes: i64, smoothing: f64) -> Tensor {
     labels.one_hot(classes).to_kind(Kind::Float) * (1.0 - smoothing) + smoothing / classes as f64
 }
@@ -237,6 +258,18 @@ fn save_checkpoint(vs: &nn::VarStore, output: &Path) -> Result<(), String> {
         .map_err(|e| format!("failed to move checkpoint to `{}`: {e}", output.display()))
 }
 
+/// Sum over rows of the cross-entropy against target distributions.
+fn soft_cross_entropy_sum(logits: &Tensor, targets: &Tensor) -> Tensor {
+    -(targets * logits.log_softmax(-1, Kind::Float)).sum(Kind::Float)
+}
+
+fn collective_error(error: mentor_collective::CollectiveError) -> String {
+    format!("data-parallel group failed: {error}")
+}
+
+/// Trains one role's model as rank `group.rank` of a data-parallel group (DDP semantics: one
+/// global batch per step, each rank a disjoint slice, gradients summed over ranks with the
+/// loss normalised by the global batch; rank 0 writes the checkpoint).
 #[allow(clippy::too_many_arguments)]
 fn train(
     plan: &Plan,
@@ -245,16 +278,30 @@ fn train(
     round: u32,
     output: &Path,
     selection: Option<&Path>,
+    group: &mut Group,
     progress: &mut dyn FnMut(Progress),
 ) -> Result<Outcome, String> {
     let role_plan = plan.role(role);
     let train_plan = &role_plan.train;
     let seed = plan.seed as i64 * 1_000_003 + round as i64 * 101 + role as i64;
+    let (rank, world_size) = (group.rank, group.world_size);
+    let labeled_batch = train_plan.batch_size as usize;
+    let unlabeled_batch = labeled_batch * train_plan.unlabeled_ratio as usize;
+    if labeled_batch < world_size {
+        return Err(format!(
+            "{}.train.batch_size ({labeled_batch}) is smaller than the group ({world_size} ranks)",
+            role.as_str()
+        ));
+    }
     tch::manual_seed(seed);
     let classes = plan.data.classes as i64;
     let vs = nn::VarStore::new(dataset.device);
     let config = model_config(plan, role, round, dataset);
     let model = build(&vs.root(), &config);
+    let variables = vs.trainable_variables();
+    group
+        .broadcast_parameters(&variables)
+        .map_err(collective_error)?;
     let mut optimizer = match train_plan.optimizer {
         Optimizer::Sgd => nn::Sgd {
             momentum: train_plan.momentum,
@@ -279,6 +326,9 @@ fn train(
         )?),
         None => None,
     };
+    // Noise differs per rank; the batch order is the same on every rank (`sampler`).
+    tch::manual_seed(seed + 7919 * rank as i64);
+    let mut sampler = StdRng::seed_from_u64(seed as u64);
     let randaugment = RandAugment::from_plan(&role_plan.noise.randaugment);
     let augment = |images: Tensor| -> Tensor {
         let images = if train_plan.flip_and_shift {
@@ -288,59 +338,74 @@ fn train(
         };
         dataset.model_input(&randaugment.apply(&images), config.resolution)
     };
-    let labeled_batch = train_plan.batch_size as i64;
-    let unlabeled_batch = labeled_batch * train_plan.unlabeled_ratio as i64;
+    let (labeled_start, labeled_end) = chunk_bounds(labeled_batch, world_size, rank);
+    let (unlabeled_start, unlabeled_end) = chunk_bounds(unlabeled_batch, world_size, rank);
     let labeled_count = dataset.labeled.size()[0];
     let device = dataset.device;
+    let global_batch = labeled_batch as f64;
     let started = Instant::now();
     let mut window_started = Instant::now();
-    let mut window_images = 0u64;
-    let mut window_loss = 0.0;
-    let mut window_correct = 0.0;
+    let mut window = [0.0f64; 2]; // loss, correct labeled predictions (this rank's share)
     let mut window_labeled = 0u64;
+    let mut window_images = 0u64;
     let mut last_loss = f64::NAN;
     for step in 0..train_plan.steps {
         optimizer.set_lr(learning_rate(train_plan, step));
-        let picks = Tensor::randint(labeled_count, [labeled_batch], (Kind::Int64, device));
+        let picks: Vec<i64> = (0..labeled_batch)
+            .map(|_| sampler.gen_range(0..labeled_count))
+            .collect();
+        let picks = Tensor::from_slice(&picks[labeled_start..labeled_end]).to_device(device);
         let positions = dataset.labeled.index_select(0, &picks);
         let labels = dataset.train_labels.index_select(0, &positions);
         let labeled_images = augment(dataset.train_batch(&positions));
         let labeled_targets = smoothed_one_hot(&labels, classes, train_plan.label_smoothing);
+        let labeled_rows = (labeled_end - labeled_start) as i64;
         let (loss, logits_labeled) = match &pseudo {
             None => {
                 let logits = model.forward_t(&labeled_images, true);
-                (soft_cross_entropy(&logits, &labeled_targets), logits)
+                (
+                    soft_cross_entropy_sum(&logits, &labeled_targets) / global_batch,
+                    logits,
+                )
             }
             Some(pseudo) => {
-                let rows = Tensor::randint(
-                    pseudo.targets.size()[0],
-                    [unlabeled_batch],
-                    (Kind::Int64, device),
-                );
+                let count = pseudo.targets.size()[0];
+                let rows: Vec<i64> = (0..unlabeled_batch)
+                    .map(|_| sampler.gen_range(0..count))
+                    .collect();
+                let rows =
+                    Tensor::from_slice(&rows[unlabeled_start..unlabeled_end]).to_device(device);
                 let unlabeled_images =
                     augment(dataset.train_batch(&pseudo.positions.index_select(0, &rows)));
                 let targets = pseudo.targets.index_select(0, &rows);
                 let logits =
                     model.forward_t(&Tensor::cat(&[&labeled_images, &unlabeled_images], 0), true);
-                let labeled_logits = logits.narrow(0, 0, labeled_batch);
-                let unlabeled_logits = logits.narrow(0, labeled_batch, unlabeled_batch);
-                let loss = soft_cross_entropy(&labeled_logits, &labeled_targets)
-                    + soft_cross_entropy(&unlabeled_logits, &targets)
-                        * train_plan.unlabeled_ratio as f64;
+                let labeled_logits = logits.narrow(0, 0, labeled_rows);
+                let unlabeled_logits =
+                    logits.narrow(0, labeled_rows, (unlabeled_end - unlabeled_start) as i64);
+                // CE(labeled) + ratio * mean CE(unlabeled), over the global batch.
+                let loss = (soft_cross_entropy_sum(&labeled_logits, &labeled_targets)
+                    + soft_cross_entropy_sum(&unlabeled_logits, &targets))
+                    / global_batch;
                 (loss, labeled_logits)
             }
         };
-        optimizer.backward_step(&loss);
-        last_loss = loss.double_value(&[]);
-        if !last_loss.is_finite() {
+        optimizer.zero_grad();
+        loss.backward();
+        group
+            .all_reduce_gradients(&variables)
+            .map_err(collective_error)?;
+        optimizer.step();
+        let local_loss = loss.double_value(&[]);
+        if !local_loss.is_finite() {
             return Err(format!(
-                "{} training diverged at step {step} (loss {last_loss}); lower {}.train.learning_rate",
+                "{} training diverged at step {step} (loss {local_loss}); lower {}.train.learning_rate",
                 role.as_str(),
                 role.as_str()
             ));
         }
-        window_loss += last_loss;
-        window_correct += logits_labeled
+        window[0] += local_loss;
+        window[1] += logits_labeled
             .argmax(-1, false)
             .eq_tensor(&labels)
             .to_kind(Kind::Float)
@@ -351,33 +416,40 @@ fn train(
             (labeled_batch + if pseudo.is_some() { unlabeled_batch } else { 0 }) as u64;
         let steps_in_window = (step % train_plan.log_every) + 1;
         if steps_in_window == train_plan.log_every || step + 1 == train_plan.steps {
+            group
+                .all_reduce_scalars(&mut window)
+                .map_err(collective_error)?;
+            last_loss = window[0] / steps_in_window as f64;
             let seconds = window_started.elapsed().as_secs_f64().max(1e-9);
             let report = Progress {
                 step: step + 1,
                 total_steps: train_plan.steps,
-                loss: Some(window_loss / steps_in_window as f64),
-                accuracy: Some(window_correct / window_labeled as f64),
+                loss: Some(last_loss),
+                accuracy: Some(window[1] / window_labeled as f64),
                 images_per_second: window_images as f64 / seconds,
             };
             tracing::info!(
                 role = role.as_str(),
                 round,
+                rank,
+                world_size,
                 step = report.step,
                 total = report.total_steps,
-                loss = format!("{:.4}", window_loss / steps_in_window as f64),
-                labeled_accuracy = format!("{:.3}", window_correct / window_labeled as f64),
+                loss = format!("{last_loss:.4}"),
+                labeled_accuracy = format!("{:.3}", window[1] / window_labeled as f64),
                 images_per_second = format!("{:.0}", report.images_per_second),
                 "training"
             );
             progress(report);
             window_started = Instant::now();
-            window_images = 0;
-            window_loss = 0.0;
-            window_correct = 0.0;
+            window = [0.0; 2];
             window_labeled = 0;
+            window_images = 0;
         }
     }
-    save_checkpoint(&vs, output)?;
+    if rank == 0 {
+        save_checkpoint(&vs, output)?;
+    }
     Ok(Outcome::Trained {
         checkpoint: output.to_path_buf(),
         final_loss: last_loss,

@@ -19,7 +19,9 @@ fn finish_pending(state: &mut RunState, w: &WorkerId, accuracy: f64) -> Vec<Effe
     let mut effects = Vec::new();
     let phase = state.phase;
     while state.phase == phase {
-        let Some(task) = state.assign(w) else { break };
+        let Some(task) = state.assign(w, "cpu", 1).map(|a| a.task) else {
+            break;
+        };
         let outcome = match &task.spec {
             TaskSpec::Train { output, .. } => TaskOutcome::Trained {
                 checkpoint: output.clone(),
@@ -42,7 +44,7 @@ fn finish_pending(state: &mut RunState, w: &WorkerId, accuracy: f64) -> Vec<Effe
                 loss: 0.3,
             },
         };
-        effects.extend(state.complete(&task.id, w, outcome));
+        effects.extend(state.complete(&task.id, w, task.attempts, outcome));
     }
     effects
 }
@@ -52,11 +54,17 @@ fn two_rounds_run_through_every_phase() {
     let mut state = new_run();
     let w = worker("w1");
     assert_eq!(state.phase, Phase::WaitingForWorkers);
-    assert!(state.assign(&w).is_none(), "no task before the run starts");
+    assert!(
+        state.assign(&w, "cpu", 1).map(|a| a.task).is_none(),
+        "no task before the run starts"
+    );
     state.start();
     assert_eq!(state.phase, Phase::TrainTeacher);
 
-    let teacher = state.assign(&w).expect("teacher task");
+    let teacher = state
+        .assign(&w, "cpu", 1)
+        .map(|a| a.task)
+        .expect("teacher task");
     assert!(matches!(
         teacher.spec,
         TaskSpec::Train {
@@ -67,6 +75,7 @@ fn two_rounds_run_through_every_phase() {
     state.complete(
         &teacher.id,
         &w,
+        teacher.attempts,
         TaskOutcome::Trained {
             checkpoint: "/runs/tiny/checkpoints/round-1-teacher.safetensors".into(),
             final_loss: 1.0,
@@ -93,13 +102,16 @@ fn two_rounds_run_through_every_phase() {
         vec![0, 1, 2, 3]
     );
     assert!(
-        state.assign(&w).is_none(),
+        state.assign(&w, "cpu", 1).map(|a| a.task).is_none(),
         "nothing to do while the coordinator filters"
     );
 
     state.filter_done(1, 1200, "/runs/tiny/selections/round-1.safetensors".into());
     assert_eq!(state.phase, Phase::TrainStudent);
-    let student = state.assign(&w).expect("student task");
+    let student = state
+        .assign(&w, "cpu", 1)
+        .map(|a| a.task)
+        .expect("student task");
     match &student.spec {
         TaskSpec::Train {
             role, selection, ..
@@ -112,6 +124,7 @@ fn two_rounds_run_through_every_phase() {
     state.complete(
         &student.id,
         &w,
+        student.attempts,
         TaskOutcome::Trained {
             checkpoint: "/runs/tiny/checkpoints/round-1-student.safetensors".into(),
             final_loss: 1.0,
@@ -142,7 +155,7 @@ fn two_rounds_run_through_every_phase() {
     assert_eq!(state.rounds.len(), 2);
     assert_eq!(state.rounds[1].student_test_accuracy, Some(0.8));
     assert_eq!(state.rounds[1].kept, 1300);
-    assert!(state.assign(&w).is_none());
+    assert!(state.assign(&w, "cpu", 1).map(|a| a.task).is_none());
 }
 
 #[test]
@@ -150,16 +163,23 @@ fn lost_worker_tasks_go_to_another_worker() {
     let mut state = new_run();
     state.start();
     let (a, b) = (worker("a"), worker("b"));
-    let task = state.assign(&a).expect("task");
-    assert!(state.assign(&b).is_none(), "only one task exists");
+    let task = state.assign(&a, "cpu", 1).map(|a| a.task).expect("task");
+    assert!(
+        state.assign(&b, "cpu", 1).map(|a| a.task).is_none(),
+        "only one task exists"
+    );
     assert_eq!(state.worker_lost(&a), vec![task.id.clone()]);
-    let again = state.assign(&b).expect("requeued");
+    let again = state
+        .assign(&b, "cpu", 1)
+        .map(|a| a.task)
+        .expect("requeued");
     assert_eq!(again.id, task.id);
     assert_eq!(again.attempts, 2);
     // The lost worker's late answer is ignored.
     let late = state.complete(
         &task.id,
         &a,
+        task.attempts,
         TaskOutcome::Trained {
             checkpoint: "x".into(),
             final_loss: 0.0,
@@ -175,8 +195,13 @@ fn a_task_failing_three_times_fails_the_run() {
     state.start();
     let w = worker("w");
     for attempt in 1..=MAX_ATTEMPTS {
-        let task = state.assign(&w).expect("task");
-        let effects = state.complete(&task.id, &w, TaskOutcome::Failed("out of memory".into()));
+        let task = state.assign(&w, "cpu", 1).map(|a| a.task).expect("task");
+        let effects = state.complete(
+            &task.id,
+            &w,
+            task.attempts,
+            TaskOutcome::Failed("out of memory".into()),
+        );
         if attempt < MAX_ATTEMPTS {
             assert!(effects.is_empty());
             assert!(!state.is_finished());
@@ -216,11 +241,90 @@ fn restart_requeues_running_tasks_and_state_round_trips() {
     let mut state = new_run();
     state.start();
     let w = worker("w");
-    state.assign(&w).expect("task");
+    state.assign(&w, "cpu", 1).map(|a| a.task).expect("task");
     let json = serde_json::to_string(&state).expect("serialize");
     let mut restored: RunState = serde_json::from_str(&json).expect("deserialize");
     assert_eq!(restored, state);
     restored.requeue_running();
-    let task = restored.assign(&worker("other")).expect("requeued task");
+    let task = restored
+        .assign(&worker("other"), "cpu", 1)
+        .map(|a| a.task)
+        .expect("requeued task");
     assert_eq!(task.attempts, 1);
+}
+
+#[test]
+fn a_training_task_forms_a_group_of_ranks() {
+    let mut state = new_run();
+    state.start();
+    let (a, b, c) = (worker("a"), worker("b"), worker("c"));
+    let first = state.assign(&a, "cpu", 2).expect("rank 0");
+    assert_eq!((first.rank, first.task.world_size), (0, 2));
+    assert!(
+        state.assign(&c, "cuda", 2).is_none(),
+        "another device kind does not join"
+    );
+    let second = state.assign(&b, "cpu", 2).expect("rank 1");
+    assert_eq!(second.rank, 1);
+    assert_eq!(second.task.id, first.task.id);
+    assert!(state.assign(&c, "cpu", 2).is_none(), "the group is full");
+
+    // Rank 1's success does not finish the task; rank 0's does.
+    let trained = |path: &str| TaskOutcome::Trained {
+        checkpoint: path.into(),
+        final_loss: 0.1,
+    };
+    assert!(state
+        .complete(&first.task.id, &b, 1, trained("x"))
+        .is_empty());
+    assert_eq!(state.phase, Phase::TrainTeacher);
+    state.complete(
+        &first.task.id,
+        &a,
+        1,
+        trained("/runs/tiny/checkpoints/round-1-teacher.safetensors"),
+    );
+    assert_eq!(state.phase, Phase::Label);
+}
+
+#[test]
+fn a_failed_rank_fails_the_attempt_and_stale_reports_are_ignored() {
+    let mut state = new_run();
+    state.start();
+    let (a, b) = (worker("a"), worker("b"));
+    let task = state.assign(&a, "cpu", 2).expect("rank 0").task;
+    state.assign(&b, "cpu", 2).expect("rank 1");
+    state.complete(
+        &task.id,
+        &b,
+        1,
+        TaskOutcome::Failed("rank 0 did not answer".into()),
+    );
+    assert_eq!(state.tasks[&task.id].state, TaskState::Pending);
+    // Rank 0's late report of the failed attempt changes nothing.
+    let late = state.complete(
+        &task.id,
+        &a,
+        1,
+        TaskOutcome::Failed("rank 1 closed the connection".into()),
+    );
+    assert!(late.is_empty());
+    // The second attempt is a new group, possibly smaller.
+    let again = state.assign(&a, "cpu", 1).expect("second attempt");
+    assert_eq!((again.task.attempts, again.task.world_size), (2, 1));
+    assert!(
+        state
+            .complete(
+                &task.id,
+                &a,
+                1,
+                TaskOutcome::Trained {
+                    checkpoint: "x".into(),
+                    final_loss: 0.0
+                }
+            )
+            .is_empty(),
+        "a result of the first attempt does not finish the second"
+    );
+    assert_eq!(state.worker_lost(&a), vec![task.id.clone()]);
 }

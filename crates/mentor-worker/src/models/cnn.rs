@@ -7,22 +7,37 @@ use tch::Tensor;
 
 use super::{conv, drop_path, ModelConfig};
 
+/// A 3x3 convolution followed by batch norm, or a biased convolution without it.
 #[derive(Debug)]
 struct ConvBn {
     conv: nn::Conv2D,
-    bn: nn::BatchNorm,
+    bn: Option<nn::BatchNorm>,
 }
 
 impl ConvBn {
-    fn new(path: nn::Path, input: i64, output: i64) -> ConvBn {
+    fn new(path: nn::Path, input: i64, output: i64, batch_norm: bool) -> ConvBn {
+        if !batch_norm {
+            let config = nn::ConvConfig {
+                padding: 1,
+                ..Default::default()
+            };
+            return ConvBn {
+                conv: nn::conv2d(&path / "conv", input, output, 3, config),
+                bn: None,
+            };
+        }
         ConvBn {
             conv: conv(&path / "conv", input, output, 3, 1, 1),
-            bn: nn::batch_norm2d(&path / "bn", output, Default::default()),
+            bn: Some(nn::batch_norm2d(&path / "bn", output, Default::default())),
         }
     }
 
     fn forward_t(&self, xs: &Tensor, train: bool) -> Tensor {
-        self.bn.forward_t(&self.conv.forward(xs), train)
+        let xs = self.conv.forward(xs);
+        match &self.bn {
+            Some(bn) => bn.forward_t(&xs, train),
+            None => xs,
+        }
     }
 }
 
@@ -57,20 +72,23 @@ impl Cnn {
         let blocks = plan.residual_blocks as usize;
         let hidden = plan.hidden as i64;
         let spatial = config.resolution / 4;
+        let norm = plan.batch_norm;
         Cnn {
-            stage1: ConvBn::new(root / "stage1", config.channels, width),
-            stage2: ConvBn::new(root / "stage2", width, 2 * width),
+            stage1: ConvBn::new(root / "stage1", config.channels, width, norm),
+            stage2: ConvBn::new(root / "stage2", width, 2 * width, norm),
             blocks: (0..blocks)
                 .map(|index| ResidualBlock {
                     first: ConvBn::new(
                         root / format!("block{index}") / "first",
                         2 * width,
                         2 * width,
+                        norm,
                     ),
                     second: ConvBn::new(
                         root / format!("block{index}") / "second",
                         2 * width,
                         2 * width,
+                        norm,
                     ),
                     survival: config.survival(index, blocks),
                 })

@@ -102,6 +102,7 @@ fn every_model_gives_batch_by_classes() {
                 residual_blocks: 2,
                 hidden: 8,
                 width_growth_per_round: 0,
+                batch_norm: true,
             }),
             28,
         ),

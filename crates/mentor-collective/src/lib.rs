@@ -1,0 +1,78 @@
+//! Collectives for data-parallel training, on host memory (`f32` slices) or device pointers.
+//!
+//! - [`SingleProcess`]: world size 1, every collective is the identity.
+//! - [`TcpRing`]: ring all-reduce (reduce-scatter then all-gather) and broadcast over TCP
+//!   between processes, on one host or several; every socket operation has a timeout, so a
+//!   dead or silent peer makes the collective fail instead of hanging.
+//! - [`nccl`]: NCCL loaded at run time (`libnccl.so.2`, as shipped with the torch wheel), for
+//!   GPU tensors. Nothing here links CUDA: the crate builds and tests on machines without it.
+//!
+//! This crate knows nothing of tensors, models or the coordinator; the rendezvous (who is rank
+//! r, where does it listen) is the caller's.
+
+pub mod nccl;
+mod ring;
+
+pub use ring::{RingConfig, TcpRing};
+
+/// Why a collective failed.
+#[derive(Debug, thiserror::Error)]
+pub enum CollectiveError {
+    #[error("rank {peer} did not answer within {seconds:.0}s during {operation}")]
+    Timeout {
+        peer: usize,
+        operation: &'static str,
+        seconds: f64,
+    },
+    #[error("connection to rank {peer} failed during {operation}: {source}")]
+    Peer {
+        peer: usize,
+        operation: &'static str,
+        source: std::io::Error,
+    },
+    #[error("group setup failed: {0}")]
+    Setup(String),
+    #[error("NCCL: {0}")]
+    Nccl(String),
+}
+
+/// A collective over `f32` host buffers, the same for every backend above the transport.
+pub trait HostCollective: Send {
+    fn rank(&self) -> usize;
+    fn world_size(&self) -> usize;
+    /// Replaces `data` by the element-wise sum over all ranks.
+    fn all_reduce_sum(&mut self, data: &mut [f32]) -> Result<(), CollectiveError>;
+    /// Replaces `data` on every rank by `root`'s.
+    fn broadcast(&mut self, data: &mut [f32], root: usize) -> Result<(), CollectiveError>;
+}
+
+/// World size 1.
+#[derive(Debug, Default)]
+pub struct SingleProcess;
+
+impl HostCollective for SingleProcess {
+    fn rank(&self) -> usize {
+        0
+    }
+
+    fn world_size(&self) -> usize {
+        1
+    }
+
+    fn all_reduce_sum(&mut self, _data: &mut [f32]) -> Result<(), CollectiveError> {
+        Ok(())
+    }
+
+    fn broadcast(&mut self, _data: &mut [f32], _root: usize) -> Result<(), CollectiveError> {
+        Ok(())
+    }
+}
+
+/// The `[start, end)` bounds of chunk `index` when `len` elements are split in `parts`.
+pub fn chunk_bounds(len: usize, parts: usize, index: usize) -> (usize, usize) {
+    let base = len / parts;
+    let extra = len % parts;
+    let start = index * base + index.min(extra);
+    let size = base + usize::from(index < extra);
+    (start, start + size)
+}

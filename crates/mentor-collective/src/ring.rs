@@ -1,0 +1,398 @@
+//! Ring all-reduce and broadcast over TCP.
+//!
+//! Rank r keeps one outgoing connection to rank r+1 and one incoming from rank r-1. All-reduce
+//! is a reduce-scatter then an all-gather, W-1 steps each, every step sending one chunk while
+//! receiving another (bandwidth-optimal: each rank sends 2(W-1)/W of the data).
+
+use std::io::{ErrorKind, Read, Write};
+use std::net::{TcpListener, TcpStream};
+use std::time::{Duration, Instant};
+
+use crate::{chunk_bounds, CollectiveError, HostCollective};
+
+const MAGIC: &[u8; 4] = b"MNTR";
+
+/// How to join a ring.
+#[derive(Debug)]
+pub struct RingConfig {
+    pub rank: usize,
+    pub world_size: usize,
+    /// This rank's bound listener (its address is `addresses[rank]`).
+    pub listener: TcpListener,
+    /// `host:port` of every rank's listener, by rank.
+    pub addresses: Vec<String>,
+    /// Identifies the group, so a stray connection from another group is refused.
+    pub group: String,
+    /// Every send and receive fails after this long without progress.
+    pub timeout: Duration,
+    /// Forming the ring fails after this long.
+    pub setup_timeout: Duration,
+}
+
+/// A formed ring.
+#[derive(Debug)]
+pub struct TcpRing {
+    rank: usize,
+    world_size: usize,
+    next: TcpStream,
+    previous: TcpStream,
+    timeout: Duration,
+    scratch: Vec<f32>,
+}
+
+fn handshake(group: &str, rank: usize) -> Vec<u8> {
+    let mut bytes = MAGIC.to_vec();
+    bytes.extend_from_slice(&(group.len() as u32).to_le_bytes());
+    bytes.extend_from_slice(group.as_bytes());
+    bytes.extend_from_slice(&(rank as u32).to_le_bytes());
+    bytes
+}
+
+impl TcpRing {
+    /// Connects to the next rank and accepts the previous one.
+    pub fn connect(config: RingConfig) -> Result<TcpRing, CollectiveError> {
+        let RingConfig {
+            rank,
+            world_size,
+            listener,
+            addresses,
+            group,
+            timeout,
+            setup_timeout,
+        } = config;
+        if world_size < 2 || rank >= world_size || addresses.len() != world_size {
+            return Err(CollectiveError::Setup(format!(
+                "a ring needs world size >= 2, rank < world size and one address per rank (rank {rank}, world size {world_size}, {} addresses)",
+                addresses.len()
+            )));
+        }
+        let deadline = Instant::now() + setup_timeout;
+        let next_rank = (rank + 1) % world_size;
+        let previous_rank = (rank + world_size - 1) % world_size;
+
+        let mut next = loop {
+            match TcpStream::connect(&addresses[next_rank]) {
+                Ok(stream) => break stream,
+                Err(error) if Instant::now() < deadline => {
+                    let _ = error;
+                    std::thread::sleep(Duration::from_millis(50));
+                }
+                Err(error) => {
+                    return Err(CollectiveError::Setup(format!(
+                        "rank {rank} could not connect to rank {next_rank} at {} within {setup_timeout:?}: {error}",
+                        addresses[next_rank]
+                    )))
+                }
+            }
+        };
+        configure(&next, timeout).map_err(|e| peer_error(next_rank, "setup", e, timeout))?;
+        next.write_all(&handshake(&group, rank))
+            .map_err(|e| peer_error(next_rank, "setup", e, timeout))?;
+
+        listener
+            .set_nonblocking(true)
+            .map_err(|e| CollectiveError::Setup(e.to_string()))?;
+        let expected = handshake(&group, previous_rank);
+        let previous = loop {
+            match listener.accept() {
+                Ok((mut stream, _)) => {
+                    stream
+                        .set_nonblocking(false)
+                        .map_err(|e| CollectiveError::Setup(e.to_string()))?;
+                    configure(&stream, timeout).map_err(|e| peer_error(previous_rank, "setup", e, timeout))?;
+                    let mut received = vec![0u8; expected.len()];
+                    if stream.read_exact(&mut received).is_ok() && received == expected {
+                        break stream;
+                    }
+                    // Not our previous rank (another group, or a port scanner): drop it.
+                }
+                Err(error) if error.kind() == ErrorKind::WouldBlock && Instant::now() < deadline => {
+                    std::thread::sleep(Duration::from_millis(10));
+                }
+                Err(error) if error.kind() == ErrorKind::WouldBlock => {
+                    return Err(CollectiveError::Setup(format!(
+                        "rank {rank} was not joined by rank {previous_rank} within {setup_timeout:?}"
+                    )))
+                }
+                Err(error) => return Err(CollectiveError::Setup(error.to_string())),
+            }
+        };
+        Ok(TcpRing {
+            rank,
+            world_size,
+            next,
+            previous,
+            timeout,
+            scratch: Vec::new(),
+        })
+    }
+
+    fn next_rank(&self) -> usize {
+        (self.rank + 1) % self.world_size
+    }
+
+    fn previous_rank(&self) -> usize {
+        (self.rank + self.world_size - 1) % self.world_size
+    }
+
+    /// Sends `outgoing` to the next rank while receiving `incoming.len()` values from the
+    /// previous one.
+    fn exchange(
+        &mut self,
+        outgoing: &[f32],
+        incoming: &mut [f32],
+        operation: &'static str,
+    ) -> Result<(), CollectiveError> {
+        let (next_rank, previous_rank, timeout) =
+            (self.next_rank(), self.previous_rank(), self.timeout);
+        let next = &mut self.next;
+        let previous = &mut self.previous;
+        std::thread::scope(|scope| {
+            let sender = scope.spawn(move || next.write_all(bytemuck::cast_slice(outgoing)));
+            let received = previous
+                .read_exact(bytemuck::cast_slice_mut(incoming))
+                .map_err(|e| peer_error(previous_rank, operation, e, timeout));
+            let sent = sender
+                .join()
+                .unwrap_or_else(|_| Err(std::io::Error::other("sender thread panicked")))
+                .map_err(|e| peer_error(next_rank, operation, e, timeout));
+            received.and(sent)
+        })
+    }
+}
+
+fn configure(stream: &TcpStream, timeout: Duration) -> std::io::Result<()> {
+    stream.set_nodelay(true)?;
+    stream.set_read_timeout(Some(timeout))?;
+    stream.set_write_timeout(Some(timeout))
+}
+
+fn peer_error(
+    peer: usize,
+    operation: &'static str,
+    source: std::io::Error,
+    timeout: Duration,
+) -> CollectiveError {
+    match source.kind() {
+        ErrorKind::WouldBlock | ErrorKind::TimedOut => CollectiveError::Timeout {
+            peer,
+            operation,
+            seconds: timeout.as_secs_f64(),
+        },
+        _ => CollectiveError::Peer {
+            peer,
+            operation,
+            source,
+        },
+    }
+}
+
+impl HostCollective for TcpRing {
+    fn rank(&self) -> usize {
+        self.rank
+    }
+
+    fn world_size(&self) -> usize {
+        self.world_size
+    }
+
+    fn all_reduce_sum(&mut self, data: &mut [f32]) -> Result<(), CollectiveError> {
+        let world = self.world_size;
+        let len = data.len();
+        let largest = chunk_bounds(len, world, 0).1;
+        let mut scratch = std::mem::take(&mut self.scratch);
+        scratch.resize(largest, 0.0);
+        let result = (|| {
+            // Reduce-scatter: after W-1 steps rank r holds the full sum of chunk r+1.
+            for step in 0..world - 1 {
+                let send = (self.rank + world - step) % world;
+                let receive = (self.rank + world - step - 1) % world;
+                let (send_start, send_end) = chunk_bounds(len, world, send);
+                let (receive_start, receive_end) = chunk_bounds(len, world, receive);
+                let incoming = &mut scratch[..receive_end - receive_start];
+                self.exchange(&data[send_start..send_end], incoming, "all-reduce")?;
+                for (value, received) in data[receive_start..receive_end]
+                    .iter_mut()
+                    .zip(incoming.iter())
+                {
+                    *value += received;
+                }
+            }
+            // All-gather: pass the reduced chunks around the ring.
+            for step in 0..world - 1 {
+                let send = (self.rank + 1 + world - step) % world;
+                let receive = (self.rank + world - step) % world;
+                let (send_start, send_end) = chunk_bounds(len, world, send);
+                let (receive_start, receive_end) = chunk_bounds(len, world, receive);
+                let incoming = &mut scratch[..receive_end - receive_start];
+                self.exchange(&data[send_start..send_end], incoming, "all-reduce")?;
+                data[receive_start..receive_end].copy_from_slice(incoming);
+            }
+            Ok(())
+        })();
+        self.scratch = scratch;
+        result
+    }
+
+    fn broadcast(&mut self, data: &mut [f32], root: usize) -> Result<(), CollectiveError> {
+        let (next_rank, previous_rank, timeout) =
+            (self.next_rank(), self.previous_rank(), self.timeout);
+        if self.rank != root {
+            self.previous
+                .read_exact(bytemuck::cast_slice_mut(data))
+                .map_err(|e| peer_error(previous_rank, "broadcast", e, timeout))?;
+        }
+        if next_rank != root {
+            self.next
+                .write_all(bytemuck::cast_slice(data))
+                .map_err(|e| peer_error(next_rank, "broadcast", e, timeout))?;
+        }
+        Ok(())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// Forms a ring of `world` threads on loopback and runs `body` on each rank.
+    fn ring<T: Send + 'static>(
+        world: usize,
+        body: impl Fn(&mut TcpRing) -> T + Send + Sync + Copy + 'static,
+    ) -> Vec<T> {
+        let listeners: Vec<TcpListener> = (0..world)
+            .map(|_| TcpListener::bind("127.0.0.1:0").expect("bind"))
+            .collect();
+        let addresses: Vec<String> = listeners
+            .iter()
+            .map(|l| l.local_addr().expect("addr").to_string())
+            .collect();
+        let handles: Vec<_> = listeners
+            .into_iter()
+            .enumerate()
+            .map(|(rank, listener)| {
+                let addresses = addresses.clone();
+                std::thread::spawn(move || {
+                    let mut ring = TcpRing::connect(RingConfig {
+                        rank,
+                        world_size: world,
+                        listener,
+                        addresses,
+                        group: "test".into(),
+                        timeout: Duration::from_secs(10),
+                        setup_timeout: Duration::from_secs(10),
+                    })
+                    .expect("ring");
+                    body(&mut ring)
+                })
+            })
+            .collect();
+        handles
+            .into_iter()
+            .map(|h| h.join().expect("rank thread"))
+            .collect()
+    }
+
+    #[test]
+    fn all_reduce_sums_over_ranks_for_odd_sizes() {
+        for world in [2, 3, 4] {
+            let results = ring(world, |ring| {
+                let rank = ring.rank() as f32;
+                let mut data: Vec<f32> = (0..1001).map(|i| i as f32 + rank * 1000.0).collect();
+                ring.all_reduce_sum(&mut data).expect("all-reduce");
+                let mut tiny = vec![rank + 1.0];
+                ring.all_reduce_sum(&mut tiny)
+                    .expect("all-reduce of one value");
+                (data, tiny[0])
+            });
+            let world_f = world as f32;
+            let rank_sum = (0..world).map(|r| r as f32).sum::<f32>();
+            for (data, tiny) in results {
+                assert_eq!(tiny, (1..=world).map(|r| r as f32).sum::<f32>());
+                for (i, value) in data.iter().enumerate() {
+                    assert_eq!(
+                        *value,
+                        i as f32 * world_f + rank_sum * 1000.0,
+                        "world {world}, index {i}"
+                    );
+                }
+            }
+        }
+    }
+
+    #[test]
+    fn broadcast_copies_the_root() {
+        let results = ring(3, |ring| {
+            let mut data = vec![ring.rank() as f32; 17];
+            ring.broadcast(&mut data, 1).expect("broadcast");
+            data
+        });
+        for data in results {
+            assert_eq!(data, vec![1.0; 17]);
+        }
+    }
+
+    #[test]
+    fn a_dead_peer_fails_the_collective_instead_of_hanging() {
+        let listeners: Vec<TcpListener> = (0..2)
+            .map(|_| TcpListener::bind("127.0.0.1:0").expect("bind"))
+            .collect();
+        let addresses: Vec<String> = listeners
+            .iter()
+            .map(|l| l.local_addr().expect("addr").to_string())
+            .collect();
+        let mut listeners = listeners.into_iter();
+        let config = |rank, listener| RingConfig {
+            rank,
+            world_size: 2,
+            listener,
+            addresses: addresses.clone(),
+            group: "g".into(),
+            timeout: Duration::from_millis(500),
+            setup_timeout: Duration::from_secs(5),
+        };
+        let first = config(0, listeners.next().expect("listener"));
+        let second = config(1, listeners.next().expect("listener"));
+        let silent = std::thread::spawn(move || {
+            let ring = TcpRing::connect(second).expect("ring");
+            // Joins, then never takes part: keeps the sockets open without answering.
+            std::thread::sleep(Duration::from_secs(2));
+            drop(ring);
+        });
+        let mut ring = TcpRing::connect(first).expect("ring");
+        let started = Instant::now();
+        let mut data = vec![1.0f32; 1 << 20];
+        let error = ring.all_reduce_sum(&mut data).expect_err("must fail");
+        assert!(
+            started.elapsed() < Duration::from_secs(2),
+            "took {:?}",
+            started.elapsed()
+        );
+        assert!(error.to_string().contains("rank 1"), "{error}");
+        silent.join().expect("thread");
+    }
+
+    #[test]
+    fn a_missing_rank_fails_the_setup_with_its_number() {
+        let listener = TcpListener::bind("127.0.0.1:0").expect("bind");
+        let unused = TcpListener::bind("127.0.0.1:0").expect("bind");
+        let addresses = vec![
+            listener.local_addr().expect("a").to_string(),
+            unused.local_addr().expect("b").to_string(),
+        ];
+        let error = TcpRing::connect(RingConfig {
+            rank: 0,
+            world_size: 2,
+            listener,
+            addresses,
+            group: "g".into(),
+            timeout: Duration::from_secs(1),
+            setup_timeout: Duration::from_millis(500),
+        })
+        .expect_err("nobody joins");
+        assert!(
+            error.to_string().contains("was not joined by rank 1"),
+            "{error}"
+        );
+    }
+}

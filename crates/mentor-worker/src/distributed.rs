@@ -1,0 +1,326 @@
+//! Data-parallel training groups on tensors: the one layer the training loop talks to,
+//! whatever the transport (single process, TCP ring, NCCL).
+//!
+//! Like PyTorch DDP: rank 0's parameters are broadcast once, gradients are summed over ranks
+//! in buckets of `bucket_bytes` after each backward pass (the loss is normalised by the global
+//! batch, so the sum is the global mean gradient), and batch-norm statistics stay local.
+#![allow(unsafe_code)]
+
+use std::time::Duration;
+
+use mentor_collective::nccl::{NcclComm, NcclLibrary, UniqueId};
+use mentor_collective::{CollectiveError, HostCollective, RingConfig, SingleProcess, TcpRing};
+use tch::{Device, Kind, Tensor};
+
+/// The transport under a group.
+pub enum Transport {
+    /// Host collectives (single process or TCP ring); device tensors go through host memory.
+    Host(Box<dyn HostCollective>),
+    /// NCCL on the GPU, on the default stream.
+    Nccl(NcclComm),
+}
+
+impl std::fmt::Debug for Transport {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            Transport::Host(_) => f.write_str("Transport::Host"),
+            Transport::Nccl(comm) => write!(f, "Transport::Nccl({comm:?})"),
+        }
+    }
+}
+
+/// One rank of a training group.
+#[derive(Debug)]
+pub struct Group {
+    pub rank: usize,
+    pub world_size: usize,
+    pub bucket_bytes: usize,
+    device: Device,
+    transport: Transport,
+}
+
+/// A rank's place in its group and how to reach the others.
+#[derive(Debug)]
+pub struct GroupJoin {
+    pub rank: usize,
+    pub world_size: usize,
+    pub setup: GroupSetup,
+}
+
+/// How a rank joins its group, as the rendezvous decided.
+#[derive(Debug)]
+pub enum GroupSetup {
+    Single,
+    Ring {
+        listener: std::net::TcpListener,
+        addresses: Vec<String>,
+        group: String,
+        timeout: Duration,
+        setup_timeout: Duration,
+    },
+    Nccl {
+        unique_id: Vec<u8>,
+    },
+}
+
+impl Group {
+    /// A group of one (no communication).
+    pub fn single(bucket_bytes: usize, device: Device) -> Group {
+        Group {
+            rank: 0,
+            world_size: 1,
+            bucket_bytes,
+            device,
+            transport: Transport::Host(Box::new(SingleProcess)),
+        }
+    }
+
+    /// Forms the group (blocking: connects the ring or initialises NCCL).
+    pub fn form(
+        rank: usize,
+        world_size: usize,
+        bucket_bytes: usize,
+        setup: GroupSetup,
+        device: Device,
+    ) -> Result<Group, CollectiveError> {
+        let transport = match setup {
+            GroupSetup::Single => Transport::Host(Box::new(SingleProcess)),
+            GroupSetup::Ring {
+                listener,
+                addresses,
+                group,
+                timeout,
+                setup_timeout,
+            } => Transport::Host(Box::new(TcpRing::connect(RingConfig {
+                rank,
+                world_size,
+                listener,
+                addresses,
+                group,
+                timeout,
+                setup_timeout,
+            })?)),
+            GroupSetup::Nccl { unique_id } => {
+                if !matches!(device, Device::Cuda(_)) || !tch::Cuda::is_available() {
+                    return Err(CollectiveError::Nccl(
+                        "cannot form a GPU (NCCL) group: this worker has no CUDA device".into(),
+                    ));
+                }
+                let library = NcclLibrary::load()?;
+                let id = UniqueId::from_bytes(&unique_id)?;
+                Transport::Nccl(NcclComm::init(library, &id, rank, world_size)?)
+            }
+        };
+        Ok(Group {
+            rank,
+            world_size,
+            bucket_bytes,
+            device,
+            transport,
+        })
+    }
+
+    /// Sums a contiguous f32 tensor over ranks, in place.
+    pub fn all_reduce_sum(&mut self, tensor: &mut Tensor) -> Result<(), CollectiveError> {
+        if self.world_size == 1 {
+            return Ok(());
+        }
+        match &mut self.transport {
+            Transport::Host(collective) => {
+                let mut values = host_values(tensor)?;
+                collective.all_reduce_sum(&mut values)?;
+                write_back(tensor, &values);
+                Ok(())
+            }
+            Transport::Nccl(comm) => {
+                let count = tensor.numel();
+                // SAFETY: the tensor is contiguous f32 on this GPU and outlives the call: the
+                // default stream runs the collective before any later use of `tensor`.
+                unsafe { comm.all_reduce_sum_f32(tensor.data_ptr(), count, std::ptr::null_mut()) }
+            }
+        }
+    }
+
+    /// Replaces a contiguous f32 tensor by `root`'s, in place.
+    pub fn broadcast(&mut self, tensor: &mut Tensor, root: usize) -> Result<(), CollectiveError> {
+        if self.world_size == 1 {
+            return Ok(());
+        }
+        match &mut self.transport {
+            Transport::Host(collective) => {
+                let mut values = host_values(tensor)?;
+                collective.broadcast(&mut values, root)?;
+                write_back(tensor, &values);
+                Ok(())
+            }
+            Transport::Nccl(comm) => {
+                let count = tensor.numel();
+                // SAFETY: as for `all_reduce_sum`.
+                unsafe { comm.broadcast_f32(tensor.data_ptr(), count, root, std::ptr::null_mut()) }
+            }
+        }
+    }
+
+    /// Copies rank 0's values of `variables` to every rank.
+    pub fn broadcast_parameters(&mut self, variables: &[Tensor]) -> Result<(), CollectiveError> {
+        if self.world_size == 1 {
+            return Ok(());
+        }
+        let _guard = tch::no_grad_guard();
+        for bucket in buckets(variables, self.bucket_bytes) {
+            let mut flat = flatten(&bucket);
+            self.broadcast(&mut flat, 0)?;
+            unflatten_into(&flat, &bucket);
+        }
+        Ok(())
+    }
+
+    /// Sums the gradients of `variables` over ranks, bucket by bucket. A variable without a
+    /// gradient this step (unused) takes part with zeros and keeps no gradient.
+    pub fn all_reduce_gradients(&mut self, variables: &[Tensor]) -> Result<(), CollectiveError> {
+        if self.world_size == 1 {
+            return Ok(());
+        }
+        let _guard = tch::no_grad_guard();
+        let gradients: Vec<Tensor> = variables
+            .iter()
+            .map(|variable| {
+                let gradient = variable.grad();
+                if gradient.defined() {
+                    gradient
+                } else {
+                    variable.zeros_like()
+                }
+            })
+            .collect();
+        for bucket in buckets(&gradients, self.bucket_bytes) {
+            let mut flat = flatten(&bucket);
+            self.all_reduce_sum(&mut flat)?;
+            unflatten_into(&flat, &bucket);
+        }
+        Ok(())
+    }
+
+    /// Sums a few scalars over ranks (losses, counts).
+    pub fn all_reduce_scalars(&mut self, values: &mut [f64]) -> Result<(), CollectiveError> {
+        if self.world_size == 1 {
+            return Ok(());
+        }
+        let device = match &self.transport {
+            Transport::Nccl(_) => self.device,
+            Transport::Host(_) => Device::Cpu,
+        };
+        let mut tensor = Tensor::from_slice(&values.iter().map(|&v| v as f32).collect::<Vec<_>>())
+            .to_device(device);
+        self.all_reduce_sum(&mut tensor)?;
+        let summed = Vec::<f32>::try_from(tensor.to_device(Device::Cpu))
+            .map_err(|e| CollectiveError::Setup(e.to_string()))?;
+        for (value, sum) in values.iter_mut().zip(summed) {
+            *value = sum as f64;
+        }
+        Ok(())
+    }
+}
+
+fn host_values(tensor: &Tensor) -> Result<Vec<f32>, CollectiveError> {
+    Vec::<f32>::try_from(
+        tensor
+            .to_device(Device::Cpu)
+            .to_kind(Kind::Float)
+            .flatten(0, -1),
+    )
+    .map_err(|e| CollectiveError::Setup(format!("tensor to host: {e}")))
+}
+
+fn write_back(tensor: &mut Tensor, values: &[f32]) {
+    let host = Tensor::from_slice(values).view(tensor.size().as_slice());
+    let _guard = tch::no_grad_guard();
+    tensor.copy_(&host.to_device(tensor.device()));
+}
+
+/// Groups tensors into consecutive buckets of at most `bucket_bytes` (at least one tensor each).
+fn buckets(tensors: &[Tensor], bucket_bytes: usize) -> Vec<Vec<Tensor>> {
+    let mut buckets: Vec<Vec<Tensor>> = Vec::new();
+    let mut current: Vec<Tensor> = Vec::new();
+    let mut current_bytes = 0usize;
+    for tensor in tensors {
+        let bytes = tensor.numel() * 4;
+        if !current.is_empty() && current_bytes + bytes > bucket_bytes {
+            buckets.push(std::mem::take(&mut current));
+            current_bytes = 0;
+        }
+        current.push(tensor.shallow_clone());
+        current_bytes += bytes;
+    }
+    if !current.is_empty() {
+        buckets.push(current);
+    }
+    buckets
+}
+
+fn flatten(tensors: &[Tensor]) -> Tensor {
+    let parts: Vec<Tensor> = tensors
+        .iter()
+        .map(|t| t.detach().to_kind(Kind::Float).flatten(0, -1))
+        .collect();
+    Tensor::cat(&parts, 0).contiguous()
+}
+
+fn unflatten_into(flat: &Tensor, tensors: &[Tensor]) {
+    let mut offset = 0;
+    for tensor in tensors {
+        let count = tensor.numel() as i64;
+        let mut target = tensor.shallow_clone();
+        target.copy_(&flat.narrow(0, offset, count).view(tensor.size().as_slice()));
+        offset += count;
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn buckets_respect_the_size_and_keep_order() {
+        let tensors: Vec<Tensor> = [10i64, 10, 30, 5]
+            .iter()
+            .map(|&n| Tensor::zeros([n], (Kind::Float, Device::Cpu)))
+            .collect();
+        let sizes: Vec<Vec<i64>> = buckets(&tensors, 80)
+            .iter()
+            .map(|b| b.iter().map(|t| t.numel() as i64).collect())
+            .collect();
+        assert_eq!(sizes, vec![vec![10, 10], vec![30], vec![5]]);
+    }
+
+    #[test]
+    fn flatten_and_unflatten_round_trip() {
+        let a = Tensor::from_slice(&[1f32, 2., 3., 4.]).view([2, 2]);
+        let b = Tensor::from_slice(&[5f32]);
+        let flat = flatten(&[a.shallow_clone(), b.shallow_clone()]) * 2.0;
+        unflatten_into(&flat, &[a.shallow_clone(), b.shallow_clone()]);
+        assert_eq!(
+            Vec::<f32>::try_from(a.flatten(0, -1)).expect("a"),
+            vec![2., 4., 6., 8.]
+        );
+        assert_eq!(Vec::<f32>::try_from(b).expect("b"), vec![10.]);
+    }
+
+    #[test]
+    fn an_nccl_group_without_cuda_is_refused_clearly() {
+        let error = Group::form(
+            0,
+            2,
+            1 << 20,
+            GroupSetup::Nccl {
+                unique_id: vec![0; 128],
+            },
+            Device::Cpu,
+        )
+        .expect_err("no CUDA");
+        assert_eq!(
+            error.to_string(),
+            "NCCL: cannot form a GPU (NCCL) group: this worker has no CUDA device"
+        );
+    }
+}

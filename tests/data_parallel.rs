@@ -1,0 +1,216 @@
+//! Data-parallel training across worker processes (TCP ring on CPU): two ranks end where one
+//! worker with the same global batch ends, and a rank that dies fails its group without hangs.
+
+use std::path::{Path, PathBuf};
+use std::time::Duration;
+
+use mentor_e2e::{binary, wait_for, workspace_root, Process};
+use mentor_proto::coordinator::v1 as pb;
+
+/// The tiny plan, one round, with a deterministic teacher: no batch norm, no augmentation,
+/// no dropout, so that data-parallel ranks can match a single worker exactly.
+fn deterministic_plan(world_size: u32, min_workers: u32, teacher_steps: u32) -> String {
+    let tiny = std::fs::read_to_string(workspace_root().join("deploy/plans/tiny.toml"))
+        .expect("tiny plan");
+    let plan = tiny
+        .replacen("rounds = 2", "rounds = 1", 1)
+        .replacen(
+            "min_workers = 2",
+            &format!("min_workers = {min_workers}\nworld_size = {world_size}"),
+            1,
+        )
+        .replacen(
+            "[teacher.model]\nkind = \"cnn\"\nwidth = 8\nhidden = 32",
+            "[teacher.model]\nkind = \"cnn\"\nwidth = 8\nhidden = 32\nbatch_norm = false",
+            1,
+        )
+        .replacen(
+            "[teacher.train]\nsteps = 30\nbatch_size = 32",
+            &format!(
+                "[teacher.train]\nsteps = {teacher_steps}\nbatch_size = 32\nflip_and_shift = false"
+            ),
+            1,
+        );
+    assert!(plan.contains("batch_norm = false") && plan.contains("flip_and_shift = false"));
+    plan
+}
+
+struct Run {
+    dir: tempfile::TempDir,
+    coordinator: Process,
+    address: String,
+    runtime: tokio::runtime::Runtime,
+}
+
+impl Run {
+    fn start(plan_text: &str) -> Run {
+        let runtime = tokio::runtime::Runtime::new().expect("runtime");
+        let dir = tempfile::tempdir().expect("tempdir");
+        let plan = dir.path().join("plan.toml");
+        std::fs::write(&plan, plan_text).expect("write plan");
+        let state_dir = dir.path().join("run");
+        let mut coordinator = Process::start(
+            &binary("coordinator"),
+            &[
+                "--plan",
+                plan.to_str().expect("utf-8"),
+                "--listen",
+                "127.0.0.1:0",
+                "--state-dir",
+                state_dir.to_str().expect("utf-8"),
+            ],
+            dir.path().join("coordinator.log"),
+        );
+        let address = wait_for("the coordinator's address", Duration::from_secs(60), || {
+            assert!(
+                coordinator.is_running(),
+                "coordinator exited:\n{}",
+                coordinator.log_text()
+            );
+            std::fs::read_to_string(state_dir.join("coordinator.addr"))
+                .ok()
+                .map(|a| a.trim().to_string())
+                .filter(|a| !a.is_empty())
+        });
+        Run {
+            dir,
+            coordinator,
+            address,
+            runtime,
+        }
+    }
+
+    fn worker(&self, name: &str) -> Process {
+        Process::start(
+            &binary("worker"),
+            &["--coordinator", &self.address, "--threads", "1"],
+            self.dir.path().join(format!("{name}.log")),
+        )
+    }
+
+    fn status(&self) -> Option<pb::RunStatus> {
+        self.runtime.block_on(async {
+            let mut client =
+                pb::status_service_client::StatusServiceClient::connect(self.address.clone())
+                    .await
+                    .ok()?;
+            Some(
+                client
+                    .get_status(pb::GetStatusRequest {})
+                    .await
+                    .ok()?
+                    .into_inner(),
+            )
+        })
+    }
+
+    fn wait_finished(&mut self) -> pb::RunStatus {
+        wait_for("the run to finish", Duration::from_secs(600), || {
+            assert!(
+                self.coordinator.is_running(),
+                "coordinator exited:\n{}",
+                self.coordinator.log_text()
+            );
+            self.status().filter(|s| s.status != "running")
+        })
+    }
+
+    fn teacher(&self) -> PathBuf {
+        self.dir
+            .path()
+            .join("run/checkpoints/round-1-teacher.safetensors")
+    }
+}
+
+fn read_checkpoint(path: &Path) -> Vec<(String, Vec<f32>)> {
+    let bytes = std::fs::read(path).unwrap_or_else(|e| panic!("{}: {e}", path.display()));
+    let tensors = safetensors::SafeTensors::deserialize(&bytes).expect("safetensors");
+    let mut named: Vec<(String, Vec<f32>)> = tensors
+        .tensors()
+        .into_iter()
+        .map(|(name, view)| {
+            assert_eq!(view.dtype(), safetensors::Dtype::F32, "{name}");
+            let values = view
+                .data()
+                .chunks_exact(4)
+                .map(|c| f32::from_le_bytes([c[0], c[1], c[2], c[3]]))
+                .collect();
+            (name, values)
+        })
+        .collect();
+    named.sort_by(|a, b| a.0.cmp(&b.0));
+    named
+}
+
+#[test]
+fn two_ranks_end_with_the_parameters_of_one_worker() {
+    let mut single = Run::start(&deterministic_plan(1, 1, 20));
+    let _solo = single.worker("solo");
+    let single_status = single.wait_finished();
+    assert_eq!(single_status.status, "succeeded", "{}", single_status.error);
+
+    let mut pair = Run::start(&deterministic_plan(2, 2, 20));
+    let workers = [pair.worker("rank-a"), pair.worker("rank-b")];
+    let pair_status = pair.wait_finished();
+    assert_eq!(pair_status.status, "succeeded", "{}", pair_status.error);
+    let logs: String = workers.iter().map(|w| w.log_text()).collect();
+    assert_eq!(
+        logs.matches("data-parallel group formed").count(),
+        4,
+        "teacher and student trained on 2 ranks:\n{logs}"
+    );
+
+    let one = read_checkpoint(&single.teacher());
+    let two = read_checkpoint(&pair.teacher());
+    assert_eq!(
+        one.iter().map(|t| &t.0).collect::<Vec<_>>(),
+        two.iter().map(|t| &t.0).collect::<Vec<_>>()
+    );
+    let mut largest = 0f32;
+    let mut changed = false;
+    for ((name, a), (_, b)) in one.iter().zip(&two) {
+        for (x, y) in a.iter().zip(b) {
+            largest = largest.max((x - y).abs());
+        }
+        changed |= a.iter().any(|v| *v != 0.0);
+        assert_eq!(a.len(), b.len(), "{name}");
+    }
+    assert!(changed);
+    assert!(largest < 1e-4, "parameters differ by up to {largest}");
+}
+
+#[test]
+fn a_dead_rank_fails_its_group_and_the_task_reruns_without_it() {
+    let mut run = Run::start(&deterministic_plan(0, 2, 3000));
+    let mut doomed = run.worker("doomed");
+    let survivor = run.worker("survivor");
+    wait_for("both ranks to train", Duration::from_secs(120), || {
+        let status = run.status()?;
+        let training = status
+            .workers
+            .iter()
+            .filter(|w| w.task.starts_with("train teacher (rank") && w.step > 0)
+            .count();
+        (training == 2).then_some(())
+    });
+    doomed.child.kill().expect("kill a rank");
+    let _ = doomed.child.wait();
+    let status = run.wait_finished();
+    assert_eq!(status.status, "succeeded", "{}", status.error);
+    let survivor_log = survivor.log_text();
+    assert!(
+        survivor_log.contains("data-parallel group failed"),
+        "{survivor_log}"
+    );
+    // The rerun formed a group of one, without waiting for the dead worker.
+    let coordinator_log = run.coordinator.log_text();
+    let reruns = coordinator_log
+        .lines()
+        .filter(|line| {
+            line.contains("task assigned")
+                && line.contains("kind=train teacher")
+                && line.contains("world_size=1")
+        })
+        .count();
+    assert_eq!(reruns, 1, "{coordinator_log}");
+}
