@@ -135,29 +135,57 @@ impl TcpRing {
         (self.rank + self.world_size - 1) % self.world_size
     }
 
-    /// Sends `outgoing` to the next rank while receiving `incoming.len()` values from the
-    /// previous one.
+    /// Sends `data[send]` to the next rank while receiving as many values as `data[receive]`
+    /// holds from the previous one, which are added to (`reduce`) or copied into
+    /// `data[receive]`. Received data is reduced segment by segment, while it is still hot in
+    /// cache and while the next segment is on the wire.
     fn exchange(
         &mut self,
-        outgoing: &[f32],
-        incoming: &mut [f32],
-        operation: &'static str,
+        data: &mut [f32],
+        send: (usize, usize),
+        receive: (usize, usize),
+        reduce: bool,
     ) -> Result<(), CollectiveError> {
-        let (next_rank, previous_rank, timeout) =
-            (self.next_rank(), self.previous_rank(), self.timeout);
+        const SEGMENT: usize = 64 * 1024;
+        let (next_rank, previous_rank, timeout) = (self.next_rank(), self.previous_rank(), self.timeout);
+        let (outgoing, incoming) = disjoint(data, send, receive);
         let next = &mut self.next;
         let previous = &mut self.previous;
+        let scratch = &mut self.scratch;
+        scratch.resize(SEGMENT.min(incoming.len()), 0.0);
         std::thread::scope(|scope| {
             let sender = scope.spawn(move || next.write_all(bytemuck::cast_slice(outgoing)));
-            let received = previous
-                .read_exact(bytemuck::cast_slice_mut(incoming))
-                .map_err(|e| peer_error(previous_rank, operation, e, timeout));
+            let received = (|| {
+                if !reduce {
+                    return previous.read_exact(bytemuck::cast_slice_mut(incoming));
+                }
+                for segment in incoming.chunks_mut(SEGMENT) {
+                    let buffer = &mut scratch[..segment.len()];
+                    previous.read_exact(bytemuck::cast_slice_mut(buffer))?;
+                    for (value, received) in segment.iter_mut().zip(buffer.iter()) {
+                        *value += received;
+                    }
+                }
+                Ok(())
+            })()
+            .map_err(|e| peer_error(previous_rank, "all-reduce", e, timeout));
             let sent = sender
                 .join()
                 .unwrap_or_else(|_| Err(std::io::Error::other("sender thread panicked")))
-                .map_err(|e| peer_error(next_rank, operation, e, timeout));
+                .map_err(|e| peer_error(next_rank, "all-reduce", e, timeout));
             received.and(sent)
         })
+    }
+}
+
+/// `data[a]` and `data[b]` for two disjoint ranges, the second one mutable.
+fn disjoint(data: &mut [f32], a: (usize, usize), b: (usize, usize)) -> (&[f32], &mut [f32]) {
+    if a.0 < b.0 {
+        let (left, right) = data.split_at_mut(b.0);
+        (&left[a.0..a.1], &mut right[..b.1 - b.0])
+    } else {
+        let (left, right) = data.split_at_mut(a.0);
+        (&right[..a.1 - a.0], &mut left[b.0..b.1])
     }
 }
 
@@ -199,39 +227,19 @@ impl HostCollective for TcpRing {
     fn all_reduce_sum(&mut self, data: &mut [f32]) -> Result<(), CollectiveError> {
         let world = self.world_size;
         let len = data.len();
-        let largest = chunk_bounds(len, world, 0).1;
-        let mut scratch = std::mem::take(&mut self.scratch);
-        scratch.resize(largest, 0.0);
-        let result = (|| {
-            // Reduce-scatter: after W-1 steps rank r holds the full sum of chunk r+1.
-            for step in 0..world - 1 {
-                let send = (self.rank + world - step) % world;
-                let receive = (self.rank + world - step - 1) % world;
-                let (send_start, send_end) = chunk_bounds(len, world, send);
-                let (receive_start, receive_end) = chunk_bounds(len, world, receive);
-                let incoming = &mut scratch[..receive_end - receive_start];
-                self.exchange(&data[send_start..send_end], incoming, "all-reduce")?;
-                for (value, received) in data[receive_start..receive_end]
-                    .iter_mut()
-                    .zip(incoming.iter())
-                {
-                    *value += received;
-                }
-            }
-            // All-gather: pass the reduced chunks around the ring.
-            for step in 0..world - 1 {
-                let send = (self.rank + 1 + world - step) % world;
-                let receive = (self.rank + world - step) % world;
-                let (send_start, send_end) = chunk_bounds(len, world, send);
-                let (receive_start, receive_end) = chunk_bounds(len, world, receive);
-                let incoming = &mut scratch[..receive_end - receive_start];
-                self.exchange(&data[send_start..send_end], incoming, "all-reduce")?;
-                data[receive_start..receive_end].copy_from_slice(incoming);
-            }
-            Ok(())
-        })();
-        self.scratch = scratch;
-        result
+        // Reduce-scatter: after W-1 steps rank r holds the full sum of chunk r+1.
+        for step in 0..world - 1 {
+            let send = chunk_bounds(len, world, (self.rank + world - step) % world);
+            let receive = chunk_bounds(len, world, (self.rank + world - step - 1) % world);
+            self.exchange(data, send, receive, true)?;
+        }
+        // All-gather: pass the reduced chunks around the ring.
+        for step in 0..world - 1 {
+            let send = chunk_bounds(len, world, (self.rank + 1 + world - step) % world);
+            let receive = chunk_bounds(len, world, (self.rank + world - step) % world);
+            self.exchange(data, send, receive, false)?;
+        }
+        Ok(())
     }
 
     fn broadcast(&mut self, data: &mut [f32], root: usize) -> Result<(), CollectiveError> {

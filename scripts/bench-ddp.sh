@@ -1,0 +1,47 @@
+#!/usr/bin/env bash
+# Data-parallel training throughput on Fashion-MNIST: this project's workers' training path
+# over the TCP ring against PyTorch DDP (gloo), same model, global batch and data, 1 thread per
+# process, in the same run. Prints img/s for 1 and 2 processes and the ratio mentor / PyTorch.
+#
+#   scripts/bench-ddp.sh [--batch 256] [--steps 200]
+set -euo pipefail
+ROOT="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
+batch=256
+steps=200
+while [ $# -gt 0 ]; do
+  case "$1" in
+    --batch) batch="$2"; shift 2 ;;
+    --steps) steps="$2"; shift 2 ;;
+    *) echo "bench-ddp.sh: unknown argument $1" >&2; exit 2 ;;
+  esac
+done
+eval "$("$ROOT/scripts/setup.sh" --print-env)"
+(cd "$ROOT" && cargo build --release --quiet --bin bench-ddp)
+results="$(mktemp)"
+trap 'rm -f "$results"' EXIT
+free_port() { python3 -c 'import socket; s=socket.socket(); s.bind(("127.0.0.1",0)); print(s.getsockname()[1])'; }
+
+for world in 1 2; do
+  base=$(( $(free_port) % 20000 + 30000 ))
+  pids=()
+  for rank in $(seq 0 $((world - 1))); do
+    "$CARGO_TARGET_DIR/release/bench-ddp" --rank "$rank" --world-size "$world" --base-port "$base" \
+      --batch "$batch" --steps "$steps" >>"$results" &
+    pids+=("$!")
+  done
+  for pid in "${pids[@]}"; do wait "$pid"; done
+  python3 "$ROOT/benches/ddp_train.py" --world-size "$world" --port "$(free_port)" \
+    --batch "$batch" --steps "$steps" | grep '^{' >>"$results"
+done
+
+python3 - "$results" <<'PY'
+import json, sys
+rows = [json.loads(l) for l in open(sys.argv[1]) if l.startswith("{")]
+by = {(r["impl"], r["world_size"]): r for r in rows}
+print(f"{'processes':>9} {'mentor img/s':>13} {'pytorch img/s':>14} {'ratio':>6}")
+for world in (1, 2):
+    ours, theirs = by.get(("mentor", world)), by.get(("pytorch", world))
+    if ours and theirs:
+        print(f"{world:>9} {ours['images_per_second']:>13.0f} {theirs['images_per_second']:>14.0f} "
+              f"{ours['images_per_second'] / theirs['images_per_second']:>6.2f}")
+PY
