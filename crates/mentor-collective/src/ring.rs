@@ -147,7 +147,8 @@ impl TcpRing {
         reduce: bool,
     ) -> Result<(), CollectiveError> {
         const SEGMENT: usize = 64 * 1024;
-        let (next_rank, previous_rank, timeout) = (self.next_rank(), self.previous_rank(), self.timeout);
+        let (next_rank, previous_rank, timeout) =
+            (self.next_rank(), self.previous_rank(), self.timeout);
         let (outgoing, incoming) = disjoint(data, send, receive);
         let next = &mut self.next;
         let previous = &mut self.previous;

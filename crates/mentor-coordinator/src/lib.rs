@@ -80,6 +80,18 @@ struct Rendezvous {
     nccl_unique_id: Vec<u8>,
 }
 
+/// A rank joining the group of `attempt` of a training task.
+#[derive(Debug, Clone, PartialEq)]
+pub struct GroupJoin {
+    pub task: TaskId,
+    pub attempt: u32,
+    pub rank: u32,
+    /// `host:port` of the rank's ring listener (empty for NCCL).
+    pub address: String,
+    /// Rank 0 of an NCCL group: the unique id.
+    pub nccl_unique_id: Vec<u8>,
+}
+
 /// What a rank learns about its group.
 #[derive(Debug, Clone, PartialEq, Default)]
 pub struct GroupView {
@@ -287,13 +299,17 @@ impl Coordinator {
     pub fn join_group(
         &mut self,
         id: &WorkerId,
-        task: &TaskId,
-        attempt: u32,
-        rank: u32,
-        address: String,
-        nccl_unique_id: Vec<u8>,
+        join: GroupJoin,
         now: Instant,
     ) -> Result<GroupView, CoordinatorError> {
+        let GroupJoin {
+            task,
+            attempt,
+            rank,
+            address,
+            nccl_unique_id,
+        } = join;
+        let task = &task;
         self.worker_mut(id, now)?;
         let Some(record) = self.state.tasks.get(task) else {
             return Err(CoordinatorError::InvalidRequest(format!(

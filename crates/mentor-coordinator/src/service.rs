@@ -281,11 +281,13 @@ impl WorkerService for WorkerApi {
         let view = lock(&self.shared)
             .join_group(
                 &WorkerId(request.worker_id),
-                &TaskId(request.task_id),
-                request.attempt,
-                request.rank,
-                request.address,
-                request.nccl_unique_id,
+                crate::GroupJoin {
+                    task: TaskId(request.task_id),
+                    attempt: request.attempt,
+                    rank: request.rank,
+                    address: request.address,
+                    nccl_unique_id: request.nccl_unique_id,
+                },
                 Instant::now(),
             )
             .map_err(to_status)?;

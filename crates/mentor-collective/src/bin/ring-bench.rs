@@ -9,7 +9,9 @@ use mentor_collective::{HostCollective, RingConfig, TcpRing};
 
 fn argument(name: &str) -> Option<String> {
     let args: Vec<String> = std::env::args().collect();
-    args.iter().position(|a| a == name).and_then(|i| args.get(i + 1).cloned())
+    args.iter()
+        .position(|a| a == name)
+        .and_then(|i| args.get(i + 1).cloned())
 }
 
 fn main() -> Result<(), Box<dyn std::error::Error>> {
@@ -22,8 +24,12 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
         .split(',')
         .map(|s| s.parse())
         .collect::<Result<_, _>>()?;
-    let iterations: usize = argument("--iterations").unwrap_or_else(|| "5".into()).parse()?;
-    let addresses: Vec<String> = (0..world_size).map(|r| format!("127.0.0.1:{}", base_port + r as u16)).collect();
+    let iterations: usize = argument("--iterations")
+        .unwrap_or_else(|| "5".into())
+        .parse()?;
+    let addresses: Vec<String> = (0..world_size)
+        .map(|r| format!("127.0.0.1:{}", base_port + r as u16))
+        .collect();
     let listener = TcpListener::bind(&addresses[rank])?;
     let mut ring = TcpRing::connect(RingConfig {
         rank,

@@ -67,7 +67,9 @@ unlabeled_ratio = 1
     let plan = Plan::from_toml_str(&plan_text).context("benchmark plan")?;
     let dataset = Dataset::load(&plan, tch::Device::Cpu)?;
     let group = (args.world_size > 1).then(|| -> anyhow::Result<GroupJoin> {
-        let addresses: Vec<String> = (0..args.world_size).map(|r| format!("127.0.0.1:{}", args.base_port + r as u16)).collect();
+        let addresses: Vec<String> = (0..args.world_size)
+            .map(|r| format!("127.0.0.1:{}", args.base_port + r as u16))
+            .collect();
         Ok(GroupJoin {
             rank: args.rank,
             world_size: args.world_size,
@@ -82,10 +84,24 @@ unlabeled_ratio = 1
     });
     let group = group.transpose()?;
     let output = std::env::temp_dir().join(format!("bench-ddp-{}.safetensors", std::process::id()));
-    let task = TaskKind::Train { role: Role::Teacher, round: 1, output: output.clone(), selection: None };
-    let outcome = run_task(&plan, &dataset, &task, group, &mut |_| {}).map_err(anyhow::Error::msg)?;
+    let task = TaskKind::Train {
+        role: Role::Teacher,
+        round: 1,
+        output: output.clone(),
+        selection: None,
+    };
+    let outcome =
+        run_task(&plan, &dataset, &task, group, &mut |_| {}).map_err(anyhow::Error::msg)?;
     let _ = std::fs::remove_file(&output);
-    if let (0, Outcome::Trained { seconds, final_loss, .. }) = (args.rank, outcome) {
+    if let (
+        0,
+        Outcome::Trained {
+            seconds,
+            final_loss,
+            ..
+        },
+    ) = (args.rank, outcome)
+    {
         let images = (args.batch as u64 * args.steps as u64) as f64;
         println!(
             "{}",

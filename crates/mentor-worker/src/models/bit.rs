@@ -4,9 +4,9 @@
 
 use mentor_plan::{BitPlan, Stem};
 use tch::nn::{self, Module, ModuleT};
-use tch::{Kind, Tensor};
+use tch::Tensor;
 
-use super::{drop_path, global_average_pool, resnet, ModelConfig};
+use super::{drop_path, global_average_pool, resnet, InPlace, ModelConfig};
 
 /// A convolution whose weight is standardised per output channel before use.
 #[derive(Debug)]
@@ -33,8 +33,7 @@ impl StdConv {
 impl Module for StdConv {
     fn forward(&self, xs: &Tensor) -> Tensor {
         let dims: &[i64] = &[1, 2, 3];
-        let mean = self.weight.mean_dim(dims, true, Kind::Float);
-        let variance = self.weight.var_dim(dims, false, true);
+        let (variance, mean) = self.weight.var_mean_dim(dims, false, true);
         let weight = (&self.weight - mean) / (variance + 1e-10).sqrt();
         xs.conv2d(
             &weight,
@@ -80,14 +79,18 @@ impl Unit {
     }
 
     fn forward_t(&self, xs: &Tensor, train: bool) -> Tensor {
-        let activated = self.gn1.forward(xs).relu();
+        let activated = self.gn1.forward(xs).relu_in_place();
         let shortcut = match &self.downsample {
             Some(projection) => projection.forward(&activated),
             None => xs.shallow_clone(),
         };
         let residual = self.conv1.forward(&activated);
-        let residual = self.conv2.forward(&self.gn2.forward(&residual).relu());
-        let residual = self.conv3.forward(&self.gn3.forward(&residual).relu());
+        let residual = self
+            .conv2
+            .forward(&self.gn2.forward(&residual).relu_in_place());
+        let residual = self
+            .conv3
+            .forward(&self.gn3.forward(&residual).relu_in_place());
         shortcut + drop_path(&residual, self.survival, train)
     }
 }
@@ -152,7 +155,7 @@ impl ModuleT for Bit {
         for unit in &self.units {
             xs = unit.forward_t(&xs, train);
         }
-        let xs = global_average_pool(&self.norm.forward(&xs).relu());
+        let xs = global_average_pool(&self.norm.forward(&xs).relu_in_place());
         self.head.forward(&xs.dropout(self.dropout, train))
     }
 }

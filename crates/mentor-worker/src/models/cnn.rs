@@ -5,7 +5,7 @@ use mentor_plan::CnnPlan;
 use tch::nn::{self, Module, ModuleT};
 use tch::Tensor;
 
-use super::{conv, drop_path, ModelConfig};
+use super::{conv, drop_path, InPlace, ModelConfig};
 
 /// A 3x3 convolution followed by batch norm, or a biased convolution without it.
 #[derive(Debug)]
@@ -50,9 +50,9 @@ struct ResidualBlock {
 
 impl ResidualBlock {
     fn forward_t(&self, xs: &Tensor, train: bool) -> Tensor {
-        let residual = self.first.forward_t(xs, train).relu();
+        let residual = self.first.forward_t(xs, train).relu_in_place();
         let residual = self.second.forward_t(&residual, train);
-        (xs + drop_path(&residual, self.survival, train)).relu()
+        (xs + drop_path(&residual, self.survival, train)).relu_in_place()
     }
 }
 
@@ -115,17 +115,17 @@ impl ModuleT for Cnn {
         let xs = self
             .stage1
             .forward_t(xs, train)
-            .relu()
+            .relu_in_place()
             .max_pool2d_default(2);
         let mut xs = self
             .stage2
             .forward_t(&xs, train)
-            .relu()
+            .relu_in_place()
             .max_pool2d_default(2);
         for block in &self.blocks {
             xs = block.forward_t(&xs, train);
         }
-        let xs = self.hidden.forward(&xs.flatten(1, -1)).relu();
+        let xs = self.hidden.forward(&xs.flatten(1, -1)).relu_in_place();
         self.classifier.forward(&xs.dropout(self.dropout, train))
     }
 }

@@ -7,7 +7,7 @@ use mentor_plan::{DensenetPlan, Stem};
 use tch::nn::{self, Module, ModuleT};
 use tch::Tensor;
 
-use super::{conv, global_average_pool, ModelConfig};
+use super::{conv, global_average_pool, InPlace, ModelConfig};
 
 #[derive(Debug)]
 struct DenseLayer {
@@ -22,8 +22,10 @@ impl DenseLayer {
     fn forward_t(&self, features: &Tensor, train: bool) -> Tensor {
         let xs = self
             .conv1
-            .forward(&self.norm1.forward_t(features, train).relu());
-        let xs = self.conv2.forward(&self.norm2.forward_t(&xs, train).relu());
+            .forward(&self.norm1.forward_t(features, train).relu_in_place());
+        let xs = self
+            .conv2
+            .forward(&self.norm2.forward_t(&xs, train).relu_in_place());
         xs.dropout(self.drop_rate, train)
     }
 }
@@ -103,7 +105,10 @@ impl Densenet {
 
 impl ModuleT for Densenet {
     fn forward_t(&self, xs: &Tensor, train: bool) -> Tensor {
-        let mut xs = self.norm0.forward_t(&self.conv0.forward(xs), train).relu();
+        let mut xs = self
+            .norm0
+            .forward_t(&self.conv0.forward(xs), train)
+            .relu_in_place();
         if self.pool {
             xs = xs.max_pool2d([3, 3], [2, 2], [1, 1], [1, 1], false);
         }
@@ -117,11 +122,11 @@ impl ModuleT for Densenet {
             if let Some(transition) = transition {
                 let reduced = transition
                     .conv
-                    .forward(&transition.norm.forward_t(&xs, train).relu());
+                    .forward(&transition.norm.forward_t(&xs, train).relu_in_place());
                 xs = reduced.avg_pool2d([2, 2], [2, 2], [0, 0], false, true, None);
             }
         }
-        let xs = global_average_pool(&self.norm5.forward_t(&xs, train).relu());
+        let xs = global_average_pool(&self.norm5.forward_t(&xs, train).relu_in_place());
         self.classifier.forward(&xs.dropout(self.dropout, train))
     }
 }

@@ -66,12 +66,12 @@ impl ConvNormActivation {
     }
 
     fn forward_t(&self, xs: &Tensor, train: bool) -> Tensor {
-        let xs = self.norm.forward_t(&self.conv.forward(xs), train);
+        let mut xs = self.norm.forward_t(&self.conv.forward(xs), train);
         if self.activation {
-            xs.silu()
-        } else {
-            xs
+            // In place, as torchvision does: batch norm's backward does not need its output.
+            let _ = xs.silu_();
         }
+        xs
     }
 }
 

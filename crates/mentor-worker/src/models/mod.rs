@@ -109,6 +109,19 @@ pub(crate) fn conv(
     nn::conv2d(path, input, output, kernel, config)
 }
 
+/// Activations computed in place on fresh outputs (batch norm, group norm, convolutions, sums:
+/// none of them needs its output for backward), as torchvision's `inplace=True` does.
+pub(crate) trait InPlace {
+    fn relu_in_place(self) -> Tensor;
+}
+
+impl InPlace for Tensor {
+    fn relu_in_place(mut self) -> Tensor {
+        let _ = self.relu_();
+        self
+    }
+}
+
 /// Global average pooling to `[n, c]`.
 pub(crate) fn global_average_pool(xs: &Tensor) -> Tensor {
     xs.adaptive_avg_pool2d([1, 1]).flatten(1, -1)

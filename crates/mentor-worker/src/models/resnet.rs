@@ -7,7 +7,7 @@ use mentor_plan::{ResnetPlan, Stem};
 use tch::nn::{self, Module, ModuleT};
 use tch::Tensor;
 
-use super::{conv, drop_path, global_average_pool, ModelConfig};
+use super::{conv, drop_path, global_average_pool, InPlace, ModelConfig};
 
 /// Blocks per stage and whether they are bottlenecks.
 pub fn layout(depth: u32) -> ([usize; 4], bool) {
@@ -102,14 +102,14 @@ impl Block {
         for (index, layer) in self.layers.iter().enumerate() {
             residual = layer.forward_t(&residual, train);
             if index < last {
-                residual = residual.relu();
+                residual = residual.relu_in_place();
             }
         }
         let shortcut = match &self.downsample {
             Some(downsample) => downsample.forward_t(xs, train),
             None => xs.shallow_clone(),
         };
-        (shortcut + drop_path(&residual, self.survival, train)).relu()
+        (shortcut + drop_path(&residual, self.survival, train)).relu_in_place()
     }
 }
 
@@ -164,7 +164,7 @@ impl Resnet {
 
 impl ModuleT for Resnet {
     fn forward_t(&self, xs: &Tensor, train: bool) -> Tensor {
-        let mut xs = self.stem.forward_t(xs, train).relu();
+        let mut xs = self.stem.forward_t(xs, train).relu_in_place();
         if self.pool {
             xs = xs.max_pool2d([3, 3], [2, 2], [1, 1], [1, 1], false);
         }

@@ -6,7 +6,7 @@ use mentor_plan::WideResnetPlan;
 use tch::nn::{self, Module, ModuleT};
 use tch::Tensor;
 
-use super::{conv, drop_path, global_average_pool, ModelConfig};
+use super::{conv, drop_path, global_average_pool, InPlace, ModelConfig};
 
 #[derive(Debug)]
 struct Block {
@@ -32,11 +32,11 @@ impl Block {
     }
 
     fn forward_t(&self, xs: &Tensor, train: bool) -> Tensor {
-        let activated = self.bn1.forward_t(xs, train).relu();
+        let activated = self.bn1.forward_t(xs, train).relu_in_place();
         let residual = self.conv1.forward(&activated);
         let residual = self
             .conv2
-            .forward(&self.bn2.forward_t(&residual, train).relu());
+            .forward(&self.bn2.forward_t(&residual, train).relu_in_place());
         let shortcut = match &self.shortcut {
             Some(projection) => projection.forward(&activated),
             None => xs.shallow_clone(),
@@ -97,7 +97,7 @@ impl ModuleT for WideResnet {
         for block in &self.blocks {
             xs = block.forward_t(&xs, train);
         }
-        let xs = global_average_pool(&self.bn.forward_t(&xs, train).relu());
+        let xs = global_average_pool(&self.bn.forward_t(&xs, train).relu_in_place());
         self.classifier.forward(&xs.dropout(self.dropout, train))
     }
 }
