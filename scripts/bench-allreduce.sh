@@ -17,8 +17,14 @@ while [ $# -gt 0 ]; do
     *) echo "bench-allreduce.sh: unknown argument $1" >&2; exit 2 ;;
   esac
 done
-eval "$("$ROOT/scripts/setup.sh" --print-env)"
-(cd "$ROOT" && cargo build --release --quiet --bin ring-bench)
+# MENTOR_BIN (a folder with the built binaries) and PYTHON skip the setup and the build, as on
+# the GPU machine (scripts/gpu-check.sh).
+if [ -z "${MENTOR_BIN:-}" ]; then
+  eval "$("$ROOT/scripts/setup.sh" --print-env)"
+  MENTOR_BIN="$CARGO_TARGET_DIR/release"
+fi
+python3() { "${PYTHON:-$(command -v python3)}" "$@"; }
+[ -n "${CARGO_TARGET_DIR:-}" ] && (cd "$ROOT" && cargo build --release --quiet --bin ring-bench)
 results="$(mktemp)"
 trap 'rm -f "$results"' EXIT
 free_port() { python3 -c 'import socket; s=socket.socket(); s.bind(("127.0.0.1",0)); print(s.getsockname()[1])'; }
@@ -27,7 +33,7 @@ for world in ${worlds//,/ }; do
   base=$(( $(free_port) % 20000 + 30000 ))
   pids=()
   for rank in $(seq 0 $((world - 1))); do
-    "$CARGO_TARGET_DIR/release/ring-bench" --rank "$rank" --world-size "$world" --base-port "$base" \
+    "$MENTOR_BIN/ring-bench" --rank "$rank" --world-size "$world" --base-port "$base" \
       --sizes-mb "$sizes" --iterations "$iterations" >>"$results" &
     pids+=("$!")
   done

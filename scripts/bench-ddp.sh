@@ -3,20 +3,28 @@
 # over the TCP ring against PyTorch DDP (gloo), same model, global batch and data, 1 thread per
 # process, in the same run. Prints img/s for 1 and 2 processes and the ratio mentor / PyTorch.
 #
-#   scripts/bench-ddp.sh [--batch 256] [--steps 200]
+#   scripts/bench-ddp.sh [--batch 256] [--steps 200] [--data DIR]
 set -euo pipefail
 ROOT="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
 batch=256
 steps=200
+data=/usr/share/datasets/fashion-mnist
 while [ $# -gt 0 ]; do
   case "$1" in
     --batch) batch="$2"; shift 2 ;;
     --steps) steps="$2"; shift 2 ;;
+    --data) data="$2"; shift 2 ;;
     *) echo "bench-ddp.sh: unknown argument $1" >&2; exit 2 ;;
   esac
 done
-eval "$("$ROOT/scripts/setup.sh" --print-env)"
-(cd "$ROOT" && cargo build --release --quiet --bin bench-ddp)
+# MENTOR_BIN (a folder with the built binaries) and PYTHON skip the setup and the build, as on
+# the GPU machine (scripts/gpu-check.sh).
+if [ -z "${MENTOR_BIN:-}" ]; then
+  eval "$("$ROOT/scripts/setup.sh" --print-env)"
+  MENTOR_BIN="$CARGO_TARGET_DIR/release"
+fi
+python3() { "${PYTHON:-$(command -v python3)}" "$@"; }
+[ -n "${CARGO_TARGET_DIR:-}" ] && (cd "$ROOT" && cargo build --release --quiet --bin bench-ddp)
 results="$(mktemp)"
 trap 'rm -f "$results"' EXIT
 free_port() { python3 -c 'import socket; s=socket.socket(); s.bind(("127.0.0.1",0)); print(s.getsockname()[1])'; }
@@ -25,13 +33,13 @@ for world in 1 2; do
   base=$(( $(free_port) % 20000 + 30000 ))
   pids=()
   for rank in $(seq 0 $((world - 1))); do
-    "$CARGO_TARGET_DIR/release/bench-ddp" --rank "$rank" --world-size "$world" --base-port "$base" \
-      --batch "$batch" --steps "$steps" >>"$results" &
+    "$MENTOR_BIN/bench-ddp" --rank "$rank" --world-size "$world" --base-port "$base" \
+      --batch "$batch" --steps "$steps" --data "$data" >>"$results" &
     pids+=("$!")
   done
   for pid in "${pids[@]}"; do wait "$pid"; done
   python3 "$ROOT/benches/ddp_train.py" --world-size "$world" --port "$(free_port)" \
-    --batch "$batch" --steps "$steps" | grep '^{' >>"$results"
+    --batch "$batch" --steps "$steps" --data "$data" | grep '^{' >>"$results"
 done
 
 python3 - "$results" <<'PY'

@@ -17,7 +17,7 @@ if [ "$mode" = "--prepare" ]; then
   eval "$("$ROOT/scripts/setup.sh" --print-env)"
   (cd "$ROOT" && cargo build --release --quiet --bins)
   rm -rf "$GPU_DIR" && mkdir -p "$GPU_DIR/bin" "$GPU_DIR/data"
-  for binary in coordinator worker mentor bench-models; do
+  for binary in coordinator worker mentor bench-models bench-ddp ring-bench; do
     cp "$CARGO_TARGET_DIR/release/$binary" "$GPU_DIR/bin/"
     strip "$GPU_DIR/bin/$binary"
   done
@@ -64,6 +64,10 @@ models="wrn-28-2,bit-r50x1"
 "$PYTHON" "$ROOT/benches/models.py" --device cuda --batch 128 --image-size 32 --iterations 20 --models "$models" \
   >>"$OUT/bench-models.jsonl" 2>>"$OUT/bench-models.err" || true
 
+# 3. The CPU collective benchmarks on this machine's cores (ring against gloo, DDP training).
+MENTOR_BIN="$BIN" PYTHON="$PYTHON" "$ROOT/scripts/bench-allreduce.sh" >"$OUT/bench-allreduce.txt" 2>&1 || true
+MENTOR_BIN="$BIN" PYTHON="$PYTHON" "$ROOT/scripts/bench-ddp.sh" --data "$GPU_DIR/data" >"$OUT/bench-ddp.txt" 2>&1 || true
+
 echo
 echo "=== gpu-check ($(head -1 "$OUT/gpu.txt")) ==="
 echo "NCCL world-size-1 Noisy Student round: run $nccl_run, NCCL groups formed: $nccl_groups, ok: $nccl_ok"
@@ -78,3 +82,5 @@ for (impl, model, mode), ours in sorted(by.items()):
         print(f"{model:<16} {mode:<10} {ours['images_per_second']:>13.0f} {theirs['images_per_second']:>14.0f} "
               f"{ours['images_per_second'] / theirs['images_per_second']:>6.2f}")
 PY
+echo "--- TCP ring against gloo (CPU cores) ---"; tail -n 11 "$OUT/bench-allreduce.txt"
+echo "--- DDP training, CPU processes ---"; tail -n 3 "$OUT/bench-ddp.txt"

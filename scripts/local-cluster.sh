@@ -7,7 +7,8 @@
 #   --plan PLAN        the plan to run (required)
 #   --workers N        worker processes to start (default 2)
 #   --device DEVICE    device of every worker: cpu (default) or cuda:N
-#   --threads N        libtorch threads per worker (default: libtorch's choice)
+#   --threads N        libtorch threads per worker (default: cores / workers, at least 1, so
+#                      that workers training together as data-parallel ranks do not oversubscribe)
 #   --state-dir DIR    run directory (default runs/<plan file name>-<date>); an existing one resumes
 #   --listen ADDR      coordinator address (default 127.0.0.1:0, a free port)
 #
@@ -20,7 +21,7 @@ ROOT="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
 plan=""
 workers=2
 device="cpu"
-threads=0
+threads=""
 state_dir=""
 listen="127.0.0.1:0"
 
@@ -40,6 +41,10 @@ done
 [ -n "$plan" ] || { echo "local-cluster.sh: --plan is required" >&2; usage >&2; exit 2; }
 [ -f "$plan" ] || { echo "local-cluster.sh: plan file $plan not found" >&2; exit 2; }
 case "$workers" in ''|*[!0-9]*|0) echo "local-cluster.sh: --workers must be a positive number" >&2; exit 2 ;; esac
+if [ -z "$threads" ]; then
+  threads=$(( $(nproc) / workers ))
+  [ "$threads" -ge 1 ] || threads=1
+fi
 
 eval "$("$ROOT/scripts/setup.sh" --print-env)"
 echo "[local-cluster] building (quick when already built)" >&2
