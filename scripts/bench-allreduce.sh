@@ -8,7 +8,7 @@ set -euo pipefail
 ROOT="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
 worlds="2,4"
 sizes="1,4,16,64,256"
-iterations=5
+iterations=10
 while [ $# -gt 0 ]; do
   case "$1" in
     --worlds) worlds="$2"; shift 2 ;;
@@ -23,7 +23,8 @@ if [ -z "${MENTOR_BIN:-}" ]; then
   eval "$("$ROOT/scripts/setup.sh" --print-env)"
   MENTOR_BIN="$CARGO_TARGET_DIR/release"
 fi
-python3() { "${PYTHON:-$(command -v python3)}" "$@"; }
+PYTHON="${PYTHON:-$(command -v python3)}"
+python3() { "$PYTHON" "$@"; }
 [ -n "${CARGO_TARGET_DIR:-}" ] && (cd "$ROOT" && cargo build --release --quiet --bin ring-bench)
 results="$(mktemp)"
 trap 'rm -f "$results"' EXIT

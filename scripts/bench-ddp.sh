@@ -23,7 +23,8 @@ if [ -z "${MENTOR_BIN:-}" ]; then
   eval "$("$ROOT/scripts/setup.sh" --print-env)"
   MENTOR_BIN="$CARGO_TARGET_DIR/release"
 fi
-python3() { "${PYTHON:-$(command -v python3)}" "$@"; }
+PYTHON="${PYTHON:-$(command -v python3)}"
+python3() { "$PYTHON" "$@"; }
 [ -n "${CARGO_TARGET_DIR:-}" ] && (cd "$ROOT" && cargo build --release --quiet --bin bench-ddp)
 results="$(mktemp)"
 trap 'rm -f "$results"' EXIT
