@@ -213,6 +213,7 @@ pub struct NcclComm {
     comm: Comm,
     rank: usize,
     world_size: usize,
+    aborted: Arc<std::sync::atomic::AtomicBool>,
 }
 
 // SAFETY: a communicator may be used from any thread, one at a time (we own it exclusively).
@@ -237,6 +238,7 @@ impl NcclComm {
             comm,
             rank,
             world_size,
+            aborted: Arc::new(std::sync::atomic::AtomicBool::new(false)),
         })
     }
 
@@ -294,17 +296,44 @@ impl NcclComm {
         self.library.check(code, "ncclBroadcast")
     }
 
-    /// Aborts pending collectives (used when a peer is declared dead) and frees the communicator.
-    pub fn abort(mut self) {
-        // SAFETY: the communicator is valid and not used after this.
-        unsafe { (self.library.comm_abort)(self.comm) };
-        self.comm = std::ptr::null_mut();
+    /// A handle that can abort this communicator from another thread (a watchdog).
+    pub fn abort_handle(&self) -> AbortHandle {
+        AbortHandle {
+            library: self.library.clone(),
+            comm: self.comm as usize,
+            aborted: self.aborted.clone(),
+        }
+    }
+
+    /// Whether a watchdog aborted the communicator (it is unusable afterwards).
+    pub fn is_aborted(&self) -> bool {
+        self.aborted.load(std::sync::atomic::Ordering::SeqCst)
+    }
+}
+
+/// Aborts a communicator from another thread: pending collectives stop and every later call
+/// fails. Used when a rank is declared dead.
+#[derive(Debug, Clone)]
+pub struct AbortHandle {
+    library: Arc<NcclLibrary>,
+    comm: usize,
+    aborted: Arc<std::sync::atomic::AtomicBool>,
+}
+
+impl AbortHandle {
+    pub fn abort(&self) {
+        if self.aborted.swap(true, std::sync::atomic::Ordering::SeqCst) {
+            return;
+        }
+        // SAFETY: ncclCommAbort may be called from any thread while collectives are pending;
+        // the owner skips ncclCommDestroy once `aborted` is set.
+        unsafe { (self.library.comm_abort)(self.comm as Comm) };
     }
 }
 
 impl Drop for NcclComm {
     fn drop(&mut self) {
-        if !self.comm.is_null() {
+        if !self.comm.is_null() && !self.is_aborted() {
             // SAFETY: the communicator is valid and dropped once.
             unsafe { (self.library.comm_destroy)(self.comm) };
         }

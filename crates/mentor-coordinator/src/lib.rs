@@ -509,3 +509,83 @@ fn unix_seconds() -> u64 {
         .map(|d| d.as_secs())
         .unwrap_or(0)
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    const TINY: &str = include_str!("../../../deploy/plans/tiny.toml");
+
+    fn coordinator(dir: &Path) -> Coordinator {
+        let plan = Plan::from_toml_str(TINY).expect("tiny plan");
+        Coordinator::open(plan, dir).expect("open (needs dataset-fashion-mnist)")
+    }
+
+    fn join(task: &TaskId, rank: u32, address: &str) -> GroupJoin {
+        GroupJoin {
+            task: task.clone(),
+            attempt: 1,
+            rank,
+            address: address.into(),
+            nccl_unique_id: Vec::new(),
+        }
+    }
+
+    #[test]
+    fn a_training_group_forms_through_the_rendezvous() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let mut coordinator = coordinator(dir.path());
+        let now = Instant::now();
+        let a = coordinator.register("a".into(), "cpu".into(), now);
+        let b = coordinator.register("b".into(), "cpu".into(), now);
+        // Two live CPU workers: the teacher's training task gets two ranks.
+        let TaskReply::Task(first) = coordinator.get_task(&a, now).expect("task") else {
+            panic!("no task for rank 0")
+        };
+        assert_eq!((first.rank, first.task.world_size), (0, 2));
+        let task = first.task.id.clone();
+        let view = coordinator
+            .join_group(&a, join(&task, 0, "127.0.0.1:1000"), now)
+            .expect("join");
+        assert!(!view.ready);
+        assert_eq!(view.missing_ranks, vec![1]);
+        let TaskReply::Task(second) = coordinator.get_task(&b, now).expect("task") else {
+            panic!("no task for rank 1")
+        };
+        assert_eq!(second.rank, 1);
+        let error = coordinator
+            .join_group(&b, join(&task, 0, "x"), now)
+            .expect_err("wrong rank");
+        assert!(error.to_string().contains("is not rank 0"), "{error}");
+        let view = coordinator
+            .join_group(&b, join(&task, 1, "127.0.0.1:1001"), now)
+            .expect("join");
+        assert!(view.ready);
+        assert_eq!(
+            view.addresses,
+            vec!["127.0.0.1:1000".to_string(), "127.0.0.1:1001".to_string()]
+        );
+
+        // Rank 1 fails: the attempt is over for rank 0, and rank 0 is suspected until heard of.
+        coordinator
+            .complete(
+                &b,
+                &task,
+                1,
+                TaskOutcome::Failed("rank 0 did not answer".into()),
+                now,
+            )
+            .expect("complete");
+        assert!(coordinator.workers[&a].suspect);
+        assert!(
+            coordinator
+                .get_group(&a, &task, 1, now)
+                .expect("group")
+                .cancelled
+        );
+        assert!(
+            !coordinator.workers[&a].suspect,
+            "rank 0 was heard of again"
+        );
+    }
+}

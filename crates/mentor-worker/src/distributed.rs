@@ -37,6 +37,8 @@ pub struct Group {
     pub bucket_bytes: usize,
     device: Device,
     transport: Transport,
+    /// NCCL collectives that have not finished after this long abort the group.
+    timeout: Duration,
 }
 
 /// A rank's place in its group and how to reach the others.
@@ -72,6 +74,7 @@ impl Group {
             bucket_bytes,
             device,
             transport: Transport::Host(Box::new(SingleProcess)),
+            timeout: Duration::from_secs(60),
         }
     }
 
@@ -82,6 +85,7 @@ impl Group {
         bucket_bytes: usize,
         setup: GroupSetup,
         device: Device,
+        timeout: Duration,
     ) -> Result<Group, CollectiveError> {
         let transport = match setup {
             GroupSetup::Single => Transport::Host(Box::new(SingleProcess)),
@@ -117,12 +121,19 @@ impl Group {
             bucket_bytes,
             device,
             transport,
+            timeout,
         })
+    }
+
+    /// One rank without NCCL: every collective is the identity. (A world-size-1 NCCL group
+    /// still runs its collectives, which is how a single GPU checks the NCCL path.)
+    fn is_trivial(&self) -> bool {
+        self.world_size == 1 && matches!(self.transport, Transport::Host(_))
     }
 
     /// Sums a contiguous f32 tensor over ranks, in place.
     pub fn all_reduce_sum(&mut self, tensor: &mut Tensor) -> Result<(), CollectiveError> {
-        if self.world_size == 1 {
+        if self.is_trivial() {
             return Ok(());
         }
         match &mut self.transport {
@@ -143,7 +154,7 @@ impl Group {
 
     /// Replaces a contiguous f32 tensor by `root`'s, in place.
     pub fn broadcast(&mut self, tensor: &mut Tensor, root: usize) -> Result<(), CollectiveError> {
-        if self.world_size == 1 {
+        if self.is_trivial() {
             return Ok(());
         }
         match &mut self.transport {
@@ -163,7 +174,7 @@ impl Group {
 
     /// Copies rank 0's values of `variables` to every rank.
     pub fn broadcast_parameters(&mut self, variables: &[Tensor]) -> Result<(), CollectiveError> {
-        if self.world_size == 1 {
+        if self.is_trivial() {
             return Ok(());
         }
         let _guard = tch::no_grad_guard();
@@ -172,13 +183,13 @@ impl Group {
             self.broadcast(&mut flat, 0)?;
             unflatten_into(&flat, &bucket);
         }
-        Ok(())
+        self.wait_for_device()
     }
 
     /// Sums the gradients of `variables` over ranks, bucket by bucket. A variable without a
     /// gradient this step (unused) takes part with zeros and keeps no gradient.
     pub fn all_reduce_gradients(&mut self, variables: &[Tensor]) -> Result<(), CollectiveError> {
-        if self.world_size == 1 {
+        if self.is_trivial() {
             return Ok(());
         }
         let _guard = tch::no_grad_guard();
@@ -198,12 +209,48 @@ impl Group {
             self.all_reduce_sum(&mut flat)?;
             unflatten_into(&flat, &bucket);
         }
+        self.wait_for_device()
+    }
+
+    /// With NCCL, waits until the device has run the enqueued collectives; a watchdog aborts
+    /// the communicator if that takes longer than the collective timeout (a dead or silent
+    /// rank), so no rank ever hangs. Host transports are synchronous already.
+    fn wait_for_device(&mut self) -> Result<(), CollectiveError> {
+        let (Transport::Nccl(comm), Device::Cuda(index)) = (&self.transport, self.device) else {
+            return Ok(());
+        };
+        let handle = comm.abort_handle();
+        let finished = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
+        let watchdog = {
+            let finished = finished.clone();
+            let timeout = self.timeout;
+            std::thread::spawn(move || {
+                let deadline = std::time::Instant::now() + timeout;
+                while !finished.load(std::sync::atomic::Ordering::SeqCst) {
+                    if std::time::Instant::now() >= deadline {
+                        handle.abort();
+                        return;
+                    }
+                    std::thread::sleep(Duration::from_millis(20));
+                }
+            })
+        };
+        tch::Cuda::synchronize(index as i64);
+        finished.store(true, std::sync::atomic::Ordering::SeqCst);
+        let _ = watchdog.join();
+        if comm.is_aborted() {
+            return Err(CollectiveError::Timeout {
+                peer: (self.rank + 1) % self.world_size,
+                operation: "NCCL all-reduce",
+                seconds: self.timeout.as_secs_f64(),
+            });
+        }
         Ok(())
     }
 
     /// Sums a few scalars over ranks (losses, counts).
     pub fn all_reduce_scalars(&mut self, values: &mut [f64]) -> Result<(), CollectiveError> {
-        if self.world_size == 1 {
+        if self.is_trivial() {
             return Ok(());
         }
         let device = match &self.transport {
@@ -213,6 +260,7 @@ impl Group {
         let mut tensor = Tensor::from_slice(&values.iter().map(|&v| v as f32).collect::<Vec<_>>())
             .to_device(device);
         self.all_reduce_sum(&mut tensor)?;
+        self.wait_for_device()?;
         let summed = Vec::<f32>::try_from(tensor.to_device(Device::Cpu))
             .map_err(|e| CollectiveError::Setup(e.to_string()))?;
         for (value, sum) in values.iter_mut().zip(summed) {
@@ -316,6 +364,7 @@ mod tests {
                 unique_id: vec![0; 128],
             },
             Device::Cpu,
+            Duration::from_secs(1),
         )
         .expect_err("no CUDA");
         assert_eq!(

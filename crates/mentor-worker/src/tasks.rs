@@ -104,6 +104,7 @@ pub fn run_task(
                     bucket_bytes,
                     join.setup,
                     dataset.device,
+                    std::time::Duration::from_secs(plan.workers.collective_timeout_seconds),
                 )
                 .map_err(collective_error)?,
                 None => Group::single(bucket_bytes, dataset.device),
