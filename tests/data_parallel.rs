@@ -4,7 +4,7 @@
 use std::path::{Path, PathBuf};
 use std::time::Duration;
 
-use mentor_e2e::{binary, wait_for, workspace_root, Process};
+use mentor_e2e::{start_coordinator, start_worker, try_status, wait_for, workspace_root, Process};
 use mentor_proto::coordinator::v1 as pb;
 
 /// The tiny plan, one round, with a deterministic teacher: no batch norm, no augmentation,
@@ -49,29 +49,7 @@ impl Run {
         let plan = dir.path().join("plan.toml");
         std::fs::write(&plan, plan_text).expect("write plan");
         let state_dir = dir.path().join("run");
-        let mut coordinator = Process::start(
-            &binary("coordinator"),
-            &[
-                "--plan",
-                plan.to_str().expect("utf-8"),
-                "--listen",
-                "127.0.0.1:0",
-                "--state-dir",
-                state_dir.to_str().expect("utf-8"),
-            ],
-            dir.path().join("coordinator.log"),
-        );
-        let address = wait_for("the coordinator's address", Duration::from_secs(60), || {
-            assert!(
-                coordinator.is_running(),
-                "coordinator exited:\n{}",
-                coordinator.log_text()
-            );
-            std::fs::read_to_string(state_dir.join("coordinator.addr"))
-                .ok()
-                .map(|a| a.trim().to_string())
-                .filter(|a| !a.is_empty())
-        });
+        let (coordinator, address) = start_coordinator(&plan, &state_dir);
         Run {
             dir,
             coordinator,
@@ -81,27 +59,11 @@ impl Run {
     }
 
     fn worker(&self, name: &str) -> Process {
-        Process::start(
-            &binary("worker"),
-            &["--coordinator", &self.address, "--threads", "1"],
-            self.dir.path().join(format!("{name}.log")),
-        )
+        start_worker(&self.address, self.dir.path().join(format!("{name}.log")))
     }
 
     fn status(&self) -> Option<pb::RunStatus> {
-        self.runtime.block_on(async {
-            let mut client =
-                pb::status_service_client::StatusServiceClient::connect(self.address.clone())
-                    .await
-                    .ok()?;
-            Some(
-                client
-                    .get_status(pb::GetStatusRequest {})
-                    .await
-                    .ok()?
-                    .into_inner(),
-            )
-        })
+        try_status(&self.runtime, &self.address)
     }
 
     fn wait_finished(&mut self) -> pb::RunStatus {

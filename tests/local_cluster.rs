@@ -1,74 +1,13 @@
 //! A real coordinator and two real worker processes on loopback run the tiny plan on real
 //! Fashion-MNIST images; the run must succeed and leave complete, valid soft-label shards.
 
-use std::path::Path;
 use std::time::Duration;
 
-use mentor_e2e::{binary, wait_for, workspace_root, Process};
+use mentor_e2e::{
+    binary, start_coordinator, start_coordinator_on, start_worker, status, try_status, wait_for,
+    workspace_root,
+};
 use mentor_labels::{read_round, LocalDirStore, ShardStore};
-use mentor_proto::coordinator::v1 as pb;
-
-fn start_coordinator(plan: &Path, state_dir: &Path) -> (Process, String) {
-    let mut coordinator = Process::start(
-        &binary("coordinator"),
-        &[
-            "--plan",
-            plan.to_str().expect("utf-8 path"),
-            "--listen",
-            "127.0.0.1:0",
-            "--state-dir",
-            state_dir.to_str().expect("utf-8 path"),
-        ],
-        state_dir.with_extension("coordinator.log"),
-    );
-    let address = wait_for(
-        "the coordinator's address file",
-        Duration::from_secs(60),
-        || {
-            assert!(
-                coordinator.is_running(),
-                "coordinator exited:\n{}",
-                coordinator.log_text()
-            );
-            std::fs::read_to_string(state_dir.join("coordinator.addr"))
-                .ok()
-                .map(|text| text.trim().to_string())
-                .filter(|text| !text.is_empty())
-        },
-    );
-    (coordinator, address)
-}
-
-fn start_worker(address: &str, log: std::path::PathBuf) -> Process {
-    Process::start(
-        &binary("worker"),
-        &[
-            "--coordinator",
-            address,
-            "--device",
-            "cpu",
-            "--threads",
-            "1",
-        ],
-        log,
-    )
-}
-
-/// The run's status, or `None` while the coordinator cannot be reached.
-fn try_status(runtime: &tokio::runtime::Runtime, address: &str) -> Option<pb::RunStatus> {
-    runtime.block_on(async {
-        let mut client =
-            pb::status_service_client::StatusServiceClient::connect(address.to_string())
-                .await
-                .ok()?;
-        let reply = client.get_status(pb::GetStatusRequest {}).await.ok()?;
-        Some(reply.into_inner())
-    })
-}
-
-fn status(runtime: &tokio::runtime::Runtime, address: &str) -> pb::RunStatus {
-    try_status(runtime, address).expect("the coordinator answers status queries")
-}
 
 #[test]
 fn tiny_plan_runs_two_rounds_on_two_worker_processes() {
@@ -322,7 +261,7 @@ fn a_killed_worker_loses_its_task_to_another_worker() {
     assert_eq!(final_status.status, "succeeded", "{}", final_status.error);
     assert_eq!(final_status.rounds.len(), 1);
     assert!(final_status.rounds[0].student_test_accuracy.is_some());
-    let log = std::fs::read_to_string(state_dir.with_extension("coordinator.log")).expect("log");
+    let log = coordinator.log_text();
     assert!(log.contains("worker lost"), "{log}");
 }
 
@@ -350,21 +289,7 @@ fn a_restarted_coordinator_resumes_the_run() {
         .port();
     let listen = format!("127.0.0.1:{port}");
     let address = format!("http://{listen}");
-    let start = |log: &str| {
-        Process::start(
-            &binary("coordinator"),
-            &[
-                "--plan",
-                plan.to_str().expect("utf-8"),
-                "--listen",
-                &listen,
-                "--state-dir",
-                state_dir.to_str().expect("utf-8"),
-            ],
-            dir.path().join(log),
-        )
-    };
-    let mut coordinator = start("coordinator-1.log");
+    let (mut coordinator, _) = start_coordinator_on(&plan, &listen, &state_dir);
     let _workers = [
         start_worker(&address, dir.path().join("worker-1.log")),
         start_worker(&address, dir.path().join("worker-2.log")),
@@ -390,7 +315,7 @@ fn a_restarted_coordinator_resumes_the_run() {
     coordinator.child.kill().expect("kill the coordinator");
     let _ = coordinator.child.wait();
 
-    let mut restarted = start("coordinator-2.log");
+    let (mut restarted, _) = start_coordinator_on(&plan, &listen, &state_dir);
     let final_status = wait_for(
         "the resumed run to finish",
         Duration::from_secs(300),

@@ -5,6 +5,8 @@ use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
 
+use mentor_proto::coordinator::v1 as pb;
+
 /// The workspace root.
 pub fn workspace_root() -> PathBuf {
     Path::new(env!("CARGO_MANIFEST_DIR"))
@@ -77,4 +79,81 @@ pub fn wait_for<T>(what: &str, timeout: Duration, mut condition: impl FnMut() ->
         );
         std::thread::sleep(Duration::from_millis(100));
     }
+}
+
+/// A number unique within this process (log file names).
+fn unique() -> u64 {
+    static NEXT: std::sync::atomic::AtomicU64 = std::sync::atomic::AtomicU64::new(0);
+    NEXT.fetch_add(1, std::sync::atomic::Ordering::SeqCst)
+}
+
+/// Starts a coordinator on a free loopback port; returns it and its address.
+pub fn start_coordinator(plan: &Path, state_dir: &Path) -> (Process, String) {
+    start_coordinator_on(plan, "127.0.0.1:0", state_dir)
+}
+
+/// Starts a coordinator listening on `listen` and waits for its address file.
+pub fn start_coordinator_on(plan: &Path, listen: &str, state_dir: &Path) -> (Process, String) {
+    let _ = std::fs::remove_file(state_dir.join("coordinator.addr"));
+    let mut coordinator = Process::start(
+        &binary("coordinator"),
+        &[
+            "--plan",
+            plan.to_str().expect("utf-8 path"),
+            "--listen",
+            listen,
+            "--state-dir",
+            state_dir.to_str().expect("utf-8 path"),
+        ],
+        state_dir.with_extension(format!("coordinator-{}.log", unique())),
+    );
+    let address = wait_for(
+        "the coordinator's address file",
+        Duration::from_secs(60),
+        || {
+            assert!(
+                coordinator.is_running(),
+                "coordinator exited:\n{}",
+                coordinator.log_text()
+            );
+            std::fs::read_to_string(state_dir.join("coordinator.addr"))
+                .ok()
+                .map(|text| text.trim().to_string())
+                .filter(|text| !text.is_empty())
+        },
+    );
+    (coordinator, address)
+}
+
+/// Starts a CPU worker with one libtorch thread.
+pub fn start_worker(address: &str, log: PathBuf) -> Process {
+    Process::start(
+        &binary("worker"),
+        &[
+            "--coordinator",
+            address,
+            "--device",
+            "cpu",
+            "--threads",
+            "1",
+        ],
+        log,
+    )
+}
+
+/// The run's status, or `None` while the coordinator cannot be reached.
+pub fn try_status(runtime: &tokio::runtime::Runtime, address: &str) -> Option<pb::RunStatus> {
+    runtime.block_on(async {
+        let mut client =
+            pb::status_service_client::StatusServiceClient::connect(address.to_string())
+                .await
+                .ok()?;
+        let reply = client.get_status(pb::GetStatusRequest {}).await.ok()?;
+        Some(reply.into_inner())
+    })
+}
+
+/// The run's status; panics when the coordinator does not answer.
+pub fn status(runtime: &tokio::runtime::Runtime, address: &str) -> pb::RunStatus {
+    try_status(runtime, address).expect("the coordinator answers status queries")
 }

@@ -24,22 +24,8 @@ struct Args {
     #[arg(long)]
     state_dir: Option<PathBuf>,
     /// Log format.
-    #[arg(long, default_value = "text", value_parser = ["text", "json"])]
+    #[arg(long, default_value = "text", value_parser = mentor_telemetry::LOG_FORMATS)]
     log_format: String,
-}
-
-fn init_tracing(format: &str) {
-    let filter = tracing_subscriber::EnvFilter::try_from_default_env()
-        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info"));
-    let builder = tracing_subscriber::fmt()
-        .with_env_filter(filter)
-        .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr()))
-        .with_writer(std::io::stderr);
-    if format == "json" {
-        builder.json().init();
-    } else {
-        builder.init();
-    }
 }
 
 async fn shutdown_signal() {
@@ -69,7 +55,7 @@ async fn shutdown_signal() {
 #[tokio::main]
 async fn main() -> anyhow::Result<()> {
     let args = Args::parse();
-    init_tracing(&args.log_format);
+    mentor_telemetry::init(&args.log_format);
     let plan = Plan::load(&args.plan)
         .with_context(|| format!("invalid plan `{}`", args.plan.display()))?;
     let state_dir = args

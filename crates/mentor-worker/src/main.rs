@@ -35,25 +35,11 @@ struct Args {
     #[arg(long, default_value_t = 60)]
     connect_timeout_seconds: u64,
     /// Log format.
-    #[arg(long, default_value = "text", value_parser = ["text", "json"])]
+    #[arg(long, default_value = "text", value_parser = mentor_telemetry::LOG_FORMATS)]
     log_format: String,
     /// Host or IP other workers reach this one at (TCP ring of data-parallel groups).
     #[arg(long, default_value = "127.0.0.1")]
     advertise_host: String,
-}
-
-fn init_tracing(format: &str) {
-    let filter = tracing_subscriber::EnvFilter::try_from_default_env()
-        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info"));
-    let builder = tracing_subscriber::fmt()
-        .with_env_filter(filter)
-        .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr()))
-        .with_writer(std::io::stderr);
-    if format == "json" {
-        builder.json().init();
-    } else {
-        builder.init();
-    }
 }
 
 /// A task for the libtorch thread, with the channels it answers on.
@@ -331,7 +317,7 @@ impl Session {
 #[tokio::main]
 async fn main() -> anyhow::Result<()> {
     let args = Args::parse();
-    init_tracing(&args.log_format);
+    mentor_telemetry::init(&args.log_format);
     let device = mentor_worker::parse_device(&args.device).map_err(anyhow::Error::msg)?;
     let outage_limit = Duration::from_secs(args.connect_timeout_seconds);
     let mut client = connect(&args.coordinator, outage_limit).await?;
