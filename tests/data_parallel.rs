@@ -176,3 +176,22 @@ fn a_dead_rank_fails_its_group_and_the_task_reruns_without_it() {
         .count();
     assert_eq!(reruns, 1, "{coordinator_log}");
 }
+
+#[test]
+fn a_group_whose_ranks_never_join_fails_naming_them() {
+    let plan = deterministic_plan(2, 1, 20).replacen(
+        "world_size = 2",
+        "world_size = 2\njoin_timeout_seconds = 2",
+        1,
+    );
+    let mut run = Run::start(&plan);
+    let _lonely = run.worker("lonely");
+    let status = run.wait_finished();
+    assert_eq!(status.status, "failed");
+    assert!(
+        status.error.contains("ranks [1] of 2 did not join task"),
+        "{}",
+        status.error
+    );
+    assert!(status.error.contains("failed 3 times"), "{}", status.error);
+}
