@@ -8,6 +8,7 @@ pub mod augment;
 pub mod dataset;
 pub mod distributed;
 pub mod models;
+pub mod mpl;
 pub mod tasks;
 
 /// Parses `cpu` or `cuda:N`.

@@ -1,0 +1,297 @@
+//! The sign of `h` on a constructed case, and an MPL step on 2 ranks equal to 1 rank.
+
+use std::time::Duration;
+
+use mentor_collective::chunk_bounds;
+use mentor_plan::{CnnPlan, ModelPlan};
+use tch::nn::{Module, OptimizerConfig};
+use tch::{Device, Kind, Tensor};
+
+use super::*;
+use crate::distributed::GroupSetup;
+use crate::models::{build, ModelConfig};
+
+fn config(mpl_weight: f64, sign: MplSign) -> MplConfig {
+    MplConfig {
+        classes: 2,
+        label_smoothing: 0.0,
+        uda_threshold: 0.99,
+        uda_temperature: 0.7,
+        lambda_u: 0.0,
+        uda_steps: 0,
+        mpl_weight,
+        sign,
+        baseline_decay: 0.0,
+    }
+}
+
+/// A linear teacher that predicts class 0 at x = (1, 0), a linear student that predicts class
+/// 1 there; one MPL step where the labeled and the unlabeled image are both x with label 0.
+/// Returns h and the teacher's probability of class 0 at x after its step.
+fn constructed_step(mpl_weight: f64, sign: MplSign) -> (f64, f64) {
+    let set = |linear: &nn::Linear, weights: [f32; 4]| {
+        tch::no_grad(|| {
+            let mut ws = linear.ws.shallow_clone();
+            ws.copy_(&Tensor::from_slice(&weights).view([2, 2]));
+            let mut bs = linear.bs.as_ref().expect("bias").shallow_clone();
+            bs.copy_(&Tensor::zeros([2], (Kind::Float, Device::Cpu)));
+        })
+    };
+    let teacher_vs = nn::VarStore::new(Device::Cpu);
+    let teacher = nn::linear(teacher_vs.root(), 2, 2, Default::default());
+    set(&teacher, [2.0, 0.0, 0.0, 0.0]);
+    let student_vs = nn::VarStore::new(Device::Cpu);
+    let student = nn::linear(student_vs.root(), 2, 2, Default::default());
+    set(&student, [0.0, 0.0, 1.0, 0.0]);
+    let mut teacher_optimizer = nn::Sgd::default()
+        .build(&teacher_vs, 0.5)
+        .expect("optimizer");
+    let mut student_optimizer = nn::Sgd::default()
+        .build(&student_vs, 0.5)
+        .expect("optimizer");
+    let x = Tensor::from_slice(&[1f32, 0.0]).view([1, 2]);
+    let batch = MplBatch {
+        labeled: x.shallow_clone(),
+        labels: Tensor::from_slice(&[0i64]),
+        weak: x.shallow_clone(),
+        strong: x.shallow_clone(),
+        global_labeled: 1,
+        global_unlabeled: 1,
+    };
+    let teacher_variables = teacher_vs.trainable_variables();
+    let student_variables = student_vs.trainable_variables();
+    let stats = mpl_step(
+        &mut Learner {
+            model: &teacher,
+            variables: &teacher_variables,
+            optimizer: &mut teacher_optimizer,
+        },
+        &mut Learner {
+            model: &student,
+            variables: &student_variables,
+            optimizer: &mut student_optimizer,
+        },
+        &mut Group::single(1 << 20, Device::Cpu),
+        &batch,
+        &config(mpl_weight, sign),
+        &mut MplState::default(),
+        true,
+    )
+    .expect("step");
+    let probability = tch::no_grad(|| {
+        teacher
+            .forward(&x)
+            .softmax(-1, Kind::Float)
+            .double_value(&[0, 0])
+    });
+    (stats.h, probability)
+}
+
+#[test]
+fn a_helpful_pseudo_label_gives_positive_h_and_the_teacher_raises_it() {
+    let (h_theory, p_theory) = constructed_step(1.0, MplSign::Theory);
+    let (h_none, p_uda_only) = constructed_step(0.0, MplSign::Theory);
+    let (h_reference, p_reference) = constructed_step(1.0, MplSign::Reference);
+    assert!(h_theory > 0.0, "h = {h_theory}");
+    assert_eq!(
+        h_none, h_theory,
+        "h does not depend on the teacher's MPL weight"
+    );
+    assert!(
+        (h_reference + h_theory).abs() < 1e-12,
+        "{h_reference} vs {h_theory}"
+    );
+    assert!(
+        p_theory > p_uda_only,
+        "theory {p_theory} vs UDA only {p_uda_only}"
+    );
+    assert!(
+        p_reference < p_uda_only,
+        "reference {p_reference} vs UDA only {p_uda_only}"
+    );
+}
+
+/// Teacher and student parameters after `steps` MPL steps on this rank's slice of a fixed global
+/// batch; models start from the checkpoints at `teacher_init` and `student_init`.
+fn train_slice(
+    group: &mut Group,
+    data: &(Tensor, Tensor, Tensor, Tensor),
+    teacher_init: &std::path::Path,
+    student_init: &std::path::Path,
+    steps: usize,
+) -> Vec<f32> {
+    let model_config = small_model();
+    let mut teacher_vs = nn::VarStore::new(Device::Cpu);
+    let teacher = build(&teacher_vs.root(), &model_config);
+    teacher_vs.load(teacher_init).expect("teacher init");
+    let mut student_vs = nn::VarStore::new(Device::Cpu);
+    let student = build(&student_vs.root(), &model_config);
+    student_vs.load(student_init).expect("student init");
+    let mut teacher_optimizer = nn::Sgd {
+        momentum: 0.9,
+        ..Default::default()
+    }
+    .build(&teacher_vs, 0.05)
+    .expect("optimizer");
+    let mut student_optimizer = nn::Sgd {
+        momentum: 0.9,
+        ..Default::default()
+    }
+    .build(&student_vs, 0.05)
+    .expect("optimizer");
+    let (labeled, labels, weak, strong) = data;
+    let world = group.world_size;
+    let (l0, l1) = chunk_bounds(labeled.size()[0] as usize, world, group.rank);
+    let (u0, u1) = chunk_bounds(weak.size()[0] as usize, world, group.rank);
+    let batch = MplBatch {
+        labeled: labeled.narrow(0, l0 as i64, (l1 - l0) as i64),
+        labels: labels.narrow(0, l0 as i64, (l1 - l0) as i64),
+        weak: weak.narrow(0, u0 as i64, (u1 - u0) as i64),
+        strong: strong.narrow(0, u0 as i64, (u1 - u0) as i64),
+        global_labeled: labeled.size()[0] as usize,
+        global_unlabeled: weak.size()[0] as usize,
+    };
+    let mut config = config(1.0, MplSign::Theory);
+    config.classes = 3;
+    config.lambda_u = 1.0;
+    config.uda_threshold = 0.0;
+    config.label_smoothing = 0.1;
+    config.baseline_decay = 0.9;
+    let mut state = MplState::default();
+    let teacher_variables = teacher_vs.trainable_variables();
+    let student_variables = student_vs.trainable_variables();
+    for _ in 0..steps {
+        mpl_step(
+            &mut Learner {
+                model: teacher.as_ref(),
+                variables: &teacher_variables,
+                optimizer: &mut teacher_optimizer,
+            },
+            &mut Learner {
+                model: student.as_ref(),
+                variables: &student_variables,
+                optimizer: &mut student_optimizer,
+            },
+            group,
+            &batch,
+            &config,
+            &mut state,
+            true,
+        )
+        .expect("step");
+    }
+    teacher_variables
+        .iter()
+        .chain(&student_variables)
+        .flat_map(|t| Vec::<f32>::try_from(t.flatten(0, -1)).expect("values"))
+        .collect()
+}
+
+/// A cnn without batch norm or dropout: ranks and a single process compute the same function.
+fn small_model() -> ModelConfig {
+    ModelConfig {
+        model: ModelPlan::Cnn(CnnPlan {
+            width: 4,
+            residual_blocks: 1,
+            hidden: 8,
+            width_growth_per_round: 0,
+            batch_norm: false,
+        }),
+        classes: 3,
+        channels: 1,
+        resolution: 8,
+        dropout: 0.0,
+        last_survival: 1.0,
+    }
+}
+
+#[test]
+fn an_mpl_step_on_two_ranks_equals_one_rank_with_the_same_global_batch() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    tch::manual_seed(5);
+    let (teacher_init, student_init) = (
+        dir.path().join("teacher.safetensors"),
+        dir.path().join("student.safetensors"),
+    );
+    for path in [&teacher_init, &student_init] {
+        let vs = nn::VarStore::new(Device::Cpu);
+        let _model = build(&vs.root(), &small_model());
+        vs.save(path).expect("save init");
+    }
+    let labeled = Tensor::randn([6, 1, 8, 8], (Kind::Float, Device::Cpu));
+    let labels = Tensor::from_slice(&[0i64, 1, 2, 0, 1, 2]);
+    let weak = Tensor::randn([10, 1, 8, 8], (Kind::Float, Device::Cpu));
+    let strong = weak.flip([3]) * 0.5;
+    let data = (labeled, labels, weak, strong);
+
+    let single = train_slice(
+        &mut Group::single(1 << 20, Device::Cpu),
+        &data,
+        &teacher_init,
+        &student_init,
+        3,
+    );
+
+    let listeners: Vec<std::net::TcpListener> = (0..2)
+        .map(|_| std::net::TcpListener::bind("127.0.0.1:0").expect("bind"))
+        .collect();
+    let addresses: Vec<String> = listeners
+        .iter()
+        .map(|l| l.local_addr().expect("addr").to_string())
+        .collect();
+    let ranks: Vec<_> = listeners
+        .into_iter()
+        .enumerate()
+        .map(|(rank, listener)| {
+            let addresses = addresses.clone();
+            let data = (
+                data.0.shallow_clone(),
+                data.1.shallow_clone(),
+                data.2.shallow_clone(),
+                data.3.shallow_clone(),
+            );
+            let (teacher_init, student_init) = (teacher_init.clone(), student_init.clone());
+            std::thread::spawn(move || {
+                let setup = GroupSetup::Ring {
+                    listener,
+                    addresses,
+                    group: "mpl-test".into(),
+                    timeout: Duration::from_secs(30),
+                    setup_timeout: Duration::from_secs(30),
+                };
+                let mut group = Group::form(
+                    rank,
+                    2,
+                    1 << 20,
+                    setup,
+                    Device::Cpu,
+                    Duration::from_secs(30),
+                )
+                .expect("group");
+                train_slice(&mut group, &data, &teacher_init, &student_init, 3)
+            })
+        })
+        .collect();
+    let results: Vec<Vec<f32>> = ranks.into_iter().map(|r| r.join().expect("rank")).collect();
+    assert_eq!(results[0], results[1], "ranks disagree");
+    let largest = single
+        .iter()
+        .zip(&results[0])
+        .map(|(a, b)| (a - b).abs())
+        .fold(0f32, f32::max);
+    let moved = single
+        .iter()
+        .zip(&train_slice(
+            &mut Group::single(1 << 20, Device::Cpu),
+            &data,
+            &teacher_init,
+            &student_init,
+            0,
+        ))
+        .any(|(a, b)| a != b);
+    assert!(moved, "training changed nothing");
+    assert!(
+        largest < 1e-5,
+        "2 ranks differ from 1 rank by up to {largest}"
+    );
+}
