@@ -400,3 +400,67 @@ fn a_growing_efficientnet_student_runs_two_rounds() {
         size(1)
     );
 }
+
+/// Meta Pseudo Labels on two worker processes (one data-parallel group): teacher and student
+/// trained together with h and the UDA mask rate visible in status, both evaluated, the student
+/// finetuned and evaluated again.
+#[test]
+fn a_tiny_meta_pseudo_labels_run_trains_evaluates_and_finetunes() {
+    let runtime = tokio::runtime::Runtime::new().expect("runtime");
+    let dir = tempfile::tempdir().expect("tempdir");
+    let state_dir = dir.path().join("run");
+    let plan = workspace_root().join("deploy/plans/tiny-mpl.toml");
+    let (mut coordinator, address) = start_coordinator(&plan, &state_dir);
+    let _workers = [
+        start_worker(&address, dir.path().join("worker-1.log")),
+        start_worker(&address, dir.path().join("worker-2.log")),
+    ];
+    let mut saw_metrics = false;
+    let final_status = wait_for("the run to finish", Duration::from_secs(600), || {
+        assert!(
+            coordinator.is_running(),
+            "coordinator exited:\n{}",
+            coordinator.log_text()
+        );
+        let current = status(&runtime, &address);
+        saw_metrics |= current
+            .workers
+            .iter()
+            .any(|w| w.metrics.contains_key("h") && w.metrics.contains_key("uda_mask_rate"));
+        (current.status != "running").then_some(current)
+    });
+    assert_eq!(final_status.status, "succeeded", "{}", final_status.error);
+    assert_eq!(final_status.method, "meta-pseudo-labels");
+    assert!(saw_metrics, "status never showed h and the UDA mask rate");
+    assert_eq!(final_status.rounds.len(), 1);
+    let round = &final_status.rounds[0];
+    for accuracy in [
+        round.teacher_test_accuracy,
+        round.student_test_accuracy,
+        round.finetuned_student_test_accuracy,
+    ] {
+        let accuracy = accuracy.expect("accuracy measured");
+        assert!((0.0..=1.0).contains(&accuracy));
+    }
+    for name in [
+        "round-1-teacher",
+        "round-1-student",
+        "round-1-student-finetuned",
+    ] {
+        assert!(
+            state_dir
+                .join(format!("checkpoints/{name}.safetensors"))
+                .exists(),
+            "{name}"
+        );
+    }
+    let output = std::process::Command::new(mentor_e2e::binary("mentor"))
+        .args(["status", "--coordinator", &address, "--json"])
+        .output()
+        .expect("mentor status");
+    let json: serde_json::Value = serde_json::from_slice(&output.stdout).expect("json");
+    assert_eq!(
+        json["final_student_test_accuracy"],
+        serde_json::json!(round.finetuned_student_test_accuracy)
+    );
+}

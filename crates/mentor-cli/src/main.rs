@@ -63,10 +63,15 @@ fn status_json(status: &pb::RunStatus) -> Value {
         "tasks": { "done": status.tasks_done, "total": status.tasks_total },
         "latest_loss": number(status.latest_loss),
         "latest_accuracy": number(status.latest_accuracy),
+        // The final student: finetuned when the method finetunes, else the last round's.
+        "final_student_test_accuracy": status.rounds.last().and_then(|round| {
+            round.finetuned_student_test_accuracy.or(round.student_test_accuracy)
+        }),
         "rounds": status.rounds.iter().map(|round| json!({
             "round": round.round,
             "teacher_test_accuracy": round.teacher_test_accuracy,
             "student_test_accuracy": round.student_test_accuracy,
+            "finetuned_student_test_accuracy": round.finetuned_student_test_accuracy,
             "pseudo_labels": {
                 "shards": round.shards,
                 "shards_done": round.shards_done,
@@ -86,6 +91,7 @@ fn status_json(status: &pb::RunStatus) -> Value {
             "total_steps": worker.total_steps,
             "loss": number(worker.loss),
             "images_per_second": number(worker.images_per_second),
+            "metrics": worker.metrics,
         })).collect::<Vec<_>>(),
     })
 }
@@ -127,13 +133,14 @@ fn status_text(status: &pb::RunStatus) -> String {
         "latest loss {loss}  latest test accuracy {}\n",
         percent(accuracy)
     ));
-    out.push_str("round  teacher acc  student acc  shards  examples  kept\n");
+    out.push_str("round  teacher acc  student acc  finetuned  shards  examples  kept\n");
     for round in &status.rounds {
         out.push_str(&format!(
-            "{:>5}  {:>11}  {:>11}  {:>2}/{:<3}  {:>8}  {:>6}\n",
+            "{:>5}  {:>11}  {:>11}  {:>9}  {:>2}/{:<3}  {:>8}  {:>6}\n",
             round.round,
             percent(round.teacher_test_accuracy),
             percent(round.student_test_accuracy),
+            percent(round.finetuned_student_test_accuracy),
             round.shards_done,
             round.shards,
             round.examples,
@@ -153,6 +160,11 @@ fn status_text(status: &pb::RunStatus) -> String {
             }
             if worker.images_per_second > 0.0 {
                 task.push_str(&format!(" {:.0} img/s", worker.images_per_second));
+            }
+            let mut metrics: Vec<_> = worker.metrics.iter().collect();
+            metrics.sort_by(|a, b| a.0.cmp(b.0));
+            for (name, value) in metrics {
+                task.push_str(&format!(" {name} {value:.4}"));
             }
             task
         };

@@ -62,6 +62,7 @@ pub struct Progress {
     pub loss: Option<f64>,
     pub accuracy: Option<f64>,
     pub images_per_second: f64,
+    pub metrics: std::collections::HashMap<String, f64>,
 }
 
 /// The answer to a worker asking for work.

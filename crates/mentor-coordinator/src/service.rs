@@ -57,6 +57,28 @@ fn task_to_proto(assignment: &Assignment, storage: &str) -> pb::Task {
             selection_path: selection.as_deref().map(path).unwrap_or_default(),
             world_size: task.world_size,
             rank: assignment.rank,
+            ..pb::TrainTask::default()
+        }),
+        TaskSpec::TrainMpl {
+            teacher_output,
+            student_output,
+        } => pb::task::Kind::Train(pb::TrainTask {
+            role: role_to_proto(Role::Student),
+            output_checkpoint: path(student_output),
+            teacher_output: path(teacher_output),
+            world_size: task.world_size,
+            rank: assignment.rank,
+            mode: pb::TrainMode::MetaPseudoLabels as i32,
+            ..pb::TrainTask::default()
+        }),
+        TaskSpec::Finetune { init, output } => pb::task::Kind::Train(pb::TrainTask {
+            role: role_to_proto(Role::Student),
+            output_checkpoint: path(output),
+            init_checkpoint: path(init),
+            world_size: task.world_size,
+            rank: assignment.rank,
+            mode: pb::TrainMode::Finetune as i32,
+            ..pb::TrainTask::default()
         }),
         TaskSpec::Label {
             teacher,
@@ -233,6 +255,7 @@ impl WorkerService for WorkerApi {
             loss: finite(report.loss),
             accuracy: finite(report.accuracy),
             images_per_second: report.images_per_second,
+            metrics: report.metrics,
         };
         lock(&self.shared)
             .progress(&WorkerId(report.worker_id), progress, Instant::now())
@@ -361,6 +384,7 @@ pub fn status_of(coordinator: &Coordinator) -> pb::RunStatus {
                     "lost"
                 }
                 .to_string(),
+                metrics: worker.progress.metrics.clone(),
             }
         })
         .collect();
@@ -375,6 +399,7 @@ pub fn status_of(coordinator: &Coordinator) -> pb::RunStatus {
             examples: round.examples,
             kept: round.kept,
             shards_done: round.shards.len() as u32,
+            finetuned_student_test_accuracy: round.finetuned_student_test_accuracy,
         })
         .collect();
     pb::RunStatus {

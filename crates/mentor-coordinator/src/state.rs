@@ -9,7 +9,7 @@
 use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
 
-use mentor_plan::{Plan, Role};
+use mentor_plan::{Method, Plan, Role};
 use serde::{Deserialize, Serialize};
 
 /// A task fails the run after this many attempts.
@@ -44,6 +44,13 @@ pub enum Phase {
     Filter,
     TrainStudent,
     EvaluateStudent,
+    /// Meta Pseudo Labels: teacher and student trained together.
+    TrainMpl,
+    /// Meta Pseudo Labels: both models evaluated on the test set.
+    EvaluateMpl,
+    /// Meta Pseudo Labels: the student finetuned on labeled images.
+    Finetune,
+    EvaluateFinetuned,
     Done,
 }
 
@@ -56,6 +63,10 @@ impl Phase {
             Phase::Filter => "filter-and-balance",
             Phase::TrainStudent => "train-student",
             Phase::EvaluateStudent => "evaluate-student",
+            Phase::TrainMpl => "train-meta-pseudo-labels",
+            Phase::EvaluateMpl => "evaluate-teacher-and-student",
+            Phase::Finetune => "finetune-student",
+            Phase::EvaluateFinetuned => "evaluate-finetuned-student",
             Phase::Done => "done",
         }
     }
@@ -106,11 +117,31 @@ pub enum TaskSpec {
     Evaluate {
         model: ModelRef,
     },
+    /// Meta Pseudo Labels: teacher and student trained together.
+    TrainMpl {
+        teacher_output: PathBuf,
+        student_output: PathBuf,
+    },
+    /// The MPL student finetuned on labeled images.
+    Finetune {
+        init: PathBuf,
+        output: PathBuf,
+    },
 }
 
 impl TaskSpec {
+    /// Whether the task trains (and so runs on a data-parallel group).
+    pub fn is_training(&self) -> bool {
+        matches!(
+            self,
+            TaskSpec::Train { .. } | TaskSpec::TrainMpl { .. } | TaskSpec::Finetune { .. }
+        )
+    }
+
     pub fn describe(&self) -> String {
         match self {
+            TaskSpec::TrainMpl { .. } => "train teacher and student (MPL)".to_string(),
+            TaskSpec::Finetune { .. } => "finetune student".to_string(),
             TaskSpec::Train { role, .. } => format!("train {}", role.as_str()),
             TaskSpec::Label { shard_index, .. } => format!("pseudo-label shard {shard_index}"),
             TaskSpec::Evaluate { model } => format!("evaluate {}", model.role.as_str()),
@@ -205,6 +236,11 @@ pub struct RoundRecord {
     pub examples: u64,
     pub kept: u64,
     pub selection: Option<PathBuf>,
+    /// Meta Pseudo Labels: the finetuned student.
+    #[serde(default)]
+    pub finetuned: Option<ModelRef>,
+    #[serde(default)]
+    pub finetuned_student_test_accuracy: Option<f64>,
 }
 
 /// What the caller must do after a transition.
@@ -257,6 +293,15 @@ pub struct RunState {
     pub unlabeled_examples: u64,
     pub paths: RunPaths,
     next_task: u64,
+    #[serde(default = "default_method")]
+    pub method: Method,
+    /// Meta Pseudo Labels: whether the student is finetuned.
+    #[serde(default)]
+    pub finetune: bool,
+}
+
+fn default_method() -> Method {
+    Method::NoisyStudent
 }
 
 impl RunState {
@@ -279,6 +324,8 @@ impl RunState {
                 run_dir: run_dir.to_path_buf(),
             },
             next_task: 0,
+            method: plan.method,
+            finetune: plan.mpl.as_ref().is_some_and(|mpl| mpl.finetune.steps > 0),
         }
     }
 
@@ -316,6 +363,16 @@ impl RunState {
     /// Starts the run once enough workers are there.
     pub fn start(&mut self) {
         if self.phase != Phase::WaitingForWorkers {
+            return;
+        }
+        if self.method == Method::MetaPseudoLabels {
+            self.phase = Phase::TrainMpl;
+            let teacher_output = self.paths.checkpoint(1, Role::Teacher);
+            let student_output = self.paths.checkpoint(1, Role::Student);
+            self.add_task(TaskSpec::TrainMpl {
+                teacher_output,
+                student_output,
+            });
             return;
         }
         self.phase = Phase::TrainTeacher;
@@ -356,9 +413,10 @@ impl RunState {
             .tasks
             .values_mut()
             .find(|task| task.state == TaskState::Pending)?;
-        task.world_size = match task.spec {
-            TaskSpec::Train { .. } => group_size.max(1),
-            _ => 1,
+        task.world_size = if task.spec.is_training() {
+            group_size.max(1)
+        } else {
+            1
         };
         task.device_kind = device_kind.to_string();
         task.state = TaskState::Running {
@@ -432,6 +490,7 @@ impl RunState {
         }
         task.state = TaskState::Done;
         let spec = task.spec.clone();
+        let phase = self.phase;
         let round = self.current_round_mut();
         match (spec, outcome) {
             (TaskSpec::Train { role, .. }, TaskOutcome::Trained { checkpoint, .. }) => {
@@ -449,6 +508,36 @@ impl RunState {
                 round.examples += shard.examples;
                 round.shards.push(shard);
                 round.shards.sort_by_key(|shard| shard.index);
+            }
+            (
+                TaskSpec::TrainMpl {
+                    teacher_output,
+                    student_output,
+                },
+                TaskOutcome::Trained { .. },
+            ) => {
+                round.teacher = Some(ModelRef {
+                    checkpoint: teacher_output,
+                    role: Role::Teacher,
+                    model_round: round.round,
+                });
+                round.student = Some(ModelRef {
+                    checkpoint: student_output,
+                    role: Role::Student,
+                    model_round: round.round,
+                });
+            }
+            (TaskSpec::Finetune { output, .. }, TaskOutcome::Trained { .. }) => {
+                round.finetuned = Some(ModelRef {
+                    checkpoint: output,
+                    role: Role::Student,
+                    model_round: round.round,
+                });
+            }
+            (TaskSpec::Evaluate { .. }, TaskOutcome::Evaluated { accuracy, .. })
+                if phase == Phase::EvaluateFinetuned =>
+            {
+                round.finetuned_student_test_accuracy = Some(accuracy);
             }
             (TaskSpec::Evaluate { model }, TaskOutcome::Evaluated { accuracy, .. }) => {
                 match model.role {
@@ -510,6 +599,45 @@ impl RunState {
                 Vec::new()
             }
             Phase::EvaluateStudent => self.promote(),
+            Phase::TrainMpl => {
+                let record = self.current_round().clone();
+                let (Some(teacher), Some(student)) = (record.teacher, record.student) else {
+                    return self
+                        .fail("meta pseudo labels training finished without checkpoints".into());
+                };
+                self.phase = Phase::EvaluateMpl;
+                self.add_task(TaskSpec::Evaluate { model: teacher });
+                self.add_task(TaskSpec::Evaluate { model: student });
+                Vec::new()
+            }
+            Phase::EvaluateMpl => {
+                let Some(student) = self.current_round().student.clone() else {
+                    return self.fail("meta pseudo labels evaluation without a student".into());
+                };
+                if !self.finetune {
+                    return self.succeed();
+                }
+                self.phase = Phase::Finetune;
+                let output = self
+                    .paths
+                    .run_dir
+                    .join("checkpoints")
+                    .join("round-1-student-finetuned.safetensors");
+                self.add_task(TaskSpec::Finetune {
+                    init: student.checkpoint,
+                    output,
+                });
+                Vec::new()
+            }
+            Phase::Finetune => {
+                let Some(finetuned) = self.current_round().finetuned.clone() else {
+                    return self.fail("finetuning finished without a checkpoint".into());
+                };
+                self.phase = Phase::EvaluateFinetuned;
+                self.add_task(TaskSpec::Evaluate { model: finetuned });
+                Vec::new()
+            }
+            Phase::EvaluateFinetuned => self.succeed(),
             Phase::WaitingForWorkers | Phase::Filter | Phase::Done => Vec::new(),
         }
     }
@@ -563,13 +691,17 @@ impl RunState {
         self.fail(message)
     }
 
+    fn succeed(&mut self) -> Vec<Effect> {
+        self.outcome = RunOutcome::Succeeded;
+        self.phase = Phase::Done;
+        vec![Effect::Finished]
+    }
+
     /// The student of this round becomes the teacher of the next one, or the run ends.
     fn promote(&mut self) -> Vec<Effect> {
         let finished = self.current_round().clone();
         if self.round >= self.total_rounds {
-            self.outcome = RunOutcome::Succeeded;
-            self.phase = Phase::Done;
-            return vec![Effect::Finished];
+            return self.succeed();
         }
         let Some(student) = finished.student.clone() else {
             return self.fail("round ended without a student".into());

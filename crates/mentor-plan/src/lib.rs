@@ -76,8 +76,151 @@ pub struct Plan {
     pub student: RolePlan,
     #[serde(default)]
     pub pseudo_labels: PseudoLabelPlan,
+    /// Meta Pseudo Labels settings (required when `method = "meta-pseudo-labels"`).
+    #[serde(default)]
+    pub mpl: Option<MplPlan>,
     #[serde(default)]
     pub workers: WorkersPlan,
+}
+
+/// Which sign the MPL feedback `h` takes.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Serialize, Deserialize)]
+#[serde(rename_all = "kebab-case")]
+pub enum MplSign {
+    /// `h = s_old - s_new` (first-order Taylor expansion of the paper's objective).
+    #[default]
+    Theory,
+    /// `h = s_new - s_old`, as both reference codebases compute it.
+    Reference,
+}
+
+/// Meta Pseudo Labels: teacher and student trained together, then the student finetuned.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct MplPlan {
+    pub steps: u64,
+    /// Labeled images per step (global batch).
+    pub batch_size: u32,
+    /// Unlabeled images per step = `mu * batch_size` (weak and strong view each).
+    #[serde(default = "default_mu")]
+    pub mu: u32,
+    #[serde(default = "default_learning_rate")]
+    pub teacher_learning_rate: f64,
+    #[serde(default = "default_learning_rate")]
+    pub student_learning_rate: f64,
+    #[serde(default = "default_momentum")]
+    pub momentum: f64,
+    #[serde(default = "default_weight_decay")]
+    pub weight_decay: f64,
+    #[serde(default)]
+    pub warmup_steps: u64,
+    /// The student's optimizer does not step before this step.
+    #[serde(default)]
+    pub student_wait_steps: u64,
+    #[serde(default = "default_label_smoothing")]
+    pub label_smoothing: f64,
+    #[serde(default = "default_uda_threshold")]
+    pub uda_threshold: f64,
+    #[serde(default = "default_uda_temperature")]
+    pub uda_temperature: f64,
+    #[serde(default = "default_lambda_u")]
+    pub lambda_u: f64,
+    /// The UDA weight ramps up linearly over this many steps.
+    #[serde(default)]
+    pub uda_steps: u64,
+    /// Weight of the MPL term (0 = a UDA-only teacher).
+    #[serde(default = "default_one_f64")]
+    pub mpl_weight: f64,
+    #[serde(default)]
+    pub mpl_sign: MplSign,
+    /// Decay of the moving-average baseline subtracted from h (0 = none; 0.99 in the paper).
+    #[serde(default)]
+    pub baseline_decay: f64,
+    /// EMA decay of the student's weights (0 = off).
+    #[serde(default)]
+    pub ema: f64,
+    /// The strong view's augmentation (the weak view is a flip and shift).
+    #[serde(default = "default_strong_randaugment")]
+    pub randaugment: RandAugmentPlan,
+    /// Evaluate teacher and student on the test set every this many steps (0 = at the end).
+    #[serde(default)]
+    pub eval_every: u64,
+    #[serde(default = "default_log_every")]
+    pub log_every: u64,
+    /// The final finetuning of the student on labeled data (steps = 0 skips it).
+    #[serde(default)]
+    pub finetune: FinetunePlan,
+}
+
+/// Finetuning of the MPL student on labeled images only (no noise).
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct FinetunePlan {
+    #[serde(default)]
+    pub steps: u64,
+    #[serde(default = "default_finetune_batch")]
+    pub batch_size: u32,
+    #[serde(default = "default_finetune_learning_rate")]
+    pub learning_rate: f64,
+}
+
+impl Default for FinetunePlan {
+    fn default() -> Self {
+        FinetunePlan {
+            steps: 0,
+            batch_size: default_finetune_batch(),
+            learning_rate: default_finetune_learning_rate(),
+        }
+    }
+}
+
+fn default_mu() -> u32 {
+    3
+}
+fn default_uda_threshold() -> f64 {
+    0.6
+}
+fn default_uda_temperature() -> f64 {
+    0.7
+}
+fn default_lambda_u() -> f64 {
+    1.0
+}
+fn default_one_f64() -> f64 {
+    1.0
+}
+fn default_finetune_batch() -> u32 {
+    512
+}
+fn default_finetune_learning_rate() -> f64 {
+    0.001
+}
+fn default_strong_randaugment() -> RandAugmentPlan {
+    RandAugmentPlan {
+        ops: 2,
+        magnitude: 5.0,
+        op_list: Vec::new(),
+    }
+}
+
+impl MplPlan {
+    /// The finetuning as an ordinary training schedule (constant rate, no warmup).
+    pub fn finetune_train_plan(&self) -> TrainPlan {
+        TrainPlan {
+            steps: self.finetune.steps.max(1),
+            batch_size: self.finetune.batch_size,
+            unlabeled_ratio: 0,
+            optimizer: Optimizer::Sgd,
+            learning_rate: self.finetune.learning_rate,
+            momentum: self.momentum,
+            weight_decay: 0.0,
+            warmup_steps: 0,
+            schedule: Schedule::Constant,
+            label_smoothing: self.label_smoothing,
+            flip_and_shift: true,
+            log_every: self.log_every,
+        }
+    }
 }
 
 fn default_rounds() -> u32 {
@@ -125,7 +268,9 @@ fn default_classes() -> u32 {
 #[serde(deny_unknown_fields)]
 pub struct RolePlan {
     pub model: ModelPlan,
-    pub train: TrainPlan,
+    /// Optimisation of this role's training task (Noisy Student; Meta Pseudo Labels uses `[mpl]`).
+    #[serde(default)]
+    pub train: Option<TrainPlan>,
     #[serde(default)]
     pub noise: NoisePlan,
 }
@@ -463,10 +608,34 @@ impl Plan {
             ));
         }
         if self.method == Method::MetaPseudoLabels {
-            return Err(invalid(
-                "method",
-                "`meta-pseudo-labels` is not supported by this build yet; use `noisy-student`",
-            ));
+            let Some(mpl) = &self.mpl else {
+                return Err(invalid(
+                    "mpl",
+                    "required when method = \"meta-pseudo-labels\"",
+                ));
+            };
+            validate_mpl(mpl)?;
+            if self.rounds != 1 {
+                return Err(invalid(
+                    "rounds",
+                    "Meta Pseudo Labels runs one round; set rounds = 1",
+                ));
+            }
+        } else {
+            if self.mpl.is_some() {
+                return Err(invalid(
+                    "mpl",
+                    "only meaningful with method = \"meta-pseudo-labels\"",
+                ));
+            }
+            for (role, plan) in [("teacher", &self.teacher), ("student", &self.student)] {
+                if plan.train.is_none() {
+                    return Err(invalid(
+                        format!("{role}.train"),
+                        "required for method = \"noisy-student\"",
+                    ));
+                }
+            }
         }
         if self.rounds == 0 {
             return Err(invalid("rounds", "must be >= 1"));
@@ -577,7 +746,9 @@ fn validate_role(
             "only students grow; the teacher of later rounds is the previous student",
         ));
     }
-    let train = &plan.train;
+    let Some(train) = &plan.train else {
+        return validate_noise(role, &plan.noise);
+    };
     if train.steps == 0 {
         return Err(invalid(format!("{role}.train.steps"), "must be >= 1"));
     }
@@ -629,7 +800,10 @@ fn validate_role(
     if train.log_every == 0 {
         return Err(invalid(format!("{role}.train.log_every"), "must be >= 1"));
     }
-    let noise = &plan.noise;
+    validate_noise(role, &plan.noise)
+}
+
+fn validate_noise(role: &str, noise: &NoisePlan) -> Result<(), PlanError> {
     if !(0.0..1.0).contains(&noise.dropout) {
         return Err(invalid(
             format!("{role}.noise.dropout"),
@@ -642,17 +816,17 @@ fn validate_role(
             "must be in (0, 1]",
         ));
     }
-    let randaugment = &noise.randaugment;
+    validate_randaugment(&format!("{role}.noise.randaugment"), &noise.randaugment)
+}
+
+fn validate_randaugment(path: &str, randaugment: &RandAugmentPlan) -> Result<(), PlanError> {
     if !(0.0..=30.0).contains(&randaugment.magnitude) {
-        return Err(invalid(
-            format!("{role}.noise.randaugment.magnitude"),
-            "must be in [0, 30]",
-        ));
+        return Err(invalid(format!("{path}.magnitude"), "must be in [0, 30]"));
     }
     for (index, op) in randaugment.op_list.iter().enumerate() {
         if !RANDAUGMENT_OPS.contains(&op.as_str()) {
             return Err(invalid(
-                format!("{role}.noise.randaugment.op_list[{index}]"),
+                format!("{path}.op_list[{index}]"),
                 format!(
                     "unknown operation `{op}`, expected one of: {}",
                     RANDAUGMENT_OPS.join(", ")
@@ -661,6 +835,53 @@ fn validate_role(
         }
     }
     Ok(())
+}
+
+fn validate_mpl(mpl: &MplPlan) -> Result<(), PlanError> {
+    let positive = |field: &str, value: f64| {
+        if value > 0.0 && value.is_finite() {
+            Ok(())
+        } else {
+            Err(invalid(format!("mpl.{field}"), "must be > 0"))
+        }
+    };
+    if mpl.steps == 0 {
+        return Err(invalid("mpl.steps", "must be >= 1"));
+    }
+    if mpl.batch_size == 0 || mpl.mu == 0 {
+        return Err(invalid("mpl.batch_size", "batch_size and mu must be >= 1"));
+    }
+    positive("teacher_learning_rate", mpl.teacher_learning_rate)?;
+    positive("student_learning_rate", mpl.student_learning_rate)?;
+    positive("uda_temperature", mpl.uda_temperature)?;
+    positive("finetune.learning_rate", mpl.finetune.learning_rate)?;
+    if !(0.0..1.0).contains(&mpl.momentum) {
+        return Err(invalid("mpl.momentum", "must be in [0, 1)"));
+    }
+    if !(0.0..=1.0).contains(&mpl.uda_threshold) {
+        return Err(invalid("mpl.uda_threshold", "must be in [0, 1]"));
+    }
+    if !(0.0..1.0).contains(&mpl.label_smoothing) {
+        return Err(invalid("mpl.label_smoothing", "must be in [0, 1)"));
+    }
+    for (field, value) in [("baseline_decay", mpl.baseline_decay), ("ema", mpl.ema)] {
+        if !(0.0..1.0).contains(&value) {
+            return Err(invalid(format!("mpl.{field}"), "must be in [0, 1)"));
+        }
+    }
+    if mpl.warmup_steps >= mpl.steps {
+        return Err(invalid(
+            "mpl.warmup_steps",
+            format!("must be below mpl.steps ({})", mpl.steps),
+        ));
+    }
+    if mpl.log_every == 0 {
+        return Err(invalid("mpl.log_every", "must be >= 1"));
+    }
+    if mpl.finetune.steps > 0 && mpl.finetune.batch_size == 0 {
+        return Err(invalid("mpl.finetune.batch_size", "must be >= 1"));
+    }
+    validate_randaugment("mpl.randaugment", &mpl.randaugment)
 }
 
 /// Which of the two model roles a task concerns.

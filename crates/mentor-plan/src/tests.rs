@@ -40,8 +40,9 @@ fn defaults_fill_missing_fields() {
     let plan = Plan::from_toml_str(TINY).expect("tiny plan");
     assert_eq!(plan.pseudo_labels.temperature, 1.0);
     assert_eq!(plan.pseudo_labels.mode, LabelMode::Soft);
-    assert_eq!(plan.teacher.train.optimizer, Optimizer::Sgd);
-    assert_eq!(plan.teacher.train.label_smoothing, 0.1);
+    let train = plan.teacher.train.as_ref().expect("teacher.train");
+    assert_eq!(train.optimizer, Optimizer::Sgd);
+    assert_eq!(train.label_smoothing, 0.1);
     assert_eq!(plan.teacher.noise.stochastic_depth_survival, 1.0);
 }
 
@@ -147,7 +148,10 @@ fn missing_section_is_refused() {
     let end = TINY[start..].find("[student.model]").expect("next section") + start;
     let text = format!("{}{}", &TINY[..start], &TINY[end..]);
     let message = error_of(&text);
-    assert!(message.contains("missing field `train`"), "{message}");
+    assert_eq!(
+        message,
+        "teacher.train: required for method = \"noisy-student\""
+    );
 }
 
 #[test]
@@ -176,15 +180,34 @@ fn teacher_growth_is_refused() {
 }
 
 #[test]
-fn meta_pseudo_labels_is_refused_until_supported() {
+fn meta_pseudo_labels_needs_its_section() {
     let text = tiny_with(
         "method = \"noisy-student\"",
         "method = \"meta-pseudo-labels\"",
     );
-    let message = error_of(&text);
-    assert!(
-        message.starts_with("method: `meta-pseudo-labels` is not supported"),
-        "{message}"
+    assert_eq!(
+        error_of(&text),
+        "mpl: required when method = \"meta-pseudo-labels\""
+    );
+}
+
+#[test]
+fn shipped_mpl_plans_are_valid() {
+    for text in [
+        include_str!("../../../deploy/plans/fashion-mnist-mpl.toml"),
+        include_str!("../../../deploy/plans/tiny-mpl.toml"),
+    ] {
+        let plan = Plan::from_toml_str(text).expect("mpl plan");
+        assert_eq!(plan.method, Method::MetaPseudoLabels);
+        assert!(plan.mpl.is_some());
+    }
+    let tiny = include_str!("../../../deploy/plans/tiny-mpl.toml");
+    let bad = tiny.replacen("mpl_sign = \"theory\"", "mpl_sign = \"sideways\"", 1);
+    assert!(error_of(&bad).contains("unknown variant `sideways`"));
+    let bad = tiny.replacen("rounds = 1", "rounds = 2", 1);
+    assert_eq!(
+        error_of(&bad),
+        "rounds: Meta Pseudo Labels runs one round; set rounds = 1"
     );
 }
 

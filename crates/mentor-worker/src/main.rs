@@ -114,12 +114,23 @@ fn role_from_proto(value: i32) -> anyhow::Result<Role> {
 fn task_from_proto(task: &pb::Task) -> anyhow::Result<TaskKind> {
     use pb::task::Kind;
     Ok(match task.kind.as_ref().context("task has no kind")? {
-        Kind::Train(train) => TaskKind::Train {
-            role: role_from_proto(train.role)?,
-            round: task.round,
-            output: PathBuf::from(&train.output_checkpoint),
-            selection: (!train.selection_path.is_empty())
-                .then(|| PathBuf::from(&train.selection_path)),
+        Kind::Train(train) => match pb::TrainMode::try_from(train.mode) {
+            Ok(pb::TrainMode::NoisyStudent) => TaskKind::Train {
+                role: role_from_proto(train.role)?,
+                round: task.round,
+                output: PathBuf::from(&train.output_checkpoint),
+                selection: (!train.selection_path.is_empty())
+                    .then(|| PathBuf::from(&train.selection_path)),
+            },
+            Ok(pb::TrainMode::MetaPseudoLabels) => TaskKind::TrainMpl {
+                teacher_output: PathBuf::from(&train.teacher_output),
+                student_output: PathBuf::from(&train.output_checkpoint),
+            },
+            Ok(pb::TrainMode::Finetune) => TaskKind::Finetune {
+                init: PathBuf::from(&train.init_checkpoint),
+                output: PathBuf::from(&train.output_checkpoint),
+            },
+            Err(_) => anyhow::bail!("task names an unknown training mode {}", train.mode),
         },
         Kind::Evaluate(evaluate) => TaskKind::Evaluate {
             model: ModelSource {
@@ -595,6 +606,7 @@ async fn execute(
                     loss: progress.loss.unwrap_or(f64::NAN),
                     accuracy: progress.accuracy.unwrap_or(f64::NAN),
                     images_per_second: progress.images_per_second,
+                    metrics: progress.metrics.into_iter().collect(),
                 };
                 // Best effort: a lost report is replaced by the next one.
                 if let Err(status) = session.client.report_progress(report).await {

@@ -6,23 +6,27 @@
 //! the student's step and in the teacher's MPL term, weighted by `h`, the change of the
 //! student's loss on the labeled batch. `h` is computed on the **global** labeled batch (sums
 //! all-reduced over ranks), and every loss is normalised by global batch sizes, so W ranks take
-//! exactly the step one rank takes on the whole batch. Not wired into plans and the coordinator
-//! yet: this is the building block of the `meta-pseudo-labels` method.
+//! exactly the step one rank takes on the whole batch. [`train_mpl`] runs the whole schedule.
 
-use mentor_collective::CollectiveError;
-use tch::nn::{self, ModuleT};
+use std::path::{Path, PathBuf};
+use std::time::Instant;
+
+use mentor_collective::{chunk_bounds, CollectiveError};
+pub use mentor_plan::MplSign;
+use mentor_plan::{MplPlan, Plan, Role, Schedule, TrainPlan};
+use rand::rngs::StdRng;
+use rand::{Rng, SeedableRng};
+use tch::nn::{self, ModuleT, OptimizerConfig};
 use tch::{Kind, Tensor};
 
+use crate::augment::{flip_and_shift, RandAugment};
+use crate::dataset::Dataset;
 use crate::distributed::Group;
-
-/// Which sign `h` takes (ALGORITHMS.md: "Decision (sign)").
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum MplSign {
-    /// `h = s_old - s_new`: positive when the pseudo label helped the student.
-    Theory,
-    /// `h = s_new - s_old`, as both reference codebases compute it.
-    Reference,
-}
+use crate::models::build;
+use crate::tasks::{
+    collective_error, learning_rate, model_config, save_checkpoint, test_accuracy, Outcome,
+    Progress,
+};
 
 /// Knobs of the step.
 #[derive(Debug, Clone, PartialEq)]
@@ -195,6 +199,258 @@ pub fn mpl_step(
         mask_rate: sums[2] / global_unlabeled,
         teacher_labeled_loss: sums[3],
         student_labeled_loss: s_new,
+    })
+}
+
+impl MplConfig {
+    pub fn from_plan(mpl: &MplPlan, classes: u32) -> MplConfig {
+        MplConfig {
+            classes: classes as i64,
+            label_smoothing: mpl.label_smoothing,
+            uda_threshold: mpl.uda_threshold,
+            uda_temperature: mpl.uda_temperature,
+            lambda_u: mpl.lambda_u,
+            uda_steps: mpl.uda_steps,
+            mpl_weight: mpl.mpl_weight,
+            sign: mpl.mpl_sign,
+            baseline_decay: mpl.baseline_decay,
+        }
+    }
+}
+
+/// A cosine schedule with warmup at `rate` over the MPL steps.
+fn schedule(mpl: &MplPlan, rate: f64) -> TrainPlan {
+    TrainPlan {
+        steps: mpl.steps,
+        learning_rate: rate,
+        warmup_steps: mpl.warmup_steps,
+        schedule: Schedule::Cosine,
+        ..mpl.finetune_train_plan()
+    }
+}
+
+/// `ema = decay * ema + (1 - decay) * model` over every variable of the same name (buffers
+/// such as batch-norm statistics included).
+fn update_ema(ema: &nn::VarStore, model: &nn::VarStore, decay: f64) {
+    let source = model.variables();
+    tch::no_grad(|| {
+        for (name, mut target) in ema.variables() {
+            if let Some(value) = source.get(&name) {
+                let mixed = &target * decay + value * (1.0 - decay);
+                target.copy_(&mixed);
+            }
+        }
+    });
+}
+
+fn sgd(vs: &nn::VarStore, mpl: &MplPlan, rate: f64) -> Result<nn::Optimizer, String> {
+    nn::Sgd {
+        momentum: mpl.momentum,
+        dampening: 0.0,
+        wd: mpl.weight_decay,
+        nesterov: mpl.momentum > 0.0,
+    }
+    .build(vs, rate)
+    .map_err(|e| format!("failed to build an optimizer: {e}"))
+}
+
+/// The Meta Pseudo Labels schedule on this rank: `mpl.steps` steps of [`mpl_step`] over global
+/// batches (labeled `batch_size`, unlabeled `mu * batch_size`), EMA of the student, test
+/// accuracies every `eval_every` steps; rank 0 writes the teacher and the student (its EMA
+/// when enabled).
+pub fn train_mpl(
+    plan: &Plan,
+    dataset: &Dataset,
+    teacher_output: &Path,
+    student_output: &Path,
+    group: &mut Group,
+    progress: &mut dyn FnMut(Progress),
+) -> Result<Outcome, String> {
+    let mpl = plan.mpl.as_ref().ok_or("the plan has no [mpl] section")?;
+    let (rank, world_size) = (group.rank, group.world_size);
+    let labeled_batch = mpl.batch_size as usize;
+    let unlabeled_batch = labeled_batch * mpl.mu as usize;
+    if labeled_batch < world_size {
+        return Err(format!(
+            "mpl.batch_size ({labeled_batch}) is smaller than the group ({world_size} ranks)"
+        ));
+    }
+    let seed = plan.seed as i64 * 1_000_003 + 4242;
+    tch::manual_seed(seed);
+    let device = dataset.device;
+    let teacher_config = model_config(plan, Role::Teacher, 1, dataset);
+    let student_config = model_config(plan, Role::Student, 1, dataset);
+    let teacher_vs = nn::VarStore::new(device);
+    let teacher = build(&teacher_vs.root(), &teacher_config);
+    let student_vs = nn::VarStore::new(device);
+    let student = build(&student_vs.root(), &student_config);
+    let teacher_variables = teacher_vs.trainable_variables();
+    let student_variables = student_vs.trainable_variables();
+    group
+        .broadcast_parameters(&teacher_variables)
+        .map_err(collective_error)?;
+    group
+        .broadcast_parameters(&student_variables)
+        .map_err(collective_error)?;
+    let ema = if mpl.ema > 0.0 {
+        let mut ema_vs = nn::VarStore::new(device);
+        let ema_model = build(&ema_vs.root(), &student_config);
+        ema_vs
+            .copy(&student_vs)
+            .map_err(|e| format!("failed to copy the student: {e}"))?;
+        Some((ema_vs, ema_model))
+    } else {
+        None
+    };
+    let mut teacher_optimizer = sgd(&teacher_vs, mpl, mpl.teacher_learning_rate)?;
+    let mut student_optimizer = sgd(&student_vs, mpl, mpl.student_learning_rate)?;
+    let teacher_schedule = schedule(mpl, mpl.teacher_learning_rate);
+    let student_schedule = schedule(mpl, mpl.student_learning_rate);
+    let config = MplConfig::from_plan(mpl, plan.data.classes);
+    tch::manual_seed(seed + 7919 * rank as i64);
+    let mut sampler = StdRng::seed_from_u64(seed as u64);
+    let strong = RandAugment::from_plan(&mpl.randaugment);
+    let (labeled_start, labeled_end) = chunk_bounds(labeled_batch, world_size, rank);
+    let (unlabeled_start, unlabeled_end) = chunk_bounds(unlabeled_batch, world_size, rank);
+    let labeled_count = dataset.labeled.size()[0];
+    let unlabeled: Vec<i64> = dataset.split.unlabeled.iter().map(|&p| p as i64).collect();
+    let unlabeled = Tensor::from_slice(&unlabeled).to_device(device);
+    let unlabeled_count = unlabeled.size()[0];
+    if unlabeled_count == 0 {
+        return Err("Meta Pseudo Labels needs unlabeled images; the split has none".into());
+    }
+    let mut state = MplState::default();
+    let mut window = (0.0f64, 0.0f64, 0.0f64, 0.0f64, 0u64);
+    let mut window_started = Instant::now();
+    let started = Instant::now();
+    let mut accuracies: Vec<(String, f64)> = Vec::new();
+    let mut last = MplStats::default();
+    for step in 0..mpl.steps {
+        teacher_optimizer.set_lr(learning_rate(&teacher_schedule, step));
+        student_optimizer.set_lr(learning_rate(&student_schedule, step));
+        let picks: Vec<i64> = (0..labeled_batch)
+            .map(|_| sampler.gen_range(0..labeled_count))
+            .collect();
+        let rows: Vec<i64> = (0..unlabeled_batch)
+            .map(|_| sampler.gen_range(0..unlabeled_count))
+            .collect();
+        let picks = Tensor::from_slice(&picks[labeled_start..labeled_end]).to_device(device);
+        let rows = Tensor::from_slice(&rows[unlabeled_start..unlabeled_end]).to_device(device);
+        let positions = dataset.labeled.index_select(0, &picks);
+        let labels = dataset.train_labels.index_select(0, &positions);
+        let weak_pixels = flip_and_shift(&dataset.train_batch(&unlabeled.index_select(0, &rows)));
+        let batch = MplBatch {
+            labeled: dataset.model_input(
+                &flip_and_shift(&dataset.train_batch(&positions)),
+                teacher_config.resolution,
+            ),
+            labels,
+            strong: dataset.model_input(&strong.apply(&weak_pixels), teacher_config.resolution),
+            weak: dataset.model_input(&weak_pixels, teacher_config.resolution),
+            global_labeled: labeled_batch,
+            global_unlabeled: unlabeled_batch,
+        };
+        let stats = mpl_step(
+            &mut Learner {
+                model: teacher.as_ref(),
+                variables: &teacher_variables,
+                optimizer: &mut teacher_optimizer,
+            },
+            &mut Learner {
+                model: student.as_ref(),
+                variables: &student_variables,
+                optimizer: &mut student_optimizer,
+            },
+            group,
+            &batch,
+            &config,
+            &mut state,
+            step >= mpl.student_wait_steps,
+        )
+        .map_err(collective_error)?;
+        if !(stats.teacher_labeled_loss.is_finite() && stats.student_labeled_loss.is_finite()) {
+            return Err(format!(
+                "Meta Pseudo Labels diverged at step {step}; lower the learning rates"
+            ));
+        }
+        if let Some((ema_vs, _)) = &ema {
+            update_ema(ema_vs, &student_vs, mpl.ema);
+        }
+        window.0 += stats.h;
+        window.1 += stats.mask_rate;
+        window.2 += stats.teacher_labeled_loss;
+        window.3 += stats.student_labeled_loss;
+        window.4 += 1;
+        last = stats;
+        let done = step + 1 == mpl.steps;
+        if mpl.eval_every > 0 && ((step + 1) % mpl.eval_every == 0 || done) {
+            let batch_size = plan.pseudo_labels.batch_size as i64;
+            let evaluated = match &ema {
+                Some((_, ema_model)) => ema_model.as_ref(),
+                None => student.as_ref(),
+            };
+            let (teacher_accuracy, _, _) =
+                test_accuracy(teacher.as_ref(), &teacher_config, dataset, batch_size);
+            let (student_accuracy, _, _) =
+                test_accuracy(evaluated, &student_config, dataset, batch_size);
+            accuracies = vec![
+                ("teacher_test_accuracy".to_string(), teacher_accuracy),
+                ("student_test_accuracy".to_string(), student_accuracy),
+            ];
+            tracing::info!(
+                step = step + 1,
+                teacher_accuracy = format!("{teacher_accuracy:.4}"),
+                student_accuracy = format!("{student_accuracy:.4}"),
+                "meta pseudo labels evaluation"
+            );
+        }
+        if (step + 1) % mpl.log_every == 0 || done {
+            let steps = window.4 as f64;
+            let seconds = window_started.elapsed().as_secs_f64().max(1e-9);
+            let mut metrics = vec![
+                ("h".to_string(), window.0 / steps),
+                ("uda_mask_rate".to_string(), window.1 / steps),
+                ("teacher_labeled_loss".to_string(), window.2 / steps),
+                ("student_labeled_loss".to_string(), window.3 / steps),
+            ];
+            metrics.extend(accuracies.iter().cloned());
+            tracing::info!(
+                step = step + 1,
+                total = mpl.steps,
+                rank,
+                h = format!("{:.5}", window.0 / steps),
+                uda_mask_rate = format!("{:.3}", window.1 / steps),
+                teacher_labeled_loss = format!("{:.4}", window.2 / steps),
+                student_labeled_loss = format!("{:.4}", window.3 / steps),
+                "meta pseudo labels"
+            );
+            progress(Progress {
+                step: step + 1,
+                total_steps: mpl.steps,
+                loss: Some(window.2 / steps),
+                accuracy: accuracies
+                    .iter()
+                    .find(|(name, _)| name == "student_test_accuracy")
+                    .map(|(_, v)| *v),
+                images_per_second: (steps * (labeled_batch + 2 * unlabeled_batch) as f64) / seconds,
+                metrics,
+            });
+            window = (0.0, 0.0, 0.0, 0.0, 0);
+            window_started = Instant::now();
+        }
+    }
+    if rank == 0 {
+        save_checkpoint(&teacher_vs, teacher_output)?;
+        match &ema {
+            Some((ema_vs, _)) => save_checkpoint(ema_vs, student_output)?,
+            None => save_checkpoint(&student_vs, student_output)?,
+        }
+    }
+    Ok(Outcome::Trained {
+        checkpoint: PathBuf::from(student_output),
+        final_loss: last.student_labeled_loss,
+        steps: mpl.steps,
+        seconds: started.elapsed().as_secs_f64(),
     })
 }
 

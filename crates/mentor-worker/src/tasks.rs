@@ -5,8 +5,8 @@ use std::path::{Path, PathBuf};
 use std::time::Instant;
 
 use mentor_labels::{encode_shard, LocalDirStore, PutOutcome, ShardHeader, ShardStore, SoftLabels};
-use mentor_plan::{LabelMode, Optimizer, Plan, Role, Schedule, TrainPlan};
-use tch::nn::{self, OptimizerConfig};
+use mentor_plan::{LabelMode, Optimizer, Plan, RandAugmentPlan, Role, Schedule, TrainPlan};
+use tch::nn::{self, ModuleT, OptimizerConfig};
 use tch::{Kind, Tensor};
 
 use mentor_collective::chunk_bounds;
@@ -34,6 +34,16 @@ pub enum TaskKind {
         round: u32,
         output: PathBuf,
         selection: Option<PathBuf>,
+    },
+    /// Meta Pseudo Labels: teacher and student trained together.
+    TrainMpl {
+        teacher_output: PathBuf,
+        student_output: PathBuf,
+    },
+    /// The MPL student finetuned on labeled images.
+    Finetune {
+        init: PathBuf,
+        output: PathBuf,
     },
     Evaluate {
         model: ModelSource,
@@ -79,6 +89,8 @@ pub struct Progress {
     pub loss: Option<f64>,
     pub accuracy: Option<f64>,
     pub images_per_second: f64,
+    /// Method-specific measurements (Meta Pseudo Labels: h, UDA mask rate, ...).
+    pub metrics: Vec<(String, f64)>,
 }
 
 /// Runs one task; errors are messages for the coordinator.
@@ -89,6 +101,29 @@ pub fn run_task(
     group: Option<GroupJoin>,
     progress: &mut dyn FnMut(Progress),
 ) -> Result<Outcome, String> {
+    let form_group = |group: Option<GroupJoin>| -> Result<Group, String> {
+        let bucket_bytes = (plan.workers.bucket_size_mb * 1024.0 * 1024.0) as usize;
+        let group = match group {
+            Some(join) => Group::form(
+                join.rank,
+                join.world_size,
+                bucket_bytes,
+                join.setup,
+                dataset.device,
+                std::time::Duration::from_secs(plan.workers.collective_timeout_seconds),
+            )
+            .map_err(collective_error)?,
+            None => Group::single(bucket_bytes, dataset.device),
+        };
+        if group.world_size > 1 {
+            tracing::info!(
+                rank = group.rank,
+                world_size = group.world_size,
+                "data-parallel group formed"
+            );
+        }
+        Ok(group)
+    };
     match task {
         TaskKind::Train {
             role,
@@ -96,33 +131,33 @@ pub fn run_task(
             output,
             selection,
         } => {
-            let bucket_bytes = (plan.workers.bucket_size_mb * 1024.0 * 1024.0) as usize;
-            let mut group = match group {
-                Some(join) => Group::form(
-                    join.rank,
-                    join.world_size,
-                    bucket_bytes,
-                    join.setup,
-                    dataset.device,
-                    std::time::Duration::from_secs(plan.workers.collective_timeout_seconds),
-                )
-                .map_err(collective_error)?,
-                None => Group::single(bucket_bytes, dataset.device),
-            };
-            if group.world_size > 1 {
-                tracing::info!(
-                    rank = group.rank,
-                    world_size = group.world_size,
-                    "data-parallel group formed"
-                );
-            }
+            let setup = TrainSetup::for_role(plan, dataset, *role, *round)?;
+            let mut group = form_group(group)?;
             train(
                 plan,
                 dataset,
-                *role,
-                *round,
+                &setup,
                 output,
                 selection.as_deref(),
+                &mut group,
+                progress,
+            )
+        }
+        TaskKind::Finetune { init, output } => {
+            let setup = TrainSetup::finetune(plan, dataset, init)?;
+            let mut group = form_group(group)?;
+            train(plan, dataset, &setup, output, None, &mut group, progress)
+        }
+        TaskKind::TrainMpl {
+            teacher_output,
+            student_output,
+        } => {
+            let mut group = form_group(group)?;
+            crate::mpl::train_mpl(
+                plan,
+                dataset,
+                teacher_output,
+                student_output,
                 &mut group,
                 progress,
             )
@@ -149,7 +184,12 @@ pub fn run_task(
     }
 }
 
-fn model_config(plan: &Plan, role: Role, model_round: u32, dataset: &Dataset) -> ModelConfig {
+pub(crate) fn model_config(
+    plan: &Plan,
+    role: Role,
+    model_round: u32,
+    dataset: &Dataset,
+) -> ModelConfig {
     let role_plan = plan.role(role);
     ModelConfig::from_plan(
         &role_plan.model,
@@ -195,7 +235,7 @@ pub fn learning_rate(train: &TrainPlan, step: u64) -> f64 {
     }
 }
 
-fn smoothed_one_hot(labels: &Tensor, classes: i64, smoothing: f64) -> Tensor {
+pub(crate) fn smoothed_one_hot(labels: &Tensor, classes: i64, smoothing: f64) -> Tensor {
     labels.one_hot(classes).to_kind(Kind::Float) * (1.0 - smoothing) + smoothing / classes as f64
 }
 
@@ -247,7 +287,7 @@ fn load_selection(
 }
 
 /// Saves the variables atomically (a temporary file renamed into place).
-fn save_checkpoint(vs: &nn::VarStore, output: &Path) -> Result<(), String> {
+pub(crate) fn save_checkpoint(vs: &nn::VarStore, output: &Path) -> Result<(), String> {
     if let Some(parent) = output.parent() {
         std::fs::create_dir_all(parent)
             .map_err(|e| format!("failed to create `{}`: {e}", parent.display()))?;
@@ -264,41 +304,97 @@ fn soft_cross_entropy_sum(logits: &Tensor, targets: &Tensor) -> Tensor {
     -(targets * logits.log_softmax(-1, Kind::Float)).sum(Kind::Float)
 }
 
-fn collective_error(error: mentor_collective::CollectiveError) -> String {
+pub(crate) fn collective_error(error: mentor_collective::CollectiveError) -> String {
     format!("data-parallel group failed: {error}")
 }
 
-/// Trains one role's model as rank `group.rank` of a data-parallel group (DDP semantics: one
+/// What one training task trains: a role's model from scratch, or a finetuning from a
+/// checkpoint.
+#[derive(Debug, Clone)]
+struct TrainSetup {
+    /// `teacher`, `student` or `finetune`, for messages and logs.
+    name: &'static str,
+    round: u32,
+    train_plan: TrainPlan,
+    model: ModelConfig,
+    randaugment: RandAugmentPlan,
+    init: Option<PathBuf>,
+    seed_offset: i64,
+}
+
+impl TrainSetup {
+    /// A Noisy Student role (teacher or student) of `round`.
+    fn for_role(
+        plan: &Plan,
+        dataset: &Dataset,
+        role: Role,
+        round: u32,
+    ) -> Result<TrainSetup, String> {
+        let role_plan = plan.role(role);
+        Ok(TrainSetup {
+            name: role.as_str(),
+            round,
+            train_plan: role_plan
+                .train
+                .clone()
+                .ok_or_else(|| format!("the plan has no {}.train section", role.as_str()))?,
+            model: model_config(plan, role, round, dataset),
+            randaugment: role_plan.noise.randaugment.clone(),
+            init: None,
+            seed_offset: role as i64,
+        })
+    }
+
+    /// The finetuning of the Meta Pseudo Labels student: labeled images only, no noise.
+    fn finetune(plan: &Plan, dataset: &Dataset, init: &Path) -> Result<TrainSetup, String> {
+        let mpl = plan.mpl.as_ref().ok_or("the plan has no [mpl] section")?;
+        let mut model = model_config(plan, Role::Student, 1, dataset);
+        model.dropout = 0.0;
+        model.last_survival = 1.0;
+        Ok(TrainSetup {
+            name: "finetune",
+            round: 1,
+            train_plan: mpl.finetune_train_plan(),
+            model,
+            randaugment: RandAugmentPlan::default(),
+            init: Some(init.to_path_buf()),
+            seed_offset: 17,
+        })
+    }
+}
+
+/// Trains a model as rank `group.rank` of a data-parallel group (DDP semantics: one
 /// global batch per step, each rank a disjoint slice, gradients summed over ranks with the
 /// loss normalised by the global batch; rank 0 writes the checkpoint).
-#[allow(clippy::too_many_arguments)]
 fn train(
     plan: &Plan,
     dataset: &Dataset,
-    role: Role,
-    round: u32,
+    setup: &TrainSetup,
     output: &Path,
     selection: Option<&Path>,
     group: &mut Group,
     progress: &mut dyn FnMut(Progress),
 ) -> Result<Outcome, String> {
-    let role_plan = plan.role(role);
-    let train_plan = &role_plan.train;
-    let seed = plan.seed as i64 * 1_000_003 + round as i64 * 101 + role as i64;
+    let train_plan = &setup.train_plan;
+    let (name, round) = (setup.name, setup.round);
+    let seed = plan.seed as i64 * 1_000_003 + round as i64 * 101 + setup.seed_offset;
     let (rank, world_size) = (group.rank, group.world_size);
     let labeled_batch = train_plan.batch_size as usize;
     let unlabeled_batch = labeled_batch * train_plan.unlabeled_ratio as usize;
     if labeled_batch < world_size {
         return Err(format!(
-            "{}.train.batch_size ({labeled_batch}) is smaller than the group ({world_size} ranks)",
-            role.as_str()
+            "{name} batch size ({labeled_batch}) is smaller than the group ({world_size} ranks)"
         ));
     }
     tch::manual_seed(seed);
     let classes = plan.data.classes as i64;
-    let vs = nn::VarStore::new(dataset.device);
-    let config = model_config(plan, role, round, dataset);
+    let mut vs = nn::VarStore::new(dataset.device);
+    let config = setup.model.clone();
     let model = build(&vs.root(), &config);
+    if let Some(init) = &setup.init {
+        vs.load(init)
+            .map_err(|e| format!("failed to load checkpoint `{}`: {e}", init.display()))?;
+    }
     let variables = vs.trainable_variables();
     group
         .broadcast_parameters(&variables)
@@ -330,7 +426,7 @@ fn train(
     // Noise differs per rank; the batch order is the same on every rank (`sampler`).
     tch::manual_seed(seed + 7919 * rank as i64);
     let mut sampler = StdRng::seed_from_u64(seed as u64);
-    let randaugment = RandAugment::from_plan(&role_plan.noise.randaugment);
+    let randaugment = RandAugment::from_plan(&setup.randaugment);
     let augment = |images: Tensor| -> Tensor {
         let images = if train_plan.flip_and_shift {
             flip_and_shift(&images)
@@ -400,9 +496,7 @@ fn train(
         let local_loss = loss.double_value(&[]);
         if !local_loss.is_finite() {
             return Err(format!(
-                "{} training diverged at step {step} (loss {local_loss}); lower {}.train.learning_rate",
-                role.as_str(),
-                role.as_str()
+                "{name} training diverged at step {step} (loss {local_loss}); lower its learning rate"
             ));
         }
         window[0] += local_loss;
@@ -428,9 +522,10 @@ fn train(
                 loss: Some(last_loss),
                 accuracy: Some(window[1] / window_labeled as f64),
                 images_per_second: window_images as f64 / seconds,
+                metrics: Vec::new(),
             };
             tracing::info!(
-                role = role.as_str(),
+                role = name,
                 round,
                 rank,
                 world_size,
@@ -462,9 +557,34 @@ fn train(
 /// Accuracy and mean cross-entropy of a model on the plan's test images (eval mode, no noise).
 fn evaluate(plan: &Plan, dataset: &Dataset, source: &ModelSource) -> Result<Outcome, String> {
     let (_vs, model, config) = load_model(plan, dataset, source)?;
+    let (accuracy, loss, total) = test_accuracy(
+        model.as_ref(),
+        &config,
+        dataset,
+        plan.pseudo_labels.batch_size as i64,
+    );
+    tracing::info!(
+        role = source.role.as_str(),
+        model_round = source.model_round,
+        accuracy = format!("{accuracy:.4}"),
+        "evaluated on the test set"
+    );
+    Ok(Outcome::Evaluated {
+        accuracy,
+        loss,
+        examples: total as u64,
+    })
+}
+
+/// (accuracy, mean cross-entropy, images) of `model` on the test set, in eval mode.
+pub(crate) fn test_accuracy(
+    model: &dyn ModuleT,
+    config: &ModelConfig,
+    dataset: &Dataset,
+    batch: i64,
+) -> (f64, f64, i64) {
     let _guard = tch::no_grad_guard();
     let total = dataset.test_images.size()[0];
-    let batch = plan.pseudo_labels.batch_size as i64;
     let mut correct = 0.0;
     let mut loss = 0.0;
     let mut start = 0;
@@ -485,18 +605,11 @@ fn evaluate(plan: &Plan, dataset: &Dataset, source: &ModelSource) -> Result<Outc
         loss += logits.cross_entropy_for_logits(&labels).double_value(&[]) * len as f64;
         start += len;
     }
-    let accuracy = correct / total.max(1) as f64;
-    tracing::info!(
-        role = source.role.as_str(),
-        model_round = source.model_round,
-        accuracy = format!("{accuracy:.4}"),
-        "evaluated on the test set"
-    );
-    Ok(Outcome::Evaluated {
-        accuracy,
-        loss: loss / total.max(1) as f64,
-        examples: total as u64,
-    })
+    (
+        correct / total.max(1) as f64,
+        loss / total.max(1) as f64,
+        total,
+    )
 }
 
 /// Teacher inference over unlabeled positions `[start, end)`, committed as one shard.
@@ -569,6 +682,7 @@ fn label(
             loss: None,
             accuracy: None,
             images_per_second: offset as f64 / started.elapsed().as_secs_f64().max(1e-9),
+            metrics: Vec::new(),
         });
     }
     let labels =

@@ -23,7 +23,12 @@ fn finish_pending(state: &mut RunState, w: &WorkerId, accuracy: f64) -> Vec<Effe
             break;
         };
         let outcome = match &task.spec {
-            TaskSpec::Train { output, .. } => TaskOutcome::Trained {
+            TaskSpec::Train { output, .. }
+            | TaskSpec::Finetune { output, .. }
+            | TaskSpec::TrainMpl {
+                student_output: output,
+                ..
+            } => TaskOutcome::Trained {
                 checkpoint: output.clone(),
                 final_loss: 0.5,
             },
@@ -327,4 +332,31 @@ fn a_failed_rank_fails_the_attempt_and_stale_reports_are_ignored() {
         "a result of the first attempt does not finish the second"
     );
     assert_eq!(state.worker_lost(&a), vec![task.id.clone()]);
+}
+
+#[test]
+fn meta_pseudo_labels_trains_evaluates_and_finetunes() {
+    let plan =
+        Plan::from_toml_str(include_str!("../../../../deploy/plans/tiny-mpl.toml")).expect("plan");
+    let mut state = RunState::new("mpl".into(), &plan, 1500, Path::new("/runs/mpl"));
+    let w = worker("w");
+    state.start();
+    assert_eq!(state.phase, Phase::TrainMpl);
+    assert!(finish_pending(&mut state, &w, 0.0).is_empty());
+    assert_eq!(state.phase, Phase::EvaluateMpl);
+    let round = state.current_round();
+    assert_eq!(round.teacher.as_ref().map(|t| t.role), Some(Role::Teacher));
+    assert_eq!(round.student.as_ref().map(|s| s.role), Some(Role::Student));
+    assert!(finish_pending(&mut state, &w, 0.7).is_empty());
+    assert_eq!(state.phase, Phase::Finetune);
+    assert!(finish_pending(&mut state, &w, 0.0).is_empty());
+    assert_eq!(state.phase, Phase::EvaluateFinetuned);
+    assert_eq!(finish_pending(&mut state, &w, 0.75), vec![Effect::Finished]);
+    assert_eq!(state.outcome, RunOutcome::Succeeded);
+    let round = state.current_round();
+    assert_eq!(
+        (round.teacher_test_accuracy, round.student_test_accuracy),
+        (Some(0.7), Some(0.7))
+    );
+    assert_eq!(round.finetuned_student_test_accuracy, Some(0.75));
 }
