@@ -106,9 +106,15 @@ while kill -0 "$watch_pid" 2>/dev/null; do
   fi
   alive=0
   for pid in "${worker_pids[@]}"; do kill -0 "$pid" 2>/dev/null && alive=$((alive + 1)); done
-  if [ "$alive" -eq 0 ] && kill -0 "$watch_pid" 2>/dev/null; then
-    sleep 2
-    kill -0 "$watch_pid" 2>/dev/null || break
+  if [ "$alive" -eq 0 ]; then
+    # Workers exit when the run is over; the watcher may not have polled since.
+    run_status="$("$BIN/mentor" status --coordinator "$address" --json 2>/dev/null |
+      python3 -c 'import json,sys; print(json.load(sys.stdin)["status"])' 2>/dev/null || echo unknown)"
+    if [ "$run_status" != "running" ] && [ "$run_status" != "unknown" ]; then
+      kill "$watch_pid" 2>/dev/null || true
+      wait "$watch_pid" 2>/dev/null || true
+      break
+    fi
     failure="every worker stopped before the run ended (see $state_dir/logs/worker-*.log)"
     break
   fi
