@@ -4,7 +4,9 @@
 use std::path::{Path, PathBuf};
 use std::time::Duration;
 
-use mentor_e2e::{start_coordinator, start_worker, try_status, wait_for, workspace_root, Process};
+use mentor_e2e::{
+    start_coordinator, start_worker, try_status, wait_for, watch_run, workspace_root, Process,
+};
 use mentor_proto::coordinator::v1 as pb;
 
 /// The tiny plan, one round, with a deterministic teacher: no batch norm, no augmentation,
@@ -67,14 +69,13 @@ impl Run {
     }
 
     fn wait_finished(&mut self) -> pb::RunStatus {
-        wait_for("the run to finish", Duration::from_secs(600), || {
-            assert!(
-                self.coordinator.is_running(),
-                "coordinator exited:\n{}",
-                self.coordinator.log_text()
-            );
-            self.status().filter(|s| s.status != "running")
-        })
+        watch_run(
+            &self.runtime,
+            &self.address,
+            &mut self.coordinator,
+            Duration::from_secs(600),
+            |_| {},
+        )
     }
 
     fn teacher(&self) -> PathBuf {

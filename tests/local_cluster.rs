@@ -5,7 +5,7 @@ use std::time::Duration;
 
 use mentor_e2e::{
     binary, start_coordinator, start_coordinator_on, start_worker, status, try_status, wait_for,
-    workspace_root,
+    watch_run, workspace_root,
 };
 use mentor_labels::{read_round, LocalDirStore, ShardStore};
 
@@ -22,22 +22,21 @@ fn tiny_plan_runs_two_rounds_on_two_worker_processes() {
     ];
 
     let mut seen_workers_busy = 0;
-    let final_status = wait_for("the run to finish", Duration::from_secs(600), || {
-        assert!(
-            coordinator.is_running(),
-            "coordinator exited:\n{}",
-            coordinator.log_text()
-        );
-        let current = status(&runtime, &address);
-        seen_workers_busy = seen_workers_busy.max(
-            current
-                .workers
-                .iter()
-                .filter(|w| !w.task_id.is_empty())
-                .count(),
-        );
-        (current.status != "running").then_some(current)
-    });
+    let final_status = watch_run(
+        &runtime,
+        &address,
+        &mut coordinator,
+        Duration::from_secs(600),
+        |current| {
+            seen_workers_busy = seen_workers_busy.max(
+                current
+                    .workers
+                    .iter()
+                    .filter(|w| !w.task_id.is_empty())
+                    .count(),
+            );
+        },
+    );
     let logs: String = workers.iter().map(|w| w.log_text()).collect();
     assert_eq!(
         final_status.status,
@@ -249,15 +248,13 @@ fn a_killed_worker_loses_its_task_to_another_worker() {
 
     // A new worker picks the requeued task up and the run completes.
     let _replacement = start_worker(&address, dir.path().join("replacement.log"));
-    let final_status = wait_for("the run to finish", Duration::from_secs(300), || {
-        assert!(
-            coordinator.is_running(),
-            "coordinator exited:\n{}",
-            coordinator.log_text()
-        );
-        let current = status(&runtime, &address);
-        (current.status != "running").then_some(current)
-    });
+    let final_status = watch_run(
+        &runtime,
+        &address,
+        &mut coordinator,
+        Duration::from_secs(300),
+        |_| {},
+    );
     assert_eq!(final_status.status, "succeeded", "{}", final_status.error);
     assert_eq!(final_status.rounds.len(), 1);
     assert!(final_status.rounds[0].student_test_accuracy.is_some());
@@ -372,15 +369,13 @@ fn a_growing_efficientnet_student_runs_two_rounds() {
         start_worker(&address, dir.path().join("worker-1.log")),
         start_worker(&address, dir.path().join("worker-2.log")),
     ];
-    let final_status = wait_for("the run to finish", Duration::from_secs(600), || {
-        assert!(
-            coordinator.is_running(),
-            "coordinator exited:\n{}",
-            coordinator.log_text()
-        );
-        let current = status(&runtime, &address);
-        (current.status != "running").then_some(current)
-    });
+    let final_status = watch_run(
+        &runtime,
+        &address,
+        &mut coordinator,
+        Duration::from_secs(600),
+        |_| {},
+    );
     assert_eq!(final_status.status, "succeeded", "{}", final_status.error);
     assert_eq!(final_status.rounds.len(), 2);
     assert!(final_status
@@ -416,19 +411,18 @@ fn a_tiny_meta_pseudo_labels_run_trains_evaluates_and_finetunes() {
         start_worker(&address, dir.path().join("worker-2.log")),
     ];
     let mut saw_metrics = false;
-    let final_status = wait_for("the run to finish", Duration::from_secs(600), || {
-        assert!(
-            coordinator.is_running(),
-            "coordinator exited:\n{}",
-            coordinator.log_text()
-        );
-        let current = status(&runtime, &address);
-        saw_metrics |= current
-            .workers
-            .iter()
-            .any(|w| w.metrics.contains_key("h") && w.metrics.contains_key("uda_mask_rate"));
-        (current.status != "running").then_some(current)
-    });
+    let final_status = watch_run(
+        &runtime,
+        &address,
+        &mut coordinator,
+        Duration::from_secs(600),
+        |current| {
+            saw_metrics |= current
+                .workers
+                .iter()
+                .any(|w| w.metrics.contains_key("h") && w.metrics.contains_key("uda_mask_rate"));
+        },
+    );
     assert_eq!(final_status.status, "succeeded", "{}", final_status.error);
     assert_eq!(final_status.method, "meta-pseudo-labels");
     assert!(saw_metrics, "status never showed h and the UDA mask rate");

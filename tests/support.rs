@@ -157,3 +157,24 @@ pub fn try_status(runtime: &tokio::runtime::Runtime, address: &str) -> Option<pb
 pub fn status(runtime: &tokio::runtime::Runtime, address: &str) -> pb::RunStatus {
     try_status(runtime, address).expect("the coordinator answers status queries")
 }
+
+/// Polls the run's status until it is over, calling `observe` on every answer; fails if the
+/// coordinator process exits first.
+pub fn watch_run(
+    runtime: &tokio::runtime::Runtime,
+    address: &str,
+    coordinator: &mut Process,
+    timeout: Duration,
+    mut observe: impl FnMut(&pb::RunStatus),
+) -> pb::RunStatus {
+    wait_for("the run to finish", timeout, || {
+        assert!(
+            coordinator.is_running(),
+            "coordinator exited:\n{}",
+            coordinator.log_text()
+        );
+        let current = try_status(runtime, address)?;
+        observe(&current);
+        (current.status != "running").then_some(current)
+    })
+}

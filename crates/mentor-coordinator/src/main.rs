@@ -68,7 +68,7 @@ async fn main() -> anyhow::Result<()> {
     let listener = tokio::net::TcpListener::bind(args.listen)
         .await
         .with_context(|| format!("failed to listen on {}", args.listen))?;
-    let address = service::local_addr(&listener)?;
+    let address = listener.local_addr()?;
     std::fs::write(
         run_dir.join("coordinator.addr"),
         format!("http://{address}\n"),

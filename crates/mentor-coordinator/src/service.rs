@@ -3,7 +3,6 @@
 //! Nothing below this module sees a tonic or prost type. The coordinator lock is a plain mutex
 //! that is never held across an `.await`; the global filter runs on a blocking thread.
 
-use std::net::SocketAddr;
 use std::sync::{Arc, Mutex, MutexGuard};
 use std::time::Instant;
 
@@ -463,9 +462,4 @@ pub async fn serve(
         .await;
     reaper.abort();
     result
-}
-
-/// The address a listener is bound to, for logs and the address file.
-pub fn local_addr(listener: &tokio::net::TcpListener) -> std::io::Result<SocketAddr> {
-    listener.local_addr()
 }
