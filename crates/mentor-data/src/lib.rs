@@ -5,6 +5,10 @@
 //! Coordinator and workers compute the same split independently, so example ids (positions in
 //! the training file) agree everywhere. This crate knows nothing of tensors or the network.
 
+mod unlabeled;
+
+pub use unlabeled::{default_decode_threads, Batch, Batches, DecodeOptions, Geometry, Source};
+
 use std::io::Read;
 use std::path::{Path, PathBuf};
 
@@ -24,6 +28,10 @@ pub enum DataError {
     Missing { path: PathBuf },
     #[error("`{path}` is not a valid IDX file: {reason}")]
     Format { path: PathBuf, reason: String },
+    #[error("unlabeled data `{path}`: {reason}")]
+    Unlabeled { path: PathBuf, reason: String },
+    #[error("unlabeled data: {0}")]
+    Invalid(String),
     #[error("the training set has only {found} images of class {class}, {wanted} labeled ones are wanted")]
     NotEnoughLabeled { class: u32, found: u32, wanted: u32 },
 }
@@ -231,6 +239,7 @@ mod tests {
             test_limit: 0,
             shard_size: 10,
             classes: 3,
+            unlabeled: Default::default(),
         }
     }
 

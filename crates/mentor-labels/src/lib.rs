@@ -3,17 +3,22 @@
 //! A shard is a safetensors file (one line of Python opens it) holding, for each example, its
 //! id, its top-k class ids and their f16 probabilities. Its header carries the teacher
 //! checkpoint, the round, the temperature and a SHA-256 of the tensor data, checked on every
-//! read. Shards go through a [`ShardStore`], which commits each key exactly once and atomically;
-//! the [`Manifest`] of a round is written last. [`select`] computes the global filter and class
-//! balance. This crate knows nothing of models, tensors or the network.
+//! read. Shards go through a [`ShardStore`] (any `object_store` backend: a local directory,
+//! `s3://`, ...), which commits each key exactly once and atomically; the [`Manifest`] of a
+//! round is written last. The global filter and class balance are computed from per-shard
+//! [`Histogram`]s into a [`Selection`] that the student's loader applies while reading shards.
+//! This crate knows nothing of models, tensors or the network.
 
 mod format;
 mod select;
 mod store;
 
 pub use format::{decode_shard, encode_shard, ShardHeader, SoftLabels};
-pub use select::{filter_and_balance, SelectionConfig};
-pub use store::{LocalDirStore, MemoryStore, PutOutcome, ShardStore};
+pub use select::{
+    confidence_bin, filter_and_balance, Histogram, Rule, Selection, SelectionConfig,
+    CONFIDENCE_BINS,
+};
+pub use store::{is_url, PutOutcome, ShardStore};
 
 use serde::{Deserialize, Serialize};
 use sha2::Digest;
@@ -54,7 +59,7 @@ pub fn manifest_key(round: u32) -> String {
 }
 
 /// One committed shard, as listed in the manifest.
-#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 pub struct ManifestShard {
     pub index: u32,
     pub key: String,
@@ -62,6 +67,9 @@ pub struct ManifestShard {
     /// SHA-256 of the whole shard file.
     pub sha256: String,
     pub bytes: u64,
+    /// Top-class confidences of the shard, per class (what the global filter adds up).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub histogram: Option<Histogram>,
 }
 
 /// The list of a round's shards, written after every shard is committed.
@@ -90,10 +98,59 @@ impl Manifest {
     }
 }
 
+/// Counts a shard's examples by top class and confidence.
+pub fn shard_histogram(labels: &SoftLabels, classes: usize, min_confidence: f32) -> Histogram {
+    let mut histogram = Histogram::new(classes, min_confidence);
+    for row in 0..labels.len() {
+        let (class, confidence) = labels.top(row);
+        histogram.add(class, confidence);
+    }
+    histogram
+}
+
+/// What the student trains on after a round's filter: the rule per class and the shards to
+/// apply it to. Written by the coordinator as JSON; read by the student's loader.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct SelectionFile {
+    pub format_version: u32,
+    pub round: u32,
+    /// Root of the soft-label store (a path or URL).
+    pub storage: String,
+    pub top_k: u32,
+    pub classes: u32,
+    pub selection: Selection,
+    pub shards: Vec<ManifestShard>,
+}
+
+impl SelectionFile {
+    pub fn to_json(&self) -> Vec<u8> {
+        serde_json::to_vec_pretty(self).unwrap_or_default()
+    }
+
+    pub fn from_json(name: &str, bytes: &[u8]) -> Result<SelectionFile, LabelError> {
+        serde_json::from_slice(bytes).map_err(|error| LabelError::Corrupt {
+            key: name.to_string(),
+            reason: format!("selection is not valid JSON: {error}"),
+        })
+    }
+}
+
+/// The selected soft labels of one shard: rows repeated as many times as the selection uses them.
+pub fn select_rows(labels: &SoftLabels, selection: &Selection) -> SoftLabels {
+    let mut selected = SoftLabels::empty(labels.top_k);
+    for row in 0..labels.len() {
+        let (class, confidence) = labels.top(row);
+        for _ in 0..selection.uses(labels.example_ids[row], class, confidence) {
+            selected.push_row(labels, row);
+        }
+    }
+    selected
+}
+
 /// Reads a shard, checks the whole file against `expected_sha256` (when given) and the data
 /// against the checksum in its own header.
 pub fn read_shard(
-    store: &dyn ShardStore,
+    store: &ShardStore,
     key: &str,
     expected_sha256: Option<&str>,
 ) -> Result<(ShardHeader, SoftLabels), LabelError> {
@@ -113,7 +170,7 @@ pub fn read_shard(
 
 /// Reads a manifest and every shard it lists, checking each one; returns them in index order.
 pub fn read_round(
-    store: &dyn ShardStore,
+    store: &ShardStore,
     round: u32,
 ) -> Result<(Manifest, Vec<SoftLabels>), LabelError> {
     let key = manifest_key(round);
@@ -202,7 +259,8 @@ mod tests {
     #[test]
     fn local_store_commits_exactly_once_under_a_race() {
         let dir = tempfile::tempdir().expect("tempdir");
-        let store = std::sync::Arc::new(LocalDirStore::new(dir.path()));
+        let root = dir.path().display().to_string();
+        let store = std::sync::Arc::new(ShardStore::open(&root).expect("store"));
         let writers: Vec<_> = (0..8u8)
             .map(|writer| {
                 let store = store.clone();
@@ -239,11 +297,93 @@ mod tests {
             vec!["shard-00000.safetensors".to_string()],
             "temporary files left"
         );
+        // A second store on the same directory (another labeler) loses too.
+        let other = ShardStore::open(&root).expect("store");
+        assert_eq!(
+            other
+                .put_if_absent("round-1/shard-00000.safetensors", b"late")
+                .expect("put"),
+            PutOutcome::AlreadyExists
+        );
+        assert_eq!(
+            other
+                .get("round-1/shard-00000.safetensors")
+                .expect("get")
+                .len(),
+            4096
+        );
+    }
+
+    #[test]
+    fn store_urls_open_and_bad_ones_are_named() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let url = format!("file://{}/labels", dir.path().display());
+        let store = ShardStore::open(&url).expect("file url");
+        store.put_if_absent("round-1/a", b"x").expect("put");
+        assert!(dir.path().join("labels/round-1/a").exists());
+        assert_eq!(store.location("round-1/a"), format!("{url}/round-1/a"));
+        assert!(!store.exists("round-1/b").expect("exists"));
+        let memory = ShardStore::open("memory:///").expect("memory url");
+        assert_eq!(
+            memory.put_if_absent("k", b"1").expect("put"),
+            PutOutcome::Created
+        );
+        assert_eq!(
+            memory.put_if_absent("k", b"2").expect("put"),
+            PutOutcome::AlreadyExists
+        );
+        let error = ShardStore::open("nosuchscheme://bucket/x").expect_err("unknown scheme");
+        assert!(
+            error.to_string().contains("nosuchscheme://bucket/x"),
+            "{error}"
+        );
+    }
+
+    #[test]
+    fn selection_applied_per_shard_equals_brute_force() {
+        let config = SelectionConfig {
+            classes: 10,
+            min_confidence: 0.3,
+            balance: true,
+            per_class: 0,
+            seed: 5,
+        };
+        let shards: Vec<SoftLabels> = (0..4)
+            .map(|shard| {
+                let ids: Vec<i64> = (0..50).map(|i| shard * 50 + i).collect();
+                let classes: Vec<u16> = ids.iter().map(|&i| ((i * 7) % 10) as u16).collect();
+                let probs: Vec<f32> = ids.iter().map(|&i| ((i * 37) % 100) as f32 / 100.0).collect();
+                SoftLabels::new(1, ids, classes, probs).expect("labels")
+            })
+            .collect();
+        let mut histogram = Histogram::new(10, 0.3);
+        for shard in &shards {
+            histogram.merge(&shard_histogram(shard, 10, 0.3)).expect("merge");
+        }
+        let selection = Selection::from_histogram(&histogram, &config);
+        let selected: Vec<i64> = shards
+            .iter()
+            .flat_map(|shard| select_rows(shard, &selection).example_ids)
+            .collect();
+        let all: Vec<(i64, u16, f32)> = shards
+            .iter()
+            .flat_map(|shard| (0..shard.len()).map(move |row| {
+                let (class, confidence) = shard.top(row);
+                (shard.example_ids[row], class, confidence)
+            }))
+            .collect();
+        let expected: Vec<i64> = filter_and_balance(&all, &config)
+            .into_iter()
+            .zip(&all)
+            .flat_map(|(uses, &(id, _, _))| std::iter::repeat_n(id, uses as usize))
+            .collect();
+        assert_eq!(selected, expected);
+        assert!(!selected.is_empty());
     }
 
     #[test]
     fn read_round_checks_every_listed_shard() {
-        let store = MemoryStore::default();
+        let store = ShardStore::in_memory().expect("store");
         let bytes = encode_shard(&header(), &labels()).expect("encode");
         let key = shard_key(2, 0);
         store.put_if_absent(&key, &bytes).expect("put");
@@ -261,6 +401,7 @@ mod tests {
                 examples: 3,
                 sha256: sha256_hex(&bytes),
                 bytes: bytes.len() as u64,
+                histogram: None,
             }],
         };
         store

@@ -1,14 +1,26 @@
-//! The global filter and class balance of Noisy Student (reference `filter_unlabel.py`).
+//! The global filter and class balance of Noisy Student (reference `filter_unlabel.py`), computed
+//! from per-shard confidence histograms.
 //!
 //! Examples whose top probability is below `min_confidence` are dropped. With balancing, for each
 //! class (by the teacher's top class) `per_class` examples are wanted: the highest confidence
 //! threshold, in 0.01 steps and never below `min_confidence`, whose count reaches `per_class` is
 //! taken, and each kept example is used `per_class / kept_c` times in expectation (stochastic
 //! rounding). Abundant classes keep their most confident examples; rare ones are duplicated.
+//!
+//! Each labeler counts its shard into a [`Histogram`] (101 confidence bins per class, plus the
+//! count that passes `min_confidence`); the coordinator adds them up and derives a [`Rule`] per
+//! class, never loading a label. Whoever reads the shards (the student's loader) applies the rule
+//! example by example with [`Selection::uses`]: the stochastic rounding hashes the seed with the
+//! example id, so the result does not depend on shard order or on who reads.
+//! [`filter_and_balance`] is the brute-force version over every example at once, the reference
+//! the tests hold the histogram path to.
 
-use rand::{Rng, SeedableRng};
+use serde::{Deserialize, Serialize};
 
-/// Settings of [`filter_and_balance`].
+/// Confidence bins of a histogram: bin `s` holds confidences in `[s/100, (s+1)/100)`.
+pub const CONFIDENCE_BINS: usize = 101;
+
+/// Settings of the filter.
 #[derive(Debug, Clone, PartialEq)]
 pub struct SelectionConfig {
     pub classes: usize,
@@ -19,72 +31,261 @@ pub struct SelectionConfig {
     pub seed: u64,
 }
 
-/// Returns, for each `(top_class, confidence)` example, how many times the student uses it.
-pub fn filter_and_balance(examples: &[(u16, f32)], config: &SelectionConfig) -> Vec<u32> {
-    let mut uses = vec![0u32; examples.len()];
+fn threshold_of_step(step: usize) -> f32 {
+    step as f32 / 100.0
+}
+
+/// The bin of a confidence: the largest `s` with `confidence >= s / 100` (as f32), so that
+/// "confidence >= s / 100" and "bin >= s" agree exactly.
+pub fn confidence_bin(confidence: f32) -> usize {
+    let mut step = ((confidence * 100.0).floor().max(0.0) as usize).min(CONFIDENCE_BINS - 1);
+    while step > 0 && confidence < threshold_of_step(step) {
+        step -= 1;
+    }
+    while step + 1 < CONFIDENCE_BINS && confidence >= threshold_of_step(step + 1) {
+        step += 1;
+    }
+    step
+}
+
+/// Per-class counts of top-class confidences of some examples.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct Histogram {
+    pub classes: usize,
+    /// `classes x CONFIDENCE_BINS`, row-major.
+    pub bins: Vec<u64>,
+    /// Per class, the examples whose confidence is at least `min_confidence`.
+    pub passing: Vec<u64>,
+    pub min_confidence: f32,
+}
+
+impl Histogram {
+    pub fn new(classes: usize, min_confidence: f32) -> Histogram {
+        Histogram {
+            classes,
+            bins: vec![0; classes * CONFIDENCE_BINS],
+            passing: vec![0; classes],
+            min_confidence,
+        }
+    }
+
+    /// Counts one example by its top class and that class's probability.
+    pub fn add(&mut self, class: u16, confidence: f32) {
+        let class = class as usize;
+        if class >= self.classes {
+            return;
+        }
+        self.bins[class * CONFIDENCE_BINS + confidence_bin(confidence)] += 1;
+        if confidence >= self.min_confidence {
+            self.passing[class] += 1;
+        }
+    }
+
+    /// Adds another histogram of the same shape.
+    pub fn merge(&mut self, other: &Histogram) -> Result<(), String> {
+        if other.classes != self.classes || other.min_confidence != self.min_confidence {
+            return Err(format!(
+                "histograms disagree: {} classes at min confidence {} vs {} at {}",
+                self.classes, self.min_confidence, other.classes, other.min_confidence
+            ));
+        }
+        for (total, count) in self.bins.iter_mut().zip(&other.bins) {
+            *total += count;
+        }
+        for (total, count) in self.passing.iter_mut().zip(&other.passing) {
+            *total += count;
+        }
+        Ok(())
+    }
+
+    /// Examples counted.
+    pub fn total(&self) -> u64 {
+        self.bins.iter().sum()
+    }
+
+    /// Examples of `class` whose confidence is at least `step / 100`.
+    fn at_least(&self, class: usize, step: usize) -> u64 {
+        self.bins[class * CONFIDENCE_BINS + step..(class + 1) * CONFIDENCE_BINS]
+            .iter()
+            .sum()
+    }
+}
+
+/// What the filter keeps of one class.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct Rule {
+    /// Examples of the class with at least this confidence are kept.
+    pub threshold: f32,
+    /// How many times each kept example is used, in expectation.
+    pub ratio: f64,
+    /// Distinct examples kept.
+    pub kept: u64,
+}
+
+/// The filter's decision for a round: one rule per class.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct Selection {
+    pub seed: u64,
+    pub rules: Vec<Rule>,
+}
+
+impl Selection {
+    /// Computes the rules from the histogram of every example.
+    pub fn from_histogram(histogram: &Histogram, config: &SelectionConfig) -> Selection {
+        let wanted = if config.per_class > 0 {
+            config.per_class
+        } else {
+            histogram.total() / config.classes.max(1) as u64
+        };
+        let rules = (0..config.classes)
+            .map(|class| {
+                let passing = histogram.passing.get(class).copied().unwrap_or(0);
+                if !config.balance {
+                    return Rule {
+                        threshold: config.min_confidence,
+                        ratio: 1.0,
+                        kept: passing,
+                    };
+                }
+                if passing == 0 || wanted == 0 {
+                    return Rule {
+                        threshold: config.min_confidence,
+                        ratio: 0.0,
+                        kept: 0,
+                    };
+                }
+                let mut rule = Rule {
+                    threshold: config.min_confidence,
+                    ratio: 0.0,
+                    kept: passing,
+                };
+                for step in (1..CONFIDENCE_BINS).rev() {
+                    let threshold = threshold_of_step(step);
+                    if threshold <= config.min_confidence {
+                        break;
+                    }
+                    let count = histogram.at_least(class, step);
+                    if count >= wanted {
+                        rule = Rule {
+                            threshold,
+                            ratio: 0.0,
+                            kept: count,
+                        };
+                        break;
+                    }
+                }
+                rule.ratio = wanted as f64 / rule.kept as f64;
+                rule
+            })
+            .collect();
+        Selection {
+            seed: config.seed,
+            rules,
+        }
+    }
+
+    /// How many times the student uses the example `example_id` whose top class is `class` with
+    /// probability `confidence`.
+    pub fn uses(&self, example_id: i64, class: u16, confidence: f32) -> u32 {
+        let Some(rule) = self.rules.get(class as usize) else {
+            return 0;
+        };
+        if rule.kept == 0 || confidence < rule.threshold {
+            return 0;
+        }
+        let whole = rule.ratio.floor();
+        let extra = u32::from(unit_hash(self.seed, example_id) < rule.ratio - whole);
+        whole as u32 + extra
+    }
+
+    /// Selected examples, duplicates included, in expectation.
+    pub fn expected_uses(&self) -> f64 {
+        self.rules
+            .iter()
+            .map(|rule| rule.kept as f64 * rule.ratio)
+            .sum()
+    }
+
+    /// Distinct examples kept.
+    pub fn kept(&self) -> u64 {
+        self.rules.iter().map(|rule| rule.kept).sum()
+    }
+}
+
+fn splitmix64(mut z: u64) -> u64 {
+    z = z.wrapping_add(0x9e37_79b9_7f4a_7c15);
+    z = (z ^ (z >> 30)).wrapping_mul(0xbf58_476d_1ce4_e5b9);
+    z = (z ^ (z >> 27)).wrapping_mul(0x94d0_49bb_1331_11eb);
+    z ^ (z >> 31)
+}
+
+/// A uniform number in [0, 1) determined by the seed and the example id.
+fn unit_hash(seed: u64, example_id: i64) -> f64 {
+    let hash = splitmix64(seed ^ splitmix64(example_id as u64));
+    (hash >> 11) as f64 / (1u64 << 53) as f64
+}
+
+/// Brute force over every `(example_id, top_class, confidence)` at once: for each example, how
+/// many times the student uses it. The histogram path must agree with it exactly.
+pub fn filter_and_balance(examples: &[(i64, u16, f32)], config: &SelectionConfig) -> Vec<u32> {
     let passes = |confidence: f32| confidence >= config.min_confidence;
     if !config.balance {
-        for (use_count, &(_, confidence)) in uses.iter_mut().zip(examples) {
-            *use_count = u32::from(passes(confidence));
-        }
-        return uses;
+        return examples
+            .iter()
+            .map(|&(_, _, confidence)| u32::from(passes(confidence)))
+            .collect();
     }
     let wanted = if config.per_class > 0 {
         config.per_class
     } else {
         (examples.len() / config.classes.max(1)) as u64
     };
-    let mut rng = rand::rngs::StdRng::seed_from_u64(config.seed);
+    let mut rules = Vec::with_capacity(config.classes);
     for class in 0..config.classes {
-        let members: Vec<usize> = (0..examples.len())
-            .filter(|&i| examples[i].0 as usize == class && passes(examples[i].1))
+        let members: Vec<f32> = examples
+            .iter()
+            .filter(|&&(_, c, confidence)| c as usize == class && passes(confidence))
+            .map(|&(_, _, confidence)| confidence)
             .collect();
         if members.is_empty() || wanted == 0 {
+            rules.push(Rule {
+                threshold: config.min_confidence,
+                ratio: 0.0,
+                kept: 0,
+            });
             continue;
         }
-        let threshold = balance_threshold(
-            members.iter().map(|&i| examples[i].1),
-            config.min_confidence,
-            wanted,
-        );
-        let kept: Vec<usize> = members
-            .into_iter()
-            .filter(|&i| examples[i].1 >= threshold)
-            .collect();
-        let ratio = wanted as f64 / kept.len() as f64;
-        for i in kept {
-            let whole = ratio.floor();
-            let extra = u32::from(rng.gen::<f64>() < ratio - whole);
-            uses[i] = whole as u32 + extra;
+        let mut threshold = config.min_confidence;
+        let mut step = 100usize;
+        while threshold_of_step(step) > config.min_confidence {
+            let candidate = threshold_of_step(step);
+            if members.iter().filter(|&&c| c >= candidate).count() as u64 >= wanted {
+                threshold = candidate;
+                break;
+            }
+            step -= 1;
         }
+        let kept = members.iter().filter(|&&c| c >= threshold).count() as u64;
+        rules.push(Rule {
+            threshold,
+            ratio: wanted as f64 / kept as f64,
+            kept,
+        });
     }
-    uses
-}
-
-/// The highest threshold `1.00, 0.99, ...` (never below `min_confidence`) that keeps at least
-/// `wanted` of `confidences`; `min_confidence` when none does.
-fn balance_threshold(
-    confidences: impl Iterator<Item = f32> + Clone,
-    min_confidence: f32,
-    wanted: u64,
-) -> f32 {
-    let mut step = 100i32;
-    loop {
-        let threshold = step as f32 / 100.0;
-        if threshold <= min_confidence {
-            return min_confidence;
-        }
-        let count = confidences.clone().filter(|&c| c >= threshold).count() as u64;
-        if count >= wanted {
-            return threshold;
-        }
-        step -= 1;
-    }
+    let selection = Selection {
+        seed: config.seed,
+        rules,
+    };
+    examples
+        .iter()
+        .map(|&(id, class, confidence)| selection.uses(id, class, confidence))
+        .collect()
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
+    use rand::{Rng, SeedableRng};
 
     fn config(balance: bool, per_class: u64) -> SelectionConfig {
         SelectionConfig {
@@ -96,11 +297,58 @@ mod tests {
         }
     }
 
+    fn numbered(examples: &[(u16, f32)]) -> Vec<(i64, u16, f32)> {
+        examples
+            .iter()
+            .enumerate()
+            .map(|(i, &(class, confidence))| (i as i64, class, confidence))
+            .collect()
+    }
+
+    fn through_histograms(
+        examples: &[(i64, u16, f32)],
+        config: &SelectionConfig,
+        shards: usize,
+    ) -> Vec<u32> {
+        // Count each shard on its own, then merge, as labelers and the coordinator do.
+        let mut total = Histogram::new(config.classes, config.min_confidence);
+        for shard in examples.chunks(examples.len().div_ceil(shards).max(1)) {
+            let mut histogram = Histogram::new(config.classes, config.min_confidence);
+            for &(_, class, confidence) in shard {
+                histogram.add(class, confidence);
+            }
+            total.merge(&histogram).expect("same shape");
+        }
+        let selection = Selection::from_histogram(&total, config);
+        examples
+            .iter()
+            .map(|&(id, class, confidence)| selection.uses(id, class, confidence))
+            .collect()
+    }
+
+    #[test]
+    fn bins_agree_with_threshold_comparisons() {
+        let mut rng = rand::rngs::StdRng::seed_from_u64(3);
+        let mut values: Vec<f32> = (0..=100).map(threshold_of_step).collect();
+        values.extend((0..=100).map(|s| f32::from_bits(threshold_of_step(s).to_bits() - 1)));
+        values.extend((0..10_000).map(|_| rng.gen::<f32>()));
+        for value in values.into_iter().filter(|v| (0.0..=1.0).contains(v)) {
+            let bin = confidence_bin(value);
+            for step in 0..CONFIDENCE_BINS {
+                assert_eq!(value >= threshold_of_step(step), bin >= step, "{value} {step}");
+            }
+        }
+    }
+
     #[test]
     fn without_balance_only_confidence_filters() {
-        let examples = [(0, 0.9), (1, 0.2), (2, 0.3), (0, 0.29)];
+        let examples = numbered(&[(0, 0.9), (1, 0.2), (2, 0.3), (0, 0.29)]);
         assert_eq!(
             filter_and_balance(&examples, &config(false, 0)),
+            vec![1, 0, 1, 0]
+        );
+        assert_eq!(
+            through_histograms(&examples, &config(false, 0), 2),
             vec![1, 0, 1, 0]
         );
     }
@@ -109,7 +357,7 @@ mod tests {
     fn abundant_class_keeps_its_most_confident() {
         // Class 0: 10 examples with confidences 0.40 .. 0.95; 4 wanted.
         let examples: Vec<(u16, f32)> = (0..10).map(|i| (0, 0.40 + 0.06 * i as f32)).collect();
-        let uses = filter_and_balance(&examples, &config(true, 4));
+        let uses = filter_and_balance(&numbered(&examples), &config(true, 4));
         assert_eq!(uses.iter().sum::<u32>(), 4);
         assert_eq!(&uses[6..], &[1, 1, 1, 1]);
         assert!(uses[..6].iter().all(|&u| u == 0));
@@ -119,18 +367,18 @@ mod tests {
     fn rare_class_is_duplicated() {
         let mut examples = vec![(1u16, 0.8f32), (1, 0.9)];
         examples.extend((0..30).map(|_| (0u16, 0.99f32)));
-        let uses = filter_and_balance(&examples, &config(true, 10));
+        let uses = filter_and_balance(&numbered(&examples), &config(true, 10));
         assert_eq!(uses[0], 5);
         assert_eq!(uses[1], 5);
         // Class 0 (30 ties at 0.99) is sampled down to about 10 uses.
         let class_zero: u32 = uses[2..].iter().sum();
-        assert!((5..=15).contains(&class_zero), "{class_zero}");
+        assert!((4..=16).contains(&class_zero), "{class_zero}");
         assert!(uses[2..].iter().all(|&u| u <= 1));
     }
 
     #[test]
     fn low_confidence_never_kept_even_when_balancing() {
-        let examples = [(2u16, 0.1f32), (2, 0.25), (2, 0.5)];
+        let examples = numbered(&[(2u16, 0.1f32), (2, 0.25), (2, 0.5)]);
         let uses = filter_and_balance(&examples, &config(true, 6));
         assert_eq!(uses, vec![0, 0, 6]);
     }
@@ -142,11 +390,55 @@ mod tests {
         for seed in 0..200 {
             let mut settings = config(true, 10);
             settings.seed = seed;
-            let uses = filter_and_balance(&examples, &settings);
+            let uses = filter_and_balance(&numbered(&examples), &settings);
             assert!(uses.iter().all(|&u| u == 1 || u == 2));
             total += uses.iter().map(|&u| u as u64).sum::<u64>();
         }
         let mean = total as f64 / 200.0;
         assert!((mean - 10.0).abs() < 0.5, "{mean}");
+    }
+
+    #[test]
+    fn histograms_agree_with_brute_force_on_random_data() {
+        let mut rng = rand::rngs::StdRng::seed_from_u64(11);
+        for case in 0..60 {
+            let classes = rng.gen_range(1..12usize);
+            let len = rng.gen_range(0..3_000usize);
+            // Skewed classes and confidences on and around the 0.01 grid.
+            let examples: Vec<(i64, u16, f32)> = (0..len)
+                .map(|i| {
+                    let class = (rng.gen::<f32>().powi(2) * classes as f32) as u16;
+                    let confidence = if rng.gen_bool(0.3) {
+                        rng.gen_range(0..=100) as f32 / 100.0
+                    } else {
+                        rng.gen::<f32>().sqrt()
+                    };
+                    let id = rng.gen_range(0..1_000_000i64) * 1_000 + i as i64;
+                    (id, class.min(classes as u16 - 1), confidence)
+                })
+                .collect();
+            let settings = SelectionConfig {
+                classes,
+                min_confidence: [0.0, 0.3, 0.305, 0.5, 0.9][case % 5],
+                balance: case % 7 != 0,
+                per_class: [0, 1, 50, 400, 5_000][case % 5],
+                seed: case as u64,
+            };
+            let expected = filter_and_balance(&examples, &settings);
+            for shards in [1, 3, 17] {
+                assert_eq!(
+                    through_histograms(&examples, &settings, shards),
+                    expected,
+                    "case {case}, {shards} shards"
+                );
+            }
+        }
+    }
+
+    #[test]
+    fn histograms_of_different_settings_do_not_merge() {
+        let mut a = Histogram::new(3, 0.3);
+        let b = Histogram::new(3, 0.5);
+        assert!(a.merge(&b).is_err());
     }
 }

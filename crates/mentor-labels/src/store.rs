@@ -1,12 +1,16 @@
-//! Where shards live: a small trait with a local-directory and an in-memory implementation.
+//! Where shards live: any `object_store` backend, a local directory by default.
 //!
-//! `put_if_absent` is the only way to write a shard: the first writer of a key wins, atomically,
-//! and no reader ever sees a partial file.
+//! `put_if_absent` is the only way to write a shard: the first writer of a key wins, atomically
+//! (`PutMode::Create`: a hard link of a fully written file on a local disk, `If-None-Match: *` on
+//! S3), and no reader ever sees a partial object. The store is used from blocking threads (the
+//! worker's libtorch thread, the coordinator's blocking pool): each call runs on a small runtime
+//! of the store's own and waits for its answer, so it works with or without a tokio context.
 
-use std::collections::HashMap;
-use std::io::Write;
-use std::path::{Path, PathBuf};
-use std::sync::Mutex;
+use std::future::Future;
+use std::sync::Arc;
+
+use object_store::path::Path as ObjectPath;
+use object_store::{GetOptions, ObjectStore, PutMode, PutOptions, PutPayload};
 
 use crate::LabelError;
 
@@ -18,155 +22,188 @@ pub enum PutOutcome {
     AlreadyExists,
 }
 
-/// Storage of soft-label shards and manifests, addressed by `/`-separated keys.
-pub trait ShardStore: Send + Sync {
-    /// Commits `bytes` under `key` unless the key exists; atomic and exactly once.
-    fn put_if_absent(&self, key: &str, bytes: &[u8]) -> Result<PutOutcome, LabelError>;
-    /// Writes `bytes` under `key` atomically, replacing what was there (manifests).
-    fn put(&self, key: &str, bytes: &[u8]) -> Result<(), LabelError>;
-    fn get(&self, key: &str) -> Result<Vec<u8>, LabelError>;
-    fn exists(&self, key: &str) -> Result<bool, LabelError>;
-    /// A human-readable location of `key` (a path or URL).
-    fn location(&self, key: &str) -> String;
+/// Storage of soft-label shards and manifests, addressed by `/`-separated keys under a root.
+#[derive(Clone)]
+pub struct ShardStore {
+    store: Arc<dyn ObjectStore>,
+    prefix: ObjectPath,
+    /// The root as the user wrote it (a path or URL), for messages.
+    root: String,
+    runtime: Arc<tokio::runtime::Runtime>,
 }
 
-/// A local directory (or a shared file system mounted on every worker).
-#[derive(Debug, Clone)]
-pub struct LocalDirStore {
-    root: PathBuf,
+impl std::fmt::Debug for ShardStore {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("ShardStore")
+            .field("root", &self.root)
+            .finish()
+    }
 }
 
-impl LocalDirStore {
-    pub fn new(root: impl Into<PathBuf>) -> LocalDirStore {
-        LocalDirStore { root: root.into() }
+fn runtime(root: &str) -> Result<Arc<tokio::runtime::Runtime>, LabelError> {
+    tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(1)
+        .thread_name("mentor-store")
+        .enable_all()
+        .build()
+        .map(Arc::new)
+        .map_err(|source| LabelError::Io {
+            key: root.to_string(),
+            source,
+        })
+}
+
+/// Whether `location` names an object store URL rather than a local path.
+pub fn is_url(location: &str) -> bool {
+    location.contains("://")
+}
+
+impl ShardStore {
+    /// Opens `location`: a local directory (created if missing), or a URL (`s3://bucket/prefix`,
+    /// `gs://`, `az://`, `https://`, `file:///`, `memory:///`) configured from the usual
+    /// environment variables (`AWS_*`, `GOOGLE_*`, `AZURE_*`).
+    pub fn open(location: &str) -> Result<ShardStore, LabelError> {
+        let runtime = runtime(location)?;
+        let invalid = |reason: String| LabelError::Invalid(format!("storage `{location}`: {reason}"));
+        if !is_url(location) {
+            std::fs::create_dir_all(location).map_err(|source| LabelError::Io {
+                key: location.to_string(),
+                source,
+            })?;
+            let local = object_store::local::LocalFileSystem::new_with_prefix(location)
+                .map_err(|error| invalid(error.to_string()))?;
+            return Ok(ShardStore {
+                store: Arc::new(local),
+                prefix: ObjectPath::default(),
+                root: location.to_string(),
+                runtime,
+            });
+        }
+        let url = url::Url::parse(location).map_err(|error| invalid(error.to_string()))?;
+        let options: Vec<(String, String)> = std::env::vars()
+            .filter(|(key, _)| {
+                ["AWS_", "GOOGLE_", "AZURE_"]
+                    .iter()
+                    .any(|prefix| key.starts_with(prefix))
+            })
+            .map(|(key, value)| (key.to_ascii_lowercase(), value))
+            .collect();
+        // Building some stores (credentials providers) needs a tokio context.
+        let _context = runtime.enter();
+        let (store, prefix) = object_store::parse_url_opts(&url, options)
+            .map_err(|error| invalid(error.to_string()))?;
+        Ok(ShardStore {
+            store: Arc::from(store),
+            prefix,
+            root: location.trim_end_matches('/').to_string(),
+            runtime,
+        })
     }
 
-    pub fn root(&self) -> &Path {
+    /// A store in memory (tests, benchmarks).
+    pub fn in_memory() -> Result<ShardStore, LabelError> {
+        Ok(ShardStore {
+            store: Arc::new(object_store::memory::InMemory::new()),
+            prefix: ObjectPath::default(),
+            root: "memory://".to_string(),
+            runtime: runtime("memory://")?,
+        })
+    }
+
+    /// The root as given to [`ShardStore::open`].
+    pub fn root(&self) -> &str {
         &self.root
     }
 
-    fn path(&self, key: &str) -> PathBuf {
-        self.root.join(key)
+    fn path(&self, key: &str) -> ObjectPath {
+        key.split('/')
+            .filter(|part| !part.is_empty())
+            .fold(self.prefix.clone(), |path, part| path.join(part))
     }
 
-    /// Writes a hidden temporary file next to `key`'s path and syncs it.
-    fn write_temporary(&self, key: &str, bytes: &[u8]) -> Result<(PathBuf, PathBuf), LabelError> {
-        let io = |source| LabelError::Io {
+    /// Runs `future` on the store's runtime and waits for it.
+    fn run<T: Send + 'static>(
+        &self,
+        key: &str,
+        future: impl Future<Output = Result<T, object_store::Error>> + Send + 'static,
+    ) -> Result<T, LabelError> {
+        let (sender, receiver) = std::sync::mpsc::sync_channel(1);
+        self.runtime.spawn(async move {
+            let _ = sender.send(future.await);
+        });
+        let result = receiver.recv().map_err(|_| LabelError::Io {
             key: key.to_string(),
-            source,
-        };
-        let path = self.path(key);
-        let parent = path.parent().unwrap_or(&self.root).to_path_buf();
-        std::fs::create_dir_all(&parent).map_err(io)?;
-        let file_name = path
-            .file_name()
-            .map(|name| name.to_string_lossy().into_owned())
-            .unwrap_or_default();
-        let temporary = parent.join(format!(
-            ".{file_name}.{}.{}.tmp",
-            std::process::id(),
-            rand::random::<u64>()
-        ));
-        let mut file = std::fs::File::create(&temporary).map_err(io)?;
-        file.write_all(bytes).map_err(io)?;
-        file.sync_all().map_err(io)?;
-        Ok((temporary, path))
-    }
-}
-
-impl ShardStore for LocalDirStore {
-    fn put_if_absent(&self, key: &str, bytes: &[u8]) -> Result<PutOutcome, LabelError> {
-        let (temporary, path) = self.write_temporary(key, bytes)?;
-        // A hard link fails if the target exists: an atomic create-if-absent of a complete file.
-        let outcome = match std::fs::hard_link(&temporary, &path) {
-            Ok(()) => Ok(PutOutcome::Created),
-            Err(error) if error.kind() == std::io::ErrorKind::AlreadyExists => {
-                Ok(PutOutcome::AlreadyExists)
-            }
-            Err(source) => Err(LabelError::Io {
+            source: std::io::Error::other("the storage runtime stopped"),
+        })?;
+        result.map_err(|error| match error {
+            object_store::Error::NotFound { .. } => LabelError::NotFound {
                 key: key.to_string(),
-                source,
-            }),
-        };
-        let _ = std::fs::remove_file(&temporary);
-        outcome
-    }
-
-    fn put(&self, key: &str, bytes: &[u8]) -> Result<(), LabelError> {
-        let (temporary, path) = self.write_temporary(key, bytes)?;
-        std::fs::rename(&temporary, &path).map_err(|source| LabelError::Io {
-            key: key.to_string(),
-            source,
+            },
+            other => LabelError::Io {
+                key: key.to_string(),
+                source: std::io::Error::other(other.to_string()),
+            },
         })
     }
 
-    fn get(&self, key: &str) -> Result<Vec<u8>, LabelError> {
-        std::fs::read(self.path(key)).map_err(|source| {
-            if source.kind() == std::io::ErrorKind::NotFound {
-                LabelError::NotFound {
-                    key: key.to_string(),
-                }
-            } else {
-                LabelError::Io {
-                    key: key.to_string(),
-                    source,
-                }
+    /// Commits `bytes` under `key` unless the key exists; atomic and exactly once.
+    pub fn put_if_absent(&self, key: &str, bytes: &[u8]) -> Result<PutOutcome, LabelError> {
+        let (store, path) = (self.store.clone(), self.path(key));
+        let payload = PutPayload::from(bytes.to_vec());
+        self.run(key, async move {
+            let options = PutOptions {
+                mode: PutMode::Create,
+                ..PutOptions::default()
+            };
+            match store.put_opts(&path, payload, options).await {
+                Ok(_) => Ok(PutOutcome::Created),
+                Err(object_store::Error::AlreadyExists { .. })
+                | Err(object_store::Error::Precondition { .. }) => Ok(PutOutcome::AlreadyExists),
+                Err(error) => Err(error),
             }
         })
     }
 
-    fn exists(&self, key: &str) -> Result<bool, LabelError> {
-        Ok(self.path(key).exists())
+    /// Writes `bytes` under `key` atomically, replacing what was there (manifests).
+    pub fn put(&self, key: &str, bytes: &[u8]) -> Result<(), LabelError> {
+        let (store, path) = (self.store.clone(), self.path(key));
+        let payload = PutPayload::from(bytes.to_vec());
+        self.run(key, async move {
+            store
+                .put_opts(&path, payload, PutOptions::default())
+                .await
+                .map(|_| ())
+        })
     }
 
-    fn location(&self, key: &str) -> String {
-        self.path(key).display().to_string()
+    pub fn get(&self, key: &str) -> Result<Vec<u8>, LabelError> {
+        let (store, path) = (self.store.clone(), self.path(key));
+        self.run(key, async move {
+            let bytes = store
+                .get_opts(&path, GetOptions::default())
+                .await?
+                .bytes()
+                .await?;
+            Ok(bytes.to_vec())
+        })
     }
-}
 
-/// An in-memory store for tests.
-#[derive(Debug, Default)]
-pub struct MemoryStore {
-    objects: Mutex<HashMap<String, Vec<u8>>>,
-}
-
-impl MemoryStore {
-    fn objects(&self) -> std::sync::MutexGuard<'_, HashMap<String, Vec<u8>>> {
-        self.objects
-            .lock()
-            .unwrap_or_else(|poisoned| poisoned.into_inner())
-    }
-}
-
-impl ShardStore for MemoryStore {
-    fn put_if_absent(&self, key: &str, bytes: &[u8]) -> Result<PutOutcome, LabelError> {
-        let mut objects = self.objects();
-        if objects.contains_key(key) {
-            return Ok(PutOutcome::AlreadyExists);
+    pub fn exists(&self, key: &str) -> Result<bool, LabelError> {
+        let (store, path) = (self.store.clone(), self.path(key));
+        match self.run(key, async move {
+            store
+                .get_opts(&path, GetOptions::new().with_head(true))
+                .await
+                .map(|result| result.meta)
+        }) {
+            Ok(_) => Ok(true),
+            Err(LabelError::NotFound { .. }) => Ok(false),
+            Err(error) => Err(error),
         }
-        objects.insert(key.to_string(), bytes.to_vec());
-        Ok(PutOutcome::Created)
     }
 
-    fn put(&self, key: &str, bytes: &[u8]) -> Result<(), LabelError> {
-        self.objects().insert(key.to_string(), bytes.to_vec());
-        Ok(())
-    }
-
-    fn get(&self, key: &str) -> Result<Vec<u8>, LabelError> {
-        self.objects()
-            .get(key)
-            .cloned()
-            .ok_or_else(|| LabelError::NotFound {
-                key: key.to_string(),
-            })
-    }
-
-    fn exists(&self, key: &str) -> Result<bool, LabelError> {
-        Ok(self.objects().contains_key(key))
-    }
-
-    fn location(&self, key: &str) -> String {
-        format!("memory:{key}")
+    /// A human-readable location of `key` (a path or URL).
+    pub fn location(&self, key: &str) -> String {
+        format!("{}/{key}", self.root.trim_end_matches('/'))
     }
 }

@@ -251,6 +251,45 @@ pub struct DataPlan {
     /// Number of classes of the data set.
     #[serde(default = "default_classes")]
     pub classes: u32,
+    /// Where the unlabeled images come from (default: the training set minus the labeled ones).
+    #[serde(default)]
+    pub unlabeled: UnlabeledPlan,
+}
+
+/// Formats of unlabeled data.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Serialize, Deserialize)]
+#[serde(rename_all = "kebab-case")]
+pub enum UnlabeledFormat {
+    /// The IDX training set of `data.dir`, minus the labeled images.
+    #[default]
+    Idx,
+    /// A folder (searched recursively) of `.png`, `.jpg` and `.jpeg` files, in path order.
+    ImageFolder,
+    /// `.tar` shards in the WebDataset layout (`key.jpg|jpeg|png`, optional `key.cls`); one
+    /// pseudo-label shard per tar file.
+    Webdataset,
+}
+
+impl UnlabeledFormat {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            UnlabeledFormat::Idx => "idx",
+            UnlabeledFormat::ImageFolder => "image-folder",
+            UnlabeledFormat::Webdataset => "webdataset",
+        }
+    }
+}
+
+/// The unlabeled data set. Images of other formats are converted to the labeled data's
+/// channels and size (grayscale or RGB, bilinear resize) when decoded.
+#[derive(Debug, Clone, PartialEq, Default, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct UnlabeledPlan {
+    #[serde(default)]
+    pub format: UnlabeledFormat,
+    /// The image folder, or a `.tar` file or a folder of `.tar` files (not used for `idx`).
+    #[serde(default)]
+    pub path: Option<PathBuf>,
 }
 
 fn default_format() -> String {
@@ -437,12 +476,34 @@ pub struct PseudoLabelPlan {
     /// Examples wanted per class when balancing (0 = unlabeled examples / classes).
     #[serde(default)]
     pub per_class: u64,
-    /// Where soft-label shards go: a local directory (default: `<state-dir>/pseudo-labels`).
+    /// Where soft-label shards go: a local directory or an object store URL (`s3://bucket/prefix`,
+    /// `gs://`, `az://`, `file:///`), credentials from the environment (default:
+    /// `<state-dir>/pseudo-labels`).
     #[serde(default)]
-    pub storage: Option<PathBuf>,
+    pub storage: Option<String>,
     /// Images per inference batch.
     #[serde(default = "default_inference_batch")]
     pub batch_size: u32,
+    /// CPU threads decoding images ahead of inference (0 = one per core, leaving one core).
+    #[serde(default)]
+    pub decode_threads: u32,
+    /// Decoded batches kept ready ahead of inference.
+    #[serde(default = "default_prefetch_batches")]
+    pub prefetch_batches: u32,
+    /// A labeling task whose worker has not reported progress for this long is given to
+    /// another worker (the first one to commit the shard wins).
+    #[serde(default = "default_lease_seconds")]
+    pub lease_seconds: u64,
+    /// Run teacher inference in reduced precision (autocast) on GPUs; ignored on CPU.
+    #[serde(default = "default_true")]
+    pub mixed_precision: bool,
+}
+
+fn default_prefetch_batches() -> u32 {
+    4
+}
+fn default_lease_seconds() -> u64 {
+    120
 }
 
 fn default_temperature() -> f64 {
@@ -469,6 +530,10 @@ impl Default for PseudoLabelPlan {
             per_class: 0,
             storage: None,
             batch_size: default_inference_batch(),
+            decode_threads: 0,
+            prefetch_batches: default_prefetch_batches(),
+            lease_seconds: default_lease_seconds(),
+            mixed_precision: true,
         }
     }
 }
@@ -700,6 +765,28 @@ impl Plan {
         if data.classes > u16::MAX as u32 {
             return Err(invalid("data.classes", "must be <= 65535"));
         }
+        let unlabeled = &data.unlabeled;
+        match (unlabeled.format, &unlabeled.path) {
+            (UnlabeledFormat::Idx, Some(_)) => {
+                return Err(invalid(
+                    "data.unlabeled.path",
+                    "not used with format `idx` (the unlabeled images are the training set's)",
+                ))
+            }
+            (UnlabeledFormat::ImageFolder | UnlabeledFormat::Webdataset, None) => {
+                return Err(invalid(
+                    "data.unlabeled.path",
+                    format!("required with format `{}`", unlabeled.format.as_str()),
+                ))
+            }
+            _ => {}
+        }
+        if unlabeled.format == UnlabeledFormat::Webdataset && data.unlabeled_limit > 0 {
+            return Err(invalid(
+                "data.unlabeled_limit",
+                "not supported with format `webdataset` (each tar file is one shard)",
+            ));
+        }
         Ok(())
     }
 
@@ -721,12 +808,33 @@ impl Plan {
             return Err(invalid("pseudo_labels.batch_size", "must be >= 1"));
         }
         if let Some(storage) = &labels.storage {
-            if storage.as_os_str().is_empty() {
+            if storage.trim().is_empty() {
                 return Err(invalid(
                     "pseudo_labels.storage",
                     "must not be empty when set",
                 ));
             }
+            if let Some((scheme, _)) = storage.split_once("://") {
+                const SCHEMES: [&str; 11] = [
+                    "file", "memory", "s3", "s3a", "gs", "az", "adl", "azure", "abfs", "abfss",
+                    "https",
+                ];
+                if !SCHEMES.contains(&scheme) && scheme != "http" {
+                    return Err(invalid(
+                        "pseudo_labels.storage",
+                        format!(
+                            "unknown URL scheme `{scheme}`, expected a local path or one of {}",
+                            SCHEMES.join(", ")
+                        ),
+                    ));
+                }
+            }
+        }
+        if labels.prefetch_batches == 0 {
+            return Err(invalid("pseudo_labels.prefetch_batches", "must be >= 1"));
+        }
+        if labels.lease_seconds == 0 {
+            return Err(invalid("pseudo_labels.lease_seconds", "must be >= 1"));
         }
         Ok(())
     }

@@ -1,0 +1,622 @@
+//! Unlabeled images in the formats users have, decoded on CPU threads ahead of inference.
+//!
+//! A [`Source`] is the IDX training set minus the labeled images, a folder of PNG/JPEG files, or
+//! WebDataset tar shards. It is cut into label shards ([`Source::shards`]): ranges of examples
+//! for IDX and folders, one tar file per shard for WebDataset. Example ids, which soft labels
+//! carry and the student's loader looks up, are the training-set position (IDX), the index in
+//! the sorted file list (folder), or `tar_index << 32 | sample_index` (WebDataset).
+//!
+//! [`Source::decode`] runs a pipeline: one reader thread lists or reads the encoded images, a pool
+//! of decode threads turns batches of them into pixels of the labeled data's geometry
+//! (channels-first u8), and the caller receives the batches in order, up to `prefetch` of them
+//! decoded ahead.
+
+use std::collections::{BTreeMap, HashSet};
+use std::io::Read;
+use std::path::{Path, PathBuf};
+use std::sync::mpsc::{Receiver, SyncSender};
+use std::sync::{Arc, Mutex};
+
+use mentor_plan::{DataPlan, UnlabeledFormat};
+
+use crate::{DataError, ImageSet};
+
+/// The size every decoded image is converted to.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Geometry {
+    /// 1 (grayscale) or 3 (RGB).
+    pub channels: usize,
+    pub height: usize,
+    pub width: usize,
+}
+
+impl Geometry {
+    pub fn pixels(&self) -> usize {
+        self.channels * self.height * self.width
+    }
+}
+
+/// Decoded images: `example_ids.len()` images of [`Geometry::pixels`] bytes each, channels first.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Batch {
+    pub example_ids: Vec<i64>,
+    pub pixels: Vec<u8>,
+}
+
+/// Pipeline settings.
+#[derive(Debug, Clone, Copy)]
+pub struct DecodeOptions {
+    pub batch_size: usize,
+    /// Decode threads (at least 1).
+    pub threads: usize,
+    /// Decoded batches waiting for the consumer, at most.
+    pub prefetch: usize,
+}
+
+/// Decode threads for a setting of 0 (one per core, leaving one for inference).
+pub fn default_decode_threads() -> usize {
+    std::thread::available_parallelism()
+        .map(|n| n.get().saturating_sub(1))
+        .unwrap_or(1)
+        .max(1)
+}
+
+/// Where unlabeled images come from.
+#[derive(Debug, Clone)]
+pub enum Source {
+    /// Training-set positions (ascending) of the unlabeled IDX images; `images` is loaded only
+    /// by those who decode.
+    Idx {
+        positions: Vec<u32>,
+        images: Option<Arc<ImageSet>>,
+    },
+    /// Image files, sorted by path.
+    Folder { root: PathBuf, files: Vec<PathBuf> },
+    /// Tar files, sorted by path.
+    Webdataset { tars: Vec<PathBuf> },
+}
+
+const IMAGE_EXTENSIONS: [&str; 3] = ["png", "jpg", "jpeg"];
+
+fn is_image(path: &Path) -> bool {
+    path.extension()
+        .and_then(|e| e.to_str())
+        .is_some_and(|e| IMAGE_EXTENSIONS.contains(&e.to_ascii_lowercase().as_str()))
+}
+
+fn read_error(path: &Path, source: std::io::Error) -> DataError {
+    DataError::Read {
+        path: path.to_path_buf(),
+        source,
+    }
+}
+
+fn walk(dir: &Path, keep: &dyn Fn(&Path) -> bool, out: &mut Vec<PathBuf>) -> Result<(), DataError> {
+    let entries = std::fs::read_dir(dir).map_err(|e| read_error(dir, e))?;
+    for entry in entries {
+        let path = entry.map_err(|e| read_error(dir, e))?.path();
+        if path.is_dir() {
+            walk(&path, keep, out)?;
+        } else if keep(&path) {
+            out.push(path);
+        }
+    }
+    Ok(())
+}
+
+impl Source {
+    /// The unlabeled source of a plan. `split_unlabeled` is the split's unlabeled positions
+    /// (used for `idx`).
+    pub fn open(data: &DataPlan, split_unlabeled: &[u32]) -> Result<Source, DataError> {
+        let path = data.unlabeled.path.clone().unwrap_or_default();
+        match data.unlabeled.format {
+            UnlabeledFormat::Idx => Ok(Source::Idx {
+                positions: split_unlabeled.to_vec(),
+                images: None,
+            }),
+            UnlabeledFormat::ImageFolder => {
+                let mut files = Vec::new();
+                walk(&path, &is_image, &mut files)?;
+                files.sort();
+                if data.unlabeled_limit > 0 {
+                    files.truncate(data.unlabeled_limit as usize);
+                }
+                if files.is_empty() {
+                    return Err(DataError::Unlabeled {
+                        path,
+                        reason: "no .png, .jpg or .jpeg file in this folder".into(),
+                    });
+                }
+                Ok(Source::Folder { root: path, files })
+            }
+            UnlabeledFormat::Webdataset => {
+                let mut tars = Vec::new();
+                if path.is_file() {
+                    tars.push(path.clone());
+                } else {
+                    let is_tar = |p: &Path| p.extension().is_some_and(|e| e == "tar");
+                    walk(&path, &is_tar, &mut tars)?;
+                    tars.sort();
+                }
+                if tars.is_empty() {
+                    return Err(DataError::Unlabeled {
+                        path,
+                        reason: "no .tar file here".into(),
+                    });
+                }
+                Ok(Source::Webdataset { tars })
+            }
+        }
+    }
+
+    /// Gives an IDX source the training images it decodes from.
+    pub fn with_images(self, images: Arc<ImageSet>) -> Source {
+        match self {
+            Source::Idx { positions, .. } => Source::Idx {
+                positions,
+                images: Some(images),
+            },
+            other => other,
+        }
+    }
+
+    pub fn format(&self) -> UnlabeledFormat {
+        match self {
+            Source::Idx { .. } => UnlabeledFormat::Idx,
+            Source::Folder { .. } => UnlabeledFormat::ImageFolder,
+            Source::Webdataset { .. } => UnlabeledFormat::Webdataset,
+        }
+    }
+
+    /// Units the shards are cut from: examples (IDX, folder) or tar files (WebDataset).
+    pub fn units(&self) -> u64 {
+        match self {
+            Source::Idx { positions, .. } => positions.len() as u64,
+            Source::Folder { files, .. } => files.len() as u64,
+            Source::Webdataset { tars } => tars.len() as u64,
+        }
+    }
+
+    /// Label shards as `[start, end)` ranges of [`Source::units`].
+    pub fn shards(&self, shard_size: u64) -> Vec<(u64, u64)> {
+        match self {
+            Source::Webdataset { tars } => (0..tars.len() as u64).map(|i| (i, i + 1)).collect(),
+            _ => crate::shard_ranges(self.units(), shard_size),
+        }
+    }
+
+    /// Examples of the source when known without reading it (not for WebDataset).
+    pub fn known_examples(&self) -> Option<u64> {
+        match self {
+            Source::Webdataset { .. } => None,
+            _ => Some(self.units()),
+        }
+    }
+
+    fn check_range(&self, start: u64, end: u64) -> Result<(), DataError> {
+        if start > end || end > self.units() {
+            return Err(DataError::Invalid(format!(
+                "shard range [{start}, {end}) is outside the {} units of the {} data",
+                self.units(),
+                self.format().as_str()
+            )));
+        }
+        Ok(())
+    }
+
+    /// Decodes the shard `[start, end)` in batches, in order.
+    pub fn decode(
+        &self,
+        start: u64,
+        end: u64,
+        geometry: Geometry,
+        options: DecodeOptions,
+    ) -> Result<Batches, DataError> {
+        self.check_range(start, end)?;
+        let items: ItemIter = match self {
+            Source::Idx { positions, images } => {
+                let images = idx_images(images)?;
+                let positions = positions[start as usize..end as usize].to_vec();
+                Box::new(positions.into_iter().map(move |position| {
+                    Ok((
+                        position as i64,
+                        Encoded::Idx(images.clone(), position as usize),
+                    ))
+                }))
+            }
+            Source::Folder { files, .. } => {
+                let files = files[start as usize..end as usize].to_vec();
+                Box::new(
+                    files
+                        .into_iter()
+                        .enumerate()
+                        .map(move |(i, path)| Ok(((start + i as u64) as i64, Encoded::File(path)))),
+                )
+            }
+            Source::Webdataset { tars } => {
+                let selected: Vec<(usize, PathBuf)> = (start..end)
+                    .map(|i| (i as usize, tars[i as usize].clone()))
+                    .collect();
+                Box::new(
+                    selected
+                        .into_iter()
+                        .flat_map(|(index, path)| TarSamples::open(index, path, None)),
+                )
+            }
+        };
+        Ok(Batches::start(items, geometry, options))
+    }
+
+    /// Decodes the examples `ids` (any order; returned in ascending id order, each once).
+    pub fn decode_ids(
+        &self,
+        ids: &[i64],
+        geometry: Geometry,
+        options: DecodeOptions,
+    ) -> Result<Batches, DataError> {
+        let mut wanted: Vec<i64> = ids.to_vec();
+        wanted.sort_unstable();
+        wanted.dedup();
+        let unknown = |id: i64| DataError::Invalid(format!(
+                "example id {id} is not in the unlabeled {} data",
+                self.format().as_str()
+            ));
+        let items: ItemIter = match self {
+            Source::Idx { images, .. } => {
+                let images = idx_images(images)?;
+                if let Some(&id) = wanted
+                    .iter()
+                    .find(|&&id| id < 0 || id as usize >= images.len())
+                {
+                    return Err(unknown(id));
+                }
+                Box::new(
+                    wanted
+                        .into_iter()
+                        .map(move |id| Ok((id, Encoded::Idx(images.clone(), id as usize)))),
+                )
+            }
+            Source::Folder { files, .. } => {
+                if let Some(&id) = wanted
+                    .iter()
+                    .find(|&&id| id < 0 || id as usize >= files.len())
+                {
+                    return Err(unknown(id));
+                }
+                let files: Vec<PathBuf> = wanted.iter().map(|&id| files[id as usize].clone()).collect();
+                Box::new(
+                    wanted
+                        .into_iter()
+                        .zip(files)
+                        .map(|(id, path)| Ok((id, Encoded::File(path)))),
+                )
+            }
+            Source::Webdataset { tars } => {
+                let mut by_tar: BTreeMap<usize, HashSet<u32>> = BTreeMap::new();
+                for &id in &wanted {
+                    let tar = (id >> 32) as usize;
+                    if id < 0 || tar >= tars.len() {
+                        return Err(unknown(id));
+                    }
+                    by_tar.entry(tar).or_default().insert(id as u32);
+                }
+                let selected: Vec<(usize, PathBuf, HashSet<u32>)> = by_tar
+                    .into_iter()
+                    .map(|(tar, samples)| (tar, tars[tar].clone(), samples))
+                    .collect();
+                Box::new(
+                    selected
+                        .into_iter()
+                        .flat_map(|(index, path, samples)| TarSamples::open(index, path, Some(samples))),
+                )
+            }
+        };
+        Ok(Batches::start(items, geometry, options))
+    }
+}
+
+fn idx_images(images: &Option<Arc<ImageSet>>) -> Result<Arc<ImageSet>, DataError> {
+    images.clone().ok_or_else(|| DataError::Invalid("the IDX source was opened without its images".into()))
+}
+
+/// An image before decoding.
+enum Encoded {
+    Idx(Arc<ImageSet>, usize),
+    File(PathBuf),
+    /// Bytes of a tar member, named `tar:member` in errors.
+    Bytes { name: String, bytes: Vec<u8> },
+}
+
+type ItemIter = Box<dyn Iterator<Item = Result<(i64, Encoded), DataError>> + Send>;
+
+/// The samples of one WebDataset tar, in order: `key.{jpg,jpeg,png}` with an optional
+/// `key.cls` (and other members) next to it. Reads the tar sequentially.
+struct TarSamples {
+    tar_index: usize,
+    path: PathBuf,
+    entries: Option<Vec<Result<(i64, Encoded), DataError>>>,
+    wanted: Option<HashSet<u32>>,
+}
+
+impl TarSamples {
+    fn open(tar_index: usize, path: PathBuf, wanted: Option<HashSet<u32>>) -> TarSamples {
+        TarSamples {
+            tar_index,
+            path,
+            entries: None,
+            wanted,
+        }
+    }
+
+    /// Reads the whole tar (one shard) into encoded samples.
+    fn read(&self) -> Result<Vec<Result<(i64, Encoded), DataError>>, DataError> {
+        let corrupt = |reason: String| DataError::Unlabeled {
+            path: self.path.clone(),
+            reason,
+        };
+        let file = std::fs::File::open(&self.path).map_err(|e| read_error(&self.path, e))?;
+        let mut archive = tar::Archive::new(std::io::BufReader::new(file));
+        let mut samples = Vec::new();
+        let mut current_key: Option<String> = None;
+        let mut current_image: Option<(String, Vec<u8>)> = None;
+        let mut sample_index: u32 = 0;
+        let mut finish = |key: Option<String>,
+                          image: Option<(String, Vec<u8>)>,
+                          samples: &mut Vec<Result<(i64, Encoded), DataError>>|
+         -> Result<(), DataError> {
+            let Some(key) = key else { return Ok(()) };
+            let Some((name, bytes)) = image else {
+                return Err(corrupt(format!("sample `{key}` has no .jpg, .jpeg or .png member")));
+            };
+            let index = sample_index;
+            sample_index += 1;
+            if self.wanted.as_ref().is_none_or(|w| w.contains(&index)) {
+                let id = ((self.tar_index as i64) << 32) | index as i64;
+                samples.push(Ok((id, Encoded::Bytes { name, bytes })));
+            }
+            Ok(())
+        };
+        let entries = archive
+            .entries()
+            .map_err(|e| corrupt(format!("not a tar file ({e})")))?;
+        for entry in entries {
+            let mut entry = entry.map_err(|e| corrupt(format!("unreadable tar entry ({e})")))?;
+            if !entry.header().entry_type().is_file() {
+                continue;
+            }
+            let member = entry
+                .path()
+                .map_err(|e| corrupt(format!("bad member name ({e})")))?
+                .to_string_lossy()
+                .into_owned();
+            // WebDataset: the key is the member path up to the first dot of its file name.
+            let (directory, file_name) = member.rsplit_once('/').unwrap_or(("", &member));
+            let Some((stem, extension)) = file_name.split_once('.') else {
+                continue;
+            };
+            let key = if directory.is_empty() {
+                stem.to_string()
+            } else {
+                format!("{directory}/{stem}")
+            };
+            if current_key.as_deref() != Some(key.as_str()) {
+                finish(current_key.take(), current_image.take(), &mut samples)?;
+                current_key = Some(key);
+            }
+            // `key.left.png`: the field is `left.png`, an image by its last suffix.
+            let suffix = extension.rsplit('.').next().unwrap_or(extension);
+            if IMAGE_EXTENSIONS.contains(&suffix.to_ascii_lowercase().as_str()) {
+                let mut bytes = Vec::with_capacity(entry.size() as usize);
+                entry
+                    .read_to_end(&mut bytes)
+                    .map_err(|e| corrupt(format!("member `{member}` is truncated ({e})")))?;
+                current_image = Some((format!("{}:{member}", self.path.display()), bytes));
+            }
+        }
+        finish(current_key.take(), current_image.take(), &mut samples)?;
+        Ok(samples)
+    }
+}
+
+impl Iterator for TarSamples {
+    type Item = Result<(i64, Encoded), DataError>;
+
+    fn next(&mut self) -> Option<Self::Item> {
+        if self.entries.is_none() {
+            let read = match self.read() {
+                Ok(samples) => samples,
+                Err(error) => vec![Err(error)],
+            };
+            let mut read = read;
+            read.reverse();
+            self.entries = Some(read);
+        }
+        self.entries.as_mut().and_then(|entries| entries.pop())
+    }
+}
+
+fn decode_one(encoded: Encoded, geometry: Geometry, out: &mut Vec<u8>) -> Result<(), DataError> {
+    let image = match encoded {
+        Encoded::Idx(images, position) => {
+            let size = images.image_size();
+            let pixels = &images.pixels[position * size..(position + 1) * size];
+            if geometry.channels == 1 && images.rows == geometry.height && images.cols == geometry.width {
+                out.extend_from_slice(pixels);
+                return Ok(());
+            }
+            let gray = image::GrayImage::from_raw(images.cols as u32, images.rows as u32, pixels.to_vec())
+                .ok_or_else(|| DataError::Invalid(format!("IDX image {position} has the wrong size")))?;
+            image::DynamicImage::ImageLuma8(gray)
+        }
+        Encoded::File(path) => {
+            let bytes = std::fs::read(&path).map_err(|e| read_error(&path, e))?;
+            let image = image::load_from_memory(&bytes).map_err(|e| DataError::Unlabeled {
+                path: path.clone(),
+                reason: format!("not a decodable image ({e})"),
+            })?;
+            image
+        }
+        Encoded::Bytes { name, bytes } => {
+            let image = image::load_from_memory(&bytes).map_err(|e| DataError::Unlabeled {
+                path: PathBuf::from(&name),
+                reason: format!("not a decodable image ({e})"),
+            })?;
+            image
+        }
+    };
+    let (width, height) = (geometry.width as u32, geometry.height as u32);
+    let resize = |image: image::DynamicImage| {
+        if image.width() == width && image.height() == height {
+            image
+        } else {
+            image.resize_exact(width, height, image::imageops::FilterType::Triangle)
+        }
+    };
+    if geometry.channels == 1 {
+        out.extend_from_slice(resize(image).to_luma8().as_raw());
+    } else {
+        let rgb = resize(image).to_rgb8();
+        let plane = geometry.height * geometry.width;
+        let raw = rgb.as_raw();
+        for channel in 0..3 {
+            out.extend((0..plane).map(|i| raw[i * 3 + channel]));
+        }
+    }
+    Ok(())
+}
+
+type Job = (usize, Vec<(i64, Encoded)>);
+type Done = (usize, Result<Batch, DataError>);
+
+/// Decoded batches, in order; stops after the first error.
+pub struct Batches {
+    results: Receiver<Done>,
+    pending: BTreeMap<usize, Result<Batch, DataError>>,
+    next: usize,
+    failed: bool,
+}
+
+impl std::fmt::Debug for Batches {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Batches").field("next", &self.next).finish()
+    }
+}
+
+impl Batches {
+    fn start(items: ItemIter, geometry: Geometry, options: DecodeOptions) -> Batches {
+        let threads = options.threads.max(1);
+        let prefetch = options.prefetch.max(1);
+        let batch_size = options.batch_size.max(1);
+        let (job_sender, job_receiver) = std::sync::mpsc::sync_channel::<Job>(prefetch);
+        let (done_sender, done_receiver) = std::sync::mpsc::sync_channel::<Done>(prefetch);
+        let job_receiver = Arc::new(Mutex::new(job_receiver));
+        std::thread::Builder::new()
+            .name("mentor-read".into())
+            .spawn({
+                let done = done_sender.clone();
+                move || read_items(items, batch_size, job_sender, done)
+            })
+            .ok();
+        for index in 0..threads {
+            let jobs = job_receiver.clone();
+            let done = done_sender.clone();
+            std::thread::Builder::new()
+                .name(format!("mentor-decode-{index}"))
+                .spawn(move || decode_jobs(jobs, done, geometry))
+                .ok();
+        }
+        Batches {
+            results: done_receiver,
+            pending: BTreeMap::new(),
+            next: 0,
+            failed: false,
+        }
+    }
+}
+
+fn read_items(items: ItemIter, batch_size: usize, jobs: SyncSender<Job>, done: SyncSender<Done>) {
+    let mut batch = Vec::with_capacity(batch_size);
+    let mut sequence = 0;
+    for item in items {
+        match item {
+            Ok(item) => batch.push(item),
+            Err(error) => {
+                // Everything before the error still arrives first: the error takes the next slot.
+                if !batch.is_empty() {
+                    if jobs.send((sequence, std::mem::take(&mut batch))).is_err() {
+                        return;
+                    }
+                    sequence += 1;
+                }
+                let _ = done.send((sequence, Err(error)));
+                return;
+            }
+        }
+        if batch.len() == batch_size {
+            if jobs.send((sequence, std::mem::take(&mut batch))).is_err() {
+                return;
+            }
+            sequence += 1;
+        }
+    }
+    if !batch.is_empty() {
+        let _ = jobs.send((sequence, batch));
+    }
+}
+
+fn decode_jobs(jobs: Arc<Mutex<Receiver<Job>>>, done: SyncSender<Done>, geometry: Geometry) {
+    loop {
+        let job = {
+            let Ok(receiver) = jobs.lock() else { return };
+            receiver.recv()
+        };
+        let Ok((sequence, items)) = job else { return };
+        let mut batch = Batch {
+            example_ids: Vec::with_capacity(items.len()),
+            pixels: Vec::with_capacity(items.len() * geometry.pixels()),
+        };
+        let mut result = Ok(());
+        for (id, encoded) in items {
+            batch.example_ids.push(id);
+            if let Err(error) = decode_one(encoded, geometry, &mut batch.pixels) {
+                result = Err(error);
+                break;
+            }
+        }
+        if done.send((sequence, result.map(|()| batch))).is_err() {
+            return;
+        }
+    }
+}
+
+impl Iterator for Batches {
+    type Item = Result<Batch, DataError>;
+
+    fn next(&mut self) -> Option<Self::Item> {
+        if self.failed {
+            return None;
+        }
+        loop {
+            if let Some(result) = self.pending.remove(&self.next) {
+                self.next += 1;
+                self.failed = result.is_err();
+                return Some(result);
+            }
+            match self.results.recv() {
+                Ok((sequence, result)) => {
+                    self.pending.insert(sequence, result);
+                }
+                // Every thread is gone: whatever is pending after a gap is an error's slot.
+                Err(_) => {
+                    let first = self.pending.keys().next().copied()?;
+                    let result = self.pending.remove(&first)?;
+                    self.failed = true;
+                    return Some(result);
+                }
+            }
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests;
