@@ -1,96 +1,108 @@
-//! The coordinator's own step of a round: write the manifest, filter and balance globally, and
-//! write the selection the student trains on.
+//! The coordinator's own step of a round: write the manifest, decide the global filter and
+//! balance from the shards' confidence histograms, and write the selection the student's loader
+//! applies. No label is loaded here, except to rebuild the histogram of a shard whose labeler did
+//! not report one (a run resumed from an older state file).
 //!
 //! Blocking I/O: run it on a blocking thread, never on a tokio worker.
 
 use std::path::Path;
 
 use mentor_labels::{
-    encode_shard, filter_and_balance, manifest_key, read_round, Manifest, ManifestShard,
-    SelectionConfig, ShardHeader, ShardStore, SoftLabels,
+    manifest_key, read_shard, shard_histogram, Histogram, Manifest, ManifestShard, Selection,
+    SelectionConfig, SelectionFile, ShardStore,
 };
 use mentor_plan::Plan;
 
 use crate::state::RoundRecord;
 
-/// Writes the round's manifest, selects examples and writes the selection file.
-/// Returns the number of selected examples (duplicates included).
+/// Writes the round's manifest, decides the selection and writes it to `selection_path`.
+/// Returns the number of distinct examples kept.
 pub fn filter_round(
     plan: &Plan,
     round: &RoundRecord,
-    store: &dyn ShardStore,
+    store: &ShardStore,
     selection_path: &Path,
 ) -> Result<u64, String> {
+    let classes = plan.data.classes as usize;
+    let min_confidence = plan.pseudo_labels.min_confidence as f32;
     let teacher = round
         .teacher
         .as_ref()
         .map(|t| t.checkpoint.display().to_string())
         .unwrap_or_default();
+    let mut total = Histogram::new(classes, min_confidence);
+    let mut shards = Vec::with_capacity(round.shards.len());
+    for shard in &round.shards {
+        let histogram = match &shard.histogram {
+            Some(histogram)
+                if histogram.classes == classes && histogram.min_confidence == min_confidence =>
+            {
+                histogram.clone()
+            }
+            _ => {
+                let (_, labels) = read_shard(store, &shard.key, Some(&shard.sha256))
+                    .map_err(|e| e.to_string())?;
+                shard_histogram(&labels, classes, min_confidence)
+            }
+        };
+        if histogram.total() != shard.examples {
+            return Err(format!(
+                "shard `{}`: its histogram counts {} examples, the shard has {}",
+                shard.key,
+                histogram.total(),
+                shard.examples
+            ));
+        }
+        total.merge(&histogram)?;
+        shards.push(ManifestShard {
+            index: shard.index,
+            key: shard.key.clone(),
+            examples: shard.examples,
+            sha256: shard.sha256.clone(),
+            bytes: shard.bytes,
+            histogram: Some(histogram),
+        });
+    }
     let manifest = Manifest {
         format_version: 1,
         round: round.round,
-        teacher_checkpoint: teacher.clone(),
+        teacher_checkpoint: teacher,
         temperature: plan.pseudo_labels.temperature,
         top_k: plan.pseudo_labels.top_k,
         classes: plan.data.classes,
         examples: round.examples,
-        shards: round
-            .shards
-            .iter()
-            .map(|shard| ManifestShard {
-                index: shard.index,
-                key: shard.key.clone(),
-                examples: shard.examples,
-                sha256: shard.sha256.clone(),
-                bytes: shard.bytes,
-            })
-            .collect(),
+        shards: shards.clone(),
     };
     // The manifest is written last, after every shard is committed.
     store
         .put(&manifest_key(round.round), &manifest.to_json())
         .map_err(|e| e.to_string())?;
-    let (_, shards) = read_round(store, round.round).map_err(|e| e.to_string())?;
-
-    let tops: Vec<(u16, f32)> = shards
-        .iter()
-        .flat_map(|shard| (0..shard.len()).map(move |row| shard.top(row)))
-        .collect();
-    let uses = filter_and_balance(
-        &tops,
+    let selection = Selection::from_histogram(
+        &total,
         &SelectionConfig {
-            classes: plan.data.classes as usize,
-            min_confidence: plan.pseudo_labels.min_confidence as f32,
+            classes,
+            min_confidence,
             balance: plan.pseudo_labels.balance,
             per_class: plan.pseudo_labels.per_class,
             seed: plan.seed.wrapping_add(round.round as u64),
         },
     );
-    let mut selection = SoftLabels::empty(plan.pseudo_labels.top_k as usize);
-    let mut position = 0usize;
-    for shard in &shards {
-        for row in 0..shard.len() {
-            for _ in 0..uses[position] {
-                selection.push_row(shard, row);
-            }
-            position += 1;
-        }
-    }
-    let bytes = encode_shard(
-        &ShardHeader {
-            round: round.round,
-            teacher_checkpoint: teacher,
-            temperature: plan.pseudo_labels.temperature,
-            classes: plan.data.classes,
-        },
-        &selection,
-    )
-    .map_err(|e| e.to_string())?;
+    let kept = selection.kept();
+    let file = SelectionFile {
+        format_version: 1,
+        round: round.round,
+        storage: store.root().to_string(),
+        top_k: plan.pseudo_labels.top_k,
+        classes: plan.data.classes,
+        selection,
+        shards,
+    };
     let parent = selection_path.parent().unwrap_or(Path::new("."));
     std::fs::create_dir_all(parent).map_err(|e| format!("{}: {e}", parent.display()))?;
     let temporary = selection_path.with_extension("tmp");
-    std::fs::write(&temporary, &bytes).map_err(|e| format!("{}: {e}", temporary.display()))?;
+    std::fs::write(&temporary, file.to_json())
+        .map_err(|e| format!("{}: {e}", temporary.display()))?;
     std::fs::rename(&temporary, selection_path)
         .map_err(|e| format!("{}: {e}", selection_path.display()))?;
-    Ok(selection.len() as u64)
+    Ok(kept)
 }

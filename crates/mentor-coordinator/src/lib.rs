@@ -11,13 +11,12 @@ pub mod state;
 
 use std::collections::{BTreeMap, HashMap};
 use std::path::{Path, PathBuf};
-use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use mentor_labels::{LocalDirStore, ShardStore};
+use mentor_labels::ShardStore;
 use mentor_plan::Plan;
 
-use crate::state::{Assignment, Effect, RunState, TaskId, TaskOutcome, WorkerId};
+use crate::state::{Assignment, Effect, RunState, TaskId, TaskOutcome, TaskSpec, WorkerId};
 
 /// How often workers are asked to send a heartbeat.
 pub const HEARTBEAT_INTERVAL: Duration = Duration::from_secs(1);
@@ -35,6 +34,8 @@ pub enum CoordinatorError {
     PlanMismatch { dir: PathBuf },
     #[error("state store `{path}`: {reason}")]
     StateStore { path: PathBuf, reason: String },
+    #[error("soft-label storage (pseudo_labels.storage): {reason}")]
+    Storage { reason: String },
 }
 
 /// What the coordinator knows about one worker.
@@ -52,6 +53,8 @@ pub struct WorkerEntry {
     pub suspect: bool,
     pub task: Option<TaskId>,
     pub progress: Progress,
+    /// When the current task was given or last reported progress (its lease starts there).
+    pub progress_at: Instant,
 }
 
 /// The latest progress report of a task.
@@ -112,7 +115,7 @@ pub struct Coordinator {
     pub plan: Plan,
     pub state: RunState,
     pub workers: BTreeMap<WorkerId, WorkerEntry>,
-    pub store: Arc<dyn ShardStore>,
+    pub store: ShardStore,
     pub started: Instant,
     pub latest_loss: Option<f64>,
     pub latest_accuracy: Option<f64>,
@@ -133,6 +136,14 @@ impl Coordinator {
             .map_err(|e| state_store_error(e.to_string()))?;
         let labels = mentor_data::load_train_labels(&plan.data.dir)?;
         let split = mentor_data::Split::new(&labels, 0, &plan.data, plan.seed)?;
+        let storage = plan
+            .pseudo_labels
+            .storage
+            .clone()
+            .unwrap_or_else(|| run_dir.join("pseudo-labels").display().to_string());
+        let store = ShardStore::open(&storage).map_err(|e| CoordinatorError::Storage {
+            reason: e.to_string(),
+        })?;
         let state_file = run_dir.join("state.json");
         let state = if state_file.exists() {
             let text = std::fs::read_to_string(&state_file)
@@ -147,18 +158,22 @@ impl Coordinator {
             state
         } else {
             let run_id = format!("{}-{}", plan.name, unix_seconds());
-            RunState::new(run_id, &plan, split.unlabeled.len() as u64, &run_dir)
+            let source = mentor_data::Source::open(&plan.data, &split.unlabeled)?;
+            let shards = source.shards(plan.data.shard_size);
+            tracing::info!(
+                format = source.format().as_str(),
+                units = source.units(),
+                shards = shards.len(),
+                "unlabeled data"
+            );
+            let examples = source.known_examples().unwrap_or(0);
+            RunState::new(run_id, &plan, shards, examples, &run_dir)
         };
-        let storage = plan
-            .pseudo_labels
-            .storage
-            .clone()
-            .unwrap_or_else(|| run_dir.join("pseudo-labels"));
         let coordinator = Coordinator {
             plan,
             state,
             workers: BTreeMap::new(),
-            store: Arc::new(LocalDirStore::new(storage)),
+            store,
             started: Instant::now(),
             latest_loss: None,
             latest_accuracy: None,
@@ -171,7 +186,7 @@ impl Coordinator {
 
     /// The root of the soft-label store, as workers must see it.
     pub fn storage_root(&self) -> String {
-        self.store.location("")
+        self.store.root().to_string()
     }
 
     /// Writes the state snapshot atomically.
@@ -209,6 +224,7 @@ impl Coordinator {
                 suspect: false,
                 task: None,
                 progress: Progress::default(),
+                progress_at: now,
             },
         );
         let alive = self.workers.values().filter(|w| w.alive).count() as u32;
@@ -270,6 +286,7 @@ impl Coordinator {
                 let worker = self.worker_mut(id, now)?;
                 worker.task = Some(task.id.clone());
                 worker.progress = Progress::default();
+                worker.progress_at = now;
                 self.persist_or_log();
                 Ok(TaskReply::Task(assignment))
             }
@@ -408,6 +425,7 @@ impl Coordinator {
         }
         let worker = self.worker_mut(id, now)?;
         worker.progress = progress;
+        worker.progress_at = now;
         Ok(())
     }
 
@@ -478,6 +496,27 @@ impl Coordinator {
             tracing::warn!(worker = %id, requeued = requeued.len(), "worker lost");
             self.persist_or_log();
         }
+        // A labeler that is heard of but makes no progress loses its shard after the lease.
+        let lease = Duration::from_secs(self.plan.pseudo_labels.lease_seconds);
+        let expired: Vec<(WorkerId, TaskId)> = self
+            .workers
+            .values()
+            .filter(|w| w.alive && now.saturating_duration_since(w.progress_at) > lease)
+            .filter_map(|w| {
+                let task = w.task.clone()?;
+                let record = self.state.tasks.get(&task)?;
+                matches!(record.spec, TaskSpec::Label { .. }).then_some((w.id.clone(), task))
+            })
+            .collect();
+        for (id, task) in expired {
+            if let Some(worker) = self.workers.get_mut(&id) {
+                worker.task = None;
+            }
+            if self.state.lease_expired(&task) {
+                tracing::warn!(worker = %id, task = %task, lease_seconds = lease.as_secs(), "lease expired without progress, shard given to another labeler");
+                self.persist_or_log();
+            }
+        }
     }
 
     /// Applies the global filter's result.
@@ -530,6 +569,87 @@ mod tests {
             address: address.into(),
             nccl_unique_id: Vec::new(),
         }
+    }
+
+    fn next_label_task(coordinator: &mut Coordinator, id: &WorkerId, now: Instant) -> Assignment {
+        for _ in 0..10 {
+            if let TaskReply::Task(assignment) = coordinator.get_task(id, now).expect("task") {
+                if matches!(assignment.task.spec, TaskSpec::Label { .. }) {
+                    return assignment;
+                }
+            }
+        }
+        panic!("no label task")
+    }
+
+    #[test]
+    fn a_labeler_without_progress_loses_its_shard_when_the_lease_expires() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let mut plan = Plan::from_toml_str(TINY).expect("tiny plan");
+        plan.workers.min_workers = 1;
+        plan.workers.world_size = 1;
+        let mut coordinator = Coordinator::open(plan, dir.path()).expect("open");
+        let lease = Duration::from_secs(coordinator.plan.pseudo_labels.lease_seconds);
+        let start = Instant::now();
+        let a = coordinator.register("a".into(), "cpu".into(), start);
+        let TaskReply::Task(teacher) = coordinator.get_task(&a, start).expect("task") else {
+            panic!("no teacher task")
+        };
+        coordinator
+            .complete(
+                &a,
+                &teacher.task.id,
+                teacher.task.attempts,
+                TaskOutcome::Trained {
+                    checkpoint: dir.path().join("teacher.safetensors"),
+                    final_loss: 0.1,
+                },
+                start,
+            )
+            .expect("complete");
+        let slow = next_label_task(&mut coordinator, &a, start);
+        let task = slow.task.id.clone();
+
+        // Heard of (heartbeats) and reporting progress: the lease holds.
+        let halfway = start + lease / 2;
+        coordinator.heartbeat(&a, halfway);
+        coordinator
+            .progress(&a, Progress::default(), halfway)
+            .expect("progress");
+        let later = halfway + lease - Duration::from_secs(1);
+        coordinator.heartbeat(&a, later);
+        coordinator.reap(later);
+        assert_eq!(coordinator.state.tasks[&task].attempts, 1);
+        assert!(coordinator.state.tasks[&task].is_run_by(&a, 1));
+
+        // Heard of but silent on progress past the lease: the shard goes to another labeler.
+        let expired = halfway + lease + Duration::from_secs(1);
+        coordinator.heartbeat(&a, expired);
+        coordinator.reap(expired);
+        assert!(coordinator.workers[&a].alive, "a slow labeler is not dead");
+        assert_eq!(coordinator.state.tasks[&task].state, crate::state::TaskState::Pending);
+        let b = coordinator.register("b".into(), "cpu".into(), expired);
+        let mut retry = next_label_task(&mut coordinator, &b, expired);
+        while retry.task.id != task {
+            retry = next_label_task(&mut coordinator, &b, expired);
+        }
+        assert_eq!(retry.task.attempts, 2);
+
+        // The slow labeler's late result belongs to attempt 1 and changes nothing.
+        let shards_before = coordinator.state.current_round().shards.len();
+        let late = TaskOutcome::Labeled(crate::state::ShardRecord {
+            index: 0,
+            key: "late".into(),
+            examples: 1,
+            sha256: "00".into(),
+            bytes: 1,
+            histogram: None,
+        });
+        coordinator
+            .complete(&a, &task, 1, late, expired)
+            .expect("late result");
+        assert_eq!(coordinator.state.current_round().shards.len(), shards_before);
+        assert!(coordinator.state.tasks[&task].is_run_by(&b, 2));
     }
 
     #[test]

@@ -123,13 +123,31 @@ fn outcome_from_proto(
             checkpoint: train.checkpoint.into(),
             final_loss: train.final_loss,
         }),
-        Some(Outcome::Label(label)) => Ok(TaskOutcome::Labeled(ShardRecord {
-            index: 0,
-            key: label.shard_path,
-            examples: label.examples,
-            sha256: label.sha256,
-            bytes: label.bytes,
-        })),
+        Some(Outcome::Label(label)) => {
+            let classes = label.histogram_passing.len();
+            let histogram = (classes > 0).then(|| mentor_labels::Histogram {
+                classes,
+                bins: label.histogram_bins,
+                passing: label.histogram_passing,
+                min_confidence: label.min_confidence as f32,
+            });
+            if let Some(histogram) = &histogram {
+                if histogram.bins.len() != classes * mentor_labels::CONFIDENCE_BINS {
+                    return Err(CoordinatorError::InvalidRequest(format!(
+                        "label histogram has {} bins for {classes} classes",
+                        histogram.bins.len()
+                    )));
+                }
+            }
+            Ok(TaskOutcome::Labeled(ShardRecord {
+                index: 0,
+                key: label.shard_path,
+                examples: label.examples,
+                sha256: label.sha256,
+                bytes: label.bytes,
+                histogram,
+            }))
+        }
         Some(Outcome::Evaluate(eval)) => Ok(TaskOutcome::Evaluated {
             accuracy: eval.accuracy,
             loss: eval.loss,
@@ -159,9 +177,8 @@ fn spawn_effects(shared: &Shared, effects: Vec<Effect>) {
                         coordinator.store.clone(),
                     )
                 };
-                let result =
-                    crate::filter::filter_round(&plan, &record, store.as_ref(), &selection)
-                        .map(|kept| (kept, selection));
+                let result = crate::filter::filter_round(&plan, &record, &store, &selection)
+                    .map(|kept| (kept, selection));
                 let more = lock(&shared).filter_finished(round, result);
                 spawn_effects(&shared, more);
             });

@@ -200,13 +200,16 @@ pub struct Assignment {
 }
 
 /// A committed pseudo-label shard.
-#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 pub struct ShardRecord {
     pub index: u32,
     pub key: String,
     pub examples: u64,
     pub sha256: String,
     pub bytes: u64,
+    /// Top-class confidence counts the labeler took of the shard (what the filter adds up).
+    #[serde(default)]
+    pub histogram: Option<mentor_labels::Histogram>,
 }
 
 /// What a finished task reports.
@@ -269,7 +272,7 @@ impl RunPaths {
     pub fn selection(&self, round: u32) -> PathBuf {
         self.run_dir
             .join("selections")
-            .join(format!("round-{round}.safetensors"))
+            .join(format!("round-{round}.json"))
     }
 
     pub fn state_file(&self) -> PathBuf {
@@ -288,7 +291,7 @@ pub struct RunState {
     pub phase: Phase,
     pub rounds: Vec<RoundRecord>,
     pub tasks: BTreeMap<TaskId, TaskRecord>,
-    /// Unlabeled shard ranges `[start, end)`.
+    /// Unlabeled shard ranges `[start, end)`, in units of the source (examples, or tar files).
     pub shard_ranges: Vec<(u64, u64)>,
     pub unlabeled_examples: u64,
     pub paths: RunPaths,
@@ -305,7 +308,15 @@ fn default_method() -> Method {
 }
 
 impl RunState {
-    pub fn new(run_id: String, plan: &Plan, unlabeled_examples: u64, run_dir: &Path) -> RunState {
+    /// A new run; `shard_ranges` cut the unlabeled source, whose size is `unlabeled_examples`
+    /// when known before labeling (0 otherwise).
+    pub fn new(
+        run_id: String,
+        plan: &Plan,
+        shard_ranges: Vec<(u64, u64)>,
+        unlabeled_examples: u64,
+        run_dir: &Path,
+    ) -> RunState {
         RunState {
             run_id,
             plan_toml: plan.to_toml_string(),
@@ -318,7 +329,7 @@ impl RunState {
                 ..RoundRecord::default()
             }],
             tasks: BTreeMap::new(),
-            shard_ranges: mentor_data::shard_ranges(unlabeled_examples, plan.data.shard_size),
+            shard_ranges,
             unlabeled_examples,
             paths: RunPaths {
                 run_dir: run_dir.to_path_buf(),
@@ -441,6 +452,22 @@ impl RunState {
             }
         }
         requeued
+    }
+
+    /// Gives a running task whose lease ran out to the next free worker; the late worker's
+    /// result, if it ever comes, belongs to an old attempt and is ignored.
+    pub fn lease_expired(&mut self, task_id: &TaskId) -> bool {
+        match self.tasks.get_mut(task_id) {
+            Some(task) if matches!(task.state, TaskState::Running { .. }) => {
+                task.last_error = Some(format!(
+                    "lease of attempt {} expired without progress",
+                    task.attempts
+                ));
+                task.state = TaskState::Pending;
+                true
+            }
+            _ => false,
+        }
     }
 
     /// Requeues every running task (after a coordinator restart).

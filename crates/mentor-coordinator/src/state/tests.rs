@@ -7,7 +7,13 @@ const TINY: &str = include_str!("../../../../deploy/plans/tiny.toml");
 fn new_run() -> RunState {
     let plan = Plan::from_toml_str(TINY).expect("tiny plan");
     // 1,500 unlabeled examples in shards of 400: 4 shards.
-    RunState::new("run".into(), &plan, 1500, Path::new("/runs/tiny"))
+    RunState::new(
+        "run".into(),
+        &plan,
+        mentor_data::shard_ranges(1500, plan.data.shard_size),
+        1500,
+        Path::new("/runs/tiny"),
+    )
 }
 
 fn worker(name: &str) -> WorkerId {
@@ -42,6 +48,7 @@ fn finish_pending(state: &mut RunState, w: &WorkerId, accuracy: f64) -> Vec<Effe
                 key: format!("shard-{shard_index}"),
                 examples: end - start,
                 sha256: "00".into(),
+                histogram: None,
                 bytes: 10,
             }),
             TaskSpec::Evaluate { .. } => TaskOutcome::Evaluated {
@@ -95,7 +102,7 @@ fn two_rounds_run_through_every_phase() {
         effects,
         vec![Effect::Filter {
             round: 1,
-            selection: "/runs/tiny/selections/round-1.safetensors".into()
+            selection: "/runs/tiny/selections/round-1.json".into()
         }]
     );
     assert_eq!(state.phase, Phase::Filter);
@@ -111,7 +118,7 @@ fn two_rounds_run_through_every_phase() {
         "nothing to do while the coordinator filters"
     );
 
-    state.filter_done(1, 1200, "/runs/tiny/selections/round-1.safetensors".into());
+    state.filter_done(1, 1200, "/runs/tiny/selections/round-1.json".into());
     assert_eq!(state.phase, Phase::TrainStudent);
     let student = state
         .assign(&w, "cpu", 1)
@@ -148,7 +155,7 @@ fn two_rounds_run_through_every_phase() {
     assert_eq!(teacher_two.model_round, 1);
     let effects = finish_pending(&mut state, &w, 0.0);
     assert_eq!(effects.len(), 1);
-    state.filter_done(2, 1300, "/runs/tiny/selections/round-2.safetensors".into());
+    state.filter_done(2, 1300, "/runs/tiny/selections/round-2.json".into());
     assert!(
         finish_pending(&mut state, &w, 0.8).is_empty(),
         "student trained"
@@ -338,7 +345,13 @@ fn a_failed_rank_fails_the_attempt_and_stale_reports_are_ignored() {
 fn meta_pseudo_labels_trains_evaluates_and_finetunes() {
     let plan =
         Plan::from_toml_str(include_str!("../../../../deploy/plans/tiny-mpl.toml")).expect("plan");
-    let mut state = RunState::new("mpl".into(), &plan, 1500, Path::new("/runs/mpl"));
+    let mut state = RunState::new(
+        "mpl".into(),
+        &plan,
+        mentor_data::shard_ranges(1500, plan.data.shard_size),
+        1500,
+        Path::new("/runs/mpl"),
+    );
     let w = worker("w");
     state.start();
     assert_eq!(state.phase, Phase::TrainMpl);
