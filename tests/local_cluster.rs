@@ -7,7 +7,7 @@ use mentor_e2e::{
     binary, start_coordinator, start_coordinator_on, start_worker, status, try_status, wait_for,
     watch_run, workspace_root,
 };
-use mentor_labels::{read_round, LocalDirStore, ShardStore};
+use mentor_labels::{read_round, ShardStore};
 
 #[test]
 fn tiny_plan_runs_two_rounds_on_two_worker_processes() {
@@ -79,7 +79,8 @@ fn tiny_plan_runs_two_rounds_on_two_worker_processes() {
     }
 
     // Shards and manifests are complete and valid; no temporary file is left behind.
-    let store = LocalDirStore::new(state_dir.join("pseudo-labels"));
+    let store =
+        ShardStore::open(&state_dir.join("pseudo-labels").display().to_string()).expect("store");
     for round in 1..=2u32 {
         let (manifest, shards) = read_round(&store, round).expect("manifest and shards read back");
         assert_eq!(manifest.shards.len(), 4);
@@ -457,4 +458,163 @@ fn a_tiny_meta_pseudo_labels_run_trains_evaluates_and_finetunes() {
         json["final_student_test_accuracy"],
         serde_json::json!(round.finetuned_student_test_accuracy)
     );
+}
+
+/// Writes `tars` WebDataset shards of `per_tar` real Fashion-MNIST training images (PNG, with
+/// their `.cls`), taken from the end of the training set.
+fn write_webdataset(dir: &std::path::Path, tars: usize, per_tar: usize) {
+    let train = mentor_data::ImageSet::load(
+        std::path::Path::new("/usr/share/datasets/fashion-mnist"),
+        "train",
+    )
+    .expect("Fashion-MNIST (dataset-fashion-mnist)");
+    std::fs::create_dir_all(dir).expect("dir");
+    for tar_index in 0..tars {
+        let mut builder = tar::Builder::new(Vec::new());
+        for sample in 0..per_tar {
+            let position = train.len() - 1 - (tar_index * per_tar + sample);
+            let size = train.image_size();
+            let pixels = train.pixels[position * size..(position + 1) * size].to_vec();
+            let image = image::GrayImage::from_raw(28, 28, pixels).expect("28x28");
+            let mut png = std::io::Cursor::new(Vec::new());
+            image
+                .write_to(&mut png, image::ImageFormat::Png)
+                .expect("png");
+            for (name, bytes) in [
+                (format!("{sample:06}.png"), png.into_inner()),
+                (
+                    format!("{sample:06}.cls"),
+                    train.labels[position].to_string().into_bytes(),
+                ),
+            ] {
+                let mut header = tar::Header::new_gnu();
+                header.set_size(bytes.len() as u64);
+                header.set_mode(0o644);
+                header.set_cksum();
+                builder
+                    .append_data(&mut header, name, bytes.as_slice())
+                    .expect("append");
+            }
+        }
+        std::fs::write(
+            dir.join(format!("shard-{tar_index:03}.tar")),
+            builder.into_inner().expect("tar"),
+        )
+        .expect("write tar");
+    }
+}
+
+/// Unlabeled images from WebDataset tars: a labeler killed in the middle of the label job loses
+/// its shard to another one; every example ends up labeled exactly once, the student trains on
+/// images decoded from the tars, and the shards go through a `file://` storage URL.
+#[test]
+fn webdataset_labeling_survives_a_killed_labeler_without_loss_or_duplicates() {
+    let runtime = tokio::runtime::Runtime::new().expect("runtime");
+    let dir = tempfile::tempdir().expect("tempdir");
+    let (tars, per_tar) = (8usize, 100usize);
+    let tar_dir = dir.path().join("unlabeled");
+    write_webdataset(&tar_dir, tars, per_tar);
+    let storage = format!("file://{}/labels", dir.path().display());
+    let tiny = std::fs::read_to_string(workspace_root().join("deploy/plans/tiny.toml"))
+        .expect("tiny plan");
+    let plan_text = tiny
+        .replacen("min_workers = 2", "min_workers = 1", 1)
+        .replacen(
+            "heartbeat_timeout_seconds = 10",
+            "heartbeat_timeout_seconds = 2",
+            1,
+        )
+        .replacen("rounds = 2", "rounds = 1", 1)
+        .replacen("unlabeled_limit = 1500\n", "", 1)
+        .replacen(
+            "[teacher.model]",
+            &format!(
+                "[data.unlabeled]\nformat = \"webdataset\"\npath = \"{}\"\n\n[teacher.model]",
+                tar_dir.display()
+            ),
+            1,
+        )
+        .replacen(
+            "[pseudo_labels]",
+            &format!(
+                "[pseudo_labels]\nstorage = \"{storage}\"\nbatch_size = 2\ndecode_threads = 1"
+            ),
+            1,
+        );
+    assert!(
+        plan_text.contains("webdataset") && plan_text.contains("file://"),
+        "{plan_text}"
+    );
+    let plan = dir.path().join("plan.toml");
+    std::fs::write(&plan, &plan_text).expect("write plan");
+    let state_dir = dir.path().join("run");
+    let (mut coordinator, address) = start_coordinator(&plan, &state_dir);
+
+    let mut doomed = start_worker(&address, dir.path().join("doomed.log"));
+    let doomed_id = wait_for("the worker to label", Duration::from_secs(120), || {
+        let current = status(&runtime, &address);
+        let round = current.rounds.first()?;
+        let labeling = current
+            .workers
+            .iter()
+            .find(|w| w.task.starts_with("pseudo-label") && w.step > 0)?;
+        (round.shards_done < round.shards).then(|| labeling.worker_id.clone())
+    });
+    doomed.child.kill().expect("kill the labeler");
+    let _ = doomed.child.wait();
+    let killed_at = status(&runtime, &address);
+    let done_at_kill = killed_at.rounds[0].shards_done;
+    assert!(
+        done_at_kill < tars as u32,
+        "the kill came after the label job"
+    );
+
+    let _replacement = start_worker(&address, dir.path().join("replacement.log"));
+    let final_status = watch_run(
+        &runtime,
+        &address,
+        &mut coordinator,
+        Duration::from_secs(300),
+        |_| {},
+    );
+    assert_eq!(
+        final_status.status,
+        "succeeded",
+        "{}\n{}",
+        final_status.error,
+        coordinator.log_text()
+    );
+    let log = coordinator.log_text();
+    assert!(log.contains("worker lost"), "{log}");
+    assert!(log.contains(&doomed_id), "{log}");
+    let round = &final_status.rounds[0];
+    assert_eq!(round.shards, tars as u32);
+    assert_eq!(round.examples, (tars * per_tar) as u64);
+    assert!(round.student_test_accuracy.is_some());
+
+    // Nothing lost, nothing duplicated: each tar sample labeled exactly once.
+    let store = ShardStore::open(&storage).expect("store");
+    let (manifest, shards) = read_round(&store, 1).expect("manifest and shards");
+    assert_eq!(manifest.shards.len(), tars);
+    assert!(manifest.shards.iter().all(|s| s.histogram.is_some()));
+    let mut ids: Vec<i64> = shards.iter().flat_map(|s| s.example_ids.clone()).collect();
+    ids.sort_unstable();
+    let expected: Vec<i64> = (0..tars as i64)
+        .flat_map(|t| (0..per_tar as i64).map(move |i| (t << 32) | i))
+        .collect();
+    assert_eq!(ids, expected);
+    let leftovers: Vec<String> = std::fs::read_dir(dir.path().join("labels/round-1"))
+        .expect("round dir")
+        .map(|e| e.expect("entry").file_name().to_string_lossy().into_owned())
+        .filter(|name| name.starts_with('.') || name.contains("tmp"))
+        .collect();
+    assert!(leftovers.is_empty(), "temporary files left: {leftovers:?}");
+
+    // The selection points at those shards and the student trained on it.
+    let selection: serde_json::Value = serde_json::from_slice(
+        &std::fs::read(state_dir.join("selections/round-1.json")).expect("selection file"),
+    )
+    .expect("selection JSON");
+    assert_eq!(selection["storage"], storage.as_str());
+    assert_eq!(selection["shards"].as_array().map(|s| s.len()), Some(tars));
 }

@@ -627,7 +627,10 @@ mod tests {
         coordinator.heartbeat(&a, expired);
         coordinator.reap(expired);
         assert!(coordinator.workers[&a].alive, "a slow labeler is not dead");
-        assert_eq!(coordinator.state.tasks[&task].state, crate::state::TaskState::Pending);
+        assert_eq!(
+            coordinator.state.tasks[&task].state,
+            crate::state::TaskState::Pending
+        );
         let b = coordinator.register("b".into(), "cpu".into(), expired);
         let mut retry = next_label_task(&mut coordinator, &b, expired);
         while retry.task.id != task {
@@ -648,7 +651,10 @@ mod tests {
         coordinator
             .complete(&a, &task, 1, late, expired)
             .expect("late result");
-        assert_eq!(coordinator.state.current_round().shards.len(), shards_before);
+        assert_eq!(
+            coordinator.state.current_round().shards.len(),
+            shards_before
+        );
         assert!(coordinator.state.tasks[&task].is_run_by(&b, 2));
     }
 

@@ -125,7 +125,7 @@ fn outcome_from_proto(
         }),
         Some(Outcome::Label(label)) => {
             let classes = label.histogram_passing.len();
-            let histogram = (classes > 0).then(|| mentor_labels::Histogram {
+            let histogram = (classes > 0).then_some(mentor_labels::Histogram {
                 classes,
                 bins: label.histogram_bins,
                 passing: label.histogram_passing,

@@ -257,10 +257,12 @@ impl Source {
         let mut wanted: Vec<i64> = ids.to_vec();
         wanted.sort_unstable();
         wanted.dedup();
-        let unknown = |id: i64| DataError::Invalid(format!(
+        let unknown = |id: i64| {
+            DataError::Invalid(format!(
                 "example id {id} is not in the unlabeled {} data",
                 self.format().as_str()
-            ));
+            ))
+        };
         let items: ItemIter = match self {
             Source::Idx { images, .. } => {
                 let images = idx_images(images)?;
@@ -283,7 +285,10 @@ impl Source {
                 {
                     return Err(unknown(id));
                 }
-                let files: Vec<PathBuf> = wanted.iter().map(|&id| files[id as usize].clone()).collect();
+                let files: Vec<PathBuf> = wanted
+                    .iter()
+                    .map(|&id| files[id as usize].clone())
+                    .collect();
                 Box::new(
                     wanted
                         .into_iter()
@@ -304,11 +309,9 @@ impl Source {
                     .into_iter()
                     .map(|(tar, samples)| (tar, tars[tar].clone(), samples))
                     .collect();
-                Box::new(
-                    selected
-                        .into_iter()
-                        .flat_map(|(index, path, samples)| TarSamples::open(index, path, Some(samples))),
-                )
+                Box::new(selected.into_iter().flat_map(|(index, path, samples)| {
+                    TarSamples::open(index, path, Some(samples))
+                }))
             }
         };
         Ok(Batches::start(items, geometry, options))
@@ -316,7 +319,9 @@ impl Source {
 }
 
 fn idx_images(images: &Option<Arc<ImageSet>>) -> Result<Arc<ImageSet>, DataError> {
-    images.clone().ok_or_else(|| DataError::Invalid("the IDX source was opened without its images".into()))
+    images
+        .clone()
+        .ok_or_else(|| DataError::Invalid("the IDX source was opened without its images".into()))
 }
 
 /// An image before decoding.
@@ -324,17 +329,21 @@ enum Encoded {
     Idx(Arc<ImageSet>, usize),
     File(PathBuf),
     /// Bytes of a tar member, named `tar:member` in errors.
-    Bytes { name: String, bytes: Vec<u8> },
+    Bytes {
+        name: String,
+        bytes: Vec<u8>,
+    },
 }
 
-type ItemIter = Box<dyn Iterator<Item = Result<(i64, Encoded), DataError>> + Send>;
+type Item = Result<(i64, Encoded), DataError>;
+type ItemIter = Box<dyn Iterator<Item = Item> + Send>;
 
 /// The samples of one WebDataset tar, in order: `key.{jpg,jpeg,png}` with an optional
 /// `key.cls` (and other members) next to it. Reads the tar sequentially.
 struct TarSamples {
     tar_index: usize,
     path: PathBuf,
-    entries: Option<Vec<Result<(i64, Encoded), DataError>>>,
+    entries: Option<Vec<Item>>,
     wanted: Option<HashSet<u32>>,
 }
 
@@ -349,7 +358,7 @@ impl TarSamples {
     }
 
     /// Reads the whole tar (one shard) into encoded samples.
-    fn read(&self) -> Result<Vec<Result<(i64, Encoded), DataError>>, DataError> {
+    fn read(&self) -> Result<Vec<Item>, DataError> {
         let corrupt = |reason: String| DataError::Unlabeled {
             path: self.path.clone(),
             reason,
@@ -362,11 +371,13 @@ impl TarSamples {
         let mut sample_index: u32 = 0;
         let mut finish = |key: Option<String>,
                           image: Option<(String, Vec<u8>)>,
-                          samples: &mut Vec<Result<(i64, Encoded), DataError>>|
+                          samples: &mut Vec<Item>|
          -> Result<(), DataError> {
             let Some(key) = key else { return Ok(()) };
             let Some((name, bytes)) = image else {
-                return Err(corrupt(format!("sample `{key}` has no .jpg, .jpeg or .png member")));
+                return Err(corrupt(format!(
+                    "sample `{key}` has no .jpg, .jpeg or .png member"
+                )));
             };
             let index = sample_index;
             sample_index += 1;
@@ -419,7 +430,7 @@ impl TarSamples {
 }
 
 impl Iterator for TarSamples {
-    type Item = Result<(i64, Encoded), DataError>;
+    type Item = Item;
 
     fn next(&mut self) -> Option<Self::Item> {
         if self.entries.is_none() {
@@ -440,12 +451,18 @@ fn decode_one(encoded: Encoded, geometry: Geometry, out: &mut Vec<u8>) -> Result
         Encoded::Idx(images, position) => {
             let size = images.image_size();
             let pixels = &images.pixels[position * size..(position + 1) * size];
-            if geometry.channels == 1 && images.rows == geometry.height && images.cols == geometry.width {
+            if geometry.channels == 1
+                && images.rows == geometry.height
+                && images.cols == geometry.width
+            {
                 out.extend_from_slice(pixels);
                 return Ok(());
             }
-            let gray = image::GrayImage::from_raw(images.cols as u32, images.rows as u32, pixels.to_vec())
-                .ok_or_else(|| DataError::Invalid(format!("IDX image {position} has the wrong size")))?;
+            let gray =
+                image::GrayImage::from_raw(images.cols as u32, images.rows as u32, pixels.to_vec())
+                    .ok_or_else(|| {
+                        DataError::Invalid(format!("IDX image {position} has the wrong size"))
+                    })?;
             image::DynamicImage::ImageLuma8(gray)
         }
         Encoded::File(path) => {

@@ -352,13 +352,18 @@ mod tests {
             .map(|shard| {
                 let ids: Vec<i64> = (0..50).map(|i| shard * 50 + i).collect();
                 let classes: Vec<u16> = ids.iter().map(|&i| ((i * 7) % 10) as u16).collect();
-                let probs: Vec<f32> = ids.iter().map(|&i| ((i * 37) % 100) as f32 / 100.0).collect();
+                let probs: Vec<f32> = ids
+                    .iter()
+                    .map(|&i| ((i * 37) % 100) as f32 / 100.0)
+                    .collect();
                 SoftLabels::new(1, ids, classes, probs).expect("labels")
             })
             .collect();
         let mut histogram = Histogram::new(10, 0.3);
         for shard in &shards {
-            histogram.merge(&shard_histogram(shard, 10, 0.3)).expect("merge");
+            histogram
+                .merge(&shard_histogram(shard, 10, 0.3))
+                .expect("merge");
         }
         let selection = Selection::from_histogram(&histogram, &config);
         let selected: Vec<i64> = shards
@@ -367,10 +372,12 @@ mod tests {
             .collect();
         let all: Vec<(i64, u16, f32)> = shards
             .iter()
-            .flat_map(|shard| (0..shard.len()).map(move |row| {
-                let (class, confidence) = shard.top(row);
-                (shard.example_ids[row], class, confidence)
-            }))
+            .flat_map(|shard| {
+                (0..shard.len()).map(move |row| {
+                    let (class, confidence) = shard.top(row);
+                    (shard.example_ids[row], class, confidence)
+                })
+            })
             .collect();
         let expected: Vec<i64> = filter_and_balance(&all, &config)
             .into_iter()

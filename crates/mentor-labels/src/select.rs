@@ -335,7 +335,11 @@ mod tests {
         for value in values.into_iter().filter(|v| (0.0..=1.0).contains(v)) {
             let bin = confidence_bin(value);
             for step in 0..CONFIDENCE_BINS {
-                assert_eq!(value >= threshold_of_step(step), bin >= step, "{value} {step}");
+                assert_eq!(
+                    value >= threshold_of_step(step),
+                    bin >= step,
+                    "{value} {step}"
+                );
             }
         }
     }

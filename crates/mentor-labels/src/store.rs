@@ -64,7 +64,8 @@ impl ShardStore {
     /// environment variables (`AWS_*`, `GOOGLE_*`, `AZURE_*`).
     pub fn open(location: &str) -> Result<ShardStore, LabelError> {
         let runtime = runtime(location)?;
-        let invalid = |reason: String| LabelError::Invalid(format!("storage `{location}`: {reason}"));
+        let invalid =
+            |reason: String| LabelError::Invalid(format!("storage `{location}`: {reason}"));
         if !is_url(location) {
             std::fs::create_dir_all(location).map_err(|source| LabelError::Io {
                 key: location.to_string(),

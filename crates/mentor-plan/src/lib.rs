@@ -680,6 +680,12 @@ impl Plan {
                 ));
             };
             validate_mpl(mpl)?;
+            if self.data.unlabeled.format != UnlabeledFormat::Idx {
+                return Err(invalid(
+                    "data.unlabeled.format",
+                    "Meta Pseudo Labels reads its unlabeled batches from the IDX training set; use `idx`",
+                ));
+            }
             if self.rounds != 1 {
                 return Err(invalid(
                     "rounds",

@@ -1,7 +1,9 @@
 //! The plan's data set as tensors: training and test images (u8, kept on the task's device),
-//! labels, and the labeled / unlabeled split shared with the coordinator.
+//! labels, the labeled / unlabeled split shared with the coordinator, and the unlabeled source.
 
-use mentor_data::{ImageSet, Split};
+use std::sync::Arc;
+
+use mentor_data::{Geometry, ImageSet, Source, Split};
 use mentor_plan::Plan;
 use tch::{Device, Kind, Tensor};
 
@@ -21,6 +23,8 @@ pub struct Dataset {
     pub mean: f64,
     pub std: f64,
     pub device: Device,
+    /// Where unlabeled images come from (the training set itself for `idx`).
+    pub unlabeled: Source,
 }
 
 fn images_tensor(set: &ImageSet, device: Device) -> Tensor {
@@ -40,6 +44,8 @@ impl Dataset {
         let train = ImageSet::load(&plan.data.dir, "train")?;
         let test = ImageSet::load(&plan.data.dir, "t10k")?;
         let split = Split::new(&train.labels, test.len(), &plan.data, plan.seed)?;
+        let train = Arc::new(train);
+        let unlabeled = Source::open(&plan.data, &split.unlabeled)?.with_images(train.clone());
         let test_len = split.test_len;
         let labeled: Vec<i64> = split.labeled.iter().map(|&p| p as i64).collect();
         let train_images = images_tensor(&train, device);
@@ -58,7 +64,30 @@ impl Dataset {
             split,
             image_size: train.rows as i64,
             device,
+            unlabeled,
         })
+    }
+
+    /// The size decoded unlabeled images are converted to: the labeled images'.
+    pub fn geometry(&self) -> Geometry {
+        Geometry {
+            channels: self.channels as usize,
+            height: self.image_size as usize,
+            width: self.image_size as usize,
+        }
+    }
+
+    /// Decoded u8 pixels (`[n, C, H, W]`) as a tensor on the dataset's device.
+    pub fn pixels_tensor(&self, pixels: &[u8], count: usize) -> Tensor {
+        let geometry = self.geometry();
+        Tensor::from_slice(pixels)
+            .view([
+                count as i64,
+                geometry.channels as i64,
+                geometry.height as i64,
+                geometry.width as i64,
+            ])
+            .to_device(self.device)
     }
 
     /// Training images at `positions` as floats in [0, 1].

@@ -149,7 +149,7 @@ fn task_from_proto(task: &pb::Task) -> anyhow::Result<TaskKind> {
             shard_index: label.shard_index,
             start: label.start,
             end: label.end,
-            storage: PathBuf::from(&label.storage),
+            storage: label.storage.clone(),
         },
     })
 }
@@ -183,12 +183,16 @@ fn outcome_to_proto(result: Result<Outcome, String>) -> pb::task_result::Outcome
             sha256,
             bytes,
             seconds,
+            histogram,
         }) => Proto::Label(pb::LabelOutcome {
             shard_path: key,
             examples,
             sha256,
             bytes,
             seconds,
+            histogram_bins: histogram.bins,
+            histogram_passing: histogram.passing,
+            min_confidence: histogram.min_confidence as f64,
         }),
         Err(message) => Proto::Error(message),
     }

@@ -4,7 +4,11 @@
 use std::path::{Path, PathBuf};
 use std::time::Instant;
 
-use mentor_labels::{encode_shard, LocalDirStore, PutOutcome, ShardHeader, ShardStore, SoftLabels};
+use mentor_data::DecodeOptions;
+use mentor_labels::{
+    encode_shard, shard_histogram, Histogram, PutOutcome, SelectionFile, ShardHeader, ShardStore,
+    SoftLabels,
+};
 use mentor_plan::{LabelMode, Optimizer, Plan, RandAugmentPlan, Role, Schedule, TrainPlan};
 use tch::nn::{self, ModuleT, OptimizerConfig};
 use tch::{Kind, Tensor};
@@ -54,7 +58,8 @@ pub enum TaskKind {
         shard_index: u32,
         start: u64,
         end: u64,
-        storage: PathBuf,
+        /// Soft-label store root: a local directory or an object store URL.
+        storage: String,
     },
 }
 
@@ -78,6 +83,7 @@ pub enum Outcome {
         sha256: String,
         bytes: u64,
         seconds: f64,
+        histogram: Histogram,
     },
 }
 
@@ -239,10 +245,88 @@ pub(crate) fn smoothed_one_hot(labels: &Tensor, classes: i64, smoothing: f64) ->
     labels.one_hot(classes).to_kind(Kind::Float) * (1.0 - smoothing) + smoothing / classes as f64
 }
 
-/// Pseudo-labeled training examples: positions in the training set and target distributions.
-struct PseudoLabeled {
-    positions: Tensor,
+/// Pseudo-labeled training examples: their images (u8, on the device), which image each row
+/// uses, and the target distributions.
+pub(crate) struct PseudoLabeled {
+    images: Tensor,
+    rows: Tensor,
     targets: Tensor,
+}
+
+impl PseudoLabeled {
+    pub(crate) fn len(&self) -> i64 {
+        self.targets.size()[0]
+    }
+
+    /// Images of `picks` (row numbers) as floats in [0, 1].
+    pub(crate) fn images(&self, picks: &Tensor) -> Tensor {
+        to_unit(
+            &self
+                .images
+                .index_select(0, &self.rows.index_select(0, picks)),
+        )
+    }
+}
+
+/// Reads the soft labels a selection file points at, keeps and repeats rows by its rule (shards
+/// read in parallel, each checked), and brings in the images of the kept examples.
+pub(crate) fn read_selection(path: &Path, threads: usize) -> Result<SoftLabels, String> {
+    let name = path.display().to_string();
+    let bytes =
+        std::fs::read(path).map_err(|e| format!("failed to read selection `{name}`: {e}"))?;
+    let file = SelectionFile::from_json(&name, &bytes).map_err(|e| e.to_string())?;
+    let store = ShardStore::open(&file.storage).map_err(|e| e.to_string())?;
+    let threads = threads.clamp(1, file.shards.len().max(1));
+    let parts: Vec<Result<Vec<SoftLabels>, String>> = std::thread::scope(|scope| {
+        let handles: Vec<_> = (0..threads)
+            .map(|thread| {
+                let (store, file) = (&store, &file);
+                scope.spawn(move || {
+                    file.shards
+                        .iter()
+                        .skip(thread)
+                        .step_by(threads)
+                        .map(|shard| {
+                            let (_, labels) =
+                                mentor_labels::read_shard(store, &shard.key, Some(&shard.sha256))
+                                    .map_err(|e| e.to_string())?;
+                            if labels.len() as u64 != shard.examples {
+                                return Err(format!(
+                                    "shard `{}` has {} examples, the selection says {}",
+                                    store.location(&shard.key),
+                                    labels.len(),
+                                    shard.examples
+                                ));
+                            }
+                            Ok(mentor_labels::select_rows(&labels, &file.selection))
+                        })
+                        .collect()
+                })
+            })
+            .collect();
+        handles
+            .into_iter()
+            .map(|handle| {
+                handle
+                    .join()
+                    .unwrap_or_else(|_| Err("a shard reader panicked".into()))
+            })
+            .collect()
+    });
+    // Shard i was read by thread i % threads, as its (i / threads)-th: restore shard order.
+    let mut per_thread: Vec<std::vec::IntoIter<SoftLabels>> = Vec::with_capacity(threads);
+    for part in parts {
+        per_thread.push(part?.into_iter());
+    }
+    let mut selected = SoftLabels::empty(file.top_k as usize);
+    for index in 0..file.shards.len() {
+        if let Some(labels) = per_thread[index % threads].next() {
+            selected.example_ids.extend(labels.example_ids);
+            selected.class_ids.extend(labels.class_ids);
+            selected.probs.extend(labels.probs);
+        }
+    }
+    Ok(selected)
 }
 
 fn load_selection(
@@ -251,12 +335,13 @@ fn load_selection(
     path: &Path,
     smoothing: f64,
 ) -> Result<PseudoLabeled, String> {
-    let bytes = std::fs::read(path)
-        .map_err(|e| format!("failed to read selection `{}`: {e}", path.display()))?;
-    let (_, labels) = mentor_labels::decode_shard(&path.display().to_string(), &bytes)
-        .map_err(|e| e.to_string())?;
+    let threads = match plan.pseudo_labels.decode_threads {
+        0 => mentor_data::default_decode_threads(),
+        threads => threads as usize,
+    };
+    let labels = read_selection(path, threads)?;
     if labels.is_empty() {
-        return Err(format!("selection `{}` is empty", path.display()));
+        return Err(format!("selection `{}` keeps no example", path.display()));
     }
     let rows = labels.len() as i64;
     let k = labels.top_k as i64;
@@ -280,8 +365,43 @@ fn load_selection(
         }
         LabelMode::Hard => smoothed_one_hot(&class_ids.select(1, 0), classes, smoothing),
     };
+    if dataset.unlabeled.format() == mentor_plan::UnlabeledFormat::Idx {
+        // Example ids are training-set positions: the images are already on the device.
+        return Ok(PseudoLabeled {
+            images: dataset.train_images.shallow_clone(),
+            rows: Tensor::from_slice(&labels.example_ids).to_device(device),
+            targets,
+        });
+    }
+    // Other sources: decode each kept example once, then point every row at its image.
+    let options = DecodeOptions {
+        batch_size: 1024,
+        threads,
+        prefetch: plan.pseudo_labels.prefetch_batches as usize,
+    };
+    let mut ids: Vec<i64> = Vec::new();
+    let mut pixels: Vec<u8> = Vec::new();
+    for batch in dataset
+        .unlabeled
+        .decode_ids(&labels.example_ids, dataset.geometry(), options)
+        .map_err(|e| e.to_string())?
+    {
+        let batch = batch.map_err(|e| e.to_string())?;
+        ids.extend(batch.example_ids);
+        pixels.extend(batch.pixels);
+    }
+    let image_rows: Vec<i64> = labels
+        .example_ids
+        .iter()
+        .map(|id| {
+            ids.binary_search(id)
+                .map(|row| row as i64)
+                .map_err(|_| format!("example {id} of the selection was not decoded"))
+        })
+        .collect::<Result<_, _>>()?;
     Ok(PseudoLabeled {
-        positions: Tensor::from_slice(&labels.example_ids).to_device(device),
+        images: dataset.pixels_tensor(&pixels, ids.len()),
+        rows: Tensor::from_slice(&image_rows).to_device(device),
         targets,
     })
 }
@@ -466,14 +586,13 @@ fn train(
                 )
             }
             Some(pseudo) => {
-                let count = pseudo.targets.size()[0];
+                let count = pseudo.len();
                 let rows: Vec<i64> = (0..unlabeled_batch)
                     .map(|_| sampler.gen_range(0..count))
                     .collect();
                 let rows =
                     Tensor::from_slice(&rows[unlabeled_start..unlabeled_end]).to_device(device);
-                let unlabeled_images =
-                    augment(dataset.train_batch(&pseudo.positions.index_select(0, &rows)));
+                let unlabeled_images = augment(pseudo.images(&rows));
                 let targets = pseudo.targets.index_select(0, &rows);
                 let logits =
                     model.forward_t(&Tensor::cat(&[&labeled_images, &unlabeled_images], 0), true);
@@ -612,7 +731,8 @@ pub(crate) fn test_accuracy(
     )
 }
 
-/// Teacher inference over unlabeled positions `[start, end)`, committed as one shard.
+/// Teacher inference over the unlabeled shard `[start, end)` (in units of the source), committed
+/// as one soft-label shard. Images are decoded on CPU threads ahead of inference.
 #[allow(clippy::too_many_arguments)]
 fn label(
     plan: &Plan,
@@ -622,19 +742,12 @@ fn label(
     shard_index: u32,
     start: u64,
     end: u64,
-    storage: &Path,
+    storage: &str,
     progress: &mut dyn FnMut(Progress),
 ) -> Result<Outcome, String> {
     let started = Instant::now();
-    let store = LocalDirStore::new(storage);
+    let store = ShardStore::open(storage).map_err(|e| e.to_string())?;
     let key = mentor_labels::shard_key(round, shard_index);
-    let unlabeled = &dataset.split.unlabeled;
-    if end as usize > unlabeled.len() || start > end {
-        return Err(format!(
-            "shard {shard_index} covers [{start}, {end}) but there are {} unlabeled examples",
-            unlabeled.len()
-        ));
-    }
     let header = ShardHeader {
         round,
         teacher_checkpoint: teacher.checkpoint.display().to_string(),
@@ -643,72 +756,109 @@ fn label(
     };
     // A shard committed by an earlier attempt is verified and reported, never written twice.
     if store.exists(&key).map_err(|e| e.to_string())? {
-        return existing_shard(&store, &key, started);
+        return existing_shard(plan, &store, &key, &header, started);
     }
     let (_vs, model, config) = load_model(plan, dataset, teacher)?;
     let _guard = tch::no_grad_guard();
-    let ids: Vec<i64> = unlabeled[start as usize..end as usize]
-        .iter()
-        .map(|&p| p as i64)
-        .collect();
-    let positions = Tensor::from_slice(&ids).to_device(dataset.device);
-    let top_k = plan.pseudo_labels.top_k as i64;
-    let batch = plan.pseudo_labels.batch_size as i64;
-    let total = ids.len() as i64;
-    let mut class_ids: Vec<u16> = Vec::with_capacity((total * top_k) as usize);
-    let mut probs: Vec<f32> = Vec::with_capacity((total * top_k) as usize);
-    let mut offset = 0;
-    while offset < total {
-        let len = batch.min(total - offset);
-        let images = dataset.model_input(
-            &dataset.train_batch(&positions.narrow(0, offset, len)),
-            config.resolution,
-        );
-        let logits = model.forward_t(&images, false);
-        let distribution = (logits / plan.pseudo_labels.temperature).softmax(-1, Kind::Float);
-        let (values, indices) = distribution.topk(top_k, -1, true, true);
-        let values: Vec<f32> =
-            Vec::<f32>::try_from(values.to_device(tch::Device::Cpu).flatten(0, -1))
+    let labels = {
+        let plan_labels = &plan.pseudo_labels;
+        let options = DecodeOptions {
+            batch_size: plan_labels.batch_size as usize,
+            threads: match plan_labels.decode_threads {
+                0 => mentor_data::default_decode_threads(),
+                threads => threads as usize,
+            },
+            prefetch: plan_labels.prefetch_batches as usize,
+        };
+        let batches = dataset
+            .unlabeled
+            .decode(start, end, dataset.geometry(), options)
+            .map_err(|e| format!("shard {shard_index}: {e}"))?;
+        let autocast = plan_labels.mixed_precision && dataset.device.is_cuda();
+        let top_k = plan_labels.top_k as i64;
+        let expected = dataset
+            .unlabeled
+            .known_examples()
+            .map(|_| end - start)
+            .unwrap_or(0);
+        let mut ids: Vec<i64> = Vec::new();
+        let mut class_ids: Vec<u16> = Vec::new();
+        let mut probs: Vec<f32> = Vec::new();
+        for batch in batches {
+            let batch = batch.map_err(|e| format!("shard {shard_index}: {e}"))?;
+            let count = batch.example_ids.len();
+            let pixels = dataset.pixels_tensor(&batch.pixels, count);
+            let images = dataset.model_input(&to_unit(&pixels), config.resolution);
+            let logits = tch::autocast(autocast, || model.forward_t(&images, false));
+            let distribution =
+                (logits.to_kind(Kind::Float) / plan_labels.temperature).softmax(-1, Kind::Float);
+            let (values, indices) = distribution.topk(top_k, -1, true, true);
+            let values = Vec::<f32>::try_from(values.to_device(tch::Device::Cpu).flatten(0, -1))
                 .map_err(|e| e.to_string())?;
-        let indices: Vec<i64> =
-            Vec::<i64>::try_from(indices.to_device(tch::Device::Cpu).flatten(0, -1))
+            let indices = Vec::<i64>::try_from(indices.to_device(tch::Device::Cpu).flatten(0, -1))
                 .map_err(|e| e.to_string())?;
-        probs.extend(values);
-        class_ids.extend(indices.into_iter().map(|c| c as u16));
-        offset += len;
-        progress(Progress {
-            step: offset as u64,
-            total_steps: total as u64,
-            loss: None,
-            accuracy: None,
-            images_per_second: offset as f64 / started.elapsed().as_secs_f64().max(1e-9),
-            metrics: Vec::new(),
-        });
-    }
-    let labels =
-        SoftLabels::new(top_k as usize, ids, class_ids, probs).map_err(|e| e.to_string())?;
+            probs.extend(values);
+            class_ids.extend(indices.into_iter().map(|c| c as u16));
+            ids.extend(batch.example_ids);
+            progress(Progress {
+                step: ids.len() as u64,
+                total_steps: expected.max(ids.len() as u64),
+                loss: None,
+                accuracy: None,
+                images_per_second: ids.len() as f64 / started.elapsed().as_secs_f64().max(1e-9),
+                metrics: Vec::new(),
+            });
+        }
+        SoftLabels::new(top_k as usize, ids, class_ids, probs).map_err(|e| e.to_string())?
+    };
+    let histogram = shard_histogram(
+        &labels,
+        plan.data.classes as usize,
+        plan.pseudo_labels.min_confidence as f32,
+    );
     let bytes = encode_shard(&header, &labels).map_err(|e| e.to_string())?;
     match store
         .put_if_absent(&key, &bytes)
         .map_err(|e| e.to_string())?
     {
         PutOutcome::Created => {
-            tracing::info!(round, shard = shard_index, examples = total, location = %store.location(&key), "shard committed");
+            tracing::info!(round, shard = shard_index, examples = labels.len(), location = %store.location(&key), "shard committed");
             Ok(Outcome::Labeled {
                 key,
-                examples: total as u64,
+                examples: labels.len() as u64,
                 sha256: mentor_labels::sha256_hex(&bytes),
                 bytes: bytes.len() as u64,
                 seconds: started.elapsed().as_secs_f64(),
+                histogram,
             })
         }
-        PutOutcome::AlreadyExists => existing_shard(&store, &key, started),
+        PutOutcome::AlreadyExists => existing_shard(plan, &store, &key, &header, started),
     }
 }
 
-fn existing_shard(store: &LocalDirStore, key: &str, started: Instant) -> Result<Outcome, String> {
+/// Reports a shard another attempt committed, after checking it is whole and is this round's
+/// labels of this teacher.
+fn existing_shard(
+    plan: &Plan,
+    store: &ShardStore,
+    key: &str,
+    expected: &ShardHeader,
+    started: Instant,
+) -> Result<Outcome, String> {
     let bytes = store.get(key).map_err(|e| e.to_string())?;
-    let (_, labels) = mentor_labels::decode_shard(key, &bytes).map_err(|e| e.to_string())?;
+    let (header, labels) = mentor_labels::decode_shard(key, &bytes).map_err(|e| e.to_string())?;
+    if header != *expected {
+        return Err(format!(
+            "`{}` already exists but holds the labels of teacher `{}` (round {}, temperature {}), not of `{}` (round {}, temperature {}): use another pseudo_labels.storage or remove it",
+            store.location(key),
+            header.teacher_checkpoint,
+            header.round,
+            header.temperature,
+            expected.teacher_checkpoint,
+            expected.round,
+            expected.temperature
+        ));
+    }
     tracing::info!(shard = key, "shard already committed, reusing it");
     Ok(Outcome::Labeled {
         key: key.to_string(),
@@ -716,5 +866,10 @@ fn existing_shard(store: &LocalDirStore, key: &str, started: Instant) -> Result<
         sha256: mentor_labels::sha256_hex(&bytes),
         bytes: bytes.len() as u64,
         seconds: started.elapsed().as_secs_f64(),
+        histogram: shard_histogram(
+            &labels,
+            plan.data.classes as usize,
+            plan.pseudo_labels.min_confidence as f32,
+        ),
     })
 }

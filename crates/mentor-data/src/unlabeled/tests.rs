@@ -73,26 +73,38 @@ fn image_folder_decodes_in_path_order_with_several_threads() {
     // Nested, upper-case extension, RGB and another size: converted to 28x28 grayscale.
     std::fs::write(dir.path().join("b/c.JPG"), jpeg([200, 200, 200])).expect("write");
     std::fs::write(dir.path().join("notes.txt"), b"not an image").expect("write");
-    let source = Source::open(&data_plan(UnlabeledFormat::ImageFolder, dir.path()), &[]).expect("open");
+    let source =
+        Source::open(&data_plan(UnlabeledFormat::ImageFolder, dir.path()), &[]).expect("open");
     assert_eq!(source.units(), 8);
     assert_eq!(source.shards(3), vec![(0, 3), (3, 6), (6, 8)]);
-    let batches = collect(source.decode(0, 8, GRAY, options(3, 3)).expect("decode")).expect("batches");
+    let batches =
+        collect(source.decode(0, 8, GRAY, options(3, 3)).expect("decode")).expect("batches");
     assert_eq!(batches.len(), 3);
     let ids: Vec<i64> = batches.iter().flat_map(|b| b.example_ids.clone()).collect();
     assert_eq!(ids, (0..8).collect::<Vec<i64>>());
     let values: Vec<f64> = batches.iter().flat_map(|b| means(b, GRAY)).collect();
     assert_eq!(&values[..7], &[0.0, 10.0, 20.0, 30.0, 40.0, 50.0, 60.0]);
     assert!((values[7] - 200.0).abs() < 3.0, "{}", values[7]);
-    assert!(batches.iter().all(|b| b.pixels.len() == b.example_ids.len() * 784));
+    assert!(batches
+        .iter()
+        .all(|b| b.pixels.len() == b.example_ids.len() * 784));
 
     // A shard in the middle, and examples by id (the student's loader).
-    let middle = collect(source.decode(3, 6, GRAY, options(2, 2)).expect("decode")).expect("batches");
+    let middle =
+        collect(source.decode(3, 6, GRAY, options(2, 2)).expect("decode")).expect("batches");
     let ids: Vec<i64> = middle.iter().flat_map(|b| b.example_ids.clone()).collect();
     assert_eq!(ids, vec![3, 4, 5]);
-    let picked = collect(source.decode_ids(&[6, 1, 6], GRAY, options(8, 2)).expect("ids")).expect("batches");
+    let picked = collect(
+        source
+            .decode_ids(&[6, 1, 6], GRAY, options(8, 2))
+            .expect("ids"),
+    )
+    .expect("batches");
     assert_eq!(picked[0].example_ids, vec![1, 6]);
     assert_eq!(means(&picked[0], GRAY), vec![10.0, 60.0]);
-    let error = source.decode_ids(&[8], GRAY, options(8, 1)).expect_err("unknown id");
+    let error = source
+        .decode_ids(&[8], GRAY, options(8, 1))
+        .expect_err("unknown id");
     assert!(error.to_string().contains("example id 8"), "{error}");
 }
 
@@ -102,17 +114,21 @@ fn rgb_geometry_is_channels_first() {
     std::fs::write(dir.path().join("x.png"), {
         let image = image::RgbImage::from_pixel(8, 8, image::Rgb([10, 20, 30]));
         let mut bytes = std::io::Cursor::new(Vec::new());
-        image.write_to(&mut bytes, image::ImageFormat::Png).expect("png");
+        image
+            .write_to(&mut bytes, image::ImageFormat::Png)
+            .expect("png");
         bytes.into_inner()
     })
     .expect("write");
-    let source = Source::open(&data_plan(UnlabeledFormat::ImageFolder, dir.path()), &[]).expect("open");
+    let source =
+        Source::open(&data_plan(UnlabeledFormat::ImageFolder, dir.path()), &[]).expect("open");
     let rgb = Geometry {
         channels: 3,
         height: 8,
         width: 8,
     };
-    let batches = collect(source.decode(0, 1, rgb, options(1, 1)).expect("decode")).expect("batches");
+    let batches =
+        collect(source.decode(0, 1, rgb, options(1, 1)).expect("decode")).expect("batches");
     let pixels = &batches[0].pixels;
     assert_eq!(pixels.len(), 192);
     assert!(pixels[..64].iter().all(|&p| p == 10));
@@ -127,14 +143,23 @@ fn a_corrupt_image_is_named_after_the_batches_before_it() {
         std::fs::write(dir.path().join(format!("{i}.png")), png(i)).expect("write");
     }
     std::fs::write(dir.path().join("3.png"), b"\x89PNG broken").expect("write");
-    let source = Source::open(&data_plan(UnlabeledFormat::ImageFolder, dir.path()), &[]).expect("open");
-    let results: Vec<Result<Batch, DataError>> =
-        source.decode(0, 5, GRAY, options(2, 3)).expect("decode").collect();
+    let source =
+        Source::open(&data_plan(UnlabeledFormat::ImageFolder, dir.path()), &[]).expect("open");
+    let results: Vec<Result<Batch, DataError>> = source
+        .decode(0, 5, GRAY, options(2, 3))
+        .expect("decode")
+        .collect();
     assert_eq!(results.len(), 2, "stops after the error");
-    assert_eq!(results[0].as_ref().expect("first batch").example_ids, vec![0, 1]);
+    assert_eq!(
+        results[0].as_ref().expect("first batch").example_ids,
+        vec![0, 1]
+    );
     let error = results[1].as_ref().expect_err("second batch holds 3.png");
     assert!(error.to_string().contains("3.png"), "{error}");
-    assert!(error.to_string().contains("not a decodable image"), "{error}");
+    assert!(
+        error.to_string().contains("not a decodable image"),
+        "{error}"
+    );
 }
 
 fn tar_with(members: &[(&str, Vec<u8>)]) -> Vec<u8> {
@@ -165,18 +190,25 @@ fn webdataset_tars_are_one_shard_each_with_key_grouping() {
         ]),
     )
     .expect("write");
-    std::fs::write(dir.path().join("shard-001.tar"), tar_with(&[("x.y.png", png(7))])).expect("write");
-    let source = Source::open(&data_plan(UnlabeledFormat::Webdataset, dir.path()), &[]).expect("open");
+    std::fs::write(
+        dir.path().join("shard-001.tar"),
+        tar_with(&[("x.y.png", png(7))]),
+    )
+    .expect("write");
+    let source =
+        Source::open(&data_plan(UnlabeledFormat::Webdataset, dir.path()), &[]).expect("open");
     assert_eq!(source.shards(1000), vec![(0, 1), (1, 2)]);
     assert_eq!(source.known_examples(), None);
-    let first = collect(source.decode(0, 1, GRAY, options(2, 2)).expect("decode")).expect("batches");
+    let first =
+        collect(source.decode(0, 1, GRAY, options(2, 2)).expect("decode")).expect("batches");
     let ids: Vec<i64> = first.iter().flat_map(|b| b.example_ids.clone()).collect();
     assert_eq!(ids, vec![0, 1, 2]);
     let values: Vec<f64> = first.iter().flat_map(|b| means(b, GRAY)).collect();
     assert_eq!(values[0], 1.0);
     assert!((values[1] - 90.0).abs() < 3.0);
     assert_eq!(values[2], 2.0);
-    let second = collect(source.decode(1, 2, GRAY, options(2, 2)).expect("decode")).expect("batches");
+    let second =
+        collect(source.decode(1, 2, GRAY, options(2, 2)).expect("decode")).expect("batches");
     assert_eq!(second[0].example_ids, vec![1i64 << 32]);
     let picked = collect(
         source
@@ -195,8 +227,10 @@ fn broken_webdataset_tars_are_named() {
     let dir = tempfile::tempdir().expect("tempdir");
     let tar = tar_with(&[("a.png", png(1)), ("b.cls", b"1".to_vec())]);
     std::fs::write(dir.path().join("no-image.tar"), &tar).expect("write");
-    let source = Source::open(&data_plan(UnlabeledFormat::Webdataset, dir.path()), &[]).expect("open");
-    let error = collect(source.decode(0, 1, GRAY, options(4, 1)).expect("decode")).expect_err("no image");
+    let source =
+        Source::open(&data_plan(UnlabeledFormat::Webdataset, dir.path()), &[]).expect("open");
+    let error =
+        collect(source.decode(0, 1, GRAY, options(4, 1)).expect("decode")).expect_err("no image");
     assert!(error.to_string().contains("no-image.tar"), "{error}");
     assert!(error.to_string().contains("sample `b` has no"), "{error}");
 
@@ -205,11 +239,13 @@ fn broken_webdataset_tars_are_named() {
     std::fs::create_dir(&cut).expect("dir");
     std::fs::write(cut.join("t.tar"), &truncated[..700]).expect("write");
     let source = Source::open(&data_plan(UnlabeledFormat::Webdataset, &cut), &[]).expect("open");
-    let error = collect(source.decode(0, 1, GRAY, options(4, 1)).expect("decode")).expect_err("truncated");
+    let error =
+        collect(source.decode(0, 1, GRAY, options(4, 1)).expect("decode")).expect_err("truncated");
     assert!(error.to_string().contains("t.tar"), "{error}");
 
     let empty = tempfile::tempdir().expect("tempdir");
-    let error = Source::open(&data_plan(UnlabeledFormat::Webdataset, empty.path()), &[]).expect_err("no tars");
+    let error = Source::open(&data_plan(UnlabeledFormat::Webdataset, empty.path()), &[])
+        .expect_err("no tars");
     assert!(error.to_string().contains("no .tar file"), "{error}");
 }
 
@@ -231,11 +267,18 @@ fn idx_source_copies_training_images_by_position() {
         height: 2,
         width: 2,
     };
-    let batches = collect(source.decode(1, 4, geometry, options(2, 2)).expect("decode")).expect("batches");
+    let batches = collect(
+        source
+            .decode(1, 4, geometry, options(2, 2))
+            .expect("decode"),
+    )
+    .expect("batches");
     let ids: Vec<i64> = batches.iter().flat_map(|b| b.example_ids.clone()).collect();
     assert_eq!(ids, vec![3, 4, 5]);
     let pixels: Vec<u8> = batches.iter().flat_map(|b| b.pixels.clone()).collect();
     assert_eq!(pixels, vec![3, 3, 3, 3, 4, 4, 4, 4, 5, 5, 5, 5]);
-    let error = source.decode(2, 9, geometry, options(2, 1)).expect_err("range");
+    let error = source
+        .decode(2, 9, geometry, options(2, 1))
+        .expect_err("range");
     assert!(error.to_string().contains("[2, 9)"), "{error}");
 }
