@@ -190,7 +190,7 @@ pub fn run_task(
     }
 }
 
-pub(crate) fn model_config(
+pub fn model_config(
     plan: &Plan,
     role: Role,
     model_round: u32,
@@ -270,7 +270,7 @@ impl PseudoLabeled {
 
 /// Reads the soft labels a selection file points at, keeps and repeats rows by its rule (shards
 /// read in parallel, each checked), and brings in the images of the kept examples.
-pub(crate) fn read_selection(path: &Path, threads: usize) -> Result<SoftLabels, String> {
+pub fn read_selection(path: &Path, threads: usize) -> Result<SoftLabels, String> {
     let name = path.display().to_string();
     let bytes =
         std::fs::read(path).map_err(|e| format!("failed to read selection `{name}`: {e}"))?;
