@@ -50,13 +50,16 @@ def main():
     p.add_argument("--threads", type=int, default=0)
     p.add_argument("--top-k", type=int, default=10)
     p.add_argument("--image-size", type=int, default=28)
+    p.add_argument("--device", choices=["cpu", "cuda"], default="cpu")
     p.add_argument("--mean", type=float, default=0.286)
     p.add_argument("--std", type=float, default=0.353)
     args = p.parse_args()
     if args.threads > 0:
         torch.set_num_threads(args.threads)
     torch.manual_seed(0)
-    model = WideResNet(channels=1, classes=10).eval()
+    device = torch.device(args.device)
+    model = WideResNet(channels=1, classes=10).eval().to(device)
+    autocast = torch.autocast("cuda", enabled=args.device == "cuda")
     dataset = Folder(args.images, args.image_size)
     out = tempfile.mkdtemp()
     started = time.perf_counter()
@@ -66,15 +69,16 @@ def main():
         num_workers=args.workers,
         shuffle=False,
         persistent_workers=False,
+        pin_memory=args.device == "cuda",
     )
     ids, classes, probs = [], [], []
-    with torch.no_grad():
+    with torch.no_grad(), autocast:
         for index, pixels in loader:
-            x = (pixels.float() / 255.0 - args.mean) / args.std
-            values, indices = model(x).softmax(-1).topk(args.top_k, -1)
+            x = (pixels.to(device, non_blocking=True).float() / 255.0 - args.mean) / args.std
+            values, indices = model(x).float().softmax(-1).topk(args.top_k, -1)
             ids.append(index.numpy().astype(np.int64))
-            classes.append(indices.numpy().astype(np.uint16))
-            probs.append(values.numpy().astype(np.float16))
+            classes.append(indices.cpu().numpy().astype(np.uint16))
+            probs.append(values.cpu().numpy().astype(np.float16))
     path = os.path.join(out, "shard-00000.npz")
     np.savez(
         path,

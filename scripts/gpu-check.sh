@@ -17,7 +17,7 @@ if [ "$mode" = "--prepare" ]; then
   eval "$("$ROOT/scripts/setup.sh" --print-env)"
   (cd "$ROOT" && cargo build --release --quiet --bins)
   rm -rf "$GPU_DIR" && mkdir -p "$GPU_DIR/bin" "$GPU_DIR/data"
-  for binary in coordinator worker mentor bench-models bench-ddp ring-bench; do
+  for binary in coordinator worker mentor bench-models bench-ddp bench-label ring-bench; do
     cp "$CARGO_TARGET_DIR/release/$binary" "$GPU_DIR/bin/"
     strip "$GPU_DIR/bin/$binary"
   done
@@ -64,7 +64,11 @@ models="wrn-28-2,bit-r50x1"
 "$PYTHON" "$ROOT/benches/models.py" --device cuda --batch 128 --image-size 32 --iterations 20 --models "$models" \
   >>"$OUT/bench-models.jsonl" 2>>"$OUT/bench-models.err" || true
 
-# 3. The CPU collective benchmarks on this machine's cores (ring against gloo, DDP training).
+# 3. Pseudo-labelling on the GPU: the label service against a bare forward and PyTorch.
+MENTOR_BIN="$BIN" PYTHON="$PYTHON" "$ROOT/scripts/bench-label.sh" --device cuda --examples 16384 \
+  --batch-size 1024 --data "$GPU_DIR/data" >"$OUT/bench-label.txt" 2>&1 || true
+
+# 4. The CPU collective benchmarks on this machine's cores (ring against gloo, DDP training).
 MENTOR_BIN="$BIN" PYTHON="$PYTHON" "$ROOT/scripts/bench-allreduce.sh" >"$OUT/bench-allreduce.txt" 2>&1 || true
 MENTOR_BIN="$BIN" PYTHON="$PYTHON" "$ROOT/scripts/bench-ddp.sh" --data "$GPU_DIR/data" >"$OUT/bench-ddp.txt" 2>&1 || true
 
@@ -82,5 +86,6 @@ for (impl, model, mode), ours in sorted(by.items()):
         print(f"{model:<16} {mode:<10} {ours['images_per_second']:>13.0f} {theirs['images_per_second']:>14.0f} "
               f"{ours['images_per_second'] / theirs['images_per_second']:>6.2f}")
 PY
+echo "--- pseudo-labelling (GPU) ---"; tail -n 7 "$OUT/bench-label.txt"
 echo "--- TCP ring against gloo (CPU cores) ---"; tail -n 11 "$OUT/bench-allreduce.txt"
 echo "--- DDP training, CPU processes ---"; tail -n 3 "$OUT/bench-ddp.txt"

@@ -14,7 +14,9 @@ use mentor_labels::{ManifestShard, Rule, Selection, SelectionFile};
 use mentor_plan::{ModelPlan, Plan, Role, UnlabeledFormat, UnlabeledPlan, WideResnetPlan};
 use mentor_worker::dataset::{to_unit, Dataset};
 use mentor_worker::models::build;
-use mentor_worker::tasks::{model_config, read_selection, run_task, ModelSource, Outcome, TaskKind};
+use mentor_worker::tasks::{
+    model_config, read_selection, run_task, ModelSource, Outcome, TaskKind,
+};
 use tch::nn;
 use tch::{Device, Kind, Tensor};
 
@@ -23,6 +25,12 @@ struct Args {
     /// Plan giving the data set (for the labeled geometry and statistics) and label settings.
     #[arg(long, default_value = "deploy/plans/fashion-mnist-noisy-student.toml")]
     plan: PathBuf,
+    /// Overrides the plan's `data.dir` (the IDX files).
+    #[arg(long)]
+    data: Option<PathBuf>,
+    /// `cpu` or `cuda`.
+    #[arg(long, default_value = "cpu")]
+    device: String,
     /// Folder of PNG/JPEG images to label.
     #[arg(long)]
     images: PathBuf,
@@ -47,10 +55,17 @@ fn main() -> anyhow::Result<()> {
     if args.threads > 0 {
         tch::set_num_threads(args.threads);
     }
-    let device = Device::Cpu;
+    let device = match args.device.as_str() {
+        "cpu" => Device::Cpu,
+        "cuda" if tch::Cuda::is_available() => Device::Cuda(0),
+        other => anyhow::bail!("device `{other}` is not available"),
+    };
     let work = tempfile::tempdir().context("temporary directory")?;
     let storage = work.path().join("labels").display().to_string();
     let mut plan = Plan::load(&args.plan)?;
+    if let Some(data) = &args.data {
+        plan.data.dir = data.clone();
+    }
     plan.data.unlabeled = UnlabeledPlan {
         format: UnlabeledFormat::ImageFolder,
         path: Some(args.images.clone()),
@@ -100,14 +115,20 @@ fn main() -> anyhow::Result<()> {
             false,
         );
         let (values, indices) = logits.softmax(-1, Kind::Float).topk(top_k, -1, true, true);
-        (values.to_device(Device::Cpu), indices.to_device(Device::Cpu))
+        (
+            values.to_device(Device::Cpu),
+            indices.to_device(Device::Cpu),
+        )
     };
     let _ = bare(&all.narrow(0, 0, (args.batch_size as i64).min(examples as i64)));
     let started = Instant::now();
     let mut offset = 0i64;
     while offset < examples as i64 {
         let len = (args.batch_size as i64).min(examples as i64 - offset);
-        let _ = bare(&all.narrow(0, offset, len));
+        let _ = tch::autocast(
+            plan.pseudo_labels.mixed_precision && device.is_cuda(),
+            || bare(&all.narrow(0, offset, len)),
+        );
         offset += len;
     }
     let bare_rate = examples as f64 / started.elapsed().as_secs_f64();
@@ -126,7 +147,8 @@ fn main() -> anyhow::Result<()> {
         storage: storage.clone(),
     };
     let started = Instant::now();
-    let outcome = run_task(&plan, &dataset, &task, None, &mut |_| {}).map_err(anyhow::Error::msg)?;
+    let outcome =
+        run_task(&plan, &dataset, &task, None, &mut |_| {}).map_err(anyhow::Error::msg)?;
     let service_rate = examples as f64 / started.elapsed().as_secs_f64();
     let Outcome::Labeled {
         key, sha256, bytes, ..
@@ -183,6 +205,7 @@ fn main() -> anyhow::Result<()> {
         serde_json::json!({
             "impl": "mentor",
             "model": args.model,
+            "device": args.device,
             "examples": examples,
             "batch_size": args.batch_size,
             "top_k": top_k,
