@@ -4,8 +4,8 @@
 use std::time::Duration;
 
 use mentor_e2e::{
-    binary, start_coordinator, start_coordinator_on, start_worker, status, try_status, wait_for,
-    watch_run, workspace_root,
+    binary, start_coordinator, start_coordinator_on, start_worker, status, tiny_plan_with,
+    try_status, wait_for, watch_run, workspace_root, ONE_WORKER_SHORT_HEARTBEAT,
 };
 use mentor_labels::{read_round, ShardStore};
 
@@ -194,23 +194,13 @@ fn status_command_reports_an_unreachable_coordinator() {
 fn a_killed_worker_loses_its_task_to_another_worker() {
     let runtime = tokio::runtime::Runtime::new().expect("runtime");
     let dir = tempfile::tempdir().expect("tempdir");
-    let tiny = std::fs::read_to_string(workspace_root().join("deploy/plans/tiny.toml"))
-        .expect("tiny plan");
     // One worker starts the run; the teacher trains long enough to be killed mid-task.
-    let plan_text = tiny
-        .replacen("min_workers = 2", "min_workers = 1", 1)
-        .replacen(
-            "heartbeat_timeout_seconds = 10",
-            "heartbeat_timeout_seconds = 2",
-            1,
-        )
-        .replacen(
-            "[teacher.train]\nsteps = 30",
-            "[teacher.train]\nsteps = 2000",
-            1,
-        )
-        .replacen("rounds = 2", "rounds = 1", 1);
-    assert_ne!(plan_text, tiny);
+    let mut edits = ONE_WORKER_SHORT_HEARTBEAT.to_vec();
+    edits.push((
+        "[teacher.train]\nsteps = 30",
+        "[teacher.train]\nsteps = 2000",
+    ));
+    let plan_text = tiny_plan_with(&edits);
     let plan = dir.path().join("plan.toml");
     std::fs::write(&plan, &plan_text).expect("write plan");
     let state_dir = dir.path().join("run");
@@ -515,32 +505,19 @@ fn webdataset_labeling_survives_a_killed_labeler_without_loss_or_duplicates() {
     let tar_dir = dir.path().join("unlabeled");
     write_webdataset(&tar_dir, tars, per_tar);
     let storage = format!("file://{}/labels", dir.path().display());
-    let tiny = std::fs::read_to_string(workspace_root().join("deploy/plans/tiny.toml"))
-        .expect("tiny plan");
-    let plan_text = tiny
-        .replacen("min_workers = 2", "min_workers = 1", 1)
-        .replacen(
-            "heartbeat_timeout_seconds = 10",
-            "heartbeat_timeout_seconds = 2",
-            1,
-        )
-        .replacen("rounds = 2", "rounds = 1", 1)
-        .replacen("unlabeled_limit = 1500\n", "", 1)
-        .replacen(
-            "[teacher.model]",
-            &format!(
-                "[data.unlabeled]\nformat = \"webdataset\"\npath = \"{}\"\n\n[teacher.model]",
-                tar_dir.display()
-            ),
-            1,
-        )
-        .replacen(
-            "[pseudo_labels]",
-            &format!(
-                "[pseudo_labels]\nstorage = \"{storage}\"\nbatch_size = 2\ndecode_threads = 1"
-            ),
-            1,
-        );
+    let unlabeled = format!(
+        "[data.unlabeled]\nformat = \"webdataset\"\npath = \"{}\"\n\n[teacher.model]",
+        tar_dir.display()
+    );
+    let labels =
+        format!("[pseudo_labels]\nstorage = \"{storage}\"\nbatch_size = 2\ndecode_threads = 1");
+    let mut edits = ONE_WORKER_SHORT_HEARTBEAT.to_vec();
+    edits.extend([
+        ("unlabeled_limit = 1500\n", ""),
+        ("[teacher.model]", unlabeled.as_str()),
+        ("[pseudo_labels]", labels.as_str()),
+    ]);
+    let plan_text = tiny_plan_with(&edits);
     assert!(
         plan_text.contains("webdataset") && plan_text.contains("file://"),
         "{plan_text}"

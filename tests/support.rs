@@ -178,3 +178,25 @@ pub fn watch_run(
         (current.status != "running").then_some(current)
     })
 }
+
+/// Edits of the tiny plan for tests that start the run with one worker and then lose it.
+pub const ONE_WORKER_SHORT_HEARTBEAT: [(&str, &str); 3] = [
+    ("min_workers = 2", "min_workers = 1"),
+    (
+        "heartbeat_timeout_seconds = 10",
+        "heartbeat_timeout_seconds = 2",
+    ),
+    ("rounds = 2", "rounds = 1"),
+];
+
+/// `deploy/plans/tiny.toml` with each `(from, to)` applied once; an edit that matches nothing
+/// fails the test (the plan changed under it).
+pub fn tiny_plan_with(edits: &[(&str, &str)]) -> String {
+    let mut text = std::fs::read_to_string(workspace_root().join("deploy/plans/tiny.toml"))
+        .expect("tiny plan");
+    for (from, to) in edits {
+        assert!(text.contains(from), "the tiny plan has no `{from}`");
+        text = text.replacen(from, to, 1);
+    }
+    text
+}

@@ -7,7 +7,7 @@
 
 mod unlabeled;
 
-pub use unlabeled::{default_decode_threads, Batch, Batches, DecodeOptions, Geometry, Source};
+pub use unlabeled::{decode_threads, Batch, Batches, DecodeOptions, Geometry, Source};
 
 use std::io::Read;
 use std::path::{Path, PathBuf};

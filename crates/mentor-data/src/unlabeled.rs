@@ -17,7 +17,7 @@ use std::path::{Path, PathBuf};
 use std::sync::mpsc::{Receiver, SyncSender};
 use std::sync::{Arc, Mutex};
 
-use mentor_plan::{DataPlan, UnlabeledFormat};
+use mentor_plan::{DataPlan, PseudoLabelPlan, UnlabeledFormat};
 
 use crate::{DataError, ImageSet};
 
@@ -53,12 +53,27 @@ pub struct DecodeOptions {
     pub prefetch: usize,
 }
 
-/// Decode threads for a setting of 0 (one per core, leaving one for inference).
-pub fn default_decode_threads() -> usize {
-    std::thread::available_parallelism()
-        .map(|n| n.get().saturating_sub(1))
-        .unwrap_or(1)
-        .max(1)
+/// Decode threads for `pseudo_labels.decode_threads`: 0 means one per core, leaving one for
+/// inference.
+pub fn decode_threads(setting: u32) -> usize {
+    match setting {
+        0 => std::thread::available_parallelism()
+            .map(|n| n.get().saturating_sub(1))
+            .unwrap_or(1)
+            .max(1),
+        threads => threads as usize,
+    }
+}
+
+impl DecodeOptions {
+    /// The plan's decode settings for batches of `batch_size`.
+    pub fn from_plan(labels: &PseudoLabelPlan, batch_size: usize) -> DecodeOptions {
+        DecodeOptions {
+            batch_size,
+            threads: decode_threads(labels.decode_threads),
+            prefetch: labels.prefetch_batches as usize,
+        }
+    }
 }
 
 /// Where unlabeled images come from.
@@ -71,7 +86,7 @@ pub enum Source {
         images: Option<Arc<ImageSet>>,
     },
     /// Image files, sorted by path.
-    Folder { root: PathBuf, files: Vec<PathBuf> },
+    Folder { files: Vec<PathBuf> },
     /// Tar files, sorted by path.
     Webdataset { tars: Vec<PathBuf> },
 }
@@ -127,7 +142,7 @@ impl Source {
                         reason: "no .png, .jpg or .jpeg file in this folder".into(),
                     });
                 }
-                Ok(Source::Folder { root: path, files })
+                Ok(Source::Folder { files })
             }
             UnlabeledFormat::Webdataset => {
                 let mut tars = Vec::new();
@@ -240,7 +255,7 @@ impl Source {
                 Box::new(
                     selected
                         .into_iter()
-                        .flat_map(|(index, path)| TarSamples::open(index, path, None)),
+                        .flat_map(|(index, path)| tar_samples(index, path, None)),
                 )
             }
         };
@@ -309,9 +324,11 @@ impl Source {
                     .into_iter()
                     .map(|(tar, samples)| (tar, tars[tar].clone(), samples))
                     .collect();
-                Box::new(selected.into_iter().flat_map(|(index, path, samples)| {
-                    TarSamples::open(index, path, Some(samples))
-                }))
+                Box::new(
+                    selected
+                        .into_iter()
+                        .flat_map(|(index, path, samples)| tar_samples(index, path, Some(samples))),
+                )
             }
         };
         Ok(Batches::start(items, geometry, options))
@@ -338,112 +355,85 @@ enum Encoded {
 type Item = Result<(i64, Encoded), DataError>;
 type ItemIter = Box<dyn Iterator<Item = Item> + Send>;
 
-/// The samples of one WebDataset tar, in order: `key.{jpg,jpeg,png}` with an optional
-/// `key.cls` (and other members) next to it. Reads the tar sequentially.
-struct TarSamples {
+/// The samples of one WebDataset tar, in order (all of them, or the `wanted` sample indices):
+/// `key.{jpg,jpeg,png}` with an optional `key.cls` (and other members) next to it. Reads the tar
+/// sequentially when the pipeline's reader reaches it; an unreadable tar is one error item.
+fn tar_samples(tar_index: usize, path: PathBuf, wanted: Option<HashSet<u32>>) -> Vec<Item> {
+    read_tar(tar_index, &path, wanted.as_ref()).unwrap_or_else(|error| vec![Err(error)])
+}
+
+fn read_tar(
     tar_index: usize,
-    path: PathBuf,
-    entries: Option<Vec<Item>>,
-    wanted: Option<HashSet<u32>>,
-}
-
-impl TarSamples {
-    fn open(tar_index: usize, path: PathBuf, wanted: Option<HashSet<u32>>) -> TarSamples {
-        TarSamples {
-            tar_index,
-            path,
-            entries: None,
-            wanted,
-        }
-    }
-
-    /// Reads the whole tar (one shard) into encoded samples.
-    fn read(&self) -> Result<Vec<Item>, DataError> {
-        let corrupt = |reason: String| DataError::Unlabeled {
-            path: self.path.clone(),
-            reason,
+    path: &Path,
+    wanted: Option<&HashSet<u32>>,
+) -> Result<Vec<Item>, DataError> {
+    let corrupt = |reason: String| DataError::Unlabeled {
+        path: path.to_path_buf(),
+        reason,
+    };
+    let file = std::fs::File::open(path).map_err(|e| read_error(path, e))?;
+    let mut archive = tar::Archive::new(std::io::BufReader::new(file));
+    let mut samples = Vec::new();
+    let mut current_key: Option<String> = None;
+    let mut current_image: Option<(String, Vec<u8>)> = None;
+    let mut sample_index: u32 = 0;
+    let mut finish = |key: Option<String>,
+                      image: Option<(String, Vec<u8>)>,
+                      samples: &mut Vec<Item>|
+     -> Result<(), DataError> {
+        let Some(key) = key else { return Ok(()) };
+        let Some((name, bytes)) = image else {
+            return Err(corrupt(format!(
+                "sample `{key}` has no .jpg, .jpeg or .png member"
+            )));
         };
-        let file = std::fs::File::open(&self.path).map_err(|e| read_error(&self.path, e))?;
-        let mut archive = tar::Archive::new(std::io::BufReader::new(file));
-        let mut samples = Vec::new();
-        let mut current_key: Option<String> = None;
-        let mut current_image: Option<(String, Vec<u8>)> = None;
-        let mut sample_index: u32 = 0;
-        let mut finish = |key: Option<String>,
-                          image: Option<(String, Vec<u8>)>,
-                          samples: &mut Vec<Item>|
-         -> Result<(), DataError> {
-            let Some(key) = key else { return Ok(()) };
-            let Some((name, bytes)) = image else {
-                return Err(corrupt(format!(
-                    "sample `{key}` has no .jpg, .jpeg or .png member"
-                )));
-            };
-            let index = sample_index;
-            sample_index += 1;
-            if self.wanted.as_ref().is_none_or(|w| w.contains(&index)) {
-                let id = ((self.tar_index as i64) << 32) | index as i64;
-                samples.push(Ok((id, Encoded::Bytes { name, bytes })));
-            }
-            Ok(())
+        let index = sample_index;
+        sample_index += 1;
+        if wanted.is_none_or(|w| w.contains(&index)) {
+            let id = ((tar_index as i64) << 32) | index as i64;
+            samples.push(Ok((id, Encoded::Bytes { name, bytes })));
+        }
+        Ok(())
+    };
+    let entries = archive
+        .entries()
+        .map_err(|e| corrupt(format!("not a tar file ({e})")))?;
+    for entry in entries {
+        let mut entry = entry.map_err(|e| corrupt(format!("unreadable tar entry ({e})")))?;
+        if !entry.header().entry_type().is_file() {
+            continue;
+        }
+        let member = entry
+            .path()
+            .map_err(|e| corrupt(format!("bad member name ({e})")))?
+            .to_string_lossy()
+            .into_owned();
+        // WebDataset: the key is the member path up to the first dot of its file name.
+        let (directory, file_name) = member.rsplit_once('/').unwrap_or(("", &member));
+        let Some((stem, extension)) = file_name.split_once('.') else {
+            continue;
         };
-        let entries = archive
-            .entries()
-            .map_err(|e| corrupt(format!("not a tar file ({e})")))?;
-        for entry in entries {
-            let mut entry = entry.map_err(|e| corrupt(format!("unreadable tar entry ({e})")))?;
-            if !entry.header().entry_type().is_file() {
-                continue;
-            }
-            let member = entry
-                .path()
-                .map_err(|e| corrupt(format!("bad member name ({e})")))?
-                .to_string_lossy()
-                .into_owned();
-            // WebDataset: the key is the member path up to the first dot of its file name.
-            let (directory, file_name) = member.rsplit_once('/').unwrap_or(("", &member));
-            let Some((stem, extension)) = file_name.split_once('.') else {
-                continue;
-            };
-            let key = if directory.is_empty() {
-                stem.to_string()
-            } else {
-                format!("{directory}/{stem}")
-            };
-            if current_key.as_deref() != Some(key.as_str()) {
-                finish(current_key.take(), current_image.take(), &mut samples)?;
-                current_key = Some(key);
-            }
-            // `key.left.png`: the field is `left.png`, an image by its last suffix.
-            let suffix = extension.rsplit('.').next().unwrap_or(extension);
-            if IMAGE_EXTENSIONS.contains(&suffix.to_ascii_lowercase().as_str()) {
-                let mut bytes = Vec::with_capacity(entry.size() as usize);
-                entry
-                    .read_to_end(&mut bytes)
-                    .map_err(|e| corrupt(format!("member `{member}` is truncated ({e})")))?;
-                current_image = Some((format!("{}:{member}", self.path.display()), bytes));
-            }
+        let key = if directory.is_empty() {
+            stem.to_string()
+        } else {
+            format!("{directory}/{stem}")
+        };
+        if current_key.as_deref() != Some(key.as_str()) {
+            finish(current_key.take(), current_image.take(), &mut samples)?;
+            current_key = Some(key);
         }
-        finish(current_key.take(), current_image.take(), &mut samples)?;
-        Ok(samples)
-    }
-}
-
-impl Iterator for TarSamples {
-    type Item = Item;
-
-    fn next(&mut self) -> Option<Self::Item> {
-        if self.entries.is_none() {
-            let read = match self.read() {
-                Ok(samples) => samples,
-                Err(error) => vec![Err(error)],
-            };
-            let mut read = read;
-            read.reverse();
-            self.entries = Some(read);
+        // `key.left.png`: the field is `left.png`, an image by its last suffix.
+        let suffix = extension.rsplit('.').next().unwrap_or(extension);
+        if IMAGE_EXTENSIONS.contains(&suffix.to_ascii_lowercase().as_str()) {
+            let mut bytes = Vec::with_capacity(entry.size() as usize);
+            entry
+                .read_to_end(&mut bytes)
+                .map_err(|e| corrupt(format!("member `{member}` is truncated ({e})")))?;
+            current_image = Some((format!("{}:{member}", path.display()), bytes));
         }
-        self.entries.as_mut().and_then(|entries| entries.pop())
     }
+    finish(current_key.take(), current_image.take(), &mut samples)?;
+    Ok(samples)
 }
 
 fn decode_one(encoded: Encoded, geometry: Geometry, out: &mut Vec<u8>) -> Result<(), DataError> {

@@ -18,7 +18,7 @@ pub use select::{
     confidence_bin, filter_and_balance, Histogram, Rule, Selection, SelectionConfig,
     CONFIDENCE_BINS,
 };
-pub use store::{is_url, PutOutcome, ShardStore};
+pub use store::{PutOutcome, ShardStore};
 
 use serde::{Deserialize, Serialize};
 use sha2::Digest;

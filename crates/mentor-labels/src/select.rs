@@ -198,14 +198,6 @@ impl Selection {
         whole as u32 + extra
     }
 
-    /// Selected examples, duplicates included, in expectation.
-    pub fn expected_uses(&self) -> f64 {
-        self.rules
-            .iter()
-            .map(|rule| rule.kept as f64 * rule.ratio)
-            .sum()
-    }
-
     /// Distinct examples kept.
     pub fn kept(&self) -> u64 {
         self.rules.iter().map(|rule| rule.kept).sum()

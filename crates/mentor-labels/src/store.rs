@@ -54,7 +54,7 @@ fn runtime(root: &str) -> Result<Arc<tokio::runtime::Runtime>, LabelError> {
 }
 
 /// Whether `location` names an object store URL rather than a local path.
-pub fn is_url(location: &str) -> bool {
+fn is_url(location: &str) -> bool {
     location.contains("://")
 }
 

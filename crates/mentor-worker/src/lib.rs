@@ -11,19 +11,24 @@ pub mod models;
 pub mod mpl;
 pub mod tasks;
 
-/// Parses `cpu` or `cuda:N`.
+/// Parses `cpu`, `cuda` (the first GPU) or `cuda:N`.
 pub fn parse_device(text: &str) -> Result<tch::Device, String> {
     if text == "cpu" {
         return Ok(tch::Device::Cpu);
     }
-    let Some(index) = text.strip_prefix("cuda:") else {
+    let index = if text == "cuda" {
+        Some("0")
+    } else {
+        text.strip_prefix("cuda:")
+    };
+    let Some(index) = index else {
         return Err(format!(
-            "unknown device `{text}`, expected `cpu` or `cuda:N`"
+            "unknown device `{text}`, expected `cpu`, `cuda` or `cuda:N`"
         ));
     };
     let index: usize = index
         .parse()
-        .map_err(|_| format!("unknown device `{text}`, expected `cpu` or `cuda:N`"))?;
+        .map_err(|_| format!("unknown device `{text}`, expected `cpu`, `cuda` or `cuda:N`"))?;
     if !tch::Cuda::is_available() {
         return Err(format!(
             "device `{text}` asked for, but CUDA is not available on this machine"

@@ -271,16 +271,17 @@ pub fn read_selection(path: &Path, threads: usize) -> Result<SoftLabels, String>
         std::fs::read(path).map_err(|e| format!("failed to read selection `{name}`: {e}"))?;
     let file = SelectionFile::from_json(&name, &bytes).map_err(|e| e.to_string())?;
     let store = ShardStore::open(&file.storage).map_err(|e| e.to_string())?;
-    let threads = threads.clamp(1, file.shards.len().max(1));
+    // Each thread reads a contiguous run of shards, so joining in order keeps shard order.
+    let per_thread = file.shards.len().div_ceil(threads.max(1)).max(1);
     let parts: Vec<Result<Vec<SoftLabels>, String>> = std::thread::scope(|scope| {
-        let handles: Vec<_> = (0..threads)
-            .map(|thread| {
-                let (store, file) = (&store, &file);
+        let handles: Vec<_> = file
+            .shards
+            .chunks(per_thread)
+            .map(|shards| {
+                let (store, selection) = (&store, &file.selection);
                 scope.spawn(move || {
-                    file.shards
+                    shards
                         .iter()
-                        .skip(thread)
-                        .step_by(threads)
                         .map(|shard| {
                             let (_, labels) =
                                 mentor_labels::read_shard(store, &shard.key, Some(&shard.sha256))
@@ -293,7 +294,7 @@ pub fn read_selection(path: &Path, threads: usize) -> Result<SoftLabels, String>
                                     shard.examples
                                 ));
                             }
-                            Ok(mentor_labels::select_rows(&labels, &file.selection))
+                            Ok(mentor_labels::select_rows(&labels, selection))
                         })
                         .collect()
                 })
@@ -308,18 +309,16 @@ pub fn read_selection(path: &Path, threads: usize) -> Result<SoftLabels, String>
             })
             .collect()
     });
-    // Shard i was read by thread i % threads, as its (i / threads)-th: restore shard order.
-    let mut per_thread: Vec<std::vec::IntoIter<SoftLabels>> = Vec::with_capacity(threads);
-    for part in parts {
-        per_thread.push(part?.into_iter());
-    }
     let mut selected = SoftLabels::empty(file.top_k as usize);
-    for index in 0..file.shards.len() {
-        if let Some(labels) = per_thread[index % threads].next() {
-            selected.example_ids.extend(labels.example_ids);
-            selected.class_ids.extend(labels.class_ids);
-            selected.probs.extend(labels.probs);
-        }
+    for labels in parts
+        .into_iter()
+        .collect::<Result<Vec<_>, _>>()?
+        .into_iter()
+        .flatten()
+    {
+        selected.example_ids.extend(labels.example_ids);
+        selected.class_ids.extend(labels.class_ids);
+        selected.probs.extend(labels.probs);
     }
     Ok(selected)
 }
@@ -330,11 +329,10 @@ fn load_selection(
     path: &Path,
     smoothing: f64,
 ) -> Result<PseudoLabeled, String> {
-    let threads = match plan.pseudo_labels.decode_threads {
-        0 => mentor_data::default_decode_threads(),
-        threads => threads as usize,
-    };
-    let labels = read_selection(path, threads)?;
+    let labels = read_selection(
+        path,
+        mentor_data::decode_threads(plan.pseudo_labels.decode_threads),
+    )?;
     if labels.is_empty() {
         return Err(format!("selection `{}` keeps no example", path.display()));
     }
@@ -369,11 +367,7 @@ fn load_selection(
         });
     }
     // Other sources: decode each kept example once, then point every row at its image.
-    let options = DecodeOptions {
-        batch_size: 1024,
-        threads,
-        prefetch: plan.pseudo_labels.prefetch_batches as usize,
-    };
+    let options = DecodeOptions::from_plan(&plan.pseudo_labels, 1024);
     let mut ids: Vec<i64> = Vec::new();
     let mut pixels: Vec<u8> = Vec::new();
     for batch in dataset
@@ -757,14 +751,7 @@ fn label(
     let _guard = tch::no_grad_guard();
     let labels = {
         let plan_labels = &plan.pseudo_labels;
-        let options = DecodeOptions {
-            batch_size: plan_labels.batch_size as usize,
-            threads: match plan_labels.decode_threads {
-                0 => mentor_data::default_decode_threads(),
-                threads => threads as usize,
-            },
-            prefetch: plan_labels.prefetch_batches as usize,
-        };
+        let options = DecodeOptions::from_plan(plan_labels, plan_labels.batch_size as usize);
         let batches = dataset
             .unlabeled
             .decode(start, end, dataset.geometry(), options)

@@ -28,7 +28,7 @@ struct Args {
     /// Overrides the plan's `data.dir` (the IDX files).
     #[arg(long)]
     data: Option<PathBuf>,
-    /// `cpu` or `cuda`.
+    /// `cpu`, `cuda` or `cuda:N`.
     #[arg(long, default_value = "cpu")]
     device: String,
     /// Folder of PNG/JPEG images to label.
@@ -55,11 +55,7 @@ fn main() -> anyhow::Result<()> {
     if args.threads > 0 {
         tch::set_num_threads(args.threads);
     }
-    let device = match args.device.as_str() {
-        "cpu" => Device::Cpu,
-        "cuda" if tch::Cuda::is_available() => Device::Cuda(0),
-        other => anyhow::bail!("device `{other}` is not available"),
-    };
+    let device = mentor_worker::parse_device(&args.device).map_err(anyhow::Error::msg)?;
     let work = tempfile::tempdir().context("temporary directory")?;
     let storage = work.path().join("labels").display().to_string();
     let mut plan = Plan::load(&args.plan)?;
@@ -96,7 +92,7 @@ fn main() -> anyhow::Result<()> {
     // Bare forward: the same images already decoded and in memory, no I/O, no writing.
     let decode = DecodeOptions {
         batch_size: args.batch_size as usize,
-        threads: mentor_data::default_decode_threads(),
+        threads: mentor_data::decode_threads(0),
         prefetch: 4,
     };
     let mut pixels = Vec::new();
@@ -190,7 +186,7 @@ fn main() -> anyhow::Result<()> {
     let selection_path = work.path().join("selection.json");
     std::fs::write(&selection_path, file.to_json())?;
     let started = Instant::now();
-    let read = read_selection(&selection_path, mentor_data::default_decode_threads())
+    let read = read_selection(&selection_path, mentor_data::decode_threads(0))
         .map_err(anyhow::Error::msg)?;
     let read_rate = read.len() as f64 / started.elapsed().as_secs_f64();
     anyhow::ensure!(

@@ -16,7 +16,7 @@ struct Args {
     /// Comma-separated: wrn-28-2, resnet18, bit-r50x1, efficientnet-b0.
     #[arg(long, default_value = "wrn-28-2,resnet18,bit-r50x1,efficientnet-b0")]
     models: String,
-    /// `cpu` or `cuda`.
+    /// `cpu`, `cuda` or `cuda:N`.
     #[arg(long, default_value = "cpu")]
     device: String,
     #[arg(long, default_value_t = 32)]
@@ -77,11 +77,7 @@ fn main() -> anyhow::Result<()> {
     if args.threads > 0 {
         tch::set_num_threads(args.threads);
     }
-    let device = match args.device.as_str() {
-        "cpu" => Device::Cpu,
-        "cuda" if tch::Cuda::is_available() => Device::Cuda(0),
-        other => anyhow::bail!("device `{other}` is not available"),
-    };
+    let device = mentor_worker::parse_device(&args.device).map_err(anyhow::Error::msg)?;
     for name in args
         .models
         .split(',')
