@@ -2,7 +2,7 @@
 """Fashion-MNIST with 1,000 labels over several seeds (ALGORITHMS.md section 4): supervised on
 1k labels, Noisy Student, Meta Pseudo Labels and supervised on (almost) all 60k labels, each a
 real run through scripts/local-cluster.sh. Prints mean +- std per method and writes every run's
-numbers to runs/results/results.json.
+numbers to results.json in --out (default runs/results).
 
 - supervised-1k: the round-1 teacher of the Noisy Student run (same model, same labeled subset);
 - noisy-student: the last round's student of deploy/plans/fashion-mnist-noisy-student.toml;
@@ -10,7 +10,10 @@ numbers to runs/results/results.json.
 - supervised-all: the teacher trained on 59,900 labels (100 images stay unlabeled because a
   Noisy Student run needs some), with a longer schedule (3,000 steps of 128 images).
 
---quick runs the tiny test plans instead (seconds; to check the script, not for numbers).
+--methods picks some of the methods (supervised-1k comes with noisy-student); --reuse keeps a
+finished run whose plan text is unchanged instead of running it again, so an interrupted table
+resumes where it stopped. --quick runs the tiny test plans instead (seconds; to check the script,
+not for numbers).
 """
 import argparse
 import json
@@ -34,18 +37,38 @@ def supervised_all(text):
     return re.sub(r"(?ms)(\[student.train\]\nsteps = )\d+", r"\g<1>100", text, count=1)
 
 
-def run(name, plan_text, seed, workers):
-    directory = os.path.join(ROOT, "runs", "results", f"{name}-seed{seed}")
+def finished(directory, plan, plan_text):
+    """The status of an earlier successful run of exactly this plan text, or None."""
+    try:
+        with open(plan) as f:
+            same = f.read() == plan_text
+        with open(os.path.join(directory, "status.json")) as f:
+            status = json.load(f)
+    except (OSError, ValueError):
+        return None
+    return status if same and status.get("status") == "succeeded" else None
+
+
+def run(name, plan_text, seed, args):
+    directory = os.path.join(os.path.abspath(args.out), f"{name}-seed{seed}")
     os.makedirs(os.path.dirname(directory), exist_ok=True)
     plan = directory + ".toml"
+    if args.reuse:
+        status = finished(directory, plan, plan_text)
+        if status is not None:
+            print(f"[results] {name}, seed {seed}: reusing the finished run in {directory}", file=sys.stderr, flush=True)
+            return status
     with open(plan, "w") as f:
         f.write(plan_text)
     subprocess.run(["rm", "-rf", directory], check=True)
     print(f"[results] {name}, seed {seed}: running (logs in {directory}/logs)", file=sys.stderr, flush=True)
-    result = subprocess.run(
-        [os.path.join(ROOT, "scripts", "local-cluster.sh"), "--plan", plan, "--workers", str(workers),
-         "--state-dir", directory],
-        stdout=subprocess.DEVNULL)
+    command = [os.path.join(ROOT, "scripts", "local-cluster.sh"), "--plan", plan,
+               "--workers", str(args.workers), "--state-dir", directory]
+    if args.bin_dir:
+        command += ["--bin-dir", args.bin_dir]
+    if args.device:
+        command += ["--device", args.device]
+    result = subprocess.run(command, stdout=subprocess.DEVNULL)
     with open(os.path.join(directory, "status.json")) as f:
         status = json.load(f)
     if result.returncode != 0 or status["status"] != "succeeded":
@@ -53,30 +76,50 @@ def run(name, plan_text, seed, workers):
     return status
 
 
+def data_dir(text, directory):
+    return text.replace('dir = "/usr/share/datasets/fashion-mnist"', f'dir = "{directory}"', 1)
+
+
 def main():
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--seeds", default="0,1,2")
     parser.add_argument("--workers", type=int, default=2)
+    parser.add_argument("--methods", default="noisy-student,meta-pseudo-labels,supervised-all",
+                        help="comma-separated subset of noisy-student, meta-pseudo-labels, supervised-all")
+    parser.add_argument("--reuse", action="store_true", help="keep finished runs of unchanged plans")
+    parser.add_argument("--bin-dir", help="prebuilt binaries (local-cluster.sh --bin-dir) instead of building")
+    parser.add_argument("--device", help="device of every worker (local-cluster.sh --device), e.g. cuda:0")
+    parser.add_argument("--mpl-plan", help="Meta Pseudo Labels plan (default deploy/plans/fashion-mnist-mpl.toml)")
+    parser.add_argument("--data", help="Fashion-MNIST directory (default: the plans' /usr/share/datasets/fashion-mnist)")
+    parser.add_argument("--out", default=os.path.join(ROOT, "runs", "results"), help="run directories and results.json")
     parser.add_argument("--quick", action="store_true")
     args = parser.parse_args()
+    methods = args.methods.split(",")
+    unknown = set(methods) - {"noisy-student", "meta-pseudo-labels", "supervised-all"}
+    if unknown:
+        parser.error(f"unknown method(s): {', '.join(sorted(unknown))}")
     plans = os.path.join(ROOT, "deploy", "plans")
     noisy = open(os.path.join(plans, "tiny.toml" if args.quick else "fashion-mnist-noisy-student.toml")).read()
-    mpl = open(os.path.join(plans, "tiny-mpl.toml" if args.quick else "fashion-mnist-mpl.toml")).read()
+    mpl = open(args.mpl_plan or os.path.join(plans, "tiny-mpl.toml" if args.quick else "fashion-mnist-mpl.toml")).read()
+    if args.data:
+        noisy, mpl = data_dir(noisy, os.path.abspath(args.data)), data_dir(mpl, os.path.abspath(args.data))
     rows = {"supervised-1k": [], "noisy-student": [], "meta-pseudo-labels": [], "supervised-all": []}
     runs = []
     for seed in [int(s) for s in args.seeds.split(",")]:
-        status = run("noisy-student", with_seed(noisy, seed), seed, args.workers)
-        rows["supervised-1k"].append(status["rounds"][0]["teacher_test_accuracy"])
-        rows["noisy-student"].append(status["rounds"][-1]["student_test_accuracy"])
-        runs.append({"seed": seed, "method": "noisy-student", "status": status})
-        status = run("meta-pseudo-labels", with_seed(mpl, seed), seed, args.workers)
-        rows["meta-pseudo-labels"].append(status["final_student_test_accuracy"])
-        runs.append({"seed": seed, "method": "meta-pseudo-labels", "status": status})
-        if not args.quick:
-            status = run("supervised-all", supervised_all(with_seed(noisy, seed)), seed, args.workers)
+        if "noisy-student" in methods:
+            status = run("noisy-student", with_seed(noisy, seed), seed, args)
+            rows["supervised-1k"].append(status["rounds"][0]["teacher_test_accuracy"])
+            rows["noisy-student"].append(status["rounds"][-1]["student_test_accuracy"])
+            runs.append({"seed": seed, "method": "noisy-student", "status": status})
+        if "meta-pseudo-labels" in methods:
+            status = run("meta-pseudo-labels", with_seed(mpl, seed), seed, args)
+            rows["meta-pseudo-labels"].append(status["final_student_test_accuracy"])
+            runs.append({"seed": seed, "method": "meta-pseudo-labels", "status": status})
+        if "supervised-all" in methods and not args.quick:
+            status = run("supervised-all", supervised_all(with_seed(noisy, seed)), seed, args)
             rows["supervised-all"].append(status["rounds"][0]["teacher_test_accuracy"])
             runs.append({"seed": seed, "method": "supervised-all", "status": status})
-    with open(os.path.join(ROOT, "runs", "results", "results.json"), "w") as f:
+    with open(os.path.join(args.out, "results.json"), "w") as f:
         json.dump({"rows": rows, "runs": runs}, f, indent=2)
     print(f"{'method':<20} {'test accuracy (mean +- std)':>28}  seeds")
     for method, values in rows.items():

@@ -3,6 +3,7 @@
 #
 #   scripts/gpu-check.sh --prepare   # here: build, copy binaries and data into .gpu/ (ignored by git)
 #   scripts/gpu-check.sh --run       # there: every check and benchmark in one go, table last
+#   scripts/gpu-check.sh --mpl       # there: deploy/plans/fashion-mnist-mpl-gpu.toml, seed 0, on cuda:0
 #
 # --run needs no Rust toolchain: it uses .gpu/bin and the machine's own torch (python3 with
 # torch 2.11.0). It runs a Noisy Student round whose training tasks form a world-size-1 NCCL
@@ -27,7 +28,7 @@ if [ "$mode" = "--prepare" ]; then
   echo "[gpu-check] prepared $GPU_DIR; run: scripts/gpu-check.sh --run (carry .gpu)" >&2
   exit 0
 fi
-[ "$mode" = "--run" ] || { echo "usage: gpu-check.sh --prepare | --run" >&2; exit 2; }
+case "$mode" in --run|--mpl) ;; *) echo "usage: gpu-check.sh --prepare | --run | --mpl" >&2; exit 2 ;; esac
 
 OUT="${OUT:-$GPU_DIR/out}"
 mkdir -p "$OUT"
@@ -38,6 +39,26 @@ TORCH_LIB="$("$PYTHON" -c 'import os, torch; print(os.path.join(os.path.dirname(
 export LD_LIBRARY_PATH="$TORCH_LIB${LD_LIBRARY_PATH:+:$LD_LIBRARY_PATH}"
 BIN="$GPU_DIR/bin"
 nvidia-smi --query-gpu=name,memory.total --format=csv,noheader | tee "$OUT/gpu.txt"
+
+if [ "$mode" = "--mpl" ]; then
+  # The GPU schedule of Meta Pseudo Labels, one worker on cuda:0; progress lines from the log.
+  plan="$OUT/mpl-gpu.toml"
+  sed -e "s#/usr/share/datasets/fashion-mnist#$GPU_DIR/data#" "$ROOT/deploy/plans/fashion-mnist-mpl-gpu.toml" >"$plan"
+  state="$OUT/mpl"
+  rm -rf "$state"
+  "$BIN/coordinator" --plan "$plan" --listen 127.0.0.1:0 --state-dir "$state" >"$OUT/mpl-coordinator.log" 2>&1 &
+  coordinator=$!
+  trap 'kill $coordinator 2>/dev/null || true' EXIT
+  for _ in $(seq 1 100); do [ -s "$state/coordinator.addr" ] && break; sleep 0.1; done
+  address="$(cat "$state/coordinator.addr")"
+  started=$(date +%s)
+  timeout "${MPL_TIMEOUT:-480}" "$BIN/worker" --coordinator "$address" --device cuda:0 >"$OUT/mpl-worker.log" 2>&1 || true
+  "$BIN/mentor" status --coordinator "$address" --json >"$OUT/mpl-status.json" || true
+  echo "=== Meta Pseudo Labels, GPU schedule, seed 0: $(( $(date +%s) - started )) s ==="
+  grep -h 'meta pseudo labels evaluation' "$OUT/mpl-worker.log" | sed 's/.*evaluation //' || true
+  "$BIN/mentor" status --coordinator "$address" || true
+  exit 0
+fi
 
 # 1. A Noisy Student round on cuda:0 whose training tasks form an NCCL group of one.
 plan="$OUT/gpu-plan.toml"

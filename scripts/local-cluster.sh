@@ -11,6 +11,7 @@
 #                      that workers training together as data-parallel ranks do not oversubscribe)
 #   --state-dir DIR    run directory (default runs/<plan file name>-<date>); an existing one resumes
 #   --listen ADDR      coordinator address (default 127.0.0.1:0, a free port)
+#   --bin-dir DIR      use the coordinator and worker binaries in DIR instead of building them
 #
 # Installs what is missing first (scripts/setup.sh), builds, then prints progress while the run
 # goes, the final status (text and JSON) at the end, and exits non-zero if the run failed.
@@ -24,8 +25,9 @@ device="cpu"
 threads=""
 state_dir=""
 listen="127.0.0.1:0"
+bin_dir=""
 
-usage() { sed -n '2,17p' "$0"; }
+usage() { sed -n '2,18p' "$0"; }
 while [ $# -gt 0 ]; do
   case "$1" in
     --plan) plan="${2:?--plan needs a file}"; shift 2 ;;
@@ -34,6 +36,7 @@ while [ $# -gt 0 ]; do
     --threads) threads="${2:?--threads needs a number}"; shift 2 ;;
     --state-dir) state_dir="${2:?--state-dir needs a directory}"; shift 2 ;;
     --listen) listen="${2:?--listen needs an address}"; shift 2 ;;
+    --bin-dir) bin_dir="${2:?--bin-dir needs a directory}"; shift 2 ;;
     -h|--help) usage; exit 0 ;;
     *) echo "local-cluster.sh: unknown argument $1" >&2; usage >&2; exit 2 ;;
   esac
@@ -47,9 +50,16 @@ if [ -z "$threads" ]; then
 fi
 
 eval "$("$ROOT/scripts/setup.sh" --print-env)"
-echo "[local-cluster] building (quick when already built)" >&2
-(cd "$ROOT" && cargo build --release --bins --quiet)
-BIN="$CARGO_TARGET_DIR/release"
+if [ -n "$bin_dir" ]; then
+  for binary in coordinator worker mentor; do
+    [ -x "$bin_dir/$binary" ] || { echo "local-cluster.sh: --bin-dir $bin_dir has no $binary" >&2; exit 2; }
+  done
+  BIN="$(cd "$bin_dir" && pwd)"
+else
+  echo "[local-cluster] building (quick when already built)" >&2
+  (cd "$ROOT" && cargo build --release --bins --quiet)
+  BIN="$CARGO_TARGET_DIR/release"
+fi
 
 if [ -z "$state_dir" ]; then
   state_dir="$ROOT/runs/$(basename "$plan" .toml)-$(date +%Y%m%d-%H%M%S)"

@@ -200,6 +200,7 @@ fn default_strong_randaugment() -> RandAugmentPlan {
         ops: 2,
         magnitude: 5.0,
         op_list: Vec::new(),
+        cutout: 0.0,
     }
 }
 
@@ -424,6 +425,10 @@ pub struct RandAugmentPlan {
     /// Operations to draw from; empty means every grayscale operation.
     #[serde(default)]
     pub op_list: Vec<String>,
+    /// Side of a square cut out of every image after the operations, as a fraction of the
+    /// image side (0 = none; FixMatch's strong view uses 0.5).
+    #[serde(default)]
+    pub cutout: f64,
 }
 
 impl Default for RandAugmentPlan {
@@ -432,6 +437,7 @@ impl Default for RandAugmentPlan {
             ops: 0,
             magnitude: 0.0,
             op_list: Vec::new(),
+            cutout: 0.0,
         }
     }
 }
@@ -936,6 +942,9 @@ fn validate_noise(role: &str, noise: &NoisePlan) -> Result<(), PlanError> {
 fn validate_randaugment(path: &str, randaugment: &RandAugmentPlan) -> Result<(), PlanError> {
     if !(0.0..=30.0).contains(&randaugment.magnitude) {
         return Err(invalid(format!("{path}.magnitude"), "must be in [0, 30]"));
+    }
+    if !(0.0..=1.0).contains(&randaugment.cutout) {
+        return Err(invalid(format!("{path}.cutout"), "must be in [0, 1]"));
     }
     for (index, op) in randaugment.op_list.iter().enumerate() {
         if !RANDAUGMENT_OPS.contains(&op.as_str()) {

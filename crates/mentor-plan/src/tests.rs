@@ -137,6 +137,24 @@ fn unknown_randaugment_op_is_refused_with_its_index() {
 }
 
 #[test]
+fn randaugment_cutout_is_read_and_checked() {
+    let text = tiny_with(
+        "randaugment = { ops = 2, magnitude = 9 }",
+        "randaugment = { ops = 2, magnitude = 9, cutout = 0.5 }",
+    );
+    let plan = Plan::from_toml_str(&text).expect("valid plan");
+    assert_eq!(plan.student.noise.randaugment.cutout, 0.5);
+    let text = tiny_with(
+        "randaugment = { ops = 2, magnitude = 9 }",
+        "randaugment = { ops = 2, magnitude = 9, cutout = 1.5 }",
+    );
+    assert_eq!(
+        error_of(&text),
+        "student.noise.randaugment.cutout: must be in [0, 1]"
+    );
+}
+
+#[test]
 fn dropout_out_of_range_is_refused() {
     let text = tiny_with("dropout = 0.5", "dropout = 1.5");
     assert_eq!(error_of(&text), "student.noise.dropout: must be in [0, 1)");
@@ -195,6 +213,7 @@ fn meta_pseudo_labels_needs_its_section() {
 fn shipped_mpl_plans_are_valid() {
     for text in [
         include_str!("../../../deploy/plans/fashion-mnist-mpl.toml"),
+        include_str!("../../../deploy/plans/fashion-mnist-mpl-gpu.toml"),
         include_str!("../../../deploy/plans/tiny-mpl.toml"),
     ] {
         let plan = Plan::from_toml_str(text).expect("mpl plan");

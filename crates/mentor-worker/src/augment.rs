@@ -58,6 +58,8 @@ pub struct RandAugment {
     /// Fraction of each operation's range (plan magnitude / 10).
     pub strength: f64,
     pub op_list: Vec<String>,
+    /// Side of the square cut out of every image after the operations (fraction of the side).
+    pub cutout: f64,
 }
 
 impl RandAugment {
@@ -71,14 +73,15 @@ impl RandAugment {
             ops: plan.ops,
             strength: plan.magnitude / 10.0,
             op_list,
+            cutout: plan.cutout,
         }
     }
 
     pub fn is_active(&self) -> bool {
-        self.ops > 0 && !self.op_list.is_empty()
+        (self.ops > 0 && !self.op_list.is_empty()) || self.cutout > 0.0
     }
 
-    /// Applies `ops` random operations to each image.
+    /// Applies `ops` random operations to each image, then the plan's cutout.
     pub fn apply(&self, images: &Tensor) -> Tensor {
         if !self.is_active() {
             return images.shallow_clone();
@@ -97,6 +100,11 @@ impl RandAugment {
                 let changed = apply_op(op, &subset, self.strength);
                 out = out.index_copy(0, &selected, &changed);
             }
+        }
+        let size = out.size();
+        let side = (self.cutout * size[2].min(size[3]) as f64).round() as i64;
+        if side > 0 {
+            out = cutout(&out, side);
         }
         out
     }
@@ -191,23 +199,32 @@ pub fn apply_op(op: &str, images: &Tensor, strength: f64) -> Tensor {
         ),
         "cutout" => {
             let side = ((0.5 * strength.min(1.0)) * height.min(width) as f64).round() as i64;
-            if side == 0 {
-                return images.shallow_clone();
-            }
-            let rows = Tensor::arange(height, (Kind::Float, device)).view([1, 1, height, 1]);
-            let cols = Tensor::arange(width, (Kind::Float, device)).view([1, 1, 1, width]);
-            let center_y = (uniform(n, device) * height as f64).view([n, 1, 1, 1]);
-            let center_x = (uniform(n, device) * width as f64).view([n, 1, 1, 1]);
-            let half = side as f64 / 2.0;
-            let inside = (rows - &center_y)
-                .abs()
-                .lt(half)
-                .logical_and(&(cols - &center_x).abs().lt(half));
-            images.masked_fill(&inside.expand_as(images), 0.5)
+            cutout(images, side)
         }
         // "identity" and anything the plan validation let through unchanged.
         _ => images.shallow_clone(),
     }
+}
+
+/// Fills a `side` x `side` square (clipped at the borders) at a random centre of each image
+/// with gray (0.5).
+fn cutout(images: &Tensor, side: i64) -> Tensor {
+    if side == 0 {
+        return images.shallow_clone();
+    }
+    let size = images.size();
+    let (n, height, width) = (size[0], size[2], size[3]);
+    let device = images.device();
+    let rows = Tensor::arange(height, (Kind::Float, device)).view([1, 1, height, 1]);
+    let cols = Tensor::arange(width, (Kind::Float, device)).view([1, 1, 1, width]);
+    let center_y = (uniform(n, device) * height as f64).view([n, 1, 1, 1]);
+    let center_x = (uniform(n, device) * width as f64).view([n, 1, 1, 1]);
+    let half = side as f64 / 2.0;
+    let inside = (rows - &center_y)
+        .abs()
+        .lt(half)
+        .logical_and(&(cols - &center_x).abs().lt(half));
+    images.masked_fill(&inside.expand_as(images), 0.5)
 }
 
 /// Histogram equalisation per image and channel on 256 levels.
@@ -343,11 +360,32 @@ mod tests {
             ops: 2,
             magnitude: 9.0,
             op_list: vec!["rotate".into(), "cutout".into()],
+            cutout: 0.0,
         });
         let out = augment.apply(&xs);
         assert_eq!(out.size(), xs.size());
         assert!(!out.allclose(&xs, 1e-3, 1e-3, false));
         let flipped = flip_and_shift(&xs);
         assert_eq!(flipped.size(), xs.size());
+    }
+
+    #[test]
+    fn plan_cutout_grays_a_square_of_every_image_even_without_ops() {
+        let xs = Tensor::zeros([5, 1, 28, 28], (Kind::Float, Device::Cpu));
+        let augment = RandAugment::from_plan(&RandAugmentPlan {
+            ops: 0,
+            magnitude: 0.0,
+            op_list: Vec::new(),
+            cutout: 0.5,
+        });
+        assert!(augment.is_active());
+        let out = augment.apply(&xs);
+        for image in 0..5 {
+            // A 14x14 square, clipped by the border to no less than 7x7.
+            let gray = out.get(image).eq(0.5).sum(Kind::Int64).int64_value(&[]);
+            assert!((49..=196).contains(&gray), "image {image}: {gray} gray pixels");
+            let other = out.get(image).ne(0.5).logical_and(&out.get(image).ne(0.0));
+            assert_eq!(other.sum(Kind::Int64).int64_value(&[]), 0);
+        }
     }
 }
