@@ -50,6 +50,9 @@ pub struct MplBatch {
     pub labels: Tensor,
     pub weak: Tensor,
     pub strong: Tensor,
+    /// The labeled and strong views at the student's input resolution when it differs from
+    /// the teacher's (`None`: the student sees `labeled` and `strong`).
+    pub student_views: Option<(Tensor, Tensor)>,
     /// Sizes of the global batch (all ranks together).
     pub global_labeled: usize,
     pub global_unlabeled: usize,
@@ -135,9 +138,13 @@ pub fn mpl_step(
     let pseudo = t_strong.detach().argmax(-1, false);
 
     // Student step on the pseudo label, with its labeled loss before and after.
+    let (student_labeled, student_strong) = match &batch.student_views {
+        Some((labeled, strong)) => (labeled, strong),
+        None => (&batch.labeled, &batch.strong),
+    };
     let s_logits = student
         .model
-        .forward_t(&Tensor::cat(&[&batch.labeled, &batch.strong], 0), true);
+        .forward_t(&Tensor::cat(&[student_labeled, student_strong], 0), true);
     let s_labeled = s_logits.narrow(0, 0, labeled_rows);
     let s_strong = s_logits.narrow(0, labeled_rows, unlabeled_rows);
     let hard_labels = smoothed(&batch.labels, classes, 0.0);
@@ -153,7 +160,7 @@ pub fn mpl_step(
         student.optimizer.step();
     }
     let s_new = tch::no_grad(|| {
-        let logits = student.model.forward_t(&batch.labeled, true);
+        let logits = student.model.forward_t(student_labeled, true);
         cross_entropy_sum(&logits, &hard_labels).double_value(&[])
     });
     let teacher_labeled_sum = t_loss_labeled.double_value(&[]);
@@ -339,14 +346,20 @@ pub fn train_mpl(
         let positions = dataset.labeled.index_select(0, &picks);
         let labels = dataset.train_labels.index_select(0, &positions);
         let weak_pixels = flip_and_shift(&dataset.train_batch(&unlabeled.index_select(0, &rows)));
+        let labeled_pixels = flip_and_shift(&dataset.train_batch(&positions));
+        let strong_pixels = strong.apply(&weak_pixels);
+        let student_resolution = student_config.resolution;
         let batch = MplBatch {
-            labeled: dataset.model_input(
-                &flip_and_shift(&dataset.train_batch(&positions)),
-                teacher_config.resolution,
-            ),
+            labeled: dataset.model_input(&labeled_pixels, teacher_config.resolution),
             labels,
-            strong: dataset.model_input(&strong.apply(&weak_pixels), teacher_config.resolution),
+            strong: dataset.model_input(&strong_pixels, teacher_config.resolution),
             weak: dataset.model_input(&weak_pixels, teacher_config.resolution),
+            student_views: (student_resolution != teacher_config.resolution).then(|| {
+                (
+                    dataset.model_input(&labeled_pixels, student_resolution),
+                    dataset.model_input(&strong_pixels, student_resolution),
+                )
+            }),
             global_labeled: labeled_batch,
             global_unlabeled: unlabeled_batch,
         };

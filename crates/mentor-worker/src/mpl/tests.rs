@@ -55,6 +55,7 @@ fn constructed_step(mpl_weight: f64, sign: MplSign) -> (f64, f64) {
         labels: Tensor::from_slice(&[0i64]),
         weak: x.shallow_clone(),
         strong: x.shallow_clone(),
+        student_views: None,
         global_labeled: 1,
         global_unlabeled: 1,
     };
@@ -113,6 +114,56 @@ fn a_helpful_pseudo_label_gives_positive_h_and_the_teacher_raises_it() {
 
 /// Teacher and student parameters after `steps` MPL steps on this rank's slice of a fixed global
 /// batch; models start from the checkpoints at `teacher_init` and `student_init`.
+/// A student whose input differs from the teacher's (as an EfficientNet student at a higher
+/// resolution) learns from its own views: a 3-input linear student next to a 2-input teacher.
+#[test]
+fn the_student_gets_its_own_views_when_its_resolution_differs() {
+    let teacher_vs = nn::VarStore::new(Device::Cpu);
+    let teacher = nn::linear(teacher_vs.root(), 2, 2, Default::default());
+    let student_vs = nn::VarStore::new(Device::Cpu);
+    let student = nn::linear(student_vs.root(), 3, 2, Default::default());
+    let mut teacher_optimizer = nn::Sgd::default()
+        .build(&teacher_vs, 0.5)
+        .expect("optimizer");
+    let mut student_optimizer = nn::Sgd::default()
+        .build(&student_vs, 0.5)
+        .expect("optimizer");
+    let x = Tensor::from_slice(&[1f32, 0.0, 0.5, -1.0]).view([2, 2]);
+    let x_student = Tensor::from_slice(&[1f32, 0.0, 0.0, 0.5, -1.0, 0.0]).view([2, 3]);
+    let batch = MplBatch {
+        labeled: x.shallow_clone(),
+        labels: Tensor::from_slice(&[0i64, 1]),
+        weak: x.shallow_clone(),
+        strong: x.shallow_clone(),
+        student_views: Some((x_student.shallow_clone(), x_student.shallow_clone())),
+        global_labeled: 2,
+        global_unlabeled: 2,
+    };
+    let before = student.ws.copy();
+    let teacher_variables = teacher_vs.trainable_variables();
+    let student_variables = student_vs.trainable_variables();
+    let stats = mpl_step(
+        &mut Learner {
+            model: &teacher,
+            variables: &teacher_variables,
+            optimizer: &mut teacher_optimizer,
+        },
+        &mut Learner {
+            model: &student,
+            variables: &student_variables,
+            optimizer: &mut student_optimizer,
+        },
+        &mut Group::single(1 << 20, Device::Cpu),
+        &batch,
+        &config(1.0, MplSign::Theory),
+        &mut MplState::default(),
+        true,
+    )
+    .expect("step");
+    assert!(stats.student_labeled_loss.is_finite());
+    assert!(!student.ws.allclose(&before, 1e-7, 1e-7, false), "the student did not learn");
+}
+
 fn train_slice(
     group: &mut Group,
     data: &(Tensor, Tensor, Tensor, Tensor),
@@ -148,6 +199,7 @@ fn train_slice(
         labels: labels.narrow(0, l0 as i64, (l1 - l0) as i64),
         weak: weak.narrow(0, u0 as i64, (u1 - u0) as i64),
         strong: strong.narrow(0, u0 as i64, (u1 - u0) as i64),
+        student_views: None,
         global_labeled: labeled.size()[0] as usize,
         global_unlabeled: weak.size()[0] as usize,
     };
