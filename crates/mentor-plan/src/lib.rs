@@ -998,6 +998,15 @@ fn validate_mpl(mpl: &MplPlan) -> Result<(), PlanError> {
             format!("must be below mpl.steps ({})", mpl.steps),
         ));
     }
+    if mpl.student_wait_steps + mpl.warmup_steps >= mpl.steps {
+        return Err(invalid(
+            "mpl.student_wait_steps",
+            format!(
+                "the student's wait plus its warmup ({} + {}) must be below mpl.steps ({})",
+                mpl.student_wait_steps, mpl.warmup_steps, mpl.steps
+            ),
+        ));
+    }
     if mpl.log_every == 0 {
         return Err(invalid("mpl.log_every", "must be >= 1"));
     }

@@ -236,6 +236,19 @@ fn schedule(mpl: &MplPlan, rate: f64) -> TrainPlan {
     }
 }
 
+/// The student's learning rate at `step`: its warmup and cosine start when it stops waiting
+/// (`mpl.student_wait_steps`, during which it does not step).
+pub(crate) fn student_learning_rate(mpl: &MplPlan, step: u64) -> f64 {
+    let Some(learning) = step.checked_sub(mpl.student_wait_steps) else {
+        return 0.0;
+    };
+    let plan = TrainPlan {
+        steps: mpl.steps.saturating_sub(mpl.student_wait_steps),
+        ..schedule(mpl, mpl.student_learning_rate)
+    };
+    learning_rate(&plan, learning)
+}
+
 /// `ema = decay * ema + (1 - decay) * model` over every variable of the same name (buffers
 /// such as batch-norm statistics included).
 fn update_ema(ema: &nn::VarStore, model: &nn::VarStore, decay: f64) {
@@ -312,7 +325,6 @@ pub fn train_mpl(
     let mut teacher_optimizer = sgd(&teacher_vs, mpl, mpl.teacher_learning_rate)?;
     let mut student_optimizer = sgd(&student_vs, mpl, mpl.student_learning_rate)?;
     let teacher_schedule = schedule(mpl, mpl.teacher_learning_rate);
-    let student_schedule = schedule(mpl, mpl.student_learning_rate);
     let config = MplConfig::from_plan(mpl, plan.data.classes);
     tch::manual_seed(seed + 7919 * rank as i64);
     let mut sampler = StdRng::seed_from_u64(seed as u64);
@@ -334,7 +346,7 @@ pub fn train_mpl(
     let mut last = MplStats::default();
     for step in 0..mpl.steps {
         teacher_optimizer.set_lr(learning_rate(&teacher_schedule, step));
-        student_optimizer.set_lr(learning_rate(&student_schedule, step));
+        student_optimizer.set_lr(student_learning_rate(mpl, step));
         let picks: Vec<i64> = (0..labeled_batch)
             .map(|_| sampler.gen_range(0..labeled_count))
             .collect();

@@ -164,6 +164,23 @@ fn the_student_gets_its_own_views_when_its_resolution_differs() {
     assert!(!student.ws.allclose(&before, 1e-7, 1e-7, false), "the student did not learn");
 }
 
+#[test]
+fn the_students_warmup_and_cosine_start_after_its_wait() {
+    let text = include_str!("../../../../deploy/plans/tiny-mpl.toml")
+        .replacen("steps = 40", "steps = 40\nwarmup_steps = 4\nstudent_wait_steps = 10", 1);
+    let plan = mentor_plan::Plan::from_toml_str(&text).expect("plan");
+    let mpl = plan.mpl.as_ref().expect("mpl");
+    let base = mpl.student_learning_rate;
+    assert_eq!(student_learning_rate(mpl, 0), 0.0);
+    assert_eq!(student_learning_rate(mpl, 9), 0.0);
+    // The first step the student takes is the first step of its warmup.
+    assert!((student_learning_rate(mpl, 10) - base / 4.0).abs() < 1e-12);
+    assert!((student_learning_rate(mpl, 13) - base).abs() < 1e-12);
+    // Cosine over the 26 steps after wait and warmup: half way at step 10 + 4 + 13.
+    assert!((student_learning_rate(mpl, 27) - base / 2.0).abs() < 1e-12);
+    assert!(student_learning_rate(mpl, 39) < 0.01 * base);
+}
+
 fn train_slice(
     group: &mut Group,
     data: &(Tensor, Tensor, Tensor, Tensor),
