@@ -223,7 +223,11 @@ fn shipped_mpl_plans_are_valid() {
     let tiny = include_str!("../../../deploy/plans/tiny-mpl.toml");
     let bad = tiny.replacen("mpl_sign = \"theory\"", "mpl_sign = \"sideways\"", 1);
     assert!(error_of(&bad).contains("unknown variant `sideways`"));
-    let bad = tiny.replacen("steps = 40", "steps = 40\nwarmup_steps = 10\nstudent_wait_steps = 30", 1);
+    let bad = tiny.replacen(
+        "steps = 40",
+        "steps = 40\nwarmup_steps = 10\nstudent_wait_steps = 30",
+        1,
+    );
     assert_eq!(
         error_of(&bad),
         "mpl.student_wait_steps: the student's wait plus its warmup (30 + 10) must be below mpl.steps (40)"

@@ -383,7 +383,10 @@ mod tests {
         for image in 0..5 {
             // A 14x14 square, clipped by the border to no less than 7x7.
             let gray = out.get(image).eq(0.5).sum(Kind::Int64).int64_value(&[]);
-            assert!((49..=196).contains(&gray), "image {image}: {gray} gray pixels");
+            assert!(
+                (49..=196).contains(&gray),
+                "image {image}: {gray} gray pixels"
+            );
             let other = out.get(image).ne(0.5).logical_and(&out.get(image).ne(0.0));
             assert_eq!(other.sum(Kind::Int64).int64_value(&[]), 0);
         }

@@ -9,6 +9,7 @@ pub mod dataset;
 pub mod distributed;
 pub mod models;
 pub mod mpl;
+pub mod optim;
 pub mod tasks;
 
 /// Parses `cpu`, `cuda` (the first GPU) or `cuda:N`.

@@ -16,13 +16,14 @@ pub use mentor_plan::MplSign;
 use mentor_plan::{MplPlan, Plan, Role, Schedule, TrainPlan};
 use rand::rngs::StdRng;
 use rand::{Rng, SeedableRng};
-use tch::nn::{self, ModuleT, OptimizerConfig};
+use tch::nn::{self, ModuleT};
 use tch::{Kind, Tensor};
 
 use crate::augment::{flip_and_shift, RandAugment};
 use crate::dataset::Dataset;
 use crate::distributed::Group;
 use crate::models::build;
+use crate::optim::build_optimizer;
 use crate::tasks::{
     collective_error, learning_rate, model_config, save_checkpoint, test_accuracy, Outcome,
     Progress,
@@ -264,14 +265,13 @@ fn update_ema(ema: &nn::VarStore, model: &nn::VarStore, decay: f64) {
 }
 
 fn sgd(vs: &nn::VarStore, mpl: &MplPlan, rate: f64) -> Result<nn::Optimizer, String> {
-    nn::Sgd {
+    let config = nn::Sgd {
         momentum: mpl.momentum,
         dampening: 0.0,
         wd: mpl.weight_decay,
         nesterov: mpl.momentum > 0.0,
-    }
-    .build(vs, rate)
-    .map_err(|e| format!("failed to build an optimizer: {e}"))
+    };
+    build_optimizer(vs, config, rate)
 }
 
 /// The Meta Pseudo Labels schedule on this rank: `mpl.steps` steps of [`mpl_step`] over global

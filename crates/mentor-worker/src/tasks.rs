@@ -10,7 +10,7 @@ use mentor_labels::{
     SoftLabels,
 };
 use mentor_plan::{LabelMode, Optimizer, Plan, RandAugmentPlan, Role, Schedule, TrainPlan};
-use tch::nn::{self, ModuleT, OptimizerConfig};
+use tch::nn::{self, ModuleT};
 use tch::{Kind, Tensor};
 
 use mentor_collective::chunk_bounds;
@@ -21,6 +21,7 @@ use crate::augment::{flip_and_shift, RandAugment};
 use crate::dataset::{to_unit, Dataset};
 use crate::distributed::{Group, GroupJoin};
 use crate::models::{build, Model, ModelConfig};
+use crate::optim::build_optimizer;
 
 /// A model checkpoint and the plan section (role, round) that built it.
 #[derive(Debug, Clone, PartialEq)]
@@ -509,20 +510,25 @@ fn train(
         .broadcast_parameters(&variables)
         .map_err(collective_error)?;
     let mut optimizer = match train_plan.optimizer {
-        Optimizer::Sgd => nn::Sgd {
-            momentum: train_plan.momentum,
-            dampening: 0.0,
-            wd: train_plan.weight_decay,
-            nesterov: train_plan.momentum > 0.0,
-        }
-        .build(&vs, train_plan.learning_rate),
-        Optimizer::Adam => nn::Adam {
-            wd: train_plan.weight_decay,
-            ..Default::default()
-        }
-        .build(&vs, train_plan.learning_rate),
-    }
-    .map_err(|e| format!("failed to build the optimizer: {e}"))?;
+        Optimizer::Sgd => build_optimizer(
+            &vs,
+            nn::Sgd {
+                momentum: train_plan.momentum,
+                dampening: 0.0,
+                wd: train_plan.weight_decay,
+                nesterov: train_plan.momentum > 0.0,
+            },
+            train_plan.learning_rate,
+        ),
+        Optimizer::Adam => build_optimizer(
+            &vs,
+            nn::Adam {
+                wd: train_plan.weight_decay,
+                ..Default::default()
+            },
+            train_plan.learning_rate,
+        ),
+    }?;
     let pseudo = match selection {
         Some(path) => Some(load_selection(
             plan,

@@ -161,13 +161,19 @@ fn the_student_gets_its_own_views_when_its_resolution_differs() {
     )
     .expect("step");
     assert!(stats.student_labeled_loss.is_finite());
-    assert!(!student.ws.allclose(&before, 1e-7, 1e-7, false), "the student did not learn");
+    assert!(
+        !student.ws.allclose(&before, 1e-7, 1e-7, false),
+        "the student did not learn"
+    );
 }
 
 #[test]
 fn the_students_warmup_and_cosine_start_after_its_wait() {
-    let text = include_str!("../../../../deploy/plans/tiny-mpl.toml")
-        .replacen("steps = 40", "steps = 40\nwarmup_steps = 4\nstudent_wait_steps = 10", 1);
+    let text = include_str!("../../../../deploy/plans/tiny-mpl.toml").replacen(
+        "steps = 40",
+        "steps = 40\nwarmup_steps = 4\nstudent_wait_steps = 10",
+        1,
+    );
     let plan = mentor_plan::Plan::from_toml_str(&text).expect("plan");
     let mpl = plan.mpl.as_ref().expect("mpl");
     let base = mpl.student_learning_rate;
