@@ -121,12 +121,13 @@ def main():
             runs.append({"seed": seed, "method": "supervised-all", "status": status})
     with open(os.path.join(args.out, "results.json"), "w") as f:
         json.dump({"rows": rows, "runs": runs}, f, indent=2)
-    print(f"{'method':<20} {'test accuracy (mean +- std)':>28}  seeds")
+    print(f"{'method':<20} {'test accuracy (mean +- std)':>28}  per seed ({args.seeds})")
     for method, values in rows.items():
         if not values:
             continue
         spread = statistics.stdev(values) if len(values) > 1 else 0.0
-        print(f"{method:<20} {100 * statistics.mean(values):>20.2f} +- {100 * spread:.2f}  {len(values)}")
+        each = ", ".join(f"{100 * v:.2f}" for v in values)
+        print(f"{method:<20} {100 * statistics.mean(values):>20.2f} +- {100 * spread:.2f}  {each}")
 
 
 if __name__ == "__main__":
