@@ -101,6 +101,8 @@ def main():
     plans = os.path.join(ROOT, "deploy", "plans")
     noisy = open(os.path.join(plans, "tiny.toml" if args.quick else "fashion-mnist-noisy-student.toml")).read()
     mpl = open(args.mpl_plan or os.path.join(plans, "tiny-mpl.toml" if args.quick else "fashion-mnist-mpl.toml")).read()
+    # Every run starts once all its workers registered.
+    noisy, mpl = (re.sub(r"(?m)^min_workers = \d+", f"min_workers = {args.workers}", text) for text in (noisy, mpl))
     if args.data:
         noisy, mpl = data_dir(noisy, os.path.abspath(args.data)), data_dir(mpl, os.path.abspath(args.data))
     rows = {"supervised-1k": [], "noisy-student": [], "meta-pseudo-labels": [], "supervised-all": []}

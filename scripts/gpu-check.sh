@@ -4,6 +4,7 @@
 #   scripts/gpu-check.sh --prepare   # here: build, copy binaries and data into .gpu/ (ignored by git)
 #   scripts/gpu-check.sh --run       # there: every check and benchmark in one go, table last
 #   scripts/gpu-check.sh --mpl       # there: deploy/plans/fashion-mnist-mpl-gpu.toml, seed 0, on cuda:0
+#   scripts/gpu-check.sh --results   # there: the four-method table on cuda:0 (SEEDS, default 0,1,2)
 #
 # --run needs no Rust toolchain: it uses .gpu/bin and the machine's own torch (python3 with
 # torch 2.11.0). It runs a Noisy Student round whose training tasks form a world-size-1 NCCL
@@ -28,7 +29,7 @@ if [ "$mode" = "--prepare" ]; then
   echo "[gpu-check] prepared $GPU_DIR; run: scripts/gpu-check.sh --run (carry .gpu)" >&2
   exit 0
 fi
-case "$mode" in --run|--mpl) ;; *) echo "usage: gpu-check.sh --prepare | --run | --mpl" >&2; exit 2 ;; esac
+case "$mode" in --run|--mpl|--results) ;; *) echo "usage: gpu-check.sh --prepare | --run | --mpl | --results" >&2; exit 2 ;; esac
 
 OUT="${OUT:-$GPU_DIR/out}"
 mkdir -p "$OUT"
@@ -39,6 +40,13 @@ TORCH_LIB="$("$PYTHON" -c 'import os, torch; print(os.path.join(os.path.dirname(
 export LD_LIBRARY_PATH="$TORCH_LIB${LD_LIBRARY_PATH:+:$LD_LIBRARY_PATH}"
 BIN="$GPU_DIR/bin"
 nvidia-smi --query-gpu=name,memory.total --format=csv,noheader | tee "$OUT/gpu.txt"
+
+if [ "$mode" = "--results" ]; then
+  # One worker on cuda:0, the GPU schedule of Meta Pseudo Labels; the other plans as on CPU.
+  exec "$PYTHON" "$ROOT/benches/results_fashion_mnist.py" --seeds "${SEEDS:-0,1,2}" --workers 1 \
+    --device cuda:0 --bin-dir "$BIN" --data "$GPU_DIR/data" --reuse \
+    --mpl-plan "$ROOT/deploy/plans/fashion-mnist-mpl-gpu.toml" --out "$OUT/results"
+fi
 
 if [ "$mode" = "--mpl" ]; then
   # The GPU schedule of Meta Pseudo Labels, one worker on cuda:0; progress lines from the log.

@@ -11,7 +11,8 @@
 #                      that workers training together as data-parallel ranks do not oversubscribe)
 #   --state-dir DIR    run directory (default runs/<plan file name>-<date>); an existing one resumes
 #   --listen ADDR      coordinator address (default 127.0.0.1:0, a free port)
-#   --bin-dir DIR      use the coordinator and worker binaries in DIR instead of building them
+#   --bin-dir DIR      use the coordinator, worker and mentor binaries in DIR instead of building
+#                      them (no setup either when their libraries already resolve)
 #
 # Installs what is missing first (scripts/setup.sh), builds, then prints progress while the run
 # goes, the final status (text and JSON) at the end, and exits non-zero if the run failed.
@@ -27,7 +28,7 @@ state_dir=""
 listen="127.0.0.1:0"
 bin_dir=""
 
-usage() { sed -n '2,18p' "$0"; }
+usage() { sed -n '2,19p' "$0"; }
 while [ $# -gt 0 ]; do
   case "$1" in
     --plan) plan="${2:?--plan needs a file}"; shift 2 ;;
@@ -49,13 +50,17 @@ if [ -z "$threads" ]; then
   [ "$threads" -ge 1 ] || threads=1
 fi
 
-eval "$("$ROOT/scripts/setup.sh" --print-env)"
 if [ -n "$bin_dir" ]; then
   for binary in coordinator worker mentor; do
     [ -x "$bin_dir/$binary" ] || { echo "local-cluster.sh: --bin-dir $bin_dir has no $binary" >&2; exit 2; }
   done
   BIN="$(cd "$bin_dir" && pwd)"
+  # Prebuilt binaries need setup only when their libraries (libtorch) do not resolve as it is.
+  if ldd "$BIN/worker" 2>/dev/null | grep -q "not found"; then
+    eval "$("$ROOT/scripts/setup.sh" --print-env)"
+  fi
 else
+  eval "$("$ROOT/scripts/setup.sh" --print-env)"
   echo "[local-cluster] building (quick when already built)" >&2
   (cd "$ROOT" && cargo build --release --bins --quiet)
   BIN="$CARGO_TARGET_DIR/release"
