@@ -214,6 +214,7 @@ fn shipped_mpl_plans_are_valid() {
     for text in [
         include_str!("../../../deploy/plans/fashion-mnist-mpl.toml"),
         include_str!("../../../deploy/plans/fashion-mnist-mpl-gpu.toml"),
+        include_str!("../../../deploy/plans/fashion-mnist-mpl-long.toml"),
         include_str!("../../../deploy/plans/tiny-mpl.toml"),
     ] {
         let plan = Plan::from_toml_str(text).expect("mpl plan");
