@@ -49,22 +49,14 @@ if [ "$mode" = "--results" ]; then
 fi
 
 if [ "$mode" = "--mpl" ]; then
-  # The GPU schedule of Meta Pseudo Labels, one worker on cuda:0; progress lines from the log.
+  # The GPU schedule of Meta Pseudo Labels: one worker on cuda:0 through local-cluster.sh.
   plan="$OUT/mpl-gpu.toml"
   sed -e "s#/usr/share/datasets/fashion-mnist#$GPU_DIR/data#" "$ROOT/deploy/plans/fashion-mnist-mpl-gpu.toml" >"$plan"
-  state="$OUT/mpl"
-  rm -rf "$state"
-  "$BIN/coordinator" --plan "$plan" --listen 127.0.0.1:0 --state-dir "$state" >"$OUT/mpl-coordinator.log" 2>&1 &
-  coordinator=$!
-  trap 'kill $coordinator 2>/dev/null || true' EXIT
-  for _ in $(seq 1 100); do [ -s "$state/coordinator.addr" ] && break; sleep 0.1; done
-  address="$(cat "$state/coordinator.addr")"
-  started=$(date +%s)
-  timeout "${MPL_TIMEOUT:-480}" "$BIN/worker" --coordinator "$address" --device cuda:0 >"$OUT/mpl-worker.log" 2>&1 || true
-  "$BIN/mentor" status --coordinator "$address" --json >"$OUT/mpl-status.json" || true
-  echo "=== Meta Pseudo Labels, GPU schedule, seed 0: $(( $(date +%s) - started )) s ==="
-  grep -h 'meta pseudo labels evaluation' "$OUT/mpl-worker.log" | sed 's/.*evaluation //' || true
-  "$BIN/mentor" status --coordinator "$address" || true
+  timeout "${MPL_TIMEOUT:-480}" "$ROOT/scripts/local-cluster.sh" --plan "$plan" --workers 1 --device cuda:0 \
+    --bin-dir "$BIN" --state-dir "$OUT/mpl" >"$OUT/mpl.txt" 2>&1 || true
+  echo "=== Meta Pseudo Labels, GPU schedule, seed 0 ==="
+  grep -h 'meta pseudo labels evaluation' "$OUT"/mpl/logs/worker-*.log | sed 's/.*evaluation //' || true
+  sed -n '/=== final status/,$p' "$OUT/mpl.txt"
   exit 0
 fi
 

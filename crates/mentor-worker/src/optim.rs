@@ -87,13 +87,14 @@ mod tests {
         // A zero loss: the step is weight decay alone.
         (model.forward_t(&x, true).sum(Kind::Float) * 0.0).backward();
         optimizer.step();
+        let trainable: Vec<_> = vs
+            .trainable_variables()
+            .iter()
+            .map(Tensor::data_ptr)
+            .collect();
         let (mut decayed, mut kept) = (0, 0);
         for (name, tensor) in vs.variables() {
-            if !vs
-                .trainable_variables()
-                .iter()
-                .any(|t| t.data_ptr() == tensor.data_ptr())
-            {
+            if !trainable.contains(&tensor.data_ptr()) {
                 continue; // running statistics
             }
             let old = &before[&name];

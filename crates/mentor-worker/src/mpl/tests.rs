@@ -25,6 +25,37 @@ fn config(mpl_weight: f64, sign: MplSign) -> MplConfig {
     }
 }
 
+/// One MPL step of two linear models (plain SGD at 0.5) on a group of one.
+fn linear_step(
+    teacher: (&nn::VarStore, &nn::Linear),
+    student: (&nn::VarStore, &nn::Linear),
+    batch: &MplBatch,
+    config: &MplConfig,
+) -> MplStats {
+    let mut teacher_optimizer = nn::Sgd::default().build(teacher.0, 0.5).expect("optimizer");
+    let mut student_optimizer = nn::Sgd::default().build(student.0, 0.5).expect("optimizer");
+    let teacher_variables = teacher.0.trainable_variables();
+    let student_variables = student.0.trainable_variables();
+    mpl_step(
+        &mut Learner {
+            model: teacher.1,
+            variables: &teacher_variables,
+            optimizer: &mut teacher_optimizer,
+        },
+        &mut Learner {
+            model: student.1,
+            variables: &student_variables,
+            optimizer: &mut student_optimizer,
+        },
+        &mut Group::single(1 << 20, Device::Cpu),
+        batch,
+        config,
+        &mut MplState::default(),
+        true,
+    )
+    .expect("step")
+}
+
 /// A linear teacher that predicts class 0 at x = (1, 0), a linear student that predicts class
 /// 1 there; one MPL step where the labeled and the unlabeled image are both x with label 0.
 /// Returns h and the teacher's probability of class 0 at x after its step.
@@ -43,12 +74,6 @@ fn constructed_step(mpl_weight: f64, sign: MplSign) -> (f64, f64) {
     let student_vs = nn::VarStore::new(Device::Cpu);
     let student = nn::linear(student_vs.root(), 2, 2, Default::default());
     set(&student, [0.0, 0.0, 1.0, 0.0]);
-    let mut teacher_optimizer = nn::Sgd::default()
-        .build(&teacher_vs, 0.5)
-        .expect("optimizer");
-    let mut student_optimizer = nn::Sgd::default()
-        .build(&student_vs, 0.5)
-        .expect("optimizer");
     let x = Tensor::from_slice(&[1f32, 0.0]).view([1, 2]);
     let batch = MplBatch {
         labeled: x.shallow_clone(),
@@ -59,26 +84,12 @@ fn constructed_step(mpl_weight: f64, sign: MplSign) -> (f64, f64) {
         global_labeled: 1,
         global_unlabeled: 1,
     };
-    let teacher_variables = teacher_vs.trainable_variables();
-    let student_variables = student_vs.trainable_variables();
-    let stats = mpl_step(
-        &mut Learner {
-            model: &teacher,
-            variables: &teacher_variables,
-            optimizer: &mut teacher_optimizer,
-        },
-        &mut Learner {
-            model: &student,
-            variables: &student_variables,
-            optimizer: &mut student_optimizer,
-        },
-        &mut Group::single(1 << 20, Device::Cpu),
+    let stats = linear_step(
+        (&teacher_vs, &teacher),
+        (&student_vs, &student),
         &batch,
         &config(mpl_weight, sign),
-        &mut MplState::default(),
-        true,
-    )
-    .expect("step");
+    );
     let probability = tch::no_grad(|| {
         teacher
             .forward(&x)
@@ -112,8 +123,6 @@ fn a_helpful_pseudo_label_gives_positive_h_and_the_teacher_raises_it() {
     );
 }
 
-/// Teacher and student parameters after `steps` MPL steps on this rank's slice of a fixed global
-/// batch; models start from the checkpoints at `teacher_init` and `student_init`.
 /// A student whose input differs from the teacher's (as an EfficientNet student at a higher
 /// resolution) learns from its own views: a 3-input linear student next to a 2-input teacher.
 #[test]
@@ -122,12 +131,6 @@ fn the_student_gets_its_own_views_when_its_resolution_differs() {
     let teacher = nn::linear(teacher_vs.root(), 2, 2, Default::default());
     let student_vs = nn::VarStore::new(Device::Cpu);
     let student = nn::linear(student_vs.root(), 3, 2, Default::default());
-    let mut teacher_optimizer = nn::Sgd::default()
-        .build(&teacher_vs, 0.5)
-        .expect("optimizer");
-    let mut student_optimizer = nn::Sgd::default()
-        .build(&student_vs, 0.5)
-        .expect("optimizer");
     let x = Tensor::from_slice(&[1f32, 0.0, 0.5, -1.0]).view([2, 2]);
     let x_student = Tensor::from_slice(&[1f32, 0.0, 0.0, 0.5, -1.0, 0.0]).view([2, 3]);
     let batch = MplBatch {
@@ -140,26 +143,12 @@ fn the_student_gets_its_own_views_when_its_resolution_differs() {
         global_unlabeled: 2,
     };
     let before = student.ws.copy();
-    let teacher_variables = teacher_vs.trainable_variables();
-    let student_variables = student_vs.trainable_variables();
-    let stats = mpl_step(
-        &mut Learner {
-            model: &teacher,
-            variables: &teacher_variables,
-            optimizer: &mut teacher_optimizer,
-        },
-        &mut Learner {
-            model: &student,
-            variables: &student_variables,
-            optimizer: &mut student_optimizer,
-        },
-        &mut Group::single(1 << 20, Device::Cpu),
+    let stats = linear_step(
+        (&teacher_vs, &teacher),
+        (&student_vs, &student),
         &batch,
         &config(1.0, MplSign::Theory),
-        &mut MplState::default(),
-        true,
-    )
-    .expect("step");
+    );
     assert!(stats.student_labeled_loss.is_finite());
     assert!(
         !student.ws.allclose(&before, 1e-7, 1e-7, false),
@@ -187,6 +176,8 @@ fn the_students_warmup_and_cosine_start_after_its_wait() {
     assert!(student_learning_rate(mpl, 39) < 0.01 * base);
 }
 
+/// Teacher and student parameters after `steps` MPL steps on this rank's slice of a fixed global
+/// batch; models start from the checkpoints at `teacher_init` and `student_init`.
 fn train_slice(
     group: &mut Group,
     data: &(Tensor, Tensor, Tensor, Tensor),
