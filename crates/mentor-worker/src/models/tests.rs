@@ -181,3 +181,49 @@ fn drop_path_is_identity_in_eval_and_unbiased_in_training() {
     let row_max = trained.amax(1, false);
     assert!(row_min.equal(&row_max));
 }
+
+#[test]
+fn channels_last_keeps_values_and_lays_channels_innermost() {
+    for channels in [1, 3] {
+        let xs = Tensor::rand([2, channels, 5, 6], (Kind::Float, Device::Cpu));
+        let laid = channels_last(&xs);
+        assert_eq!(laid.size(), xs.size());
+        assert_eq!(
+            laid.stride(),
+            vec![30 * channels, 1, 6 * channels, channels]
+        );
+        assert!(laid.equal(&xs), "{channels} channels");
+    }
+}
+
+#[test]
+fn channels_last_models_compute_what_the_default_layout_does() {
+    for (model, channels, size) in [
+        (
+            ModelPlan::Cnn(CnnPlan {
+                width: 8,
+                residual_blocks: 1,
+                hidden: 16,
+                width_growth_per_round: 0,
+                batch_norm: true,
+            }),
+            1,
+            28,
+        ),
+        (wide_resnet(10, 1), 3, 32),
+        (efficientnet("b0"), 3, 32),
+    ] {
+        let name = model.kind_name();
+        let vs = nn::VarStore::new(Device::Cpu);
+        let plain = build_layers(&vs.root(), &config(model, 10, channels, size));
+        let wrapped = CpuChannelsLast(plain);
+        let xs = Tensor::rand([4, channels, size, size], (Kind::Float, Device::Cpu));
+        let expected = wrapped.0.forward_t(&xs.contiguous(), false);
+        let actual = wrapped.forward_t(&xs, false);
+        assert!(
+            actual.allclose(&expected, 1e-4, 1e-5, false),
+            "{name}: max difference {}",
+            (actual - expected).abs().max().double_value(&[])
+        );
+    }
+}
