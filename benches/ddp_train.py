@@ -4,7 +4,8 @@
 The same model as the project's `cnn` (width 32, hidden 128, batch norm), the same global batch
 split over --world-size processes (1 thread each), SGD with Nesterov momentum 0.9, weight decay
 5e-4 on weights only (not on biases and batch-norm parameters, as the workers), label smoothing
-0.1, no augmentation. Rank 0 prints img/s as a JSON line.
+0.1, no augmentation. Rank 0 prints img/s as a JSON line. --channels-last runs the model and
+its inputs in PyTorch's channels-last layout, as the workers do on the CPU.
 """
 import argparse
 import gzip
@@ -60,6 +61,8 @@ def run(rank, args):
     mean, std = unit.mean().item(), unit.std().item()
     torch.manual_seed(0)
     model = Cnn()
+    if args.channels_last:
+        model = model.to(memory_format=torch.channels_last)
     if args.world_size > 1:
         model = nn.parallel.DistributedDataParallel(model)
     decayed = [p for p in model.parameters() if p.dim() >= 2]
@@ -73,13 +76,16 @@ def run(rank, args):
         picks = torch.randint(0, images.shape[0], (args.batch,), generator=generator)
         picks = picks[rank * local:(rank + 1) * local]
         x = (images[picks].float() / 255.0 - mean) / std
+        if args.channels_last:
+            x = x.contiguous(memory_format=torch.channels_last)
         loss = F.cross_entropy(model(x), labels[picks], label_smoothing=0.1)
         optimizer.zero_grad()
         loss.backward()
         optimizer.step()
     seconds = time.perf_counter() - started
     if rank == 0:
-        print(json.dumps({"impl": "pytorch", "world_size": args.world_size, "batch": args.batch,
+        impl = "pytorch-channels-last" if args.channels_last else "pytorch"
+        print(json.dumps({"impl": impl, "world_size": args.world_size, "batch": args.batch,
                           "steps": args.steps, "seconds": seconds,
                           "images_per_second": args.batch * args.steps / seconds,
                           "final_loss": loss.item()}), flush=True)
@@ -94,6 +100,8 @@ def main():
     parser.add_argument("--batch", type=int, default=256)
     parser.add_argument("--steps", type=int, default=200)
     parser.add_argument("--data", default="/usr/share/datasets/fashion-mnist")
+    parser.add_argument("--channels-last", action="store_true",
+                        help="model and inputs in torch.channels_last")
     args = parser.parse_args()
     if args.world_size == 1:
         run(0, args)

@@ -13,7 +13,9 @@ Parameter counts and reference-count checks go to stderr.
 
 A training step is forward (train mode) + cross-entropy + backward + SGD
 (momentum 0.9, nesterov) step; inference is an eval-mode forward under
-torch.inference_mode().
+torch.inference_mode(). --channels-last runs the model and its input in PyTorch's
+channels-last layout (impl "pytorch-channels-last"), the layout the project's models use on
+the CPU.
 """
 import argparse
 import json
@@ -186,6 +188,9 @@ def bench(name, args, device):
     torch.manual_seed(0)
     model = build(name, args.channels, args.classes).to(device)
     x = torch.randn(args.batch, args.channels, args.image_size, args.image_size, device=device)
+    if args.channels_last:
+        model = model.to(memory_format=torch.channels_last)
+        x = x.contiguous(memory_format=torch.channels_last)
     y = torch.randint(0, args.classes, (args.batch,), device=device)
     opt = torch.optim.SGD(model.parameters(), lr=0.01, momentum=0.9, nesterov=True)
 
@@ -203,7 +208,7 @@ def bench(name, args, device):
         model.train(mode == "train")
         seconds = timed(step, device, args.warmup, args.iterations)
         results.append({
-            "impl": "pytorch", "model": name, "mode": mode,
+            "impl": "pytorch-channels-last" if args.channels_last else "pytorch", "model": name, "mode": mode,
             "images_per_second": args.batch * args.iterations / seconds,
             "batch": args.batch, "image_size": args.image_size,
             "params": count_params(model),
@@ -222,6 +227,7 @@ def main():
     p.add_argument("--warmup", type=int, default=2)
     p.add_argument("--iterations", type=int, default=5)
     p.add_argument("--threads", type=int, default=0)
+    p.add_argument("--channels-last", action="store_true")
     args = p.parse_args()
 
     names = [m.strip() for m in args.models.split(",") if m.strip()]

@@ -1,7 +1,9 @@
 #!/usr/bin/env bash
 # Data-parallel training throughput on Fashion-MNIST: this project's workers' training path
 # over the TCP ring against PyTorch DDP (gloo), same model, global batch and data, 1 thread per
-# process, in the same run. Prints img/s for 1 and 2 processes and the ratio mentor / PyTorch.
+# process, in the same run. Prints img/s for 1 and 2 processes and the ratio mentor / PyTorch,
+# against PyTorch in its default layout and in channels-last (the layout the workers use on the
+# CPU).
 #
 #   scripts/bench-ddp.sh [--batch 256] [--steps 200] [--data DIR]
 set -euo pipefail
@@ -39,18 +41,25 @@ for world in 1 2; do
     pids+=("$!")
   done
   for pid in "${pids[@]}"; do wait "$pid"; done
-  python3 "$ROOT/benches/ddp_train.py" --world-size "$world" --port "$(free_port)" \
-    --batch "$batch" --steps "$steps" --data "$data" | grep '^{' >>"$results"
+  for layout in "" --channels-last; do
+    python3 "$ROOT/benches/ddp_train.py" --world-size "$world" --port "$(free_port)" \
+      --batch "$batch" --steps "$steps" --data "$data" $layout | grep '^{' >>"$results"
+  done
 done
 
 python3 - "$results" <<'PY'
 import json, sys
 rows = [json.loads(l) for l in open(sys.argv[1]) if l.startswith("{")]
 by = {(r["impl"], r["world_size"]): r for r in rows}
-print(f"{'processes':>9} {'mentor img/s':>13} {'pytorch img/s':>14} {'ratio':>6}")
+print(f"{'processes':>9} {'mentor img/s':>13} {'pytorch img/s':>14} {'ratio':>6} "
+      f"{'pytorch channels-last img/s':>28} {'ratio':>6}")
 for world in (1, 2):
-    ours, theirs = by.get(("mentor", world)), by.get(("pytorch", world))
-    if ours and theirs:
-        print(f"{world:>9} {ours['images_per_second']:>13.0f} {theirs['images_per_second']:>14.0f} "
-              f"{ours['images_per_second'] / theirs['images_per_second']:>6.2f}")
+    ours = by.get(("mentor", world))
+    theirs = by.get(("pytorch", world))
+    last = by.get(("pytorch-channels-last", world))
+    if ours and theirs and last:
+        mine = ours["images_per_second"]
+        print(f"{world:>9} {mine:>13.0f} {theirs['images_per_second']:>14.0f} "
+              f"{mine / theirs['images_per_second']:>6.2f} "
+              f"{last['images_per_second']:>28.0f} {mine / last['images_per_second']:>6.2f}")
 PY

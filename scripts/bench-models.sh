@@ -6,7 +6,8 @@
 #   scripts/bench-models.sh [--device cpu|cuda] [--batch N] [--image-size N] [--iterations N]
 #                           [--models a,b,...] [--threads N]
 #
-# Prints a table with img/s and the ratio mentor / PyTorch (above 1.0: we are faster).
+# Prints a table with img/s and the ratio mentor / PyTorch (above 1.0: we are faster); on the
+# CPU also against PyTorch in channels-last, the layout this project's models use there.
 set -euo pipefail
 ROOT="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
 eval "$("$ROOT/scripts/setup.sh" --print-env)"
@@ -20,6 +21,11 @@ results="$(mktemp)"
 trap 'rm -f "$results"' EXIT
 "$CARGO_TARGET_DIR/release/bench-models" "$@" >>"$results"
 python3 "$ROOT/benches/models.py" "$@" | grep '^{' >>"$results"
+# On the CPU the project's models run channels-last: measure PyTorch in that layout as well.
+case " $* " in
+  *cuda*) ;;
+  *) python3 "$ROOT/benches/models.py" "$@" --channels-last | grep '^{' >>"$results" ;;
+esac
 
 python3 - "$results" <<'PY'
 import json, sys
@@ -29,7 +35,8 @@ models = []
 for r in rows:
     if r["model"] not in models:
         models.append(r["model"])
-print(f"{'model':<16} {'mode':<10} {'params':>11} {'mentor img/s':>13} {'pytorch img/s':>14} {'ratio':>6}")
+print(f"{'model':<16} {'mode':<10} {'params':>11} {'mentor img/s':>13} {'pytorch img/s':>14} {'ratio':>6}"
+      f" {'pytorch channels-last':>22} {'ratio':>6}")
 for model in models:
     for mode in ("train", "inference"):
         ours, theirs = by.get(("mentor", model, mode)), by.get(("pytorch", model, mode))
@@ -37,5 +44,9 @@ for model in models:
             continue
         ratio = ours["images_per_second"] / theirs["images_per_second"]
         params = ours["params"] if ours["params"] == theirs.get("params", ours["params"]) else f"{ours['params']}!={theirs['params']}"
-        print(f"{model:<16} {mode:<10} {params:>11} {ours['images_per_second']:>13.1f} {theirs['images_per_second']:>14.1f} {ratio:>6.2f}")
+        line = f"{model:<16} {mode:<10} {params:>11} {ours['images_per_second']:>13.1f} {theirs['images_per_second']:>14.1f} {ratio:>6.2f}"
+        last = by.get(("pytorch-channels-last", model, mode))
+        if last:
+            line += f" {last['images_per_second']:>22.1f} {ours['images_per_second'] / last['images_per_second']:>6.2f}"
+        print(line)
 PY
