@@ -96,8 +96,9 @@ impl ModuleT for CpuChannelsLast {
 /// A CPU image batch `[n, c, h, w]` with channels-last strides (`c` varies fastest), as
 /// PyTorch's `contiguous(memory_format=torch.channels_last)` lays it out: with one channel the
 /// memory is unchanged, but the strides tell the convolution to use its channels-last kernel.
-/// Anything else (GPU tensors, other ranks, tensors already laid out so) is returned as is.
-pub fn channels_last(xs: &Tensor) -> Tensor {
+/// Anything else (GPU tensors, tensors that are not 4-D, batches already laid out so) is
+/// returned as is.
+fn channels_last(xs: &Tensor) -> Tensor {
     let size = xs.size();
     if xs.device() != Device::Cpu || size.len() != 4 {
         return xs.shallow_clone();
