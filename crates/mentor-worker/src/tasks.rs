@@ -403,7 +403,14 @@ pub(crate) fn save_checkpoint(vs: &nn::VarStore, output: &Path) -> Result<(), St
             .map_err(|e| format!("failed to create `{}`: {e}", parent.display()))?;
     }
     let temporary = output.with_extension(format!("{}.tmp.safetensors", std::process::id()));
-    vs.save(&temporary)
+    // Weights may be laid out channels-last (see `models::conv2d`); safetensors stores them
+    // in the default layout.
+    let variables: Vec<(String, Tensor)> = vs
+        .variables()
+        .into_iter()
+        .map(|(name, value)| (name, value.contiguous()))
+        .collect();
+    Tensor::write_safetensors(&variables, &temporary)
         .map_err(|e| format!("failed to write checkpoint `{}`: {e}", temporary.display()))?;
     std::fs::rename(&temporary, output)
         .map_err(|e| format!("failed to move checkpoint to `{}`: {e}", output.display()))

@@ -4,7 +4,7 @@ use mentor_plan::{
     BitPlan, CnnPlan, DensenetPlan, EfficientnetPlan, ModelPlan, NoisePlan, ResnetPlan, Stem,
     WideResnetPlan,
 };
-use tch::nn;
+use tch::nn::{self, OptimizerConfig};
 use tch::{Device, Kind, Tensor};
 
 use super::*;
@@ -196,9 +196,14 @@ fn channels_last_keeps_values_and_lays_channels_innermost() {
     }
 }
 
+/// Channels-last strides of a 4-D tensor of this size.
+fn channels_last_strides(size: &[i64]) -> Vec<i64> {
+    vec![size[1] * size[2] * size[3], 1, size[3] * size[1], size[1]]
+}
+
 #[test]
 fn channels_last_models_compute_what_the_default_layout_does() {
-    for (model, channels, size) in [
+    for (model, channels, size, grouped) in [
         (
             ModelPlan::Cnn(CnnPlan {
                 width: 8,
@@ -209,21 +214,93 @@ fn channels_last_models_compute_what_the_default_layout_does() {
             }),
             1,
             28,
+            false,
         ),
-        (wide_resnet(10, 1), 3, 32),
-        (efficientnet("b0"), 3, 32),
+        (wide_resnet(10, 1), 3, 32, false),
+        (efficientnet("b0"), 3, 32, true),
     ] {
         let name = model.kind_name();
         let vs = nn::VarStore::new(Device::Cpu);
-        let plain = build_layers(&vs.root(), &config(model, 10, channels, size));
-        let wrapped = CpuChannelsLast(plain);
+        let wrapped = CpuChannelsLast(build_layers(&vs.root(), &config(model, 10, channels, size)));
+        // Depthwise weights (one input channel per group, more than one output) are laid out
+        // channels-last, every other weight keeps the default layout.
+        let mut laid_out = Vec::new();
+        for weight in vs.trainable_variables() {
+            let s = weight.size();
+            if s.len() == 4 && s[1] == 1 && s[0] > 1 && s[2] > 1 && grouped {
+                assert_eq!(weight.stride(), channels_last_strides(&s), "{name}: {s:?}");
+                assert!(weight.requires_grad(), "{name}: still a trainable variable");
+                laid_out.push(weight);
+            } else if s.len() == 4 {
+                assert!(weight.is_contiguous(), "{name}: {s:?}");
+            }
+        }
+        assert_eq!(!laid_out.is_empty(), grouped, "{name}");
         let xs = Tensor::rand([4, channels, size, size], (Kind::Float, Device::Cpu));
-        let expected = wrapped.0.forward_t(&xs, false);
         let actual = wrapped.forward_t(&xs, false);
+        // The same variables in the default layout, on an input in the default layout.
+        for mut weight in laid_out {
+            let plain = weight.contiguous();
+            weight.set_data(&plain);
+        }
+        let expected = wrapped.0.forward_t(&xs, false);
         assert!(
             actual.allclose(&expected, 1e-4, 1e-5, false),
             "{name}: max difference {}",
             (actual - expected).abs().max().double_value(&[])
         );
     }
+}
+
+#[test]
+fn channels_last_weights_train_and_round_trip_through_checkpoints() {
+    let model_config = config(efficientnet("b0"), 10, 3, 32);
+    let vs = nn::VarStore::new(Device::Cpu);
+    let net = build(&vs.root(), &model_config);
+    let depthwise = || {
+        (vs.root() / "features" / "1" / "0" / "block" / "0" / "0")
+            .get("weight")
+            .expect("the first depthwise weight")
+    };
+    assert_eq!(
+        depthwise().stride(),
+        channels_last_strides(&depthwise().size())
+    );
+    let mut optimizer = nn::Sgd {
+        momentum: 0.9,
+        ..Default::default()
+    }
+    .build(&vs, 0.1)
+    .expect("optimizer");
+    let xs = Tensor::rand([4, 3, 32, 32], (Kind::Float, Device::Cpu));
+    let labels = Tensor::from_slice(&[0i64, 1, 2, 3]);
+    let before = depthwise().copy();
+    for _ in 0..2 {
+        let loss = net.forward_t(&xs, true).cross_entropy_for_logits(&labels);
+        optimizer.backward_step(&loss);
+    }
+    assert!(
+        !depthwise().equal(&before),
+        "the optimizer updates the laid-out weight"
+    );
+
+    // A depthwise weight with one input channel per group has the default layout's memory; a
+    // channels-last variable with more channels does not, and checkpoints must take it too.
+    let extra = channels_last(&Tensor::rand([2, 3, 4, 4], (Kind::Float, Device::Cpu)));
+    assert!(!extra.is_contiguous());
+    let _ = vs.root().add("extra", extra, false);
+
+    let directory = std::env::temp_dir().join(format!("mentor-layout-{}", std::process::id()));
+    let path = directory.join("model.safetensors");
+    crate::tasks::save_checkpoint(&vs, &path).expect("save");
+    let mut loaded = nn::VarStore::new(Device::Cpu);
+    let _ = build(&loaded.root(), &model_config);
+    let _ = loaded.root().zeros_no_train("extra", &[2, 3, 4, 4]);
+    loaded.load(&path).expect("load");
+    let saved = vs.variables();
+    assert_eq!(loaded.variables().len(), saved.len());
+    for (name, value) in loaded.variables() {
+        assert!(value.equal(&saved[&name]), "{name} survives the round trip");
+    }
+    std::fs::remove_dir_all(&directory).expect("clean up");
 }
