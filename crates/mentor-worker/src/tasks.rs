@@ -403,8 +403,9 @@ pub(crate) fn save_checkpoint(vs: &nn::VarStore, output: &Path) -> Result<(), St
             .map_err(|e| format!("failed to create `{}`: {e}", parent.display()))?;
     }
     let temporary = output.with_extension(format!("{}.tmp.safetensors", std::process::id()));
-    // Weights may be laid out channels-last (see `models::conv2d`); safetensors stores them
-    // in the default layout.
+    // safetensors refuses tensors that are not contiguous (a channels-last variable with more
+    // than one input channel, which no model has today: `models::conv2d` lays out only
+    // depthwise weights, whose memory is contiguous); write contiguous copies.
     let variables: Vec<(String, Tensor)> = vs
         .variables()
         .into_iter()

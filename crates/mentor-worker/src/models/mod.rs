@@ -129,13 +129,14 @@ pub fn drop_path(residual: &Tensor, survival: f64, train: bool) -> Tensor {
     residual * keep / survival
 }
 
-/// `nn::conv2d` whose weight, on the CPU and for grouped (depthwise) convolutions, is laid out
-/// channels-last like the inputs [`CpuChannelsLast`] gives the model. Measured with
-/// `bench-models`: with its depthwise weights laid out so, EfficientNet-B0 trained 2.6x and
-/// inferred 4x faster; ordinary convolutions were faster with default-layout weights
-/// (ResNet-18 training 1.15x, `cnn` 1.1x), so only grouped ones change. The weight stays the
-/// same variable (its data is replaced): the optimizer, the collectives and loading see it as
-/// before; checkpoints are written from contiguous copies.
+/// `nn::conv2d` whose weight, on the CPU and for depthwise convolutions (one input channel per
+/// group), has channels-last strides like the inputs [`CpuChannelsLast`] gives the model.
+/// Measured with `bench-models`: EfficientNet-B0 trained 2.6x and inferred 4x faster so
+/// (libtorch picks its kernel from the strides); ordinary convolutions were faster with default-layout
+/// weights (ResNet-18 training 1.15x, `cnn` 1.1x), so they keep it. With one input channel per
+/// group the memory is that of the default layout, only the strides differ; the weight stays
+/// the same variable (its data is replaced), so the optimizer, the collectives and loading see
+/// it as before.
 pub(crate) fn conv2d(
     path: nn::Path,
     input: i64,
@@ -143,9 +144,9 @@ pub(crate) fn conv2d(
     kernel: i64,
     config: nn::ConvConfig,
 ) -> nn::Conv2D {
-    let grouped = config.groups > 1;
+    let depthwise = config.groups > 1 && config.groups == input;
     let mut conv = nn::conv2d(path, input, output, kernel, config);
-    if grouped && conv.ws.device() == Device::Cpu {
+    if depthwise && conv.ws.device() == Device::Cpu {
         let laid_out = tch::no_grad(|| channels_last(&conv.ws.detach()));
         conv.ws.set_data(&laid_out);
     }

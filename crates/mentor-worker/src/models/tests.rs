@@ -201,6 +201,11 @@ fn channels_last_strides(size: &[i64]) -> Vec<i64> {
     vec![size[1] * size[2] * size[3], 1, size[3] * size[1], size[1]]
 }
 
+/// Default (row-major) strides of a 4-D tensor of this size.
+fn default_strides(size: &[i64]) -> Vec<i64> {
+    vec![size[1] * size[2] * size[3], size[2] * size[3], size[3], 1]
+}
+
 #[test]
 fn channels_last_models_compute_what_the_default_layout_does() {
     for (model, channels, size, grouped) in [
@@ -232,16 +237,21 @@ fn channels_last_models_compute_what_the_default_layout_does() {
                 assert!(weight.requires_grad(), "{name}: still a trainable variable");
                 laid_out.push(weight);
             } else if s.len() == 4 {
-                assert!(weight.is_contiguous(), "{name}: {s:?}");
+                assert_eq!(weight.stride(), default_strides(&s), "{name}: {s:?}");
             }
         }
         assert_eq!(!laid_out.is_empty(), grouped, "{name}");
         let xs = Tensor::rand([4, channels, size, size], (Kind::Float, Device::Cpu));
         let actual = wrapped.forward_t(&xs, false);
-        // The same variables in the default layout, on an input in the default layout.
+        // The same variables in the default layout, on an input in the default layout. (A
+        // depthwise weight's memory is the same in both layouts, so `contiguous()` would keep
+        // its strides: copy into a fresh default-layout tensor.)
         for mut weight in laid_out {
-            let plain = weight.contiguous();
+            let size = weight.size();
+            let mut plain = Tensor::empty(size.as_slice(), (weight.kind(), Device::Cpu));
+            tch::no_grad(|| plain.copy_(&weight));
             weight.set_data(&plain);
+            assert_eq!(weight.stride(), default_strides(&size));
         }
         let expected = wrapped.0.forward_t(&xs, false);
         assert!(
@@ -283,6 +293,10 @@ fn channels_last_weights_train_and_round_trip_through_checkpoints() {
         !depthwise().equal(&before),
         "the optimizer updates the laid-out weight"
     );
+    assert_eq!(
+        depthwise().stride(),
+        channels_last_strides(&depthwise().size())
+    );
 
     // A depthwise weight with one input channel per group has the default layout's memory; a
     // channels-last variable with more channels does not, and checkpoints must take it too.
@@ -299,6 +313,13 @@ fn channels_last_weights_train_and_round_trip_through_checkpoints() {
     loaded.load(&path).expect("load");
     let saved = vs.variables();
     assert_eq!(loaded.variables().len(), saved.len());
+    let loaded_depthwise = (loaded.root() / "features" / "1" / "0" / "block" / "0" / "0")
+        .get("weight")
+        .expect("the loaded depthwise weight");
+    assert_eq!(
+        loaded_depthwise.stride(),
+        channels_last_strides(&loaded_depthwise.size())
+    );
     for (name, value) in loaded.variables() {
         assert!(value.equal(&saved[&name]), "{name} survives the round trip");
     }
