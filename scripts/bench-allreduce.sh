@@ -3,7 +3,7 @@
 # on loopback, 1 MB to 256 MB, measured in the same run. Prints algbw and busbw (nccl-tests
 # definitions: busbw = algbw * 2(W-1)/W) and the busbw ratio ring / gloo.
 #
-#   scripts/bench-allreduce.sh [--worlds 2,4] [--sizes-mb 1,4,16,64,256] [--iterations 5]
+#   scripts/bench-allreduce.sh [--worlds 2,4] [--sizes-mb 1,4,16,64,256] [--iterations 10]
 set -euo pipefail
 ROOT="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
 worlds="2,4"

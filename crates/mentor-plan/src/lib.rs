@@ -422,7 +422,8 @@ pub struct RandAugmentPlan {
     /// Magnitude: each operation is applied at `magnitude / 10` of its range (0 to 30).
     #[serde(default)]
     pub magnitude: f64,
-    /// Operations to draw from; empty means every grayscale operation.
+    /// Operations to draw from; empty means every operation (`color` leaves 1-channel images
+    /// unchanged).
     #[serde(default)]
     pub op_list: Vec<String>,
     /// Side of a square cut out of every image after the operations, as a fraction of the
