@@ -262,16 +262,19 @@ fn channels_last_models_compute_what_the_default_layout_does() {
     }
 }
 
+/// The weight of EfficientNet's first depthwise convolution (stage 1 has no expansion).
+fn first_depthwise_weight(vs: &nn::VarStore) -> Tensor {
+    (vs.root() / "features" / "1" / "0" / "block" / "0" / "0")
+        .get("weight")
+        .expect("the first depthwise weight")
+}
+
 #[test]
 fn channels_last_weights_train_and_round_trip_through_checkpoints() {
     let model_config = config(efficientnet("b0"), 10, 3, 32);
     let vs = nn::VarStore::new(Device::Cpu);
     let net = build(&vs.root(), &model_config);
-    let depthwise = || {
-        (vs.root() / "features" / "1" / "0" / "block" / "0" / "0")
-            .get("weight")
-            .expect("the first depthwise weight")
-    };
+    let depthwise = || first_depthwise_weight(&vs);
     assert_eq!(
         depthwise().stride(),
         channels_last_strides(&depthwise().size())
@@ -313,9 +316,7 @@ fn channels_last_weights_train_and_round_trip_through_checkpoints() {
     loaded.load(&path).expect("load");
     let saved = vs.variables();
     assert_eq!(loaded.variables().len(), saved.len());
-    let loaded_depthwise = (loaded.root() / "features" / "1" / "0" / "block" / "0" / "0")
-        .get("weight")
-        .expect("the loaded depthwise weight");
+    let loaded_depthwise = first_depthwise_weight(&loaded);
     assert_eq!(
         loaded_depthwise.stride(),
         channels_last_strides(&loaded_depthwise.size())
