@@ -33,7 +33,10 @@ def with_seed(text, seed):
 def supervised_all(text):
     text = re.sub(r"(?m)^rounds = \d+", "rounds = 1", text, count=1)
     text = re.sub(r"(?m)^labeled_per_class = \d+.*$", "labeled_per_class = 5990", text, count=1)
-    text = text.replace("[teacher.train]\nsteps = 600\nbatch_size = 64", "[teacher.train]\nsteps = 3000\nbatch_size = 128", 1)
+    teacher = "[teacher.train]\nsteps = 600\nbatch_size = 64"
+    if teacher not in text:
+        raise SystemExit(f"supervised-all: the Noisy Student plan no longer has {teacher!r}")
+    text = text.replace(teacher, "[teacher.train]\nsteps = 3000\nbatch_size = 128", 1)
     return re.sub(r"(?ms)(\[student.train\]\nsteps = )\d+", r"\g<1>100", text, count=1)
 
 
