@@ -27,17 +27,24 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
 def with_seed(text, seed):
-    return re.sub(r"(?m)^seed = \d+", f"seed = {seed}", text, count=1)
+    return rewrite(text, r"^seed = \d+", f"seed = {seed}")
+
+
+def rewrite(text, pattern, replacement):
+    """text with the first match of the multi-line regex pattern replaced; stops with a clear
+    error when the plan no longer has it, instead of silently running an unchanged plan."""
+    text, count = re.subn(pattern, replacement, text, count=1, flags=re.M | re.S)
+    if count == 0:
+        raise SystemExit(f"results: the plan no longer matches {pattern!r}")
+    return text
 
 
 def supervised_all(text):
-    text = re.sub(r"(?m)^rounds = \d+", "rounds = 1", text, count=1)
-    text = re.sub(r"(?m)^labeled_per_class = \d+.*$", "labeled_per_class = 5990", text, count=1)
-    teacher = "[teacher.train]\nsteps = 600\nbatch_size = 64"
-    if teacher not in text:
-        raise SystemExit(f"supervised-all: the Noisy Student plan no longer has {teacher!r}")
-    text = text.replace(teacher, "[teacher.train]\nsteps = 3000\nbatch_size = 128", 1)
-    return re.sub(r"(?ms)(\[student.train\]\nsteps = )\d+", r"\g<1>100", text, count=1)
+    text = rewrite(text, r"^rounds = \d+", "rounds = 1")
+    text = rewrite(text, r"^labeled_per_class = \d+.*?$", "labeled_per_class = 5990")
+    text = rewrite(text, r"^\[teacher.train\]\nsteps = 600\nbatch_size = 64$",
+                   "[teacher.train]\nsteps = 3000\nbatch_size = 128")
+    return rewrite(text, r"(\[student.train\]\nsteps = )\d+", r"\g<1>100")
 
 
 def finished(directory, plan, plan_text):

@@ -133,10 +133,10 @@ pub fn drop_path(residual: &Tensor, survival: f64, train: bool) -> Tensor {
 /// group), has channels-last strides like the inputs [`CpuChannelsLast`] gives the model.
 /// Measured with `bench-models`: EfficientNet-B0 trained 2.6x and inferred 4x faster so
 /// (libtorch picks its kernel from the strides); ordinary convolutions were faster with
-/// default-layout weights (ResNet-18 training 1.15x, `cnn` 1.1x), so they keep it. With one input channel per
-/// group the memory is that of the default layout, only the strides differ; the weight stays
-/// the same variable (its data is replaced), so the optimizer, the collectives and loading see
-/// it as before.
+/// default-layout weights (ResNet-18 training 1.15x, `cnn` 1.1x), so they keep it. With one
+/// input channel per group the memory is that of the default layout, only the strides differ;
+/// the weight stays the same variable (its data is replaced), so the optimizer, the collectives
+/// and loading see it as before.
 pub(crate) fn conv2d(
     path: nn::Path,
     input: i64,
