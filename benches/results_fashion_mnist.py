@@ -8,11 +8,13 @@ numbers to results.json in --out (default runs/results).
 - noisy-student: the last round's student of deploy/plans/fashion-mnist-noisy-student.toml;
 - meta-pseudo-labels: the final (finetuned) student of deploy/plans/fashion-mnist-mpl.toml;
 - supervised-all: the teacher trained on 59,900 labels (100 images stay unlabeled because a
-  Noisy Student run needs some), with a longer schedule (3,000 steps of 128 images).
+  Noisy Student run needs some), with a longer schedule (12,000 steps of 128 images, about 26
+  epochs).
 
 --methods picks some of the methods (supervised-1k comes with noisy-student); --reuse keeps a
 finished run whose plan text is unchanged instead of running it again, so an interrupted table
-resumes where it stopped. --quick runs the tiny test plans instead (seconds; to check the script,
+resumes where it stopped, and finetunes a finished Meta Pseudo Labels run again when only its
+plan's finetune line changed (local-cluster.sh --redo-finetune). --quick runs the tiny test plans instead (seconds; to check the script,
 not for numbers).
 """
 import argparse
@@ -43,7 +45,7 @@ def supervised_all(text):
     text = rewrite(text, r"^rounds = \d+", "rounds = 1")
     text = rewrite(text, r"^labeled_per_class = \d+.*?$", "labeled_per_class = 5990")
     text = rewrite(text, r"^\[teacher.train\]\nsteps = 600\nbatch_size = 64$",
-                   "[teacher.train]\nsteps = 3000\nbatch_size = 128")
+                   "[teacher.train]\nsteps = 12000\nbatch_size = 128")
     return rewrite(text, r"(\[student.train\]\nsteps = )\d+", r"\g<1>100")
 
 
@@ -59,21 +61,45 @@ def finished(directory, plan, plan_text):
     return status if same and status.get("status") == "succeeded" else None
 
 
+def without_finetune(text):
+    """A Meta Pseudo Labels plan without its comments and its finetune line (the part
+    --redo-finetune may change)."""
+    return [line for line in text.splitlines()
+            if not line.lstrip().startswith("#") and not line.startswith("finetune = ")]
+
+
 def run(name, plan_text, seed, args):
     directory = os.path.join(os.path.abspath(args.out), f"{name}-seed{seed}")
     os.makedirs(os.path.dirname(directory), exist_ok=True)
     plan = directory + ".toml"
+    redo_finetune = False
     if args.reuse:
         status = finished(directory, plan, plan_text)
         if status is not None:
             print(f"[results] {name}, seed {seed}: reusing the finished run in {directory}", file=sys.stderr, flush=True)
             return status
+        # A finished Meta Pseudo Labels run whose plan changed in its finetune only keeps its
+        # joint training and finetunes again.
+        try:
+            with open(plan) as f:
+                old_text = f.read()
+        except OSError:
+            old_text = None
+        redo_finetune = (name == "meta-pseudo-labels" and old_text is not None
+                         and without_finetune(old_text) == without_finetune(plan_text)
+                         and finished(directory, plan, old_text) is not None)
     with open(plan, "w") as f:
         f.write(plan_text)
-    subprocess.run(["rm", "-rf", directory], check=True)
-    print(f"[results] {name}, seed {seed}: running (logs in {directory}/logs)", file=sys.stderr, flush=True)
+    if redo_finetune:
+        print(f"[results] {name}, seed {seed}: finetuning the finished run in {directory} again "
+              "(only the finetune changed)", file=sys.stderr, flush=True)
+    else:
+        subprocess.run(["rm", "-rf", directory], check=True)
+        print(f"[results] {name}, seed {seed}: running (logs in {directory}/logs)", file=sys.stderr, flush=True)
     command = [os.path.join(ROOT, "scripts", "local-cluster.sh"), "--plan", plan,
                "--workers", str(args.workers), "--state-dir", directory]
+    if redo_finetune:
+        command.append("--redo-finetune")
     if args.bin_dir:
         command += ["--bin-dir", args.bin_dir]
     if args.device:

@@ -10,6 +10,10 @@
 #   --threads N        libtorch threads per worker (default: cores / workers, at least 1, so
 #                      that workers training together as data-parallel ranks do not oversubscribe)
 #   --state-dir DIR    run directory (default runs/<plan file name>-<date>); an existing one resumes
+#                      (logs are appended to)
+#   --redo-finetune    finetune the student of the Meta Pseudo Labels run in --state-dir again,
+#                      under a plan that differs from the run's in [mpl.finetune] only (the joint
+#                      teacher-student training is kept)
 #   --listen ADDR      coordinator address (default 127.0.0.1:0, a free port)
 #   --bin-dir DIR      use the coordinator, worker and mentor binaries in DIR instead of building
 #                      them (no setup either when their libraries already resolve)
@@ -27,8 +31,9 @@ threads=""
 state_dir=""
 listen="127.0.0.1:0"
 bin_dir=""
+redo_finetune=()
 
-usage() { sed -n '2,19p' "$0"; }
+usage() { sed -n '2,23p' "$0"; }
 while [ $# -gt 0 ]; do
   case "$1" in
     --plan) plan="${2:?--plan needs a file}"; shift 2 ;;
@@ -38,6 +43,7 @@ while [ $# -gt 0 ]; do
     --state-dir) state_dir="${2:?--state-dir needs a directory}"; shift 2 ;;
     --listen) listen="${2:?--listen needs an address}"; shift 2 ;;
     --bin-dir) bin_dir="${2:?--bin-dir needs a directory}"; shift 2 ;;
+    --redo-finetune) redo_finetune=(--redo-finetune); shift ;;
     -h|--help) usage; exit 0 ;;
     *) echo "local-cluster.sh: unknown argument $1" >&2; usage >&2; exit 2 ;;
   esac
@@ -82,8 +88,10 @@ trap cleanup EXIT
 trap 'echo "[local-cluster] interrupted, stopping every process" >&2; exit 130' INT TERM
 
 started=$(date +%s)
+coordinator_log="$state_dir/logs/coordinator.log"
+log_offset=$(stat -c %s "$coordinator_log" 2>/dev/null || echo 0)
 "$BIN/coordinator" --plan "$plan" --listen "$listen" --state-dir "$state_dir" \
-  >"$state_dir/logs/coordinator.log" 2>&1 &
+  "${redo_finetune[@]}" >>"$coordinator_log" 2>&1 &
 coordinator_pid=$!
 pids+=("$coordinator_pid")
 
@@ -91,7 +99,7 @@ for _ in $(seq 1 300); do
   [ -s "$state_dir/coordinator.addr" ] && break
   if ! kill -0 "$coordinator_pid" 2>/dev/null; then
     echo "[local-cluster] the coordinator stopped:" >&2
-    cat "$state_dir/logs/coordinator.log" >&2
+    tail -c +"$((log_offset + 1))" "$coordinator_log" >&2
     exit 1
   fi
   sleep 0.1
@@ -103,7 +111,7 @@ echo "[local-cluster] coordinator at $address, run directory $state_dir" >&2
 worker_pids=()
 for i in $(seq 1 "$workers"); do
   "$BIN/worker" --coordinator "$address" --device "$device" --threads "$threads" \
-    >"$state_dir/logs/worker-$i.log" 2>&1 &
+    >>"$state_dir/logs/worker-$i.log" 2>&1 &
   worker_pids+=("$!")
   pids+=("$!")
 done

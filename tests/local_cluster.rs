@@ -4,8 +4,8 @@
 use std::time::Duration;
 
 use mentor_e2e::{
-    binary, start_coordinator, start_coordinator_on, start_worker, status, tiny_plan_with,
-    try_status, wait_for, watch_run, workspace_root, ONE_WORKER_SHORT_HEARTBEAT,
+    binary, start_coordinator, start_coordinator_on, start_coordinator_with, start_worker, status,
+    tiny_plan_with, try_status, wait_for, watch_run, workspace_root, ONE_WORKER_SHORT_HEARTBEAT,
 };
 use mentor_labels::{read_round, ShardStore};
 
@@ -447,6 +447,101 @@ fn a_tiny_meta_pseudo_labels_run_trains_evaluates_and_finetunes() {
     assert_eq!(
         json["final_student_test_accuracy"],
         serde_json::json!(round.finetuned_student_test_accuracy)
+    );
+    drop(coordinator);
+
+    // A changed [mpl.finetune] finetunes the student again and keeps the joint training.
+    let checkpoint = |name: &str| {
+        std::fs::read(state_dir.join(format!("checkpoints/{name}.safetensors"))).expect(name)
+    };
+    let (teacher, student, finetuned) = (
+        checkpoint("round-1-teacher"),
+        checkpoint("round-1-student"),
+        checkpoint("round-1-student-finetuned"),
+    );
+    let text = std::fs::read_to_string(&plan).expect("plan");
+    let old_finetune = "finetune = { steps = 10, batch_size = 32, learning_rate = 0.01 }";
+    assert!(
+        text.contains(old_finetune),
+        "tiny-mpl.toml changed its finetune"
+    );
+    let changed = dir.path().join("changed-finetune.toml");
+    std::fs::write(
+        &changed,
+        text.replacen(
+            old_finetune,
+            "finetune = { steps = 20, batch_size = 16, learning_rate = 0.003 }",
+            1,
+        ),
+    )
+    .expect("write plan");
+    let refused = std::process::Command::new(binary("coordinator"))
+        .args(["--plan", changed.to_str().expect("utf-8")])
+        .args(["--listen", "127.0.0.1:0", "--state-dir"])
+        .arg(&state_dir)
+        .output()
+        .expect("coordinator");
+    let stderr = String::from_utf8_lossy(&refused.stderr);
+    assert!(!refused.status.success(), "{stderr}");
+    assert!(stderr.contains("--redo-finetune"), "{stderr}");
+    // A plan changed beyond its finetune is refused even with the flag.
+    let longer = dir.path().join("changed-steps.toml");
+    std::fs::write(&longer, text.replacen("steps = 40", "steps = 41", 1)).expect("write plan");
+    let refused = std::process::Command::new(binary("coordinator"))
+        .args(["--plan", longer.to_str().expect("utf-8"), "--redo-finetune"])
+        .args(["--listen", "127.0.0.1:0", "--state-dir"])
+        .arg(&state_dir)
+        .output()
+        .expect("coordinator");
+    let stderr = String::from_utf8_lossy(&refused.stderr);
+    assert!(!refused.status.success(), "{stderr}");
+    assert!(stderr.contains("more than [mpl.finetune]"), "{stderr}");
+
+    let (mut again, address) =
+        start_coordinator_with(&changed, "127.0.0.1:0", &state_dir, &["--redo-finetune"]);
+    let _workers = [
+        start_worker(&address, dir.path().join("worker-3.log")),
+        start_worker(&address, dir.path().join("worker-4.log")),
+    ];
+    let redone = watch_run(
+        &runtime,
+        &address,
+        &mut again,
+        Duration::from_secs(300),
+        |_| {},
+    );
+    assert_eq!(redone.status, "succeeded", "{}", redone.error);
+    assert_eq!(redone.run_id, final_status.run_id);
+    let redone_round = &redone.rounds[0];
+    assert_eq!(
+        redone_round.teacher_test_accuracy,
+        round.teacher_test_accuracy
+    );
+    assert_eq!(
+        redone_round.student_test_accuracy,
+        round.student_test_accuracy
+    );
+    assert!(redone_round.finetuned_student_test_accuracy.is_some());
+    assert_eq!(checkpoint("round-1-teacher"), teacher);
+    assert_eq!(checkpoint("round-1-student"), student);
+    assert_ne!(checkpoint("round-1-student-finetuned"), finetuned);
+    assert!(again.log_text().contains("redoing the finetune"));
+    // The joint training ran once; the old finetune and its evaluation were replaced.
+    let state: serde_json::Value = serde_json::from_str(
+        &std::fs::read_to_string(state_dir.join("state.json")).expect("state.json"),
+    )
+    .expect("state json");
+    let kinds: Vec<&str> = state["tasks"]
+        .as_object()
+        .expect("tasks")
+        .values()
+        .map(|task| task["spec"]["kind"].as_str().expect("kind"))
+        .collect();
+    let count = |kind: &str| kinds.iter().filter(|k| **k == kind).count();
+    assert_eq!(
+        (count("train-mpl"), count("finetune"), count("evaluate")),
+        (1, 1, 3),
+        "{kinds:?}"
     );
 }
 

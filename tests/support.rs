@@ -94,17 +94,30 @@ pub fn start_coordinator(plan: &Path, state_dir: &Path) -> (Process, String) {
 
 /// Starts a coordinator listening on `listen` and waits for its address file.
 pub fn start_coordinator_on(plan: &Path, listen: &str, state_dir: &Path) -> (Process, String) {
+    start_coordinator_with(plan, listen, state_dir, &[])
+}
+
+/// Starts a coordinator listening on `listen` with `extra` arguments and waits for its address
+/// file.
+pub fn start_coordinator_with(
+    plan: &Path,
+    listen: &str,
+    state_dir: &Path,
+    extra: &[&str],
+) -> (Process, String) {
     let _ = std::fs::remove_file(state_dir.join("coordinator.addr"));
+    let mut args = vec![
+        "--plan",
+        plan.to_str().expect("utf-8 path"),
+        "--listen",
+        listen,
+        "--state-dir",
+        state_dir.to_str().expect("utf-8 path"),
+    ];
+    args.extend_from_slice(extra);
     let mut coordinator = Process::start(
         &binary("coordinator"),
-        &[
-            "--plan",
-            plan.to_str().expect("utf-8 path"),
-            "--listen",
-            listen,
-            "--state-dir",
-            state_dir.to_str().expect("utf-8 path"),
-        ],
+        &args,
         state_dir.with_extension(format!("coordinator-{}.log", unique())),
     );
     let address = wait_for(

@@ -16,7 +16,7 @@ use std::time::{Duration, Instant};
 use mentor_labels::ShardStore;
 use mentor_plan::Plan;
 
-use crate::state::{Assignment, Effect, RunState, TaskId, TaskOutcome, TaskSpec, WorkerId};
+use crate::state::{Assignment, Effect, Phase, RunState, TaskId, TaskOutcome, TaskSpec, WorkerId};
 
 /// How often workers are asked to send a heartbeat.
 pub const HEARTBEAT_INTERVAL: Duration = Duration::from_secs(1);
@@ -30,8 +30,10 @@ pub enum CoordinatorError {
     InvalidRequest(String),
     #[error("failed to read the data set: {0}")]
     Data(#[from] mentor_data::DataError),
-    #[error("state directory `{dir}` holds a run of another plan; use a new --state-dir or the same plan")]
+    #[error("state directory `{dir}` holds a run of another plan; use a new --state-dir or the same plan (a Meta Pseudo Labels run whose plan changed in [mpl.finetune] only can finetune again with --redo-finetune)")]
     PlanMismatch { dir: PathBuf },
+    #[error("cannot redo the finetune of the run in `{dir}`: {reason}")]
+    RedoFinetune { dir: PathBuf, reason: String },
     #[error("state store `{path}`: {reason}")]
     StateStore { path: PathBuf, reason: String },
     #[error("soft-label storage (pseudo_labels.storage): {reason}")]
@@ -106,6 +108,41 @@ pub struct GroupView {
     pub missing_ranks: Vec<u32>,
 }
 
+/// Checks that `plan` differs from the run's plan in `[mpl.finetune]` at most and rewinds the
+/// run to its finetune (its checkpoints must still be there).
+fn redo_finetune_of(state: &mut RunState, plan: &Plan, dir: &Path) -> Result<(), CoordinatorError> {
+    let error = |reason: String| CoordinatorError::RedoFinetune {
+        dir: dir.to_path_buf(),
+        reason,
+    };
+    let mut recorded = Plan::from_toml_str(&state.plan_toml)
+        .map_err(|e| error(format!("the run's recorded plan does not parse: {e}")))?;
+    if let (Some(recorded), Some(mpl)) = (recorded.mpl.as_mut(), plan.mpl.as_ref()) {
+        recorded.finetune = mpl.finetune.clone();
+    }
+    if recorded.to_toml_string() != plan.to_toml_string() {
+        return Err(error(
+            "the plan differs from the run's in more than [mpl.finetune]".into(),
+        ));
+    }
+    let previous = state.current_round().finetuned_student_test_accuracy;
+    state.redo_finetune(plan).map_err(error)?;
+    if let Some(student) = &state.current_round().student {
+        if state.phase == Phase::Finetune && !student.checkpoint.exists() {
+            return Err(error(format!(
+                "the student checkpoint `{}` is missing",
+                student.checkpoint.display()
+            )));
+        }
+    }
+    tracing::info!(
+        run = %state.run_id,
+        previous_finetuned_accuracy = ?previous,
+        "redoing the finetune of the student"
+    );
+    Ok(())
+}
+
 /// `cpu` or `cuda` from a device name such as `cuda:3`.
 pub fn device_kind(device: &str) -> &str {
     device.split(':').next().unwrap_or(device)
@@ -126,6 +163,30 @@ pub struct Coordinator {
 impl Coordinator {
     /// Opens the run of `plan` in `run_dir`, resuming the saved state when there is one.
     pub fn open(plan: Plan, run_dir: &Path) -> Result<Coordinator, CoordinatorError> {
+        Coordinator::open_run(plan, run_dir, false)
+    }
+
+    /// Opens the Meta Pseudo Labels run saved in `run_dir` to finetune its student again under
+    /// `plan`, which may differ from the run's plan in `[mpl.finetune]` only: the hours of joint
+    /// teacher-student training are kept (see [`RunState::redo_finetune`]).
+    pub fn open_to_redo_finetune(
+        plan: Plan,
+        run_dir: &Path,
+    ) -> Result<Coordinator, CoordinatorError> {
+        if !run_dir.join("state.json").exists() {
+            return Err(CoordinatorError::RedoFinetune {
+                dir: run_dir.to_path_buf(),
+                reason: "it holds no run (no state.json)".into(),
+            });
+        }
+        Coordinator::open_run(plan, run_dir, true)
+    }
+
+    fn open_run(
+        plan: Plan,
+        run_dir: &Path,
+        redo_finetune: bool,
+    ) -> Result<Coordinator, CoordinatorError> {
         let state_store_error = |reason: String| CoordinatorError::StateStore {
             path: run_dir.to_path_buf(),
             reason,
@@ -150,7 +211,9 @@ impl Coordinator {
                 .map_err(|e| state_store_error(e.to_string()))?;
             let mut state: RunState = serde_json::from_str(&text)
                 .map_err(|e| state_store_error(format!("unreadable state.json: {e}")))?;
-            if state.plan_toml != plan.to_toml_string() {
+            if redo_finetune {
+                redo_finetune_of(&mut state, &plan, &run_dir)?;
+            } else if state.plan_toml != plan.to_toml_string() {
                 return Err(CoordinatorError::PlanMismatch { dir: run_dir });
             }
             state.requeue_running();

@@ -23,6 +23,11 @@ struct Args {
     /// A directory holding a run of the same plan resumes it.
     #[arg(long)]
     state_dir: Option<PathBuf>,
+    /// Finetune the student of the finished (or interrupted) Meta Pseudo Labels run in
+    /// --state-dir again, under a plan that may differ from the run's in `[mpl.finetune]` only;
+    /// the jointly trained teacher and student are kept.
+    #[arg(long)]
+    redo_finetune: bool,
     /// Log format.
     #[arg(long, default_value = "text", value_parser = mentor_telemetry::LOG_FORMATS)]
     log_format: String,
@@ -62,8 +67,14 @@ async fn main() -> anyhow::Result<()> {
         .state_dir
         .clone()
         .unwrap_or_else(|| PathBuf::from("runs").join(&plan.name));
-    let coordinator = tokio::task::block_in_place(|| Coordinator::open(plan, &state_dir))
-        .with_context(|| format!("failed to open the run in `{}`", state_dir.display()))?;
+    let coordinator = tokio::task::block_in_place(|| {
+        if args.redo_finetune {
+            Coordinator::open_to_redo_finetune(plan, &state_dir)
+        } else {
+            Coordinator::open(plan, &state_dir)
+        }
+    })
+    .with_context(|| format!("failed to open the run in `{}`", state_dir.display()))?;
     let run_dir = coordinator.state.paths.run_dir.clone();
     let listener = tokio::net::TcpListener::bind(args.listen)
         .await

@@ -269,6 +269,13 @@ impl RunPaths {
             .join(format!("round-{round}-{}.safetensors", role.as_str()))
     }
 
+    /// Meta Pseudo Labels: the finetuned student.
+    pub fn finetuned_checkpoint(&self) -> PathBuf {
+        self.run_dir
+            .join("checkpoints")
+            .join("round-1-student-finetuned.safetensors")
+    }
+
     pub fn selection(&self, round: u32) -> PathBuf {
         self.run_dir
             .join("selections")
@@ -470,6 +477,59 @@ impl RunState {
         }
     }
 
+    /// Meta Pseudo Labels: takes `plan`, which differs from the run's at most in
+    /// `[mpl.finetune]`, and finetunes the jointly trained student again under it. A finished or
+    /// finetuning run goes back to its finetune phase (the finetuned student and its accuracy are
+    /// dropped, teacher and student are kept); a run whose finetune has not begun just takes the
+    /// new finetune. Errors say why the finetune cannot be redone.
+    pub fn redo_finetune(&mut self, plan: &Plan) -> Result<(), String> {
+        if self.method != Method::MetaPseudoLabels {
+            return Err(format!(
+                "only a Meta Pseudo Labels run has a finetune; this one is {}",
+                self.method.as_str()
+            ));
+        }
+        if plan.mpl.as_ref().is_none_or(|mpl| mpl.finetune.steps == 0) {
+            return Err("the plan's mpl.finetune.steps is 0: there is no finetune to run".into());
+        }
+        self.plan_toml = plan.to_toml_string();
+        self.finetune = true;
+        let begun = matches!(
+            self.phase,
+            Phase::Finetune | Phase::EvaluateFinetuned | Phase::Done
+        );
+        if !begun {
+            return Ok(());
+        }
+        let round = self.current_round();
+        if round.student.is_none()
+            || round.teacher_test_accuracy.is_none()
+            || round.student_test_accuracy.is_none()
+        {
+            let reason = match &self.outcome {
+                RunOutcome::Failed(message) => format!(": {message}"),
+                _ => String::new(),
+            };
+            return Err(format!(
+                "the run ended before its teacher and student were trained and evaluated{reason}"
+            ));
+        }
+        let finetuned = self.paths.finetuned_checkpoint();
+        self.tasks.retain(|_, task| match &task.spec {
+            TaskSpec::Finetune { .. } => false,
+            TaskSpec::Evaluate { model } => model.checkpoint != finetuned,
+            _ => true,
+        });
+        let round = self.current_round_mut();
+        round.finetuned = None;
+        round.finetuned_student_test_accuracy = None;
+        self.outcome = RunOutcome::Running;
+        self.phase = Phase::EvaluateMpl;
+        let effects = self.advance();
+        debug_assert!(effects.is_empty() && self.phase == Phase::Finetune);
+        Ok(())
+    }
+
     /// Requeues every running task (after a coordinator restart).
     pub fn requeue_running(&mut self) {
         for task in self.tasks.values_mut() {
@@ -645,11 +705,7 @@ impl RunState {
                     return self.succeed();
                 }
                 self.phase = Phase::Finetune;
-                let output = self
-                    .paths
-                    .run_dir
-                    .join("checkpoints")
-                    .join("round-1-student-finetuned.safetensors");
+                let output = self.paths.finetuned_checkpoint();
                 self.add_task(TaskSpec::Finetune {
                     init: student.checkpoint,
                     output,

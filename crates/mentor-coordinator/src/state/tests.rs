@@ -373,3 +373,97 @@ fn meta_pseudo_labels_trains_evaluates_and_finetunes() {
     );
     assert_eq!(round.finetuned_student_test_accuracy, Some(0.75));
 }
+
+#[test]
+fn a_finished_meta_pseudo_labels_run_redoes_only_its_finetune() {
+    let text = include_str!("../../../../deploy/plans/tiny-mpl.toml");
+    let plan = Plan::from_toml_str(text).expect("plan");
+    let mut state = RunState::new(
+        "mpl".into(),
+        &plan,
+        mentor_data::shard_ranges(1500, plan.data.shard_size),
+        1500,
+        Path::new("/runs/mpl"),
+    );
+    let w = worker("w");
+    state.start();
+    finish_pending(&mut state, &w, 0.0);
+    finish_pending(&mut state, &w, 0.7);
+    finish_pending(&mut state, &w, 0.0);
+    assert_eq!(finish_pending(&mut state, &w, 0.75), vec![Effect::Finished]);
+    let trained = state.current_round().clone();
+    let joint_tasks = state.tasks.len() - 2;
+
+    let changed = text.replacen("finetune = { steps = 10,", "finetune = { steps = 20,", 1);
+    assert_ne!(changed, text);
+    let changed = Plan::from_toml_str(&changed).expect("changed plan");
+    state.redo_finetune(&changed).expect("redo");
+    assert_eq!(state.outcome, RunOutcome::Running);
+    assert_eq!(state.phase, Phase::Finetune);
+    assert_eq!(state.plan_toml, changed.to_toml_string());
+    let round = state.current_round();
+    assert_eq!(round.finetuned, None);
+    assert_eq!(round.finetuned_student_test_accuracy, None);
+    assert_eq!(
+        (&round.teacher, &round.student, round.student_test_accuracy),
+        (
+            &trained.teacher,
+            &trained.student,
+            trained.student_test_accuracy
+        )
+    );
+    // The old finetune and its evaluation are gone; one new finetune waits.
+    assert_eq!(state.tasks.len(), joint_tasks + 1);
+    let pending: Vec<_> = state
+        .tasks
+        .values()
+        .filter(|task| task.state == TaskState::Pending)
+        .collect();
+    assert_eq!(pending.len(), 1);
+    assert!(matches!(pending[0].spec, TaskSpec::Finetune { .. }));
+
+    finish_pending(&mut state, &w, 0.0);
+    assert_eq!(finish_pending(&mut state, &w, 0.8), vec![Effect::Finished]);
+    assert_eq!(state.outcome, RunOutcome::Succeeded);
+    assert_eq!(
+        state.current_round().finetuned_student_test_accuracy,
+        Some(0.8)
+    );
+    assert_eq!(state.current_round().teacher_test_accuracy, Some(0.7));
+}
+
+#[test]
+fn a_finetune_cannot_be_redone_before_the_joint_training_or_for_noisy_student() {
+    let plan =
+        Plan::from_toml_str(include_str!("../../../../deploy/plans/tiny-mpl.toml")).expect("plan");
+    let mut state = RunState::new(
+        "mpl".into(),
+        &plan,
+        mentor_data::shard_ranges(1500, plan.data.shard_size),
+        1500,
+        Path::new("/runs/mpl"),
+    );
+    state.start();
+    let w = worker("w");
+    for _ in 0..MAX_ATTEMPTS {
+        let task = state.assign(&w, "cpu", 1).map(|a| a.task).expect("task");
+        assert!(matches!(task.spec, TaskSpec::TrainMpl { .. }));
+        state.complete(
+            &task.id,
+            &w,
+            task.attempts,
+            TaskOutcome::Failed("out of memory".into()),
+        );
+    }
+    assert!(matches!(state.outcome, RunOutcome::Failed(_)));
+    let error = state.redo_finetune(&plan).expect_err("nothing to finetune");
+    assert!(
+        error.contains("ended before its teacher and student"),
+        "{error}"
+    );
+    assert!(error.contains("out of memory"), "{error}");
+
+    let mut noisy = new_run();
+    let error = noisy.redo_finetune(&plan).expect_err("no finetune");
+    assert!(error.contains("only a Meta Pseudo Labels run"), "{error}");
+}
