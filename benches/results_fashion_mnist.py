@@ -5,6 +5,8 @@ real run through scripts/local-cluster.sh. Prints mean +- std per method and wri
 numbers to results.json in --out (default runs/results).
 
 - supervised-1k: the round-1 teacher of the Noisy Student run (same model, same labeled subset);
+- supervised-1k-student: the same with the students' model (one residual block, stochastic
+  depth 0.8), the architecture of the final Noisy Student and Meta Pseudo Labels students;
 - noisy-student: the last round's student of deploy/plans/fashion-mnist-noisy-student.toml;
 - meta-pseudo-labels: the final (finetuned) student of deploy/plans/fashion-mnist-mpl.toml;
 - supervised-all: the teacher trained on 59,900 labels (100 images stay unlabeled because a
@@ -12,10 +14,10 @@ numbers to results.json in --out (default runs/results).
   epochs).
 
 --methods picks some of the methods (supervised-1k comes with noisy-student); --reuse keeps a
-finished run whose plan text is unchanged instead of running it again, so an interrupted table
-resumes where it stopped, and finetunes a finished Meta Pseudo Labels run again when only its
-plan's finetune line changed (local-cluster.sh --redo-finetune). --quick runs the tiny test plans instead (seconds; to check the script,
-not for numbers).
+finished run whose plan text is unchanged instead of running it again, resumes an interrupted
+run of an unchanged plan where it stopped, and finetunes a finished Meta Pseudo Labels run
+again when only its plan's finetune line changed (local-cluster.sh --redo-finetune). --quick
+runs the tiny test plans instead (seconds; to check the script, not for numbers).
 """
 import argparse
 import json
@@ -49,6 +51,17 @@ def supervised_all(text):
     return rewrite(text, r"(\[student.train\]\nsteps = )\d+", r"\g<1>100")
 
 
+def supervised_1k_student(text):
+    """supervised-1k with the students' model (one residual block, stochastic depth 0.8) in
+    place of the teacher's: the baseline of the same architecture as the final students."""
+    text = rewrite(text, r"^rounds = \d+", "rounds = 1")
+    text = rewrite(text, r"^(\[teacher.model\]\nkind = \"cnn\"\nwidth = 32\nhidden = 128)$",
+                   r"\g<1>\nresidual_blocks = 1")
+    text = rewrite(text, r"^(\[teacher.noise\]\ndropout = 0.3)$",
+                   r"\g<1>\nstochastic_depth_survival = 0.8")
+    return rewrite(text, r"(\[student.train\]\nsteps = )\d+", r"\g<1>100")
+
+
 def finished(directory, plan, plan_text):
     """The status of an earlier successful run of exactly this plan text, or None."""
     try:
@@ -68,16 +81,30 @@ def without_finetune(text):
             if not line.lstrip().startswith("#") and not line.startswith("finetune = ")]
 
 
+def interrupted(directory, plan, plan_text):
+    """Whether the directory holds a run of exactly this plan text that stopped while running."""
+    try:
+        with open(plan) as f:
+            same = f.read() == plan_text
+        with open(os.path.join(directory, "state.json")) as f:
+            state = json.load(f)
+    except (OSError, ValueError):
+        return False
+    return same and state.get("outcome", {}).get("status") == "running"
+
+
 def run(name, plan_text, seed, args):
     directory = os.path.join(os.path.abspath(args.out), f"{name}-seed{seed}")
     os.makedirs(os.path.dirname(directory), exist_ok=True)
     plan = directory + ".toml"
-    redo_finetune = False
+    redo_finetune = resume = False
     if args.reuse:
         status = finished(directory, plan, plan_text)
         if status is not None:
             print(f"[results] {name}, seed {seed}: reusing the finished run in {directory}", file=sys.stderr, flush=True)
             return status
+        # An interrupted run of this plan (a redone finetune included) resumes where it stopped.
+        resume = interrupted(directory, plan, plan_text)
         # A finished Meta Pseudo Labels run whose plan changed in its finetune only keeps its
         # joint training and finetunes again.
         try:
@@ -85,12 +112,16 @@ def run(name, plan_text, seed, args):
                 old_text = f.read()
         except OSError:
             old_text = None
-        redo_finetune = (name == "meta-pseudo-labels" and old_text is not None
+        redo_finetune = (not resume and name == "meta-pseudo-labels" and old_text is not None
                          and without_finetune(old_text) == without_finetune(plan_text)
                          and finished(directory, plan, old_text) is not None)
     with open(plan, "w") as f:
         f.write(plan_text)
-    if redo_finetune:
+    if resume:
+        print(f"[results] {name}, seed {seed}: resuming the interrupted run in {directory}", file=sys.stderr, flush=True)
+    elif redo_finetune:
+        # The old status must not pass for the new finetune's if this one is interrupted.
+        os.remove(os.path.join(directory, "status.json"))
         print(f"[results] {name}, seed {seed}: finetuning the finished run in {directory} again "
               "(only the finetune changed)", file=sys.stderr, flush=True)
     else:
@@ -105,8 +136,12 @@ def run(name, plan_text, seed, args):
     if args.device:
         command += ["--device", args.device]
     result = subprocess.run(command, stdout=subprocess.DEVNULL)
-    with open(os.path.join(directory, "status.json")) as f:
-        status = json.load(f)
+    try:
+        with open(os.path.join(directory, "status.json")) as f:
+            status = json.load(f)
+    except (OSError, ValueError):
+        raise SystemExit(f"{name} seed {seed} failed (exit {result.returncode}) without a final status; "
+                         f"see {directory}/logs")
     if result.returncode != 0 or status["status"] != "succeeded":
         raise SystemExit(f"{name} seed {seed} failed: {status.get('error')}")
     return status
@@ -120,8 +155,9 @@ def main():
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--seeds", default="0,1,2")
     parser.add_argument("--workers", type=int, default=2)
-    parser.add_argument("--methods", default="noisy-student,meta-pseudo-labels,supervised-all",
-                        help="comma-separated subset of noisy-student, meta-pseudo-labels, supervised-all")
+    parser.add_argument("--methods", default="noisy-student,meta-pseudo-labels,supervised-all,supervised-1k-student",
+                        help="comma-separated subset of noisy-student, meta-pseudo-labels, supervised-all, "
+                             "supervised-1k-student")
     parser.add_argument("--reuse", action="store_true", help="keep finished runs of unchanged plans")
     parser.add_argument("--bin-dir", help="prebuilt binaries (local-cluster.sh --bin-dir) instead of building")
     parser.add_argument("--device", help="device of every worker (local-cluster.sh --device), e.g. cuda:0")
@@ -131,7 +167,7 @@ def main():
     parser.add_argument("--quick", action="store_true")
     args = parser.parse_args()
     methods = args.methods.split(",")
-    unknown = set(methods) - {"noisy-student", "meta-pseudo-labels", "supervised-all"}
+    unknown = set(methods) - {"noisy-student", "meta-pseudo-labels", "supervised-all", "supervised-1k-student"}
     if unknown:
         parser.error(f"unknown method(s): {', '.join(sorted(unknown))}")
     plans = os.path.join(ROOT, "deploy", "plans")
@@ -141,7 +177,8 @@ def main():
     noisy, mpl = (re.sub(r"(?m)^min_workers = \d+", f"min_workers = {args.workers}", text) for text in (noisy, mpl))
     if args.data:
         noisy, mpl = data_dir(noisy, os.path.abspath(args.data)), data_dir(mpl, os.path.abspath(args.data))
-    rows = {"supervised-1k": [], "noisy-student": [], "meta-pseudo-labels": [], "supervised-all": []}
+    rows = {"supervised-1k": [], "supervised-1k-student": [], "noisy-student": [],
+            "meta-pseudo-labels": [], "supervised-all": []}
     runs = []
     for seed in [int(s) for s in args.seeds.split(",")]:
         if "noisy-student" in methods:
@@ -153,6 +190,10 @@ def main():
             status = run("meta-pseudo-labels", with_seed(mpl, seed), seed, args)
             rows["meta-pseudo-labels"].append(status["final_student_test_accuracy"])
             runs.append({"seed": seed, "method": "meta-pseudo-labels", "status": status})
+        if "supervised-1k-student" in methods and not args.quick:
+            status = run("supervised-1k-student", supervised_1k_student(with_seed(noisy, seed)), seed, args)
+            rows["supervised-1k-student"].append(status["rounds"][0]["teacher_test_accuracy"])
+            runs.append({"seed": seed, "method": "supervised-1k-student", "status": status})
         if "supervised-all" in methods and not args.quick:
             status = run("supervised-all", supervised_all(with_seed(noisy, seed)), seed, args)
             rows["supervised-all"].append(status["rounds"][0]["teacher_test_accuracy"])

@@ -89,9 +89,17 @@ trap 'echo "[local-cluster] interrupted, stopping every process" >&2; exit 130' 
 
 started=$(date +%s)
 coordinator_log="$state_dir/logs/coordinator.log"
+# Logs of a resumed run are appended to; each start is marked.
+mark_restart() {
+  if [ -s "$1" ]; then
+    echo "===== local-cluster.sh started again at $(date -u +%Y-%m-%dT%H:%M:%SZ) =====" >>"$1"
+  fi
+}
+mark_restart "$coordinator_log"
+for i in $(seq 1 "$workers"); do mark_restart "$state_dir/logs/worker-$i.log"; done
 log_offset=$(stat -c %s "$coordinator_log" 2>/dev/null || echo 0)
 "$BIN/coordinator" --plan "$plan" --listen "$listen" --state-dir "$state_dir" \
-  "${redo_finetune[@]}" >>"$coordinator_log" 2>&1 &
+  ${redo_finetune[@]+"${redo_finetune[@]}"} >>"$coordinator_log" 2>&1 &
 coordinator_pid=$!
 pids+=("$coordinator_pid")
 

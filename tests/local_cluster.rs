@@ -537,6 +537,11 @@ fn a_tiny_meta_pseudo_labels_run_trains_evaluates_and_finetunes() {
         .values()
         .map(|task| task["spec"]["kind"].as_str().expect("kind"))
         .collect();
+    let recorded = state["plan_toml"].as_str().expect("plan_toml");
+    assert!(
+        recorded.contains("[mpl.finetune]\nsteps = 20\nbatch_size = 16\n"),
+        "the run does not record the new finetune:\n{recorded}"
+    );
     let count = |kind: &str| kinds.iter().filter(|k| **k == kind).count();
     assert_eq!(
         (count("train-mpl"), count("finetune"), count("evaluate")),

@@ -467,3 +467,73 @@ fn a_finetune_cannot_be_redone_before_the_joint_training_or_for_noisy_student() 
     let error = noisy.redo_finetune(&plan).expect_err("no finetune");
     assert!(error.contains("only a Meta Pseudo Labels run"), "{error}");
 }
+
+#[test]
+fn a_finetune_is_redone_from_the_middle_of_one_or_before_one_begins() {
+    let text = include_str!("../../../../deploy/plans/tiny-mpl.toml");
+    let plan = Plan::from_toml_str(text).expect("plan");
+    let changed = Plan::from_toml_str(&text.replacen(
+        "finetune = { steps = 10,",
+        "finetune = { steps = 20,",
+        1,
+    ))
+    .expect("changed plan");
+    let new = || {
+        RunState::new(
+            "mpl".into(),
+            &plan,
+            mentor_data::shard_ranges(1500, plan.data.shard_size),
+            1500,
+            Path::new("/runs/mpl"),
+        )
+    };
+    let w = worker("w");
+
+    // Before the finetune begins the run just takes the new one.
+    let mut waiting = new();
+    waiting.start();
+    let before = waiting.tasks.clone();
+    waiting.redo_finetune(&changed).expect("redo");
+    assert_eq!((waiting.phase, &waiting.tasks), (Phase::TrainMpl, &before));
+    assert_eq!(waiting.plan_toml, changed.to_toml_string());
+
+    // Stopped while a worker was finetuning: one fresh finetune task, nothing running.
+    let mut finetuning = new();
+    finetuning.start();
+    finish_pending(&mut finetuning, &w, 0.0);
+    finish_pending(&mut finetuning, &w, 0.7);
+    assert_eq!(finetuning.phase, Phase::Finetune);
+    let running = finetuning.assign(&w, "cpu", 1).expect("finetune").task;
+    finetuning.redo_finetune(&changed).expect("redo");
+    assert_eq!(finetuning.phase, Phase::Finetune);
+    let finetunes: Vec<_> = finetuning
+        .tasks
+        .values()
+        .filter(|task| matches!(task.spec, TaskSpec::Finetune { .. }))
+        .collect();
+    assert_eq!(finetunes.len(), 1);
+    assert_ne!(finetunes[0].id, running.id);
+    assert_eq!(finetunes[0].state, TaskState::Pending);
+    // The old attempt's late report is ignored.
+    let late = finetuning.complete(
+        &running.id,
+        &w,
+        running.attempts,
+        TaskOutcome::Trained {
+            checkpoint: "/runs/mpl/old.safetensors".into(),
+            final_loss: 0.1,
+        },
+    );
+    assert!(late.is_empty());
+    assert_eq!(finetuning.current_round().finetuned, None);
+
+    // No finetune steps: nothing to redo.
+    let none = Plan::from_toml_str(&text.replacen(
+        "finetune = { steps = 10,",
+        "finetune = { steps = 0,",
+        1,
+    ))
+    .expect("plan without finetune");
+    let error = new().redo_finetune(&none).expect_err("no finetune");
+    assert!(error.contains("mpl.finetune.steps is 0"), "{error}");
+}
