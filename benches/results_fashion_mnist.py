@@ -62,16 +62,13 @@ def supervised_1k_student(text):
     return rewrite(text, r"(\[student.train\]\nsteps = )\d+", r"\g<1>100")
 
 
-def finished(directory, plan, plan_text):
-    """The status of an earlier successful run of exactly this plan text, or None."""
+def read(path, parse=lambda f: f.read()):
+    """The file's text (or what parse makes of it), None when it is missing or unreadable."""
     try:
-        with open(plan) as f:
-            same = f.read() == plan_text
-        with open(os.path.join(directory, "status.json")) as f:
-            status = json.load(f)
+        with open(path) as f:
+            return parse(f)
     except (OSError, ValueError):
         return None
-    return status if same and status.get("status") == "succeeded" else None
 
 
 def without_finetune(text):
@@ -81,40 +78,27 @@ def without_finetune(text):
             if not line.lstrip().startswith("#") and not line.startswith("finetune = ")]
 
 
-def interrupted(directory, plan, plan_text):
-    """Whether the directory holds a run of exactly this plan text that stopped while running."""
-    try:
-        with open(plan) as f:
-            same = f.read() == plan_text
-        with open(os.path.join(directory, "state.json")) as f:
-            state = json.load(f)
-    except (OSError, ValueError):
-        return False
-    return same and state.get("outcome", {}).get("status") == "running"
-
-
 def run(name, plan_text, seed, args):
     directory = os.path.join(os.path.abspath(args.out), f"{name}-seed{seed}")
     os.makedirs(os.path.dirname(directory), exist_ok=True)
     plan = directory + ".toml"
     redo_finetune = resume = False
     if args.reuse:
-        status = finished(directory, plan, plan_text)
-        if status is not None:
+        old_text = read(plan)
+        old_status = read(os.path.join(directory, "status.json"), json.load)
+        succeeded = old_status is not None and old_status.get("status") == "succeeded"
+        if succeeded and old_text == plan_text:
             print(f"[results] {name}, seed {seed}: reusing the finished run in {directory}", file=sys.stderr, flush=True)
-            return status
+            return old_status
         # An interrupted run of this plan (a redone finetune included) resumes where it stopped.
-        resume = interrupted(directory, plan, plan_text)
+        state = read(os.path.join(directory, "state.json"), json.load)
+        resume = (old_text == plan_text and state is not None
+                  and state.get("outcome", {}).get("status") == "running")
         # A finished Meta Pseudo Labels run whose plan changed in its finetune only keeps its
         # joint training and finetunes again.
-        try:
-            with open(plan) as f:
-                old_text = f.read()
-        except OSError:
-            old_text = None
-        redo_finetune = (not resume and name == "meta-pseudo-labels" and old_text is not None
-                         and without_finetune(old_text) == without_finetune(plan_text)
-                         and finished(directory, plan, old_text) is not None)
+        redo_finetune = (not resume and succeeded and name == "meta-pseudo-labels"
+                         and old_text is not None
+                         and without_finetune(old_text) == without_finetune(plan_text))
     with open(plan, "w") as f:
         f.write(plan_text)
     if resume:
@@ -136,10 +120,8 @@ def run(name, plan_text, seed, args):
     if args.device:
         command += ["--device", args.device]
     result = subprocess.run(command, stdout=subprocess.DEVNULL)
-    try:
-        with open(os.path.join(directory, "status.json")) as f:
-            status = json.load(f)
-    except (OSError, ValueError):
+    status = read(os.path.join(directory, "status.json"), json.load)
+    if status is None:
         raise SystemExit(f"{name} seed {seed} failed (exit {result.returncode}) without a final status; "
                          f"see {directory}/logs")
     if result.returncode != 0 or status["status"] != "succeeded":

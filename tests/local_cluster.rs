@@ -475,26 +475,12 @@ fn a_tiny_meta_pseudo_labels_run_trains_evaluates_and_finetunes() {
         ),
     )
     .expect("write plan");
-    let refused = std::process::Command::new(binary("coordinator"))
-        .args(["--plan", changed.to_str().expect("utf-8")])
-        .args(["--listen", "127.0.0.1:0", "--state-dir"])
-        .arg(&state_dir)
-        .output()
-        .expect("coordinator");
-    let stderr = String::from_utf8_lossy(&refused.stderr);
-    assert!(!refused.status.success(), "{stderr}");
+    let stderr = refused_open(&changed, &state_dir, &[]);
     assert!(stderr.contains("--redo-finetune"), "{stderr}");
     // A plan changed beyond its finetune is refused even with the flag.
     let longer = dir.path().join("changed-steps.toml");
     std::fs::write(&longer, text.replacen("steps = 40", "steps = 41", 1)).expect("write plan");
-    let refused = std::process::Command::new(binary("coordinator"))
-        .args(["--plan", longer.to_str().expect("utf-8"), "--redo-finetune"])
-        .args(["--listen", "127.0.0.1:0", "--state-dir"])
-        .arg(&state_dir)
-        .output()
-        .expect("coordinator");
-    let stderr = String::from_utf8_lossy(&refused.stderr);
-    assert!(!refused.status.success(), "{stderr}");
+    let stderr = refused_open(&longer, &state_dir, &["--redo-finetune"]);
     assert!(stderr.contains("more than [mpl.finetune]"), "{stderr}");
 
     let (mut again, address) =
@@ -548,6 +534,21 @@ fn a_tiny_meta_pseudo_labels_run_trains_evaluates_and_finetunes() {
         (1, 1, 3),
         "{kinds:?}"
     );
+}
+
+/// Starts a coordinator on `plan` and `state_dir` that must refuse to open the run; returns its
+/// stderr.
+fn refused_open(plan: &std::path::Path, state_dir: &std::path::Path, extra: &[&str]) -> String {
+    let refused = std::process::Command::new(binary("coordinator"))
+        .args(["--plan", plan.to_str().expect("utf-8")])
+        .args(["--listen", "127.0.0.1:0", "--state-dir"])
+        .arg(state_dir)
+        .args(extra)
+        .output()
+        .expect("coordinator");
+    let stderr = String::from_utf8_lossy(&refused.stderr).into_owned();
+    assert!(!refused.status.success(), "{stderr}");
+    stderr
 }
 
 /// Writes `tars` WebDataset shards of `per_tar` real Fashion-MNIST training images (PNG, with

@@ -16,6 +16,30 @@ fn new_run() -> RunState {
     )
 }
 
+const TINY_MPL: &str = include_str!("../../../../deploy/plans/tiny-mpl.toml");
+
+/// A new Meta Pseudo Labels run of `plan` (1,500 unlabeled examples).
+fn new_mpl_run(plan: &Plan) -> RunState {
+    RunState::new(
+        "mpl".into(),
+        plan,
+        mentor_data::shard_ranges(1500, plan.data.shard_size),
+        1500,
+        Path::new("/runs/mpl"),
+    )
+}
+
+/// The tiny MPL plan with its finetune's steps set to `steps`.
+fn tiny_mpl_with_finetune_steps(steps: u64) -> Plan {
+    let text = TINY_MPL.replacen(
+        "finetune = { steps = 10,",
+        &format!("finetune = {{ steps = {steps},"),
+        1,
+    );
+    assert!(text.contains(&format!("finetune = {{ steps = {steps},")));
+    Plan::from_toml_str(&text).expect("plan")
+}
+
 fn worker(name: &str) -> WorkerId {
     WorkerId(name.into())
 }
@@ -343,15 +367,8 @@ fn a_failed_rank_fails_the_attempt_and_stale_reports_are_ignored() {
 
 #[test]
 fn meta_pseudo_labels_trains_evaluates_and_finetunes() {
-    let plan =
-        Plan::from_toml_str(include_str!("../../../../deploy/plans/tiny-mpl.toml")).expect("plan");
-    let mut state = RunState::new(
-        "mpl".into(),
-        &plan,
-        mentor_data::shard_ranges(1500, plan.data.shard_size),
-        1500,
-        Path::new("/runs/mpl"),
-    );
+    let plan = Plan::from_toml_str(TINY_MPL).expect("plan");
+    let mut state = new_mpl_run(&plan);
     let w = worker("w");
     state.start();
     assert_eq!(state.phase, Phase::TrainMpl);
@@ -376,15 +393,8 @@ fn meta_pseudo_labels_trains_evaluates_and_finetunes() {
 
 #[test]
 fn a_finished_meta_pseudo_labels_run_redoes_only_its_finetune() {
-    let text = include_str!("../../../../deploy/plans/tiny-mpl.toml");
-    let plan = Plan::from_toml_str(text).expect("plan");
-    let mut state = RunState::new(
-        "mpl".into(),
-        &plan,
-        mentor_data::shard_ranges(1500, plan.data.shard_size),
-        1500,
-        Path::new("/runs/mpl"),
-    );
+    let plan = Plan::from_toml_str(TINY_MPL).expect("plan");
+    let mut state = new_mpl_run(&plan);
     let w = worker("w");
     state.start();
     finish_pending(&mut state, &w, 0.0);
@@ -394,9 +404,7 @@ fn a_finished_meta_pseudo_labels_run_redoes_only_its_finetune() {
     let trained = state.current_round().clone();
     let joint_tasks = state.tasks.len() - 2;
 
-    let changed = text.replacen("finetune = { steps = 10,", "finetune = { steps = 20,", 1);
-    assert_ne!(changed, text);
-    let changed = Plan::from_toml_str(&changed).expect("changed plan");
+    let changed = tiny_mpl_with_finetune_steps(20);
     state.redo_finetune(&changed).expect("redo");
     assert_eq!(state.outcome, RunOutcome::Running);
     assert_eq!(state.phase, Phase::Finetune);
@@ -434,15 +442,8 @@ fn a_finished_meta_pseudo_labels_run_redoes_only_its_finetune() {
 
 #[test]
 fn a_finetune_cannot_be_redone_before_the_joint_training_or_for_noisy_student() {
-    let plan =
-        Plan::from_toml_str(include_str!("../../../../deploy/plans/tiny-mpl.toml")).expect("plan");
-    let mut state = RunState::new(
-        "mpl".into(),
-        &plan,
-        mentor_data::shard_ranges(1500, plan.data.shard_size),
-        1500,
-        Path::new("/runs/mpl"),
-    );
+    let plan = Plan::from_toml_str(TINY_MPL).expect("plan");
+    let mut state = new_mpl_run(&plan);
     state.start();
     let w = worker("w");
     for _ in 0..MAX_ATTEMPTS {
@@ -470,27 +471,12 @@ fn a_finetune_cannot_be_redone_before_the_joint_training_or_for_noisy_student() 
 
 #[test]
 fn a_finetune_is_redone_from_the_middle_of_one_or_before_one_begins() {
-    let text = include_str!("../../../../deploy/plans/tiny-mpl.toml");
-    let plan = Plan::from_toml_str(text).expect("plan");
-    let changed = Plan::from_toml_str(&text.replacen(
-        "finetune = { steps = 10,",
-        "finetune = { steps = 20,",
-        1,
-    ))
-    .expect("changed plan");
-    let new = || {
-        RunState::new(
-            "mpl".into(),
-            &plan,
-            mentor_data::shard_ranges(1500, plan.data.shard_size),
-            1500,
-            Path::new("/runs/mpl"),
-        )
-    };
+    let plan = Plan::from_toml_str(TINY_MPL).expect("plan");
+    let changed = tiny_mpl_with_finetune_steps(20);
     let w = worker("w");
 
     // Before the finetune begins the run just takes the new one.
-    let mut waiting = new();
+    let mut waiting = new_mpl_run(&plan);
     waiting.start();
     let before = waiting.tasks.clone();
     waiting.redo_finetune(&changed).expect("redo");
@@ -498,7 +484,7 @@ fn a_finetune_is_redone_from_the_middle_of_one_or_before_one_begins() {
     assert_eq!(waiting.plan_toml, changed.to_toml_string());
 
     // Stopped while a worker was finetuning: one fresh finetune task, nothing running.
-    let mut finetuning = new();
+    let mut finetuning = new_mpl_run(&plan);
     finetuning.start();
     finish_pending(&mut finetuning, &w, 0.0);
     finish_pending(&mut finetuning, &w, 0.7);
@@ -528,12 +514,9 @@ fn a_finetune_is_redone_from_the_middle_of_one_or_before_one_begins() {
     assert_eq!(finetuning.current_round().finetuned, None);
 
     // No finetune steps: nothing to redo.
-    let none = Plan::from_toml_str(&text.replacen(
-        "finetune = { steps = 10,",
-        "finetune = { steps = 0,",
-        1,
-    ))
-    .expect("plan without finetune");
-    let error = new().redo_finetune(&none).expect_err("no finetune");
+    let none = tiny_mpl_with_finetune_steps(0);
+    let error = new_mpl_run(&plan)
+        .redo_finetune(&none)
+        .expect_err("no finetune");
     assert!(error.contains("mpl.finetune.steps is 0"), "{error}");
 }
