@@ -49,6 +49,10 @@ while [ $# -gt 0 ]; do
   esac
 done
 [ -n "$plan" ] || { echo "local-cluster.sh: --plan is required" >&2; usage >&2; exit 2; }
+if [ ${#redo_finetune[@]} -gt 0 ] && [ -z "$state_dir" ]; then
+  echo "local-cluster.sh: --redo-finetune needs the --state-dir of the run to finetune again" >&2
+  exit 2
+fi
 [ -f "$plan" ] || { echo "local-cluster.sh: plan file $plan not found" >&2; exit 2; }
 case "$workers" in ''|*[!0-9]*|0) echo "local-cluster.sh: --workers must be a positive number" >&2; exit 2 ;; esac
 if [ -z "$threads" ]; then
@@ -162,5 +166,12 @@ echo "=== final status ($(( $(date +%s) - started )) s wall time) ==="
 "$BIN/mentor" status --coordinator "$address"
 "$BIN/mentor" status --coordinator "$address" --json | tee "$state_dir/status.json"
 status="$(python3 -c 'import json,sys; print(json.load(open(sys.argv[1]))["status"])' "$state_dir/status.json")"
-echo "[local-cluster] run $status; checkpoints in $state_dir/checkpoints, soft labels in $state_dir/pseudo-labels" >&2
+# Where the soft labels went: the plan's pseudo_labels.storage, else the run directory.
+labels="$(python3 -c '
+import sys, tomllib
+plan = tomllib.load(open(sys.argv[1], "rb"))
+if plan.get("method") != "meta-pseudo-labels":
+    print(plan.get("pseudo_labels", {}).get("storage") or sys.argv[2])
+' "$plan" "$state_dir/pseudo-labels" 2>/dev/null || true)"
+echo "[local-cluster] run $status; checkpoints in $state_dir/checkpoints${labels:+, soft labels in $labels}" >&2
 [ "$status" = "succeeded" ]

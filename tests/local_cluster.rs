@@ -184,8 +184,25 @@ fn status_command_reports_an_unreachable_coordinator() {
         .output()
         .expect("run mentor");
     assert_eq!(output.status.code(), Some(2));
-    assert!(String::from_utf8_lossy(&output.stderr)
-        .contains("cannot reach the coordinator at http://127.0.0.1:9"));
+    let stderr = String::from_utf8_lossy(&output.stderr);
+    assert!(
+        stderr.contains("cannot reach the coordinator at http://127.0.0.1:9"),
+        "{stderr}"
+    );
+    // The cause, not tonic's bare "transport error".
+    assert!(stderr.to_lowercase().contains("refused"), "{stderr}");
+
+    let output = std::process::Command::new(binary("mentor"))
+        .args(["status", "--coordinator", "http://127.0.0.1:9", "--watch"])
+        .args(["--interval", "inf"])
+        .output()
+        .expect("run mentor");
+    let stderr = String::from_utf8_lossy(&output.stderr);
+    assert_eq!(output.status.code(), Some(2), "{stderr}");
+    assert!(
+        stderr.contains("--interval") && stderr.contains("must be a finite number >= 0.1"),
+        "{stderr}"
+    );
 }
 
 /// A worker killed in the middle of its task: the coordinator declares it lost after the
@@ -387,6 +404,49 @@ fn a_growing_efficientnet_student_runs_two_rounds() {
     );
 }
 
+/// A confidence threshold no pseudo label reaches fails the run at the filter, naming the
+/// setting, before any student trains on an empty selection.
+#[test]
+fn a_threshold_no_pseudo_label_reaches_fails_the_run_naming_it() {
+    let runtime = tokio::runtime::Runtime::new().expect("runtime");
+    let dir = tempfile::tempdir().expect("tempdir");
+    let tiny = std::fs::read_to_string(workspace_root().join("deploy/plans/tiny.toml"))
+        .expect("tiny plan");
+    // At temperature 100 every soft label is close to uniform (top probability about 0.1).
+    let text = tiny.replacen(
+        "min_confidence = 0.1",
+        "min_confidence = 0.5\ntemperature = 100.0",
+        1,
+    );
+    assert_ne!(text, tiny, "tiny.toml changed its pseudo_labels");
+    let plan = dir.path().join("plan.toml");
+    std::fs::write(&plan, &text).expect("write plan");
+    let state_dir = dir.path().join("run");
+    let (mut coordinator, address) = start_coordinator(&plan, &state_dir);
+    let _workers = [
+        start_worker(&address, dir.path().join("worker-1.log")),
+        start_worker(&address, dir.path().join("worker-2.log")),
+    ];
+    let final_status = watch_run(
+        &runtime,
+        &address,
+        &mut coordinator,
+        Duration::from_secs(600),
+        |_| {},
+    );
+    assert_eq!(final_status.status, "failed");
+    assert!(
+        final_status
+            .error
+            .contains("reaches pseudo_labels.min_confidence (0.5)"),
+        "{}",
+        final_status.error
+    );
+    assert!(!state_dir
+        .join("checkpoints/round-1-student.safetensors")
+        .exists());
+}
+
 /// Meta Pseudo Labels on two worker processes (one data-parallel group): teacher and student
 /// trained together with h and the UDA mask rate visible in status, both evaluated, the student
 /// finetuned and evaluated again.
@@ -477,11 +537,16 @@ fn a_tiny_meta_pseudo_labels_run_trains_evaluates_and_finetunes() {
     .expect("write plan");
     let stderr = refused_open(&changed, &state_dir, &[]);
     assert!(stderr.contains("--redo-finetune"), "{stderr}");
+    assert!(
+        stderr.contains("mpl.finetune.batch_size: 32 -> 16"),
+        "the refusal names what changed: {stderr}"
+    );
     // A plan changed beyond its finetune is refused even with the flag.
     let longer = dir.path().join("changed-steps.toml");
     std::fs::write(&longer, text.replacen("steps = 40", "steps = 41", 1)).expect("write plan");
     let stderr = refused_open(&longer, &state_dir, &["--redo-finetune"]);
     assert!(stderr.contains("more than [mpl.finetune]"), "{stderr}");
+    assert!(stderr.contains("mpl.steps: 40 -> 41"), "{stderr}");
 
     let (mut again, address) =
         start_coordinator_with(&changed, "127.0.0.1:0", &state_dir, &["--redo-finetune"]);

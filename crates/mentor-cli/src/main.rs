@@ -34,10 +34,22 @@ enum Command {
         /// Keep printing until the run ends.
         #[arg(long)]
         watch: bool,
-        /// Seconds between two refreshes with --watch.
-        #[arg(long, default_value_t = 2.0)]
+        /// Seconds between two refreshes with --watch (at least 0.1).
+        #[arg(long, default_value_t = 2.0, value_parser = parse_interval)]
         interval: f64,
     },
+}
+
+/// A refresh interval: a finite number of seconds, at least 0.1.
+fn parse_interval(text: &str) -> Result<f64, String> {
+    let seconds: f64 = text
+        .parse()
+        .map_err(|_| format!("`{text}` is not a number of seconds"))?;
+    if seconds.is_finite() && seconds >= 0.1 {
+        Ok(seconds)
+    } else {
+        Err(format!("{text} seconds: must be a finite number >= 0.1"))
+    }
 }
 
 fn number(value: f64) -> Value {
@@ -190,7 +202,9 @@ async fn status(
     let mut client = match StatusServiceClient::connect(coordinator.clone()).await {
         Ok(client) => client,
         Err(error) => {
-            eprintln!("error: cannot reach the coordinator at {coordinator}: {error}");
+            // `{:#}` prints the whole chain: tonic's "transport error" alone hides the cause.
+            let error = anyhow::Error::new(error);
+            eprintln!("error: cannot reach the coordinator at {coordinator}: {error:#}");
             return Ok(2);
         }
     };
@@ -229,7 +243,7 @@ async fn status(
         if !watch || finished {
             return Ok(if status.status == "failed" { 1 } else { 0 });
         }
-        tokio::time::sleep(Duration::from_secs_f64(interval.max(0.1))).await;
+        tokio::time::sleep(Duration::from_secs_f64(interval)).await;
     }
 }
 

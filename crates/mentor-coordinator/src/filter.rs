@@ -68,7 +68,7 @@ pub fn filter_round(
         round: round.round,
         teacher_checkpoint: teacher,
         temperature: plan.pseudo_labels.temperature,
-        top_k: plan.pseudo_labels.top_k,
+        top_k: plan.top_k(),
         classes: plan.data.classes,
         examples: round.examples,
         shards: shards.clone(),
@@ -88,11 +88,18 @@ pub fn filter_round(
         },
     );
     let kept = selection.kept();
+    if kept == 0 {
+        // Caught here, before a student trains on nothing; the soft labels stay in storage.
+        return Err(format!(
+            "no pseudo label of the {} examples reaches pseudo_labels.min_confidence ({}) at pseudo_labels.temperature {}: lower the threshold or the temperature",
+            round.examples, plan.pseudo_labels.min_confidence, plan.pseudo_labels.temperature
+        ));
+    }
     let file = SelectionFile {
         format_version: 1,
         round: round.round,
         storage: store.root().to_string(),
-        top_k: plan.pseudo_labels.top_k,
+        top_k: plan.top_k(),
         classes: plan.data.classes,
         selection,
         shards,

@@ -30,8 +30,8 @@ pub enum CoordinatorError {
     InvalidRequest(String),
     #[error("failed to read the data set: {0}")]
     Data(#[from] mentor_data::DataError),
-    #[error("state directory `{dir}` holds a run of another plan; use a new --state-dir or the same plan (a Meta Pseudo Labels run whose plan changed in [mpl.finetune] only can finetune again with --redo-finetune)")]
-    PlanMismatch { dir: PathBuf },
+    #[error("state directory `{dir}` holds a run of another plan (first difference, the run's -> this plan's: {difference}); use a new --state-dir or the same plan (a Meta Pseudo Labels run whose plan changed in [mpl.finetune] only can finetune again with --redo-finetune)")]
+    PlanMismatch { dir: PathBuf, difference: String },
     #[error("cannot redo the finetune of the run in `{dir}`: {reason}")]
     RedoFinetune { dir: PathBuf, reason: String },
     #[error("state store `{path}`: {reason}")]
@@ -120,10 +120,10 @@ fn redo_finetune_of(state: &mut RunState, plan: &Plan, dir: &Path) -> Result<(),
     if let (Some(recorded), Some(mpl)) = (recorded.mpl.as_mut(), plan.mpl.as_ref()) {
         recorded.finetune = mpl.finetune.clone();
     }
-    if recorded.to_toml_string() != plan.to_toml_string() {
-        return Err(error(
-            "the plan differs from the run's in more than [mpl.finetune]".into(),
-        ));
+    if let Some(difference) = recorded.first_difference(plan) {
+        return Err(error(format!(
+            "the plan differs from the run's in more than [mpl.finetune] (first difference, the run's -> this plan's: {difference})"
+        )));
     }
     let previous = state.current_round().finetuned_student_test_accuracy;
     state.redo_finetune(plan).map_err(error)?;
@@ -214,7 +214,19 @@ impl Coordinator {
             if redo_finetune {
                 redo_finetune_of(&mut state, &plan, &run_dir)?;
             } else if state.plan_toml != plan.to_toml_string() {
-                return Err(CoordinatorError::PlanMismatch { dir: run_dir });
+                // The text may differ in form alone (a run recorded by an older version); the
+                // settings decide.
+                let difference = match Plan::from_toml_str(&state.plan_toml) {
+                    Ok(recorded) => recorded.first_difference(&plan),
+                    Err(e) => Some(format!("the recorded plan does not parse: {e}")),
+                };
+                if let Some(difference) = difference {
+                    return Err(CoordinatorError::PlanMismatch {
+                        dir: run_dir,
+                        difference,
+                    });
+                }
+                state.plan_toml = plan.to_toml_string();
             }
             state.requeue_running();
             tracing::info!(run = %state.run_id, round = state.round, phase = state.phase.as_str(), "resuming run from the state store");

@@ -9,7 +9,8 @@ use clap::Parser;
 use mentor_coordinator::{service, Coordinator};
 use mentor_plan::Plan;
 
-/// Schedules Noisy Student rounds over gRPC workers and answers status queries.
+/// Schedules Noisy Student or Meta Pseudo Labels rounds over gRPC workers and answers status
+/// queries.
 #[derive(Debug, Parser)]
 #[command(version)]
 struct Args {

@@ -329,7 +329,7 @@ impl RunState {
             plan_toml: plan.to_toml_string(),
             outcome: RunOutcome::Running,
             round: 1,
-            total_rounds: plan.rounds,
+            total_rounds: plan.rounds(),
             phase: Phase::WaitingForWorkers,
             rounds: vec![RoundRecord {
                 round: 1,

@@ -32,8 +32,13 @@ pub enum DataError {
     Unlabeled { path: PathBuf, reason: String },
     #[error("unlabeled data: {0}")]
     Invalid(String),
-    #[error("the training set has only {found} images of class {class}, {wanted} labeled ones are wanted")]
-    NotEnoughLabeled { class: u32, found: u32, wanted: u32 },
+    #[error("data.labeled_per_class = {wanted}, but the training set has only {found} images of class {class} (data.classes = {classes}: classes 0 to {last} are expected)", last = classes.saturating_sub(1))]
+    NotEnoughLabeled {
+        class: u32,
+        found: u32,
+        wanted: u32,
+        classes: u32,
+    },
 }
 
 /// Images (u8 pixels, row-major) with their labels.
@@ -194,6 +199,7 @@ impl Split {
                     class: class as u32,
                     found,
                     wanted: data.labeled_per_class,
+                    classes: data.classes,
                 });
             }
         }
@@ -273,7 +279,7 @@ mod tests {
         let error = Split::new(&labels, 1, &data_plan(2, 0), 0).expect_err("must fail");
         assert_eq!(
             error.to_string(),
-            "the training set has only 1 images of class 1, 2 labeled ones are wanted"
+            "data.labeled_per_class = 2, but the training set has only 1 images of class 1 (data.classes = 3: classes 0 to 2 are expected)"
         );
     }
 

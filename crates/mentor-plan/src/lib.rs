@@ -68,9 +68,11 @@ pub struct Plan {
     /// Seed of the labeled split, initialisation and sampling.
     #[serde(default)]
     pub seed: u64,
-    /// Number of Noisy Student rounds (teacher -> student) to run.
-    #[serde(default = "default_rounds")]
-    pub rounds: u32,
+    /// Number of Noisy Student rounds (teacher -> student) to run; read it with
+    /// [`Plan::rounds`], which applies the method's default (2 for Noisy Student, 1 for Meta
+    /// Pseudo Labels).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub rounds: Option<u32>,
     pub data: DataPlan,
     pub teacher: RolePlan,
     pub student: RolePlan,
@@ -223,10 +225,6 @@ impl MplPlan {
             log_every: self.log_every,
         }
     }
-}
-
-fn default_rounds() -> u32 {
-    2
 }
 
 /// Data sets: IDX files (MNIST layout) with a labeled subset drawn per class.
@@ -472,9 +470,10 @@ pub struct PseudoLabelPlan {
     /// Softmax temperature of the teacher's predictions.
     #[serde(default = "default_temperature")]
     pub temperature: f64,
-    /// Probabilities kept per example (k = classes keeps the full distribution).
-    #[serde(default = "default_top_k")]
-    pub top_k: u32,
+    /// Probabilities kept per example (k = classes keeps the full distribution); read it with
+    /// [`Plan::top_k`], which defaults to 10 or the number of classes if fewer.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub top_k: Option<u32>,
     /// Examples whose top probability is below this are dropped.
     #[serde(default = "default_min_confidence")]
     pub min_confidence: f64,
@@ -517,9 +516,6 @@ fn default_lease_seconds() -> u64 {
 fn default_temperature() -> f64 {
     1.0
 }
-fn default_top_k() -> u32 {
-    10
-}
 fn default_min_confidence() -> f64 {
     0.3
 }
@@ -532,7 +528,7 @@ impl Default for PseudoLabelPlan {
         PseudoLabelPlan {
             mode: LabelMode::Soft,
             temperature: default_temperature(),
-            top_k: default_top_k(),
+            top_k: None,
             min_confidence: default_min_confidence(),
             balance: true,
             per_class: 0,
@@ -634,6 +630,23 @@ impl Plan {
         Plan::from_toml_str(&text)
     }
 
+    /// Number of rounds to run: the plan's `rounds`, or the method's default (2 Noisy Student
+    /// rounds; Meta Pseudo Labels runs one).
+    pub fn rounds(&self) -> u32 {
+        self.rounds.unwrap_or(match self.method {
+            Method::NoisyStudent => 2,
+            Method::MetaPseudoLabels => 1,
+        })
+    }
+
+    /// Probabilities kept per pseudo-labelled example: `pseudo_labels.top_k`, or 10 (all
+    /// classes when there are fewer).
+    pub fn top_k(&self) -> u32 {
+        self.pseudo_labels
+            .top_k
+            .unwrap_or(self.data.classes.min(10))
+    }
+
     /// Parses and validates a plan.
     pub fn from_toml_str(text: &str) -> Result<Plan, PlanError> {
         let plan: Plan = toml::from_str(text).map_err(|error| PlanError::Parse {
@@ -643,9 +656,23 @@ impl Plan {
         Ok(plan)
     }
 
-    /// The plan as TOML (what workers receive).
+    /// The plan as TOML (what workers receive, and what a run records to recognise its plan
+    /// on resume), with every default written out: two plans that run the same serialize the
+    /// same, whether a default was written in the file or not.
     pub fn to_toml_string(&self) -> String {
-        toml::to_string(self).unwrap_or_default()
+        let mut plan = self.clone();
+        plan.rounds = Some(self.rounds());
+        plan.pseudo_labels.top_k = Some(self.top_k());
+        toml::to_string(&plan).unwrap_or_default()
+    }
+
+    /// The first setting in which `self` differs from `other`, as `field: A -> B` (A from
+    /// `self`), or `None` when they serialize the same. Names what changed when a run
+    /// directory is reopened with another plan.
+    pub fn first_difference(&self, other: &Plan) -> Option<String> {
+        let table =
+            |plan: &Plan| toml::from_str::<toml::Table>(&plan.to_toml_string()).unwrap_or_default();
+        difference(String::new(), &table(self).into(), &table(other).into())
     }
 
     /// The role plan (teacher or student) that trained the model of `round`.
@@ -694,11 +721,25 @@ impl Plan {
                     "Meta Pseudo Labels reads its unlabeled batches from the IDX training set; use `idx`",
                 ));
             }
-            if self.rounds != 1 {
+            if self.rounds() != 1 {
                 return Err(invalid(
                     "rounds",
                     "Meta Pseudo Labels runs one round; set rounds = 1",
                 ));
+            }
+            for (role, plan) in [("teacher", &self.teacher), ("student", &self.student)] {
+                if plan.train.is_some() {
+                    return Err(invalid(
+                        format!("{role}.train"),
+                        "not used by Meta Pseudo Labels, whose schedule is [mpl]; remove it",
+                    ));
+                }
+                if plan.noise.randaugment != RandAugmentPlan::default() {
+                    return Err(invalid(
+                        format!("{role}.noise.randaugment"),
+                        "not used by Meta Pseudo Labels, whose strong view is mpl.randaugment; remove it",
+                    ));
+                }
             }
         } else {
             if self.mpl.is_some() {
@@ -716,12 +757,12 @@ impl Plan {
                 }
             }
         }
-        if self.rounds == 0 {
+        if self.rounds() == 0 {
             return Err(invalid("rounds", "must be >= 1"));
         }
         self.validate_data()?;
-        validate_role("teacher", &self.teacher, false, self.rounds)?;
-        validate_role("student", &self.student, true, self.rounds)?;
+        validate_role("teacher", &self.teacher, false, self.rounds())?;
+        validate_role("student", &self.student, true, self.rounds())?;
         if self.student.model.at_least_as_large_as(&self.teacher.model) == Some(false) {
             return Err(invalid(
                 "student.model",
@@ -746,6 +787,31 @@ impl Plan {
         }
         if self.workers.join_timeout_seconds == 0 {
             return Err(invalid("workers.join_timeout_seconds", "must be >= 1"));
+        }
+        let ranks = self.workers.world_size;
+        if ranks > 1 {
+            // Each rank takes a slice of every global batch, so a batch needs one image per rank.
+            let mut batches = Vec::new();
+            for (role, plan) in [("teacher", &self.teacher), ("student", &self.student)] {
+                if let Some(train) = &plan.train {
+                    batches.push((format!("{role}.train.batch_size"), train.batch_size));
+                }
+            }
+            if let Some(mpl) = &self.mpl {
+                batches.push(("mpl.batch_size".to_string(), mpl.batch_size));
+                if mpl.finetune.steps > 0 {
+                    batches.push((
+                        "mpl.finetune.batch_size".to_string(),
+                        mpl.finetune.batch_size,
+                    ));
+                }
+            }
+            if let Some((field, batch)) = batches.into_iter().find(|(_, batch)| *batch < ranks) {
+                return Err(invalid(
+                    field,
+                    format!("{batch} is smaller than workers.world_size ({ranks}): each rank needs at least one image"),
+                ));
+            }
         }
         if self.workers.collective == CollectiveKind::Single && self.workers.world_size > 1 {
             return Err(invalid(
@@ -809,7 +875,7 @@ impl Plan {
         if !(labels.temperature > 0.0 && labels.temperature.is_finite()) {
             return Err(invalid("pseudo_labels.temperature", "must be > 0"));
         }
-        if labels.top_k == 0 || labels.top_k > self.data.classes {
+        if labels.top_k == Some(0) || self.top_k() > self.data.classes {
             return Err(invalid(
                 "pseudo_labels.top_k",
                 format!("must be between 1 and data.classes ({})", self.data.classes),
@@ -962,6 +1028,34 @@ fn validate_randaugment(path: &str, randaugment: &RandAugmentPlan) -> Result<(),
     Ok(())
 }
 
+/// The first key under `path` where `a` and `b` differ, depth first in key order.
+fn difference(path: String, a: &toml::Value, b: &toml::Value) -> Option<String> {
+    let join = |key: &str| {
+        if path.is_empty() {
+            key.to_string()
+        } else {
+            format!("{path}.{key}")
+        }
+    };
+    match (a, b) {
+        (toml::Value::Table(a), toml::Value::Table(b)) => {
+            let keys: std::collections::BTreeSet<&String> = a.keys().chain(b.keys()).collect();
+            keys.into_iter()
+                .find_map(|key| match (a.get(key), b.get(key)) {
+                    (Some(a), Some(b)) => difference(join(key), a, b),
+                    (a, b) => {
+                        let show = |v: Option<&toml::Value>| {
+                            v.map_or("(absent)".to_string(), |v| v.to_string())
+                        };
+                        Some(format!("{}: {} -> {}", join(key), show(a), show(b)))
+                    }
+                })
+        }
+        _ if a == b => None,
+        _ => Some(format!("{path}: {a} -> {b}")),
+    }
+}
+
 fn validate_mpl(mpl: &MplPlan) -> Result<(), PlanError> {
     let positive = |field: &str, value: f64| {
         if value > 0.0 && value.is_finite() {
@@ -973,13 +1067,25 @@ fn validate_mpl(mpl: &MplPlan) -> Result<(), PlanError> {
     if mpl.steps == 0 {
         return Err(invalid("mpl.steps", "must be >= 1"));
     }
-    if mpl.batch_size == 0 || mpl.mu == 0 {
-        return Err(invalid("mpl.batch_size", "batch_size and mu must be >= 1"));
+    if mpl.batch_size == 0 {
+        return Err(invalid("mpl.batch_size", "must be >= 1"));
+    }
+    if mpl.mu == 0 {
+        return Err(invalid("mpl.mu", "must be >= 1"));
     }
     positive("teacher_learning_rate", mpl.teacher_learning_rate)?;
     positive("student_learning_rate", mpl.student_learning_rate)?;
     positive("uda_temperature", mpl.uda_temperature)?;
     positive("finetune.learning_rate", mpl.finetune.learning_rate)?;
+    for (field, value) in [
+        ("weight_decay", mpl.weight_decay),
+        ("lambda_u", mpl.lambda_u),
+        ("mpl_weight", mpl.mpl_weight),
+    ] {
+        if !(value >= 0.0 && value.is_finite()) {
+            return Err(invalid(format!("mpl.{field}"), "must be >= 0"));
+        }
+    }
     if !(0.0..1.0).contains(&mpl.momentum) {
         return Err(invalid("mpl.momentum", "must be in [0, 1)"));
     }

@@ -411,11 +411,14 @@ impl ModelPlan {
                 }
             }
             ModelPlan::Densenet(plan) => {
-                if plan.growth_rate == 0 || plan.num_init_features == 0 || plan.bn_size == 0 {
-                    return Err(invalid(
-                        field("growth_rate"),
-                        "growth_rate, num_init_features and bn_size must be >= 1",
-                    ));
+                for (name, value) in [
+                    ("growth_rate", plan.growth_rate),
+                    ("num_init_features", plan.num_init_features),
+                    ("bn_size", plan.bn_size),
+                ] {
+                    if value == 0 {
+                        return Err(invalid(field(name), "must be >= 1"));
+                    }
                 }
                 if plan.block_config.is_empty() || plan.block_config.contains(&0) {
                     return Err(invalid(

@@ -22,11 +22,11 @@ fn tiny_with(old: &str, new: &str) -> String {
 fn shipped_plans_are_valid() {
     let demo = Plan::from_toml_str(DEMO).expect("demo plan");
     assert_eq!(demo.method, Method::NoisyStudent);
-    assert_eq!(demo.rounds, 2);
+    assert_eq!(demo.rounds(), 2);
     assert_eq!(demo.data.labeled_per_class, 100);
     assert_eq!(demo.student.noise.randaugment.ops, 2);
     let tiny = Plan::from_toml_str(TINY).expect("tiny plan");
-    assert_eq!(tiny.pseudo_labels.top_k, 3);
+    assert_eq!(tiny.top_k(), 3);
     let width = |round| match tiny.student.model.at_round(round) {
         ModelPlan::Cnn(cnn) => cnn.width,
         other => panic!("unexpected {other:?}"),
@@ -277,6 +277,8 @@ fn bad_model_knobs_name_their_field() {
         ("kind = \"efficientnet\"\npreset = \"b0\"\nphi = 1.0", "student.model.phi: give either `preset` or `phi`, not both"),
         ("kind = \"efficientnet\"\npreset = \"b7\"\nphi_growth_per_round = 1", "student.model.phi_growth_per_round: grows past b7 by round 2; use `phi` for larger models"),
         ("kind = \"densenet\"\nblock_config = []", "student.model.block_config: must list at least one block, each with >= 1 layer"),
+        ("kind = \"densenet\"\nbn_size = 0", "student.model.bn_size: must be >= 1"),
+        ("kind = \"densenet\"\nnum_init_features = 0", "student.model.num_init_features: must be >= 1"),
         ("kind = \"transformer\"", "unknown variant `transformer`"),
     ];
     for (model, expected) in cases {
@@ -314,4 +316,89 @@ fn efficientnet_grows_by_preset_and_by_phi() {
     };
     assert!((scaling.depth - 1.2).abs() < 1e-12 && (scaling.width - 1.1).abs() < 1e-12);
     assert_eq!(free.input_resolution(28), 258);
+}
+
+#[test]
+fn rounds_and_top_k_default_by_method_and_classes() {
+    let tiny = include_str!("../../../deploy/plans/tiny-mpl.toml");
+    let mpl = Plan::from_toml_str(&tiny.replacen("rounds = 1\n", "", 1)).expect("mpl plan");
+    assert_eq!(mpl.rounds, None);
+    assert_eq!(mpl.rounds(), 1);
+    let noisy = Plan::from_toml_str(&tiny_with("rounds = 2\n", "")).expect("noisy plan");
+    assert_eq!(noisy.rounds(), 2);
+    let five = tiny_with("top_k = 3\n", "").replacen("[data]\n", "[data]\nclasses = 5\n", 1);
+    assert_eq!(Plan::from_toml_str(&five).expect("5 classes").top_k(), 5);
+    let ten = tiny_with("top_k = 3\n", "");
+    assert_eq!(Plan::from_toml_str(&ten).expect("10 classes").top_k(), 10);
+}
+
+#[test]
+fn mpl_fields_name_themselves() {
+    let tiny = include_str!("../../../deploy/plans/tiny-mpl.toml");
+    let with = |old: &str, new: &str| {
+        assert!(tiny.contains(old), "tiny-mpl plan has no `{old}`");
+        error_of(&tiny.replacen(old, new, 1))
+    };
+    assert_eq!(with("mu = 2", "mu = 0"), "mpl.mu: must be >= 1");
+    assert_eq!(
+        with("mu = 2", "mu = 2\nlambda_u = -1.0"),
+        "mpl.lambda_u: must be >= 0"
+    );
+    assert_eq!(
+        with("mu = 2", "mu = 2\nmpl_weight = nan"),
+        "mpl.mpl_weight: must be >= 0"
+    );
+    assert_eq!(
+        with(
+            "[student.noise]",
+            "[teacher.train]\nsteps = 5\nbatch_size = 4\n\n[student.noise]"
+        ),
+        "teacher.train: not used by Meta Pseudo Labels, whose schedule is [mpl]; remove it"
+    );
+    assert_eq!(
+        with("dropout = 0.2", "dropout = 0.2\nrandaugment = { ops = 2, magnitude = 5 }"),
+        "student.noise.randaugment: not used by Meta Pseudo Labels, whose strong view is mpl.randaugment; remove it"
+    );
+}
+
+#[test]
+fn batch_smaller_than_a_fixed_group_is_refused() {
+    let tiny = include_str!("../../../deploy/plans/tiny-mpl.toml");
+    let group = |text: &str| text.replacen("[workers]\n", "[workers]\nworld_size = 4\n", 1);
+    let small_finetune = tiny.replacen(
+        "batch_size = 32, learning_rate",
+        "batch_size = 2, learning_rate",
+        1,
+    );
+    assert!(
+        Plan::from_toml_str(&small_finetune).is_ok(),
+        "no fixed group: decided at run time"
+    );
+    assert_eq!(
+        error_of(&group(&small_finetune)),
+        "mpl.finetune.batch_size: 2 is smaller than workers.world_size (4): each rank needs at least one image"
+    );
+    assert!(Plan::from_toml_str(&group(tiny)).is_ok());
+}
+
+#[test]
+fn defaults_serialize_written_out_and_differences_are_named() {
+    let tiny = include_str!("../../../deploy/plans/tiny-mpl.toml");
+    let written = Plan::from_toml_str(tiny).expect("plan");
+    let defaulted = Plan::from_toml_str(&tiny.replacen("rounds = 1\n", "", 1)).expect("plan");
+    // A run recorded with `rounds = 1` written out resumes under the plan that leaves it out.
+    assert_eq!(written.to_toml_string(), defaulted.to_toml_string());
+    assert!(written.to_toml_string().contains("rounds = 1"));
+    assert!(written.to_toml_string().contains("top_k = 10"));
+    assert_eq!(written.first_difference(&defaulted), None);
+    let other = Plan::from_toml_str(&tiny.replacen("mu = 2", "mu = 3", 1)).expect("plan");
+    assert_eq!(
+        written.first_difference(&other).as_deref(),
+        Some("mpl.mu: 2 -> 3")
+    );
+    let data = Plan::from_toml_str(&tiny.replacen("test_limit = 500\n", "", 1)).expect("plan");
+    assert_eq!(
+        written.first_difference(&data).as_deref(),
+        Some("data.test_limit: 500 -> 0")
+    );
 }

@@ -500,8 +500,12 @@ fn train(
     let labeled_batch = train_plan.batch_size as usize;
     let unlabeled_batch = labeled_batch * train_plan.unlabeled_ratio as usize;
     if labeled_batch < world_size {
+        let field = match name {
+            "finetune" => "mpl.finetune".to_string(),
+            role => format!("{role}.train"),
+        };
         return Err(format!(
-            "{name} batch size ({labeled_batch}) is smaller than the group ({world_size} ranks)"
+            "{field}.batch_size ({labeled_batch}) is smaller than the group ({world_size} ranks)"
         ));
     }
     tch::manual_seed(seed);
@@ -771,7 +775,7 @@ fn label(
             .decode(start, end, dataset.geometry(), options)
             .map_err(|e| format!("shard {shard_index}: {e}"))?;
         let autocast = plan_labels.mixed_precision && dataset.device.is_cuda();
-        let top_k = plan_labels.top_k as i64;
+        let top_k = plan.top_k() as i64;
         let expected = dataset
             .unlabeled
             .known_examples()

@@ -103,7 +103,7 @@ fn main() -> anyhow::Result<()> {
         pixels.extend(batch?.pixels);
     }
     let all = dataset.pixels_tensor(&pixels, examples as usize);
-    let top_k = plan.pseudo_labels.top_k as i64;
+    let top_k = plan.top_k() as i64;
     let bare = |images: &Tensor| {
         let _guard = tch::no_grad_guard();
         let logits = model.forward_t(
@@ -169,7 +169,7 @@ fn main() -> anyhow::Result<()> {
         format_version: 1,
         round: 1,
         storage,
-        top_k: plan.pseudo_labels.top_k,
+        top_k: plan.top_k(),
         classes: plan.data.classes,
         selection: keep_all,
         shards: (0..args.read_repeats)
