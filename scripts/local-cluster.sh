@@ -13,7 +13,7 @@
 #                      (logs are appended to)
 #   --redo-finetune    finetune the student of the Meta Pseudo Labels run in --state-dir again,
 #                      under a plan that differs from the run's in [mpl.finetune] only (the joint
-#                      teacher-student training is kept)
+#                      teacher-student training is kept); needs --state-dir
 #   --listen ADDR      coordinator address (default 127.0.0.1:0, a free port)
 #   --bin-dir DIR      use the coordinator, worker and mentor binaries in DIR instead of building
 #                      them (no setup either when their libraries already resolve)

@@ -202,9 +202,21 @@ async fn status(
     let mut client = match StatusServiceClient::connect(coordinator.clone()).await {
         Ok(client) => client,
         Err(error) => {
-            // `{:#}` prints the whole chain: tonic's "transport error" alone hides the cause.
-            let error = anyhow::Error::new(error);
-            eprintln!("error: cannot reach the coordinator at {coordinator}: {error:#}");
+            // The whole chain: tonic's "transport error" alone hides the cause. Some links
+            // repeat their source's text; each message is printed once.
+            let mut chain: Vec<String> = Vec::new();
+            let mut link: Option<&dyn std::error::Error> = Some(&error);
+            while let Some(error) = link {
+                let text = error.to_string();
+                if chain.last() != Some(&text) {
+                    chain.push(text);
+                }
+                link = error.source();
+            }
+            eprintln!(
+                "error: cannot reach the coordinator at {coordinator}: {}",
+                chain.join(": ")
+            );
             return Ok(2);
         }
     };
