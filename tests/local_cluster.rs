@@ -404,6 +404,104 @@ fn a_growing_efficientnet_student_runs_two_rounds() {
     );
 }
 
+/// One run of a long tiny Meta Pseudo Labels plan on one worker; with `kill`, the worker is
+/// killed once the joint training has saved its first resume checkpoint and a new worker
+/// takes the task over. Returns the final teacher, student and finetuned student checkpoints
+/// and the replacement worker's log (empty without `kill`).
+fn long_tiny_mpl_run(dir: &std::path::Path, kill: bool) -> (Vec<Vec<u8>>, String) {
+    let runtime = tokio::runtime::Runtime::new().expect("runtime");
+    let mut text = std::fs::read_to_string(workspace_root().join("deploy/plans/tiny-mpl.toml"))
+        .expect("tiny-mpl plan");
+    for (from, to) in [
+        ("steps = 40", "steps = 400"),
+        ("log_every = 10", "log_every = 10\ncheckpoint_every = 50"),
+        ("min_workers = 2", "min_workers = 1"),
+        (
+            "heartbeat_timeout_seconds = 10",
+            "heartbeat_timeout_seconds = 2",
+        ),
+    ] {
+        assert!(text.contains(from), "tiny-mpl.toml has no `{from}`");
+        text = text.replacen(from, to, 1);
+    }
+    let plan = dir.join("plan.toml");
+    std::fs::write(&plan, &text).expect("write plan");
+    let state_dir = dir.join("run");
+    let (mut coordinator, address) = start_coordinator(&plan, &state_dir);
+    let mut first = start_worker(&address, dir.join("first.log"));
+    let mut replacement = None;
+    if kill {
+        let checkpoint = state_dir.join("checkpoints/mpl-joint.resume.safetensors");
+        let deadline = std::time::Instant::now() + Duration::from_secs(300);
+        while !checkpoint.exists() {
+            assert!(
+                std::time::Instant::now() < deadline,
+                "no resume checkpoint after 300 s"
+            );
+            std::thread::sleep(Duration::from_millis(5));
+        }
+        first.child.kill().expect("kill the worker");
+        let _ = first.child.wait();
+        replacement = Some(start_worker(&address, dir.join("replacement.log")));
+    }
+    let final_status = watch_run(
+        &runtime,
+        &address,
+        &mut coordinator,
+        Duration::from_secs(600),
+        |_| {},
+    );
+    assert_eq!(final_status.status, "succeeded", "{}", final_status.error);
+    let checkpoints = [
+        "round-1-teacher",
+        "round-1-student",
+        "round-1-student-finetuned",
+    ]
+    .iter()
+    .map(|name| {
+        std::fs::read(state_dir.join(format!("checkpoints/{name}.safetensors"))).expect(name)
+    })
+    .collect();
+    (
+        checkpoints,
+        replacement
+            .map(|worker| worker.log_text())
+            .unwrap_or_default(),
+    )
+}
+
+/// A worker killed during the Meta Pseudo Labels joint training: its replacement resumes from
+/// the last resume checkpoint, not from step 0, and ends with exactly the teacher, student and
+/// finetuned student of a run that was never interrupted.
+#[test]
+fn a_killed_mpl_joint_training_resumes_from_its_checkpoint_exactly() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let (uninterrupted, _) = long_tiny_mpl_run(&dir.path().join("whole"), false);
+    let (resumed, log) = long_tiny_mpl_run(&dir.path().join("killed"), true);
+    let line = log
+        .lines()
+        .find(|line| line.contains("meta pseudo labels resumes its joint training"))
+        .unwrap_or_else(|| panic!("the replacement did not resume:\n{log}"));
+    let step: u64 = line
+        .split_whitespace()
+        .find_map(|field| field.strip_prefix("step="))
+        .and_then(|step| step.parse().ok())
+        .unwrap_or_else(|| panic!("no step in `{line}`"));
+    assert!(
+        (50..400).contains(&step) && step.is_multiple_of(50),
+        "resumed at step {step}"
+    );
+    for (name, (a, b)) in ["teacher", "student", "finetuned student"]
+        .iter()
+        .zip(uninterrupted.iter().zip(&resumed))
+    {
+        assert!(
+            a == b,
+            "the resumed run's {name} differs from the uninterrupted run's"
+        );
+    }
+}
+
 /// A confidence threshold no pseudo label reaches fails the run at the filter, naming the
 /// setting, before any student trains on an empty selection.
 #[test]

@@ -149,6 +149,10 @@ pub struct MplPlan {
     pub eval_every: u64,
     #[serde(default = "default_log_every")]
     pub log_every: u64,
+    /// Rank 0 saves the joint training (teacher, student, EMA, momentum buffers, baseline)
+    /// every this many steps; a task that stops resumes from the last save (0 = never).
+    #[serde(default = "default_checkpoint_every")]
+    pub checkpoint_every: u64,
     /// The final finetuning of the student on labeled data (steps = 0 skips it).
     #[serde(default)]
     pub finetune: FinetunePlan,
@@ -364,6 +368,9 @@ fn default_true() -> bool {
 }
 fn default_log_every() -> u64 {
     50
+}
+fn default_checkpoint_every() -> u64 {
+    1000
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Serialize, Deserialize)]

@@ -6,8 +6,12 @@
 //! the student's step and in the teacher's MPL term, weighted by `h`, the change of the
 //! student's loss on the labeled batch. `h` is computed on the **global** labeled batch (sums
 //! all-reduced over ranks), and every loss is normalised by global batch sizes, so W ranks take
-//! exactly the step one rank takes on the whole batch. [`train_mpl`] runs the whole schedule.
+//! exactly the step one rank takes on the whole batch. [`train_mpl`] runs the whole schedule,
+//! saving everything a step carries to the next every `mpl.checkpoint_every` steps so that a
+//! stopped task resumes where it was (each step draws its batch and its randomness from seeds
+//! of its own, so the resumed run is the run that did not stop).
 
+use std::collections::HashMap;
 use std::path::{Path, PathBuf};
 use std::time::Instant;
 
@@ -23,7 +27,7 @@ use crate::augment::{flip_and_shift, RandAugment};
 use crate::dataset::Dataset;
 use crate::distributed::Group;
 use crate::models::build;
-use crate::optim::build_optimizer;
+use crate::optim::Sgd;
 use crate::tasks::{
     collective_error, learning_rate, model_config, save_checkpoint, test_accuracy, Outcome,
     Progress,
@@ -79,7 +83,7 @@ pub struct MplStats {
 pub struct Learner<'a> {
     pub model: &'a dyn ModuleT,
     pub variables: &'a [Tensor],
-    pub optimizer: &'a mut nn::Optimizer,
+    pub optimizer: &'a mut Sgd,
 }
 
 impl std::fmt::Debug for Learner<'_> {
@@ -264,14 +268,115 @@ fn update_ema(ema: &nn::VarStore, model: &nn::VarStore, decay: f64) {
     });
 }
 
-fn sgd(vs: &nn::VarStore, mpl: &MplPlan, rate: f64) -> Result<nn::Optimizer, String> {
-    let config = nn::Sgd {
-        momentum: mpl.momentum,
-        dampening: 0.0,
-        wd: mpl.weight_decay,
-        nesterov: mpl.momentum > 0.0,
-    };
-    build_optimizer(vs, config, rate)
+fn sgd(vs: &nn::VarStore, mpl: &MplPlan, rate: f64) -> Sgd {
+    Sgd::new(vs, rate, mpl.momentum, mpl.weight_decay, mpl.momentum > 0.0)
+}
+
+/// The joint training's resume checkpoint, beside the teacher's output.
+pub fn resume_path(teacher_output: &Path) -> PathBuf {
+    teacher_output.with_file_name("mpl-joint.resume.safetensors")
+}
+
+/// What the joint training carries from one step to the next: the models (batch-norm
+/// statistics included), the optimizers' momentum buffers, the step and the baseline.
+struct Carried<'a> {
+    stores: Vec<(&'static str, &'a nn::VarStore)>,
+    optimizers: Vec<(&'static str, &'a mut Sgd)>,
+}
+
+impl<'a> Carried<'a> {
+    fn new(
+        teacher: &'a nn::VarStore,
+        student: &'a nn::VarStore,
+        ema: Option<&'a nn::VarStore>,
+        teacher_optimizer: &'a mut Sgd,
+        student_optimizer: &'a mut Sgd,
+    ) -> Carried<'a> {
+        let mut stores = vec![("teacher", teacher), ("student", student)];
+        stores.extend(ema.map(|ema| ("ema", ema)));
+        Carried {
+            stores,
+            optimizers: vec![
+                ("teacher_momentum", teacher_optimizer),
+                ("student_momentum", student_optimizer),
+            ],
+        }
+    }
+
+    /// Writes the checkpoint of the state after `state.step` steps of `total` (atomically).
+    fn save(&self, path: &Path, state: &MplState, total: u64) -> Result<(), String> {
+        let mut tensors = vec![(
+            "meta".to_string(),
+            Tensor::from_slice(&[state.step as f64, total as f64, state.baseline]),
+        )];
+        for (prefix, vs) in &self.stores {
+            for (name, value) in vs.variables() {
+                tensors.push((format!("{prefix}/{name}"), value.contiguous()));
+            }
+        }
+        for (prefix, optimizer) in &self.optimizers {
+            for (index, buffer) in optimizer.buffers().iter().enumerate() {
+                if let Some(buffer) = buffer {
+                    tensors.push((format!("{prefix}/{index}"), buffer.contiguous()));
+                }
+            }
+        }
+        if let Some(parent) = path.parent() {
+            std::fs::create_dir_all(parent)
+                .map_err(|e| format!("failed to create `{}`: {e}", parent.display()))?;
+        }
+        let temporary = path.with_extension(format!("{}.tmp", std::process::id()));
+        Tensor::write_safetensors(&tensors, &temporary)
+            .map_err(|e| format!("failed to write `{}`: {e}", temporary.display()))?;
+        std::fs::rename(&temporary, path)
+            .map_err(|e| format!("failed to move the checkpoint to `{}`: {e}", path.display()))
+    }
+
+    /// Loads the checkpoint at `path` into the models, the optimizers and `state`.
+    fn load(&mut self, path: &Path, state: &mut MplState, total: u64) -> Result<(), String> {
+        let error = |reason: String| format!("resume checkpoint `{}`: {reason}", path.display());
+        let saved: HashMap<String, Tensor> = Tensor::read_safetensors(path)
+            .map_err(|e| error(e.to_string()))?
+            .into_iter()
+            .collect();
+        let meta = saved
+            .get("meta")
+            .and_then(|meta| Vec::<f64>::try_from(meta).ok())
+            .filter(|meta| meta.len() == 3)
+            .ok_or_else(|| error("no step, length and baseline".into()))?;
+        if meta[1] != total as f64 {
+            return Err(error(format!(
+                "saved by a joint training of {} steps, this one has {total}",
+                meta[1]
+            )));
+        }
+        for (prefix, vs) in &self.stores {
+            for (name, mut variable) in vs.variables() {
+                let key = format!("{prefix}/{name}");
+                let value = saved
+                    .get(&key)
+                    .ok_or_else(|| error(format!("`{key}` is missing")))?;
+                if value.size() != variable.size() {
+                    return Err(error(format!(
+                        "`{key}` has shape {:?}, the model {:?}",
+                        value.size(),
+                        variable.size()
+                    )));
+                }
+                tch::no_grad(|| variable.copy_(value));
+            }
+        }
+        for (prefix, optimizer) in &mut self.optimizers {
+            for index in 0..optimizer.buffers().len() {
+                if let Some(buffer) = saved.get(&format!("{prefix}/{index}")) {
+                    optimizer.set_buffer(index, buffer).map_err(error)?;
+                }
+            }
+        }
+        state.step = meta[0] as u64;
+        state.baseline = meta[2];
+        Ok(())
+    }
 }
 
 /// The Meta Pseudo Labels schedule on this rank: `mpl.steps` steps of [`mpl_step`] over global
@@ -322,12 +427,10 @@ pub fn train_mpl(
     } else {
         None
     };
-    let mut teacher_optimizer = sgd(&teacher_vs, mpl, mpl.teacher_learning_rate)?;
-    let mut student_optimizer = sgd(&student_vs, mpl, mpl.student_learning_rate)?;
+    let mut teacher_optimizer = sgd(&teacher_vs, mpl, mpl.teacher_learning_rate);
+    let mut student_optimizer = sgd(&student_vs, mpl, mpl.student_learning_rate);
     let teacher_schedule = schedule(mpl, mpl.teacher_learning_rate);
     let config = MplConfig::from_plan(mpl, plan.data.classes);
-    tch::manual_seed(seed + 7919 * rank as i64);
-    let mut sampler = StdRng::seed_from_u64(seed as u64);
     let strong = RandAugment::from_plan(&mpl.randaugment);
     let (labeled_start, labeled_end) = chunk_bounds(labeled_batch, world_size, rank);
     let (unlabeled_start, unlabeled_end) = chunk_bounds(unlabeled_batch, world_size, rank);
@@ -339,12 +442,48 @@ pub fn train_mpl(
         return Err("Meta Pseudo Labels needs unlabeled images; the split has none".into());
     }
     let mut state = MplState::default();
+    let checkpoint = resume_path(teacher_output);
+    if mpl.checkpoint_every > 0 {
+        if checkpoint.exists() {
+            Carried::new(
+                &teacher_vs,
+                &student_vs,
+                ema.as_ref().map(|(vs, _)| vs),
+                &mut teacher_optimizer,
+                &mut student_optimizer,
+            )
+            .load(&checkpoint, &mut state, mpl.steps)?;
+            tracing::info!(
+                step = state.step,
+                total = mpl.steps,
+                checkpoint = %checkpoint.display(),
+                "meta pseudo labels resumes its joint training"
+            );
+        }
+        // Every rank must continue from the same step (one file, seen by all).
+        let mut steps = [state.step as f64];
+        group
+            .all_reduce_scalars(&mut steps)
+            .map_err(collective_error)?;
+        if steps[0] != (state.step * world_size as u64) as f64 {
+            return Err(format!(
+                "the ranks do not see the same resume checkpoint `{}` (workers need the run directory on a shared file system)",
+                checkpoint.display()
+            ));
+        }
+    }
+    let first_step = state.step;
     let mut window = (0.0f64, 0.0f64, 0.0f64, 0.0f64, 0u64);
     let mut window_started = Instant::now();
     let started = Instant::now();
     let mut accuracies: Vec<(String, f64)> = Vec::new();
     let mut last = MplStats::default();
-    for step in 0..mpl.steps {
+    for step in first_step..mpl.steps {
+        // Each step's batch and randomness come from seeds of its own: a resumed run draws
+        // what the uninterrupted run would have drawn.
+        let step_seed = seed.wrapping_add(104_729 * step as i64);
+        let mut sampler = StdRng::seed_from_u64(step_seed as u64);
+        tch::manual_seed(step_seed.wrapping_add(7919 * rank as i64));
         teacher_optimizer.set_lr(learning_rate(&teacher_schedule, step));
         student_optimizer.set_lr(student_learning_rate(mpl, step));
         let picks: Vec<i64> = (0..labeled_batch)
@@ -408,6 +547,17 @@ pub fn train_mpl(
         window.4 += 1;
         last = stats;
         let done = step + 1 == mpl.steps;
+        if rank == 0 && mpl.checkpoint_every > 0 && ((step + 1) % mpl.checkpoint_every == 0 || done)
+        {
+            Carried::new(
+                &teacher_vs,
+                &student_vs,
+                ema.as_ref().map(|(vs, _)| vs),
+                &mut teacher_optimizer,
+                &mut student_optimizer,
+            )
+            .save(&checkpoint, &state, mpl.steps)?;
+        }
         if mpl.eval_every > 0 && ((step + 1) % mpl.eval_every == 0 || done) {
             let batch_size = plan.pseudo_labels.batch_size as i64;
             let evaluated = match &ema {

@@ -4,7 +4,7 @@ use std::time::Duration;
 
 use mentor_collective::chunk_bounds;
 use mentor_plan::{CnnPlan, ModelPlan};
-use tch::nn::{Module, OptimizerConfig};
+use tch::nn::Module;
 use tch::{Device, Kind, Tensor};
 
 use super::*;
@@ -32,8 +32,8 @@ fn linear_step(
     batch: &MplBatch,
     config: &MplConfig,
 ) -> MplStats {
-    let mut teacher_optimizer = nn::Sgd::default().build(teacher.0, 0.5).expect("optimizer");
-    let mut student_optimizer = nn::Sgd::default().build(student.0, 0.5).expect("optimizer");
+    let mut teacher_optimizer = Sgd::new(teacher.0, 0.5, 0.0, 0.0, false);
+    let mut student_optimizer = Sgd::new(student.0, 0.5, 0.0, 0.0, false);
     let teacher_variables = teacher.0.trainable_variables();
     let student_variables = student.0.trainable_variables();
     mpl_step(
@@ -192,18 +192,8 @@ fn train_slice(
     let mut student_vs = nn::VarStore::new(Device::Cpu);
     let student = build(&student_vs.root(), &model_config);
     student_vs.load(student_init).expect("student init");
-    let mut teacher_optimizer = nn::Sgd {
-        momentum: 0.9,
-        ..Default::default()
-    }
-    .build(&teacher_vs, 0.05)
-    .expect("optimizer");
-    let mut student_optimizer = nn::Sgd {
-        momentum: 0.9,
-        ..Default::default()
-    }
-    .build(&student_vs, 0.05)
-    .expect("optimizer");
+    let mut teacher_optimizer = Sgd::new(&teacher_vs, 0.05, 0.9, 0.0, false);
+    let mut student_optimizer = Sgd::new(&student_vs, 0.05, 0.9, 0.0, false);
     let (labeled, labels, weak, strong) = data;
     let world = group.world_size;
     let (l0, l1) = chunk_bounds(labeled.size()[0] as usize, world, group.rank);
