@@ -303,11 +303,18 @@ impl<'a> Carried<'a> {
         }
     }
 
-    /// Writes the checkpoint of the state after `state.step` steps of `total` (atomically).
-    fn save(&self, path: &Path, state: &MplState, total: u64) -> Result<(), String> {
+    /// Writes the checkpoint of the state after `state.step` steps of the joint training
+    /// `identity` (atomically).
+    fn save(&self, path: &Path, state: &MplState, identity: Identity) -> Result<(), String> {
         let mut tensors = vec![(
             "meta".to_string(),
-            Tensor::from_slice(&[state.step as f64, total as f64, state.baseline]),
+            Tensor::from_slice(&[
+                state.step as f64,
+                identity.steps as f64,
+                state.baseline,
+                (identity.fingerprint >> 32) as f64,
+                (identity.fingerprint & 0xffff_ffff) as f64,
+            ]),
         )];
         for (prefix, vs) in &self.stores {
             for (name, value) in vs.variables() {
@@ -332,8 +339,14 @@ impl<'a> Carried<'a> {
             .map_err(|e| format!("failed to move the checkpoint to `{}`: {e}", path.display()))
     }
 
-    /// Loads the checkpoint at `path` into the models, the optimizers and `state`.
-    fn load(&mut self, path: &Path, state: &mut MplState, total: u64) -> Result<(), String> {
+    /// Loads the checkpoint at `path` into the models, the optimizers and `state`; `false`
+    /// (nothing loaded) when it was saved by another joint training than `identity`.
+    fn load(
+        &mut self,
+        path: &Path,
+        state: &mut MplState,
+        identity: Identity,
+    ) -> Result<bool, String> {
         let error = |reason: String| format!("resume checkpoint `{}`: {reason}", path.display());
         let saved: HashMap<String, Tensor> = Tensor::read_safetensors(path)
             .map_err(|e| error(e.to_string()))?
@@ -342,13 +355,11 @@ impl<'a> Carried<'a> {
         let meta = saved
             .get("meta")
             .and_then(|meta| Vec::<f64>::try_from(meta).ok())
-            .filter(|meta| meta.len() == 3)
-            .ok_or_else(|| error("no step, length and baseline".into()))?;
-        if meta[1] != total as f64 {
-            return Err(error(format!(
-                "saved by a joint training of {} steps, this one has {total}",
-                meta[1]
-            )));
+            .filter(|meta| meta.len() == 5)
+            .ok_or_else(|| error("no step, length, baseline and fingerprint".into()))?;
+        let fingerprint = ((meta[3] as u64) << 32) | meta[4] as u64;
+        if meta[1] != identity.steps as f64 || fingerprint != identity.fingerprint {
+            return Ok(false);
         }
         for (prefix, vs) in &self.stores {
             for (name, mut variable) in vs.variables() {
@@ -375,7 +386,41 @@ impl<'a> Carried<'a> {
         }
         state.step = meta[0] as u64;
         state.baseline = meta[2];
-        Ok(())
+        Ok(true)
+    }
+}
+
+/// Which joint training a resume checkpoint belongs to: its length and a fingerprint of the
+/// plan's settings that shape it.
+#[derive(Debug, Clone, Copy, PartialEq)]
+struct Identity {
+    steps: u64,
+    fingerprint: u64,
+}
+
+impl Identity {
+    /// FNV-1a of the plan without what does not change the joint training (its finetune,
+    /// logging, evaluation and checkpoint intervals, the workers), so that a checkpoint left
+    /// by another run in the same directory is never taken for this one.
+    fn of(plan: &Plan) -> Identity {
+        let mut shaping = plan.clone();
+        if let Some(mpl) = shaping.mpl.as_mut() {
+            mpl.finetune = Default::default();
+            mpl.eval_every = 0;
+            mpl.log_every = 1;
+            mpl.checkpoint_every = 1;
+        }
+        shaping.workers = Default::default();
+        let fingerprint = shaping
+            .to_toml_string()
+            .bytes()
+            .fold(0xcbf2_9ce4_8422_2325u64, |hash, byte| {
+                (hash ^ byte as u64).wrapping_mul(0x0100_0000_01b3)
+            });
+        Identity {
+            steps: plan.mpl.as_ref().map_or(0, |mpl| mpl.steps),
+            fingerprint,
+        }
     }
 }
 
@@ -443,31 +488,50 @@ pub fn train_mpl(
     }
     let mut state = MplState::default();
     let checkpoint = resume_path(teacher_output);
+    let identity = Identity::of(plan);
     if mpl.checkpoint_every > 0 {
+        let mut failure = None;
         if checkpoint.exists() {
-            Carried::new(
+            let loaded = Carried::new(
                 &teacher_vs,
                 &student_vs,
                 ema.as_ref().map(|(vs, _)| vs),
                 &mut teacher_optimizer,
                 &mut student_optimizer,
             )
-            .load(&checkpoint, &mut state, mpl.steps)?;
-            tracing::info!(
-                step = state.step,
-                total = mpl.steps,
-                checkpoint = %checkpoint.display(),
-                "meta pseudo labels resumes its joint training"
-            );
+            .load(&checkpoint, &mut state, identity);
+            match loaded {
+                Ok(true) => tracing::info!(
+                    step = state.step,
+                    total = mpl.steps,
+                    checkpoint = %checkpoint.display(),
+                    "meta pseudo labels resumes its joint training"
+                ),
+                Ok(false) => tracing::warn!(
+                    checkpoint = %checkpoint.display(),
+                    "the resume checkpoint belongs to another joint training (another plan in this directory); starting from step 0 and replacing it"
+                ),
+                Err(error) => failure = Some(error),
+            }
         }
-        // Every rank must continue from the same step (one file, seen by all).
-        let mut steps = [state.step as f64];
+        // Every rank must continue from the same step (one file, seen by all): the sum of
+        // the steps squared is W times the sum of their squares only when they are equal. A
+        // rank that could not read the checkpoint sends NaN, so that every rank stops now.
+        let step = if failure.is_some() {
+            f64::NAN
+        } else {
+            state.step as f64
+        };
+        let mut sums = [step, step * step];
         group
-            .all_reduce_scalars(&mut steps)
+            .all_reduce_scalars(&mut sums)
             .map_err(collective_error)?;
-        if steps[0] != (state.step * world_size as u64) as f64 {
+        if let Some(error) = failure {
+            return Err(error);
+        }
+        if sums[0] * sums[0] != world_size as f64 * sums[1] {
             return Err(format!(
-                "the ranks do not see the same resume checkpoint `{}` (workers need the run directory on a shared file system)",
+                "the ranks do not resume from the same step of `{}` (workers need the run directory on a shared file system)",
                 checkpoint.display()
             ));
         }
@@ -556,7 +620,7 @@ pub fn train_mpl(
                 &mut teacher_optimizer,
                 &mut student_optimizer,
             )
-            .save(&checkpoint, &state, mpl.steps)?;
+            .save(&checkpoint, &state, identity)?;
         }
         if mpl.eval_every > 0 && ((step + 1) % mpl.eval_every == 0 || done) {
             let batch_size = plan.pseudo_labels.batch_size as i64;

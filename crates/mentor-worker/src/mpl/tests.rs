@@ -351,3 +351,34 @@ fn an_mpl_step_on_two_ranks_equals_one_rank_with_the_same_global_batch() {
         "2 ranks differ from 1 rank by up to {largest}"
     );
 }
+
+/// A resume checkpoint is recognised by the settings that shape the joint training, not by
+/// its logging, evaluation, finetune or workers.
+#[test]
+fn the_resume_identity_follows_the_joint_training_settings_only() {
+    let tiny = include_str!("../../../../deploy/plans/tiny-mpl.toml");
+    let identity = |text: &str| Identity::of(&Plan::from_toml_str(text).expect("plan"));
+    let base = identity(tiny);
+    for (from, to) in [
+        ("eval_every = 20", "eval_every = 5"),
+        ("log_every = 10", "log_every = 3\ncheckpoint_every = 7"),
+        ("steps = 10, batch_size = 32", "steps = 99, batch_size = 32"),
+        ("min_workers = 2", "min_workers = 1"),
+    ] {
+        assert!(tiny.contains(from), "tiny-mpl.toml has no `{from}`");
+        assert_eq!(identity(&tiny.replacen(from, to, 1)), base, "{to}");
+    }
+    for (from, to) in [
+        ("seed = 1", "seed = 2"),
+        ("mu = 2", "mu = 3"),
+        (
+            "width = 8\nhidden = 32\n\n[student.noise]",
+            "width = 16\nhidden = 32\n\n[student.noise]",
+        ),
+    ] {
+        assert!(tiny.contains(from), "tiny-mpl.toml has no `{from}`");
+        assert_ne!(identity(&tiny.replacen(from, to, 1)), base, "{to}");
+    }
+    let longer = identity(&tiny.replacen("steps = 40", "steps = 41", 1));
+    assert_ne!(longer.steps, base.steps);
+}
