@@ -15,7 +15,8 @@ numbers to results.json in --out (default runs/results).
 
 --methods picks some of the methods (supervised-1k comes with noisy-student); --reuse keeps a
 finished run whose plan text is unchanged instead of running it again, resumes an interrupted
-run of an unchanged plan where it stopped, and finetunes a finished Meta Pseudo Labels run
+run of an unchanged plan where it stopped (a Meta Pseudo Labels joint training from its last
+save, every mpl.checkpoint_every steps), and finetunes a finished Meta Pseudo Labels run
 again when only its plan's finetune line changed (local-cluster.sh --redo-finetune). --quick
 runs the tiny test plans instead (seconds; to check the script, not for numbers).
 """
