@@ -424,6 +424,7 @@ fn long_tiny_mpl_run(dir: &std::path::Path, kill: bool) -> (Vec<Vec<u8>>, String
         assert!(text.contains(from), "tiny-mpl.toml has no `{from}`");
         text = text.replacen(from, to, 1);
     }
+    std::fs::create_dir_all(dir).expect("run directory");
     let plan = dir.join("plan.toml");
     std::fs::write(&plan, &text).expect("write plan");
     let state_dir = dir.join("run");
