@@ -268,7 +268,7 @@ fn update_ema(ema: &nn::VarStore, model: &nn::VarStore, decay: f64) {
     });
 }
 
-fn sgd(vs: &nn::VarStore, mpl: &MplPlan, rate: f64) -> Sgd {
+fn sgd(vs: &nn::VarStore, mpl: &MplPlan, rate: f64) -> Result<Sgd, String> {
     Sgd::new(vs, rate, mpl.momentum, mpl.weight_decay, mpl.momentum > 0.0)
 }
 
@@ -472,8 +472,8 @@ pub fn train_mpl(
     } else {
         None
     };
-    let mut teacher_optimizer = sgd(&teacher_vs, mpl, mpl.teacher_learning_rate);
-    let mut student_optimizer = sgd(&student_vs, mpl, mpl.student_learning_rate);
+    let mut teacher_optimizer = sgd(&teacher_vs, mpl, mpl.teacher_learning_rate)?;
+    let mut student_optimizer = sgd(&student_vs, mpl, mpl.student_learning_rate)?;
     let teacher_schedule = schedule(mpl, mpl.teacher_learning_rate);
     let config = MplConfig::from_plan(mpl, plan.data.classes);
     let strong = RandAugment::from_plan(&mpl.randaugment);

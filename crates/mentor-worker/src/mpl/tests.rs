@@ -32,8 +32,8 @@ fn linear_step(
     batch: &MplBatch,
     config: &MplConfig,
 ) -> MplStats {
-    let mut teacher_optimizer = Sgd::new(teacher.0, 0.5, 0.0, 0.0, false);
-    let mut student_optimizer = Sgd::new(student.0, 0.5, 0.0, 0.0, false);
+    let mut teacher_optimizer = Sgd::new(teacher.0, 0.5, 0.0, 0.0, false).expect("optimizer");
+    let mut student_optimizer = Sgd::new(student.0, 0.5, 0.0, 0.0, false).expect("optimizer");
     let teacher_variables = teacher.0.trainable_variables();
     let student_variables = student.0.trainable_variables();
     mpl_step(
@@ -192,8 +192,8 @@ fn train_slice(
     let mut student_vs = nn::VarStore::new(Device::Cpu);
     let student = build(&student_vs.root(), &model_config);
     student_vs.load(student_init).expect("student init");
-    let mut teacher_optimizer = Sgd::new(&teacher_vs, 0.05, 0.9, 0.0, false);
-    let mut student_optimizer = Sgd::new(&student_vs, 0.05, 0.9, 0.0, false);
+    let mut teacher_optimizer = Sgd::new(&teacher_vs, 0.05, 0.9, 0.0, false).expect("optimizer");
+    let mut student_optimizer = Sgd::new(&student_vs, 0.05, 0.9, 0.0, false).expect("optimizer");
     let (labeled, labels, weak, strong) = data;
     let world = group.world_size;
     let (l0, l1) = chunk_bounds(labeled.size()[0] as usize, world, group.rank);
