@@ -4,8 +4,9 @@
 use std::time::Duration;
 
 use mentor_e2e::{
-    binary, start_coordinator, start_coordinator_on, start_coordinator_with, start_worker, status,
-    tiny_plan_with, try_status, wait_for, watch_run, workspace_root, ONE_WORKER_SHORT_HEARTBEAT,
+    binary, plan_with, run_on_two_workers, start_coordinator, start_coordinator_on,
+    start_coordinator_with, start_worker, status, tiny_plan_with, try_status, wait_for, watch_run,
+    workspace_root, ONE_WORKER_SHORT_HEARTBEAT,
 };
 use mentor_labels::{read_round, ShardStore};
 
@@ -369,21 +370,7 @@ fn a_growing_efficientnet_student_runs_two_rounds() {
         &tiny[end..]
     )
     .replacen("steps = 30\nbatch_size = 32\nunlabeled_ratio", "steps = 10\nbatch_size = 16\nunlabeled_ratio", 1);
-    let plan = dir.path().join("plan.toml");
-    std::fs::write(&plan, &plan_text).expect("write plan");
-    let state_dir = dir.path().join("run");
-    let (mut coordinator, address) = start_coordinator(&plan, &state_dir);
-    let _workers = [
-        start_worker(&address, dir.path().join("worker-1.log")),
-        start_worker(&address, dir.path().join("worker-2.log")),
-    ];
-    let final_status = watch_run(
-        &runtime,
-        &address,
-        &mut coordinator,
-        Duration::from_secs(600),
-        |_| {},
-    );
+    let (final_status, state_dir) = run_on_two_workers(&runtime, dir.path(), &plan_text);
     assert_eq!(final_status.status, "succeeded", "{}", final_status.error);
     assert_eq!(final_status.rounds.len(), 2);
     assert!(final_status
@@ -410,20 +397,18 @@ fn a_growing_efficientnet_student_runs_two_rounds() {
 /// and the replacement worker's log (empty without `kill`).
 fn long_tiny_mpl_run(dir: &std::path::Path, kill: bool) -> (Vec<Vec<u8>>, String) {
     let runtime = tokio::runtime::Runtime::new().expect("runtime");
-    let mut text = std::fs::read_to_string(workspace_root().join("deploy/plans/tiny-mpl.toml"))
-        .expect("tiny-mpl plan");
-    for (from, to) in [
-        ("steps = 40", "steps = 400"),
-        ("log_every = 10", "log_every = 10\ncheckpoint_every = 50"),
-        ("min_workers = 2", "min_workers = 1"),
-        (
-            "heartbeat_timeout_seconds = 10",
-            "heartbeat_timeout_seconds = 2",
-        ),
-    ] {
-        assert!(text.contains(from), "tiny-mpl.toml has no `{from}`");
-        text = text.replacen(from, to, 1);
-    }
+    let text = plan_with(
+        "tiny-mpl.toml",
+        &[
+            ("steps = 40", "steps = 400"),
+            ("log_every = 10", "log_every = 10\ncheckpoint_every = 50"),
+            ("min_workers = 2", "min_workers = 1"),
+            (
+                "heartbeat_timeout_seconds = 10",
+                "heartbeat_timeout_seconds = 2",
+            ),
+        ],
+    );
     std::fs::create_dir_all(dir).expect("run directory");
     let plan = dir.join("plan.toml");
     std::fs::write(&plan, &text).expect("write plan");
@@ -509,35 +494,17 @@ fn a_killed_mpl_joint_training_resumes_from_its_checkpoint_exactly() {
 fn a_threshold_no_pseudo_label_reaches_fails_the_run_naming_it() {
     let runtime = tokio::runtime::Runtime::new().expect("runtime");
     let dir = tempfile::tempdir().expect("tempdir");
-    let tiny = std::fs::read_to_string(workspace_root().join("deploy/plans/tiny.toml"))
-        .expect("tiny plan");
     // At temperature 100 every soft label is close to uniform (top probability about 0.1).
-    let text = tiny.replacen(
+    let text = tiny_plan_with(&[(
         "min_confidence = 0.1",
         "min_confidence = 0.5\ntemperature = 100.0",
-        1,
-    );
-    assert_ne!(text, tiny, "tiny.toml changed its pseudo_labels");
-    let plan = dir.path().join("plan.toml");
-    std::fs::write(&plan, &text).expect("write plan");
-    let state_dir = dir.path().join("run");
-    let (mut coordinator, address) = start_coordinator(&plan, &state_dir);
-    let _workers = [
-        start_worker(&address, dir.path().join("worker-1.log")),
-        start_worker(&address, dir.path().join("worker-2.log")),
-    ];
-    let final_status = watch_run(
-        &runtime,
-        &address,
-        &mut coordinator,
-        Duration::from_secs(600),
-        |_| {},
-    );
+    )]);
+    let (final_status, state_dir) = run_on_two_workers(&runtime, dir.path(), &text);
     assert_eq!(final_status.status, "failed");
     assert!(
-        final_status
-            .error
-            .contains("reaches pseudo_labels.min_confidence (0.5)"),
+        final_status.error.contains(
+            "no pseudo-labeled example passed the filter: lower pseudo_labels.min_confidence"
+        ),
         "{}",
         final_status.error
     );

@@ -205,11 +205,41 @@ pub const ONE_WORKER_SHORT_HEARTBEAT: [(&str, &str); 3] = [
 /// `deploy/plans/tiny.toml` with each `(from, to)` applied once; an edit that matches nothing
 /// fails the test (the plan changed under it).
 pub fn tiny_plan_with(edits: &[(&str, &str)]) -> String {
-    let mut text = std::fs::read_to_string(workspace_root().join("deploy/plans/tiny.toml"))
-        .expect("tiny plan");
+    plan_with("tiny.toml", edits)
+}
+
+/// `deploy/plans/<file>` with each `(from, to)` applied once, as [`tiny_plan_with`].
+pub fn plan_with(file: &str, edits: &[(&str, &str)]) -> String {
+    let mut text = std::fs::read_to_string(workspace_root().join("deploy/plans").join(file))
+        .unwrap_or_else(|e| panic!("{file}: {e}"));
     for (from, to) in edits {
-        assert!(text.contains(from), "the tiny plan has no `{from}`");
+        assert!(text.contains(from), "{file} has no `{from}`");
         text = text.replacen(from, to, 1);
     }
     text
+}
+
+/// Writes `plan_text` in `dir`, runs it with a coordinator and two workers until the run ends
+/// (at most 10 minutes); returns the final status and the run directory.
+pub fn run_on_two_workers(
+    runtime: &tokio::runtime::Runtime,
+    dir: &Path,
+    plan_text: &str,
+) -> (pb::RunStatus, PathBuf) {
+    let plan = dir.join("plan.toml");
+    std::fs::write(&plan, plan_text).expect("write plan");
+    let state_dir = dir.join("run");
+    let (mut coordinator, address) = start_coordinator(&plan, &state_dir);
+    let _workers = [
+        start_worker(&address, dir.join("worker-1.log")),
+        start_worker(&address, dir.join("worker-2.log")),
+    ];
+    let status = watch_run(
+        runtime,
+        &address,
+        &mut coordinator,
+        Duration::from_secs(600),
+        |_| {},
+    );
+    (status, state_dir)
 }

@@ -88,21 +88,6 @@ pub fn filter_round(
         },
     );
     let kept = selection.kept();
-    if kept == 0 {
-        // Caught here, before a student trains on nothing; the soft labels stay in storage.
-        let passing: u64 = total.passing.iter().sum();
-        return Err(if passing == 0 {
-            format!(
-                "no pseudo label of the {} examples reaches pseudo_labels.min_confidence ({}) at pseudo_labels.temperature {}: lower the threshold or the temperature",
-                round.examples, plan.pseudo_labels.min_confidence, plan.pseudo_labels.temperature
-            )
-        } else {
-            format!(
-                "class balancing keeps none of the {passing} pseudo labels that pass the threshold ({} unlabeled examples for {classes} classes): set pseudo_labels.per_class or balance = false",
-                round.examples
-            )
-        });
-    }
     let file = SelectionFile {
         format_version: 1,
         round: round.round,

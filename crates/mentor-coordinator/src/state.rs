@@ -753,7 +753,7 @@ impl RunState {
         }
         if kept == 0 {
             return self.fail(format!(
-                "round {round}: no pseudo-labeled example passed the filter (lower pseudo_labels.min_confidence)"
+                "round {round}: no pseudo-labeled example passed the filter: lower pseudo_labels.min_confidence or pseudo_labels.temperature (or, with fewer unlabeled examples than classes, set pseudo_labels.per_class or balance = false)"
             ));
         }
         let output = self.paths.checkpoint(round, Role::Student);

@@ -4,6 +4,7 @@ use super::*;
 
 const DEMO: &str = include_str!("../../../deploy/plans/fashion-mnist-noisy-student.toml");
 const TINY: &str = include_str!("../../../deploy/plans/tiny.toml");
+const TINY_MPL: &str = include_str!("../../../deploy/plans/tiny-mpl.toml");
 
 fn error_of(text: &str) -> String {
     match Plan::from_toml_str(text) {
@@ -16,6 +17,12 @@ fn error_of(text: &str) -> String {
 fn tiny_with(old: &str, new: &str) -> String {
     assert!(TINY.contains(old), "tiny plan has no `{old}`");
     TINY.replacen(old, new, 1)
+}
+
+/// The tiny Meta Pseudo Labels plan with one line replaced (the line must exist).
+fn tiny_mpl_with(old: &str, new: &str) -> String {
+    assert!(TINY_MPL.contains(old), "tiny-mpl plan has no `{old}`");
+    TINY_MPL.replacen(old, new, 1)
 }
 
 #[test]
@@ -216,25 +223,23 @@ fn shipped_mpl_plans_are_valid() {
         include_str!("../../../deploy/plans/fashion-mnist-mpl-gpu.toml"),
         include_str!("../../../deploy/plans/fashion-mnist-mpl-long.toml"),
         include_str!("../../../deploy/plans/fashion-mnist-mpl-30k.toml"),
-        include_str!("../../../deploy/plans/tiny-mpl.toml"),
+        TINY_MPL,
     ] {
         let plan = Plan::from_toml_str(text).expect("mpl plan");
         assert_eq!(plan.method, Method::MetaPseudoLabels);
         assert!(plan.mpl.is_some());
     }
-    let tiny = include_str!("../../../deploy/plans/tiny-mpl.toml");
-    let bad = tiny.replacen("mpl_sign = \"theory\"", "mpl_sign = \"sideways\"", 1);
+    let bad = tiny_mpl_with("mpl_sign = \"theory\"", "mpl_sign = \"sideways\"");
     assert!(error_of(&bad).contains("unknown variant `sideways`"));
-    let bad = tiny.replacen(
+    let bad = tiny_mpl_with(
         "steps = 40",
         "steps = 40\nwarmup_steps = 10\nstudent_wait_steps = 30",
-        1,
     );
     assert_eq!(
         error_of(&bad),
         "mpl.student_wait_steps: the student's wait plus its warmup (30 + 10) must be below mpl.steps (40)"
     );
-    let bad = tiny.replacen("rounds = 1", "rounds = 2", 1);
+    let bad = tiny_mpl_with("rounds = 1", "rounds = 2");
     assert_eq!(
         error_of(&bad),
         "rounds: Meta Pseudo Labels runs one round; set rounds = 1"
@@ -320,8 +325,7 @@ fn efficientnet_grows_by_preset_and_by_phi() {
 
 #[test]
 fn rounds_and_top_k_default_by_method_and_classes() {
-    let tiny = include_str!("../../../deploy/plans/tiny-mpl.toml");
-    let mpl = Plan::from_toml_str(&tiny.replacen("rounds = 1\n", "", 1)).expect("mpl plan");
+    let mpl = Plan::from_toml_str(&tiny_mpl_with("rounds = 1\n", "")).expect("mpl plan");
     assert_eq!(mpl.rounds, None);
     assert_eq!(mpl.rounds(), 1);
     let noisy = Plan::from_toml_str(&tiny_with("rounds = 2\n", "")).expect("noisy plan");
@@ -334,11 +338,7 @@ fn rounds_and_top_k_default_by_method_and_classes() {
 
 #[test]
 fn mpl_fields_name_themselves() {
-    let tiny = include_str!("../../../deploy/plans/tiny-mpl.toml");
-    let with = |old: &str, new: &str| {
-        assert!(tiny.contains(old), "tiny-mpl plan has no `{old}`");
-        error_of(&tiny.replacen(old, new, 1))
-    };
+    let with = |old: &str, new: &str| error_of(&tiny_mpl_with(old, new));
     assert_eq!(with("mu = 2", "mu = 0"), "mpl.mu: must be >= 1");
     assert_eq!(
         with("mu = 2", "mu = 2\nlambda_u = -1.0"),
@@ -363,12 +363,10 @@ fn mpl_fields_name_themselves() {
 
 #[test]
 fn batch_smaller_than_a_fixed_group_is_refused() {
-    let tiny = include_str!("../../../deploy/plans/tiny-mpl.toml");
     let group = |text: &str| text.replacen("[workers]\n", "[workers]\nworld_size = 4\n", 1);
-    let small_finetune = tiny.replacen(
+    let small_finetune = tiny_mpl_with(
         "batch_size = 32, learning_rate",
         "batch_size = 2, learning_rate",
-        1,
     );
     assert!(
         Plan::from_toml_str(&small_finetune).is_ok(),
@@ -378,25 +376,24 @@ fn batch_smaller_than_a_fixed_group_is_refused() {
         error_of(&group(&small_finetune)),
         "mpl.finetune.batch_size: 2 is smaller than workers.world_size (4): each rank needs at least one image"
     );
-    assert!(Plan::from_toml_str(&group(tiny)).is_ok());
+    assert!(Plan::from_toml_str(&group(TINY_MPL)).is_ok());
 }
 
 #[test]
 fn defaults_serialize_written_out_and_differences_are_named() {
-    let tiny = include_str!("../../../deploy/plans/tiny-mpl.toml");
-    let written = Plan::from_toml_str(tiny).expect("plan");
-    let defaulted = Plan::from_toml_str(&tiny.replacen("rounds = 1\n", "", 1)).expect("plan");
+    let written = Plan::from_toml_str(TINY_MPL).expect("plan");
+    let defaulted = Plan::from_toml_str(&tiny_mpl_with("rounds = 1\n", "")).expect("plan");
     // A run recorded with `rounds = 1` written out resumes under the plan that leaves it out.
     assert_eq!(written.to_toml_string(), defaulted.to_toml_string());
     assert!(written.to_toml_string().contains("rounds = 1"));
     assert!(written.to_toml_string().contains("top_k = 10"));
     assert_eq!(written.first_difference(&defaulted), None);
-    let other = Plan::from_toml_str(&tiny.replacen("mu = 2", "mu = 3", 1)).expect("plan");
+    let other = Plan::from_toml_str(&tiny_mpl_with("mu = 2", "mu = 3")).expect("plan");
     assert_eq!(
         written.first_difference(&other).as_deref(),
         Some("mpl.mu: 2 -> 3")
     );
-    let data = Plan::from_toml_str(&tiny.replacen("test_limit = 500\n", "", 1)).expect("plan");
+    let data = Plan::from_toml_str(&tiny_mpl_with("test_limit = 500\n", "")).expect("plan");
     assert_eq!(
         written.first_difference(&data).as_deref(),
         Some("data.test_limit: 500 -> 0")

@@ -29,8 +29,8 @@ use crate::distributed::Group;
 use crate::models::build;
 use crate::optim::Sgd;
 use crate::tasks::{
-    collective_error, learning_rate, model_config, save_checkpoint, test_accuracy, Outcome,
-    Progress,
+    collective_error, learning_rate, model_config, save_checkpoint, test_accuracy,
+    write_safetensors_atomically, Outcome, Progress,
 };
 
 /// Knobs of the step.
@@ -318,25 +318,17 @@ impl<'a> Carried<'a> {
         )];
         for (prefix, vs) in &self.stores {
             for (name, value) in vs.variables() {
-                tensors.push((format!("{prefix}/{name}"), value.contiguous()));
+                tensors.push((format!("{prefix}/{name}"), value));
             }
         }
         for (prefix, optimizer) in &self.optimizers {
             for (index, buffer) in optimizer.buffers().iter().enumerate() {
                 if let Some(buffer) = buffer {
-                    tensors.push((format!("{prefix}/{index}"), buffer.contiguous()));
+                    tensors.push((format!("{prefix}/{index}"), buffer.shallow_clone()));
                 }
             }
         }
-        if let Some(parent) = path.parent() {
-            std::fs::create_dir_all(parent)
-                .map_err(|e| format!("failed to create `{}`: {e}", parent.display()))?;
-        }
-        let temporary = path.with_extension(format!("{}.tmp", std::process::id()));
-        Tensor::write_safetensors(&tensors, &temporary)
-            .map_err(|e| format!("failed to write `{}`: {e}", temporary.display()))?;
-        std::fs::rename(&temporary, path)
-            .map_err(|e| format!("failed to move the checkpoint to `{}`: {e}", path.display()))
+        write_safetensors_atomically(tensors, path)
     }
 
     /// Loads the checkpoint at `path` into the models, the optimizers and `state`; `false`

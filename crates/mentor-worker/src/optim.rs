@@ -8,6 +8,12 @@ use tch::Tensor;
 /// The optimizer parameter group of biases and normalisation parameters.
 const UNDECAYED: usize = 1;
 
+/// Whether weight decay applies to `variable`: weights (two or more dimensions) yes, biases
+/// and normalisation parameters no.
+fn decays(variable: &Tensor) -> bool {
+    variable.dim() >= 2
+}
+
 /// Builds `config` over the trainable variables of `vs` at `rate`, with the weight decay of
 /// `config` on weights only.
 pub fn build_optimizer(
@@ -22,7 +28,7 @@ pub fn build_optimizer(
             .map_err(|_| "the model's variable store is poisoned".to_string())?;
         let mut any = false;
         for variable in variables.trainable_variables.iter_mut() {
-            if variable.tensor.dim() < 2 {
+            if !decays(&variable.tensor) {
                 variable.group = UNDECAYED;
                 any = true;
             }
@@ -45,7 +51,6 @@ pub fn build_optimizer(
 #[derive(Debug)]
 pub struct Sgd {
     variables: Vec<Tensor>,
-    decayed: Vec<bool>,
     buffers: Vec<Option<Tensor>>,
     scratch: Vec<Option<Tensor>>,
     /// libtorch's optimizer over the same variables, used only to clear their gradients:
@@ -75,7 +80,6 @@ impl Sgd {
             clearer.add_parameters(variable, 0).map_err(error)?;
         }
         Ok(Sgd {
-            decayed: variables.iter().map(|v| v.dim() >= 2).collect(),
             buffers: variables.iter().map(|_| None).collect(),
             scratch: variables.iter().map(|_| None).collect(),
             clearer,
@@ -117,7 +121,7 @@ impl Sgd {
                     continue;
                 }
                 let scratch = self.scratch[index].get_or_insert_with(|| variable.zeros_like());
-                if self.decayed[index] && self.weight_decay != 0.0 {
+                if self.weight_decay != 0.0 && decays(variable) {
                     let _ = direction.g_add_(scaled(scratch, variable, self.weight_decay));
                 }
                 if self.momentum != 0.0 {
@@ -177,11 +181,10 @@ mod tests {
     use super::*;
     use crate::models::{build, Model, ModelConfig};
 
-    #[test]
-    fn weight_decay_shrinks_weights_and_leaves_biases_and_norms() {
-        tch::manual_seed(1);
-        let vs = nn::VarStore::new(Device::Cpu);
-        let config = ModelConfig {
+    /// A cnn with batch norm and a residual block: weights, biases and normalisation
+    /// parameters of every kind.
+    fn small_cnn() -> ModelConfig {
+        ModelConfig {
             model: ModelPlan::Cnn(CnnPlan {
                 width: 4,
                 residual_blocks: 1,
@@ -194,7 +197,14 @@ mod tests {
             resolution: 8,
             dropout: 0.0,
             last_survival: 1.0,
-        };
+        }
+    }
+
+    #[test]
+    fn weight_decay_shrinks_weights_and_leaves_biases_and_norms() {
+        tch::manual_seed(1);
+        let vs = nn::VarStore::new(Device::Cpu);
+        let config = small_cnn();
         let model = build(&vs.root(), &config);
         let sgd = nn::Sgd {
             momentum: 0.0,
@@ -249,20 +259,7 @@ mod tests {
     /// weights only), and a copy given its momentum buffers continues identically.
     #[test]
     fn sgd_matches_libtorch_and_resumes_from_its_buffers() {
-        let config = ModelConfig {
-            model: ModelPlan::Cnn(CnnPlan {
-                width: 4,
-                residual_blocks: 1,
-                hidden: 8,
-                width_growth_per_round: 0,
-                batch_norm: true,
-            }),
-            channels: 1,
-            classes: 3,
-            resolution: 8,
-            dropout: 0.0,
-            last_survival: 1.0,
-        };
+        let config = small_cnn();
         let (momentum, wd, rate) = (0.9, 5e-4, 0.05);
         let seeded = |vs: &nn::VarStore| {
             tch::manual_seed(3);

@@ -398,6 +398,15 @@ fn load_selection(
 
 /// Saves the variables atomically (a temporary file renamed into place).
 pub(crate) fn save_checkpoint(vs: &nn::VarStore, output: &Path) -> Result<(), String> {
+    write_safetensors_atomically(vs.variables(), output)
+}
+
+/// Writes named tensors to `output` as safetensors, atomically (a temporary file renamed into
+/// place), creating its directory.
+pub(crate) fn write_safetensors_atomically(
+    tensors: impl IntoIterator<Item = (String, Tensor)>,
+    output: &Path,
+) -> Result<(), String> {
     if let Some(parent) = output.parent() {
         std::fs::create_dir_all(parent)
             .map_err(|e| format!("failed to create `{}`: {e}", parent.display()))?;
@@ -406,12 +415,11 @@ pub(crate) fn save_checkpoint(vs: &nn::VarStore, output: &Path) -> Result<(), St
     // safetensors refuses tensors that are not contiguous (a channels-last variable with more
     // than one input channel, which no model has today: `models::conv2d` lays out only
     // depthwise weights, whose memory is contiguous); write contiguous copies.
-    let variables: Vec<(String, Tensor)> = vs
-        .variables()
+    let tensors: Vec<(String, Tensor)> = tensors
         .into_iter()
         .map(|(name, value)| (name, value.contiguous()))
         .collect();
-    Tensor::write_safetensors(&variables, &temporary)
+    Tensor::write_safetensors(&tensors, &temporary)
         .map_err(|e| format!("failed to write checkpoint `{}`: {e}", temporary.display()))?;
     std::fs::rename(&temporary, output)
         .map_err(|e| format!("failed to move checkpoint to `{}`: {e}", output.display()))
