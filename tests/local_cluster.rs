@@ -733,7 +733,9 @@ fn write_webdataset(dir: &std::path::Path, tars: usize, per_tar: usize) {
 fn webdataset_labeling_survives_a_killed_labeler_without_loss_or_duplicates() {
     let runtime = tokio::runtime::Runtime::new().expect("runtime");
     let dir = tempfile::tempdir().expect("tempdir");
-    let (tars, per_tar) = (8usize, 100usize);
+    // Labeling takes about half a millisecond per example on one CPU core: 8,000 examples keep
+    // the label job running for seconds, a window the 100 ms status polls cannot miss.
+    let (tars, per_tar) = (8usize, 1000usize);
     let tar_dir = dir.path().join("unlabeled");
     write_webdataset(&tar_dir, tars, per_tar);
     let storage = format!("file://{}/labels", dir.path().display());
@@ -762,7 +764,12 @@ fn webdataset_labeling_survives_a_killed_labeler_without_loss_or_duplicates() {
     let mut doomed = start_worker(&address, dir.path().join("doomed.log"));
     let doomed_id = wait_for("the worker to label", Duration::from_secs(120), || {
         let current = status(&runtime, &address);
+        assert_ne!(current.status, "failed", "{}", current.error);
         let round = current.rounds.first()?;
+        assert!(
+            round.shards == 0 || round.shards_done < round.shards,
+            "the label job ended before a labeler could be killed: make it longer"
+        );
         let labeling = current
             .workers
             .iter()
