@@ -19,7 +19,7 @@ if [ "$mode" = "--prepare" ]; then
   eval "$("$ROOT/scripts/setup.sh" --print-env)"
   (cd "$ROOT" && cargo build --release --quiet --bins)
   rm -rf "$GPU_DIR" && mkdir -p "$GPU_DIR/bin" "$GPU_DIR/data"
-  for binary in coordinator worker mentor bench-models bench-ddp bench-label ring-bench; do
+  for binary in coordinator worker mentor bench-models bench-ddp bench-label bench-mpl ring-bench; do
     cp "$CARGO_TARGET_DIR/release/$binary" "$GPU_DIR/bin/"
     strip "$GPU_DIR/bin/$binary"
   done
@@ -92,6 +92,8 @@ MENTOR_BIN="$BIN" PYTHON="$PYTHON" "$ROOT/scripts/bench-label.sh" --device cuda 
 # 4. The CPU collective benchmarks on this machine's cores (ring against gloo, DDP training).
 MENTOR_BIN="$BIN" PYTHON="$PYTHON" "$ROOT/scripts/bench-allreduce.sh" >"$OUT/bench-allreduce.txt" 2>&1 || true
 MENTOR_BIN="$BIN" PYTHON="$PYTHON" "$ROOT/scripts/bench-ddp.sh" --data "$GPU_DIR/data" >"$OUT/bench-ddp.txt" 2>&1 || true
+sed "s#^dir = .*#dir = \"$GPU_DIR/data\"#" "$ROOT/deploy/plans/fashion-mnist-mpl.toml" >"$OUT/bench-mpl-plan.toml"
+MENTOR_BIN="$BIN" PYTHON="$PYTHON" "$ROOT/scripts/bench-mpl.sh" --plan "$OUT/bench-mpl-plan.toml" >"$OUT/bench-mpl.txt" 2>&1 || true
 
 echo
 echo "=== gpu-check ($(head -1 "$OUT/gpu.txt")) ==="
@@ -110,3 +112,4 @@ PY
 echo "--- pseudo-labelling (GPU) ---"; tail -n 7 "$OUT/bench-label.txt"
 echo "--- TCP ring against gloo (CPU cores) ---"; tail -n 11 "$OUT/bench-allreduce.txt"
 echo "--- DDP training, CPU processes ---"; tail -n 3 "$OUT/bench-ddp.txt"
+echo "--- Meta Pseudo Labels step, one CPU process ---"; tail -n 5 "$OUT/bench-mpl.txt"

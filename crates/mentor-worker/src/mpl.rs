@@ -254,9 +254,97 @@ pub(crate) fn student_learning_rate(mpl: &MplPlan, step: u64) -> f64 {
     learning_rate(&plan, learning)
 }
 
+/// Draws this rank's slice of the global batches of the joint training: labeled `batch_size`
+/// and unlabeled `mu * batch_size` images sampled with replacement, flipped and shifted (the
+/// weak views), the strong views the plan's RandAugment makes of the weak ones, at the
+/// teacher's and the student's input resolutions.
+#[derive(Debug)]
+pub struct BatchMaker {
+    labeled_batch: usize,
+    unlabeled_batch: usize,
+    labeled_range: (usize, usize),
+    unlabeled_range: (usize, usize),
+    /// Training-set positions of the unlabeled images.
+    unlabeled: Tensor,
+    strong: RandAugment,
+    teacher_resolution: i64,
+    student_resolution: i64,
+}
+
+impl BatchMaker {
+    pub fn new(
+        plan: &Plan,
+        dataset: &Dataset,
+        rank: usize,
+        world_size: usize,
+    ) -> Result<BatchMaker, String> {
+        let mpl = plan.mpl.as_ref().ok_or("the plan has no [mpl] section")?;
+        let labeled_batch = mpl.batch_size as usize;
+        let unlabeled_batch = labeled_batch * mpl.mu as usize;
+        if labeled_batch < world_size {
+            return Err(format!(
+                "mpl.batch_size ({labeled_batch}) is smaller than the group ({world_size} ranks)"
+            ));
+        }
+        let unlabeled: Vec<i64> = dataset.split.unlabeled.iter().map(|&p| p as i64).collect();
+        if unlabeled.is_empty() {
+            return Err("Meta Pseudo Labels needs unlabeled images; the split has none".into());
+        }
+        Ok(BatchMaker {
+            labeled_batch,
+            unlabeled_batch,
+            labeled_range: chunk_bounds(labeled_batch, world_size, rank),
+            unlabeled_range: chunk_bounds(unlabeled_batch, world_size, rank),
+            unlabeled: Tensor::from_slice(&unlabeled).to_device(dataset.device),
+            strong: RandAugment::from_plan(&mpl.randaugment),
+            teacher_resolution: model_config(plan, Role::Teacher, 1, dataset).resolution,
+            student_resolution: model_config(plan, Role::Student, 1, dataset).resolution,
+        })
+    }
+
+    /// The next batch: the global batch's picks come from `sampler` (the same on every rank),
+    /// the augmentations from libtorch's generator.
+    pub fn draw(&self, dataset: &Dataset, sampler: &mut StdRng) -> MplBatch {
+        let device = dataset.device;
+        let labeled_count = dataset.labeled.size()[0];
+        let unlabeled_count = self.unlabeled.size()[0];
+        let picks: Vec<i64> = (0..self.labeled_batch)
+            .map(|_| sampler.gen_range(0..labeled_count))
+            .collect();
+        let rows: Vec<i64> = (0..self.unlabeled_batch)
+            .map(|_| sampler.gen_range(0..unlabeled_count))
+            .collect();
+        let (labeled_start, labeled_end) = self.labeled_range;
+        let (unlabeled_start, unlabeled_end) = self.unlabeled_range;
+        let picks = Tensor::from_slice(&picks[labeled_start..labeled_end]).to_device(device);
+        let rows = Tensor::from_slice(&rows[unlabeled_start..unlabeled_end]).to_device(device);
+        let positions = dataset.labeled.index_select(0, &picks);
+        let labels = dataset.train_labels.index_select(0, &positions);
+        let weak_pixels =
+            flip_and_shift(&dataset.train_batch(&self.unlabeled.index_select(0, &rows)));
+        let labeled_pixels = flip_and_shift(&dataset.train_batch(&positions));
+        let strong_pixels = self.strong.apply(&weak_pixels);
+        let (teacher, student) = (self.teacher_resolution, self.student_resolution);
+        MplBatch {
+            labeled: dataset.model_input(&labeled_pixels, teacher),
+            labels,
+            strong: dataset.model_input(&strong_pixels, teacher),
+            weak: dataset.model_input(&weak_pixels, teacher),
+            student_views: (student != teacher).then(|| {
+                (
+                    dataset.model_input(&labeled_pixels, student),
+                    dataset.model_input(&strong_pixels, student),
+                )
+            }),
+            global_labeled: self.labeled_batch,
+            global_unlabeled: self.unlabeled_batch,
+        }
+    }
+}
+
 /// `ema = decay * ema + (1 - decay) * model` over every variable of the same name (buffers
 /// such as batch-norm statistics included).
-fn update_ema(ema: &nn::VarStore, model: &nn::VarStore, decay: f64) {
+pub fn update_ema(ema: &nn::VarStore, model: &nn::VarStore, decay: f64) {
     let source = model.variables();
     tch::no_grad(|| {
         for (name, mut target) in ema.variables() {
@@ -268,7 +356,9 @@ fn update_ema(ema: &nn::VarStore, model: &nn::VarStore, decay: f64) {
     });
 }
 
-fn sgd(vs: &nn::VarStore, mpl: &MplPlan, rate: f64) -> Result<Sgd, String> {
+/// The SGD of either side of the joint training at `rate` (Nesterov momentum when momentum is
+/// set, weight decay on weights only).
+pub fn sgd(vs: &nn::VarStore, mpl: &MplPlan, rate: f64) -> Result<Sgd, String> {
     Sgd::new(vs, rate, mpl.momentum, mpl.weight_decay, mpl.momentum > 0.0)
 }
 
@@ -432,11 +522,6 @@ pub fn train_mpl(
     let (rank, world_size) = (group.rank, group.world_size);
     let labeled_batch = mpl.batch_size as usize;
     let unlabeled_batch = labeled_batch * mpl.mu as usize;
-    if labeled_batch < world_size {
-        return Err(format!(
-            "mpl.batch_size ({labeled_batch}) is smaller than the group ({world_size} ranks)"
-        ));
-    }
     let seed = plan.seed as i64 * 1_000_003 + 4242;
     tch::manual_seed(seed);
     let device = dataset.device;
@@ -468,16 +553,7 @@ pub fn train_mpl(
     let mut student_optimizer = sgd(&student_vs, mpl, mpl.student_learning_rate)?;
     let teacher_schedule = schedule(mpl, mpl.teacher_learning_rate);
     let config = MplConfig::from_plan(mpl, plan.data.classes);
-    let strong = RandAugment::from_plan(&mpl.randaugment);
-    let (labeled_start, labeled_end) = chunk_bounds(labeled_batch, world_size, rank);
-    let (unlabeled_start, unlabeled_end) = chunk_bounds(unlabeled_batch, world_size, rank);
-    let labeled_count = dataset.labeled.size()[0];
-    let unlabeled: Vec<i64> = dataset.split.unlabeled.iter().map(|&p| p as i64).collect();
-    let unlabeled = Tensor::from_slice(&unlabeled).to_device(device);
-    let unlabeled_count = unlabeled.size()[0];
-    if unlabeled_count == 0 {
-        return Err("Meta Pseudo Labels needs unlabeled images; the split has none".into());
-    }
+    let batches = BatchMaker::new(plan, dataset, rank, world_size)?;
     let mut state = MplState::default();
     let checkpoint = resume_path(teacher_output);
     let identity = Identity::of(plan);
@@ -542,34 +618,7 @@ pub fn train_mpl(
         tch::manual_seed(step_seed.wrapping_add(7919 * rank as i64));
         teacher_optimizer.set_lr(learning_rate(&teacher_schedule, step));
         student_optimizer.set_lr(student_learning_rate(mpl, step));
-        let picks: Vec<i64> = (0..labeled_batch)
-            .map(|_| sampler.gen_range(0..labeled_count))
-            .collect();
-        let rows: Vec<i64> = (0..unlabeled_batch)
-            .map(|_| sampler.gen_range(0..unlabeled_count))
-            .collect();
-        let picks = Tensor::from_slice(&picks[labeled_start..labeled_end]).to_device(device);
-        let rows = Tensor::from_slice(&rows[unlabeled_start..unlabeled_end]).to_device(device);
-        let positions = dataset.labeled.index_select(0, &picks);
-        let labels = dataset.train_labels.index_select(0, &positions);
-        let weak_pixels = flip_and_shift(&dataset.train_batch(&unlabeled.index_select(0, &rows)));
-        let labeled_pixels = flip_and_shift(&dataset.train_batch(&positions));
-        let strong_pixels = strong.apply(&weak_pixels);
-        let student_resolution = student_config.resolution;
-        let batch = MplBatch {
-            labeled: dataset.model_input(&labeled_pixels, teacher_config.resolution),
-            labels,
-            strong: dataset.model_input(&strong_pixels, teacher_config.resolution),
-            weak: dataset.model_input(&weak_pixels, teacher_config.resolution),
-            student_views: (student_resolution != teacher_config.resolution).then(|| {
-                (
-                    dataset.model_input(&labeled_pixels, student_resolution),
-                    dataset.model_input(&strong_pixels, student_resolution),
-                )
-            }),
-            global_labeled: labeled_batch,
-            global_unlabeled: unlabeled_batch,
-        };
+        let batch = batches.draw(dataset, &mut sampler);
         let stats = mpl_step(
             &mut Learner {
                 model: teacher.as_ref(),

@@ -1,0 +1,159 @@
+//! `bench-mpl`: the Meta Pseudo Labels step of the workers (`mpl_step`, then the student's EMA)
+//! on one process, and the making of its batches (sampling, flips and shifts, RandAugment), timed
+//! apart. `scripts/bench-mpl.sh` runs it and the same step in PyTorch (`benches/mpl_step.py`);
+//! this prints one JSON line with the seconds per step and the settings the reference must use.
+
+use std::time::Instant;
+
+use anyhow::Context;
+use clap::Parser;
+use mentor_plan::{Plan, Role};
+use mentor_worker::dataset::Dataset;
+use mentor_worker::distributed::Group;
+use mentor_worker::models::build;
+use mentor_worker::mpl::{
+    mpl_step, sgd, update_ema, BatchMaker, Learner, MplBatch, MplConfig, MplState,
+};
+use mentor_worker::tasks::model_config;
+use rand::rngs::StdRng;
+use rand::SeedableRng;
+use tch::nn;
+
+#[derive(Debug, Parser)]
+struct Args {
+    /// A Meta Pseudo Labels plan: its models, batch sizes, noise and losses are measured.
+    #[arg(long, default_value = "deploy/plans/fashion-mnist-mpl.toml")]
+    plan: std::path::PathBuf,
+    /// Timed steps (after the warmup).
+    #[arg(long, default_value_t = 100)]
+    steps: u32,
+    #[arg(long, default_value_t = 10)]
+    warmup: u32,
+    /// libtorch intra-op threads.
+    #[arg(long, default_value_t = 1)]
+    threads: i32,
+}
+
+fn main() -> anyhow::Result<()> {
+    let args = Args::parse();
+    tch::set_num_threads(args.threads);
+    tch::manual_seed(0);
+    let plan = Plan::load(&args.plan).with_context(|| args.plan.display().to_string())?;
+    let mpl = plan
+        .mpl
+        .as_ref()
+        .context("the plan is not a Meta Pseudo Labels plan (no [mpl] section)")?;
+    let dataset = Dataset::load(&plan, tch::Device::Cpu)?;
+    let teacher_config = model_config(&plan, Role::Teacher, 1, &dataset);
+    let student_config = model_config(&plan, Role::Student, 1, &dataset);
+    let teacher_vs = nn::VarStore::new(tch::Device::Cpu);
+    let teacher = build(&teacher_vs.root(), &teacher_config);
+    let student_vs = nn::VarStore::new(tch::Device::Cpu);
+    let student = build(&student_vs.root(), &student_config);
+    let mut ema_vs = nn::VarStore::new(tch::Device::Cpu);
+    let _ema = build(&ema_vs.root(), &student_config);
+    ema_vs.copy(&student_vs)?;
+    let teacher_variables = teacher_vs.trainable_variables();
+    let student_variables = student_vs.trainable_variables();
+    let mut teacher_optimizer =
+        sgd(&teacher_vs, mpl, mpl.teacher_learning_rate).map_err(anyhow::Error::msg)?;
+    let mut student_optimizer =
+        sgd(&student_vs, mpl, mpl.student_learning_rate).map_err(anyhow::Error::msg)?;
+    let config = MplConfig::from_plan(mpl, plan.data.classes);
+    let mut group = Group::single(1 << 20, tch::Device::Cpu);
+    let maker = BatchMaker::new(&plan, &dataset, 0, 1).map_err(anyhow::Error::msg)?;
+    let mut sampler = StdRng::seed_from_u64(plan.seed);
+
+    // The batches first, timed on their own; the steps then cycle through them.
+    let total = (args.warmup + args.steps) as usize;
+    let started = Instant::now();
+    let batches: Vec<MplBatch> = (0..total)
+        .map(|_| maker.draw(&dataset, &mut sampler))
+        .collect();
+    let batch_seconds = started.elapsed().as_secs_f64() / total as f64;
+
+    let mut state = MplState::default();
+    let mut timed = None;
+    let mut last = None;
+    for (index, batch) in batches.iter().enumerate() {
+        if index == args.warmup as usize {
+            timed = Some(Instant::now());
+        }
+        let stats = mpl_step(
+            &mut Learner {
+                model: teacher.as_ref(),
+                variables: &teacher_variables,
+                optimizer: &mut teacher_optimizer,
+            },
+            &mut Learner {
+                model: student.as_ref(),
+                variables: &student_variables,
+                optimizer: &mut student_optimizer,
+            },
+            &mut group,
+            batch,
+            &config,
+            &mut state,
+            true,
+        )?;
+        if mpl.ema > 0.0 {
+            update_ema(&ema_vs, &student_vs, mpl.ema);
+        }
+        last = Some(stats);
+    }
+    let step_seconds = timed.map_or(0.0, |t| t.elapsed().as_secs_f64()) / args.steps as f64;
+    let last = last.context("no step ran")?;
+    let block_survival = match &student_config.model {
+        mentor_plan::ModelPlan::Cnn(cnn) => (cnn.residual_blocks > 0)
+            .then(|| student_config.survival(0, cnn.residual_blocks as usize)),
+        _ => None,
+    };
+    let cnn = |config: &mentor_worker::models::ModelConfig| match &config.model {
+        mentor_plan::ModelPlan::Cnn(cnn) => Ok(serde_json::json!({
+            "width": cnn.width,
+            "hidden": cnn.hidden,
+            "residual_blocks": cnn.residual_blocks,
+            "batch_norm": cnn.batch_norm,
+            "dropout": config.dropout,
+        })),
+        _ => anyhow::bail!("the PyTorch reference has the `cnn` model only"),
+    };
+    println!(
+        "{}",
+        serde_json::json!({
+            "impl": "mentor",
+            "threads": args.threads,
+            "steps": args.steps,
+            "step_seconds": step_seconds,
+            "batch_seconds": batch_seconds,
+            "final_h": last.h,
+            "final_student_labeled_loss": last.student_labeled_loss,
+            "settings": {
+                "data": plan.data.dir,
+                "labeled_per_class": plan.data.labeled_per_class,
+                "seed": plan.seed,
+                "classes": plan.data.classes,
+                "batch_size": mpl.batch_size,
+                "mu": mpl.mu,
+                "teacher": cnn(&teacher_config)?,
+                "student": cnn(&student_config)?,
+                "student_block_survival": block_survival,
+                "teacher_learning_rate": mpl.teacher_learning_rate,
+                "student_learning_rate": mpl.student_learning_rate,
+                "momentum": mpl.momentum,
+                "weight_decay": mpl.weight_decay,
+                "label_smoothing": mpl.label_smoothing,
+                "uda_threshold": mpl.uda_threshold,
+                "uda_temperature": mpl.uda_temperature,
+                "lambda_u": mpl.lambda_u,
+                "uda_steps": mpl.uda_steps,
+                "mpl_weight": mpl.mpl_weight,
+                "baseline_decay": mpl.baseline_decay,
+                "ema": mpl.ema,
+                "randaugment_ops": mpl.randaugment.ops,
+                "randaugment_magnitude": mpl.randaugment.magnitude,
+            },
+        })
+    );
+    Ok(())
+}
