@@ -763,6 +763,7 @@ fn webdataset_labeling_survives_a_killed_labeler_without_loss_or_duplicates() {
 
     let mut doomed = start_worker(&address, dir.path().join("doomed.log"));
     let doomed_id = wait_for("the worker to label", Duration::from_secs(120), || {
+        assert!(doomed.is_running(), "worker exited:\n{}", doomed.log_text());
         let current = status(&runtime, &address);
         assert_ne!(current.status, "failed", "{}", current.error);
         let round = current.rounds.first()?;
