@@ -233,7 +233,12 @@ fn a_killed_worker_loses_its_task_to_another_worker() {
             current
                 .workers
                 .iter()
-                .find(|w| w.task == "train teacher" && w.step > 0)
+                // Two progress reports in: the time left is known.
+                .find(|w| {
+                    w.task == "train teacher"
+                        && w.step > 0
+                        && w.seconds_left.is_some_and(|s| s > 0.0)
+                })
                 .map(|w| w.worker_id.clone())
         },
     );

@@ -103,6 +103,7 @@ fn status_json(status: &pb::RunStatus) -> Value {
             "total_steps": worker.total_steps,
             "loss": number(worker.loss),
             "images_per_second": number(worker.images_per_second),
+            "seconds_left": worker.seconds_left,
             "metrics": worker.metrics,
         })).collect::<Vec<_>>(),
     })
@@ -112,6 +113,16 @@ fn percent(value: Option<f64>) -> String {
     value
         .map(|v| format!("{:.2}%", v * 100.0))
         .unwrap_or_else(|| "-".into())
+}
+
+/// `42s`, `7m05s`, `1h52m`.
+fn duration(seconds: f64) -> String {
+    let seconds = seconds.max(0.0).round() as u64;
+    match seconds {
+        0..60 => format!("{seconds}s"),
+        60..3600 => format!("{}m{:02}s", seconds / 60, seconds % 60),
+        _ => format!("{}h{:02}m", seconds / 3600, seconds % 3600 / 60),
+    }
 }
 
 fn status_text(status: &pb::RunStatus) -> String {
@@ -172,6 +183,9 @@ fn status_text(status: &pb::RunStatus) -> String {
             }
             if worker.images_per_second > 0.0 {
                 task.push_str(&format!(" {:.0} img/s", worker.images_per_second));
+            }
+            if let Some(seconds) = worker.seconds_left {
+                task.push_str(&format!(" {} left", duration(seconds)));
             }
             let mut metrics: Vec<_> = worker.metrics.iter().collect();
             metrics.sort_by(|a, b| a.0.cmp(b.0));

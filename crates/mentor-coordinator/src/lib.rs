@@ -57,6 +57,30 @@ pub struct WorkerEntry {
     pub progress: Progress,
     /// When the current task was given or last reported progress (its lease starts there).
     pub progress_at: Instant,
+    /// The current task's first progress report (step, when): its pace since then gives the
+    /// time left.
+    pub progress_origin: Option<(u64, Instant)>,
+}
+
+impl WorkerEntry {
+    /// Seconds until the current task reaches its last step at the pace it kept since its
+    /// first progress report; `None` before two reports with different steps.
+    pub fn seconds_left(&self) -> Option<f64> {
+        let (first_step, first_at) = self.progress_origin?;
+        let steps = self
+            .progress
+            .step
+            .checked_sub(first_step)
+            .filter(|&s| s > 0)?;
+        let seconds = self
+            .progress_at
+            .saturating_duration_since(first_at)
+            .as_secs_f64();
+        (seconds > 0.0).then(|| {
+            self.progress.total_steps.saturating_sub(self.progress.step) as f64 * seconds
+                / steps as f64
+        })
+    }
 }
 
 /// The latest progress report of a task.
@@ -300,6 +324,7 @@ impl Coordinator {
                 task: None,
                 progress: Progress::default(),
                 progress_at: now,
+                progress_origin: None,
             },
         );
         let alive = self.workers.values().filter(|w| w.alive).count() as u32;
@@ -362,6 +387,7 @@ impl Coordinator {
                 worker.task = Some(task.id.clone());
                 worker.progress = Progress::default();
                 worker.progress_at = now;
+                worker.progress_origin = None;
                 self.persist_or_log();
                 Ok(TaskReply::Task(assignment))
             }
@@ -498,7 +524,12 @@ impl Coordinator {
         if let Some(loss) = progress.loss {
             self.latest_loss = Some(loss);
         }
+        // Meta Pseudo Labels evaluates its student on the test set as it trains.
+        if let Some(accuracy) = progress.metrics.get("student_test_accuracy") {
+            self.latest_accuracy = Some(*accuracy);
+        }
         let worker = self.worker_mut(id, now)?;
+        worker.progress_origin.get_or_insert((progress.step, now));
         worker.progress = progress;
         worker.progress_at = now;
         Ok(())
@@ -655,6 +686,70 @@ mod tests {
             }
         }
         panic!("no label task")
+    }
+
+    #[test]
+    fn status_gives_the_time_left_at_the_task_pace_and_the_latest_test_accuracy() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let mut plan = Plan::from_toml_str(TINY).expect("tiny plan");
+        plan.workers.min_workers = 1;
+        plan.workers.world_size = 1;
+        let mut coordinator = Coordinator::open(plan, dir.path()).expect("open");
+        let start = Instant::now();
+        let a = coordinator.register("a".into(), "cpu".into(), start);
+        let TaskReply::Task(_) = coordinator.get_task(&a, start).expect("task") else {
+            panic!("no task")
+        };
+        let report = |step: u64, metrics: &[(&str, f64)]| Progress {
+            step,
+            total_steps: 100,
+            loss: Some(1.0),
+            accuracy: None,
+            images_per_second: 10.0,
+            metrics: metrics.iter().map(|(k, v)| (k.to_string(), *v)).collect(),
+        };
+        let worker_status =
+            |coordinator: &Coordinator| crate::service::status_of(coordinator).workers[0].clone();
+        // One report (step 10 after 5 s of start-up) says nothing about the pace yet.
+        let first = start + Duration::from_secs(5);
+        coordinator
+            .progress(&a, report(10, &[]), first)
+            .expect("progress");
+        assert_eq!(worker_status(&coordinator).seconds_left, None);
+        assert!(crate::service::status_of(&coordinator)
+            .latest_accuracy
+            .is_nan());
+        // 20 steps in 10 s: the 70 left take 35 s.
+        let second = first + Duration::from_secs(10);
+        coordinator
+            .progress(&a, report(30, &[("student_test_accuracy", 0.75)]), second)
+            .expect("progress");
+        assert_eq!(worker_status(&coordinator).seconds_left, Some(35.0));
+        assert_eq!(
+            crate::service::status_of(&coordinator).latest_accuracy,
+            0.75
+        );
+
+        // The next task starts its own pace.
+        coordinator
+            .complete(
+                &a,
+                &coordinator.workers[&a].task.clone().expect("task"),
+                1,
+                TaskOutcome::Trained {
+                    checkpoint: dir.path().join("teacher.safetensors"),
+                    final_loss: 0.1,
+                },
+                second,
+            )
+            .expect("complete");
+        let TaskReply::Task(_) = coordinator.get_task(&a, second).expect("task") else {
+            panic!("no next task")
+        };
+        coordinator
+            .progress(&a, report(50, &[]), second + Duration::from_secs(1))
+            .expect("progress");
+        assert_eq!(worker_status(&coordinator).seconds_left, None);
     }
 
     #[test]
