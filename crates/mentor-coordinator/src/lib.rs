@@ -730,7 +730,6 @@ mod tests {
             0.75
         );
 
-        // The next task starts its own pace.
         coordinator
             .complete(
                 &a,
@@ -743,6 +742,8 @@ mod tests {
                 second,
             )
             .expect("complete");
+        // Between tasks there is no time left to tell; the next task starts its own pace.
+        assert_eq!(worker_status(&coordinator).seconds_left, None);
         let TaskReply::Task(_) = coordinator.get_task(&a, second).expect("task") else {
             panic!("no next task")
         };

@@ -392,7 +392,7 @@ pub fn status_of(coordinator: &Coordinator) -> pb::RunStatus {
                 total_steps: worker.progress.total_steps,
                 loss: worker.progress.loss.unwrap_or(f64::NAN),
                 images_per_second: worker.progress.images_per_second,
-                seconds_left: worker.seconds_left(),
+                seconds_left: task.and(worker.seconds_left()),
                 state: if worker.alive {
                     "active"
                 } else if worker.exited {
