@@ -4,9 +4,11 @@ step (`bench-mpl`) is measured against, in the same run, on the same machine.
 
 It takes the settings `bench-mpl` printed (--settings, one JSON object: the models, batch sizes,
 noise and losses of the plan) and runs what a PyTorch user would write for them:
-- the batches: 100 labeled images per class and the other training images unlabeled, sampled
-  with replacement; per image, a random flip and a 2-pixel shift (the weak view) and
-  torchvision's RandAugment of it (the strong view), in the training loop;
+- the batches: `labeled_per_class` labeled images per class and the other training images
+  unlabeled, sampled with replacement; per image, a random flip and a 2-pixel shift (the weak
+  view) and torchvision's RandAugment of it (the strong view), in the training loop. This is
+  similar work, not the same: torchvision has 14 operations with its own ranges, the workers
+  the plan's list (15 by default) and its optional cutout;
 - the step (ALGORITHMS.md section 2, as in crates/mentor-worker/src/mpl.rs): the teacher on
   cat(labeled, weak, strong), its label-smoothed labeled loss and the UDA loss, the student's
   step on the teacher's hard pseudo labels, `h` from the student's labeled loss before and after
@@ -37,6 +39,11 @@ class ConvBn(nn.Module):
         return self.bn(self.conv(x))
 
 
+def block_survival(index, blocks, last):
+    """Survival probability of residual block `index` of `blocks`: the workers' linear rule."""
+    return 1.0 - (index + 1) / max(blocks, 1) * (1.0 - last)
+
+
 class Block(nn.Module):
     def __init__(self, channels, batch_norm, survival):
         super().__init__()
@@ -55,13 +62,14 @@ class Block(nn.Module):
 class Cnn(nn.Module):
     """The project's `cnn`: two conv-bn-relu-maxpool stages, residual blocks, hidden, dropout."""
 
-    def __init__(self, model, survival, classes):
+    def __init__(self, model, classes):
         super().__init__()
-        width, norm = model["width"], model["batch_norm"]
+        width, norm, blocks = model["width"], model["batch_norm"], model["residual_blocks"]
         self.stage1 = ConvBn(1, width, norm)
         self.stage2 = ConvBn(width, 2 * width, norm)
         self.blocks = nn.Sequential(
-            *[Block(2 * width, norm, survival) for _ in range(model["residual_blocks"])])
+            *[Block(2 * width, norm, block_survival(i, blocks, model["last_survival"]))
+              for i in range(blocks)])
         self.hidden = nn.Linear(2 * width * 7 * 7, model["hidden"])
         self.classifier = nn.Linear(model["hidden"], classes)
         self.dropout = model["dropout"]
@@ -133,10 +141,9 @@ def main():
     batch_seconds = (time.perf_counter() - started) / total
 
     classes = s["classes"]
-    teacher = Cnn(s["teacher"], 1.0, classes).to(memory_format=layout)
-    student = Cnn(s["student"], s["student_block_survival"] or 1.0, classes).to(
-        memory_format=layout)
-    ema = Cnn(s["student"], 1.0, classes).to(memory_format=layout)
+    teacher = Cnn(s["teacher"], classes).to(memory_format=layout)
+    student = Cnn(s["student"], classes).to(memory_format=layout)
+    ema = Cnn(s["student"], classes).to(memory_format=layout)
     ema.load_state_dict(student.state_dict())
     teacher_optimizer = sgd(teacher, s["teacher_learning_rate"], s)
     student_optimizer = sgd(student, s["student_learning_rate"], s)
@@ -164,7 +171,7 @@ def main():
         student_optimizer.step()
         with torch.no_grad():
             s_new = F.cross_entropy(student(x_l), y_l).item()
-        h = s_old - s_new
+        h = s_old - s_new if s["mpl_sign"] == "theory" else s_new - s_old
         if s["baseline_decay"] > 0:
             baseline = s["baseline_decay"] * baseline + (1 - s["baseline_decay"]) * h
             h -= baseline

@@ -9,7 +9,9 @@
 # --run needs no Rust toolchain: it uses .gpu/bin and the machine's own torch (python3 with
 # torch 2.11.0). It runs a Noisy Student round whose training tasks form a world-size-1 NCCL
 # group on cuda:0 (the project loads libnccl.so.2 itself), then the model throughput benchmark
-# against PyTorch on the GPU. Details go to $OUT (or .gpu/out).
+# against PyTorch on the GPU, the pseudo-labelling benchmark on the GPU, and the all-reduce,
+# data-parallel and Meta Pseudo Labels step benchmarks on its CPU cores. Details go to $OUT (or
+# .gpu/out).
 set -euo pipefail
 ROOT="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
 GPU_DIR="$ROOT/.gpu"

@@ -46,6 +46,61 @@ fn main() -> anyhow::Result<()> {
     let dataset = Dataset::load(&plan, tch::Device::Cpu)?;
     let teacher_config = model_config(&plan, Role::Teacher, 1, &dataset);
     let student_config = model_config(&plan, Role::Student, 1, &dataset);
+    let shapes = [
+        dataset.channels,
+        dataset.image_size,
+        teacher_config.resolution,
+        student_config.resolution,
+    ];
+    anyhow::ensure!(
+        shapes == [1, 28, 28, 28],
+        "the PyTorch reference reads Fashion-MNIST (1 x 28 x 28 images, models at 28 x 28); this plan has {} channel(s) of {} x {}, models at {} and {}",
+        shapes[0],
+        shapes[1],
+        shapes[1],
+        shapes[2],
+        shapes[3]
+    );
+    // Refused before anything runs when the PyTorch reference cannot build the models.
+    let cnn = |config: &mentor_worker::models::ModelConfig| match &config.model {
+        mentor_plan::ModelPlan::Cnn(cnn) => Ok(serde_json::json!({
+            "width": cnn.width,
+            "hidden": cnn.hidden,
+            "residual_blocks": cnn.residual_blocks,
+            "batch_norm": cnn.batch_norm,
+            "dropout": config.dropout,
+            "last_survival": config.last_survival,
+        })),
+        _ => anyhow::bail!("the PyTorch reference has the `cnn` model only"),
+    };
+    let settings = serde_json::json!({
+        "data": plan.data.dir,
+        "labeled_per_class": plan.data.labeled_per_class,
+        "seed": plan.seed,
+        "classes": plan.data.classes,
+        "batch_size": mpl.batch_size,
+        "mu": mpl.mu,
+        "teacher": cnn(&teacher_config)?,
+        "student": cnn(&student_config)?,
+        "teacher_learning_rate": mpl.teacher_learning_rate,
+        "student_learning_rate": mpl.student_learning_rate,
+        "momentum": mpl.momentum,
+        "weight_decay": mpl.weight_decay,
+        "label_smoothing": mpl.label_smoothing,
+        "uda_threshold": mpl.uda_threshold,
+        "uda_temperature": mpl.uda_temperature,
+        "lambda_u": mpl.lambda_u,
+        "uda_steps": mpl.uda_steps,
+        "mpl_weight": mpl.mpl_weight,
+        "mpl_sign": match mpl.mpl_sign {
+            mentor_plan::MplSign::Theory => "theory",
+            mentor_plan::MplSign::Reference => "reference",
+        },
+        "baseline_decay": mpl.baseline_decay,
+        "ema": mpl.ema,
+        "randaugment_ops": mpl.randaugment.ops,
+        "randaugment_magnitude": mpl.randaugment.magnitude,
+    });
     let teacher_vs = nn::VarStore::new(tch::Device::Cpu);
     let teacher = build(&teacher_vs.root(), &teacher_config);
     let student_vs = nn::VarStore::new(tch::Device::Cpu);
@@ -103,21 +158,6 @@ fn main() -> anyhow::Result<()> {
     }
     let step_seconds = timed.map_or(0.0, |t| t.elapsed().as_secs_f64()) / args.steps as f64;
     let last = last.context("no step ran")?;
-    let block_survival = match &student_config.model {
-        mentor_plan::ModelPlan::Cnn(cnn) => (cnn.residual_blocks > 0)
-            .then(|| student_config.survival(0, cnn.residual_blocks as usize)),
-        _ => None,
-    };
-    let cnn = |config: &mentor_worker::models::ModelConfig| match &config.model {
-        mentor_plan::ModelPlan::Cnn(cnn) => Ok(serde_json::json!({
-            "width": cnn.width,
-            "hidden": cnn.hidden,
-            "residual_blocks": cnn.residual_blocks,
-            "batch_norm": cnn.batch_norm,
-            "dropout": config.dropout,
-        })),
-        _ => anyhow::bail!("the PyTorch reference has the `cnn` model only"),
-    };
     println!(
         "{}",
         serde_json::json!({
@@ -128,31 +168,7 @@ fn main() -> anyhow::Result<()> {
             "batch_seconds": batch_seconds,
             "final_h": last.h,
             "final_student_labeled_loss": last.student_labeled_loss,
-            "settings": {
-                "data": plan.data.dir,
-                "labeled_per_class": plan.data.labeled_per_class,
-                "seed": plan.seed,
-                "classes": plan.data.classes,
-                "batch_size": mpl.batch_size,
-                "mu": mpl.mu,
-                "teacher": cnn(&teacher_config)?,
-                "student": cnn(&student_config)?,
-                "student_block_survival": block_survival,
-                "teacher_learning_rate": mpl.teacher_learning_rate,
-                "student_learning_rate": mpl.student_learning_rate,
-                "momentum": mpl.momentum,
-                "weight_decay": mpl.weight_decay,
-                "label_smoothing": mpl.label_smoothing,
-                "uda_threshold": mpl.uda_threshold,
-                "uda_temperature": mpl.uda_temperature,
-                "lambda_u": mpl.lambda_u,
-                "uda_steps": mpl.uda_steps,
-                "mpl_weight": mpl.mpl_weight,
-                "baseline_decay": mpl.baseline_decay,
-                "ema": mpl.ema,
-                "randaugment_ops": mpl.randaugment.ops,
-                "randaugment_magnitude": mpl.randaugment.magnitude,
-            },
+            "settings": settings,
         })
     );
     Ok(())
