@@ -303,3 +303,40 @@ async fn main() {
         }
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn durations_read_as_seconds_minutes_or_hours() {
+        assert_eq!(duration(42.4), "42s");
+        assert_eq!(duration(425.0), "7m05s");
+        assert_eq!(duration(6720.0), "1h52m");
+        assert_eq!(duration(-3.0), "0s");
+    }
+
+    #[test]
+    fn a_busy_worker_shows_its_time_left_and_an_idle_one_does_not() {
+        let worker = |task_id: &str, seconds_left| pb::WorkerStatus {
+            worker_id: format!("w-{task_id}"),
+            task_id: task_id.into(),
+            task: "train teacher".into(),
+            step: 100,
+            total_steps: 400,
+            seconds_left,
+            ..Default::default()
+        };
+        let status = pb::RunStatus {
+            workers: vec![worker("r1-t0001", Some(125.0)), worker("", None)],
+            ..Default::default()
+        };
+        let text = status_text(&status);
+        let lines: Vec<&str> = text.lines().filter(|l| l.starts_with("worker")).collect();
+        assert!(
+            lines[0].contains("100/400") && lines[0].ends_with("2m05s left"),
+            "{text}"
+        );
+        assert!(lines[1].ends_with("idle"), "{text}");
+    }
+}
