@@ -688,18 +688,50 @@ mod tests {
         panic!("no label task")
     }
 
-    #[test]
-    fn status_gives_the_time_left_at_the_task_pace_and_the_latest_test_accuracy() {
-        let dir = tempfile::tempdir().expect("tempdir");
+    /// A coordinator of the tiny plan that runs its tasks on one worker, with that worker
+    /// registered as "a" and given its first task (the round-1 teacher's training).
+    fn one_worker_with_a_teacher_task(
+        dir: &Path,
+        start: Instant,
+    ) -> (Coordinator, WorkerId, Assignment) {
         let mut plan = Plan::from_toml_str(TINY).expect("tiny plan");
         plan.workers.min_workers = 1;
         plan.workers.world_size = 1;
-        let mut coordinator = Coordinator::open(plan, dir.path()).expect("open");
-        let start = Instant::now();
+        let mut coordinator = Coordinator::open(plan, dir).expect("open");
         let a = coordinator.register("a".into(), "cpu".into(), start);
-        let TaskReply::Task(_) = coordinator.get_task(&a, start).expect("task") else {
-            panic!("no task")
+        let TaskReply::Task(teacher) = coordinator.get_task(&a, start).expect("task") else {
+            panic!("no teacher task")
         };
+        (coordinator, a, teacher)
+    }
+
+    /// Reports `assignment` trained by `worker` at `now`.
+    fn complete_trained(
+        coordinator: &mut Coordinator,
+        worker: &WorkerId,
+        assignment: &Assignment,
+        dir: &Path,
+        now: Instant,
+    ) {
+        coordinator
+            .complete(
+                worker,
+                &assignment.task.id,
+                assignment.task.attempts,
+                TaskOutcome::Trained {
+                    checkpoint: dir.join("teacher.safetensors"),
+                    final_loss: 0.1,
+                },
+                now,
+            )
+            .expect("complete");
+    }
+
+    #[test]
+    fn status_gives_the_time_left_at_the_task_pace_and_the_latest_test_accuracy() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let start = Instant::now();
+        let (mut coordinator, a, teacher) = one_worker_with_a_teacher_task(dir.path(), start);
         let report = |step: u64, metrics: &[(&str, f64)]| Progress {
             step,
             total_steps: 100,
@@ -730,18 +762,7 @@ mod tests {
             0.75
         );
 
-        coordinator
-            .complete(
-                &a,
-                &coordinator.workers[&a].task.clone().expect("task"),
-                1,
-                TaskOutcome::Trained {
-                    checkpoint: dir.path().join("teacher.safetensors"),
-                    final_loss: 0.1,
-                },
-                second,
-            )
-            .expect("complete");
+        complete_trained(&mut coordinator, &a, &teacher, dir.path(), second);
         // Between tasks there is no time left to tell; the next task starts its own pace.
         assert_eq!(worker_status(&coordinator).seconds_left, None);
         let TaskReply::Task(_) = coordinator.get_task(&a, second).expect("task") else {
@@ -756,28 +777,10 @@ mod tests {
     #[test]
     fn a_labeler_without_progress_loses_its_shard_when_the_lease_expires() {
         let dir = tempfile::tempdir().expect("tempdir");
-        let mut plan = Plan::from_toml_str(TINY).expect("tiny plan");
-        plan.workers.min_workers = 1;
-        plan.workers.world_size = 1;
-        let mut coordinator = Coordinator::open(plan, dir.path()).expect("open");
-        let lease = Duration::from_secs(coordinator.plan.pseudo_labels.lease_seconds);
         let start = Instant::now();
-        let a = coordinator.register("a".into(), "cpu".into(), start);
-        let TaskReply::Task(teacher) = coordinator.get_task(&a, start).expect("task") else {
-            panic!("no teacher task")
-        };
-        coordinator
-            .complete(
-                &a,
-                &teacher.task.id,
-                teacher.task.attempts,
-                TaskOutcome::Trained {
-                    checkpoint: dir.path().join("teacher.safetensors"),
-                    final_loss: 0.1,
-                },
-                start,
-            )
-            .expect("complete");
+        let (mut coordinator, a, teacher) = one_worker_with_a_teacher_task(dir.path(), start);
+        let lease = Duration::from_secs(coordinator.plan.pseudo_labels.lease_seconds);
+        complete_trained(&mut coordinator, &a, &teacher, dir.path(), start);
         let slow = next_label_task(&mut coordinator, &a, start);
         let task = slow.task.id.clone();
 
