@@ -301,7 +301,7 @@ fn a_restarted_coordinator_resumes_the_run() {
     let listen = format!("127.0.0.1:{port}");
     let address = format!("http://{listen}");
     let (mut coordinator, _) = start_coordinator_on(&plan, &listen, &state_dir);
-    let _workers = [
+    let workers = [
         start_worker(&address, dir.path().join("worker-1.log")),
         start_worker(&address, dir.path().join("worker-2.log")),
     ];
@@ -354,6 +354,15 @@ fn a_restarted_coordinator_resumes_the_run() {
     assert!(restarted
         .log_text()
         .contains("resuming run from the state store"));
+    // The restarted coordinator put the student's training back in the queue: its workers
+    // stopped the attempt they were running at their next progress report instead of
+    // finishing work whose result would be ignored.
+    let logs: Vec<String> = workers.iter().map(|w| w.log_text()).collect();
+    assert!(
+        logs.iter().any(|log| log.contains("stopping this attempt")),
+        "no worker stopped its attempt:\n{}",
+        logs.join("\n")
+    );
 }
 
 /// Two Noisy Student rounds whose student grows (EfficientNet-B0, then B1 at its larger input

@@ -515,12 +515,36 @@ impl Coordinator {
         })
     }
 
+    /// Records a worker's progress on `attempt` of `task`. Answers `Some(reason)`, and records
+    /// nothing, when that attempt is no longer the worker's (its lease expired and the task went
+    /// back to the queue, or the attempt is over): the worker should stop it.
     pub fn progress(
         &mut self,
         id: &WorkerId,
+        task: &TaskId,
+        attempt: u32,
         progress: Progress,
         now: Instant,
-    ) -> Result<(), CoordinatorError> {
+    ) -> Result<Option<String>, CoordinatorError> {
+        self.worker_mut(id, now)?;
+        let stale = match self.state.tasks.get(task) {
+            Some(record) if record.is_run_by(id, attempt) => None,
+            Some(record) => Some(match &record.last_error {
+                Some(error) => {
+                    format!("attempt {attempt} of task {task} is no longer this worker's ({error})")
+                }
+                None => format!("attempt {attempt} of task {task} is no longer this worker's"),
+            }),
+            None => Some(format!("the run has no task {task}")),
+        };
+        if let Some(reason) = stale {
+            // The worker stops the attempt and asks for a new task without reporting it.
+            let worker = self.worker_mut(id, now)?;
+            if worker.task.as_ref() == Some(task) {
+                worker.task = None;
+            }
+            return Ok(Some(reason));
+        }
         if let Some(loss) = progress.loss {
             self.latest_loss = Some(loss);
         }
@@ -532,7 +556,7 @@ impl Coordinator {
         worker.progress_origin.get_or_insert((progress.step, now));
         worker.progress = progress;
         worker.progress_at = now;
-        Ok(())
+        Ok(None)
     }
 
     /// Records a task's result; returns the effects the caller must carry out.
@@ -744,9 +768,12 @@ mod tests {
             |coordinator: &Coordinator| crate::service::status_of(coordinator).workers[0].clone();
         // One report (step 10 after 5 s of start-up) says nothing about the pace yet.
         let first = start + Duration::from_secs(5);
-        coordinator
-            .progress(&a, report(10, &[]), first)
+        let held = |assignment: &Assignment| (assignment.task.id.clone(), assignment.task.attempts);
+        let (task, attempt) = held(&teacher);
+        let stop = coordinator
+            .progress(&a, &task, attempt, report(10, &[]), first)
             .expect("progress");
+        assert_eq!(stop, None, "the worker holds its attempt");
         assert_eq!(worker_status(&coordinator).seconds_left, None);
         assert!(crate::service::status_of(&coordinator)
             .latest_accuracy
@@ -754,7 +781,13 @@ mod tests {
         // 20 steps in 10 s: the 70 left take 35 s.
         let second = first + Duration::from_secs(10);
         coordinator
-            .progress(&a, report(30, &[("student_test_accuracy", 0.75)]), second)
+            .progress(
+                &a,
+                &task,
+                attempt,
+                report(30, &[("student_test_accuracy", 0.75)]),
+                second,
+            )
             .expect("progress");
         assert_eq!(worker_status(&coordinator).seconds_left, Some(35.0));
         assert_eq!(
@@ -765,11 +798,18 @@ mod tests {
         complete_trained(&mut coordinator, &a, &teacher, dir.path(), second);
         // Between tasks there is no time left to tell; the next task starts its own pace.
         assert_eq!(worker_status(&coordinator).seconds_left, None);
-        let TaskReply::Task(_) = coordinator.get_task(&a, second).expect("task") else {
+        let TaskReply::Task(next) = coordinator.get_task(&a, second).expect("task") else {
             panic!("no next task")
         };
+        let (task, attempt) = held(&next);
         coordinator
-            .progress(&a, report(50, &[]), second + Duration::from_secs(1))
+            .progress(
+                &a,
+                &task,
+                attempt,
+                report(50, &[]),
+                second + Duration::from_secs(1),
+            )
             .expect("progress");
         assert_eq!(worker_status(&coordinator).seconds_left, None);
     }
@@ -787,9 +827,10 @@ mod tests {
         // Heard of (heartbeats) and reporting progress: the lease holds.
         let halfway = start + lease / 2;
         coordinator.heartbeat(&a, halfway);
-        coordinator
-            .progress(&a, Progress::default(), halfway)
+        let stop = coordinator
+            .progress(&a, &task, 1, Progress::default(), halfway)
             .expect("progress");
+        assert_eq!(stop, None, "the labeler holds its lease");
         let later = halfway + lease - Duration::from_secs(1);
         coordinator.heartbeat(&a, later);
         coordinator.reap(later);
@@ -811,6 +852,23 @@ mod tests {
             retry = next_label_task(&mut coordinator, &b, expired);
         }
         assert_eq!(retry.task.attempts, 2);
+
+        // The slow labeler's next progress report tells it to stop its attempt, and does not
+        // count as the new attempt's progress.
+        let stop = coordinator
+            .progress(&a, &task, 1, Progress::default(), expired)
+            .expect("progress")
+            .expect("the slow labeler is told to stop");
+        assert!(
+            stop.contains("attempt 1") && stop.contains("lease of attempt 1 expired"),
+            "{stop}"
+        );
+        assert_eq!(
+            coordinator
+                .progress(&b, &task, 2, Progress::default(), expired)
+                .expect("progress"),
+            None
+        );
 
         // The slow labeler's late result belongs to attempt 1 and changes nothing.
         let shards_before = coordinator.state.current_round().shards.len();

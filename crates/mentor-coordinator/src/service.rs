@@ -263,7 +263,7 @@ impl WorkerService for WorkerApi {
     async fn report_progress(
         &self,
         request: Request<pb::ProgressReport>,
-    ) -> Result<Response<pb::Ack>, Status> {
+    ) -> Result<Response<pb::ProgressReply>, Status> {
         let report = request.into_inner();
         let progress = Progress {
             step: report.step,
@@ -273,10 +273,19 @@ impl WorkerService for WorkerApi {
             images_per_second: report.images_per_second,
             metrics: report.metrics,
         };
-        lock(&self.shared)
-            .progress(&WorkerId(report.worker_id), progress, Instant::now())
+        let stop = lock(&self.shared)
+            .progress(
+                &WorkerId(report.worker_id),
+                &TaskId(report.task_id),
+                report.attempt,
+                progress,
+                Instant::now(),
+            )
             .map_err(to_status)?;
-        Ok(Response::new(pb::Ack {}))
+        Ok(Response::new(pb::ProgressReply {
+            stop: stop.is_some(),
+            reason: stop.unwrap_or_default(),
+        }))
     }
 
     async fn complete_task(

@@ -2,7 +2,9 @@
 //! streams progress and reports results.
 
 use std::path::PathBuf;
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::mpsc as std_mpsc;
+use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use anyhow::Context;
@@ -47,8 +49,15 @@ struct Job {
     task: TaskKind,
     group: Option<GroupJoin>,
     progress: mpsc::UnboundedSender<Progress>,
+    /// Set when the coordinator no longer counts this attempt as the worker's: the task stops
+    /// at its next progress report.
+    stop: Arc<AtomicBool>,
     done: oneshot::Sender<Result<Outcome, String>>,
 }
+
+/// The unwinding payload that stops a task at a progress report (see [`Job::stop`]). Its
+/// tensors, files and collective are dropped on the way out.
+struct Stopped;
 
 /// Starts the thread that owns libtorch: it loads the data set once and runs jobs in order.
 fn spawn_torch_thread(
@@ -76,15 +85,23 @@ fn spawn_torch_thread(
             };
             for job in receiver {
                 let progress = job.progress;
+                let stop = job.stop;
                 let task = job.task;
                 let group = job.group;
                 let result = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
                     let mut report = |p: Progress| {
                         let _ = progress.send(p);
+                        if stop.load(Ordering::Acquire) {
+                            // Not a panic: no hook runs, nothing is printed.
+                            std::panic::resume_unwind(Box::new(Stopped));
+                        }
                     };
                     run_task(&plan, &dataset, &task, group, &mut report)
                 }))
                 .unwrap_or_else(|panic| {
+                    if panic.is::<Stopped>() {
+                        return Err("stopped: the attempt is no longer this worker's".into());
+                    }
                     let message = panic
                         .downcast_ref::<String>()
                         .cloned()
@@ -423,7 +440,16 @@ async fn task_loop(
         tracing::info!(worker = %session.id(), task = %task.task_id, round = task.round, attempt = task.attempt, "task received");
         let result = match task_from_proto(&task) {
             Ok(kind) => match rendezvous(session, context, &task).await? {
-                Ok(group) => execute(session, &task.task_id, torch, kind, group).await?,
+                Ok(group) => match execute(session, &task, torch, kind, group).await? {
+                    Run::Finished(result) => result,
+                    Run::Stopped { unknown_worker } => {
+                        // Its result would be ignored: the task went back to the queue.
+                        if unknown_worker {
+                            session.register_again().await?;
+                        }
+                        continue;
+                    }
+                },
                 Err(error) => Err(error),
             },
             Err(error) => Err(error.to_string()),
@@ -578,33 +604,58 @@ async fn rendezvous(
     })))
 }
 
-/// Runs a task on the libtorch thread, forwarding its progress to the coordinator.
+/// How a task run on the libtorch thread ended.
+enum Run {
+    /// It ran to its end (or failed); the result goes to the coordinator.
+    Finished(Result<Outcome, String>),
+    /// The coordinator no longer counted the attempt as this worker's, so it was stopped at a
+    /// progress report. `unknown_worker`: the coordinator did not know this worker any more
+    /// (it was declared lost, or the coordinator restarted), so it must register again.
+    Stopped { unknown_worker: bool },
+}
+
+/// Runs a task on the libtorch thread, forwarding its progress to the coordinator, and stops it
+/// when the coordinator answers a report saying the attempt is no longer this worker's.
 async fn execute(
     session: &mut Session,
-    task_id: &str,
+    assignment: &pb::Task,
     torch: &std_mpsc::Sender<Job>,
     task: TaskKind,
     group: Option<GroupJoin>,
-) -> anyhow::Result<Result<Outcome, String>> {
+) -> anyhow::Result<Run> {
     let (progress_sender, mut progress_receiver) = mpsc::unbounded_channel();
     let (done_sender, mut done_receiver) = oneshot::channel();
+    let stop = Arc::new(AtomicBool::new(false));
     torch
         .send(Job {
             task,
             group,
             progress: progress_sender,
+            stop: stop.clone(),
             done: done_sender,
         })
         .map_err(|_| anyhow::anyhow!("the libtorch thread has stopped"))?;
+    let task_id = assignment.task_id.as_str();
+    let mut unknown_worker = false;
     loop {
         tokio::select! {
             result = &mut done_receiver => {
-                return result.map_err(|_| anyhow::anyhow!("the libtorch thread stopped during a task"));
+                let result = result.map_err(|_| anyhow::anyhow!("the libtorch thread stopped during a task"))?;
+                // A task that ended before it saw the stop reports its result anyway (the
+                // coordinator ignores it if the attempt is not the worker's).
+                return Ok(match result {
+                    Err(_) if stop.load(Ordering::Acquire) => Run::Stopped { unknown_worker },
+                    result => Run::Finished(result),
+                });
             }
             Some(progress) = progress_receiver.recv() => {
+                if stop.load(Ordering::Acquire) {
+                    continue;
+                }
                 let report = pb::ProgressReport {
                     worker_id: session.id(),
                     task_id: task_id.to_string(),
+                    attempt: assignment.attempt,
                     step: progress.step,
                     total_steps: progress.total_steps,
                     loss: progress.loss.unwrap_or(f64::NAN),
@@ -613,8 +664,20 @@ async fn execute(
                     metrics: progress.metrics.into_iter().collect(),
                 };
                 // Best effort: a lost report is replaced by the next one.
-                if let Err(status) = session.client.report_progress(report).await {
-                    tracing::warn!(%status, "progress report failed");
+                match session.client.report_progress(report).await {
+                    Ok(reply) => {
+                        let reply = reply.into_inner();
+                        if reply.stop {
+                            tracing::warn!(worker = %session.id(), task = %task_id, attempt = assignment.attempt, reason = %reply.reason, "the coordinator gave this attempt to another worker; stopping it");
+                            stop.store(true, Ordering::Release);
+                        }
+                    }
+                    Err(status) if status.code() == Code::NotFound => {
+                        tracing::warn!(worker = %session.id(), task = %task_id, attempt = assignment.attempt, "the coordinator no longer knows this worker (declared lost, or restarted) and has put its task back in the queue; stopping this attempt");
+                        unknown_worker = true;
+                        stop.store(true, Ordering::Release);
+                    }
+                    Err(status) => tracing::warn!(%status, "progress report failed"),
                 }
             }
         }
