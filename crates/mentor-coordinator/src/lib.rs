@@ -94,6 +94,17 @@ pub struct Progress {
     pub metrics: std::collections::HashMap<String, f64>,
 }
 
+/// What the coordinator makes of a progress report.
+enum Verdict {
+    /// The report is of the worker's current attempt: recorded.
+    Record,
+    /// A labeler past its lease, still working: not recorded, not stopped (the first commit
+    /// of the shard wins).
+    GoOn,
+    /// The worker should stop the attempt, for this reason.
+    Stop(String),
+}
+
 /// The answer to a worker asking for work.
 #[derive(Debug, Clone, PartialEq)]
 pub enum TaskReply {
@@ -102,7 +113,6 @@ pub enum TaskReply {
     Shutdown,
 }
 
-/// A run and its workers.
 /// Where the ranks of one attempt of a training task listen.
 #[derive(Debug, Clone, Default)]
 struct Rendezvous {
@@ -172,6 +182,7 @@ pub fn device_kind(device: &str) -> &str {
     device.split(':').next().unwrap_or(device)
 }
 
+/// A run and its workers.
 pub struct Coordinator {
     pub plan: Plan,
     pub state: RunState,
@@ -180,7 +191,6 @@ pub struct Coordinator {
     pub started: Instant,
     pub latest_loss: Option<f64>,
     pub latest_accuracy: Option<f64>,
-    next_worker: u64,
     groups: HashMap<(TaskId, u32), Rendezvous>,
 }
 
@@ -276,7 +286,6 @@ impl Coordinator {
             started: Instant::now(),
             latest_loss: None,
             latest_accuracy: None,
-            next_worker: 0,
             groups: HashMap::new(),
         };
         coordinator.persist()?;
@@ -308,8 +317,8 @@ impl Coordinator {
     }
 
     pub fn register(&mut self, hostname: String, device: String, now: Instant) -> WorkerId {
-        self.next_worker += 1;
-        let id = WorkerId(format!("w{}-{hostname}", self.next_worker));
+        self.state.workers_registered += 1;
+        let id = WorkerId(format!("w{}-{hostname}", self.state.workers_registered));
         tracing::info!(worker = %id, device = %device, "worker registered");
         self.workers.insert(
             id.clone(),
@@ -333,8 +342,8 @@ impl Coordinator {
         {
             tracing::info!(run = %self.state.run_id, workers = alive, "enough workers registered, starting the run");
             self.state.start();
-            self.persist_or_log();
         }
+        self.persist_or_log();
         id
     }
 
@@ -516,8 +525,10 @@ impl Coordinator {
     }
 
     /// Records a worker's progress on `attempt` of `task`. Answers `Some(reason)`, and records
-    /// nothing, when that attempt is no longer the worker's (its lease expired and the task went
-    /// back to the queue, or the attempt is over): the worker should stop it.
+    /// nothing, when the worker should stop that attempt: the run is over, or the attempt is no
+    /// longer the worker's (the task was done, failed on another rank, or went back to the
+    /// queue). A labeler that lost its lease but is still making progress goes on: whoever
+    /// commits the shard first wins; it stops once the shard is committed.
     pub fn progress(
         &mut self,
         id: &WorkerId,
@@ -527,23 +538,41 @@ impl Coordinator {
         now: Instant,
     ) -> Result<Option<String>, CoordinatorError> {
         self.worker_mut(id, now)?;
-        let stale = match self.state.tasks.get(task) {
-            Some(record) if record.is_run_by(id, attempt) => None,
-            Some(record) => Some(match &record.last_error {
-                Some(error) => {
-                    format!("attempt {attempt} of task {task} is no longer this worker's ({error})")
-                }
-                None => format!("attempt {attempt} of task {task} is no longer this worker's"),
-            }),
-            None => Some(format!("the run has no task {task}")),
-        };
-        if let Some(reason) = stale {
-            // The worker stops the attempt and asks for a new task without reporting it.
-            let worker = self.worker_mut(id, now)?;
-            if worker.task.as_ref() == Some(task) {
-                worker.task = None;
+        let verdict = match self.state.tasks.get(task) {
+            _ if self.state.is_finished() => {
+                Verdict::Stop(format!("the run is over ({})", self.state.outcome.as_str()))
             }
-            return Ok(Some(reason));
+            Some(record) if record.is_run_by(id, attempt) => Verdict::Record,
+            Some(record) if record.state == state::TaskState::Done => {
+                Verdict::Stop(format!("task {task} is done"))
+            }
+            Some(record) if matches!(record.spec, TaskSpec::Label { .. }) => Verdict::GoOn,
+            Some(record) => {
+                let why = record
+                    .last_error
+                    .as_ref()
+                    .map(|error| format!(": {error}"))
+                    .unwrap_or_default();
+                Verdict::Stop(match &record.state {
+                    state::TaskState::Running { .. } => {
+                        format!("task {task} now runs as attempt {}{why}", record.attempts)
+                    }
+                    _ => format!("attempt {attempt} of task {task} went back to the queue{why}"),
+                })
+            }
+            None => Verdict::Stop(format!("the run has no task {task}")),
+        };
+        match verdict {
+            Verdict::Record => {}
+            Verdict::GoOn => return Ok(None),
+            Verdict::Stop(reason) => {
+                // The worker stops the attempt and asks for a new task without reporting.
+                let worker = self.worker_mut(id, now)?;
+                if worker.task.as_ref() == Some(task) {
+                    worker.task = None;
+                }
+                return Ok(Some(reason));
+            }
         }
         if let Some(loss) = progress.loss {
             self.latest_loss = Some(loss);
@@ -712,16 +741,21 @@ mod tests {
         panic!("no label task")
     }
 
+    /// The tiny plan, run by one worker.
+    fn one_worker_plan() -> Plan {
+        let mut plan = Plan::from_toml_str(TINY).expect("tiny plan");
+        plan.workers.min_workers = 1;
+        plan.workers.world_size = 1;
+        plan
+    }
+
     /// A coordinator of the tiny plan that runs its tasks on one worker, with that worker
     /// registered as "a" and given its first task (the round-1 teacher's training).
     fn one_worker_with_a_teacher_task(
         dir: &Path,
         start: Instant,
     ) -> (Coordinator, WorkerId, Assignment) {
-        let mut plan = Plan::from_toml_str(TINY).expect("tiny plan");
-        plan.workers.min_workers = 1;
-        plan.workers.world_size = 1;
-        let mut coordinator = Coordinator::open(plan, dir).expect("open");
+        let mut coordinator = Coordinator::open(one_worker_plan(), dir).expect("open");
         let a = coordinator.register("a".into(), "cpu".into(), start);
         let TaskReply::Task(teacher) = coordinator.get_task(&a, start).expect("task") else {
             panic!("no teacher task")
@@ -853,33 +887,32 @@ mod tests {
         }
         assert_eq!(retry.task.attempts, 2);
 
-        // The slow labeler's next progress report tells it to stop its attempt, and does not
-        // count as the new attempt's progress.
-        let stop = coordinator
-            .progress(&a, &task, 1, Progress::default(), expired)
-            .expect("progress")
-            .expect("the slow labeler is told to stop");
-        assert!(
-            stop.contains("attempt 1") && stop.contains("lease of attempt 1 expired"),
-            "{stop}"
-        );
-        assert_eq!(
-            coordinator
-                .progress(&b, &task, 2, Progress::default(), expired)
-                .expect("progress"),
-            None
-        );
+        // The slow labeler still making progress goes on (whoever commits the shard first
+        // wins), but its reports no longer count as the task's progress.
+        let report = |step| Progress {
+            step,
+            ..Progress::default()
+        };
+        for (worker, attempt, step) in [(&a, 1, 7), (&b, 2, 3)] {
+            let stop = coordinator
+                .progress(worker, &task, attempt, report(step), expired)
+                .expect("progress");
+            assert_eq!(stop, None, "{worker} is not stopped");
+        }
+        assert_eq!(coordinator.workers[&a].progress.step, 0);
+        assert_eq!(coordinator.workers[&b].progress.step, 3);
 
         // The slow labeler's late result belongs to attempt 1 and changes nothing.
         let shards_before = coordinator.state.current_round().shards.len();
-        let late = TaskOutcome::Labeled(crate::state::ShardRecord {
+        let late_shard = crate::state::ShardRecord {
             index: 0,
             key: "late".into(),
             examples: 1,
             sha256: "00".into(),
             bytes: 1,
             histogram: None,
-        });
+        };
+        let late = TaskOutcome::Labeled(late_shard.clone());
         coordinator
             .complete(&a, &task, 1, late, expired)
             .expect("late result");
@@ -888,6 +921,81 @@ mod tests {
             shards_before
         );
         assert!(coordinator.state.tasks[&task].is_run_by(&b, 2));
+
+        // Once the shard is committed, the slow labeler is told to stop.
+        let shard = crate::state::ShardRecord {
+            key: "b".into(),
+            ..late_shard
+        };
+        coordinator
+            .complete(&b, &task, 2, TaskOutcome::Labeled(shard), expired)
+            .expect("result");
+        let stop = coordinator
+            .progress(&a, &task, 1, report(8), expired)
+            .expect("progress")
+            .expect("the slow labeler is told to stop");
+        assert!(stop.contains("is done"), "{stop}");
+    }
+
+    #[test]
+    fn a_worker_is_told_to_stop_an_attempt_that_went_back_to_the_queue() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let start = Instant::now();
+        let (mut coordinator, a, teacher) = one_worker_with_a_teacher_task(dir.path(), start);
+        let task = teacher.task.id.clone();
+        let stop = coordinator
+            .progress(&a, &task, 1, Progress::default(), start)
+            .expect("progress");
+        assert_eq!(stop, None, "the worker holds attempt 1");
+
+        // Attempt 1 fails (another rank of its group, say): the task goes back to the queue.
+        coordinator
+            .complete(
+                &a,
+                &task,
+                1,
+                TaskOutcome::Failed("out of memory".into()),
+                start,
+            )
+            .expect("complete");
+        let stop = coordinator
+            .progress(&a, &task, 1, Progress::default(), start)
+            .expect("progress")
+            .expect("told to stop");
+        assert!(
+            stop.contains("went back to the queue") && stop.contains("out of memory"),
+            "{stop}"
+        );
+        let TaskReply::Task(retry) = coordinator.get_task(&a, start).expect("task") else {
+            panic!("no retry")
+        };
+        assert_eq!(
+            (retry.task.id.clone(), retry.task.attempts),
+            (task.clone(), 2)
+        );
+        let stop = coordinator
+            .progress(&a, &task, 1, Progress::default(), start)
+            .expect("progress")
+            .expect("told to stop");
+        assert!(stop.contains("now runs as attempt 2"), "{stop}");
+        assert_eq!(
+            coordinator
+                .progress(&a, &task, 2, Progress::default(), start)
+                .expect("progress"),
+            None
+        );
+
+        // A restarted coordinator puts the task back in the queue without counting an attempt,
+        // and does not know the worker: its reports are refused (it registers again), and the
+        // ids it hands out are new, so no worker of the old coordinator passes for a new one.
+        drop(coordinator);
+        let mut restarted = Coordinator::open(one_worker_plan(), dir.path()).expect("reopen");
+        assert!(matches!(
+            restarted.progress(&a, &task, 2, Progress::default(), start),
+            Err(CoordinatorError::UnknownWorker(_))
+        ));
+        let b = restarted.register("a".into(), "cpu".into(), start);
+        assert_ne!(b, a, "a worker id was reused after the restart");
     }
 
     #[test]

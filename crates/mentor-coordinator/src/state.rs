@@ -308,6 +308,10 @@ pub struct RunState {
     /// Meta Pseudo Labels: whether the student is finetuned.
     #[serde(default)]
     pub finetune: bool,
+    /// Workers registered so far, across restarts of the coordinator: worker ids are never
+    /// reused, so a worker of an earlier coordinator cannot pass for one of this one.
+    #[serde(default)]
+    pub workers_registered: u64,
 }
 
 fn default_method() -> Method {
@@ -342,6 +346,7 @@ impl RunState {
                 run_dir: run_dir.to_path_buf(),
             },
             next_task: 0,
+            workers_registered: 0,
             method: plan.method,
             finetune: plan.mpl.as_ref().is_some_and(|mpl| mpl.finetune.steps > 0),
         }

@@ -626,6 +626,9 @@ async fn execute(
     let (progress_sender, mut progress_receiver) = mpsc::unbounded_channel();
     let (done_sender, mut done_receiver) = oneshot::channel();
     let stop = Arc::new(AtomicBool::new(false));
+    // A labeler goes on whatever happened to its attempt: whoever commits the shard first wins,
+    // and a re-run finds the shard committed. The coordinator tells it to stop once it is.
+    let labeling = matches!(task, TaskKind::Label { .. });
     torch
         .send(Job {
             task,
@@ -668,11 +671,11 @@ async fn execute(
                     Ok(reply) => {
                         let reply = reply.into_inner();
                         if reply.stop {
-                            tracing::warn!(worker = %session.id(), task = %task_id, attempt = assignment.attempt, reason = %reply.reason, "the coordinator gave this attempt to another worker; stopping it");
+                            tracing::warn!(worker = %session.id(), task = %task_id, attempt = assignment.attempt, reason = %reply.reason, "the attempt is no longer this worker's; stopping it");
                             stop.store(true, Ordering::Release);
                         }
                     }
-                    Err(status) if status.code() == Code::NotFound => {
+                    Err(status) if status.code() == Code::NotFound && !labeling => {
                         tracing::warn!(worker = %session.id(), task = %task_id, attempt = assignment.attempt, "the coordinator no longer knows this worker (declared lost, or restarted) and has put its task back in the queue; stopping this attempt");
                         unknown_worker = true;
                         stop.store(true, Ordering::Release);
