@@ -73,12 +73,16 @@ class Cnn(nn.Module):
         self.hidden = nn.Linear(2 * width * 7 * 7, model["hidden"])
         self.classifier = nn.Linear(model["hidden"], classes)
         self.dropout = model["dropout"]
+        # `precision = "bfloat16"`: autocast, as the workers run it, with 32-bit logits.
+        self.bfloat16 = model.get("precision", "float32") == "bfloat16"
 
     def forward(self, x):
-        x = F.max_pool2d(F.relu(self.stage1(x)), 2)
-        x = F.max_pool2d(F.relu(self.stage2(x)), 2)
-        x = F.relu(self.hidden(self.blocks(x).flatten(1)))
-        return self.classifier(F.dropout(x, self.dropout, self.training))
+        with torch.autocast(x.device.type, dtype=torch.bfloat16, enabled=self.bfloat16):
+            x = F.max_pool2d(F.relu(self.stage1(x)), 2)
+            x = F.max_pool2d(F.relu(self.stage2(x)), 2)
+            x = F.relu(self.hidden(self.blocks(x).flatten(1)))
+            logits = self.classifier(F.dropout(x, self.dropout, self.training))
+        return logits.float()
 
 
 def sgd(model, rate, s):

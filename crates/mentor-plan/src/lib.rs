@@ -316,6 +316,36 @@ pub struct RolePlan {
     pub train: Option<TrainPlan>,
     #[serde(default)]
     pub noise: NoisePlan,
+    /// Arithmetic of the role's model, in training and inference (left out of the plan's
+    /// serialization at its default, so that plans written before it keep their identity).
+    #[serde(default, skip_serializing_if = "Precision::is_float32")]
+    pub precision: Precision,
+}
+
+/// The arithmetic a model runs in.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Precision {
+    /// 32-bit floats throughout.
+    #[default]
+    Float32,
+    /// Mixed precision: libtorch's autocast runs the convolutions and matrix products in
+    /// bfloat16 (weights, normalisation, losses and optimiser stay 32-bit), as
+    /// `torch.autocast(dtype=torch.bfloat16)` does.
+    Bfloat16,
+}
+
+impl Precision {
+    pub fn is_float32(&self) -> bool {
+        *self == Precision::Float32
+    }
+
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Precision::Float32 => "float32",
+            Precision::Bfloat16 => "bfloat16",
+        }
+    }
 }
 
 /// Optimisation of one training task.

@@ -61,6 +61,37 @@ fn plan_round_trips_through_toml() {
 }
 
 #[test]
+fn precision_is_read_per_role_and_left_out_of_the_toml_at_its_default() {
+    let plan = Plan::from_toml_str(TINY).expect("tiny plan");
+    assert_eq!(plan.teacher.precision, Precision::Float32);
+    // Plans written before the field keep their serialization (MPL resume fingerprints).
+    let toml = plan.to_toml_string();
+    assert!(
+        !toml.lines().any(|line| line.starts_with("precision")),
+        "{toml}"
+    );
+
+    let mixed = tiny_with(
+        "[teacher.model]",
+        "[teacher]\nprecision = \"bfloat16\"\n\n[teacher.model]",
+    );
+    let plan = Plan::from_toml_str(&mixed).expect("bfloat16 teacher");
+    assert_eq!(plan.teacher.precision, Precision::Bfloat16);
+    assert_eq!(plan.student.precision, Precision::Float32);
+    let again = Plan::from_toml_str(&plan.to_toml_string()).expect("serialized plan");
+    assert_eq!(again, plan);
+
+    let error = error_of(&tiny_with(
+        "[teacher.model]",
+        "[teacher]\nprecision = \"float16\"\n\n[teacher.model]",
+    ));
+    assert!(
+        error.contains("float16") && error.contains("bfloat16"),
+        "{error}"
+    );
+}
+
+#[test]
 fn zero_steps_names_the_field() {
     let text = tiny_with(
         "steps = 30\nbatch_size = 32\nunlabeled_ratio",

@@ -197,6 +197,7 @@ mod tests {
             resolution: 8,
             dropout: 0.0,
             last_survival: 1.0,
+            precision: mentor_plan::Precision::Float32,
         }
     }
 

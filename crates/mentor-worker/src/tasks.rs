@@ -194,8 +194,7 @@ pub fn run_task(
 pub fn model_config(plan: &Plan, role: Role, model_round: u32, dataset: &Dataset) -> ModelConfig {
     let role_plan = plan.role(role);
     ModelConfig::from_plan(
-        &role_plan.model,
-        &role_plan.noise,
+        role_plan,
         model_round,
         plan.data.classes,
         dataset.channels,

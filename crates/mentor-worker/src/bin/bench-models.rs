@@ -94,6 +94,7 @@ fn main() -> anyhow::Result<()> {
             resolution: args.image_size,
             dropout: 0.0,
             last_survival: 1.0,
+            precision: mentor_plan::Precision::Float32,
         };
         let model = build(&vs.root(), &config);
         let params = parameter_count(&vs);

@@ -70,6 +70,7 @@ fn main() -> anyhow::Result<()> {
             "batch_norm": cnn.batch_norm,
             "dropout": config.dropout,
             "last_survival": config.last_survival,
+            "precision": config.precision.as_str(),
         })),
         _ => anyhow::bail!("the PyTorch reference has the `cnn` model only"),
     };

@@ -5,6 +5,7 @@
 //! the classifier and stochastic depth (linear rule, per-sample, identity in eval mode) on
 //! residual blocks. Layouts follow torchvision where it has the model, so parameter counts match.
 
+mod autocast;
 mod bit;
 mod cnn;
 mod densenet;
@@ -12,7 +13,8 @@ mod efficientnet;
 mod resnet;
 mod wide_resnet;
 
-use mentor_plan::{ModelPlan, NoisePlan};
+pub use autocast::Autocast;
+use mentor_plan::{ModelPlan, NoisePlan, Precision, RolePlan};
 use tch::nn::{self, ModuleT};
 use tch::{Device, Kind, Tensor};
 
@@ -29,19 +31,20 @@ pub struct ModelConfig {
     pub dropout: f64,
     /// Survival probability of the last residual block.
     pub last_survival: f64,
+    pub precision: Precision,
 }
 
 impl ModelConfig {
     /// The model of `round` for images of `channels` x `data_size` x `data_size`.
     pub fn from_plan(
-        model: &ModelPlan,
-        noise: &NoisePlan,
+        role: &RolePlan,
         round: u32,
         classes: u32,
         channels: i64,
         data_size: i64,
     ) -> ModelConfig {
-        let model = model.at_round(round);
+        let noise: &NoisePlan = &role.noise;
+        let model = role.model.at_round(round);
         ModelConfig {
             resolution: model.input_resolution(data_size as u32) as i64,
             model,
@@ -49,6 +52,7 @@ impl ModelConfig {
             channels,
             dropout: noise.dropout,
             last_survival: noise.stochastic_depth_survival,
+            precision: role.precision,
         }
     }
 
@@ -63,8 +67,13 @@ pub type Model = Box<dyn ModuleT + Send>;
 
 /// Builds the model a config names under `root`. On the CPU its input is laid out
 /// channels-last first (see [`channels_last`]), as are its depthwise weights ([`conv2d`]).
+/// In `bfloat16` precision it runs under autocast ([`Autocast`]) and returns 32-bit logits.
 pub fn build(root: &nn::Path, config: &ModelConfig) -> Model {
-    Box::new(CpuChannelsLast(build_layers(root, config)))
+    let model = Box::new(CpuChannelsLast(build_layers(root, config)));
+    match config.precision {
+        Precision::Float32 => model,
+        Precision::Bfloat16 => Box::new(autocast::Bfloat16(model)),
+    }
 }
 
 fn build_layers(root: &nn::Path, config: &ModelConfig) -> Model {

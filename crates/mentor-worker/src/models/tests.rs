@@ -1,8 +1,8 @@
 //! Parameter counts against torchvision, output shapes of every model, noise semantics.
 
 use mentor_plan::{
-    BitPlan, CnnPlan, DensenetPlan, EfficientnetPlan, ModelPlan, NoisePlan, ResnetPlan, Stem,
-    WideResnetPlan,
+    BitPlan, CnnPlan, DensenetPlan, EfficientnetPlan, ModelPlan, NoisePlan, Precision, ResnetPlan,
+    RolePlan, Stem, WideResnetPlan,
 };
 use tch::nn::{self, OptimizerConfig};
 use tch::{Device, Kind, Tensor};
@@ -17,6 +17,7 @@ fn config(model: ModelPlan, classes: i64, channels: i64, resolution: i64) -> Mod
         resolution,
         dropout: 0.2,
         last_survival: 0.8,
+        precision: Precision::Float32,
     }
 }
 
@@ -164,9 +165,57 @@ fn survival_follows_the_linear_rule() {
     let config = config(wide_resnet(10, 1), 10, 3, 32);
     assert!((config.survival(0, 4) - 0.95).abs() < 1e-12);
     assert!((config.survival(3, 4) - 0.8).abs() < 1e-12);
-    let noise = NoisePlan::default();
-    let plain = ModelConfig::from_plan(&wide_resnet(10, 1), &noise, 1, 10, 3, 32);
+    let role = RolePlan {
+        model: wide_resnet(10, 1),
+        train: None,
+        noise: NoisePlan::default(),
+        precision: Precision::Float32,
+    };
+    let plain = ModelConfig::from_plan(&role, 1, 10, 3, 32);
     assert_eq!(plain.survival(3, 4), 1.0);
+}
+
+/// The same weights in bfloat16 precision: 32-bit logits within bfloat16 rounding of the 32-bit
+/// model's (but not equal: the products did run in bfloat16), gradients for the 32-bit weights,
+/// and autocast off again once the forward is done.
+#[test]
+fn a_bfloat16_model_runs_under_autocast_and_trains_its_float_weights() {
+    let cnn = ModelPlan::Cnn(CnnPlan {
+        width: 8,
+        residual_blocks: 1,
+        hidden: 16,
+        width_growth_per_round: 0,
+        batch_norm: true,
+    });
+    tch::manual_seed(3);
+    let float_vs = nn::VarStore::new(Device::Cpu);
+    let float = build(&float_vs.root(), &config(cnn.clone(), 10, 1, 28));
+    let mut vs = nn::VarStore::new(Device::Cpu);
+    let mixed = build(
+        &vs.root(),
+        &ModelConfig {
+            precision: Precision::Bfloat16,
+            ..config(cnn, 10, 1, 28)
+        },
+    );
+    vs.copy(&float_vs).expect("the same weights");
+    let xs = Tensor::randn([16, 1, 28, 28], (Kind::Float, Device::Cpu));
+    let reference = float.forward_t(&xs, false);
+    let logits = mixed.forward_t(&xs, false);
+    assert_eq!(logits.kind(), Kind::Float);
+    assert!(!Autocast::is_enabled(Device::Cpu));
+    let difference = (&logits - &reference).abs().max().double_value(&[]);
+    let scale = reference.abs().max().double_value(&[]);
+    assert!(difference > 0.0, "the bfloat16 model computed in 32 bits");
+    assert!(difference < 0.05 * scale, "{difference} against {scale}");
+
+    logits.sum(Kind::Float).backward();
+    for (name, weight) in vs.variables() {
+        if weight.requires_grad() {
+            assert_eq!(weight.kind(), Kind::Float, "{name}");
+            assert!(weight.grad().defined(), "{name} has no gradient");
+        }
+    }
 }
 
 #[test]

@@ -258,6 +258,7 @@ fn small_model() -> ModelConfig {
         resolution: 8,
         dropout: 0.0,
         last_survival: 1.0,
+        precision: mentor_plan::Precision::Float32,
     }
 }
 

@@ -1,0 +1,97 @@
+//! Mixed precision through libtorch's autocast, which tch does not expose for the CPU: the
+//! functions of `at::autocast` are called by their C++ symbols in libtorch_cpu (plain functions
+//! of a device-type and a scalar-type byte, and a bool; checked against the pinned torch 2.11.0:
+//! a torch without them fails at link time, not at run time).
+
+// The only unsafe code here: the calls into libtorch's thread-local autocast settings.
+#![allow(unsafe_code)]
+
+use tch::{Device, Kind, Tensor};
+
+use super::Model;
+use tch::nn::ModuleT;
+
+/// `c10::DeviceType` values.
+const CPU: i8 = 0;
+const CUDA: i8 = 1;
+/// `c10::ScalarType::BFloat16`.
+const BFLOAT16: i8 = 15;
+
+extern "C" {
+    #[link_name = "_ZN2at8autocast19is_autocast_enabledEN3c1010DeviceTypeE"]
+    fn is_autocast_enabled(device: i8) -> bool;
+    #[link_name = "_ZN2at8autocast20set_autocast_enabledEN3c1010DeviceTypeEb"]
+    fn set_autocast_enabled(device: i8, enabled: bool);
+    #[link_name = "_ZN2at8autocast18get_autocast_dtypeEN3c1010DeviceTypeE"]
+    fn get_autocast_dtype(device: i8) -> i8;
+    #[link_name = "_ZN2at8autocast18set_autocast_dtypeEN3c1010DeviceTypeENS1_10ScalarTypeE"]
+    fn set_autocast_dtype(device: i8, dtype: i8);
+    #[link_name = "_ZN2at8autocast25is_autocast_cache_enabledEv"]
+    fn is_autocast_cache_enabled() -> bool;
+    #[link_name = "_ZN2at8autocast26set_autocast_cache_enabledEb"]
+    fn set_autocast_cache_enabled(enabled: bool);
+}
+
+/// Autocast to bfloat16 on one device type for the calling thread while it lives; the previous
+/// settings come back when it is dropped. The cast cache stays off inside: weights change at
+/// every step, and a cached bfloat16 copy would outlive its weight.
+pub struct Autocast {
+    device: i8,
+    enabled: bool,
+    dtype: i8,
+    cache: bool,
+}
+
+impl Autocast {
+    pub fn bfloat16(device: Device) -> Autocast {
+        let device = match device {
+            Device::Cuda(_) => CUDA,
+            _ => CPU,
+        };
+        // SAFETY: thread-local settings of libtorch, read and written by value.
+        unsafe {
+            let previous = Autocast {
+                device,
+                enabled: is_autocast_enabled(device),
+                dtype: get_autocast_dtype(device),
+                cache: is_autocast_cache_enabled(),
+            };
+            set_autocast_dtype(device, BFLOAT16);
+            set_autocast_cache_enabled(false);
+            set_autocast_enabled(device, true);
+            previous
+        }
+    }
+
+    /// Whether autocast is on for `device` on this thread.
+    pub fn is_enabled(device: Device) -> bool {
+        let device = if device.is_cuda() { CUDA } else { CPU };
+        // SAFETY: reads a thread-local flag.
+        unsafe { is_autocast_enabled(device) }
+    }
+}
+
+impl Drop for Autocast {
+    fn drop(&mut self) {
+        // SAFETY: restores the settings read when the guard was made.
+        unsafe {
+            set_autocast_enabled(self.device, self.enabled);
+            set_autocast_dtype(self.device, self.dtype);
+            set_autocast_cache_enabled(self.cache);
+        }
+    }
+}
+
+/// A model run under bfloat16 autocast, returning 32-bit logits.
+#[derive(Debug)]
+pub(super) struct Bfloat16(pub(super) Model);
+
+impl ModuleT for Bfloat16 {
+    fn forward_t(&self, xs: &Tensor, train: bool) -> Tensor {
+        let logits = {
+            let _autocast = Autocast::bfloat16(xs.device());
+            self.0.forward_t(xs, train)
+        };
+        logits.to_kind(Kind::Float)
+    }
+}
