@@ -525,10 +525,7 @@ impl Coordinator {
     }
 
     /// Records a worker's progress on `attempt` of `task`. Answers `Some(reason)`, and records
-    /// nothing, when the worker should stop that attempt: the run is over, or the attempt is no
-    /// longer the worker's (the task was done, failed on another rank, or went back to the
-    /// queue). A labeler that lost its lease but is still making progress goes on: whoever
-    /// commits the shard first wins; it stops once the shard is committed.
+    /// nothing, when the worker should stop that attempt (see [`Coordinator::verdict`]).
     pub fn progress(
         &mut self,
         id: &WorkerId,
@@ -537,55 +534,60 @@ impl Coordinator {
         progress: Progress,
         now: Instant,
     ) -> Result<Option<String>, CoordinatorError> {
-        self.worker_mut(id, now)?;
-        let verdict = match self.state.tasks.get(task) {
-            _ if self.state.is_finished() => {
-                Verdict::Stop(format!("the run is over ({})", self.state.outcome.as_str()))
-            }
-            Some(record) if record.is_run_by(id, attempt) => Verdict::Record,
-            Some(record) if record.state == state::TaskState::Done => {
-                Verdict::Stop(format!("task {task} is done"))
-            }
-            Some(record) if matches!(record.spec, TaskSpec::Label { .. }) => Verdict::GoOn,
-            Some(record) => {
-                let why = record
-                    .last_error
-                    .as_ref()
-                    .map(|error| format!(": {error}"))
-                    .unwrap_or_default();
-                Verdict::Stop(match &record.state {
-                    state::TaskState::Running { .. } => {
-                        format!("task {task} now runs as attempt {}{why}", record.attempts)
-                    }
-                    _ => format!("attempt {attempt} of task {task} went back to the queue{why}"),
-                })
-            }
-            None => Verdict::Stop(format!("the run has no task {task}")),
-        };
+        let verdict = self.verdict(id, task, attempt);
+        let worker = self.worker_mut(id, now)?;
         match verdict {
             Verdict::Record => {}
             Verdict::GoOn => return Ok(None),
             Verdict::Stop(reason) => {
                 // The worker stops the attempt and asks for a new task without reporting.
-                let worker = self.worker_mut(id, now)?;
                 if worker.task.as_ref() == Some(task) {
                     worker.task = None;
                 }
                 return Ok(Some(reason));
             }
         }
-        if let Some(loss) = progress.loss {
-            self.latest_loss = Some(loss);
-        }
-        // Meta Pseudo Labels evaluates its student on the test set as it trains.
-        if let Some(accuracy) = progress.metrics.get("student_test_accuracy") {
-            self.latest_accuracy = Some(*accuracy);
-        }
-        let worker = self.worker_mut(id, now)?;
         worker.progress_origin.get_or_insert((progress.step, now));
-        worker.progress = progress;
         worker.progress_at = now;
+        let loss = progress.loss;
+        // Meta Pseudo Labels evaluates its student on the test set as it trains.
+        let accuracy = progress.metrics.get("student_test_accuracy").copied();
+        worker.progress = progress;
+        self.latest_loss = loss.or(self.latest_loss);
+        self.latest_accuracy = accuracy.or(self.latest_accuracy);
         Ok(None)
+    }
+
+    /// What a progress report of `worker` on `attempt` of `task` means: the worker's current
+    /// attempt, or one it should stop (the run is over, the task is done, failed on another rank
+    /// or went back to the queue). A labeler that lost its lease but is still making progress
+    /// goes on: whoever commits the shard first wins; it is stopped once the shard is committed.
+    fn verdict(&self, worker: &WorkerId, task: &TaskId, attempt: u32) -> Verdict {
+        if self.state.is_finished() {
+            return Verdict::Stop(format!("the run is over ({})", self.state.outcome.as_str()));
+        }
+        let Some(record) = self.state.tasks.get(task) else {
+            return Verdict::Stop(format!("the run has no task {task}"));
+        };
+        if record.is_run_by(worker, attempt) {
+            return Verdict::Record;
+        }
+        let why = record
+            .last_error
+            .as_ref()
+            .map(|error| format!(": {error}"))
+            .unwrap_or_default();
+        match &record.state {
+            state::TaskState::Done => Verdict::Stop(format!("task {task} is done")),
+            _ if matches!(record.spec, TaskSpec::Label { .. }) => Verdict::GoOn,
+            state::TaskState::Running { .. } => Verdict::Stop(format!(
+                "task {task} now runs as attempt {}{why}",
+                record.attempts
+            )),
+            state::TaskState::Pending => Verdict::Stop(format!(
+                "attempt {attempt} of task {task} went back to the queue{why}"
+            )),
+        }
     }
 
     /// Records a task's result; returns the effects the caller must carry out.

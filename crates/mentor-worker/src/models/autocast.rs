@@ -44,10 +44,7 @@ pub struct Autocast {
 
 impl Autocast {
     pub fn bfloat16(device: Device) -> Autocast {
-        let device = match device {
-            Device::Cuda(_) => CUDA,
-            _ => CPU,
-        };
+        let device = device_type(device);
         // SAFETY: thread-local settings of libtorch, read and written by value.
         unsafe {
             let previous = Autocast {
@@ -65,9 +62,17 @@ impl Autocast {
 
     /// Whether autocast is on for `device` on this thread.
     pub fn is_enabled(device: Device) -> bool {
-        let device = if device.is_cuda() { CUDA } else { CPU };
         // SAFETY: reads a thread-local flag.
-        unsafe { is_autocast_enabled(device) }
+        unsafe { is_autocast_enabled(device_type(device)) }
+    }
+}
+
+/// The `c10::DeviceType` whose autocast settings apply to tensors on `device`.
+fn device_type(device: Device) -> i8 {
+    if device.is_cuda() {
+        CUDA
+    } else {
+        CPU
     }
 }
 

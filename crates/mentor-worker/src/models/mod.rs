@@ -14,7 +14,7 @@ mod resnet;
 mod wide_resnet;
 
 pub use autocast::Autocast;
-use mentor_plan::{ModelPlan, NoisePlan, Precision, RolePlan};
+use mentor_plan::{ModelPlan, Precision, RolePlan};
 use tch::nn::{self, ModuleT};
 use tch::{Device, Kind, Tensor};
 
@@ -43,15 +43,14 @@ impl ModelConfig {
         channels: i64,
         data_size: i64,
     ) -> ModelConfig {
-        let noise: &NoisePlan = &role.noise;
         let model = role.model.at_round(round);
         ModelConfig {
             resolution: model.input_resolution(data_size as u32) as i64,
             model,
             classes: classes as i64,
             channels,
-            dropout: noise.dropout,
-            last_survival: noise.stochastic_depth_survival,
+            dropout: role.noise.dropout,
+            last_survival: role.noise.stochastic_depth_survival,
             precision: role.precision,
         }
     }
