@@ -537,7 +537,7 @@ fn a_tiny_meta_pseudo_labels_run_trains_evaluates_and_finetunes() {
     let state_dir = dir.path().join("run");
     let plan = workspace_root().join("deploy/plans/tiny-mpl.toml");
     let (mut coordinator, address) = start_coordinator(&plan, &state_dir);
-    let _workers = [
+    let workers = [
         start_worker(&address, dir.path().join("worker-1.log")),
         start_worker(&address, dir.path().join("worker-2.log")),
     ];
@@ -567,6 +567,31 @@ fn a_tiny_meta_pseudo_labels_run_trains_evaluates_and_finetunes() {
         let accuracy = accuracy.expect("accuracy measured");
         assert!((0.0..=1.0).contains(&accuracy));
     }
+    // The two ranks evaluate halves of the test set and log the group's accuracy; at the last
+    // step it is that of the saved models (batch-norm statistics averaged over the ranks), which
+    // the evaluate tasks measured again on the whole test set.
+    let evaluations: Vec<Vec<String>> = workers
+        .iter()
+        .map(|worker| {
+            worker
+                .log_text()
+                .lines()
+                .filter(|line| line.contains("meta pseudo labels evaluation"))
+                .map(|line| line[line.find("step=").expect("step")..].to_string())
+                .collect()
+        })
+        .collect();
+    assert_eq!(evaluations[0].len(), 2, "{evaluations:?}");
+    assert_eq!(
+        evaluations[0], evaluations[1],
+        "the ranks' evaluations differ"
+    );
+    let last = format!(
+        "step=40 teacher_accuracy=\"{:.4}\" student_accuracy=\"{:.4}\"",
+        round.teacher_test_accuracy.expect("teacher"),
+        round.student_test_accuracy.expect("student")
+    );
+    assert_eq!(evaluations[0][1], last);
     for name in [
         "round-1-teacher",
         "round-1-student",

@@ -3,14 +3,17 @@
 //!
 //! Like PyTorch DDP: rank 0's parameters are broadcast once, gradients are summed over ranks
 //! in buckets of `bucket_bytes` after each backward pass (the loss is normalised by the global
-//! batch, so the sum is the global mean gradient), and batch-norm statistics stay local.
+//! batch, so the sum is the global mean gradient), and batch-norm statistics stay local
+//! during training. Unlike DDP, which keeps rank 0's, what a group saves or evaluates holds
+//! their mean over ranks ([`Group::average_buffers`]): for running means that is exactly the
+//! statistic of the global batch, and every rank then holds the model that is saved.
 #![allow(unsafe_code)]
 
 use std::time::Duration;
 
 use mentor_collective::nccl::{NcclComm, NcclLibrary, UniqueId};
 use mentor_collective::{CollectiveError, HostCollective, RingConfig, SingleProcess, TcpRing};
-use tch::{Device, Kind, Tensor};
+use tch::{nn, Device, Kind, Tensor};
 
 /// The transport under a group.
 pub enum Transport {
@@ -186,6 +189,23 @@ impl Group {
         self.wait_for_device()
     }
 
+    /// Replaces `buffers` on every rank by their mean over ranks, bucket by bucket. Every rank
+    /// must call it at the same step, with the same tensors (see [`buffers`]).
+    pub fn average_buffers(&mut self, buffers: &[Tensor]) -> Result<(), CollectiveError> {
+        if self.is_trivial() || buffers.is_empty() {
+            return Ok(());
+        }
+        let _guard = tch::no_grad_guard();
+        let ranks = self.world_size as f64;
+        for bucket in buckets(buffers, self.bucket_bytes) {
+            let mut flat = flatten(&bucket);
+            self.all_reduce_sum(&mut flat)?;
+            let _ = flat.g_div_scalar_(ranks);
+            unflatten_into(&flat, &bucket);
+        }
+        self.wait_for_device()
+    }
+
     /// Sums the gradients of `variables` over ranks, bucket by bucket. A variable without a
     /// gradient this step (unused) takes part with zeros and keeps no gradient.
     pub fn all_reduce_gradients(&mut self, variables: &[Tensor]) -> Result<(), CollectiveError> {
@@ -270,6 +290,25 @@ impl Group {
     }
 }
 
+/// The floating-point variables of `vs` that are not trained (batch-norm running statistics),
+/// in name order, the same on every rank.
+pub fn buffers(vs: &nn::VarStore) -> Vec<Tensor> {
+    let trained: std::collections::HashSet<usize> = vs
+        .trainable_variables()
+        .iter()
+        .map(|t| t.data_ptr() as usize)
+        .collect();
+    let mut named: Vec<(String, Tensor)> = vs
+        .variables()
+        .into_iter()
+        .filter(|(_, t)| {
+            t.is_floating_point() && t.numel() > 0 && !trained.contains(&(t.data_ptr() as usize))
+        })
+        .collect();
+    named.sort_by(|a, b| a.0.cmp(&b.0));
+    named.into_iter().map(|(_, t)| t).collect()
+}
+
 fn host_values(tensor: &Tensor) -> Result<Vec<f32>, CollectiveError> {
     Vec::<f32>::try_from(
         tensor
@@ -324,6 +363,50 @@ fn unflatten_into(flat: &Tensor, tensors: &[Tensor]) {
     }
 }
 
+/// Runs `body` on each rank of a `world_size`-rank TCP ring on loopback, one thread per rank;
+/// returns what each rank returned, in rank order.
+#[cfg(test)]
+pub(crate) fn on_ring<R: Send + 'static>(
+    world_size: usize,
+    body: impl Fn(&mut Group) -> R + Send + Sync + 'static,
+) -> Vec<R> {
+    let listeners: Vec<std::net::TcpListener> = (0..world_size)
+        .map(|_| std::net::TcpListener::bind("127.0.0.1:0").expect("bind"))
+        .collect();
+    let addresses: Vec<String> = listeners
+        .iter()
+        .map(|l| l.local_addr().expect("addr").to_string())
+        .collect();
+    let body = std::sync::Arc::new(body);
+    let ranks: Vec<_> = listeners
+        .into_iter()
+        .enumerate()
+        .map(|(rank, listener)| {
+            let (addresses, body) = (addresses.clone(), body.clone());
+            std::thread::spawn(move || {
+                let setup = GroupSetup::Ring {
+                    listener,
+                    addresses,
+                    group: "test".into(),
+                    timeout: Duration::from_secs(30),
+                    setup_timeout: Duration::from_secs(30),
+                };
+                let mut group = Group::form(
+                    rank,
+                    world_size,
+                    1 << 20,
+                    setup,
+                    Device::Cpu,
+                    Duration::from_secs(30),
+                )
+                .expect("group");
+                body(&mut group)
+            })
+        })
+        .collect();
+    ranks.into_iter().map(|r| r.join().expect("rank")).collect()
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -371,5 +454,46 @@ mod tests {
             error.to_string(),
             "NCCL: cannot form a GPU (NCCL) group: this worker has no CUDA device"
         );
+    }
+
+    /// The batch-norm running statistics of one rank that saw its slice of an 8-image batch,
+    /// averaged over the group when `average`.
+    fn statistics(group: &mut Group, average: bool) -> Vec<Vec<f32>> {
+        use tch::nn::ModuleT;
+        let images = (Tensor::arange(8 * 3 * 16, (Kind::Float, Device::Cpu)).sin() * 3.0)
+            .view([8, 3, 4, 4])
+            + Tensor::arange(8, (Kind::Float, Device::Cpu)).view([8, 1, 1, 1]);
+        let vs = nn::VarStore::new(Device::Cpu);
+        let norm = nn::batch_norm2d(vs.root() / "bn", 3, Default::default());
+        let rows = 8 / group.world_size as i64;
+        let _ = norm.forward_t(&images.narrow(0, rows * group.rank as i64, rows), true);
+        let buffers = buffers(&vs);
+        assert_eq!(buffers.len(), 2, "running mean and variance only");
+        if average {
+            group.average_buffers(&buffers).expect("average");
+        }
+        buffers
+            .iter()
+            .map(|t| Vec::<f32>::try_from(t.flatten(0, -1)).expect("values"))
+            .collect()
+    }
+
+    /// Two ranks that each saw half of a batch, their running statistics averaged, hold the
+    /// running mean of one process that saw the whole batch; the trained weights are no buffers.
+    #[test]
+    fn averaged_batch_norm_statistics_of_two_ranks_are_those_of_the_global_batch() {
+        let whole = statistics(&mut Group::single(1 << 20, Device::Cpu), true);
+        let local = on_ring(2, |group| statistics(group, false));
+        assert_ne!(
+            local[0], local[1],
+            "the halves should differ before averaging"
+        );
+        let averaged = on_ring(2, |group| statistics(group, true));
+        assert_eq!(averaged[0], averaged[1], "ranks disagree after averaging");
+        // Sorted by name: running_mean, then running_var.
+        for (one, two) in whole[0].iter().zip(&averaged[0][0]) {
+            assert!((one - two).abs() < 1e-6, "running mean {one} against {two}");
+        }
+        assert_ne!(averaged[0][1], local[0][1], "the variances were averaged");
     }
 }

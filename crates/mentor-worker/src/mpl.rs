@@ -25,11 +25,11 @@ use tch::{Kind, Tensor};
 
 use crate::augment::{flip_and_shift, RandAugment};
 use crate::dataset::Dataset;
-use crate::distributed::Group;
+use crate::distributed::{buffers, Group};
 use crate::models::build;
 use crate::optim::Sgd;
 use crate::tasks::{
-    collective_error, learning_rate, model_config, save_checkpoint, test_accuracy,
+    collective_error, learning_rate, model_config, save_checkpoint, test_counts,
     write_safetensors_atomically, Outcome, Progress,
 };
 
@@ -551,6 +551,8 @@ pub fn train_mpl(
     };
     let mut teacher_optimizer = sgd(&teacher_vs, mpl, mpl.teacher_learning_rate)?;
     let mut student_optimizer = sgd(&student_vs, mpl, mpl.student_learning_rate)?;
+    let mut statistics = vec![buffers(&teacher_vs), buffers(&student_vs)];
+    statistics.extend(ema.as_ref().map(|(vs, _)| buffers(vs)));
     let teacher_schedule = schedule(mpl, mpl.teacher_learning_rate);
     let config = MplConfig::from_plan(mpl, plan.data.classes);
     let batches = BatchMaker::new(plan, dataset, rank, world_size)?;
@@ -652,8 +654,17 @@ pub fn train_mpl(
         window.4 += 1;
         last = stats;
         let done = step + 1 == mpl.steps;
-        if rank == 0 && mpl.checkpoint_every > 0 && ((step + 1) % mpl.checkpoint_every == 0 || done)
-        {
+        let checkpointing =
+            mpl.checkpoint_every > 0 && ((step + 1) % mpl.checkpoint_every == 0 || done);
+        let evaluating = mpl.eval_every > 0 && ((step + 1) % mpl.eval_every == 0 || done);
+        if checkpointing || evaluating || done {
+            // Batch-norm statistics are local to each rank: what is saved or evaluated holds
+            // their mean (linear in them, the EMA's follow), the same on every rank.
+            for buffers in &statistics {
+                group.average_buffers(buffers).map_err(collective_error)?;
+            }
+        }
+        if rank == 0 && checkpointing {
             Carried::new(
                 &teacher_vs,
                 &student_vs,
@@ -663,16 +674,31 @@ pub fn train_mpl(
             )
             .save(&checkpoint, &state, identity)?;
         }
-        if mpl.eval_every > 0 && ((step + 1) % mpl.eval_every == 0 || done) {
+        if evaluating {
+            // Each rank evaluates its slice of the test set; the counts are summed.
             let batch_size = plan.pseudo_labels.batch_size as i64;
             let evaluated = match &ema {
                 Some((_, ema_model)) => ema_model.as_ref(),
                 None => student.as_ref(),
             };
-            let (teacher_accuracy, _, _) =
-                test_accuracy(teacher.as_ref(), &teacher_config, dataset, batch_size);
-            let (student_accuracy, _, _) =
-                test_accuracy(evaluated, &student_config, dataset, batch_size);
+            let total = dataset.test_images.size()[0];
+            let (start, end) = chunk_bounds(total as usize, world_size, rank);
+            let images = start as i64..end as i64;
+            let (teacher_correct, _) = test_counts(
+                teacher.as_ref(),
+                &teacher_config,
+                dataset,
+                batch_size,
+                images.clone(),
+            );
+            let (student_correct, _) =
+                test_counts(evaluated, &student_config, dataset, batch_size, images);
+            let mut counts = [teacher_correct, student_correct];
+            group
+                .all_reduce_scalars(&mut counts)
+                .map_err(collective_error)?;
+            let teacher_accuracy = counts[0] / total.max(1) as f64;
+            let student_accuracy = counts[1] / total.max(1) as f64;
             accuracies = vec![
                 ("teacher_test_accuracy".to_string(), teacher_accuracy),
                 ("student_test_accuracy".to_string(), student_accuracy),

@@ -19,7 +19,7 @@ use rand::{Rng, SeedableRng};
 
 use crate::augment::{flip_and_shift, RandAugment};
 use crate::dataset::{to_unit, Dataset};
-use crate::distributed::{Group, GroupJoin};
+use crate::distributed::{buffers, Group, GroupJoin};
 use crate::models::{build, Model, ModelConfig};
 use crate::optim::build_optimizer;
 
@@ -676,6 +676,11 @@ fn train(
             window_images = 0;
         }
     }
+    // Each rank's batch-norm statistics saw its own slice of every batch: the saved model holds
+    // their mean, the statistics of the global batches.
+    group
+        .average_buffers(&buffers(&vs))
+        .map_err(collective_error)?;
     if rank == 0 {
         save_checkpoint(&vs, output)?;
     }
@@ -716,19 +721,36 @@ pub(crate) fn test_accuracy(
     dataset: &Dataset,
     batch: i64,
 ) -> (f64, f64, i64) {
-    let _guard = tch::no_grad_guard();
     let total = dataset.test_images.size()[0];
+    let (correct, loss) = test_counts(model, config, dataset, batch, 0..total);
+    (
+        correct / total.max(1) as f64,
+        loss / total.max(1) as f64,
+        total,
+    )
+}
+
+/// Correct predictions and summed cross-entropy of a model on the test images `images` (eval
+/// mode, no noise): the part of an evaluation one rank of a group does.
+pub(crate) fn test_counts(
+    model: &dyn ModuleT,
+    config: &ModelConfig,
+    dataset: &Dataset,
+    batch: i64,
+    images: std::ops::Range<i64>,
+) -> (f64, f64) {
+    let _guard = tch::no_grad_guard();
     let mut correct = 0.0;
     let mut loss = 0.0;
-    let mut start = 0;
-    while start < total {
-        let len = batch.min(total - start);
-        let images = dataset.model_input(
+    let mut start = images.start;
+    while start < images.end {
+        let len = batch.max(1).min(images.end - start);
+        let inputs = dataset.model_input(
             &to_unit(&dataset.test_images.narrow(0, start, len)),
             config.resolution,
         );
         let labels = dataset.test_labels.narrow(0, start, len);
-        let logits = model.forward_t(&images, false);
+        let logits = model.forward_t(&inputs, false);
         correct += logits
             .argmax(-1, false)
             .eq_tensor(&labels)
@@ -738,11 +760,7 @@ pub(crate) fn test_accuracy(
         loss += logits.cross_entropy_for_logits(&labels).double_value(&[]) * len as f64;
         start += len;
     }
-    (
-        correct / total.max(1) as f64,
-        loss / total.max(1) as f64,
-        total,
-    )
+    (correct, loss)
 }
 
 /// Teacher inference over the unlabeled shard `[start, end)` (in units of the source), committed

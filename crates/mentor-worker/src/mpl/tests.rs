@@ -1,6 +1,6 @@
 //! The sign of `h` on a constructed case, and an MPL step on 2 ranks equal to 1 rank.
 
-use std::time::Duration;
+use std::sync::Mutex;
 
 use mentor_collective::chunk_bounds;
 use mentor_plan::{CnnPlan, ModelPlan};
@@ -8,7 +8,7 @@ use tch::nn::Module;
 use tch::{Device, Kind, Tensor};
 
 use super::*;
-use crate::distributed::GroupSetup;
+use crate::distributed::on_ring;
 use crate::models::{build, ModelConfig};
 
 fn config(mpl_weight: f64, sign: MplSign) -> MplConfig {
@@ -289,47 +289,27 @@ fn an_mpl_step_on_two_ranks_equals_one_rank_with_the_same_global_batch() {
         3,
     );
 
-    let listeners: Vec<std::net::TcpListener> = (0..2)
-        .map(|_| std::net::TcpListener::bind("127.0.0.1:0").expect("bind"))
-        .collect();
-    let addresses: Vec<String> = listeners
-        .iter()
-        .map(|l| l.local_addr().expect("addr").to_string())
-        .collect();
-    let ranks: Vec<_> = listeners
-        .into_iter()
-        .enumerate()
-        .map(|(rank, listener)| {
-            let addresses = addresses.clone();
-            let data = (
-                data.0.shallow_clone(),
-                data.1.shallow_clone(),
-                data.2.shallow_clone(),
-                data.3.shallow_clone(),
-            );
-            let (teacher_init, student_init) = (teacher_init.clone(), student_init.clone());
-            std::thread::spawn(move || {
-                let setup = GroupSetup::Ring {
-                    listener,
-                    addresses,
-                    group: "mpl-test".into(),
-                    timeout: Duration::from_secs(30),
-                    setup_timeout: Duration::from_secs(30),
-                };
-                let mut group = Group::form(
-                    rank,
-                    2,
-                    1 << 20,
-                    setup,
-                    Device::Cpu,
-                    Duration::from_secs(30),
+    let results = {
+        let (teacher_init, student_init) = (teacher_init.clone(), student_init.clone());
+        let data = Mutex::new((
+            data.0.shallow_clone(),
+            data.1.shallow_clone(),
+            data.2.shallow_clone(),
+            data.3.shallow_clone(),
+        ));
+        on_ring(2, move |group| {
+            let data = {
+                let data = data.lock().expect("data");
+                (
+                    data.0.shallow_clone(),
+                    data.1.shallow_clone(),
+                    data.2.shallow_clone(),
+                    data.3.shallow_clone(),
                 )
-                .expect("group");
-                train_slice(&mut group, &data, &teacher_init, &student_init, 3)
-            })
+            };
+            train_slice(group, &data, &teacher_init, &student_init, 3)
         })
-        .collect();
-    let results: Vec<Vec<f32>> = ranks.into_iter().map(|r| r.join().expect("rank")).collect();
+    };
     assert_eq!(results[0], results[1], "ranks disagree");
     let largest = single
         .iter()
