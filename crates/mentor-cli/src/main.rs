@@ -156,19 +156,32 @@ fn status_text(status: &pb::RunStatus) -> String {
         "latest loss {loss}  latest test accuracy {}\n",
         percent(accuracy)
     ));
-    out.push_str("round  teacher acc  student acc  finetuned  shards  examples  kept\n");
-    for round in &status.rounds {
-        out.push_str(&format!(
-            "{:>5}  {:>11}  {:>11}  {:>9}  {:>2}/{:<3}  {:>8}  {:>6}\n",
-            round.round,
-            percent(round.teacher_test_accuracy),
-            percent(round.student_test_accuracy),
-            percent(round.finetuned_student_test_accuracy),
-            round.shards_done,
-            round.shards,
-            round.examples,
-            round.kept
-        ));
+    // Noisy Student rounds pseudo-label; a Meta Pseudo Labels round finetunes its student.
+    if status.method == "meta-pseudo-labels" {
+        out.push_str("round  teacher acc  student acc  finetuned\n");
+        for round in &status.rounds {
+            out.push_str(&format!(
+                "{:>5}  {:>11}  {:>11}  {:>9}\n",
+                round.round,
+                percent(round.teacher_test_accuracy),
+                percent(round.student_test_accuracy),
+                percent(round.finetuned_student_test_accuracy),
+            ));
+        }
+    } else {
+        out.push_str("round  teacher acc  student acc  shards  examples  kept\n");
+        for round in &status.rounds {
+            out.push_str(&format!(
+                "{:>5}  {:>11}  {:>11}  {:>2}/{:<3}  {:>8}  {:>6}\n",
+                round.round,
+                percent(round.teacher_test_accuracy),
+                percent(round.student_test_accuracy),
+                round.shards_done,
+                round.shards,
+                round.examples,
+                round.kept
+            ));
+        }
     }
     for worker in &status.workers {
         let task = if worker.task_id.is_empty() {
@@ -338,5 +351,45 @@ mod tests {
             "{text}"
         );
         assert!(lines[1].ends_with("idle"), "{text}");
+    }
+
+    #[test]
+    fn each_method_shows_the_round_columns_it_has() {
+        let round = pb::RoundStatus {
+            round: 1,
+            teacher_test_accuracy: Some(0.8),
+            student_test_accuracy: Some(0.85),
+            finetuned_student_test_accuracy: Some(0.86),
+            shards: 8,
+            shards_done: 8,
+            examples: 59000,
+            kept: 58000,
+        };
+        let status = |method: &str| pb::RunStatus {
+            method: method.into(),
+            rounds: vec![round],
+            ..Default::default()
+        };
+        let table = |text: String| -> Vec<String> {
+            text.lines()
+                .skip_while(|l| !l.starts_with("round "))
+                .take(2)
+                .map(|l| l.split_whitespace().collect::<Vec<_>>().join(" "))
+                .collect()
+        };
+        assert_eq!(
+            table(status_text(&status("meta-pseudo-labels"))),
+            [
+                "round teacher acc student acc finetuned",
+                "1 80.00% 85.00% 86.00%"
+            ]
+        );
+        assert_eq!(
+            table(status_text(&status("noisy-student"))),
+            [
+                "round teacher acc student acc shards examples kept",
+                "1 80.00% 85.00% 8/8 59000 58000"
+            ]
+        );
     }
 }
