@@ -169,7 +169,7 @@ pub fn run_task(
                 progress,
             )
         }
-        TaskKind::Evaluate { model } => evaluate(plan, dataset, model),
+        TaskKind::Evaluate { model } => evaluate(plan, dataset, model, progress),
         TaskKind::Label {
             teacher,
             round,
@@ -692,15 +692,34 @@ fn train(
     })
 }
 
-/// Accuracy and mean cross-entropy of a model on the plan's test images (eval mode, no noise).
-fn evaluate(plan: &Plan, dataset: &Dataset, source: &ModelSource) -> Result<Outcome, String> {
+/// Accuracy and mean cross-entropy of a model on the plan's test images (eval mode, no noise),
+/// with a progress report every few batches (status shows it; the coordinator can stop it).
+fn evaluate(
+    plan: &Plan,
+    dataset: &Dataset,
+    source: &ModelSource,
+    progress: &mut dyn FnMut(Progress),
+) -> Result<Outcome, String> {
     let (_vs, model, config) = load_model(plan, dataset, source)?;
-    let (accuracy, loss, total) = test_accuracy(
-        model.as_ref(),
-        &config,
-        dataset,
-        plan.pseudo_labels.batch_size as i64,
-    );
+    let batch = (plan.pseudo_labels.batch_size as i64).max(1);
+    let total = dataset.test_images.size()[0];
+    let started = Instant::now();
+    let (mut correct, mut loss, mut done) = (0.0, 0.0, 0i64);
+    while done < total {
+        let end = (done + EVALUATION_REPORT_BATCHES * batch).min(total);
+        let (more_correct, more_loss) =
+            test_counts(model.as_ref(), &config, dataset, batch, done..end);
+        correct += more_correct;
+        loss += more_loss;
+        done = end;
+        progress(Progress {
+            step: done as u64,
+            total_steps: total as u64,
+            images_per_second: done as f64 / started.elapsed().as_secs_f64().max(1e-9),
+            ..Default::default()
+        });
+    }
+    let accuracy = correct / total.max(1) as f64;
     tracing::info!(
         role = source.role.as_str(),
         model_round = source.model_round,
@@ -709,26 +728,13 @@ fn evaluate(plan: &Plan, dataset: &Dataset, source: &ModelSource) -> Result<Outc
     );
     Ok(Outcome::Evaluated {
         accuracy,
-        loss,
+        loss: loss / total.max(1) as f64,
         examples: total as u64,
     })
 }
 
-/// (accuracy, mean cross-entropy, images) of `model` on the test set, in eval mode.
-pub(crate) fn test_accuracy(
-    model: &dyn ModuleT,
-    config: &ModelConfig,
-    dataset: &Dataset,
-    batch: i64,
-) -> (f64, f64, i64) {
-    let total = dataset.test_images.size()[0];
-    let (correct, loss) = test_counts(model, config, dataset, batch, 0..total);
-    (
-        correct / total.max(1) as f64,
-        loss / total.max(1) as f64,
-        total,
-    )
-}
+/// Batches an evaluation runs between two progress reports.
+const EVALUATION_REPORT_BATCHES: i64 = 8;
 
 /// Correct predictions and summed cross-entropy of a model on the test images `images` (eval
 /// mode, no noise): the part of an evaluation one rank of a group does.
