@@ -268,8 +268,27 @@ impl Group {
         Ok(())
     }
 
-    /// Sums a few scalars over ranks (losses, counts).
+    /// Sums a few scalars over ranks (losses, counts; in f32, so integers are exact below
+    /// 2^24).
     pub fn all_reduce_scalars(&mut self, values: &mut [f64]) -> Result<(), CollectiveError> {
+        self.on_scalars(values, |group, tensor| group.all_reduce_sum(tensor))
+    }
+
+    /// Replaces a few scalars by `root`'s (in f32).
+    pub fn broadcast_scalars(
+        &mut self,
+        values: &mut [f64],
+        root: usize,
+    ) -> Result<(), CollectiveError> {
+        self.on_scalars(values, |group, tensor| group.broadcast(tensor, root))
+    }
+
+    /// Runs a collective on `values` as an f32 tensor where the transport wants it.
+    fn on_scalars(
+        &mut self,
+        values: &mut [f64],
+        collective: impl FnOnce(&mut Group, &mut Tensor) -> Result<(), CollectiveError>,
+    ) -> Result<(), CollectiveError> {
         if self.is_trivial() {
             return Ok(());
         }
@@ -279,12 +298,12 @@ impl Group {
         };
         let mut tensor = Tensor::from_slice(&values.iter().map(|&v| v as f32).collect::<Vec<_>>())
             .to_device(device);
-        self.all_reduce_sum(&mut tensor)?;
+        collective(self, &mut tensor)?;
         self.wait_for_device()?;
-        let summed = Vec::<f32>::try_from(tensor.to_device(Device::Cpu))
+        let reduced = Vec::<f32>::try_from(tensor.to_device(Device::Cpu))
             .map_err(|e| CollectiveError::Setup(e.to_string()))?;
-        for (value, sum) in values.iter_mut().zip(summed) {
-            *value = sum as f64;
+        for (value, reduced) in values.iter_mut().zip(reduced) {
+            *value = reduced as f64;
         }
         Ok(())
     }
@@ -494,6 +513,11 @@ mod tests {
         for (one, two) in whole[0].iter().zip(&averaged[0][0]) {
             assert!((one - two).abs() < 1e-6, "running mean {one} against {two}");
         }
-        assert_ne!(averaged[0][1], local[0][1], "the variances were averaged");
+        for ((a, b), mean) in local[0][1].iter().zip(&local[1][1]).zip(&averaged[0][1]) {
+            assert!(
+                ((a + b) / 2.0 - mean).abs() < 1e-6,
+                "running variances {a} and {b} averaged to {mean}"
+            );
+        }
     }
 }

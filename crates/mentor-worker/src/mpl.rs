@@ -356,6 +356,18 @@ pub fn update_ema(ema: &nn::VarStore, model: &nn::VarStore, decay: f64) {
     });
 }
 
+/// Whether every rank of the group holds `step`, rank 0's (`None`: this rank has none, and
+/// every rank answers false). Rank 0's step is broadcast (exact in f32 below 2^24 steps) and
+/// the ranks that differ are counted.
+fn ranks_agree_on_step(group: &mut Group, step: Option<u64>) -> Result<bool, CollectiveError> {
+    let own = step.map_or(f64::NAN, |step| step as f32 as f64);
+    let mut first = [own];
+    group.broadcast_scalars(&mut first, 0)?;
+    let mut differing = [if own == first[0] { 0.0 } else { 1.0 }];
+    group.all_reduce_scalars(&mut differing)?;
+    Ok(differing[0] == 0.0)
+}
+
 /// The SGD of either side of the joint training at `rate` (Nesterov momentum when momentum is
 /// set, weight decay on weights only).
 pub fn sgd(vs: &nn::VarStore, mpl: &MplPlan, rate: f64) -> Result<Sgd, String> {
@@ -584,22 +596,14 @@ pub fn train_mpl(
                 Err(error) => failure = Some(error),
             }
         }
-        // Every rank must continue from the same step (one file, seen by all): the sum of
-        // the steps squared is W times the sum of their squares only when they are equal. A
-        // rank that could not read the checkpoint sends NaN, so that every rank stops now.
-        let step = if failure.is_some() {
-            f64::NAN
-        } else {
-            state.step as f64
-        };
-        let mut sums = [step, step * step];
-        group
-            .all_reduce_scalars(&mut sums)
+        // Every rank must continue from the same step (one file, seen by all). A rank that
+        // could not read the checkpoint makes every rank stop now.
+        let agree = ranks_agree_on_step(group, failure.is_none().then_some(state.step))
             .map_err(collective_error)?;
         if let Some(error) = failure {
             return Err(error);
         }
-        if sums[0] * sums[0] != world_size as f64 * sums[1] {
+        if !agree {
             return Err(format!(
                 "the ranks do not resume from the same step of `{}` (workers need the run directory on a shared file system)",
                 checkpoint.display()

@@ -363,3 +363,25 @@ fn the_resume_identity_follows_the_joint_training_settings_only() {
     let longer = identity(&tiny.replacen("steps = 40", "steps = 41", 1));
     assert_ne!(longer.steps, base.steps);
 }
+
+/// The ranks of a resumed joint training check that they resume from one step. 33,000 is a
+/// step whose square f32 cannot hold, where a check through sums of squares failed.
+#[test]
+fn ranks_agree_on_a_resume_step_only_when_they_all_hold_it() {
+    assert!(
+        ranks_agree_on_step(&mut Group::single(1 << 20, Device::Cpu), Some(33_000))
+            .expect("single")
+    );
+    for (steps, agree) in [
+        ([Some(33_000), Some(33_000)], true),
+        ([Some(45_000), Some(45_000)], true),
+        ([Some(33_000), Some(33_001)], false),
+        ([Some(33_000), None], false),
+        ([None, Some(7)], false),
+    ] {
+        let answers = on_ring(2, move |group| {
+            ranks_agree_on_step(group, steps[group.rank]).expect("collective")
+        });
+        assert_eq!(answers, [agree, agree], "{steps:?}");
+    }
+}
