@@ -157,31 +157,27 @@ fn status_text(status: &pb::RunStatus) -> String {
         percent(accuracy)
     ));
     // Noisy Student rounds pseudo-label; a Meta Pseudo Labels round finetunes its student.
-    if status.method == "meta-pseudo-labels" {
-        out.push_str("round  teacher acc  student acc  finetuned\n");
-        for round in &status.rounds {
-            out.push_str(&format!(
-                "{:>5}  {:>11}  {:>11}  {:>9}\n",
-                round.round,
-                percent(round.teacher_test_accuracy),
-                percent(round.student_test_accuracy),
-                percent(round.finetuned_student_test_accuracy),
-            ));
-        }
+    let mpl = status.method == "meta-pseudo-labels";
+    out.push_str(if mpl {
+        "round  teacher acc  student acc  finetuned\n"
     } else {
-        out.push_str("round  teacher acc  student acc  shards  examples  kept\n");
-        for round in &status.rounds {
-            out.push_str(&format!(
-                "{:>5}  {:>11}  {:>11}  {:>2}/{:<3}  {:>8}  {:>6}\n",
-                round.round,
-                percent(round.teacher_test_accuracy),
-                percent(round.student_test_accuracy),
-                round.shards_done,
-                round.shards,
-                round.examples,
-                round.kept
-            ));
-        }
+        "round  teacher acc  student acc  shards  examples  kept\n"
+    });
+    for round in &status.rounds {
+        let method_columns = if mpl {
+            format!("{:>9}", percent(round.finetuned_student_test_accuracy))
+        } else {
+            format!(
+                "{:>2}/{:<3}  {:>8}  {:>6}",
+                round.shards_done, round.shards, round.examples, round.kept
+            )
+        };
+        out.push_str(&format!(
+            "{:>5}  {:>11}  {:>11}  {method_columns}\n",
+            round.round,
+            percent(round.teacher_test_accuracy),
+            percent(round.student_test_accuracy),
+        ));
     }
     for worker in &status.workers {
         let task = if worker.task_id.is_empty() {
