@@ -16,8 +16,9 @@ numbers to results.json in --out (default runs/results).
 --methods picks some of the methods (supervised-1k comes with noisy-student); --reuse keeps a
 finished run whose plan text is unchanged instead of running it again, resumes an interrupted
 run of an unchanged plan where it stopped (a Meta Pseudo Labels joint training from its last
-save, every mpl.checkpoint_every steps), and finetunes a finished Meta Pseudo Labels run
-again when only its plan's finetune line changed (local-cluster.sh --redo-finetune). --quick
+save, every mpl.checkpoint_every steps), and keeps the joint training of a finished or
+interrupted Meta Pseudo Labels run whose plan changed in [mpl.finetune] alone, finetuning under
+the new plan (local-cluster.sh --redo-finetune); any other change runs again from scratch. --quick
 runs the tiny test plans instead (seconds; to check the script, not for numbers).
 """
 import argparse
@@ -27,6 +28,7 @@ import re
 import statistics
 import subprocess
 import sys
+import tomllib
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -73,10 +75,14 @@ def read(path, parse=lambda f: f.read()):
 
 
 def without_finetune(text):
-    """A Meta Pseudo Labels plan without its comments and its finetune line (the part
-    --redo-finetune may change)."""
-    return [line for line in text.splitlines()
-            if not line.lstrip().startswith("#") and not line.startswith("finetune = ")]
+    """A Meta Pseudo Labels plan as data, without its `[mpl.finetune]` (the part --redo-finetune
+    may change), whether written inline or as a table; None when it does not parse."""
+    try:
+        plan = tomllib.loads(text)
+    except tomllib.TOMLDecodeError:
+        return None
+    plan.get("mpl", {}).pop("finetune", None)
+    return plan
 
 
 def run(name, plan_text, seed, args):
@@ -95,10 +101,12 @@ def run(name, plan_text, seed, args):
         state = read(os.path.join(directory, "state.json"), json.load)
         resume = (old_text == plan_text and state is not None
                   and state.get("outcome", {}).get("status") == "running")
-        # A finished Meta Pseudo Labels run whose plan changed in its finetune only keeps its
-        # joint training and finetunes again.
-        redo_finetune = (not resume and succeeded and name == "meta-pseudo-labels"
-                         and old_text is not None
+        # A finished or interrupted Meta Pseudo Labels run whose plan changed in its finetune
+        # only keeps its joint training (an interrupted one resumes it) and finetunes under the
+        # new plan.
+        interrupted = state is not None and state.get("outcome", {}).get("status") == "running"
+        redo_finetune = (not resume and (succeeded or interrupted) and name == "meta-pseudo-labels"
+                         and old_text is not None and without_finetune(old_text) is not None
                          and without_finetune(old_text) == without_finetune(plan_text))
     with open(plan, "w") as f:
         f.write(plan_text)
@@ -106,9 +114,10 @@ def run(name, plan_text, seed, args):
         print(f"[results] {name}, seed {seed}: resuming the interrupted run in {directory}", file=sys.stderr, flush=True)
     elif redo_finetune:
         # The old status must not pass for the new finetune's if this one is interrupted.
-        os.remove(os.path.join(directory, "status.json"))
-        print(f"[results] {name}, seed {seed}: finetuning the finished run in {directory} again "
-              "(only the finetune changed)", file=sys.stderr, flush=True)
+        if old_status is not None:
+            os.remove(os.path.join(directory, "status.json"))
+        print(f"[results] {name}, seed {seed}: keeping the joint training in {directory} and "
+              "finetuning under the new plan (only the finetune changed)", file=sys.stderr, flush=True)
     else:
         subprocess.run(["rm", "-rf", directory], check=True)
         print(f"[results] {name}, seed {seed}: running (logs in {directory}/logs)", file=sys.stderr, flush=True)
@@ -120,12 +129,20 @@ def run(name, plan_text, seed, args):
         command += ["--bin-dir", args.bin_dir]
     if args.device:
         command += ["--device", args.device]
-    result = subprocess.run(command, stdout=subprocess.DEVNULL)
+    cluster = subprocess.Popen(command, stdout=subprocess.DEVNULL)
+    try:
+        returncode = cluster.wait()
+    except KeyboardInterrupt:
+        # local-cluster.sh stops its coordinator and workers on SIGTERM (a SIGKILL, what
+        # subprocess.run sends, would leave them running); the joint training keeps its saves.
+        cluster.terminate()
+        cluster.wait()
+        raise SystemExit(f"[results] interrupted; rerun with --reuse to resume {directory}")
     status = read(os.path.join(directory, "status.json"), json.load)
     if status is None:
-        raise SystemExit(f"{name} seed {seed} failed (exit {result.returncode}) without a final status; "
+        raise SystemExit(f"{name} seed {seed} failed (exit {returncode}) without a final status; "
                          f"see {directory}/logs")
-    if result.returncode != 0 or status["status"] != "succeeded":
+    if returncode != 0 or status["status"] != "succeeded":
         raise SystemExit(f"{name} seed {seed} failed: {status.get('error')}")
     return status
 
