@@ -1,0 +1,186 @@
+//! `scripts/results-fashion-mnist.sh` (benches/results_fashion_mnist.py) against the real
+//! binaries on a tiny Meta Pseudo Labels plan: what `--reuse` keeps, resumes and redoes, and
+//! that an interrupted run's processes stop with it.
+
+use std::path::{Path, PathBuf};
+use std::process::{Command, Stdio};
+use std::time::Duration;
+
+use mentor_e2e::{binary, plan_with, wait_for, workspace_root, Process};
+
+/// The tiny MPL plan, long enough to be interrupted after its first joint-training save.
+fn interruptible_plan(finetune: &str) -> String {
+    plan_with(
+        "tiny-mpl.toml",
+        &[
+            ("steps = 40", "steps = 600"),
+            ("log_every = 10", "log_every = 10\ncheckpoint_every = 50"),
+            (
+                "finetune = { steps = 10, batch_size = 32, learning_rate = 0.01 }",
+                finetune,
+            ),
+        ],
+    )
+}
+
+fn script_args(plan: &Path, out: &Path, reuse: bool) -> Vec<String> {
+    let bin_dir = binary("coordinator")
+        .parent()
+        .expect("binaries have a directory")
+        .to_path_buf();
+    let mut args = vec![
+        workspace_root()
+            .join("benches/results_fashion_mnist.py")
+            .display()
+            .to_string(),
+        "--quick".into(),
+        "--seeds".into(),
+        "0".into(),
+        "--methods".into(),
+        "meta-pseudo-labels".into(),
+        "--bin-dir".into(),
+        bin_dir.display().to_string(),
+        "--mpl-plan".into(),
+        plan.display().to_string(),
+        "--out".into(),
+        out.display().to_string(),
+    ];
+    if reuse {
+        args.push("--reuse".into());
+    }
+    args
+}
+
+/// Runs the script to its end; returns its standard error, failing on a non-zero exit.
+fn run_script(plan: &Path, out: &Path, reuse: bool) -> String {
+    let output = Command::new("python3")
+        .args(script_args(plan, out, reuse))
+        .stdin(Stdio::null())
+        .output()
+        .expect("python3 runs");
+    let stderr = String::from_utf8_lossy(&output.stderr).into_owned();
+    assert!(output.status.success(), "the script failed:\n{stderr}");
+    stderr
+}
+
+fn worker_logs(run: &Path) -> String {
+    (1..=2)
+        .map(|n| {
+            std::fs::read_to_string(run.join(format!("logs/worker-{n}.log"))).unwrap_or_default()
+        })
+        .collect()
+}
+
+fn final_accuracy(out: &Path) -> f64 {
+    let results: serde_json::Value = serde_json::from_str(
+        &std::fs::read_to_string(out.join("results.json")).expect("results.json"),
+    )
+    .expect("results.json parses");
+    results["rows"]["meta-pseudo-labels"][0]
+        .as_f64()
+        .expect("a Meta Pseudo Labels accuracy")
+}
+
+/// An interrupted Meta Pseudo Labels run whose plan then changes in `[mpl.finetune]` alone (an
+/// inline table becoming a `[mpl.finetune]` table with other steps) keeps its joint training:
+/// `--reuse` resumes it from the last save and finetunes under the new plan; the finished run is
+/// then reused as it is, and a change elsewhere runs again from scratch. Ctrl-C on the script
+/// stops the run's coordinator.
+#[test]
+fn reuse_keeps_the_joint_training_of_a_run_whose_finetune_alone_changed() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let out = dir.path().join("out");
+    let run: PathBuf = out.join("meta-pseudo-labels-seed0");
+    let first = dir.path().join("first.toml");
+    std::fs::write(
+        &first,
+        interruptible_plan("finetune = { steps = 10, batch_size = 32, learning_rate = 0.01 }"),
+    )
+    .expect("plan");
+
+    // Interrupt the first run after its first joint-training save.
+    let args = script_args(&first, &out, false);
+    let args: Vec<&str> = args.iter().map(String::as_str).collect();
+    let mut script = Process::start(
+        Path::new("python3"),
+        &args,
+        dir.path().join("interrupted.log"),
+    );
+    let checkpoint = run.join("checkpoints/mpl-joint.resume.safetensors");
+    wait_for(
+        "the first joint-training save",
+        Duration::from_secs(300),
+        || {
+            assert!(
+                script.is_running(),
+                "the script ended early:\n{}",
+                script.log_text()
+            );
+            checkpoint.exists().then_some(())
+        },
+    );
+    let address = std::fs::read_to_string(run.join("coordinator.addr")).expect("address file");
+    let status = Command::new("kill")
+        .args(["-INT", &script.child.id().to_string()])
+        .status()
+        .expect("kill runs");
+    assert!(status.success());
+    wait_for("the script to stop", Duration::from_secs(60), || {
+        (!script.is_running()).then_some(())
+    });
+    assert!(
+        script
+            .log_text()
+            .contains("interrupted; rerun with --reuse"),
+        "{}",
+        script.log_text()
+    );
+    let runtime = tokio::runtime::Runtime::new().expect("runtime");
+    wait_for("the coordinator to stop", Duration::from_secs(30), || {
+        mentor_e2e::try_status(&runtime, address.trim())
+            .is_none()
+            .then_some(())
+    });
+
+    // The finetune alone changes: the joint training resumes from its save.
+    let second = dir.path().join("second.toml");
+    std::fs::write(
+        &second,
+        interruptible_plan("\n[mpl.finetune]\nsteps = 12\nbatch_size = 32\nlearning_rate = 0.01\n"),
+    )
+    .expect("plan");
+    let stderr = run_script(&second, &out, true);
+    assert!(
+        stderr.contains("keeping the joint training"),
+        "the joint training was not kept:\n{stderr}"
+    );
+    let logs = worker_logs(&run);
+    let resumed = logs
+        .lines()
+        .find(|line| line.contains("meta pseudo labels resumes its joint training"))
+        .unwrap_or_else(|| panic!("no worker resumed the joint training:\n{logs}"));
+    assert!(!resumed.contains("step=0 "), "{resumed}");
+    let accuracy = final_accuracy(&out);
+    assert!((0.0..=1.0).contains(&accuracy));
+
+    // The same plan again: the finished run is reused without starting anything.
+    let stderr = run_script(&second, &out, true);
+    assert!(stderr.contains("reusing the finished run"), "{stderr}");
+    assert_eq!(final_accuracy(&out), accuracy);
+
+    // A change outside the finetune: the run starts again from scratch.
+    let third = dir.path().join("third.toml");
+    std::fs::write(
+        &third,
+        std::fs::read_to_string(&second)
+            .expect("plan")
+            .replacen("steps = 600", "steps = 100", 1),
+    )
+    .expect("plan");
+    let stderr = run_script(&third, &out, true);
+    assert!(stderr.contains("running (logs in"), "{stderr}");
+    assert!(
+        !worker_logs(&run).contains("resumes its joint training"),
+        "a run of a changed plan resumed an old joint training"
+    );
+}
