@@ -99,15 +99,14 @@ def run(name, plan_text, seed, args):
             return old_status
         # An interrupted run of this plan (a redone finetune included) resumes where it stopped.
         state = read(os.path.join(directory, "state.json"), json.load)
-        resume = (old_text == plan_text and state is not None
-                  and state.get("outcome", {}).get("status") == "running")
+        interrupted = state is not None and state.get("outcome", {}).get("status") == "running"
+        resume = interrupted and old_text == plan_text
         # A finished or interrupted Meta Pseudo Labels run whose plan changed in its finetune
         # only keeps its joint training (an interrupted one resumes it) and finetunes under the
         # new plan.
-        interrupted = state is not None and state.get("outcome", {}).get("status") == "running"
+        old_rest = without_finetune(old_text) if old_text is not None else None
         redo_finetune = (not resume and (succeeded or interrupted) and name == "meta-pseudo-labels"
-                         and old_text is not None and without_finetune(old_text) is not None
-                         and without_finetune(old_text) == without_finetune(plan_text))
+                         and old_rest is not None and old_rest == without_finetune(plan_text))
     with open(plan, "w") as f:
         f.write(plan_text)
     if resume:

@@ -23,6 +23,13 @@ fn interruptible_plan(finetune: &str) -> String {
     )
 }
 
+/// Writes `text` as `dir/name` and returns the path.
+fn write_plan(dir: &Path, name: &str, text: &str) -> PathBuf {
+    let path = dir.join(name);
+    std::fs::write(&path, text).expect("write plan");
+    path
+}
+
 fn script_args(plan: &Path, out: &Path, reuse: bool) -> Vec<String> {
     let bin_dir = binary("coordinator")
         .parent()
@@ -90,13 +97,12 @@ fn final_accuracy(out: &Path) -> f64 {
 fn reuse_keeps_the_joint_training_of_a_run_whose_finetune_alone_changed() {
     let dir = tempfile::tempdir().expect("tempdir");
     let out = dir.path().join("out");
-    let run: PathBuf = out.join("meta-pseudo-labels-seed0");
-    let first = dir.path().join("first.toml");
-    std::fs::write(
-        &first,
-        interruptible_plan("finetune = { steps = 10, batch_size = 32, learning_rate = 0.01 }"),
-    )
-    .expect("plan");
+    let run = out.join("meta-pseudo-labels-seed0");
+    let first = write_plan(
+        dir.path(),
+        "first.toml",
+        &interruptible_plan("finetune = { steps = 10, batch_size = 32, learning_rate = 0.01 }"),
+    );
 
     // Interrupt the first run after its first joint-training save.
     let args = script_args(&first, &out, false);
@@ -143,12 +149,9 @@ fn reuse_keeps_the_joint_training_of_a_run_whose_finetune_alone_changed() {
     });
 
     // The finetune alone changes: the joint training resumes from its save.
-    let second = dir.path().join("second.toml");
-    std::fs::write(
-        &second,
-        interruptible_plan("\n[mpl.finetune]\nsteps = 12\nbatch_size = 32\nlearning_rate = 0.01\n"),
-    )
-    .expect("plan");
+    let second_text =
+        interruptible_plan("\n[mpl.finetune]\nsteps = 12\nbatch_size = 32\nlearning_rate = 0.01\n");
+    let second = write_plan(dir.path(), "second.toml", &second_text);
     let stderr = run_script(&second, &out, true);
     assert!(
         stderr.contains("keeping the joint training"),
@@ -169,14 +172,11 @@ fn reuse_keeps_the_joint_training_of_a_run_whose_finetune_alone_changed() {
     assert_eq!(final_accuracy(&out), accuracy);
 
     // A change outside the finetune: the run starts again from scratch.
-    let third = dir.path().join("third.toml");
-    std::fs::write(
-        &third,
-        std::fs::read_to_string(&second)
-            .expect("plan")
-            .replacen("steps = 600", "steps = 100", 1),
-    )
-    .expect("plan");
+    let third = write_plan(
+        dir.path(),
+        "third.toml",
+        &second_text.replacen("steps = 600", "steps = 100", 1),
+    );
     let stderr = run_script(&third, &out, true);
     assert!(stderr.contains("running (logs in"), "{stderr}");
     assert!(
