@@ -5,8 +5,9 @@ real run through scripts/local-cluster.sh. Prints mean +- std per method and wri
 numbers to results.json in --out (default runs/results).
 
 - supervised-1k: the round-1 teacher of the Noisy Student run (same model, same labeled subset);
-- supervised-1k-student: the same with the students' model (one residual block, stochastic
-  depth 0.8), the architecture of the final Noisy Student and Meta Pseudo Labels students;
+- supervised-1k-student: the same with the Meta Pseudo Labels plan's student model and its
+  dropout and stochastic depth (by default the Noisy Student students' model: one residual
+  block, stochastic depth 0.8), the architecture of the final students;
 - noisy-student: the last round's student of deploy/plans/fashion-mnist-noisy-student.toml;
 - meta-pseudo-labels: the final (finetuned) student of deploy/plans/fashion-mnist-mpl.toml;
 - supervised-all: the teacher trained on 59,900 labels (100 images stay unlabeled because a
@@ -19,7 +20,8 @@ run of an unchanged plan where it stopped (a Meta Pseudo Labels joint training f
 save, every mpl.checkpoint_every steps), and keeps the joint training of a finished or
 interrupted Meta Pseudo Labels run whose plan changed in [mpl.finetune] alone, finetuning under
 the new plan (local-cluster.sh --redo-finetune); any other change runs again from scratch. --quick
-runs the tiny test plans instead (seconds; to check the script, not for numbers).
+runs the tiny test plans instead (seconds; to check the script, not for numbers; supervised-all
+is then left out).
 """
 import argparse
 import json
@@ -54,14 +56,44 @@ def supervised_all(text):
     return rewrite(text, r"(\[student.train\]\nsteps = )\d+", r"\g<1>100")
 
 
-def supervised_1k_student(text):
-    """supervised-1k with the students' model (one residual block, stochastic depth 0.8) in
-    place of the teacher's: the baseline of the same architecture as the final students."""
+def toml_value(value):
+    if isinstance(value, bool):
+        return "true" if value else "false"
+    if isinstance(value, str):
+        return json.dumps(value)
+    if isinstance(value, (int, float)):
+        return repr(value)
+    raise SystemExit(f"results: cannot write {value!r} into a plan")
+
+
+def replace_table(text, name, table):
+    """text with the plan table `[name]` (its header and key lines) replaced by `table`, or with
+    `table` appended when the plan has no `[name]`."""
+    block = f"[{name}]\n" + "".join(f"{key} = {toml_value(value)}\n" for key, value in table.items())
+    pattern = rf"^{re.escape(f'[{name}]')}\n(?:[^\[\n][^\n]*\n)*"
+    if re.search(pattern, text, flags=re.M):
+        return rewrite(text, pattern, lambda _: block)
+    return text.rstrip("\n") + "\n\n" + block
+
+
+def supervised_1k_student(text, mpl_text):
+    """supervised-1k with the Meta Pseudo Labels plan's student model and its dropout and
+    stochastic depth in place of the teacher's (by default the Noisy Student plan's student: one
+    residual block, stochastic depth 0.8): the baseline of the same architecture as the final
+    students."""
+    try:
+        student = tomllib.loads(mpl_text).get("student", {})
+    except tomllib.TOMLDecodeError as error:
+        raise SystemExit(f"results: the Meta Pseudo Labels plan does not parse: {error}")
+    if "model" not in student:
+        raise SystemExit("results: the Meta Pseudo Labels plan has no [student.model]")
+    noise = {key: value for key, value in student.get("noise", {}).items()
+             if key in ("dropout", "stochastic_depth_survival")}
     text = rewrite(text, r"^rounds = \d+", "rounds = 1")
-    text = rewrite(text, r"^(\[teacher.model\]\nkind = \"cnn\"\nwidth = 32\nhidden = 128)$",
-                   r"\g<1>\nresidual_blocks = 1")
-    text = rewrite(text, r"^(\[teacher.noise\]\ndropout = 0.3)$",
-                   r"\g<1>\nstochastic_depth_survival = 0.8")
+    text = replace_table(text, "teacher.model", student["model"])
+    # The run's short student phase (not measured) needs a student at least as large.
+    text = replace_table(text, "student.model", student["model"])
+    text = replace_table(text, "teacher.noise", noise)
     return rewrite(text, r"(\[student.train\]\nsteps = )\d+", r"\g<1>100")
 
 
@@ -189,8 +221,8 @@ def main():
             status = run("meta-pseudo-labels", with_seed(mpl, seed), seed, args)
             rows["meta-pseudo-labels"].append(status["final_student_test_accuracy"])
             runs.append({"seed": seed, "method": "meta-pseudo-labels", "status": status})
-        if "supervised-1k-student" in methods and not args.quick:
-            status = run("supervised-1k-student", supervised_1k_student(with_seed(noisy, seed)), seed, args)
+        if "supervised-1k-student" in methods:
+            status = run("supervised-1k-student", supervised_1k_student(with_seed(noisy, seed), mpl), seed, args)
             rows["supervised-1k-student"].append(status["rounds"][0]["teacher_test_accuracy"])
             runs.append({"seed": seed, "method": "supervised-1k-student", "status": status})
         if "supervised-all" in methods and not args.quick:

@@ -1,6 +1,7 @@
 //! `scripts/results-fashion-mnist.sh` (benches/results_fashion_mnist.py) against the real
-//! binaries on a tiny Meta Pseudo Labels plan: what `--reuse` keeps, resumes and redoes, and
-//! that an interrupted run's processes stop with it.
+//! binaries on tiny plans: what `--reuse` keeps, resumes and redoes, that an interrupted run's
+//! processes stop with it, and that the supervised baseline of the students' architecture trains
+//! the Meta Pseudo Labels plan's student model.
 
 use std::path::{Path, PathBuf};
 use std::process::{Command, Stdio};
@@ -30,7 +31,7 @@ fn write_plan(dir: &Path, name: &str, text: &str) -> PathBuf {
     path
 }
 
-fn script_args(plan: &Path, out: &Path, reuse: bool) -> Vec<String> {
+fn script_args(plan: &Path, out: &Path, methods: &str, reuse: bool) -> Vec<String> {
     let bin_dir = binary("coordinator")
         .parent()
         .expect("binaries have a directory")
@@ -44,7 +45,7 @@ fn script_args(plan: &Path, out: &Path, reuse: bool) -> Vec<String> {
         "--seeds".into(),
         "0".into(),
         "--methods".into(),
-        "meta-pseudo-labels".into(),
+        methods.into(),
         "--bin-dir".into(),
         bin_dir.display().to_string(),
         "--mpl-plan".into(),
@@ -58,10 +59,11 @@ fn script_args(plan: &Path, out: &Path, reuse: bool) -> Vec<String> {
     args
 }
 
-/// Runs the script to its end; returns its standard error, failing on a non-zero exit.
-fn run_script(plan: &Path, out: &Path, reuse: bool) -> String {
+/// Runs the script with `--methods methods` to its end; returns its standard error, failing on
+/// a non-zero exit.
+fn run_script(plan: &Path, out: &Path, methods: &str, reuse: bool) -> String {
     let output = Command::new("python3")
-        .args(script_args(plan, out, reuse))
+        .args(script_args(plan, out, methods, reuse))
         .stdin(Stdio::null())
         .output()
         .expect("python3 runs");
@@ -105,7 +107,7 @@ fn reuse_keeps_the_joint_training_of_a_run_whose_finetune_alone_changed() {
     );
 
     // Interrupt the first run after its first joint-training save.
-    let args = script_args(&first, &out, false);
+    let args = script_args(&first, &out, "meta-pseudo-labels", false);
     let args: Vec<&str> = args.iter().map(String::as_str).collect();
     let mut script = Process::start(
         Path::new("python3"),
@@ -152,7 +154,7 @@ fn reuse_keeps_the_joint_training_of_a_run_whose_finetune_alone_changed() {
     let second_text =
         interruptible_plan("\n[mpl.finetune]\nsteps = 12\nbatch_size = 32\nlearning_rate = 0.01\n");
     let second = write_plan(dir.path(), "second.toml", &second_text);
-    let stderr = run_script(&second, &out, true);
+    let stderr = run_script(&second, &out, "meta-pseudo-labels", true);
     assert!(
         stderr.contains("keeping the joint training"),
         "the joint training was not kept:\n{stderr}"
@@ -167,7 +169,7 @@ fn reuse_keeps_the_joint_training_of_a_run_whose_finetune_alone_changed() {
     assert!((0.0..=1.0).contains(&accuracy));
 
     // The same plan again: the finished run is reused without starting anything.
-    let stderr = run_script(&second, &out, true);
+    let stderr = run_script(&second, &out, "meta-pseudo-labels", true);
     assert!(stderr.contains("reusing the finished run"), "{stderr}");
     assert_eq!(final_accuracy(&out), accuracy);
 
@@ -177,10 +179,65 @@ fn reuse_keeps_the_joint_training_of_a_run_whose_finetune_alone_changed() {
         "third.toml",
         &second_text.replacen("steps = 600", "steps = 100", 1),
     );
-    let stderr = run_script(&third, &out, true);
+    let stderr = run_script(&third, &out, "meta-pseudo-labels", true);
     assert!(stderr.contains("running (logs in"), "{stderr}");
     assert!(
         !worker_logs(&run).contains("resumes its joint training"),
         "a run of a changed plan resumed an old joint training"
     );
+}
+
+/// supervised-1k-student trains, on the 1k labels alone, the model of the Meta Pseudo Labels
+/// plan's student (here width 12 with a residual block, where the Noisy Student plan's teacher
+/// has width 8 and none): its round-1 teacher checkpoint has that architecture.
+#[test]
+fn the_students_baseline_trains_the_meta_pseudo_labels_students_model() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let out = dir.path().join("out");
+    let plan = write_plan(
+        dir.path(),
+        "mpl.toml",
+        &plan_with(
+            "tiny-mpl.toml",
+            &[
+                (
+                    "[student.model]\nkind = \"cnn\"\nwidth = 8\nhidden = 32\n",
+                    "[student.model]\nkind = \"cnn\"\nwidth = 12\nhidden = 32\nresidual_blocks = 1\n",
+                ),
+                ("dropout = 0.2", "dropout = 0.2\nstochastic_depth_survival = 0.9"),
+            ],
+        ),
+    );
+    run_script(&plan, &out, "supervised-1k-student", false);
+
+    let run = out.join("supervised-1k-student-seed0");
+    let bytes = std::fs::read(run.join("checkpoints/round-1-teacher.safetensors"))
+        .expect("the baseline's teacher checkpoint");
+    let tensors = safetensors::SafeTensors::deserialize(&bytes).expect("a safetensors file");
+    let conv = tensors
+        .tensor("stage1.conv.weight")
+        .expect("a first convolution");
+    assert_eq!(conv.shape(), [12, 1, 3, 3]);
+    assert!(
+        tensors
+            .names()
+            .iter()
+            .any(|name| name.starts_with("block0.")),
+        "no residual block in {:?}",
+        tensors.names()
+    );
+    let written = std::fs::read_to_string(out.join("supervised-1k-student-seed0.toml"))
+        .expect("the baseline's plan");
+    assert!(
+        written.contains("stochastic_depth_survival = 0.9"),
+        "the student's stochastic depth is missing:\n{written}"
+    );
+    let results: serde_json::Value = serde_json::from_str(
+        &std::fs::read_to_string(out.join("results.json")).expect("results.json"),
+    )
+    .expect("results.json parses");
+    let accuracy = results["rows"]["supervised-1k-student"][0]
+        .as_f64()
+        .expect("a supervised-1k-student accuracy");
+    assert!((0.0..=1.0).contains(&accuracy));
 }
