@@ -778,6 +778,29 @@ impl Plan {
                     ));
                 }
             }
+            // Meta Pseudo Labels writes no pseudo-label shards: of [pseudo_labels] only the
+            // evaluation batch applies.
+            let value = |labels: &PseudoLabelPlan| toml::Value::try_from(labels).ok();
+            let used = PseudoLabelPlan {
+                batch_size: self.pseudo_labels.batch_size,
+                ..PseudoLabelPlan::default()
+            };
+            if let (Some(used), Some(given)) = (value(&used), value(&self.pseudo_labels)) {
+                if let Some(change) = difference("pseudo_labels".into(), &used, &given) {
+                    let field = change.split(':').next().unwrap_or("pseudo_labels");
+                    return Err(invalid(
+                        field,
+                        "not used by Meta Pseudo Labels, which writes no pseudo labels (of \
+                         [pseudo_labels] only batch_size, its evaluation batch, applies); remove it",
+                    ));
+                }
+            }
+            if self.data.shard_size != default_shard_size() {
+                return Err(invalid(
+                    "data.shard_size",
+                    "not used by Meta Pseudo Labels, which writes no pseudo-label shards; remove it",
+                ));
+            }
         } else {
             if self.mpl.is_some() {
                 return Err(invalid(

@@ -392,6 +392,32 @@ fn mpl_fields_name_themselves() {
         with("dropout = 0.2", "dropout = 0.2\nrandaugment = { ops = 2, magnitude = 5 }"),
         "student.noise.randaugment: not used by Meta Pseudo Labels, whose strong view is mpl.randaugment; remove it"
     );
+    let labels = |table: &str| {
+        error_of(&format!(
+            "{}\n[pseudo_labels]\n{table}\n",
+            tiny_mpl_with("", "")
+        ))
+    };
+    assert_eq!(
+        labels("min_confidence = 0.5"),
+        "pseudo_labels.min_confidence: not used by Meta Pseudo Labels, which writes no pseudo \
+         labels (of [pseudo_labels] only batch_size, its evaluation batch, applies); remove it"
+    );
+    assert_eq!(
+        labels("batch_size = 64\nstorage = \"s3://bucket/labels\""),
+        "pseudo_labels.storage: not used by Meta Pseudo Labels, which writes no pseudo \
+         labels (of [pseudo_labels] only batch_size, its evaluation batch, applies); remove it"
+    );
+    let evaluation_batch = format!(
+        "{}\n[pseudo_labels]\nbatch_size = 64\n",
+        tiny_mpl_with("", "")
+    );
+    let plan = Plan::from_toml_str(&evaluation_batch).expect("the evaluation batch applies");
+    assert_eq!(plan.pseudo_labels.batch_size, 64);
+    assert_eq!(
+        error_of(&tiny_mpl_with("[data]\n", "[data]\nshard_size = 100\n")),
+        "data.shard_size: not used by Meta Pseudo Labels, which writes no pseudo-label shards; remove it"
+    );
 }
 
 #[test]
