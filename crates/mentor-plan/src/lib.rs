@@ -781,8 +781,11 @@ impl Plan {
             // Meta Pseudo Labels writes no pseudo-label shards: of [pseudo_labels] only the
             // evaluation batch applies.
             let value = |labels: &PseudoLabelPlan| toml::Value::try_from(labels).ok();
+            // `top_k` as `to_toml_string` writes it, the class count's default, passes too.
+            let top_k = self.pseudo_labels.top_k.filter(|&k| k == self.top_k());
             let used = PseudoLabelPlan {
                 batch_size: self.pseudo_labels.batch_size,
+                top_k,
                 ..PseudoLabelPlan::default()
             };
             if let (Some(used), Some(given)) = (value(&used), value(&self.pseudo_labels)) {

@@ -446,6 +446,8 @@ fn defaults_serialize_written_out_and_differences_are_named() {
     assert_eq!(written.to_toml_string(), defaulted.to_toml_string());
     assert!(written.to_toml_string().contains("rounds = 1"));
     assert!(written.to_toml_string().contains("top_k = 10"));
+    // Workers read the plan as the coordinator writes it, `top_k` filled in.
+    Plan::from_toml_str(&written.to_toml_string()).expect("the written plan is valid");
     assert_eq!(written.first_difference(&defaulted), None);
     let other = Plan::from_toml_str(&tiny_mpl_with("mu = 2", "mu = 3")).expect("plan");
     assert_eq!(
