@@ -208,6 +208,8 @@ def main():
     noisy, mpl = (re.sub(r"(?m)^min_workers = \d+", f"min_workers = {args.workers}", text) for text in (noisy, mpl))
     if args.data:
         noisy, mpl = data_dir(noisy, os.path.abspath(args.data)), data_dir(mpl, os.path.abspath(args.data))
+    # The students' baseline is the Noisy Student plan with the MPL plan's student: made once.
+    student_baseline = supervised_1k_student(noisy, mpl) if "supervised-1k-student" in methods else None
     rows = {"supervised-1k": [], "supervised-1k-student": [], "noisy-student": [],
             "meta-pseudo-labels": [], "supervised-all": []}
     runs = []
@@ -222,7 +224,7 @@ def main():
             rows["meta-pseudo-labels"].append(status["final_student_test_accuracy"])
             runs.append({"seed": seed, "method": "meta-pseudo-labels", "status": status})
         if "supervised-1k-student" in methods:
-            status = run("supervised-1k-student", supervised_1k_student(with_seed(noisy, seed), mpl), seed, args)
+            status = run("supervised-1k-student", with_seed(student_baseline, seed), seed, args)
             rows["supervised-1k-student"].append(status["rounds"][0]["teacher_test_accuracy"])
             runs.append({"seed": seed, "method": "supervised-1k-student", "status": status})
         if "supervised-all" in methods and not args.quick:
