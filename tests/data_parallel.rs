@@ -5,7 +5,8 @@ use std::path::{Path, PathBuf};
 use std::time::Duration;
 
 use mentor_e2e::{
-    start_coordinator, start_worker, try_status, wait_for, watch_run, workspace_root, Process,
+    start_coordinator, start_worker, try_status, wait_for_or_explain, watch_run, workspace_root,
+    Process,
 };
 use mentor_proto::coordinator::v1 as pb;
 
@@ -147,15 +148,30 @@ fn a_dead_rank_fails_its_group_and_the_task_reruns_without_it() {
     let mut run = Run::start(&deterministic_plan(0, 2, 3000));
     let mut doomed = run.worker("doomed");
     let survivor = run.worker("survivor");
-    wait_for("both ranks to train", Duration::from_secs(120), || {
-        let status = run.status()?;
-        let training = status
-            .workers
-            .iter()
-            .filter(|w| w.task.starts_with("train teacher (rank") && w.step > 0)
-            .count();
-        (training == 2).then_some(())
-    });
+    let logs = || {
+        format!(
+            "coordinator:\n{}\ndoomed:\n{}\nsurvivor:\n{}",
+            run.coordinator.log_text(),
+            doomed.log_text(),
+            survivor.log_text()
+        )
+    };
+    wait_for_or_explain(
+        "both ranks to train",
+        Duration::from_secs(120),
+        || {
+            let status = run.status()?;
+            // A run that ends here (a group that never formed) says why instead of timing out.
+            assert!(status.status != "failed", "{}\n{}", status.error, logs());
+            let training = status
+                .workers
+                .iter()
+                .filter(|w| w.task.starts_with("train teacher (rank") && w.step > 0)
+                .count();
+            (training == 2).then_some(())
+        },
+        logs,
+    );
     doomed.child.kill().expect("kill a rank");
     let _ = doomed.child.wait();
     let status = run.wait_finished();

@@ -67,7 +67,17 @@ impl Drop for Process {
 }
 
 /// Polls `condition` until it returns `Some` or the deadline passes.
-pub fn wait_for<T>(what: &str, timeout: Duration, mut condition: impl FnMut() -> Option<T>) -> T {
+pub fn wait_for<T>(what: &str, timeout: Duration, condition: impl FnMut() -> Option<T>) -> T {
+    wait_for_or_explain(what, timeout, condition, String::new)
+}
+
+/// [`wait_for`], with what `explain` says (logs, say) in the message of a timeout.
+pub fn wait_for_or_explain<T>(
+    what: &str,
+    timeout: Duration,
+    mut condition: impl FnMut() -> Option<T>,
+    explain: impl Fn() -> String,
+) -> T {
     let deadline = Instant::now() + timeout;
     loop {
         if let Some(value) = condition() {
@@ -75,7 +85,8 @@ pub fn wait_for<T>(what: &str, timeout: Duration, mut condition: impl FnMut() ->
         }
         assert!(
             Instant::now() < deadline,
-            "timed out after {timeout:?} waiting for {what}"
+            "timed out after {timeout:?} waiting for {what}\n{}",
+            explain()
         );
         std::thread::sleep(Duration::from_millis(100));
     }

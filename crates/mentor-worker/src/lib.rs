@@ -5,6 +5,7 @@
 //! callbacks; it knows nothing of gRPC.
 
 pub mod augment;
+pub mod cpu;
 pub mod dataset;
 pub mod distributed;
 pub mod models;

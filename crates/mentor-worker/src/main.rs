@@ -12,6 +12,7 @@ use clap::Parser;
 use mentor_collective::nccl::NcclLibrary;
 use mentor_plan::{CollectiveKind, Plan, Role};
 use mentor_proto::coordinator::v1 as pb;
+use mentor_worker::cpu::CpuBfloat16;
 use mentor_worker::dataset::Dataset;
 use mentor_worker::distributed::{GroupJoin, GroupSetup};
 use mentor_worker::tasks::{run_task, ModelSource, Outcome, Progress, TaskKind};
@@ -369,6 +370,14 @@ async fn main() -> anyhow::Result<()> {
     let plan = Plan::from_toml_str(&reply.plan_toml)
         .context("the coordinator sent a plan this worker cannot read")?;
     tracing::info!(worker = %reply.worker_id, run = %reply.run_id, device = %args.device, "registered");
+    let bfloat16_roles = [Role::Teacher, Role::Student]
+        .into_iter()
+        .any(|role| !plan.role(role).precision.is_float32());
+    if device == tch::Device::Cpu && bfloat16_roles {
+        if let Some(warning) = CpuBfloat16::of_this_machine().and_then(CpuBfloat16::warning) {
+            tracing::warn!(worker = %reply.worker_id, "{warning}");
+        }
+    }
 
     let torch =
         tokio::task::block_in_place(|| spawn_torch_thread(plan.clone(), device, args.threads))?;
