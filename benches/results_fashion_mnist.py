@@ -15,13 +15,13 @@ numbers to results.json in --out (default runs/results).
   epochs).
 
 --methods picks some of the methods (supervised-1k comes with noisy-student); --reuse keeps a
-finished run whose plan text is unchanged instead of running it again, resumes an interrupted
-run of an unchanged plan where it stopped (a Meta Pseudo Labels joint training from its last
-save, every mpl.checkpoint_every steps), and keeps the joint training of a finished or
-interrupted Meta Pseudo Labels run whose plan changed in [mpl.finetune] alone, finetuning under
-the new plan (local-cluster.sh --redo-finetune); any other change runs again from scratch. --quick
-runs the tiny test plans instead (seconds; to check the script, not for numbers; supervised-all
-is then left out).
+finished run whose plan is unchanged (comments and layout aside) instead of running it again,
+resumes an interrupted run of an unchanged plan where it stopped (a Meta Pseudo Labels joint
+training from its last save, every mpl.checkpoint_every steps), and keeps the joint training of
+a finished or interrupted Meta Pseudo Labels run whose plan changed in [mpl.finetune] alone,
+finetuning under the new plan (local-cluster.sh --redo-finetune); any other change runs again
+from scratch. --quick runs the tiny test plans instead (seconds; to check the script, not for
+numbers; supervised-all is then left out).
 """
 import argparse
 import json
@@ -117,6 +117,15 @@ def without_finetune(text):
     return plan
 
 
+def same_plan(old_text, new_text):
+    """Whether two plan texts say the same (comments and layout aside); texts that do not parse
+    are compared as they are."""
+    try:
+        return tomllib.loads(old_text) == tomllib.loads(new_text)
+    except tomllib.TOMLDecodeError:
+        return old_text == new_text
+
+
 def run(name, plan_text, seed, args):
     directory = os.path.join(os.path.abspath(args.out), f"{name}-seed{seed}")
     os.makedirs(os.path.dirname(directory), exist_ok=True)
@@ -126,13 +135,14 @@ def run(name, plan_text, seed, args):
         old_text = read(plan)
         old_status = read(os.path.join(directory, "status.json"), json.load)
         succeeded = old_status is not None and old_status.get("status") == "succeeded"
-        if succeeded and old_text == plan_text:
+        same = old_text is not None and same_plan(old_text, plan_text)
+        if succeeded and same:
             print(f"[results] {name}, seed {seed}: reusing the finished run in {directory}", file=sys.stderr, flush=True)
             return old_status
         # An interrupted run of this plan (a redone finetune included) resumes where it stopped.
         state = read(os.path.join(directory, "state.json"), json.load)
         interrupted = state is not None and state.get("outcome", {}).get("status") == "running"
-        resume = interrupted and old_text == plan_text
+        resume = interrupted and same
         # A finished or interrupted Meta Pseudo Labels run whose plan changed in its finetune
         # only keeps its joint training (an interrupted one resumes it) and finetunes under the
         # new plan.
@@ -189,7 +199,7 @@ def main():
     parser.add_argument("--methods", default="noisy-student,meta-pseudo-labels,supervised-all,supervised-1k-student",
                         help="comma-separated subset of noisy-student, meta-pseudo-labels, supervised-all, "
                              "supervised-1k-student")
-    parser.add_argument("--reuse", action="store_true", help="keep finished runs of unchanged plans")
+    parser.add_argument("--reuse", action="store_true", help="keep finished runs of unchanged plans (comments aside)")
     parser.add_argument("--bin-dir", help="prebuilt binaries (local-cluster.sh --bin-dir) instead of building")
     parser.add_argument("--device", help="device of every worker (local-cluster.sh --device), e.g. cuda:0")
     parser.add_argument("--mpl-plan", help="Meta Pseudo Labels plan (default deploy/plans/fashion-mnist-mpl.toml)")

@@ -173,8 +173,14 @@ fn reuse_keeps_the_joint_training_of_a_run_whose_finetune_alone_changed() {
     let accuracy = final_accuracy(&out);
     assert!((0.0..=1.0).contains(&accuracy));
 
-    // The same plan again: the finished run is reused without starting anything.
-    let stderr = run_script(&second, &out, "meta-pseudo-labels", true);
+    // The same plan again, with a comment more: the finished run is reused without starting
+    // anything.
+    let commented = write_plan(
+        dir.path(),
+        "second-commented.toml",
+        &format!("# a comment changes nothing\n{second_text}"),
+    );
+    let stderr = run_script(&commented, &out, "meta-pseudo-labels", true);
     assert!(stderr.contains("reusing the finished run"), "{stderr}");
     assert_eq!(final_accuracy(&out), accuracy);
 
