@@ -106,24 +106,22 @@ def read(path, parse=lambda f: f.read()):
         return None
 
 
+def parsed(text):
+    """A plan text as data (comments and layout gone); None when there is none or it does not
+    parse."""
+    try:
+        return tomllib.loads(text) if text is not None else None
+    except tomllib.TOMLDecodeError:
+        return None
+
+
 def without_finetune(text):
     """A Meta Pseudo Labels plan as data, without its `[mpl.finetune]` (the part --redo-finetune
     may change), whether written inline or as a table; None when it does not parse."""
-    try:
-        plan = tomllib.loads(text)
-    except tomllib.TOMLDecodeError:
-        return None
-    plan.get("mpl", {}).pop("finetune", None)
+    plan = parsed(text)
+    if plan is not None:
+        plan.get("mpl", {}).pop("finetune", None)
     return plan
-
-
-def same_plan(old_text, new_text):
-    """Whether two plan texts say the same (comments and layout aside); texts that do not parse
-    are compared as they are."""
-    try:
-        return tomllib.loads(old_text) == tomllib.loads(new_text)
-    except tomllib.TOMLDecodeError:
-        return old_text == new_text
 
 
 def run(name, plan_text, seed, args):
@@ -135,7 +133,8 @@ def run(name, plan_text, seed, args):
         old_text = read(plan)
         old_status = read(os.path.join(directory, "status.json"), json.load)
         succeeded = old_status is not None and old_status.get("status") == "succeeded"
-        same = old_text is not None and same_plan(old_text, plan_text)
+        old_plan = parsed(old_text)
+        same = old_plan is not None and old_plan == parsed(plan_text)
         if succeeded and same:
             print(f"[results] {name}, seed {seed}: reusing the finished run in {directory}", file=sys.stderr, flush=True)
             return old_status
@@ -146,7 +145,7 @@ def run(name, plan_text, seed, args):
         # A finished or interrupted Meta Pseudo Labels run whose plan changed in its finetune
         # only keeps its joint training (an interrupted one resumes it) and finetunes under the
         # new plan.
-        old_rest = without_finetune(old_text) if old_text is not None else None
+        old_rest = without_finetune(old_text)
         redo_finetune = (not resume and (succeeded or interrupted) and name == "meta-pseudo-labels"
                          and old_rest is not None and old_rest == without_finetune(plan_text))
     with open(plan, "w") as f:

@@ -13,7 +13,7 @@ pub enum CpuBfloat16 {
     Amx,
     /// AVX-512 BF16 instructions (`avx512_bf16`) without AMX.
     Avx512,
-    /// Neither: bfloat16 is converted to and from float32 around every product.
+    /// Neither of the two (`avx512_bf16`, `amx_bf16`).
     Converted,
 }
 
