@@ -53,6 +53,9 @@ pub struct WorkerEntry {
     /// Was in a training group that failed and has not been heard of since: left out of new
     /// groups until it shows signs of life.
     pub suspect: bool,
+    /// Has asked for a task since it registered. Until then it is loading its data set: a
+    /// training group counts it even when its heartbeats are late.
+    pub asked_for_task: bool,
     pub task: Option<TaskId>,
     pub progress: Progress,
     /// When the current task was given or last reported progress (its lease starts there).
@@ -330,6 +333,7 @@ impl Coordinator {
                 alive: true,
                 exited: false,
                 suspect: false,
+                asked_for_task: false,
                 task: None,
                 progress: Progress::default(),
                 progress_at: now,
@@ -372,6 +376,7 @@ impl Coordinator {
     pub fn get_task(&mut self, id: &WorkerId, now: Instant) -> Result<TaskReply, CoordinatorError> {
         let finished = self.state.is_finished();
         let worker = self.worker_mut(id, now)?;
+        worker.asked_for_task = true;
         if finished {
             worker.exited = true;
             worker.alive = false;
@@ -405,7 +410,8 @@ impl Coordinator {
     }
 
     /// Ranks of a new training group: the plan's `world_size`, or every live worker of the
-    /// device kind that answered lately and is not suspected of being gone.
+    /// device kind that is not suspected of being gone and either answered lately or is still
+    /// starting (registered, loading its data set, not yet asking for work: it will join).
     fn group_size(&self, kind: &str, now: Instant) -> u32 {
         if self.plan.workers.world_size > 0 {
             return self.plan.workers.world_size;
@@ -417,7 +423,7 @@ impl Coordinator {
                 w.alive
                     && !w.suspect
                     && device_kind(&w.device) == kind
-                    && now.saturating_duration_since(w.last_seen) <= recent
+                    && (!w.asked_for_task || now.saturating_duration_since(w.last_seen) <= recent)
             })
             .count()
             .max(1) as u32
@@ -998,6 +1004,26 @@ mod tests {
         ));
         let b = restarted.register("a".into(), "cpu".into(), start);
         assert_ne!(b, a, "a worker id was reused after the restart");
+    }
+
+    #[test]
+    fn a_group_of_all_workers_counts_one_still_loading_its_data() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let mut coordinator = coordinator(dir.path());
+        let start = Instant::now();
+        let slow = coordinator.register("slow".into(), "cpu".into(), start);
+        let fast = coordinator.register("fast".into(), "cpu".into(), start);
+        // "fast" asks for work long after both registered; "slow" is still loading its data
+        // set and has sent nothing since: it is not gone, the group waits for it.
+        let later = start + HEARTBEAT_INTERVAL * 10;
+        let TaskReply::Task(first) = coordinator.get_task(&fast, later).expect("task") else {
+            panic!("no task for rank 0")
+        };
+        assert_eq!((first.rank, first.task.world_size), (0, 2));
+        let TaskReply::Task(second) = coordinator.get_task(&slow, later).expect("task") else {
+            panic!("no task for rank 1")
+        };
+        assert_eq!((second.rank, second.task.id), (1, first.task.id));
     }
 
     #[test]

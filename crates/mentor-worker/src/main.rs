@@ -379,8 +379,6 @@ async fn main() -> anyhow::Result<()> {
         }
     }
 
-    let torch =
-        tokio::task::block_in_place(|| spawn_torch_thread(plan.clone(), device, args.threads))?;
     let (worker_id, worker_id_updates) = watch::channel(reply.worker_id.clone());
     let mut session = Session {
         client: client.clone(),
@@ -390,7 +388,8 @@ async fn main() -> anyhow::Result<()> {
         outage_limit,
     };
 
-    // Heartbeats run beside task execution; they follow re-registrations.
+    // Heartbeats start before the data set loads (which can take longer than the coordinator
+    // waits for a sign of life) and run beside task execution; they follow re-registrations.
     let heartbeat = {
         let mut client = client.clone();
         let interval = Duration::from_millis(reply.heartbeat_interval_ms.max(100));
@@ -411,6 +410,15 @@ async fn main() -> anyhow::Result<()> {
         })
     };
 
+    let torch = match tokio::task::block_in_place(|| {
+        spawn_torch_thread(plan.clone(), device, args.threads)
+    }) {
+        Ok(torch) => torch,
+        Err(error) => {
+            heartbeat.abort();
+            return Err(error);
+        }
+    };
     let context = TaskContext {
         plan,
         device,
