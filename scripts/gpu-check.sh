@@ -1,17 +1,26 @@
 #!/usr/bin/env bash
 # Checks the GPU paths on a machine with one NVIDIA GPU (see ../shared/GPU.md).
 #
-#   scripts/gpu-check.sh --prepare   # here: build, copy binaries and data into .gpu/ (ignored by git)
+#   scripts/gpu-check.sh --prepare   # here: build; pack binaries and data into .gpu/ (ignored by git)
 #   scripts/gpu-check.sh --run       # there: every check and benchmark in one go, table last
-#   scripts/gpu-check.sh --mpl       # there: deploy/plans/fashion-mnist-mpl-gpu.toml, seed 0, on cuda:0
+#   scripts/gpu-check.sh --mpl       # there: Meta Pseudo Labels seeds side by side on cuda:0
 #   scripts/gpu-check.sh --results   # there: the four-method table on cuda:0 (SEEDS, default 0,1,2)
 #
-# --run needs no Rust toolchain: it uses .gpu/bin and the machine's own torch (python3 with
-# torch 2.11.0). It runs a Noisy Student round whose training tasks form a world-size-1 NCCL
-# group on cuda:0 (the project loads libnccl.so.2 itself), then the model throughput benchmark
-# against PyTorch on the GPU, the pseudo-labelling benchmark on the GPU, and the all-reduce,
-# data-parallel and Meta Pseudo Labels step benchmarks on its CPU cores. Details go to $OUT (or
-# .gpu/out).
+# Every mode but --prepare needs no Rust toolchain: it unpacks .gpu/bin.tar.xz (the binaries,
+# xz-compressed so that .gpu stays under the 64 MiB a device call carries) and uses the
+# machine's own torch (python3 with torch 2.11.0). Details go to $OUT (or .gpu/out).
+#
+# --run: a Noisy Student round whose training tasks form a world-size-1 NCCL group on cuda:0
+# (the project loads libnccl.so.2 itself), the model throughput benchmark against PyTorch on the
+# GPU, the pseudo-labelling benchmark on the GPU, and the all-reduce, data-parallel and Meta
+# Pseudo Labels step benchmarks on its CPU cores.
+#
+# --mpl: one local cluster (1 worker) per seed of SEEDS (default 0), all at once on the one GPU,
+# under MPL_PLAN (default deploy/plans/fashion-mnist-mpl-gpu.toml) with `steps` set to STEPS
+# (default: the plan's). STEPS=auto first times a 400-step run of every seed side by side and
+# takes the longest of LENGTHS (default 40000 30000 20000 15000 10000 5000 2000) that ends
+# before MPL_TIMEOUT seconds (default 480) from the start. Runs still going at MPL_TIMEOUT are
+# stopped; the evaluations they reached are printed. DEVICE (default cuda:0) runs it elsewhere.
 set -euo pipefail
 ROOT="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
 GPU_DIR="$ROOT/.gpu"
@@ -25,6 +34,7 @@ if [ "$mode" = "--prepare" ]; then
     cp "$CARGO_TARGET_DIR/release/$binary" "$GPU_DIR/bin/"
     strip "$GPU_DIR/bin/$binary"
   done
+  tar -C "$GPU_DIR" -cJf "$GPU_DIR/bin.tar.xz" bin && rm -rf "$GPU_DIR/bin"
   cp /usr/share/datasets/fashion-mnist/*.gz "$GPU_DIR/data/"
   grep -qx '/.gpu/' "$ROOT/.git/info/exclude" 2>/dev/null || echo '/.gpu/' >>"$ROOT/.git/info/exclude"
   du -sh "$GPU_DIR" >&2
@@ -37,28 +47,98 @@ OUT="${OUT:-$GPU_DIR/out}"
 mkdir -p "$OUT"
 PYTHON="${PYTHON:-$(command -v python3)}"
 [ -x /opt/torch/.venv/bin/python3 ] && PYTHON=/opt/torch/.venv/bin/python3
+BIN="$GPU_DIR/bin"
+if [ ! -x "$BIN/worker" ]; then
+  [ -f "$GPU_DIR/bin.tar.xz" ] || { echo "gpu-check.sh: no $GPU_DIR/bin.tar.xz: run --prepare first" >&2; exit 2; }
+  "$PYTHON" -c 'import sys, tarfile; tarfile.open(sys.argv[1]).extractall(sys.argv[2])' "$GPU_DIR/bin.tar.xz" "$GPU_DIR"
+fi
 TORCH_LIB="$("$PYTHON" -c 'import os, torch; print(os.path.join(os.path.dirname(torch.__file__), "lib"))')"
 # Only libtorch: NCCL is found by the project (next to the loaded libtorch), no symlink, no path.
 export LD_LIBRARY_PATH="$TORCH_LIB${LD_LIBRARY_PATH:+:$LD_LIBRARY_PATH}"
-BIN="$GPU_DIR/bin"
-nvidia-smi --query-gpu=name,memory.total --format=csv,noheader | tee "$OUT/gpu.txt"
+DEVICE="${DEVICE:-cuda:0}"
+(nvidia-smi --query-gpu=name,memory.total --format=csv,noheader 2>/dev/null || echo "no GPU ($DEVICE)") | tee "$OUT/gpu.txt"
 
 if [ "$mode" = "--results" ]; then
   # One worker on cuda:0, the GPU schedule of Meta Pseudo Labels; the other plans as on CPU.
   exec "$PYTHON" "$ROOT/benches/results_fashion_mnist.py" --seeds "${SEEDS:-0,1,2}" --workers 1 \
-    --device cuda:0 --bin-dir "$BIN" --data "$GPU_DIR/data" --reuse \
+    --device "$DEVICE" --bin-dir "$BIN" --data "$GPU_DIR/data" --reuse \
     --mpl-plan "$ROOT/deploy/plans/fashion-mnist-mpl-gpu.toml" --out "$OUT/results"
 fi
 
 if [ "$mode" = "--mpl" ]; then
-  # The GPU schedule of Meta Pseudo Labels: one worker on cuda:0 through local-cluster.sh.
-  plan="$OUT/mpl-gpu.toml"
-  sed -e "s#/usr/share/datasets/fashion-mnist#$GPU_DIR/data#" "$ROOT/deploy/plans/fashion-mnist-mpl-gpu.toml" >"$plan"
-  timeout "${MPL_TIMEOUT:-480}" "$ROOT/scripts/local-cluster.sh" --plan "$plan" --workers 1 --device cuda:0 \
-    --bin-dir "$BIN" --state-dir "$OUT/mpl" >"$OUT/mpl.txt" 2>&1 || true
-  echo "=== Meta Pseudo Labels, GPU schedule, seed 0 ==="
-  grep -h 'meta pseudo labels evaluation' "$OUT"/mpl/logs/worker-*.log | sed 's/.*evaluation //' || true
-  sed -n '/=== final status/,$p' "$OUT/mpl.txt"
+  started=$(date +%s)
+  deadline=$(( started + ${MPL_TIMEOUT:-480} ))
+  seeds="$(echo "${SEEDS:-0}" | tr ',' ' ')"
+  work="$OUT/mpl"
+  mkdir -p "$work"
+  # plan SEED STEPS FILE: MPL_PLAN on this machine's data at SEED (and STEPS, unless empty).
+  plan() {
+    sed -e "s#^dir = .*#dir = \"$GPU_DIR/data\"#" -e "s/^seed = .*/seed = $1/" \
+      "${MPL_PLAN:-$ROOT/deploy/plans/fashion-mnist-mpl-gpu.toml}" >"$3"
+    [ -z "$2" ] || sed -i "s/^steps = [0-9]*/steps = $2/" "$3"
+  }
+  # side_by_side PREFIX: one local cluster per seed, all at once; waits for them or the deadline.
+  side_by_side() {
+    local pids="" seed alive
+    for seed in $seeds; do
+      setsid "$ROOT/scripts/local-cluster.sh" --plan "$work/$1$seed.toml" --workers 1 --device "$DEVICE" \
+        --threads 4 --bin-dir "$BIN" --state-dir "$work/$1$seed" >"$work/$1$seed.txt" 2>&1 </dev/null &
+      pids="$pids $!"
+    done
+    while :; do
+      alive=0
+      for pid in $pids; do kill -0 "$pid" 2>/dev/null && alive=1; done
+      [ "$alive" = 1 ] || break
+      if [ "$(date +%s)" -ge "$deadline" ]; then
+        echo "[gpu-check] MPL_TIMEOUT reached: stopping the runs" >&2
+        for pid in $pids; do kill -- -"$pid" 2>/dev/null || true; done
+        sleep 3
+        break
+      fi
+      sleep 5
+    done
+  }
+  steps="${STEPS:-}"
+  if [ "$steps" = "auto" ]; then
+    # 400 steps of every seed side by side; the slowest pace between steps 100 and 400.
+    for seed in $seeds; do
+      plan "$seed" 400 "$work/pace$seed.toml"
+      sed -i 's/^eval_every = .*/eval_every = 400/; s/finetune = { steps = [0-9]*/finetune = { steps = 20/' "$work/pace$seed.toml"
+    done
+    side_by_side pace
+    pace="$("$PYTHON" - "$work"/pace*/logs/worker-1.log <<'PY'
+import datetime, re, sys
+slowest = 0.0
+for path in sys.argv[1:]:
+    at = {}
+    for line in open(path):
+        m = re.match(r"(\S+)Z .*meta pseudo labels step=(\d+) total", line)
+        if m:
+            at[int(m.group(2))] = datetime.datetime.fromisoformat(m.group(1)).timestamp()
+    if 100 in at and 400 in at:
+        slowest = max(slowest, (at[400] - at[100]) / 300)
+print(slowest)
+PY
+)"
+    # Joint training at that pace plus 8% for evaluations and saves, and a minute for the rest.
+    left=$(( deadline - $(date +%s) - 60 ))
+    steps=""
+    for length in ${LENGTHS:-40000 30000 20000 15000 10000 5000 2000}; do
+      if "$PYTHON" -c "import sys; sys.exit(0 if 0 < $pace and $length * $pace * 1.08 < $left else 1)"; then
+        steps=$length
+        break
+      fi
+    done
+    [ -n "$steps" ] || { echo "[gpu-check] ${pace} s a step: no length in LENGTHS ends within ${left} s" >&2; exit 1; }
+    echo "=== pace: $pace s a step with seeds $seeds side by side; $steps steps fit in ${left} s ==="
+  fi
+  for seed in $seeds; do plan "$seed" "$steps" "$work/seed$seed.toml"; done
+  side_by_side seed
+  for seed in $seeds; do
+    echo "=== Meta Pseudo Labels, $(grep -m1 '^steps' "$work/seed$seed.toml"), seed $seed ==="
+    grep -h 'meta pseudo labels evaluation' "$work/seed$seed"/logs/worker-*.log | sed 's/.*evaluation //' || true
+    grep -A1 'round  teacher acc' "$work/seed$seed.txt" | tail -n 2 || true
+  done
   exit 0
 fi
 
