@@ -14,7 +14,9 @@ noise and losses of the plan) and runs what a PyTorch user would write for them:
   step on the teacher's hard pseudo labels, `h` from the student's labeled loss before and after
   it, the teacher's step with the h-weighted term; SGD with Nesterov momentum and weight decay
   on weights only; then the student's EMA.
-The batches are timed apart from the steps (batch_seconds, step_seconds). One JSON line.
+The batches are timed apart from the steps (batch_seconds, step_seconds). With --device cuda the
+models run on the GPU and each batch is moved there as it is made (part of batch_seconds); the
+clock is read after torch.cuda.synchronize(). One JSON line.
 """
 import argparse
 import json
@@ -54,7 +56,7 @@ class Block(nn.Module):
     def forward(self, x):
         r = self.second(F.relu(self.first(x)))
         if self.training and self.survival < 1.0:
-            keep = (torch.rand(x.shape[0], 1, 1, 1) < self.survival).to(r.dtype)
+            keep = (torch.rand(x.shape[0], 1, 1, 1, device=x.device) < self.survival).to(r.dtype)
             r = r * keep / self.survival
         return F.relu(x + r)
 
@@ -99,6 +101,7 @@ def main():
     parser.add_argument("--steps", type=int, default=100)
     parser.add_argument("--warmup", type=int, default=10)
     parser.add_argument("--threads", type=int, default=1)
+    parser.add_argument("--device", default="cpu", help="cpu, cuda or cuda:N")
     parser.add_argument("--channels-last", action="store_true",
                         help="models and inputs in torch.channels_last")
     args = parser.parse_args()
@@ -106,6 +109,11 @@ def main():
     torch.set_num_threads(args.threads)
     torch.manual_seed(0)
     layout = torch.channels_last if args.channels_last else torch.contiguous_format
+    device = torch.device(args.device)
+
+    def synchronize():
+        if device.type == "cuda":
+            torch.cuda.synchronize(device)
 
     images = load_images(os.path.join(s["data"], "train-images-idx3-ubyte.gz"))
     labels = load_labels(os.path.join(s["data"], "train-labels-idx1-ubyte.gz"))
@@ -127,7 +135,7 @@ def main():
     batch_size, unlabeled_size = s["batch_size"], s["batch_size"] * s["mu"]
 
     def model_input(views):
-        return ((torch.stack(views).float() / 255.0 - mean) / std).contiguous(
+        return ((torch.stack(views).to(device).float() / 255.0 - mean) / std).contiguous(
             memory_format=layout)
 
     def draw():
@@ -136,18 +144,19 @@ def main():
         weak_views = [weak(images[i]) for i in rows]
         strong_views = [strong(view) for view in weak_views]
         labeled_views = [weak(images[i]) for i in picks]
-        return (model_input(labeled_views), labels[picks], model_input(weak_views),
+        return (model_input(labeled_views), labels[picks].to(device), model_input(weak_views),
                 model_input(strong_views))
 
     total = args.warmup + args.steps
     started = time.perf_counter()
     batches = [draw() for _ in range(total)]
+    synchronize()
     batch_seconds = (time.perf_counter() - started) / total
 
     classes = s["classes"]
-    teacher = Cnn(s["teacher"], classes).to(memory_format=layout)
-    student = Cnn(s["student"], classes).to(memory_format=layout)
-    ema = Cnn(s["student"], classes).to(memory_format=layout)
+    teacher = Cnn(s["teacher"], classes).to(device, memory_format=layout)
+    student = Cnn(s["student"], classes).to(device, memory_format=layout)
+    ema = Cnn(s["student"], classes).to(device, memory_format=layout)
     ema.load_state_dict(student.state_dict())
     teacher_optimizer = sgd(teacher, s["teacher_learning_rate"], s)
     student_optimizer = sgd(student, s["student_learning_rate"], s)
@@ -156,6 +165,7 @@ def main():
 
     for step, (x_l, y_l, x_uw, x_us) in enumerate(batches):
         if step == args.warmup:
+            synchronize()
             started = time.perf_counter()
         n_l, n_u = x_l.shape[0], x_uw.shape[0]
         t_logits = teacher(torch.cat([x_l, x_uw, x_us]))
@@ -194,9 +204,11 @@ def main():
                         e.mul_(decay).add_(v, alpha=1 - decay)
                     else:
                         e.copy_(v)
+    synchronize()
     step_seconds = (time.perf_counter() - started) / args.steps
     print(json.dumps({
         "impl": "pytorch-channels-last" if args.channels_last else "pytorch",
+        "device": args.device,
         "threads": args.threads, "steps": args.steps, "step_seconds": step_seconds,
         "batch_seconds": batch_seconds, "final_h": h,
         "final_student_labeled_loss": s_new}), flush=True)

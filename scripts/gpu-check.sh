@@ -12,8 +12,8 @@
 #
 # --run: a Noisy Student round whose training tasks form a world-size-1 NCCL group on cuda:0
 # (the project loads libnccl.so.2 itself), the model throughput benchmark against PyTorch on the
-# GPU, the pseudo-labelling benchmark on the GPU, and the all-reduce, data-parallel and Meta
-# Pseudo Labels step benchmarks on its CPU cores.
+# GPU, the pseudo-labelling and Meta Pseudo Labels step benchmarks on the GPU, and the
+# all-reduce, data-parallel and Meta Pseudo Labels step benchmarks on its CPU cores.
 #
 # --mpl: one local cluster (1 worker) per seed of SEEDS (default 0), all at once on the one GPU,
 # under MPL_PLAN (default deploy/plans/fashion-mnist-mpl-gpu.toml) with `steps` set to STEPS
@@ -171,7 +171,12 @@ models="wrn-28-2,bit-r50x1"
 MENTOR_BIN="$BIN" PYTHON="$PYTHON" "$ROOT/scripts/bench-label.sh" --device cuda --examples 16384 \
   --batch-size 1024 --data "$GPU_DIR/data" >"$OUT/bench-label.txt" 2>&1 || true
 
-# 4. The CPU collective benchmarks on this machine's cores (ring against gloo, DDP training).
+# 4. The Meta Pseudo Labels step on the GPU (the GPU plan's batch: mu 7) against PyTorch's.
+sed "s#^dir = .*#dir = \"$GPU_DIR/data\"#" "$ROOT/deploy/plans/fashion-mnist-mpl-gpu.toml" >"$OUT/bench-mpl-gpu-plan.toml"
+MENTOR_BIN="$BIN" PYTHON="$PYTHON" "$ROOT/scripts/bench-mpl.sh" --plan "$OUT/bench-mpl-gpu-plan.toml" --device cuda \
+  --steps 200 --warmup 20 >"$OUT/bench-mpl-gpu.txt" 2>&1 || true
+
+# 5. The CPU collective benchmarks on this machine's cores (ring against gloo, DDP training).
 MENTOR_BIN="$BIN" PYTHON="$PYTHON" "$ROOT/scripts/bench-allreduce.sh" >"$OUT/bench-allreduce.txt" 2>&1 || true
 MENTOR_BIN="$BIN" PYTHON="$PYTHON" "$ROOT/scripts/bench-ddp.sh" --data "$GPU_DIR/data" >"$OUT/bench-ddp.txt" 2>&1 || true
 sed "s#^dir = .*#dir = \"$GPU_DIR/data\"#" "$ROOT/deploy/plans/fashion-mnist-mpl.toml" >"$OUT/bench-mpl-plan.toml"
@@ -194,4 +199,5 @@ PY
 echo "--- pseudo-labelling (GPU) ---"; tail -n 7 "$OUT/bench-label.txt"
 echo "--- TCP ring against gloo (CPU cores) ---"; tail -n 11 "$OUT/bench-allreduce.txt"
 echo "--- DDP training, CPU processes ---"; tail -n 3 "$OUT/bench-ddp.txt"
+echo "--- Meta Pseudo Labels step, GPU ---"; tail -n 5 "$OUT/bench-mpl-gpu.txt"
 echo "--- Meta Pseudo Labels step, one CPU process ---"; tail -n 5 "$OUT/bench-mpl.txt"

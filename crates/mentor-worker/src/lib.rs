@@ -13,6 +13,14 @@ pub mod mpl;
 pub mod optim;
 pub mod tasks;
 
+/// Waits until `device` has finished the work queued on it (nothing to wait for on the CPU):
+/// what a timing of GPU work must do before it reads the clock.
+pub fn synchronize(device: tch::Device) {
+    if let tch::Device::Cuda(index) = device {
+        tch::Cuda::synchronize(index as i64);
+    }
+}
+
 /// Parses `cpu`, `cuda` (the first GPU) or `cuda:N`.
 pub fn parse_device(text: &str) -> Result<tch::Device, String> {
     if text == "cpu" {

@@ -9,7 +9,7 @@ use clap::Parser;
 use mentor_plan::{BitPlan, EfficientnetPlan, ModelPlan, ResnetPlan, Stem, WideResnetPlan};
 use mentor_worker::models::{build, parameter_count, ModelConfig};
 use tch::nn::{self, OptimizerConfig};
-use tch::{Device, Kind, Tensor};
+use tch::{Kind, Tensor};
 
 #[derive(Debug, Parser)]
 struct Args {
@@ -66,12 +66,6 @@ fn model_plan(name: &str) -> anyhow::Result<ModelPlan> {
     })
 }
 
-fn synchronize(device: Device) {
-    if let Device::Cuda(index) = device {
-        tch::Cuda::synchronize(index as i64);
-    }
-}
-
 fn main() -> anyhow::Result<()> {
     let args = Args::parse();
     if args.threads > 0 {
@@ -115,12 +109,12 @@ fn main() -> anyhow::Result<()> {
             for _ in 0..args.warmup {
                 step();
             }
-            synchronize(device);
+            mentor_worker::synchronize(device);
             let started = Instant::now();
             for _ in 0..args.iterations {
                 step();
             }
-            synchronize(device);
+            mentor_worker::synchronize(device);
             let seconds = started.elapsed().as_secs_f64();
             let rate = (args.batch as usize * args.iterations) as f64 / seconds;
             println!(

@@ -2,6 +2,8 @@
 //! on one process, and the making of its batches (sampling, flips and shifts, RandAugment), timed
 //! apart. `scripts/bench-mpl.sh` runs it and the same step in PyTorch (`benches/mpl_step.py`);
 //! this prints one JSON line with the seconds per step and the settings the reference must use.
+//! On a GPU (`--device cuda`) the data set, the models and the batches live on it, as in the
+//! workers, and the clock is read after the device has finished.
 
 use std::time::Instant;
 
@@ -32,18 +34,22 @@ struct Args {
     /// libtorch intra-op threads.
     #[arg(long, default_value_t = 1)]
     threads: i32,
+    /// `cpu`, `cuda` or `cuda:N`.
+    #[arg(long, default_value = "cpu")]
+    device: String,
 }
 
 fn main() -> anyhow::Result<()> {
     let args = Args::parse();
     tch::set_num_threads(args.threads);
     tch::manual_seed(0);
+    let device = mentor_worker::parse_device(&args.device).map_err(anyhow::Error::msg)?;
     let plan = Plan::load(&args.plan).with_context(|| args.plan.display().to_string())?;
     let mpl = plan
         .mpl
         .as_ref()
         .context("the plan is not a Meta Pseudo Labels plan (no [mpl] section)")?;
-    let dataset = Dataset::load(&plan, tch::Device::Cpu)?;
+    let dataset = Dataset::load(&plan, device)?;
     let teacher_config = model_config(&plan, Role::Teacher, 1, &dataset);
     let student_config = model_config(&plan, Role::Student, 1, &dataset);
     let shapes = [
@@ -102,11 +108,11 @@ fn main() -> anyhow::Result<()> {
         "randaugment_ops": mpl.randaugment.ops,
         "randaugment_magnitude": mpl.randaugment.magnitude,
     });
-    let teacher_vs = nn::VarStore::new(tch::Device::Cpu);
+    let teacher_vs = nn::VarStore::new(device);
     let teacher = build(&teacher_vs.root(), &teacher_config);
-    let student_vs = nn::VarStore::new(tch::Device::Cpu);
+    let student_vs = nn::VarStore::new(device);
     let student = build(&student_vs.root(), &student_config);
-    let mut ema_vs = nn::VarStore::new(tch::Device::Cpu);
+    let mut ema_vs = nn::VarStore::new(device);
     let _ema = build(&ema_vs.root(), &student_config);
     ema_vs.copy(&student_vs)?;
     let teacher_variables = teacher_vs.trainable_variables();
@@ -116,7 +122,7 @@ fn main() -> anyhow::Result<()> {
     let mut student_optimizer =
         sgd(&student_vs, mpl, mpl.student_learning_rate).map_err(anyhow::Error::msg)?;
     let config = MplConfig::from_plan(mpl, plan.data.classes);
-    let mut group = Group::single(1 << 20, tch::Device::Cpu);
+    let mut group = Group::single(1 << 20, device);
     let maker = BatchMaker::new(&plan, &dataset, 0, 1).map_err(anyhow::Error::msg)?;
     let mut sampler = StdRng::seed_from_u64(plan.seed);
 
@@ -126,6 +132,7 @@ fn main() -> anyhow::Result<()> {
     let batches: Vec<MplBatch> = (0..total)
         .map(|_| maker.draw(&dataset, &mut sampler))
         .collect();
+    mentor_worker::synchronize(device);
     let batch_seconds = started.elapsed().as_secs_f64() / total as f64;
 
     let mut state = MplState::default();
@@ -133,6 +140,7 @@ fn main() -> anyhow::Result<()> {
     let mut last = None;
     for (index, batch) in batches.iter().enumerate() {
         if index == args.warmup as usize {
+            mentor_worker::synchronize(device);
             timed = Some(Instant::now());
         }
         let stats = mpl_step(
@@ -157,12 +165,14 @@ fn main() -> anyhow::Result<()> {
         }
         last = Some(stats);
     }
+    mentor_worker::synchronize(device);
     let step_seconds = timed.map_or(0.0, |t| t.elapsed().as_secs_f64()) / args.steps as f64;
     let last = last.context("no step ran")?;
     println!(
         "{}",
         serde_json::json!({
             "impl": "mentor",
+            "device": args.device,
             "threads": args.threads,
             "steps": args.steps,
             "step_seconds": step_seconds,
