@@ -34,7 +34,8 @@ if [ "$mode" = "--prepare" ]; then
     cp "$CARGO_TARGET_DIR/release/$binary" "$GPU_DIR/bin/"
     strip "$GPU_DIR/bin/$binary"
   done
-  tar -C "$GPU_DIR" -cJf "$GPU_DIR/bin.tar.xz" bin && rm -rf "$GPU_DIR/bin"
+  tar -C "$GPU_DIR" -cJf "$GPU_DIR/bin.tar.xz" bin
+  rm -rf "$GPU_DIR/bin"
   cp /usr/share/datasets/fashion-mnist/*.gz "$GPU_DIR/data/"
   grep -qx '/.gpu/' "$ROOT/.git/info/exclude" 2>/dev/null || echo '/.gpu/' >>"$ROOT/.git/info/exclude"
   du -sh "$GPU_DIR" >&2
@@ -47,11 +48,12 @@ OUT="${OUT:-$GPU_DIR/out}"
 mkdir -p "$OUT"
 PYTHON="${PYTHON:-$(command -v python3)}"
 [ -x /opt/torch/.venv/bin/python3 ] && PYTHON=/opt/torch/.venv/bin/python3
-BIN="$GPU_DIR/bin"
-if [ ! -x "$BIN/worker" ]; then
-  [ -f "$GPU_DIR/bin.tar.xz" ] || { echo "gpu-check.sh: no $GPU_DIR/bin.tar.xz: run --prepare first" >&2; exit 2; }
-  "$PYTHON" -c 'import sys, tarfile; tarfile.open(sys.argv[1]).extractall(sys.argv[2])' "$GPU_DIR/bin.tar.xz" "$GPU_DIR"
-fi
+# Unpacked outside .gpu, which must stay small enough to carry.
+[ -f "$GPU_DIR/bin.tar.xz" ] || { echo "gpu-check.sh: no $GPU_DIR/bin.tar.xz: run --prepare first" >&2; exit 2; }
+unpacked="$(mktemp -d)"
+trap 'rm -rf "$unpacked"' EXIT
+"$PYTHON" -c 'import sys, tarfile; tarfile.open(sys.argv[1]).extractall(sys.argv[2])' "$GPU_DIR/bin.tar.xz" "$unpacked"
+BIN="$unpacked/bin"
 TORCH_LIB="$("$PYTHON" -c 'import os, torch; print(os.path.join(os.path.dirname(torch.__file__), "lib"))')"
 # Only libtorch: NCCL is found by the project (next to the loaded libtorch), no symlink, no path.
 export LD_LIBRARY_PATH="$TORCH_LIB${LD_LIBRARY_PATH:+:$LD_LIBRARY_PATH}"
@@ -70,6 +72,7 @@ if [ "$mode" = "--mpl" ]; then
   deadline=$(( started + ${MPL_TIMEOUT:-480} ))
   seeds="$(echo "${SEEDS:-0}" | tr ',' ' ')"
   work="$OUT/mpl"
+  rm -rf "$work"  # an existing state directory would resume an old run
   mkdir -p "$work"
   # plan SEED STEPS FILE: MPL_PLAN on this machine's data at SEED (and STEPS, unless empty).
   plan() {
@@ -119,7 +122,12 @@ for path in sys.argv[1:]:
         slowest = max(slowest, (at[400] - at[100]) / 300)
 print(slowest)
 PY
-)"
+)" || pace=0
+    if [ "$pace" = 0 ] || [ "$pace" = 0.0 ]; then
+      echo "[gpu-check] the 400-step timing runs failed:" >&2
+      for seed in $seeds; do tail -n 20 "$work/pace$seed.txt" >&2 || true; done
+      exit 1
+    fi
     # Joint training at that pace plus 8% for evaluations and saves, and a minute for the rest.
     left=$(( deadline - $(date +%s) - 60 ))
     steps=""
@@ -150,7 +158,7 @@ state="$OUT/run"
 rm -rf "$state"
 "$BIN/coordinator" --plan "$plan" --listen 127.0.0.1:0 --state-dir "$state" >"$OUT/coordinator.log" 2>&1 &
 coordinator=$!
-trap 'kill $coordinator 2>/dev/null || true' EXIT
+trap 'kill $coordinator 2>/dev/null || true; rm -rf "$unpacked"' EXIT
 for _ in $(seq 1 100); do [ -s "$state/coordinator.addr" ] && break; sleep 0.1; done
 address="$(cat "$state/coordinator.addr")"
 timeout 300 "$BIN/worker" --coordinator "$address" --device cuda:0 >"$OUT/worker.log" 2>&1 || true

@@ -54,8 +54,10 @@ pub struct WorkerEntry {
     /// groups until it shows signs of life.
     pub suspect: bool,
     /// Has asked for a task since it registered. Until then it is loading its data set: a
-    /// training group counts it even when its heartbeats are late.
+    /// training group counts it even when its heartbeats are late, for as long as a group
+    /// waits for its ranks (`workers.join_timeout_seconds`) after its registration.
     pub asked_for_task: bool,
+    pub registered_at: Instant,
     pub task: Option<TaskId>,
     pub progress: Progress,
     /// When the current task was given or last reported progress (its lease starts there).
@@ -334,6 +336,7 @@ impl Coordinator {
                 exited: false,
                 suspect: false,
                 asked_for_task: false,
+                registered_at: now,
                 task: None,
                 progress: Progress::default(),
                 progress_at: now,
@@ -411,19 +414,25 @@ impl Coordinator {
 
     /// Ranks of a new training group: the plan's `world_size`, or every live worker of the
     /// device kind that is not suspected of being gone and either answered lately or is still
-    /// starting (registered, loading its data set, not yet asking for work: it will join).
+    /// starting (registered, loading its data set, not yet asking for work: it will join), but
+    /// no longer than a group waits for a rank: a loader that hangs or died is then left out.
     fn group_size(&self, kind: &str, now: Instant) -> u32 {
         if self.plan.workers.world_size > 0 {
             return self.plan.workers.world_size;
         }
         let recent = HEARTBEAT_INTERVAL * 3;
+        let starting = Duration::from_secs(self.plan.workers.join_timeout_seconds);
         self.workers
             .values()
             .filter(|w| {
                 w.alive
                     && !w.suspect
                     && device_kind(&w.device) == kind
-                    && (!w.asked_for_task || now.saturating_duration_since(w.last_seen) <= recent)
+                    && if w.asked_for_task {
+                        now.saturating_duration_since(w.last_seen) <= recent
+                    } else {
+                        now.saturating_duration_since(w.registered_at) <= starting
+                    }
             })
             .count()
             .max(1) as u32
@@ -1024,6 +1033,23 @@ mod tests {
             panic!("no task for rank 1")
         };
         assert_eq!((second.rank, second.task.id), (1, first.task.id));
+    }
+
+    #[test]
+    fn a_worker_that_never_asks_for_work_is_left_out_after_the_join_timeout() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let mut coordinator = coordinator(dir.path());
+        let start = Instant::now();
+        let hung = coordinator.register("hung".into(), "cpu".into(), start);
+        let fast = coordinator.register("fast".into(), "cpu".into(), start);
+        let timeout = Duration::from_secs(coordinator.plan.workers.join_timeout_seconds);
+        let later = start + timeout + HEARTBEAT_INTERVAL;
+        // "hung" still heartbeats (its process lives) but has not asked for work since.
+        assert!(coordinator.heartbeat(&hung, later));
+        let TaskReply::Task(first) = coordinator.get_task(&fast, later).expect("task") else {
+            panic!("no task")
+        };
+        assert_eq!((first.rank, first.task.world_size), (0, 1));
     }
 
     #[test]
