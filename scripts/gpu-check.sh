@@ -58,6 +58,8 @@ TORCH_LIB="$("$PYTHON" -c 'import os, torch; print(os.path.join(os.path.dirname(
 # Only libtorch: NCCL is found by the project (next to the loaded libtorch), no symlink, no path.
 export LD_LIBRARY_PATH="$TORCH_LIB${LD_LIBRARY_PATH:+:$LD_LIBRARY_PATH}"
 DEVICE="${DEVICE:-cuda:0}"
+# on_this_data PLAN: PLAN with its data set read from the carried copy in .gpu/data.
+on_this_data() { sed "s#^dir = .*#dir = \"$GPU_DIR/data\"#" "$1"; }
 (nvidia-smi --query-gpu=name,memory.total --format=csv,noheader 2>/dev/null || echo "no GPU ($DEVICE)") | tee "$OUT/gpu.txt"
 
 if [ "$mode" = "--results" ]; then
@@ -76,8 +78,7 @@ if [ "$mode" = "--mpl" ]; then
   mkdir -p "$work"
   # plan SEED STEPS FILE: MPL_PLAN on this machine's data at SEED (and STEPS, unless empty).
   plan() {
-    sed -e "s#^dir = .*#dir = \"$GPU_DIR/data\"#" -e "s/^seed = .*/seed = $1/" \
-      "${MPL_PLAN:-$ROOT/deploy/plans/fashion-mnist-mpl-gpu.toml}" >"$3"
+    on_this_data "${MPL_PLAN:-$ROOT/deploy/plans/fashion-mnist-mpl-gpu.toml}" | sed "s/^seed = .*/seed = $1/" >"$3"
     [ -z "$2" ] || sed -i "s/^steps = [0-9]*/steps = $2/" "$3"
   }
   # side_by_side PREFIX: one local cluster per seed, all at once; waits for them or the deadline.
@@ -180,14 +181,14 @@ MENTOR_BIN="$BIN" PYTHON="$PYTHON" "$ROOT/scripts/bench-label.sh" --device cuda 
   --batch-size 1024 --data "$GPU_DIR/data" >"$OUT/bench-label.txt" 2>&1 || true
 
 # 4. The Meta Pseudo Labels step on the GPU (the GPU plan's batch: mu 7) against PyTorch's.
-sed "s#^dir = .*#dir = \"$GPU_DIR/data\"#" "$ROOT/deploy/plans/fashion-mnist-mpl-gpu.toml" >"$OUT/bench-mpl-gpu-plan.toml"
+on_this_data "$ROOT/deploy/plans/fashion-mnist-mpl-gpu.toml" >"$OUT/bench-mpl-gpu-plan.toml"
 MENTOR_BIN="$BIN" PYTHON="$PYTHON" "$ROOT/scripts/bench-mpl.sh" --plan "$OUT/bench-mpl-gpu-plan.toml" --device cuda \
   --steps 200 --warmup 20 >"$OUT/bench-mpl-gpu.txt" 2>&1 || true
 
 # 5. The CPU collective benchmarks on this machine's cores (ring against gloo, DDP training).
 MENTOR_BIN="$BIN" PYTHON="$PYTHON" "$ROOT/scripts/bench-allreduce.sh" >"$OUT/bench-allreduce.txt" 2>&1 || true
 MENTOR_BIN="$BIN" PYTHON="$PYTHON" "$ROOT/scripts/bench-ddp.sh" --data "$GPU_DIR/data" >"$OUT/bench-ddp.txt" 2>&1 || true
-sed "s#^dir = .*#dir = \"$GPU_DIR/data\"#" "$ROOT/deploy/plans/fashion-mnist-mpl.toml" >"$OUT/bench-mpl-plan.toml"
+on_this_data "$ROOT/deploy/plans/fashion-mnist-mpl.toml" >"$OUT/bench-mpl-plan.toml"
 MENTOR_BIN="$BIN" PYTHON="$PYTHON" "$ROOT/scripts/bench-mpl.sh" --plan "$OUT/bench-mpl-plan.toml" >"$OUT/bench-mpl.txt" 2>&1 || true
 
 echo

@@ -53,11 +53,10 @@ pub struct WorkerEntry {
     /// Was in a training group that failed and has not been heard of since: left out of new
     /// groups until it shows signs of life.
     pub suspect: bool,
-    /// Has asked for a task since it registered. Until then it is loading its data set: a
+    /// When it registered, until it first asks for a task: it is loading its data set, and a
     /// training group counts it even when its heartbeats are late, for as long as a group
     /// waits for its ranks (`workers.join_timeout_seconds`) after its registration.
-    pub asked_for_task: bool,
-    pub registered_at: Instant,
+    pub loading_since: Option<Instant>,
     pub task: Option<TaskId>,
     pub progress: Progress,
     /// When the current task was given or last reported progress (its lease starts there).
@@ -335,8 +334,7 @@ impl Coordinator {
                 alive: true,
                 exited: false,
                 suspect: false,
-                asked_for_task: false,
-                registered_at: now,
+                loading_since: Some(now),
                 task: None,
                 progress: Progress::default(),
                 progress_at: now,
@@ -379,7 +377,7 @@ impl Coordinator {
     pub fn get_task(&mut self, id: &WorkerId, now: Instant) -> Result<TaskReply, CoordinatorError> {
         let finished = self.state.is_finished();
         let worker = self.worker_mut(id, now)?;
-        worker.asked_for_task = true;
+        worker.loading_since = None;
         if finished {
             worker.exited = true;
             worker.alive = false;
@@ -428,10 +426,9 @@ impl Coordinator {
                 w.alive
                     && !w.suspect
                     && device_kind(&w.device) == kind
-                    && if w.asked_for_task {
-                        now.saturating_duration_since(w.last_seen) <= recent
-                    } else {
-                        now.saturating_duration_since(w.registered_at) <= starting
+                    && match w.loading_since {
+                        Some(registered) => now.saturating_duration_since(registered) <= starting,
+                        None => now.saturating_duration_since(w.last_seen) <= recent,
                     }
             })
             .count()
