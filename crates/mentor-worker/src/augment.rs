@@ -82,6 +82,12 @@ impl RandAugment {
     }
 
     /// Applies `ops` random operations to each image, then the plan's cutout.
+    ///
+    /// On a CPU each operation runs on the images that drew it. On a GPU every operation runs
+    /// on the whole batch and each image keeps the result of the one it drew: gathering the
+    /// images of an operation needs their count on the host, a wait for the device per
+    /// operation (30 a batch with the full list), where the extra arithmetic costs next to
+    /// nothing.
     pub fn apply(&self, images: &Tensor) -> Tensor {
         if !self.is_active() {
             return images.shallow_clone();
@@ -91,20 +97,37 @@ impl RandAugment {
         let mut out = images.shallow_clone();
         for _ in 0..self.ops {
             let choice = Tensor::randint(self.op_list.len() as i64, [n], (Kind::Int64, device));
-            for (index, op) in self.op_list.iter().enumerate() {
-                let selected = choice.eq(index as i64).nonzero().squeeze_dim(1);
-                if selected.size()[0] == 0 {
-                    continue;
-                }
-                let subset = out.index_select(0, &selected);
-                let changed = apply_op(op, &subset, self.strength);
-                out = out.index_copy(0, &selected, &changed);
-            }
+            out = self.apply_chosen(&out, &choice, device.is_cuda());
         }
         let size = out.size();
         let side = (self.cutout * size[2].min(size[3]) as f64).round() as i64;
         if side > 0 {
             out = cutout(&out, side);
+        }
+        out
+    }
+}
+
+impl RandAugment {
+    /// Applies to each image the operation of `op_list` at its index in `choice` (`[n]`,
+    /// int64), by gathering each operation's images (`masked` false) or by running every
+    /// operation on the whole batch and selecting (`masked` true, no wait for the device).
+    fn apply_chosen(&self, images: &Tensor, choice: &Tensor, masked: bool) -> Tensor {
+        let mut out = images.shallow_clone();
+        for (index, op) in self.op_list.iter().enumerate() {
+            let drawn = choice.eq(index as i64);
+            if masked {
+                let changed = apply_op(op, images, self.strength);
+                out = changed.where_self(&drawn.view([-1, 1, 1, 1]), &out);
+            } else {
+                let selected = drawn.nonzero().squeeze_dim(1);
+                if selected.size()[0] == 0 {
+                    continue;
+                }
+                let subset = images.index_select(0, &selected);
+                let changed = apply_op(op, &subset, self.strength);
+                out = out.index_copy(0, &selected, &changed);
+            }
         }
         out
     }
@@ -159,9 +182,7 @@ pub fn apply_op(op: &str, images: &Tensor, strength: f64) -> Tensor {
                 return images.shallow_clone();
             }
             // Blend toward the luminance image (saturation), as PIL's ImageEnhance.Color.
-            let weights = Tensor::from_slice(&[0.299f32, 0.587, 0.114])
-                .to_device(device)
-                .view([1, 3, 1, 1]);
+            let weights = constant(&[0.299, 0.587, 0.114], device).view([1, 3, 1, 1]);
             let gray = (images * weights)
                 .sum_dim_intlist(1, true, Kind::Float)
                 .expand_as(images);
@@ -169,10 +190,11 @@ pub fn apply_op(op: &str, images: &Tensor, strength: f64) -> Tensor {
         }
         "sharpness" => {
             let channels = size[1];
-            let kernel = Tensor::from_slice(&[1f32, 1., 1., 1., 5., 1., 1., 1., 1.])
-                .to_device(device)
-                .view([1, 1, 3, 3])
-                / 13.0;
+            // PIL's smoothing filter: ones with 5 at the centre, over 13 (made on the device,
+            // see `constant`).
+            let kernel = Tensor::ones([1, 1, 3, 3], (Kind::Float, device));
+            let _ = kernel.narrow(2, 1, 1).narrow(3, 1, 1).fill_(5.0);
+            let kernel = kernel / 13.0;
             let kernel = kernel.repeat([channels, 1, 1, 1]);
             let smooth = images.conv2d(&kernel, None::<Tensor>, [1, 1], [1, 1], [1, 1], channels);
             blend(images, &smooth, &(signed(0.9) + 1.0))
@@ -204,6 +226,16 @@ pub fn apply_op(op: &str, images: &Tensor, strength: f64) -> Tensor {
         // "identity" and anything the plan validation let through unchanged.
         _ => images.shallow_clone(),
     }
+}
+
+/// A small f32 constant on `device`, written there element by element: copying it from the
+/// host would wait for every kernel queued on a GPU.
+fn constant(values: &[f64], device: Device) -> Tensor {
+    let tensor = Tensor::zeros([values.len() as i64], (Kind::Float, device));
+    for (index, &value) in values.iter().enumerate() {
+        let _ = tensor.get(index as i64).fill_(value);
+    }
+    tensor
 }
 
 /// Fills a `side` x `side` square (clipped at the borders) at a random centre of each image
@@ -367,6 +399,34 @@ mod tests {
         assert!(!out.allclose(&xs, 1e-3, 1e-3, false));
         let flipped = flip_and_shift(&xs);
         assert_eq!(flipped.size(), xs.size());
+    }
+
+    #[test]
+    fn the_masked_path_applies_the_operation_each_image_drew() {
+        // Operations without randomness: both paths must give the same images.
+        let xs = images_with(1);
+        let augment = RandAugment::from_plan(&RandAugmentPlan {
+            ops: 1,
+            magnitude: 7.0,
+            op_list: vec![
+                "identity".into(),
+                "auto-contrast".into(),
+                "equalize".into(),
+                "posterize".into(),
+                "solarize".into(),
+            ],
+            cutout: 0.0,
+        });
+        // Every operation drawn at least once, one of them twice.
+        let choice = Tensor::from_slice(&[3i64, 0, 4, 1, 2, 4]);
+        let gathered = augment.apply_chosen(&xs, &choice, false);
+        let masked = augment.apply_chosen(&xs, &choice, true);
+        assert!(masked.equal(&gathered));
+        for (image, op) in [(0, "posterize"), (2, "solarize"), (3, "auto-contrast")] {
+            let alone = apply_op(op, &xs.narrow(0, image, 1), augment.strength);
+            assert!(masked.narrow(0, image, 1).equal(&alone), "image {image}");
+        }
+        assert!(masked.get(1).equal(&xs.get(1)));
     }
 
     #[test]

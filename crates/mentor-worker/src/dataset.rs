@@ -111,3 +111,15 @@ impl Dataset {
 pub fn to_unit(pixels: &Tensor) -> Tensor {
     pixels.to_kind(Kind::Float) / 255.0
 }
+
+/// Indices on `device`. To a GPU through pinned memory, without waiting: a copy from pageable
+/// memory would first wait for every kernel queued there.
+pub fn upload(values: &[i64], device: Device) -> Tensor {
+    let host = Tensor::from_slice(values);
+    if device.is_cuda() {
+        host.pin_memory(device)
+            .to_device_(device, Kind::Int64, true, false)
+    } else {
+        host
+    }
+}

@@ -268,6 +268,14 @@ impl Group {
         Ok(())
     }
 
+    /// Sums a small contiguous f32 tensor over ranks, in place, where it lives: a group of
+    /// one reads nothing back from a GPU (see [`all_reduce_scalars`](Self::all_reduce_scalars)
+    /// for values on the host).
+    pub fn all_reduce_small(&mut self, tensor: &mut Tensor) -> Result<(), CollectiveError> {
+        self.all_reduce_sum(tensor)?;
+        self.wait_for_device()
+    }
+
     /// Sums a few scalars over ranks (losses, counts; in f32, so integers are exact below
     /// 2^24).
     pub fn all_reduce_scalars(&mut self, values: &mut [f64]) -> Result<(), CollectiveError> {

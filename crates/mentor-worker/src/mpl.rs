@@ -21,10 +21,10 @@ use mentor_plan::{MplPlan, Plan, Role, Schedule, TrainPlan};
 use rand::rngs::StdRng;
 use rand::{Rng, SeedableRng};
 use tch::nn::{self, ModuleT};
-use tch::{Kind, Tensor};
+use tch::{Device, Kind, Tensor};
 
 use crate::augment::{flip_and_shift, RandAugment};
-use crate::dataset::Dataset;
+use crate::dataset::{upload, Dataset};
 use crate::distributed::{buffers, Group};
 use crate::models::build;
 use crate::optim::Sgd;
@@ -64,10 +64,31 @@ pub struct MplBatch {
 }
 
 /// What carries over from step to step.
-#[derive(Debug, Clone, Default, PartialEq)]
+#[derive(Debug)]
 pub struct MplState {
     pub step: u64,
-    pub baseline: f64,
+    /// The moving-average baseline of `h`: a one-element f64 tensor that moves to the models'
+    /// device at the first step and is read back only when saved.
+    baseline: Tensor,
+}
+
+impl Default for MplState {
+    fn default() -> MplState {
+        MplState {
+            step: 0,
+            baseline: Tensor::from(0f64),
+        }
+    }
+}
+
+impl MplState {
+    pub fn baseline(&self) -> f64 {
+        self.baseline.double_value(&[])
+    }
+
+    pub fn set_baseline(&mut self, baseline: f64) {
+        self.baseline = Tensor::from(baseline);
+    }
 }
 
 /// Global statistics of one step, the same on every rank.
@@ -77,6 +98,40 @@ pub struct MplStats {
     pub mask_rate: f64,
     pub teacher_labeled_loss: f64,
     pub student_labeled_loss: f64,
+}
+
+impl MplStats {
+    /// Reads [`StepStats`] (one wait for the device).
+    fn from_values(values: &Tensor) -> MplStats {
+        let values = Vec::<f64>::try_from(values.to_kind(Kind::Double).to_device(Device::Cpu))
+            .unwrap_or_default();
+        let value = |index: usize| values.get(index).copied().unwrap_or(f64::NAN);
+        MplStats {
+            h: value(0),
+            mask_rate: value(1),
+            teacher_labeled_loss: value(2),
+            student_labeled_loss: value(3),
+        }
+    }
+}
+
+/// [`MplStats`] of one step or the sum of several, as a tensor `[h, mask_rate,
+/// teacher_labeled_loss, student_labeled_loss]` (f64) on the models' device: the step never
+/// reads anything back from a GPU, which would make the host wait for every queued kernel
+/// before it could queue the next; the training loop reads its sums when it reports.
+#[derive(Debug)]
+pub struct StepStats(Tensor);
+
+impl StepStats {
+    /// The values (waits for the device).
+    pub fn read(&self) -> MplStats {
+        MplStats::from_values(&self.0)
+    }
+
+    /// Adds `other` to these sums.
+    pub fn add(&mut self, other: &StepStats) {
+        let _ = self.0.g_add_(&other.0);
+    }
 }
 
 /// One side of the step: a model, its variables and its optimizer.
@@ -104,7 +159,8 @@ fn cross_entropy_sum(logits: &Tensor, targets: &Tensor) -> Tensor {
 }
 
 /// One Meta Pseudo Labels step for teacher and student on this rank's slice; `student_learns`
-/// is false while the student waits (its step is skipped, `h` is zero).
+/// is false while the student waits (its step is skipped, `h` is zero). Everything stays on
+/// the models' device: `h` weighs the teacher's loss as a tensor.
 pub fn mpl_step(
     teacher: &mut Learner<'_>,
     student: &mut Learner<'_>,
@@ -113,7 +169,7 @@ pub fn mpl_step(
     config: &MplConfig,
     state: &mut MplState,
     student_learns: bool,
-) -> Result<MplStats, CollectiveError> {
+) -> Result<StepStats, CollectiveError> {
     let classes = config.classes;
     let labeled_rows = batch.labeled.size()[0];
     let unlabeled_rows = batch.weak.size()[0];
@@ -153,7 +209,7 @@ pub fn mpl_step(
     let s_labeled = s_logits.narrow(0, 0, labeled_rows);
     let s_strong = s_logits.narrow(0, labeled_rows, unlabeled_rows);
     let hard_labels = smoothed(&batch.labels, classes, 0.0);
-    let s_old = cross_entropy_sum(&s_labeled.detach(), &hard_labels).double_value(&[]);
+    let s_old = cross_entropy_sum(&s_labeled.detach(), &hard_labels);
     let s_loss = cross_entropy_sum(
         &s_strong,
         &smoothed(&pseudo, classes, config.label_smoothing),
@@ -166,28 +222,29 @@ pub fn mpl_step(
     }
     let s_new = tch::no_grad(|| {
         let logits = student.model.forward_t(student_labeled, true);
-        cross_entropy_sum(&logits, &hard_labels).double_value(&[])
+        cross_entropy_sum(&logits, &hard_labels)
     });
-    let teacher_labeled_sum = t_loss_labeled.double_value(&[]);
-    let mut sums = [
-        s_old,
-        s_new,
-        mask.sum(Kind::Float).double_value(&[]),
-        teacher_labeled_sum,
-    ];
-    group.all_reduce_scalars(&mut sums)?;
-    let (s_old, s_new) = (sums[0] / global_labeled, sums[1] / global_labeled);
+    // This rank's part of: the student's labeled loss sums before and after its step, the
+    // mask count, the teacher's labeled loss (already over the global batch).
+    let mut sums = Tensor::stack(
+        &[s_old, s_new, mask.sum(Kind::Float), t_loss_labeled.detach()],
+        0,
+    );
+    group.all_reduce_small(&mut sums)?;
+    let sums = sums.to_kind(Kind::Double);
+    let (s_old, s_new) = (sums.get(0) / global_labeled, sums.get(1) / global_labeled);
     let mut h = if !student_learns {
-        0.0
+        s_old.zeros_like()
     } else {
         match config.sign {
-            MplSign::Theory => s_old - s_new,
-            MplSign::Reference => s_new - s_old,
+            MplSign::Theory => &s_old - &s_new,
+            MplSign::Reference => &s_new - &s_old,
         }
     };
     if config.baseline_decay > 0.0 {
-        state.baseline = config.baseline_decay * state.baseline + (1.0 - config.baseline_decay) * h;
-        h -= state.baseline;
+        state.baseline =
+            &state.baseline * config.baseline_decay + &h * (1.0 - config.baseline_decay);
+        h -= &state.baseline;
     }
 
     // Teacher step: labeled loss + ramped UDA + h-weighted cross-entropy on the same pseudo label.
@@ -200,18 +257,16 @@ pub fn mpl_step(
         cross_entropy_sum(&t_strong, &smoothed(&pseudo, classes, 0.0)) / global_unlabeled;
     let t_loss = t_loss_labeled
         + t_loss_uda * (config.lambda_u * ramp)
-        + t_loss_mpl * (config.mpl_weight * h);
+        + t_loss_mpl * (h.to_kind(Kind::Float) * config.mpl_weight);
     teacher.optimizer.zero_grad();
     t_loss.backward();
     group.all_reduce_gradients(teacher.variables)?;
     teacher.optimizer.step();
     state.step += 1;
-    Ok(MplStats {
-        h,
-        mask_rate: sums[2] / global_unlabeled,
-        teacher_labeled_loss: sums[3],
-        student_labeled_loss: s_new,
-    })
+    Ok(StepStats(Tensor::stack(
+        &[h, sums.get(2) / global_unlabeled, sums.get(3), s_new],
+        0,
+    )))
 }
 
 impl MplConfig {
@@ -316,8 +371,20 @@ impl BatchMaker {
             .collect();
         let (labeled_start, labeled_end) = self.labeled_range;
         let (unlabeled_start, unlabeled_end) = self.unlabeled_range;
-        let picks = Tensor::from_slice(&picks[labeled_start..labeled_end]).to_device(device);
-        let rows = Tensor::from_slice(&rows[unlabeled_start..unlabeled_end]).to_device(device);
+        let picked = upload(
+            &[
+                &picks[labeled_start..labeled_end],
+                &rows[unlabeled_start..unlabeled_end],
+            ]
+            .concat(),
+            device,
+        );
+        let picks = picked.narrow(0, 0, (labeled_end - labeled_start) as i64);
+        let rows = picked.narrow(
+            0,
+            (labeled_end - labeled_start) as i64,
+            (unlabeled_end - unlabeled_start) as i64,
+        );
         let positions = dataset.labeled.index_select(0, &picks);
         let labels = dataset.train_labels.index_select(0, &positions);
         let weak_pixels =
@@ -413,7 +480,7 @@ impl<'a> Carried<'a> {
             Tensor::from_slice(&[
                 state.step as f64,
                 identity.steps as f64,
-                state.baseline,
+                state.baseline(),
                 (identity.fingerprint >> 32) as f64,
                 (identity.fingerprint & 0xffff_ffff) as f64,
             ]),
@@ -479,7 +546,7 @@ impl<'a> Carried<'a> {
             }
         }
         state.step = meta[0] as u64;
-        state.baseline = meta[2];
+        state.set_baseline(meta[2]);
         Ok(true)
     }
 }
@@ -611,11 +678,13 @@ pub fn train_mpl(
         }
     }
     let first_step = state.step;
-    let mut window = (0.0f64, 0.0f64, 0.0f64, 0.0f64, 0u64);
+    // Sums of the statistics since the last report, on the device; read when reported.
+    let mut window: Option<(StepStats, u64)> = None;
     let mut window_started = Instant::now();
     let started = Instant::now();
     let mut accuracies: Vec<(String, f64)> = Vec::new();
-    let mut last = MplStats::default();
+    let mut last = None;
+    let mut finite_until = first_step;
     for step in first_step..mpl.steps {
         // Each step's batch and randomness come from seeds of its own: a resumed run draws
         // what the uninterrupted run would have drawn.
@@ -643,24 +712,44 @@ pub fn train_mpl(
             step >= mpl.student_wait_steps,
         )
         .map_err(collective_error)?;
-        if !(stats.teacher_labeled_loss.is_finite() && stats.student_labeled_loss.is_finite()) {
-            return Err(format!(
-                "Meta Pseudo Labels diverged at step {step}; lower the learning rates"
-            ));
-        }
         if let Some((ema_vs, _)) = &ema {
             update_ema(ema_vs, &student_vs, mpl.ema);
         }
-        window.0 += stats.h;
-        window.1 += stats.mask_rate;
-        window.2 += stats.teacher_labeled_loss;
-        window.3 += stats.student_labeled_loss;
-        window.4 += 1;
-        last = stats;
+        match &mut window {
+            Some((sums, steps)) => {
+                sums.add(&stats);
+                *steps += 1;
+            }
+            None => window = Some((StepStats(stats.0.copy()), 1)),
+        }
         let done = step + 1 == mpl.steps;
         let checkpointing =
             mpl.checkpoint_every > 0 && ((step + 1) % mpl.checkpoint_every == 0 || done);
         let evaluating = mpl.eval_every > 0 && ((step + 1) % mpl.eval_every == 0 || done);
+        let reporting = (step + 1) % mpl.log_every == 0 || done;
+        // The losses are read where a report, a save or an evaluation waits for the device
+        // anyway; a diverged run stops before it overwrites its last good save.
+        let means = if reporting || checkpointing || evaluating {
+            let (sums, steps) = window.as_ref().expect("a step ran");
+            let sums = sums.read();
+            if !(sums.teacher_labeled_loss.is_finite() && sums.student_labeled_loss.is_finite()) {
+                return Err(format!(
+                    "Meta Pseudo Labels diverged between steps {finite_until} and {}; lower the learning rates",
+                    step + 1
+                ));
+            }
+            finite_until = step + 1;
+            last = Some(stats.read());
+            let steps = *steps as f64;
+            Some(MplStats {
+                h: sums.h / steps,
+                mask_rate: sums.mask_rate / steps,
+                teacher_labeled_loss: sums.teacher_labeled_loss / steps,
+                student_labeled_loss: sums.student_labeled_loss / steps,
+            })
+        } else {
+            None
+        };
         if checkpointing || evaluating || done {
             // Batch-norm statistics are local to each rank: what is saved or evaluated holds
             // their mean (linear in them, the EMA's follow), the same on every rank.
@@ -714,30 +803,36 @@ pub fn train_mpl(
                 "meta pseudo labels evaluation"
             );
         }
-        if (step + 1) % mpl.log_every == 0 || done {
-            let steps = window.4 as f64;
+        if let (true, Some(means)) = (reporting, means) {
+            let steps = window.take().map_or(1, |(_, steps)| steps) as f64;
             let seconds = window_started.elapsed().as_secs_f64().max(1e-9);
             let mut metrics = vec![
-                ("h".to_string(), window.0 / steps),
-                ("uda_mask_rate".to_string(), window.1 / steps),
-                ("teacher_labeled_loss".to_string(), window.2 / steps),
-                ("student_labeled_loss".to_string(), window.3 / steps),
+                ("h".to_string(), means.h),
+                ("uda_mask_rate".to_string(), means.mask_rate),
+                (
+                    "teacher_labeled_loss".to_string(),
+                    means.teacher_labeled_loss,
+                ),
+                (
+                    "student_labeled_loss".to_string(),
+                    means.student_labeled_loss,
+                ),
             ];
             metrics.extend(accuracies.iter().cloned());
             tracing::info!(
                 step = step + 1,
                 total = mpl.steps,
                 rank,
-                h = format!("{:.5}", window.0 / steps),
-                uda_mask_rate = format!("{:.3}", window.1 / steps),
-                teacher_labeled_loss = format!("{:.4}", window.2 / steps),
-                student_labeled_loss = format!("{:.4}", window.3 / steps),
+                h = format!("{:.5}", means.h),
+                uda_mask_rate = format!("{:.3}", means.mask_rate),
+                teacher_labeled_loss = format!("{:.4}", means.teacher_labeled_loss),
+                student_labeled_loss = format!("{:.4}", means.student_labeled_loss),
                 "meta pseudo labels"
             );
             progress(Progress {
                 step: step + 1,
                 total_steps: mpl.steps,
-                loss: Some(window.2 / steps),
+                loss: Some(means.teacher_labeled_loss),
                 accuracy: accuracies
                     .iter()
                     .find(|(name, _)| name == "student_test_accuracy")
@@ -745,7 +840,6 @@ pub fn train_mpl(
                 images_per_second: (steps * (labeled_batch + 2 * unlabeled_batch) as f64) / seconds,
                 metrics,
             });
-            window = (0.0, 0.0, 0.0, 0.0, 0);
             window_started = Instant::now();
         }
     }
@@ -758,7 +852,7 @@ pub fn train_mpl(
     }
     Ok(Outcome::Trained {
         checkpoint: PathBuf::from(student_output),
-        final_loss: last.student_labeled_loss,
+        final_loss: last.map_or(0.0, |stats| stats.student_labeled_loss),
         steps: mpl.steps,
         seconds: started.elapsed().as_secs_f64(),
     })

@@ -11,14 +11,14 @@ use mentor_labels::{
 };
 use mentor_plan::{LabelMode, Optimizer, Plan, RandAugmentPlan, Role, Schedule, TrainPlan};
 use tch::nn::{self, ModuleT};
-use tch::{Kind, Tensor};
+use tch::{Device, Kind, Tensor};
 
 use mentor_collective::chunk_bounds;
 use rand::rngs::StdRng;
 use rand::{Rng, SeedableRng};
 
 use crate::augment::{flip_and_shift, RandAugment};
-use crate::dataset::{to_unit, Dataset};
+use crate::dataset::{to_unit, upload, Dataset};
 use crate::distributed::{buffers, Group, GroupJoin};
 use crate::models::{build, Model, ModelConfig};
 use crate::optim::build_optimizer;
@@ -576,7 +576,10 @@ fn train(
     let global_batch = labeled_batch as f64;
     let started = Instant::now();
     let mut window_started = Instant::now();
-    let mut window = [0.0f64; 2]; // loss, correct labeled predictions (this rank's share)
+    // Loss and correct labeled predictions (this rank's share) summed on the device since the
+    // last report, read when reported: nothing a step computes is waited for on a GPU.
+    let mut window_sums: Option<Tensor> = None;
+    let mut window_start = 0u64;
     let mut window_labeled = 0u64;
     let mut window_images = 0u64;
     let mut last_loss = f64::NAN;
@@ -585,7 +588,7 @@ fn train(
         let picks: Vec<i64> = (0..labeled_batch)
             .map(|_| sampler.gen_range(0..labeled_count))
             .collect();
-        let picks = Tensor::from_slice(&picks[labeled_start..labeled_end]).to_device(device);
+        let picks = upload(&picks[labeled_start..labeled_end], device);
         let positions = dataset.labeled.index_select(0, &picks);
         let labels = dataset.train_labels.index_select(0, &positions);
         let labeled_images = augment(dataset.train_batch(&positions));
@@ -604,8 +607,7 @@ fn train(
                 let rows: Vec<i64> = (0..unlabeled_batch)
                     .map(|_| sampler.gen_range(0..count))
                     .collect();
-                let rows =
-                    Tensor::from_slice(&rows[unlabeled_start..unlabeled_end]).to_device(device);
+                let rows = upload(&rows[unlabeled_start..unlabeled_end], device);
                 let unlabeled_images = augment(pseudo.images(&rows));
                 let targets = pseudo.targets.index_select(0, &rows);
                 let logits =
@@ -626,27 +628,44 @@ fn train(
             .all_reduce_gradients(&variables)
             .map_err(collective_error)?;
         optimizer.step();
-        let local_loss = loss.double_value(&[]);
-        if !local_loss.is_finite() {
-            return Err(format!(
-                "{name} training diverged at step {step} (loss {local_loss}); lower its learning rate"
-            ));
+        let sums = Tensor::stack(
+            &[
+                loss.detach(),
+                logits_labeled
+                    .argmax(-1, false)
+                    .eq_tensor(&labels)
+                    .to_kind(Kind::Float)
+                    .sum(Kind::Float),
+            ],
+            0,
+        )
+        .to_kind(Kind::Double);
+        match &mut window_sums {
+            Some(window) => {
+                let _ = window.g_add_(&sums);
+            }
+            None => window_sums = Some(sums),
         }
-        window[0] += local_loss;
-        window[1] += logits_labeled
-            .argmax(-1, false)
-            .eq_tensor(&labels)
-            .to_kind(Kind::Float)
-            .sum(Kind::Float)
-            .double_value(&[]);
         window_labeled += labeled_batch as u64;
         window_images +=
             (labeled_batch + if pseudo.is_some() { unlabeled_batch } else { 0 }) as u64;
         let steps_in_window = (step % train_plan.log_every) + 1;
         if steps_in_window == train_plan.log_every || step + 1 == train_plan.steps {
+            let mut window = window_sums
+                .take()
+                .and_then(|sums| Vec::<f64>::try_from(sums.to_device(Device::Cpu)).ok())
+                .unwrap_or_else(|| vec![f64::NAN; 2]);
             group
                 .all_reduce_scalars(&mut window)
                 .map_err(collective_error)?;
+            if !window[0].is_finite() {
+                return Err(format!(
+                    "{name} training diverged between steps {window_start} and {} (loss {}); lower its learning rate",
+                    step + 1,
+                    window[0]
+                ));
+            }
+            window_start = step + 1;
             last_loss = window[0] / steps_in_window as f64;
             let seconds = window_started.elapsed().as_secs_f64().max(1e-9);
             let report = Progress {
@@ -671,7 +690,6 @@ fn train(
             );
             progress(report);
             window_started = Instant::now();
-            window = [0.0; 2];
             window_labeled = 0;
             window_images = 0;
         }

@@ -167,7 +167,7 @@ fn main() -> anyhow::Result<()> {
     }
     mentor_worker::synchronize(device);
     let step_seconds = timed.map_or(0.0, |t| t.elapsed().as_secs_f64()) / args.steps as f64;
-    let last = last.context("no step ran")?;
+    let last = last.context("no step ran")?.read();
     println!(
         "{}",
         serde_json::json!({

@@ -54,6 +54,7 @@ fn linear_step(
         true,
     )
     .expect("step")
+    .read()
 }
 
 /// A linear teacher that predicts class 0 at x = (1, 0), a linear student that predicts class
