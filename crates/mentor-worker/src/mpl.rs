@@ -409,18 +409,46 @@ impl BatchMaker {
     }
 }
 
-/// `ema = decay * ema + (1 - decay) * model` over every variable of the same name (buffers
-/// such as batch-norm statistics included).
-pub fn update_ema(ema: &nn::VarStore, model: &nn::VarStore, decay: f64) {
-    let source = model.variables();
-    tch::no_grad(|| {
-        for (name, mut target) in ema.variables() {
-            if let Some(value) = source.get(&name) {
-                let mixed = &target * decay + value * (1.0 - decay);
-                target.copy_(&mixed);
-            }
+/// An exponential moving average of a model in another of the same architecture: the pairs of
+/// variables of the same name (buffers such as batch-norm statistics included), matched once.
+#[derive(Debug)]
+pub struct Ema {
+    pairs: Vec<(Tensor, Tensor)>,
+}
+
+impl Ema {
+    pub fn new(ema: &nn::VarStore, model: &nn::VarStore) -> Ema {
+        let source = model.variables();
+        let mut pairs: Vec<(String, Tensor, Tensor)> = ema
+            .variables()
+            .into_iter()
+            .filter_map(|(name, target)| {
+                let value = source.get(&name)?.shallow_clone();
+                Some((name, target, value))
+            })
+            .collect();
+        pairs.sort_by(|a, b| a.0.cmp(&b.0));
+        Ema {
+            pairs: pairs
+                .into_iter()
+                .map(|(_, target, value)| (target, value))
+                .collect(),
         }
-    });
+    }
+
+    /// `ema = decay * ema + (1 - decay) * model`: one kernel a floating-point variable.
+    pub fn update(&mut self, decay: f64) {
+        tch::no_grad(|| {
+            for (target, value) in &mut self.pairs {
+                if target.is_floating_point() {
+                    let _ = target.lerp_(value, 1.0 - decay);
+                } else {
+                    let mixed = &*target * decay + &*value * (1.0 - decay);
+                    target.copy_(&mixed);
+                }
+            }
+        });
+    }
 }
 
 /// Whether every rank of the group holds `step`, rank 0's (`None`: this rank has none, and
@@ -628,6 +656,9 @@ pub fn train_mpl(
     } else {
         None
     };
+    let mut averager = ema
+        .as_ref()
+        .map(|(ema_vs, _)| Ema::new(ema_vs, &student_vs));
     let mut teacher_optimizer = sgd(&teacher_vs, mpl, mpl.teacher_learning_rate)?;
     let mut student_optimizer = sgd(&student_vs, mpl, mpl.student_learning_rate)?;
     let mut statistics = vec![buffers(&teacher_vs), buffers(&student_vs)];
@@ -712,8 +743,8 @@ pub fn train_mpl(
             step >= mpl.student_wait_steps,
         )
         .map_err(collective_error)?;
-        if let Some((ema_vs, _)) = &ema {
-            update_ema(ema_vs, &student_vs, mpl.ema);
+        if let Some(averager) = averager.as_mut() {
+            averager.update(mpl.ema);
         }
         match &mut window {
             Some((sums, steps)) => {

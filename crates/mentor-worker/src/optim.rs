@@ -52,7 +52,10 @@ pub fn build_optimizer(
 pub struct Sgd {
     variables: Vec<Tensor>,
     buffers: Vec<Option<Tensor>>,
-    scratch: Vec<Option<Tensor>>,
+    /// `-learning_rate`, `weight_decay` and `momentum` as one-element tensors on the
+    /// variables' device: `addcmul_` with one of them is a scaled add in one kernel (three
+    /// with a scratch copy). On a GPU the step of a small model is bound by its kernel count.
+    factors: Factors,
     /// libtorch's optimizer over the same variables, used only to clear their gradients:
     /// its `zero_grad` drops them (set to none), which tch offers no other way to do; the
     /// next backward then writes fresh gradients instead of adding into zeroed ones.
@@ -79,9 +82,15 @@ impl Sgd {
         for variable in &variables {
             clearer.add_parameters(variable, 0).map_err(error)?;
         }
+        let device = variables.first().map_or(tch::Device::Cpu, Tensor::device);
+        let factor = |value: f64| Tensor::from(value as f32).to_device(device);
         Ok(Sgd {
             buffers: variables.iter().map(|_| None).collect(),
-            scratch: variables.iter().map(|_| None).collect(),
+            factors: Factors {
+                negative_rate: factor(-learning_rate),
+                weight_decay: factor(weight_decay),
+                momentum: factor(momentum),
+            },
             clearer,
             variables,
             learning_rate,
@@ -92,6 +101,9 @@ impl Sgd {
     }
 
     pub fn set_lr(&mut self, learning_rate: f64) {
+        if learning_rate != self.learning_rate {
+            let _ = self.factors.negative_rate.fill_(-learning_rate);
+        }
         self.learning_rate = learning_rate;
     }
 
@@ -110,19 +122,19 @@ impl Sgd {
     }
 
     /// `d = g + wd * p` (weights), `buf = momentum * buf + d` (`d` on the first step), then
-    /// `d + momentum * buf` (Nesterov) or `buf` times `-lr` added to `p`. In place, through one
-    /// scratch tensor per variable: no allocation per step (temporaries of every step cost a
-    /// quarter of a Meta Pseudo Labels step on a CPU in page faults).
+    /// `d + momentum * buf` (Nesterov) or `buf` times `-lr` added to `p`. In place and without
+    /// allocation (temporaries of every step cost a quarter of a Meta Pseudo Labels step on a
+    /// CPU in page faults), five kernels a variable with Nesterov momentum and weight decay.
     pub fn step(&mut self) {
+        let factors = &self.factors;
         tch::no_grad(|| {
             for (index, variable) in self.variables.iter_mut().enumerate() {
                 let mut direction = variable.grad();
                 if !direction.defined() {
                     continue;
                 }
-                let scratch = self.scratch[index].get_or_insert_with(|| variable.zeros_like());
                 if self.weight_decay != 0.0 && decays(variable) {
-                    let _ = direction.g_add_(scaled(scratch, variable, self.weight_decay));
+                    let _ = direction.addcmul_(variable, &factors.weight_decay);
                 }
                 if self.momentum != 0.0 {
                     let buffer = match &mut self.buffers[index] {
@@ -133,12 +145,12 @@ impl Sgd {
                         empty => empty.insert(direction.copy()),
                     };
                     if self.nesterov {
-                        let _ = direction.g_add_(scaled(scratch, buffer, self.momentum));
+                        let _ = direction.addcmul_(buffer, &factors.momentum);
                     } else {
                         direction.copy_(buffer);
                     }
                 }
-                let _ = variable.g_add_(scaled(scratch, &direction, -self.learning_rate));
+                let _ = variable.addcmul_(&direction, &factors.negative_rate);
             }
         });
     }
@@ -166,11 +178,12 @@ impl Sgd {
     }
 }
 
-/// `scratch = tensor * factor`, in place.
-fn scaled<'a>(scratch: &'a mut Tensor, tensor: &Tensor, factor: f64) -> &'a Tensor {
-    scratch.copy_(tensor);
-    let _ = scratch.g_mul_scalar_(factor);
-    scratch
+/// The step's scalars as one-element f32 tensors (see [`Sgd`]).
+#[derive(Debug)]
+struct Factors {
+    negative_rate: Tensor,
+    weight_decay: Tensor,
+    momentum: Tensor,
 }
 
 #[cfg(test)]

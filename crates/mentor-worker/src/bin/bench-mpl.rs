@@ -13,9 +13,7 @@ use mentor_plan::{Plan, Role};
 use mentor_worker::dataset::Dataset;
 use mentor_worker::distributed::Group;
 use mentor_worker::models::build;
-use mentor_worker::mpl::{
-    mpl_step, sgd, update_ema, BatchMaker, Learner, MplBatch, MplConfig, MplState,
-};
+use mentor_worker::mpl::{mpl_step, sgd, BatchMaker, Ema, Learner, MplBatch, MplConfig, MplState};
 use mentor_worker::tasks::model_config;
 use rand::rngs::StdRng;
 use rand::SeedableRng;
@@ -115,6 +113,7 @@ fn main() -> anyhow::Result<()> {
     let mut ema_vs = nn::VarStore::new(device);
     let _ema = build(&ema_vs.root(), &student_config);
     ema_vs.copy(&student_vs)?;
+    let mut averager = Ema::new(&ema_vs, &student_vs);
     let teacher_variables = teacher_vs.trainable_variables();
     let student_variables = student_vs.trainable_variables();
     let mut teacher_optimizer =
@@ -161,7 +160,7 @@ fn main() -> anyhow::Result<()> {
             true,
         )?;
         if mpl.ema > 0.0 {
-            update_ema(&ema_vs, &student_vs, mpl.ema);
+            averager.update(mpl.ema);
         }
         last = Some(stats);
     }

@@ -1,4 +1,4 @@
-//! The sign of `h` on a constructed case, and an MPL step on 2 ranks equal to 1 rank.
+//! The sign of `h` on a constructed case, an MPL step on 2 ranks equal to 1 rank, the EMA.
 
 use std::sync::Mutex;
 
@@ -385,4 +385,43 @@ fn ranks_agree_on_a_resume_step_only_when_they_all_hold_it() {
         });
         assert_eq!(answers, [agree, agree], "{steps:?}");
     }
+}
+
+/// The EMA mixes every variable of the same name, batch-norm statistics included:
+/// `ema = decay * ema + (1 - decay) * model`.
+#[test]
+fn the_ema_mixes_weights_and_batch_norm_statistics() {
+    let mut config = small_model();
+    if let ModelPlan::Cnn(cnn) = &mut config.model {
+        cnn.batch_norm = true;
+    }
+    let (ema_vs, model_vs) = (
+        nn::VarStore::new(Device::Cpu),
+        nn::VarStore::new(Device::Cpu),
+    );
+    let (_ema, _model) = (
+        build(&ema_vs.root(), &config),
+        build(&model_vs.root(), &config),
+    );
+    for (_, mut variable) in model_vs.variables() {
+        let _ = tch::no_grad(|| variable.fill_(3.0));
+    }
+    let before: HashMap<String, Tensor> = ema_vs
+        .variables()
+        .into_iter()
+        .map(|(name, value)| (name, value.copy()))
+        .collect();
+    let mut averager = Ema::new(&ema_vs, &model_vs);
+    averager.update(0.9);
+    averager.update(0.9);
+    let mut statistics = 0;
+    for (name, value) in ema_vs.variables() {
+        let expected = &before[&name] * 0.81 + 3.0 * (1.0 - 0.81);
+        assert!(value.allclose(&expected, 1e-5, 1e-5, false), "{name}");
+        statistics += name.contains("running") as usize;
+    }
+    assert!(
+        statistics >= 2,
+        "no batch-norm statistics among the variables"
+    );
 }
