@@ -117,7 +117,9 @@ pub fn to_unit(pixels: &Tensor) -> Tensor {
 pub fn upload(values: &[i64], device: Device) -> Tensor {
     let host = Tensor::from_slice(values);
     if device.is_cuda() {
-        host.pin_memory(device)
+        // `_pin_memory`: `pin_memory` given a device (tch always passes one) prints a
+        // deprecation warning at every call.
+        host.internal_pin_memory(device)
             .to_device_(device, Kind::Int64, true, false)
     } else {
         host

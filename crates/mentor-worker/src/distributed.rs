@@ -134,7 +134,9 @@ impl Group {
         self.world_size == 1 && matches!(self.transport, Transport::Host(_))
     }
 
-    /// Sums a contiguous f32 tensor over ranks, in place.
+    /// Sums a contiguous f32 tensor over ranks, in place. With NCCL it is only enqueued on the
+    /// default stream: later kernels see the sum, but nothing waits for it (a caller that
+    /// needs the watchdog's protection calls a collective that waits).
     pub fn all_reduce_sum(&mut self, tensor: &mut Tensor) -> Result<(), CollectiveError> {
         if self.is_trivial() {
             return Ok(());
@@ -266,14 +268,6 @@ impl Group {
             });
         }
         Ok(())
-    }
-
-    /// Sums a small contiguous f32 tensor over ranks, in place, where it lives: a group of
-    /// one reads nothing back from a GPU (see [`all_reduce_scalars`](Self::all_reduce_scalars)
-    /// for values on the host).
-    pub fn all_reduce_small(&mut self, tensor: &mut Tensor) -> Result<(), CollectiveError> {
-        self.all_reduce_sum(tensor)?;
-        self.wait_for_device()
     }
 
     /// Sums a few scalars over ranks (losses, counts; in f32, so integers are exact below

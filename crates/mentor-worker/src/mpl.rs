@@ -230,7 +230,9 @@ pub fn mpl_step(
         &[s_old, s_new, mask.sum(Kind::Float), t_loss_labeled.detach()],
         0,
     );
-    group.all_reduce_small(&mut sums)?;
+    // Not waited for: the stream runs the reduction before anything reads `sums`, and the
+    // teacher's gradient all-reduce below waits (with its watchdog) in this same step.
+    group.all_reduce_sum(&mut sums)?;
     let sums = sums.to_kind(Kind::Double);
     let (s_old, s_new) = (sums.get(0) / global_labeled, sums.get(1) / global_labeled);
     let mut h = if !student_learns {
@@ -257,7 +259,7 @@ pub fn mpl_step(
         cross_entropy_sum(&t_strong, &smoothed(&pseudo, classes, 0.0)) / global_unlabeled;
     let t_loss = t_loss_labeled
         + t_loss_uda * (config.lambda_u * ramp)
-        + t_loss_mpl * (h.to_kind(Kind::Float) * config.mpl_weight);
+        + t_loss_mpl * (&h * config.mpl_weight).to_kind(Kind::Float);
     teacher.optimizer.zero_grad();
     t_loss.backward();
     group.all_reduce_gradients(teacher.variables)?;

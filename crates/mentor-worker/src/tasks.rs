@@ -660,9 +660,9 @@ fn train(
                 .map_err(collective_error)?;
             if !window[0].is_finite() {
                 return Err(format!(
-                    "{name} training diverged between steps {window_start} and {} (loss {}); lower its learning rate",
+                    "{name} training diverged between steps {window_start} and {} (mean loss {}); lower its learning rate",
                     step + 1,
-                    window[0]
+                    window[0] / steps_in_window as f64
                 ));
             }
             window_start = step + 1;
