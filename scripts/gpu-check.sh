@@ -21,6 +21,11 @@
 # takes the longest of LENGTHS (default 40000 30000 20000 15000 10000 5000 2000) that ends
 # before MPL_TIMEOUT seconds (default 480) from the start. Runs still going at MPL_TIMEOUT are
 # stopped; the evaluations they reached are printed. DEVICE (default cuda:0) runs it elsewhere.
+# MPL_STATE=DIR keeps the runs in DIR (default: a fresh $OUT/mpl) and a later --mpl with the
+# same DIR and SEEDS resumes them where they stopped (the joint training saves itself every
+# 1,000 steps): on a device machine, a path git ignores and the call does not carry (e.g.
+# runs/gpu-mpl) survives between calls while the machine stays warm, so a seed longer than
+# one call's limit spans two calls. Text outputs are copied to $OUT/mpl either way.
 set -euo pipefail
 ROOT="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
 GPU_DIR="$ROOT/.gpu"
@@ -73,12 +78,23 @@ if [ "$mode" = "--mpl" ]; then
   started=$(date +%s)
   deadline=$(( started + ${MPL_TIMEOUT:-480} ))
   seeds="$(echo "${SEEDS:-0}" | tr ',' ' ')"
-  work="$OUT/mpl"
-  rm -rf "$work"  # an existing state directory would resume an old run
-  mkdir -p "$work"
+  work="${MPL_STATE:-$OUT/mpl}"
+  resuming=0
+  if [ -n "${MPL_STATE:-}" ] && [ -d "$work" ]; then
+    resuming=1
+    for seed in $seeds; do
+      [ -f "$work/seed$seed.toml" ] || { echo "[gpu-check] $work holds no run of seed $seed: remove it or change SEEDS" >&2; exit 2; }
+    done
+    echo "=== resuming the runs in $work (seeds $seeds) ==="
+  else
+    rm -rf "$work"  # an existing state directory would resume an old run
+    mkdir -p "$work"
+  fi
   # plan SEED STEPS FILE: MPL_PLAN on this machine's data at SEED (and STEPS, unless empty).
   plan() {
-    on_this_data "${MPL_PLAN:-$ROOT/deploy/plans/fashion-mnist-mpl-gpu.toml}" | sed "s/^seed = .*/seed = $1/" >"$3"
+    # One worker a seed: a plan that waits for more would never start.
+    on_this_data "${MPL_PLAN:-$ROOT/deploy/plans/fashion-mnist-mpl-gpu.toml}" |
+      sed -e "s/^seed = .*/seed = $1/" -e "s/^min_workers = .*/min_workers = 1/" >"$3"
     [ -z "$2" ] || sed -i "s/^steps = [0-9]*/steps = $2/" "$3"
   }
   # side_by_side PREFIX: one local cluster per seed, all at once; waits for them or the deadline.
@@ -103,7 +119,9 @@ if [ "$mode" = "--mpl" ]; then
     done
   }
   steps="${STEPS:-}"
-  if [ "$steps" = "auto" ]; then
+  if [ "$resuming" = 1 ]; then
+    steps=resume
+  elif [ "$steps" = "auto" ]; then
     # 400 steps of every seed side by side; the slowest pace between steps 100 and 400.
     for seed in $seeds; do
       plan "$seed" 400 "$work/pace$seed.toml"
@@ -141,13 +159,22 @@ PY
     [ -n "$steps" ] || { echo "[gpu-check] ${pace} s a step: no length in LENGTHS ends within ${left} s" >&2; exit 1; }
     echo "=== pace: $pace s a step with seeds $seeds side by side; $steps steps fit in ${left} s ==="
   fi
-  for seed in $seeds; do plan "$seed" "$steps" "$work/seed$seed.toml"; done
+  if [ "$resuming" = 0 ]; then
+    for seed in $seeds; do plan "$seed" "$steps" "$work/seed$seed.toml"; done
+  fi
   side_by_side seed
   for seed in $seeds; do
     echo "=== Meta Pseudo Labels, $(grep -m1 '^steps' "$work/seed$seed.toml"), seed $seed ==="
-    grep -h 'meta pseudo labels evaluation' "$work/seed$seed"/logs/worker-*.log | sed 's/.*evaluation //' || true
+    grep -h 'meta pseudo labels resumes' "$work/seed$seed"/logs/worker-*.log | sed 's/.*INFO //' | sort -u || true
+    grep -h 'meta pseudo labels evaluation' "$work/seed$seed"/logs/worker-*.log | sed 's/.*evaluation //' | sort -u -t= -k2,2n || true
     grep -A1 'round  teacher acc' "$work/seed$seed.txt" | tail -n 2 || true
   done
+  if [ "$work" != "$OUT/mpl" ]; then
+    # The text outputs come back with $OUT; the state stays in MPL_STATE for the next call.
+    mkdir -p "$OUT/mpl"
+    (cd "$work" && find . -type f \( -name '*.toml' -o -name '*.txt' -o -name '*.log' -o -name '*.json' \) \
+      -exec cp --parents {} "$OUT/mpl/" \;)
+  fi
   exit 0
 fi
 

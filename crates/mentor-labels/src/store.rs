@@ -29,7 +29,31 @@ pub struct ShardStore {
     prefix: ObjectPath,
     /// The root as the user wrote it (a path or URL), for messages.
     root: String,
-    runtime: Arc<tokio::runtime::Runtime>,
+    runtime: Arc<StoreRuntime>,
+}
+
+/// The store's own runtime. Dropping a tokio runtime blocks until its threads stop, which
+/// tokio refuses (a panic) inside an async context, where the last clone of a store may well
+/// be dropped (the coordinator's, when its server shuts down): this one shuts down in the
+/// background instead.
+struct StoreRuntime(Option<tokio::runtime::Runtime>);
+
+impl std::ops::Deref for StoreRuntime {
+    type Target = tokio::runtime::Runtime;
+
+    fn deref(&self) -> &tokio::runtime::Runtime {
+        self.0
+            .as_ref()
+            .expect("the runtime lives until the store is dropped")
+    }
+}
+
+impl Drop for StoreRuntime {
+    fn drop(&mut self) {
+        if let Some(runtime) = self.0.take() {
+            runtime.shutdown_background();
+        }
+    }
 }
 
 impl std::fmt::Debug for ShardStore {
@@ -40,13 +64,13 @@ impl std::fmt::Debug for ShardStore {
     }
 }
 
-fn runtime(root: &str) -> Result<Arc<tokio::runtime::Runtime>, LabelError> {
+fn runtime(root: &str) -> Result<Arc<StoreRuntime>, LabelError> {
     tokio::runtime::Builder::new_multi_thread()
         .worker_threads(1)
         .thread_name("mentor-store")
         .enable_all()
         .build()
-        .map(Arc::new)
+        .map(|runtime| Arc::new(StoreRuntime(Some(runtime))))
         .map_err(|source| LabelError::Io {
             key: root.to_string(),
             source,
@@ -206,5 +230,31 @@ impl ShardStore {
     /// A human-readable location of `key` (a path or URL).
     pub fn location(&self, key: &str) -> String {
         format!("{}/{key}", self.root.trim_end_matches('/'))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// The coordinator's last clone of its store is dropped inside its async server: that must
+    /// not panic (a tokio runtime dropped in an async context does).
+    #[test]
+    fn a_store_can_be_dropped_inside_an_async_context() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let store = ShardStore::open(dir.path().to_str().expect("utf-8 path")).expect("store");
+        assert_eq!(
+            store.put_if_absent("a/b", b"shard").expect("put"),
+            PutOutcome::Created
+        );
+        let outer = tokio::runtime::Builder::new_current_thread()
+            .build()
+            .expect("runtime");
+        outer.block_on(async move {
+            let clone = store.clone();
+            drop(store);
+            assert_eq!(clone.get("a/b").expect("get"), b"shard".to_vec());
+            drop(clone);
+        });
     }
 }
