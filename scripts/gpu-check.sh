@@ -78,7 +78,7 @@ if [ "$mode" = "--mpl" ]; then
   started=$(date +%s)
   deadline=$(( started + ${MPL_TIMEOUT:-480} ))
   seeds="$(echo "${SEEDS:-0}" | tr ',' ' ')"
-  work="${MPL_STATE:-$OUT/mpl}"
+  work="$(realpath -m "${MPL_STATE:-$OUT/mpl}")"
   resuming=0
   if [ -n "${MPL_STATE:-}" ] && [ -d "$work" ]; then
     resuming=1
@@ -169,7 +169,7 @@ PY
     grep -h 'meta pseudo labels evaluation' "$work/seed$seed"/logs/worker-*.log | sed 's/.*evaluation //' | sort -u -t= -k2,2n || true
     grep -A1 'round  teacher acc' "$work/seed$seed.txt" | tail -n 2 || true
   done
-  if [ "$work" != "$OUT/mpl" ]; then
+  if [ "$work" != "$(realpath -m "$OUT/mpl")" ]; then
     # The text outputs come back with $OUT; the state stays in MPL_STATE for the next call.
     mkdir -p "$OUT/mpl"
     (cd "$work" && find . -type f \( -name '*.toml' -o -name '*.txt' -o -name '*.log' -o -name '*.json' \) \
