@@ -119,9 +119,7 @@ if [ "$mode" = "--mpl" ]; then
     done
   }
   steps="${STEPS:-}"
-  if [ "$resuming" = 1 ]; then
-    steps=resume
-  elif [ "$steps" = "auto" ]; then
+  if [ "$resuming" = 0 ] && [ "$steps" = "auto" ]; then
     # 400 steps of every seed side by side; the slowest pace between steps 100 and 400.
     for seed in $seeds; do
       plan "$seed" 400 "$work/pace$seed.toml"

@@ -106,9 +106,7 @@ impl RandAugment {
         }
         out
     }
-}
 
-impl RandAugment {
     /// Applies to each image the operation of `op_list` at its index in `choice` (`[n]`,
     /// int64), by gathering each operation's images (`masked` false) or by running every
     /// operation on the whole batch and selecting (`masked` true, no wait for the device).

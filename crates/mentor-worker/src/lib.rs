@@ -12,6 +12,7 @@ pub mod models;
 pub mod mpl;
 pub mod optim;
 pub mod tasks;
+pub mod window;
 
 /// Waits until `device` has finished the work queued on it (nothing to wait for on the CPU):
 /// what a timing of GPU work must do before it reads the clock.

@@ -21,7 +21,7 @@ use mentor_plan::{MplPlan, Plan, Role, Schedule, TrainPlan};
 use rand::rngs::StdRng;
 use rand::{Rng, SeedableRng};
 use tch::nn::{self, ModuleT};
-use tch::{Device, Kind, Tensor};
+use tch::{Kind, Tensor};
 
 use crate::augment::{flip_and_shift, RandAugment};
 use crate::dataset::{upload, Dataset};
@@ -32,6 +32,7 @@ use crate::tasks::{
     collective_error, learning_rate, model_config, save_checkpoint, test_counts,
     write_safetensors_atomically, Outcome, Progress,
 };
+use crate::window::Window;
 
 /// Knobs of the step.
 #[derive(Debug, Clone, PartialEq)]
@@ -101,11 +102,10 @@ pub struct MplStats {
 }
 
 impl MplStats {
-    /// Reads [`StepStats`] (one wait for the device).
-    fn from_values(values: &Tensor) -> MplStats {
-        let values = Vec::<f64>::try_from(values.to_kind(Kind::Double).to_device(Device::Cpu))
-            .unwrap_or_default();
-        let value = |index: usize| values.get(index).copied().unwrap_or(f64::NAN);
+    /// From `[h, mask_rate, teacher_labeled_loss, student_labeled_loss]`, each divided by
+    /// `steps` (missing values are NaN).
+    fn from_sums(values: &[f64], steps: u64) -> MplStats {
+        let value = |index: usize| values.get(index).copied().unwrap_or(f64::NAN) / steps as f64;
         MplStats {
             h: value(0),
             mask_rate: value(1),
@@ -115,22 +115,18 @@ impl MplStats {
     }
 }
 
-/// [`MplStats`] of one step or the sum of several, as a tensor `[h, mask_rate,
-/// teacher_labeled_loss, student_labeled_loss]` (f64) on the models' device: the step never
-/// reads anything back from a GPU, which would make the host wait for every queued kernel
-/// before it could queue the next; the training loop reads its sums when it reports.
+/// [`MplStats`] of one step as a tensor `[h, mask_rate, teacher_labeled_loss,
+/// student_labeled_loss]` (f64) on the models' device: the step never reads anything back from
+/// a GPU; the training loop sums them in a [`Window`] and reads that when it reports.
 #[derive(Debug)]
 pub struct StepStats(Tensor);
 
 impl StepStats {
     /// The values (waits for the device).
     pub fn read(&self) -> MplStats {
-        MplStats::from_values(&self.0)
-    }
-
-    /// Adds `other` to these sums.
-    pub fn add(&mut self, other: &StepStats) {
-        let _ = self.0.g_add_(&other.0);
+        let mut window = Window::default();
+        window.add(&self.0);
+        MplStats::from_sums(&window.read(), 1)
     }
 }
 
@@ -712,12 +708,11 @@ pub fn train_mpl(
     }
     let first_step = state.step;
     // Sums of the statistics since the last report, on the device; read when reported.
-    let mut window: Option<(StepStats, u64)> = None;
+    let mut window = Window::default();
     let mut window_started = Instant::now();
     let started = Instant::now();
     let mut accuracies: Vec<(String, f64)> = Vec::new();
-    let mut last = None;
-    let mut finite_until = first_step;
+    let mut last: Option<StepStats> = None;
     for step in first_step..mpl.steps {
         // Each step's batch and randomness come from seeds of its own: a resumed run draws
         // what the uninterrupted run would have drawn.
@@ -748,13 +743,8 @@ pub fn train_mpl(
         if let Some(averager) = averager.as_mut() {
             averager.update(mpl.ema);
         }
-        match &mut window {
-            Some((sums, steps)) => {
-                sums.add(&stats);
-                *steps += 1;
-            }
-            None => window = Some((StepStats(stats.0.copy()), 1)),
-        }
+        window.add(&stats.0);
+        last = Some(stats);
         let done = step + 1 == mpl.steps;
         let checkpointing =
             mpl.checkpoint_every > 0 && ((step + 1) % mpl.checkpoint_every == 0 || done);
@@ -763,23 +753,15 @@ pub fn train_mpl(
         // The losses are read where a report, a save or an evaluation waits for the device
         // anyway; a diverged run stops before it overwrites its last good save.
         let means = if reporting || checkpointing || evaluating {
-            let (sums, steps) = window.as_ref().expect("a step ran");
-            let sums = sums.read();
-            if !(sums.teacher_labeled_loss.is_finite() && sums.student_labeled_loss.is_finite()) {
+            let means = MplStats::from_sums(&window.read(), window.steps());
+            if !(means.teacher_labeled_loss.is_finite() && means.student_labeled_loss.is_finite()) {
                 return Err(format!(
-                    "Meta Pseudo Labels diverged between steps {finite_until} and {}; lower the learning rates",
+                    "Meta Pseudo Labels diverged between steps {} and {}; lower the learning rates",
+                    step + 1 - window.steps(),
                     step + 1
                 ));
             }
-            finite_until = step + 1;
-            last = Some(stats.read());
-            let steps = *steps as f64;
-            Some(MplStats {
-                h: sums.h / steps,
-                mask_rate: sums.mask_rate / steps,
-                teacher_labeled_loss: sums.teacher_labeled_loss / steps,
-                student_labeled_loss: sums.student_labeled_loss / steps,
-            })
+            Some(means)
         } else {
             None
         };
@@ -837,7 +819,8 @@ pub fn train_mpl(
             );
         }
         if let (true, Some(means)) = (reporting, means) {
-            let steps = window.take().map_or(1, |(_, steps)| steps) as f64;
+            let steps = window.steps() as f64;
+            window.clear();
             let seconds = window_started.elapsed().as_secs_f64().max(1e-9);
             let mut metrics = vec![
                 ("h".to_string(), means.h),
@@ -885,7 +868,7 @@ pub fn train_mpl(
     }
     Ok(Outcome::Trained {
         checkpoint: PathBuf::from(student_output),
-        final_loss: last.map_or(0.0, |stats| stats.student_labeled_loss),
+        final_loss: last.map_or(0.0, |stats| stats.read().student_labeled_loss),
         steps: mpl.steps,
         seconds: started.elapsed().as_secs_f64(),
     })

@@ -11,7 +11,7 @@ use mentor_labels::{
 };
 use mentor_plan::{LabelMode, Optimizer, Plan, RandAugmentPlan, Role, Schedule, TrainPlan};
 use tch::nn::{self, ModuleT};
-use tch::{Device, Kind, Tensor};
+use tch::{Kind, Tensor};
 
 use mentor_collective::chunk_bounds;
 use rand::rngs::StdRng;
@@ -22,6 +22,7 @@ use crate::dataset::{to_unit, upload, Dataset};
 use crate::distributed::{buffers, Group, GroupJoin};
 use crate::models::{build, Model, ModelConfig};
 use crate::optim::build_optimizer;
+use crate::window::Window;
 
 /// A model checkpoint and the plan section (role, round) that built it.
 #[derive(Debug, Clone, PartialEq)]
@@ -576,10 +577,8 @@ fn train(
     let global_batch = labeled_batch as f64;
     let started = Instant::now();
     let mut window_started = Instant::now();
-    // Loss and correct labeled predictions (this rank's share) summed on the device since the
-    // last report, read when reported: nothing a step computes is waited for on a GPU.
-    let mut window_sums: Option<Tensor> = None;
-    let mut window_start = 0u64;
+    // Loss and correct labeled predictions (this rank's share) since the last report.
+    let mut window = Window::default();
     let mut window_labeled = 0u64;
     let mut window_images = 0u64;
     let mut last_loss = f64::NAN;
@@ -628,7 +627,7 @@ fn train(
             .all_reduce_gradients(&variables)
             .map_err(collective_error)?;
         optimizer.step();
-        let sums = Tensor::stack(
+        window.add(&Tensor::stack(
             &[
                 loss.detach(),
                 logits_labeled
@@ -638,41 +637,32 @@ fn train(
                     .sum(Kind::Float),
             ],
             0,
-        )
-        .to_kind(Kind::Double);
-        match &mut window_sums {
-            Some(window) => {
-                let _ = window.g_add_(&sums);
-            }
-            None => window_sums = Some(sums),
-        }
+        ));
         window_labeled += labeled_batch as u64;
         window_images +=
             (labeled_batch + if pseudo.is_some() { unlabeled_batch } else { 0 }) as u64;
         let steps_in_window = (step % train_plan.log_every) + 1;
         if steps_in_window == train_plan.log_every || step + 1 == train_plan.steps {
-            let mut window = window_sums
-                .take()
-                .and_then(|sums| Vec::<f64>::try_from(sums.to_device(Device::Cpu)).ok())
-                .unwrap_or_else(|| vec![f64::NAN; 2]);
+            let mut sums = window.read();
+            window.clear();
             group
-                .all_reduce_scalars(&mut window)
+                .all_reduce_scalars(&mut sums)
                 .map_err(collective_error)?;
-            if !window[0].is_finite() {
+            if !sums[0].is_finite() {
                 return Err(format!(
-                    "{name} training diverged between steps {window_start} and {} (mean loss {}); lower its learning rate",
+                    "{name} training diverged between steps {} and {} (mean loss {}); lower its learning rate",
+                    step + 1 - steps_in_window,
                     step + 1,
-                    window[0] / steps_in_window as f64
+                    sums[0] / steps_in_window as f64
                 ));
             }
-            window_start = step + 1;
-            last_loss = window[0] / steps_in_window as f64;
+            last_loss = sums[0] / steps_in_window as f64;
             let seconds = window_started.elapsed().as_secs_f64().max(1e-9);
             let report = Progress {
                 step: step + 1,
                 total_steps: train_plan.steps,
                 loss: Some(last_loss),
-                accuracy: Some(window[1] / window_labeled as f64),
+                accuracy: Some(sums[1] / window_labeled as f64),
                 images_per_second: window_images as f64 / seconds,
                 metrics: Vec::new(),
             };
@@ -684,7 +674,7 @@ fn train(
                 step = report.step,
                 total = report.total_steps,
                 loss = format!("{last_loss:.4}"),
-                labeled_accuracy = format!("{:.3}", window[1] / window_labeled as f64),
+                labeled_accuracy = format!("{:.3}", sums[1] / window_labeled as f64),
                 images_per_second = format!("{:.0}", report.images_per_second),
                 "training"
             );
