@@ -4,6 +4,7 @@
 #   scripts/gpu-check.sh --prepare   # here: build; pack binaries and data into .gpu/ (ignored by git)
 #   scripts/gpu-check.sh --run       # there: every check and benchmark in one go, table last
 #   scripts/gpu-check.sh --mpl       # there: Meta Pseudo Labels seeds side by side on cuda:0
+#   scripts/gpu-check.sh --mpl-step  # there: step 4 of --run alone (the MPL step against PyTorch)
 #   scripts/gpu-check.sh --results   # there: the four-method table on cuda:0 (SEEDS, default 0,1,2)
 #
 # Every mode but --prepare needs no Rust toolchain: it unpacks .gpu/bin.tar.xz (the binaries,
@@ -21,11 +22,12 @@
 # takes the longest of LENGTHS (default 40000 30000 20000 15000 10000 5000 2000) that ends
 # before MPL_TIMEOUT seconds (default 480) from the start. Runs still going at MPL_TIMEOUT are
 # stopped; the evaluations they reached are printed. DEVICE (default cuda:0) runs it elsewhere.
-# MPL_STATE=DIR keeps the runs in DIR (default: a fresh $OUT/mpl) and a later --mpl with the
+# MPL_STATE=DIR keeps the runs in DIR (default: a fresh temporary folder) and a later --mpl with the
 # same DIR and SEEDS resumes them where they stopped (the joint training saves itself every
 # 1,000 steps): on a device machine, a path git ignores and the call does not carry (e.g.
 # runs/gpu-mpl) survives between calls while the machine stays warm, so a seed longer than
-# one call's limit spans two calls. Text outputs are copied to $OUT/mpl either way.
+# one call's limit spans two calls. Each seed's plan, output, logs and resume checkpoint come
+# back as $OUT/mpl/seedN.tar.gz either way.
 set -euo pipefail
 ROOT="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
 GPU_DIR="$ROOT/.gpu"
@@ -47,7 +49,7 @@ if [ "$mode" = "--prepare" ]; then
   echo "[gpu-check] prepared $GPU_DIR; run: scripts/gpu-check.sh --run (carry .gpu)" >&2
   exit 0
 fi
-case "$mode" in --run|--mpl|--results) ;; *) echo "usage: gpu-check.sh --prepare | --run | --mpl | --results" >&2; exit 2 ;; esac
+case "$mode" in --run|--mpl|--mpl-step|--results) ;; *) echo "usage: gpu-check.sh --prepare | --run | --mpl | --mpl-step | --results" >&2; exit 2 ;; esac
 
 OUT="${OUT:-$GPU_DIR/out}"
 mkdir -p "$OUT"
@@ -67,6 +69,18 @@ DEVICE="${DEVICE:-cuda:0}"
 on_this_data() { sed "s#^dir = .*#dir = \"$GPU_DIR/data\"#" "$1"; }
 (nvidia-smi --query-gpu=name,memory.total --format=csv,noheader 2>/dev/null || echo "no GPU ($DEVICE)") | tee "$OUT/gpu.txt"
 
+# mpl_step: the Meta Pseudo Labels step on the GPU (the GPU plan's batch: mu 7) against PyTorch's.
+mpl_step() {
+  on_this_data "$ROOT/deploy/plans/fashion-mnist-mpl-gpu.toml" >"$OUT/bench-mpl-gpu-plan.toml"
+  MENTOR_BIN="$BIN" PYTHON="$PYTHON" "$ROOT/scripts/bench-mpl.sh" --plan "$OUT/bench-mpl-gpu-plan.toml" --device cuda \
+    --steps 200 --warmup 20 >"$OUT/bench-mpl-gpu.txt" 2>&1 || true
+}
+if [ "$mode" = "--mpl-step" ]; then
+  mpl_step
+  echo "--- Meta Pseudo Labels step, GPU ---"; tail -n 5 "$OUT/bench-mpl-gpu.txt"
+  exit 0
+fi
+
 if [ "$mode" = "--results" ]; then
   # One worker on cuda:0, the GPU schedule of Meta Pseudo Labels; the other plans as on CPU.
   exec "$PYTHON" "$ROOT/benches/results_fashion_mnist.py" --seeds "${SEEDS:-0,1,2}" --workers 1 \
@@ -78,7 +92,8 @@ if [ "$mode" = "--mpl" ]; then
   started=$(date +%s)
   deadline=$(( started + ${MPL_TIMEOUT:-480} ))
   seeds="$(echo "${SEEDS:-0}" | tr ',' ' ')"
-  work="$(realpath -m "${MPL_STATE:-$OUT/mpl}")"
+  # Without MPL_STATE the runs live beside the unpacked binaries and go with them.
+  work="$(realpath -m "${MPL_STATE:-$unpacked/mpl}")"
   resuming=0
   if [ -n "${MPL_STATE:-}" ] && [ -d "$work" ]; then
     resuming=1
@@ -167,12 +182,15 @@ PY
     grep -h 'meta pseudo labels evaluation' "$work/seed$seed"/logs/worker-*.log | sed 's/.*evaluation //' | sort -u -t= -k2,2n || true
     grep -A1 'round  teacher acc' "$work/seed$seed.txt" | tail -n 2 || true
   done
-  if [ "$work" != "$(realpath -m "$OUT/mpl")" ]; then
-    # The text outputs come back with $OUT; the state stays in MPL_STATE for the next call.
-    mkdir -p "$OUT/mpl"
-    (cd "$work" && find . -type f \( -name '*.toml' -o -name '*.txt' -o -name '*.log' -o -name '*.json' \) \
-      -exec cp --parents {} "$OUT/mpl/" \;)
-  fi
+  # One archive a seed comes back with $OUT (a device call returns at most 8 files, 2 folders
+  # down): its plan, output, state, logs and resume checkpoint, about 9 MB, so that a run the
+  # call stopped can go on elsewhere (unpacked at the same path, or with its plan's data dir
+  # pointing at the same files: the resume checkpoint must match the plan).
+  mkdir -p "$OUT/mpl"
+  for seed in $seeds; do
+    (cd "$work" && tar -czf "$OUT/mpl/seed$seed.tar.gz" "seed$seed.toml" "seed$seed.txt" \
+      "seed$seed/state.json" "seed$seed/logs" "seed$seed/checkpoints/mpl-joint.resume.safetensors" 2>/dev/null) || true
+  done
   exit 0
 fi
 
@@ -206,9 +224,7 @@ MENTOR_BIN="$BIN" PYTHON="$PYTHON" "$ROOT/scripts/bench-label.sh" --device cuda 
   --batch-size 1024 --data "$GPU_DIR/data" >"$OUT/bench-label.txt" 2>&1 || true
 
 # 4. The Meta Pseudo Labels step on the GPU (the GPU plan's batch: mu 7) against PyTorch's.
-on_this_data "$ROOT/deploy/plans/fashion-mnist-mpl-gpu.toml" >"$OUT/bench-mpl-gpu-plan.toml"
-MENTOR_BIN="$BIN" PYTHON="$PYTHON" "$ROOT/scripts/bench-mpl.sh" --plan "$OUT/bench-mpl-gpu-plan.toml" --device cuda \
-  --steps 200 --warmup 20 >"$OUT/bench-mpl-gpu.txt" 2>&1 || true
+mpl_step
 
 # 5. The CPU collective benchmarks on this machine's cores (ring against gloo, DDP training).
 MENTOR_BIN="$BIN" PYTHON="$PYTHON" "$ROOT/scripts/bench-allreduce.sh" >"$OUT/bench-allreduce.txt" 2>&1 || true

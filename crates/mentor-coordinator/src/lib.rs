@@ -247,8 +247,11 @@ impl Coordinator {
         let state = if state_file.exists() {
             let text = std::fs::read_to_string(&state_file)
                 .map_err(|e| state_store_error(e.to_string()))?;
-            let mut state: RunState = serde_json::from_str(&text)
+            let (mut state, moved_from) = RunState::from_saved(&text, &run_dir)
                 .map_err(|e| state_store_error(format!("unreadable state.json: {e}")))?;
+            if let Some(old) = moved_from {
+                tracing::info!(from = %old.display(), to = %run_dir.display(), "the run directory moved since its last save: its recorded paths follow it");
+            }
             if redo_finetune {
                 redo_finetune_of(&mut state, &plan, &run_dir)?;
             } else if state.plan_toml != plan.to_toml_string() {
@@ -1010,6 +1013,34 @@ mod tests {
         ));
         let b = restarted.register("a".into(), "cpu".into(), start);
         assert_ne!(b, a, "a worker id was reused after the restart");
+    }
+
+    #[test]
+    fn a_run_directory_moved_between_saves_resumes_from_its_new_place() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let gpu_machine = dir.path().join("gpu-machine");
+        std::fs::create_dir(&gpu_machine).expect("mkdir");
+        let gpu_machine = gpu_machine.canonicalize().expect("canonicalize");
+        let start = Instant::now();
+        let (mut coordinator, a, teacher) = one_worker_with_a_teacher_task(&gpu_machine, start);
+        complete_trained(&mut coordinator, &a, &teacher, &gpu_machine, start);
+        drop(coordinator);
+
+        let laptop = dir.path().join("laptop");
+        std::fs::rename(&gpu_machine, &laptop).expect("move the run directory");
+        let laptop = laptop.canonicalize().expect("canonicalize");
+        let mut moved =
+            Coordinator::open(one_worker_plan(), &laptop).expect("reopen the moved run");
+        let b = moved.register("b".into(), "cpu".into(), start);
+        // The pseudo-labelling reads the teacher the run trained, in its new place.
+        let label = next_label_task(&mut moved, &b, start);
+        let TaskSpec::Label { teacher, .. } = &label.task.spec else {
+            unreachable!("a label task")
+        };
+        assert_eq!(teacher.checkpoint, laptop.join("teacher.safetensors"));
+        let saved = std::fs::read_to_string(laptop.join("state.json")).expect("state");
+        let old = gpu_machine.display().to_string();
+        assert!(!saved.contains(&old), "{old} is still recorded: {saved}");
     }
 
     #[test]

@@ -318,7 +318,48 @@ fn default_method() -> Method {
     Method::NoisyStudent
 }
 
+/// Rewrites every string of `value` that is a path at or under `from` to the same path under
+/// `to` (whole components only: `/runs/a` does not take `/runs/ab` along).
+fn rebase(value: &mut serde_json::Value, from: &Path, to: &Path) {
+    match value {
+        serde_json::Value::String(text) => {
+            if let Ok(rest) = Path::new(text.as_str()).strip_prefix(from) {
+                let moved = if rest.as_os_str().is_empty() {
+                    to.to_path_buf()
+                } else {
+                    to.join(rest)
+                };
+                *text = moved.display().to_string();
+            }
+        }
+        serde_json::Value::Array(items) => items.iter_mut().for_each(|item| rebase(item, from, to)),
+        serde_json::Value::Object(fields) => fields
+            .values_mut()
+            .for_each(|field| rebase(field, from, to)),
+        _ => {}
+    }
+}
+
 impl RunState {
+    /// The state saved in `text` (a `state.json`), opened in `run_dir`. A run directory may have
+    /// been moved or copied since it was saved (from a GPU machine to a laptop, say): every
+    /// recorded path under the old directory is then taken to the same place under `run_dir`,
+    /// so that the run goes on with its own files. Returns the old directory when it moved.
+    pub fn from_saved(text: &str, run_dir: &Path) -> Result<(RunState, Option<PathBuf>), String> {
+        let mut value: serde_json::Value = serde_json::from_str(text).map_err(|e| e.to_string())?;
+        let recorded = value
+            .pointer("/paths/run_dir")
+            .and_then(|dir| dir.as_str())
+            .map(PathBuf::from)
+            .ok_or("it records no run directory (paths.run_dir)")?;
+        let moved = recorded != run_dir;
+        if moved {
+            rebase(&mut value, &recorded, run_dir);
+        }
+        let state = serde_json::from_value(value).map_err(|e| e.to_string())?;
+        Ok((state, moved.then_some(recorded)))
+    }
+
     /// A new run; `shard_ranges` cut the unlabeled source, whose size is `unlabeled_examples`
     /// when known before labeling (0 otherwise).
     pub fn new(
