@@ -405,32 +405,41 @@ fn a_growing_efficientnet_student_runs_two_rounds() {
     );
 }
 
-/// One run of a long tiny Meta Pseudo Labels plan on one worker; with `kill`, the worker is
-/// killed once the joint training has saved its first resume checkpoint and a new worker
-/// takes the task over. Returns the final teacher, student and finetuned student checkpoints
-/// and the replacement worker's log (empty without `kill`).
-fn long_tiny_mpl_run(dir: &std::path::Path, kill: bool) -> (Vec<Vec<u8>>, String) {
+/// How [`long_tiny_mpl_run`] is interrupted once the joint training has saved itself.
+#[derive(Clone, Copy, PartialEq)]
+enum Stop {
+    /// Never.
+    Not,
+    /// Its worker is killed; a replacement joins the same coordinator.
+    Worker,
+    /// The coordinator and the worker are killed, the run directory is moved and the data set
+    /// is read from another folder (a link to the same files); both start again there.
+    EverythingAndMove,
+}
+
+/// A 400-step tiny Meta Pseudo Labels run (resume checkpoint every 50 steps) on one worker in
+/// `dir`, interrupted as `stop` says. Returns its teacher, student and finetuned student
+/// checkpoints, and the log of the worker that finished it when it was interrupted.
+fn long_tiny_mpl_run(dir: &std::path::Path, stop: Stop) -> (Vec<Vec<u8>>, String) {
     let runtime = tokio::runtime::Runtime::new().expect("runtime");
-    let text = plan_with(
-        "tiny-mpl.toml",
-        &[
-            ("steps = 40", "steps = 400"),
-            ("log_every = 10", "log_every = 10\ncheckpoint_every = 50"),
-            ("min_workers = 2", "min_workers = 1"),
-            (
-                "heartbeat_timeout_seconds = 10",
-                "heartbeat_timeout_seconds = 2",
-            ),
-        ],
-    );
+    let edits = [
+        ("steps = 40", "steps = 400"),
+        ("log_every = 10", "log_every = 10\ncheckpoint_every = 50"),
+        ("min_workers = 2", "min_workers = 1"),
+        (
+            "heartbeat_timeout_seconds = 10",
+            "heartbeat_timeout_seconds = 2",
+        ),
+    ];
+    let text = plan_with("tiny-mpl.toml", &edits);
     std::fs::create_dir_all(dir).expect("run directory");
     let plan = dir.join("plan.toml");
     std::fs::write(&plan, &text).expect("write plan");
-    let state_dir = dir.join("run");
-    let (mut coordinator, address) = start_coordinator(&plan, &state_dir);
+    let mut state_dir = dir.join("run");
+    let (mut coordinator, mut address) = start_coordinator(&plan, &state_dir);
     let mut first = start_worker(&address, dir.join("first.log"));
     let mut replacement = None;
-    if kill {
+    if stop != Stop::Not {
         let checkpoint = state_dir.join("checkpoints/mpl-joint.resume.safetensors");
         let deadline = std::time::Instant::now() + Duration::from_secs(300);
         while !checkpoint.exists() {
@@ -442,6 +451,25 @@ fn long_tiny_mpl_run(dir: &std::path::Path, kill: bool) -> (Vec<Vec<u8>>, String
         }
         first.child.kill().expect("kill the worker");
         let _ = first.child.wait();
+        if stop == Stop::EverythingAndMove {
+            coordinator.child.kill().expect("kill the coordinator");
+            let _ = coordinator.child.wait();
+            let moved = dir.join("moved-run");
+            std::fs::rename(&state_dir, &moved).expect("move the run directory");
+            state_dir = moved;
+            let data = dir.join("data-elsewhere");
+            let original = plan_data_dir(&text);
+            std::os::unix::fs::symlink(&original, &data).expect("link the data set");
+            let moved_plan = dir.join("plan-elsewhere.toml");
+            let moved_text = text.replacen(
+                &format!("dir = \"{}\"", original.display()),
+                &format!("dir = \"{}\"", data.display()),
+                1,
+            );
+            assert_ne!(moved_text, text, "the plan's data.dir did not change");
+            std::fs::write(&moved_plan, moved_text).expect("write plan");
+            (coordinator, address) = start_coordinator(&moved_plan, &state_dir);
+        }
         replacement = Some(start_worker(&address, dir.join("replacement.log")));
     }
     let final_status = watch_run(
@@ -470,35 +498,54 @@ fn long_tiny_mpl_run(dir: &std::path::Path, kill: bool) -> (Vec<Vec<u8>>, String
     )
 }
 
-/// A worker killed during the Meta Pseudo Labels joint training: its replacement resumes from
-/// the last resume checkpoint, not from step 0, and ends with exactly the teacher, student and
-/// finetuned student of a run that was never interrupted.
-#[test]
-fn a_killed_mpl_joint_training_resumes_from_its_checkpoint_exactly() {
-    let dir = tempfile::tempdir().expect("tempdir");
-    let (uninterrupted, _) = long_tiny_mpl_run(&dir.path().join("whole"), false);
-    let (resumed, log) = long_tiny_mpl_run(&dir.path().join("killed"), true);
+/// The folder a plan's text names in its `[data] dir` line.
+fn plan_data_dir(text: &str) -> std::path::PathBuf {
+    let line = text
+        .lines()
+        .find(|line| line.starts_with("dir = "))
+        .expect("a dir line");
+    line.trim_start_matches("dir = ").trim_matches('"').into()
+}
+
+/// The step the joint training resumed from, as the log of the worker that resumed it says.
+fn resumed_step(log: &str) -> u64 {
     let line = log
         .lines()
         .find(|line| line.contains("meta pseudo labels resumes its joint training"))
-        .unwrap_or_else(|| panic!("the replacement did not resume:\n{log}"));
-    let step: u64 = line
-        .split_whitespace()
+        .unwrap_or_else(|| panic!("the joint training did not resume:\n{log}"));
+    line.split_whitespace()
         .find_map(|field| field.strip_prefix("step="))
         .and_then(|step| step.parse().ok())
-        .unwrap_or_else(|| panic!("no step in `{line}`"));
-    assert!(
-        (50..400).contains(&step) && step.is_multiple_of(50),
-        "resumed at step {step}"
-    );
-    for (name, (a, b)) in ["teacher", "student", "finetuned student"]
-        .iter()
-        .zip(uninterrupted.iter().zip(&resumed))
-    {
+        .unwrap_or_else(|| panic!("no step in `{line}`"))
+}
+
+/// A Meta Pseudo Labels joint training interrupted after a save resumes from it, not from
+/// step 0, and ends with exactly the teacher, student and finetuned student of a run that was
+/// never interrupted: when its worker is killed, and when the whole run is stopped, its
+/// directory moved and its data read from another folder (a run carried to another machine).
+#[test]
+fn an_interrupted_mpl_joint_training_resumes_from_its_checkpoint_exactly() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let (uninterrupted, _) = long_tiny_mpl_run(&dir.path().join("whole"), Stop::Not);
+    for (stop, name) in [
+        (Stop::Worker, "killed worker"),
+        (Stop::EverythingAndMove, "moved run"),
+    ] {
+        let (resumed, log) = long_tiny_mpl_run(&dir.path().join(name.replace(' ', "-")), stop);
+        let step = resumed_step(&log);
         assert!(
-            a == b,
-            "the resumed run's {name} differs from the uninterrupted run's"
+            (50..400).contains(&step) && step.is_multiple_of(50),
+            "{name}: resumed at step {step}"
         );
+        for (model, (a, b)) in ["teacher", "student", "finetuned student"]
+            .iter()
+            .zip(uninterrupted.iter().zip(&resumed))
+        {
+            assert!(
+                a == b,
+                "{name}: the resumed run's {model} differs from the uninterrupted run's"
+            );
+        }
     }
 }
 

@@ -257,8 +257,16 @@ impl Coordinator {
             } else if state.plan_toml != plan.to_toml_string() {
                 // The text may differ in form alone (a run recorded by an older version); the
                 // settings decide.
+                // `data.dir` says where the data is, not what it is: a run moved to another
+                // machine reads the same files from wherever they are there.
                 let difference = match Plan::from_toml_str(&state.plan_toml) {
-                    Ok(recorded) => recorded.first_difference(&plan),
+                    Ok(mut recorded) => {
+                        if recorded.data.dir != plan.data.dir {
+                            tracing::info!(from = %recorded.data.dir.display(), to = %plan.data.dir.display(), "the run reads its data from another folder");
+                            recorded.data.dir = plan.data.dir.clone();
+                        }
+                        recorded.first_difference(&plan)
+                    }
                     Err(e) => Some(format!("the recorded plan does not parse: {e}")),
                 };
                 if let Some(difference) = difference {
@@ -1029,8 +1037,14 @@ mod tests {
         let laptop = dir.path().join("laptop");
         std::fs::rename(&gpu_machine, &laptop).expect("move the run directory");
         let laptop = laptop.canonicalize().expect("canonicalize");
-        let mut moved =
-            Coordinator::open(one_worker_plan(), &laptop).expect("reopen the moved run");
+        // The laptop keeps the data set in another folder (the same files).
+        let mut plan = one_worker_plan();
+        let data = dir.path().join("data");
+        std::os::unix::fs::symlink(&plan.data.dir, &data).expect("link the data");
+        plan.data.dir = data.clone();
+        let mut moved = Coordinator::open(plan, &laptop).expect("reopen the moved run");
+        let recorded = Plan::from_toml_str(&moved.state.plan_toml).expect("recorded plan");
+        assert_eq!(recorded.data.dir, data);
         let b = moved.register("b".into(), "cpu".into(), start);
         // The pseudo-labelling reads the teacher the run trained, in its new place.
         let label = next_label_task(&mut moved, &b, start);
@@ -1041,6 +1055,18 @@ mod tests {
         let saved = std::fs::read_to_string(laptop.join("state.json")).expect("state");
         let old = gpu_machine.display().to_string();
         assert!(!saved.contains(&old), "{old} is still recorded: {saved}");
+
+        // Any other change of the plan is refused, naming it.
+        drop(moved);
+        let mut other = one_worker_plan();
+        other.seed += 1;
+        match Coordinator::open(other, &laptop) {
+            Err(CoordinatorError::PlanMismatch { difference, .. }) => {
+                assert!(difference.starts_with("seed:"), "{difference}")
+            }
+            Err(e) => panic!("refused for another reason: {e}"),
+            Ok(_) => panic!("a run of another seed was resumed"),
+        }
     }
 
     #[test]

@@ -545,7 +545,7 @@ impl<'a> Carried<'a> {
             .filter(|meta| meta.len() == 5)
             .ok_or_else(|| error("no step, length, baseline and fingerprint".into()))?;
         let fingerprint = ((meta[3] as u64) << 32) | meta[4] as u64;
-        if meta[1] != identity.steps as f64 || fingerprint != identity.fingerprint {
+        if !identity.matches(meta[1], fingerprint) {
             return Ok(false);
         }
         for (prefix, vs) in &self.stores {
@@ -583,12 +583,15 @@ impl<'a> Carried<'a> {
 struct Identity {
     steps: u64,
     fingerprint: u64,
+    /// The fingerprint as saves made before the data's folder was left out of it have it.
+    located: u64,
 }
 
 impl Identity {
     /// FNV-1a of the plan without what does not change the joint training (its finetune,
-    /// logging, evaluation and checkpoint intervals, the workers), so that a checkpoint left
-    /// by another run in the same directory is never taken for this one.
+    /// logging, evaluation and checkpoint intervals, the workers, the folder the data is read
+    /// from: a run moved to another machine resumes), so that a checkpoint left by another run
+    /// in the same directory is never taken for this one.
     fn of(plan: &Plan) -> Identity {
         let mut shaping = plan.clone();
         if let Some(mpl) = shaping.mpl.as_mut() {
@@ -598,16 +601,26 @@ impl Identity {
             mpl.checkpoint_every = 1;
         }
         shaping.workers = Default::default();
-        let fingerprint = shaping
-            .to_toml_string()
-            .bytes()
-            .fold(0xcbf2_9ce4_8422_2325u64, |hash, byte| {
-                (hash ^ byte as u64).wrapping_mul(0x0100_0000_01b3)
-            });
+        let hash = |plan: &Plan| {
+            plan.to_toml_string()
+                .bytes()
+                .fold(0xcbf2_9ce4_8422_2325u64, |hash, byte| {
+                    (hash ^ byte as u64).wrapping_mul(0x0100_0000_01b3)
+                })
+        };
+        let located = hash(&shaping);
+        shaping.data.dir = PathBuf::new();
         Identity {
             steps: plan.mpl.as_ref().map_or(0, |mpl| mpl.steps),
-            fingerprint,
+            fingerprint: hash(&shaping),
+            located,
         }
+    }
+
+    /// Whether a save of `steps` steps with `fingerprint` belongs to this joint training.
+    fn matches(&self, steps: f64, fingerprint: u64) -> bool {
+        steps == self.steps as f64
+            && (fingerprint == self.fingerprint || fingerprint == self.located)
     }
 }
 

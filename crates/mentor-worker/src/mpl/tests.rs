@@ -363,6 +363,18 @@ fn the_resume_identity_follows_the_joint_training_settings_only() {
     }
     let longer = identity(&tiny.replacen("steps = 40", "steps = 41", 1));
     assert_ne!(longer.steps, base.steps);
+    assert!(!base.matches(longer.steps as f64, longer.fingerprint));
+    // The data's folder is where the data is, not what it is: a run moved to a machine that
+    // keeps it elsewhere resumes, and saves made before the folder was left out of the
+    // fingerprint (theirs has it) are still recognised.
+    let from = "dir = \"/usr/share/datasets/fashion-mnist\"";
+    assert!(tiny.contains(from), "tiny-mpl.toml has no `{from}`");
+    let moved = identity(&tiny.replacen(from, "dir = \"/elsewhere/fashion-mnist\"", 1));
+    assert!(moved.matches(base.steps as f64, base.fingerprint));
+    assert!(base.matches(base.steps as f64, base.located));
+    let other_seed = identity(&tiny.replacen("seed = 1", "seed = 2", 1));
+    assert!(!base.matches(base.steps as f64, other_seed.fingerprint));
+    assert!(!base.matches(base.steps as f64, other_seed.located));
 }
 
 /// The ranks of a resumed joint training check that they resume from one step. 33,000 is a
