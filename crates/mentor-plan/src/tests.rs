@@ -255,6 +255,7 @@ fn shipped_mpl_plans_are_valid() {
         include_str!("../../../deploy/plans/fashion-mnist-mpl-long.toml"),
         include_str!("../../../deploy/plans/fashion-mnist-mpl-30k.toml"),
         include_str!("../../../deploy/plans/fashion-mnist-mpl-30k-mu7.toml"),
+        include_str!("../../../deploy/plans/fashion-mnist-mpl-45k-mu7.toml"),
         include_str!("../../../deploy/plans/fashion-mnist-mpl-45k.toml"),
         include_str!("../../../deploy/plans/fashion-mnist-mpl-bf16.toml"),
         TINY_MPL,
