@@ -155,6 +155,9 @@ def main():
     # The steps cycle through at most --distinct-batches batches: a step costs the same whatever
     # its images, and drawing hundreds of batches image by image would take minutes.
     distinct = max(1, min(total, args.distinct_batches))
+    # The device is set up before the clock starts, as on the workers' side.
+    torch.zeros(1, device=device)
+    synchronize()
     started = time.perf_counter()
     batches = [draw() for _ in range(distinct)]
     synchronize()

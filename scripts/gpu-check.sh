@@ -26,8 +26,8 @@
 # same DIR and SEEDS resumes them where they stopped (the joint training saves itself every
 # 1,000 steps): on a device machine, a path git ignores and the call does not carry (e.g.
 # runs/gpu-mpl) survives between calls while the machine stays warm, so a seed longer than
-# one call's limit spans two calls. Each seed's plan, output, logs and resume checkpoint come
-# back as $OUT/mpl/seedN.tar.gz either way.
+# one call's limit spans two calls. Each seed's plan, output, logs and checkpoints come back as
+# $OUT/mpl/seedN.tar.gz either way.
 set -euo pipefail
 ROOT="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
 GPU_DIR="$ROOT/.gpu"
@@ -183,13 +183,13 @@ PY
     grep -A1 'round  teacher acc' "$work/seed$seed.txt" | tail -n 2 || true
   done
   # One archive a seed comes back with $OUT (a device call returns at most 8 files, 2 folders
-  # down): its plan, output, state, logs and resume checkpoint, about 9 MB, so that a run the
-  # call stopped can go on elsewhere (unpacked at the same path, or with its plan's data dir
-  # pointing at the same files: the resume checkpoint must match the plan).
+  # down): its plan, output, state, logs and checkpoints (the resume checkpoint and the trained
+  # models, about 14 MB for the cnn plans), so that a run the call stopped goes on elsewhere
+  # (with its plan's data.dir pointed at that machine's copy of the data).
   mkdir -p "$OUT/mpl"
   for seed in $seeds; do
     (cd "$work" && tar -czf "$OUT/mpl/seed$seed.tar.gz" "seed$seed.toml" "seed$seed.txt" \
-      "seed$seed/state.json" "seed$seed/logs" "seed$seed/checkpoints/mpl-joint.resume.safetensors" 2>/dev/null) || true
+      "seed$seed/state.json" "seed$seed/logs" "seed$seed/checkpoints" 2>/dev/null) || true
   done
   exit 0
 fi

@@ -523,6 +523,7 @@ fn resumed_step(log: &str) -> u64 {
 /// step 0, and ends with exactly the teacher, student and finetuned student of a run that was
 /// never interrupted: when its worker is killed, and when the whole run is stopped, its
 /// directory moved and its data read from another folder (a run carried to another machine).
+/// A save of another joint training is set aside.
 #[test]
 fn an_interrupted_mpl_joint_training_resumes_from_its_checkpoint_exactly() {
     let dir = tempfile::tempdir().expect("tempdir");
@@ -547,6 +548,21 @@ fn an_interrupted_mpl_joint_training_resumes_from_its_checkpoint_exactly() {
             );
         }
     }
+
+    // The save of another joint training (the 400-step one) left in a new run's directory is
+    // neither resumed nor overwritten: it is set aside.
+    let runtime = tokio::runtime::Runtime::new().expect("runtime");
+    let saved = "checkpoints/mpl-joint.resume.safetensors";
+    let foreign = std::fs::read(dir.path().join("whole/run").join(saved)).expect("its save");
+    let other = dir.path().join("other");
+    std::fs::create_dir_all(other.join("run/checkpoints")).expect("mkdir");
+    std::fs::write(other.join("run").join(saved), &foreign).expect("leave the save there");
+    let (status, state_dir) =
+        run_on_two_workers(&runtime, &other, &plan_with("tiny-mpl.toml", &[]));
+    assert_eq!(status.status, "succeeded", "{}", status.error);
+    let aside = std::fs::read(state_dir.join("checkpoints/mpl-joint.resume.other-1.safetensors"))
+        .expect("the other joint training's save, set aside");
+    assert!(aside == foreign, "the other joint training's save changed");
 }
 
 /// A confidence threshold no pseudo label reaches fails the run at the filter, naming the

@@ -153,8 +153,9 @@ fn redo_finetune_of(state: &mut RunState, plan: &Plan, dir: &Path) -> Result<(),
         dir: dir.to_path_buf(),
         reason,
     };
-    let mut recorded = Plan::from_toml_str(&state.plan_toml)
+    let recorded = Plan::from_toml_str(&state.plan_toml)
         .map_err(|e| error(format!("the run's recorded plan does not parse: {e}")))?;
+    let mut recorded = with_data_dir_of(recorded, plan);
     if let (Some(recorded), Some(mpl)) = (recorded.mpl.as_mut(), plan.mpl.as_ref()) {
         recorded.finetune = mpl.finetune.clone();
     }
@@ -178,6 +179,41 @@ fn redo_finetune_of(state: &mut RunState, plan: &Plan, dir: &Path) -> Result<(),
         previous_finetuned_accuracy = ?previous,
         "redoing the finetune of the student"
     );
+    Ok(())
+}
+
+/// The run's `recorded` plan reading its data from `plan`'s folder: `data.dir` says where the
+/// data is, not what it is, so a run moved to another machine reads the same files from there.
+fn with_data_dir_of(mut recorded: Plan, plan: &Plan) -> Plan {
+    if recorded.data.dir != plan.data.dir {
+        tracing::info!(from = %recorded.data.dir.display(), to = %plan.data.dir.display(), "the run reads its data from another folder");
+        recorded.data.dir = plan.data.dir.clone();
+    }
+    recorded
+}
+
+/// Rebases the paths the selection files of a run moved from `from` to `run_dir` record (the
+/// soft-label store's root, when it lies in the run directory), as `RunState::from_saved` does
+/// for the state.
+fn rebase_selections(run_dir: &Path, from: &Path) -> Result<(), String> {
+    let Ok(entries) = std::fs::read_dir(run_dir.join("selections")) else {
+        return Ok(());
+    };
+    for entry in entries {
+        let path = entry.map_err(|e| e.to_string())?.path();
+        if path.extension().and_then(|e| e.to_str()) != Some("json") {
+            continue;
+        }
+        let error = |reason: String| format!("selection `{}`: {reason}", path.display());
+        let text = std::fs::read_to_string(&path).map_err(|e| error(e.to_string()))?;
+        let mut value: serde_json::Value =
+            serde_json::from_str(&text).map_err(|e| error(e.to_string()))?;
+        state::rebase(&mut value, from, run_dir);
+        let temporary = path.with_extension("tmp");
+        let json = serde_json::to_vec(&value).map_err(|e| error(e.to_string()))?;
+        std::fs::write(&temporary, json).map_err(|e| error(e.to_string()))?;
+        std::fs::rename(&temporary, &path).map_err(|e| error(e.to_string()))?;
+    }
     Ok(())
 }
 
@@ -251,6 +287,7 @@ impl Coordinator {
                 .map_err(|e| state_store_error(format!("unreadable state.json: {e}")))?;
             if let Some(old) = moved_from {
                 tracing::info!(from = %old.display(), to = %run_dir.display(), "the run directory moved since its last save: its recorded paths follow it");
+                rebase_selections(&run_dir, &old).map_err(state_store_error)?;
             }
             if redo_finetune {
                 redo_finetune_of(&mut state, &plan, &run_dir)?;
@@ -260,13 +297,7 @@ impl Coordinator {
                 // `data.dir` says where the data is, not what it is: a run moved to another
                 // machine reads the same files from wherever they are there.
                 let difference = match Plan::from_toml_str(&state.plan_toml) {
-                    Ok(mut recorded) => {
-                        if recorded.data.dir != plan.data.dir {
-                            tracing::info!(from = %recorded.data.dir.display(), to = %plan.data.dir.display(), "the run reads its data from another folder");
-                            recorded.data.dir = plan.data.dir.clone();
-                        }
-                        recorded.first_difference(&plan)
-                    }
+                    Ok(recorded) => with_data_dir_of(recorded, &plan).first_difference(&plan),
                     Err(e) => Some(format!("the recorded plan does not parse: {e}")),
                 };
                 if let Some(difference) = difference {
@@ -1034,6 +1065,15 @@ mod tests {
         complete_trained(&mut coordinator, &a, &teacher, &gpu_machine, start);
         drop(coordinator);
 
+        // A selection file records the soft-label store's root, in the run directory.
+        let selection = gpu_machine.join("selections/round-1.json");
+        std::fs::create_dir_all(selection.parent().expect("parent")).expect("mkdir");
+        let storage = gpu_machine.join("pseudo-labels").display().to_string();
+        std::fs::write(
+            &selection,
+            serde_json::json!({ "storage": storage }).to_string(),
+        )
+        .expect("write a selection");
         let laptop = dir.path().join("laptop");
         std::fs::rename(&gpu_machine, &laptop).expect("move the run directory");
         let laptop = laptop.canonicalize().expect("canonicalize");
@@ -1055,6 +1095,13 @@ mod tests {
         let saved = std::fs::read_to_string(laptop.join("state.json")).expect("state");
         let old = gpu_machine.display().to_string();
         assert!(!saved.contains(&old), "{old} is still recorded: {saved}");
+        let selection =
+            std::fs::read_to_string(laptop.join("selections/round-1.json")).expect("selection");
+        let selection: serde_json::Value = serde_json::from_str(&selection).expect("json");
+        assert_eq!(
+            selection["storage"],
+            laptop.join("pseudo-labels").display().to_string()
+        );
 
         // Any other change of the plan is refused, naming it.
         drop(moved);

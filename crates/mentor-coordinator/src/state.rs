@@ -320,7 +320,7 @@ fn default_method() -> Method {
 
 /// Rewrites every string of `value` that is a path at or under `from` to the same path under
 /// `to` (whole components only: `/runs/a` does not take `/runs/ab` along).
-fn rebase(value: &mut serde_json::Value, from: &Path, to: &Path) {
+pub fn rebase(value: &mut serde_json::Value, from: &Path, to: &Path) {
     match value {
         serde_json::Value::String(text) => {
             if let Ok(rest) = Path::new(text.as_str()).strip_prefix(from) {

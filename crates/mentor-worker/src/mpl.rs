@@ -577,6 +577,22 @@ impl<'a> Carried<'a> {
     }
 }
 
+/// Renames the resume checkpoint of another joint training to a free
+/// `mpl-joint.resume.other-N.safetensors` beside it, and returns that name.
+fn set_aside(checkpoint: &Path) -> Result<PathBuf, String> {
+    let aside = (1..)
+        .map(|n| checkpoint.with_file_name(format!("mpl-joint.resume.other-{n}.safetensors")))
+        .find(|path| !path.exists())
+        .expect("a free name");
+    std::fs::rename(checkpoint, &aside).map_err(|e| {
+        format!(
+            "failed to set aside the resume checkpoint `{}` of another joint training: {e}",
+            checkpoint.display()
+        )
+    })?;
+    Ok(aside)
+}
+
 /// Which joint training a resume checkpoint belongs to: its length and a fingerprint of the
 /// plan's settings that shape it.
 #[derive(Debug, Clone, Copy, PartialEq)]
@@ -682,6 +698,7 @@ pub fn train_mpl(
     let identity = Identity::of(plan);
     if mpl.checkpoint_every > 0 {
         let mut failure = None;
+        let mut foreign = false;
         if checkpoint.exists() {
             let loaded = Carried::new(
                 &teacher_vs,
@@ -698,10 +715,7 @@ pub fn train_mpl(
                     checkpoint = %checkpoint.display(),
                     "meta pseudo labels resumes its joint training"
                 ),
-                Ok(false) => tracing::warn!(
-                    checkpoint = %checkpoint.display(),
-                    "the resume checkpoint belongs to another joint training (another plan in this directory); starting from step 0 and replacing it"
-                ),
+                Ok(false) => foreign = true,
                 Err(error) => failure = Some(error),
             }
         }
@@ -717,6 +731,15 @@ pub fn train_mpl(
                 "the ranks do not resume from the same step of `{}` (workers need the run directory on a shared file system)",
                 checkpoint.display()
             ));
+        }
+        if foreign && rank == 0 {
+            // Not this joint training's: kept aside, not overwritten by this one's first save.
+            let aside = set_aside(&checkpoint)?;
+            tracing::warn!(
+                checkpoint = %checkpoint.display(),
+                kept_as = %aside.display(),
+                "the resume checkpoint belongs to another joint training (another plan in this directory); starting from step 0"
+            );
         }
     }
     let first_step = state.step;
