@@ -875,6 +875,29 @@ fn label(
     }
 }
 
+/// Whether a committed shard's `header` is the one a label task `expected`: the same round,
+/// temperature and classes, and the same teacher. The shard of a run whose directory moved
+/// since it was labelled (soft labels kept in the run directory, `storage`'s parent) names its
+/// teacher by the old path: the teacher's place in the run directory decides then.
+fn same_labels(header: &ShardHeader, expected: &ShardHeader, storage: &str) -> bool {
+    let teacher_aside = ShardHeader {
+        teacher_checkpoint: expected.teacher_checkpoint.clone(),
+        ..header.clone()
+    };
+    if teacher_aside != *expected {
+        return false;
+    }
+    if header.teacher_checkpoint == expected.teacher_checkpoint {
+        return true;
+    }
+    let Some(run_dir) = Path::new(storage).parent() else {
+        return false;
+    };
+    Path::new(&expected.teacher_checkpoint)
+        .strip_prefix(run_dir)
+        .is_ok_and(|in_run| Path::new(&header.teacher_checkpoint).ends_with(in_run))
+}
+
 /// Reports a shard another attempt committed, after checking it is whole and is this round's
 /// labels of this teacher.
 fn existing_shard(
@@ -886,7 +909,7 @@ fn existing_shard(
 ) -> Result<Outcome, String> {
     let bytes = store.get(key).map_err(|e| e.to_string())?;
     let (header, labels) = mentor_labels::decode_shard(key, &bytes).map_err(|e| e.to_string())?;
-    if header != *expected {
+    if !same_labels(&header, expected, store.root()) {
         return Err(format!(
             "`{}` already exists but holds the labels of teacher `{}` (round {}, temperature {}), not of `{}` (round {}, temperature {}): use another pseudo_labels.storage or remove it",
             store.location(key),
@@ -911,4 +934,44 @@ fn existing_shard(
             plan.pseudo_labels.min_confidence as f32,
         ),
     })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn header(teacher: &str) -> ShardHeader {
+        ShardHeader {
+            round: 1,
+            teacher_checkpoint: teacher.into(),
+            temperature: 1.0,
+            classes: 10,
+        }
+    }
+
+    #[test]
+    fn a_shard_of_a_moved_run_keeps_its_teacher_by_its_place_in_the_run() {
+        let expected = header("/laptop/run/checkpoints/round-1-teacher.safetensors");
+        let in_run = "/laptop/run/pseudo-labels";
+        assert!(same_labels(&expected, &expected, in_run));
+        // Labelled before the run directory moved from /gpu-machine/run.
+        let moved = header("/gpu-machine/run/checkpoints/round-1-teacher.safetensors");
+        assert!(same_labels(&moved, &expected, in_run));
+        // Another teacher, round or temperature is refused, and so is any other path when the
+        // soft labels live outside the run directory (a store shared between runs).
+        let other = header("/gpu-machine/run/checkpoints/round-2-teacher.safetensors");
+        assert!(!same_labels(&other, &expected, in_run));
+        let round_2 = ShardHeader {
+            round: 2,
+            ..moved.clone()
+        };
+        assert!(!same_labels(&round_2, &expected, in_run));
+        let hotter = ShardHeader {
+            temperature: 2.0,
+            ..expected.clone()
+        };
+        assert!(!same_labels(&hotter, &expected, in_run));
+        assert!(!same_labels(&moved, &expected, "/shared/labels"));
+        assert!(!same_labels(&moved, &expected, "s3://bucket/labels"));
+    }
 }
