@@ -611,15 +611,19 @@ fn a_tiny_meta_pseudo_labels_run_trains_evaluates_and_finetunes() {
         &mut coordinator,
         Duration::from_secs(600),
         |current| {
-            saw_metrics |= current
-                .workers
-                .iter()
-                .any(|w| w.metrics.contains_key("h") && w.metrics.contains_key("uda_mask_rate"));
+            saw_metrics |= current.workers.iter().any(|w| {
+                ["h", "uda_mask_rate", "teacher_uda_term", "teacher_mpl_term"]
+                    .iter()
+                    .all(|key| w.metrics.contains_key(*key))
+            });
         },
     );
     assert_eq!(final_status.status, "succeeded", "{}", final_status.error);
     assert_eq!(final_status.method, "meta-pseudo-labels");
-    assert!(saw_metrics, "status never showed h and the UDA mask rate");
+    assert!(
+        saw_metrics,
+        "status never showed h, the UDA mask rate and the teacher's UDA and MPL terms"
+    );
     assert_eq!(final_status.rounds.len(), 1);
     let round = &final_status.rounds[0];
     for accuracy in [

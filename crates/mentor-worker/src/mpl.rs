@@ -99,11 +99,16 @@ pub struct MplStats {
     pub mask_rate: f64,
     pub teacher_labeled_loss: f64,
     pub student_labeled_loss: f64,
+    /// The UDA term of the teacher's loss: `lambda_u * ramp * consistency loss`.
+    pub teacher_uda_term: f64,
+    /// The size of the MPL term of the teacher's loss: `|mpl_weight * h| * CE(strong, pseudo)`
+    /// (its sign follows h, whose mean the baseline keeps near 0).
+    pub teacher_mpl_term: f64,
 }
 
 impl MplStats {
-    /// From `[h, mask_rate, teacher_labeled_loss, student_labeled_loss]`, each divided by
-    /// `steps` (missing values are NaN).
+    /// From `[h, mask_rate, teacher_labeled_loss, student_labeled_loss, teacher_uda_term,
+    /// teacher_mpl_term]`, each divided by `steps` (missing values are NaN).
     fn from_sums(values: &[f64], steps: u64) -> MplStats {
         let value = |index: usize| values.get(index).copied().unwrap_or(f64::NAN) / steps as f64;
         MplStats {
@@ -111,12 +116,14 @@ impl MplStats {
             mask_rate: value(1),
             teacher_labeled_loss: value(2),
             student_labeled_loss: value(3),
+            teacher_uda_term: value(4),
+            teacher_mpl_term: value(5),
         }
     }
 }
 
 /// [`MplStats`] of one step as a tensor `[h, mask_rate, teacher_labeled_loss,
-/// student_labeled_loss]` (f64) on the models' device: the step never reads anything back from
+/// student_labeled_loss, teacher_uda_term, teacher_mpl_term]` (f64) on the models' device: the step never reads anything back from
 /// a GPU; the training loop sums them in a [`Window`] and reads that when it reports.
 #[derive(Debug)]
 pub struct StepStats(Tensor);
@@ -193,6 +200,8 @@ pub fn mpl_step(
         -(&q * t_strong.log_softmax(-1, Kind::Float)).sum_dim_intlist(-1, false, Kind::Float);
     let t_loss_uda = (per_example * &mask).sum(Kind::Float) / global_unlabeled;
     let pseudo = t_strong.detach().argmax(-1, false);
+    let t_loss_mpl =
+        cross_entropy_sum(&t_strong, &smoothed(&pseudo, classes, 0.0)) / global_unlabeled;
 
     // Student step on the pseudo label, with its labeled loss before and after.
     let (student_labeled, student_strong) = match &batch.student_views {
@@ -221,9 +230,17 @@ pub fn mpl_step(
         cross_entropy_sum(&logits, &hard_labels)
     });
     // This rank's part of: the student's labeled loss sums before and after its step, the
-    // mask count, the teacher's labeled loss (already over the global batch).
+    // mask count, the teacher's labeled, UDA and MPL cross-entropy losses (already over the
+    // global batch).
     let mut sums = Tensor::stack(
-        &[s_old, s_new, mask.sum(Kind::Float), t_loss_labeled.detach()],
+        &[
+            s_old,
+            s_new,
+            mask.sum(Kind::Float),
+            t_loss_labeled.detach(),
+            t_loss_uda.detach(),
+            t_loss_mpl.detach(),
+        ],
         0,
     );
     // Not waited for: the stream runs the reduction before anything reads `sums`, and the
@@ -251,8 +268,6 @@ pub fn mpl_step(
     } else {
         (state.step as f64 / config.uda_steps as f64).min(1.0)
     };
-    let t_loss_mpl =
-        cross_entropy_sum(&t_strong, &smoothed(&pseudo, classes, 0.0)) / global_unlabeled;
     let t_loss = t_loss_labeled
         + t_loss_uda * (config.lambda_u * ramp)
         + t_loss_mpl * (&h * config.mpl_weight).to_kind(Kind::Float);
@@ -261,8 +276,17 @@ pub fn mpl_step(
     group.all_reduce_gradients(teacher.variables)?;
     teacher.optimizer.step();
     state.step += 1;
+    let uda_term = sums.get(4) * (config.lambda_u * ramp);
+    let mpl_term = (&h * config.mpl_weight).abs() * sums.get(5);
     Ok(StepStats(Tensor::stack(
-        &[h, sums.get(2) / global_unlabeled, sums.get(3), s_new],
+        &[
+            h,
+            sums.get(2) / global_unlabeled,
+            sums.get(3),
+            s_new,
+            uda_term,
+            mpl_term,
+        ],
         0,
     )))
 }
@@ -869,6 +893,8 @@ pub fn train_mpl(
                     "student_labeled_loss".to_string(),
                     means.student_labeled_loss,
                 ),
+                ("teacher_uda_term".to_string(), means.teacher_uda_term),
+                ("teacher_mpl_term".to_string(), means.teacher_mpl_term),
             ];
             metrics.extend(accuracies.iter().cloned());
             tracing::info!(
@@ -879,6 +905,8 @@ pub fn train_mpl(
                 uda_mask_rate = format!("{:.3}", means.mask_rate),
                 teacher_labeled_loss = format!("{:.4}", means.teacher_labeled_loss),
                 student_labeled_loss = format!("{:.4}", means.student_labeled_loss),
+                teacher_uda_term = format!("{:.4}", means.teacher_uda_term),
+                teacher_mpl_term = format!("{:.5}", means.teacher_mpl_term),
                 "meta pseudo labels"
             );
             progress(Progress {

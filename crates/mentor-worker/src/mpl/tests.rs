@@ -59,8 +59,8 @@ fn linear_step(
 
 /// A linear teacher that predicts class 0 at x = (1, 0), a linear student that predicts class
 /// 1 there; one MPL step where the labeled and the unlabeled image are both x with label 0.
-/// Returns h and the teacher's probability of class 0 at x after its step.
-fn constructed_step(mpl_weight: f64, sign: MplSign) -> (f64, f64) {
+/// Returns the step's statistics and the teacher's probability of class 0 at x after its step.
+fn constructed_step(config: &MplConfig) -> (MplStats, f64) {
     let set = |linear: &nn::Linear, weights: [f32; 4]| {
         tch::no_grad(|| {
             let mut ws = linear.ws.shallow_clone();
@@ -89,7 +89,7 @@ fn constructed_step(mpl_weight: f64, sign: MplSign) -> (f64, f64) {
         (&teacher_vs, &teacher),
         (&student_vs, &student),
         &batch,
-        &config(mpl_weight, sign),
+        config,
     );
     let probability = tch::no_grad(|| {
         teacher
@@ -97,14 +97,15 @@ fn constructed_step(mpl_weight: f64, sign: MplSign) -> (f64, f64) {
             .softmax(-1, Kind::Float)
             .double_value(&[0, 0])
     });
-    (stats.h, probability)
+    (stats, probability)
 }
 
 #[test]
 fn a_helpful_pseudo_label_gives_positive_h_and_the_teacher_raises_it() {
-    let (h_theory, p_theory) = constructed_step(1.0, MplSign::Theory);
-    let (h_none, p_uda_only) = constructed_step(0.0, MplSign::Theory);
-    let (h_reference, p_reference) = constructed_step(1.0, MplSign::Reference);
+    let h = |(stats, probability): (MplStats, f64)| (stats.h, probability);
+    let (h_theory, p_theory) = h(constructed_step(&config(1.0, MplSign::Theory)));
+    let (h_none, p_uda_only) = h(constructed_step(&config(0.0, MplSign::Theory)));
+    let (h_reference, p_reference) = h(constructed_step(&config(1.0, MplSign::Reference)));
     assert!(h_theory > 0.0, "h = {h_theory}");
     assert_eq!(
         h_none, h_theory,
@@ -122,6 +123,45 @@ fn a_helpful_pseudo_label_gives_positive_h_and_the_teacher_raises_it() {
         p_reference < p_uda_only,
         "reference {p_reference} vs UDA only {p_uda_only}"
     );
+}
+
+/// Status reports the terms of the teacher's loss at the weights they have in it: the UDA
+/// term `lambda_u * ramp * consistency loss`, and the MPL term's size `|mpl_weight * h| *
+/// CE(teacher's strong view, pseudo label)`.
+#[test]
+fn the_teacher_loss_terms_are_reported_at_their_weights() {
+    // The constructed case: the teacher's logits at x are (2, 0) on every view, so the pseudo
+    // label is class 0; every image passes a threshold of 0.
+    let logits = Tensor::from_slice(&[2f32, 0.0]).view([1, 2]);
+    let cross_entropy = -logits.log_softmax(-1, Kind::Float).double_value(&[0, 0]);
+    let q = (&logits / 0.7).softmax(-1, Kind::Float);
+    let consistency = -(q * logits.log_softmax(-1, Kind::Float))
+        .sum(Kind::Float)
+        .double_value(&[]);
+    let weighted = |mpl_weight: f64, lambda_u: f64| MplConfig {
+        uda_threshold: 0.0,
+        lambda_u,
+        ..config(mpl_weight, MplSign::Theory)
+    };
+    let (once, _) = constructed_step(&weighted(1.0, 2.0));
+    let (thrice, _) = constructed_step(&weighted(3.0, 0.5));
+    assert!(once.h > 0.0, "h = {}", once.h);
+    for (stats, mpl_weight, lambda_u) in [(&once, 1.0, 2.0), (&thrice, 3.0, 0.5)] {
+        let expected_mpl = mpl_weight * stats.h.abs() * cross_entropy;
+        assert!(
+            (stats.teacher_mpl_term - expected_mpl).abs() < 1e-6,
+            "MPL term {} vs {expected_mpl}",
+            stats.teacher_mpl_term
+        );
+        let expected_uda = lambda_u * consistency;
+        assert!(
+            (stats.teacher_uda_term - expected_uda).abs() < 1e-6,
+            "UDA term {} vs {expected_uda}",
+            stats.teacher_uda_term
+        );
+    }
+    let (none, _) = constructed_step(&weighted(0.0, 0.0));
+    assert_eq!((none.teacher_mpl_term, none.teacher_uda_term), (0.0, 0.0));
 }
 
 /// A student whose input differs from the teacher's (as an EfficientNet student at a higher
