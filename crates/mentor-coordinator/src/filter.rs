@@ -99,10 +99,7 @@ pub fn filter_round(
     };
     let parent = selection_path.parent().unwrap_or(Path::new("."));
     std::fs::create_dir_all(parent).map_err(|e| format!("{}: {e}", parent.display()))?;
-    let temporary = selection_path.with_extension("tmp");
-    std::fs::write(&temporary, file.to_json())
-        .map_err(|e| format!("{}: {e}", temporary.display()))?;
-    std::fs::rename(&temporary, selection_path)
+    crate::write_atomically(selection_path, &file.to_json())
         .map_err(|e| format!("{}: {e}", selection_path.display()))?;
     Ok(kept)
 }

@@ -209,12 +209,18 @@ fn rebase_selections(run_dir: &Path, from: &Path) -> Result<(), String> {
         let mut value: serde_json::Value =
             serde_json::from_str(&text).map_err(|e| error(e.to_string()))?;
         state::rebase(&mut value, from, run_dir);
-        let temporary = path.with_extension("tmp");
         let json = serde_json::to_vec(&value).map_err(|e| error(e.to_string()))?;
-        std::fs::write(&temporary, json).map_err(|e| error(e.to_string()))?;
-        std::fs::rename(&temporary, &path).map_err(|e| error(e.to_string()))?;
+        write_atomically(&path, &json).map_err(|e| error(e.to_string()))?;
     }
     Ok(())
+}
+
+/// Writes `bytes` to `path` through a temporary file beside it and a rename, so that a reader
+/// (or a restarted coordinator) sees the old file or the new one, never half of one.
+pub(crate) fn write_atomically(path: &Path, bytes: &[u8]) -> std::io::Result<()> {
+    let temporary = path.with_extension("tmp");
+    std::fs::write(&temporary, bytes)?;
+    std::fs::rename(&temporary, path)
 }
 
 /// `cpu` or `cuda` from a device name such as `cuda:3`.
@@ -351,9 +357,7 @@ impl Coordinator {
             reason,
         };
         let json = serde_json::to_vec_pretty(&self.state).map_err(|e| error(e.to_string()))?;
-        let temporary = path.with_extension("json.tmp");
-        std::fs::write(&temporary, json).map_err(|e| error(e.to_string()))?;
-        std::fs::rename(&temporary, &path).map_err(|e| error(e.to_string()))
+        write_atomically(&path, &json).map_err(|e| error(e.to_string()))
     }
 
     fn persist_or_log(&self) {

@@ -123,17 +123,16 @@ impl MplStats {
 }
 
 /// [`MplStats`] of one step as a tensor `[h, mask_rate, teacher_labeled_loss,
-/// student_labeled_loss, teacher_uda_term, teacher_mpl_term]` (f64) on the models' device: the step never reads anything back from
-/// a GPU; the training loop sums them in a [`Window`] and reads that when it reports.
+/// student_labeled_loss, teacher_uda_term, teacher_mpl_term]` (f64) on the models' device: the
+/// step never reads anything back from a GPU; the training loop sums them in a [`Window`] and
+/// reads that when it reports.
 #[derive(Debug)]
 pub struct StepStats(Tensor);
 
 impl StepStats {
     /// The values (waits for the device).
     pub fn read(&self) -> MplStats {
-        let mut window = Window::default();
-        window.add(&self.0);
-        MplStats::from_sums(&window.read(), 1)
+        MplStats::from_sums(&crate::window::read_f64(&self.0), 1)
     }
 }
 

@@ -579,8 +579,8 @@ fn train(
     let mut window_started = Instant::now();
     // Loss and correct labeled predictions (this rank's share) since the last report.
     let mut window = Window::default();
-    let mut window_labeled = 0u64;
-    let mut window_images = 0u64;
+    let images_per_step =
+        (labeled_batch + if pseudo.is_some() { unlabeled_batch } else { 0 }) as f64;
     let mut last_loss = f64::NAN;
     for step in 0..train_plan.steps {
         optimizer.set_lr(learning_rate(train_plan, step));
@@ -638,11 +638,8 @@ fn train(
             ],
             0,
         ));
-        window_labeled += labeled_batch as u64;
-        window_images +=
-            (labeled_batch + if pseudo.is_some() { unlabeled_batch } else { 0 }) as u64;
-        let steps_in_window = (step % train_plan.log_every) + 1;
-        if steps_in_window == train_plan.log_every || step + 1 == train_plan.steps {
+        if window.steps() == train_plan.log_every || step + 1 == train_plan.steps {
+            let steps_in_window = window.steps();
             let mut sums = window.read();
             window.clear();
             group
@@ -662,8 +659,8 @@ fn train(
                 step: step + 1,
                 total_steps: train_plan.steps,
                 loss: Some(last_loss),
-                accuracy: Some(sums[1] / window_labeled as f64),
-                images_per_second: window_images as f64 / seconds,
+                accuracy: Some(sums[1] / (steps_in_window * labeled_batch as u64) as f64),
+                images_per_second: steps_in_window as f64 * images_per_step / seconds,
                 metrics: Vec::new(),
             };
             tracing::info!(
@@ -674,14 +671,12 @@ fn train(
                 step = report.step,
                 total = report.total_steps,
                 loss = format!("{last_loss:.4}"),
-                labeled_accuracy = format!("{:.3}", sums[1] / window_labeled as f64),
+                labeled_accuracy = format!("{:.3}", report.accuracy.unwrap_or(f64::NAN)),
                 images_per_second = format!("{:.0}", report.images_per_second),
                 "training"
             );
             progress(report);
             window_started = Instant::now();
-            window_labeled = 0;
-            window_images = 0;
         }
     }
     // Each rank's batch-norm statistics saw its own slice of every batch: the saved model holds

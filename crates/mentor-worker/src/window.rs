@@ -31,16 +31,18 @@ impl Window {
 
     /// The sums (waits for the device); empty before the first step.
     pub fn read(&self) -> Vec<f64> {
-        self.sums
-            .as_ref()
-            .and_then(|sums| Vec::<f64>::try_from(sums.to_device(Device::Cpu)).ok())
-            .unwrap_or_default()
+        self.sums.as_ref().map(read_f64).unwrap_or_default()
     }
 
     /// Starts the next window.
     pub fn clear(&mut self) {
         *self = Window::default();
     }
+}
+
+/// The values of a 1-d tensor as f64 (waits for its device; empty if it cannot be read).
+pub fn read_f64(values: &Tensor) -> Vec<f64> {
+    Vec::<f64>::try_from(values.to_kind(Kind::Double).to_device(Device::Cpu)).unwrap_or_default()
 }
 
 #[cfg(test)]
