@@ -39,12 +39,13 @@ def with_seed(text, seed):
     return rewrite(text, r"^seed = \d+", f"seed = {seed}")
 
 
-def rewrite(text, pattern, replacement):
+def rewrite(text, pattern, replacement, need=None):
     """text with the first match of the multi-line regex pattern replaced; stops with a clear
-    error when the plan no longer has it, instead of silently running an unchanged plan."""
+    error (`need`, what the plan must hold, when given) when the plan does not have it,
+    instead of silently running an unchanged plan."""
     text, count = re.subn(pattern, replacement, text, count=1, flags=re.M | re.S)
     if count == 0:
-        raise SystemExit(f"results: the plan no longer matches {pattern!r}")
+        raise SystemExit(f"results: {need or f'the plan no longer matches {pattern!r}'}")
     return text
 
 
@@ -187,8 +188,16 @@ def run(name, plan_text, seed, args):
     return status
 
 
-def data_dir(text, directory):
-    return text.replace('dir = "/usr/share/datasets/fashion-mnist"', f'dir = "{directory}"', 1)
+def data_dir(text, directory, plan):
+    # The `dir` line of the [data] table, whatever it names (a table header ends the search).
+    return rewrite(text, r'^(\[data\][^\[]*?^)dir = "[^"]*"',
+                   lambda match: f"{match.group(1)}dir = {json.dumps(directory)}",
+                   f"--data needs a `dir = \"...\"` line in the [data] table of {plan}")
+
+
+def with_workers(text, workers, plan):
+    return rewrite(text, r"^min_workers = \d+", f"min_workers = {workers}",
+                   f"--workers needs a `min_workers = N` line in the [workers] table of {plan}")
 
 
 def main():
@@ -211,12 +220,14 @@ def main():
     if unknown:
         parser.error(f"unknown method(s): {', '.join(sorted(unknown))}")
     plans = os.path.join(ROOT, "deploy", "plans")
-    noisy = open(os.path.join(plans, "tiny.toml" if args.quick else "fashion-mnist-noisy-student.toml")).read()
-    mpl = open(args.mpl_plan or os.path.join(plans, "tiny-mpl.toml" if args.quick else "fashion-mnist-mpl.toml")).read()
+    noisy_plan = os.path.join(plans, "tiny.toml" if args.quick else "fashion-mnist-noisy-student.toml")
+    mpl_plan = args.mpl_plan or os.path.join(plans, "tiny-mpl.toml" if args.quick else "fashion-mnist-mpl.toml")
+    noisy, mpl = open(noisy_plan).read(), open(mpl_plan).read()
     # Every run starts once all its workers registered.
-    noisy, mpl = (re.sub(r"(?m)^min_workers = \d+", f"min_workers = {args.workers}", text) for text in (noisy, mpl))
+    noisy, mpl = with_workers(noisy, args.workers, noisy_plan), with_workers(mpl, args.workers, mpl_plan)
     if args.data:
-        noisy, mpl = data_dir(noisy, os.path.abspath(args.data)), data_dir(mpl, os.path.abspath(args.data))
+        directory = os.path.abspath(args.data)
+        noisy, mpl = data_dir(noisy, directory, noisy_plan), data_dir(mpl, directory, mpl_plan)
     # The students' baseline is the Noisy Student plan with the MPL plan's student: made once.
     student_baseline = supervised_1k_student(noisy, mpl) if "supervised-1k-student" in methods else None
     rows = {"supervised-1k": [], "supervised-1k-student": [], "noisy-student": [],

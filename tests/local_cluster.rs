@@ -17,9 +17,12 @@ fn tiny_plan_runs_two_rounds_on_two_worker_processes() {
     let state_dir = dir.path().join("run");
     let plan = workspace_root().join("deploy/plans/tiny.toml");
     let (mut coordinator, address) = start_coordinator(&plan, &state_dir);
+    // The second worker is given the address as the coordinator's --listen takes it, without
+    // `http://`.
+    let bare_address = address.strip_prefix("http://").expect("an http:// address");
     let mut workers = vec![
         start_worker(&address, dir.path().join("worker-1.log")),
-        start_worker(&address, dir.path().join("worker-2.log")),
+        start_worker(bare_address, dir.path().join("worker-2.log")),
     ];
 
     let mut seen_workers_busy = 0;
@@ -203,6 +206,77 @@ fn status_command_reports_an_unreachable_coordinator() {
     assert!(
         stderr.contains("--interval") && stderr.contains("must be a finite number >= 0.1"),
         "{stderr}"
+    );
+}
+
+/// Addresses the binaries cannot use are refused at once, naming what is wrong, before
+/// anything is written.
+#[test]
+fn malformed_addresses_are_refused_at_once() {
+    let run = |program: &str, args: &[&str]| {
+        let output = std::process::Command::new(binary(program))
+            .args(args)
+            .output()
+            .expect("run the binary");
+        (
+            output.status.code(),
+            String::from_utf8_lossy(&output.stderr).into_owned(),
+        )
+    };
+    for program in ["mentor", "worker"] {
+        let prefix: &[&str] = if program == "mentor" {
+            &["status"]
+        } else {
+            &[]
+        };
+        for (address, reason) in [
+            ("https://127.0.0.1:9", "scheme `https` is not supported"),
+            ("http://127.0.0.1:9/status", "unexpected path `/status`"),
+        ] {
+            let started = std::time::Instant::now();
+            let (code, stderr) = run(program, &[prefix, &["--coordinator", address]].concat());
+            assert_eq!(code, Some(2), "{program} {address}: {stderr}");
+            assert!(
+                stderr.contains("--coordinator") && stderr.contains(reason),
+                "{program} {address}: {stderr}"
+            );
+            // Refused, not retried for the connect timeout.
+            assert!(
+                started.elapsed() < Duration::from_secs(10),
+                "{program} {address}"
+            );
+        }
+    }
+    // Without `http://` the address is read as HOST:PORT.
+    let (code, stderr) = run("mentor", &["status", "--coordinator", "127.0.0.1:9"]);
+    assert_eq!(code, Some(2), "{stderr}");
+    assert!(
+        stderr.contains("cannot reach the coordinator at http://127.0.0.1:9"),
+        "{stderr}"
+    );
+
+    let dir = tempfile::tempdir().expect("tempdir");
+    let state_dir = dir.path().join("run");
+    let plan = workspace_root().join("deploy/plans/tiny.toml");
+    let (code, stderr) = run(
+        "coordinator",
+        &[
+            "--plan",
+            plan.to_str().expect("utf-8 path"),
+            "--listen",
+            "127.0.0.1:not-a-port",
+            "--state-dir",
+            state_dir.to_str().expect("utf-8 path"),
+        ],
+    );
+    assert_ne!(code, Some(0), "{stderr}");
+    assert!(
+        stderr.contains("failed to listen on `127.0.0.1:not-a-port`"),
+        "{stderr}"
+    );
+    assert!(
+        !state_dir.exists(),
+        "a refused --listen created the run directory"
     );
 }
 

@@ -25,8 +25,9 @@ enum Command {
     /// Exit status: 0 while running or succeeded, 1 if the run failed, 2 if the coordinator
     /// cannot be reached.
     Status {
-        /// The coordinator's address, e.g. http://127.0.0.1:50051.
-        #[arg(long)]
+        /// The coordinator's address, HOST:PORT or http://HOST:PORT (what the coordinator
+        /// writes to <state-dir>/coordinator.addr).
+        #[arg(long, value_parser = mentor_proto::coordinator_url)]
         coordinator: String,
         /// Print one JSON object (with --watch: one per line) instead of text.
         #[arg(long)]

@@ -1,6 +1,5 @@
 //! `coordinator`: runs one plan, schedules its tasks over workers, answers status queries.
 
-use std::net::SocketAddr;
 use std::path::PathBuf;
 use std::sync::{Arc, Mutex};
 
@@ -17,9 +16,10 @@ struct Args {
     /// The plan (TOML) to run; it is validated before anything starts.
     #[arg(long)]
     plan: PathBuf,
-    /// Address for workers and status queries (port 0 picks a free port).
+    /// Address for workers and status queries, IP:PORT or HOSTNAME:PORT (port 0 picks a free
+    /// port).
     #[arg(long, default_value = "127.0.0.1:50051")]
-    listen: SocketAddr,
+    listen: String,
     /// Run directory: state store, checkpoints, selections, soft labels (default `runs/<name>`).
     /// A directory holding a run of the same plan resumes it.
     #[arg(long)]
@@ -64,6 +64,16 @@ async fn main() -> anyhow::Result<()> {
     mentor_telemetry::init(&args.log_format);
     let plan = Plan::load(&args.plan)
         .with_context(|| format!("invalid plan `{}`", args.plan.display()))?;
+    // Listening comes before the run directory is touched: an address that cannot be used
+    // leaves nothing behind.
+    let listener = tokio::net::TcpListener::bind(args.listen.as_str())
+        .await
+        .with_context(|| {
+            format!(
+                "failed to listen on `{}` (expected IP:PORT or HOSTNAME:PORT)",
+                args.listen
+            )
+        })?;
     let state_dir = args
         .state_dir
         .clone()
@@ -77,9 +87,6 @@ async fn main() -> anyhow::Result<()> {
     })
     .with_context(|| format!("failed to open the run in `{}`", state_dir.display()))?;
     let run_dir = coordinator.state.paths.run_dir.clone();
-    let listener = tokio::net::TcpListener::bind(args.listen)
-        .await
-        .with_context(|| format!("failed to listen on {}", args.listen))?;
     let address = listener.local_addr()?;
     std::fs::write(
         run_dir.join("coordinator.addr"),

@@ -744,6 +744,11 @@ impl Plan {
                 "may only hold ASCII letters, digits, `-`, `_` and `.`",
             ));
         }
+        if self.name.starts_with('.') {
+            // `.` and `..` would make the default run directory `runs/<name>` the runs
+            // directory or its parent; other leading dots hide it.
+            return Err(invalid("name", "must not start with `.`"));
+        }
         if self.method == Method::MetaPseudoLabels {
             let Some(mpl) = &self.mpl else {
                 return Err(invalid(

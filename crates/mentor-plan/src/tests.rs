@@ -101,6 +101,28 @@ fn zero_steps_names_the_field() {
 }
 
 #[test]
+fn a_name_that_cannot_be_a_run_directory_is_refused() {
+    for (name, reason) in [
+        ("", "name: must not be empty"),
+        ("..", "name: must not start with `.`"),
+        (".", "name: must not start with `.`"),
+        (".hidden", "name: must not start with `.`"),
+        (
+            "runs/../x",
+            "name: may only hold ASCII letters, digits, `-`, `_` and `.`",
+        ),
+    ] {
+        let text = tiny_with("name = \"tiny\"", &format!("name = \"{name}\""));
+        assert_eq!(error_of(&text), reason, "name {name:?}");
+    }
+    let text = tiny_with("name = \"tiny\"", "name = \"tiny.v2_a-b\"");
+    assert_eq!(
+        Plan::from_toml_str(&text).expect("plan").name,
+        "tiny.v2_a-b"
+    );
+}
+
+#[test]
 fn top_k_above_classes_is_refused() {
     let text = tiny_with("top_k = 3", "top_k = 11");
     assert_eq!(

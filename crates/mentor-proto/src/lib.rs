@@ -1,6 +1,7 @@
 //! Generated gRPC types and services for the coordinator protocol.
 //!
-//! This crate owns code generation from `proto/` and nothing else. Generated types stay at the
+//! This crate owns code generation from `proto/` and how a coordinator address is written
+//! ([`coordinator_url`]), nothing else. Generated types stay at the
 //! edge: handlers in other crates convert them into domain types.
 
 #![allow(clippy::all, missing_docs)]
@@ -9,5 +10,86 @@
 pub mod coordinator {
     pub mod v1 {
         tonic::include_proto!("mentor.coordinator.v1");
+    }
+}
+
+/// Reads a coordinator address the way users write it and returns the URL to connect to.
+///
+/// Accepts `HOST:PORT` (the form the coordinator's `--listen` takes; `http://` is added) and
+/// `http://HOST[:PORT]` (the form it writes to `<state-dir>/coordinator.addr`). Refuses, saying
+/// why, anything else: another scheme (this build speaks plain HTTP/2, without TLS), a URL
+/// without a host, or one with a path.
+pub fn coordinator_url(address: &str) -> Result<String, String> {
+    let address = address.trim();
+    if address.is_empty() {
+        return Err("empty address: expected HOST:PORT or http://HOST:PORT".to_string());
+    }
+    let url = if address.contains("://") {
+        address.to_string()
+    } else {
+        format!("http://{address}")
+    };
+    let uri: tonic::transport::Uri = url
+        .parse()
+        .map_err(|error| format!("{error}: expected HOST:PORT or http://HOST:PORT"))?;
+    match uri.scheme_str() {
+        Some("http") => {}
+        Some(other) => {
+            return Err(format!(
+                "scheme `{other}` is not supported: the coordinator speaks plain HTTP/2 (http://HOST:PORT)"
+            ))
+        }
+        None => return Err("expected HOST:PORT or http://HOST:PORT".to_string()),
+    }
+    match uri.authority() {
+        Some(authority) if !authority.host().is_empty() => {}
+        _ => return Err("no host: expected HOST:PORT or http://HOST:PORT".to_string()),
+    }
+    if !matches!(uri.path(), "" | "/") {
+        return Err(format!(
+            "unexpected path `{}`: expected HOST:PORT or http://HOST:PORT",
+            uri.path()
+        ));
+    }
+    Ok(url)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::coordinator_url;
+
+    #[test]
+    fn a_coordinator_address_is_read_with_or_without_its_scheme() {
+        assert_eq!(
+            coordinator_url("127.0.0.1:50051").unwrap(),
+            "http://127.0.0.1:50051"
+        );
+        assert_eq!(
+            coordinator_url(" node-3:7000 ").unwrap(),
+            "http://node-3:7000"
+        );
+        assert_eq!(
+            coordinator_url("[::1]:50051").unwrap(),
+            "http://[::1]:50051"
+        );
+        assert_eq!(
+            coordinator_url("http://127.0.0.1:50051").unwrap(),
+            "http://127.0.0.1:50051"
+        );
+    }
+
+    #[test]
+    fn a_malformed_coordinator_address_is_refused_saying_why() {
+        for (address, reason) in [
+            ("", "empty address"),
+            ("https://node-3:7000", "scheme `https` is not supported"),
+            ("grpc://node-3:7000", "scheme `grpc` is not supported"),
+            ("http://", "HOST:PORT"),
+            ("http://node-3:7000/status", "unexpected path `/status`"),
+            ("node 3:7000", "HOST:PORT"),
+        ] {
+            let error = coordinator_url(address).unwrap_err();
+            assert!(error.contains(reason), "{address:?}: {error}");
+        }
     }
 }

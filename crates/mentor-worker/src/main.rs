@@ -25,8 +25,9 @@ use tonic::Code;
 #[derive(Debug, Parser)]
 #[command(version)]
 struct Args {
-    /// The coordinator's address, e.g. http://127.0.0.1:50051.
-    #[arg(long)]
+    /// The coordinator's address, HOST:PORT or http://HOST:PORT (what the coordinator
+    /// writes to <state-dir>/coordinator.addr).
+    #[arg(long, value_parser = mentor_proto::coordinator_url)]
     coordinator: String,
     /// Device to run models on: `cpu` or `cuda:N`.
     #[arg(long, default_value = "cpu")]
