@@ -733,6 +733,89 @@ fn a_tiny_meta_pseudo_labels_run_trains_evaluates_and_finetunes() {
         round.student_test_accuracy.expect("student")
     );
     assert_eq!(evaluations[0][1], last);
+
+    // metrics.jsonl keeps every progress report of the joint training (rank 0's alone) and the
+    // end of each task, with its result.
+    let rows: Vec<serde_json::Value> = std::fs::read_to_string(state_dir.join("metrics.jsonl"))
+        .expect("metrics.jsonl")
+        .lines()
+        .map(|line| serde_json::from_str(line).expect("one JSON object a line"))
+        .collect();
+    let joint: Vec<&serde_json::Value> = rows
+        .iter()
+        .filter(|row| {
+            row["event"] == "progress" && row["kind"] == "train teacher and student (MPL)"
+        })
+        .collect();
+    let steps: Vec<u64> = joint
+        .iter()
+        .map(|row| row["step"].as_u64().expect("step"))
+        .collect();
+    assert_eq!(steps, vec![10, 20, 30, 40], "one line per report of rank 0");
+    for row in &joint {
+        assert_eq!(row["run_id"], final_status.run_id.as_str());
+        assert_eq!(row["world_size"], 2);
+        for key in [
+            "h",
+            "uda_mask_rate",
+            "teacher_labeled_loss",
+            "student_labeled_loss",
+        ] {
+            assert!(row["metrics"][key].is_number(), "{key} missing: {row}");
+        }
+    }
+    // The evaluations at steps 20 and 40, each named by its step on the reports that carry it.
+    let evaluated: Vec<(u64, Option<u64>)> = joint
+        .iter()
+        .map(|row| {
+            let step = row["metrics"]["evaluation_step"].as_f64().map(|s| s as u64);
+            (row["step"].as_u64().expect("step"), step)
+        })
+        .collect();
+    assert_eq!(
+        evaluated,
+        vec![(10, None), (20, Some(20)), (30, Some(20)), (40, Some(40))]
+    );
+    assert_eq!(
+        format!(
+            "{:.4}",
+            joint[3]["metrics"]["student_test_accuracy"]
+                .as_f64()
+                .expect("accuracy")
+        ),
+        format!("{:.4}", round.student_test_accuracy.expect("student"))
+    );
+    let ended: Vec<(String, Option<f64>)> = rows
+        .iter()
+        .filter(|row| row["event"] != "progress")
+        .map(|row| {
+            assert_eq!(row["event"], "done", "{row}");
+            (
+                row["kind"].as_str().expect("kind").to_string(),
+                row["test_accuracy"].as_f64(),
+            )
+        })
+        .collect();
+    for kind in ["train teacher and student (MPL)", "finetune student"] {
+        assert_eq!(
+            ended.iter().filter(|(k, _)| k == kind).count(),
+            1,
+            "{kind}: {ended:?}"
+        );
+    }
+    let measured: Vec<f64> = ended.iter().filter_map(|(_, accuracy)| *accuracy).collect();
+    for accuracy in [
+        round.teacher_test_accuracy,
+        round.student_test_accuracy,
+        round.finetuned_student_test_accuracy,
+    ] {
+        let accuracy = accuracy.expect("accuracy");
+        assert!(
+            measured.contains(&accuracy),
+            "{accuracy} not among {measured:?}"
+        );
+    }
+
     for name in [
         "round-1-teacher",
         "round-1-student",

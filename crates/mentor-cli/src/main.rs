@@ -200,7 +200,11 @@ fn status_text(status: &pb::RunStatus) -> String {
             let mut metrics: Vec<_> = worker.metrics.iter().collect();
             metrics.sort_by(|a, b| a.0.cmp(b.0));
             for (name, value) in metrics {
-                task.push_str(&format!(" {name} {value:.4}"));
+                if name.ends_with("_step") {
+                    task.push_str(&format!(" {name} {value:.0}"));
+                } else {
+                    task.push_str(&format!(" {name} {value:.4}"));
+                }
             }
             task
         };

@@ -6,6 +6,7 @@
 //! exposes it over gRPC. This crate must not link libtorch: it never runs a model.
 
 pub mod filter;
+pub mod metrics;
 pub mod service;
 pub mod state;
 
@@ -238,6 +239,8 @@ pub struct Coordinator {
     pub latest_loss: Option<f64>,
     pub latest_accuracy: Option<f64>,
     groups: HashMap<(TaskId, u32), Rendezvous>,
+    /// Every progress report and task result, appended to `<run_dir>/metrics.jsonl`.
+    metrics: metrics::MetricsLog,
 }
 
 impl Coordinator {
@@ -339,6 +342,7 @@ impl Coordinator {
             latest_loss: None,
             latest_accuracy: None,
             groups: HashMap::new(),
+            metrics: metrics::MetricsLog::open(&run_dir),
         };
         coordinator.persist()?;
         Ok(coordinator)
@@ -605,6 +609,14 @@ impl Coordinator {
                 return Ok(Some(reason));
             }
         }
+        // Every rank of a group reports the same global numbers: rank 0's are kept.
+        if let Some(record) = self.state.tasks.get(task) {
+            if record.workers().first() == Some(id) {
+                self.metrics
+                    .progress(&self.state.run_id, record, attempt, &id.0, &progress);
+            }
+        }
+        let worker = self.worker_mut(id, now)?;
         worker.progress_origin.get_or_insert((progress.step, now));
         worker.progress_at = now;
         let loss = progress.loss;
@@ -659,6 +671,14 @@ impl Coordinator {
     ) -> Result<Vec<Effect>, CoordinatorError> {
         let worker = self.worker_mut(id, now)?;
         worker.task = None;
+        // The result of the current attempt, once (from rank 0, or from the rank that failed).
+        if let Some(record) = self.state.tasks.get(task) {
+            let failed = matches!(outcome, TaskOutcome::Failed(_));
+            if record.is_run_by(id, attempt) && (failed || record.workers().first() == Some(id)) {
+                self.metrics
+                    .outcome(&self.state.run_id, record, attempt, &id.0, &outcome);
+            }
+        }
         // A group attempt that fails: its other ranks may be gone; leave them out of the next
         // group until they are heard of again.
         if let (TaskOutcome::Failed(_), Some(record)) = (&outcome, self.state.tasks.get(task)) {
@@ -1213,5 +1233,116 @@ mod tests {
             !coordinator.workers[&a].suspect,
             "rank 0 was heard of again"
         );
+    }
+
+    #[test]
+    fn the_metrics_file_keeps_rank_0s_reports_and_each_attempts_end() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let mut coordinator = coordinator(dir.path());
+        let now = Instant::now();
+        let a = coordinator.register("a".into(), "cpu".into(), now);
+        let b = coordinator.register("b".into(), "cpu".into(), now);
+        let TaskReply::Task(first) = coordinator.get_task(&a, now).expect("task") else {
+            panic!("no task for rank 0")
+        };
+        let TaskReply::Task(_) = coordinator.get_task(&b, now).expect("task") else {
+            panic!("no task for rank 1")
+        };
+        let task = first.task.id.clone();
+        let report = |step: u64, loss: f64, metrics: &[(&str, f64)]| Progress {
+            step,
+            total_steps: 100,
+            loss: Some(loss),
+            accuracy: None,
+            images_per_second: 50.0,
+            metrics: metrics.iter().map(|(k, v)| (k.to_string(), *v)).collect(),
+        };
+        for (worker, step) in [(&a, 10), (&b, 10), (&a, 20), (&b, 20)] {
+            let metrics = [("h", 0.25), ("uda_mask_rate", f64::NAN)];
+            let stop = coordinator
+                .progress(worker, &task, 1, report(step, 1.5, &metrics), now)
+                .expect("progress");
+            assert_eq!(stop, None);
+        }
+        coordinator
+            .complete(
+                &b,
+                &task,
+                1,
+                TaskOutcome::Failed("out of memory".into()),
+                now,
+            )
+            .expect("complete");
+        // Rank 0's attempt is over: its late report is not kept.
+        let stop = coordinator
+            .progress(&a, &task, 1, report(30, 1.0, &[]), now)
+            .expect("progress");
+        assert!(stop.is_some());
+
+        let path = dir.path().join(metrics::FILE_NAME);
+        let rows = |path: &Path| -> Vec<serde_json::Value> {
+            std::fs::read_to_string(path)
+                .expect("metrics file")
+                .lines()
+                .map(|line| serde_json::from_str(line).expect("one JSON object a line"))
+                .collect()
+        };
+        let written = rows(&path);
+        let summary: Vec<(String, String, Option<u64>)> = written
+            .iter()
+            .map(|row| {
+                (
+                    row["event"].as_str().expect("event").to_string(),
+                    row["worker"].as_str().expect("worker").to_string(),
+                    row["step"].as_u64(),
+                )
+            })
+            .collect();
+        assert_eq!(
+            summary,
+            vec![
+                ("progress".to_string(), a.0.clone(), Some(10)),
+                ("progress".to_string(), a.0.clone(), Some(20)),
+                ("failed".to_string(), b.0.clone(), None),
+            ]
+        );
+        let progress = &written[1];
+        assert_eq!(progress["run_id"], coordinator.state.run_id.as_str());
+        assert_eq!(progress["task"], task.0.as_str());
+        assert_eq!(progress["kind"], "train teacher");
+        assert_eq!(
+            (progress["round"].as_u64(), progress["attempt"].as_u64()),
+            (Some(1), Some(1))
+        );
+        assert_eq!(progress["world_size"], 2);
+        assert_eq!(progress["loss"], 1.5);
+        assert_eq!(progress["images_per_second"], 50.0);
+        assert_eq!(progress["metrics"]["h"], 0.25);
+        assert!(
+            progress["metrics"]["uda_mask_rate"].is_null(),
+            "NaN is written as null"
+        );
+        assert!(progress["time"].as_f64().expect("time") > 1.7e9);
+        assert_eq!(written[2]["error"], "out of memory");
+
+        // A restarted coordinator goes on after the lines already there.
+        drop(coordinator);
+        let mut coordinator = self::coordinator(dir.path());
+        let c = coordinator.register("c".into(), "cpu".into(), now);
+        let TaskReply::Task(again) = coordinator.get_task(&c, now).expect("task") else {
+            panic!("no task")
+        };
+        coordinator
+            .progress(
+                &c,
+                &again.task.id,
+                again.task.attempts,
+                report(5, 2.0, &[]),
+                now,
+            )
+            .expect("progress");
+        let written = rows(&path);
+        assert_eq!(written.len(), 4);
+        assert_eq!(written[3]["worker"], c.0.as_str());
     }
 }

@@ -866,9 +866,12 @@ pub fn train_mpl(
                 .map_err(collective_error)?;
             let teacher_accuracy = counts[0] / total.max(1) as f64;
             let student_accuracy = counts[1] / total.max(1) as f64;
+            // Reported with every later progress report until the next evaluation: the step
+            // says which one they are.
             accuracies = vec![
                 ("teacher_test_accuracy".to_string(), teacher_accuracy),
                 ("student_test_accuracy".to_string(), student_accuracy),
+                ("evaluation_step".to_string(), (step + 1) as f64),
             ];
             tracing::info!(
                 step = step + 1,
