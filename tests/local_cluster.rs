@@ -397,6 +397,15 @@ fn a_restarted_coordinator_resumes_the_run() {
         },
     );
     assert!(before.rounds[0].teacher_test_accuracy.is_some());
+    // A second coordinator on the live run directory is refused, naming the first.
+    let stderr = refused_open(&plan, &state_dir, &[]);
+    assert!(
+        stderr.contains("is in use by another coordinator")
+            && stderr.contains(&format!("pid {}", coordinator.child.id()))
+            && stderr.contains(&format!("listening at {address}")),
+        "{stderr}"
+    );
+    assert!(coordinator.is_running(), "the first coordinator goes on");
     coordinator.child.kill().expect("kill the coordinator");
     let _ = coordinator.child.wait();
 

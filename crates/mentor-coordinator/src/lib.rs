@@ -35,6 +35,8 @@ pub enum CoordinatorError {
     PlanMismatch { dir: PathBuf, difference: String },
     #[error("cannot redo the finetune of the run in `{dir}`: {reason}")]
     RedoFinetune { dir: PathBuf, reason: String },
+    #[error("run directory `{dir}` is in use by another coordinator{holder}: stop it first, or use another --state-dir")]
+    RunInUse { dir: PathBuf, holder: String },
     #[error("state store `{path}`: {reason}")]
     StateStore { path: PathBuf, reason: String },
     #[error("soft-label storage (pseudo_labels.storage): {reason}")]
@@ -218,6 +220,53 @@ fn rebase_selections(run_dir: &Path, from: &Path) -> Result<(), String> {
 
 /// Writes `bytes` to `path` through a temporary file beside it and a rename, so that a reader
 /// (or a restarted coordinator) sees the old file or the new one, never half of one.
+/// Takes `<run_dir>/coordinator.lock` for this process: two coordinators on one run directory
+/// would overwrite each other's state and checkpoints. The lock is the operating system's
+/// (`flock`), so a coordinator that dies, however it dies, leaves the directory free.
+fn lock_run_dir(run_dir: &Path) -> Result<std::fs::File, CoordinatorError> {
+    use std::io::Write;
+    let path = run_dir.join("coordinator.lock");
+    let error = |reason: String| CoordinatorError::StateStore {
+        path: path.clone(),
+        reason,
+    };
+    let mut file = std::fs::OpenOptions::new()
+        .read(true)
+        .write(true)
+        .create(true)
+        .truncate(false)
+        .open(&path)
+        .map_err(|e| error(e.to_string()))?;
+    match file.try_lock() {
+        Ok(()) => {
+            file.set_len(0).map_err(|e| error(e.to_string()))?;
+            writeln!(file, "{}", std::process::id()).map_err(|e| error(e.to_string()))?;
+            Ok(file)
+        }
+        Err(std::fs::TryLockError::WouldBlock) => {
+            let pid = std::fs::read_to_string(&path).unwrap_or_default();
+            let address =
+                std::fs::read_to_string(run_dir.join("coordinator.addr")).unwrap_or_default();
+            let mut holder = Vec::new();
+            if !pid.trim().is_empty() {
+                holder.push(format!("pid {}", pid.trim()));
+            }
+            if !address.trim().is_empty() {
+                holder.push(format!("listening at {}", address.trim()));
+            }
+            Err(CoordinatorError::RunInUse {
+                dir: run_dir.to_path_buf(),
+                holder: if holder.is_empty() {
+                    String::new()
+                } else {
+                    format!(" ({})", holder.join(", "))
+                },
+            })
+        }
+        Err(std::fs::TryLockError::Error(e)) => Err(error(e.to_string())),
+    }
+}
+
 pub(crate) fn write_atomically(path: &Path, bytes: &[u8]) -> std::io::Result<()> {
     let temporary = path.with_extension("tmp");
     std::fs::write(&temporary, bytes)?;
@@ -239,6 +288,8 @@ pub struct Coordinator {
     pub latest_loss: Option<f64>,
     pub latest_accuracy: Option<f64>,
     groups: HashMap<(TaskId, u32), Rendezvous>,
+    /// The run directory's lock, held while the coordinator lives.
+    _lock: std::fs::File,
     /// Every progress report and task result, appended to `<run_dir>/metrics.jsonl`.
     metrics: metrics::MetricsLog,
 }
@@ -278,6 +329,7 @@ impl Coordinator {
         let run_dir = run_dir
             .canonicalize()
             .map_err(|e| state_store_error(e.to_string()))?;
+        let lock = lock_run_dir(&run_dir)?;
         let labels = mentor_data::load_train_labels(&plan.data.dir)?;
         let split = mentor_data::Split::new(&labels, 0, &plan.data, plan.seed)?;
         let storage = plan
@@ -343,6 +395,7 @@ impl Coordinator {
             latest_accuracy: None,
             groups: HashMap::new(),
             metrics: metrics::MetricsLog::open(&run_dir),
+            _lock: lock,
         };
         coordinator.persist()?;
         Ok(coordinator)
@@ -1344,5 +1397,36 @@ mod tests {
         let written = rows(&path);
         assert_eq!(written.len(), 4);
         assert_eq!(written[3]["worker"], c.0.as_str());
+    }
+
+    #[test]
+    fn a_second_coordinator_on_the_same_run_directory_is_refused_while_the_first_lives() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let first = coordinator(dir.path());
+        std::fs::write(
+            dir.path().join("coordinator.addr"),
+            "http://127.0.0.1:4242\n",
+        )
+        .expect("address file");
+        let plan = Plan::from_toml_str(TINY).expect("tiny plan");
+        let error = Coordinator::open(plan.clone(), dir.path())
+            .err()
+            .expect("refused while the first coordinator holds the directory")
+            .to_string();
+        let pid = std::process::id();
+        assert!(
+            error.contains("is in use by another coordinator")
+                && error.contains(&format!("pid {pid}"))
+                && error.contains("listening at http://127.0.0.1:4242"),
+            "{error}"
+        );
+        let state = std::fs::read_to_string(dir.path().join("state.json")).expect("state");
+        drop(first);
+        // The first one's state is untouched by the refused one, and the directory is free again.
+        let again = Coordinator::open(plan, dir.path()).expect("the directory is free again");
+        assert_eq!(
+            serde_json::to_string_pretty(&again.state).expect("json"),
+            state
+        );
     }
 }
