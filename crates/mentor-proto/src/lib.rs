@@ -61,19 +61,19 @@ mod tests {
     #[test]
     fn a_coordinator_address_is_read_with_or_without_its_scheme() {
         assert_eq!(
-            coordinator_url("127.0.0.1:50051").unwrap(),
+            coordinator_url("127.0.0.1:50051").expect("accepted"),
             "http://127.0.0.1:50051"
         );
         assert_eq!(
-            coordinator_url(" node-3:7000 ").unwrap(),
+            coordinator_url(" node-3:7000 ").expect("accepted"),
             "http://node-3:7000"
         );
         assert_eq!(
-            coordinator_url("[::1]:50051").unwrap(),
+            coordinator_url("[::1]:50051").expect("accepted"),
             "http://[::1]:50051"
         );
         assert_eq!(
-            coordinator_url("http://127.0.0.1:50051").unwrap(),
+            coordinator_url("http://127.0.0.1:50051").expect("accepted"),
             "http://127.0.0.1:50051"
         );
     }
@@ -88,7 +88,7 @@ mod tests {
             ("http://node-3:7000/status", "unexpected path `/status`"),
             ("node 3:7000", "HOST:PORT"),
         ] {
-            let error = coordinator_url(address).unwrap_err();
+            let error = coordinator_url(address).expect_err("refused");
             assert!(error.contains(reason), "{address:?}: {error}");
         }
     }
