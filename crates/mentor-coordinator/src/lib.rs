@@ -896,6 +896,21 @@ mod tests {
         (coordinator, a, teacher)
     }
 
+    /// A coordinator of the tiny plan with workers "a" and "b" registered, and "a" given rank 0
+    /// of the round-1 teacher's training.
+    fn two_workers_with_a_teacher_task(
+        dir: &Path,
+        now: Instant,
+    ) -> (Coordinator, WorkerId, WorkerId, Assignment) {
+        let mut coordinator = coordinator(dir);
+        let a = coordinator.register("a".into(), "cpu".into(), now);
+        let b = coordinator.register("b".into(), "cpu".into(), now);
+        let TaskReply::Task(first) = coordinator.get_task(&a, now).expect("task") else {
+            panic!("no task for rank 0")
+        };
+        (coordinator, a, b, first)
+    }
+
     /// Reports `assignment` trained by `worker` at `now`.
     fn complete_trained(
         coordinator: &mut Coordinator,
@@ -1233,14 +1248,9 @@ mod tests {
     #[test]
     fn a_training_group_forms_through_the_rendezvous() {
         let dir = tempfile::tempdir().expect("tempdir");
-        let mut coordinator = coordinator(dir.path());
         let now = Instant::now();
-        let a = coordinator.register("a".into(), "cpu".into(), now);
-        let b = coordinator.register("b".into(), "cpu".into(), now);
+        let (mut coordinator, a, b, first) = two_workers_with_a_teacher_task(dir.path(), now);
         // Two live CPU workers: the teacher's training task gets two ranks.
-        let TaskReply::Task(first) = coordinator.get_task(&a, now).expect("task") else {
-            panic!("no task for rank 0")
-        };
         assert_eq!((first.rank, first.task.world_size), (0, 2));
         let task = first.task.id.clone();
         let view = coordinator
@@ -1291,13 +1301,8 @@ mod tests {
     #[test]
     fn the_metrics_file_keeps_rank_0s_reports_and_each_attempts_end() {
         let dir = tempfile::tempdir().expect("tempdir");
-        let mut coordinator = coordinator(dir.path());
         let now = Instant::now();
-        let a = coordinator.register("a".into(), "cpu".into(), now);
-        let b = coordinator.register("b".into(), "cpu".into(), now);
-        let TaskReply::Task(first) = coordinator.get_task(&a, now).expect("task") else {
-            panic!("no task for rank 0")
-        };
+        let (mut coordinator, a, b, first) = two_workers_with_a_teacher_task(dir.path(), now);
         let TaskReply::Task(_) = coordinator.get_task(&b, now).expect("task") else {
             panic!("no task for rank 1")
         };

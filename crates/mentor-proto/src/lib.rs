@@ -60,22 +60,18 @@ mod tests {
 
     #[test]
     fn a_coordinator_address_is_read_with_or_without_its_scheme() {
-        assert_eq!(
-            coordinator_url("127.0.0.1:50051").expect("accepted"),
-            "http://127.0.0.1:50051"
-        );
-        assert_eq!(
-            coordinator_url(" node-3:7000 ").expect("accepted"),
-            "http://node-3:7000"
-        );
-        assert_eq!(
-            coordinator_url("[::1]:50051").expect("accepted"),
-            "http://[::1]:50051"
-        );
-        assert_eq!(
-            coordinator_url("http://127.0.0.1:50051").expect("accepted"),
-            "http://127.0.0.1:50051"
-        );
+        for (address, url) in [
+            ("127.0.0.1:50051", "http://127.0.0.1:50051"),
+            (" node-3:7000 ", "http://node-3:7000"),
+            ("[::1]:50051", "http://[::1]:50051"),
+            ("http://127.0.0.1:50051", "http://127.0.0.1:50051"),
+        ] {
+            assert_eq!(
+                coordinator_url(address).expect("accepted"),
+                url,
+                "{address:?}"
+            );
+        }
     }
 
     #[test]
