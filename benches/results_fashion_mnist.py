@@ -189,21 +189,32 @@ def run(name, plan_text, seed, args):
 
 
 def data_dir(text, directory, plan):
-    # The `dir` line of the [data] table, whatever it names (a table header ends the search).
-    return rewrite(text, r'^(\[data\][^\[]*?^)dir = "[^"]*"',
-                   lambda match: f"{match.group(1)}dir = {json.dumps(directory)}",
-                   f"--data needs a `dir = \"...\"` line in the [data] table of {plan}")
+    """The plan with the `dir` of its [data] table set to `directory`."""
+    lines = text.split("\n")
+    table = None
+    for index, line in enumerate(lines):
+        stripped = line.strip()
+        if stripped.startswith("["):
+            table = stripped.split("]")[0].strip("[ ")
+        elif table == "data" and re.match(r"dir\s*=", stripped):
+            lines[index] = f"dir = {json.dumps(directory)}"
+            return "\n".join(lines)
+    raise SystemExit(f"results: --data needs a `dir = \"...\"` line in the [data] table of {plan}")
 
 
-def with_workers(text, workers, plan):
-    return rewrite(text, r"^min_workers = \d+", f"min_workers = {workers}",
-                   f"--workers needs a `min_workers = N` line in the [workers] table of {plan}")
+def with_workers(text, workers, plan, explicit):
+    """The plan with `workers.min_workers` set to `workers`: every run starts once all its
+    workers registered. A plan without the line runs as it is, unless --workers was given."""
+    if explicit or re.search(r"(?m)^min_workers = \d+", text):
+        return rewrite(text, r"^min_workers = \d+", f"min_workers = {workers}",
+                       f"--workers needs a `min_workers = N` line in the [workers] table of {plan}")
+    return text
 
 
 def main():
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--seeds", default="0,1,2")
-    parser.add_argument("--workers", type=int, default=2)
+    parser.add_argument("--workers", type=int, help="workers per run (default 2)")
     parser.add_argument("--methods", default="noisy-student,meta-pseudo-labels,supervised-all,supervised-1k-student",
                         help="comma-separated subset of noisy-student, meta-pseudo-labels, supervised-all, "
                              "supervised-1k-student")
@@ -224,7 +235,10 @@ def main():
     mpl_plan = args.mpl_plan or os.path.join(plans, "tiny-mpl.toml" if args.quick else "fashion-mnist-mpl.toml")
     noisy, mpl = open(noisy_plan).read(), open(mpl_plan).read()
     # Every run starts once all its workers registered.
-    noisy, mpl = with_workers(noisy, args.workers, noisy_plan), with_workers(mpl, args.workers, mpl_plan)
+    explicit = args.workers is not None
+    args.workers = args.workers or 2
+    noisy = with_workers(noisy, args.workers, noisy_plan, explicit)
+    mpl = with_workers(mpl, args.workers, mpl_plan, explicit)
     if args.data:
         directory = os.path.abspath(args.data)
         noisy, mpl = data_dir(noisy, directory, noisy_plan), data_dir(mpl, directory, mpl_plan)

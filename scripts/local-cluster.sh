@@ -79,6 +79,12 @@ fi
 if [ -z "$state_dir" ]; then
   state_dir="$ROOT/runs/$(basename "$plan" .toml)-$(date +%Y%m%d-%H%M%S)"
 fi
+# A run directory held by a live coordinator is left alone (its address file included).
+if [ -f "$state_dir/coordinator.lock" ] && command -v flock >/dev/null \
+  && ! flock -n -s "$state_dir/coordinator.lock" true; then
+  echo "local-cluster.sh: $state_dir is in use by another coordinator ($(cat "$state_dir/coordinator.lock" 2>/dev/null)); stop it first, or use another --state-dir" >&2
+  exit 2
+fi
 mkdir -p "$state_dir/logs"
 rm -f "$state_dir/coordinator.addr"
 

@@ -405,6 +405,19 @@ fn a_restarted_coordinator_resumes_the_run() {
             && stderr.contains(&format!("listening at {address}")),
         "{stderr}"
     );
+    // Asked for the first one's port too, it is refused for the directory, not the port.
+    let same_port = std::process::Command::new(binary("coordinator"))
+        .args(["--plan", plan.to_str().expect("utf-8"), "--listen", &listen])
+        .arg("--state-dir")
+        .arg(&state_dir)
+        .output()
+        .expect("coordinator");
+    let stderr = String::from_utf8_lossy(&same_port.stderr);
+    assert!(!same_port.status.success(), "{stderr}");
+    assert!(
+        stderr.contains("is in use by another coordinator"),
+        "{stderr}"
+    );
     assert!(coordinator.is_running(), "the first coordinator goes on");
     coordinator.child.kill().expect("kill the coordinator");
     let _ = coordinator.child.wait();

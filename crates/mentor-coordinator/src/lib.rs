@@ -6,6 +6,7 @@
 //! exposes it over gRPC. This crate must not link libtorch: it never runs a model.
 
 pub mod filter;
+pub mod lock;
 pub mod metrics;
 pub mod service;
 pub mod state;
@@ -220,53 +221,6 @@ fn rebase_selections(run_dir: &Path, from: &Path) -> Result<(), String> {
 
 /// Writes `bytes` to `path` through a temporary file beside it and a rename, so that a reader
 /// (or a restarted coordinator) sees the old file or the new one, never half of one.
-/// Takes `<run_dir>/coordinator.lock` for this process: two coordinators on one run directory
-/// would overwrite each other's state and checkpoints. The lock is the operating system's
-/// (`flock`), so a coordinator that dies, however it dies, leaves the directory free.
-fn lock_run_dir(run_dir: &Path) -> Result<std::fs::File, CoordinatorError> {
-    use std::io::Write;
-    let path = run_dir.join("coordinator.lock");
-    let error = |reason: String| CoordinatorError::StateStore {
-        path: path.clone(),
-        reason,
-    };
-    let mut file = std::fs::OpenOptions::new()
-        .read(true)
-        .write(true)
-        .create(true)
-        .truncate(false)
-        .open(&path)
-        .map_err(|e| error(e.to_string()))?;
-    match file.try_lock() {
-        Ok(()) => {
-            file.set_len(0).map_err(|e| error(e.to_string()))?;
-            writeln!(file, "{}", std::process::id()).map_err(|e| error(e.to_string()))?;
-            Ok(file)
-        }
-        Err(std::fs::TryLockError::WouldBlock) => {
-            let pid = std::fs::read_to_string(&path).unwrap_or_default();
-            let address =
-                std::fs::read_to_string(run_dir.join("coordinator.addr")).unwrap_or_default();
-            let mut holder = Vec::new();
-            if !pid.trim().is_empty() {
-                holder.push(format!("pid {}", pid.trim()));
-            }
-            if !address.trim().is_empty() {
-                holder.push(format!("listening at {}", address.trim()));
-            }
-            Err(CoordinatorError::RunInUse {
-                dir: run_dir.to_path_buf(),
-                holder: if holder.is_empty() {
-                    String::new()
-                } else {
-                    format!(" ({})", holder.join(", "))
-                },
-            })
-        }
-        Err(std::fs::TryLockError::Error(e)) => Err(error(e.to_string())),
-    }
-}
-
 pub(crate) fn write_atomically(path: &Path, bytes: &[u8]) -> std::io::Result<()> {
     let temporary = path.with_extension("tmp");
     std::fs::write(&temporary, bytes)?;
@@ -289,7 +243,7 @@ pub struct Coordinator {
     pub latest_accuracy: Option<f64>,
     groups: HashMap<(TaskId, u32), Rendezvous>,
     /// The run directory's lock, held while the coordinator lives.
-    _lock: std::fs::File,
+    lock: lock::RunLock,
     /// Every progress report and task result, appended to `<run_dir>/metrics.jsonl`.
     metrics: metrics::MetricsLog,
 }
@@ -329,7 +283,7 @@ impl Coordinator {
         let run_dir = run_dir
             .canonicalize()
             .map_err(|e| state_store_error(e.to_string()))?;
-        let lock = lock_run_dir(&run_dir)?;
+        let lock = lock::RunLock::take(&run_dir)?;
         let labels = mentor_data::load_train_labels(&plan.data.dir)?;
         let split = mentor_data::Split::new(&labels, 0, &plan.data, plan.seed)?;
         let storage = plan
@@ -395,10 +349,22 @@ impl Coordinator {
             latest_accuracy: None,
             groups: HashMap::new(),
             metrics: metrics::MetricsLog::open(&run_dir),
-            _lock: lock,
+            lock,
         };
         coordinator.persist()?;
         Ok(coordinator)
+    }
+
+    /// Tells where this coordinator listens: `coordinator.addr` (what `--coordinator` takes)
+    /// and the run directory's lock (what a second coordinator is told).
+    pub fn announce(&mut self, url: &str) -> Result<(), CoordinatorError> {
+        let path = self.state.paths.run_dir.join("coordinator.addr");
+        std::fs::write(&path, format!("{url}\n")).map_err(|e| CoordinatorError::StateStore {
+            path: path.clone(),
+            reason: e.to_string(),
+        })?;
+        self.lock.record_address(url);
+        Ok(())
     }
 
     /// The root of the soft-label store, as workers must see it.
@@ -1315,7 +1281,7 @@ mod tests {
             images_per_second: 50.0,
             metrics: metrics.iter().map(|(k, v)| (k.to_string(), *v)).collect(),
         };
-        for (worker, step) in [(&a, 10), (&b, 10), (&a, 20), (&b, 20)] {
+        for (worker, step) in [(&b, 10), (&a, 10), (&b, 20), (&a, 20)] {
             let metrics = [("h", 0.25), ("uda_mask_rate", f64::NAN)];
             let stop = coordinator
                 .progress(worker, &task, 1, report(step, 1.5, &metrics), now)
@@ -1383,8 +1349,14 @@ mod tests {
         assert!(progress["time"].as_f64().expect("time") > 1.7e9);
         assert_eq!(written[2]["error"], "out of memory");
 
-        // A restarted coordinator goes on after the lines already there.
+        // A restarted coordinator goes on after the lines already there, ending a line cut
+        // short first.
         drop(coordinator);
+        let mut file = std::fs::OpenOptions::new()
+            .append(true)
+            .open(&path)
+            .expect("metrics file");
+        std::io::Write::write_all(&mut file, b"{\"event\": \"progr").expect("half a line");
         let mut coordinator = self::coordinator(dir.path());
         let c = coordinator.register("c".into(), "cpu".into(), now);
         let TaskReply::Task(again) = coordinator.get_task(&c, now).expect("task") else {
@@ -1399,20 +1371,29 @@ mod tests {
                 now,
             )
             .expect("progress");
-        let written = rows(&path);
-        assert_eq!(written.len(), 4);
-        assert_eq!(written[3]["worker"], c.0.as_str());
+        let text = std::fs::read_to_string(&path).expect("metrics file");
+        let lines: Vec<&str> = text.lines().collect();
+        assert_eq!(lines.len(), 5);
+        assert_eq!(lines[3], "{\"event\": \"progr");
+        let last: serde_json::Value = serde_json::from_str(lines[4]).expect("a whole line");
+        assert_eq!(last["worker"], c.0.as_str());
     }
 
     #[test]
     fn a_second_coordinator_on_the_same_run_directory_is_refused_while_the_first_lives() {
         let dir = tempfile::tempdir().expect("tempdir");
-        let first = coordinator(dir.path());
-        std::fs::write(
-            dir.path().join("coordinator.addr"),
-            "http://127.0.0.1:4242\n",
-        )
-        .expect("address file");
+        let mut first = coordinator(dir.path());
+        first
+            .announce("http://127.0.0.1:4242")
+            .expect("announce the address");
+        assert_eq!(
+            std::fs::read_to_string(dir.path().join("coordinator.addr")).expect("address file"),
+            "http://127.0.0.1:4242\n"
+        );
+        let held = lock::RunLock::check_free(dir.path())
+            .expect_err("the check sees the held lock")
+            .to_string();
+        assert!(held.contains("is in use by another coordinator"), "{held}");
         let plan = Plan::from_toml_str(TINY).expect("tiny plan");
         let error = Coordinator::open(plan.clone(), dir.path())
             .err()
@@ -1427,6 +1408,7 @@ mod tests {
         );
         let state = std::fs::read_to_string(dir.path().join("state.json")).expect("state");
         drop(first);
+        lock::RunLock::check_free(dir.path()).expect("free once the first one is gone");
         // The first one's state is untouched by the refused one, and the directory is free again.
         let again = Coordinator::open(plan, dir.path()).expect("the directory is free again");
         assert_eq!(

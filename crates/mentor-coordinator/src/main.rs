@@ -5,7 +5,7 @@ use std::sync::{Arc, Mutex};
 
 use anyhow::Context;
 use clap::Parser;
-use mentor_coordinator::{service, Coordinator};
+use mentor_coordinator::{lock, service, Coordinator};
 use mentor_plan::Plan;
 
 /// Schedules Noisy Student or Meta Pseudo Labels rounds over gRPC workers and answers status
@@ -64,21 +64,25 @@ async fn main() -> anyhow::Result<()> {
     mentor_telemetry::init(&args.log_format);
     let plan = Plan::load(&args.plan)
         .with_context(|| format!("invalid plan `{}`", args.plan.display()))?;
-    // Listening comes before the run directory is touched: an address that cannot be used
-    // leaves nothing behind.
-    let listener = tokio::net::TcpListener::bind(args.listen.as_str())
-        .await
-        .with_context(|| {
-            format!(
-                "failed to listen on `{}` (expected IP:PORT or HOSTNAME:PORT)",
-                args.listen
-            )
-        })?;
     let state_dir = args
         .state_dir
         .clone()
         .unwrap_or_else(|| PathBuf::from("runs").join(&plan.name));
-    let coordinator = tokio::task::block_in_place(|| {
+    // A run directory held by another coordinator is refused first (that one's port may be
+    // the one asked for); then listening comes before the run directory is touched: an
+    // address that cannot be used leaves nothing behind.
+    lock::RunLock::check_free(&state_dir)?;
+    let listener = tokio::net::TcpListener::bind(args.listen.as_str())
+        .await
+        .map_err(|error| {
+            let hint = if error.kind() == std::io::ErrorKind::InvalidInput {
+                " (--listen takes IP:PORT or HOSTNAME:PORT)"
+            } else {
+                ""
+            };
+            anyhow::anyhow!("failed to listen on `{}`: {error}{hint}", args.listen)
+        })?;
+    let mut coordinator = tokio::task::block_in_place(|| {
         if args.redo_finetune {
             Coordinator::open_to_redo_finetune(plan, &state_dir)
         } else {
@@ -88,16 +92,7 @@ async fn main() -> anyhow::Result<()> {
     .with_context(|| format!("failed to open the run in `{}`", state_dir.display()))?;
     let run_dir = coordinator.state.paths.run_dir.clone();
     let address = listener.local_addr()?;
-    std::fs::write(
-        run_dir.join("coordinator.addr"),
-        format!("http://{address}\n"),
-    )
-    .with_context(|| {
-        format!(
-            "failed to write `{}`",
-            run_dir.join("coordinator.addr").display()
-        )
-    })?;
+    coordinator.announce(&format!("http://{address}"))?;
     tracing::info!(
         run = %coordinator.state.run_id,
         %address,

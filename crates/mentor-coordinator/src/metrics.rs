@@ -4,13 +4,15 @@
 //! curves (loss, `h`, the UDA mask rate, test accuracy as the student trains, images per
 //! second) can be plotted during and after the run without reading logs. One line per progress
 //! report of a task's current attempt (rank 0's alone for a data-parallel group: every rank
-//! reports the same global numbers), and one per task that ends (done or failed), with its
-//! result. The file is only appended to: a restarted coordinator goes on writing after the
-//! lines of the run it resumes, so steps since the joint training's last save may appear twice
-//! (the later lines, with the higher `attempt`, are those the run kept).
+//! reports the same global numbers), and one per attempt that reports its end (done, or
+//! failed), with its result. An attempt abandoned without a report (its worker lost, its lease
+//! expired, the coordinator restarted) gets no line of its own. The file is only appended to: a
+//! restarted coordinator goes on writing after the lines of the run it resumes, and a task
+//! that runs again (from step 0, or a joint training from its last save) reports its steps
+//! again; the lines later in the file are those of the attempt the run kept.
 
 use std::fs::File;
-use std::io::Write;
+use std::io::{Read, Seek, SeekFrom, Write};
 use std::path::{Path, PathBuf};
 use std::time::{SystemTime, UNIX_EPOCH};
 
@@ -36,8 +38,17 @@ impl MetricsLog {
         let path = run_dir.join(FILE_NAME);
         let file = std::fs::OpenOptions::new()
             .create(true)
+            .read(true)
             .append(true)
             .open(&path)
+            .and_then(|mut file| {
+                // A line cut short (a full disk, a crash mid-write) is ended, so that the
+                // lines written after it stay whole.
+                if ends_mid_line(&mut file)? {
+                    file.write_all(b"\n")?;
+                }
+                Ok(file)
+            })
             .map_err(|error| {
                 tracing::warn!(path = %path.display(), %error, "cannot write the metrics file; the run goes on without it");
             })
@@ -126,6 +137,18 @@ impl MetricsLog {
             self.file = None;
         }
     }
+}
+
+/// Whether `file` is not empty and its last byte is not a newline.
+fn ends_mid_line(file: &mut File) -> std::io::Result<bool> {
+    let length = file.metadata()?.len();
+    if length == 0 {
+        return Ok(false);
+    }
+    file.seek(SeekFrom::Start(length - 1))?;
+    let mut last = [0u8; 1];
+    file.read_exact(&mut last)?;
+    Ok(last[0] != b'\n')
 }
 
 /// The fields every line has.

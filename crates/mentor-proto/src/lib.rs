@@ -16,9 +16,10 @@ pub mod coordinator {
 /// Reads a coordinator address the way users write it and returns the URL to connect to.
 ///
 /// Accepts `HOST:PORT` (the form the coordinator's `--listen` takes; `http://` is added) and
-/// `http://HOST[:PORT]` (the form it writes to `<state-dir>/coordinator.addr`). Refuses, saying
-/// why, anything else: another scheme (this build speaks plain HTTP/2, without TLS), a URL
-/// without a host, or one with a path.
+/// `http://HOST:PORT` (the form it writes to `<state-dir>/coordinator.addr`). Refuses, saying
+/// why, anything else: another scheme (this build speaks plain HTTP/2, without TLS), an
+/// address without a host or a port (`node-3` alone would mean port 80, never the
+/// coordinator's), or one with a path.
 pub fn coordinator_url(address: &str) -> Result<String, String> {
     let address = address.trim();
     if address.is_empty() {
@@ -42,8 +43,16 @@ pub fn coordinator_url(address: &str) -> Result<String, String> {
         None => return Err("expected HOST:PORT or http://HOST:PORT".to_string()),
     }
     match uri.authority() {
-        Some(authority) if !authority.host().is_empty() => {}
-        _ => return Err("no host: expected HOST:PORT or http://HOST:PORT".to_string()),
+        Some(authority) if authority.host().is_empty() => {
+            return Err("no host: expected HOST:PORT or http://HOST:PORT".to_string())
+        }
+        Some(authority) if authority.port_u16().is_none() => {
+            return Err(format!(
+                "no port in `{address}`: expected HOST:PORT or http://HOST:PORT"
+            ))
+        }
+        Some(_) => {}
+        None => return Err("no host: expected HOST:PORT or http://HOST:PORT".to_string()),
     }
     if !matches!(uri.path(), "" | "/") {
         return Err(format!(
@@ -81,6 +90,9 @@ mod tests {
             ("https://node-3:7000", "scheme `https` is not supported"),
             ("grpc://node-3:7000", "scheme `grpc` is not supported"),
             ("http://", "HOST:PORT"),
+            ("node-3", "no port in `node-3`"),
+            ("50051", "no port in `50051`"),
+            ("http://node-3", "no port in `http://node-3`"),
             ("http://node-3:7000/status", "unexpected path `/status`"),
             ("node 3:7000", "HOST:PORT"),
         ] {

@@ -1,0 +1,109 @@
+//! One coordinator per run directory: `<run_dir>/coordinator.lock`.
+//!
+//! Two coordinators on one run directory would overwrite each other's state and checkpoints.
+//! The lock is the operating system's (`flock`), so a coordinator that dies, however it dies,
+//! leaves the directory free; the file's text says who holds it (pid, host and, once it
+//! listens, address), for the refusal a second coordinator gets. On a shared file system the
+//! lock holds across hosts only where the file system supports `flock` (NFS v4 does).
+
+use std::fs::{File, OpenOptions};
+use std::io::{Seek, Write};
+use std::path::{Path, PathBuf};
+
+use crate::CoordinatorError;
+
+/// The lock file's name in the run directory.
+pub const FILE_NAME: &str = "coordinator.lock";
+
+/// The held lock of a run directory; released when dropped (or when the process ends).
+#[derive(Debug)]
+pub struct RunLock {
+    file: File,
+    path: PathBuf,
+}
+
+impl RunLock {
+    /// Takes the lock of `run_dir` (which must exist), or says who holds it.
+    pub fn take(run_dir: &Path) -> Result<RunLock, CoordinatorError> {
+        let path = run_dir.join(FILE_NAME);
+        let file = OpenOptions::new()
+            .read(true)
+            .write(true)
+            .create(true)
+            .truncate(false)
+            .open(&path)
+            .map_err(|e| store_error(&path, e))?;
+        match file.try_lock() {
+            Ok(()) => {
+                let mut lock = RunLock { file, path };
+                lock.describe(None);
+                Ok(lock)
+            }
+            Err(std::fs::TryLockError::WouldBlock) => Err(in_use(run_dir, &path)),
+            Err(std::fs::TryLockError::Error(e)) => Err(store_error(&path, e)),
+        }
+    }
+
+    /// Fails, saying who holds it, when another coordinator holds `run_dir`; creates nothing.
+    /// For a check before anything else is done (the lock itself is taken by [`RunLock::take`]).
+    pub fn check_free(run_dir: &Path) -> Result<(), CoordinatorError> {
+        let path = run_dir.join(FILE_NAME);
+        let file = match OpenOptions::new().read(true).open(&path) {
+            Ok(file) => file,
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(()),
+            Err(e) => return Err(store_error(&path, e)),
+        };
+        match file.try_lock_shared() {
+            Ok(()) => Ok(()),
+            Err(std::fs::TryLockError::WouldBlock) => Err(in_use(run_dir, &path)),
+            Err(std::fs::TryLockError::Error(e)) => Err(store_error(&path, e)),
+        }
+    }
+
+    /// Adds the address this coordinator listens at to what the lock file says.
+    pub fn record_address(&mut self, url: &str) {
+        self.describe(Some(url));
+    }
+
+    /// Writes who holds the lock. Best effort: the lock holds whatever the text says.
+    fn describe(&mut self, url: Option<&str>) {
+        let host = std::fs::read_to_string("/proc/sys/kernel/hostname")
+            .map(|name| name.trim().to_string())
+            .unwrap_or_default();
+        let mut text = format!("pid {}", std::process::id());
+        if !host.is_empty() {
+            text.push_str(&format!(" on {host}"));
+        }
+        if let Some(url) = url {
+            text.push_str(&format!(", listening at {url}"));
+        }
+        let written = self
+            .file
+            .set_len(0)
+            .and_then(|()| self.file.rewind())
+            .and_then(|()| writeln!(self.file, "{text}"));
+        if let Err(error) = written {
+            tracing::warn!(path = %self.path.display(), %error, "cannot write who holds the run directory's lock");
+        }
+    }
+}
+
+fn in_use(run_dir: &Path, path: &Path) -> CoordinatorError {
+    let holder = std::fs::read_to_string(path).unwrap_or_default();
+    let holder = holder.trim();
+    CoordinatorError::RunInUse {
+        dir: run_dir.to_path_buf(),
+        holder: if holder.is_empty() {
+            String::new()
+        } else {
+            format!(" ({holder})")
+        },
+    }
+}
+
+fn store_error(path: &Path, error: std::io::Error) -> CoordinatorError {
+    CoordinatorError::StateStore {
+        path: path.to_path_buf(),
+        reason: error.to_string(),
+    }
+}
