@@ -212,3 +212,58 @@ fn a_group_whose_ranks_never_join_fails_naming_them() {
     );
     assert!(status.error.contains("failed 3 times"), "{}", status.error);
 }
+
+/// Workers on separate hosts, emulated by loopback addresses: the coordinator listens on every
+/// interface, each worker reaches it by `HOST:PORT` and listens for its ring neighbour on its
+/// own `--advertise-host` only, so the group forms only if each rank is reached at the address
+/// it advertised.
+#[test]
+fn ranks_on_separate_hosts_meet_at_their_advertised_addresses() {
+    let runtime = tokio::runtime::Runtime::new().expect("runtime");
+    let dir = tempfile::tempdir().expect("tempdir");
+    let plan = dir.path().join("plan.toml");
+    std::fs::write(&plan, deterministic_plan(2, 2, 20)).expect("write plan");
+    let state_dir = dir.path().join("run");
+    let (mut coordinator, written) =
+        mentor_e2e::start_coordinator_on(&plan, "0.0.0.0:0", &state_dir);
+    let port = written.rsplit(':').next().expect("port");
+    assert_eq!(written, format!("http://0.0.0.0:{port}"));
+    let reach = format!("127.0.0.1:{port}");
+    let workers: Vec<Process> = ["127.0.0.2", "127.0.0.3"]
+        .iter()
+        .enumerate()
+        .map(|(index, host)| {
+            Process::start(
+                &mentor_e2e::binary("worker"),
+                &[
+                    "--coordinator",
+                    &reach,
+                    "--threads",
+                    "1",
+                    "--advertise-host",
+                    host,
+                ],
+                dir.path().join(format!("worker-{index}.log")),
+            )
+        })
+        .collect();
+    let status = watch_run(
+        &runtime,
+        &format!("http://{reach}"),
+        &mut coordinator,
+        Duration::from_secs(600),
+        |_| {},
+    );
+    let logs: String = workers.iter().map(|w| w.log_text()).collect();
+    assert_eq!(status.status, "succeeded", "{}\n{logs}", status.error);
+    assert!(status.rounds[0].teacher_test_accuracy.is_some());
+    // The ring went through the advertised addresses.
+    let joined = logs
+        .lines()
+        .find(|line| line.contains("every rank joined"))
+        .unwrap_or_else(|| panic!("no group formed:\n{logs}"));
+    assert!(
+        joined.contains("\"127.0.0.2:") && joined.contains("\"127.0.0.3:"),
+        "{joined}"
+    );
+}

@@ -602,7 +602,7 @@ async fn rendezvous(
             }
         };
     }
-    tracing::info!(task = %task.task_id, rank, world_size, collective = ?collective, "every rank joined");
+    tracing::info!(task = %task.task_id, rank, world_size, collective = ?collective, addresses = ?status.addresses, "every rank joined");
     let setup = match listener {
         Some(listener) => GroupSetup::Ring {
             listener,
