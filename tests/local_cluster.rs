@@ -859,6 +859,16 @@ fn a_tiny_meta_pseudo_labels_run_trains_evaluates_and_finetunes() {
         json["final_student_test_accuracy"],
         serde_json::json!(round.finetuned_student_test_accuracy)
     );
+    // Where the run and its final student are.
+    let run_dir = state_dir.canonicalize().expect("run dir");
+    assert_eq!(json["run_dir"], run_dir.to_str().expect("utf-8"));
+    assert_eq!(
+        json["final_student_checkpoint"],
+        run_dir
+            .join("checkpoints/round-1-student-finetuned.safetensors")
+            .to_str()
+            .expect("utf-8")
+    );
     drop(coordinator);
 
     // A changed [mpl.finetune] finetunes the student again and keeps the joint training.

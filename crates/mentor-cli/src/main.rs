@@ -80,6 +80,12 @@ fn status_json(status: &pb::RunStatus) -> Value {
         "final_student_test_accuracy": status.rounds.last().and_then(|round| {
             round.finetuned_student_test_accuracy.or(round.student_test_accuracy)
         }),
+        "final_student_checkpoint": if status.final_student_checkpoint.is_empty() {
+            Value::Null
+        } else {
+            json!(status.final_student_checkpoint)
+        },
+        "run_dir": status.run_dir,
         "rounds": status.rounds.iter().map(|round| json!({
             "round": round.round,
             "teacher_test_accuracy": round.teacher_test_accuracy,
@@ -143,6 +149,15 @@ fn status_text(status: &pb::RunStatus) -> String {
     ));
     if !status.error.is_empty() {
         out.push_str(&format!("error: {}\n", status.error));
+    }
+    if !status.run_dir.is_empty() {
+        out.push_str(&format!("run directory: {}\n", status.run_dir));
+    }
+    if !status.final_student_checkpoint.is_empty() {
+        out.push_str(&format!(
+            "final student: {}\n",
+            status.final_student_checkpoint
+        ));
     }
     let loss = if status.latest_loss.is_finite() {
         format!("{:.4}", status.latest_loss)

@@ -447,6 +447,13 @@ pub fn status_of(coordinator: &Coordinator) -> pb::RunStatus {
         elapsed_seconds: coordinator.started.elapsed().as_secs_f64(),
         tasks_done,
         tasks_total,
+        run_dir: state.paths.run_dir.display().to_string(),
+        final_student_checkpoint: state
+            .rounds
+            .last()
+            .and_then(|round| round.finetuned.as_ref().or(round.student.as_ref()))
+            .map(|model| model.checkpoint.display().to_string())
+            .unwrap_or_default(),
     }
 }
 
