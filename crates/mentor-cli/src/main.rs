@@ -86,6 +86,7 @@ fn status_json(status: &pb::RunStatus) -> Value {
             json!(status.final_student_checkpoint)
         },
         "run_dir": status.run_dir,
+        "min_workers": status.min_workers,
         "rounds": status.rounds.iter().map(|round| json!({
             "round": round.round,
             "teacher_test_accuracy": round.teacher_test_accuracy,
@@ -102,6 +103,8 @@ fn status_json(status: &pb::RunStatus) -> Value {
             "id": worker.worker_id,
             "device": worker.device,
             "host": worker.hostname,
+            "pid": worker.pid,
+            "seconds_since_heard": number(worker.seconds_since_heard),
             "alive": worker.alive,
             "state": worker.state,
             "task": if worker.task_id.is_empty() { Value::Null } else { json!(worker.task) },
@@ -149,6 +152,13 @@ fn status_text(status: &pb::RunStatus) -> String {
     ));
     if !status.error.is_empty() {
         out.push_str(&format!("error: {}\n", status.error));
+    }
+    if status.phase == "waiting-for-workers" {
+        let registered = status.workers.iter().filter(|w| w.alive).count();
+        out.push_str(&format!(
+            "waiting for workers: {registered} of {} registered (workers.min_workers)\n",
+            status.min_workers
+        ));
     }
     if !status.run_dir.is_empty() {
         out.push_str(&format!("run directory: {}\n", status.run_dir));
@@ -223,14 +233,20 @@ fn status_text(status: &pb::RunStatus) -> String {
             }
             task
         };
-        let alive = if worker.alive {
+        // Seconds are left out of the text, which `--watch` prints again only when it changes.
+        let state = if worker.state == "active" || worker.state.is_empty() {
             String::new()
         } else {
             format!(" ({})", worker.state)
         };
+        let pid = if worker.pid > 0 {
+            format!(" pid {}", worker.pid)
+        } else {
+            String::new()
+        };
         out.push_str(&format!(
-            "worker {} {}{}: {}\n",
-            worker.worker_id, worker.device, alive, task
+            "worker {} {}{pid}{state}: {}\n",
+            worker.worker_id, worker.device, task
         ));
     }
     out
@@ -367,6 +383,45 @@ mod tests {
             "{text}"
         );
         assert!(lines[1].ends_with("idle"), "{text}");
+    }
+
+    #[test]
+    fn a_waiting_run_says_how_many_workers_it_waits_for_and_names_each_process() {
+        let worker = |id: &str, pid, alive, state: &str| pb::WorkerStatus {
+            worker_id: id.into(),
+            device: "cpu".into(),
+            pid,
+            alive,
+            state: state.into(),
+            ..Default::default()
+        };
+        let status = pb::RunStatus {
+            phase: "waiting-for-workers".into(),
+            min_workers: 3,
+            workers: vec![
+                worker("w1-a", 4242, true, "active"),
+                worker("w2-a", 4343, true, "silent"),
+                worker("w3-b", 77, false, "lost"),
+            ],
+            ..Default::default()
+        };
+        let text = status_text(&status);
+        assert!(
+            text.contains("waiting for workers: 2 of 3 registered (workers.min_workers)"),
+            "{text}"
+        );
+        assert!(text.contains("worker w1-a cpu pid 4242: idle"), "{text}");
+        assert!(
+            text.contains("worker w2-a cpu pid 4343 (silent): idle"),
+            "{text}"
+        );
+        assert!(
+            text.contains("worker w3-b cpu pid 77 (lost): idle"),
+            "{text}"
+        );
+        let json = status_json(&status);
+        assert_eq!(json["min_workers"], 3);
+        assert_eq!(json["workers"][0]["pid"], 4242);
     }
 
     #[test]

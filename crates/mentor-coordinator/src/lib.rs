@@ -30,7 +30,8 @@ pub enum CoordinatorError {
     UnknownWorker(String),
     #[error("invalid request: {0}")]
     InvalidRequest(String),
-    #[error("failed to read the data set: {0}")]
+    // The cause follows as the source (anyhow prints the chain): not repeated here.
+    #[error("failed to read the data set")]
     Data(#[from] mentor_data::DataError),
     #[error("state directory `{dir}` holds a run of another plan (first difference, the run's -> this plan's: {difference}); use a new --state-dir or the same plan (a Meta Pseudo Labels run whose plan changed in [mpl.finetune] only can finetune again with --redo-finetune)")]
     PlanMismatch { dir: PathBuf, difference: String },
@@ -49,6 +50,8 @@ pub enum CoordinatorError {
 pub struct WorkerEntry {
     pub id: WorkerId,
     pub hostname: String,
+    /// The worker's process id on its host (0 when not told).
+    pub pid: u32,
     pub device: String,
     pub last_seen: Instant,
     pub alive: bool,
@@ -389,15 +392,22 @@ impl Coordinator {
         }
     }
 
-    pub fn register(&mut self, hostname: String, device: String, now: Instant) -> WorkerId {
+    pub fn register(
+        &mut self,
+        hostname: String,
+        device: String,
+        pid: u32,
+        now: Instant,
+    ) -> WorkerId {
         self.state.workers_registered += 1;
         let id = WorkerId(format!("w{}-{hostname}", self.state.workers_registered));
-        tracing::info!(worker = %id, device = %device, "worker registered");
+        tracing::info!(worker = %id, device = %device, pid, "worker registered");
         self.workers.insert(
             id.clone(),
             WorkerEntry {
                 id: id.clone(),
                 hostname,
+                pid,
                 device,
                 last_seen: now,
                 alive: true,
@@ -855,7 +865,7 @@ mod tests {
         start: Instant,
     ) -> (Coordinator, WorkerId, Assignment) {
         let mut coordinator = Coordinator::open(one_worker_plan(), dir).expect("open");
-        let a = coordinator.register("a".into(), "cpu".into(), start);
+        let a = coordinator.register("a".into(), "cpu".into(), 0, start);
         let TaskReply::Task(teacher) = coordinator.get_task(&a, start).expect("task") else {
             panic!("no teacher task")
         };
@@ -869,8 +879,8 @@ mod tests {
         now: Instant,
     ) -> (Coordinator, WorkerId, WorkerId, Assignment) {
         let mut coordinator = coordinator(dir);
-        let a = coordinator.register("a".into(), "cpu".into(), now);
-        let b = coordinator.register("b".into(), "cpu".into(), now);
+        let a = coordinator.register("a".into(), "cpu".into(), 0, now);
+        let b = coordinator.register("b".into(), "cpu".into(), 0, now);
         let TaskReply::Task(first) = coordinator.get_task(&a, now).expect("task") else {
             panic!("no task for rank 0")
         };
@@ -994,7 +1004,7 @@ mod tests {
             coordinator.state.tasks[&task].state,
             crate::state::TaskState::Pending
         );
-        let b = coordinator.register("b".into(), "cpu".into(), expired);
+        let b = coordinator.register("b".into(), "cpu".into(), 0, expired);
         let mut retry = next_label_task(&mut coordinator, &b, expired);
         while retry.task.id != task {
             retry = next_label_task(&mut coordinator, &b, expired);
@@ -1108,7 +1118,7 @@ mod tests {
             restarted.progress(&a, &task, 2, Progress::default(), start),
             Err(CoordinatorError::UnknownWorker(_))
         ));
-        let b = restarted.register("a".into(), "cpu".into(), start);
+        let b = restarted.register("a".into(), "cpu".into(), 0, start);
         assert_ne!(b, a, "a worker id was reused after the restart");
     }
 
@@ -1143,7 +1153,7 @@ mod tests {
         let mut moved = Coordinator::open(plan, &laptop).expect("reopen the moved run");
         let recorded = Plan::from_toml_str(&moved.state.plan_toml).expect("recorded plan");
         assert_eq!(recorded.data.dir, data);
-        let b = moved.register("b".into(), "cpu".into(), start);
+        let b = moved.register("b".into(), "cpu".into(), 0, start);
         // The pseudo-labelling reads the teacher the run trained, in its new place.
         let label = next_label_task(&mut moved, &b, start);
         let TaskSpec::Label { teacher, .. } = &label.task.spec else {
@@ -1179,8 +1189,8 @@ mod tests {
         let dir = tempfile::tempdir().expect("tempdir");
         let mut coordinator = coordinator(dir.path());
         let start = Instant::now();
-        let slow = coordinator.register("slow".into(), "cpu".into(), start);
-        let fast = coordinator.register("fast".into(), "cpu".into(), start);
+        let slow = coordinator.register("slow".into(), "cpu".into(), 0, start);
+        let fast = coordinator.register("fast".into(), "cpu".into(), 0, start);
         // "fast" asks for work long after both registered; "slow" is still loading its data
         // set and has sent nothing since: it is not gone, the group waits for it.
         let later = start + HEARTBEAT_INTERVAL * 10;
@@ -1199,8 +1209,8 @@ mod tests {
         let dir = tempfile::tempdir().expect("tempdir");
         let mut coordinator = coordinator(dir.path());
         let start = Instant::now();
-        let hung = coordinator.register("hung".into(), "cpu".into(), start);
-        let fast = coordinator.register("fast".into(), "cpu".into(), start);
+        let hung = coordinator.register("hung".into(), "cpu".into(), 0, start);
+        let fast = coordinator.register("fast".into(), "cpu".into(), 0, start);
         let timeout = Duration::from_secs(coordinator.plan.workers.join_timeout_seconds);
         let later = start + timeout + HEARTBEAT_INTERVAL;
         // "hung" still heartbeats (its process lives) but has not asked for work since.
@@ -1252,6 +1262,14 @@ mod tests {
             )
             .expect("complete");
         assert!(coordinator.workers[&a].suspect);
+        // Status no longer shows rank 0 on the failed attempt (the task went back to the queue).
+        let shown = crate::service::status_of(&coordinator);
+        let rank_0 = shown
+            .workers
+            .iter()
+            .find(|w| w.worker_id == a.0)
+            .expect("rank 0 in status");
+        assert_eq!((rank_0.task_id.as_str(), rank_0.step), ("", 0));
         assert!(
             coordinator
                 .get_group(&a, &task, 1, now)
@@ -1358,7 +1376,7 @@ mod tests {
             .expect("metrics file");
         std::io::Write::write_all(&mut file, b"{\"event\": \"progr").expect("half a line");
         let mut coordinator = self::coordinator(dir.path());
-        let c = coordinator.register("c".into(), "cpu".into(), now);
+        let c = coordinator.register("c".into(), "cpu".into(), 0, now);
         let TaskReply::Task(again) = coordinator.get_task(&c, now).expect("task") else {
             panic!("no task")
         };
@@ -1415,5 +1433,24 @@ mod tests {
             serde_json::to_string_pretty(&again.state).expect("json"),
             state
         );
+    }
+
+    #[test]
+    fn status_names_each_process_and_calls_a_worker_not_heard_from_silent() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let mut coordinator = coordinator(dir.path());
+        let now = Instant::now();
+        let earlier = now.checked_sub(Duration::from_secs(5)).expect("5 s ago");
+        coordinator.register("a".into(), "cpu".into(), 4242, now);
+        coordinator.register("b".into(), "cpu".into(), 77, earlier);
+        let status = crate::service::status_of(&coordinator);
+        assert_eq!(status.min_workers, 2);
+        let shown: Vec<(u32, &str)> = status
+            .workers
+            .iter()
+            .map(|w| (w.pid, w.state.as_str()))
+            .collect();
+        assert_eq!(shown, vec![(4242, "active"), (77, "silent")]);
+        assert!(status.workers[1].seconds_since_heard >= 5.0);
     }
 }

@@ -219,7 +219,12 @@ impl WorkerService for WorkerApi {
             return Err(Status::invalid_argument("device must not be empty"));
         }
         let mut coordinator = lock(&self.shared);
-        let id = coordinator.register(request.hostname, request.device, Instant::now());
+        let id = coordinator.register(
+            request.hostname,
+            request.device,
+            request.pid,
+            Instant::now(),
+        );
         Ok(Response::new(pb::RegisterResponse {
             worker_id: id.0,
             run_id: coordinator.state.run_id.clone(),
@@ -382,7 +387,18 @@ pub fn status_of(coordinator: &Coordinator) -> pb::RunStatus {
         .workers
         .values()
         .map(|worker| {
-            let task = worker.task.as_ref().and_then(|id| state.tasks.get(id));
+            // The worker's task while the worker is one of its current attempt's (a rank of a
+            // failed group that has not been heard of since keeps it until then).
+            let task = worker
+                .task
+                .as_ref()
+                .and_then(|id| state.tasks.get(id))
+                .filter(|t| t.workers().contains(&worker.id));
+            let progress = match task {
+                Some(_) => worker.progress.clone(),
+                None => crate::Progress::default(),
+            };
+            let silent = worker.last_seen.elapsed();
             pb::WorkerStatus {
                 worker_id: worker.id.0.clone(),
                 device: worker.device.clone(),
@@ -397,12 +413,16 @@ pub fn status_of(coordinator: &Coordinator) -> pb::RunStatus {
                         _ => t.spec.describe(),
                     })
                     .unwrap_or_default(),
-                step: worker.progress.step,
-                total_steps: worker.progress.total_steps,
-                loss: worker.progress.loss.unwrap_or(f64::NAN),
-                images_per_second: worker.progress.images_per_second,
+                step: progress.step,
+                total_steps: progress.total_steps,
+                loss: progress.loss.unwrap_or(f64::NAN),
+                images_per_second: progress.images_per_second,
                 seconds_left: task.and(worker.seconds_left()),
-                state: if worker.alive {
+                pid: worker.pid,
+                seconds_since_heard: silent.as_secs_f64(),
+                state: if worker.alive && silent > crate::HEARTBEAT_INTERVAL * 3 {
+                    "silent"
+                } else if worker.alive {
                     "active"
                 } else if worker.exited {
                     "exited"
@@ -410,7 +430,7 @@ pub fn status_of(coordinator: &Coordinator) -> pb::RunStatus {
                     "lost"
                 }
                 .to_string(),
-                metrics: worker.progress.metrics.clone(),
+                metrics: progress.metrics,
             }
         })
         .collect();
@@ -448,6 +468,7 @@ pub fn status_of(coordinator: &Coordinator) -> pb::RunStatus {
         tasks_done,
         tasks_total,
         run_dir: state.paths.run_dir.display().to_string(),
+        min_workers: coordinator.plan.workers.min_workers,
         final_student_checkpoint: state
             .rounds
             .last()
