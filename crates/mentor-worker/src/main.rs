@@ -659,16 +659,10 @@ async fn execute(
     let task_id = assignment.task_id.as_str();
     let mut unknown_worker = false;
     loop {
+        // Reports first: the libtorch thread sends a task's last report before its result, and
+        // the coordinator must get it (the last evaluation, a line of metrics.jsonl) first.
         tokio::select! {
-            result = &mut done_receiver => {
-                let result = result.map_err(|_| anyhow::anyhow!("the libtorch thread stopped during a task"))?;
-                // A task that ended before it saw the stop reports its result anyway (the
-                // coordinator ignores it if the attempt is not the worker's).
-                return Ok(match result {
-                    Err(_) if stop.load(Ordering::Acquire) => Run::Stopped { unknown_worker },
-                    result => Run::Finished(result),
-                });
-            }
+            biased;
             Some(progress) = progress_receiver.recv() => {
                 if stop.load(Ordering::Acquire) {
                     continue;
@@ -700,6 +694,15 @@ async fn execute(
                     }
                     Err(status) => tracing::warn!(%status, "progress report failed"),
                 }
+            }
+            result = &mut done_receiver => {
+                let result = result.map_err(|_| anyhow::anyhow!("the libtorch thread stopped during a task"))?;
+                // A task that ended before it saw the stop reports its result anyway (the
+                // coordinator ignores it if the attempt is not the worker's).
+                return Ok(match result {
+                    Err(_) if stop.load(Ordering::Acquire) => Run::Stopped { unknown_worker },
+                    result => Run::Finished(result),
+                });
             }
         }
     }
