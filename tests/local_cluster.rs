@@ -195,6 +195,16 @@ fn status_command_reports_an_unreachable_coordinator() {
     );
     // The cause, not tonic's bare "transport error".
     assert!(stderr.to_lowercase().contains("refused"), "{stderr}");
+    // With --json, stdout says so too.
+    let answer: serde_json::Value =
+        serde_json::from_slice(&output.stdout).expect("a JSON answer on stdout");
+    assert_eq!(answer["status"], "unreachable");
+    assert!(
+        answer["error"]
+            .as_str()
+            .is_some_and(|e| e.contains("cannot reach the coordinator at http://127.0.0.1:9")),
+        "{answer}"
+    );
 
     let output = std::process::Command::new(binary("mentor"))
         .args(["status", "--coordinator", "http://127.0.0.1:9", "--watch"])

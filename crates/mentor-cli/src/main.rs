@@ -272,10 +272,15 @@ async fn status(
                 }
                 link = error.source();
             }
-            eprintln!(
-                "error: cannot reach the coordinator at {coordinator}: {}",
+            let message = format!(
+                "cannot reach the coordinator at {coordinator}: {}",
                 chain.join(": ")
             );
+            eprintln!("error: {message}");
+            if as_json {
+                // Scripts reading stdout get an answer too.
+                println!("{}", json!({"status": "unreachable", "error": message}));
+            }
             return Ok(2);
         }
     };

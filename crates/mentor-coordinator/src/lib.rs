@@ -282,11 +282,35 @@ impl Coordinator {
             path: run_dir.to_path_buf(),
             reason,
         };
+        let created = !run_dir.exists();
         std::fs::create_dir_all(run_dir).map_err(|e| state_store_error(e.to_string()))?;
         let run_dir = run_dir
             .canonicalize()
             .map_err(|e| state_store_error(e.to_string()))?;
         let lock = lock::RunLock::take(&run_dir)?;
+        let opened = Coordinator::open_locked(plan, &run_dir, lock, redo_finetune);
+        if opened.is_err() && created {
+            // A run directory made for a run that could not start holds nothing worth keeping:
+            // it goes (each removal fails, leaving things as they are, if anything else is in it).
+            let _ = std::fs::remove_file(run_dir.join(lock::FILE_NAME));
+            let _ = std::fs::remove_dir(run_dir.join("pseudo-labels"));
+            let _ = std::fs::remove_dir(&run_dir);
+        }
+        opened
+    }
+
+    /// Opens the run in `run_dir` (canonical, held by `lock`).
+    fn open_locked(
+        plan: Plan,
+        run_dir: &Path,
+        lock: lock::RunLock,
+        redo_finetune: bool,
+    ) -> Result<Coordinator, CoordinatorError> {
+        let state_store_error = |reason: String| CoordinatorError::StateStore {
+            path: run_dir.to_path_buf(),
+            reason,
+        };
+        let run_dir = run_dir.to_path_buf();
         let labels = mentor_data::load_train_labels(&plan.data.dir)?;
         let split = mentor_data::Split::new(&labels, 0, &plan.data, plan.seed)?;
         let storage = plan
@@ -1452,5 +1476,29 @@ mod tests {
             .collect();
         assert_eq!(shown, vec![(4242, "active"), (77, "silent")]);
         assert!(status.workers[1].seconds_since_heard >= 5.0);
+    }
+
+    #[test]
+    fn a_run_that_cannot_start_leaves_no_directory_it_made() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let mut plan = Plan::from_toml_str(TINY).expect("tiny plan");
+        plan.data.dir = dir.path().join("no-data-here");
+        let fresh = dir.path().join("runs/fresh");
+        let error = Coordinator::open(plan.clone(), &fresh)
+            .err()
+            .expect("no data set");
+        assert!(matches!(error, CoordinatorError::Data(_)), "{error}");
+        assert!(!fresh.exists(), "the run directory it made is left behind");
+        // A directory that was there before stays, with what it holds.
+        let existing = dir.path().join("existing");
+        std::fs::create_dir_all(&existing).expect("dir");
+        std::fs::write(existing.join("notes.txt"), "mine").expect("file");
+        Coordinator::open(plan, &existing)
+            .err()
+            .expect("no data set");
+        assert_eq!(
+            std::fs::read_to_string(existing.join("notes.txt")).expect("kept"),
+            "mine"
+        );
     }
 }
