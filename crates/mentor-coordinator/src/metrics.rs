@@ -56,11 +56,6 @@ impl MetricsLog {
         MetricsLog { path, file }
     }
 
-    /// Where the lines go.
-    pub fn path(&self) -> &Path {
-        &self.path
-    }
-
     /// A progress report of `attempt` of `task`, made by `worker`.
     pub fn progress(
         &mut self,
