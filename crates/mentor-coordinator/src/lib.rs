@@ -23,6 +23,10 @@ use crate::state::{Assignment, Effect, Phase, RunState, TaskId, TaskOutcome, Tas
 /// How often workers are asked to send a heartbeat.
 pub const HEARTBEAT_INTERVAL: Duration = Duration::from_secs(1);
 
+/// A worker heard from within this long (3 heartbeat intervals) counts as present: it joins
+/// new groups, and status calls it active rather than silent.
+pub const HEARD_RECENTLY: Duration = Duration::from_secs(3);
+
 /// Errors a caller of the coordinator can act on.
 #[derive(Debug, thiserror::Error)]
 pub enum CoordinatorError {
@@ -521,7 +525,7 @@ impl Coordinator {
         if self.plan.workers.world_size > 0 {
             return self.plan.workers.world_size;
         }
-        let recent = HEARTBEAT_INTERVAL * 3;
+        let recent = HEARD_RECENTLY;
         let starting = Duration::from_secs(self.plan.workers.join_timeout_seconds);
         self.workers
             .values()

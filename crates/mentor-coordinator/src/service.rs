@@ -420,7 +420,7 @@ pub fn status_of(coordinator: &Coordinator) -> pb::RunStatus {
                 seconds_left: task.and(worker.seconds_left()),
                 pid: worker.pid,
                 seconds_since_heard: silent.as_secs_f64(),
-                state: if worker.alive && silent > crate::HEARTBEAT_INTERVAL * 3 {
+                state: if worker.alive && silent > crate::HEARD_RECENTLY {
                     "silent"
                 } else if worker.alive {
                     "active"
