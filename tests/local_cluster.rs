@@ -175,6 +175,8 @@ fn bad_plan_is_refused_before_anything_starts() {
         stderr.contains("pseudo_labels.top_k: must be between 1 and data.classes (10)"),
         "{stderr}"
     );
+    // The file is named once, the field after it.
+    assert_eq!(stderr.matches("bad.toml").count(), 1, "{stderr}");
     assert!(
         !state_dir.exists(),
         "a refused plan must not create its run directory"

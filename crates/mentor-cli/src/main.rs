@@ -1,8 +1,12 @@
-//! `mentor`: the user's command line. `mentor status` asks a coordinator how its run is going.
+//! `mentor`: the user's command line. `mentor status` asks a coordinator how its run is going;
+//! `mentor plan` checks a plan and its data before a run and says what the run will do.
 //!
 //! Talks to the coordinator's status service only; it never links libtorch.
 
+mod plan;
+
 use std::io::IsTerminal;
+use std::path::PathBuf;
 use std::time::Duration;
 
 use anyhow::Context;
@@ -12,7 +16,10 @@ use pb::status_service_client::StatusServiceClient;
 use serde_json::{json, Value};
 
 #[derive(Debug, Parser)]
-#[command(version, about = "Self-training orchestrator: query and follow runs")]
+#[command(
+    version,
+    about = "Self-training orchestrator: check plans, query and follow runs"
+)]
 struct Cli {
     #[command(subcommand)]
     command: Command,
@@ -38,6 +45,19 @@ enum Command {
         /// Seconds between two refreshes with --watch (at least 0.1).
         #[arg(long, default_value_t = 2.0, value_parser = parse_interval)]
         interval: f64,
+    },
+    /// Checks a plan and its data as a run would, and says what the run will do.
+    ///
+    /// The plan's fields, the data set's files, the labeled split of its seed and the unlabeled
+    /// images with their shards are checked; nothing is written and nothing is started. Exit
+    /// status: 0 if a run would start, 1 if the plan or its data is refused (the message names
+    /// the field or file).
+    Plan {
+        /// The plan file (TOML).
+        plan: PathBuf,
+        /// Print the plan with every default written out (what the run records) instead.
+        #[arg(long)]
+        resolved: bool,
     },
 }
 
@@ -334,6 +354,24 @@ fn text_without_clock(text: &str) -> String {
         .join("\n")
 }
 
+/// `mentor plan`: 0 when the plan and its data would start a run, 1 when refused.
+fn check_plan(path: &std::path::Path, resolved: bool) -> anyhow::Result<i32> {
+    match plan::check(path) {
+        Ok((plan, data)) => {
+            if resolved {
+                print!("{}", plan.to_toml_string());
+            } else {
+                print!("{}", plan::describe(&plan, &data));
+            }
+            Ok(0)
+        }
+        Err(error) => {
+            eprintln!("error: {error:#}");
+            Ok(1)
+        }
+    }
+}
+
 #[tokio::main]
 async fn main() {
     let cli = Cli::parse();
@@ -344,6 +382,7 @@ async fn main() {
             watch,
             interval,
         } => status(coordinator, json, watch, interval).await,
+        Command::Plan { plan, resolved } => check_plan(&plan, resolved),
     };
     match code {
         Ok(code) => std::process::exit(code),

@@ -62,8 +62,7 @@ async fn shutdown_signal() {
 async fn main() -> anyhow::Result<()> {
     let args = Args::parse();
     mentor_telemetry::init(&args.log_format);
-    let plan = Plan::load(&args.plan)
-        .with_context(|| format!("invalid plan `{}`", args.plan.display()))?;
+    let plan = Plan::load(&args.plan)?;
     let state_dir = args
         .state_dir
         .clone()

@@ -21,10 +21,16 @@ pub const PLAN_VERSION: u32 = 1;
 /// Why a plan was refused.
 #[derive(Debug, thiserror::Error)]
 pub enum PlanError {
-    #[error("failed to read plan `{path}`: {source}")]
+    #[error("cannot read plan `{path}`: {error}")]
     Read {
         path: PathBuf,
-        source: std::io::Error,
+        error: std::io::Error,
+    },
+    /// A plan file read but refused: what [`Plan::load`] says, naming the file.
+    #[error("invalid plan `{path}`: {error}")]
+    InFile {
+        path: PathBuf,
+        error: Box<PlanError>,
     },
     #[error("plan is not valid TOML for this format: {message}")]
     Parse { message: String },
@@ -658,13 +664,16 @@ impl Default for WorkersPlan {
 }
 
 impl Plan {
-    /// Reads and validates a plan file.
+    /// Reads and validates a plan file; its errors name the file.
     pub fn load(path: &Path) -> Result<Plan, PlanError> {
-        let text = std::fs::read_to_string(path).map_err(|source| PlanError::Read {
+        let text = std::fs::read_to_string(path).map_err(|error| PlanError::Read {
             path: path.to_path_buf(),
-            source,
+            error,
         })?;
-        Plan::from_toml_str(&text)
+        Plan::from_toml_str(&text).map_err(|error| PlanError::InFile {
+            path: path.to_path_buf(),
+            error: Box::new(error),
+        })
     }
 
     /// Number of rounds to run: the plan's `rounds`, or the method's default (2 Noisy Student

@@ -1,0 +1,148 @@
+//! `mentor plan`: the shipped plans pass over the real Fashion-MNIST files and say what their
+//! runs do; a bad field, missing files and a split the data cannot give are refused, naming
+//! what is wrong.
+
+use std::path::Path;
+use std::process::Output;
+
+use mentor_e2e::{binary, tiny_plan_with, workspace_root};
+use mentor_plan::Plan;
+
+fn mentor_plan(args: &[&str], plan: &Path) -> Output {
+    std::process::Command::new(binary("mentor"))
+        .arg("plan")
+        .args(args)
+        .arg(plan)
+        .output()
+        .expect("run mentor plan")
+}
+
+fn text(bytes: &[u8]) -> String {
+    String::from_utf8_lossy(bytes).into_owned()
+}
+
+#[test]
+fn every_shipped_plan_passes_and_says_what_its_run_does() {
+    let plans = workspace_root().join("deploy/plans");
+    let mut checked = 0;
+    for entry in std::fs::read_dir(&plans).expect("deploy/plans") {
+        let path = entry.expect("entry").path();
+        if path.extension().is_none_or(|extension| extension != "toml") {
+            continue;
+        }
+        let output = mentor_plan(&[], &path);
+        let (stdout, stderr) = (text(&output.stdout), text(&output.stderr));
+        assert_eq!(
+            output.status.code(),
+            Some(0),
+            "{}: {stderr}",
+            path.display()
+        );
+        let plan = Plan::load(&path).expect("a shipped plan loads");
+        assert!(
+            stdout.starts_with(&format!("plan {}: ", plan.name)),
+            "{}: {stdout}",
+            path.display()
+        );
+        assert!(stdout.contains("labeled"), "{stdout}");
+
+        // --resolved prints the very plan the run records, every default written out.
+        let output = mentor_plan(&["--resolved"], &path);
+        assert_eq!(output.status.code(), Some(0));
+        let resolved = text(&output.stdout);
+        assert_eq!(resolved, plan.to_toml_string());
+        assert_eq!(
+            Plan::from_toml_str(&resolved).expect("the resolved plan parses"),
+            Plan::from_toml_str(&plan.to_toml_string()).expect("plan"),
+        );
+        checked += 1;
+    }
+    assert!(checked >= 10, "only {checked} plans in deploy/plans");
+}
+
+#[test]
+fn the_main_plans_are_described_from_their_data() {
+    let noisy_student = workspace_root().join("deploy/plans/fashion-mnist-noisy-student.toml");
+    let stdout = text(&mentor_plan(&[], &noisy_student).stdout);
+    // Counted from the data: 100 of each class drawn, the rest of the 60,000 unlabeled, in
+    // shards of 8,192.
+    assert!(
+        stdout.contains(
+            "1,000 labeled (100 per class, 10 classes), 59,000 unlabeled in 8 shards, 10,000 test images"
+        ),
+        "{stdout}"
+    );
+    assert!(stdout.contains("(28x28 images)"), "{stdout}");
+    assert!(
+        stdout.contains("round 2   teacher  round 1's student"),
+        "{stdout}"
+    );
+    assert!(stdout.contains("8 labeling tasks"), "{stdout}");
+
+    let mpl = workspace_root().join("deploy/plans/fashion-mnist-mpl-30k-mu7.toml");
+    let stdout = text(&mentor_plan(&[], &mpl).stdout);
+    assert!(
+        stdout.contains("30,000 steps of 64 labeled + 448 unlabeled"),
+        "{stdout}"
+    );
+    assert!(
+        stdout.contains("(1920 epochs of the labels, 228 of the unlabeled images)"),
+        "{stdout}"
+    );
+    assert!(
+        stdout.contains("finetune  2,000 steps of 512 labeled"),
+        "{stdout}"
+    );
+}
+
+#[test]
+fn bad_plans_and_data_are_refused_naming_what_is_wrong() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let refused = |name: &str, plan_text: &str| -> String {
+        let path = dir.path().join(name);
+        std::fs::write(&path, plan_text).expect("write plan");
+        let output = mentor_plan(&[], &path);
+        assert_eq!(output.status.code(), Some(1), "{name}");
+        assert!(output.stdout.is_empty(), "{name}: {}", text(&output.stdout));
+        let stderr = text(&output.stderr);
+        assert!(stderr.contains(name), "{name}: {stderr}");
+        stderr
+    };
+
+    let stderr = refused("field.toml", &tiny_plan_with(&[("top_k = 3", "top_k = 0")]));
+    assert!(
+        stderr.contains("pseudo_labels.top_k: must be between 1 and data.classes (10)"),
+        "{stderr}"
+    );
+
+    let stderr = refused(
+        "no-data.toml",
+        &tiny_plan_with(&[(
+            "/usr/share/datasets/fashion-mnist",
+            dir.path().to_str().expect("utf-8"),
+        )]),
+    );
+    assert!(stderr.contains("data file not found"), "{stderr}");
+    assert!(stderr.contains("train-labels-idx1-ubyte"), "{stderr}");
+
+    // Fashion-MNIST has 6,000 training images of each class.
+    let stderr = refused(
+        "split.toml",
+        &tiny_plan_with(&[("labeled_per_class = 10", "labeled_per_class = 6001")]),
+    );
+    assert!(
+        stderr.contains(
+            "data.labeled_per_class = 6001, but the training set has only 6000 images of class 0"
+        ),
+        "{stderr}"
+    );
+
+    let missing = dir.path().join("absent.toml");
+    let output = mentor_plan(&[], &missing);
+    assert_eq!(output.status.code(), Some(1));
+    let stderr = text(&output.stderr);
+    assert!(
+        stderr.contains("cannot read plan") && stderr.contains("absent.toml"),
+        "{stderr}"
+    );
+}
