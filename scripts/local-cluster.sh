@@ -125,6 +125,7 @@ done
 [ -s "$state_dir/coordinator.addr" ] || { echo "[local-cluster] the coordinator did not start" >&2; exit 1; }
 address="$(cat "$state_dir/coordinator.addr")"
 echo "[local-cluster] coordinator at $address, run directory $state_dir" >&2
+echo "[local-cluster] from another shell: $BIN/mentor status --state-dir $state_dir --watch" >&2
 
 worker_pids=()
 for i in $(seq 1 "$workers"); do

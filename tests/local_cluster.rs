@@ -431,8 +431,36 @@ fn a_restarted_coordinator_resumes_the_run() {
         "{stderr}"
     );
     assert!(coordinator.is_running(), "the first coordinator goes on");
+    // Named by its run directory, the run is asked of the coordinator serving it.
+    let (code, live) = status_of_run_dir(&state_dir);
+    assert_eq!(code, Some(0), "{live}");
+    assert_eq!(live["coordinator"], address.as_str(), "{live}");
+    assert_eq!(live["status"], "running");
+    assert!(!live["workers"].as_array().expect("workers").is_empty());
     coordinator.child.kill().expect("kill the coordinator");
     let _ = coordinator.child.wait();
+    // With its coordinator gone, the saved state answers: the run is stopped, what it had
+    // done is there.
+    let (code, stopped) = status_of_run_dir(&state_dir);
+    assert_eq!(code, Some(3), "{stopped}");
+    assert_eq!(stopped["status"], "stopped");
+    assert_eq!(stopped["coordinator"], serde_json::Value::Null);
+    assert_eq!(stopped["run_id"], before.run_id.as_str());
+    assert_eq!(
+        stopped["rounds"][0]["teacher_test_accuracy"].as_f64(),
+        before.rounds[0].teacher_test_accuracy
+    );
+    assert!(stopped["workers"].as_array().expect("workers").is_empty());
+    let text = std::process::Command::new(binary("mentor"))
+        .args(["status", "--state-dir"])
+        .arg(&state_dir)
+        .output()
+        .expect("mentor status");
+    let text = String::from_utf8_lossy(&text.stdout);
+    assert!(
+        text.contains("status: stopped") && text.contains("no coordinator serves this run"),
+        "{text}"
+    );
 
     let (mut restarted, _) = start_coordinator_on(&plan, &listen, &state_dir);
     let final_status = wait_for(
@@ -462,6 +490,15 @@ fn a_restarted_coordinator_resumes_the_run() {
     assert!(restarted
         .log_text()
         .contains("resuming run from the state store"));
+    restarted.child.kill().expect("stop the coordinator");
+    let _ = restarted.child.wait();
+    let (code, saved) = status_of_run_dir(&state_dir);
+    assert_eq!(code, Some(0), "{saved}");
+    assert_eq!(saved["status"], "succeeded");
+    assert_eq!(
+        saved["final_student_test_accuracy"].as_f64(),
+        final_status.rounds[0].student_test_accuracy
+    );
     // The restarted coordinator put the student's training back in the queue: its workers
     // stopped the attempt they were running at their next progress report instead of
     // finishing work whose result would be ignored.
@@ -471,6 +508,23 @@ fn a_restarted_coordinator_resumes_the_run() {
         "no worker stopped its attempt:\n{}",
         logs.join("\n")
     );
+}
+
+/// `mentor status --state-dir DIR --json`: its exit status and answer.
+fn status_of_run_dir(dir: &std::path::Path) -> (Option<i32>, serde_json::Value) {
+    let output = std::process::Command::new(binary("mentor"))
+        .args(["status", "--json", "--state-dir"])
+        .arg(dir)
+        .output()
+        .expect("mentor status");
+    let answer = serde_json::from_slice(&output.stdout).unwrap_or_else(|e| {
+        panic!(
+            "no JSON answer ({e}): {}{}",
+            String::from_utf8_lossy(&output.stdout),
+            String::from_utf8_lossy(&output.stderr)
+        )
+    });
+    (output.status.code(), answer)
 }
 
 /// Two Noisy Student rounds whose student grows (EfficientNet-B0, then B1 at its larger input

@@ -9,7 +9,6 @@ use std::io::IsTerminal;
 use std::path::PathBuf;
 use std::time::Duration;
 
-use anyhow::Context;
 use clap::{Parser, Subcommand};
 use mentor_proto::coordinator::v1 as pb;
 use pb::status_service_client::StatusServiceClient;
@@ -29,13 +28,21 @@ struct Cli {
 enum Command {
     /// Shows the run, round, phase, workers and accuracies of a coordinator's run.
     ///
+    /// Ask the coordinator at --coordinator, or name the run directory with --state-dir: its
+    /// coordinator is asked when one serves it, else the status saved in its state.json is
+    /// shown (an unfinished run is then `stopped`).
+    ///
     /// Exit status: 0 while running or succeeded, 1 if the run failed, 2 if the coordinator
-    /// cannot be reached.
+    /// cannot be reached (or --state-dir holds no run), 3 if the run is stopped.
+    #[command(group = clap::ArgGroup::new("run").required(true).multiple(false))]
     Status {
         /// The coordinator's address, HOST:PORT or http://HOST:PORT (what the coordinator
         /// writes to <state-dir>/coordinator.addr).
-        #[arg(long, value_parser = mentor_proto::coordinator_url)]
-        coordinator: String,
+        #[arg(long, value_parser = mentor_proto::coordinator_url, group = "run")]
+        coordinator: Option<String>,
+        /// The run directory (the coordinator's --state-dir).
+        #[arg(long, group = "run")]
+        state_dir: Option<PathBuf>,
         /// Print one JSON object (with --watch: one per line) instead of text.
         #[arg(long)]
         json: bool,
@@ -158,7 +165,7 @@ fn duration(seconds: f64) -> String {
 fn status_text(status: &pb::RunStatus) -> String {
     let mut out = String::new();
     out.push_str(&format!(
-        "run {} ({}, {})  status: {}  round {}/{}  phase: {}  tasks {}/{}  elapsed {:.0}s\n",
+        "run {} ({}, {})  status: {}  round {}/{}  phase: {}  tasks {}/{}{}\n",
         status.run_id,
         status.name,
         status.method,
@@ -168,12 +175,16 @@ fn status_text(status: &pb::RunStatus) -> String {
         status.phase,
         status.tasks_done,
         status.tasks_total,
-        status.elapsed_seconds
+        if status.elapsed_seconds.is_finite() {
+            format!("  elapsed {:.0}s", status.elapsed_seconds)
+        } else {
+            String::new()
+        }
     ));
     if !status.error.is_empty() {
         out.push_str(&format!("error: {}\n", status.error));
     }
-    if status.phase == "waiting-for-workers" {
+    if status.phase == "waiting-for-workers" && status.status == "running" {
         let registered = status.workers.iter().filter(|w| w.alive).count();
         out.push_str(&format!(
             "waiting for workers: {registered} of {} registered (workers.min_workers)\n",
@@ -272,47 +283,123 @@ fn status_text(status: &pb::RunStatus) -> String {
     out
 }
 
-async fn status(
-    coordinator: String,
-    as_json: bool,
-    watch: bool,
-    interval: f64,
-) -> anyhow::Result<i32> {
-    let mut client = match StatusServiceClient::connect(coordinator.clone()).await {
-        Ok(client) => client,
-        Err(error) => {
-            // The whole chain: tonic's "transport error" alone hides the cause. Some links
-            // repeat their source's text; each message is printed once.
-            let mut chain: Vec<String> = Vec::new();
-            let mut link: Option<&dyn std::error::Error> = Some(&error);
-            while let Some(error) = link {
-                let text = error.to_string();
-                if chain.last() != Some(&text) {
-                    chain.push(text);
-                }
-                link = error.source();
+/// What `mentor status` asks.
+enum Target {
+    Coordinator(String),
+    RunDir(PathBuf),
+}
+
+/// A status and where it came from: the coordinator's address, or `None` for a run directory's
+/// saved state.
+struct Answer {
+    status: pb::RunStatus,
+    coordinator: Option<String>,
+}
+
+/// Why no status came back: a message for the user, and `--json`'s answer.
+struct NoAnswer(String);
+
+/// The address of the coordinator serving `dir`, or `None` when none does.
+fn served_at(dir: &std::path::Path) -> Result<Option<String>, NoAnswer> {
+    use mentor_coordinator::{lock::RunLock, CoordinatorError};
+    match RunLock::check_free(dir) {
+        Ok(()) => Ok(None),
+        Err(CoordinatorError::RunInUse { .. }) => {
+            let file = dir.join("coordinator.addr");
+            match std::fs::read_to_string(&file) {
+                Ok(text) => mentor_proto::coordinator_url(text.trim())
+                    .map(Some)
+                    .map_err(|e| NoAnswer(format!("`{}`: {e}", file.display()))),
+                Err(_) => Err(NoAnswer(format!(
+                    "a coordinator holds `{}` but has not written its address to `{}` yet",
+                    dir.display(),
+                    file.display()
+                ))),
             }
-            let message = format!(
-                "cannot reach the coordinator at {coordinator}: {}",
-                chain.join(": ")
-            );
-            eprintln!("error: {message}");
-            if as_json {
-                // Scripts reading stdout get an answer too.
-                println!("{}", json!({"status": "unreachable", "error": message}));
-            }
-            return Ok(2);
         }
-    };
+        Err(error) => Err(NoAnswer(error.to_string())),
+    }
+}
+
+async fn ask(url: &str) -> Result<pb::RunStatus, NoAnswer> {
+    let mut client = StatusServiceClient::connect(url.to_string())
+        .await
+        .map_err(|error| {
+            NoAnswer(format!(
+                "cannot reach the coordinator at {url}: {}",
+                error_chain(&error)
+            ))
+        })?;
+    client
+        .get_status(pb::GetStatusRequest {})
+        .await
+        .map(|response| response.into_inner())
+        .map_err(|error| {
+            NoAnswer(format!(
+                "status query to {url} failed: {}",
+                error_chain(&error)
+            ))
+        })
+}
+
+/// The whole chain: tonic's "transport error" alone hides the cause. Some links repeat their
+/// source's text; each message is printed once.
+fn error_chain(error: &(dyn std::error::Error + 'static)) -> String {
+    let mut chain: Vec<String> = Vec::new();
+    let mut link: Option<&(dyn std::error::Error + 'static)> = Some(error);
+    while let Some(error) = link {
+        let text = error.to_string();
+        if chain.last() != Some(&text) {
+            chain.push(text);
+        }
+        link = error.source();
+    }
+    chain.join(": ")
+}
+
+async fn answer(target: &Target) -> Result<Answer, NoAnswer> {
+    match target {
+        Target::Coordinator(url) => Ok(Answer {
+            status: ask(url).await?,
+            coordinator: Some(url.clone()),
+        }),
+        Target::RunDir(dir) => match served_at(dir)? {
+            Some(url) => Ok(Answer {
+                status: ask(&url).await?,
+                coordinator: Some(url),
+            }),
+            None => mentor_coordinator::service::saved_status(dir)
+                .map(|status| Answer {
+                    status,
+                    coordinator: None,
+                })
+                .map_err(|error| NoAnswer(error.to_string())),
+        },
+    }
+}
+
+async fn status(target: Target, as_json: bool, watch: bool, interval: f64) -> anyhow::Result<i32> {
     let mut last_printed = String::new();
     loop {
-        let status = client
-            .get_status(pb::GetStatusRequest {})
-            .await
-            .with_context(|| format!("status query to {coordinator} failed"))?
-            .into_inner();
+        let Answer {
+            status,
+            coordinator,
+        } = match answer(&target).await {
+            Ok(answer) => answer,
+            Err(NoAnswer(message)) => {
+                eprintln!("error: {message}");
+                if as_json {
+                    // Scripts reading stdout get an answer too.
+                    println!("{}", json!({"status": "unreachable", "error": message}));
+                }
+                return Ok(2);
+            }
+        };
         let (text, comparable) = if as_json {
             let mut value = status_json(&status);
+            if let Some(object) = value.as_object_mut() {
+                object.insert("coordinator".into(), json!(coordinator));
+            }
             let text = if watch {
                 serde_json::to_string(&value)?
             } else {
@@ -323,11 +410,15 @@ async fn status(
             }
             (text, value.to_string())
         } else {
-            let text = status_text(&status);
+            let mut text = status_text(&status);
+            if coordinator.is_none() {
+                text.push_str(&saved_note(&status));
+            }
             let comparable = text_without_clock(&text);
             (text, comparable)
         };
-        let finished = status.status != "running";
+        // A stopped run may be resumed: --watch waits for it.
+        let finished = status.status == "succeeded" || status.status == "failed";
         if !watch {
             println!("{text}");
         } else if std::io::stdout().is_terminal() && !as_json {
@@ -337,9 +428,28 @@ async fn status(
         }
         last_printed = comparable;
         if !watch || finished {
-            return Ok(if status.status == "failed" { 1 } else { 0 });
+            return Ok(match status.status.as_str() {
+                "failed" => 1,
+                mentor_coordinator::service::STOPPED => 3,
+                _ => 0,
+            });
         }
         tokio::time::sleep(Duration::from_secs_f64(interval)).await;
+    }
+}
+
+/// Says that the status was read from the run directory, not asked of a coordinator.
+fn saved_note(status: &pb::RunStatus) -> String {
+    if status.status == mentor_coordinator::service::STOPPED {
+        format!(
+            "no coordinator serves this run: this is the status saved in {}/state.json; start the coordinator on that directory with the same plan to resume it\n",
+            status.run_dir
+        )
+    } else {
+        format!(
+            "the status saved in {}/state.json (no coordinator serves the run)\n",
+            status.run_dir
+        )
     }
 }
 
@@ -378,10 +488,18 @@ async fn main() {
     let code = match cli.command {
         Command::Status {
             coordinator,
+            state_dir,
             json,
             watch,
             interval,
-        } => status(coordinator, json, watch, interval).await,
+        } => {
+            let target = match (coordinator, state_dir) {
+                (Some(url), _) => Target::Coordinator(url),
+                (None, Some(dir)) => Target::RunDir(dir),
+                (None, None) => unreachable!("clap requires one of them"),
+            };
+            status(target, json, watch, interval).await
+        }
         Command::Plan { plan, resolved } => check_plan(&plan, resolved),
     };
     match code {
@@ -440,6 +558,7 @@ mod tests {
             ..Default::default()
         };
         let status = pb::RunStatus {
+            status: "running".into(),
             phase: "waiting-for-workers".into(),
             min_workers: 3,
             workers: vec![
@@ -455,6 +574,12 @@ mod tests {
             "{text}"
         );
         assert!(text.contains("worker w1-a cpu pid 4242: idle"), "{text}");
+        // A stopped run waits for nobody.
+        let stopped = status_text(&pb::RunStatus {
+            status: "stopped".into(),
+            ..status.clone()
+        });
+        assert!(!stopped.contains("waiting for workers"), "{stopped}");
         assert!(
             text.contains("worker w2-a cpu pid 4343 (silent): idle"),
             "{text}"

@@ -382,7 +382,6 @@ pub struct StatusApi {
 /// Builds the status message from the coordinator.
 pub fn status_of(coordinator: &Coordinator) -> pb::RunStatus {
     let state = &coordinator.state;
-    let (tasks_done, tasks_total) = state.task_counts();
     let workers = coordinator
         .workers
         .values()
@@ -434,6 +433,19 @@ pub fn status_of(coordinator: &Coordinator) -> pb::RunStatus {
             }
         })
         .collect();
+    pb::RunStatus {
+        workers,
+        latest_loss: coordinator.latest_loss.unwrap_or(f64::NAN),
+        latest_accuracy: coordinator.latest_accuracy.unwrap_or(f64::NAN),
+        elapsed_seconds: coordinator.started.elapsed().as_secs_f64(),
+        ..run_status(state, &coordinator.plan)
+    }
+}
+
+/// What the run's state says, without the live parts (workers, latest loss and accuracy, the
+/// coordinator's elapsed time: empty or NaN).
+fn run_status(state: &crate::state::RunState, plan: &mentor_plan::Plan) -> pb::RunStatus {
+    let (tasks_done, tasks_total) = state.task_counts();
     let rounds = state
         .rounds
         .iter()
@@ -450,8 +462,8 @@ pub fn status_of(coordinator: &Coordinator) -> pb::RunStatus {
         .collect();
     pb::RunStatus {
         run_id: state.run_id.clone(),
-        name: coordinator.plan.name.clone(),
-        method: coordinator.plan.method.as_str().to_string(),
+        name: plan.name.clone(),
+        method: plan.method.as_str().to_string(),
         status: state.outcome.as_str().to_string(),
         round: state.round,
         total_rounds: state.total_rounds,
@@ -460,15 +472,15 @@ pub fn status_of(coordinator: &Coordinator) -> pb::RunStatus {
             crate::state::RunOutcome::Failed(message) => message.clone(),
             _ => String::new(),
         },
-        workers,
+        workers: Vec::new(),
         rounds,
-        latest_loss: coordinator.latest_loss.unwrap_or(f64::NAN),
-        latest_accuracy: coordinator.latest_accuracy.unwrap_or(f64::NAN),
-        elapsed_seconds: coordinator.started.elapsed().as_secs_f64(),
+        latest_loss: f64::NAN,
+        latest_accuracy: f64::NAN,
+        elapsed_seconds: f64::NAN,
         tasks_done,
         tasks_total,
         run_dir: state.paths.run_dir.display().to_string(),
-        min_workers: coordinator.plan.workers.min_workers,
+        min_workers: plan.workers.min_workers,
         final_student_checkpoint: state
             .rounds
             .last()
@@ -477,6 +489,41 @@ pub fn status_of(coordinator: &Coordinator) -> pb::RunStatus {
             .unwrap_or_default(),
     }
 }
+
+/// The status a run directory's `state.json` records, for when no coordinator serves it: the
+/// status of an unfinished run is [`STOPPED`] (its coordinator is gone; starting one on the
+/// directory resumes it). Paths follow a directory moved since its last save.
+pub fn saved_status(run_dir: &std::path::Path) -> Result<pb::RunStatus, CoordinatorError> {
+    let path = run_dir.join("state.json");
+    let store_error = |reason: String| CoordinatorError::StateStore {
+        path: path.clone(),
+        reason,
+    };
+    let text = match std::fs::read_to_string(&path) {
+        Ok(text) => text,
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => {
+            return Err(store_error(
+                "no run here (no state.json; is it the run directory a coordinator was given as --state-dir?)".into(),
+            ))
+        }
+        Err(e) => return Err(store_error(e.to_string())),
+    };
+    let run_dir = run_dir
+        .canonicalize()
+        .map_err(|e| store_error(e.to_string()))?;
+    let (state, _) = crate::state::RunState::from_saved(&text, &run_dir)
+        .map_err(|e| store_error(format!("unreadable: {e}")))?;
+    let plan = mentor_plan::Plan::from_toml_str(&state.plan_toml)
+        .map_err(|e| store_error(format!("its plan does not parse: {e}")))?;
+    let mut status = run_status(&state, &plan);
+    if state.outcome == crate::state::RunOutcome::Running {
+        status.status = STOPPED.to_string();
+    }
+    Ok(status)
+}
+
+/// The status of an unfinished run that no coordinator serves.
+pub const STOPPED: &str = "stopped";
 
 #[tonic::async_trait]
 impl StatusService for StatusApi {
