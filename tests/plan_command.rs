@@ -86,11 +86,15 @@ fn the_main_plans_are_described_from_their_data() {
         "{stdout}"
     );
     assert!(
-        stdout.contains("(1920 epochs of the labels, 228 of the unlabeled images)"),
+        stdout.contains("(1,920 epochs of the labels, 228 of the unlabeled images)"),
         "{stdout}"
     );
     assert!(
         stdout.contains("finetune  2,000 steps of 512 labeled"),
+        "{stdout}"
+    );
+    assert!(
+        stdout.contains("teacher at 0.05, student at 0.05 after waiting 100 steps"),
         "{stdout}"
     );
 }
@@ -134,6 +138,41 @@ fn bad_plans_and_data_are_refused_naming_what_is_wrong() {
         stderr.contains(
             "data.labeled_per_class = 6001, but the training set has only 6000 images of class 0"
         ),
+        "{stderr}"
+    );
+
+    // Labels the model has no output for (Fashion-MNIST has 10 classes).
+    let stderr = refused(
+        "classes.toml",
+        &tiny_plan_with(&[("[data]\n", "[data]\nclasses = 5\n")]),
+    );
+    assert!(
+        stderr.contains("the training set has images labeled 9, but data.classes = 5"),
+        "{stderr}"
+    );
+
+    // Every training image labeled: nothing left for the teacher to label.
+    let stderr = refused(
+        "all-labeled.toml",
+        &tiny_plan_with(&[
+            ("labeled_per_class = 10", "labeled_per_class = 6000"),
+            ("unlabeled_limit = 1500\n", ""),
+        ]),
+    );
+    assert!(
+        stderr.contains(
+            "data.labeled_per_class x data.classes (6000 x 10) takes every training image"
+        ),
+        "{stderr}"
+    );
+
+    // Soft labels the run could not store.
+    let stderr = refused(
+        "storage.toml",
+        &tiny_plan_with(&[("top_k = 3\n", "top_k = 3\nstorage = \"/dev/null/labels\"\n")]),
+    );
+    assert!(
+        stderr.contains("pseudo_labels.storage `/dev/null/labels`: `/dev/null` is not a directory"),
         "{stderr}"
     );
 

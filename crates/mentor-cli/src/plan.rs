@@ -7,8 +7,10 @@
 use std::path::Path;
 
 use anyhow::Context;
-use mentor_data::{ImageSet, Source, Split};
-use mentor_plan::{Method, ModelPlan, NoisePlan, Plan, Precision, RolePlan, TrainPlan};
+use mentor_data::PlanData;
+use mentor_plan::{
+    LabelMode, Method, ModelPlan, NoisePlan, Plan, Precision, RandAugmentPlan, RolePlan, TrainPlan,
+};
 
 /// What the data of a plan holds, as the run will see it.
 #[derive(Debug, Clone, PartialEq)]
@@ -27,39 +29,48 @@ pub struct DataSummary {
 /// Reads and checks the plan at `path` and its data.
 pub fn check(path: &Path) -> anyhow::Result<(Plan, DataSummary)> {
     let plan = Plan::load(path)?;
-    let data = check_data(&plan).with_context(|| {
-        format!(
-            "the data of plan `{}` (data.dir `{}`)",
-            path.display(),
-            plan.data.dir.display()
-        )
-    })?;
+    let data =
+        check_data(&plan).with_context(|| format!("the data of plan `{}`", path.display()))?;
+    check_storage(&plan).with_context(|| format!("plan `{}`", path.display()))?;
     Ok((plan, data))
 }
 
 fn check_data(plan: &Plan) -> anyhow::Result<DataSummary> {
     // The workers load both sets whole: a file they would choke on fails here.
-    let train = ImageSet::load(&plan.data.dir, "train")?;
-    let test = ImageSet::load(&plan.data.dir, "t10k")?;
-    if (test.rows, test.cols) != (train.rows, train.cols) {
-        anyhow::bail!(
-            "the test images are {}x{}, the training images {}x{}",
-            test.rows,
-            test.cols,
-            train.rows,
-            train.cols
-        );
-    }
-    let split = Split::new(&train.labels, test.len(), &plan.data, plan.seed)?;
-    let source = Source::open(&plan.data, &split.unlabeled)?;
+    let data = PlanData::load(&plan.data, plan.seed)?;
     Ok(DataSummary {
-        rows: train.rows,
-        cols: train.cols,
-        labeled: split.labeled.len(),
-        unlabeled: source.known_examples(),
-        shards: source.shards(plan.data.shard_size).len(),
-        test: split.test_len,
+        rows: data.train.rows,
+        cols: data.train.cols,
+        labeled: data.split.labeled.len(),
+        unlabeled: data.unlabeled.known_examples(),
+        shards: data.unlabeled.shards(plan.data.shard_size).len(),
+        test: data.split.test_len,
     })
+}
+
+/// A local `pseudo_labels.storage` must be a directory the run can create: its nearest
+/// existing ancestor is a directory. (An object store is reached when the run starts.)
+fn check_storage(plan: &Plan) -> anyhow::Result<()> {
+    let Some(location) = &plan.pseudo_labels.storage else {
+        return Ok(());
+    };
+    if location.contains("://") {
+        return Ok(());
+    }
+    let mut path = Path::new(location);
+    loop {
+        match std::fs::metadata(path) {
+            Ok(metadata) if metadata.is_dir() => return Ok(()),
+            Ok(_) => anyhow::bail!(
+                "pseudo_labels.storage `{location}`: `{}` is not a directory",
+                path.display()
+            ),
+            Err(_) => match path.parent() {
+                Some(parent) if !parent.as_os_str().is_empty() => path = parent,
+                _ => return Ok(()),
+            },
+        }
+    }
 }
 
 /// `59,000`.
@@ -75,14 +86,25 @@ fn thousands(value: u64) -> String {
     out
 }
 
-/// Passes over `examples` that `images` drawn images make: `38.4`.
+/// Passes over `examples` that `images` drawn images make: `38`, `4.9`, `0.05`, `1,920`.
 fn epochs(images: u64, examples: u64) -> String {
     let epochs = images as f64 / examples.max(1) as f64;
     if epochs >= 10.0 {
-        format!("{epochs:.0}")
-    } else {
+        thousands(epochs.round() as u64)
+    } else if epochs >= 0.1 {
         format!("{epochs:.1}")
+    } else {
+        format!("{epochs:.2}")
     }
+}
+
+/// `1 op`, `2 ops`, `1,000 steps`.
+fn count(value: u64, noun: &str) -> String {
+    format!(
+        "{} {noun}{}",
+        thousands(value),
+        if value == 1 { "" } else { "s" }
+    )
 }
 
 /// A number as a plan writes it: `0.05`, `3e-5`, `15`.
@@ -94,7 +116,7 @@ fn number(value: f64) -> String {
     }
 }
 
-/// `cnn (width 32, residual_blocks 1, hidden 128, batch_norm true)`: the model's settings as
+/// `cnn (batch_norm true, hidden 128, residual_blocks 1, width 32)`: the model's settings as
 /// the plan names them, its growth already applied.
 fn model(model: &ModelPlan) -> String {
     let Ok(toml::Value::Table(table)) = toml::Value::try_from(model) else {
@@ -105,6 +127,7 @@ fn model(model: &ModelPlan) -> String {
         .filter(|(key, _)| *key != "kind" && !key.ends_with("_growth_per_round"))
         .map(|(key, value)| match value {
             toml::Value::String(text) => format!("{key} {text}"),
+            toml::Value::Float(float) => format!("{key} {}", number(*float)),
             other => format!("{key} {other}"),
         })
         .collect();
@@ -115,39 +138,56 @@ fn model(model: &ModelPlan) -> String {
     }
 }
 
-/// The noise of a role in training, or `no noise`.
-fn noise(noise: &NoisePlan) -> String {
+/// The model and, where it differs from the data's, the side of the images it is fed.
+fn model_at(model_plan: &ModelPlan, data: &DataSummary) -> String {
+    let resolution = model_plan.input_resolution(data.rows as u32) as usize;
+    if resolution == data.rows && data.rows == data.cols {
+        model(model_plan)
+    } else {
+        format!("{} on {resolution}x{resolution} inputs", model(model_plan))
+    }
+}
+
+/// The noise of a role in training (of `model`: stochastic depth needs residual blocks), or
+/// `no noise`.
+fn noise(noise: &NoisePlan, model: &ModelPlan) -> String {
     let mut parts = Vec::new();
     if noise.dropout > 0.0 {
         parts.push(format!("dropout {}", number(noise.dropout)));
     }
-    if noise.stochastic_depth_survival < 1.0 {
+    if noise.stochastic_depth_survival < 1.0 && model.has_residual_blocks() {
         parts.push(format!(
-            "stochastic depth {}",
+            "stochastic depth (the last block survives with probability {})",
             number(noise.stochastic_depth_survival)
         ));
     }
-    let augment = &noise.randaugment;
-    if augment.ops > 0 {
-        let ops = if augment.op_list.is_empty() {
-            String::new()
-        } else {
-            format!(" of {}", augment.op_list.join(", "))
-        };
-        parts.push(format!(
-            "RandAugment {} ops{ops} at magnitude {}",
-            augment.ops,
-            number(augment.magnitude)
-        ));
-    }
-    if augment.cutout > 0.0 {
-        parts.push(format!("cutout {}", number(augment.cutout)));
-    }
+    parts.extend(augmentation(&noise.randaugment));
     if parts.is_empty() {
         "no noise".to_string()
     } else {
         parts.join(", ")
     }
+}
+
+/// RandAugment and cutout, as parts of a list.
+fn augmentation(augment: &RandAugmentPlan) -> Vec<String> {
+    let mut parts = Vec::new();
+    if augment.ops > 0 {
+        let among = if augment.op_list.is_empty() {
+            String::new()
+        } else {
+            format!(" among {}", augment.op_list.join(", "))
+        };
+        parts.push(format!(
+            "RandAugment {}{among} at magnitude {}",
+            count(u64::from(augment.ops), "op"),
+            number(augment.magnitude)
+        ));
+    }
+    if augment.cutout > 0.0 {
+        parts.push(format!("cutout {} of the side", number(augment.cutout)));
+    }
+    parts
 }
 
 fn precision(role: &RolePlan) -> &'static str {
@@ -157,48 +197,44 @@ fn precision(role: &RolePlan) -> &'static str {
     }
 }
 
-/// `600 steps of 64 labeled (38 epochs), sgd at 0.05, cosine`.
-fn schedule(train: &TrainPlan, labeled: u64, unlabeled: Option<u64>) -> String {
+/// `600 steps of 64 labeled (38 epochs), sgd at 0.05, cosine after 50 warmup steps`.
+/// `pseudo` is what the pseudo-labeled images are drawn from: how many, and its name.
+fn schedule(train: &TrainPlan, labeled: u64, pseudo: Option<(u64, String)>) -> String {
     let images = train.steps * u64::from(train.batch_size);
     let mut text = format!(
-        "{} steps of {} labeled",
-        thousands(train.steps),
-        train.batch_size
+        "{} of {} labeled",
+        count(train.steps, "step"),
+        thousands(u64::from(train.batch_size))
     );
-    if train.unlabeled_ratio > 0 {
-        let pseudo = images * u64::from(train.unlabeled_ratio);
-        text.push_str(&format!(
-            " + {} pseudo-labeled",
-            u64::from(train.batch_size) * u64::from(train.unlabeled_ratio)
-        ));
-        text.push_str(&format!(
-            " ({} epochs of the labels",
-            epochs(images, labeled)
-        ));
-        if let Some(unlabeled) = unlabeled {
+    match pseudo {
+        Some((examples, what)) if train.unlabeled_ratio > 0 => {
+            let per_step = u64::from(train.batch_size) * u64::from(train.unlabeled_ratio);
             text.push_str(&format!(
-                ", {} of the unlabeled images before filtering",
-                epochs(pseudo, unlabeled)
+                " + {} pseudo-labeled ({} epochs of the labels, {} of {what})",
+                thousands(per_step),
+                epochs(images, labeled),
+                epochs(train.steps * per_step, examples)
             ));
         }
-        text.push(')');
-    } else {
-        text.push_str(&format!(" ({} epochs)", epochs(images, labeled)));
+        _ => text.push_str(&format!(" ({} epochs)", epochs(images, labeled))),
     }
-    let optimizer = serde_json_name(&train.optimizer);
-    let schedule = serde_json_name(&train.schedule);
     text.push_str(&format!(
-        ", {optimizer} at {}, {schedule}",
-        number(train.learning_rate)
+        ", {} at {}, {}",
+        plan_name(&train.optimizer),
+        number(train.learning_rate),
+        plan_name(&train.schedule)
     ));
     if train.warmup_steps > 0 {
-        text.push_str(&format!(" after {} warmup steps", train.warmup_steps));
+        text.push_str(&format!(
+            " after {}",
+            count(train.warmup_steps, "warmup step")
+        ));
     }
     text
 }
 
 /// The name a plan gives a unit enum variant (`sgd`, `cosine`).
-fn serde_json_name<T: serde::Serialize>(value: &T) -> String {
+fn plan_name<T: serde::Serialize>(value: &T) -> String {
     match serde_json::to_value(value) {
         Ok(serde_json::Value::String(name)) => name,
         _ => "?".to_string(),
@@ -210,11 +246,7 @@ pub fn describe(plan: &Plan, data: &DataSummary) -> String {
     let labeled = data.labeled as u64;
     let mut out = String::new();
     let method = match plan.method {
-        Method::NoisyStudent => format!(
-            "Noisy Student, {} round{}",
-            plan.rounds(),
-            if plan.rounds() == 1 { "" } else { "s" }
-        ),
+        Method::NoisyStudent => format!("Noisy Student, {}", count(plan.rounds().into(), "round")),
         Method::MetaPseudoLabels => "Meta Pseudo Labels".to_string(),
     };
     out.push_str(&format!(
@@ -228,8 +260,8 @@ pub fn describe(plan: &Plan, data: &DataSummary) -> String {
         data.cols
     ));
     let unlabeled = match data.unlabeled {
-        Some(count) => thousands(count),
-        None => "uncounted".to_string(),
+        Some(examples) => thousands(examples),
+        None => "uncounted (counted as they are labeled)".to_string(),
     };
     let source = match plan.data.unlabeled.path.as_ref() {
         Some(path) => format!(
@@ -241,17 +273,13 @@ pub fn describe(plan: &Plan, data: &DataSummary) -> String {
     };
     // Meta Pseudo Labels draws its unlabeled batches from the whole set: no shards.
     let shards = match plan.method {
-        Method::NoisyStudent => format!(
-            " in {} shard{}",
-            data.shards,
-            if data.shards == 1 { "" } else { "s" }
-        ),
+        Method::NoisyStudent => format!(" in {}", count(data.shards as u64, "shard")),
         Method::MetaPseudoLabels => String::new(),
     };
     out.push_str(&format!(
         "          {} labeled ({} per class, {} classes), {unlabeled} unlabeled{source}{shards}, {} test images\n",
         thousands(labeled),
-        plan.data.labeled_per_class,
+        thousands(plan.data.labeled_per_class.into()),
         plan.data.classes,
         thousands(data.test as u64),
     ));
@@ -263,13 +291,13 @@ pub fn describe(plan: &Plan, data: &DataSummary) -> String {
     let ranks = if workers.world_size == 0 {
         "every live worker of a device kind trains".to_string()
     } else {
-        format!("{} ranks train", workers.world_size)
+        format!("{} train", count(workers.world_size.into(), "rank"))
     };
     out.push_str(&format!(
         "workers   the run starts when {} ha{} registered; {ranks} (collective {})\n",
         workers.min_workers,
         if workers.min_workers == 1 { "s" } else { "ve" },
-        serde_json_name(&workers.collective)
+        plan_name(&workers.collective)
     ));
     out
 }
@@ -277,26 +305,39 @@ pub fn describe(plan: &Plan, data: &DataSummary) -> String {
 fn noisy_student(plan: &Plan, data: &DataSummary, out: &mut String) {
     let labeled = data.labeled as u64;
     let labels = &plan.pseudo_labels;
-    let mode = serde_json_name(&labels.mode);
-    let balance = if labels.balance {
-        if labels.per_class > 0 {
-            format!(", balanced to {} per class", labels.per_class)
-        } else {
-            ", class-balanced".to_string()
-        }
-    } else {
-        String::new()
+    let targets = match labels.mode {
+        LabelMode::Soft => format!(
+            "soft at temperature {}, top {}",
+            number(labels.temperature),
+            plan.top_k()
+        ),
+        LabelMode::Hard => "hard (the teacher's argmax, smoothed like the labels)".to_string(),
+    };
+    let balance = match (labels.balance, labels.per_class) {
+        (false, _) => String::new(),
+        (true, 0) => ", class-balanced".to_string(),
+        (true, per_class) => format!(", balanced to {} per class", thousands(per_class)),
+    };
+    // What the student's pseudo-labeled images are drawn from.
+    let pseudo = match (labels.balance, labels.per_class, data.unlabeled) {
+        (true, per_class, _) if per_class > 0 => Some((
+            per_class * u64::from(plan.data.classes),
+            "the balanced selection".to_string(),
+        )),
+        (_, _, Some(examples)) => Some((examples, "the unlabeled images before filtering".into())),
+        _ => None,
     };
     for round in 1..=plan.rounds() {
         let prefix = format!("round {round:<3}");
         if round == 1 {
             // Validation guarantees a teacher schedule for Noisy Student.
             if let Some(train) = &plan.teacher.train {
+                let teacher = plan.teacher.model.at_round(1);
                 out.push_str(&format!(
                     "{prefix} teacher  {}{}, {}: {}\n",
-                    model(&plan.teacher.model.at_round(1)),
+                    model_at(&teacher, data),
                     precision(&plan.teacher),
-                    noise(&plan.teacher.noise),
+                    noise(&plan.teacher.noise, &teacher),
                     schedule(train, labeled, None)
                 ));
             }
@@ -307,20 +348,18 @@ fn noisy_student(plan: &Plan, data: &DataSummary, out: &mut String) {
             ));
         }
         out.push_str(&format!(
-            "          labels   {mode} at temperature {}, top {}, dropped below confidence {}{balance}: {} labeling task{}\n",
-            number(labels.temperature),
-            plan.top_k(),
+            "          labels   {targets}, dropped below confidence {}{balance}: {}\n",
             number(labels.min_confidence),
-            data.shards,
-            if data.shards == 1 { "" } else { "s" },
+            count(data.shards as u64, "labeling task"),
         ));
         if let Some(train) = &plan.student.train {
+            let student = plan.student.model.at_round(round);
             out.push_str(&format!(
                 "          student  {}{}, {}: {}\n",
-                model(&plan.student.model.at_round(round)),
+                model_at(&student, data),
                 precision(&plan.student),
-                noise(&plan.student.noise),
-                schedule(train, labeled, data.unlabeled)
+                noise(&plan.student.noise, &student),
+                schedule(train, labeled, pseudo.clone())
             ));
         }
     }
@@ -331,45 +370,74 @@ fn meta_pseudo_labels(plan: &Plan, data: &DataSummary, out: &mut String) {
         return;
     };
     let labeled = data.labeled as u64;
-    out.push_str(&format!(
-        "teacher   {}{}, {}\n",
-        model(&plan.teacher.model),
-        precision(&plan.teacher),
-        noise(&plan.teacher.noise)
-    ));
-    out.push_str(&format!(
-        "student   {}{}, {}\n",
-        model(&plan.student.model),
-        precision(&plan.student),
-        noise(&plan.student.noise)
-    ));
+    for (name, role) in [("teacher", &plan.teacher), ("student", &plan.student)] {
+        out.push_str(&format!(
+            "{name}   {}{}, {}\n",
+            model_at(&role.model, data),
+            precision(role),
+            noise(&role.noise, &role.model)
+        ));
+    }
     let images = mpl.steps * u64::from(mpl.batch_size);
-    let unlabeled_images = images * u64::from(mpl.mu);
+    let unlabeled_per_step = u64::from(mpl.batch_size) * u64::from(mpl.mu);
     let unlabeled_epochs = data
         .unlabeled
-        .map(|count| {
+        .map(|examples| {
             format!(
                 ", {} of the unlabeled images",
-                epochs(unlabeled_images, count)
+                epochs(mpl.steps * unlabeled_per_step, examples)
             )
         })
         .unwrap_or_default();
-    let strong = noise(&NoisePlan {
-        dropout: 0.0,
-        stochastic_depth_survival: 1.0,
-        randaugment: mpl.randaugment.clone(),
-    });
+    let strong = augmentation(&mpl.randaugment);
+    let strong = if strong.is_empty() {
+        "the weak one".to_string()
+    } else {
+        strong.join(", ")
+    };
     out.push_str(&format!(
-        "joint     {} steps of {} labeled + {} unlabeled, each a weak and a strong view ({} epochs of the labels{unlabeled_epochs}); strong view: {strong}\n",
-        thousands(mpl.steps),
-        mpl.batch_size,
-        u64::from(mpl.batch_size) * u64::from(mpl.mu),
+        "joint     {} of {} labeled + {} unlabeled, each in a weak (flip and shift) and a strong view ({} epochs of the labels{unlabeled_epochs}); strong view: {strong}\n",
+        count(mpl.steps, "step"),
+        thousands(mpl.batch_size.into()),
+        thousands(unlabeled_per_step),
         epochs(images, labeled),
     ));
-    let baseline = if mpl.baseline_decay > 0.0 {
-        format!(", baseline decay {}", number(mpl.baseline_decay))
+    let wait = if mpl.student_wait_steps > 0 {
+        format!(" after waiting {}", count(mpl.student_wait_steps, "step"))
     } else {
         String::new()
+    };
+    let warmup = if mpl.warmup_steps > 0 {
+        format!("{}, then ", count(mpl.warmup_steps, "warmup step"))
+    } else {
+        String::new()
+    };
+    out.push_str(&format!(
+        "          SGD with Nesterov momentum {}, weight decay {}: teacher at {}, student at {}{wait}; {warmup}cosine; label smoothing {}\n",
+        number(mpl.momentum),
+        number(mpl.weight_decay),
+        number(mpl.teacher_learning_rate),
+        number(mpl.student_learning_rate),
+        number(mpl.label_smoothing),
+    ));
+    let feedback = if mpl.mpl_weight == 0.0 {
+        "mpl_weight 0: a UDA-only teacher, no feedback from the student".to_string()
+    } else {
+        let baseline = if mpl.baseline_decay > 0.0 {
+            format!(", baseline decay {}", number(mpl.baseline_decay))
+        } else {
+            String::new()
+        };
+        format!(
+            "mpl_weight {}, sign {}{baseline}",
+            number(mpl.mpl_weight),
+            plan_name(&mpl.mpl_sign)
+        )
+    };
+    let ramp = if mpl.uda_steps > 0 {
+        format!("ramped up over {}", count(mpl.uda_steps, "step"))
+    } else {
+        "no ramp".to_string()
     };
     let ema = if mpl.ema > 0.0 {
         format!("; EMA student at {}", number(mpl.ema))
@@ -377,31 +445,31 @@ fn meta_pseudo_labels(plan: &Plan, data: &DataSummary, out: &mut String) {
         String::new()
     };
     out.push_str(&format!(
-        "          mpl_weight {}, sign {}{baseline}; UDA lambda_u {} over {} steps, threshold {}, temperature {}{ema}\n",
-        number(mpl.mpl_weight),
-        serde_json_name(&mpl.mpl_sign),
+        "          {feedback}; UDA lambda_u {} ({ramp}), threshold {}, temperature {}{ema}\n",
         number(mpl.lambda_u),
-        thousands(mpl.uda_steps),
         number(mpl.uda_threshold),
         number(mpl.uda_temperature),
     ));
     let evaluations = if mpl.eval_every > 0 {
-        format!("test evaluation every {} steps", thousands(mpl.eval_every))
+        format!("test evaluation every {}", count(mpl.eval_every, "step"))
     } else {
         "test evaluation at the end".to_string()
     };
     let saves = if mpl.checkpoint_every > 0 {
-        format!("saved every {} steps", thousands(mpl.checkpoint_every))
+        format!(
+            "resume checkpoint every {}",
+            count(mpl.checkpoint_every, "step")
+        )
     } else {
-        "never saved before the end".to_string()
+        "no resume checkpoint (a stopped joint training starts over)".to_string()
     };
     out.push_str(&format!("          {evaluations}, {saves}\n"));
     let finetune = &mpl.finetune;
     if finetune.steps > 0 {
         out.push_str(&format!(
-            "finetune  {} steps of {} labeled ({} epochs) at {}\n",
-            thousands(finetune.steps),
-            finetune.batch_size,
+            "finetune  {} of {} labeled ({} epochs) at {}\n",
+            count(finetune.steps, "step"),
+            thousands(finetune.batch_size.into()),
             epochs(finetune.steps * u64::from(finetune.batch_size), labeled),
             number(finetune.learning_rate)
         ));
@@ -424,5 +492,9 @@ mod tests {
         assert_eq!(number(15.0), "15");
         assert_eq!(epochs(38_400, 1_000), "38");
         assert_eq!(epochs(1_920, 1_000), "1.9");
+        assert_eq!(epochs(1_920_000, 1_000), "1,920");
+        assert_eq!(epochs(50, 1_000), "0.05");
+        assert_eq!(count(1, "op"), "1 op");
+        assert_eq!(count(1_000, "step"), "1,000 steps");
     }
 }

@@ -19,19 +19,27 @@ use rand::SeedableRng;
 /// Why a data set could not be read.
 #[derive(Debug, thiserror::Error)]
 pub enum DataError {
-    #[error("failed to read `{path}`: {source}")]
+    #[error("failed to read `{path}`: {error}")]
     Read {
         path: PathBuf,
-        source: std::io::Error,
+        error: std::io::Error,
     },
     #[error("data file not found: neither `{path}.gz` nor `{path}` exists (install the data set, e.g. `apt-get install dataset-fashion-mnist`)")]
     Missing { path: PathBuf },
     #[error("`{path}` is not a valid IDX file: {reason}")]
     Format { path: PathBuf, reason: String },
-    #[error("unlabeled data `{path}`: {reason}")]
+    #[error("unlabeled data (data.unlabeled.path) `{path}`: {reason}")]
     Unlabeled { path: PathBuf, reason: String },
     #[error("unlabeled data: {0}")]
     Invalid(String),
+    #[error("the {set} set has images labeled {label}, but data.classes = {classes} (labels 0 to {last} are expected)", last = classes.saturating_sub(1))]
+    LabelOutOfRange {
+        set: &'static str,
+        label: u8,
+        classes: u32,
+    },
+    #[error("the test images are {test}, the training images {train}: they must be the same size")]
+    SizeMismatch { test: String, train: String },
     #[error("data.labeled_per_class = {wanted}, but the training set has only {found} images of class {class} (data.classes = {classes}: classes 0 to {last} are expected)", last = classes.saturating_sub(1))]
     NotEnoughLabeled {
         class: u32,
@@ -82,6 +90,52 @@ impl ImageSet {
     }
 }
 
+/// What a run reads of a plan's data: both sets of `data.dir`, the split of the seed and the
+/// unlabeled source, checked against each other and the plan.
+#[derive(Debug)]
+pub struct PlanData {
+    pub train: ImageSet,
+    pub test: ImageSet,
+    pub split: Split,
+    pub unlabeled: Source,
+}
+
+impl PlanData {
+    /// Loads and checks the data of a plan (`data`, `seed`): what a worker does first, and
+    /// `mentor plan` does to check a plan.
+    pub fn load(data: &DataPlan, seed: u64) -> Result<PlanData, DataError> {
+        let train = ImageSet::load(&data.dir, "train")?;
+        let test = ImageSet::load(&data.dir, "t10k")?;
+        if (test.rows, test.cols) != (train.rows, train.cols) {
+            return Err(DataError::SizeMismatch {
+                test: format!("{}x{}", test.rows, test.cols),
+                train: format!("{}x{}", train.rows, train.cols),
+            });
+        }
+        let split = Split::new(&train.labels, test.len(), data, seed)?;
+        check_labels("test", &test.labels, data.classes)?;
+        let unlabeled = Source::open(data, &split.unlabeled)?;
+        Ok(PlanData {
+            train,
+            test,
+            split,
+            unlabeled,
+        })
+    }
+}
+
+/// Refuses labels the plan's `data.classes` does not cover (a model with fewer outputs).
+fn check_labels(set: &'static str, labels: &[u8], classes: u32) -> Result<(), DataError> {
+    match labels.iter().max() {
+        Some(&label) if u32::from(label) >= classes => Err(DataError::LabelOutOfRange {
+            set,
+            label,
+            classes,
+        }),
+        _ => Ok(()),
+    }
+}
+
 /// Reads the labels of the training set only (cheap: what the coordinator needs).
 pub fn load_train_labels(dir: &Path) -> Result<Vec<u8>, DataError> {
     Ok(read_idx(&dir.join("train-labels-idx1-ubyte"), 1)?.0)
@@ -91,22 +145,22 @@ pub fn load_train_labels(dir: &Path) -> Result<Vec<u8>, DataError> {
 pub fn read_idx(path: &Path, rank: usize) -> Result<(Vec<u8>, Vec<usize>), DataError> {
     let gz = PathBuf::from(format!("{}.gz", path.display()));
     let (file_path, bytes) = if gz.exists() {
-        let file = std::fs::File::open(&gz).map_err(|source| DataError::Read {
+        let file = std::fs::File::open(&gz).map_err(|error| DataError::Read {
             path: gz.clone(),
-            source,
+            error,
         })?;
         let mut bytes = Vec::new();
         flate2::read::GzDecoder::new(file)
             .read_to_end(&mut bytes)
-            .map_err(|source| DataError::Read {
+            .map_err(|error| DataError::Read {
                 path: gz.clone(),
-                source,
+                error,
             })?;
         (gz, bytes)
     } else if path.exists() {
-        let bytes = std::fs::read(path).map_err(|source| DataError::Read {
+        let bytes = std::fs::read(path).map_err(|error| DataError::Read {
             path: path.to_path_buf(),
-            source,
+            error,
         })?;
         (path.to_path_buf(), bytes)
     } else {
@@ -178,6 +232,7 @@ impl Split {
         data: &DataPlan,
         seed: u64,
     ) -> Result<Split, DataError> {
+        check_labels("training", train_labels, data.classes)?;
         let mut order: Vec<u32> = (0..train_labels.len() as u32).collect();
         let mut rng = rand::rngs::StdRng::seed_from_u64(seed);
         order.shuffle(&mut rng);
@@ -280,6 +335,27 @@ mod tests {
         assert_eq!(
             error.to_string(),
             "data.labeled_per_class = 2, but the training set has only 1 images of class 1 (data.classes = 3: classes 0 to 2 are expected)"
+        );
+    }
+
+    #[test]
+    fn labels_beyond_the_classes_and_a_split_with_nothing_unlabeled_are_errors() {
+        let labels: Vec<u8> = (0..30).map(|i| (i % 4) as u8).collect();
+        let error = Split::new(&labels, 1, &data_plan(2, 0), 0).expect_err("label 3 of 3 classes");
+        assert_eq!(
+            error.to_string(),
+            "the training set has images labeled 3, but data.classes = 3 (labels 0 to 2 are expected)"
+        );
+        let labels: Vec<u8> = (0..30).map(|i| (i % 3) as u8).collect();
+        let plan = data_plan(10, 0);
+        let split = Split::new(&labels, 1, &plan, 0).expect("split");
+        assert!(split.unlabeled.is_empty());
+        let error = Source::open(&plan, &split.unlabeled).expect_err("nothing unlabeled");
+        assert!(
+            error.to_string().contains(
+                "data.labeled_per_class x data.classes (10 x 3) takes every training image"
+            ),
+            "{error}"
         );
     }
 

@@ -99,10 +99,10 @@ fn is_image(path: &Path) -> bool {
         .is_some_and(|e| IMAGE_EXTENSIONS.contains(&e.to_ascii_lowercase().as_str()))
 }
 
-fn read_error(path: &Path, source: std::io::Error) -> DataError {
+fn read_error(path: &Path, error: std::io::Error) -> DataError {
     DataError::Read {
         path: path.to_path_buf(),
-        source,
+        error,
     }
 }
 
@@ -125,6 +125,10 @@ impl Source {
     pub fn open(data: &DataPlan, split_unlabeled: &[u32]) -> Result<Source, DataError> {
         let path = data.unlabeled.path.clone().unwrap_or_default();
         match data.unlabeled.format {
+            UnlabeledFormat::Idx if split_unlabeled.is_empty() => Err(DataError::Invalid(format!(
+                "none: data.labeled_per_class x data.classes ({} x {}) takes every training image; lower data.labeled_per_class, or name other images in [data.unlabeled]",
+                data.labeled_per_class, data.classes
+            ))),
             UnlabeledFormat::Idx => Ok(Source::Idx {
                 positions: split_unlabeled.to_vec(),
                 images: None,

@@ -3,7 +3,7 @@
 
 use std::sync::Arc;
 
-use mentor_data::{Geometry, ImageSet, Source, Split};
+use mentor_data::{Geometry, ImageSet, PlanData, Source, Split};
 use mentor_plan::Plan;
 use tch::{Device, Kind, Tensor};
 
@@ -41,11 +41,14 @@ fn labels_tensor(labels: &[u8], device: Device) -> Tensor {
 
 impl Dataset {
     pub fn load(plan: &Plan, device: Device) -> Result<Dataset, mentor_data::DataError> {
-        let train = ImageSet::load(&plan.data.dir, "train")?;
-        let test = ImageSet::load(&plan.data.dir, "t10k")?;
-        let split = Split::new(&train.labels, test.len(), &plan.data, plan.seed)?;
+        let PlanData {
+            train,
+            test,
+            split,
+            unlabeled,
+        } = PlanData::load(&plan.data, plan.seed)?;
         let train = Arc::new(train);
-        let unlabeled = Source::open(&plan.data, &split.unlabeled)?.with_images(train.clone());
+        let unlabeled = unlabeled.with_images(train.clone());
         let test_len = split.test_len;
         let labeled: Vec<i64> = split.labeled.iter().map(|&p| p as i64).collect();
         let train_images = images_tensor(&train, device);
