@@ -184,6 +184,27 @@ fn bad_plan_is_refused_before_anything_starts() {
 }
 
 #[test]
+fn a_model_that_cannot_take_the_images_is_refused_before_the_run_starts() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let plan = dir.path().join("densenet.toml");
+    // The default DenseNet stem shrinks Fashion-MNIST's 28 pixels to 1 before its last pool:
+    // refused at once, not after the wait for workers and three failed attempts.
+    let text = tiny_plan_with(&[(
+        "[teacher.model]\nkind = \"cnn\"\nwidth = 8\nhidden = 32\n",
+        "[teacher.model]\nkind = \"densenet\"\ngrowth_rate = 4\nnum_init_features = 8\n",
+    )]);
+    std::fs::write(&plan, text).expect("write plan");
+    let state_dir = dir.path().join("run");
+    let stderr = refused_open(&plan, &state_dir, &[]);
+    assert!(
+        stderr.contains("the plan does not fit its data: teacher.model: densenet on 28x28 inputs")
+            && stderr.contains("stem = \"small\""),
+        "{stderr}"
+    );
+    assert!(!state_dir.exists(), "a refused run leaves no directory");
+}
+
+#[test]
 fn status_command_reports_an_unreachable_coordinator() {
     let output = std::process::Command::new(binary("mentor"))
         .args(["status", "--coordinator", "http://127.0.0.1:9", "--json"])

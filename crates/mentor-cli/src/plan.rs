@@ -38,6 +38,7 @@ pub fn check(path: &Path) -> anyhow::Result<(Plan, DataSummary)> {
 fn check_data(plan: &Plan) -> anyhow::Result<DataSummary> {
     // The workers load both sets whole: a file they would choke on fails here.
     let data = PlanData::load(&plan.data, plan.seed)?;
+    plan.check_image_side(data.train.rows as u32)?;
     Ok(DataSummary {
         rows: data.train.rows,
         cols: data.train.cols,

@@ -37,6 +37,8 @@ pub enum CoordinatorError {
     // The cause follows as the source (anyhow prints the chain): not repeated here.
     #[error("failed to read the data set")]
     Data(#[from] mentor_data::DataError),
+    #[error("the plan does not fit its data: {0}")]
+    PlanData(mentor_plan::PlanError),
     #[error("state directory `{dir}` holds a run of another plan (first difference, the run's -> this plan's: {difference}); use a new --state-dir or the same plan (a Meta Pseudo Labels run whose plan changed in [mpl.finetune] only can finetune again with --redo-finetune)")]
     PlanMismatch { dir: PathBuf, difference: String },
     #[error("cannot redo the finetune of the run in `{dir}`: {reason}")]
@@ -317,6 +319,11 @@ impl Coordinator {
         let run_dir = run_dir.to_path_buf();
         let labels = mentor_data::load_train_labels(&plan.data.dir)?;
         let split = mentor_data::Split::new(&labels, 0, &plan.data, plan.seed)?;
+        // A model that cannot take the images would fail its first task, after the wait for
+        // workers: refused now.
+        let (_, dims) = mentor_data::read_idx(&plan.data.dir.join("train-images-idx3-ubyte"), 3)?;
+        plan.check_image_side(dims[1] as u32)
+            .map_err(CoordinatorError::PlanData)?;
         let storage = plan
             .pseudo_labels
             .storage

@@ -729,6 +729,37 @@ impl Plan {
         }
     }
 
+    /// Checks that every model of the run takes the data's images, `side` pixels square:
+    /// the teacher of round 1 (of the joint training) and each round's student.
+    pub fn check_image_side(&self, side: u32) -> Result<(), PlanError> {
+        let rounds = match self.method {
+            Method::NoisyStudent => self.rounds(),
+            Method::MetaPseudoLabels => 1,
+        };
+        let teacher = ("teacher.model", self.teacher.model.at_round(1), None);
+        let students = (1..=rounds).map(|round| {
+            let round = (rounds > 1).then_some(round);
+            (
+                "student.model",
+                self.student.model.at_round(round.unwrap_or(1)),
+                round,
+            )
+        });
+        for (field, model, round) in std::iter::once(teacher).chain(students) {
+            let resolution = model.input_resolution(side);
+            if let Some(problem) = model.input_side_problem(resolution) {
+                let round = round.map(|r| format!("round {r}: ")).unwrap_or_default();
+                let resized = if resolution != side {
+                    format!(" (the data's {side}x{side} images resized)")
+                } else {
+                    String::new()
+                };
+                return Err(invalid(field, format!("{round}{problem}{resized}")));
+            }
+        }
+        Ok(())
+    }
+
     /// Checks every field; the first problem found is returned.
     pub fn validate(&self) -> Result<(), PlanError> {
         if self.version != PLAN_VERSION {

@@ -307,6 +307,43 @@ impl ModelPlan {
         }
     }
 
+    /// Why the model cannot take square inputs of `side` pixels (after the resizing of
+    /// [`ModelPlan::input_resolution`]), if it cannot: a pooling that would get a feature map
+    /// smaller than its window. The models whose downsampling is padded or adaptive take any.
+    pub fn input_side_problem(&self, side: u32) -> Option<String> {
+        match self {
+            ModelPlan::Cnn(_) if side < 4 => Some(format!(
+                "cnn on {side}x{side} inputs: its two 2x2 max pools need at least 4x4"
+            )),
+            ModelPlan::Densenet(plan) => {
+                // conv0 (7x7 stride 2, padded) and a 3x3 stride-2 padded max pool, each
+                // ceil(n / 2); `small` keeps the side. Each transition halves it (2x2 average
+                // pool, floor).
+                let mut feature = match plan.stem {
+                    Stem::Imagenet => side.div_ceil(2).div_ceil(2),
+                    Stem::Small => side,
+                };
+                let transitions = plan.block_config.len().saturating_sub(1);
+                for transition in 1..=transitions {
+                    if feature < 2 {
+                        let hint = match plan.stem {
+                            Stem::Imagenet => {
+                                "; stem = \"small\" keeps the full side (for 28-32 pixel images)"
+                            }
+                            Stem::Small => "; use fewer blocks (block_config)",
+                        };
+                        return Some(format!(
+                            "densenet on {side}x{side} inputs: its features are {feature}x{feature} at transition {transition} of {transitions}, whose 2x2 average pool needs at least 2x2{hint}"
+                        ));
+                    }
+                    feature /= 2;
+                }
+                None
+            }
+            _ => None,
+        }
+    }
+
     /// Whether the model has residual blocks (where stochastic depth applies).
     pub fn has_residual_blocks(&self) -> bool {
         match self {

@@ -484,3 +484,34 @@ fn defaults_serialize_written_out_and_differences_are_named() {
         Some("data.test_limit: 500 -> 0")
     );
 }
+
+#[test]
+fn a_model_that_cannot_take_the_images_names_its_role_and_round() {
+    let dense = Plan::from_toml_str(&tiny_with_student_model(
+        "kind = \"densenet\"\nblock_config = [1, 1, 1, 1]",
+    ))
+    .expect("plan");
+    assert_eq!(
+        dense
+            .check_image_side(28)
+            .expect_err("28 pixels")
+            .to_string(),
+        "student.model: round 1: densenet on 28x28 inputs: its features are 1x1 at transition 3 \
+         of 3, whose 2x2 average pool needs at least 2x2; stem = \"small\" keeps the full side \
+         (for 28-32 pixel images)"
+    );
+    dense.check_image_side(32).expect("32 pixels");
+    let small = Plan::from_toml_str(&tiny_with_student_model(
+        "kind = \"densenet\"\nblock_config = [1, 1, 1, 1]\nstem = \"small\"",
+    ))
+    .expect("plan");
+    small
+        .check_image_side(28)
+        .expect("the small stem keeps 28 pixels");
+    let tiny = Plan::from_toml_str(TINY).expect("tiny");
+    tiny.check_image_side(28).expect("the tiny plan's cnns");
+    assert_eq!(
+        tiny.check_image_side(3).expect_err("3 pixels").to_string(),
+        "teacher.model: cnn on 3x3 inputs: its two 2x2 max pools need at least 4x4"
+    );
+}

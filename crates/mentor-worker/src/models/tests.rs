@@ -375,3 +375,58 @@ fn channels_last_weights_train_and_round_trip_through_checkpoints() {
     }
     std::fs::remove_dir_all(&directory).expect("clean up");
 }
+
+/// Whether the model of `plan` computes on one `side`-pixel square image (libtorch refuses a
+/// pooling window larger than its input: the op panics).
+fn takes_side(plan: &ModelPlan, side: i64) -> bool {
+    let plan = plan.clone();
+    std::panic::catch_unwind(move || {
+        let vs = nn::VarStore::new(Device::Cpu);
+        let built = build(&vs.root(), &config(plan, 3, 1, side));
+        let xs = Tensor::rand([1, 1, side, side], (Kind::Float, Device::Cpu));
+        built.forward_t(&xs, false).size() == vec![1, 3]
+    })
+    .unwrap_or(false)
+}
+
+#[test]
+fn the_plans_input_side_check_agrees_with_the_networks() {
+    let cnn = ModelPlan::Cnn(CnnPlan {
+        width: 2,
+        residual_blocks: 0,
+        hidden: 4,
+        width_growth_per_round: 0,
+        batch_norm: true,
+    });
+    let mut models = vec![cnn];
+    for stem in [Stem::Imagenet, Stem::Small] {
+        for blocks in 2..=4 {
+            models.push(densenet(2, vec![1; blocks], 4, stem));
+        }
+    }
+    for model in models {
+        // Every side the check accepts computes; the largest it refuses does not (one panic
+        // per model, printed by the test harness).
+        let sides: Vec<u32> = (1..=40).collect();
+        let refused: Vec<u32> = sides
+            .iter()
+            .copied()
+            .filter(|&side| model.input_side_problem(side).is_some())
+            .collect();
+        for &side in sides.iter().filter(|side| !refused.contains(side)) {
+            assert!(takes_side(&model, side.into()), "{model:?} at {side}");
+        }
+        if let Some(&largest) = refused.last() {
+            assert!(
+                !takes_side(&model, largest.into()),
+                "{model:?} at {largest}"
+            );
+            // The check refuses a prefix of sides: smaller images only shrink further.
+            assert_eq!(refused, (1..=largest).collect::<Vec<_>>(), "{model:?}");
+        }
+    }
+    // The default DenseNet (ImageNet stem) cannot take Fashion-MNIST's 28 pixels; 32 it can.
+    let default = densenet(32, vec![6, 12, 24, 16], 64, Stem::Imagenet);
+    assert!(default.input_side_problem(28).is_some());
+    assert!(default.input_side_problem(32).is_none());
+}
