@@ -458,6 +458,15 @@ fn a_restarted_coordinator_resumes_the_run() {
     assert_eq!(live["coordinator"], address.as_str(), "{live}");
     assert_eq!(live["status"], "running");
     assert!(!live["workers"].as_array().expect("workers").is_empty());
+    // A copy of the run directory whose address file names that coordinator (an address
+    // left behind, a port reused) is not answered for by it: its saved state is.
+    let copy = dir.path().join("copy");
+    std::fs::create_dir(&copy).expect("copy");
+    std::fs::copy(state_dir.join("state.json"), copy.join("state.json")).expect("state");
+    std::fs::write(copy.join("coordinator.addr"), format!("{address}\n")).expect("address");
+    let (code, copied) = status_of_run_dir(&copy);
+    assert_eq!(code, Some(3), "{copied}");
+    assert_eq!(copied["coordinator"], serde_json::Value::Null);
     coordinator.child.kill().expect("kill the coordinator");
     let _ = coordinator.child.wait();
     // With its coordinator gone, the saved state answers: the run is stopped, what it had

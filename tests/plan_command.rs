@@ -141,13 +141,14 @@ fn bad_plans_and_data_are_refused_naming_what_is_wrong() {
         "{stderr}"
     );
 
-    // Labels the model has no output for (Fashion-MNIST has 10 classes).
+    // Test labels the model has no output for (Fashion-MNIST has 10 classes; training images
+    // of the other classes would only be unlabeled).
     let stderr = refused(
         "classes.toml",
         &tiny_plan_with(&[("[data]\n", "[data]\nclasses = 5\n")]),
     );
     assert!(
-        stderr.contains("the training set has images labeled 9, but data.classes = 5"),
+        stderr.contains("the test set has images labeled 9, but data.classes = 5"),
         "{stderr}"
     );
 

@@ -296,50 +296,76 @@ struct Answer {
     coordinator: Option<String>,
 }
 
-/// Why no status came back: a message for the user, and `--json`'s answer.
-struct NoAnswer(String);
+/// Why no status came back: a message for the user (and `--json`'s answer); `transient` when
+/// waiting may mend it (a coordinator starting on the run directory), which `--watch` does.
+struct NoAnswer {
+    message: String,
+    transient: bool,
+}
 
-/// The address of the coordinator serving `dir`, or `None` when none does.
-fn served_at(dir: &std::path::Path) -> Result<Option<String>, NoAnswer> {
-    use mentor_coordinator::{lock::RunLock, CoordinatorError};
-    match RunLock::check_free(dir) {
-        Ok(()) => Ok(None),
-        Err(CoordinatorError::RunInUse { .. }) => {
-            let file = dir.join("coordinator.addr");
-            match std::fs::read_to_string(&file) {
-                Ok(text) => mentor_proto::coordinator_url(text.trim())
-                    .map(Some)
-                    .map_err(|e| NoAnswer(format!("`{}`: {e}", file.display()))),
-                Err(_) => Err(NoAnswer(format!(
-                    "a coordinator holds `{}` but has not written its address to `{}` yet",
-                    dir.display(),
-                    file.display()
-                ))),
-            }
+impl NoAnswer {
+    fn new(message: String) -> NoAnswer {
+        NoAnswer {
+            message,
+            transient: false,
         }
-        Err(error) => Err(NoAnswer(error.to_string())),
     }
 }
 
-async fn ask(url: &str) -> Result<pb::RunStatus, NoAnswer> {
-    let mut client = StatusServiceClient::connect(url.to_string())
-        .await
-        .map_err(|error| {
-            NoAnswer(format!(
-                "cannot reach the coordinator at {url}: {}",
-                error_chain(&error)
-            ))
-        })?;
-    client
+/// How long a status query may take: a coordinator answers in milliseconds.
+const QUERY_TIMEOUT: Duration = Duration::from_secs(10);
+
+async fn ask(url: &str, connect_timeout: Duration) -> Result<pb::RunStatus, NoAnswer> {
+    let endpoint = tonic::transport::Endpoint::from_shared(url.to_string())
+        .map_err(|error| NoAnswer::new(format!("`{url}`: {error}")))?
+        .connect_timeout(connect_timeout)
+        .timeout(QUERY_TIMEOUT);
+    let channel = endpoint.connect().await.map_err(|error| {
+        NoAnswer::new(format!(
+            "cannot reach the coordinator at {url}: {}",
+            error_chain(&error)
+        ))
+    })?;
+    StatusServiceClient::new(channel)
         .get_status(pb::GetStatusRequest {})
         .await
         .map(|response| response.into_inner())
         .map_err(|error| {
-            NoAnswer(format!(
+            NoAnswer::new(format!(
                 "status query to {url} failed: {}",
                 error_chain(&error)
             ))
         })
+}
+
+/// Asks the coordinator at `url` about the run in `dir`: an answer about another run
+/// directory (an old address, a port reused) is none.
+async fn ask_about(
+    url: &str,
+    dir: &std::path::Path,
+    connect_timeout: Duration,
+) -> Result<Answer, NoAnswer> {
+    let status = ask(url, connect_timeout).await?;
+    let same = if status.run_dir.is_empty() {
+        // A build that did not say its run directory: the run it names must be this one's.
+        std::fs::read_to_string(dir.join("state.json"))
+            .ok()
+            .and_then(|text| serde_json::from_str::<Value>(&text).ok())
+            .is_some_and(|state| state["run_id"] == status.run_id.as_str())
+    } else {
+        std::path::Path::new(&status.run_dir).canonicalize().ok() == dir.canonicalize().ok()
+    };
+    if !same {
+        return Err(NoAnswer::new(format!(
+            "the coordinator at {url} serves the run directory `{}`, not `{}`",
+            status.run_dir,
+            dir.display()
+        )));
+    }
+    Ok(Answer {
+        status,
+        coordinator: Some(url.to_string()),
+    })
 }
 
 /// The whole chain: tonic's "transport error" alone hides the cause. Some links repeat their
@@ -360,20 +386,61 @@ fn error_chain(error: &(dyn std::error::Error + 'static)) -> String {
 async fn answer(target: &Target) -> Result<Answer, NoAnswer> {
     match target {
         Target::Coordinator(url) => Ok(Answer {
-            status: ask(url).await?,
+            status: ask(url, QUERY_TIMEOUT).await?,
             coordinator: Some(url.clone()),
         }),
-        Target::RunDir(dir) => match served_at(dir)? {
-            Some(url) => Ok(Answer {
-                status: ask(&url).await?,
-                coordinator: Some(url),
+        Target::RunDir(dir) => answer_for(dir).await,
+    }
+}
+
+/// The status of the run in `dir`: its coordinator's, or the one saved in its `state.json`.
+async fn answer_for(dir: &std::path::Path) -> Result<Answer, NoAnswer> {
+    use mentor_coordinator::lock::RunLock;
+    if !dir.is_dir() {
+        return Err(NoAnswer::new(format!(
+            "`{}`: {}",
+            dir.display(),
+            if dir.exists() {
+                "not a directory"
+            } else {
+                "no such directory"
+            }
+        )));
+    }
+    let saved = || {
+        mentor_coordinator::service::saved_status(dir)
+            .map(|status| Answer {
+                status,
+                coordinator: None,
+            })
+            .map_err(|error| NoAnswer::new(error.to_string()))
+    };
+    match RunLock::holder_address(dir).map_err(|error| NoAnswer::new(error.to_string()))? {
+        // Held: the holder says where it listens once it does.
+        Some(Some(url)) => ask_about(&url, dir, QUERY_TIMEOUT)
+            .await
+            .map_err(|error| NoAnswer {
+                transient: true,
+                ..error
             }),
-            None => mentor_coordinator::service::saved_status(dir)
-                .map(|status| Answer {
-                    status,
-                    coordinator: None,
-                })
-                .map_err(|error| NoAnswer(error.to_string())),
+        Some(None) => Err(NoAnswer {
+            message: format!(
+                "a coordinator holds `{}` and is starting: it does not listen yet",
+                dir.display()
+            ),
+            transient: true,
+        }),
+        // Not held: a coordinator of a build without the lock may still serve the directory
+        // at the address it wrote.
+        None => match std::fs::read_to_string(dir.join("coordinator.addr")) {
+            Ok(text) => match mentor_proto::coordinator_url(text.trim()) {
+                Ok(url) => match ask_about(&url, dir, Duration::from_secs(2)).await {
+                    Ok(answer) => Ok(answer),
+                    Err(_) => saved(),
+                },
+                Err(_) => saved(),
+            },
+            Err(_) => saved(),
         },
     }
 }
@@ -386,7 +453,16 @@ async fn status(target: Target, as_json: bool, watch: bool, interval: f64) -> an
             coordinator,
         } = match answer(&target).await {
             Ok(answer) => answer,
-            Err(NoAnswer(message)) => {
+            Err(NoAnswer { message, transient }) => {
+                if watch && transient {
+                    // A coordinator starting on the run directory: it will answer.
+                    if message != last_printed {
+                        eprintln!("waiting: {message}");
+                        last_printed = message;
+                    }
+                    tokio::time::sleep(Duration::from_secs_f64(interval)).await;
+                    continue;
+                }
                 eprintln!("error: {message}");
                 if as_json {
                     // Scripts reading stdout get an answer too.

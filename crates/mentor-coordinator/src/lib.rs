@@ -35,7 +35,7 @@ pub enum CoordinatorError {
     #[error("invalid request: {0}")]
     InvalidRequest(String),
     // The cause follows as the source (anyhow prints the chain): not repeated here.
-    #[error("failed to read the data set")]
+    #[error("the data set")]
     Data(#[from] mentor_data::DataError),
     #[error("the plan does not fit its data: {0}")]
     PlanData(mentor_plan::PlanError),
@@ -321,7 +321,7 @@ impl Coordinator {
         let split = mentor_data::Split::new(&labels, 0, &plan.data, plan.seed)?;
         // A model that cannot take the images would fail its first task, after the wait for
         // workers: refused now.
-        let (_, dims) = mentor_data::read_idx(&plan.data.dir.join("train-images-idx3-ubyte"), 3)?;
+        let dims = mentor_data::read_idx_dims(&plan.data.dir.join("train-images-idx3-ubyte"), 3)?;
         plan.check_image_side(dims[1] as u32)
             .map_err(CoordinatorError::PlanData)?;
         let storage = plan
@@ -1436,9 +1436,18 @@ mod tests {
     fn a_second_coordinator_on_the_same_run_directory_is_refused_while_the_first_lives() {
         let dir = tempfile::tempdir().expect("tempdir");
         let mut first = coordinator(dir.path());
+        // Held, not yet listening: no address to ask.
+        assert_eq!(
+            lock::RunLock::holder_address(dir.path()).expect("lock"),
+            Some(None)
+        );
         first
             .announce("http://127.0.0.1:4242")
             .expect("announce the address");
+        assert_eq!(
+            lock::RunLock::holder_address(dir.path()).expect("lock"),
+            Some(Some("http://127.0.0.1:4242".to_string()))
+        );
         assert_eq!(
             std::fs::read_to_string(dir.path().join("coordinator.addr")).expect("address file"),
             "http://127.0.0.1:4242\n"
@@ -1462,6 +1471,10 @@ mod tests {
         let state = std::fs::read_to_string(dir.path().join("state.json")).expect("state");
         drop(first);
         lock::RunLock::check_free(dir.path()).expect("free once the first one is gone");
+        assert_eq!(
+            lock::RunLock::holder_address(dir.path()).expect("lock"),
+            None
+        );
         // The first one's state is untouched by the refused one, and the directory is free again.
         let again = Coordinator::open(plan, dir.path()).expect("the directory is free again");
         assert_eq!(

@@ -15,6 +15,9 @@ use crate::CoordinatorError;
 /// The lock file's name in the run directory.
 pub const FILE_NAME: &str = "coordinator.lock";
 
+/// What precedes the holder's address in the lock file's text.
+const LISTENING: &str = ", listening at ";
+
 /// The held lock of a run directory; released when dropped (or when the process ends).
 #[derive(Debug)]
 pub struct RunLock {
@@ -33,14 +36,38 @@ impl RunLock {
             .truncate(false)
             .open(&path)
             .map_err(|e| store_error(&path, e))?;
-        match file.try_lock() {
-            Ok(()) => {
-                let mut lock = RunLock { file, path };
-                lock.describe(None);
-                Ok(lock)
+        // `check_free` and `mentor status` hold a shared lock for an instant: a lock still busy
+        // after a second is another coordinator's.
+        let deadline = std::time::Instant::now() + std::time::Duration::from_secs(1);
+        loop {
+            match file.try_lock() {
+                Ok(()) => {
+                    let mut lock = RunLock { file, path };
+                    lock.describe(None);
+                    return Ok(lock);
+                }
+                Err(std::fs::TryLockError::WouldBlock) if std::time::Instant::now() < deadline => {
+                    std::thread::sleep(std::time::Duration::from_millis(20));
+                }
+                Err(std::fs::TryLockError::WouldBlock) => return Err(in_use(run_dir, &path)),
+                Err(std::fs::TryLockError::Error(e)) => return Err(store_error(&path, e)),
             }
-            Err(std::fs::TryLockError::WouldBlock) => Err(in_use(run_dir, &path)),
-            Err(std::fs::TryLockError::Error(e)) => Err(store_error(&path, e)),
+        }
+    }
+
+    /// Who serves `run_dir`: `None` when no coordinator holds it; else the address its holder
+    /// listens at, `None` inside while it has not begun to listen.
+    pub fn holder_address(run_dir: &Path) -> Result<Option<Option<String>>, CoordinatorError> {
+        match RunLock::check_free(run_dir) {
+            Ok(()) => Ok(None),
+            Err(CoordinatorError::RunInUse { .. }) => {
+                let text = std::fs::read_to_string(run_dir.join(FILE_NAME)).unwrap_or_default();
+                Ok(Some(
+                    text.split_once(LISTENING)
+                        .map(|(_, url)| url.trim().to_string()),
+                ))
+            }
+            Err(error) => Err(error),
         }
     }
 
@@ -75,7 +102,7 @@ impl RunLock {
             text.push_str(&format!(" on {host}"));
         }
         if let Some(url) = url {
-            text.push_str(&format!(", listening at {url}"));
+            text.push_str(&format!("{LISTENING}{url}"));
         }
         let written = self
             .file

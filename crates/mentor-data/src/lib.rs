@@ -113,7 +113,9 @@ impl PlanData {
             });
         }
         let split = Split::new(&train.labels, test.len(), data, seed)?;
-        check_labels("test", &test.labels, data.classes)?;
+        // Training images of other classes can only be unlabeled; every test image evaluated
+        // needs an output of the model.
+        check_labels("test", &test.labels[..split.test_len], data.classes)?;
         let unlabeled = Source::open(data, &split.unlabeled)?;
         Ok(PlanData {
             train,
@@ -143,35 +145,77 @@ pub fn load_train_labels(dir: &Path) -> Result<Vec<u8>, DataError> {
 
 /// Reads an unsigned-byte IDX file with `rank` dimensions, from `path.gz` or `path`.
 pub fn read_idx(path: &Path, rank: usize) -> Result<(Vec<u8>, Vec<usize>), DataError> {
+    let (file_path, mut reader) = open_idx(path)?;
+    let mut bytes = Vec::new();
+    reader
+        .read_to_end(&mut bytes)
+        .map_err(|error| DataError::Read {
+            path: file_path.clone(),
+            error,
+        })?;
+    let dims = parse_header(&file_path, &bytes, rank)?;
+    let header_len = 4 + 4 * rank;
+    let expected: usize = dims.iter().product();
+    if bytes.len() - header_len != expected {
+        return Err(DataError::Format {
+            path: file_path,
+            reason: format!(
+                "dimensions {dims:?} need {expected} bytes of data, found {}",
+                bytes.len() - header_len
+            ),
+        });
+    }
+    bytes.drain(..header_len);
+    Ok((bytes, dims))
+}
+
+/// The dimensions of an IDX file, from its header alone (cheap: the coordinator's view).
+pub fn read_idx_dims(path: &Path, rank: usize) -> Result<Vec<usize>, DataError> {
+    let (file_path, mut reader) = open_idx(path)?;
+    let mut header = vec![0u8; 4 + 4 * rank];
+    let mut read = 0;
+    while read < header.len() {
+        match reader.read(&mut header[read..]) {
+            Ok(0) => break,
+            Ok(n) => read += n,
+            Err(error) => {
+                return Err(DataError::Read {
+                    path: file_path,
+                    error,
+                })
+            }
+        }
+    }
+    header.truncate(read);
+    parse_header(&file_path, &header, rank)
+}
+
+/// `path.gz` (decompressed as it is read) or `path`: the file found and its reader.
+fn open_idx(path: &Path) -> Result<(PathBuf, Box<dyn Read>), DataError> {
     let gz = PathBuf::from(format!("{}.gz", path.display()));
-    let (file_path, bytes) = if gz.exists() {
-        let file = std::fs::File::open(&gz).map_err(|error| DataError::Read {
-            path: gz.clone(),
-            error,
-        })?;
-        let mut bytes = Vec::new();
-        flate2::read::GzDecoder::new(file)
-            .read_to_end(&mut bytes)
-            .map_err(|error| DataError::Read {
-                path: gz.clone(),
-                error,
-            })?;
-        (gz, bytes)
+    let (file_path, gzipped) = if gz.exists() {
+        (gz, true)
     } else if path.exists() {
-        let bytes = std::fs::read(path).map_err(|error| DataError::Read {
-            path: path.to_path_buf(),
-            error,
-        })?;
-        (path.to_path_buf(), bytes)
+        (path.to_path_buf(), false)
     } else {
         return Err(DataError::Missing {
             path: path.to_path_buf(),
         });
     };
-    parse_idx(&file_path, bytes, rank)
+    let file = std::fs::File::open(&file_path).map_err(|error| DataError::Read {
+        path: file_path.clone(),
+        error,
+    })?;
+    let reader: Box<dyn Read> = if gzipped {
+        Box::new(flate2::read::GzDecoder::new(std::io::BufReader::new(file)))
+    } else {
+        Box::new(std::io::BufReader::new(file))
+    };
+    Ok((file_path, reader))
 }
 
-fn parse_idx(path: &Path, bytes: Vec<u8>, rank: usize) -> Result<(Vec<u8>, Vec<usize>), DataError> {
+/// The dimensions an unsigned-byte IDX header of `rank` declares.
+fn parse_header(path: &Path, bytes: &[u8], rank: usize) -> Result<Vec<usize>, DataError> {
     let format_error = |reason: String| DataError::Format {
         path: path.to_path_buf(),
         reason,
@@ -194,22 +238,12 @@ fn parse_idx(path: &Path, bytes: Vec<u8>, rank: usize) -> Result<(Vec<u8>, Vec<u
             bytes[3]
         )));
     }
-    let dims: Vec<usize> = (0..rank)
+    Ok((0..rank)
         .map(|i| {
             let at = 4 + 4 * i;
             u32::from_be_bytes([bytes[at], bytes[at + 1], bytes[at + 2], bytes[at + 3]]) as usize
         })
-        .collect();
-    let expected: usize = dims.iter().product();
-    if bytes.len() - header_len != expected {
-        return Err(format_error(format!(
-            "dimensions {dims:?} need {expected} bytes of data, found {}",
-            bytes.len() - header_len
-        )));
-    }
-    let mut data = bytes;
-    data.drain(..header_len);
-    Ok((data, dims))
+        .collect())
 }
 
 /// The split of a plan: positions in the training set (labeled, unlabeled) and test set.
@@ -232,7 +266,6 @@ impl Split {
         data: &DataPlan,
         seed: u64,
     ) -> Result<Split, DataError> {
-        check_labels("training", train_labels, data.classes)?;
         let mut order: Vec<u32> = (0..train_labels.len() as u32).collect();
         let mut rng = rand::rngs::StdRng::seed_from_u64(seed);
         order.shuffle(&mut rng);
@@ -339,13 +372,21 @@ mod tests {
     }
 
     #[test]
-    fn labels_beyond_the_classes_and_a_split_with_nothing_unlabeled_are_errors() {
+    fn other_classes_are_unlabeled_and_a_split_with_nothing_unlabeled_is_an_error() {
+        // Class 3 of a 3-class plan: never labeled, always unlabeled.
         let labels: Vec<u8> = (0..30).map(|i| (i % 4) as u8).collect();
-        let error = Split::new(&labels, 1, &data_plan(2, 0), 0).expect_err("label 3 of 3 classes");
+        let split = Split::new(&labels, 1, &data_plan(2, 0), 0).expect("split");
+        assert!(split.labeled.iter().all(|&p| labels[p as usize] < 3));
+        assert!((0..30u32)
+            .filter(|&p| labels[p as usize] == 3)
+            .all(|p| split.unlabeled.contains(&p)));
         assert_eq!(
-            error.to_string(),
-            "the training set has images labeled 3, but data.classes = 3 (labels 0 to 2 are expected)"
+            check_labels("test", &[0, 2, 3], 3)
+                .expect_err("label 3")
+                .to_string(),
+            "the test set has images labeled 3, but data.classes = 3 (labels 0 to 2 are expected)"
         );
+        check_labels("test", &[0, 2, 1], 3).expect("labels below the classes");
         let labels: Vec<u8> = (0..30).map(|i| (i % 3) as u8).collect();
         let plan = data_plan(10, 0);
         let split = Split::new(&labels, 1, &plan, 0).expect("split");
@@ -386,6 +427,22 @@ mod tests {
         );
         let missing = read_idx(&dir.path().join("nothing"), 1).expect_err("missing");
         assert!(matches!(missing, DataError::Missing { .. }));
+        // The header alone: the dimensions, whatever follows.
+        assert_eq!(read_idx_dims(&path, 3).expect("header"), vec![2, 2, 3]);
+        std::fs::write(&path, &bytes[..10]).expect("write");
+        let error = read_idx_dims(&path, 3).expect_err("short header");
+        assert!(
+            error.to_string().contains("shorter than its header"),
+            "{error}"
+        );
+    }
+
+    #[test]
+    fn fashion_mnist_header_gives_its_image_size() {
+        let dir = Path::new("/usr/share/datasets/fashion-mnist");
+        let dims = read_idx_dims(&dir.join("train-images-idx3-ubyte"), 3)
+            .expect("install dataset-fashion-mnist");
+        assert_eq!(dims, vec![60_000, 28, 28]);
     }
 
     #[test]
