@@ -1,6 +1,7 @@
 //! A real coordinator and two real worker processes on loopback run the tiny plan on real
 //! Fashion-MNIST images; the run must succeed and leave complete, valid soft-label shards.
 
+use std::path::Path;
 use std::time::Duration;
 
 use mentor_e2e::{
@@ -147,6 +148,77 @@ fn tiny_plan_runs_two_rounds_on_two_worker_processes() {
     assert_eq!(
         String::from_utf8_lossy(&output.stdout).trim(),
         "400 float16 3"
+    );
+
+    // The final student at work: `predict` evaluates it as the run did, and classifies the same
+    // test images written as PNG files the same way.
+    let student = state_dir.join("checkpoints/round-2-student.safetensors");
+    let predict = |extra: &[&str]| {
+        let output = std::process::Command::new(binary("predict"))
+            .args(["--plan", plan.to_str().expect("utf-8"), "--round", "2"])
+            .arg("--checkpoint")
+            .arg(&student)
+            .args(extra)
+            .output()
+            .expect("run predict");
+        let stderr = String::from_utf8_lossy(&output.stderr).into_owned();
+        assert!(output.status.success(), "predict failed: {stderr}");
+        String::from_utf8_lossy(&output.stdout).into_owned()
+    };
+    let evaluated: serde_json::Value =
+        serde_json::from_str(&predict(&[])).expect("one JSON object");
+    let run_accuracy = final_status.rounds[1]
+        .student_test_accuracy
+        .expect("student accuracy");
+    assert_eq!(evaluated["examples"], 500);
+    assert!(
+        (evaluated["accuracy"].as_f64().expect("accuracy") - run_accuracy).abs() < 1e-9,
+        "{evaluated} against the run's {run_accuracy}"
+    );
+    let test = mentor_data::ImageSet::load(Path::new("/usr/share/datasets/fashion-mnist"), "t10k")
+        .expect("test set");
+    let images = dir.path().join("images");
+    std::fs::create_dir_all(images.join("nested")).expect("images");
+    for index in 0..500 {
+        let pixels = test.pixels[index * 784..(index + 1) * 784].to_vec();
+        // A nested folder too: searched recursively, in path order.
+        let folder = if index < 250 { "a" } else { "nested/b" };
+        std::fs::create_dir_all(images.join(folder)).expect("folder");
+        image::GrayImage::from_raw(28, 28, pixels)
+            .expect("28x28")
+            .save(images.join(folder).join(format!("{index:05}.png")))
+            .expect("png");
+    }
+    let lines = predict(&["--images", images.to_str().expect("utf-8"), "--top", "3"]);
+    let predictions: Vec<serde_json::Value> = lines
+        .lines()
+        .map(|line| serde_json::from_str(line).expect("a JSON line"))
+        .collect();
+    assert_eq!(predictions.len(), 500);
+    let mut correct = 0;
+    for (index, prediction) in predictions.iter().enumerate() {
+        assert!(
+            prediction["image"]
+                .as_str()
+                .is_some_and(|path| path.ends_with(&format!("{index:05}.png"))),
+            "{prediction}"
+        );
+        let top = prediction["top"].as_array().expect("top");
+        assert_eq!(top.len(), 3);
+        assert_eq!(top[0]["class"], prediction["class"]);
+        let probabilities: Vec<f64> = top
+            .iter()
+            .map(|entry| entry["probability"].as_f64().expect("probability"))
+            .collect();
+        assert!(probabilities.windows(2).all(|pair| pair[0] >= pair[1]));
+        if prediction["class"] == test.labels[index] {
+            correct += 1;
+        }
+    }
+    // The same pixels through the same model: at most a near-tie flips.
+    assert!(
+        (f64::from(correct) / 500.0 - run_accuracy).abs() <= 1.0 / 500.0,
+        "{correct} of 500 against the run's {run_accuracy}"
     );
 }
 

@@ -204,7 +204,7 @@ pub fn model_config(plan: &Plan, role: Role, model_round: u32, dataset: &Dataset
 }
 
 /// Loads a checkpoint into the model its plan section describes.
-fn load_model(
+pub fn load_model(
     plan: &Plan,
     dataset: &Dataset,
     source: &ModelSource,
@@ -213,9 +213,13 @@ fn load_model(
     let config = model_config(plan, source.role, source.model_round, dataset);
     let model = build(&vs.root(), &config);
     vs.load(&source.checkpoint).map_err(|e| {
+        // libtorch's message, without the C++ trace after it.
+        let text = e.to_string();
+        let message = text.split("\nException raised from").next().unwrap_or(&text);
         format!(
-            "failed to load checkpoint `{}`: {e}",
-            source.checkpoint.display()
+            "failed to load checkpoint `{}`: {}",
+            source.checkpoint.display(),
+            message.trim()
         )
     })?;
     Ok((vs, model, config))
