@@ -167,6 +167,8 @@ fn tiny_plan_runs_two_rounds_on_two_worker_processes() {
     };
     let evaluated: serde_json::Value =
         serde_json::from_str(&predict(&[])).expect("one JSON object");
+    // Named by its run directory, the final student is the last round's.
+    assert_eq!(predict_run_dir(&state_dir), evaluated);
     let run_accuracy = final_status.rounds[1]
         .student_test_accuracy
         .expect("student accuracy");
@@ -220,6 +222,21 @@ fn tiny_plan_runs_two_rounds_on_two_worker_processes() {
         (f64::from(correct) / 500.0 - run_accuracy).abs() <= 1.0 / 500.0,
         "{correct} of 500 against the run's {run_accuracy}"
     );
+}
+
+/// `predict --state-dir DIR`: the evaluation of the run's final student.
+fn predict_run_dir(dir: &Path) -> serde_json::Value {
+    let output = std::process::Command::new(binary("predict"))
+        .arg("--state-dir")
+        .arg(dir)
+        .output()
+        .expect("run predict");
+    assert!(
+        output.status.success(),
+        "predict failed: {}",
+        String::from_utf8_lossy(&output.stderr)
+    );
+    serde_json::from_slice(&output.stdout).expect("one JSON object")
 }
 
 #[test]
@@ -898,6 +915,11 @@ fn a_tiny_meta_pseudo_labels_run_trains_evaluates_and_finetunes() {
         let accuracy = accuracy.expect("accuracy measured");
         assert!((0.0..=1.0).contains(&accuracy));
     }
+    // Named by its run directory, the final student is the finetuned one.
+    assert_eq!(
+        predict_run_dir(&state_dir)["accuracy"].as_f64(),
+        round.finetuned_student_test_accuracy
+    );
     // The two ranks evaluate halves of the test set and log the group's accuracy; at the last
     // step it is that of the saved models (batch-norm statistics averaged over the ranks), which
     // the evaluate tasks measured again on the whole test set.

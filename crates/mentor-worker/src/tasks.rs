@@ -215,7 +215,10 @@ pub fn load_model(
     vs.load(&source.checkpoint).map_err(|e| {
         // libtorch's message, without the C++ trace after it.
         let text = e.to_string();
-        let message = text.split("\nException raised from").next().unwrap_or(&text);
+        let message = text
+            .split("\nException raised from")
+            .next()
+            .unwrap_or(&text);
         format!(
             "failed to load checkpoint `{}`: {}",
             source.checkpoint.display(),

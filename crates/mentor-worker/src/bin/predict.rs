@@ -19,17 +19,22 @@ use tch::Kind;
 
 #[derive(Debug, Parser)]
 #[command(
+    group = clap::ArgGroup::new("run").required(true).multiple(false),
     version,
     about = "Evaluate a checkpoint on the test set, or classify a folder of images"
 )]
 struct Args {
+    /// A run directory (the coordinator's --state-dir): its plan and its final student (the
+    /// last round's finetuned student, else its student).
+    #[arg(long, group = "run", conflicts_with_all = ["checkpoint", "role", "round"])]
+    state_dir: Option<PathBuf>,
     /// The run's plan (its model, data set and classes).
-    #[arg(long)]
-    plan: PathBuf,
+    #[arg(long, group = "run", requires = "checkpoint")]
+    plan: Option<PathBuf>,
     /// The checkpoint (`<state-dir>/checkpoints/round-N-student.safetensors`, or the
     /// `final_student_checkpoint` of `mentor status`).
-    #[arg(long)]
-    checkpoint: PathBuf,
+    #[arg(long, requires = "plan")]
+    checkpoint: Option<PathBuf>,
     /// Which model of the plan the checkpoint holds.
     #[arg(long, default_value = "student", value_parser = ["teacher", "student"])]
     role: String,
@@ -58,26 +63,33 @@ fn main() -> anyhow::Result<()> {
         tch::set_num_threads(args.threads);
     }
     let device = mentor_worker::parse_device(&args.device).map_err(anyhow::Error::msg)?;
-    let plan = Plan::load(&args.plan)?;
-    if args.round > plan.rounds() {
-        anyhow::bail!(
-            "--round {}: the plan has {} round(s)",
-            args.round,
-            plan.rounds()
-        );
-    }
-    if !args.checkpoint.is_file() {
-        anyhow::bail!("checkpoint `{}` not found", args.checkpoint.display());
-    }
-    let role = match args.role.as_str() {
-        "teacher" => Role::Teacher,
-        _ => Role::Student,
+    let (plan, source) = match (&args.state_dir, &args.plan, &args.checkpoint) {
+        (Some(dir), _, _) => final_student(dir)?,
+        (None, Some(plan), Some(checkpoint)) => {
+            let plan = Plan::load(plan)?;
+            if args.round > plan.rounds() {
+                anyhow::bail!(
+                    "--round {}: the plan has {} round(s)",
+                    args.round,
+                    plan.rounds()
+                );
+            }
+            let role = match args.role.as_str() {
+                "teacher" => Role::Teacher,
+                _ => Role::Student,
+            };
+            let source = ModelSource {
+                checkpoint: checkpoint.clone(),
+                role,
+                model_round: args.round,
+            };
+            (plan, source)
+        }
+        _ => anyhow::bail!("give --state-dir, or --plan and --checkpoint"),
     };
-    let source = ModelSource {
-        checkpoint: args.checkpoint.clone(),
-        role,
-        model_round: args.round,
-    };
+    if !source.checkpoint.is_file() {
+        anyhow::bail!("checkpoint `{}` not found", source.checkpoint.display());
+    }
     let dataset = Dataset::load(&plan, device).context("the plan's data set")?;
     match &args.images {
         None => {
@@ -105,6 +117,49 @@ fn main() -> anyhow::Result<()> {
         Some(folder) => classify(&plan, &dataset, &source, folder, args.top)?,
     }
     Ok(())
+}
+
+/// The plan and final student of the run in `dir`, as its `state.json` records them.
+fn final_student(dir: &std::path::Path) -> anyhow::Result<(Plan, ModelSource)> {
+    let path = dir.join("state.json");
+    let text = std::fs::read_to_string(&path).with_context(|| {
+        format!(
+            "`{}`: is `{}` a run directory?",
+            path.display(),
+            dir.display()
+        )
+    })?;
+    let state: serde_json::Value =
+        serde_json::from_str(&text).with_context(|| format!("`{}`", path.display()))?;
+    let plan = Plan::from_toml_str(state["plan_toml"].as_str().unwrap_or_default())
+        .with_context(|| format!("the plan recorded in `{}`", path.display()))?;
+    let model = state["rounds"]
+        .as_array()
+        .into_iter()
+        .flatten()
+        .rev()
+        .find_map(|round| {
+            [&round["finetuned"], &round["student"]]
+                .into_iter()
+                .find(|model| model.is_object())
+        })
+        .with_context(|| format!("the run in `{}` has no trained student yet", dir.display()))?;
+    let recorded = PathBuf::from(model["checkpoint"].as_str().unwrap_or_default());
+    // A run directory moved since: its checkpoints moved with it.
+    let checkpoint = match recorded.file_name() {
+        Some(name) if !recorded.is_file() => dir.join("checkpoints").join(name),
+        _ => recorded,
+    };
+    let source = ModelSource {
+        checkpoint,
+        role: if model["role"] == "teacher" {
+            Role::Teacher
+        } else {
+            Role::Student
+        },
+        model_round: model["model_round"].as_u64().unwrap_or(1) as u32,
+    };
+    Ok((plan, source))
 }
 
 /// One JSON line per image of `folder`: its path, the most probable class and probability,
