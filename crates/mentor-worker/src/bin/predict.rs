@@ -179,7 +179,12 @@ fn classify(
         unlabeled_limit: 0,
         ..plan.data.clone()
     };
-    let images = Source::open(&data, &[])?;
+    let images = Source::open(&data, &[]).map_err(|error| match error {
+        mentor_data::DataError::Unlabeled { path, reason } => {
+            anyhow::anyhow!("--images `{}`: {reason}", path.display())
+        }
+        other => other.into(),
+    })?;
     let Source::Folder { files } = &images else {
         anyhow::bail!("`{}` is not an image folder", folder.display());
     };
