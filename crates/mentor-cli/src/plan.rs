@@ -174,8 +174,14 @@ fn noise(noise: &NoisePlan, model: &ModelPlan) -> String {
 fn augmentation(augment: &RandAugmentPlan) -> Vec<String> {
     let mut parts = Vec::new();
     if augment.ops > 0 {
+        // The data sets are IDX (one channel): `color` changes nothing there.
         let among = if augment.op_list.is_empty() {
             String::new()
+        } else if augment.op_list.iter().any(|op| op == "color") {
+            format!(
+                " among {} (color does nothing on 1-channel images)",
+                augment.op_list.join(", ")
+            )
         } else {
             format!(" among {}", augment.op_list.join(", "))
         };
@@ -291,6 +297,12 @@ pub fn describe(plan: &Plan, data: &DataSummary) -> String {
     let workers = &plan.workers;
     let ranks = if workers.world_size == 0 {
         "every live worker of a device kind trains".to_string()
+    } else if workers.world_size > workers.min_workers {
+        format!(
+            "{} train, so training waits for {} workers",
+            count(workers.world_size.into(), "rank"),
+            workers.world_size
+        )
     } else {
         format!("{} train", count(workers.world_size.into(), "rank"))
     };
@@ -482,6 +494,49 @@ fn meta_pseudo_labels(plan: &Plan, data: &DataSummary, out: &mut String) {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    fn tiny_with(edits: &[(&str, &str)]) -> Plan {
+        let path = concat!(env!("CARGO_MANIFEST_DIR"), "/../../deploy/plans/tiny.toml");
+        let mut text = std::fs::read_to_string(path).expect("tiny plan");
+        for (from, to) in edits {
+            assert!(text.contains(from), "tiny plan has no `{from}`");
+            text = text.replacen(from, to, 1);
+        }
+        Plan::from_toml_str(&text).expect("plan")
+    }
+
+    #[test]
+    fn a_description_says_what_waits_and_what_does_nothing() {
+        let data = DataSummary {
+            rows: 28,
+            cols: 28,
+            labeled: 100,
+            unlabeled: Some(1_500),
+            shards: 4,
+            test: 500,
+        };
+        let plan = tiny_with(&[
+            ("min_workers = 2", "min_workers = 1\nworld_size = 2"),
+            (
+                "randaugment = { ops = 2, magnitude = 9 }",
+                "randaugment = { ops = 2, magnitude = 9, op_list = [\"color\", \"rotate\"] }",
+            ),
+        ]);
+        let text = describe(&plan, &data);
+        assert!(
+            text.contains("2 ranks train, so training waits for 2 workers"),
+            "{text}"
+        );
+        assert!(
+            text.contains("among color, rotate (color does nothing on 1-channel images)"),
+            "{text}"
+        );
+        // Balanced to a number per class: the pseudo labels are drawn from that pool.
+        let plan = tiny_with(&[("top_k = 3", "top_k = 3\nper_class = 100")]);
+        let text = describe(&plan, &data);
+        assert!(text.contains("balanced to 100 per class"), "{text}");
+        assert!(text.contains("1.9 of the balanced selection"), "{text}");
+    }
 
     #[test]
     fn numbers_read_as_a_plan_writes_them() {
