@@ -222,6 +222,46 @@ fn tiny_plan_runs_two_rounds_on_two_worker_processes() {
         (f64::from(correct) / 500.0 - run_accuracy).abs() <= 1.0 / 500.0,
         "{correct} of 500 against the run's {run_accuracy}"
     );
+    // One file is a folder of one.
+    let one = predict(&[
+        "--images",
+        images.join("a/00000.png").to_str().expect("utf-8"),
+    ]);
+    assert_eq!(one.lines().count(), 1, "{one}");
+    // An image that does not decode is named, as one of --images.
+    let bad = dir.path().join("bad");
+    std::fs::create_dir_all(&bad).expect("bad");
+    std::fs::write(bad.join("broken.png"), b"not a png").expect("write");
+    let output = std::process::Command::new(binary("predict"))
+        .arg("--state-dir")
+        .arg(&state_dir)
+        .arg("--images")
+        .arg(&bad)
+        .output()
+        .expect("run predict");
+    let stderr = String::from_utf8_lossy(&output.stderr);
+    assert!(!output.status.success());
+    assert!(
+        stderr.contains("--images: `") && stderr.contains("broken.png"),
+        "{stderr}"
+    );
+    // A copy of the run directory evaluates its own checkpoint.
+    let copy = dir.path().join("copy");
+    std::fs::create_dir_all(copy.join("checkpoints")).expect("copy");
+    std::fs::copy(state_dir.join("state.json"), copy.join("state.json")).expect("state");
+    std::fs::copy(
+        &student,
+        copy.join("checkpoints/round-2-student.safetensors"),
+    )
+    .expect("checkpoint");
+    let copied = predict_run_dir(&copy);
+    assert_eq!(copied["accuracy"], evaluated["accuracy"]);
+    assert_eq!(
+        copied["model"]["checkpoint"],
+        copy.join("checkpoints/round-2-student.safetensors")
+            .display()
+            .to_string()
+    );
 }
 
 /// `predict --state-dir DIR`: the evaluation of the run's final student.

@@ -19,6 +19,7 @@ use tch::Kind;
 
 #[derive(Debug, Parser)]
 #[command(
+    name = "predict",
     group = clap::ArgGroup::new("run").required(true).multiple(false),
     version,
     about = "Evaluate a checkpoint on the test set, or classify a folder of images"
@@ -49,6 +50,9 @@ struct Args {
     /// Classes (with their probabilities) given per image.
     #[arg(long, default_value_t = 1, value_parser = clap::value_parser!(u32).range(1..))]
     top: u32,
+    /// Where this machine keeps the plan's data set (its `data.dir`), if elsewhere.
+    #[arg(long)]
+    data: Option<PathBuf>,
     /// `cpu`, `cuda` or `cuda:N`.
     #[arg(long, default_value = "cpu")]
     device: String,
@@ -63,7 +67,7 @@ fn main() -> anyhow::Result<()> {
         tch::set_num_threads(args.threads);
     }
     let device = mentor_worker::parse_device(&args.device).map_err(anyhow::Error::msg)?;
-    let (plan, source) = match (&args.state_dir, &args.plan, &args.checkpoint) {
+    let (mut plan, source, note) = match (&args.state_dir, &args.plan, &args.checkpoint) {
         (Some(dir), _, _) => final_student(dir)?,
         (None, Some(plan), Some(checkpoint)) => {
             let plan = Plan::load(plan)?;
@@ -83,24 +87,51 @@ fn main() -> anyhow::Result<()> {
                 role,
                 model_round: args.round,
             };
-            (plan, source)
+            (plan, source, String::new())
         }
         _ => anyhow::bail!("give --state-dir, or --plan and --checkpoint"),
     };
+    if let Some(data) = &args.data {
+        plan.data.dir = data.clone();
+    }
+    // Only the IDX files are read: the training set's statistics and the test images. The
+    // unlabeled images the run was given need not be on this machine, and no split is needed
+    // (none labeled: the whole training set stands as unlabeled, which is never decoded).
+    plan.data.unlabeled = UnlabeledPlan::default();
+    plan.data.labeled_per_class = 0;
     if !source.checkpoint.is_file() {
         anyhow::bail!("checkpoint `{}` not found", source.checkpoint.display());
     }
-    let dataset = Dataset::load(&plan, device).context("the plan's data set")?;
+    eprintln!(
+        "predict: the {} of round {} of plan {}: {}{note}",
+        source.role.as_str(),
+        source.model_round,
+        plan.name,
+        source.checkpoint.display()
+    );
+    let dataset = Dataset::load(&plan, device).with_context(|| {
+        format!(
+            "the plan's data set, data.dir `{}` (give --data where this machine keeps it)",
+            plan.data.dir.display()
+        )
+    })?;
+    let model = json!({
+        "checkpoint": source.checkpoint.display().to_string(),
+        "role": source.role.as_str(),
+        "round": source.model_round,
+    });
     match &args.images {
         None => {
             let outcome = run_task(
                 &plan,
                 &dataset,
-                &TaskKind::Evaluate { model: source },
+                &TaskKind::Evaluate {
+                    model: source.clone(),
+                },
                 None,
                 &mut |_| {},
             )
-            .map_err(anyhow::Error::msg)?;
+            .map_err(|error| anyhow::anyhow!("{error}{}", LOAD_HINT))?;
             let Outcome::Evaluated {
                 accuracy,
                 loss,
@@ -111,7 +142,7 @@ fn main() -> anyhow::Result<()> {
             };
             println!(
                 "{}",
-                json!({"accuracy": accuracy, "loss": loss, "examples": examples})
+                json!({"accuracy": accuracy, "loss": loss, "examples": examples, "model": model})
             );
         }
         Some(folder) => classify(&plan, &dataset, &source, folder, args.top)?,
@@ -119,8 +150,13 @@ fn main() -> anyhow::Result<()> {
     Ok(())
 }
 
-/// The plan and final student of the run in `dir`, as its `state.json` records them.
-fn final_student(dir: &std::path::Path) -> anyhow::Result<(Plan, ModelSource)> {
+/// Said after a checkpoint that does not load.
+const LOAD_HINT: &str =
+    " (a checkpoint loads into the model the plan describes for its --role and --round)";
+
+/// The plan and final student of the run in `dir`, as its `state.json` records them, and a
+/// note for an unfinished run.
+fn final_student(dir: &std::path::Path) -> anyhow::Result<(Plan, ModelSource, String)> {
     let path = dir.join("state.json");
     let text = std::fs::read_to_string(&path).with_context(|| {
         format!(
@@ -131,23 +167,28 @@ fn final_student(dir: &std::path::Path) -> anyhow::Result<(Plan, ModelSource)> {
     })?;
     let state: serde_json::Value =
         serde_json::from_str(&text).with_context(|| format!("`{}`", path.display()))?;
-    let plan = Plan::from_toml_str(state["plan_toml"].as_str().unwrap_or_default())
+    // Read, not validated: a run recorded by another version keeps its model.
+    let plan: Plan = toml::from_str(state["plan_toml"].as_str().unwrap_or_default())
         .with_context(|| format!("the plan recorded in `{}`", path.display()))?;
-    let model = state["rounds"]
-        .as_array()
-        .into_iter()
-        .flatten()
+    let rounds = state["rounds"].as_array().cloned().unwrap_or_default();
+    let (round, model) = rounds
+        .iter()
         .rev()
         .find_map(|round| {
             [&round["finetuned"], &round["student"]]
                 .into_iter()
                 .find(|model| model.is_object())
+                .map(|model| (round["round"].as_u64().unwrap_or(0), model.clone()))
         })
         .with_context(|| format!("the run in `{}` has no trained student yet", dir.display()))?;
     let recorded = PathBuf::from(model["checkpoint"].as_str().unwrap_or_default());
-    // A run directory moved since: its checkpoints moved with it.
-    let checkpoint = match recorded.file_name() {
-        Some(name) if !recorded.is_file() => dir.join("checkpoints").join(name),
+    // The directory's own checkpoint: a directory moved or copied since keeps its models in
+    // its `checkpoints/`.
+    let checkpoint = match recorded
+        .file_name()
+        .map(|name| dir.join("checkpoints").join(name))
+    {
+        Some(own) if own.is_file() => own,
         _ => recorded,
     };
     let source = ModelSource {
@@ -159,7 +200,14 @@ fn final_student(dir: &std::path::Path) -> anyhow::Result<(Plan, ModelSource)> {
         },
         model_round: model["model_round"].as_u64().unwrap_or(1) as u32,
     };
-    Ok((plan, source))
+    let status = state["outcome"]["status"].as_str().unwrap_or("running");
+    let last = rounds.len() as u64;
+    let note = if status == "succeeded" {
+        String::new()
+    } else {
+        format!(" (the run is {status}, in round {last}: this is round {round}'s)")
+    };
+    Ok((plan, source, note))
 }
 
 /// One JSON line per image of `folder`: its path, the most probable class and probability,
@@ -179,23 +227,28 @@ fn classify(
         unlabeled_limit: 0,
         ..plan.data.clone()
     };
-    let images = Source::open(&data, &[]).map_err(|error| match error {
-        mentor_data::DataError::Unlabeled { path, reason } => {
-            anyhow::anyhow!("--images `{}`: {reason}", path.display())
+    let images = if folder.is_file() {
+        Source::Folder {
+            files: vec![folder.to_path_buf()],
         }
-        other => other.into(),
-    })?;
+    } else {
+        Source::open(&data, &[]).map_err(images_error)?
+    };
     let Source::Folder { files } = &images else {
         anyhow::bail!("`{}` is not an image folder", folder.display());
     };
-    let (_vs, model, config) = load_model(plan, dataset, source).map_err(anyhow::Error::msg)?;
+    let (_vs, model, config) =
+        load_model(plan, dataset, source).map_err(|error| anyhow::anyhow!("{error}{LOAD_HINT}"))?;
     let _guard = tch::no_grad_guard();
     let options =
         DecodeOptions::from_plan(&plan.pseudo_labels, plan.pseudo_labels.batch_size as usize);
     let top = i64::from(top).min(i64::from(plan.data.classes));
     let mut out = std::io::stdout().lock();
-    for batch in images.decode(0, images.units(), dataset.geometry(), options)? {
-        let batch = batch?;
+    for batch in images
+        .decode(0, images.units(), dataset.geometry(), options)
+        .map_err(images_error)?
+    {
+        let batch = batch.map_err(images_error)?;
         let count = batch.example_ids.len();
         let pixels = dataset.pixels_tensor(&batch.pixels, count);
         let inputs = dataset.model_input(&to_unit(&pixels), config.resolution);
@@ -224,4 +277,18 @@ fn classify(
         }
     }
     Ok(())
+}
+
+/// An error of the `--images` files, named as such (the decode pipeline speaks of unlabeled
+/// data, its usual work).
+fn images_error(error: mentor_data::DataError) -> anyhow::Error {
+    match error {
+        mentor_data::DataError::Unlabeled { path, reason } => {
+            anyhow::anyhow!("--images: `{}`: {reason}", path.display())
+        }
+        mentor_data::DataError::Read { path, error } => {
+            anyhow::anyhow!("--images: cannot read `{}`: {error}", path.display())
+        }
+        other => anyhow::anyhow!("--images: {other}"),
+    }
 }
