@@ -76,6 +76,14 @@ else
   BIN="$CARGO_TARGET_DIR/release"
 fi
 
+# What the run will do, checked as the run will check it: a refused plan stops here, naming
+# the field or file. (Binaries from before `mentor plan`, through --bin-dir, answer 2: skipped.)
+plan_check=0
+"$BIN/mentor" plan "$plan" >&2 || plan_check=$?
+if [ "$plan_check" -eq 1 ]; then
+  exit 2
+fi
+
 if [ -z "$state_dir" ]; then
   state_dir="$ROOT/runs/$(basename "$plan" .toml)-$(date +%Y%m%d-%H%M%S)"
 fi
