@@ -395,7 +395,7 @@ async fn answer(target: &Target) -> Result<Answer, NoAnswer> {
 
 /// The status of the run in `dir`: its coordinator's, or the one saved in its `state.json`.
 async fn answer_for(dir: &std::path::Path) -> Result<Answer, NoAnswer> {
-    use mentor_coordinator::lock::RunLock;
+    use mentor_coordinator::lock::{Holder, RunLock};
     if !dir.is_dir() {
         return Err(NoAnswer::new(format!(
             "`{}`: {}",
@@ -415,15 +415,17 @@ async fn answer_for(dir: &std::path::Path) -> Result<Answer, NoAnswer> {
             })
             .map_err(|error| NoAnswer::new(error.to_string()))
     };
-    match RunLock::holder_address(dir).map_err(|error| NoAnswer::new(error.to_string()))? {
+    match RunLock::holder(dir).map_err(|error| NoAnswer::new(error.to_string()))? {
         // Held: the holder says where it listens once it does.
-        Some(Some(url)) => ask_about(&url, dir, QUERY_TIMEOUT)
-            .await
-            .map_err(|error| NoAnswer {
-                transient: true,
-                ..error
-            }),
-        Some(None) => Err(NoAnswer {
+        Holder::Listening(url) => {
+            ask_about(&url, dir, QUERY_TIMEOUT)
+                .await
+                .map_err(|error| NoAnswer {
+                    transient: true,
+                    ..error
+                })
+        }
+        Holder::Starting => Err(NoAnswer {
             message: format!(
                 "a coordinator holds `{}` and is starting: it does not listen yet",
                 dir.display()
@@ -432,16 +434,18 @@ async fn answer_for(dir: &std::path::Path) -> Result<Answer, NoAnswer> {
         }),
         // Not held: a coordinator of a build without the lock may still serve the directory
         // at the address it wrote.
-        None => match std::fs::read_to_string(dir.join("coordinator.addr")) {
-            Ok(text) => match mentor_proto::coordinator_url(text.trim()) {
-                Ok(url) => match ask_about(&url, dir, Duration::from_secs(2)).await {
+        Holder::None => {
+            let written = std::fs::read_to_string(dir.join("coordinator.addr"))
+                .ok()
+                .and_then(|text| mentor_proto::coordinator_url(text.trim()).ok());
+            match written {
+                Some(url) => match ask_about(&url, dir, Duration::from_secs(2)).await {
                     Ok(answer) => Ok(answer),
                     Err(_) => saved(),
                 },
-                Err(_) => saved(),
-            },
-            Err(_) => saved(),
-        },
+                None => saved(),
+            }
+        }
     }
 }
 

@@ -1438,15 +1438,15 @@ mod tests {
         let mut first = coordinator(dir.path());
         // Held, not yet listening: no address to ask.
         assert_eq!(
-            lock::RunLock::holder_address(dir.path()).expect("lock"),
-            Some(None)
+            lock::RunLock::holder(dir.path()).expect("lock"),
+            lock::Holder::Starting
         );
         first
             .announce("http://127.0.0.1:4242")
             .expect("announce the address");
         assert_eq!(
-            lock::RunLock::holder_address(dir.path()).expect("lock"),
-            Some(Some("http://127.0.0.1:4242".to_string()))
+            lock::RunLock::holder(dir.path()).expect("lock"),
+            lock::Holder::Listening("http://127.0.0.1:4242".to_string())
         );
         assert_eq!(
             std::fs::read_to_string(dir.path().join("coordinator.addr")).expect("address file"),
@@ -1472,8 +1472,8 @@ mod tests {
         drop(first);
         lock::RunLock::check_free(dir.path()).expect("free once the first one is gone");
         assert_eq!(
-            lock::RunLock::holder_address(dir.path()).expect("lock"),
-            None
+            lock::RunLock::holder(dir.path()).expect("lock"),
+            lock::Holder::None
         );
         // The first one's state is untouched by the refused one, and the directory is free again.
         let again = Coordinator::open(plan, dir.path()).expect("the directory is free again");

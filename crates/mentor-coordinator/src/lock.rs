@@ -18,6 +18,17 @@ pub const FILE_NAME: &str = "coordinator.lock";
 /// What precedes the holder's address in the lock file's text.
 const LISTENING: &str = ", listening at ";
 
+/// Who holds a run directory's lock.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Holder {
+    /// No coordinator.
+    None,
+    /// A coordinator that does not listen yet.
+    Starting,
+    /// A coordinator listening at this address.
+    Listening(String),
+}
+
 /// The held lock of a run directory; released when dropped (or when the process ends).
 #[derive(Debug)]
 pub struct RunLock {
@@ -55,17 +66,16 @@ impl RunLock {
         }
     }
 
-    /// Who serves `run_dir`: `None` when no coordinator holds it; else the address its holder
-    /// listens at, `None` inside while it has not begun to listen.
-    pub fn holder_address(run_dir: &Path) -> Result<Option<Option<String>>, CoordinatorError> {
+    /// Who holds `run_dir`, and where it listens once it does.
+    pub fn holder(run_dir: &Path) -> Result<Holder, CoordinatorError> {
         match RunLock::check_free(run_dir) {
-            Ok(()) => Ok(None),
+            Ok(()) => Ok(Holder::None),
             Err(CoordinatorError::RunInUse { .. }) => {
                 let text = std::fs::read_to_string(run_dir.join(FILE_NAME)).unwrap_or_default();
-                Ok(Some(
-                    text.split_once(LISTENING)
-                        .map(|(_, url)| url.trim().to_string()),
-                ))
+                Ok(match text.split_once(LISTENING) {
+                    Some((_, url)) => Holder::Listening(url.trim().to_string()),
+                    None => Holder::Starting,
+                })
             }
             Err(error) => Err(error),
         }

@@ -509,16 +509,6 @@ pub fn saved_status(run_dir: &std::path::Path) -> Result<pb::RunStatus, Coordina
         path: path.clone(),
         reason,
     };
-    if !run_dir.is_dir() {
-        return Err(CoordinatorError::StateStore {
-            path: run_dir.to_path_buf(),
-            reason: if run_dir.exists() {
-                "not a directory".into()
-            } else {
-                "no such directory".into()
-            },
-        });
-    }
     let text = match std::fs::read_to_string(&path) {
         Ok(text) => text,
         Err(e) if e.kind() == std::io::ErrorKind::NotFound => {

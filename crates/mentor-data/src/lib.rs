@@ -171,22 +171,15 @@ pub fn read_idx(path: &Path, rank: usize) -> Result<(Vec<u8>, Vec<usize>), DataE
 
 /// The dimensions of an IDX file, from its header alone (cheap: the coordinator's view).
 pub fn read_idx_dims(path: &Path, rank: usize) -> Result<Vec<usize>, DataError> {
-    let (file_path, mut reader) = open_idx(path)?;
-    let mut header = vec![0u8; 4 + 4 * rank];
-    let mut read = 0;
-    while read < header.len() {
-        match reader.read(&mut header[read..]) {
-            Ok(0) => break,
-            Ok(n) => read += n,
-            Err(error) => {
-                return Err(DataError::Read {
-                    path: file_path,
-                    error,
-                })
-            }
-        }
-    }
-    header.truncate(read);
+    let (file_path, reader) = open_idx(path)?;
+    let mut header = Vec::new();
+    reader
+        .take(4 + 4 * rank as u64)
+        .read_to_end(&mut header)
+        .map_err(|error| DataError::Read {
+            path: file_path.clone(),
+            error,
+        })?;
     parse_header(&file_path, &header, rank)
 }
 

@@ -22,6 +22,27 @@ pub fn synchronize(device: tch::Device) {
     }
 }
 
+/// libtorch's message in the text of an error or a panic: without the Rust wrapping of a
+/// panicking unwrap (``called `Result::unwrap()` on an `Err` value: Torch("...")``, the error's
+/// Debug text, quoted with escaped newlines) and the C++ trace after it ("Exception raised
+/// from ..."): what a user can act on. Other texts are kept whole.
+pub fn libtorch_message(text: &str) -> String {
+    let (inner, newline, quoted) = match text.split_once("Torch(\"") {
+        Some((_, inner)) => (inner, "\\n", true),
+        None => (text, "\n", false),
+    };
+    let end = inner
+        .find(&format!("{newline}Exception raised from"))
+        .or_else(|| if quoted { inner.rfind("\")") } else { None })
+        .unwrap_or(inner.len());
+    let message = inner[..end].trim();
+    if quoted {
+        message.replace("\\\"", "\"")
+    } else {
+        message.to_string()
+    }
+}
+
 /// Parses `cpu`, `cuda` (the first GPU) or `cuda:N`.
 pub fn parse_device(text: &str) -> Result<tch::Device, String> {
     if text == "cpu" {
@@ -52,4 +73,36 @@ pub fn parse_device(text: &str) -> Result<tch::Device, String> {
         ));
     }
     Ok(tch::Device::Cuda(index))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::libtorch_message;
+
+    #[test]
+    fn a_libtorch_error_or_panic_reads_as_libtorch_s_message() {
+        // What a pooling window larger than its input panics with.
+        let panic = "called `Result::unwrap()` on an `Err` value: Torch(\"Given input size: \
+                     (4x1x1). Calculated output size: (4x0x0). Output size is too small\\n\
+                     Exception raised from pool2d_shape_check at /pytorch/aten/src/ATen/native/\
+                     Pool.h:160 (most recent call first):\\nframe #0: c10::Error::Error(\")";
+        assert_eq!(
+            libtorch_message(panic),
+            "Given input size: (4x1x1). Calculated output size: (4x0x0). Output size is too small"
+        );
+        let quoted = "called `Result::unwrap()` on an `Err` value: Torch(\"no \\\"x\\\" here\")";
+        assert_eq!(libtorch_message(quoted), "no \"x\" here");
+        assert_eq!(
+            libtorch_message("index out of bounds"),
+            "index out of bounds"
+        );
+        // An error's own text (a checkpoint that does not load): the trace goes too.
+        assert_eq!(
+            libtorch_message(
+                "Internal torch error: PytorchStreamReader failed reading zip archive\n\
+                 Exception raised from valid at inline_container.cc:242"
+            ),
+            "Internal torch error: PytorchStreamReader failed reading zip archive"
+        );
+    }
 }

@@ -111,7 +111,10 @@ fn spawn_torch_thread(
                         .unwrap_or_else(|| "unknown panic".into());
                     // The status gets libtorch's message; the log keeps its C++ trace too.
                     tracing::error!(panic = %message, "the task panicked");
-                    Err(format!("libtorch error: {}", torch_message(&message)))
+                    Err(format!(
+                        "libtorch error: {}",
+                        mentor_worker::libtorch_message(&message)
+                    ))
                 });
                 let _ = job.done.send(result);
             }
@@ -122,22 +125,6 @@ fn spawn_torch_thread(
         .context("the libtorch thread stopped while loading data")?
         .map_err(|e| anyhow::anyhow!("failed to load the data set: {e}"))?;
     Ok(sender)
-}
-
-/// The message of a libtorch error in a panic's text, without the Rust wrapping
-/// (``called `Result::unwrap()` on an `Err` value: Torch("...")``) and the C++ trace after it
-/// ("Exception raised from ..."): what a user can act on. Other panics are kept whole.
-fn torch_message(panic: &str) -> String {
-    let Some((_, inner)) = panic.split_once("Torch(\"") else {
-        return panic.to_string();
-    };
-    // The error's Debug text: newlines are escaped.
-    let end = ["\\nException raised from", "\\n"]
-        .iter()
-        .find_map(|marker| inner.find(marker))
-        .or_else(|| inner.rfind("\")"))
-        .unwrap_or(inner.len());
-    inner[..end].replace("\\\"", "\"").trim().to_string()
 }
 
 fn role_from_proto(value: i32) -> anyhow::Result<Role> {
@@ -723,26 +710,5 @@ async fn execute(
                 });
             }
         }
-    }
-}
-
-#[cfg(test)]
-mod tests {
-    use super::torch_message;
-
-    #[test]
-    fn a_libtorch_panic_reads_as_libtorch_s_message() {
-        // What a pooling window larger than its input panics with.
-        let panic = "called `Result::unwrap()` on an `Err` value: Torch(\"Given input size: \
-                     (4x1x1). Calculated output size: (4x0x0). Output size is too small\\n\
-                     Exception raised from pool2d_shape_check at /pytorch/aten/src/ATen/native/\
-                     Pool.h:160 (most recent call first):\\nframe #0: c10::Error::Error(\")";
-        assert_eq!(
-            torch_message(panic),
-            "Given input size: (4x1x1). Calculated output size: (4x0x0). Output size is too small"
-        );
-        let quoted = "called `Result::unwrap()` on an `Err` value: Torch(\"no \\\"x\\\" here\")";
-        assert_eq!(torch_message(quoted), "no \"x\" here");
-        assert_eq!(torch_message("index out of bounds"), "index out of bounds");
     }
 }

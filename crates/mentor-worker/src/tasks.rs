@@ -213,16 +213,10 @@ pub fn load_model(
     let config = model_config(plan, source.role, source.model_round, dataset);
     let model = build(&vs.root(), &config);
     vs.load(&source.checkpoint).map_err(|e| {
-        // libtorch's message, without the C++ trace after it.
-        let text = e.to_string();
-        let message = text
-            .split("\nException raised from")
-            .next()
-            .unwrap_or(&text);
         format!(
             "failed to load checkpoint `{}`: {}",
             source.checkpoint.display(),
-            message.trim()
+            crate::libtorch_message(&e.to_string())
         )
     })?;
     Ok((vs, model, config))
