@@ -262,6 +262,88 @@ fn tiny_plan_runs_two_rounds_on_two_worker_processes() {
             .display()
             .to_string()
     );
+
+    // Round 1's student as the given teacher (`teacher.checkpoint`) of a new one-round run:
+    // evaluated as the first run evaluated it, put to labeling, and never trained.
+    let round_one_student = state_dir.join("checkpoints/round-1-student.safetensors");
+    let given_teacher = |model: &str| {
+        tiny_plan_with(&[
+            ("rounds = 2", "rounds = 1"),
+            (
+                "[teacher.model]\nkind = \"cnn\"\nwidth = 8\nhidden = 32\n\n[teacher.train]\nsteps = 30\nbatch_size = 32\nlog_every = 10\n",
+                &format!(
+                    "[teacher]\ncheckpoint = \"{}\"\n\n[teacher.model]\n{model}\n",
+                    round_one_student.display()
+                ),
+            ),
+        ])
+    };
+    let given = dir.path().join("given");
+    std::fs::create_dir_all(&given).expect("given");
+    let plan_text = given_teacher("kind = \"cnn\"\nwidth = 8\nhidden = 32\nresidual_blocks = 1");
+    let (given_status, given_run) = run_on_two_workers(&runtime, &given, &plan_text);
+    assert_eq!(
+        given_status.status, "succeeded",
+        "run failed: {}",
+        given_status.error
+    );
+    assert_eq!(given_status.rounds.len(), 1);
+    assert_eq!(
+        given_status.rounds[0].teacher_test_accuracy,
+        final_status.rounds[0].student_test_accuracy
+    );
+    assert!(given_status.rounds[0].student_test_accuracy.is_some());
+    assert!(given_status.rounds[0].kept > 0);
+    assert!(!given_run
+        .join("checkpoints/round-1-teacher.safetensors")
+        .exists());
+    assert!(given_run
+        .join("checkpoints/round-1-student.safetensors")
+        .exists());
+    let (_, saved) = status_of_run_dir(&given_run);
+    assert_eq!(
+        saved["rounds"][0]["teacher_test_accuracy"].as_f64(),
+        final_status.rounds[0].student_test_accuracy
+    );
+
+    // A teacher.model that does not describe the checkpoint fails the run naming the file.
+    let wrong = dir.path().join("wrong");
+    std::fs::create_dir_all(&wrong).expect("wrong");
+    let plan_text = given_teacher("kind = \"cnn\"\nwidth = 8\nhidden = 32");
+    let (wrong_status, _) = run_on_two_workers(&runtime, &wrong, &plan_text);
+    assert_eq!(wrong_status.status, "failed");
+    assert!(
+        wrong_status.error.contains("failed to load checkpoint")
+            && wrong_status.error.contains("round-1-student.safetensors"),
+        "{}",
+        wrong_status.error
+    );
+    // A missing file is refused before anything starts, by the coordinator and `mentor plan`.
+    let missing = dir.path().join("missing.toml");
+    std::fs::write(
+        &missing,
+        plan_text.replace("round-1-student.safetensors", "round-9-student.safetensors"),
+    )
+    .expect("write plan");
+    let missing_run = dir.path().join("missing-run");
+    let stderr = refused_open(&missing, &missing_run, &[]);
+    assert!(
+        stderr.contains("teacher.checkpoint `")
+            && stderr.contains("round-9-student.safetensors`: no such file"),
+        "{stderr}"
+    );
+    assert!(!missing_run.exists(), "a refused run leaves no directory");
+    let output = std::process::Command::new(binary("mentor"))
+        .arg("plan")
+        .arg(&missing)
+        .output()
+        .expect("run mentor plan");
+    let stderr = String::from_utf8_lossy(&output.stderr);
+    assert!(!output.status.success());
+    assert!(
+        stderr.contains("round-9-student.safetensors`: no such file"),
+        "{stderr}"
+    );
 }
 
 /// `predict --state-dir DIR`: the evaluation of the run's final student.

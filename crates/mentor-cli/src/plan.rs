@@ -32,6 +32,17 @@ pub fn check(path: &Path) -> anyhow::Result<(Plan, DataSummary)> {
     let data =
         check_data(&plan).with_context(|| format!("the data of plan `{}`", path.display()))?;
     check_storage(&plan).with_context(|| format!("plan `{}`", path.display()))?;
+    if let Some(checkpoint) = &plan.teacher.checkpoint {
+        // What the coordinator checks when the run starts; that the tensors fit teacher.model
+        // shows when a worker loads them (the first task: the teacher's evaluation).
+        mentor_coordinator::checkpoint::tensor_count(checkpoint).map_err(|reason| {
+            anyhow::anyhow!(
+                "plan `{}`: teacher.checkpoint `{}`: {reason}",
+                path.display(),
+                checkpoint.display()
+            )
+        })?;
+    }
     Ok((plan, data))
 }
 
@@ -343,9 +354,16 @@ fn noisy_student(plan: &Plan, data: &DataSummary, out: &mut String) {
     for round in 1..=plan.rounds() {
         let prefix = format!("round {round:<3}");
         if round == 1 {
-            // Validation guarantees a teacher schedule for Noisy Student.
-            if let Some(train) = &plan.teacher.train {
-                let teacher = plan.teacher.model.at_round(1);
+            let teacher = plan.teacher.model.at_round(1);
+            // Validation guarantees a teacher schedule or checkpoint for Noisy Student.
+            if let Some(checkpoint) = &plan.teacher.checkpoint {
+                out.push_str(&format!(
+                    "{prefix} teacher  {}{}, read from `{}` (not trained)\n",
+                    model_at(&teacher, data),
+                    precision(&plan.teacher),
+                    checkpoint.display()
+                ));
+            } else if let Some(train) = &plan.teacher.train {
                 out.push_str(&format!(
                     "{prefix} teacher  {}{}, {}: {}\n",
                     model_at(&teacher, data),
@@ -536,6 +554,24 @@ mod tests {
         let text = describe(&plan, &data);
         assert!(text.contains("balanced to 100 per class"), "{text}");
         assert!(text.contains("1.9 of the balanced selection"), "{text}");
+        // A given teacher is read, not trained.
+        let plan = tiny_with(&[
+            (
+                "[teacher.model]",
+                "[teacher]\ncheckpoint = \"runs/a/teacher.safetensors\"\n\n[teacher.model]",
+            ),
+            (
+                "[teacher.train]\nsteps = 30\nbatch_size = 32\nlog_every = 10\n",
+                "",
+            ),
+        ]);
+        let text = describe(&plan, &data);
+        assert!(
+            text.contains(
+                "round 1   teacher  cnn (batch_norm true, hidden 32, residual_blocks 0, width 8), read from `runs/a/teacher.safetensors` (not trained)\n"
+            ),
+            "{text}"
+        );
     }
 
     #[test]

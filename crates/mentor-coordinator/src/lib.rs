@@ -5,6 +5,7 @@
 //! every change, so a restarted coordinator resumes) and the global filter step; [`service`]
 //! exposes it over gRPC. This crate must not link libtorch: it never runs a model.
 
+pub mod checkpoint;
 pub mod filter;
 pub mod lock;
 pub mod metrics;
@@ -49,6 +50,8 @@ pub enum CoordinatorError {
     StateStore { path: PathBuf, reason: String },
     #[error("soft-label storage (pseudo_labels.storage): {reason}")]
     Storage { reason: String },
+    #[error("teacher.checkpoint `{path}`: {reason}")]
+    TeacherCheckpoint { path: PathBuf, reason: String },
 }
 
 /// What the coordinator knows about one worker.
@@ -230,6 +233,19 @@ fn rebase_selections(run_dir: &Path, from: &Path) -> Result<(), String> {
 
 /// Writes `bytes` to `path` through a temporary file beside it and a rename, so that a reader
 /// (or a restarted coordinator) sees the old file or the new one, never half of one.
+/// The plan's `teacher.checkpoint`, made absolute (relative paths start where the coordinator
+/// runs, as `data.dir` does), once it is known to be a safetensors file with tensors in it.
+fn teacher_checkpoint(given: &Path) -> Result<PathBuf, CoordinatorError> {
+    let refuse = |reason: String| CoordinatorError::TeacherCheckpoint {
+        path: given.to_path_buf(),
+        reason,
+    };
+    let path = std::path::absolute(given).map_err(|e| refuse(e.to_string()))?;
+    let tensors = checkpoint::tensor_count(&path).map_err(refuse)?;
+    tracing::info!(checkpoint = %path.display(), tensors, "the first teacher is read from a checkpoint, not trained");
+    Ok(path)
+}
+
 pub(crate) fn write_atomically(path: &Path, bytes: &[u8]) -> std::io::Result<()> {
     let temporary = path.with_extension("tmp");
     std::fs::write(&temporary, bytes)?;
@@ -333,7 +349,7 @@ impl Coordinator {
             reason: e.to_string(),
         })?;
         let state_file = run_dir.join("state.json");
-        let state = if state_file.exists() {
+        let mut state = if state_file.exists() {
             let text = std::fs::read_to_string(&state_file)
                 .map_err(|e| state_store_error(e.to_string()))?;
             let (mut state, moved_from) = RunState::from_saved(&text, &run_dir)
@@ -377,6 +393,14 @@ impl Coordinator {
             let examples = source.known_examples().unwrap_or(0);
             RunState::new(run_id, &plan, shards, examples, &run_dir)
         };
+        if let Some(given) = &plan.teacher.checkpoint {
+            // Checked while a task still needs it: a run past its first labeling does not.
+            let needed =
+                state.round == 1 && matches!(state.phase, Phase::WaitingForWorkers | Phase::Label);
+            if needed {
+                state.teacher_checkpoint = Some(teacher_checkpoint(given)?);
+            }
+        }
         let coordinator = Coordinator {
             plan,
             state,

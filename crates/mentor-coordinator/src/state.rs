@@ -312,6 +312,10 @@ pub struct RunState {
     /// reused, so a worker of an earlier coordinator cannot pass for one of this one.
     #[serde(default)]
     pub workers_registered: u64,
+    /// Noisy Student: the first teacher, read from this file (the plan's `teacher.checkpoint`,
+    /// made absolute) instead of trained.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub teacher_checkpoint: Option<PathBuf>,
 }
 
 fn default_method() -> Method {
@@ -390,6 +394,7 @@ impl RunState {
             workers_registered: 0,
             method: plan.method,
             finetune: plan.mpl.as_ref().is_some_and(|mpl| mpl.finetune.steps > 0),
+            teacher_checkpoint: plan.teacher.checkpoint.clone(),
         }
     }
 
@@ -437,6 +442,17 @@ impl RunState {
                 teacher_output,
                 student_output,
             });
+            return;
+        }
+        if let Some(checkpoint) = self.teacher_checkpoint.clone() {
+            // The first teacher is given: evaluated (its accuracy is round 1's teacher's) and
+            // put to labeling at once.
+            let teacher = ModelRef {
+                checkpoint,
+                role: Role::Teacher,
+                model_round: 1,
+            };
+            self.start_labeling(teacher, true);
             return;
         }
         self.phase = Phase::TrainTeacher;

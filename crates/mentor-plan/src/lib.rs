@@ -320,6 +320,10 @@ pub struct RolePlan {
     /// Optimisation of this role's training task (Noisy Student; Meta Pseudo Labels uses `[mpl]`).
     #[serde(default)]
     pub train: Option<TrainPlan>,
+    /// Noisy Student, teacher only: the first teacher's weights, read from this safetensors
+    /// file (a checkpoint of a model `model` describes) instead of trained.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub checkpoint: Option<PathBuf>,
     #[serde(default)]
     pub noise: NoisePlan,
     /// Arithmetic of the role's model, in training and inference (left out of the plan's
@@ -816,6 +820,12 @@ impl Plan {
                         "not used by Meta Pseudo Labels, whose schedule is [mpl]; remove it",
                     ));
                 }
+                if plan.checkpoint.is_some() {
+                    return Err(invalid(
+                        format!("{role}.checkpoint"),
+                        "not used by Meta Pseudo Labels, whose teacher and student start together from scratch; remove it",
+                    ));
+                }
                 if plan.noise.randaugment != RandAugmentPlan::default() {
                     return Err(invalid(
                         format!("{role}.noise.randaugment"),
@@ -856,13 +866,35 @@ impl Plan {
                     "only meaningful with method = \"meta-pseudo-labels\"",
                 ));
             }
-            for (role, plan) in [("teacher", &self.teacher), ("student", &self.student)] {
-                if plan.train.is_none() {
+            if self.student.checkpoint.is_some() {
+                return Err(invalid(
+                    "student.checkpoint",
+                    "only the teacher starts from a checkpoint; each student trains from scratch",
+                ));
+            }
+            match (&self.teacher.checkpoint, &self.teacher.train) {
+                (Some(path), _) if path.as_os_str().is_empty() => {
+                    return Err(invalid("teacher.checkpoint", "must not be empty"));
+                }
+                (Some(_), Some(_)) => {
                     return Err(invalid(
-                        format!("{role}.train"),
-                        "required for method = \"noisy-student\"",
+                        "teacher.train",
+                        "not used when teacher.checkpoint gives the first teacher; remove one of them",
                     ));
                 }
+                (None, None) => {
+                    return Err(invalid(
+                        "teacher.train",
+                        "required for method = \"noisy-student\" (or teacher.checkpoint, the first teacher's weights from a file)",
+                    ));
+                }
+                _ => {}
+            }
+            if self.student.train.is_none() {
+                return Err(invalid(
+                    "student.train",
+                    "required for method = \"noisy-student\"",
+                ));
             }
         }
         if self.rounds() == 0 {

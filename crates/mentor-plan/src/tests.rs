@@ -228,7 +228,68 @@ fn missing_section_is_refused() {
     let message = error_of(&text);
     assert_eq!(
         message,
-        "teacher.train: required for method = \"noisy-student\""
+        "teacher.train: required for method = \"noisy-student\" (or teacher.checkpoint, the first teacher's weights from a file)"
+    );
+}
+
+/// The tiny plan with its first teacher read from `path` instead of trained.
+fn tiny_with_teacher_checkpoint(path: &str) -> String {
+    let start = TINY.find("[teacher.train]").expect("section");
+    let end = TINY[start..].find("[student.model]").expect("next section") + start;
+    let text = format!("{}{}", &TINY[..start], &TINY[end..]);
+    text.replacen(
+        "[teacher.model]",
+        &format!("[teacher]\ncheckpoint = \"{path}\"\n\n[teacher.model]"),
+        1,
+    )
+}
+
+#[test]
+fn a_teacher_checkpoint_replaces_the_teacher_training() {
+    let plan = Plan::from_toml_str(&tiny_with_teacher_checkpoint("runs/a/teacher.safetensors"))
+        .expect("plan with a teacher checkpoint");
+    assert_eq!(
+        plan.teacher.checkpoint.as_deref(),
+        Some(Path::new("runs/a/teacher.safetensors"))
+    );
+    assert!(plan.teacher.train.is_none());
+    let again = Plan::from_toml_str(&plan.to_toml_string()).expect("serialized plan");
+    assert_eq!(plan, again);
+    // A plan without one serializes as before: runs recorded earlier keep their identity.
+    let tiny = Plan::from_toml_str(TINY).expect("tiny plan");
+    assert!(!tiny.to_toml_string().contains("checkpoint"));
+}
+
+#[test]
+fn a_teacher_checkpoint_is_refused_where_it_cannot_apply() {
+    let both = tiny_with(
+        "[teacher.model]",
+        "[teacher]\ncheckpoint = \"teacher.safetensors\"\n\n[teacher.model]",
+    );
+    assert_eq!(
+        error_of(&both),
+        "teacher.train: not used when teacher.checkpoint gives the first teacher; remove one of them"
+    );
+    assert_eq!(
+        error_of(&tiny_with_teacher_checkpoint("")),
+        "teacher.checkpoint: must not be empty"
+    );
+    let student = tiny_with(
+        "[student.model]",
+        "[student]\ncheckpoint = \"student.safetensors\"\n\n[student.model]",
+    );
+    assert_eq!(
+        error_of(&student),
+        "student.checkpoint: only the teacher starts from a checkpoint; each student trains from scratch"
+    );
+    let mpl = TINY_MPL.replacen(
+        "[teacher.model]",
+        "[teacher]\ncheckpoint = \"teacher.safetensors\"\n\n[teacher.model]",
+        1,
+    );
+    assert_eq!(
+        error_of(&mpl),
+        "teacher.checkpoint: not used by Meta Pseudo Labels, whose teacher and student start together from scratch; remove it"
     );
 }
 

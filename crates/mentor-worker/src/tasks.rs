@@ -212,14 +212,73 @@ pub fn load_model(
     let mut vs = nn::VarStore::new(dataset.device);
     let config = model_config(plan, source.role, source.model_round, dataset);
     let model = build(&vs.root(), &config);
-    vs.load(&source.checkpoint).map_err(|e| {
+    load_exactly(&mut vs, &source.checkpoint).map_err(|e| {
         format!(
-            "failed to load checkpoint `{}`: {}",
+            "failed to load checkpoint `{}` into {}.model: {e}",
             source.checkpoint.display(),
-            crate::libtorch_message(&e.to_string())
+            source.role.as_str()
         )
     })?;
     Ok((vs, model, config))
+}
+
+/// Loads `path` into `vs` when it holds exactly `vs`'s variables, each of its shape. libtorch
+/// alone would ignore tensors the model has no place for (a checkpoint of another model would
+/// load as a part of it) and broadcast a tensor of another shape into a variable.
+pub(crate) fn load_exactly(vs: &mut nn::VarStore, path: &Path) -> Result<(), String> {
+    let saved: std::collections::HashMap<String, Tensor> = Tensor::read_safetensors(path)
+        .map_err(|e| crate::libtorch_message(&e.to_string()))?
+        .into_iter()
+        .collect();
+    let variables = vs.variables();
+    let mut missing: Vec<&String> = variables
+        .keys()
+        .filter(|name| !saved.contains_key(*name))
+        .collect();
+    let mut extra: Vec<&String> = saved
+        .keys()
+        .filter(|name| !variables.contains_key(*name))
+        .collect();
+    missing.sort();
+    extra.sort();
+    let listed = |names: &[&String]| {
+        let shown: Vec<&str> = names.iter().take(3).map(|name| name.as_str()).collect();
+        let more = names.len().saturating_sub(3);
+        let more = if more > 0 {
+            format!(" and {more} more")
+        } else {
+            String::new()
+        };
+        format!("`{}`{more}", shown.join("`, `"))
+    };
+    if !missing.is_empty() || !extra.is_empty() {
+        let mut problems = Vec::new();
+        if !missing.is_empty() {
+            problems.push(format!("it lacks the model's {}", listed(&missing)));
+        }
+        if !extra.is_empty() {
+            problems.push(format!(
+                "it holds {}, which the model does not have",
+                listed(&extra)
+            ));
+        }
+        return Err(format!(
+            "{}: the checkpoint is of another model than the plan describes",
+            problems.join("; ")
+        ));
+    }
+    let mut names: Vec<&String> = variables.keys().collect();
+    names.sort();
+    for name in names {
+        let (file, model) = (saved[name].size(), variables[name].size());
+        if file != model {
+            return Err(format!(
+                "`{name}` is {file:?} in the checkpoint but {model:?} in the model: the checkpoint is of another model than the plan describes"
+            ));
+        }
+    }
+    vs.load(path)
+        .map_err(|e| crate::libtorch_message(&e.to_string()))
 }
 
 /// Learning rate at `step`: linear warmup, then cosine decay or constant.
@@ -523,7 +582,7 @@ fn train(
     let config = setup.model.clone();
     let model = build(&vs.root(), &config);
     if let Some(init) = &setup.init {
-        vs.load(init)
+        load_exactly(&mut vs, init)
             .map_err(|e| format!("failed to load checkpoint `{}`: {e}", init.display()))?;
     }
     let variables = vs.trainable_variables();
@@ -935,6 +994,62 @@ fn existing_shard(
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    fn cnn(width: u32, residual_blocks: u32) -> ModelConfig {
+        ModelConfig {
+            model: mentor_plan::ModelPlan::Cnn(mentor_plan::CnnPlan {
+                width,
+                residual_blocks,
+                hidden: 16,
+                width_growth_per_round: 0,
+                batch_norm: true,
+            }),
+            classes: 10,
+            channels: 1,
+            resolution: 28,
+            dropout: 0.0,
+            last_survival: 1.0,
+            precision: mentor_plan::Precision::Float32,
+        }
+    }
+
+    #[test]
+    fn a_checkpoint_loads_only_into_the_model_it_was_saved_from() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let path = dir.path().join("model.safetensors");
+        let saved_vs = nn::VarStore::new(tch::Device::Cpu);
+        let saved = build(&saved_vs.root(), &cnn(8, 1));
+        save_checkpoint(&saved_vs, &path).expect("save");
+        let images = Tensor::rand([4, 1, 28, 28], (Kind::Float, tch::Device::Cpu));
+        let expected = saved.forward_t(&images, false);
+
+        let mut same_vs = nn::VarStore::new(tch::Device::Cpu);
+        let same = build(&same_vs.root(), &cnn(8, 1));
+        load_exactly(&mut same_vs, &path).expect("the same model loads");
+        assert!(same.forward_t(&images, false).equal(&expected));
+
+        // Without the residual block libtorch would load the rest and run another model.
+        let mut fewer_vs = nn::VarStore::new(tch::Device::Cpu);
+        let _fewer = build(&fewer_vs.root(), &cnn(8, 0));
+        let error = load_exactly(&mut fewer_vs, &path).expect_err("a smaller model");
+        assert!(
+            error.starts_with("it holds `") && error.contains("which the model does not have"),
+            "{error}"
+        );
+        let mut more_vs = nn::VarStore::new(tch::Device::Cpu);
+        let _more = build(&more_vs.root(), &cnn(8, 2));
+        let error = load_exactly(&mut more_vs, &path).expect_err("a larger model");
+        assert!(error.starts_with("it lacks the model's `"), "{error}");
+        let mut wider_vs = nn::VarStore::new(tch::Device::Cpu);
+        let _wider = build(&wider_vs.root(), &cnn(16, 1));
+        let error = load_exactly(&mut wider_vs, &path).expect_err("a wider model");
+        assert!(
+            error.contains("in the checkpoint but") && error.contains("in the model"),
+            "{error}"
+        );
+        let missing = load_exactly(&mut same_vs, &dir.path().join("missing.safetensors"));
+        assert!(missing.is_err());
+    }
 
     fn header(teacher: &str) -> ShardHeader {
         ShardHeader {

@@ -195,6 +195,41 @@ fn two_rounds_run_through_every_phase() {
 }
 
 #[test]
+fn a_given_teacher_is_evaluated_and_labels_at_once() {
+    let mut state = new_run();
+    state.teacher_checkpoint = Some("/models/teacher.safetensors".into());
+    let w = worker("w1");
+    state.start();
+    assert_eq!(state.phase, Phase::Label);
+    let given = ModelRef {
+        checkpoint: "/models/teacher.safetensors".into(),
+        role: Role::Teacher,
+        model_round: 1,
+    };
+    assert_eq!(state.current_round().teacher, Some(given.clone()));
+    // One evaluation of the given teacher plus four shards, each of that teacher; no training.
+    assert_eq!(state.task_counts(), (0, 5));
+    for task in state.tasks.values() {
+        match &task.spec {
+            TaskSpec::Evaluate { model } => assert_eq!(model, &given),
+            TaskSpec::Label { teacher, .. } => assert_eq!(teacher, &given),
+            other => panic!("unexpected {other:?}"),
+        }
+    }
+    let effects = finish_pending(&mut state, &w, 0.85);
+    assert_eq!(effects.len(), 1, "the filter follows the labeling");
+    assert_eq!(state.current_round().teacher_test_accuracy, Some(0.85));
+    state.filter_done(1, 1200, "/runs/tiny/selections/round-1.json".into());
+    assert_eq!(state.phase, Phase::TrainStudent);
+    // A state saved by a build without the field reads as a run that trains its teacher.
+    let mut saved: serde_json::Value = serde_json::to_value(new_run()).expect("state as JSON");
+    assert!(saved.get("teacher_checkpoint").is_none());
+    saved["teacher_checkpoint"] = serde_json::Value::Null;
+    let reread: RunState = serde_json::from_value(saved).expect("state");
+    assert_eq!(reread.teacher_checkpoint, None);
+}
+
+#[test]
 fn lost_worker_tasks_go_to_another_worker() {
     let mut state = new_run();
     state.start();

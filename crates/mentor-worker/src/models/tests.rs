@@ -168,6 +168,7 @@ fn survival_follows_the_linear_rule() {
     let role = RolePlan {
         model: wide_resnet(10, 1),
         train: None,
+        checkpoint: None,
         noise: NoisePlan::default(),
         precision: Precision::Float32,
     };
