@@ -5,7 +5,8 @@
 #
 # - Debian packages: protobuf-compiler (protoc), dataset-fashion-mnist (the demo data);
 # - torch 2.11.0 (the libtorch that tch 0.24 builds against) in a virtual environment under
-#   $MENTOR_HOME (default ~/.cache/mentor), with numpy and safetensors for the Python one-liner;
+#   $MENTOR_HOME (default ~/.cache/mentor), with numpy and safetensors for the Python one-liner
+#   and PyYAML for the tests of deploy/kubernetes;
 # - a persistent CARGO_TARGET_DIR under $MENTOR_HOME, reused across clones;
 # - the release build, when --build is given.
 # Each step is skipped when already done. Progress goes to stderr.
@@ -22,7 +23,7 @@ for arg in "$@"; do
   case "$arg" in
     --print-env) print_env=1 ;;
     --build) build=1 ;;
-    -h|--help) sed -n '2,13p' "$0"; exit 0 ;;
+    -h|--help) sed -n '2,14p' "$0"; exit 0 ;;
     *) echo "setup.sh: unknown argument $arg" >&2; exit 2 ;;
   esac
 done
@@ -31,7 +32,14 @@ say() { echo "[setup] $*" >&2; }
 
 apt_missing=()
 dpkg -s protobuf-compiler >/dev/null 2>&1 || apt_missing+=(protobuf-compiler)
-dpkg -s dataset-fashion-mnist >/dev/null 2>&1 || apt_missing+=(dataset-fashion-mnist)
+if ! dpkg -s dataset-fashion-mnist >/dev/null 2>&1; then
+  # The demo data's package is in this project's package sources, not in every Debian's.
+  if apt-cache show dataset-fashion-mnist >/dev/null 2>&1 || ! command -v apt-cache >/dev/null; then
+    apt_missing+=(dataset-fashion-mnist)
+  else
+    say "dataset-fashion-mnist is not in this machine's package sources: put the Fashion-MNIST IDX files in /usr/share/datasets/fashion-mnist by hand for the demo and the tests"
+  fi
+fi
 if [ ${#apt_missing[@]} -gt 0 ]; then
   say "installing Debian packages: ${apt_missing[*]}"
   sudo_cmd=""
@@ -40,11 +48,11 @@ if [ ${#apt_missing[@]} -gt 0 ]; then
   DEBIAN_FRONTEND=noninteractive $sudo_cmd apt-get install -y -qq "${apt_missing[@]}" >&2
 fi
 
-if ! "$VENV/bin/python" -c "import torch, numpy, safetensors, sys; sys.exit(0 if torch.__version__.startswith('$TORCH_VERSION') else 1)" >/dev/null 2>&1; then
+if ! "$VENV/bin/python" -c "import torch, numpy, safetensors, yaml, sys; sys.exit(0 if torch.__version__.startswith('$TORCH_VERSION') else 1)" >/dev/null 2>&1; then
   say "installing torch==$TORCH_VERSION into $VENV (a few GB, a few minutes the first time)"
   mkdir -p "$MENTOR_HOME"
   [ -x "$VENV/bin/python" ] || python3 -m venv "$VENV"
-  "$VENV/bin/pip" install -q --disable-pip-version-check "torch==$TORCH_VERSION" numpy safetensors >&2
+  "$VENV/bin/pip" install -q --disable-pip-version-check "torch==$TORCH_VERSION" numpy safetensors pyyaml >&2
 fi
 
 TORCH_LIB="$("$VENV/bin/python" -c 'import os, torch; print(os.path.join(os.path.dirname(torch.__file__), "lib"))')"

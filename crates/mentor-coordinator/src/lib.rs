@@ -505,6 +505,16 @@ impl Coordinator {
         }
     }
 
+    /// Whether the run is over and every worker has been told so or is gone: nothing is left
+    /// for the coordinator to serve but status queries.
+    pub fn released(&self) -> bool {
+        self.state.is_finished()
+            && self
+                .workers
+                .values()
+                .all(|worker| worker.exited || !worker.alive)
+    }
+
     pub fn heartbeat(&mut self, id: &WorkerId, now: Instant) -> bool {
         if self.workers.get(id).is_some_and(|worker| worker.exited) {
             return true;

@@ -2,9 +2,11 @@
 
 use std::path::PathBuf;
 use std::sync::{Arc, Mutex};
+use std::time::Duration;
 
 use anyhow::Context;
 use clap::Parser;
+use mentor_coordinator::state::RunOutcome;
 use mentor_coordinator::{lock, service, Coordinator};
 use mentor_plan::Plan;
 
@@ -29,6 +31,11 @@ struct Args {
     /// the jointly trained teacher and student are kept.
     #[arg(long)]
     redo_finetune: bool,
+    /// Exit once the run has ended and its workers have been told to exit: with status 0 if
+    /// it succeeded, 1 if it failed (for batch schedulers, whose job ends with its process).
+    /// Without it the coordinator goes on answering status queries until stopped.
+    #[arg(long)]
+    exit_when_done: bool,
     /// Log format.
     #[arg(long, default_value = "text", value_parser = mentor_telemetry::LOG_FORMATS)]
     log_format: String,
@@ -99,9 +106,36 @@ async fn main() -> anyhow::Result<()> {
         min_workers = coordinator.plan.workers.min_workers,
         "coordinator listening"
     );
+    let heartbeat_timeout = coordinator.plan.workers.heartbeat_timeout_seconds;
     let shared = Arc::new(Mutex::new(coordinator));
-    service::serve(listener, shared, shutdown_signal())
+    let exit_when_done = args.exit_when_done;
+    let shutdown = {
+        let shared = shared.clone();
+        async move {
+            if !exit_when_done {
+                return shutdown_signal().await;
+            }
+            // A busy worker learns of the end within its next progress report or heartbeat
+            // timeout; one that stays neither is not waited for past twice that.
+            let grace = Duration::from_secs(2 * heartbeat_timeout + 10);
+            tokio::select! {
+                _ = shutdown_signal() => {}
+                _ = service::run_ended(shared, grace) => {
+                    tracing::info!("the run has ended and its workers were told: exiting (--exit-when-done)");
+                }
+            }
+        }
+    };
+    service::serve(listener, shared.clone(), shutdown)
         .await
         .context("gRPC server failed")?;
+    let coordinator = shared
+        .lock()
+        .unwrap_or_else(|poisoned| poisoned.into_inner());
+    if exit_when_done && coordinator.state.is_finished() {
+        if let RunOutcome::Failed(message) = &coordinator.state.outcome {
+            anyhow::bail!("the run failed: {message}");
+        }
+    }
     Ok(())
 }

@@ -562,6 +562,25 @@ impl StatusService for StatusApi {
 }
 
 /// Serves both services on `listener` until `shutdown` resolves; also runs the worker reaper.
+/// Resolves once the run has ended and its workers have been told (each asks for a task and is
+/// told to exit) or are gone; at the latest `grace` after the end, for a worker that neither
+/// asks nor goes silent.
+pub async fn run_ended(shared: Shared, grace: std::time::Duration) {
+    let mut ticks = tokio::time::interval(std::time::Duration::from_millis(200));
+    let mut ended_at = None;
+    loop {
+        ticks.tick().await;
+        let coordinator = lock(&shared);
+        if !coordinator.state.is_finished() {
+            continue;
+        }
+        let ended = *ended_at.get_or_insert_with(Instant::now);
+        if coordinator.released() || ended.elapsed() >= grace {
+            return;
+        }
+    }
+}
+
 pub async fn serve(
     listener: tokio::net::TcpListener,
     shared: Shared,

@@ -1,0 +1,197 @@
+#!/usr/bin/env bash
+# Starts this machine's part of a run on a cluster: one worker per GPU (or N CPU workers), and
+# the coordinator too on the machine that runs it. Slurm (deploy/slurm/mentor.sbatch) and
+# Kubernetes (deploy/kubernetes/) run it on every node; it works the same started by hand.
+#
+#   deploy/node.sh --coordinator HOST:PORT [--plan PLAN --state-dir DIR] [--gpus N|all]
+#                  [--workers N] [--device cpu|cuda] [--threads N] [--advertise-host HOST]
+#                  [--bin-dir DIR] [--dry-run]
+#
+# Options:
+#   --coordinator HOST:PORT  where the run's coordinator listens (workers connect there)
+#   --plan PLAN              run the coordinator on this machine too, listening on every interface
+#                            at PORT (--exit-when-done: this script ends with the run, 0 if it
+#                            succeeded, 1 if it failed); needs --state-dir
+#   --state-dir DIR          the run directory, on a file system every node shares at this path
+#   --gpus N|all             one worker per GPU, cuda:0 .. cuda:N-1 (all: every GPU this process
+#                            sees, counted by nvidia-smi, or CUDA_VISIBLE_DEVICES when set)
+#   --workers N              N workers instead (the default device is then cpu); 0 starts none,
+#                            for a node that runs the coordinator alone
+#   --device cpu|cuda        cpu: --workers CPU workers; cuda: like --gpus (default: cuda when
+#                            --gpus is given or a GPU is seen, else cpu)
+#   --threads N              libtorch threads per CPU worker (default: cores / workers, at least 1)
+#   --advertise-host HOST    where other nodes reach this node's CPU workers for the TCP ring
+#                            (default: this host's first address from `hostname -I`)
+#   --bin-dir DIR            the coordinator and worker binaries (default: $MENTOR_BIN, else PATH)
+#   --dry-run                print the processes it would start, one per line, and exit
+#
+# Output: every process's lines on this script's stdout, prefixed with its name. Without
+# --plan it ends when its workers have (they exit when the run is over). SIGTERM or Ctrl-C stops
+# every process it started.
+set -euo pipefail
+
+coordinator=""
+plan=""
+state_dir=""
+gpus=""
+workers=""
+device=""
+threads=""
+advertise=""
+bin_dir="${MENTOR_BIN:-}"
+dry_run=0
+
+usage() { sed -n '2,28p' "$0"; }
+fail() { echo "node.sh: $*" >&2; exit 2; }
+while [ $# -gt 0 ]; do
+  case "$1" in
+    --coordinator) coordinator="${2:?--coordinator needs HOST:PORT}"; shift 2 ;;
+    --plan) plan="${2:?--plan needs a file}"; shift 2 ;;
+    --state-dir) state_dir="${2:?--state-dir needs a directory}"; shift 2 ;;
+    --gpus) gpus="${2:?--gpus needs a number or all}"; shift 2 ;;
+    --workers) workers="${2:?--workers needs a number}"; shift 2 ;;
+    --device) device="${2:?--device needs cpu or cuda}"; shift 2 ;;
+    --threads) threads="${2:?--threads needs a number}"; shift 2 ;;
+    --advertise-host) advertise="${2:?--advertise-host needs a host}"; shift 2 ;;
+    --bin-dir) bin_dir="${2:?--bin-dir needs a directory}"; shift 2 ;;
+    --dry-run) dry_run=1; shift ;;
+    -h|--help) usage; exit 0 ;;
+    *) usage >&2; fail "unknown argument $1" ;;
+  esac
+done
+
+[ -n "$coordinator" ] || { usage >&2; fail "--coordinator HOST:PORT is required"; }
+coordinator="${coordinator#http://}"
+port="${coordinator##*:}"
+host="${coordinator%:*}"
+case "$port" in ''|*[!0-9]*) fail "--coordinator $coordinator: expected HOST:PORT" ;; esac
+[ -n "$host" ] && [ "$host" != "$coordinator" ] || fail "--coordinator $coordinator: expected HOST:PORT"
+if [ -n "$plan" ]; then
+  [ -f "$plan" ] || fail "plan file $plan not found"
+  [ -n "$state_dir" ] || fail "--plan needs --state-dir, the run directory every node shares"
+fi
+[ -z "$gpus" ] || [ -z "$workers" ] || fail "give --gpus or --workers, not both"
+[ -z "$device" ] || [ "$device" = cpu ] || [ "$device" = cuda ] || fail "--device takes cpu or cuda"
+
+# GPUs this process sees: CUDA_VISIBLE_DEVICES (set by Slurm and Kubernetes) or nvidia-smi.
+visible_gpus() {
+  if [ -n "${CUDA_VISIBLE_DEVICES+set}" ]; then
+    local list="${CUDA_VISIBLE_DEVICES//[[:space:]]/}"
+    [ -n "$list" ] && [ "$list" != "-1" ] && [ "$list" != "NoDevFiles" ] || { echo 0; return; }
+    echo "$list" | tr ',' '\n' | grep -c .
+  elif command -v nvidia-smi >/dev/null 2>&1; then
+    nvidia-smi -L 2>/dev/null | grep -c '^GPU ' || true
+  else
+    echo 0
+  fi
+}
+
+if [ -n "$gpus" ]; then
+  [ "$device" != cpu ] || fail "--gpus starts GPU workers; use --workers N with --device cpu"
+  device=cuda
+  if [ "$gpus" = all ]; then
+    workers="$(visible_gpus)"
+    [ "$workers" -gt 0 ] || fail "--gpus all: this machine shows no GPU (nvidia-smi, CUDA_VISIBLE_DEVICES); use --workers N for CPU workers"
+  else
+    case "$gpus" in ''|*[!0-9]*) fail "--gpus takes a number or all" ;; esac
+    workers="$gpus"
+  fi
+elif [ -z "$workers" ]; then
+  if [ "$device" != cpu ] && [ "$(visible_gpus)" -gt 0 ]; then
+    device=cuda
+    workers="$(visible_gpus)"
+  else
+    device=cpu
+    workers=1
+  fi
+else
+  case "$workers" in ''|*[!0-9]*) fail "--workers takes a number" ;; esac
+  [ -n "$device" ] || device=cpu
+fi
+[ "$workers" -gt 0 ] || [ -n "$plan" ] || fail "no worker and no coordinator to start: give --workers N, --gpus or --plan"
+
+if [ -z "$threads" ]; then
+  threads=$(( $(nproc) / (workers > 0 ? workers : 1) ))
+  [ "$threads" -ge 1 ] || threads=1
+fi
+if [ -z "$advertise" ]; then
+  advertise="$(hostname -I 2>/dev/null | awk '{print $1}')"
+  [ -n "$advertise" ] || advertise=127.0.0.1
+fi
+
+binary() {
+  if [ -n "$bin_dir" ]; then
+    [ -x "$bin_dir/$1" ] || fail "--bin-dir $bin_dir has no $1"
+    echo "$bin_dir/$1"
+  else
+    command -v "$1" >/dev/null || fail "no $1 binary on PATH: give --bin-dir or set MENTOR_BIN"
+    command -v "$1"
+  fi
+}
+
+commands=()
+names=()
+if [ -n "$plan" ]; then
+  commands+=("$(binary coordinator) --plan $(printf %q "$plan") --listen 0.0.0.0:$port --state-dir $(printf %q "$state_dir") --exit-when-done")
+  names+=(coordinator)
+fi
+for i in $(seq 0 $((workers - 1))); do
+  if [ "$device" = cuda ]; then
+    commands+=("$(binary worker) --coordinator $host:$port --device cuda:$i --advertise-host $advertise")
+  else
+    commands+=("$(binary worker) --coordinator $host:$port --device cpu --threads $threads --advertise-host $advertise")
+  fi
+  names+=("worker-$i")
+done
+
+if [ "$dry_run" -eq 1 ]; then
+  printf '%s\n' "${commands[@]}"
+  exit 0
+fi
+
+pids=()
+cleanup() {
+  trap - EXIT INT TERM
+  for pid in "${pids[@]}"; do kill "$pid" 2>/dev/null || true; done
+  for pid in "${pids[@]}"; do wait "$pid" 2>/dev/null || true; done
+}
+trap cleanup EXIT
+trap 'echo "[node] stopping every process" >&2; exit 143' INT TERM
+
+start() {
+  local name="$1" command="$2"
+  # Each line prefixed with the process's name; the process is the pipeline's first member,
+  # so its pid (not the prefixer's) is what is waited for and stopped.
+  eval "exec $command" > >(sed -u "s/^/[$name] /") 2>&1 &
+  pids+=("$!")
+  echo "[node] started $name: $command" >&2
+}
+
+index=0
+coordinator_pid=""
+if [ -n "$plan" ]; then
+  start coordinator "${commands[0]}"
+  coordinator_pid="${pids[0]}"
+  index=1
+fi
+worker_pids=()
+while [ "$index" -lt "${#commands[@]}" ]; do
+  start "${names[$index]}" "${commands[$index]}"
+  worker_pids+=("${pids[-1]}")
+  index=$((index + 1))
+done
+
+if [ -n "$coordinator_pid" ]; then
+  # The coordinator ends with the run (--exit-when-done) and says how it went.
+  code=0
+  wait "$coordinator_pid" || code=$?
+  for pid in "${worker_pids[@]}"; do wait "$pid" 2>/dev/null || true; done
+  echo "[node] the coordinator exited with status $code" >&2
+  exit "$code"
+fi
+code=0
+for pid in "${worker_pids[@]}"; do
+  wait "$pid" || code=$?
+done
+echo "[node] every worker exited (last non-zero status: $code)" >&2
+exit "$code"

@@ -1,0 +1,445 @@
+//! What `deploy/` gives cluster schedulers, run for real on this machine: `deploy/node.sh` on
+//! two "nodes" (coordinator and workers as real processes on loopback), the Slurm batch script
+//! under stand-ins for `srun` and `scontrol`, and the Kubernetes manifests' commands through
+//! `node.sh --dry-run`.
+
+use std::path::{Path, PathBuf};
+use std::process::{Command, Output};
+use std::time::Duration;
+
+use mentor_e2e::{binary, tiny_plan_with, wait_for, workspace_root, Process};
+
+fn bin_dir() -> PathBuf {
+    binary("worker")
+        .parent()
+        .expect("the binaries' folder")
+        .to_path_buf()
+}
+
+fn node_sh() -> PathBuf {
+    workspace_root().join("deploy/node.sh")
+}
+
+/// A port free on loopback now (the coordinator binds it a moment later).
+fn free_port() -> u16 {
+    let listener = std::net::TcpListener::bind("127.0.0.1:0").expect("bind");
+    listener.local_addr().expect("address").port()
+}
+
+/// Cores as `nproc` counts them (what node.sh divides among its CPU workers).
+fn nproc() -> String {
+    let output = Command::new("nproc").output().expect("nproc");
+    String::from_utf8_lossy(&output.stdout).trim().to_string()
+}
+
+fn text(output: &Output) -> String {
+    format!(
+        "{}{}",
+        String::from_utf8_lossy(&output.stdout),
+        String::from_utf8_lossy(&output.stderr)
+    )
+}
+
+/// `mentor status --json --state-dir DIR`: the run's saved status once its coordinator is gone.
+fn saved_status(dir: &Path) -> serde_json::Value {
+    let output = Command::new(binary("mentor"))
+        .args(["status", "--json", "--state-dir"])
+        .arg(dir)
+        .output()
+        .expect("mentor status");
+    serde_json::from_slice(&output.stdout)
+        .unwrap_or_else(|e| panic!("no JSON status ({e}): {}", text(&output)))
+}
+
+fn wait_exit(process: &mut Process, what: &str) -> i32 {
+    let status = wait_for(what, Duration::from_secs(300), || {
+        process.child.try_wait().expect("try_wait")
+    });
+    status.code().unwrap_or(-1)
+}
+
+#[test]
+fn node_scripts_on_two_nodes_run_a_plan_and_end_with_it() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let plan = dir.path().join("plan.toml");
+    std::fs::write(&plan, tiny_plan_with(&[])).expect("write plan");
+    let state_dir = dir.path().join("run");
+    let coordinator = format!("127.0.0.1:{}", free_port());
+    let bin = bin_dir();
+    let common = [
+        "--workers",
+        "1",
+        "--advertise-host",
+        "127.0.0.1",
+        "--bin-dir",
+        bin.to_str().expect("utf-8"),
+    ];
+    let mut first_args = vec![
+        "--coordinator",
+        coordinator.as_str(),
+        "--plan",
+        plan.to_str().expect("utf-8"),
+        "--state-dir",
+        state_dir.to_str().expect("utf-8"),
+    ];
+    first_args.extend(common);
+    // What each node would start.
+    let dry = Command::new(node_sh())
+        .args(&first_args)
+        .arg("--dry-run")
+        .output()
+        .expect("node.sh --dry-run");
+    assert!(dry.status.success(), "{}", text(&dry));
+    let lines: Vec<String> = String::from_utf8_lossy(&dry.stdout)
+        .lines()
+        .map(str::to_string)
+        .collect();
+    let port = coordinator.rsplit(':').next().expect("port");
+    assert_eq!(lines.len(), 2, "{lines:?}");
+    assert!(
+        lines[0].starts_with(&format!("{}/coordinator --plan ", bin.display()))
+            && lines[0].contains(&format!("--listen 0.0.0.0:{port} --state-dir "))
+            && lines[0].ends_with("--exit-when-done"),
+        "{lines:?}"
+    );
+    assert_eq!(
+        lines[1],
+        format!(
+            "{}/worker --coordinator {coordinator} --device cpu --threads {} --advertise-host 127.0.0.1",
+            bin.display(),
+            nproc()
+        )
+    );
+
+    let mut first = Process::start(&node_sh(), &first_args, dir.path().join("node-0.log"));
+    let mut second_args = vec!["--coordinator", coordinator.as_str()];
+    second_args.extend(common);
+    let mut second = Process::start(&node_sh(), &second_args, dir.path().join("node-1.log"));
+    let first_code = wait_exit(&mut first, "the coordinator's node to end with the run");
+    let second_code = wait_exit(&mut second, "the other node to end with the run");
+    let logs = format!(
+        "node 0:\n{}\nnode 1:\n{}",
+        first.log_text(),
+        second.log_text()
+    );
+    assert_eq!(first_code, 0, "{logs}");
+    assert_eq!(second_code, 0, "{logs}");
+    // Every process's lines come out prefixed with its name.
+    assert!(
+        first.log_text().contains("[coordinator] ") && first.log_text().contains("[worker-0] "),
+        "{logs}"
+    );
+    let status = saved_status(&state_dir);
+    assert_eq!(status["status"], "succeeded", "{status}\n{logs}");
+    assert_eq!(status["rounds"].as_array().map(Vec::len), Some(2));
+
+    // A run that fails ends its coordinator's node with status 1.
+    let failing = dir.path().join("failing.toml");
+    std::fs::write(
+        &failing,
+        tiny_plan_with(&[
+            (
+                "min_confidence = 0.1",
+                "min_confidence = 0.5\ntemperature = 100.0",
+            ),
+            ("min_workers = 2", "min_workers = 1"),
+        ]),
+    )
+    .expect("write plan");
+    let failing_dir = dir.path().join("failing-run");
+    let coordinator = format!("127.0.0.1:{}", free_port());
+    let mut args = vec![
+        "--coordinator",
+        coordinator.as_str(),
+        "--plan",
+        failing.to_str().expect("utf-8"),
+        "--state-dir",
+        failing_dir.to_str().expect("utf-8"),
+    ];
+    args.extend(common);
+    let mut node = Process::start(&node_sh(), &args, dir.path().join("failing.log"));
+    let code = wait_exit(&mut node, "the node of a failing run to end");
+    assert_eq!(code, 1, "{}", node.log_text());
+    assert!(
+        node.log_text()
+            .contains("the run failed: round 1: no pseudo-labeled example passed the filter"),
+        "{}",
+        node.log_text()
+    );
+    assert_eq!(saved_status(&failing_dir)["status"], "failed");
+}
+
+#[test]
+fn node_sh_refuses_what_it_cannot_start() {
+    let refused = |args: &[&str], env: &[(&str, &str)]| {
+        let output = Command::new(node_sh())
+            .args(args)
+            .envs(env.iter().copied())
+            .output()
+            .expect("node.sh");
+        assert_eq!(output.status.code(), Some(2), "{}", text(&output));
+        String::from_utf8_lossy(&output.stderr).into_owned()
+    };
+    let bin = bin_dir();
+    let bin = bin.to_str().expect("utf-8");
+    assert!(refused(&["--workers", "1"], &[]).contains("--coordinator HOST:PORT is required"));
+    assert!(refused(&["--coordinator", "host-only"], &[]).contains("expected HOST:PORT"));
+    assert!(refused(
+        &["--coordinator", "h:1", "--plan", "/no/such/plan.toml"],
+        &[]
+    )
+    .contains("plan file /no/such/plan.toml not found"));
+    let plan = workspace_root().join("deploy/plans/tiny.toml");
+    assert!(refused(
+        &[
+            "--coordinator",
+            "h:1",
+            "--plan",
+            plan.to_str().expect("utf-8")
+        ],
+        &[]
+    )
+    .contains("--plan needs --state-dir"));
+    assert!(refused(
+        &["--coordinator", "h:1", "--gpus", "all", "--bin-dir", bin],
+        &[("CUDA_VISIBLE_DEVICES", "")]
+    )
+    .contains("this machine shows no GPU"));
+    assert!(refused(
+        &["--coordinator", "h:1", "--gpus", "1", "--workers", "1"],
+        &[]
+    )
+    .contains("not both"));
+    assert!(refused(&["--coordinator", "h:1", "--workers", "0"], &[])
+        .contains("no worker and no coordinator"));
+    assert!(
+        refused(&["--coordinator", "h:1", "--bin-dir", "/nowhere"], &[])
+            .contains("--bin-dir /nowhere has no worker")
+    );
+    // GPUs as the scheduler hands them out: one worker per visible device, renumbered from 0.
+    let output = Command::new(node_sh())
+        .args(["--coordinator", "h:1", "--gpus", "all", "--bin-dir", bin])
+        .args(["--advertise-host", "10.0.0.7", "--dry-run"])
+        .env("CUDA_VISIBLE_DEVICES", "3,5")
+        .output()
+        .expect("node.sh");
+    assert!(output.status.success(), "{}", text(&output));
+    assert_eq!(
+        String::from_utf8_lossy(&output.stdout),
+        format!(
+            "{bin}/worker --coordinator h:1 --device cuda:0 --advertise-host 10.0.0.7\n\
+             {bin}/worker --coordinator h:1 --device cuda:1 --advertise-host 10.0.0.7\n"
+        )
+    );
+}
+
+#[test]
+fn the_slurm_batch_script_runs_a_plan_over_the_job_nodes() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let plan = dir.path().join("plan.toml");
+    std::fs::write(&plan, tiny_plan_with(&[])).expect("write plan");
+    let state_dir = dir.path().join("run");
+    let fake_slurm = workspace_root().join("tests/fake-slurm");
+    let path = format!(
+        "{}:{}",
+        fake_slurm.display(),
+        std::env::var("PATH").unwrap_or_default()
+    );
+    let port = free_port().to_string();
+    let output = Command::new("bash")
+        .arg(workspace_root().join("deploy/slurm/mentor.sbatch"))
+        .arg(&plan)
+        .arg(&state_dir)
+        .args(["--workers", "1", "--device", "cpu", "--advertise-host"])
+        .args(["127.0.0.1", "--bin-dir"])
+        .arg(bin_dir())
+        .current_dir(workspace_root())
+        .env("PATH", path)
+        .env("SLURM_JOB_ID", "7")
+        .env("SLURM_JOB_NUM_NODES", "2")
+        .env("SLURM_JOB_NODELIST", "127.0.0.1,127.0.0.1")
+        .env("SLURM_SUBMIT_DIR", workspace_root())
+        .env("MENTOR_PORT", &port)
+        .output()
+        .expect("run the batch script");
+    let log = text(&output);
+    assert!(output.status.success(), "{log}");
+    assert!(
+        log.contains(&format!(
+            "job 7: coordinator on 127.0.0.1:{port}, 2 node(s)"
+        )),
+        "{log}"
+    );
+    // One coordinator, two workers: one per node.
+    assert_eq!(
+        log.matches("[node] started coordinator").count(),
+        1,
+        "{log}"
+    );
+    assert_eq!(log.matches("[node] started worker-0").count(), 2, "{log}");
+    let status = saved_status(&state_dir);
+    assert_eq!(status["status"], "succeeded", "{status}\n{log}");
+}
+
+/// The manifests as data (PyYAML, which scripts/setup.sh installs in the project's Python).
+fn manifests(file: &str) -> Vec<serde_json::Value> {
+    let path = workspace_root().join("deploy/kubernetes").join(file);
+    let output = Command::new("python3")
+        .args([
+            "-c",
+            "import json, sys, yaml; print(json.dumps([d for d in yaml.safe_load_all(open(sys.argv[1])) if d]))",
+        ])
+        .arg(&path)
+        .output()
+        .expect("python3 (scripts/test.sh puts the project's venv first on PATH)");
+    assert!(output.status.success(), "{}: {}", file, text(&output));
+    serde_json::from_slice(&output.stdout).expect("JSON")
+}
+
+fn of_kind<'a>(documents: &'a [serde_json::Value], kind: &str) -> &'a serde_json::Value {
+    documents
+        .iter()
+        .find(|d| d["kind"] == kind)
+        .unwrap_or_else(|| panic!("no {kind}"))
+}
+
+/// The container's command line with the pod's environment filled in.
+fn container_args(job: &serde_json::Value) -> (Vec<String>, &serde_json::Value) {
+    let container = &job["spec"]["template"]["spec"]["containers"][0];
+    assert_eq!(container["command"], serde_json::json!(["node.sh"]));
+    let args = container["args"]
+        .as_array()
+        .expect("args")
+        .iter()
+        .map(|a| a.as_str().expect("string").replace("$(POD_IP)", "10.0.0.7"))
+        .collect();
+    (args, container)
+}
+
+#[test]
+fn the_kubernetes_manifests_start_what_they_say() {
+    let coordinator = manifests("coordinator.yaml");
+    let workers = manifests("workers.yaml");
+    let storage = manifests("storage.yaml");
+    let kustomization = manifests("kustomization.yaml");
+    let service = of_kind(&coordinator, "Service");
+    let job = of_kind(&coordinator, "Job");
+    let worker_job = of_kind(&workers, "Job");
+    let claim = of_kind(&storage, "PersistentVolumeClaim");
+
+    // The names the pieces find each other by agree.
+    let service_port = &service["spec"]["ports"][0]["port"];
+    let address = format!(
+        "{}:{}",
+        service["metadata"]["name"].as_str().expect("name"),
+        service_port
+    );
+    assert_eq!(
+        service["spec"]["selector"]["app.kubernetes.io/name"],
+        job["spec"]["template"]["metadata"]["labels"]["app.kubernetes.io/name"]
+    );
+    let claim_name = &claim["metadata"]["name"];
+    for job in [job, worker_job] {
+        let volumes = job["spec"]["template"]["spec"]["volumes"]
+            .as_array()
+            .expect("volumes");
+        assert!(
+            volumes
+                .iter()
+                .any(|v| &v["persistentVolumeClaim"]["claimName"] == claim_name),
+            "{job}"
+        );
+    }
+    let generated = &kustomization[0]["configMapGenerator"][0];
+    assert_eq!(
+        job["spec"]["template"]["spec"]["volumes"][0]["configMap"]["name"],
+        generated["name"]
+    );
+    assert_eq!(generated["files"], serde_json::json!(["plan.toml"]));
+    assert_eq!(
+        worker_job["spec"]["parallelism"],
+        worker_job["spec"]["completions"]
+    );
+
+    // Each container's command line, as node.sh reads it (the pod's paths mapped to this
+    // checkout's): the coordinator alone in its pod, one GPU worker per worker pod.
+    let plan = workspace_root().join("deploy/kubernetes/plan.toml");
+    let bin = bin_dir();
+    let dry_run = |args: Vec<String>| {
+        let args: Vec<String> = args
+            .into_iter()
+            .map(|a| {
+                if a == "/etc/mentor/plan.toml" {
+                    plan.display().to_string()
+                } else {
+                    a
+                }
+            })
+            .collect();
+        let output = Command::new(node_sh())
+            .args(&args)
+            .arg("--bin-dir")
+            .arg(&bin)
+            .arg("--dry-run")
+            .env("CUDA_VISIBLE_DEVICES", "0")
+            .output()
+            .expect("node.sh");
+        assert!(output.status.success(), "{args:?}: {}", text(&output));
+        String::from_utf8_lossy(&output.stdout).into_owned()
+    };
+    let (args, container) = container_args(job);
+    assert_eq!(container["ports"][0]["containerPort"], *service_port);
+    assert!(args
+        .windows(2)
+        .any(|w| w[0] == "--coordinator" && w[1] == address));
+    let started = dry_run(args);
+    assert_eq!(started.lines().count(), 1, "{started}");
+    assert!(
+        started.contains(&format!(
+            "/coordinator --plan {} --listen 0.0.0.0:{service_port} --state-dir /runs/",
+            plan.display()
+        )) && started.trim_end().ends_with("--exit-when-done"),
+        "{started}"
+    );
+    let (args, container) = container_args(worker_job);
+    assert_eq!(container["resources"]["limits"]["nvidia.com/gpu"], 1);
+    let started = dry_run(args);
+    assert_eq!(
+        started,
+        format!(
+            "{}/worker --coordinator {address} --device cuda:0 --advertise-host 10.0.0.7\n",
+            bin.display()
+        )
+    );
+
+    // The deployment's plan is the demo plan (comments aside), and passes `mentor plan`.
+    let parse = |path: &Path| {
+        let text = std::fs::read_to_string(path).expect("plan");
+        mentor_plan::Plan::from_toml_str(&text).expect("plan parses")
+    };
+    assert_eq!(
+        parse(&plan),
+        parse(&workspace_root().join("deploy/plans/fashion-mnist-noisy-student.toml"))
+    );
+    let output = Command::new(binary("mentor"))
+        .arg("plan")
+        .arg(&plan)
+        .output()
+        .expect("mentor plan");
+    assert!(output.status.success(), "{}", text(&output));
+
+    // kubectl, where there is one, renders the whole of it.
+    if let Ok(output) = Command::new("kubectl")
+        .args(["kustomize"])
+        .arg(workspace_root().join("deploy/kubernetes"))
+        .output()
+    {
+        assert!(output.status.success(), "{}", text(&output));
+        let rendered = String::from_utf8_lossy(&output.stdout);
+        assert!(
+            rendered.contains("kind: ConfigMap")
+                && rendered.contains("image: registry.example.com/mentor:latest"),
+            "{rendered}"
+        );
+    }
+}
