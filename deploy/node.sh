@@ -5,7 +5,7 @@
 #
 #   deploy/node.sh --coordinator HOST:PORT [--plan PLAN --state-dir DIR] [--gpus N|all]
 #                  [--workers N] [--device cpu|cuda] [--threads N] [--advertise-host HOST]
-#                  [--bin-dir DIR] [--dry-run]
+#                  [--connect-timeout-seconds S] [--bin-dir DIR] [--dry-run]
 #
 # Options:
 #   --coordinator HOST:PORT  where the run's coordinator listens (workers connect there)
@@ -14,7 +14,9 @@
 #                            succeeded, 1 if it failed); needs --state-dir
 #   --state-dir DIR          the run directory, on a file system every node shares at this path
 #   --gpus N|all             one worker per GPU, cuda:0 .. cuda:N-1 (all: every GPU this process
-#                            sees, counted by nvidia-smi, or CUDA_VISIBLE_DEVICES when set)
+#                            sees: CUDA_VISIBLE_DEVICES when set (Slurm sets it), else what
+#                            nvidia-smi lists (in a container, the GPUs it was given), else
+#                            NVIDIA_VISIBLE_DEVICES when it lists devices)
 #   --workers N              N workers instead (the default device is then cpu); 0 starts none,
 #                            for a node that runs the coordinator alone
 #   --device cpu|cuda        cpu: --workers CPU workers; cuda: like --gpus (default: cuda when
@@ -22,6 +24,9 @@
 #   --threads N              libtorch threads per CPU worker (default: cores / workers, at least 1)
 #   --advertise-host HOST    where other nodes reach this node's CPU workers for the TCP ring
 #                            (default: this host's first address from `hostname -I`)
+#   --connect-timeout-seconds S
+#                            how long a worker waits for an unreachable coordinator before it
+#                            gives up (default 60; longer where the coordinator may start late)
 #   --bin-dir DIR            the coordinator and worker binaries (default: $MENTOR_BIN, else PATH)
 #   --dry-run                print the processes it would start, one per line, and exit
 #
@@ -38,22 +43,26 @@ workers=""
 device=""
 threads=""
 advertise=""
+connect_timeout=""
 bin_dir="${MENTOR_BIN:-}"
 dry_run=0
 
-usage() { sed -n '2,28p' "$0"; }
+usage() { sed -n '2,33p' "$0"; }
 fail() { echo "node.sh: $*" >&2; exit 2; }
+# The value of option $1, which must be there.
+value() { [ $# -ge 2 ] && [ -n "$2" ] || fail "$1 needs a value"; printf '%s' "$2"; }
 while [ $# -gt 0 ]; do
   case "$1" in
-    --coordinator) coordinator="${2:?--coordinator needs HOST:PORT}"; shift 2 ;;
-    --plan) plan="${2:?--plan needs a file}"; shift 2 ;;
-    --state-dir) state_dir="${2:?--state-dir needs a directory}"; shift 2 ;;
-    --gpus) gpus="${2:?--gpus needs a number or all}"; shift 2 ;;
-    --workers) workers="${2:?--workers needs a number}"; shift 2 ;;
-    --device) device="${2:?--device needs cpu or cuda}"; shift 2 ;;
-    --threads) threads="${2:?--threads needs a number}"; shift 2 ;;
-    --advertise-host) advertise="${2:?--advertise-host needs a host}"; shift 2 ;;
-    --bin-dir) bin_dir="${2:?--bin-dir needs a directory}"; shift 2 ;;
+    --coordinator) coordinator="$(value "$@")"; shift 2 ;;
+    --plan) plan="$(value "$@")"; shift 2 ;;
+    --state-dir) state_dir="$(value "$@")"; shift 2 ;;
+    --gpus) gpus="$(value "$@")"; shift 2 ;;
+    --workers) workers="$(value "$@")"; shift 2 ;;
+    --device) device="$(value "$@")"; shift 2 ;;
+    --threads) threads="$(value "$@")"; shift 2 ;;
+    --advertise-host) advertise="$(value "$@")"; shift 2 ;;
+    --connect-timeout-seconds) connect_timeout="$(value "$@")"; shift 2 ;;
+    --bin-dir) bin_dir="$(value "$@")"; shift 2 ;;
     --dry-run) dry_run=1; shift ;;
     -h|--help) usage; exit 0 ;;
     *) usage >&2; fail "unknown argument $1" ;;
@@ -73,16 +82,19 @@ fi
 [ -z "$gpus" ] || [ -z "$workers" ] || fail "give --gpus or --workers, not both"
 [ -z "$device" ] || [ "$device" = cpu ] || [ "$device" = cuda ] || fail "--device takes cpu or cuda"
 
-# GPUs this process sees: CUDA_VISIBLE_DEVICES (set by Slurm and Kubernetes) or nvidia-smi.
+# GPUs this process sees: CUDA_VISIBLE_DEVICES (Slurm sets it), else nvidia-smi (in a container:
+# the GPUs it was given), else NVIDIA_VISIBLE_DEVICES when it lists devices.
+count_list() {
+  local list="${1//[[:space:]]/}"
+  case "$list" in ''|-1|NoDevFiles|all|none|void) echo 0 ;; *) echo "$list" | tr ',' '\n' | grep -c . ;; esac
+}
 visible_gpus() {
   if [ -n "${CUDA_VISIBLE_DEVICES+set}" ]; then
-    local list="${CUDA_VISIBLE_DEVICES//[[:space:]]/}"
-    [ -n "$list" ] && [ "$list" != "-1" ] && [ "$list" != "NoDevFiles" ] || { echo 0; return; }
-    echo "$list" | tr ',' '\n' | grep -c .
+    count_list "$CUDA_VISIBLE_DEVICES"
   elif command -v nvidia-smi >/dev/null 2>&1; then
     nvidia-smi -L 2>/dev/null | grep -c '^GPU ' || true
   else
-    echo 0
+    count_list "${NVIDIA_VISIBLE_DEVICES:-}"
   fi
 }
 
@@ -100,6 +112,8 @@ elif [ -z "$workers" ]; then
   if [ "$device" != cpu ] && [ "$(visible_gpus)" -gt 0 ]; then
     device=cuda
     workers="$(visible_gpus)"
+  elif [ "$device" = cuda ]; then
+    fail "--device cuda: this machine shows no GPU (nvidia-smi, CUDA_VISIBLE_DEVICES); use --device cpu"
   else
     device=cpu
     workers=1
@@ -110,6 +124,8 @@ else
 fi
 [ "$workers" -gt 0 ] || [ -n "$plan" ] || fail "no worker and no coordinator to start: give --workers N, --gpus or --plan"
 
+case "$threads" in ''|[1-9]|[1-9][0-9]|[1-9][0-9][0-9]) ;; *) fail "--threads takes a positive number" ;; esac
+case "$connect_timeout" in ''|*[!0-9]*) [ -z "$connect_timeout" ] || fail "--connect-timeout-seconds takes a number of seconds" ;; esac
 if [ -z "$threads" ]; then
   threads=$(( $(nproc) / (workers > 0 ? workers : 1) ))
   [ "$threads" -ge 1 ] || threads=1
@@ -129,17 +145,25 @@ binary() {
   fi
 }
 
+# Each command line quoted for the shell (what --dry-run prints and `start` runs).
+q() { printf '%q' "$1"; }
 commands=()
 names=()
 if [ -n "$plan" ]; then
-  commands+=("$(binary coordinator) --plan $(printf %q "$plan") --listen 0.0.0.0:$port --state-dir $(printf %q "$state_dir") --exit-when-done")
+  coordinator_bin="$(binary coordinator)"
+  commands+=("$(q "$coordinator_bin") --plan $(q "$plan") --listen 0.0.0.0:$port --state-dir $(q "$state_dir") --exit-when-done")
   names+=(coordinator)
+fi
+if [ "$workers" -gt 0 ]; then
+  worker_bin="$(binary worker)"
+  worker_common="--coordinator $(q "$host:$port")"
+  [ -z "$connect_timeout" ] || worker_common+=" --connect-timeout-seconds $connect_timeout"
 fi
 for i in $(seq 0 $((workers - 1))); do
   if [ "$device" = cuda ]; then
-    commands+=("$(binary worker) --coordinator $host:$port --device cuda:$i --advertise-host $advertise")
+    commands+=("$(q "$worker_bin") $worker_common --device cuda:$i --advertise-host $(q "$advertise")")
   else
-    commands+=("$(binary worker) --coordinator $host:$port --device cpu --threads $threads --advertise-host $advertise")
+    commands+=("$(q "$worker_bin") $worker_common --device cpu --threads $threads --advertise-host $(q "$advertise")")
   fi
   names+=("worker-$i")
 done

@@ -33,8 +33,15 @@ say() { echo "[setup] $*" >&2; }
 apt_missing=()
 dpkg -s protobuf-compiler >/dev/null 2>&1 || apt_missing+=(protobuf-compiler)
 if ! dpkg -s dataset-fashion-mnist >/dev/null 2>&1; then
-  # The demo data's package is in this project's package sources, not in every Debian's.
-  if apt-cache show dataset-fashion-mnist >/dev/null 2>&1 || ! command -v apt-cache >/dev/null; then
+  # The demo data's package is in this project's package sources, not in every Debian's (asked
+  # after an update where the package lists are empty, as in a fresh container).
+  known() { apt-cache show dataset-fashion-mnist >/dev/null 2>&1; }
+  if ! known && [ -z "$(ls -A /var/lib/apt/lists 2>/dev/null | grep -v -e '^lock$' -e '^partial$' || true)" ]; then
+    sudo_cmd=""
+    [ "$(id -u)" -ne 0 ] && sudo_cmd="sudo"
+    $sudo_cmd apt-get update -qq >&2 || true
+  fi
+  if known || ! command -v apt-cache >/dev/null; then
     apt_missing+=(dataset-fashion-mnist)
   else
     say "dataset-fashion-mnist is not in this machine's package sources: put the Fashion-MNIST IDX files in /usr/share/datasets/fashion-mnist by hand for the demo and the tests"

@@ -216,6 +216,39 @@ fn node_sh_refuses_what_it_cannot_start() {
         refused(&["--coordinator", "h:1", "--bin-dir", "/nowhere"], &[])
             .contains("--bin-dir /nowhere has no worker")
     );
+    assert!(refused(&["--coordinator"], &[]).contains("--coordinator needs a value"));
+    assert!(refused(&["--coordinator", "h:1", "--threads", "0"], &[])
+        .contains("--threads takes a positive number"));
+    assert!(refused(
+        &["--coordinator", "h:1", "--device", "cuda", "--bin-dir", bin],
+        &[("CUDA_VISIBLE_DEVICES", "")]
+    )
+    .contains("--device cuda: this machine shows no GPU"));
+    // A folder with a space in its name is one word to the shell.
+    let spaced = tempfile::tempdir().expect("tempdir");
+    let spaced_bin = spaced.path().join("bin dir");
+    std::fs::create_dir_all(&spaced_bin).expect("mkdir");
+    std::fs::copy(binary("worker"), spaced_bin.join("worker")).expect("copy");
+    let output = Command::new(node_sh())
+        .args(["--coordinator", "h:1", "--workers", "1", "--bin-dir"])
+        .arg(&spaced_bin)
+        .args(["--advertise-host", "127.0.0.1", "--dry-run"])
+        .output()
+        .expect("node.sh");
+    let line = String::from_utf8_lossy(&output.stdout).into_owned();
+    assert!(
+        line.contains("bin\\ dir/worker --coordinator h:1"),
+        "{line}"
+    );
+    let version = Command::new("bash")
+        .arg("-c")
+        .arg(format!(
+            "{} --version",
+            line.split(" --coordinator").next().expect("binary")
+        ))
+        .output()
+        .expect("bash");
+    assert!(version.status.success(), "{}", text(&version));
     // GPUs as the scheduler hands them out: one worker per visible device, renumbered from 0.
     let output = Command::new(node_sh())
         .args(["--coordinator", "h:1", "--gpus", "all", "--bin-dir", bin])
@@ -407,7 +440,7 @@ fn the_kubernetes_manifests_start_what_they_say() {
     assert_eq!(
         started,
         format!(
-            "{}/worker --coordinator {address} --device cuda:0 --advertise-host 10.0.0.7\n",
+            "{}/worker --coordinator {address} --connect-timeout-seconds 600 --device cuda:0 --advertise-host 10.0.0.7\n",
             bin.display()
         )
     );
@@ -442,4 +475,41 @@ fn the_kubernetes_manifests_start_what_they_say() {
             "{rendered}"
         );
     }
+}
+
+/// With --exit-when-done, a coordinator stopped before its run ends must not look successful
+/// to a scheduler: status 2, saying how to resume.
+#[test]
+fn a_coordinator_stopped_before_its_run_ends_exits_with_status_2() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let state_dir = dir.path().join("run");
+    let plan = workspace_root().join("deploy/plans/tiny.toml");
+    let mut coordinator = Process::start(
+        &binary("coordinator"),
+        &[
+            "--plan",
+            plan.to_str().expect("utf-8"),
+            "--listen",
+            "127.0.0.1:0",
+            "--state-dir",
+            state_dir.to_str().expect("utf-8"),
+            "--exit-when-done",
+        ],
+        dir.path().join("coordinator.log"),
+    );
+    wait_for("the coordinator to listen", Duration::from_secs(60), || {
+        state_dir.join("coordinator.addr").exists().then_some(())
+    });
+    let killed = Command::new("kill")
+        .args(["-TERM", &coordinator.child.id().to_string()])
+        .status()
+        .expect("kill");
+    assert!(killed.success());
+    let code = wait_exit(&mut coordinator, "the coordinator to stop");
+    let log = coordinator.log_text();
+    assert_eq!(code, 2, "{log}");
+    assert!(
+        log.contains("stopped before the run ended; starting the coordinator again on"),
+        "{log}"
+    );
 }

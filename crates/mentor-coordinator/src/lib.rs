@@ -231,8 +231,6 @@ fn rebase_selections(run_dir: &Path, from: &Path) -> Result<(), String> {
     Ok(())
 }
 
-/// Writes `bytes` to `path` through a temporary file beside it and a rename, so that a reader
-/// (or a restarted coordinator) sees the old file or the new one, never half of one.
 /// The plan's `teacher.checkpoint`, made absolute (relative paths start where the coordinator
 /// runs, as `data.dir` does), once it is known to be a safetensors file with tensors in it.
 fn teacher_checkpoint(given: &Path) -> Result<PathBuf, CoordinatorError> {
@@ -246,6 +244,8 @@ fn teacher_checkpoint(given: &Path) -> Result<PathBuf, CoordinatorError> {
     Ok(path)
 }
 
+/// Writes `bytes` to `path` through a temporary file beside it and a rename, so that a reader
+/// (or a restarted coordinator) sees the old file or the new one, never half of one.
 pub(crate) fn write_atomically(path: &Path, bytes: &[u8]) -> std::io::Result<()> {
     let temporary = path.with_extension("tmp");
     std::fs::write(&temporary, bytes)?;
@@ -398,7 +398,11 @@ impl Coordinator {
             let needed =
                 state.round == 1 && matches!(state.phase, Phase::WaitingForWorkers | Phase::Label);
             if needed {
-                state.teacher_checkpoint = Some(teacher_checkpoint(given)?);
+                // A resumed run keeps the file it resolved when it began (its tasks name it),
+                // wherever the coordinator starts again.
+                let recorded = state.teacher_checkpoint.clone();
+                let path = recorded.as_deref().unwrap_or(given);
+                state.teacher_checkpoint = Some(teacher_checkpoint(path)?);
             }
         }
         let coordinator = Coordinator {

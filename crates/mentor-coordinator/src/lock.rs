@@ -18,6 +18,23 @@ pub const FILE_NAME: &str = "coordinator.lock";
 /// What precedes the holder's address in the lock file's text.
 const LISTENING: &str = ", listening at ";
 
+/// The address to reach a holder at: a coordinator listening on every interface
+/// (`0.0.0.0`, `[::]`) is reached at its host's name (`who` is `pid N on HOST`), from this
+/// machine or another that shares the run directory.
+fn reachable(url: &str, who: &str) -> String {
+    let host = who.split_once(" on ").map(|(_, host)| host.trim());
+    match host {
+        Some(host) if !host.is_empty() => ["0.0.0.0", "[::]"]
+            .iter()
+            .find_map(|any| {
+                url.strip_prefix(&format!("http://{any}:"))
+                    .map(|port| format!("http://{host}:{port}"))
+            })
+            .unwrap_or_else(|| url.to_string()),
+        _ => url.to_string(),
+    }
+}
+
 /// Who holds a run directory's lock.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum Holder {
@@ -73,7 +90,7 @@ impl RunLock {
             Err(CoordinatorError::RunInUse { .. }) => {
                 let text = std::fs::read_to_string(run_dir.join(FILE_NAME)).unwrap_or_default();
                 Ok(match text.split_once(LISTENING) {
-                    Some((_, url)) => Holder::Listening(url.trim().to_string()),
+                    Some((who, url)) => Holder::Listening(reachable(url.trim(), who)),
                     None => Holder::Starting,
                 })
             }
@@ -142,5 +159,30 @@ fn store_error(path: &Path, error: std::io::Error) -> CoordinatorError {
     CoordinatorError::StateStore {
         path: path.to_path_buf(),
         reason: error.to_string(),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_coordinator_on_every_interface_is_reached_at_its_host() {
+        assert_eq!(
+            reachable("http://0.0.0.0:50051", "pid 7 on node-1"),
+            "http://node-1:50051"
+        );
+        assert_eq!(
+            reachable("http://[::]:50051", "pid 7 on node-1"),
+            "http://node-1:50051"
+        );
+        assert_eq!(
+            reachable("http://10.0.0.5:50051", "pid 7 on node-1"),
+            "http://10.0.0.5:50051"
+        );
+        assert_eq!(
+            reachable("http://0.0.0.0:50051", "pid 7"),
+            "http://0.0.0.0:50051"
+        );
     }
 }

@@ -65,8 +65,38 @@ async fn shutdown_signal() {
     tracing::info!("shutting down");
 }
 
+/// Exit status of a run that ended failed (with --exit-when-done).
+const RUN_FAILED: i32 = 1;
+/// Exit status of a coordinator that could not start or serve (a refused plan, missing data, a
+/// run directory in use, an address that cannot be used), or was stopped before its run
+/// ended with --exit-when-done.
+const NOT_SERVED: i32 = 2;
+
+fn main() {
+    let code = match serve_run() {
+        Ok(Ended::Serving | Ended::Succeeded) => 0,
+        Ok(Ended::Failed(message)) => {
+            eprintln!("Error: the run failed: {message}");
+            RUN_FAILED
+        }
+        Err(error) => {
+            eprintln!("Error: {error:?}");
+            NOT_SERVED
+        }
+    };
+    std::process::exit(code);
+}
+
+/// How the coordinator ended.
+enum Ended {
+    /// Stopped by a signal without --exit-when-done.
+    Serving,
+    Succeeded,
+    Failed(String),
+}
+
 #[tokio::main]
-async fn main() -> anyhow::Result<()> {
+async fn serve_run() -> anyhow::Result<Ended> {
     let args = Args::parse();
     mentor_telemetry::init(&args.log_format);
     let plan = Plan::load(&args.plan)?;
@@ -132,10 +162,16 @@ async fn main() -> anyhow::Result<()> {
     let coordinator = shared
         .lock()
         .unwrap_or_else(|poisoned| poisoned.into_inner());
-    if exit_when_done && coordinator.state.is_finished() {
-        if let RunOutcome::Failed(message) = &coordinator.state.outcome {
-            anyhow::bail!("the run failed: {message}");
-        }
+    if !exit_when_done {
+        return Ok(Ended::Serving);
     }
-    Ok(())
+    match &coordinator.state.outcome {
+        RunOutcome::Succeeded => Ok(Ended::Succeeded),
+        RunOutcome::Failed(message) => Ok(Ended::Failed(message.clone())),
+        // A scheduler must not take a stopped run for a finished one.
+        RunOutcome::Running => anyhow::bail!(
+            "stopped before the run ended; starting the coordinator again on `{}` resumes it",
+            coordinator.state.paths.run_dir.display()
+        ),
+    }
 }

@@ -561,7 +561,6 @@ impl StatusService for StatusApi {
     }
 }
 
-/// Serves both services on `listener` until `shutdown` resolves; also runs the worker reaper.
 /// Resolves once the run has ended and its workers have been told (each asks for a task and is
 /// told to exit) or are gone; at the latest `grace` after the end, for a worker that neither
 /// asks nor goes silent.
@@ -581,6 +580,7 @@ pub async fn run_ended(shared: Shared, grace: std::time::Duration) {
     }
 }
 
+/// Serves both services on `listener` until `shutdown` resolves; also runs the worker reaper.
 pub async fn serve(
     listener: tokio::net::TcpListener,
     shared: Shared,
