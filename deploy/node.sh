@@ -5,7 +5,7 @@
 #
 #   deploy/node.sh --coordinator HOST:PORT [--plan PLAN --state-dir DIR] [--gpus N|all]
 #                  [--workers N] [--device cpu|cuda] [--threads N] [--advertise-host HOST]
-#                  [--connect-timeout-seconds S] [--bin-dir DIR] [--dry-run]
+#                  [--connect-timeout-seconds S] [--metrics-port P] [--bin-dir DIR] [--dry-run]
 #
 # Options:
 #   --coordinator HOST:PORT  where the run's coordinator listens (workers connect there)
@@ -13,6 +13,8 @@
 #                            at PORT (--exit-when-done: this script ends with the run, 0 if it
 #                            succeeded, 1 if it failed); needs --state-dir
 #   --state-dir DIR          the run directory, on a file system every node shares at this path
+#   --metrics-port P         with --plan: the coordinator serves the run's status to Prometheus
+#                            at http://<this node>:P/metrics
 #   --gpus N|all             one worker per GPU, cuda:0 .. cuda:N-1 (all: every GPU this process
 #                            sees: CUDA_VISIBLE_DEVICES when set (Slurm sets it), else what
 #                            nvidia-smi lists (in a container, the GPUs it was given), else
@@ -44,10 +46,11 @@ device=""
 threads=""
 advertise=""
 connect_timeout=""
+metrics_port=""
 bin_dir="${MENTOR_BIN:-}"
 dry_run=0
 
-usage() { sed -n '2,33p' "$0"; }
+usage() { sed -n '2,35p' "$0"; }
 fail() { echo "node.sh: $*" >&2; exit 2; }
 # The value of option $1, which must be there.
 value() { [ $# -ge 2 ] && [ -n "$2" ] || fail "$1 needs a value"; printf '%s' "$2"; }
@@ -62,6 +65,7 @@ while [ $# -gt 0 ]; do
     --threads) threads="$(value "$@")"; shift 2 ;;
     --advertise-host) advertise="$(value "$@")"; shift 2 ;;
     --connect-timeout-seconds) connect_timeout="$(value "$@")"; shift 2 ;;
+    --metrics-port) metrics_port="$(value "$@")"; shift 2 ;;
     --bin-dir) bin_dir="$(value "$@")"; shift 2 ;;
     --dry-run) dry_run=1; shift ;;
     -h|--help) usage; exit 0 ;;
@@ -125,6 +129,8 @@ fi
 [ "$workers" -gt 0 ] || [ -n "$plan" ] || fail "no worker and no coordinator to start: give --workers N, --gpus or --plan"
 
 case "$threads" in ''|[1-9]|[1-9][0-9]|[1-9][0-9][0-9]) ;; *) fail "--threads takes a positive number" ;; esac
+case "$metrics_port" in ''|*[!0-9]*) [ -z "$metrics_port" ] || fail "--metrics-port takes a port number" ;; esac
+[ -z "$metrics_port" ] || [ -n "$plan" ] || fail "--metrics-port is the coordinator's: give it with --plan"
 case "$connect_timeout" in ''|*[!0-9]*) [ -z "$connect_timeout" ] || fail "--connect-timeout-seconds takes a number of seconds" ;; esac
 if [ -z "$threads" ]; then
   threads=$(( $(nproc) / (workers > 0 ? workers : 1) ))
@@ -151,7 +157,9 @@ commands=()
 names=()
 if [ -n "$plan" ]; then
   coordinator_bin="$(binary coordinator)"
-  commands+=("$(q "$coordinator_bin") --plan $(q "$plan") --listen 0.0.0.0:$port --state-dir $(q "$state_dir") --exit-when-done")
+  metrics=""
+  [ -z "$metrics_port" ] || metrics=" --metrics-listen 0.0.0.0:$metrics_port"
+  commands+=("$(q "$coordinator_bin") --plan $(q "$plan") --listen 0.0.0.0:$port --state-dir $(q "$state_dir") --exit-when-done$metrics")
   names+=(coordinator)
 fi
 if [ "$workers" -gt 0 ]; then

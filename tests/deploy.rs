@@ -431,7 +431,9 @@ fn the_kubernetes_manifests_start_what_they_say() {
         started.contains(&format!(
             "/coordinator --plan {} --listen 0.0.0.0:{service_port} --state-dir /runs/",
             plan.display()
-        )) && started.trim_end().ends_with("--exit-when-done"),
+        )) && started
+            .trim_end()
+            .ends_with("--exit-when-done --metrics-listen 0.0.0.0:9090"),
         "{started}"
     );
     let (args, container) = container_args(worker_job);
@@ -477,13 +479,29 @@ fn the_kubernetes_manifests_start_what_they_say() {
     }
 }
 
+/// `GET PATH` on `address`: the status line and the body.
+fn http_get(address: &str, path: &str) -> (String, String) {
+    use std::io::{Read, Write};
+    let mut stream = std::net::TcpStream::connect(address).expect("connect");
+    write!(stream, "GET {path} HTTP/1.1\r\nHost: {address}\r\n\r\n").expect("request");
+    let mut response = String::new();
+    stream.read_to_string(&mut response).expect("response");
+    let (head, body) = response.split_once("\r\n\r\n").expect("headers and body");
+    (
+        head.lines().next().unwrap_or("").to_string(),
+        body.to_string(),
+    )
+}
+
 /// With --exit-when-done, a coordinator stopped before its run ends must not look successful
-/// to a scheduler: status 2, saying how to resume.
+/// to a scheduler: status 2, saying how to resume. Meanwhile it serves its status to
+/// Prometheus (--metrics-listen).
 #[test]
 fn a_coordinator_stopped_before_its_run_ends_exits_with_status_2() {
     let dir = tempfile::tempdir().expect("tempdir");
     let state_dir = dir.path().join("run");
     let plan = workspace_root().join("deploy/plans/tiny.toml");
+    let metrics = format!("127.0.0.1:{}", free_port());
     let mut coordinator = Process::start(
         &binary("coordinator"),
         &[
@@ -494,12 +512,31 @@ fn a_coordinator_stopped_before_its_run_ends_exits_with_status_2() {
             "--state-dir",
             state_dir.to_str().expect("utf-8"),
             "--exit-when-done",
+            "--metrics-listen",
+            &metrics,
         ],
         dir.path().join("coordinator.log"),
     );
     wait_for("the coordinator to listen", Duration::from_secs(60), || {
         state_dir.join("coordinator.addr").exists().then_some(())
     });
+    let (line, body) = http_get(&metrics, "/metrics");
+    assert_eq!(line, "HTTP/1.1 200 OK", "{body}");
+    assert!(
+        body.contains("name=\"tiny\",method=\"noisy-student\",status=\"running\",phase=\"waiting-for-workers\"} 1")
+            && body.lines().any(|l| l == "mentor_workers_required 2")
+            && body.lines().any(|l| l == "mentor_workers{state=\"active\"} 0"),
+        "{body}"
+    );
+    let (line, _) = http_get(&metrics, "/elsewhere");
+    assert_eq!(line, "HTTP/1.1 404 Not Found");
+    assert!(
+        coordinator
+            .log_text()
+            .contains(&format!("http://{metrics}/metrics")),
+        "{}",
+        coordinator.log_text()
+    );
     let killed = Command::new("kill")
         .args(["-TERM", &coordinator.child.id().to_string()])
         .status()

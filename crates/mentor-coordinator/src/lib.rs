@@ -9,6 +9,7 @@ pub mod checkpoint;
 pub mod filter;
 pub mod lock;
 pub mod metrics;
+pub mod prometheus;
 pub mod service;
 pub mod state;
 

@@ -36,6 +36,10 @@ struct Args {
     /// Without it the coordinator goes on answering status queries until stopped.
     #[arg(long)]
     exit_when_done: bool,
+    /// Also serve the run's status to Prometheus: `GET /metrics` at this IP:PORT or
+    /// HOSTNAME:PORT (port 0 picks a free port; the address is logged).
+    #[arg(long)]
+    metrics_listen: Option<String>,
     /// Log format.
     #[arg(long, default_value = "text", value_parser = mentor_telemetry::LOG_FORMATS)]
     log_format: String,
@@ -118,6 +122,16 @@ async fn serve_run() -> anyhow::Result<Ended> {
             };
             anyhow::anyhow!("failed to listen on `{}`: {error}{hint}", args.listen)
         })?;
+    let metrics_listener = match &args.metrics_listen {
+        Some(address) => Some(
+            tokio::net::TcpListener::bind(address.as_str())
+                .await
+                .map_err(|error| {
+                    anyhow::anyhow!("failed to listen on `{address}` (--metrics-listen): {error}")
+                })?,
+        ),
+        None => None,
+    };
     let mut coordinator = tokio::task::block_in_place(|| {
         if args.redo_finetune {
             Coordinator::open_to_redo_finetune(plan, &state_dir)
@@ -138,6 +152,14 @@ async fn serve_run() -> anyhow::Result<Ended> {
     );
     let heartbeat_timeout = coordinator.plan.workers.heartbeat_timeout_seconds;
     let shared = Arc::new(Mutex::new(coordinator));
+    if let Some(listener) = metrics_listener {
+        let address = listener.local_addr()?;
+        tracing::info!(url = %format!("http://{address}/metrics"), "serving the run's status to Prometheus");
+        tokio::spawn(mentor_coordinator::prometheus::serve(
+            listener,
+            shared.clone(),
+        ));
+    }
     let exit_when_done = args.exit_when_done;
     let shutdown = {
         let shared = shared.clone();
