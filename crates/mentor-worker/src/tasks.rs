@@ -277,8 +277,19 @@ pub(crate) fn load_exactly(vs: &mut nn::VarStore, path: &Path) -> Result<(), Str
             ));
         }
     }
-    vs.load(path)
-        .map_err(|e| crate::libtorch_message(&e.to_string()))
+    // The tensors already read are copied in (as `VarStore::load` would, reading the file
+    // again): each variable takes the saved tensor's kind, then its values.
+    tch::no_grad(|| {
+        for (name, mut variable) in variables {
+            let saved = &saved[&name];
+            let converted = variable.to_kind(saved.kind());
+            variable.set_data(&converted);
+            variable
+                .f_copy_(&saved.to_device(variable.device()))
+                .map_err(|e| format!("`{name}`: {}", crate::libtorch_message(&e.to_string())))?;
+        }
+        Ok(())
+    })
 }
 
 /// Learning rate at `step`: linear warmup, then cosine decay or constant.
