@@ -10,6 +10,10 @@ numbers to results.json in --out (default runs/results).
   block, stochastic depth 0.8), the architecture of the final students;
 - noisy-student: the last round's student of deploy/plans/fashion-mnist-noisy-student.toml;
 - meta-pseudo-labels: the final (finetuned) student of deploy/plans/fashion-mnist-mpl.toml;
+- mpl-distilled: one Noisy Student round after it (deploy/plans/fashion-mnist-mpl-distill.toml,
+  or --distill-plan): the same seed's finetuned MPL student is the teacher (teacher.checkpoint,
+  with the MPL plan's student model) of a wider noised student; it comes with
+  meta-pseudo-labels;
 - supervised-all: the teacher trained on 59,900 labels (100 images stay unlabeled because a
   Noisy Student run needs some), with a longer schedule (12,000 steps of 128 images, about 26
   epochs).
@@ -75,6 +79,28 @@ def replace_table(text, name, table):
     if re.search(pattern, text, flags=re.M):
         return rewrite(text, pattern, lambda _: block)
     return text.rstrip("\n") + "\n\n" + block
+
+
+def distilled(text, mpl_text, checkpoint):
+    """The distillation plan of one seed: its teacher the MPL run's finetuned student, read from
+    `checkpoint` into the MPL plan's [student.model]."""
+    try:
+        student = tomllib.loads(mpl_text).get("student", {})
+    except tomllib.TOMLDecodeError as error:
+        raise SystemExit(f"results: the Meta Pseudo Labels plan does not parse: {error}")
+    if "model" not in student:
+        raise SystemExit("results: the Meta Pseudo Labels plan has no [student.model]")
+    text = replace_table(text, "teacher.model", student["model"])
+    return rewrite(text, r'^checkpoint = "[^"\n]*"$', f"checkpoint = {json.dumps(checkpoint)}",
+                   'the distillation plan needs a `checkpoint = "..."` line in its [teacher] table')
+
+
+def quick_distill(text):
+    """The distillation plan cut to the tiny plans' data and a few steps (--quick)."""
+    text = rewrite(text, r"^labeled_per_class = \d+$",
+                   "labeled_per_class = 10\nunlabeled_limit = 1500\ntest_limit = 500")
+    text = rewrite(text, r"(\[student.train\]\nsteps = )\d+", r"\g<1>30")
+    return rewrite(text, r"^warmup_steps = \d+$", "warmup_steps = 5")
 
 
 def supervised_1k_student(text, mpl_text):
@@ -217,35 +243,46 @@ def main():
     parser.add_argument("--workers", type=int, help="workers per run (default 2)")
     parser.add_argument("--methods", default="noisy-student,meta-pseudo-labels,supervised-all,supervised-1k-student",
                         help="comma-separated subset of noisy-student, meta-pseudo-labels, supervised-all, "
-                             "supervised-1k-student")
+                             "supervised-1k-student, mpl-distilled")
     parser.add_argument("--reuse", action="store_true", help="keep finished runs of unchanged plans (comments aside)")
     parser.add_argument("--bin-dir", help="prebuilt binaries (local-cluster.sh --bin-dir) instead of building")
     parser.add_argument("--device", help="device of every worker (local-cluster.sh --device), e.g. cuda:0")
     parser.add_argument("--mpl-plan", help="Meta Pseudo Labels plan (default deploy/plans/fashion-mnist-mpl.toml)")
+    parser.add_argument("--distill-plan", help="the round after Meta Pseudo Labels of mpl-distilled "
+                                               "(default deploy/plans/fashion-mnist-mpl-distill.toml)")
     parser.add_argument("--data", help="Fashion-MNIST directory (default: the plans' /usr/share/datasets/fashion-mnist)")
     parser.add_argument("--out", default=os.path.join(ROOT, "runs", "results"), help="run directories and results.json")
     parser.add_argument("--quick", action="store_true")
     args = parser.parse_args()
     methods = args.methods.split(",")
-    unknown = set(methods) - {"noisy-student", "meta-pseudo-labels", "supervised-all", "supervised-1k-student"}
+    unknown = set(methods) - {"noisy-student", "meta-pseudo-labels", "supervised-all", "supervised-1k-student",
+                              "mpl-distilled"}
     if unknown:
         parser.error(f"unknown method(s): {', '.join(sorted(unknown))}")
     plans = os.path.join(ROOT, "deploy", "plans")
     noisy_plan = os.path.join(plans, "tiny.toml" if args.quick else "fashion-mnist-noisy-student.toml")
     mpl_plan = args.mpl_plan or os.path.join(plans, "tiny-mpl.toml" if args.quick else "fashion-mnist-mpl.toml")
     noisy, mpl = open(noisy_plan).read(), open(mpl_plan).read()
+    distill_plan = args.distill_plan or os.path.join(plans, "fashion-mnist-mpl-distill.toml")
+    distill = open(distill_plan).read() if "mpl-distilled" in methods else None
+    if distill is not None and args.quick and not args.distill_plan:
+        distill = quick_distill(distill)
     # Every run starts once all its workers registered.
     explicit = args.workers is not None
     args.workers = args.workers or 2
     noisy = with_workers(noisy, args.workers, noisy_plan, explicit)
     mpl = with_workers(mpl, args.workers, mpl_plan, explicit)
+    if distill is not None:
+        distill = with_workers(distill, args.workers, distill_plan, explicit)
     if args.data:
         directory = os.path.abspath(args.data)
         noisy, mpl = data_dir(noisy, directory, noisy_plan), data_dir(mpl, directory, mpl_plan)
+        if distill is not None:
+            distill = data_dir(distill, directory, distill_plan)
     # The students' baseline is the Noisy Student plan with the MPL plan's student: made once.
     student_baseline = supervised_1k_student(noisy, mpl) if "supervised-1k-student" in methods else None
     rows = {"supervised-1k": [], "supervised-1k-student": [], "noisy-student": [],
-            "meta-pseudo-labels": [], "supervised-all": []}
+            "meta-pseudo-labels": [], "mpl-distilled": [], "supervised-all": []}
     runs = []
     for seed in [int(s) for s in args.seeds.split(",")]:
         if "noisy-student" in methods:
@@ -253,10 +290,17 @@ def main():
             rows["supervised-1k"].append(status["rounds"][0]["teacher_test_accuracy"])
             rows["noisy-student"].append(status["rounds"][-1]["student_test_accuracy"])
             runs.append({"seed": seed, "method": "noisy-student", "status": status})
-        if "meta-pseudo-labels" in methods:
+        if "meta-pseudo-labels" in methods or "mpl-distilled" in methods:
             status = run("meta-pseudo-labels", with_seed(mpl, seed), seed, args)
             rows["meta-pseudo-labels"].append(status["final_student_test_accuracy"])
             runs.append({"seed": seed, "method": "meta-pseudo-labels", "status": status})
+        if "mpl-distilled" in methods:
+            checkpoint = status.get("final_student_checkpoint")
+            if not checkpoint:
+                raise SystemExit(f"results: the Meta Pseudo Labels run of seed {seed} names no final student")
+            status = run("mpl-distilled", distilled(with_seed(distill, seed), mpl, checkpoint), seed, args)
+            rows["mpl-distilled"].append(status["rounds"][-1]["student_test_accuracy"])
+            runs.append({"seed": seed, "method": "mpl-distilled", "status": status})
         if "supervised-1k-student" in methods:
             status = run("supervised-1k-student", with_seed(student_baseline, seed), seed, args)
             rows["supervised-1k-student"].append(status["rounds"][0]["teacher_test_accuracy"])

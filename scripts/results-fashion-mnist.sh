@@ -3,7 +3,7 @@
 # supervised on all labels, each a real run on this machine. See benches/results_fashion_mnist.py.
 #
 #   scripts/results-fashion-mnist.sh [--seeds 0,1,2] [--workers 2] [--methods a,b,...] [--reuse]
-#                                    [--mpl-plan PLAN] [--device cpu|cuda:N] [--bin-dir DIR]
+#                                    [--mpl-plan PLAN] [--distill-plan PLAN] [--device cpu|cuda:N] [--bin-dir DIR]
 #                                    [--data DIR] [--out DIR] [--quick]
 # (--help lists what each does.)
 set -euo pipefail

@@ -246,3 +246,40 @@ fn the_students_baseline_trains_the_meta_pseudo_labels_students_model() {
     let accuracy = first_accuracy(&out, "supervised-1k-student");
     assert!((0.0..=1.0).contains(&accuracy));
 }
+
+/// mpl-distilled: after the seed's Meta Pseudo Labels run, one Noisy Student round whose
+/// teacher is that run's finetuned student, read with the MPL plan's student model.
+#[test]
+fn a_distilled_row_takes_its_teacher_from_the_same_seeds_mpl_run() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let out = dir.path().join("out");
+    let plan = write_plan(dir.path(), "mpl.toml", &plan_with("tiny-mpl.toml", &[]));
+    run_script(&plan, &out, "mpl-distilled", false);
+
+    let mpl_accuracy = first_accuracy(&out, "meta-pseudo-labels");
+    let distilled = first_accuracy(&out, "mpl-distilled");
+    assert!((0.0..=1.0).contains(&distilled));
+    let written = std::fs::read_to_string(out.join("mpl-distilled-seed0.toml"))
+        .expect("the distillation plan");
+    let teacher =
+        out.join("meta-pseudo-labels-seed0/checkpoints/round-1-student-finetuned.safetensors");
+    assert!(
+        written.contains(&format!("checkpoint = \"{}\"", teacher.display())),
+        "{written}"
+    );
+    // The teacher evaluated at the start of the round is the MPL run's final student.
+    let results: serde_json::Value = serde_json::from_str(
+        &std::fs::read_to_string(out.join("results.json")).expect("results.json"),
+    )
+    .expect("results.json parses");
+    let run = results["runs"]
+        .as_array()
+        .expect("runs")
+        .iter()
+        .find(|run| run["method"] == "mpl-distilled")
+        .expect("the distilled run");
+    assert_eq!(
+        run["status"]["rounds"][0]["teacher_test_accuracy"].as_f64(),
+        Some(mpl_accuracy)
+    );
+}
