@@ -81,15 +81,21 @@ def replace_table(text, name, table):
     return text.rstrip("\n") + "\n\n" + block
 
 
-def distilled(text, mpl_text, checkpoint):
-    """The distillation plan of one seed: its teacher the MPL run's finetuned student, read from
-    `checkpoint` into the MPL plan's [student.model]."""
+def mpl_student(mpl_text):
+    """The Meta Pseudo Labels plan's [student] table (model and noise)."""
     try:
         student = tomllib.loads(mpl_text).get("student", {})
     except tomllib.TOMLDecodeError as error:
         raise SystemExit(f"results: the Meta Pseudo Labels plan does not parse: {error}")
     if "model" not in student:
         raise SystemExit("results: the Meta Pseudo Labels plan has no [student.model]")
+    return student
+
+
+def distilled(text, mpl_text, checkpoint):
+    """The distillation plan of one seed: its teacher the MPL run's finetuned student, read from
+    `checkpoint` into the MPL plan's [student.model]."""
+    student = mpl_student(mpl_text)
     text = replace_table(text, "teacher.model", student["model"])
     return rewrite(text, r'^checkpoint = "[^"\n]*"$', f"checkpoint = {json.dumps(checkpoint)}",
                    'the distillation plan needs a `checkpoint = "..."` line in its [teacher] table')
@@ -108,12 +114,7 @@ def supervised_1k_student(text, mpl_text):
     stochastic depth in place of the teacher's (by default the Noisy Student plan's student: one
     residual block, stochastic depth 0.8): the baseline of the same architecture as the final
     students."""
-    try:
-        student = tomllib.loads(mpl_text).get("student", {})
-    except tomllib.TOMLDecodeError as error:
-        raise SystemExit(f"results: the Meta Pseudo Labels plan does not parse: {error}")
-    if "model" not in student:
-        raise SystemExit("results: the Meta Pseudo Labels plan has no [student.model]")
+    student = mpl_student(mpl_text)
     noise = {key: value for key, value in student.get("noise", {}).items()
              if key in ("dropout", "stochastic_depth_survival")}
     text = rewrite(text, r"^rounds = \d+", "rounds = 1")

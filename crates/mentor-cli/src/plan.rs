@@ -1,7 +1,8 @@
 //! `mentor plan`: checks a plan and its data as a run would, and says what the run will do.
 //!
 //! The checks are the coordinator's and the workers' own: the plan's fields
-//! ([`Plan::load`]), the IDX files the workers read, the labeled split of the seed and the
+//! ([`Plan::load`]), the IDX files the workers read, the labeled split of the seed, a given
+//! teacher checkpoint (that it is safetensors) and the
 //! unlabeled source with its shards. Nothing is written and no process is started.
 
 use std::path::Path;

@@ -9,34 +9,6 @@ use tokio::io::{AsyncReadExt, AsyncWriteExt};
 
 use crate::service::{status_of, Shared};
 
-/// `name{labels} value` lines of one metric family, with its HELP and TYPE.
-struct Family<'a> {
-    out: &'a mut String,
-}
-
-impl Family<'_> {
-    fn start<'a>(out: &'a mut String, name: &str, kind: &str, help: &str) -> Family<'a> {
-        let _ = writeln!(out, "# HELP {name} {help}");
-        let _ = writeln!(out, "# TYPE {name} {kind}");
-        Family { out }
-    }
-
-    fn sample(&mut self, name: &str, labels: &[(&str, &str)], value: f64) {
-        self.out.push_str(name);
-        if !labels.is_empty() {
-            self.out.push('{');
-            for (index, (label, text)) in labels.iter().enumerate() {
-                if index > 0 {
-                    self.out.push(',');
-                }
-                let _ = write!(self.out, "{label}=\"{}\"", escape(text));
-            }
-            self.out.push('}');
-        }
-        let _ = writeln!(self.out, " {}", number(value));
-    }
-}
-
 fn escape(text: &str) -> String {
     text.replace('\\', "\\\\")
         .replace('"', "\\\"")
@@ -53,11 +25,20 @@ fn number(value: f64) -> String {
     }
 }
 
-/// One gauge family over several label sets.
+/// One gauge family, its HELP and TYPE lines, then `name{labels} value` per label set.
 fn gauges(out: &mut String, name: &str, help: &str, samples: &[(Vec<(&str, &str)>, f64)]) {
-    let mut family = Family::start(out, name, "gauge", help);
+    let _ = writeln!(out, "# HELP {name} {help}");
+    let _ = writeln!(out, "# TYPE {name} gauge");
     for (labels, value) in samples {
-        family.sample(name, labels, *value);
+        out.push_str(name);
+        if !labels.is_empty() {
+            let labels: Vec<String> = labels
+                .iter()
+                .map(|(label, text)| format!("{label}=\"{}\"", escape(text)))
+                .collect();
+            let _ = write!(out, "{{{}}}", labels.join(","));
+        }
+        let _ = writeln!(out, " {}", number(*value));
     }
 }
 
