@@ -152,6 +152,23 @@ def without_finetune(text):
     return plan
 
 
+def refreshed(status, directory, args):
+    """A finished run's status with the fields of this version: a run saved before a field of
+    `mentor status --json` existed (`final_student_checkpoint`) has it read again from the run's
+    state by `mentor status --state-dir`."""
+    if "final_student_checkpoint" in status:
+        return status
+    mentor = os.path.join(args.bin_dir or os.path.join(os.environ["CARGO_TARGET_DIR"], "release"), "mentor")
+    if not os.access(mentor, os.X_OK):
+        subprocess.run(["cargo", "build", "--release", "--bin", "mentor"], cwd=ROOT, check=True)
+    answer = subprocess.run([mentor, "status", "--state-dir", directory, "--json"], check=True,
+                            stdout=subprocess.PIPE, text=True)
+    status = json.loads(answer.stdout)
+    with open(os.path.join(directory, "status.json"), "w") as f:
+        json.dump(status, f, indent=2)
+    return status
+
+
 def run(name, plan_text, seed, args):
     directory = os.path.join(os.path.abspath(args.out), f"{name}-seed{seed}")
     os.makedirs(os.path.dirname(directory), exist_ok=True)
@@ -165,7 +182,7 @@ def run(name, plan_text, seed, args):
         same = old_plan is not None and old_plan == parsed(plan_text)
         if succeeded and same:
             print(f"[results] {name}, seed {seed}: reusing the finished run in {directory}", file=sys.stderr, flush=True)
-            return old_status
+            return refreshed(old_status, directory, args)
         # An interrupted run of this plan (a redone finetune included) resumes where it stopped.
         state = read(os.path.join(directory, "state.json"), json.load)
         interrupted = state is not None and state.get("outcome", {}).get("status") == "running"

@@ -172,7 +172,7 @@ fn redo_finetune_of(state: &mut RunState, plan: &Plan, dir: &Path) -> Result<(),
     };
     let recorded = Plan::from_toml_str(&state.plan_toml)
         .map_err(|e| error(format!("the run's recorded plan does not parse: {e}")))?;
-    let mut recorded = with_data_dir_of(recorded, plan);
+    let mut recorded = with_places_of(recorded, plan);
     if let (Some(recorded), Some(mpl)) = (recorded.mpl.as_mut(), plan.mpl.as_ref()) {
         recorded.finetune = mpl.finetune.clone();
     }
@@ -199,12 +199,19 @@ fn redo_finetune_of(state: &mut RunState, plan: &Plan, dir: &Path) -> Result<(),
     Ok(())
 }
 
-/// The run's `recorded` plan reading its data from `plan`'s folder: `data.dir` says where the
-/// data is, not what it is, so a run moved to another machine reads the same files from there.
-fn with_data_dir_of(mut recorded: Plan, plan: &Plan) -> Plan {
+/// The run's `recorded` plan reading its data from `plan`'s folder and its first teacher from
+/// `plan`'s file: `data.dir` and `teacher.checkpoint` say where the data and the teacher are,
+/// not what they are, so a run moved to another machine reads the same files from there.
+fn with_places_of(mut recorded: Plan, plan: &Plan) -> Plan {
     if recorded.data.dir != plan.data.dir {
         tracing::info!(from = %recorded.data.dir.display(), to = %plan.data.dir.display(), "the run reads its data from another folder");
         recorded.data.dir = plan.data.dir.clone();
+    }
+    if let (Some(from), Some(to)) = (&recorded.teacher.checkpoint, &plan.teacher.checkpoint) {
+        if from != to {
+            tracing::info!(from = %from.display(), to = %to.display(), "the plan names the first teacher's checkpoint in another place");
+            recorded.teacher.checkpoint = Some(to.clone());
+        }
     }
     recorded
 }
@@ -350,6 +357,8 @@ impl Coordinator {
             reason: e.to_string(),
         })?;
         let state_file = run_dir.join("state.json");
+        // A resumed run's `teacher.checkpoint`, as its plan gave it.
+        let mut recorded_teacher = None;
         let mut state = if state_file.exists() {
             let text = std::fs::read_to_string(&state_file)
                 .map_err(|e| state_store_error(e.to_string()))?;
@@ -359,6 +368,9 @@ impl Coordinator {
                 tracing::info!(from = %old.display(), to = %run_dir.display(), "the run directory moved since its last save: its recorded paths follow it");
                 rebase_selections(&run_dir, &old).map_err(state_store_error)?;
             }
+            recorded_teacher = Plan::from_toml_str(&state.plan_toml)
+                .ok()
+                .and_then(|recorded| recorded.teacher.checkpoint);
             if redo_finetune {
                 redo_finetune_of(&mut state, &plan, &run_dir)?;
             } else if state.plan_toml != plan.to_toml_string() {
@@ -367,7 +379,7 @@ impl Coordinator {
                 // `data.dir` says where the data is, not what it is: a run moved to another
                 // machine reads the same files from wherever they are there.
                 let difference = match Plan::from_toml_str(&state.plan_toml) {
-                    Ok(recorded) => with_data_dir_of(recorded, &plan).first_difference(&plan),
+                    Ok(recorded) => with_places_of(recorded, &plan).first_difference(&plan),
                     Err(e) => Some(format!("the recorded plan does not parse: {e}")),
                 };
                 if let Some(difference) = difference {
@@ -400,10 +412,23 @@ impl Coordinator {
                 state.round == 1 && matches!(state.phase, Phase::WaitingForWorkers | Phase::Label);
             if needed {
                 // A resumed run keeps the file it resolved when it began (its tasks name it),
-                // wherever the coordinator starts again.
-                let recorded = state.teacher_checkpoint.clone();
-                let path = recorded.as_deref().unwrap_or(given);
-                state.teacher_checkpoint = Some(teacher_checkpoint(path)?);
+                // wherever the coordinator starts again, unless the plan now names the teacher
+                // in another place (the run moved to a machine that keeps it elsewhere): its
+                // tasks then read it from there.
+                let resolved = match state.teacher_checkpoint.clone() {
+                    Some(recorded) if recorded_teacher.as_ref() == Some(given) => {
+                        teacher_checkpoint(&recorded)?
+                    }
+                    Some(recorded) if recorded_teacher.is_some() => {
+                        let resolved = teacher_checkpoint(given)?;
+                        state
+                            .move_teacher_checkpoint(&recorded, &resolved)
+                            .map_err(state_store_error)?;
+                        resolved
+                    }
+                    _ => teacher_checkpoint(given)?,
+                };
+                state.teacher_checkpoint = Some(resolved);
             }
         }
         let coordinator = Coordinator {
@@ -1255,6 +1280,68 @@ mod tests {
             }
             Err(e) => panic!("refused for another reason: {e}"),
             Ok(_) => panic!("a run of another seed was resumed"),
+        }
+    }
+
+    #[test]
+    fn a_moved_run_reads_its_given_teacher_where_the_plan_now_names_it() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let root = dir.path().canonicalize().expect("canonicalize");
+        let (gpu_machine, laptop) = (root.join("gpu-machine"), root.join("laptop"));
+        std::fs::create_dir_all(gpu_machine.join("run")).expect("mkdir");
+        std::fs::create_dir_all(gpu_machine.join("models")).expect("mkdir");
+        // The teacher's file lies outside the run directory: moving the run does not move it.
+        let header = br#"{"w":{"dtype":"F32","shape":[1],"data_offsets":[0,4]}}"#;
+        let mut file = (header.len() as u64).to_le_bytes().to_vec();
+        file.extend_from_slice(header);
+        file.extend_from_slice(&[0; 4]);
+        let gpu_teacher = gpu_machine.join("models/teacher.safetensors");
+        std::fs::write(&gpu_teacher, &file).expect("write the teacher");
+        let given = |checkpoint: &Path| {
+            let mut plan = one_worker_plan();
+            plan.teacher.train = None;
+            plan.teacher.checkpoint = Some(checkpoint.to_path_buf());
+            plan
+        };
+        let label_teacher = |coordinator: &mut Coordinator, name: &str| {
+            let worker = coordinator.register(name.into(), "cpu".into(), 0, Instant::now());
+            let label = next_label_task(coordinator, &worker, Instant::now());
+            let TaskSpec::Label { teacher, .. } = label.task.spec else {
+                unreachable!("a label task")
+            };
+            teacher.checkpoint
+        };
+        let mut coordinator =
+            Coordinator::open(given(&gpu_teacher), &gpu_machine.join("run")).expect("open");
+        assert_eq!(label_teacher(&mut coordinator, "a"), gpu_teacher);
+        drop(coordinator);
+
+        std::fs::rename(&gpu_machine, &laptop).expect("move the machine's files");
+        let (run, laptop_teacher) = (
+            laptop.join("run"),
+            laptop.join("models/teacher.safetensors"),
+        );
+        // The plan still names the teacher where it was: refused, naming that file.
+        match Coordinator::open(given(&gpu_teacher), &run) {
+            Err(CoordinatorError::TeacherCheckpoint { path, .. }) => assert_eq!(path, gpu_teacher),
+            Err(e) => panic!("refused for another reason: {e}"),
+            Ok(_) => panic!("a run whose teacher is gone was resumed"),
+        }
+        // The plan names it where it is now: the run's tasks read it there.
+        let mut moved = Coordinator::open(given(&laptop_teacher), &run).expect("reopen");
+        assert_eq!(label_teacher(&mut moved, "b"), laptop_teacher);
+        let saved = std::fs::read_to_string(run.join("state.json")).expect("state");
+        let old = gpu_teacher.display().to_string();
+        assert!(!saved.contains(&old), "{old} is still recorded: {saved}");
+        drop(moved);
+
+        // A plan that trains its first teacher is another run.
+        match Coordinator::open(one_worker_plan(), &run) {
+            Err(CoordinatorError::PlanMismatch { difference, .. }) => {
+                assert!(difference.starts_with("teacher."), "{difference}")
+            }
+            Err(e) => panic!("refused for another reason: {e}"),
+            Ok(_) => panic!("a run of another first teacher was resumed"),
         }
     }
 

@@ -364,6 +364,16 @@ impl RunState {
         Ok((state, moved.then_some(recorded)))
     }
 
+    /// Takes every reference to the first teacher's file `from` (the state's, its round's and
+    /// its tasks') to `to`: the plan names the same teacher in another place, as after a run
+    /// moved to a machine that keeps its models elsewhere.
+    pub fn move_teacher_checkpoint(&mut self, from: &Path, to: &Path) -> Result<(), String> {
+        let mut value = serde_json::to_value(&*self).map_err(|e| e.to_string())?;
+        rebase(&mut value, from, to);
+        *self = serde_json::from_value(value).map_err(|e| e.to_string())?;
+        Ok(())
+    }
+
     /// A new run; `shard_ranges` cut the unlabeled source, whose size is `unlabeled_examples`
     /// when known before labeling (0 otherwise).
     pub fn new(
