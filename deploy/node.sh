@@ -15,7 +15,8 @@
 #   --state-dir DIR          the run directory, on a file system every node shares at this path
 #   --metrics-port P         with --plan: the coordinator serves the run's status to Prometheus
 #                            at http://<this node>:P/metrics
-#   --gpus N|all             one worker per GPU, cuda:0 .. cuda:N-1 (all: every GPU this process
+#   --gpus N|all             one worker per GPU, cuda:0 .. cuda:N-1 (N: refused on a machine that
+#                            shows fewer; all: every GPU this process
 #                            sees: CUDA_VISIBLE_DEVICES when set (Slurm sets it), else what
 #                            nvidia-smi lists (in a container, the GPUs it was given), else
 #                            NVIDIA_VISIBLE_DEVICES when it lists devices)
@@ -111,6 +112,12 @@ if [ -n "$gpus" ]; then
   else
     case "$gpus" in ''|*[!0-9]*) fail "--gpus takes a number or all" ;; esac
     workers="$gpus"
+    # Fewer GPUs than asked for would fail the last workers at start; a machine that shows
+    # none (no nvidia-smi, no CUDA_VISIBLE_DEVICES) is taken at its word.
+    seen="$(visible_gpus)"
+    if [ "$seen" -gt 0 ] && [ "$seen" -lt "$gpus" ]; then
+      fail "--gpus $gpus: this machine shows $seen GPU(s) (nvidia-smi, CUDA_VISIBLE_DEVICES); use --gpus all or a smaller number"
+    fi
   fi
 elif [ -z "$workers" ]; then
   if [ "$device" != cpu ] && [ "$(visible_gpus)" -gt 0 ]; then

@@ -17,15 +17,16 @@ while [ $# -gt 0 ]; do
     *) echo "bench-allreduce.sh: unknown argument $1" >&2; exit 2 ;;
   esac
 done
-# MENTOR_BIN (a folder with the built binaries) and PYTHON skip the setup and the build, as on
-# the GPU machine (scripts/gpu-check.sh).
+# MENTOR_BIN (a folder with the built binaries) and PYTHON skip the setup, as on the GPU machine
+# (scripts/gpu-check.sh); the binaries are built first when MENTOR_BIN is the release build
+# ($CARGO_TARGET_DIR/release, what `setup.sh --print-env` sets), so none runs stale.
 if [ -z "${MENTOR_BIN:-}" ]; then
   eval "$("$ROOT/scripts/setup.sh" --print-env)"
   MENTOR_BIN="$CARGO_TARGET_DIR/release"
 fi
 PYTHON="${PYTHON:-$(command -v python3)}"
 python3() { "$PYTHON" "$@"; }
-[ -n "${CARGO_TARGET_DIR:-}" ] && (cd "$ROOT" && cargo build --release --quiet --bin ring-bench)
+[ "$MENTOR_BIN" = "${CARGO_TARGET_DIR:-}/release" ] && (cd "$ROOT" && cargo build --release --quiet --bin ring-bench)
 results="$(mktemp)"
 trap 'rm -f "$results"' EXIT
 free_port() { python3 -c 'import socket; s=socket.socket(); s.bind(("127.0.0.1",0)); print(s.getsockname()[1])'; }

@@ -27,14 +27,15 @@ while [[ $# -gt 0 ]]; do
     *) echo "unknown argument: $1" >&2; exit 2 ;;
   esac
 done
-# MENTOR_BIN (a folder with the built binaries) and PYTHON skip the setup and the build, as on
-# the GPU machine (scripts/gpu-check.sh).
+# MENTOR_BIN (a folder with the built binaries) and PYTHON skip the setup, as on the GPU machine
+# (scripts/gpu-check.sh); the binaries are built first when MENTOR_BIN is the release build
+# ($CARGO_TARGET_DIR/release, what `setup.sh --print-env` sets), so none runs stale.
 if [ -z "${MENTOR_BIN:-}" ]; then
   eval "$("$ROOT/scripts/setup.sh" --print-env)"
   MENTOR_BIN="$CARGO_TARGET_DIR/release"
   python3 -c "import PIL" 2>/dev/null || pip install -q --disable-pip-version-check pillow >&2
-  (cd "$ROOT" && cargo build --release --quiet --bin bench-label)
 fi
+[ "$MENTOR_BIN" = "${CARGO_TARGET_DIR:-}/release" ] && (cd "$ROOT" && cargo build --release --quiet --bin bench-label)
 PYTHON="${PYTHON:-$(command -v python3)}"
 python3() { "$PYTHON" "$@"; }
 

@@ -3,7 +3,8 @@
 # this project's models (tch) against the same architectures in PyTorch (torchvision where it
 # has them, benches/models.py otherwise), same input size, batch and device, in the same run.
 #
-#   scripts/bench-models.sh [--device cpu|cuda] [--batch N] [--image-size N] [--iterations N]
+#   scripts/bench-models.sh [--device cpu|cuda] [--batch N] [--image-size N] [--channels N]
+#                           [--classes N] [--warmup N] [--iterations N]
 #                           [--models a,b,...] [--threads N]
 #
 # Prints a table with img/s and the ratio mentor / PyTorch (above 1.0: we are faster); on the

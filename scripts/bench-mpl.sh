@@ -28,12 +28,14 @@ while [ $# -gt 0 ]; do
     *) echo "bench-mpl.sh: unknown argument $1" >&2; exit 2 ;;
   esac
 done
-# MENTOR_BIN (a folder with the built binaries) and PYTHON skip the setup and the build.
+# MENTOR_BIN (a folder with the built binaries) and PYTHON skip the setup, as on the GPU machine
+# (scripts/gpu-check.sh); the binaries are built first when MENTOR_BIN is the release build
+# ($CARGO_TARGET_DIR/release, what `setup.sh --print-env` sets), so none runs stale.
 if [ -z "${MENTOR_BIN:-}" ]; then
   eval "$("$ROOT/scripts/setup.sh" --print-env)"
   MENTOR_BIN="$CARGO_TARGET_DIR/release"
-  (cd "$ROOT" && cargo build --release --quiet --bin bench-mpl)
 fi
+[ "$MENTOR_BIN" = "${CARGO_TARGET_DIR:-}/release" ] && (cd "$ROOT" && cargo build --release --quiet --bin bench-mpl)
 PYTHON="${PYTHON:-$(command -v python3)}"
 if ! "$PYTHON" -c "import torchvision" 2>/dev/null; then
   echo "[bench] installing torchvision 0.26.0 (matches torch 2.11.0)" >&2

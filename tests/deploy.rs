@@ -206,6 +206,11 @@ fn node_sh_refuses_what_it_cannot_start() {
     )
     .contains("this machine shows no GPU"));
     assert!(refused(
+        &["--coordinator", "h:1", "--gpus", "2", "--bin-dir", bin],
+        &[("CUDA_VISIBLE_DEVICES", "4")]
+    )
+    .contains("--gpus 2: this machine shows 1 GPU(s)"));
+    assert!(refused(
         &["--coordinator", "h:1", "--gpus", "1", "--workers", "1"],
         &[]
     )
