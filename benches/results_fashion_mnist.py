@@ -19,7 +19,8 @@ numbers to results.json in --out (default runs/results).
   epochs).
 
 --methods picks some of the methods (supervised-1k comes with noisy-student); --reuse keeps a
-finished run whose plan is unchanged (comments and layout aside) instead of running it again,
+finished run whose plan is unchanged (comments, layout and data.dir aside; a run directory
+copied from another machine, such as a GPU machine's, counts) instead of running it again,
 resumes an interrupted run of an unchanged plan where it stopped (a Meta Pseudo Labels joint
 training from its last save, every mpl.checkpoint_every steps), and keeps the joint training of
 a finished or interrupted Meta Pseudo Labels run whose plan changed in [mpl.finetune] alone,
@@ -135,12 +136,17 @@ def read(path, parse=lambda f: f.read()):
 
 
 def parsed(text):
-    """A plan text as data (comments and layout gone); None when there is none or it does not
+    """A plan text as data to compare (comments and layout gone, and `data.dir`, which says
+    where the data set lies, not what it is, as the coordinator takes it: a run made on another
+    machine and copied here counts as this plan's); None when there is none or it does not
     parse."""
     try:
-        return tomllib.loads(text) if text is not None else None
+        plan = tomllib.loads(text) if text is not None else None
     except tomllib.TOMLDecodeError:
         return None
+    if plan is not None:
+        plan.get("data", {}).pop("dir", None)
+    return plan
 
 
 def without_finetune(text):
@@ -153,10 +159,12 @@ def without_finetune(text):
 
 
 def refreshed(status, directory, args):
-    """A finished run's status with the fields of this version: a run saved before a field of
-    `mentor status --json` existed (`final_student_checkpoint`) has it read again from the run's
-    state by `mentor status --state-dir`."""
-    if "final_student_checkpoint" in status:
+    """A finished run's status with the fields of this version and the paths of this place: a
+    run saved before a field of `mentor status --json` existed (`final_student_checkpoint`), or
+    made in another directory (on a GPU machine, say) and copied here, has its status read again
+    from the run's state by `mentor status --state-dir` (whose paths follow the directory)."""
+    moved = os.path.realpath(status.get("run_dir") or directory) != os.path.realpath(directory)
+    if "final_student_checkpoint" in status and not moved:
         return status
     mentor = os.path.join(args.bin_dir or os.path.join(os.environ["CARGO_TARGET_DIR"], "release"), "mentor")
     if not os.access(mentor, os.X_OK):

@@ -282,4 +282,35 @@ fn a_distilled_row_takes_its_teacher_from_the_same_seeds_mpl_run() {
         run["status"]["rounds"][0]["teacher_test_accuracy"].as_f64(),
         Some(mpl_accuracy)
     );
+
+    // The MPL run copied to another machine (another folder), whose copy of the data set lies
+    // elsewhere: kept, and its finetuned student is read from where the copy put it.
+    let copied = dir.path().join("copied");
+    std::fs::rename(&out, &copied).expect("move the runs");
+    std::fs::remove_dir_all(copied.join("mpl-distilled-seed0")).expect("remove the distillation");
+    let data = dir.path().join("data");
+    std::os::unix::fs::symlink("/usr/share/datasets/fashion-mnist", &data).expect("link the data");
+    let elsewhere = format!("dir = \"{}\"", data.display());
+    let plan = write_plan(
+        dir.path(),
+        "mpl.toml",
+        &plan_with(
+            "tiny-mpl.toml",
+            &[("dir = \"/usr/share/datasets/fashion-mnist\"", &elsewhere)],
+        ),
+    );
+    let stderr = run_script(&plan, &copied, "mpl-distilled", true);
+    assert!(
+        stderr.contains("meta-pseudo-labels, seed 0: reusing the finished run"),
+        "{stderr}"
+    );
+    let written = std::fs::read_to_string(copied.join("mpl-distilled-seed0.toml"))
+        .expect("the distillation plan");
+    let teacher =
+        copied.join("meta-pseudo-labels-seed0/checkpoints/round-1-student-finetuned.safetensors");
+    assert!(
+        written.contains(&format!("checkpoint = \"{}\"", teacher.display())),
+        "{written}"
+    );
+    assert_eq!(first_accuracy(&copied, "meta-pseudo-labels"), mpl_accuracy);
 }
