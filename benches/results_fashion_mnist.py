@@ -166,15 +166,23 @@ def refreshed(status, directory, args):
     moved = os.path.realpath(status.get("run_dir") or directory) != os.path.realpath(directory)
     if "final_student_checkpoint" in status and not moved:
         return status
-    mentor = os.path.join(args.bin_dir or os.path.join(os.environ["CARGO_TARGET_DIR"], "release"), "mentor")
-    if not os.access(mentor, os.X_OK):
-        subprocess.run(["cargo", "build", "--release", "--bin", "mentor"], cwd=ROOT, check=True)
-    answer = subprocess.run([mentor, "status", "--state-dir", directory, "--json"], check=True,
-                            stdout=subprocess.PIPE, text=True)
-    status = json.loads(answer.stdout)
+    status = saved_status(directory, args)
     with open(os.path.join(directory, "status.json"), "w") as f:
         json.dump(status, f, indent=2)
     return status
+
+
+def saved_status(directory, args):
+    """The status the state of the run in `directory` records (`mentor status --state-dir`; an
+    unfinished run's is `stopped`), with the paths of the directory where it is now."""
+    mentor = os.path.join(args.bin_dir or os.path.join(os.environ["CARGO_TARGET_DIR"], "release"), "mentor")
+    if not os.access(mentor, os.X_OK):
+        subprocess.run(["cargo", "build", "--release", "--bin", "mentor"], cwd=ROOT, check=True)
+    answer = subprocess.run([mentor, "status", "--state-dir", directory, "--json"],
+                            stdout=subprocess.PIPE, text=True)
+    if answer.returncode not in (0, 1, 3):
+        raise SystemExit(f"results: `mentor status --state-dir {directory}` failed (exit {answer.returncode})")
+    return json.loads(answer.stdout)
 
 
 def run(name, plan_text, seed, args):
@@ -185,6 +193,10 @@ def run(name, plan_text, seed, args):
     if args.reuse:
         old_text = read(plan)
         old_status = read(os.path.join(directory, "status.json"), json.load)
+        if old_status is None and os.path.exists(os.path.join(directory, "state.json")):
+            # A run directory without the status local-cluster.sh leaves (copied from a GPU
+            # machine by gpu-check.sh --mpl, say): its state tells.
+            old_status = saved_status(directory, args)
         succeeded = old_status is not None and old_status.get("status") == "succeeded"
         old_plan = parsed(old_text)
         same = old_plan is not None and old_plan == parsed(plan_text)

@@ -299,18 +299,28 @@ fn a_distilled_row_takes_its_teacher_from_the_same_seeds_mpl_run() {
             &[("dir = \"/usr/share/datasets/fashion-mnist\"", &elsewhere)],
         ),
     );
-    let stderr = run_script(&plan, &copied, "mpl-distilled", true);
-    assert!(
-        stderr.contains("meta-pseudo-labels, seed 0: reusing the finished run"),
-        "{stderr}"
-    );
-    let written = std::fs::read_to_string(copied.join("mpl-distilled-seed0.toml"))
-        .expect("the distillation plan");
     let teacher =
         copied.join("meta-pseudo-labels-seed0/checkpoints/round-1-student-finetuned.safetensors");
-    assert!(
-        written.contains(&format!("checkpoint = \"{}\"", teacher.display())),
-        "{written}"
-    );
-    assert_eq!(first_accuracy(&copied, "meta-pseudo-labels"), mpl_accuracy);
+    // Then without the status.json local-cluster.sh leaves (gpu-check.sh --mpl brings back the
+    // state alone): the state tells.
+    for without_status in [false, true] {
+        if without_status {
+            std::fs::remove_file(copied.join("meta-pseudo-labels-seed0/status.json"))
+                .expect("remove the status");
+            std::fs::remove_dir_all(copied.join("mpl-distilled-seed0"))
+                .expect("remove the distillation");
+        }
+        let stderr = run_script(&plan, &copied, "mpl-distilled", true);
+        assert!(
+            stderr.contains("meta-pseudo-labels, seed 0: reusing the finished run"),
+            "{stderr}"
+        );
+        let written = std::fs::read_to_string(copied.join("mpl-distilled-seed0.toml"))
+            .expect("the distillation plan");
+        assert!(
+            written.contains(&format!("checkpoint = \"{}\"", teacher.display())),
+            "{written}"
+        );
+        assert_eq!(first_accuracy(&copied, "meta-pseudo-labels"), mpl_accuracy);
+    }
 }
