@@ -859,8 +859,9 @@ impl Coordinator {
                 worker.alive = false;
                 worker.task = None;
             }
-            let requeued = self.state.worker_lost(&id);
+            let (requeued, effects) = self.state.worker_lost(&id);
             tracing::warn!(worker = %id, requeued = requeued.len(), "worker lost");
+            self.log_effects(&effects);
             self.persist_or_log();
         }
         // A labeler that is heard of but makes no progress loses its shard after the lease.
@@ -879,8 +880,9 @@ impl Coordinator {
             if let Some(worker) = self.workers.get_mut(&id) {
                 worker.task = None;
             }
-            if self.state.lease_expired(&task) {
+            if let Some(effects) = self.state.lease_expired(&task) {
                 tracing::warn!(worker = %id, task = %task, lease_seconds = lease.as_secs(), "lease expired without progress, shard given to another labeler");
+                self.log_effects(&effects);
                 self.persist_or_log();
             }
         }

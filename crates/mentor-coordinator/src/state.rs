@@ -12,8 +12,14 @@ use std::path::{Path, PathBuf};
 use mentor_plan::{Method, Plan, Role};
 use serde::{Deserialize, Serialize};
 
-/// A task fails the run after this many attempts.
+/// A task fails the run once it has failed this many times (attempts given up because a worker
+/// was lost do not count: see [`MAX_LOSSES`]).
 pub const MAX_ATTEMPTS: u32 = 3;
+
+/// A task fails the run once this many of its attempts were given up because a worker was lost
+/// or its lease ran out: a task that kills its worker process (out of memory, say) would
+/// otherwise go back to the queue forever.
+pub const MAX_LOSSES: u32 = 5;
 
 /// Identifies a task within a run.
 #[derive(Debug, Clone, PartialEq, Eq, PartialOrd, Ord, Hash, Serialize, Deserialize)]
@@ -168,6 +174,13 @@ pub struct TaskRecord {
     pub state: TaskState,
     /// Attempts so far; the current attempt's number while running.
     pub attempts: u32,
+    /// Attempts that ended in an error the task reported (the run fails at [`MAX_ATTEMPTS`]).
+    #[serde(default)]
+    pub failures: u32,
+    /// Attempts given up because a worker was lost or the lease ran out (the run fails at
+    /// [`MAX_LOSSES`]).
+    #[serde(default)]
+    pub losses: u32,
     pub last_error: Option<String>,
     /// Ranks of the current attempt (1 for tasks that do not train).
     #[serde(default)]
@@ -432,6 +445,8 @@ impl RunState {
                 spec,
                 state: TaskState::Pending,
                 attempts: 0,
+                failures: 0,
+                losses: 0,
                 last_error: None,
                 world_size: 0,
                 device_kind: String::new(),
@@ -520,33 +535,64 @@ impl RunState {
     }
 
     /// Puts every task `worker` takes part in back in the queue (the worker is gone); a
-    /// training group loses its attempt as a whole.
-    pub fn worker_lost(&mut self, worker: &WorkerId) -> Vec<TaskId> {
+    /// training group loses its attempt as a whole. Returns the requeued tasks and the effects:
+    /// the run fails when a task has lost [`MAX_LOSSES`] attempts.
+    pub fn worker_lost(&mut self, worker: &WorkerId) -> (Vec<TaskId>, Vec<Effect>) {
         let mut requeued = Vec::new();
+        let mut given_up = None;
         for task in self.tasks.values_mut() {
             if task.workers().contains(worker) {
-                task.state = TaskState::Pending;
-                task.last_error = Some(format!("worker {worker} was lost"));
+                let reason = format!("worker {worker} was lost");
+                if let Some(message) = Self::lose_attempt(task, reason) {
+                    given_up.get_or_insert(message);
+                }
                 requeued.push(task.id.clone());
             }
         }
-        requeued
+        let effects = match given_up {
+            Some(message) if !self.is_finished() => self.fail(message),
+            _ => Vec::new(),
+        };
+        (requeued, effects)
     }
 
     /// Gives a running task whose lease ran out to the next free worker; the late worker's
-    /// result, if it ever comes, belongs to an old attempt and is ignored.
-    pub fn lease_expired(&mut self, task_id: &TaskId) -> bool {
-        match self.tasks.get_mut(task_id) {
-            Some(task) if matches!(task.state, TaskState::Running { .. }) => {
-                task.last_error = Some(format!(
-                    "lease of attempt {} expired without progress",
-                    task.attempts
-                ));
-                task.state = TaskState::Pending;
-                true
-            }
-            _ => false,
-        }
+    /// result, if it ever comes, belongs to an old attempt and is ignored. None when the task
+    /// was not running; else the effects (the run fails when the task has lost
+    /// [`MAX_LOSSES`] attempts).
+    pub fn lease_expired(&mut self, task_id: &TaskId) -> Option<Vec<Effect>> {
+        let task = self
+            .tasks
+            .get_mut(task_id)
+            .filter(|task| matches!(task.state, TaskState::Running { .. }))?;
+        let reason = format!(
+            "lease of attempt {} expired without progress",
+            task.attempts
+        );
+        Some(match Self::lose_attempt(task, reason) {
+            Some(message) if !self.is_finished() => self.fail(message),
+            _ => Vec::new(),
+        })
+    }
+
+    /// Puts `task` back in the queue after its attempt was given up for `reason`; returns the
+    /// run's failure message when that was its last loss allowed.
+    fn lose_attempt(task: &mut TaskRecord, reason: String) -> Option<String> {
+        task.state = TaskState::Pending;
+        task.losses += 1;
+        let message = (task.losses >= MAX_LOSSES).then(|| {
+            format!(
+                "task {} ({}, round {}) lost {} attempts, the last because the {reason}; a task \
+                 that ends its worker process (killed for lack of memory, say) ends this way: see \
+                 the workers' logs and the system's",
+                task.id,
+                task.spec.describe(),
+                task.round,
+                task.losses
+            )
+        });
+        task.last_error = Some(reason);
+        message
     }
 
     /// Meta Pseudo Labels: takes `plan`, which differs from the run's at most in
@@ -634,13 +680,14 @@ impl RunState {
         }
         if let TaskOutcome::Failed(error) = &outcome {
             task.last_error = Some(error.clone());
-            if task.attempts >= MAX_ATTEMPTS {
+            task.failures += 1;
+            if task.failures >= MAX_ATTEMPTS {
                 let message = format!(
                     "task {} ({}, round {}) failed {} times, last error: {error}",
                     task.id,
                     task.spec.describe(),
                     task.round,
-                    task.attempts
+                    task.failures
                 );
                 return self.fail(message);
             }

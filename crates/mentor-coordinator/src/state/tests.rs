@@ -239,7 +239,7 @@ fn lost_worker_tasks_go_to_another_worker() {
         state.assign(&b, "cpu", 1).map(|a| a.task).is_none(),
         "only one task exists"
     );
-    assert_eq!(state.worker_lost(&a), vec![task.id.clone()]);
+    assert_eq!(state.worker_lost(&a), (vec![task.id.clone()], Vec::new()));
     let again = state
         .assign(&b, "cpu", 1)
         .map(|a| a.task)
@@ -283,6 +283,45 @@ fn a_task_failing_three_times_fails_the_run() {
     match &state.outcome {
         RunOutcome::Failed(message) => assert!(
             message.contains("failed 3 times, last error: out of memory"),
+            "{message}"
+        ),
+        other => panic!("unexpected {other:?}"),
+    }
+}
+
+#[test]
+fn lost_attempts_do_not_count_as_failures_but_end_the_run_past_their_own_limit() {
+    let mut state = new_run();
+    state.start();
+    let (a, b) = (worker("a"), worker("b"));
+    // Two workers lost during the task (preempted, say), then two errors: the run goes on.
+    for _ in 0..2 {
+        state.assign(&a, "cpu", 1).expect("task");
+        let (requeued, effects) = state.worker_lost(&a);
+        assert_eq!((requeued.len(), effects), (1, Vec::new()));
+    }
+    for _ in 0..MAX_ATTEMPTS - 1 {
+        let task = state.assign(&b, "cpu", 1).map(|a| a.task).expect("task");
+        let failed = TaskOutcome::Failed("out of memory".into());
+        assert!(state
+            .complete(&task.id, &b, task.attempts, failed)
+            .is_empty());
+    }
+    assert!(!state.is_finished(), "{:?}", state.outcome);
+    // Losses have a limit of their own: a task that takes its worker down each time ends the
+    // run instead of going round the queue for ever.
+    let mut last = Vec::new();
+    for _ in 2..MAX_LOSSES {
+        let task = state.assign(&a, "cpu", 1).map(|a| a.task).expect("task");
+        assert!(last.is_empty(), "the run ended early: {:?}", state.outcome);
+        last = state.lease_expired(&task.id).expect("the task was running");
+    }
+    assert_eq!(last, vec![Effect::Finished]);
+    match &state.outcome {
+        RunOutcome::Failed(message) => assert!(
+            message.contains(&format!(
+                "lost {MAX_LOSSES} attempts, the last because the lease"
+            )) && message.contains("(train teacher, round 1)"),
             "{message}"
         ),
         other => panic!("unexpected {other:?}"),
@@ -397,7 +436,7 @@ fn a_failed_rank_fails_the_attempt_and_stale_reports_are_ignored() {
             .is_empty(),
         "a result of the first attempt does not finish the second"
     );
-    assert_eq!(state.worker_lost(&a), vec![task.id.clone()]);
+    assert_eq!(state.worker_lost(&a).0, vec![task.id.clone()]);
 }
 
 #[test]
