@@ -969,24 +969,47 @@ fn an_interrupted_mpl_joint_training_resumes_from_its_checkpoint_exactly() {
 }
 
 /// A confidence threshold no pseudo label reaches fails the run at the filter, naming the
-/// setting, before any student trains on an empty selection.
+/// setting, before any student trains on an empty selection. Run through
+/// `scripts/local-cluster.sh`: a failed run ends it with 1, its final status printed and saved.
 #[test]
 fn a_threshold_no_pseudo_label_reaches_fails_the_run_naming_it() {
-    let runtime = tokio::runtime::Runtime::new().expect("runtime");
     let dir = tempfile::tempdir().expect("tempdir");
     // At temperature 100 every soft label is close to uniform (top probability about 0.1).
     let text = tiny_plan_with(&[(
         "min_confidence = 0.1",
         "min_confidence = 0.5\ntemperature = 100.0",
     )]);
-    let (final_status, state_dir) = run_on_two_workers(&runtime, dir.path(), &text);
-    assert_eq!(final_status.status, "failed");
+    let plan = dir.path().join("plan.toml");
+    std::fs::write(&plan, text).expect("write plan");
+    let state_dir = dir.path().join("run");
+    let bin_dir = binary("coordinator")
+        .parent()
+        .expect("binaries have a directory")
+        .to_path_buf();
+    let output = std::process::Command::new(workspace_root().join("scripts/local-cluster.sh"))
+        .arg("--plan")
+        .arg(&plan)
+        .arg("--state-dir")
+        .arg(&state_dir)
+        .arg("--bin-dir")
+        .arg(&bin_dir)
+        .stdin(std::process::Stdio::null())
+        .output()
+        .expect("local-cluster.sh runs");
+    let stderr = String::from_utf8_lossy(&output.stderr);
+    assert_eq!(output.status.code(), Some(1), "{stderr}");
+    assert!(stderr.contains("[local-cluster] run failed"), "{stderr}");
+    let saved: serde_json::Value = serde_json::from_str(
+        &std::fs::read_to_string(state_dir.join("status.json")).expect("status.json"),
+    )
+    .expect("status.json parses");
+    assert_eq!(saved["status"], "failed");
+    let error = saved["error"].as_str().unwrap_or_default();
     assert!(
-        final_status.error.contains(
+        error.contains(
             "no pseudo-labeled example passed the filter: lower pseudo_labels.min_confidence"
         ),
-        "{}",
-        final_status.error
+        "{saved}"
     );
     assert!(!state_dir
         .join("checkpoints/round-1-student.safetensors")
