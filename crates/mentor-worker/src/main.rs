@@ -565,17 +565,27 @@ async fn rendezvous(
         address,
         nccl_unique_id: unique_id,
     };
-    let mut status = session
-        .client
-        .join_group(request)
-        .await
-        .map_err(|status| {
-            anyhow::anyhow!(
-                "failed to join the group of task {}: {status}",
-                task.task_id
-            )
-        })?
-        .into_inner();
+    // A coordinator that restarts or is briefly unreachable between the task and the join is
+    // waited for, as for any other call; one that no longer knows this worker gave the attempt
+    // up: this worker registers again, and its report of the attempt is ignored.
+    let mut outage = None;
+    let mut status = loop {
+        match session.client.join_group(request.clone()).await {
+            Ok(reply) => break reply.into_inner(),
+            Err(status) if status.code() == Code::NotFound => {
+                tracing::warn!(worker = %session.id(), task = %task.task_id, "the coordinator no longer knows this worker (restarted?), registering again");
+                session.register_again().await?;
+                return Ok(Err(format!(
+                    "this worker was unknown to the coordinator when it joined the group of task {}",
+                    task.task_id
+                )));
+            }
+            Err(status) => {
+                let what = format!("join the group of task {}", task.task_id);
+                session.recover(status, &mut outage, &what).await?
+            }
+        }
+    };
     let deadline = tokio::time::Instant::now() + join_timeout;
     loop {
         if status.cancelled {
