@@ -357,17 +357,19 @@ impl Coordinator {
             reason: e.to_string(),
         })?;
         let state_file = run_dir.join("state.json");
-        // A resumed run's `teacher.checkpoint`, as its plan gave it.
+        // A resumed run's `teacher.checkpoint`, as its plan gave it, and its old directory when
+        // it moved.
         let mut recorded_teacher = None;
+        let mut moved_from = None;
         let mut state = if state_file.exists() {
             let text = std::fs::read_to_string(&state_file)
                 .map_err(|e| state_store_error(e.to_string()))?;
-            let (mut state, moved_from) = RunState::from_saved(&text, &run_dir)
+            let (mut state, old_dir) = RunState::from_saved(&text, &run_dir)
                 .map_err(|e| state_store_error(format!("unreadable state.json: {e}")))?;
-            if let Some(old) = moved_from {
+            if let Some(old) = &old_dir {
                 tracing::info!(from = %old.display(), to = %run_dir.display(), "the run directory moved since its last save: its recorded paths follow it");
-                rebase_selections(&run_dir, &old).map_err(state_store_error)?;
             }
+            moved_from = old_dir;
             recorded_teacher = Plan::from_toml_str(&state.plan_toml)
                 .ok()
                 .and_then(|recorded| recorded.teacher.checkpoint);
@@ -430,6 +432,11 @@ impl Coordinator {
                 };
                 state.teacher_checkpoint = Some(resolved);
             }
+        }
+        // The selection files follow a moved directory once nothing can refuse the run any more
+        // (a refused run leaves its directory as it was).
+        if let Some(old) = &moved_from {
+            rebase_selections(&run_dir, old).map_err(state_store_error)?;
         }
         let coordinator = Coordinator {
             plan,
@@ -1246,6 +1253,13 @@ mod tests {
         let laptop = dir.path().join("laptop");
         std::fs::rename(&gpu_machine, &laptop).expect("move the run directory");
         let laptop = laptop.canonicalize().expect("canonicalize");
+        // A refused open leaves the moved directory as it was.
+        let mut other = one_worker_plan();
+        other.seed += 1;
+        assert!(Coordinator::open(other, &laptop).is_err());
+        let untouched =
+            std::fs::read_to_string(laptop.join("selections/round-1.json")).expect("selection");
+        assert!(untouched.contains(&storage), "{untouched}");
         // The laptop keeps the data set in another folder (the same files).
         let mut plan = one_worker_plan();
         let data = dir.path().join("data");
