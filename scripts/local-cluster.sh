@@ -14,6 +14,9 @@
 #   --redo-finetune    finetune the student of the Meta Pseudo Labels run in --state-dir again,
 #                      under a plan that differs from the run's in [mpl.finetune] only (the joint
 #                      teacher-student training is kept); needs --state-dir
+#   --retry-failed     go on with the failed run in --state-dir from the phase it failed in, once
+#                      the cause is dealt with (its unfinished tasks get their retries again;
+#                      what it finished is kept); needs --state-dir
 #   --listen ADDR      coordinator address (default 127.0.0.1:0, a free port)
 #   --bin-dir DIR      use the coordinator, worker and mentor binaries in DIR instead of building
 #                      them (no setup either when their libraries already resolve)
@@ -31,9 +34,9 @@ threads=""
 state_dir=""
 listen="127.0.0.1:0"
 bin_dir=""
-redo_finetune=()
+reopen=()
 
-usage() { sed -n '2,23p' "$0"; }
+usage() { sed -n '2,26p' "$0"; }
 while [ $# -gt 0 ]; do
   case "$1" in
     --plan) plan="${2:?--plan needs a file}"; shift 2 ;;
@@ -43,14 +46,16 @@ while [ $# -gt 0 ]; do
     --state-dir) state_dir="${2:?--state-dir needs a directory}"; shift 2 ;;
     --listen) listen="${2:?--listen needs an address}"; shift 2 ;;
     --bin-dir) bin_dir="${2:?--bin-dir needs a directory}"; shift 2 ;;
-    --redo-finetune) redo_finetune=(--redo-finetune); shift ;;
+    --redo-finetune|--retry-failed)
+      [ ${#reopen[@]} -eq 0 ] || { echo "local-cluster.sh: --redo-finetune and --retry-failed go alone" >&2; exit 2; }
+      reopen=("$1"); shift ;;
     -h|--help) usage; exit 0 ;;
     *) echo "local-cluster.sh: unknown argument $1" >&2; usage >&2; exit 2 ;;
   esac
 done
 [ -n "$plan" ] || { echo "local-cluster.sh: --plan is required" >&2; usage >&2; exit 2; }
-if [ ${#redo_finetune[@]} -gt 0 ] && [ -z "$state_dir" ]; then
-  echo "local-cluster.sh: --redo-finetune needs the --state-dir of the run to finetune again" >&2
+if [ ${#reopen[@]} -gt 0 ] && [ -z "$state_dir" ]; then
+  echo "local-cluster.sh: ${reopen[0]} needs the --state-dir of the run" >&2
   exit 2
 fi
 [ -f "$plan" ] || { echo "local-cluster.sh: plan file $plan not found" >&2; exit 2; }
@@ -117,7 +122,7 @@ mark_restart "$coordinator_log"
 for i in $(seq 1 "$workers"); do mark_restart "$state_dir/logs/worker-$i.log"; done
 log_offset=$(stat -c %s "$coordinator_log" 2>/dev/null || echo 0)
 "$BIN/coordinator" --plan "$plan" --listen "$listen" --state-dir "$state_dir" \
-  ${redo_finetune[@]+"${redo_finetune[@]}"} >>"$coordinator_log" 2>&1 &
+  ${reopen[@]+"${reopen[@]}"} >>"$coordinator_log" 2>&1 &
 coordinator_pid=$!
 pids+=("$coordinator_pid")
 
@@ -190,4 +195,7 @@ if plan.get("method") != "meta-pseudo-labels":
     print(plan.get("pseudo_labels", {}).get("storage") or sys.argv[2])
 ' "$plan" "$state_dir/pseudo-labels" 2>/dev/null || true)"
 echo "[local-cluster] run $status; checkpoints in $state_dir/checkpoints${labels:+, soft labels in $labels}" >&2
+if [ "$status" = "failed" ]; then
+  echo "[local-cluster] once the cause is dealt with, the same command with --retry-failed --state-dir $state_dir goes on from where the run failed" >&2
+fi
 [ "$status" = "succeeded" ]

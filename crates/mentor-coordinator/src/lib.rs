@@ -45,6 +45,8 @@ pub enum CoordinatorError {
     PlanMismatch { dir: PathBuf, difference: String },
     #[error("cannot redo the finetune of the run in `{dir}`: {reason}")]
     RedoFinetune { dir: PathBuf, reason: String },
+    #[error("cannot retry the run in `{dir}`: {reason}")]
+    RetryFailed { dir: PathBuf, reason: String },
     #[error("run directory `{dir}` is in use by another coordinator{holder}: stop it first, or use another --state-dir")]
     RunInUse { dir: PathBuf, holder: String },
     #[error("state store `{path}`: {reason}")]
@@ -53,6 +55,17 @@ pub enum CoordinatorError {
     Storage { reason: String },
     #[error("teacher.checkpoint `{path}`: {reason}")]
     TeacherCheckpoint { path: PathBuf, reason: String },
+}
+
+/// How a run directory is opened.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Reopen {
+    /// Resume the run saved there (or start one).
+    Resume,
+    /// `--redo-finetune`: finetune a Meta Pseudo Labels run's student again.
+    RedoFinetune,
+    /// `--retry-failed`: go on with a failed run from the phase it failed in.
+    RetryFailed,
 }
 
 /// What the coordinator knows about one worker.
@@ -284,7 +297,23 @@ pub struct Coordinator {
 impl Coordinator {
     /// Opens the run of `plan` in `run_dir`, resuming the saved state when there is one.
     pub fn open(plan: Plan, run_dir: &Path) -> Result<Coordinator, CoordinatorError> {
-        Coordinator::open_run(plan, run_dir, false)
+        Coordinator::open_run(plan, run_dir, Reopen::Resume)
+    }
+
+    /// Opens the failed run of `plan` saved in `run_dir` to go on from where it failed (see
+    /// [`RunState::retry_failed`]): for a failure whose cause is gone (a worker's GPU taken by
+    /// another process, storage that was down, a damaged save removed).
+    pub fn open_to_retry_failed(
+        plan: Plan,
+        run_dir: &Path,
+    ) -> Result<Coordinator, CoordinatorError> {
+        if !run_dir.join("state.json").exists() {
+            return Err(CoordinatorError::RetryFailed {
+                dir: run_dir.to_path_buf(),
+                reason: "it holds no run (no state.json)".into(),
+            });
+        }
+        Coordinator::open_run(plan, run_dir, Reopen::RetryFailed)
     }
 
     /// Opens the Meta Pseudo Labels run saved in `run_dir` to finetune its student again under
@@ -300,14 +329,10 @@ impl Coordinator {
                 reason: "it holds no run (no state.json)".into(),
             });
         }
-        Coordinator::open_run(plan, run_dir, true)
+        Coordinator::open_run(plan, run_dir, Reopen::RedoFinetune)
     }
 
-    fn open_run(
-        plan: Plan,
-        run_dir: &Path,
-        redo_finetune: bool,
-    ) -> Result<Coordinator, CoordinatorError> {
+    fn open_run(plan: Plan, run_dir: &Path, how: Reopen) -> Result<Coordinator, CoordinatorError> {
         let state_store_error = |reason: String| CoordinatorError::StateStore {
             path: run_dir.to_path_buf(),
             reason,
@@ -318,7 +343,7 @@ impl Coordinator {
             .canonicalize()
             .map_err(|e| state_store_error(e.to_string()))?;
         let lock = lock::RunLock::take(&run_dir)?;
-        let opened = Coordinator::open_locked(plan, &run_dir, lock, redo_finetune);
+        let opened = Coordinator::open_locked(plan, &run_dir, lock, how);
         if opened.is_err() && created {
             // A run directory made for a run that could not start holds nothing worth keeping:
             // it goes (each removal fails, leaving things as they are, if anything else is in it).
@@ -334,7 +359,7 @@ impl Coordinator {
         plan: Plan,
         run_dir: &Path,
         lock: lock::RunLock,
-        redo_finetune: bool,
+        how: Reopen,
     ) -> Result<Coordinator, CoordinatorError> {
         let state_store_error = |reason: String| CoordinatorError::StateStore {
             path: run_dir.to_path_buf(),
@@ -373,7 +398,7 @@ impl Coordinator {
             recorded_teacher = Plan::from_toml_str(&state.plan_toml)
                 .ok()
                 .and_then(|recorded| recorded.teacher.checkpoint);
-            if redo_finetune {
+            if how == Reopen::RedoFinetune {
                 redo_finetune_of(&mut state, &plan, &run_dir)?;
             } else if state.plan_toml != plan.to_toml_string() {
                 // The text may differ in form alone (a run recorded by an older version); the
@@ -391,6 +416,19 @@ impl Coordinator {
                     });
                 }
                 state.plan_toml = plan.to_toml_string();
+            }
+            if how == Reopen::RetryFailed {
+                let failure = match &state.outcome {
+                    state::RunOutcome::Failed(message) => message.clone(),
+                    _ => String::new(),
+                };
+                state
+                    .retry_failed()
+                    .map_err(|reason| CoordinatorError::RetryFailed {
+                        dir: run_dir.clone(),
+                        reason,
+                    })?;
+                tracing::info!(run = %state.run_id, %failure, phase = state.phase.as_str(), "retrying the failed run from the phase it failed in");
             }
             state.requeue_running();
             tracing::info!(run = %state.run_id, round = state.round, phase = state.phase.as_str(), "resuming run from the state store");
@@ -1358,6 +1396,66 @@ mod tests {
             }
             Err(e) => panic!("refused for another reason: {e}"),
             Ok(_) => panic!("a run of another first teacher was resumed"),
+        }
+    }
+
+    #[test]
+    fn a_failed_run_goes_on_from_where_it_failed_with_retry_failed() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let start = Instant::now();
+        let (mut coordinator, a, teacher) = one_worker_with_a_teacher_task(dir.path(), start);
+        complete_trained(&mut coordinator, &a, &teacher, dir.path(), start);
+        // A labeling task fails every time (the storage is down, say): the run fails.
+        let label = next_label_task(&mut coordinator, &a, start);
+        let mut attempt = label.clone();
+        for n in 1..=state::MAX_ATTEMPTS {
+            if n > 1 {
+                let TaskReply::Task(again) = coordinator.get_task(&a, start).expect("task") else {
+                    panic!("no retry")
+                };
+                attempt = again;
+            }
+            let failed = TaskOutcome::Failed("storage unreachable".into());
+            coordinator
+                .complete(&a, &attempt.task.id, attempt.task.attempts, failed, start)
+                .expect("complete");
+        }
+        assert!(coordinator.state.is_finished());
+        drop(coordinator);
+
+        // Opened as it is, the run stays failed; a run that did not fail is not retried.
+        let reopened = Coordinator::open(one_worker_plan(), dir.path()).expect("reopen");
+        assert!(reopened.state.is_finished());
+        drop(reopened);
+        let elsewhere = tempfile::tempdir().expect("tempdir");
+        match Coordinator::open_to_retry_failed(one_worker_plan(), elsewhere.path()) {
+            Err(CoordinatorError::RetryFailed { reason, .. }) => {
+                assert!(reason.contains("no state.json"), "{reason}")
+            }
+            Err(e) => panic!("refused for another reason: {e}"),
+            Ok(_) => panic!("an empty directory was retried"),
+        }
+
+        // Retried: the labeling goes on with its retries back, and the trained teacher is kept.
+        let mut retried =
+            Coordinator::open_to_retry_failed(one_worker_plan(), dir.path()).expect("retry");
+        assert!(!retried.state.is_finished());
+        assert_eq!(retried.state.phase, Phase::Label);
+        assert!(retried.state.current_round().teacher.is_some());
+        let b = retried.register("b".into(), "cpu".into(), 0, start);
+        let again = next_label_task(&mut retried, &b, start);
+        assert_eq!(again.task.id, label.task.id);
+        assert_eq!(retried.state.tasks[&again.task.id].failures, 0);
+        drop(retried);
+        match Coordinator::open_to_retry_failed(one_worker_plan(), dir.path()) {
+            Err(CoordinatorError::RetryFailed { reason, .. }) => {
+                assert!(
+                    reason.contains("it has not failed (it is running)"),
+                    "{reason}"
+                )
+            }
+            Err(e) => panic!("refused for another reason: {e}"),
+            Ok(_) => panic!("a running run was retried"),
         }
     }
 

@@ -29,8 +29,13 @@ struct Args {
     /// Finetune the student of the finished (or interrupted) Meta Pseudo Labels run in
     /// --state-dir again, under a plan that may differ from the run's in `[mpl.finetune]` only;
     /// the jointly trained teacher and student are kept.
-    #[arg(long)]
+    #[arg(long, conflicts_with = "retry_failed")]
     redo_finetune: bool,
+    /// Go on with the failed run in --state-dir from the phase it failed in, under the same
+    /// plan, once the cause of the failure is dealt with: the phase's unfinished tasks get their
+    /// retries again; what the run finished is kept.
+    #[arg(long)]
+    retry_failed: bool,
     /// Exit once the run has ended and its workers have been told to exit: with status 0 if
     /// it succeeded, 1 if it failed (for batch schedulers, whose job ends with its process).
     /// Without it the coordinator goes on answering status queries until stopped.
@@ -135,6 +140,8 @@ async fn serve_run() -> anyhow::Result<Ended> {
     let mut coordinator = tokio::task::block_in_place(|| {
         if args.redo_finetune {
             Coordinator::open_to_redo_finetune(plan, &state_dir)
+        } else if args.retry_failed {
+            Coordinator::open_to_retry_failed(plan, &state_dir)
         } else {
             Coordinator::open(plan, &state_dir)
         }

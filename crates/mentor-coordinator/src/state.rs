@@ -329,6 +329,9 @@ pub struct RunState {
     /// made absolute) instead of trained.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub teacher_checkpoint: Option<PathBuf>,
+    /// The phase a failed run was in when it failed (where `--retry-failed` takes it back).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub failed_in: Option<Phase>,
 }
 
 fn default_method() -> Method {
@@ -418,6 +421,7 @@ impl RunState {
             method: plan.method,
             finetune: plan.mpl.as_ref().is_some_and(|mpl| mpl.finetune.steps > 0),
             teacher_checkpoint: plan.teacher.checkpoint.clone(),
+            failed_in: None,
         }
     }
 
@@ -648,6 +652,32 @@ impl RunState {
         Ok(())
     }
 
+    /// Takes a failed run back to the phase it failed in, once its cause is dealt with: the
+    /// phase's unfinished tasks go back to the queue with their failures and losses forgotten
+    /// (a failed filter runs again); everything finished stays. Errors say why it cannot.
+    pub fn retry_failed(&mut self) -> Result<(), String> {
+        if !matches!(self.outcome, RunOutcome::Failed(_)) {
+            return Err(format!(
+                "it has not failed (it is {})",
+                self.outcome.as_str()
+            ));
+        }
+        let phase = self.failed_in.ok_or(
+            "it failed under a version of the coordinator that did not record where; run it again in a new --state-dir",
+        )?;
+        for task in self.tasks.values_mut() {
+            if task.state != TaskState::Done {
+                task.state = TaskState::Pending;
+                task.failures = 0;
+                task.losses = 0;
+            }
+        }
+        self.outcome = RunOutcome::Running;
+        self.phase = phase;
+        self.failed_in = None;
+        Ok(())
+    }
+
     /// Requeues every running task (after a coordinator restart).
     pub fn requeue_running(&mut self) {
         for task in self.tasks.values_mut() {
@@ -764,6 +794,7 @@ impl RunState {
 
     fn fail(&mut self, message: String) -> Vec<Effect> {
         self.outcome = RunOutcome::Failed(message);
+        self.failed_in = Some(self.phase);
         self.phase = Phase::Done;
         vec![Effect::Finished]
     }
