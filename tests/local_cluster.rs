@@ -968,6 +968,64 @@ fn an_interrupted_mpl_joint_training_resumes_from_its_checkpoint_exactly() {
     assert!(aside == foreign, "the other joint training's save changed");
 }
 
+/// Runs `scripts/local-cluster.sh --plan plan --state-dir state_dir` with the built binaries and
+/// `extra` options to its end; returns its exit code, its standard error and the final status
+/// it saved (`status.json`).
+fn local_cluster_sh(
+    plan: &Path,
+    state_dir: &Path,
+    extra: &[&str],
+) -> (Option<i32>, String, serde_json::Value) {
+    let bin_dir = binary("coordinator")
+        .parent()
+        .expect("binaries have a directory")
+        .to_path_buf();
+    let output = std::process::Command::new(workspace_root().join("scripts/local-cluster.sh"))
+        .arg("--plan")
+        .arg(plan)
+        .arg("--state-dir")
+        .arg(state_dir)
+        .arg("--bin-dir")
+        .arg(&bin_dir)
+        .args(extra)
+        .stdin(std::process::Stdio::null())
+        .output()
+        .expect("local-cluster.sh runs");
+    let stderr = String::from_utf8_lossy(&output.stderr).into_owned();
+    let saved = std::fs::read_to_string(state_dir.join("status.json"))
+        .unwrap_or_else(|e| panic!("no status.json ({e}): {stderr}"));
+    let saved = serde_json::from_str(&saved).expect("status.json parses");
+    (output.status.code(), stderr, saved)
+}
+
+/// A damaged joint-training save fails a Meta Pseudo Labels run, naming the file and what to
+/// do; once it is moved away, `local-cluster.sh --retry-failed` on the same directory goes on
+/// from where the run failed and ends it.
+#[test]
+fn a_failed_run_goes_on_with_retry_failed_once_its_cause_is_gone() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let plan = dir.path().join("plan.toml");
+    std::fs::write(&plan, plan_with("tiny-mpl.toml", &[])).expect("write plan");
+    let state_dir = dir.path().join("run");
+    let save = state_dir.join("checkpoints/mpl-joint.resume.safetensors");
+    std::fs::create_dir_all(save.parent().expect("parent")).expect("mkdir");
+    std::fs::write(&save, b"damaged").expect("a damaged save");
+    let (code, stderr, saved) = local_cluster_sh(&plan, &state_dir, &[]);
+    assert_eq!(code, Some(1), "{stderr}");
+    let error = saved["error"].as_str().unwrap_or_default();
+    assert!(
+        error.contains("mpl-joint.resume.safetensors") && error.contains("move it away"),
+        "{saved}"
+    );
+    assert!(stderr.contains("--retry-failed --state-dir"), "{stderr}");
+
+    std::fs::remove_file(&save).expect("move the damaged save away");
+    let (code, stderr, saved) = local_cluster_sh(&plan, &state_dir, &["--retry-failed"]);
+    assert_eq!(code, Some(0), "{stderr}");
+    assert_eq!(saved["status"], "succeeded", "{saved}");
+    assert!(saved["final_student_test_accuracy"].is_f64(), "{saved}");
+}
+
 /// A confidence threshold no pseudo label reaches fails the run at the filter, naming the
 /// setting, before any student trains on an empty selection. Run through
 /// `scripts/local-cluster.sh`: a failed run ends it with 1, its final status printed and saved.
@@ -982,27 +1040,9 @@ fn a_threshold_no_pseudo_label_reaches_fails_the_run_naming_it() {
     let plan = dir.path().join("plan.toml");
     std::fs::write(&plan, text).expect("write plan");
     let state_dir = dir.path().join("run");
-    let bin_dir = binary("coordinator")
-        .parent()
-        .expect("binaries have a directory")
-        .to_path_buf();
-    let output = std::process::Command::new(workspace_root().join("scripts/local-cluster.sh"))
-        .arg("--plan")
-        .arg(&plan)
-        .arg("--state-dir")
-        .arg(&state_dir)
-        .arg("--bin-dir")
-        .arg(&bin_dir)
-        .stdin(std::process::Stdio::null())
-        .output()
-        .expect("local-cluster.sh runs");
-    let stderr = String::from_utf8_lossy(&output.stderr);
-    assert_eq!(output.status.code(), Some(1), "{stderr}");
+    let (code, stderr, saved) = local_cluster_sh(&plan, &state_dir, &[]);
+    assert_eq!(code, Some(1), "{stderr}");
     assert!(stderr.contains("[local-cluster] run failed"), "{stderr}");
-    let saved: serde_json::Value = serde_json::from_str(
-        &std::fs::read_to_string(state_dir.join("status.json")).expect("status.json"),
-    )
-    .expect("status.json parses");
     assert_eq!(saved["status"], "failed");
     let error = saved["error"].as_str().unwrap_or_default();
     assert!(

@@ -662,7 +662,7 @@ impl RunState {
                 self.outcome.as_str()
             ));
         }
-        let phase = self.failed_in.ok_or(
+        let phase = self.failed_in.filter(|phase| *phase != Phase::Done).ok_or(
             "it failed under a version of the coordinator that did not record where; run it again in a new --state-dir",
         )?;
         for task in self.tasks.values_mut() {
@@ -792,7 +792,12 @@ impl RunState {
         self.advance()
     }
 
+    /// Ends the run as failed with `message`; a run already ended keeps its outcome (the other
+    /// ranks of a group report the failure that ended it too).
     fn fail(&mut self, message: String) -> Vec<Effect> {
+        if self.is_finished() {
+            return Vec::new();
+        }
         self.outcome = RunOutcome::Failed(message);
         self.failed_in = Some(self.phase);
         self.phase = Phase::Done;

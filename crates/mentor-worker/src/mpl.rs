@@ -747,7 +747,10 @@ pub fn train_mpl(
         let agree = ranks_agree_on_step(group, failure.is_none().then_some(state.step))
             .map_err(collective_error)?;
         if let Some(error) = failure {
-            return Err(error);
+            return Err(format!(
+                "{error} (if the save is damaged, move it away to start the joint training over, then \
+                 start the coordinator again, with --retry-failed once the run has failed)"
+            ));
         }
         if !agree {
             return Err(format!(

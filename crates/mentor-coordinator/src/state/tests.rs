@@ -398,6 +398,44 @@ fn a_training_task_forms_a_group_of_ranks() {
 }
 
 #[test]
+fn a_group_whose_every_rank_reports_the_last_failure_fails_the_run_once_and_can_retry() {
+    let mut state = new_run();
+    state.start();
+    let (a, b) = (worker("a"), worker("b"));
+    for n in 1..=MAX_ATTEMPTS {
+        let task = state.assign(&a, "cpu", 2).expect("rank 0").task;
+        state.assign(&b, "cpu", 2).expect("rank 1");
+        // Both ranks fail, rank 1 first (the collective broke under both).
+        for rank in [&b, &a] {
+            let failed = TaskOutcome::Failed(format!("attempt {n}: rank {} failed", rank.0));
+            state.complete(&task.id, rank, task.attempts, failed);
+        }
+    }
+    match &state.outcome {
+        RunOutcome::Failed(message) => {
+            assert!(message.contains("attempt 3: rank b failed"), "{message}")
+        }
+        other => panic!("unexpected {other:?}"),
+    }
+    assert_eq!(state.failed_in, Some(Phase::TrainTeacher));
+    state.retry_failed().expect("retry");
+    assert_eq!(
+        (state.phase, state.is_finished()),
+        (Phase::TrainTeacher, false)
+    );
+    let again = state.assign(&a, "cpu", 1).expect("the task again").task;
+    assert_eq!(
+        (again.failures, again.state.clone()),
+        (
+            0,
+            TaskState::Running {
+                workers: vec![a.clone()]
+            }
+        )
+    );
+}
+
+#[test]
 fn a_failed_rank_fails_the_attempt_and_stale_reports_are_ignored() {
     let mut state = new_run();
     state.start();
