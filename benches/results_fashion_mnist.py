@@ -219,7 +219,7 @@ def run(name, plan_text, seed, args):
         print(f"[results] {name}, seed {seed}: resuming the interrupted run in {directory}", file=sys.stderr, flush=True)
     elif redo_finetune:
         # The old status must not pass for the new finetune's if this one is interrupted.
-        if old_status is not None:
+        if os.path.exists(os.path.join(directory, "status.json")):
             os.remove(os.path.join(directory, "status.json"))
         print(f"[results] {name}, seed {seed}: keeping the joint training in {directory} and "
               "finetuning under the new plan (only the finetune changed)", file=sys.stderr, flush=True)

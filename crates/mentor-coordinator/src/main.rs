@@ -191,6 +191,11 @@ async fn serve_run() -> anyhow::Result<Ended> {
     let coordinator = shared
         .lock()
         .unwrap_or_else(|poisoned| poisoned.into_inner());
+    // A save that failed while serving (a full disk) was logged; the last one must hold, or
+    // the directory would say the run is still going (and a restart would redo finished work).
+    coordinator
+        .persist()
+        .context("the run's final state could not be saved")?;
     if !exit_when_done {
         return Ok(Ended::Serving);
     }
