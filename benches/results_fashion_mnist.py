@@ -24,8 +24,9 @@ copied from another machine, such as a GPU machine's, counts) instead of running
 resumes an interrupted run of an unchanged plan where it stopped (a Meta Pseudo Labels joint
 training from its last save, every mpl.checkpoint_every steps), and keeps the joint training of
 a finished or interrupted Meta Pseudo Labels run whose plan changed in [mpl.finetune] alone,
-finetuning under the new plan (local-cluster.sh --redo-finetune); any other change runs again
-from scratch. --quick runs the tiny test plans instead (seconds; to check the script, not for
+finetuning under the new plan (local-cluster.sh --redo-finetune), and retries a failed run of an
+unchanged plan from where it failed (local-cluster.sh --retry-failed); any other change runs
+again from scratch. --quick runs the tiny test plans instead (seconds; to check the script, not for
 numbers; supervised-all is then left out).
 """
 import argparse
@@ -189,7 +190,7 @@ def run(name, plan_text, seed, args):
     directory = os.path.join(os.path.abspath(args.out), f"{name}-seed{seed}")
     os.makedirs(os.path.dirname(directory), exist_ok=True)
     plan = directory + ".toml"
-    redo_finetune = resume = False
+    redo_finetune = resume = retry = False
     if args.reuse:
         old_text = read(plan)
         old_status = read(os.path.join(directory, "status.json"), json.load)
@@ -207,6 +208,10 @@ def run(name, plan_text, seed, args):
         state = read(os.path.join(directory, "state.json"), json.load)
         interrupted = state is not None and state.get("outcome", {}).get("status") == "running"
         resume = interrupted and same
+        # A failed run of this plan goes on from where it failed (coordinator --retry-failed),
+        # when its state says where (a coordinator from before 2026-12-05 did not).
+        retry = (same and state is not None and state.get("outcome", {}).get("status") == "failed"
+                 and state.get("failed_in") not in (None, "done"))
         # A finished or interrupted Meta Pseudo Labels run whose plan changed in its finetune
         # only keeps its joint training (an interrupted one resumes it) and finetunes under the
         # new plan.
@@ -217,6 +222,9 @@ def run(name, plan_text, seed, args):
         f.write(plan_text)
     if resume:
         print(f"[results] {name}, seed {seed}: resuming the interrupted run in {directory}", file=sys.stderr, flush=True)
+    elif retry:
+        print(f"[results] {name}, seed {seed}: retrying the failed run in {directory} from where it failed "
+              f"({state['outcome'].get('error')})", file=sys.stderr, flush=True)
     elif redo_finetune:
         # The old status must not pass for the new finetune's if this one is interrupted.
         if os.path.exists(os.path.join(directory, "status.json")):
@@ -230,6 +238,8 @@ def run(name, plan_text, seed, args):
                "--workers", str(args.workers), "--state-dir", directory]
     if redo_finetune:
         command.append("--redo-finetune")
+    elif retry:
+        command.append("--retry-failed")
     if args.bin_dir:
         command += ["--bin-dir", args.bin_dir]
     if args.device:

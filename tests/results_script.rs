@@ -324,3 +324,73 @@ fn a_distilled_row_takes_its_teacher_from_the_same_seeds_mpl_run() {
         assert_eq!(first_accuracy(&copied, "meta-pseudo-labels"), mpl_accuracy);
     }
 }
+
+/// A failed Meta Pseudo Labels run of the same plan (a damaged joint-training save, since moved
+/// away) is retried from where it failed with `--reuse`, not run again from scratch.
+#[test]
+fn reuse_retries_a_failed_run_from_where_it_failed() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let out = dir.path().join("out");
+    let plan = write_plan(dir.path(), "mpl.toml", &plan_with("tiny-mpl.toml", &[]));
+    // The run the script would make for seed 0, failed: its plan and directory where the
+    // script keeps them.
+    let run = out.join("meta-pseudo-labels-seed0");
+    let seed_plan = write_plan(
+        &out_dir(&out),
+        "meta-pseudo-labels-seed0.toml",
+        &plan_with("tiny-mpl.toml", &[("seed = 1", "seed = 0")]),
+    );
+    let save = run.join("checkpoints/mpl-joint.resume.safetensors");
+    std::fs::create_dir_all(save.parent().expect("parent")).expect("mkdir");
+    std::fs::write(&save, b"damaged").expect("a damaged save");
+    let bin_dir = binary("coordinator")
+        .parent()
+        .expect("binaries have a directory")
+        .to_path_buf();
+    let failed = Command::new(workspace_root().join("scripts/local-cluster.sh"))
+        .arg("--plan")
+        .arg(&seed_plan)
+        .arg("--state-dir")
+        .arg(&run)
+        .arg("--bin-dir")
+        .arg(&bin_dir)
+        .stdin(Stdio::null())
+        .output()
+        .expect("local-cluster.sh runs");
+    assert_eq!(failed.status.code(), Some(1), "{}", text(&failed));
+    let run_id = |run: &Path| -> serde_json::Value {
+        let state = std::fs::read_to_string(run.join("state.json")).expect("the run's state");
+        let state: serde_json::Value = serde_json::from_str(&state).expect("state parses");
+        state["run_id"].clone()
+    };
+    let failed_run = run_id(&run);
+    std::fs::remove_file(&save).expect("move the damaged save away");
+
+    let stderr = run_script(&plan, &out, "meta-pseudo-labels", true);
+    assert!(
+        stderr.contains("meta-pseudo-labels, seed 0: retrying the failed run"),
+        "{stderr}"
+    );
+    assert!((0.0..=1.0).contains(&final_accuracy(&out)));
+    // The same run went on (its run id kept), not a new one.
+    assert_eq!(run_id(&run), failed_run);
+    let logs = std::fs::read_to_string(run.join("logs/coordinator.log")).expect("log");
+    assert!(
+        logs.contains("retrying the failed run from the phase it failed in"),
+        "{logs}"
+    );
+}
+
+/// `out`, created.
+fn out_dir(out: &Path) -> PathBuf {
+    std::fs::create_dir_all(out).expect("mkdir");
+    out.to_path_buf()
+}
+
+fn text(output: &std::process::Output) -> String {
+    format!(
+        "{}{}",
+        String::from_utf8_lossy(&output.stdout),
+        String::from_utf8_lossy(&output.stderr)
+    )
+}
