@@ -5,7 +5,8 @@
 #
 #   deploy/node.sh --coordinator HOST:PORT [--plan PLAN --state-dir DIR] [--gpus N|all]
 #                  [--workers N] [--device cpu|cuda] [--threads N] [--advertise-host HOST]
-#                  [--connect-timeout-seconds S] [--metrics-port P] [--bin-dir DIR] [--dry-run]
+#                  [--connect-timeout-seconds S] [--metrics-port P] [--retry-failed]
+#                  [--bin-dir DIR] [--dry-run]
 #
 # Options:
 #   --coordinator HOST:PORT  where the run's coordinator listens (workers connect there)
@@ -30,6 +31,9 @@
 #   --connect-timeout-seconds S
 #                            how long a worker waits for an unreachable coordinator before it
 #                            gives up (default 60; longer where the coordinator may start late)
+#   --retry-failed           with --plan: the run in --state-dir failed; go on from where it failed
+#                            (the coordinator's --retry-failed), once the cause is dealt with;
+#                            nothing on a node without --plan (a job gives every node the same)
 #   --bin-dir DIR            the coordinator and worker binaries (default: $MENTOR_BIN, else PATH)
 #   --dry-run                print the processes it would start, one per line, and exit
 #
@@ -50,8 +54,9 @@ connect_timeout=""
 metrics_port=""
 bin_dir="${MENTOR_BIN:-}"
 dry_run=0
+retry=""
 
-usage() { sed -n '2,35p' "$0"; }
+usage() { sed -n '2,41p' "$0"; }
 fail() { echo "node.sh: $*" >&2; exit 2; }
 # The value of option $1, which must be there.
 value() { [ $# -ge 2 ] && [ -n "$2" ] || fail "$1 needs a value"; printf '%s' "$2"; }
@@ -69,6 +74,7 @@ while [ $# -gt 0 ]; do
     --metrics-port) metrics_port="$(value "$@")"; shift 2 ;;
     --bin-dir) bin_dir="$(value "$@")"; shift 2 ;;
     --dry-run) dry_run=1; shift ;;
+    --retry-failed) retry=" --retry-failed"; shift ;;
     -h|--help) usage; exit 0 ;;
     *) usage >&2; fail "unknown argument $1" ;;
   esac
@@ -166,7 +172,7 @@ if [ -n "$plan" ]; then
   coordinator_bin="$(binary coordinator)"
   metrics=""
   [ -z "$metrics_port" ] || metrics=" --metrics-listen 0.0.0.0:$metrics_port"
-  commands+=("$(q "$coordinator_bin") --plan $(q "$plan") --listen 0.0.0.0:$port --state-dir $(q "$state_dir") --exit-when-done$metrics")
+  commands+=("$(q "$coordinator_bin") --plan $(q "$plan") --listen 0.0.0.0:$port --state-dir $(q "$state_dir") --exit-when-done$metrics$retry")
   names+=(coordinator)
 fi
 if [ "$workers" -gt 0 ]; then

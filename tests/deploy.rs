@@ -102,6 +102,33 @@ fn node_scripts_on_two_nodes_run_a_plan_and_end_with_it() {
             && lines[0].ends_with("--exit-when-done"),
         "{lines:?}"
     );
+    // --retry-failed goes to the coordinator (a node without it starts its workers as ever).
+    let retry = Command::new(node_sh())
+        .args(&first_args)
+        .args(["--retry-failed", "--dry-run"])
+        .output()
+        .expect("node.sh --dry-run");
+    assert!(retry.status.success(), "{}", text(&retry));
+    let retry = String::from_utf8_lossy(&retry.stdout).into_owned();
+    assert!(
+        retry
+            .lines()
+            .next()
+            .is_some_and(|line| line.ends_with("--exit-when-done --retry-failed")),
+        "{retry}"
+    );
+    let workers_only = Command::new(node_sh())
+        .args(["--coordinator", coordinator.as_str()])
+        .args(common)
+        .args(["--retry-failed", "--dry-run"])
+        .output()
+        .expect("node.sh --dry-run");
+    assert!(workers_only.status.success(), "{}", text(&workers_only));
+    assert_eq!(
+        String::from_utf8_lossy(&workers_only.stdout).trim_end(),
+        lines[1],
+        "a node without --plan starts its workers alone"
+    );
     assert_eq!(
         lines[1],
         format!(
