@@ -866,7 +866,15 @@ impl Coordinator {
                 self.groups.remove(&(task.clone(), attempt));
             }
         }
+        let current = self
+            .state
+            .tasks
+            .get(task)
+            .is_some_and(|record| record.is_run_by(id, attempt));
         match &outcome {
+            TaskOutcome::Failed(error) if !current => {
+                tracing::info!(run = %self.state.run_id, worker = %id, task = %task, attempt, %error, "a report of an attempt given up is ignored")
+            }
             TaskOutcome::Failed(error) => {
                 tracing::warn!(run = %self.state.run_id, worker = %id, task = %task, %error, "task failed")
             }
