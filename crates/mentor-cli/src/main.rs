@@ -184,6 +184,12 @@ fn status_text(status: &pb::RunStatus) -> String {
     if !status.error.is_empty() {
         out.push_str(&format!("error: {}\n", status.error));
     }
+    if status.status == "failed" {
+        out.push_str(
+            "(once its cause is dealt with, the coordinator started again on the run directory \
+             with --retry-failed goes on from where the run failed)\n",
+        );
+    }
     if status.phase == "waiting-for-workers" && status.status == "running" {
         let registered = status.workers.iter().filter(|w| w.alive).count();
         out.push_str(&format!(
@@ -660,6 +666,18 @@ mod tests {
             ..status.clone()
         });
         assert!(!stopped.contains("waiting for workers"), "{stopped}");
+        // A failed run says how to go on with it.
+        let failed = status_text(&pb::RunStatus {
+            status: "failed".into(),
+            error: "task r1-t0001 failed 3 times".into(),
+            ..status.clone()
+        });
+        assert!(
+            failed.contains("error: task r1-t0001 failed 3 times\n(once its cause")
+                && failed.contains("with --retry-failed goes on"),
+            "{failed}"
+        );
+        assert!(!text.contains("--retry-failed"), "{text}");
         assert!(
             text.contains("worker w2-a cpu pid 4343 (silent): idle"),
             "{text}"
