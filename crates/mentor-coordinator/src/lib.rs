@@ -1368,14 +1368,22 @@ mod tests {
         let label_teacher = |coordinator: &mut Coordinator, name: &str| {
             let worker = coordinator.register(name.into(), "cpu".into(), 0, Instant::now());
             let label = next_label_task(coordinator, &worker, Instant::now());
-            let TaskSpec::Label { teacher, .. } = label.task.spec else {
+            let TaskSpec::Label {
+                teacher,
+                teacher_was,
+                ..
+            } = label.task.spec
+            else {
                 unreachable!("a label task")
             };
-            teacher.checkpoint
+            (teacher.checkpoint, teacher_was)
         };
         let mut coordinator =
             Coordinator::open(given(&gpu_teacher), &gpu_machine.join("run")).expect("open");
-        assert_eq!(label_teacher(&mut coordinator, "a"), gpu_teacher);
+        assert_eq!(
+            label_teacher(&mut coordinator, "a"),
+            (gpu_teacher.clone(), vec![])
+        );
         drop(coordinator);
 
         std::fs::rename(&gpu_machine, &laptop).expect("move the machine's files");
@@ -1389,12 +1397,15 @@ mod tests {
             Err(e) => panic!("refused for another reason: {e}"),
             Ok(_) => panic!("a run whose teacher is gone was resumed"),
         }
-        // The plan names it where it is now: the run's tasks read it there.
+        // The plan names it where it is now: the run's tasks read it there (and take a shard
+        // committed before the move, which names the old place, for this teacher's).
         let mut moved = Coordinator::open(given(&laptop_teacher), &run).expect("reopen");
-        assert_eq!(label_teacher(&mut moved, "b"), laptop_teacher);
-        let saved = std::fs::read_to_string(run.join("state.json")).expect("state");
-        let old = gpu_teacher.display().to_string();
-        assert!(!saved.contains(&old), "{old} is still recorded: {saved}");
+        assert_eq!(
+            label_teacher(&mut moved, "b"),
+            (laptop_teacher.clone(), vec![gpu_teacher.clone()])
+        );
+        let recorded = moved.state.teacher_checkpoint.clone();
+        assert_eq!(recorded, Some(laptop_teacher.clone()));
         drop(moved);
 
         // A plan that trains its first teacher is another run.

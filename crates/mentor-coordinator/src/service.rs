@@ -84,6 +84,7 @@ fn task_to_proto(assignment: &Assignment, storage: &str) -> pb::Task {
             shard_index,
             start,
             end,
+            teacher_was,
         } => pb::task::Kind::Label(pb::LabelTask {
             teacher_checkpoint: path(&teacher.checkpoint),
             teacher_role: role_to_proto(teacher.role),
@@ -92,6 +93,7 @@ fn task_to_proto(assignment: &Assignment, storage: &str) -> pb::Task {
             start: *start,
             end: *end,
             storage: storage.to_string(),
+            previous_teacher_checkpoints: teacher_was.iter().map(|was| path(was)).collect(),
         }),
         TaskSpec::Evaluate {
             model:

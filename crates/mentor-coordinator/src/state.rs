@@ -119,6 +119,9 @@ pub enum TaskSpec {
         shard_index: u32,
         start: u64,
         end: u64,
+        /// Where the same teacher was named before (see [`RunState::move_teacher_checkpoint`]).
+        #[serde(default, skip_serializing_if = "Vec::is_empty")]
+        teacher_was: Vec<PathBuf>,
     },
     Evaluate {
         model: ModelRef,
@@ -383,10 +386,24 @@ impl RunState {
     /// Takes every reference to the first teacher's file `from` (the state's, its round's and
     /// its tasks') to `to`: the plan names the same teacher in another place, as after a run
     /// moved to a machine that keeps its models elsewhere.
+    /// Its labeling tasks keep the old place too: a shard committed before the move (whose
+    /// result the coordinator never recorded) names the teacher there.
     pub fn move_teacher_checkpoint(&mut self, from: &Path, to: &Path) -> Result<(), String> {
         let mut value = serde_json::to_value(&*self).map_err(|e| e.to_string())?;
         rebase(&mut value, from, to);
         *self = serde_json::from_value(value).map_err(|e| e.to_string())?;
+        for task in self.tasks.values_mut() {
+            if let TaskSpec::Label {
+                teacher,
+                teacher_was,
+                ..
+            } = &mut task.spec
+            {
+                if teacher.checkpoint == to && !teacher_was.iter().any(|was| was == from) {
+                    teacher_was.push(from.to_path_buf());
+                }
+            }
+        }
         Ok(())
     }
 
@@ -897,6 +914,7 @@ impl RunState {
                 shard_index: index as u32,
                 start,
                 end,
+                teacher_was: Vec::new(),
             });
         }
     }

@@ -174,6 +174,7 @@ fn task_from_proto(task: &pb::Task) -> anyhow::Result<TaskKind> {
             start: label.start,
             end: label.end,
             storage: label.storage.clone(),
+            previous_teachers: label.previous_teacher_checkpoints.clone(),
         },
     })
 }

@@ -62,6 +62,9 @@ pub enum TaskKind {
         end: u64,
         /// Soft-label store root: a local directory or an object store URL.
         storage: String,
+        /// Where the same teacher was named before: a shard committed under one of these is
+        /// this teacher's.
+        previous_teachers: Vec<String>,
     },
 }
 
@@ -178,15 +181,16 @@ pub fn run_task(
             start,
             end,
             storage,
+            previous_teachers,
         } => label(
             plan,
             dataset,
             teacher,
             *round,
             *shard_index,
-            *start,
-            *end,
+            (*start, *end),
             storage,
+            previous_teachers,
             progress,
         ),
     }
@@ -852,9 +856,9 @@ fn label(
     teacher: &ModelSource,
     round: u32,
     shard_index: u32,
-    start: u64,
-    end: u64,
+    (start, end): (u64, u64),
     storage: &str,
+    previous_teachers: &[String],
     progress: &mut dyn FnMut(Progress),
 ) -> Result<Outcome, String> {
     let started = Instant::now();
@@ -868,7 +872,7 @@ fn label(
     };
     // A shard committed by an earlier attempt is verified and reported, never written twice.
     if store.exists(&key).map_err(|e| e.to_string())? {
-        return existing_shard(plan, &store, &key, &header, started);
+        return existing_shard(plan, &store, &key, &header, previous_teachers, started);
     }
     let (_vs, model, config) = load_model(plan, dataset, teacher)?;
     let _guard = tch::no_grad_guard();
@@ -937,15 +941,23 @@ fn label(
                 histogram,
             })
         }
-        PutOutcome::AlreadyExists => existing_shard(plan, &store, &key, &header, started),
+        PutOutcome::AlreadyExists => {
+            existing_shard(plan, &store, &key, &header, previous_teachers, started)
+        }
     }
 }
 
 /// Whether a committed shard's `header` is the one a label task `expected`: the same round,
 /// temperature and classes, and the same teacher. The shard of a run whose directory moved
 /// since it was labelled (soft labels kept in the run directory, `storage`'s parent) names its
-/// teacher by the old path: the teacher's place in the run directory decides then.
-fn same_labels(header: &ShardHeader, expected: &ShardHeader, storage: &str) -> bool {
+/// teacher by the old path: the teacher's place in the run directory decides then; a given
+/// teacher the plan now names in another place was named by one of `previous_teachers`.
+fn same_labels(
+    header: &ShardHeader,
+    expected: &ShardHeader,
+    storage: &str,
+    previous_teachers: &[String],
+) -> bool {
     let teacher_aside = ShardHeader {
         teacher_checkpoint: expected.teacher_checkpoint.clone(),
         ..header.clone()
@@ -953,7 +965,9 @@ fn same_labels(header: &ShardHeader, expected: &ShardHeader, storage: &str) -> b
     if teacher_aside != *expected {
         return false;
     }
-    if header.teacher_checkpoint == expected.teacher_checkpoint {
+    if header.teacher_checkpoint == expected.teacher_checkpoint
+        || previous_teachers.contains(&header.teacher_checkpoint)
+    {
         return true;
     }
     let Some(run_dir) = Path::new(storage).parent() else {
@@ -971,11 +985,12 @@ fn existing_shard(
     store: &ShardStore,
     key: &str,
     expected: &ShardHeader,
+    previous_teachers: &[String],
     started: Instant,
 ) -> Result<Outcome, String> {
     let bytes = store.get(key).map_err(|e| e.to_string())?;
     let (header, labels) = mentor_labels::decode_shard(key, &bytes).map_err(|e| e.to_string())?;
-    if !same_labels(&header, expected, store.root()) {
+    if !same_labels(&header, expected, store.root(), previous_teachers) {
         return Err(format!(
             "`{}` already exists but holds the labels of teacher `{}` (round {}, temperature {}), not of `{}` (round {}, temperature {}): use another pseudo_labels.storage or remove it",
             store.location(key),
@@ -1075,25 +1090,39 @@ mod tests {
     fn a_shard_of_a_moved_run_keeps_its_teacher_by_its_place_in_the_run() {
         let expected = header("/laptop/run/checkpoints/round-1-teacher.safetensors");
         let in_run = "/laptop/run/pseudo-labels";
-        assert!(same_labels(&expected, &expected, in_run));
+        assert!(same_labels(&expected, &expected, in_run, &[]));
         // Labelled before the run directory moved from /gpu-machine/run.
         let moved = header("/gpu-machine/run/checkpoints/round-1-teacher.safetensors");
-        assert!(same_labels(&moved, &expected, in_run));
+        assert!(same_labels(&moved, &expected, in_run, &[]));
         // Another teacher, round or temperature is refused, and so is any other path when the
         // soft labels live outside the run directory (a store shared between runs).
         let other = header("/gpu-machine/run/checkpoints/round-2-teacher.safetensors");
-        assert!(!same_labels(&other, &expected, in_run));
+        assert!(!same_labels(&other, &expected, in_run, &[]));
         let round_2 = ShardHeader {
             round: 2,
             ..moved.clone()
         };
-        assert!(!same_labels(&round_2, &expected, in_run));
+        assert!(!same_labels(&round_2, &expected, in_run, &[]));
         let hotter = ShardHeader {
             temperature: 2.0,
             ..expected.clone()
         };
-        assert!(!same_labels(&hotter, &expected, in_run));
-        assert!(!same_labels(&moved, &expected, "/shared/labels"));
-        assert!(!same_labels(&moved, &expected, "s3://bucket/labels"));
+        assert!(!same_labels(&hotter, &expected, in_run, &[]));
+        assert!(!same_labels(&moved, &expected, "/shared/labels", &[]));
+        assert!(!same_labels(&moved, &expected, "s3://bucket/labels", &[]));
+        // A given teacher the plan now names in another place: its old place is accepted, and
+        // only it.
+        let given = header("/models/teacher.safetensors");
+        let before = header("/old-disk/teacher.safetensors");
+        let previous = ["/old-disk/teacher.safetensors".to_string()];
+        assert!(same_labels(&before, &given, "/shared/labels", &previous));
+        assert!(!same_labels(&before, &given, "/shared/labels", &[]));
+        let unrelated = header("/elsewhere/teacher.safetensors");
+        assert!(!same_labels(
+            &unrelated,
+            &given,
+            "/shared/labels",
+            &previous
+        ));
     }
 }

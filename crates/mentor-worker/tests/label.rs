@@ -21,6 +21,7 @@ fn label_task(checkpoint: &std::path::Path, storage: &str) -> TaskKind {
         start: 400,
         end: 800,
         storage: storage.to_string(),
+        previous_teachers: Vec::new(),
     }
 }
 

@@ -141,6 +141,7 @@ fn main() -> anyhow::Result<()> {
         start: 0,
         end: examples,
         storage: storage.clone(),
+        previous_teachers: Vec::new(),
     };
     let started = Instant::now();
     let outcome =
