@@ -265,6 +265,34 @@ fn teacher_checkpoint(given: &Path) -> Result<PathBuf, CoordinatorError> {
     Ok(path)
 }
 
+/// The key, at the soft-label store's root, that names the run whose labels it holds.
+const STORE_OWNER: &str = "run.json";
+
+/// Claims the soft-label store for the run `run_id`, or refuses a store another run holds:
+/// shard keys and manifests are the same for every run (`round-N/shard-XXXXX`), so another
+/// run's labels under the same prefix would pass for this one's (those of a given first teacher
+/// in particular, which two runs may share).
+fn claim_storage(store: &ShardStore, run_id: &str) -> Result<(), CoordinatorError> {
+    let error = |reason: String| CoordinatorError::Storage { reason };
+    let claim = serde_json::json!({ "run_id": run_id }).to_string();
+    let created = store
+        .put_if_absent(STORE_OWNER, claim.as_bytes())
+        .map_err(|e| error(e.to_string()))?;
+    if created == mentor_labels::PutOutcome::Created {
+        return Ok(());
+    }
+    let owner = store.get(STORE_OWNER).map_err(|e| error(e.to_string()))?;
+    let owner: serde_json::Value = serde_json::from_slice(&owner).unwrap_or_default();
+    match owner["run_id"].as_str() {
+        Some(owner) if owner == run_id => Ok(()),
+        owner => Err(error(format!(
+            "`{}` holds the soft labels of run {}: give this run a pseudo_labels.storage of its own (another prefix)",
+            store.location(STORE_OWNER),
+            owner.unwrap_or("unknown (its run.json is unreadable)")
+        ))),
+    }
+}
+
 /// Writes `bytes` to `path` through a temporary file beside it and a rename, so that a reader
 /// (or a restarted coordinator) sees the old file or the new one, never half of one.
 pub(crate) fn write_atomically(path: &Path, bytes: &[u8]) -> std::io::Result<()> {
@@ -434,7 +462,7 @@ impl Coordinator {
             tracing::info!(run = %state.run_id, round = state.round, phase = state.phase.as_str(), "resuming run from the state store");
             state
         } else {
-            let run_id = format!("{}-{}", plan.name, unix_seconds());
+            let run_id = new_run_id(&plan.name);
             let source = mentor_data::Source::open(&plan.data, &split.unlabeled)?;
             let shards = source.shards(plan.data.shard_size);
             tracing::info!(
@@ -470,6 +498,9 @@ impl Coordinator {
                 };
                 state.teacher_checkpoint = Some(resolved);
             }
+        }
+        if plan.method == mentor_plan::Method::NoisyStudent {
+            claim_storage(&store, &state.run_id)?;
         }
         // The selection files follow a moved directory once nothing can refuse the run any more
         // (a refused run leaves its directory as it was).
@@ -965,11 +996,14 @@ impl Coordinator {
     }
 }
 
-fn unix_seconds() -> u64 {
-    std::time::SystemTime::now()
+/// `NAME-SECONDS-XXXX`: the plan's name, the Unix time and 16 bits of the clock's nanoseconds
+/// and the process id, so that runs of one plan started in the same second differ.
+fn new_run_id(name: &str) -> String {
+    let now = std::time::SystemTime::now()
         .duration_since(std::time::UNIX_EPOCH)
-        .map(|d| d.as_secs())
-        .unwrap_or(0)
+        .unwrap_or_default();
+    let salt = (now.subsec_nanos() ^ std::process::id().rotate_left(16)) & 0xffff;
+    format!("{name}-{}-{salt:04x}", now.as_secs())
 }
 
 #[cfg(test)]
@@ -1476,6 +1510,35 @@ mod tests {
             Err(e) => panic!("refused for another reason: {e}"),
             Ok(_) => panic!("a running run was retried"),
         }
+    }
+
+    #[test]
+    fn a_soft_label_store_serves_one_run() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let shared = dir.path().join("labels");
+        let with_store = || {
+            let mut plan = one_worker_plan();
+            plan.pseudo_labels.storage = Some(shared.display().to_string());
+            plan
+        };
+        let first = Coordinator::open(with_store(), &dir.path().join("first")).expect("open");
+        let run_id = first.state.run_id.clone();
+        drop(first);
+        // The same run opens it again; another run is refused, naming the first.
+        drop(Coordinator::open(with_store(), &dir.path().join("first")).expect("reopen"));
+        match Coordinator::open(with_store(), &dir.path().join("second")) {
+            Err(CoordinatorError::Storage { reason }) => assert!(
+                reason.contains(&format!("holds the soft labels of run {run_id}"))
+                    && reason.contains("pseudo_labels.storage of its own"),
+                "{reason}"
+            ),
+            Err(e) => panic!("refused for another reason: {e}"),
+            Ok(_) => panic!("two runs share a soft-label store"),
+        }
+        assert!(
+            !dir.path().join("second").exists(),
+            "the refused run left its directory"
+        );
     }
 
     #[test]
