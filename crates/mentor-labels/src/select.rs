@@ -190,7 +190,8 @@ impl Selection {
         let Some(rule) = self.rules.get(class as usize) else {
             return 0;
         };
-        if rule.kept == 0 || confidence < rule.threshold {
+        // A confidence that is not a number (a teacher that diverged) never passes.
+        if rule.kept == 0 || !(confidence >= rule.threshold) {
             return 0;
         }
         let whole = rule.ratio.floor();
@@ -334,6 +335,15 @@ mod tests {
                 );
             }
         }
+    }
+
+    #[test]
+    fn a_confidence_that_is_not_a_number_is_never_used() {
+        let examples = numbered(&[(0, 0.9), (0, f32::NAN), (1, f32::NAN)]);
+        assert_eq!(
+            through_histograms(&examples, &config(false, 0), 1),
+            vec![1, 0, 0]
+        );
     }
 
     #[test]

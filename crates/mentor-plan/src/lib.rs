@@ -837,7 +837,10 @@ impl Plan {
             // evaluation batch applies.
             let value = |labels: &PseudoLabelPlan| toml::Value::try_from(labels).ok();
             // `top_k` as `to_toml_string` writes it, the class count's default, passes too.
-            let top_k = self.pseudo_labels.top_k.filter(|&k| k == self.top_k());
+            let top_k = self
+                .pseudo_labels
+                .top_k
+                .filter(|&k| k == self.data.classes.min(10));
             let used = PseudoLabelPlan {
                 batch_size: self.pseudo_labels.batch_size,
                 top_k,

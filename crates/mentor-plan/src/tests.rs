@@ -493,6 +493,17 @@ fn mpl_fields_name_themselves() {
         "pseudo_labels.storage: not used by Meta Pseudo Labels, which writes no pseudo \
          labels (of [pseudo_labels] only batch_size, its evaluation batch, applies); remove it"
     );
+    assert_eq!(
+        labels("top_k = 3"),
+        "pseudo_labels.top_k: not used by Meta Pseudo Labels, which writes no pseudo \
+         labels (of [pseudo_labels] only batch_size, its evaluation batch, applies); remove it"
+    );
+    // At its default (what `mentor plan --resolved` writes) it passes.
+    Plan::from_toml_str(&format!(
+        "{}\n[pseudo_labels]\ntop_k = 10\n",
+        tiny_mpl_with("", "")
+    ))
+    .expect("top_k at its default");
     let evaluation_batch = format!(
         "{}\n[pseudo_labels]\nbatch_size = 64\n",
         tiny_mpl_with("", "")
