@@ -263,7 +263,7 @@ impl Source {
                 )
             }
         };
-        Ok(Batches::start(items, geometry, options))
+        Batches::start(items, geometry, options)
     }
 
     /// Decodes the examples `ids` (any order; returned in ascending id order, each once).
@@ -335,7 +335,7 @@ impl Source {
                 )
             }
         };
-        Ok(Batches::start(items, geometry, options))
+        Batches::start(items, geometry, options)
     }
 }
 
@@ -514,7 +514,14 @@ impl std::fmt::Debug for Batches {
 }
 
 impl Batches {
-    fn start(items: ItemIter, geometry: Geometry, options: DecodeOptions) -> Batches {
+    fn start(
+        items: ItemIter,
+        geometry: Geometry,
+        options: DecodeOptions,
+    ) -> Result<Batches, DataError> {
+        let no_thread = |error: std::io::Error| {
+            DataError::Invalid(format!("failed to start a thread: {error}"))
+        };
         let threads = options.threads.max(1);
         let prefetch = options.prefetch.max(1);
         let batch_size = options.batch_size.max(1);
@@ -527,21 +534,21 @@ impl Batches {
                 let done = done_sender.clone();
                 move || read_items(items, batch_size, job_sender, done)
             })
-            .ok();
+            .map_err(no_thread)?;
         for index in 0..threads {
             let jobs = job_receiver.clone();
             let done = done_sender.clone();
             std::thread::Builder::new()
                 .name(format!("mentor-decode-{index}"))
                 .spawn(move || decode_jobs(jobs, done, geometry))
-                .ok();
+                .map_err(no_thread)?;
         }
-        Batches {
+        Ok(Batches {
             results: done_receiver,
             pending: BTreeMap::new(),
             next: 0,
             failed: false,
-        }
+        })
     }
 }
 
@@ -617,12 +624,19 @@ impl Iterator for Batches {
                 Ok((sequence, result)) => {
                     self.pending.insert(sequence, result);
                 }
-                // Every thread is gone: whatever is pending after a gap is an error's slot.
+                // Every thread is gone: a batch still pending comes after one that never
+                // arrived (its thread ended without sending it, or an error's slot).
                 Err(_) => {
                     let first = self.pending.keys().next().copied()?;
                     let result = self.pending.remove(&first)?;
                     self.failed = true;
-                    return Some(result);
+                    return Some(match result {
+                        Err(error) => Err(error),
+                        Ok(_) => Err(DataError::Invalid(format!(
+                            "batch {} of the shard was never decoded (a decoding thread ended early)",
+                            self.next
+                        ))),
+                    });
                 }
             }
         }

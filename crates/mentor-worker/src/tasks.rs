@@ -918,6 +918,12 @@ fn label(
                 metrics: Vec::new(),
             });
         }
+        if expected > 0 && ids.len() as u64 != expected {
+            return Err(format!(
+                "shard {shard_index}: {} of its {expected} images were labeled (a decoding thread ended early?); nothing was committed",
+                ids.len()
+            ));
+        }
         SoftLabels::new(top_k as usize, ids, class_ids, probs).map_err(|e| e.to_string())?
     };
     let histogram = shard_histogram(

@@ -282,3 +282,31 @@ fn idx_source_copies_training_images_by_position() {
         .expect_err("range");
     assert!(error.to_string().contains("[2, 9)"), "{error}");
 }
+
+#[test]
+fn a_batch_that_never_arrives_is_an_error_not_a_gap() {
+    // Batch 1 arrived; batch 0's thread ended without sending it.
+    let (sender, receiver) = std::sync::mpsc::sync_channel::<Done>(2);
+    let batch = Batch {
+        example_ids: vec![7],
+        pixels: vec![0; 28 * 28],
+    };
+    sender.send((1, Ok(batch))).expect("send");
+    drop(sender);
+    let mut batches = Batches {
+        results: receiver,
+        pending: BTreeMap::new(),
+        next: 0,
+        failed: false,
+    };
+    match batches.next() {
+        Some(Err(error)) => assert!(
+            error
+                .to_string()
+                .contains("batch 0 of the shard was never decoded"),
+            "{error}"
+        ),
+        other => panic!("a gap passed: {other:?}"),
+    }
+    assert!(batches.next().is_none());
+}
