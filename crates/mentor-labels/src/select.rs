@@ -191,7 +191,7 @@ impl Selection {
             return 0;
         };
         // A confidence that is not a number (a teacher that diverged) never passes.
-        if rule.kept == 0 || !(confidence >= rule.threshold) {
+        if rule.kept == 0 || confidence.is_nan() || confidence < rule.threshold {
             return 0;
         }
         let whole = rule.ratio.floor();
