@@ -674,7 +674,17 @@ impl Coordinator {
         }
         let recent = HEARD_RECENTLY;
         let starting = Duration::from_secs(self.plan.workers.join_timeout_seconds);
-        self.workers
+        // No more ranks than images in the smallest global batch: each rank needs one.
+        let most = self
+            .plan
+            .training_batches()
+            .iter()
+            .map(|(_, batch)| *batch)
+            .min()
+            .unwrap_or(u32::MAX)
+            .max(1);
+        let live = self
+            .workers
             .values()
             .filter(|w| {
                 w.alive
@@ -686,7 +696,8 @@ impl Coordinator {
                     }
             })
             .count()
-            .max(1) as u32
+            .max(1) as u32;
+        live.min(most)
     }
 
     /// A rank says where it listens (rank 0 of an NCCL group also gives the unique id).
@@ -1539,6 +1550,25 @@ mod tests {
             !dir.path().join("second").exists(),
             "the refused run left its directory"
         );
+    }
+
+    #[test]
+    fn a_group_has_no_more_ranks_than_the_smallest_batch_has_images() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let mut plan = Plan::from_toml_str(TINY).expect("tiny plan");
+        if let Some(train) = plan.teacher.train.as_mut() {
+            train.batch_size = 2;
+        }
+        let mut coordinator = Coordinator::open(plan, dir.path()).expect("open");
+        let now = Instant::now();
+        let workers: Vec<WorkerId> = ["a", "b", "c"]
+            .iter()
+            .map(|name| coordinator.register((*name).into(), "cpu".into(), 0, now))
+            .collect();
+        let TaskReply::Task(first) = coordinator.get_task(&workers[0], now).expect("task") else {
+            panic!("no task for rank 0")
+        };
+        assert_eq!((first.rank, first.task.world_size), (0, 2));
     }
 
     #[test]

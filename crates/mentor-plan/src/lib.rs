@@ -691,6 +691,28 @@ impl Plan {
 
     /// Probabilities kept per pseudo-labelled example: `pseudo_labels.top_k`, or 10 (all
     /// classes when there are fewer).
+    /// The global batch of every training schedule the run has, with its field: each rank of
+    /// a data-parallel group takes a slice of it, so no group may have more ranks than the
+    /// smallest.
+    pub fn training_batches(&self) -> Vec<(String, u32)> {
+        let mut batches = Vec::new();
+        for (role, plan) in [("teacher", &self.teacher), ("student", &self.student)] {
+            if let Some(train) = &plan.train {
+                batches.push((format!("{role}.train.batch_size"), train.batch_size));
+            }
+        }
+        if let Some(mpl) = &self.mpl {
+            batches.push(("mpl.batch_size".to_string(), mpl.batch_size));
+            if mpl.finetune.steps > 0 {
+                batches.push((
+                    "mpl.finetune.batch_size".to_string(),
+                    mpl.finetune.batch_size,
+                ));
+            }
+        }
+        batches
+    }
+
     pub fn top_k(&self) -> u32 {
         self.pseudo_labels
             .top_k
@@ -934,21 +956,7 @@ impl Plan {
         let ranks = self.workers.world_size;
         if ranks > 1 {
             // Each rank takes a slice of every global batch, so a batch needs one image per rank.
-            let mut batches = Vec::new();
-            for (role, plan) in [("teacher", &self.teacher), ("student", &self.student)] {
-                if let Some(train) = &plan.train {
-                    batches.push((format!("{role}.train.batch_size"), train.batch_size));
-                }
-            }
-            if let Some(mpl) = &self.mpl {
-                batches.push(("mpl.batch_size".to_string(), mpl.batch_size));
-                if mpl.finetune.steps > 0 {
-                    batches.push((
-                        "mpl.finetune.batch_size".to_string(),
-                        mpl.finetune.batch_size,
-                    ));
-                }
-            }
+            let batches = self.training_batches();
             if let Some((field, batch)) = batches.into_iter().find(|(_, batch)| *batch < ranks) {
                 return Err(invalid(
                     field,
