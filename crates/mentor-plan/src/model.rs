@@ -273,11 +273,15 @@ impl ModelPlan {
             ModelPlan::Efficientnet(plan) => {
                 let growth = plan.phi_growth_per_round * steps as f64;
                 let grown = match plan.preset.as_deref().and_then(preset_index) {
-                    Some(index) if growth.fract() == 0.0 => EfficientnetPlan {
-                        preset: Some(format!("b{}", index + growth as usize)),
-                        phi: None,
-                        ..plan.clone()
-                    },
+                    // A whole step that stays within b0..b7 keeps the named preset; past b7
+                    // there is none (`b8` would read as no preset at all), so phi takes over.
+                    Some(index) if growth.fract() == 0.0 && index as f64 + growth <= 7.0 => {
+                        EfficientnetPlan {
+                            preset: Some(format!("b{}", index + growth as usize)),
+                            phi: None,
+                            ..plan.clone()
+                        }
+                    }
                     Some(index) => EfficientnetPlan {
                         preset: None,
                         phi: Some(index as f64 + growth),

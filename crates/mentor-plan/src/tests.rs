@@ -439,6 +439,21 @@ fn efficientnet_grows_by_preset_and_by_phi() {
     };
     assert!((scaling.depth - 1.2).abs() < 1e-12 && (scaling.width - 1.1).abs() < 1e-12);
     assert_eq!(free.input_resolution(28), 258);
+    // Half a step a round from b6: b7 at round 3, then phi 7.5 and phi 8 (there is no b8: it
+    // must not read as no preset, which is b0).
+    let halves = ModelPlan::Efficientnet(EfficientnetPlan {
+        preset: Some("b6".into()),
+        phi: None,
+        phi_growth_per_round: 0.5,
+        base_resolution: None,
+    });
+    let grown = |round| match halves.at_round(round) {
+        ModelPlan::Efficientnet(e) => (e.preset, e.phi),
+        other => panic!("unexpected {other:?}"),
+    };
+    assert_eq!(grown(3), (Some("b7".to_string()), None));
+    assert_eq!(grown(4), (None, Some(7.5)));
+    assert_eq!(grown(5), (None, Some(8.0)));
 }
 
 #[test]
