@@ -922,8 +922,8 @@ impl Plan {
                 ));
             }
         }
-        if self.rounds() == 0 {
-            return Err(invalid("rounds", "must be >= 1"));
+        if !(1..=1000).contains(&self.rounds()) {
+            return Err(invalid("rounds", "must be in [1, 1000]"));
         }
         self.validate_data()?;
         validate_role("teacher", &self.teacher, false, self.rounds())?;
@@ -1035,8 +1035,13 @@ impl Plan {
         if !(0.0..1.0).contains(&labels.min_confidence) {
             return Err(invalid("pseudo_labels.min_confidence", "must be in [0, 1)"));
         }
-        if labels.batch_size == 0 {
-            return Err(invalid("pseudo_labels.batch_size", "must be >= 1"));
+        // Upper bounds keep a typo from allocating the worker's memory away at start (the
+        // pipeline reserves its batches and queue slots up front).
+        if !(1..=65_536).contains(&labels.batch_size) {
+            return Err(invalid("pseudo_labels.batch_size", "must be in [1, 65536]"));
+        }
+        if labels.decode_threads > 1024 {
+            return Err(invalid("pseudo_labels.decode_threads", "must be <= 1024"));
         }
         if let Some(storage) = &labels.storage {
             if storage.trim().is_empty() {
@@ -1061,8 +1066,11 @@ impl Plan {
                 }
             }
         }
-        if labels.prefetch_batches == 0 {
-            return Err(invalid("pseudo_labels.prefetch_batches", "must be >= 1"));
+        if !(1..=1024).contains(&labels.prefetch_batches) {
+            return Err(invalid(
+                "pseudo_labels.prefetch_batches",
+                "must be in [1, 1024]",
+            ));
         }
         if labels.lease_seconds == 0 {
             return Err(invalid("pseudo_labels.lease_seconds", "must be >= 1"));

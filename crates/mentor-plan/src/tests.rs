@@ -98,6 +98,25 @@ fn zero_steps_names_the_field() {
         "steps = 0\nbatch_size = 32\nunlabeled_ratio",
     );
     assert_eq!(error_of(&text), "student.train.steps: must be >= 1");
+    // Values that would allocate a worker's memory away, or loop for ever, are refused.
+    assert_eq!(
+        error_of(&tiny_with(
+            "top_k = 3",
+            "top_k = 3\nprefetch_batches = 1000000000"
+        )),
+        "pseudo_labels.prefetch_batches: must be in [1, 1024]"
+    );
+    assert_eq!(
+        error_of(&tiny_with(
+            "top_k = 3",
+            "top_k = 3\nbatch_size = 1000000000"
+        )),
+        "pseudo_labels.batch_size: must be in [1, 65536]"
+    );
+    assert_eq!(
+        error_of(&tiny_with("rounds = 2", "rounds = 4000000000")),
+        "rounds: must be in [1, 1000]"
+    );
 }
 
 #[test]
