@@ -201,7 +201,12 @@ def run(name, plan_text, seed, args):
         succeeded = old_status is not None and old_status.get("status") == "succeeded"
         old_plan = parsed(old_text)
         same = old_plan is not None and old_plan == parsed(plan_text)
-        if succeeded and same:
+        # A finished run is kept whatever processes ran it ([workers]: a data-parallel step
+        # computes what one rank does with the same global batch), so that runs made on a GPU
+        # machine with --workers 1 and here with 2 make one table.
+        finished_same = same or (old_plan is not None
+                                 and {**old_plan, "workers": None} == {**parsed(plan_text), "workers": None})
+        if succeeded and finished_same:
             print(f"[results] {name}, seed {seed}: reusing the finished run in {directory}", file=sys.stderr, flush=True)
             return refreshed(old_status, directory, args)
         # An interrupted run of this plan (a redone finetune included) resumes where it stopped.

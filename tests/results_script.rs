@@ -301,6 +301,14 @@ fn a_distilled_row_takes_its_teacher_from_the_same_seeds_mpl_run() {
     );
     let teacher =
         copied.join("meta-pseudo-labels-seed0/checkpoints/round-1-student-finetuned.safetensors");
+    // It ran on one worker there (a GPU machine's): a finished run is kept whatever processes
+    // ran it.
+    let copied_plan = copied.join("meta-pseudo-labels-seed0.toml");
+    let one_worker = std::fs::read_to_string(&copied_plan)
+        .expect("the copied run's plan")
+        .replacen("min_workers = 2", "min_workers = 1", 1);
+    assert!(one_worker.contains("min_workers = 1"), "{one_worker}");
+    std::fs::write(&copied_plan, one_worker).expect("write");
     // Then without the status.json local-cluster.sh leaves (gpu-check.sh --mpl brings back the
     // state alone): the state tells.
     for without_status in [false, true] {
