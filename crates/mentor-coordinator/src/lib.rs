@@ -335,13 +335,7 @@ impl Coordinator {
         plan: Plan,
         run_dir: &Path,
     ) -> Result<Coordinator, CoordinatorError> {
-        if !run_dir.join("state.json").exists() {
-            return Err(CoordinatorError::RetryFailed {
-                dir: run_dir.to_path_buf(),
-                reason: "it holds no run (no state.json)".into(),
-            });
-        }
-        Coordinator::open_run(plan, run_dir, Reopen::RetryFailed)
+        Coordinator::open_saved(plan, run_dir, Reopen::RetryFailed)
     }
 
     /// Opens the Meta Pseudo Labels run saved in `run_dir` to finetune its student again under
@@ -351,13 +345,26 @@ impl Coordinator {
         plan: Plan,
         run_dir: &Path,
     ) -> Result<Coordinator, CoordinatorError> {
+        Coordinator::open_saved(plan, run_dir, Reopen::RedoFinetune)
+    }
+
+    /// Opens the run saved in `run_dir` the way `how` says; refused when there is none.
+    fn open_saved(
+        plan: Plan,
+        run_dir: &Path,
+        how: Reopen,
+    ) -> Result<Coordinator, CoordinatorError> {
         if !run_dir.join("state.json").exists() {
-            return Err(CoordinatorError::RedoFinetune {
-                dir: run_dir.to_path_buf(),
-                reason: "it holds no run (no state.json)".into(),
+            let (dir, reason) = (
+                run_dir.to_path_buf(),
+                "it holds no run (no state.json)".into(),
+            );
+            return Err(match how {
+                Reopen::RedoFinetune => CoordinatorError::RedoFinetune { dir, reason },
+                _ => CoordinatorError::RetryFailed { dir, reason },
             });
         }
-        Coordinator::open_run(plan, run_dir, Reopen::RedoFinetune)
+        Coordinator::open_run(plan, run_dir, how)
     }
 
     fn open_run(plan: Plan, run_dir: &Path, how: Reopen) -> Result<Coordinator, CoordinatorError> {
