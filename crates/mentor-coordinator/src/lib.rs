@@ -320,6 +320,9 @@ pub struct Coordinator {
     lock: lock::RunLock,
     /// Every progress report and task result, appended to `<run_dir>/metrics.jsonl`.
     metrics: metrics::MetricsLog,
+    /// The most ranks a training group may have: images in the plan's smallest global batch
+    /// (each rank needs one).
+    most_ranks: u32,
 }
 
 impl Coordinator {
@@ -514,6 +517,13 @@ impl Coordinator {
         if let Some(old) = &moved_from {
             rebase_selections(&run_dir, old).map_err(state_store_error)?;
         }
+        let plan_most_ranks = plan
+            .training_batches()
+            .iter()
+            .map(|(_, batch)| *batch)
+            .min()
+            .unwrap_or(u32::MAX)
+            .max(1);
         let coordinator = Coordinator {
             plan,
             state,
@@ -524,6 +534,7 @@ impl Coordinator {
             latest_accuracy: None,
             groups: HashMap::new(),
             metrics: metrics::MetricsLog::open(&run_dir),
+            most_ranks: plan_most_ranks,
             lock,
         };
         coordinator.persist()?;
@@ -681,15 +692,6 @@ impl Coordinator {
         }
         let recent = HEARD_RECENTLY;
         let starting = Duration::from_secs(self.plan.workers.join_timeout_seconds);
-        // No more ranks than images in the smallest global batch: each rank needs one.
-        let most = self
-            .plan
-            .training_batches()
-            .iter()
-            .map(|(_, batch)| *batch)
-            .min()
-            .unwrap_or(u32::MAX)
-            .max(1);
         let live = self
             .workers
             .values()
@@ -704,7 +706,7 @@ impl Coordinator {
             })
             .count()
             .max(1) as u32;
-        live.min(most)
+        live.min(self.most_ranks)
     }
 
     /// A rank says where it listens (rank 0 of an NCCL group also gives the unique id).
@@ -893,18 +895,25 @@ impl Coordinator {
     ) -> Result<Vec<Effect>, CoordinatorError> {
         let worker = self.worker_mut(id, now)?;
         worker.task = None;
+        // The task's record when this is a report of its current attempt; stale ones are
+        // ignored (and logged as such).
+        let current = self
+            .state
+            .tasks
+            .get(task)
+            .filter(|record| record.is_run_by(id, attempt));
         // The result of the current attempt, once (from rank 0, or from the rank that failed).
-        if let Some(record) = self.state.tasks.get(task) {
+        if let Some(record) = current {
             let failed = matches!(outcome, TaskOutcome::Failed(_));
-            if record.is_run_by(id, attempt) && (failed || record.workers().first() == Some(id)) {
+            if failed || record.workers().first() == Some(id) {
                 self.metrics
                     .outcome(&self.state.run_id, record, attempt, &id.0, &outcome);
             }
         }
         // A group attempt that fails: its other ranks may be gone; leave them out of the next
         // group until they are heard of again.
-        if let (TaskOutcome::Failed(_), Some(record)) = (&outcome, self.state.tasks.get(task)) {
-            if record.is_run_by(id, attempt) && record.world_size > 1 {
+        if let (TaskOutcome::Failed(_), Some(record)) = (&outcome, current) {
+            if record.world_size > 1 {
                 for member in record.workers().to_vec() {
                     if member != *id {
                         if let Some(entry) = self.workers.get_mut(&member) {
@@ -915,11 +924,7 @@ impl Coordinator {
                 self.groups.remove(&(task.clone(), attempt));
             }
         }
-        let current = self
-            .state
-            .tasks
-            .get(task)
-            .is_some_and(|record| record.is_run_by(id, attempt));
+        let current = current.is_some();
         match &outcome {
             TaskOutcome::Failed(error) if !current => {
                 tracing::info!(run = %self.state.run_id, worker = %id, task = %task, attempt, %error, "a report of an attempt given up is ignored")
