@@ -45,6 +45,21 @@ fn invalid(field: impl Into<String>, reason: impl Into<String>) -> PlanError {
     }
 }
 
+/// The longest timeout or lease a plan may set: a week. Longer ones are typos, and deadlines
+/// computed from them would overflow.
+pub const MAX_SECONDS: u64 = 7 * 24 * 3600;
+
+fn check_seconds(field: &str, seconds: u64) -> Result<(), PlanError> {
+    if (1..=MAX_SECONDS).contains(&seconds) {
+        Ok(())
+    } else {
+        Err(invalid(
+            field,
+            format!("must be in [1, {MAX_SECONDS}] (a week), not {seconds}"),
+        ))
+    }
+}
+
 /// Which self-training method a plan runs.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(rename_all = "kebab-case")]
@@ -938,21 +953,21 @@ impl Plan {
         if self.workers.min_workers == 0 {
             return Err(invalid("workers.min_workers", "must be >= 1"));
         }
-        if self.workers.heartbeat_timeout_seconds == 0 {
-            return Err(invalid("workers.heartbeat_timeout_seconds", "must be >= 1"));
-        }
+        check_seconds(
+            "workers.heartbeat_timeout_seconds",
+            self.workers.heartbeat_timeout_seconds,
+        )?;
         if !(self.workers.bucket_size_mb > 0.0 && self.workers.bucket_size_mb.is_finite()) {
             return Err(invalid("workers.bucket_size_mb", "must be > 0"));
         }
-        if self.workers.collective_timeout_seconds == 0 {
-            return Err(invalid(
-                "workers.collective_timeout_seconds",
-                "must be >= 1",
-            ));
-        }
-        if self.workers.join_timeout_seconds == 0 {
-            return Err(invalid("workers.join_timeout_seconds", "must be >= 1"));
-        }
+        check_seconds(
+            "workers.collective_timeout_seconds",
+            self.workers.collective_timeout_seconds,
+        )?;
+        check_seconds(
+            "workers.join_timeout_seconds",
+            self.workers.join_timeout_seconds,
+        )?;
         let ranks = self.workers.world_size;
         if ranks > 1 {
             // Each rank takes a slice of every global batch, so a batch needs one image per rank.
@@ -1072,9 +1087,7 @@ impl Plan {
                 "must be in [1, 1024]",
             ));
         }
-        if labels.lease_seconds == 0 {
-            return Err(invalid("pseudo_labels.lease_seconds", "must be >= 1"));
-        }
+        check_seconds("pseudo_labels.lease_seconds", labels.lease_seconds)?;
         Ok(())
     }
 }

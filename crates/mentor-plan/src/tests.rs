@@ -120,6 +120,34 @@ fn zero_steps_names_the_field() {
 }
 
 #[test]
+fn timeouts_past_a_week_are_refused_with_their_field() {
+    // Deadlines are computed from these (now + timeout, twice the heartbeat timeout): a value
+    // near i64::MAX (the largest TOML integer) would overflow them, so the plan refuses it naming the field.
+    let workers = |line: &str| {
+        // The tiny plan sets the heartbeat timeout already: drop its line first.
+        let text = TINY.replacen("heartbeat_timeout_seconds = 10\n", "", 1);
+        text.replacen("[workers]\n", &format!("[workers]\n{line}\n"), 1)
+    };
+    for field in [
+        "heartbeat_timeout_seconds",
+        "collective_timeout_seconds",
+        "join_timeout_seconds",
+    ] {
+        assert_eq!(
+            error_of(&workers(&format!("{field} = 9223372036854775807"))),
+            format!("workers.{field}: must be in [1, 604800] (a week), not 9223372036854775807")
+        );
+        assert!(error_of(&workers(&format!("{field} = 0")))
+            .starts_with(&format!("workers.{field}: must be in [1, 604800]")));
+        Plan::from_toml_str(&workers(&format!("{field} = 604800"))).expect("a week is allowed");
+    }
+    assert_eq!(
+        error_of(&tiny_with("top_k = 3", "top_k = 3\nlease_seconds = 604801")),
+        "pseudo_labels.lease_seconds: must be in [1, 604800] (a week), not 604801"
+    );
+}
+
+#[test]
 fn a_name_that_cannot_be_a_run_directory_is_refused() {
     for (name, reason) in [
         ("", "name: must not be empty"),

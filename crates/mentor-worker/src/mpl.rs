@@ -679,7 +679,9 @@ pub fn train_mpl(
     let (rank, world_size) = (group.rank, group.world_size);
     let labeled_batch = mpl.batch_size as usize;
     let unlabeled_batch = labeled_batch * mpl.mu as usize;
-    let seed = plan.seed as i64 * 1_000_003 + 4242;
+    let seed = (plan.seed as i64)
+        .wrapping_mul(1_000_003)
+        .wrapping_add(4242);
     tch::manual_seed(seed);
     let device = dataset.device;
     let teacher_config = model_config(plan, Role::Teacher, 1, dataset);

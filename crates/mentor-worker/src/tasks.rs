@@ -578,7 +578,10 @@ fn train(
 ) -> Result<Outcome, String> {
     let train_plan = &setup.train_plan;
     let (name, round) = (setup.name, setup.round);
-    let seed = plan.seed as i64 * 1_000_003 + round as i64 * 101 + setup.seed_offset;
+    // Wrapping: any u64 seed is valid; the usual ones give the same numbers as plain arithmetic.
+    let seed = (plan.seed as i64)
+        .wrapping_mul(1_000_003)
+        .wrapping_add(round as i64 * 101 + setup.seed_offset);
     let (rank, world_size) = (group.rank, group.world_size);
     let labeled_batch = train_plan.batch_size as usize;
     let unlabeled_batch = labeled_batch * train_plan.unlabeled_ratio as usize;
@@ -634,7 +637,7 @@ fn train(
         None => None,
     };
     // Noise differs per rank; the batch order is the same on every rank (`sampler`).
-    tch::manual_seed(seed + 7919 * rank as i64);
+    tch::manual_seed(seed.wrapping_add(7919 * rank as i64));
     let mut sampler = StdRng::seed_from_u64(seed as u64);
     let randaugment = RandAugment::from_plan(&setup.randaugment);
     let augment = |images: Tensor| -> Tensor {
