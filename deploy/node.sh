@@ -138,6 +138,11 @@ elif [ -z "$workers" ]; then
 else
   case "$workers" in ''|*[!0-9]*) fail "--workers takes a number" ;; esac
   [ -n "$device" ] || device=cpu
+  if [ "$device" = cuda ] && [ "$workers" -gt 0 ]; then
+    # As with --gpus N: a machine that shows none is taken at its word.
+    seen="$(visible_gpus)"
+    [ "$seen" -eq 0 ] || [ "$seen" -ge "$workers" ] || fail "--workers $workers --device cuda: this machine shows $seen GPU(s); use --gpus all or fewer workers"
+  fi
 fi
 [ "$workers" -gt 0 ] || [ -n "$plan" ] || fail "no worker and no coordinator to start: give --workers N, --gpus or --plan"
 
@@ -150,7 +155,8 @@ if [ -z "$threads" ]; then
   [ "$threads" -ge 1 ] || threads=1
 fi
 if [ -z "$advertise" ]; then
-  advertise="$(hostname -I 2>/dev/null | awk '{print $1}')"
+  # `hostname -I` is not everywhere (busybox, inetutils, minimal images): fall back to loopback.
+  advertise="$( (hostname -I 2>/dev/null || true) | awk '{print $1}')"
   [ -n "$advertise" ] || advertise=127.0.0.1
 fi
 
@@ -230,8 +236,19 @@ if [ -n "$coordinator_pid" ]; then
   # The coordinator ends with the run (--exit-when-done) and says how it went.
   code=0
   wait "$coordinator_pid" || code=$?
-  for pid in "${worker_pids[@]}"; do wait "$pid" 2>/dev/null || true; done
   echo "[node] the coordinator exited with status $code" >&2
+  if [ "$code" -eq 0 ]; then
+    # The run is over and the workers are told so at their next call: give them a moment to
+    # exit on their own; the EXIT trap stops whatever is left.
+    for _ in $(seq 1 20); do
+      alive=0
+      for pid in "${worker_pids[@]}"; do kill -0 "$pid" 2>/dev/null && alive=1; done
+      [ "$alive" -eq 1 ] || break
+      sleep 0.5
+    done
+  fi
+  # A coordinator that failed (a refused plan, a directory in use) leaves no run to wait for:
+  # the workers are stopped at once instead of retrying their connection until they give up.
   exit "$code"
 fi
 code=0

@@ -28,11 +28,17 @@ PYTHON="${PYTHON:-$(command -v python3)}"
 python3() { "$PYTHON" "$@"; }
 [ "$MENTOR_BIN" = "${CARGO_TARGET_DIR:-}/release" ] && (cd "$ROOT" && cargo build --release --quiet --bin ring-bench)
 results="$(mktemp)"
-trap 'rm -f "$results"' EXIT
+# The ranks are stopped on any exit (Ctrl-C, a rank that failed under set -e): a rank left
+# behind would wait for its peers until its timeout.
+pids=()
+trap 'for pid in "${pids[@]}"; do kill "$pid" 2>/dev/null || true; done; rm -f "$results"' EXIT
+trap 'exit 143' INT TERM
 free_port() { python3 -c 'import socket; s=socket.socket(); s.bind(("127.0.0.1",0)); print(s.getsockname()[1])'; }
 
 for world in ${worlds//,/ }; do
-  base=$(( $(free_port) % 20000 + 30000 ))
+  # A port the system just gave out, and the ones above it for the other ranks.
+  base="$(free_port)"
+  [ "$base" -lt 65000 ] || base=$((base - 1000))
   pids=()
   for rank in $(seq 0 $((world - 1))); do
     "$MENTOR_BIN/ring-bench" --rank "$rank" --world-size "$world" --base-port "$base" \

@@ -58,7 +58,19 @@ PYTHON="${PYTHON:-$(command -v python3)}"
 # Unpacked outside .gpu, which must stay small enough to carry.
 [ -f "$GPU_DIR/bin.tar.xz" ] || { echo "gpu-check.sh: no $GPU_DIR/bin.tar.xz: run --prepare first" >&2; exit 2; }
 unpacked="$(mktemp -d)"
-trap 'rm -rf "$unpacked"' EXIT
+# Process groups of the local clusters started with setsid (Ctrl-C and timeout do not reach
+# them), and the --run coordinator: stopped on any exit, before their directories go.
+cluster_pids=""
+coordinator=""
+cleanup() {
+  local pid
+  for pid in $cluster_pids; do kill -- -"$pid" 2>/dev/null || true; done
+  [ -z "$coordinator" ] || kill "$coordinator" 2>/dev/null || true
+  if [ -n "$cluster_pids" ]; then sleep 3; fi
+  rm -rf "$unpacked"
+}
+trap cleanup EXIT
+trap 'echo "[gpu-check] interrupted: stopping the runs" >&2; exit 143' INT TERM
 "$PYTHON" -c 'import sys, tarfile; tarfile.open(sys.argv[1]).extractall(sys.argv[2])' "$GPU_DIR/bin.tar.xz" "$unpacked"
 BIN="$unpacked/bin"
 TORCH_LIB="$("$PYTHON" -c 'import os, torch; print(os.path.join(os.path.dirname(torch.__file__), "lib"))')"
@@ -119,6 +131,7 @@ if [ "$mode" = "--mpl" ]; then
       setsid "$ROOT/scripts/local-cluster.sh" --plan "$work/$1$seed.toml" --workers 1 --device "$DEVICE" \
         --threads 4 --bin-dir "$BIN" --state-dir "$work/$1$seed" >"$work/$1$seed.txt" 2>&1 </dev/null &
       pids="$pids $!"
+      cluster_pids="$cluster_pids $!"
     done
     while :; do
       alive=0
@@ -202,8 +215,12 @@ state="$OUT/run"
 rm -rf "$state"
 "$BIN/coordinator" --plan "$plan" --listen 127.0.0.1:0 --state-dir "$state" >"$OUT/coordinator.log" 2>&1 &
 coordinator=$!
-trap 'kill $coordinator 2>/dev/null || true; rm -rf "$unpacked"' EXIT
-for _ in $(seq 1 100); do [ -s "$state/coordinator.addr" ] && break; sleep 0.1; done
+for _ in $(seq 1 600); do [ -s "$state/coordinator.addr" ] && break; sleep 0.1; done
+if [ ! -s "$state/coordinator.addr" ]; then
+  echo "[gpu-check] the coordinator did not start in 60 s; its log:" >&2
+  tail -n 20 "$OUT/coordinator.log" >&2 || true
+  exit 1
+fi
 address="$(cat "$state/coordinator.addr")"
 timeout 300 "$BIN/worker" --coordinator "$address" --device cuda:0 >"$OUT/worker.log" 2>&1 || true
 "$BIN/mentor" status --coordinator "$address" --json >"$OUT/status.json" || true

@@ -71,7 +71,8 @@ if [ -n "$bin_dir" ]; then
   done
   BIN="$(cd "$bin_dir" && pwd)"
   # Prebuilt binaries need setup only when their libraries (libtorch) do not resolve as it is.
-  if ldd "$BIN/worker" 2>/dev/null | grep -q "not found"; then
+  # (Read whole first: `grep -q` leaving early could make ldd fail under pipefail.)
+  if ldd "$BIN/worker" 2>&1 | grep -c "not found" >/dev/null; then
     eval "$("$ROOT/scripts/setup.sh" --print-env)"
   fi
 else
@@ -138,7 +139,8 @@ done
 [ -s "$state_dir/coordinator.addr" ] || { echo "[local-cluster] the coordinator did not start" >&2; exit 1; }
 address="$(cat "$state_dir/coordinator.addr")"
 echo "[local-cluster] coordinator at $address, run directory $state_dir" >&2
-echo "[local-cluster] from another shell: $BIN/mentor status --state-dir $state_dir --watch" >&2
+# Quoted for the shell (%q), so that the line can be copied whatever the paths hold.
+echo "[local-cluster] from another shell: $(printf '%q status --state-dir %q --watch' "$BIN/mentor" "$state_dir")" >&2
 
 worker_pids=()
 for i in $(seq 1 "$workers"); do
@@ -153,7 +155,21 @@ echo "[local-cluster] started $workers worker(s); logs in $state_dir/logs" >&2
 watch_pid=$!
 pids+=("$watch_pid")
 failure=""
-while kill -0 "$watch_pid" 2>/dev/null; do
+while true; do
+  if ! kill -0 "$watch_pid" 2>/dev/null; then
+    watch_code=0
+    wait "$watch_pid" 2>/dev/null || watch_code=$?
+    # 2: one status query failed (a loaded machine, a slow answer). While the coordinator
+    # lives the run goes on: watch again rather than stop it.
+    if [ "$watch_code" -eq 2 ] && kill -0 "$coordinator_pid" 2>/dev/null; then
+      sleep 1
+      "$BIN/mentor" status --coordinator "$address" --watch --interval 5 &
+      watch_pid=$!
+      pids+=("$watch_pid")
+      continue
+    fi
+    break
+  fi
   sleep 1
   if ! kill -0 "$coordinator_pid" 2>/dev/null; then
     failure="the coordinator stopped unexpectedly (see $state_dir/logs/coordinator.log)"
@@ -196,6 +212,6 @@ if plan.get("method") != "meta-pseudo-labels":
 ' "$plan" "$state_dir/pseudo-labels" 2>/dev/null || true)"
 echo "[local-cluster] run $status; checkpoints in $state_dir/checkpoints${labels:+, soft labels in $labels}" >&2
 if [ "$status" = "failed" ]; then
-  echo "[local-cluster] once the cause is dealt with, the same command with --retry-failed --state-dir $state_dir goes on from where the run failed" >&2
+  echo "[local-cluster] once the cause is dealt with, the same command with --retry-failed --state-dir $(printf %q "$state_dir") goes on from where the run failed" >&2
 fi
 [ "$status" = "succeeded" ]

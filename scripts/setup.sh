@@ -74,9 +74,10 @@ if [ "$build" -eq 1 ]; then
 fi
 
 if [ "$print_env" -eq 1 ]; then
-  echo "export PATH=\"$PATH\""
+  # %q: values with quotes, `$` or backquotes come back as they are under eval.
+  printf 'export PATH=%q\n' "$PATH"
   echo "export LIBTORCH_USE_PYTORCH=1"
-  echo "export LD_LIBRARY_PATH=\"$LD_LIBRARY_PATH\""
-  echo "export CARGO_TARGET_DIR=\"$CARGO_TARGET_DIR\""
-  echo "export MENTOR_BIN=\"$CARGO_TARGET_DIR/release\""
+  printf 'export LD_LIBRARY_PATH=%q\n' "$LD_LIBRARY_PATH"
+  printf 'export CARGO_TARGET_DIR=%q\n' "$CARGO_TARGET_DIR"
+  printf 'export MENTOR_BIN=%q\n' "$CARGO_TARGET_DIR/release"
 fi

@@ -256,6 +256,57 @@ fn node_sh_refuses_what_it_cannot_start() {
         &[("CUDA_VISIBLE_DEVICES", "")]
     )
     .contains("--device cuda: this machine shows no GPU"));
+    assert!(refused(
+        &[
+            "--coordinator",
+            "h:1",
+            "--workers",
+            "2",
+            "--device",
+            "cuda",
+            "--bin-dir",
+            bin
+        ],
+        &[("CUDA_VISIBLE_DEVICES", "4")]
+    )
+    .contains("--workers 2 --device cuda: this machine shows 1 GPU(s)"));
+    // A machine whose `hostname` has no -I (busybox, inetutils): loopback, not a silent exit.
+    let tools = tempfile::tempdir().expect("tempdir");
+    let hostname = tools.path().join("hostname");
+    std::fs::write(
+        &hostname,
+        "#!/bin/sh\necho 'hostname: invalid option -- I' >&2\nexit 1\n",
+    )
+    .expect("write");
+    std::fs::set_permissions(
+        &hostname,
+        std::os::unix::fs::PermissionsExt::from_mode(0o755),
+    )
+    .expect("chmod");
+    let path = format!(
+        "{}:{}",
+        tools.path().display(),
+        std::env::var("PATH").unwrap_or_default()
+    );
+    let output = Command::new(node_sh())
+        .args([
+            "--coordinator",
+            "h:1",
+            "--workers",
+            "1",
+            "--bin-dir",
+            bin,
+            "--dry-run",
+        ])
+        .env("PATH", path)
+        .output()
+        .expect("node.sh");
+    assert!(output.status.success(), "{}", text(&output));
+    assert!(
+        String::from_utf8_lossy(&output.stdout).contains("--advertise-host 127.0.0.1"),
+        "{}",
+        text(&output)
+    );
     // A folder with a space in its name is one word to the shell.
     let spaced = tempfile::tempdir().expect("tempdir");
     let spaced_bin = spaced.path().join("bin dir");

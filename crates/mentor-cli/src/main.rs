@@ -68,15 +68,15 @@ enum Command {
     },
 }
 
-/// A refresh interval: a finite number of seconds, at least 0.1.
+/// A refresh interval: a number of seconds from 0.1 to a day.
 fn parse_interval(text: &str) -> Result<f64, String> {
     let seconds: f64 = text
         .parse()
         .map_err(|_| format!("`{text}` is not a number of seconds"))?;
-    if seconds.is_finite() && seconds >= 0.1 {
+    if (0.1..=86_400.0).contains(&seconds) {
         Ok(seconds)
     } else {
-        Err(format!("{text} seconds: must be a finite number >= 0.1"))
+        Err(format!("{text} seconds: must be from 0.1 to 86400 (a day)"))
     }
 }
 
@@ -491,10 +491,7 @@ async fn status(target: Target, as_json: bool, watch: bool, interval: f64) -> an
             } else {
                 serde_json::to_string_pretty(&value)?
             };
-            if let Some(object) = value.as_object_mut() {
-                object.remove("elapsed_seconds");
-            }
-            (text, value.to_string())
+            (text, json_without_clock(value))
         } else {
             let mut text = status_text(&status);
             if coordinator.is_none() {
@@ -540,6 +537,20 @@ fn saved_note(status: &pb::RunStatus) -> String {
 }
 
 /// The text without its elapsed time, so that --watch prints only real changes.
+/// A status object as compared between polls of `--json --watch`: without what changes with
+/// the clock alone (the elapsed time, how long ago each worker was heard from).
+fn json_without_clock(mut value: Value) -> String {
+    if let Some(object) = value.as_object_mut() {
+        object.remove("elapsed_seconds");
+        if let Some(Value::Array(workers)) = object.get_mut("workers") {
+            for worker in workers.iter_mut().filter_map(Value::as_object_mut) {
+                worker.remove("seconds_since_heard");
+            }
+        }
+    }
+    value.to_string()
+}
+
 fn text_without_clock(text: &str) -> String {
     text.lines()
         .map(|line| match line.find("elapsed") {
@@ -600,6 +611,34 @@ async fn main() {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn intervals_are_bounded_and_named() {
+        assert_eq!(parse_interval("2"), Ok(2.0));
+        for bad in ["0.01", "1e20", "inf", "NaN"] {
+            let error = parse_interval(bad).expect_err(bad);
+            assert!(error.contains("from 0.1 to 86400"), "{error}");
+        }
+        assert!(parse_interval("soon").is_err());
+    }
+
+    #[test]
+    fn a_json_watch_compares_statuses_without_the_clock() {
+        let status = |step, heard| pb::RunStatus {
+            status: "running".into(),
+            elapsed_seconds: heard * 10.0,
+            workers: vec![pb::WorkerStatus {
+                worker_id: "w1".into(),
+                step,
+                seconds_since_heard: heard,
+                ..Default::default()
+            }],
+            ..Default::default()
+        };
+        let compared = |step, heard| json_without_clock(status_json(&status(step, heard)));
+        assert_eq!(compared(100, 0.5), compared(100, 2.5));
+        assert_ne!(compared(100, 0.5), compared(150, 0.5));
+    }
 
     #[test]
     fn durations_read_as_seconds_minutes_or_hours() {

@@ -24,6 +24,15 @@ pub enum CollectiveError {
         operation: &'static str,
         seconds: f64,
     },
+    /// A collective of the whole group (NCCL) that did not finish in time: some rank of the
+    /// group is dead or silent, which one the transport cannot tell.
+    #[error(
+        "the group's {operation} did not finish within {seconds:.0}s: a rank stopped or fell silent (its log names the cause); the communicator was aborted"
+    )]
+    GroupTimeout {
+        operation: &'static str,
+        seconds: f64,
+    },
     #[error("connection to rank {peer} failed during {operation}: {source}")]
     Peer {
         peer: usize,

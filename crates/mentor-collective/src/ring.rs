@@ -5,7 +5,7 @@
 //! receiving another (bandwidth-optimal: each rank sends 2(W-1)/W of the data).
 
 use std::io::{ErrorKind, Read, Write};
-use std::net::{TcpListener, TcpStream};
+use std::net::{TcpListener, TcpStream, ToSocketAddrs};
 use std::time::{Duration, Instant};
 
 use crate::{chunk_bounds, CollectiveError, HostCollective};
@@ -71,7 +71,9 @@ impl TcpRing {
         let previous_rank = (rank + world_size - 1) % world_size;
 
         let mut next = loop {
-            match TcpStream::connect(&addresses[next_rank]) {
+            // Bounded by the setup deadline: an address that drops packets would otherwise
+            // hold a connect for the system's own timeout (minutes).
+            match connect_within(&addresses[next_rank], time_left(deadline)) {
                 Ok(stream) => break stream,
                 Err(error) if Instant::now() < deadline => {
                     let _ = error;
@@ -100,8 +102,15 @@ impl TcpRing {
                         .set_nonblocking(false)
                         .map_err(|e| CollectiveError::Setup(e.to_string()))?;
                     configure(&stream, timeout).map_err(|e| peer_error(previous_rank, "setup", e, timeout))?;
+                    // The previous rank writes its handshake as soon as it connects: a silent
+                    // connection (a port scanner) waits no longer than the setup deadline.
+                    stream
+                        .set_read_timeout(Some(time_left(deadline).min(timeout)))
+                        .map_err(|e| peer_error(previous_rank, "setup", e, timeout))?;
                     let mut received = vec![0u8; expected.len()];
                     if stream.read_exact(&mut received).is_ok() && received == expected {
+                        configure(&stream, timeout)
+                            .map_err(|e| peer_error(previous_rank, "setup", e, timeout))?;
                         break stream;
                     }
                     // Not our previous rank (another group, or a port scanner): drop it.
@@ -188,6 +197,27 @@ fn disjoint(data: &mut [f32], a: (usize, usize), b: (usize, usize)) -> (&[f32], 
         let (left, right) = data.split_at_mut(a.0);
         (&right[..a.1 - a.0], &mut left[b.0..b.1])
     }
+}
+
+/// Time until `deadline`, at least 100 ms (a zero timeout is refused by the socket calls).
+fn time_left(deadline: Instant) -> Duration {
+    deadline
+        .saturating_duration_since(Instant::now())
+        .max(Duration::from_millis(100))
+}
+
+/// Connects to `address` (`host:port`, every address it resolves to in turn) within `limit`.
+fn connect_within(address: &str, limit: Duration) -> std::io::Result<TcpStream> {
+    let mut last = None;
+    for resolved in address.to_socket_addrs()? {
+        match TcpStream::connect_timeout(&resolved, limit) {
+            Ok(stream) => return Ok(stream),
+            Err(error) => last = Some(error),
+        }
+    }
+    Err(last.unwrap_or_else(|| {
+        std::io::Error::new(ErrorKind::InvalidInput, "the address resolves to nothing")
+    }))
 }
 
 fn configure(stream: &TcpStream, timeout: Duration) -> std::io::Result<()> {
@@ -401,6 +431,64 @@ mod tests {
         .expect_err("nobody joins");
         assert!(
             error.to_string().contains("was not joined by rank 1"),
+            "{error}"
+        );
+    }
+
+    #[test]
+    fn a_silent_connection_holds_the_setup_no_longer_than_its_deadline() {
+        let listener = TcpListener::bind("127.0.0.1:0").expect("bind");
+        let next = TcpListener::bind("127.0.0.1:0").expect("bind");
+        let addresses = vec![
+            listener.local_addr().expect("a").to_string(),
+            next.local_addr().expect("b").to_string(),
+        ];
+        // Connects first and never writes a handshake (a port scanner, a stale peer).
+        let _silent = TcpStream::connect(&addresses[0]).expect("connect");
+        let started = Instant::now();
+        let error = TcpRing::connect(RingConfig {
+            rank: 0,
+            world_size: 2,
+            listener,
+            addresses,
+            group: "g".into(),
+            // The collective timeout is long: the handshake must be bounded by the setup's.
+            timeout: Duration::from_secs(30),
+            setup_timeout: Duration::from_millis(800),
+        })
+        .expect_err("nobody joins");
+        assert!(
+            started.elapsed() < Duration::from_secs(5),
+            "took {:?}",
+            started.elapsed()
+        );
+        assert!(
+            error.to_string().contains("was not joined by rank 1"),
+            "{error}"
+        );
+    }
+
+    #[test]
+    fn an_address_that_resolves_to_nothing_is_named() {
+        let listener = TcpListener::bind("127.0.0.1:0").expect("bind");
+        let addresses = vec![
+            listener.local_addr().expect("a").to_string(),
+            "no-such-host.invalid:1".to_string(),
+        ];
+        let error = TcpRing::connect(RingConfig {
+            rank: 0,
+            world_size: 2,
+            listener,
+            addresses,
+            group: "g".into(),
+            timeout: Duration::from_secs(1),
+            setup_timeout: Duration::from_millis(300),
+        })
+        .expect_err("no such host");
+        assert!(
+            error
+                .to_string()
+                .contains("could not connect to rank 1 at no-such-host.invalid:1"),
             "{error}"
         );
     }

@@ -157,7 +157,9 @@ pub fn exposition(status: &pb::RunStatus) -> String {
         &mut out,
         "mentor_worker_loss",
         "The training loss the worker's task reported last.",
-        &per_worker(&|w| Some(w.loss)),
+        // Tasks that report no loss (labeling, evaluation) have no sample: a NaN would make
+        // every aggregate over the workers NaN.
+        &per_worker(&|w| Some(w.loss).filter(|loss| loss.is_finite())),
     );
     gauges(
         &mut out,
@@ -261,6 +263,8 @@ pub fn exposition(status: &pb::RunStatus) -> String {
 pub async fn serve(listener: tokio::net::TcpListener, shared: Shared) {
     loop {
         let Ok((mut stream, _)) = listener.accept().await else {
+            // Out of file descriptors and the like: wait a little rather than spin.
+            tokio::time::sleep(std::time::Duration::from_millis(100)).await;
             continue;
         };
         let shared = shared.clone();
@@ -345,6 +349,17 @@ mod tests {
                     state: "lost".into(),
                     ..Default::default()
                 },
+                pb::WorkerStatus {
+                    worker_id: "w3".into(),
+                    device: "cpu".into(),
+                    state: "active".into(),
+                    task_id: "r2-t0008".into(),
+                    task: "pseudo-label shard 3".into(),
+                    step: 2,
+                    total_steps: 8,
+                    loss: f64::NAN,
+                    ..Default::default()
+                },
             ],
             rounds: vec![pb::RoundStatus {
                 round: 1,
@@ -363,7 +378,7 @@ mod tests {
             "mentor_run_info{run_id=\"tiny-1\",name=\"tiny\",method=\"noisy-student\",status=\"running\",phase=\"pseudo-label\"} 1",
             "mentor_run_finished 0",
             "mentor_tasks{state=\"done\"} 7",
-            "mentor_workers{state=\"active\"} 1",
+            "mentor_workers{state=\"active\"} 2",
             "mentor_workers{state=\"lost\"} 1",
             "mentor_worker_step{worker=\"w1\",task=\"train \\\"student\\\"\",device=\"cpu\"} 40",
             "mentor_worker_seconds_left{worker=\"w1\",task=\"train \\\"student\\\"\",device=\"cpu\"} 12",
@@ -376,6 +391,18 @@ mod tests {
         }
         // Not measured yet: no sample rather than a made-up value.
         assert!(!text.contains("role=\"student\""), "{text}");
+        // A labeler has no loss: no loss sample for it (it would turn aggregates into NaN).
+        assert!(
+            text.lines()
+                .any(|l| l.starts_with("mentor_worker_step{worker=\"w3\"")),
+            "{text}"
+        );
+        assert!(
+            !text
+                .lines()
+                .any(|l| l.starts_with("mentor_worker_loss{worker=\"w3\"")),
+            "{text}"
+        );
         // Every sample line is `name{labels} value`, with a value that parses.
         for line in text.lines().filter(|l| !l.starts_with('#')) {
             let value = line.rsplit(' ').next().unwrap_or("");

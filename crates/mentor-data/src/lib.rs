@@ -155,8 +155,12 @@ pub fn read_idx(path: &Path, rank: usize) -> Result<(Vec<u8>, Vec<usize>), DataE
         })?;
     let dims = parse_header(&file_path, &bytes, rank)?;
     let header_len = 4 + 4 * rank;
-    let expected: usize = dims.iter().product();
-    if bytes.len() - header_len != expected {
+    // A damaged header's dimensions may multiply past usize: that is no size to match.
+    let expected = dims
+        .iter()
+        .try_fold(1usize, |size, &dim| size.checked_mul(dim));
+    if expected != Some(bytes.len() - header_len) {
+        let expected = expected.map_or("more than usize::MAX".to_string(), |n| n.to_string());
         return Err(DataError::Format {
             path: file_path,
             reason: format!(
@@ -416,6 +420,17 @@ mod tests {
         let error = read_idx(&path, 3).expect_err("truncated");
         assert!(
             error.to_string().contains("need 12 bytes of data, found 4"),
+            "{error}"
+        );
+        // Dimensions whose product is past usize (a damaged header): refused, not an overflow.
+        let huge = [vec![0, 0, 8, 3], vec![0xff; 12], vec![1, 2, 3]].concat();
+        let damaged = dir.path().join("damaged-images-idx3-ubyte");
+        std::fs::write(&damaged, &huge).expect("write");
+        let error = read_idx(&damaged, 3).expect_err("huge");
+        assert!(
+            error
+                .to_string()
+                .contains("need more than usize::MAX bytes"),
             "{error}"
         );
         let missing = read_idx(&dir.path().join("nothing"), 1).expect_err("missing");

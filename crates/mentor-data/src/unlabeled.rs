@@ -414,6 +414,10 @@ fn read_tar(
             .into_owned();
         // WebDataset: the key is the member path up to the first dot of its file name.
         let (directory, file_name) = member.rsplit_once('/').unwrap_or(("", &member));
+        // Hidden files (`._000.jpg`, the resource forks macOS's tar adds) are no samples.
+        if file_name.starts_with('.') {
+            continue;
+        }
         let Some((stem, extension)) = file_name.split_once('.') else {
             continue;
         };
@@ -429,7 +433,9 @@ fn read_tar(
         // `key.left.png`: the field is `left.png`, an image by its last suffix.
         let suffix = extension.rsplit('.').next().unwrap_or(extension);
         if IMAGE_EXTENSIONS.contains(&suffix.to_ascii_lowercase().as_str()) {
-            let mut bytes = Vec::with_capacity(entry.size() as usize);
+            // The header's size is only a hint: a damaged one must not allocate the memory away.
+            let hint = entry.size().min(64 << 20) as usize;
+            let mut bytes = Vec::with_capacity(hint);
             entry
                 .read_to_end(&mut bytes)
                 .map_err(|e| corrupt(format!("member `{member}` is truncated ({e})")))?;
@@ -502,6 +508,9 @@ type Done = (usize, Result<Batch, DataError>);
 /// Decoded batches, in order; stops after the first error.
 pub struct Batches {
     results: Receiver<Done>,
+    /// How many batches the shard has, sent by the reading thread once it read the whole range:
+    /// the stream ends there, and nowhere else (a thread that stopped early is an error).
+    total: Receiver<usize>,
     pending: BTreeMap<usize, Result<Batch, DataError>>,
     next: usize,
     failed: bool,
@@ -527,12 +536,13 @@ impl Batches {
         let batch_size = options.batch_size.max(1);
         let (job_sender, job_receiver) = std::sync::mpsc::sync_channel::<Job>(prefetch);
         let (done_sender, done_receiver) = std::sync::mpsc::sync_channel::<Done>(prefetch);
+        let (total_sender, total_receiver) = std::sync::mpsc::channel::<usize>();
         let job_receiver = Arc::new(Mutex::new(job_receiver));
         std::thread::Builder::new()
             .name("mentor-read".into())
             .spawn({
                 let done = done_sender.clone();
-                move || read_items(items, batch_size, job_sender, done)
+                move || read_items(items, batch_size, job_sender, done, total_sender)
             })
             .map_err(no_thread)?;
         for index in 0..threads {
@@ -545,6 +555,7 @@ impl Batches {
         }
         Ok(Batches {
             results: done_receiver,
+            total: total_receiver,
             pending: BTreeMap::new(),
             next: 0,
             failed: false,
@@ -552,7 +563,13 @@ impl Batches {
     }
 }
 
-fn read_items(items: ItemIter, batch_size: usize, jobs: SyncSender<Job>, done: SyncSender<Done>) {
+fn read_items(
+    items: ItemIter,
+    batch_size: usize,
+    jobs: SyncSender<Job>,
+    done: SyncSender<Done>,
+    total: std::sync::mpsc::Sender<usize>,
+) {
     let mut batch = Vec::with_capacity(batch_size);
     let mut sequence = 0;
     for item in items {
@@ -578,8 +595,12 @@ fn read_items(items: ItemIter, batch_size: usize, jobs: SyncSender<Job>, done: S
         }
     }
     if !batch.is_empty() {
-        let _ = jobs.send((sequence, batch));
+        if jobs.send((sequence, batch)).is_err() {
+            return;
+        }
+        sequence += 1;
     }
+    let _ = total.send(sequence);
 }
 
 fn decode_jobs(jobs: Arc<Mutex<Receiver<Job>>>, done: SyncSender<Done>, geometry: Geometry) {
@@ -624,19 +645,22 @@ impl Iterator for Batches {
                 Ok((sequence, result)) => {
                     self.pending.insert(sequence, result);
                 }
-                // Every thread is gone: a batch still pending comes after one that never
-                // arrived (its thread ended without sending it, or an error's slot).
+                // Every thread is gone. The shard ended if the reading thread said so and every
+                // batch came; otherwise a batch never arrived (its thread ended without sending
+                // it, or an error's slot comes after it).
                 Err(_) => {
-                    let first = self.pending.keys().next().copied()?;
-                    let result = self.pending.remove(&first)?;
                     self.failed = true;
-                    return Some(match result {
-                        Err(error) => Err(error),
-                        Ok(_) => Err(DataError::Invalid(format!(
-                            "batch {} of the shard was never decoded (a decoding thread ended early)",
-                            self.next
-                        ))),
-                    });
+                    let first = self.pending.keys().next().copied();
+                    if first.is_none() && self.total.try_recv() == Ok(self.next) {
+                        return None;
+                    }
+                    if let Some(Err(error)) = first.and_then(|first| self.pending.remove(&first)) {
+                        return Some(Err(error));
+                    }
+                    return Some(Err(DataError::Invalid(format!(
+                        "batch {} of the shard was never decoded (a reading or decoding thread ended early)",
+                        self.next
+                    ))));
                 }
             }
         }

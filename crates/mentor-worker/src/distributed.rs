@@ -188,7 +188,7 @@ impl Group {
             self.broadcast(&mut flat, 0)?;
             unflatten_into(&flat, &bucket);
         }
-        self.wait_for_device()
+        self.wait_for_device("NCCL broadcast of rank 0's parameters")
     }
 
     /// Replaces `buffers` on every rank by their mean over ranks, bucket by bucket. Every rank
@@ -205,7 +205,7 @@ impl Group {
             let _ = flat.g_div_scalar_(ranks);
             unflatten_into(&flat, &bucket);
         }
-        self.wait_for_device()
+        self.wait_for_device("NCCL average of batch-norm statistics")
     }
 
     /// Sums the gradients of `variables` over ranks, bucket by bucket. A variable without a
@@ -231,39 +231,34 @@ impl Group {
             self.all_reduce_sum(&mut flat)?;
             unflatten_into(&flat, &bucket);
         }
-        self.wait_for_device()
+        self.wait_for_device("NCCL gradient all-reduce")
     }
 
-    /// With NCCL, waits until the device has run the enqueued collectives; a watchdog aborts
-    /// the communicator if that takes longer than the collective timeout (a dead or silent
-    /// rank), so no rank ever hangs. Host transports are synchronous already.
-    fn wait_for_device(&mut self) -> Result<(), CollectiveError> {
+    /// With NCCL, waits until the device has run the enqueued collectives (`operation`, for
+    /// the error); a watchdog aborts the communicator if that takes longer than the collective
+    /// timeout (a dead or silent rank), so no rank ever hangs. Host transports are synchronous
+    /// already.
+    fn wait_for_device(&mut self, operation: &'static str) -> Result<(), CollectiveError> {
         let (Transport::Nccl(comm), Device::Cuda(index)) = (&self.transport, self.device) else {
             return Ok(());
         };
         let handle = comm.abort_handle();
-        let finished = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
-        let watchdog = {
-            let finished = finished.clone();
-            let timeout = self.timeout;
-            std::thread::spawn(move || {
-                let deadline = std::time::Instant::now() + timeout;
-                while !finished.load(std::sync::atomic::Ordering::SeqCst) {
-                    if std::time::Instant::now() >= deadline {
-                        handle.abort();
-                        return;
-                    }
-                    std::thread::sleep(Duration::from_millis(20));
-                }
-            })
-        };
+        // The watchdog wakes the moment the device is done (the sender dropped), not at its
+        // next poll: the wait costs no more than the synchronisation itself.
+        let (done, finished) = std::sync::mpsc::channel::<()>();
+        let timeout = self.timeout;
+        let watchdog = std::thread::spawn(move || {
+            if let Err(std::sync::mpsc::RecvTimeoutError::Timeout) = finished.recv_timeout(timeout)
+            {
+                handle.abort();
+            }
+        });
         tch::Cuda::synchronize(index as i64);
-        finished.store(true, std::sync::atomic::Ordering::SeqCst);
+        drop(done);
         let _ = watchdog.join();
         if comm.is_aborted() {
-            return Err(CollectiveError::Timeout {
-                peer: (self.rank + 1) % self.world_size,
-                operation: "NCCL all-reduce",
+            return Err(CollectiveError::GroupTimeout {
+                operation,
                 seconds: self.timeout.as_secs_f64(),
             });
         }
@@ -301,7 +296,7 @@ impl Group {
         let mut tensor = Tensor::from_slice(&values.iter().map(|&v| v as f32).collect::<Vec<_>>())
             .to_device(device);
         collective(self, &mut tensor)?;
-        self.wait_for_device()?;
+        self.wait_for_device("NCCL collective of scalars")?;
         let reduced = Vec::<f32>::try_from(tensor.to_device(Device::Cpu))
             .map_err(|e| CollectiveError::Setup(e.to_string()))?;
         for (value, reduced) in values.iter_mut().zip(reduced) {

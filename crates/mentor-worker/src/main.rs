@@ -599,10 +599,19 @@ async fn rendezvous(
             break;
         }
         if tokio::time::Instant::now() >= deadline {
-            return Ok(Err(format!(
-                "ranks {:?} of {world_size} did not join task {} within {}s",
-                status.missing_ranks, task.task_id, workers.join_timeout_seconds
-            )));
+            let seconds = workers.join_timeout_seconds;
+            return Ok(Err(if status.missing_ranks.is_empty() {
+                // Every rank joined; rank 0's NCCL id never came (its NCCL failed to load?).
+                format!(
+                    "every rank joined task {} but rank 0's NCCL unique id did not arrive within {seconds}s (see rank 0's log)",
+                    task.task_id
+                )
+            } else {
+                format!(
+                    "ranks {:?} of {world_size} did not join task {} within {seconds}s",
+                    status.missing_ranks, task.task_id
+                )
+            }));
         }
         tokio::time::sleep(Duration::from_millis(100)).await;
         let request = pb::GetGroupRequest {

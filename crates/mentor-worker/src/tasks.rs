@@ -603,6 +603,17 @@ fn train(
         load_exactly(&mut vs, init)
             .map_err(|e| format!("failed to load checkpoint `{}`: {e}", init.display()))?;
     }
+    // The pseudo labels are read before the first collective: ranks that read at different
+    // speeds would otherwise wait for each other in it, under the collective timeout.
+    let pseudo = match selection {
+        Some(path) => Some(load_selection(
+            plan,
+            dataset,
+            path,
+            train_plan.label_smoothing,
+        )?),
+        None => None,
+    };
     let variables = vs.trainable_variables();
     group
         .broadcast_parameters(&variables)
@@ -627,15 +638,6 @@ fn train(
             train_plan.learning_rate,
         ),
     }?;
-    let pseudo = match selection {
-        Some(path) => Some(load_selection(
-            plan,
-            dataset,
-            path,
-            train_plan.label_smoothing,
-        )?),
-        None => None,
-    };
     // Noise differs per rank; the batch order is the same on every rank (`sampler`).
     tch::manual_seed(seed.wrapping_add(7919 * rank as i64));
     let mut sampler = StdRng::seed_from_u64(seed as u64);

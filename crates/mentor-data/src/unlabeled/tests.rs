@@ -184,6 +184,8 @@ fn webdataset_tars_are_one_shard_each_with_key_grouping() {
         tar_with(&[
             ("s/000.png", png(1)),
             ("s/000.cls", b"3".to_vec()),
+            // macOS's tar adds a resource fork per file: hidden, not a sample.
+            ("s/._001.jpg", b"not an image".to_vec()),
             ("s/001.cls", b"4".to_vec()),
             ("s/001.jpg", jpeg([90, 90, 90])),
             ("s/002.png", png(2)),
@@ -283,6 +285,52 @@ fn idx_source_copies_training_images_by_position() {
     assert!(error.to_string().contains("[2, 9)"), "{error}");
 }
 
+/// Batches from `sent` (then every sender gone), with the reading thread's `total` if it sent one.
+fn batches_of(sent: Vec<Done>, total: Option<usize>) -> Batches {
+    let (sender, receiver) = std::sync::mpsc::sync_channel::<Done>(sent.len().max(1));
+    for done in sent {
+        sender.send(done).expect("send");
+    }
+    let (total_sender, total_receiver) = std::sync::mpsc::channel();
+    if let Some(total) = total {
+        total_sender.send(total).expect("send");
+    }
+    Batches {
+        results: receiver,
+        total: total_receiver,
+        pending: BTreeMap::new(),
+        next: 0,
+        failed: false,
+    }
+}
+
+#[test]
+fn a_stream_that_stops_before_the_reader_said_it_ended_is_an_error() {
+    let batch = |id| Batch {
+        example_ids: vec![id],
+        pixels: vec![0; 28 * 28],
+    };
+    // Two batches, and the reader's word that there were two: a clean end.
+    let whole = batches_of(vec![(0, Ok(batch(1))), (1, Ok(batch(2)))], Some(2));
+    assert_eq!(collect(whole).expect("whole shard").len(), 2);
+    // The threads died after batch 0 (a panic, say) with no word from the reader: not an end.
+    let mut cut = batches_of(vec![(0, Ok(batch(1)))], None);
+    assert!(matches!(cut.next(), Some(Ok(_))));
+    match cut.next() {
+        Some(Err(error)) => assert!(
+            error
+                .to_string()
+                .contains("batch 1 of the shard was never decoded"),
+            "{error}"
+        ),
+        other => panic!("a cut stream ended cleanly: {other:?}"),
+    }
+    assert!(cut.next().is_none());
+    // The reader said three, two came: the same.
+    let short = batches_of(vec![(0, Ok(batch(1))), (1, Ok(batch(2)))], Some(3));
+    assert!(collect(short).is_err());
+}
+
 #[test]
 fn a_batch_that_never_arrives_is_an_error_not_a_gap() {
     // Batch 1 arrived; batch 0's thread ended without sending it.
@@ -293,8 +341,11 @@ fn a_batch_that_never_arrives_is_an_error_not_a_gap() {
     };
     sender.send((1, Ok(batch))).expect("send");
     drop(sender);
+    let (total, total_receiver) = std::sync::mpsc::channel();
+    total.send(2).expect("send");
     let mut batches = Batches {
         results: receiver,
+        total: total_receiver,
         pending: BTreeMap::new(),
         next: 0,
         failed: false,
