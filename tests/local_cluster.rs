@@ -448,7 +448,7 @@ fn status_command_reports_an_unreachable_coordinator() {
     let stderr = String::from_utf8_lossy(&output.stderr);
     assert_eq!(output.status.code(), Some(2), "{stderr}");
     assert!(
-        stderr.contains("--interval") && stderr.contains("must be a finite number >= 0.1"),
+        stderr.contains("--interval") && stderr.contains("must be from 0.1 to 86400"),
         "{stderr}"
     );
 }
