@@ -6,8 +6,8 @@ use std::time::Duration;
 
 use mentor_e2e::{
     binary, plan_with, run_on_two_workers, start_coordinator, start_coordinator_on,
-    start_coordinator_with, start_worker, status, tiny_plan_with, try_status, wait_for, watch_run,
-    workspace_root, ONE_WORKER_SHORT_HEARTBEAT,
+    start_coordinator_with, start_worker, status, tiny_plan_with, try_status, wait_for,
+    wait_for_or_explain, watch_run, workspace_root, ONE_WORKER_SHORT_HEARTBEAT,
 };
 use mentor_labels::{read_round, ShardStore};
 
@@ -1504,4 +1504,67 @@ fn webdataset_labeling_survives_a_killed_labeler_without_loss_or_duplicates() {
     .expect("selection JSON");
     assert_eq!(selection["storage"], storage.as_str());
     assert_eq!(selection["shards"].as_array().map(|s| s.len()), Some(tars));
+}
+
+/// Example ids are positions in the listing of the unlabeled images: a tar added after the run
+/// began would shift them. A worker that lists other files than the coordinator refuses to
+/// work, and a coordinator resuming the run refuses it, naming the folder; with the folder
+/// restored, the run opens again.
+#[test]
+fn a_changed_unlabeled_listing_is_refused_by_workers_and_on_resume() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let tar_dir = dir.path().join("unlabeled");
+    write_webdataset(&tar_dir, 2, 20);
+    let unlabeled = format!(
+        "[data.unlabeled]\nformat = \"webdataset\"\npath = \"{}\"\n\n[teacher.model]",
+        tar_dir.display()
+    );
+    let mut edits = ONE_WORKER_SHORT_HEARTBEAT.to_vec();
+    edits.extend([
+        ("unlabeled_limit = 1500\n", ""),
+        ("[teacher.model]", unlabeled.as_str()),
+    ]);
+    let plan = dir.path().join("plan.toml");
+    std::fs::write(&plan, tiny_plan_with(&edits)).expect("write plan");
+    let state_dir = dir.path().join("run");
+    let (coordinator, address) = start_coordinator(&plan, &state_dir);
+
+    // A third tar, in the middle of the listing, after the coordinator listed two.
+    let first = tar_dir.join("shard-000.tar");
+    let added = tar_dir.join("shard-000a.tar");
+    std::fs::copy(&first, &added).expect("copy tar");
+    let mut worker = start_worker(&address, dir.path().join("worker.log"));
+    let code = wait_for_or_explain(
+        "the worker to refuse the listing",
+        Duration::from_secs(120),
+        || worker.child.try_wait().expect("wait").map(|s| s.code()),
+        || std::fs::read_to_string(dir.path().join("worker.log")).unwrap_or_default(),
+    );
+    let log = worker.log_text();
+    assert_ne!(code, Some(0), "{log}");
+    assert!(
+        log.contains("are not those the coordinator listed")
+            && log.contains(&tar_dir.display().to_string()),
+        "{log}"
+    );
+    drop(coordinator);
+
+    let stderr = refused_open(&plan, &state_dir, &[]);
+    assert!(
+        stderr.contains(&format!(
+            "the unlabeled images at `{}` are not those the run began with",
+            tar_dir.display()
+        )) && stderr.contains("webdataset:2:")
+            && stderr.contains("webdataset:3:"),
+        "{stderr}"
+    );
+    // Restored: the same run opens again.
+    std::fs::remove_file(&added).expect("remove tar");
+    let (mut again, _) = start_coordinator(&plan, &state_dir);
+    assert!(again.is_running(), "{}", again.log_text());
+    assert!(
+        again.log_text().contains("resuming run"),
+        "{}",
+        again.log_text()
+    );
 }

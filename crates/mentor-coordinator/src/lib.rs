@@ -51,6 +51,12 @@ pub enum CoordinatorError {
     RunInUse { dir: PathBuf, holder: String },
     #[error("state store `{path}`: {reason}")]
     StateStore { path: PathBuf, reason: String },
+    #[error("the unlabeled images at `{path}` are not those the run began with (listing {then} then, {now} now): a file added, removed or renamed shifts the example ids its soft labels and selections name; restore them, or start a new run in another --state-dir")]
+    UnlabeledChanged {
+        path: PathBuf,
+        then: String,
+        now: String,
+    },
     #[error("soft-label storage (pseudo_labels.storage): {reason}")]
     Storage { reason: String },
     #[error("teacher.checkpoint `{path}`: {reason}")]
@@ -419,6 +425,8 @@ impl Coordinator {
         let store = ShardStore::open(&storage).map_err(|e| CoordinatorError::Storage {
             reason: e.to_string(),
         })?;
+        let source = mentor_data::Source::open(&plan.data, &split.unlabeled)?;
+        let fingerprint = source.fingerprint(&plan.data);
         let state_file = run_dir.join("state.json");
         // A resumed run's `teacher.checkpoint`, as its plan gave it, and its old directory when
         // it moved.
@@ -473,7 +481,6 @@ impl Coordinator {
             state
         } else {
             let run_id = new_run_id(&plan.name);
-            let source = mentor_data::Source::open(&plan.data, &split.unlabeled)?;
             let shards = source.shards(plan.data.shard_size);
             tracing::info!(
                 format = source.format().as_str(),
@@ -484,6 +491,18 @@ impl Coordinator {
             let examples = source.known_examples().unwrap_or(0);
             RunState::new(run_id, &plan, shards, examples, &run_dir)
         };
+        match &state.unlabeled_fingerprint {
+            Some(recorded) if *recorded != fingerprint => {
+                return Err(CoordinatorError::UnlabeledChanged {
+                    path: plan.data.unlabeled_place(),
+                    then: recorded.clone(),
+                    now: fingerprint,
+                });
+            }
+            Some(_) => {}
+            // A new run, or one recorded before runs kept it: from now on.
+            None => state.unlabeled_fingerprint = Some(fingerprint),
+        }
         if let Some(given) = &plan.teacher.checkpoint {
             // Checked while a task still needs it: a run past its first labeling does not.
             let needed =

@@ -233,6 +233,11 @@ impl WorkerService for WorkerApi {
             plan_toml: coordinator.state.plan_toml.clone(),
             run_dir: coordinator.state.paths.run_dir.display().to_string(),
             heartbeat_interval_ms: HEARTBEAT_INTERVAL.as_millis() as u64,
+            unlabeled_fingerprint: coordinator
+                .state
+                .unlabeled_fingerprint
+                .clone()
+                .unwrap_or_default(),
         }))
     }
 

@@ -335,6 +335,10 @@ pub struct RunState {
     /// The phase a failed run was in when it failed (where `--retry-failed` takes it back).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub failed_in: Option<Phase>,
+    /// The listing the unlabeled example ids are positions in (`Source::fingerprint`): a
+    /// resumed run whose images changed is refused, and workers check theirs against it.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub unlabeled_fingerprint: Option<String>,
 }
 
 fn default_method() -> Method {
@@ -439,6 +443,7 @@ impl RunState {
             finetune: plan.mpl.as_ref().is_some_and(|mpl| mpl.finetune.steps > 0),
             teacher_checkpoint: plan.teacher.checkpoint.clone(),
             failed_in: None,
+            unlabeled_fingerprint: None,
         }
     }
 

@@ -204,6 +204,55 @@ impl Source {
         }
     }
 
+    /// What example ids mean: the listing they are positions in. Coordinator and workers list a
+    /// folder or a WebDataset directory apart, and again on resume; a file added, removed or
+    /// renamed in between shifts every id after it, so that soft labels would name other
+    /// images. Equal fingerprints, equal listings. Paths count relative to `data.unlabeled.path`
+    /// (a run may move with its data); tar files count their sizes too. IDX positions come from
+    /// the plan's split alone: their count says it all.
+    pub fn fingerprint(&self, data: &DataPlan) -> String {
+        let root = data.unlabeled.path.clone().unwrap_or_default();
+        // FNV-1a, 64 bits: stable across builds and machines (std's hasher is not).
+        let mut hash: u64 = 0xcbf2_9ce4_8422_2325;
+        let mut feed = |bytes: &[u8]| {
+            for &byte in bytes {
+                hash ^= u64::from(byte);
+                hash = hash.wrapping_mul(0x0100_0000_01b3);
+            }
+            // A separator, so that ("ab", "c") and ("a", "bc") differ.
+            hash ^= 0xff;
+            hash = hash.wrapping_mul(0x0100_0000_01b3);
+        };
+        let relative = |path: &Path| -> String {
+            let inside = path.strip_prefix(&root).unwrap_or(path);
+            match inside.as_os_str().is_empty() {
+                true => path
+                    .file_name()
+                    .unwrap_or_default()
+                    .to_string_lossy()
+                    .into_owned(),
+                false => inside.to_string_lossy().into_owned(),
+            }
+        };
+        match self {
+            Source::Idx { positions, .. } => format!("idx:{}", positions.len()),
+            Source::Folder { files } => {
+                for file in files {
+                    feed(relative(file).as_bytes());
+                }
+                format!("image-folder:{}:{hash:016x}", files.len())
+            }
+            Source::Webdataset { tars } => {
+                for tar in tars {
+                    feed(relative(tar).as_bytes());
+                    let size = std::fs::metadata(tar).map_or(u64::MAX, |m| m.len());
+                    feed(&size.to_le_bytes());
+                }
+                format!("webdataset:{}:{hash:016x}", tars.len())
+            }
+        }
+    }
+
     /// Examples of the source when known without reading it (not for WebDataset).
     pub fn known_examples(&self) -> Option<u64> {
         match self {

@@ -281,6 +281,16 @@ pub struct DataPlan {
     pub unlabeled: UnlabeledPlan,
 }
 
+impl DataPlan {
+    /// Where the unlabeled images are: `data.dir` for `idx`, else `data.unlabeled.path`.
+    pub fn unlabeled_place(&self) -> PathBuf {
+        match self.unlabeled.format {
+            UnlabeledFormat::Idx => self.dir.clone(),
+            _ => self.unlabeled.path.clone().unwrap_or_default(),
+        }
+    }
+}
+
 /// Formats of unlabeled data.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Serialize, Deserialize)]
 #[serde(rename_all = "kebab-case")]

@@ -61,11 +61,18 @@ struct Job {
 /// tensors, files and collective are dropped on the way out.
 struct Stopped;
 
+/// Whether this worker lists the unlabeled images as the coordinator did (an empty
+/// `fingerprint`: a coordinator that does not say).
+fn same_listing(plan: &Plan, dataset: &Dataset, fingerprint: &str) -> bool {
+    fingerprint.is_empty() || dataset.unlabeled.fingerprint(&plan.data) == fingerprint
+}
+
 /// Starts the thread that owns libtorch: it loads the data set once and runs jobs in order.
 fn spawn_torch_thread(
     plan: Plan,
     device: tch::Device,
     threads: i32,
+    unlabeled_fingerprint: String,
 ) -> anyhow::Result<std_mpsc::Sender<Job>> {
     let (sender, receiver) = std_mpsc::channel::<Job>();
     let (ready_sender, ready_receiver) = std_mpsc::channel::<Result<(), String>>();
@@ -76,6 +83,14 @@ fn spawn_torch_thread(
                 tch::set_num_threads(threads);
             }
             let dataset = match Dataset::load(&plan, device) {
+                Ok(dataset) if !same_listing(&plan, &dataset, &unlabeled_fingerprint) => {
+                    let _ = ready_sender.send(Err(format!(
+                        "the unlabeled images at {} are not those the coordinator listed (listing {} here, {unlabeled_fingerprint} there): files added, removed or renamed since the run began, or another copy; example ids would name other images",
+                        plan.data.unlabeled_place().display(),
+                        dataset.unlabeled.fingerprint(&plan.data),
+                    )));
+                    return;
+                }
                 Ok(dataset) => {
                     let _ = ready_sender.send(Ok(()));
                     dataset
@@ -418,7 +433,12 @@ async fn main() -> anyhow::Result<()> {
     };
 
     let torch = match tokio::task::block_in_place(|| {
-        spawn_torch_thread(plan.clone(), device, args.threads)
+        spawn_torch_thread(
+            plan.clone(),
+            device,
+            args.threads,
+            reply.unlabeled_fingerprint.clone(),
+        )
     }) {
         Ok(torch) => torch,
         Err(error) => {

@@ -361,3 +361,44 @@ fn a_batch_that_never_arrives_is_an_error_not_a_gap() {
     }
     assert!(batches.next().is_none());
 }
+
+#[test]
+fn fingerprints_change_with_the_listing_and_not_with_the_place() {
+    let fingerprint = |format, dir: &Path| {
+        let plan = data_plan(format, dir);
+        Source::open(&plan, &[]).expect("open").fingerprint(&plan)
+    };
+    let dir = tempfile::tempdir().expect("tempdir");
+    let images = dir.path().join("images");
+    std::fs::create_dir_all(images.join("sub")).expect("mkdir");
+    for name in ["a.png", "b.png", "sub/c.png"] {
+        std::fs::write(images.join(name), png(1)).expect("write");
+    }
+    let folder = fingerprint(UnlabeledFormat::ImageFolder, &images);
+    assert!(folder.starts_with("image-folder:3:"), "{folder}");
+    // The same files in another place: the same ids.
+    let moved = dir.path().join("moved");
+    std::fs::rename(&images, &moved).expect("move");
+    assert_eq!(fingerprint(UnlabeledFormat::ImageFolder, &moved), folder);
+    // One renamed (same count), one added: other ids.
+    std::fs::rename(moved.join("b.png"), moved.join("bb.png")).expect("rename");
+    let renamed = fingerprint(UnlabeledFormat::ImageFolder, &moved);
+    assert_ne!(renamed, folder);
+    std::fs::write(moved.join("0.png"), png(2)).expect("write");
+    let added = fingerprint(UnlabeledFormat::ImageFolder, &moved);
+    assert!(added.starts_with("image-folder:4:"), "{added}");
+
+    // WebDataset: a tar rewritten with other samples (another size) is another listing.
+    let tars = dir.path().join("tars");
+    std::fs::create_dir_all(&tars).expect("mkdir");
+    std::fs::write(tars.join("s-0.tar"), tar_with(&[("0.png", png(1))])).expect("write");
+    let webdataset = fingerprint(UnlabeledFormat::Webdataset, &tars);
+    assert!(webdataset.starts_with("webdataset:1:"), "{webdataset}");
+    assert_eq!(fingerprint(UnlabeledFormat::Webdataset, &tars), webdataset);
+    std::fs::write(
+        tars.join("s-0.tar"),
+        tar_with(&[("0.png", png(1)), ("1.png", png(2))]),
+    )
+    .expect("write");
+    assert_ne!(fingerprint(UnlabeledFormat::Webdataset, &tars), webdataset);
+}
