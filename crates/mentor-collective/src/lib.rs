@@ -39,6 +39,8 @@ pub enum CollectiveError {
         operation: &'static str,
         source: std::io::Error,
     },
+    #[error("collective out of step: {0}")]
+    OutOfStep(String),
     #[error("group setup failed: {0}")]
     Setup(String),
     #[error("NCCL: {0}")]

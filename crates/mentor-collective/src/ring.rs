@@ -38,6 +38,48 @@ pub struct TcpRing {
     previous: TcpStream,
     timeout: Duration,
     scratch: Vec<f32>,
+    /// Collectives run so far: each one starts by checking that both neighbours are in the
+    /// same one (see [`TcpRing::check_in`]).
+    sequence: u64,
+}
+
+/// What a collective is, as the ranks compare it before moving data.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+struct Call {
+    sequence: u64,
+    /// 0: all-reduce; 1 + root: a broadcast from `root`.
+    kind: u64,
+    len: u64,
+}
+
+impl Call {
+    fn bytes(self) -> [u8; 24] {
+        let mut bytes = [0u8; 24];
+        bytes[..8].copy_from_slice(&self.sequence.to_le_bytes());
+        bytes[8..16].copy_from_slice(&self.kind.to_le_bytes());
+        bytes[16..].copy_from_slice(&self.len.to_le_bytes());
+        bytes
+    }
+
+    fn from_bytes(bytes: &[u8; 24]) -> Call {
+        let word = |at: usize| u64::from_le_bytes(bytes[at..at + 8].try_into().unwrap_or([0; 8]));
+        Call {
+            sequence: word(0),
+            kind: word(8),
+            len: word(16),
+        }
+    }
+
+    fn describe(self) -> String {
+        let what = match self.kind {
+            0 => "an all-reduce".to_string(),
+            root => format!("a broadcast from rank {}", root - 1),
+        };
+        format!(
+            "{what} of {} values (collective {})",
+            self.len, self.sequence
+        )
+    }
 }
 
 fn handshake(group: &str, rank: usize) -> Vec<u8> {
@@ -133,6 +175,7 @@ impl TcpRing {
             previous,
             timeout,
             scratch: Vec::new(),
+            sequence: 0,
         })
     }
 
@@ -142,6 +185,39 @@ impl TcpRing {
 
     fn previous_rank(&self) -> usize {
         (self.rank + self.world_size - 1) % self.world_size
+    }
+
+    /// Before a collective moves data, each rank tells the next one what it is about to run and
+    /// hears the same from the previous one: ranks whose programs diverged (another length,
+    /// another collective, one skipped) fail naming both calls, instead of mixing the bytes
+    /// of different tensors into wrong sums.
+    fn check_in(&mut self, kind: u64, len: usize) -> Result<(), CollectiveError> {
+        let (next_rank, previous_rank, timeout) =
+            (self.next_rank(), self.previous_rank(), self.timeout);
+        let ours = Call {
+            sequence: self.sequence,
+            kind,
+            len: len as u64,
+        };
+        self.sequence += 1;
+        // 24 bytes fit any socket buffer: written before reading, they cannot deadlock.
+        self.next
+            .write_all(&ours.bytes())
+            .map_err(|e| peer_error(next_rank, "check-in", e, timeout))?;
+        let mut received = [0u8; 24];
+        self.previous
+            .read_exact(&mut received)
+            .map_err(|e| peer_error(previous_rank, "check-in", e, timeout))?;
+        let theirs = Call::from_bytes(&received);
+        if theirs != ours {
+            return Err(CollectiveError::OutOfStep(format!(
+                "rank {} runs {}, rank {previous_rank} runs {}: the ranks' programs diverged",
+                self.rank,
+                ours.describe(),
+                theirs.describe()
+            )));
+        }
+        Ok(())
     }
 
     /// Sends `data[send]` to the next rank while receiving as many values as `data[receive]`
@@ -256,6 +332,7 @@ impl HostCollective for TcpRing {
     }
 
     fn all_reduce_sum(&mut self, data: &mut [f32]) -> Result<(), CollectiveError> {
+        self.check_in(0, data.len())?;
         let world = self.world_size;
         let len = data.len();
         // Reduce-scatter: after W-1 steps rank r holds the full sum of chunk r+1.
@@ -274,6 +351,7 @@ impl HostCollective for TcpRing {
     }
 
     fn broadcast(&mut self, data: &mut [f32], root: usize) -> Result<(), CollectiveError> {
+        self.check_in(1 + root as u64, data.len())?;
         let (next_rank, previous_rank, timeout) =
             (self.next_rank(), self.previous_rank(), self.timeout);
         if self.rank != root {
@@ -356,6 +434,45 @@ mod tests {
                     );
                 }
             }
+        }
+    }
+
+    #[test]
+    fn ranks_in_different_collectives_fail_naming_both() {
+        // Another length on rank 1.
+        let results = ring(2, |ring| {
+            let mut data = vec![1.0f32; 10 + 2 * ring.rank()];
+            ring.all_reduce_sum(&mut data)
+                .map_err(|e| e.to_string())
+                .map(|()| data)
+        });
+        for result in &results {
+            let error = result.as_ref().expect_err("diverged lengths must fail");
+            assert!(
+                error.contains("an all-reduce of 10 values (collective 0)")
+                    && error.contains("an all-reduce of 12 values (collective 0)")
+                    && error.contains("diverged"),
+                "{error}"
+            );
+        }
+        // A broadcast on one rank, an all-reduce on the other.
+        let results = ring(2, |ring| {
+            let mut data = vec![1.0f32; 4];
+            let outcome = if ring.rank() == 0 {
+                ring.all_reduce_sum(&mut data)
+            } else {
+                ring.broadcast(&mut data, 0)
+            };
+            outcome.map_err(|e| e.to_string())
+        });
+        for result in &results {
+            let error = result
+                .as_ref()
+                .expect_err("different collectives must fail");
+            assert!(
+                error.contains("a broadcast from rank 0 of 4 values"),
+                "{error}"
+            );
         }
     }
 
