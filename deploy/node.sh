@@ -157,7 +157,10 @@ fi
 if [ -z "$advertise" ]; then
   # `hostname -I` is not everywhere (busybox, inetutils, minimal images): fall back to loopback.
   advertise="$( (hostname -I 2>/dev/null || true) | awk '{print $1}')"
-  [ -n "$advertise" ] || advertise=127.0.0.1
+  if [ -z "$advertise" ]; then
+    advertise=127.0.0.1
+    echo "[node] warning: no address from \`hostname -I\`; workers advertise 127.0.0.1, which other machines cannot reach: give --advertise-host on a multi-node CPU run" >&2
+  fi
 fi
 
 binary() {
@@ -242,7 +245,7 @@ if [ -n "$coordinator_pid" ]; then
     # exit on their own; the EXIT trap stops whatever is left.
     for _ in $(seq 1 20); do
       alive=0
-      for pid in "${worker_pids[@]}"; do kill -0 "$pid" 2>/dev/null && alive=1; done
+      for pid in ${worker_pids[@]+"${worker_pids[@]}"}; do kill -0 "$pid" 2>/dev/null && alive=1; done
       [ "$alive" -eq 1 ] || break
       sleep 0.5
     done

@@ -62,9 +62,12 @@ unpacked="$(mktemp -d)"
 # them), and the --run coordinator: stopped on any exit, before their directories go.
 cluster_pids=""
 coordinator=""
+worker=""
 cleanup() {
   local pid
   for pid in $cluster_pids; do kill -- -"$pid" 2>/dev/null || true; done
+  # `timeout` passes the signal on to the worker it runs.
+  [ -z "$worker" ] || kill "$worker" 2>/dev/null || true
   [ -z "$coordinator" ] || kill "$coordinator" 2>/dev/null || true
   if [ -n "$cluster_pids" ]; then sleep 3; fi
   rm -rf "$unpacked"
@@ -222,7 +225,11 @@ if [ ! -s "$state/coordinator.addr" ]; then
   exit 1
 fi
 address="$(cat "$state/coordinator.addr")"
-timeout 300 "$BIN/worker" --coordinator "$address" --device cuda:0 >"$OUT/worker.log" 2>&1 || true
+# In the background, so that an interrupt reaches the trap at once and cleanup stops it.
+timeout 300 "$BIN/worker" --coordinator "$address" --device cuda:0 >"$OUT/worker.log" 2>&1 &
+worker=$!
+wait "$worker" || true
+worker=""
 "$BIN/mentor" status --coordinator "$address" --json >"$OUT/status.json" || true
 nccl_run="$("$PYTHON" -c 'import json,sys; print(json.load(open(sys.argv[1]))["status"])' "$OUT/status.json" 2>/dev/null || echo unknown)"
 nccl_groups="$(grep -c 'data-parallel group formed' "$OUT/worker.log" || true)"

@@ -155,19 +155,31 @@ echo "[local-cluster] started $workers worker(s); logs in $state_dir/logs" >&2
 watch_pid=$!
 pids+=("$watch_pid")
 failure=""
+rewatched=0
+watch_started=$(date +%s)
 while true; do
   if ! kill -0 "$watch_pid" 2>/dev/null; then
     watch_code=0
     wait "$watch_pid" 2>/dev/null || watch_code=$?
-    # 2: one status query failed (a loaded machine, a slow answer). While the coordinator
-    # lives the run goes on: watch again rather than stop it.
-    if [ "$watch_code" -eq 2 ] && kill -0 "$coordinator_pid" 2>/dev/null; then
-      sleep 1
+    if ! kill -0 "$coordinator_pid" 2>/dev/null && [ "$watch_code" -ne 0 ] && [ "$watch_code" -ne 1 ]; then
+      failure="the coordinator stopped unexpectedly (see $state_dir/logs/coordinator.log)"
+      break
+    fi
+    # 2: a status query failed (a loaded machine, a slow answer). While the coordinator lives
+    # the run goes on: watch again rather than stop it (in place of the watcher that ended, so
+    # that the exit trap never signals a pid that may be another process's by then).
+    # A watcher that answered for a minute ends a streak of failed queries.
+    [ $(( $(date +%s) - watch_started )) -lt 60 ] || rewatched=0
+    if [ "$watch_code" -eq 2 ] && [ "$rewatched" -lt 30 ]; then
+      rewatched=$((rewatched + 1))
+      watch_started=$(date +%s)
+      sleep 2
       "$BIN/mentor" status --coordinator "$address" --watch --interval 5 &
+      for i in "${!pids[@]}"; do [ "${pids[$i]}" != "$watch_pid" ] || pids[$i]=$!; done
       watch_pid=$!
-      pids+=("$watch_pid")
       continue
     fi
+    [ "$watch_code" -ne 2 ] || failure="the coordinator did not answer status queries $rewatched times in a row (see $state_dir/logs/coordinator.log)"
     break
   fi
   sleep 1

@@ -1509,7 +1509,7 @@ fn webdataset_labeling_survives_a_killed_labeler_without_loss_or_duplicates() {
 /// Example ids are positions in the listing of the unlabeled images: a tar added after the run
 /// began would shift them. A worker that lists other files than the coordinator refuses to
 /// work, and a coordinator resuming the run refuses it, naming the folder; with the folder
-/// restored, the run opens again.
+/// restored, the run opens again, and moved elsewhere with the plan naming the new place too.
 #[test]
 fn a_changed_unlabeled_listing_is_refused_by_workers_and_on_resume() {
     let dir = tempfile::tempdir().expect("tempdir");
@@ -1566,5 +1566,25 @@ fn a_changed_unlabeled_listing_is_refused_by_workers_and_on_resume() {
         again.log_text().contains("resuming run"),
         "{}",
         again.log_text()
+    );
+    drop(again);
+    // Moved, the same files: the plan may name their new place (the listing vouches for them).
+    let moved = dir.path().join("moved-unlabeled");
+    std::fs::rename(&tar_dir, &moved).expect("move the tars");
+    let moved_plan = dir.path().join("moved-plan.toml");
+    let text = std::fs::read_to_string(&plan).expect("plan");
+    let moved_text = text.replacen(
+        &tar_dir.display().to_string(),
+        &moved.display().to_string(),
+        1,
+    );
+    assert_ne!(moved_text, text);
+    std::fs::write(&moved_plan, moved_text).expect("write plan");
+    let (mut after_move, _) = start_coordinator(&moved_plan, &state_dir);
+    assert!(after_move.is_running(), "{}", after_move.log_text());
+    let log = after_move.log_text();
+    assert!(
+        log.contains("resuming run") && log.contains("unlabeled images from another place"),
+        "{log}"
     );
 }

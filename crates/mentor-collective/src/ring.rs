@@ -41,6 +41,9 @@ pub struct TcpRing {
     /// Collectives run so far: each one starts by checking that both neighbours are in the
     /// same one (see [`TcpRing::check_in`]).
     sequence: u64,
+    /// Why an earlier collective failed: the byte streams are out of step after it, so the
+    /// ring refuses further calls.
+    broken: Option<String>,
 }
 
 /// What a collective is, as the ranks compare it before moving data.
@@ -176,6 +179,7 @@ impl TcpRing {
             timeout,
             scratch: Vec::new(),
             sequence: 0,
+            broken: None,
         })
     }
 
@@ -189,8 +193,8 @@ impl TcpRing {
 
     /// Before a collective moves data, each rank tells the next one what it is about to run and
     /// hears the same from the previous one: ranks whose programs diverged (another length,
-    /// another collective, one skipped) fail naming both calls, instead of mixing the bytes
-    /// of different tensors into wrong sums.
+    /// another collective, or a skipped one wherever the calls after it differ) fail naming
+    /// both calls, instead of mixing the bytes of different tensors into wrong sums.
     fn check_in(&mut self, kind: u64, len: usize) -> Result<(), CollectiveError> {
         let (next_rank, previous_rank, timeout) =
             (self.next_rank(), self.previous_rank(), self.timeout);
@@ -332,6 +336,37 @@ impl HostCollective for TcpRing {
     }
 
     fn all_reduce_sum(&mut self, data: &mut [f32]) -> Result<(), CollectiveError> {
+        self.guarded(|ring| ring.ring_all_reduce(data))
+    }
+
+    fn broadcast(&mut self, data: &mut [f32], root: usize) -> Result<(), CollectiveError> {
+        self.guarded(|ring| ring.ring_broadcast(data, root))
+    }
+}
+
+impl TcpRing {
+    /// Runs one collective; after a failure the ring is broken: both sockets are shut down, so
+    /// that the neighbours fail at once instead of at their timeout, and later calls are
+    /// refused (their bytes would be read as another collective's).
+    fn guarded(
+        &mut self,
+        collective: impl FnOnce(&mut TcpRing) -> Result<(), CollectiveError>,
+    ) -> Result<(), CollectiveError> {
+        if let Some(reason) = &self.broken {
+            return Err(CollectiveError::OutOfStep(format!(
+                "the ring broke in an earlier collective ({reason})"
+            )));
+        }
+        let result = collective(self);
+        if let Err(error) = &result {
+            self.broken = Some(error.to_string());
+            let _ = self.next.shutdown(std::net::Shutdown::Both);
+            let _ = self.previous.shutdown(std::net::Shutdown::Both);
+        }
+        result
+    }
+
+    fn ring_all_reduce(&mut self, data: &mut [f32]) -> Result<(), CollectiveError> {
         self.check_in(0, data.len())?;
         let world = self.world_size;
         let len = data.len();
@@ -350,7 +385,7 @@ impl HostCollective for TcpRing {
         Ok(())
     }
 
-    fn broadcast(&mut self, data: &mut [f32], root: usize) -> Result<(), CollectiveError> {
+    fn ring_broadcast(&mut self, data: &mut [f32], root: usize) -> Result<(), CollectiveError> {
         self.check_in(1 + root as u64, data.len())?;
         let (next_rank, previous_rank, timeout) =
             (self.next_rank(), self.previous_rank(), self.timeout);
@@ -473,6 +508,25 @@ mod tests {
                 error.contains("a broadcast from rank 0 of 4 values"),
                 "{error}"
             );
+        }
+        // Three ranks, rank 1 alone diverges: rank 0's check-in passes, yet every rank fails
+        // soon (the broken ranks shut their sockets), and a broken ring refuses what follows.
+        let started = Instant::now();
+        let results = ring(3, |ring| {
+            let mut data = vec![1.0f32; if ring.rank() == 1 { 9 } else { 8 }];
+            let first = ring.all_reduce_sum(&mut data).map_err(|e| e.to_string());
+            let second = ring.all_reduce_sum(&mut data).map_err(|e| e.to_string());
+            (first, second)
+        });
+        assert!(
+            started.elapsed() < Duration::from_secs(5),
+            "took {:?}",
+            started.elapsed()
+        );
+        for (first, second) in &results {
+            assert!(first.is_err(), "{first:?}");
+            let error = second.as_ref().expect_err("a broken ring refuses");
+            assert!(error.contains("broke in an earlier collective"), "{error}");
         }
     }
 

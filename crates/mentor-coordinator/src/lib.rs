@@ -191,7 +191,7 @@ fn redo_finetune_of(state: &mut RunState, plan: &Plan, dir: &Path) -> Result<(),
     };
     let recorded = Plan::from_toml_str(&state.plan_toml)
         .map_err(|e| error(format!("the run's recorded plan does not parse: {e}")))?;
-    let mut recorded = with_places_of(recorded, plan);
+    let mut recorded = with_places_of(recorded, plan, state.unlabeled_fingerprint.is_some());
     if let (Some(recorded), Some(mpl)) = (recorded.mpl.as_mut(), plan.mpl.as_ref()) {
         recorded.finetune = mpl.finetune.clone();
     }
@@ -221,10 +221,19 @@ fn redo_finetune_of(state: &mut RunState, plan: &Plan, dir: &Path) -> Result<(),
 /// The run's `recorded` plan reading its data from `plan`'s folder and its first teacher from
 /// `plan`'s file: `data.dir` and `teacher.checkpoint` say where the data and the teacher are,
 /// not what they are, so a run moved to another machine reads the same files from there.
-fn with_places_of(mut recorded: Plan, plan: &Plan) -> Plan {
+fn with_places_of(mut recorded: Plan, plan: &Plan, listing_recorded: bool) -> Plan {
     if recorded.data.dir != plan.data.dir {
         tracing::info!(from = %recorded.data.dir.display(), to = %plan.data.dir.display(), "the run reads its data from another folder");
         recorded.data.dir = plan.data.dir.clone();
+    }
+    // The unlabeled folder or tars may move too once the run knows their listing's fingerprint,
+    // which then vouches that they are the same files.
+    let unlabeled = (&recorded.data.unlabeled.path, &plan.data.unlabeled.path);
+    if let (true, Some(from), Some(to)) = (listing_recorded, unlabeled.0, unlabeled.1) {
+        if from != to {
+            tracing::info!(from = %from.display(), to = %to.display(), "the run reads its unlabeled images from another place");
+            recorded.data.unlabeled.path = Some(to.clone());
+        }
     }
     if let (Some(from), Some(to)) = (&recorded.teacher.checkpoint, &plan.teacher.checkpoint) {
         if from != to {
@@ -452,7 +461,10 @@ impl Coordinator {
                 // `data.dir` says where the data is, not what it is: a run moved to another
                 // machine reads the same files from wherever they are there.
                 let difference = match Plan::from_toml_str(&state.plan_toml) {
-                    Ok(recorded) => with_places_of(recorded, &plan).first_difference(&plan),
+                    Ok(recorded) => {
+                        let listing_recorded = state.unlabeled_fingerprint.is_some();
+                        with_places_of(recorded, &plan, listing_recorded).first_difference(&plan)
+                    }
                     Err(e) => Some(format!("the recorded plan does not parse: {e}")),
                 };
                 if let Some(difference) = difference {

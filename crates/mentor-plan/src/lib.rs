@@ -45,9 +45,9 @@ fn invalid(field: impl Into<String>, reason: impl Into<String>) -> PlanError {
     }
 }
 
-/// The longest timeout or lease a plan may set: a week. Longer ones are typos, and deadlines
-/// computed from them would overflow.
-pub const MAX_SECONDS: u64 = 7 * 24 * 3600;
+/// The longest timeout or lease a plan may set: ten years, far past any run, and far below
+/// what would overflow the deadlines computed from them.
+pub const MAX_SECONDS: u64 = 10 * 365 * 24 * 3600;
 
 fn check_seconds(field: &str, seconds: u64) -> Result<(), PlanError> {
     if (1..=MAX_SECONDS).contains(&seconds) {
@@ -55,7 +55,7 @@ fn check_seconds(field: &str, seconds: u64) -> Result<(), PlanError> {
     } else {
         Err(invalid(
             field,
-            format!("must be in [1, {MAX_SECONDS}] (a week), not {seconds}"),
+            format!("must be in [1, {MAX_SECONDS}] (ten years), not {seconds}"),
         ))
     }
 }

@@ -120,7 +120,7 @@ fn zero_steps_names_the_field() {
 }
 
 #[test]
-fn timeouts_past_a_week_are_refused_with_their_field() {
+fn timeouts_past_ten_years_are_refused_with_their_field() {
     // Deadlines are computed from these (now + timeout, twice the heartbeat timeout): a value
     // near i64::MAX (the largest TOML integer) would overflow them, so the plan refuses it naming the field.
     let workers = |line: &str| {
@@ -135,15 +135,21 @@ fn timeouts_past_a_week_are_refused_with_their_field() {
     ] {
         assert_eq!(
             error_of(&workers(&format!("{field} = 9223372036854775807"))),
-            format!("workers.{field}: must be in [1, 604800] (a week), not 9223372036854775807")
+            format!(
+                "workers.{field}: must be in [1, 315360000] (ten years), not 9223372036854775807"
+            )
         );
         assert!(error_of(&workers(&format!("{field} = 0")))
-            .starts_with(&format!("workers.{field}: must be in [1, 604800]")));
-        Plan::from_toml_str(&workers(&format!("{field} = 604800"))).expect("a week is allowed");
+            .starts_with(&format!("workers.{field}: must be in [1, 315360000]")));
+        Plan::from_toml_str(&workers(&format!("{field} = 315360000")))
+            .expect("ten years are allowed");
     }
     assert_eq!(
-        error_of(&tiny_with("top_k = 3", "top_k = 3\nlease_seconds = 604801")),
-        "pseudo_labels.lease_seconds: must be in [1, 604800] (a week), not 604801"
+        error_of(&tiny_with(
+            "top_k = 3",
+            "top_k = 3\nlease_seconds = 315360001"
+        )),
+        "pseudo_labels.lease_seconds: must be in [1, 315360000] (ten years), not 315360001"
     );
 }
 

@@ -35,8 +35,8 @@ struct Args {
     /// libtorch intra-op threads (0 = libtorch's default).
     #[arg(long, default_value_t = 0)]
     threads: i32,
-    /// Give up if the coordinator cannot be reached for this long.
-    #[arg(long, default_value_t = 60)]
+    /// Give up if the coordinator cannot be reached for this long (at most a week).
+    #[arg(long, default_value_t = 60, value_parser = clap::value_parser!(u64).range(1..=604_800))]
     connect_timeout_seconds: u64,
     /// Log format.
     #[arg(long, default_value = "text", value_parser = mentor_telemetry::LOG_FORMATS)]
@@ -264,6 +264,9 @@ struct Session {
     registration: pb::RegisterRequest,
     worker_id: watch::Sender<String>,
     plan_toml: String,
+    /// The coordinator's listing of the unlabeled images at the first registration (see
+    /// `same_listing`): a coordinator met again must have the same one.
+    unlabeled_fingerprint: String,
     outage_limit: Duration,
 }
 
@@ -311,6 +314,13 @@ impl Session {
                     if reply.plan_toml != self.plan_toml {
                         anyhow::bail!(
                             "the coordinator now runs another plan (run {}); this worker stops",
+                            reply.run_id
+                        );
+                    }
+                    let (then, now) = (&self.unlabeled_fingerprint, &reply.unlabeled_fingerprint);
+                    if !then.is_empty() && !now.is_empty() && then != now {
+                        anyhow::bail!(
+                            "the coordinator now lists other unlabeled images (listing {now}, this worker's {then}; run {}): this worker's example ids would name other images; it stops",
                             reply.run_id
                         );
                     }
@@ -407,6 +417,7 @@ async fn main() -> anyhow::Result<()> {
         registration,
         worker_id,
         plan_toml: reply.plan_toml,
+        unlabeled_fingerprint: reply.unlabeled_fingerprint.clone(),
         outage_limit,
     };
 

@@ -73,6 +73,8 @@ fn image_folder_decodes_in_path_order_with_several_threads() {
     // Nested, upper-case extension, RGB and another size: converted to 28x28 grayscale.
     std::fs::write(dir.path().join("b/c.JPG"), jpeg([200, 200, 200])).expect("write");
     std::fs::write(dir.path().join("notes.txt"), b"not an image").expect("write");
+    // A resource fork macOS leaves beside an image: hidden, not an image of the folder.
+    std::fs::write(dir.path().join("b/._c.JPG"), b"resource fork").expect("write");
     let source =
         Source::open(&data_plan(UnlabeledFormat::ImageFolder, dir.path()), &[]).expect("open");
     assert_eq!(source.units(), 8);
