@@ -582,24 +582,38 @@ mod tests {
         silent.join().expect("thread");
     }
 
-    #[test]
-    fn a_missing_rank_fails_the_setup_with_its_number() {
-        let listener = TcpListener::bind("127.0.0.1:0").expect("bind");
-        let unused = TcpListener::bind("127.0.0.1:0").expect("bind");
-        let addresses = vec![
-            listener.local_addr().expect("a").to_string(),
-            unused.local_addr().expect("b").to_string(),
-        ];
-        let error = TcpRing::connect(RingConfig {
+    /// Rank 0 of a two-rank ring whose rank 1 is at `second`, given `listener` (or a fresh
+    /// one): the setup must fail, and its error is returned.
+    fn failed_setup(
+        listener: Option<TcpListener>,
+        second: String,
+        timeout: Duration,
+        setup_timeout: Duration,
+    ) -> CollectiveError {
+        let listener = listener.unwrap_or_else(|| TcpListener::bind("127.0.0.1:0").expect("bind"));
+        let addresses = vec![listener.local_addr().expect("addr").to_string(), second];
+        TcpRing::connect(RingConfig {
             rank: 0,
             world_size: 2,
             listener,
             addresses,
             group: "g".into(),
-            timeout: Duration::from_secs(1),
-            setup_timeout: Duration::from_millis(500),
+            timeout,
+            setup_timeout,
         })
-        .expect_err("nobody joins");
+        .expect_err("the setup must fail")
+    }
+
+    #[test]
+    fn a_missing_rank_fails_the_setup_with_its_number() {
+        let unused = TcpListener::bind("127.0.0.1:0").expect("bind");
+        let second = unused.local_addr().expect("addr").to_string();
+        let error = failed_setup(
+            None,
+            second,
+            Duration::from_secs(1),
+            Duration::from_millis(500),
+        );
         assert!(
             error.to_string().contains("was not joined by rank 1"),
             "{error}"
@@ -610,24 +624,16 @@ mod tests {
     fn a_silent_connection_holds_the_setup_no_longer_than_its_deadline() {
         let listener = TcpListener::bind("127.0.0.1:0").expect("bind");
         let next = TcpListener::bind("127.0.0.1:0").expect("bind");
-        let addresses = vec![
-            listener.local_addr().expect("a").to_string(),
-            next.local_addr().expect("b").to_string(),
-        ];
         // Connects first and never writes a handshake (a port scanner, a stale peer).
-        let _silent = TcpStream::connect(&addresses[0]).expect("connect");
+        let _silent = TcpStream::connect(listener.local_addr().expect("addr")).expect("connect");
         let started = Instant::now();
-        let error = TcpRing::connect(RingConfig {
-            rank: 0,
-            world_size: 2,
-            listener,
-            addresses,
-            group: "g".into(),
-            // The collective timeout is long: the handshake must be bounded by the setup's.
-            timeout: Duration::from_secs(30),
-            setup_timeout: Duration::from_millis(800),
-        })
-        .expect_err("nobody joins");
+        // The collective timeout is long: the handshake must be bounded by the setup's.
+        let error = failed_setup(
+            Some(listener),
+            next.local_addr().expect("addr").to_string(),
+            Duration::from_secs(30),
+            Duration::from_millis(800),
+        );
         assert!(
             started.elapsed() < Duration::from_secs(5),
             "took {:?}",
@@ -641,21 +647,12 @@ mod tests {
 
     #[test]
     fn an_address_that_resolves_to_nothing_is_named() {
-        let listener = TcpListener::bind("127.0.0.1:0").expect("bind");
-        let addresses = vec![
-            listener.local_addr().expect("a").to_string(),
-            "no-such-host.invalid:1".to_string(),
-        ];
-        let error = TcpRing::connect(RingConfig {
-            rank: 0,
-            world_size: 2,
-            listener,
-            addresses,
-            group: "g".into(),
-            timeout: Duration::from_secs(1),
-            setup_timeout: Duration::from_millis(300),
-        })
-        .expect_err("no such host");
+        let error = failed_setup(
+            None,
+            "no-such-host.invalid:1".into(),
+            Duration::from_secs(1),
+            Duration::from_millis(300),
+        );
         assert!(
             error
                 .to_string()
