@@ -10,6 +10,7 @@
 //! This crate knows nothing of tensors, models or the coordinator; the rendezvous (who is rank
 //! r, where does it listen) is the caller's.
 
+pub mod cuda;
 pub mod nccl;
 mod ring;
 

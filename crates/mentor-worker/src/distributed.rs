@@ -113,6 +113,11 @@ impl Group {
                         "cannot form a GPU (NCCL) group: this worker has no CUDA device".into(),
                     ));
                 }
+                // NCCL binds the communicator to the thread's current device, and its null
+                // stream is that device's: this worker's GPU, not GPU 0.
+                if let Device::Cuda(index) = device {
+                    mentor_collective::cuda::set_current_device(index)?;
+                }
                 let library = NcclLibrary::load()?;
                 let id = UniqueId::from_bytes(&unique_id)?;
                 Transport::Nccl(NcclComm::init(library, &id, rank, world_size)?)
@@ -426,6 +431,27 @@ pub(crate) fn on_ring<R: Send + 'static>(
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// The CUDA runtime libtorch mapped is found, and choosing a device works exactly where
+    /// libtorch sees one (on a machine without GPU: a clear error, not a crash).
+    #[test]
+    fn the_thread_takes_its_cuda_device_or_says_why_it_cannot() {
+        match mentor_collective::cuda::set_current_device(0) {
+            Ok(()) => assert!(
+                tch::Cuda::is_available(),
+                "a device without libtorch's CUDA"
+            ),
+            Err(error) => {
+                let message = error.to_string();
+                assert!(!tch::Cuda::is_available(), "{message}");
+                assert!(
+                    message.contains("cudaSetDevice(0) failed")
+                        || message.contains("libcudart) was not found"),
+                    "{message}"
+                );
+            }
+        }
+    }
 
     #[test]
     fn buckets_respect_the_size_and_keep_order() {
