@@ -117,6 +117,28 @@ pub enum MplSign {
     Reference,
 }
 
+/// How the student's labeled loss is measured before and after its step (`h` is their
+/// difference).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Serialize, Deserialize)]
+#[serde(rename_all = "kebab-case")]
+pub enum MplFeedback {
+    /// In training mode, as both reference codebases: the loss before comes from the student's
+    /// forward on labeled and strong images together, the loss after from a second forward on
+    /// the labeled images (other dropout and stochastic-depth draws, other batch statistics).
+    #[default]
+    Train,
+    /// In evaluation mode (running batch-norm statistics, no dropout or stochastic depth) on
+    /// the labeled images, right before and after the step: the difference is the step's
+    /// effect alone. One more forward of the labeled images a step.
+    Eval,
+}
+
+impl MplFeedback {
+    pub fn is_train(&self) -> bool {
+        *self == MplFeedback::Train
+    }
+}
+
 /// Meta Pseudo Labels: teacher and student trained together, then the student finetuned.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]
@@ -156,6 +178,10 @@ pub struct MplPlan {
     pub mpl_weight: f64,
     #[serde(default)]
     pub mpl_sign: MplSign,
+    /// How the student's labeled losses that make `h` are measured (left out of the written
+    /// plan at its default, so that plans and saves of older runs keep their identity).
+    #[serde(default, skip_serializing_if = "MplFeedback::is_train")]
+    pub feedback: MplFeedback,
     /// Decay of the moving-average baseline subtracted from h (0 = none; 0.99 in the paper).
     #[serde(default)]
     pub baseline_decay: f64,

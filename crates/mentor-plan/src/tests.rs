@@ -394,6 +394,8 @@ fn shipped_mpl_plans_are_valid() {
         include_str!("../../../deploy/plans/fashion-mnist-mpl-45k-mu7.toml"),
         include_str!("../../../deploy/plans/fashion-mnist-mpl-45k.toml"),
         include_str!("../../../deploy/plans/fashion-mnist-mpl-bf16.toml"),
+        include_str!("../../../deploy/plans/fashion-mnist-mpl-30k-mu7-w10.toml"),
+        include_str!("../../../deploy/plans/fashion-mnist-mpl-30k-mu7-w10-eval.toml"),
         TINY_MPL,
     ] {
         let plan = Plan::from_toml_str(text).expect("mpl plan");
@@ -402,6 +404,25 @@ fn shipped_mpl_plans_are_valid() {
     }
     let bad = tiny_mpl_with("mpl_sign = \"theory\"", "mpl_sign = \"sideways\"");
     assert!(error_of(&bad).contains("unknown variant `sideways`"));
+    // The feedback's measure: training mode unless told, and left out of the written plan
+    // then (plans and resume saves of older runs keep their identity).
+    let default = Plan::from_toml_str(TINY_MPL).expect("tiny mpl");
+    let mpl = default.mpl.as_ref().expect("mpl");
+    assert_eq!(mpl.feedback, MplFeedback::Train);
+    assert!(!default.to_toml_string().contains("feedback"));
+    let eval = Plan::from_toml_str(&tiny_mpl_with(
+        "mpl_sign = \"theory\"",
+        "mpl_sign = \"theory\"\nfeedback = \"eval\"",
+    ))
+    .expect("eval feedback");
+    assert_eq!(eval.mpl.as_ref().expect("mpl").feedback, MplFeedback::Eval);
+    assert!(eval.to_toml_string().contains("feedback = \"eval\""));
+    let bad = tiny_mpl_with("mpl_sign = \"theory\"", "feedback = \"both\"");
+    assert!(
+        error_of(&bad).contains("unknown variant `both`"),
+        "{}",
+        error_of(&bad)
+    );
     let bad = tiny_mpl_with(
         "steps = 40",
         "steps = 40\nwarmup_steps = 10\nstudent_wait_steps = 30",

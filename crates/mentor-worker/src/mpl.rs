@@ -16,7 +16,7 @@ use std::path::{Path, PathBuf};
 use std::time::Instant;
 
 use mentor_collective::{chunk_bounds, CollectiveError};
-pub use mentor_plan::MplSign;
+pub use mentor_plan::{MplFeedback, MplSign};
 use mentor_plan::{MplPlan, Plan, Role, Schedule, TrainPlan};
 use rand::rngs::StdRng;
 use rand::{Rng, SeedableRng};
@@ -47,6 +47,8 @@ pub struct MplConfig {
     pub sign: MplSign,
     /// Decay of the moving-average baseline subtracted from `h` (0 = no baseline).
     pub baseline_decay: f64,
+    /// How the student's labeled losses before and after its step are measured.
+    pub feedback: MplFeedback,
 }
 
 /// This rank's slice of one global batch, already augmented and normalised.
@@ -213,7 +215,18 @@ pub fn mpl_step(
     let s_labeled = s_logits.narrow(0, 0, labeled_rows);
     let s_strong = s_logits.narrow(0, labeled_rows, unlabeled_rows);
     let hard_labels = smoothed(&batch.labels, classes, 0.0);
-    let s_old = cross_entropy_sum(&s_labeled.detach(), &hard_labels);
+    // The student's labeled loss in evaluation mode, for `feedback = "eval"`: measured after
+    // the training forward (whose batch-norm running statistics it uses) and around the step.
+    let eval_labeled_loss = || {
+        tch::no_grad(|| {
+            let logits = student.model.forward_t(student_labeled, false);
+            cross_entropy_sum(&logits, &hard_labels)
+        })
+    };
+    let s_old = match config.feedback {
+        MplFeedback::Train => cross_entropy_sum(&s_labeled.detach(), &hard_labels),
+        MplFeedback::Eval => eval_labeled_loss(),
+    };
     let s_loss = cross_entropy_sum(
         &s_strong,
         &smoothed(&pseudo, classes, config.label_smoothing),
@@ -224,10 +237,13 @@ pub fn mpl_step(
     if student_learns {
         student.optimizer.step();
     }
-    let s_new = tch::no_grad(|| {
-        let logits = student.model.forward_t(student_labeled, true);
-        cross_entropy_sum(&logits, &hard_labels)
-    });
+    let s_new = match config.feedback {
+        MplFeedback::Train => tch::no_grad(|| {
+            let logits = student.model.forward_t(student_labeled, true);
+            cross_entropy_sum(&logits, &hard_labels)
+        }),
+        MplFeedback::Eval => eval_labeled_loss(),
+    };
     // This rank's part of: the student's labeled loss sums before and after its step, the
     // mask count, the teacher's labeled, UDA and MPL cross-entropy losses (already over the
     // global batch).
@@ -302,6 +318,7 @@ impl MplConfig {
             mpl_weight: mpl.mpl_weight,
             sign: mpl.mpl_sign,
             baseline_decay: mpl.baseline_decay,
+            feedback: mpl.feedback,
         }
     }
 }

@@ -22,6 +22,7 @@ fn config(mpl_weight: f64, sign: MplSign) -> MplConfig {
         mpl_weight,
         sign,
         baseline_decay: 0.0,
+        feedback: MplFeedback::Train,
     }
 }
 
@@ -106,6 +107,12 @@ fn a_helpful_pseudo_label_gives_positive_h_and_the_teacher_raises_it() {
     let (h_theory, p_theory) = h(constructed_step(&config(1.0, MplSign::Theory)));
     let (h_none, p_uda_only) = h(constructed_step(&config(0.0, MplSign::Theory)));
     let (h_reference, p_reference) = h(constructed_step(&config(1.0, MplSign::Reference)));
+    // A linear student has no dropout or batch norm: measured in evaluation mode, the same.
+    let (h_eval, p_eval) = h(constructed_step(&MplConfig {
+        feedback: MplFeedback::Eval,
+        ..config(1.0, MplSign::Theory)
+    }));
+    assert_eq!((h_eval, p_eval), (h_theory, p_theory));
     assert!(h_theory > 0.0, "h = {h_theory}");
     assert_eq!(
         h_none, h_theory,
@@ -225,6 +232,7 @@ fn train_slice(
     teacher_init: &std::path::Path,
     student_init: &std::path::Path,
     steps: usize,
+    feedback: MplFeedback,
 ) -> Vec<f32> {
     let model_config = small_model();
     let mut teacher_vs = nn::VarStore::new(Device::Cpu);
@@ -254,6 +262,7 @@ fn train_slice(
     config.uda_threshold = 0.0;
     config.label_smoothing = 0.1;
     config.baseline_decay = 0.9;
+    config.feedback = feedback;
     let mut state = MplState::default();
     let teacher_variables = teacher_vs.trainable_variables();
     let student_variables = student_vs.trainable_variables();
@@ -305,6 +314,12 @@ fn small_model() -> ModelConfig {
 
 #[test]
 fn an_mpl_step_on_two_ranks_equals_one_rank_with_the_same_global_batch() {
+    for feedback in [MplFeedback::Train, MplFeedback::Eval] {
+        two_ranks_equal_one_rank(feedback);
+    }
+}
+
+fn two_ranks_equal_one_rank(feedback: MplFeedback) {
     let dir = tempfile::tempdir().expect("tempdir");
     tch::manual_seed(5);
     let (teacher_init, student_init) = (
@@ -328,6 +343,7 @@ fn an_mpl_step_on_two_ranks_equals_one_rank_with_the_same_global_batch() {
         &teacher_init,
         &student_init,
         3,
+        feedback,
     );
 
     let results = {
@@ -348,7 +364,7 @@ fn an_mpl_step_on_two_ranks_equals_one_rank_with_the_same_global_batch() {
                     data.3.shallow_clone(),
                 )
             };
-            train_slice(group, &data, &teacher_init, &student_init, 3)
+            train_slice(group, &data, &teacher_init, &student_init, 3, feedback)
         })
     };
     assert_eq!(results[0], results[1], "ranks disagree");
@@ -365,6 +381,7 @@ fn an_mpl_step_on_two_ranks_equals_one_rank_with_the_same_global_batch() {
             &teacher_init,
             &student_init,
             0,
+            feedback,
         ))
         .any(|(a, b)| a != b);
     assert!(moved, "training changed nothing");
@@ -476,4 +493,73 @@ fn the_ema_mixes_weights_and_batch_norm_statistics() {
         statistics >= 2,
         "no batch-norm statistics among the variables"
     );
+}
+
+/// With the student's step at a learning rate of 0 (its weights do not move), the feedback
+/// measured in evaluation mode is exactly 0; in training mode it is what the two forwards'
+/// dropout draws and batch statistics make of it.
+#[test]
+fn eval_feedback_measures_the_step_alone() {
+    let model_config = ModelConfig {
+        model: ModelPlan::Cnn(CnnPlan {
+            width: 4,
+            residual_blocks: 1,
+            hidden: 8,
+            width_growth_per_round: 0,
+            batch_norm: true,
+        }),
+        dropout: 0.5,
+        last_survival: 0.5,
+        ..small_model()
+    };
+    tch::manual_seed(11);
+    let labeled = Tensor::randn([6, 1, 8, 8], (Kind::Float, Device::Cpu));
+    let weak = Tensor::randn([12, 1, 8, 8], (Kind::Float, Device::Cpu));
+    let batch = MplBatch {
+        labeled: labeled.shallow_clone(),
+        labels: Tensor::from_slice(&[0i64, 1, 2, 0, 1, 2]),
+        strong: weak.flip([3]),
+        weak,
+        student_views: None,
+        global_labeled: 6,
+        global_unlabeled: 12,
+    };
+    let h = |feedback: MplFeedback| {
+        let teacher_vs = nn::VarStore::new(Device::Cpu);
+        let teacher = build(&teacher_vs.root(), &model_config);
+        let student_vs = nn::VarStore::new(Device::Cpu);
+        let student = build(&student_vs.root(), &model_config);
+        let mut teacher_optimizer = Sgd::new(&teacher_vs, 0.05, 0.0, 0.0, false).expect("sgd");
+        let mut student_optimizer = Sgd::new(&student_vs, 0.0, 0.0, 0.0, false).expect("sgd");
+        let teacher_variables = teacher_vs.trainable_variables();
+        let student_variables = student_vs.trainable_variables();
+        let config = MplConfig {
+            classes: 3,
+            feedback,
+            ..config(1.0, MplSign::Theory)
+        };
+        mpl_step(
+            &mut Learner {
+                model: teacher.as_ref(),
+                variables: &teacher_variables,
+                optimizer: &mut teacher_optimizer,
+            },
+            &mut Learner {
+                model: student.as_ref(),
+                variables: &student_variables,
+                optimizer: &mut student_optimizer,
+            },
+            &mut Group::single(1 << 20, Device::Cpu),
+            &batch,
+            &config,
+            &mut MplState::default(),
+            true,
+        )
+        .expect("step")
+        .read()
+        .h
+    };
+    assert_eq!(h(MplFeedback::Eval), 0.0);
+    let noise = h(MplFeedback::Train);
+    assert!(noise.abs() > 1e-4, "h = {noise}");
 }
