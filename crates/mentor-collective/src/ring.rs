@@ -39,7 +39,7 @@ pub struct TcpRing {
     timeout: Duration,
     scratch: Vec<f32>,
     /// Collectives run so far: each one starts by checking that both neighbours are in the
-    /// same one (see [`TcpRing::check_in`]).
+    /// same one (see [`TcpRing::next_call`]).
     sequence: u64,
     /// Why an earlier collective failed: the byte streams are out of step after it, so the
     /// ring refuses further calls.
@@ -191,74 +191,80 @@ impl TcpRing {
         (self.rank + self.world_size - 1) % self.world_size
     }
 
-    /// Before a collective moves data, each rank tells the next one what it is about to run and
-    /// hears the same from the previous one: ranks whose programs diverged (another length,
-    /// another collective, or a skipped one wherever the calls after it differ) fail naming
-    /// both calls, instead of mixing the bytes of different tensors into wrong sums.
-    fn check_in(&mut self, kind: u64, len: usize) -> Result<(), CollectiveError> {
-        let (next_rank, previous_rank, timeout) =
-            (self.next_rank(), self.previous_rank(), self.timeout);
-        let ours = Call {
+    /// The next collective's description. Before a collective moves data, each rank tells the
+    /// next one what it is about to run (the header travels in the same write as its first
+    /// data, see [`write_parts`]) and compares what the previous one sent: ranks whose programs
+    /// diverged (another length, another collective, or a skipped one wherever the calls after
+    /// it differ) fail naming both calls, instead of mixing the bytes of different tensors into
+    /// wrong sums.
+    fn next_call(&mut self, kind: u64, len: usize) -> Call {
+        let call = Call {
             sequence: self.sequence,
             kind,
             len: len as u64,
         };
         self.sequence += 1;
-        // 24 bytes fit any socket buffer: written before reading, they cannot deadlock.
-        self.next
-            .write_all(&ours.bytes())
-            .map_err(|e| peer_error(next_rank, "check-in", e, timeout))?;
-        let mut received = [0u8; 24];
-        self.previous
-            .read_exact(&mut received)
-            .map_err(|e| peer_error(previous_rank, "check-in", e, timeout))?;
-        let theirs = Call::from_bytes(&received);
-        if theirs != ours {
-            return Err(CollectiveError::OutOfStep(format!(
-                "rank {} runs {}, rank {previous_rank} runs {}: the ranks' programs diverged",
-                self.rank,
-                ours.describe(),
-                theirs.describe()
-            )));
-        }
-        Ok(())
+        call
+    }
+
+    /// Reads the previous rank's header and compares it with `ours`.
+    fn receive_header(&mut self, ours: Call) -> Result<(), CollectiveError> {
+        let (rank, previous_rank, timeout) = (self.rank, self.previous_rank(), self.timeout);
+        check_header(&mut self.previous, ours, rank, previous_rank, timeout)
     }
 
     /// Sends `data[send]` to the next rank while receiving as many values as `data[receive]`
     /// holds from the previous one, which are added to (`reduce`) or copied into
     /// `data[receive]`. Received data is reduced segment by segment, while it is still hot in
     /// cache and while the next segment is on the wire.
+    /// With `header` (a collective's first exchange), the header goes out with the data and
+    /// the previous rank's is checked before any of its data is read.
     fn exchange(
         &mut self,
         data: &mut [f32],
         send: (usize, usize),
         receive: (usize, usize),
         reduce: bool,
+        header: Option<Call>,
     ) -> Result<(), CollectiveError> {
         const SEGMENT: usize = 64 * 1024;
-        let (next_rank, previous_rank, timeout) =
-            (self.next_rank(), self.previous_rank(), self.timeout);
+        let (rank, next_rank, previous_rank, timeout) = (
+            self.rank,
+            self.next_rank(),
+            self.previous_rank(),
+            self.timeout,
+        );
         let (outgoing, incoming) = disjoint(data, send, receive);
         let next = &mut self.next;
         let previous = &mut self.previous;
         let scratch = &mut self.scratch;
         scratch.resize(SEGMENT.min(incoming.len()), 0.0);
         std::thread::scope(|scope| {
-            let sender = scope.spawn(move || next.write_all(bytemuck::cast_slice(outgoing)));
+            let sender = scope.spawn(move || {
+                let bytes = header.map(Call::bytes);
+                write_parts(next, bytes.as_ref(), bytemuck::cast_slice(outgoing))
+            });
             let received = (|| {
+                if let Some(ours) = header {
+                    check_header(previous, ours, rank, previous_rank, timeout)?;
+                }
+                let error = |e| peer_error(previous_rank, "all-reduce", e, timeout);
                 if !reduce {
-                    return previous.read_exact(bytemuck::cast_slice_mut(incoming));
+                    return previous
+                        .read_exact(bytemuck::cast_slice_mut(incoming))
+                        .map_err(error);
                 }
                 for segment in incoming.chunks_mut(SEGMENT) {
                     let buffer = &mut scratch[..segment.len()];
-                    previous.read_exact(bytemuck::cast_slice_mut(buffer))?;
+                    previous
+                        .read_exact(bytemuck::cast_slice_mut(buffer))
+                        .map_err(error)?;
                     for (value, received) in segment.iter_mut().zip(buffer.iter()) {
                         *value += received;
                     }
                 }
                 Ok(())
-            })()
-            .map_err(|e| peer_error(previous_rank, "all-reduce", e, timeout));
+            })();
             let sent = sender
                 .join()
                 .unwrap_or_else(|_| Err(std::io::Error::other("sender thread panicked")))
@@ -266,6 +272,54 @@ impl TcpRing {
             received.and(sent)
         })
     }
+}
+
+/// Writes `header` (if any) and `data` in one vectored write: two writes in a row, the first
+/// one small, would let the kernel hold the second back (TCP autocorking) until the first is
+/// acknowledged, milliseconds on a one-way ring socket whose acknowledgements are delayed.
+fn write_parts(
+    stream: &mut TcpStream,
+    header: Option<&[u8; 24]>,
+    data: &[u8],
+) -> std::io::Result<()> {
+    let mut parts = [
+        std::io::IoSlice::new(header.map_or(&[][..], |h| &h[..])),
+        std::io::IoSlice::new(data),
+    ];
+    let mut parts = &mut parts[..];
+    std::io::IoSlice::advance_slices(&mut parts, 0);
+    while !parts.is_empty() {
+        match stream.write_vectored(parts) {
+            Ok(0) => return Err(std::io::Error::from(ErrorKind::WriteZero)),
+            Ok(written) => std::io::IoSlice::advance_slices(&mut parts, written),
+            Err(error) if error.kind() == ErrorKind::Interrupted => {}
+            Err(error) => return Err(error),
+        }
+    }
+    Ok(())
+}
+
+/// Reads the previous rank's header from `previous` and compares it with `ours`.
+fn check_header(
+    previous: &mut TcpStream,
+    ours: Call,
+    rank: usize,
+    previous_rank: usize,
+    timeout: Duration,
+) -> Result<(), CollectiveError> {
+    let mut received = [0u8; 24];
+    previous
+        .read_exact(&mut received)
+        .map_err(|e| peer_error(previous_rank, "check-in", e, timeout))?;
+    let theirs = Call::from_bytes(&received);
+    if theirs != ours {
+        return Err(CollectiveError::OutOfStep(format!(
+            "rank {rank} runs {}, rank {previous_rank} runs {}: the ranks' programs diverged",
+            ours.describe(),
+            theirs.describe()
+        )));
+    }
+    Ok(())
 }
 
 /// `data[a]` and `data[b]` for two disjoint ranges, the second one mutable.
@@ -367,37 +421,44 @@ impl TcpRing {
     }
 
     fn ring_all_reduce(&mut self, data: &mut [f32]) -> Result<(), CollectiveError> {
-        self.check_in(0, data.len())?;
+        let mut header = Some(self.next_call(0, data.len()));
         let world = self.world_size;
         let len = data.len();
         // Reduce-scatter: after W-1 steps rank r holds the full sum of chunk r+1.
         for step in 0..world - 1 {
             let send = chunk_bounds(len, world, (self.rank + world - step) % world);
             let receive = chunk_bounds(len, world, (self.rank + world - step - 1) % world);
-            self.exchange(data, send, receive, true)?;
+            self.exchange(data, send, receive, true, header.take())?;
         }
         // All-gather: pass the reduced chunks around the ring.
         for step in 0..world - 1 {
             let send = chunk_bounds(len, world, (self.rank + 1 + world - step) % world);
             let receive = chunk_bounds(len, world, (self.rank + world - step) % world);
-            self.exchange(data, send, receive, false)?;
+            self.exchange(data, send, receive, false, None)?;
         }
         Ok(())
     }
 
     fn ring_broadcast(&mut self, data: &mut [f32], root: usize) -> Result<(), CollectiveError> {
-        self.check_in(1 + root as u64, data.len())?;
+        let ours = self.next_call(1 + root as u64, data.len());
         let (next_rank, previous_rank, timeout) =
             (self.next_rank(), self.previous_rank(), self.timeout);
         if self.rank != root {
+            self.receive_header(ours)?;
             self.previous
                 .read_exact(bytemuck::cast_slice_mut(data))
                 .map_err(|e| peer_error(previous_rank, "broadcast", e, timeout))?;
         }
-        if next_rank != root {
-            self.next
-                .write_all(bytemuck::cast_slice(data))
-                .map_err(|e| peer_error(next_rank, "broadcast", e, timeout))?;
+        // Every rank sends its header on; the data goes round to the rank before the root.
+        let payload: &[u8] = if next_rank != root {
+            bytemuck::cast_slice(data)
+        } else {
+            &[]
+        };
+        write_parts(&mut self.next, Some(&ours.bytes()), payload)
+            .map_err(|e| peer_error(next_rank, "broadcast", e, timeout))?;
+        if self.rank == root {
+            self.receive_header(ours)?;
         }
         Ok(())
     }
@@ -500,15 +561,19 @@ mod tests {
             };
             outcome.map_err(|e| e.to_string())
         });
-        for result in &results {
-            let error = result
-                .as_ref()
-                .expect_err("different collectives must fail");
-            assert!(
-                error.contains("a broadcast from rank 0 of 4 values"),
-                "{error}"
-            );
-        }
+        // Both fail; the rank that reads the other's header first names both calls (the other
+        // one sees its neighbour leave).
+        let errors: Vec<&String> = results
+            .iter()
+            .map(|r| r.as_ref().expect_err("different collectives must fail"))
+            .collect();
+        assert!(
+            errors
+                .iter()
+                .any(|e| e.contains("a broadcast from rank 0 of 4 values")
+                    && e.contains("an all-reduce of 4 values")),
+            "{errors:?}"
+        );
         // Three ranks, rank 1 alone diverges: rank 0's check-in passes, yet every rank fails
         // soon (the broken ranks shut their sockets), and a broken ring refuses what follows.
         let started = Instant::now();
