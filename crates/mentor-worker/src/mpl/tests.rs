@@ -33,8 +33,28 @@ fn linear_step(
     batch: &MplBatch,
     config: &MplConfig,
 ) -> MplStats {
+    let (teacher_model, student_model): (&dyn ModuleT, &dyn ModuleT) = (teacher.1, student.1);
+    one_step(
+        (teacher.0, teacher_model),
+        (student.0, student_model),
+        0.5,
+        batch,
+        config,
+    )
+}
+
+/// One MPL step on a group of one: plain SGD, at 0.5 for the teacher and `student_rate` for
+/// the student.
+fn one_step(
+    teacher: (&nn::VarStore, &dyn ModuleT),
+    student: (&nn::VarStore, &dyn ModuleT),
+    student_rate: f64,
+    batch: &MplBatch,
+    config: &MplConfig,
+) -> MplStats {
     let mut teacher_optimizer = Sgd::new(teacher.0, 0.5, 0.0, 0.0, false).expect("optimizer");
-    let mut student_optimizer = Sgd::new(student.0, 0.5, 0.0, 0.0, false).expect("optimizer");
+    let mut student_optimizer =
+        Sgd::new(student.0, student_rate, 0.0, 0.0, false).expect("optimizer");
     let teacher_variables = teacher.0.trainable_variables();
     let student_variables = student.0.trainable_variables();
     mpl_step(
@@ -529,34 +549,19 @@ fn eval_feedback_measures_the_step_alone() {
         let teacher = build(&teacher_vs.root(), &model_config);
         let student_vs = nn::VarStore::new(Device::Cpu);
         let student = build(&student_vs.root(), &model_config);
-        let mut teacher_optimizer = Sgd::new(&teacher_vs, 0.05, 0.0, 0.0, false).expect("sgd");
-        let mut student_optimizer = Sgd::new(&student_vs, 0.0, 0.0, 0.0, false).expect("sgd");
-        let teacher_variables = teacher_vs.trainable_variables();
-        let student_variables = student_vs.trainable_variables();
         let config = MplConfig {
             classes: 3,
             feedback,
             ..config(1.0, MplSign::Theory)
         };
-        mpl_step(
-            &mut Learner {
-                model: teacher.as_ref(),
-                variables: &teacher_variables,
-                optimizer: &mut teacher_optimizer,
-            },
-            &mut Learner {
-                model: student.as_ref(),
-                variables: &student_variables,
-                optimizer: &mut student_optimizer,
-            },
-            &mut Group::single(1 << 20, Device::Cpu),
+        let teacher = (&teacher_vs, teacher.as_ref() as &dyn ModuleT);
+        one_step(
+            teacher,
+            (&student_vs, student.as_ref()),
+            0.0,
             &batch,
             &config,
-            &mut MplState::default(),
-            true,
         )
-        .expect("step")
-        .read()
         .h
     };
     assert_eq!(h(MplFeedback::Eval), 0.0);
