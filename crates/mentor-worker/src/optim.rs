@@ -187,7 +187,7 @@ struct Factors {
 }
 
 #[cfg(test)]
-mod tests {
+pub(crate) mod tests {
     use mentor_plan::{CnnPlan, ModelPlan};
     use tch::{Device, Kind, Tensor};
 
@@ -196,7 +196,7 @@ mod tests {
 
     /// A cnn with batch norm and a residual block: weights, biases and normalisation
     /// parameters of every kind.
-    fn small_cnn() -> ModelConfig {
+    pub(crate) fn small_cnn() -> ModelConfig {
         ModelConfig {
             model: ModelPlan::Cnn(CnnPlan {
                 width: 4,

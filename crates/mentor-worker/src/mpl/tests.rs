@@ -521,16 +521,9 @@ fn the_ema_mixes_weights_and_batch_norm_statistics() {
 #[test]
 fn eval_feedback_measures_the_step_alone() {
     let model_config = ModelConfig {
-        model: ModelPlan::Cnn(CnnPlan {
-            width: 4,
-            residual_blocks: 1,
-            hidden: 8,
-            width_growth_per_round: 0,
-            batch_norm: true,
-        }),
         dropout: 0.5,
         last_survival: 0.5,
-        ..small_model()
+        ..crate::optim::tests::small_cnn()
     };
     tch::manual_seed(11);
     let labeled = Tensor::randn([6, 1, 8, 8], (Kind::Float, Device::Cpu));
