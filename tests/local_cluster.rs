@@ -1029,6 +1029,8 @@ fn a_failed_run_goes_on_with_retry_failed_once_its_cause_is_gone() {
 /// A confidence threshold no pseudo label reaches fails the run at the filter, naming the
 /// setting, before any student trains on an empty selection. Run through
 /// `scripts/local-cluster.sh`: a failed run ends it with 1, its final status printed and saved.
+/// The threshold lowered as the error advises, `--retry-failed` filters the same soft labels
+/// again and ends the run.
 #[test]
 fn a_threshold_no_pseudo_label_reaches_fails_the_run_naming_it() {
     let dir = tempfile::tempdir().expect("tempdir");
@@ -1054,6 +1056,20 @@ fn a_threshold_no_pseudo_label_reaches_fails_the_run_naming_it() {
     assert!(!state_dir
         .join("checkpoints/round-1-student.safetensors")
         .exists());
+    assert!(error.contains("--retry-failed"), "{saved}");
+
+    let lowered = tiny_plan_with(&[(
+        "min_confidence = 0.1",
+        "min_confidence = 0.05\ntemperature = 100.0",
+    )]);
+    std::fs::write(&plan, lowered).expect("write the lowered plan");
+    let (code, stderr, saved) = local_cluster_sh(&plan, &state_dir, &["--retry-failed"]);
+    assert_eq!(code, Some(0), "{stderr}");
+    assert_eq!(saved["status"], "succeeded", "{saved}");
+    assert!(
+        saved["rounds"][0]["pseudo_labels"]["kept"].as_u64() > Some(0),
+        "{saved}"
+    );
 }
 
 /// Meta Pseudo Labels on two worker processes (one data-parallel group): teacher and student

@@ -191,7 +191,7 @@ fn redo_finetune_of(state: &mut RunState, plan: &Plan, dir: &Path) -> Result<(),
     };
     let recorded = Plan::from_toml_str(&state.plan_toml)
         .map_err(|e| error(format!("the run's recorded plan does not parse: {e}")))?;
-    let mut recorded = with_places_of(recorded, plan, state.unlabeled_fingerprint.is_some());
+    let mut recorded = with_free_settings_of(recorded, plan, state.unlabeled_fingerprint.is_some());
     if let (Some(recorded), Some(mpl)) = (recorded.mpl.as_mut(), plan.mpl.as_ref()) {
         recorded.finetune = mpl.finetune.clone();
     }
@@ -218,10 +218,20 @@ fn redo_finetune_of(state: &mut RunState, plan: &Plan, dir: &Path) -> Result<(),
     Ok(())
 }
 
-/// The run's `recorded` plan reading its data from `plan`'s folder and its first teacher from
-/// `plan`'s file: `data.dir` and `teacher.checkpoint` say where the data and the teacher are,
-/// not what they are, so a run moved to another machine reads the same files from there.
-fn with_places_of(mut recorded: Plan, plan: &Plan, listing_recorded: bool) -> Plan {
+/// The run's `recorded` plan with the settings a resumed run may change taken from `plan`:
+/// - its data's folder and its first teacher's file: `data.dir` and `teacher.checkpoint` say
+///   where the data and the teacher are, not what they are, so a run moved to another machine
+///   reads the same files from there;
+/// - how it waits for and watches its workers (`workers.min_workers` and the heartbeat, join
+///   and collective timeouts, `pseudo_labels.lease_seconds`), which decide nothing it computes:
+///   a run resumed after a machine was lost for good goes on with fewer workers.
+fn with_free_settings_of(mut recorded: Plan, plan: &Plan, listing_recorded: bool) -> Plan {
+    let (workers, wanted) = (&mut recorded.workers, &plan.workers);
+    workers.min_workers = wanted.min_workers;
+    workers.heartbeat_timeout_seconds = wanted.heartbeat_timeout_seconds;
+    workers.join_timeout_seconds = wanted.join_timeout_seconds;
+    workers.collective_timeout_seconds = wanted.collective_timeout_seconds;
+    recorded.pseudo_labels.lease_seconds = plan.pseudo_labels.lease_seconds;
     if recorded.data.dir != plan.data.dir {
         tracing::info!(from = %recorded.data.dir.display(), to = %plan.data.dir.display(), "the run reads its data from another folder");
         recorded.data.dir = plan.data.dir.clone();
@@ -308,12 +318,11 @@ fn claim_storage(store: &ShardStore, run_id: &str) -> Result<(), CoordinatorErro
     }
 }
 
-/// Writes `bytes` to `path` through a temporary file beside it and a rename, so that a reader
-/// (or a restarted coordinator) sees the old file or the new one, never half of one.
+/// Writes `bytes` to `path` through a temporary file beside it, flushed, and a rename, so that
+/// a reader (or a coordinator started again, after the machine went down too) sees the old file
+/// or the new one, never half of one.
 pub(crate) fn write_atomically(path: &Path, bytes: &[u8]) -> std::io::Result<()> {
-    let temporary = path.with_extension("tmp");
-    std::fs::write(&temporary, bytes)?;
-    std::fs::rename(&temporary, path)
+    mentor_labels::durable::write(path, &path.with_extension("tmp"), bytes)
 }
 
 /// `cpu` or `cuda` from a device name such as `cuda:3`.
@@ -338,6 +347,10 @@ pub struct Coordinator {
     /// The most ranks a training group may have: images in the plan's smallest global batch
     /// (each rank needs one).
     most_ranks: u32,
+    /// A resumed run hands out no task until `workers.min_workers` have registered with this
+    /// coordinator, as a new run waits for them before it starts: else the first worker back
+    /// would train alone what the whole group trained.
+    regathering: bool,
 }
 
 impl Coordinator {
@@ -437,6 +450,7 @@ impl Coordinator {
         let source = mentor_data::Source::open(&plan.data, &split.unlabeled)?;
         let fingerprint = source.fingerprint(&plan.data);
         let state_file = run_dir.join("state.json");
+        let resumed = state_file.exists();
         // A resumed run's `teacher.checkpoint`, as its plan gave it, and its old directory when
         // it moved.
         let mut recorded_teacher = None;
@@ -463,7 +477,17 @@ impl Coordinator {
                 let difference = match Plan::from_toml_str(&state.plan_toml) {
                     Ok(recorded) => {
                         let listing_recorded = state.unlabeled_fingerprint.is_some();
-                        with_places_of(recorded, &plan, listing_recorded).first_difference(&plan)
+                        let mut recorded = with_free_settings_of(recorded, &plan, listing_recorded);
+                        // A run whose filter kept nothing is retried with other filter settings
+                        // (those its error advises): the filter runs again on the shards.
+                        if how == Reopen::RetryFailed && state.failed_in == Some(Phase::Filter) {
+                            let (filter, wanted) =
+                                (&mut recorded.pseudo_labels, &plan.pseudo_labels);
+                            filter.min_confidence = wanted.min_confidence;
+                            filter.per_class = wanted.per_class;
+                            filter.balance = wanted.balance;
+                        }
+                        recorded.first_difference(&plan)
                     }
                     Err(e) => Some(format!("the recorded plan does not parse: {e}")),
                 };
@@ -489,6 +513,7 @@ impl Coordinator {
                 tracing::info!(run = %state.run_id, %failure, phase = state.phase.as_str(), "retrying the failed run from the phase it failed in");
             }
             state.requeue_running();
+            state.began_at_ms.get_or_insert_with(state::unix_ms);
             tracing::info!(run = %state.run_id, round = state.round, phase = state.phase.as_str(), "resuming run from the state store");
             state
         } else {
@@ -504,16 +529,16 @@ impl Coordinator {
             RunState::new(run_id, &plan, shards, examples, &run_dir)
         };
         match &state.unlabeled_fingerprint {
-            Some(recorded) if *recorded != fingerprint => {
+            Some(recorded) if !mentor_data::Source::same_fingerprint(recorded, &fingerprint) => {
                 return Err(CoordinatorError::UnlabeledChanged {
                     path: plan.data.unlabeled_place(),
                     then: recorded.clone(),
                     now: fingerprint,
                 });
             }
-            Some(_) => {}
-            // A new run, or one recorded before runs kept it: from now on.
-            None => state.unlabeled_fingerprint = Some(fingerprint),
+            // The same listing, recorded in this version's form from now on; a new run, or one
+            // recorded before runs kept it: from now on.
+            _ => state.unlabeled_fingerprint = Some(fingerprint),
         }
         if let Some(given) = &plan.teacher.checkpoint {
             // Checked while a task still needs it: a run past its first labeling does not.
@@ -555,6 +580,10 @@ impl Coordinator {
             .min()
             .unwrap_or(u32::MAX)
             .max(1);
+        let regathering = resumed
+            && !state.is_finished()
+            && state.phase != Phase::WaitingForWorkers
+            && plan.workers.min_workers > 0;
         let coordinator = Coordinator {
             plan,
             state,
@@ -567,6 +596,7 @@ impl Coordinator {
             metrics: metrics::MetricsLog::open(&run_dir),
             most_ranks: plan_most_ranks,
             lock,
+            regathering,
         };
         coordinator.persist()?;
         Ok(coordinator)
@@ -582,6 +612,12 @@ impl Coordinator {
         })?;
         self.lock.record_address(url);
         Ok(())
+    }
+
+    /// Whether this resumed run waits for `workers.min_workers` to register before it hands
+    /// out tasks again.
+    pub fn regathering(&self) -> bool {
+        self.regathering
     }
 
     /// The root of the soft-label store, as workers must see it.
@@ -635,6 +671,10 @@ impl Coordinator {
             },
         );
         let alive = self.workers.values().filter(|w| w.alive).count() as u32;
+        if self.regathering && alive >= self.plan.workers.min_workers {
+            tracing::info!(run = %self.state.run_id, workers = alive, phase = self.state.phase.as_str(), "enough workers registered again, resuming the run");
+            self.regathering = false;
+        }
         if alive >= self.plan.workers.min_workers
             && self.state.phase == state::Phase::WaitingForWorkers
         {
@@ -686,7 +726,19 @@ impl Coordinator {
             worker.alive = false;
             return Ok(TaskReply::Shutdown);
         }
-        let kind = device_kind(&worker.device).to_string();
+        let (held, kind) = (worker.task.clone(), device_kind(&worker.device).to_string());
+        if self.regathering {
+            return Ok(TaskReply::RetryAfter(Duration::from_millis(200)));
+        }
+        // A worker asks while it holds a task when the reply that gave it was lost (its retry
+        // after a dropped connection): the same task again, not a second one beside it that
+        // would leave the first running forever.
+        if let Some(held) = held {
+            if let Some(assignment) = self.state.assignment_held(&held, id) {
+                tracing::info!(run = %self.state.run_id, worker = %id, task = %held, rank = assignment.rank, "task asked for again, given again");
+                return Ok(TaskReply::Task(assignment));
+            }
+        }
         let group_size = self.group_size(&kind, now);
         match self.state.assign(id, &kind, group_size) {
             Some(assignment) => {
@@ -1081,12 +1133,21 @@ mod tests {
         }
     }
 
+    /// The next label task `id` is given, after it evaluated what it was given before it.
     fn next_label_task(coordinator: &mut Coordinator, id: &WorkerId, now: Instant) -> Assignment {
         for _ in 0..10 {
             if let TaskReply::Task(assignment) = coordinator.get_task(id, now).expect("task") {
                 if matches!(assignment.task.spec, TaskSpec::Label { .. }) {
                     return assignment;
                 }
+                let evaluated = TaskOutcome::Evaluated {
+                    accuracy: 0.5,
+                    loss: 1.0,
+                };
+                let task = &assignment.task;
+                coordinator
+                    .complete(id, &task.id, task.attempts, evaluated, now)
+                    .expect("complete");
             }
         }
         panic!("no label task")
@@ -1351,7 +1412,7 @@ mod tests {
             None
         );
 
-        // A restarted coordinator puts the task back in the queue without counting an attempt,
+        // A restarted coordinator puts the task back in the queue without counting a loss,
         // and does not know the worker: its reports are refused (it registers again), and the
         // ids it hands out are new, so no worker of the old coordinator passes for a new one.
         drop(coordinator);
@@ -1567,6 +1628,42 @@ mod tests {
     }
 
     #[test]
+    fn a_worker_asking_again_while_holding_a_task_gets_the_same_one() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let start = Instant::now();
+        let (mut coordinator, a, teacher) = one_worker_with_a_teacher_task(dir.path(), start);
+        // The reply was lost and the worker asks again: the same attempt, not a wait forever.
+        let TaskReply::Task(again) = coordinator.get_task(&a, start).expect("task") else {
+            panic!("no task the second time")
+        };
+        assert_eq!(again, teacher);
+        complete_trained(&mut coordinator, &a, &teacher, dir.path(), start);
+        // A labeler asking again keeps its shard, and no second shard runs beside it.
+        let label = next_label_task(&mut coordinator, &a, start);
+        let TaskReply::Task(again) = coordinator.get_task(&a, start).expect("task") else {
+            panic!("no task the second time")
+        };
+        assert_eq!(again, label);
+        let running = coordinator
+            .state
+            .tasks
+            .values()
+            .filter(|task| matches!(task.state, state::TaskState::Running { .. }))
+            .count();
+        assert_eq!(running, 1);
+        // Once its result is in, the next request is a new assignment (here the failed
+        // shard's next attempt).
+        let failed = TaskOutcome::Failed("storage unreachable".into());
+        coordinator
+            .complete(&a, &label.task.id, label.task.attempts, failed, start)
+            .expect("complete");
+        let TaskReply::Task(next) = coordinator.get_task(&a, start).expect("task") else {
+            panic!("no task after the result")
+        };
+        assert_eq!(next.task.attempts, label.task.attempts + 1);
+    }
+
+    #[test]
     fn a_soft_label_store_serves_one_run() {
         let dir = tempfile::tempdir().expect("tempdir");
         let shared = dir.path().join("labels");
@@ -1593,6 +1690,85 @@ mod tests {
             !dir.path().join("second").exists(),
             "the refused run left its directory"
         );
+    }
+
+    #[test]
+    fn a_resumed_run_waits_for_min_workers_before_it_forms_a_group_again() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let start = Instant::now();
+        let (before, ..) = two_workers_with_a_teacher_task(dir.path(), start);
+        drop(before);
+        // The coordinator started again: the first worker back gets no task of its own.
+        let mut resumed = coordinator(dir.path());
+        let a = resumed.register("a".into(), "cpu".into(), 0, start);
+        assert!(matches!(
+            resumed.get_task(&a, start).expect("reply"),
+            TaskReply::RetryAfter(_)
+        ));
+        let status = service::status_of(&resumed);
+        assert_eq!(status.phase, "waiting-for-workers");
+        let b = resumed.register("b".into(), "cpu".into(), 0, start);
+        let TaskReply::Task(first) = resumed.get_task(&a, start).expect("task") else {
+            panic!("no task once both are back")
+        };
+        assert_eq!((first.rank, first.task.world_size), (0, 2));
+        assert_eq!(service::status_of(&resumed).phase, "train-teacher");
+        let TaskReply::Task(second) = resumed.get_task(&b, start).expect("task") else {
+            panic!("no rank 1")
+        };
+        assert_eq!((second.task.id, second.rank), (first.task.id, 1));
+        drop(resumed);
+        // A machine lost for good: the plan may ask for fewer workers when the run resumes.
+        let mut fewer = Plan::from_toml_str(TINY).expect("tiny plan");
+        fewer.workers.min_workers = 1;
+        let mut resumed = Coordinator::open(fewer, dir.path()).expect("resumed with fewer");
+        let a = resumed.register("a".into(), "cpu".into(), 0, start);
+        assert!(matches!(
+            resumed.get_task(&a, start).expect("reply"),
+            TaskReply::Task(_)
+        ));
+    }
+
+    #[test]
+    fn a_runs_elapsed_time_outlives_its_coordinator_and_stops_when_it_ends() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let start = Instant::now();
+        let (coordinator, _, teacher) = one_worker_with_a_teacher_task(dir.path(), start);
+        std::thread::sleep(Duration::from_millis(50));
+        let running = service::status_of(&coordinator).elapsed_seconds;
+        assert!(running >= 0.05, "{running}");
+        drop(coordinator);
+        let reopened = Coordinator::open(one_worker_plan(), dir.path()).expect("reopen");
+        assert!(service::status_of(&reopened).elapsed_seconds >= running);
+        drop(reopened);
+        let mut coordinator = Coordinator::open(one_worker_plan(), dir.path()).expect("reopen");
+        let a2 = coordinator.register("a".into(), "cpu".into(), 0, start);
+        let TaskReply::Task(again) = coordinator.get_task(&a2, start).expect("task") else {
+            panic!("no task")
+        };
+        assert_eq!(again.task.id, teacher.task.id);
+        let failed = TaskOutcome::Failed("out of memory".into());
+        for _ in 0..state::MAX_ATTEMPTS {
+            let TaskReply::Task(attempt) = coordinator.get_task(&a2, start).expect("task") else {
+                panic!("no attempt")
+            };
+            coordinator
+                .complete(
+                    &a2,
+                    &attempt.task.id,
+                    attempt.task.attempts,
+                    failed.clone(),
+                    start,
+                )
+                .expect("complete");
+        }
+        assert!(coordinator.state.is_finished());
+        let ended = service::status_of(&coordinator).elapsed_seconds;
+        std::thread::sleep(Duration::from_millis(50));
+        assert_eq!(service::status_of(&coordinator).elapsed_seconds, ended);
+        drop(coordinator);
+        let saved = service::saved_status(dir.path()).expect("saved status");
+        assert_eq!(saved.elapsed_seconds, ended);
     }
 
     #[test]
@@ -1807,6 +1983,7 @@ mod tests {
         std::io::Write::write_all(&mut file, b"{\"event\": \"progr").expect("half a line");
         let mut coordinator = self::coordinator(dir.path());
         let c = coordinator.register("c".into(), "cpu".into(), 0, now);
+        coordinator.register("d".into(), "cpu".into(), 0, now);
         let TaskReply::Task(again) = coordinator.get_task(&c, now).expect("task") else {
             panic!("no task")
         };

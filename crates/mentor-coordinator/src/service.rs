@@ -440,18 +440,22 @@ pub fn status_of(coordinator: &Coordinator) -> pb::RunStatus {
             }
         })
         .collect();
-    pb::RunStatus {
+    let mut status = pb::RunStatus {
         workers,
         latest_loss: coordinator.latest_loss.unwrap_or(f64::NAN),
         latest_accuracy: coordinator.latest_accuracy.unwrap_or(f64::NAN),
-        elapsed_seconds: coordinator.started.elapsed().as_secs_f64(),
+        elapsed_seconds: state.elapsed_seconds(),
         ..run_status(
             state,
             &coordinator.plan.name,
             coordinator.plan.method.as_str(),
             coordinator.plan.workers.min_workers,
         )
+    };
+    if coordinator.regathering() {
+        status.phase = crate::state::Phase::WaitingForWorkers.as_str().to_string();
     }
+    status
 }
 
 /// What the run's state says, without the live parts (workers, latest loss and accuracy, the
@@ -551,6 +555,8 @@ pub fn saved_status(run_dir: &std::path::Path) -> Result<pb::RunStatus, Coordina
     );
     if state.outcome == crate::state::RunOutcome::Running {
         status.status = STOPPED.to_string();
+    } else if state.ended_at_ms.is_some() {
+        status.elapsed_seconds = state.elapsed_seconds();
     }
     Ok(status)
 }

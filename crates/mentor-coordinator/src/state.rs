@@ -339,6 +339,12 @@ pub struct RunState {
     /// resumed run whose images changed is refused, and workers check theirs against it.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub unlabeled_fingerprint: Option<String>,
+    /// When the run began and when it ended, in milliseconds since the Unix epoch (a run
+    /// recorded before runs kept it begins when a coordinator opens it again).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub began_at_ms: Option<u64>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub ended_at_ms: Option<u64>,
 }
 
 fn default_method() -> Method {
@@ -444,7 +450,16 @@ impl RunState {
             teacher_checkpoint: plan.teacher.checkpoint.clone(),
             failed_in: None,
             unlabeled_fingerprint: None,
+            began_at_ms: Some(unix_ms()),
+            ended_at_ms: None,
         }
+    }
+
+    /// Seconds from the run's beginning to its end, or to now while it runs.
+    pub fn elapsed_seconds(&self) -> f64 {
+        let end = self.ended_at_ms.unwrap_or_else(unix_ms);
+        self.began_at_ms
+            .map_or(0.0, |began| end.saturating_sub(began) as f64 / 1000.0)
     }
 
     pub fn is_finished(&self) -> bool {
@@ -560,6 +575,16 @@ impl RunState {
         })
     }
 
+    /// The assignment `worker` holds in the running attempt of `task`, if it still does.
+    pub fn assignment_held(&self, task: &TaskId, worker: &WorkerId) -> Option<Assignment> {
+        let record = self.tasks.get(task)?;
+        let rank = record.workers().iter().position(|held| held == worker)?;
+        Some(Assignment {
+            task: record.clone(),
+            rank: rank as u32,
+        })
+    }
+
     /// Puts every task `worker` takes part in back in the queue (the worker is gone); a
     /// training group loses its attempt as a whole. Returns the requeued tasks and the effects:
     /// the run fails when a task has lost [`MAX_LOSSES`] attempts.
@@ -668,6 +693,7 @@ impl RunState {
         round.finetuned = None;
         round.finetuned_student_test_accuracy = None;
         self.outcome = RunOutcome::Running;
+        self.ended_at_ms = None;
         self.phase = Phase::EvaluateMpl;
         let effects = self.advance();
         debug_assert!(effects.is_empty() && self.phase == Phase::Finetune);
@@ -695,17 +721,18 @@ impl RunState {
             }
         }
         self.outcome = RunOutcome::Running;
+        self.ended_at_ms = None;
         self.phase = phase;
         self.failed_in = None;
         Ok(())
     }
 
-    /// Requeues every running task (after a coordinator restart).
+    /// Requeues every running task (after a coordinator restart). The attempt abandoned keeps
+    /// its number, the next one is numbered after it, and neither counts as a failure or a loss.
     pub fn requeue_running(&mut self) {
         for task in self.tasks.values_mut() {
             if matches!(task.state, TaskState::Running { .. }) {
                 task.state = TaskState::Pending;
-                task.attempts = task.attempts.saturating_sub(1);
             }
         }
     }
@@ -823,6 +850,7 @@ impl RunState {
         self.outcome = RunOutcome::Failed(message);
         self.failed_in = Some(self.phase);
         self.phase = Phase::Done;
+        self.ended_at_ms = Some(unix_ms());
         vec![Effect::Finished]
     }
 
@@ -931,7 +959,7 @@ impl RunState {
         }
         if kept == 0 {
             return self.fail(format!(
-                "round {round}: no pseudo-labeled example passed the filter: lower pseudo_labels.min_confidence or pseudo_labels.temperature (or, with fewer unlabeled examples than classes, set pseudo_labels.per_class or balance = false)"
+                "round {round}: no pseudo-labeled example passed the filter: lower pseudo_labels.min_confidence (or, with fewer unlabeled examples than classes, set pseudo_labels.per_class or balance = false) and run the coordinator again with --retry-failed: the filter runs again on the soft labels made"
             ));
         }
         let output = self.paths.checkpoint(round, Role::Student);
@@ -955,6 +983,7 @@ impl RunState {
     fn succeed(&mut self) -> Vec<Effect> {
         self.outcome = RunOutcome::Succeeded;
         self.phase = Phase::Done;
+        self.ended_at_ms = Some(unix_ms());
         vec![Effect::Finished]
     }
 
@@ -986,6 +1015,14 @@ impl RunState {
             .count();
         (done as u32, self.tasks.len() as u32)
     }
+}
+
+/// Milliseconds since the Unix epoch.
+pub(crate) fn unix_ms() -> u64 {
+    let since = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .unwrap_or_default();
+    u64::try_from(since.as_millis()).unwrap_or(u64::MAX)
 }
 
 #[cfg(test)]

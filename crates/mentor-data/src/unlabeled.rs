@@ -215,8 +215,9 @@ impl Source {
     /// folder or a WebDataset directory apart, and again on resume; a file added, removed or
     /// renamed in between shifts every id after it, so that soft labels would name other
     /// images. Equal fingerprints, equal listings. Paths count relative to `data.unlabeled.path`
-    /// (a run may move with its data); tar files count their sizes too. IDX positions come from
-    /// the plan's split alone: their count says it all.
+    /// (a run may move with its data); tar files count their sizes too. IDX examples count
+    /// their positions in the training images, which the split draws from the labels: another
+    /// data set of the same size in `data.dir` (other labels) lists other positions.
     pub fn fingerprint(&self, data: &DataPlan) -> String {
         let root = data.unlabeled.path.clone().unwrap_or_default();
         // FNV-1a, 64 bits: stable across builds and machines (std's hasher is not).
@@ -242,7 +243,11 @@ impl Source {
             }
         };
         match self {
-            Source::Idx { positions, .. } => format!("idx:{}", positions.len()),
+            Source::Idx { positions, .. } => {
+                let bytes: Vec<u8> = positions.iter().flat_map(|p| p.to_le_bytes()).collect();
+                feed(&bytes);
+                format!("idx:{}:{hash:016x}", positions.len())
+            }
             Source::Folder { files } => {
                 for file in files {
                     feed(relative(file).as_bytes());
@@ -258,6 +263,13 @@ impl Source {
                 format!("webdataset:{}:{hash:016x}", tars.len())
             }
         }
+    }
+
+    /// Whether a listing fingerprinted `recorded` (by this version, or by one that gave IDX
+    /// data its count alone) is the listing fingerprinted `now`.
+    pub fn same_fingerprint(recorded: &str, now: &str) -> bool {
+        let count_alone = recorded.starts_with("idx:") && recorded.matches(':').count() == 1;
+        recorded == now || (count_alone && now.starts_with(&format!("{recorded}:")))
     }
 
     /// Examples of the source when known without reading it (not for WebDataset).

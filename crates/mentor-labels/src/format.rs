@@ -190,8 +190,23 @@ pub fn decode_shard(key: &str, bytes: &[u8]) -> Result<(ShardHeader, SoftLabels)
     let probs = tensor("probs", Dtype::F16)?;
     let rows = ids.shape().first().copied().unwrap_or(0);
     let top_k = classes.shape().get(1).copied().unwrap_or(0);
-    if classes.shape() != [rows, top_k] || probs.shape() != [rows, top_k] || top_k == 0 {
-        return Err(corrupt("tensor shapes disagree".into()));
+    if ids.shape() != [rows]
+        || classes.shape() != [rows, top_k]
+        || probs.shape() != [rows, top_k]
+        || top_k == 0
+    {
+        return Err(corrupt(format!(
+            "tensor shapes disagree: example_id {:?}, class_ids {:?}, probs {:?}",
+            ids.shape(),
+            classes.shape(),
+            probs.shape()
+        )));
+    }
+    if top_k > header.classes as usize {
+        return Err(corrupt(format!(
+            "top {top_k} of {} classes",
+            header.classes
+        )));
     }
     let mut all = Vec::with_capacity(ids.data().len() + classes.data().len() + probs.data().len());
     all.extend_from_slice(ids.data());
@@ -224,5 +239,15 @@ pub fn decode_shard(key: &str, bytes: &[u8]) -> Result<(ShardHeader, SoftLabels)
             .map(|c| f16::from_le_bytes([c[0], c[1]]))
             .collect(),
     };
+    if let Some(class) = labels
+        .class_ids
+        .iter()
+        .find(|class| u32::from(**class) >= header.classes)
+    {
+        return Err(corrupt(format!(
+            "class id {class} is not one of its {} classes",
+            header.classes
+        )));
+    }
     Ok((header, labels))
 }

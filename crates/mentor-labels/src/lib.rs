@@ -7,8 +7,10 @@
 //! `s3://`, ...), which commits each key exactly once and atomically; the [`Manifest`] of a
 //! round is written last. The global filter and class balance are computed from per-shard
 //! [`Histogram`]s into a [`Selection`] that the student's loader applies while reading shards.
+//! [`durable`] writes local files so that a machine's crash leaves the old or the new one.
 //! This crate knows nothing of models, tensors or the network.
 
+pub mod durable;
 mod format;
 mod select;
 mod store;
@@ -246,6 +248,51 @@ mod tests {
         let error = decode_shard("s", &bytes[..bytes.len() - 5]).expect_err("truncated");
         assert!(
             error.to_string().starts_with("shard `s` is corrupt"),
+            "{error}"
+        );
+    }
+
+    /// The shard's bytes again with `example_id` of `shape` (its data and checksum kept).
+    fn with_ids_shaped(bytes: &[u8], shape: Vec<usize>) -> Vec<u8> {
+        use safetensors::tensor::TensorView;
+        let (_, metadata) = safetensors::SafeTensors::read_metadata(bytes).expect("metadata");
+        let tensors = safetensors::SafeTensors::deserialize(bytes).expect("tensors");
+        let views: Vec<(String, TensorView)> = tensors
+            .tensors()
+            .into_iter()
+            .map(|(name, view)| {
+                let shape = match name.as_str() {
+                    "example_id" => shape.clone(),
+                    _ => view.shape().to_vec(),
+                };
+                let view = TensorView::new(view.dtype(), shape, view.data()).expect("view");
+                (name, view)
+            })
+            .collect();
+        safetensors::tensor::serialize(views, metadata.metadata()).expect("serialize")
+    }
+
+    #[test]
+    fn a_shard_other_tools_wrote_wrong_is_refused_as_corrupt() {
+        let bytes = encode_shard(&header(), &labels()).expect("encode");
+        let error = decode_shard("s", &with_ids_shaped(&bytes, vec![3, 1])).expect_err("2-d ids");
+        assert!(error.to_string().contains("example_id [3, 1]"), "{error}");
+        // A class the header's classes do not have would index past a one-hot target.
+        let beyond = SoftLabels::new(1, vec![1, 2], vec![4, 10], vec![0.9, 0.8]).expect("labels");
+        let bytes = encode_shard(&header(), &beyond).expect("encode");
+        let error = decode_shard("s", &bytes).expect_err("class 10 of 10");
+        assert!(
+            matches!(error, LabelError::Corrupt { .. })
+                && error
+                    .to_string()
+                    .contains("class id 10 is not one of its 10 classes"),
+            "{error}"
+        );
+        let wide = SoftLabels::new(11, vec![1], (0..11).collect(), vec![0.05; 11]).expect("labels");
+        let bytes = encode_shard(&header(), &wide).expect("encode");
+        let error = decode_shard("s", &bytes).expect_err("top 11 of 10");
+        assert!(
+            error.to_string().contains("top 11 of 10 classes"),
             "{error}"
         );
     }

@@ -118,7 +118,8 @@ pub struct Rule {
     pub threshold: f32,
     /// How many times each kept example is used, in expectation.
     pub ratio: f64,
-    /// Distinct examples kept.
+    /// Examples of the class at or above the threshold; with a ratio under 1 the hash uses
+    /// about `kept * ratio` of them ([`Selection::kept`]).
     pub kept: u64,
 }
 
@@ -199,9 +200,17 @@ impl Selection {
         whole as u32 + extra
     }
 
-    /// Distinct examples kept.
+    /// Distinct examples kept: those at or above their class's threshold, or, of a class
+    /// subsampled to its share (a ratio under 1: more examples at the threshold than it
+    /// wants), that share, which the hash draws in expectation.
     pub fn kept(&self) -> u64 {
-        self.rules.iter().map(|rule| rule.kept).sum()
+        self.rules
+            .iter()
+            .map(|rule| match rule.ratio < 1.0 {
+                true => (rule.kept as f64 * rule.ratio).round() as u64,
+                false => rule.kept,
+            })
+            .sum()
     }
 }
 
@@ -323,7 +332,12 @@ mod tests {
     fn bins_agree_with_threshold_comparisons() {
         let mut rng = rand::rngs::StdRng::seed_from_u64(3);
         let mut values: Vec<f32> = (0..=100).map(threshold_of_step).collect();
-        values.extend((0..=100).map(|s| f32::from_bits(threshold_of_step(s).to_bits() - 1)));
+        // Each threshold's float just below it (0.0 has none above negative zero's bits).
+        values.extend(
+            (0..=100)
+                .filter_map(|s| threshold_of_step(s).to_bits().checked_sub(1))
+                .map(f32::from_bits),
+        );
         values.extend((0..10_000).map(|_| rng.gen::<f32>()));
         for value in values.into_iter().filter(|v| (0.0..=1.0).contains(v)) {
             let bin = confidence_bin(value);
@@ -357,6 +371,37 @@ mod tests {
             through_histograms(&examples, &config(false, 0), 2),
             vec![1, 0, 1, 0]
         );
+    }
+
+    #[test]
+    fn kept_counts_the_distinct_examples_a_subsampled_class_uses() {
+        // 100 examples of class 0 in one confidence bin, 10 wanted: the threshold cannot part
+        // them, the hash uses about a tenth.
+        let examples: Vec<(u16, f32)> = (0..100).map(|_| (0, 0.955)).collect();
+        let examples = numbered(&examples);
+        let config = config(true, 10);
+        let mut histogram = Histogram::new(config.classes, config.min_confidence);
+        for &(_, class, confidence) in &examples {
+            histogram.add(class, confidence);
+        }
+        let selection = Selection::from_histogram(&histogram, &config);
+        assert_eq!(selection.rules[0].kept, 100);
+        assert_eq!(selection.kept(), 10);
+        let distinct = examples
+            .iter()
+            .filter(|&&(id, class, confidence)| selection.uses(id, class, confidence) > 0)
+            .count();
+        assert!(
+            (5..=15).contains(&distinct),
+            "{distinct} distinct examples used"
+        );
+        // A rare class duplicated (a ratio over 1) keeps every example once.
+        let rare = numbered(&[(1, 0.9), (1, 0.8)]);
+        let mut histogram = Histogram::new(config.classes, config.min_confidence);
+        for &(_, class, confidence) in &rare {
+            histogram.add(class, confidence);
+        }
+        assert_eq!(Selection::from_histogram(&histogram, &config).kept(), 2);
     }
 
     #[test]

@@ -95,8 +95,11 @@ impl ShardStore {
                 key: location.to_string(),
                 source,
             })?;
+            // Flushed to the disk before a commit returns, as a cloud store's commit is: a
+            // shard or manifest named after a machine's crash holds what was written.
             let local = object_store::local::LocalFileSystem::new_with_prefix(location)
-                .map_err(|error| invalid(error.to_string()))?;
+                .map_err(|error| invalid(error.to_string()))?
+                .with_fsync(true);
             return Ok(ShardStore {
                 store: Arc::new(local),
                 prefix: ObjectPath::default(),

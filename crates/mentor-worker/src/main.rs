@@ -64,7 +64,8 @@ struct Stopped;
 /// Whether this worker lists the unlabeled images as the coordinator did (an empty
 /// `fingerprint`: a coordinator that does not say).
 fn same_listing(plan: &Plan, dataset: &Dataset, fingerprint: &str) -> bool {
-    fingerprint.is_empty() || dataset.unlabeled.fingerprint(&plan.data) == fingerprint
+    let here = dataset.unlabeled.fingerprint(&plan.data);
+    fingerprint.is_empty() || mentor_data::Source::same_fingerprint(fingerprint, &here)
 }
 
 /// Starts the thread that owns libtorch: it loads the data set once and runs jobs in order.
@@ -318,7 +319,9 @@ impl Session {
                         );
                     }
                     let (then, now) = (&self.unlabeled_fingerprint, &reply.unlabeled_fingerprint);
-                    if !then.is_empty() && !now.is_empty() && then != now {
+                    let same = mentor_data::Source::same_fingerprint(then, now)
+                        || mentor_data::Source::same_fingerprint(now, then);
+                    if !then.is_empty() && !now.is_empty() && !same {
                         anyhow::bail!(
                             "the coordinator now lists other unlabeled images (listing {now}, this worker's {then}; run {}): this worker's example ids would name other images; it stops",
                             reply.run_id

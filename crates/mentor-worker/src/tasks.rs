@@ -281,13 +281,12 @@ pub(crate) fn load_exactly(vs: &mut nn::VarStore, path: &Path) -> Result<(), Str
             ));
         }
     }
-    // The tensors already read are copied in (as `VarStore::load` would, reading the file
-    // again): each variable takes the saved tensor's kind, then its values.
+    // The tensors already read are copied in, converted to the model's kind: a checkpoint
+    // exported in half precision (or double) gives a model of the kind the plan runs, whose
+    // forward takes the 32-bit images it is given.
     tch::no_grad(|| {
         for (name, mut variable) in variables {
             let saved = &saved[&name];
-            let converted = variable.to_kind(saved.kind());
-            variable.set_data(&converted);
             variable
                 .f_copy_(&saved.to_device(variable.device()))
                 .map_err(|e| format!("`{name}`: {}", crate::libtorch_message(&e.to_string())))?;
@@ -476,8 +475,8 @@ pub(crate) fn save_checkpoint(vs: &nn::VarStore, output: &Path) -> Result<(), St
     write_safetensors_atomically(vs.variables(), output)
 }
 
-/// Writes named tensors to `output` as safetensors, atomically (a temporary file renamed into
-/// place), creating its directory.
+/// Writes named tensors to `output` as safetensors, atomically and durably (a temporary file,
+/// flushed, renamed into place), creating its directory.
 pub(crate) fn write_safetensors_atomically(
     tensors: impl IntoIterator<Item = (String, Tensor)>,
     output: &Path,
@@ -496,7 +495,7 @@ pub(crate) fn write_safetensors_atomically(
         .collect();
     Tensor::write_safetensors(&tensors, &temporary)
         .map_err(|e| format!("failed to write checkpoint `{}`: {e}", temporary.display()))?;
-    std::fs::rename(&temporary, output)
+    mentor_labels::durable::publish(&temporary, output)
         .map_err(|e| format!("failed to move checkpoint to `{}`: {e}", output.display()))
 }
 
@@ -1000,7 +999,12 @@ fn existing_shard(
     started: Instant,
 ) -> Result<Outcome, String> {
     let bytes = store.get(key).map_err(|e| e.to_string())?;
-    let (header, labels) = mentor_labels::decode_shard(key, &bytes).map_err(|e| e.to_string())?;
+    let (header, labels) = mentor_labels::decode_shard(key, &bytes).map_err(|e| {
+        format!(
+            "{e}; it is at `{}`: remove it and the shard is labelled again (by this task's next attempt, or after `coordinator --retry-failed`)",
+            store.location(key)
+        )
+    })?;
     if !same_labels(&header, expected, store.root(), previous_teachers) {
         return Err(format!(
             "`{}` already exists but holds the labels of teacher `{}` (round {}, temperature {}), not of `{}` (round {}, temperature {}): use another pseudo_labels.storage or remove it",
@@ -1088,6 +1092,27 @@ mod tests {
         assert!(missing.is_err());
     }
 
+    #[test]
+    fn a_half_precision_checkpoint_loads_into_the_plans_32_bit_model() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let path = dir.path().join("exported.safetensors");
+        let mut saved_vs = nn::VarStore::new(tch::Device::Cpu);
+        let _saved = build(&saved_vs.root(), &cnn(8, 1));
+        saved_vs.half();
+        save_checkpoint(&saved_vs, &path).expect("save");
+        let mut loaded_vs = nn::VarStore::new(tch::Device::Cpu);
+        let loaded = build(&loaded_vs.root(), &cnn(8, 1));
+        load_exactly(&mut loaded_vs, &path).expect("a half checkpoint loads");
+        for (name, variable) in loaded_vs.variables() {
+            assert_eq!(variable.kind(), Kind::Float, "`{name}`");
+            let exported = &saved_vs.variables()[&name];
+            assert!(variable.equal(&exported.to_kind(Kind::Float)), "`{name}`");
+        }
+        let images = Tensor::rand([2, 1, 28, 28], (Kind::Float, tch::Device::Cpu));
+        let logits = loaded.forward_t(&images, false);
+        assert_eq!(logits.size(), [2, 10]);
+    }
+
     fn header(teacher: &str) -> ShardHeader {
         ShardHeader {
             round: 1,
@@ -1095,6 +1120,37 @@ mod tests {
             temperature: 1.0,
             classes: 10,
         }
+    }
+
+    #[test]
+    fn a_damaged_committed_shard_is_refused_naming_its_place_and_the_remedy() {
+        let plan =
+            Plan::from_toml_str(include_str!("../../../deploy/plans/tiny.toml")).expect("plan");
+        let dir = tempfile::tempdir().expect("tempdir");
+        let storage = dir.path().join("pseudo-labels");
+        let store = ShardStore::open(&storage.display().to_string()).expect("store");
+        let expected = header("/run/checkpoints/round-1-teacher.safetensors");
+        let labels = SoftLabels::new(1, vec![0, 1], vec![3, 4], vec![0.9, 0.8]).expect("labels");
+        let whole = encode_shard(&expected, &labels).expect("encode");
+        let key = mentor_labels::shard_key(1, 0);
+        // What a machine that went down mid-commit may leave: the name over a cut-short file.
+        store
+            .put_if_absent(&key, &whole[..whole.len() / 2])
+            .expect("put");
+        let error = existing_shard(&plan, &store, &key, &expected, &[], Instant::now())
+            .expect_err("a damaged shard is refused");
+        assert!(
+            error.contains(&store.location(&key)) && error.contains("remove it"),
+            "{error}"
+        );
+        // The whole shard, committed in its place, is reported.
+        std::fs::remove_file(storage.join(&key)).expect("remove the damaged shard");
+        store.put_if_absent(&key, &whole).expect("put");
+        let reported = existing_shard(&plan, &store, &key, &expected, &[], Instant::now());
+        assert!(
+            matches!(reported, Ok(Outcome::Labeled { examples: 2, .. })),
+            "{reported:?}"
+        );
     }
 
     #[test]

@@ -360,7 +360,10 @@ fn restart_requeues_running_tasks_and_state_round_trips() {
         .assign(&worker("other"), "cpu", 1)
         .map(|a| a.task)
         .expect("requeued task");
-    assert_eq!(task.attempts, 1);
+    // The attempt abandoned with the old coordinator keeps its number: reports and metrics of
+    // the two attempts stay apart.
+    assert_eq!(task.attempts, 2);
+    assert_eq!(task.losses, 0, "a restart is no loss of the task's");
 }
 
 #[test]

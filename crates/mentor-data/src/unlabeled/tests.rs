@@ -404,3 +404,28 @@ fn fingerprints_change_with_the_listing_and_not_with_the_place() {
     .expect("write");
     assert_ne!(fingerprint(UnlabeledFormat::Webdataset, &tars), webdataset);
 }
+
+#[test]
+fn idx_fingerprints_name_the_positions_the_labels_drew() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let plan = data_plan(UnlabeledFormat::Idx, dir.path());
+    let fingerprint = |positions: &[u32]| {
+        Source::open(&plan, positions)
+            .expect("open")
+            .fingerprint(&plan)
+    };
+    let drawn = fingerprint(&[0, 2, 3, 7]);
+    assert!(drawn.starts_with("idx:4:"), "{drawn}");
+    assert_eq!(fingerprint(&[0, 2, 3, 7]), drawn);
+    // Another data set of the same size in `data.dir`: its labels draw other positions.
+    assert_ne!(fingerprint(&[0, 1, 3, 7]), drawn);
+    // A run recorded when the count alone named IDX data is taken for the same listing, and
+    // only for the same count.
+    assert!(Source::same_fingerprint("idx:4", &drawn));
+    assert!(!Source::same_fingerprint("idx:5", &drawn));
+    assert!(!Source::same_fingerprint("idx:4:0000000000000000", &drawn));
+    assert!(!Source::same_fingerprint(
+        "image-folder:4",
+        "image-folder:4:00ff"
+    ));
+}

@@ -1,0 +1,67 @@
+//! Durable local files: written beside their place, flushed to the disk, then renamed into
+//! place with their directory flushed too. A reader, or a process started again after the
+//! machine went down, finds the old file or the whole new one: a rename alone is atomic for a
+//! crash of the process, not of the machine, whose file system may keep the new name over
+//! contents it never wrote (an empty `state.json`, a checkpoint cut short).
+
+use std::fs::File;
+use std::io;
+use std::path::Path;
+
+/// Moves `temporary`, written in full, to `path` durably: its contents are flushed before the
+/// rename and the directory's entry after it.
+pub fn publish(temporary: &Path, path: &Path) -> io::Result<()> {
+    File::open(temporary)?.sync_all()?;
+    std::fs::rename(temporary, path)?;
+    sync_directory_of(path)
+}
+
+/// Writes `bytes` to `path` durably through `temporary` (a file beside it, replaced).
+pub fn write(path: &Path, temporary: &Path, bytes: &[u8]) -> io::Result<()> {
+    std::fs::write(temporary, bytes)?;
+    publish(temporary, path)
+}
+
+/// Flushes the directory holding `path` (its entries: a new or renamed file's name).
+fn sync_directory_of(path: &Path) -> io::Result<()> {
+    #[cfg(unix)]
+    {
+        let parent = match path.parent() {
+            Some(parent) if !parent.as_os_str().is_empty() => parent,
+            _ => Path::new("."),
+        };
+        File::open(parent)?.sync_all()
+    }
+    #[cfg(not(unix))]
+    {
+        let _ = path;
+        Ok(())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_write_replaces_the_file_whole_and_leaves_no_temporary() {
+        let dir = tempfile::tempdir().expect("temporary directory");
+        let path = dir.path().join("state.json");
+        let temporary = dir.path().join("state.tmp");
+        write(&path, &temporary, b"first").expect("first write");
+        write(&path, &temporary, b"second, longer").expect("second write");
+        assert_eq!(std::fs::read(&path).expect("read back"), b"second, longer");
+        assert!(!temporary.exists(), "the temporary was renamed into place");
+    }
+
+    #[test]
+    fn a_failed_publish_keeps_the_old_file() {
+        let dir = tempfile::tempdir().expect("temporary directory");
+        let path = dir.path().join("checkpoint.safetensors");
+        std::fs::write(&path, b"old").expect("old file");
+        let missing = dir.path().join("never-written.tmp");
+        let error = publish(&missing, &path).expect_err("nothing to publish");
+        assert_eq!(error.kind(), io::ErrorKind::NotFound);
+        assert_eq!(std::fs::read(&path).expect("read back"), b"old");
+    }
+}
