@@ -7,7 +7,7 @@ use std::time::Duration;
 use mentor_e2e::{
     binary, plan_with, run_on_two_workers, start_coordinator, start_coordinator_on,
     start_coordinator_with, start_worker, status, tiny_plan_with, try_status, wait_for,
-    wait_for_or_explain, watch_run, workspace_root, ONE_WORKER_SHORT_HEARTBEAT,
+    wait_for_or_explain, watch_run, workspace_root, Process, ONE_WORKER_SHORT_HEARTBEAT,
 };
 use mentor_labels::{read_round, ShardStore};
 
@@ -1602,5 +1602,54 @@ fn a_changed_unlabeled_listing_is_refused_by_workers_and_on_resume() {
     assert!(
         log.contains("resuming run") && log.contains("unlabeled images from another place"),
         "{log}"
+    );
+}
+
+/// A coordinator that hangs (stopped, not gone: its connections stay open and say nothing) is
+/// an outage to its workers: they give up after `--connect-timeout-seconds` instead of waiting
+/// on a call for ever.
+#[test]
+fn a_worker_gives_up_on_a_coordinator_that_hangs() {
+    let runtime = tokio::runtime::Runtime::new().expect("runtime");
+    let dir = tempfile::tempdir().expect("tempdir");
+    let plan = workspace_root().join("deploy/plans/tiny.toml");
+    let (coordinator, address) = start_coordinator(&plan, &dir.path().join("run"));
+    let mut worker = Process::start(
+        &binary("worker"),
+        &[
+            "--coordinator",
+            &address,
+            "--device",
+            "cpu",
+            "--threads",
+            "1",
+            "--connect-timeout-seconds",
+            "2",
+        ],
+        dir.path().join("worker.log"),
+    );
+    // Registered, waiting for a second worker (the plan's min_workers) and asking for work.
+    wait_for("the worker to register", Duration::from_secs(60), || {
+        (status(&runtime, &address).workers.len() == 1).then_some(())
+    });
+    let pid = coordinator.child.id().to_string();
+    let stopped = std::process::Command::new("kill")
+        .args(["-STOP", &pid])
+        .status()
+        .expect("kill -STOP");
+    assert!(stopped.success());
+    let exit = wait_for("the worker to give up", Duration::from_secs(90), || {
+        worker.child.try_wait().expect("wait")
+    });
+    let _ = std::process::Command::new("kill")
+        .args(["-CONT", &pid])
+        .status();
+    assert!(!exit.success(), "{}", worker.log_text());
+    assert!(
+        worker
+            .log_text()
+            .contains("the coordinator was unreachable for"),
+        "{}",
+        worker.log_text()
     );
 }

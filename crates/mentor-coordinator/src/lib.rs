@@ -82,6 +82,8 @@ pub struct WorkerEntry {
     /// The worker's process id on its host (0 when not told).
     pub pid: u32,
     pub device: String,
+    /// Drawn by the worker process (empty when it does not say): who registers again.
+    pub instance: String,
     pub last_seen: Instant,
     pub alive: bool,
     /// Told to shut down because the run ended.
@@ -218,40 +220,24 @@ fn redo_finetune_of(state: &mut RunState, plan: &Plan, dir: &Path) -> Result<(),
     Ok(())
 }
 
-/// The run's `recorded` plan with the settings a resumed run may change taken from `plan`:
-/// - its data's folder and its first teacher's file: `data.dir` and `teacher.checkpoint` say
-///   where the data and the teacher are, not what they are, so a run moved to another machine
-///   reads the same files from there;
-/// - how it waits for and watches its workers (`workers.min_workers` and the heartbeat, join
-///   and collective timeouts, `pseudo_labels.lease_seconds`), which decide nothing it computes:
-///   a run resumed after a machine was lost for good goes on with fewer workers.
-fn with_free_settings_of(mut recorded: Plan, plan: &Plan, listing_recorded: bool) -> Plan {
-    let (workers, wanted) = (&mut recorded.workers, &plan.workers);
-    workers.min_workers = wanted.min_workers;
-    workers.heartbeat_timeout_seconds = wanted.heartbeat_timeout_seconds;
-    workers.join_timeout_seconds = wanted.join_timeout_seconds;
-    workers.collective_timeout_seconds = wanted.collective_timeout_seconds;
-    recorded.pseudo_labels.lease_seconds = plan.pseudo_labels.lease_seconds;
+/// The run's `recorded` plan with the settings a resumed run may change taken from `plan`
+/// ([`Plan::with_free_settings_of`]), each place that moved logged.
+fn with_free_settings_of(recorded: Plan, plan: &Plan, listing_recorded: bool) -> Plan {
     if recorded.data.dir != plan.data.dir {
         tracing::info!(from = %recorded.data.dir.display(), to = %plan.data.dir.display(), "the run reads its data from another folder");
-        recorded.data.dir = plan.data.dir.clone();
     }
-    // The unlabeled folder or tars may move too once the run knows their listing's fingerprint,
-    // which then vouches that they are the same files.
     let unlabeled = (&recorded.data.unlabeled.path, &plan.data.unlabeled.path);
     if let (true, Some(from), Some(to)) = (listing_recorded, unlabeled.0, unlabeled.1) {
         if from != to {
             tracing::info!(from = %from.display(), to = %to.display(), "the run reads its unlabeled images from another place");
-            recorded.data.unlabeled.path = Some(to.clone());
         }
     }
     if let (Some(from), Some(to)) = (&recorded.teacher.checkpoint, &plan.teacher.checkpoint) {
         if from != to {
             tracing::info!(from = %from.display(), to = %to.display(), "the plan names the first teacher's checkpoint in another place");
-            recorded.teacher.checkpoint = Some(to.clone());
         }
     }
-    recorded
+    recorded.with_free_settings_of(plan, listing_recorded)
 }
 
 /// Rebases the paths the selection files of a run moved from `from` to `run_dir` record (the
@@ -649,6 +635,29 @@ impl Coordinator {
         pid: u32,
         now: Instant,
     ) -> WorkerId {
+        self.register_instance(hostname, device, pid, String::new(), now)
+    }
+
+    /// Registers a worker process that drew `instance`: one still known alive under that
+    /// instance sent its registration again (the reply was lost) and keeps its id, instead of
+    /// leaving an entry no process answers for, which a group would count and wait for.
+    pub fn register_instance(
+        &mut self,
+        hostname: String,
+        device: String,
+        pid: u32,
+        instance: String,
+        now: Instant,
+    ) -> WorkerId {
+        let known = self
+            .workers
+            .values_mut()
+            .find(|worker| !instance.is_empty() && worker.instance == instance && worker.alive);
+        if let Some(worker) = known {
+            worker.last_seen = now;
+            tracing::info!(worker = %worker.id, pid, "worker registered again with the same instance: it keeps its id");
+            return worker.id.clone();
+        }
         self.state.workers_registered += 1;
         let id = WorkerId(format!("w{}-{hostname}", self.state.workers_registered));
         tracing::info!(worker = %id, device = %device, pid, "worker registered");
@@ -659,6 +668,7 @@ impl Coordinator {
                 hostname,
                 pid,
                 device,
+                instance,
                 last_seen: now,
                 alive: true,
                 exited: false,
@@ -710,11 +720,19 @@ impl Coordinator {
                 .all(|worker| worker.exited || !worker.alive)
     }
 
+    /// A worker's heartbeat: it lives. It does not clear a suspicion (a rank of a failed group
+    /// stays out of new groups until it asks for work or reports progress): the heartbeat
+    /// comes from a thread of its own, which goes on while the task's thread hangs, in a
+    /// group's setup say, where a new group would wait for it in vain.
     pub fn heartbeat(&mut self, id: &WorkerId, now: Instant) -> bool {
-        if self.workers.get(id).is_some_and(|worker| worker.exited) {
-            return true;
+        match self.workers.get_mut(id) {
+            Some(worker) if worker.exited => true,
+            Some(worker) if worker.alive => {
+                worker.last_seen = now;
+                true
+            }
+            _ => false,
         }
-        self.worker_mut(id, now).is_ok()
     }
 
     pub fn get_task(&mut self, id: &WorkerId, now: Instant) -> Result<TaskReply, CoordinatorError> {
@@ -738,9 +756,13 @@ impl Coordinator {
                 tracing::info!(run = %self.state.run_id, worker = %id, task = %held, rank = assignment.rank, "task asked for again, given again");
                 return Ok(TaskReply::Task(assignment));
             }
+            // An attempt it was told to stop (it asks without reporting): over for it.
+            if let Some(worker) = self.workers.get_mut(id) {
+                worker.task = None;
+            }
         }
         let group_size = self.group_size(&kind, now);
-        match self.state.assign(id, &kind, group_size) {
+        match self.state.assign_within(id, &kind, group_size) {
             Some(assignment) => {
                 let task = &assignment.task;
                 tracing::info!(
@@ -769,14 +791,27 @@ impl Coordinator {
     /// device kind that is not suspected of being gone and either answered lately or is still
     /// starting (registered, loading its data set, not yet asking for work: it will join), but
     /// no longer than a group waits for a rank: a loader that hangs or died is then left out.
-    fn group_size(&self, kind: &str, now: Instant) -> u32 {
-        if self.plan.workers.world_size > 0 {
-            return self.plan.workers.world_size;
+    /// `None` while a plan's fixed `world_size` has fewer such workers: the group would wait
+    /// for a rank none can be, then fail at its join timeout. One rank with the `single`
+    /// transport.
+    fn group_size(&self, kind: &str, now: Instant) -> Option<u32> {
+        if self.plan.workers.collective == mentor_plan::CollectiveKind::Single {
+            return Some(1);
         }
+        let live = self.live_workers(kind, now);
+        match self.plan.workers.world_size {
+            0 => Some(live.max(1).min(self.most_ranks)),
+            fixed if live >= fixed => Some(fixed),
+            _ => None,
+        }
+    }
+
+    /// Live workers of the device kind `kind` that may take part in a new group (see
+    /// [`Coordinator::group_size`]).
+    fn live_workers(&self, kind: &str, now: Instant) -> u32 {
         let recent = HEARD_RECENTLY;
         let starting = Duration::from_secs(self.plan.workers.join_timeout_seconds);
-        let live = self
-            .workers
+        self.workers
             .values()
             .filter(|w| {
                 w.alive
@@ -787,9 +822,7 @@ impl Coordinator {
                         None => now.saturating_duration_since(w.last_seen) <= recent,
                     }
             })
-            .count()
-            .max(1) as u32;
-        live.min(self.most_ranks)
+            .count() as u32
     }
 
     /// A rank says where it listens (rank 0 of an NCCL group also gives the unique id).
@@ -994,7 +1027,7 @@ impl Coordinator {
             }
         }
         // A group attempt that fails: its other ranks may be gone; leave them out of the next
-        // group until they are heard of again.
+        // group until they ask for work or report progress again.
         if let (TaskOutcome::Failed(_), Some(record)) = (&outcome, current) {
             if record.world_size > 1 {
                 for member in record.workers().to_vec() {
@@ -1664,6 +1697,27 @@ mod tests {
     }
 
     #[test]
+    fn a_registration_sent_again_keeps_the_workers_id() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let mut coordinator = coordinator(dir.path());
+        let now = Instant::now();
+        let register = |coordinator: &mut Coordinator, instance: &str| {
+            coordinator.register_instance("h".into(), "cpu".into(), 7, instance.into(), now)
+        };
+        let first = register(&mut coordinator, "0123");
+        // The reply was lost and the same process asks again: no second entry to wait for.
+        assert_eq!(register(&mut coordinator, "0123"), first);
+        assert_eq!(coordinator.workers.len(), 1);
+        assert_eq!(coordinator.state.phase, Phase::WaitingForWorkers);
+        // Another process, or one that does not say: a worker of its own.
+        let other = register(&mut coordinator, "4567");
+        assert_ne!(other, first);
+        let unnamed = register(&mut coordinator, "");
+        assert_ne!(register(&mut coordinator, ""), unnamed);
+        assert_eq!(coordinator.workers.len(), 4);
+    }
+
+    #[test]
     fn a_soft_label_store_serves_one_run() {
         let dir = tempfile::tempdir().expect("tempdir");
         let shared = dir.path().join("labels");
@@ -1769,6 +1823,84 @@ mod tests {
         drop(coordinator);
         let saved = service::saved_status(dir.path()).expect("saved status");
         assert_eq!(saved.elapsed_seconds, ended);
+    }
+
+    #[test]
+    fn a_fixed_group_starts_once_enough_workers_can_fill_it() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let mut plan = one_worker_plan();
+        plan.workers.world_size = 2;
+        let mut coordinator = Coordinator::open(plan, dir.path()).expect("open");
+        let now = Instant::now();
+        let a = coordinator.register("a".into(), "cpu".into(), 0, now);
+        // One worker cannot be two ranks: it waits instead of failing at the join timeout.
+        assert!(matches!(
+            coordinator.get_task(&a, now).expect("reply"),
+            TaskReply::RetryAfter(_)
+        ));
+        let b = coordinator.register("b".into(), "cpu".into(), 0, now);
+        let TaskReply::Task(first) = coordinator.get_task(&a, now).expect("task") else {
+            panic!("no task once two are there")
+        };
+        assert_eq!((first.rank, first.task.world_size), (0, 2));
+        let TaskReply::Task(second) = coordinator.get_task(&b, now).expect("task") else {
+            panic!("no rank 1")
+        };
+        assert_eq!(second.rank, 1);
+    }
+
+    #[test]
+    fn a_rank_still_in_a_failed_groups_attempt_is_not_counted_for_the_next() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let now = Instant::now();
+        let (mut coordinator, a, b, first) = two_workers_with_a_teacher_task(dir.path(), now);
+        let TaskReply::Task(second) = coordinator.get_task(&b, now).expect("task") else {
+            panic!("no rank 1")
+        };
+        assert_eq!((first.task.world_size, second.rank), (2, 1));
+        // Rank 0 fails; rank 1 hangs in the group's setup, heartbeating.
+        let failed = TaskOutcome::Failed("ranks [1] of 2 did not join".into());
+        coordinator
+            .complete(&a, &first.task.id, first.task.attempts, failed, now)
+            .expect("complete");
+        assert!(coordinator.heartbeat(&b, now));
+        let TaskReply::Task(retry) = coordinator.get_task(&a, now).expect("task") else {
+            panic!("no retry")
+        };
+        assert_eq!(retry.task.world_size, 1, "the hung rank was counted");
+    }
+
+    #[test]
+    fn ranks_told_to_stop_form_the_next_group_together() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let now = Instant::now();
+        let (mut coordinator, a, b, first) = two_workers_with_a_teacher_task(dir.path(), now);
+        let TaskReply::Task(_) = coordinator.get_task(&b, now).expect("task") else {
+            panic!("no rank 1")
+        };
+        // The attempt is given up (a worker lost and back, say): both ranks are told to stop
+        // and ask for work without reporting.
+        coordinator.state.worker_lost(&a);
+        let TaskReply::Task(retry) = coordinator.get_task(&a, now).expect("task") else {
+            panic!("no retry")
+        };
+        assert_eq!(retry.task.id, first.task.id);
+        assert_eq!(retry.task.world_size, 2, "the ranks were not counted");
+    }
+
+    #[test]
+    fn the_single_transport_trains_on_one_rank_whatever_the_workers() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let mut plan = Plan::from_toml_str(TINY).expect("tiny plan");
+        plan.workers.collective = mentor_plan::CollectiveKind::Single;
+        let mut coordinator = Coordinator::open(plan, dir.path()).expect("open");
+        let now = Instant::now();
+        let a = coordinator.register("a".into(), "cpu".into(), 0, now);
+        coordinator.register("b".into(), "cpu".into(), 0, now);
+        let TaskReply::Task(first) = coordinator.get_task(&a, now).expect("task") else {
+            panic!("no task")
+        };
+        assert_eq!(first.task.world_size, 1);
     }
 
     #[test]

@@ -221,10 +221,11 @@ impl WorkerService for WorkerApi {
             return Err(Status::invalid_argument("device must not be empty"));
         }
         let mut coordinator = lock(&self.shared);
-        let id = coordinator.register(
+        let id = coordinator.register_instance(
             request.hostname,
             request.device,
             request.pid,
+            request.instance,
             Instant::now(),
         );
         Ok(Response::new(pb::RegisterResponse {

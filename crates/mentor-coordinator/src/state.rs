@@ -538,6 +538,17 @@ impl RunState {
         device_kind: &str,
         group_size: u32,
     ) -> Option<Assignment> {
+        self.assign_within(worker, device_kind, Some(group_size))
+    }
+
+    /// [`RunState::assign`], where `None` for the group size means that no new training group
+    /// can be filled now: `worker` may join a group that is forming or take a task of one rank.
+    pub fn assign_within(
+        &mut self,
+        worker: &WorkerId,
+        device_kind: &str,
+        group_size: Option<u32>,
+    ) -> Option<Assignment> {
         if self.is_finished() {
             return None;
         }
@@ -555,14 +566,12 @@ impl RunState {
                 });
             }
         }
-        let task = self
-            .tasks
-            .values_mut()
-            .find(|task| task.state == TaskState::Pending)?;
-        task.world_size = if task.spec.is_training() {
-            group_size.max(1)
-        } else {
-            1
+        let task = self.tasks.values_mut().find(|task| {
+            task.state == TaskState::Pending && (group_size.is_some() || !task.spec.is_training())
+        })?;
+        task.world_size = match (task.spec.is_training(), group_size) {
+            (true, Some(size)) => size.max(1),
+            _ => 1,
         };
         task.device_kind = device_kind.to_string();
         task.state = TaskState::Running {

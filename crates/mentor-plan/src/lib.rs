@@ -798,6 +798,50 @@ impl Plan {
         difference(String::new(), &table(self).into(), &table(other).into())
     }
 
+    /// This plan, the one a run recorded, with the settings a resumed run may change taken
+    /// from `plan`:
+    /// - its data's folder and its first teacher's file: `data.dir` and `teacher.checkpoint`
+    ///   say where the data and the teacher are, not what they are, so a run moved to another
+    ///   machine reads the same files from there; `data.unlabeled.path` too when the run
+    ///   recorded its unlabeled listing's fingerprint (`listing_recorded`), which then vouches
+    ///   that they are the same files;
+    /// - how many workers it waits for and spreads over, and how it watches them
+    ///   (`workers.min_workers`, `world_size` and the heartbeat, join and collective timeouts;
+    ///   `pseudo_labels.lease_seconds`), which change nothing it computes beyond float
+    ///   rounding: a run resumed after a machine was lost for good goes on with fewer workers.
+    ///   The transport (`workers.collective`, `bucket_size_mb`) stays: every rank of a group,
+    ///   a worker of the earlier coordinator too, must move gradients the same way.
+    pub fn with_free_settings_of(mut self, plan: &Plan, listing_recorded: bool) -> Plan {
+        let (workers, wanted) = (&mut self.workers, &plan.workers);
+        workers.min_workers = wanted.min_workers;
+        workers.world_size = wanted.world_size;
+        workers.heartbeat_timeout_seconds = wanted.heartbeat_timeout_seconds;
+        workers.join_timeout_seconds = wanted.join_timeout_seconds;
+        workers.collective_timeout_seconds = wanted.collective_timeout_seconds;
+        self.pseudo_labels.lease_seconds = plan.pseudo_labels.lease_seconds;
+        self.data.dir = plan.data.dir.clone();
+        if let (true, Some(_), Some(given)) = (
+            listing_recorded,
+            &self.data.unlabeled.path,
+            &plan.data.unlabeled.path,
+        ) {
+            self.data.unlabeled.path = Some(given.clone());
+        }
+        if let (Some(_), Some(given)) = (&self.teacher.checkpoint, &plan.teacher.checkpoint) {
+            self.teacher.checkpoint = Some(given.clone());
+        }
+        self
+    }
+
+    /// Whether `plan` is this run's plan but for the settings a resumed run may change
+    /// ([`Plan::with_free_settings_of`]): a worker of the run may go on under it.
+    pub fn same_run_as(&self, plan: &Plan) -> bool {
+        self.clone()
+            .with_free_settings_of(plan, true)
+            .first_difference(plan)
+            .is_none()
+    }
+
     /// The role plan (teacher or student) that trained the model of `round`.
     pub fn role(&self, role: Role) -> &RolePlan {
         match role {
@@ -1253,7 +1297,9 @@ fn difference(path: String, a: &toml::Value, b: &toml::Value) -> Option<String> 
                     (Some(a), Some(b)) => difference(join(key), a, b),
                     (a, b) => {
                         let show = |v: Option<&toml::Value>| {
-                            v.map_or("(absent)".to_string(), |v| v.to_string())
+                            // Written out where set; left out at its default (`precision`,
+                            // `mpl.feedback`) or where not given (`teacher.checkpoint`).
+                            v.map_or("(not set: its default)".to_string(), |v| v.to_string())
                         };
                         Some(format!("{}: {} -> {}", join(key), show(a), show(b)))
                     }

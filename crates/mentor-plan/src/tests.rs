@@ -647,6 +647,37 @@ fn defaults_serialize_written_out_and_differences_are_named() {
 }
 
 #[test]
+fn a_resumed_run_may_change_where_its_data_is_and_how_many_workers_it_waits_for() {
+    let recorded = Plan::from_toml_str(TINY).expect("plan");
+    let moved = Plan::from_toml_str(&tiny_with(
+        "min_workers = 2",
+        "min_workers = 1\nworld_size = 1\njoin_timeout_seconds = 5",
+    ))
+    .expect("plan");
+    let mut moved = moved;
+    moved.data.dir = "/elsewhere/fashion-mnist".into();
+    moved.workers.heartbeat_timeout_seconds = 60;
+    moved.workers.collective_timeout_seconds = 600;
+    moved.pseudo_labels.lease_seconds = 600;
+    assert!(recorded.same_run_as(&moved));
+    // What it computes, or how its ranks move gradients, may not.
+    let mut transport = moved.clone();
+    transport.workers.collective = CollectiveKind::Ring;
+    assert!(!recorded.same_run_as(&transport));
+    assert_eq!(
+        recorded
+            .clone()
+            .with_free_settings_of(&transport, true)
+            .first_difference(&transport)
+            .as_deref(),
+        Some("workers.collective: \"auto\" -> \"ring\"")
+    );
+    let stricter = Plan::from_toml_str(&tiny_with("min_confidence = 0.1", "min_confidence = 0.2"))
+        .expect("plan");
+    assert!(!recorded.same_run_as(&stricter));
+}
+
+#[test]
 fn a_model_that_cannot_take_the_images_names_its_role_and_round() {
     let dense = Plan::from_toml_str(&tiny_with_student_model(
         "kind = \"densenet\"\nblock_config = [1, 1, 1, 1]",

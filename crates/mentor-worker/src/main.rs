@@ -239,11 +239,37 @@ fn outcome_to_proto(result: Result<Outcome, String>) -> pb::task_result::Outcome
     }
 }
 
+/// How long one call to the coordinator may take: every call is answered at once (the
+/// rendezvous is polled), so a call that takes longer meets a coordinator that hangs or a
+/// connection that died without a word, and is handled as an outage.
+const CALL_TIMEOUT: Duration = Duration::from_secs(10);
+
+/// Whether a failed call met the coordinator's absence (down, restarting, unreachable, too
+/// slow), not its refusal: the call is worth trying again.
+fn transient(status: &tonic::Status) -> bool {
+    match status.code() {
+        Code::Unavailable | Code::Unknown | Code::Cancelled | Code::DeadlineExceeded => true,
+        // A connection closed under a call (a coordinator stopping) reads as an HTTP/2 error.
+        Code::Internal => status.message().contains("h2 protocol error"),
+        _ => false,
+    }
+}
+
 async fn connect(address: &str, timeout: Duration) -> anyhow::Result<WorkerServiceClient<Channel>> {
+    let endpoint = tonic::transport::Endpoint::from_shared(address.to_string())
+        .with_context(|| format!("`{address}` is not a coordinator address"))?
+        .connect_timeout(Duration::from_secs(5))
+        .timeout(CALL_TIMEOUT)
+        // A coordinator whose machine vanished is noticed in seconds, not after the minutes
+        // of TCP retries a silent connection takes.
+        .http2_keep_alive_interval(Duration::from_secs(10))
+        .keep_alive_timeout(Duration::from_secs(20))
+        .keep_alive_while_idle(true)
+        .tcp_keepalive(Some(Duration::from_secs(30)));
     let deadline = tokio::time::Instant::now() + timeout;
     loop {
-        match WorkerServiceClient::connect(address.to_string()).await {
-            Ok(client) => return Ok(client),
+        match endpoint.connect().await {
+            Ok(channel) => return Ok(WorkerServiceClient::new(channel)),
             Err(error) if tokio::time::Instant::now() < deadline => {
                 tracing::debug!(%error, "coordinator not reachable yet, retrying");
                 tokio::time::sleep(Duration::from_millis(250)).await;
@@ -288,7 +314,7 @@ impl Session {
                 tracing::warn!(worker = %self.id(), "the coordinator no longer knows this worker (restarted?), registering again");
                 self.register_again().await
             }
-            Code::Unavailable | Code::Unknown | Code::Cancelled | Code::DeadlineExceeded => {
+            _ if transient(&status) => {
                 let started = *outage.get_or_insert_with(|| {
                     tracing::warn!(%status, "the coordinator is unreachable, retrying");
                     Instant::now()
@@ -312,7 +338,16 @@ impl Session {
             match self.client.register(self.registration.clone()).await {
                 Ok(reply) => {
                     let reply = reply.into_inner();
-                    if reply.plan_toml != self.plan_toml {
+                    // A resumed run may have changed where its data is and how it spreads
+                    // over its workers; this worker goes on with what it loaded.
+                    let same_run = match (
+                        Plan::from_toml_str(&self.plan_toml),
+                        Plan::from_toml_str(&reply.plan_toml),
+                    ) {
+                        (Ok(mine), Ok(now)) => mine.same_run_as(&now),
+                        _ => false,
+                    };
+                    if reply.plan_toml != self.plan_toml && !same_run {
                         anyhow::bail!(
                             "the coordinator now runs another plan (run {}); this worker stops",
                             reply.run_id
@@ -396,12 +431,22 @@ async fn main() -> anyhow::Result<()> {
         hostname,
         device: args.device.clone(),
         pid: std::process::id(),
+        instance: format!("{:016x}", rand::random::<u64>()),
     };
-    let reply = client
-        .register(registration.clone())
-        .await
-        .context("registration with the coordinator failed")?
-        .into_inner();
+    let deadline = Instant::now() + outage_limit;
+    let reply = loop {
+        match client.register(registration.clone()).await {
+            Ok(reply) => break reply.into_inner(),
+            // The same instance registers again if the coordinator took the first one.
+            Err(status) if transient(&status) && Instant::now() < deadline => {
+                tracing::debug!(%status, "registration failed, retrying");
+                tokio::time::sleep(Duration::from_millis(250)).await;
+            }
+            Err(status) => {
+                return Err(status).context("registration with the coordinator failed");
+            }
+        }
+    };
     let plan = Plan::from_toml_str(&reply.plan_toml)
         .context("the coordinator sent a plan this worker cannot read")?;
     tracing::info!(worker = %reply.worker_id, run = %reply.run_id, device = %args.device, "registered");
@@ -431,6 +476,8 @@ async fn main() -> anyhow::Result<()> {
         let interval = Duration::from_millis(reply.heartbeat_interval_ms.max(100));
         tokio::spawn(async move {
             let mut ticks = tokio::time::interval(interval);
+            // After a stall (a call held up by an outage), one heartbeat, not a burst.
+            ticks.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
             loop {
                 ticks.tick().await;
                 let worker_id = worker_id_updates.borrow().clone();

@@ -29,8 +29,8 @@ use crate::distributed::{buffers, Group};
 use crate::models::build;
 use crate::optim::Sgd;
 use crate::tasks::{
-    collective_error, learning_rate, model_config, save_checkpoint, test_counts,
-    write_safetensors_atomically, Outcome, Progress,
+    collective_error, learning_rate, model_config, save_checkpoint, test_counts, BackgroundSaver,
+    Outcome, Progress,
 };
 use crate::window::Window;
 
@@ -538,9 +538,9 @@ impl<'a> Carried<'a> {
         }
     }
 
-    /// Writes the checkpoint of the state after `state.step` steps of the joint training
-    /// `identity` (atomically).
-    fn save(&self, path: &Path, state: &MplState, identity: Identity) -> Result<(), String> {
+    /// The checkpoint of the state after `state.step` steps of the joint training `identity`:
+    /// named tensors (the models' variables themselves, not copies).
+    fn tensors(&self, state: &MplState, identity: Identity) -> Vec<(String, Tensor)> {
         let mut tensors = vec![(
             "meta".to_string(),
             Tensor::from_slice(&[
@@ -563,7 +563,7 @@ impl<'a> Carried<'a> {
                 }
             }
         }
-        write_safetensors_atomically(tensors, path)
+        tensors
     }
 
     /// Loads the checkpoint at `path` into the models, the optimizers and `state`; `false`
@@ -738,6 +738,7 @@ pub fn train_mpl(
     let mut state = MplState::default();
     let checkpoint = resume_path(teacher_output);
     let identity = Identity::of(plan);
+    let mut saver = BackgroundSaver::default();
     if mpl.checkpoint_every > 0 {
         let mut failure = None;
         let mut foreign = false;
@@ -854,14 +855,16 @@ pub fn train_mpl(
             }
         }
         if rank == 0 && checkpointing {
-            Carried::new(
+            // Copied now, written while the training goes on.
+            let tensors = Carried::new(
                 &teacher_vs,
                 &student_vs,
                 ema.as_ref().map(|(vs, _)| vs),
                 &mut teacher_optimizer,
                 &mut student_optimizer,
             )
-            .save(&checkpoint, &state, identity)?;
+            .tensors(&state, identity);
+            saver.save(tensors, &checkpoint)?;
         }
         if evaluating {
             // Each rank evaluates its slice of the test set; the counts are summed.
@@ -947,6 +950,7 @@ pub fn train_mpl(
             window_started = Instant::now();
         }
     }
+    saver.finish()?;
     if rank == 0 {
         save_checkpoint(&teacher_vs, teacher_output)?;
         match &ema {

@@ -475,6 +475,70 @@ pub(crate) fn save_checkpoint(vs: &nn::VarStore, output: &Path) -> Result<(), St
     write_safetensors_atomically(vs.variables(), output)
 }
 
+/// Writes checkpoints on a thread of its own: the caller hands over the tensors, which are
+/// copied to host memory at once, and goes on training while the copy reaches the disk. Rank 0
+/// of a group saving in its loop would otherwise hold every other rank in the next collective
+/// for as long as the disk takes (a save of several gigabytes to slow storage outlasts
+/// `workers.collective_timeout_seconds`). One save at a time: the next waits for the previous
+/// one, [`BackgroundSaver::finish`] for the last, and either reports its error; dropped (a task
+/// stopped), it waits for the write it started.
+#[derive(Default)]
+pub(crate) struct BackgroundSaver {
+    pending: Option<std::thread::JoinHandle<Result<(), String>>>,
+}
+
+impl BackgroundSaver {
+    /// Copies `tensors` (as they are now) and writes them to `output` in the background, after
+    /// the previous save ended; its error, if any, is returned here.
+    pub(crate) fn save(
+        &mut self,
+        tensors: impl IntoIterator<Item = (String, Tensor)>,
+        output: &Path,
+    ) -> Result<(), String> {
+        self.finish()?;
+        let copies: Vec<(String, Tensor)> = tch::no_grad(|| {
+            tensors
+                .into_iter()
+                .map(|(name, tensor)| (name, host_copy(&tensor)))
+                .collect()
+        });
+        let output = output.to_path_buf();
+        let writer = std::thread::Builder::new()
+            .name("checkpoint-writer".into())
+            .spawn(move || write_safetensors_atomically(copies, &output))
+            .map_err(|e| format!("failed to start the checkpoint writer: {e}"))?;
+        self.pending = Some(writer);
+        Ok(())
+    }
+
+    /// Waits for the save in progress, if any; its error.
+    pub(crate) fn finish(&mut self) -> Result<(), String> {
+        match self.pending.take() {
+            None => Ok(()),
+            Some(writer) => writer
+                .join()
+                .unwrap_or_else(|_| Err("the checkpoint writer panicked".into())),
+        }
+    }
+}
+
+impl Drop for BackgroundSaver {
+    fn drop(&mut self) {
+        if let Err(error) = self.finish() {
+            tracing::warn!(%error, "a checkpoint written in the background failed");
+        }
+    }
+}
+
+/// A copy of `tensor` in host memory that later changes to `tensor` do not reach.
+fn host_copy(tensor: &Tensor) -> Tensor {
+    let on_host = match tensor.device() {
+        tch::Device::Cpu => tensor.copy(),
+        _ => tensor.to_device(tch::Device::Cpu),
+    };
+    on_host.detach().contiguous()
+}
+
 /// Writes named tensors to `output` as safetensors, atomically and durably (a temporary file,
 /// flushed, renamed into place), creating its directory.
 pub(crate) fn write_safetensors_atomically(
@@ -1090,6 +1154,37 @@ mod tests {
         );
         let missing = load_exactly(&mut same_vs, &dir.path().join("missing.safetensors"));
         assert!(missing.is_err());
+    }
+
+    #[test]
+    fn a_background_save_writes_the_tensors_as_they_were_when_handed_over() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let path = dir.path().join("resume.safetensors");
+        let mut weights = Tensor::from_slice(&[1.0f32, 2.0, 3.0]);
+        let mut saver = BackgroundSaver::default();
+        saver
+            .save([("w".to_string(), weights.shallow_clone())], &path)
+            .expect("save");
+        // The training goes on and changes the variable while the save is written.
+        let _ = weights.fill_(7.0);
+        saver.finish().expect("the save ends well");
+        let saved = Tensor::read_safetensors(&path).expect("read back");
+        assert_eq!(saved.len(), 1);
+        assert_eq!(
+            Vec::<f32>::try_from(&saved[0].1).expect("values"),
+            [1.0, 2.0, 3.0]
+        );
+        // A save that fails says so at the next save (or at the end).
+        let blocked = dir.path().join("a-file");
+        std::fs::write(&blocked, b"not a directory").expect("write");
+        saver
+            .save(
+                [("w".to_string(), weights)],
+                &blocked.join("resume.safetensors"),
+            )
+            .expect("handed over");
+        let error = saver.finish().expect_err("no directory to write in");
+        assert!(error.contains("a-file"), "{error}");
     }
 
     #[test]
