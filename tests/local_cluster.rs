@@ -641,6 +641,19 @@ fn a_restarted_coordinator_resumes_the_run() {
         },
     );
     assert!(before.rounds[0].teacher_test_accuracy.is_some());
+    // A watch by address rides out the restart on the same address.
+    let mut watcher = Process::start(
+        &binary("mentor"),
+        &[
+            "status",
+            "--coordinator",
+            &address,
+            "--watch",
+            "--interval",
+            "0.2",
+        ],
+        dir.path().join("watch.log"),
+    );
     // A second coordinator on the live run directory is refused, naming the first.
     let stderr = refused_open(&plan, &state_dir, &[]);
     assert!(
@@ -731,6 +744,17 @@ fn a_restarted_coordinator_resumes_the_run() {
     assert!(restarted
         .log_text()
         .contains("resuming run from the state store"));
+    let watched = wait_for(
+        "the watch to end with the run",
+        Duration::from_secs(30),
+        || watcher.child.try_wait().expect("wait"),
+    );
+    assert!(watched.success(), "{}", watcher.log_text());
+    assert!(
+        watcher.log_text().contains("status: succeeded"),
+        "{}",
+        watcher.log_text()
+    );
     restarted.child.kill().expect("stop the coordinator");
     let _ = restarted.child.wait();
     let (code, saved) = status_of_run_dir(&state_dir);

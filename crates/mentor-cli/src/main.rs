@@ -455,16 +455,34 @@ async fn answer_for(dir: &std::path::Path) -> Result<Answer, NoAnswer> {
     }
 }
 
+/// How long `--watch` waits for a coordinator, given by its address, that answered before and
+/// stopped answering (restarted on the same address, say).
+const WATCH_OUTAGE: Duration = Duration::from_secs(600);
+
 async fn status(target: Target, as_json: bool, watch: bool, interval: f64) -> anyhow::Result<i32> {
     let mut last_printed = String::new();
+    // Since when a coordinator that answered before does not (`--coordinator` only: a run
+    // directory says itself whether one is starting).
+    let mut answered = false;
+    let mut silent_since: Option<std::time::Instant> = None;
     loop {
         let Answer {
             status,
             coordinator,
         } = match answer(&target).await {
-            Ok(answer) => answer,
+            Ok(answer) => {
+                answered = true;
+                silent_since = None;
+                answer
+            }
             Err(NoAnswer { message, transient }) => {
-                if watch && transient {
+                let restarting = answered
+                    && matches!(target, Target::Coordinator(_))
+                    && silent_since
+                        .get_or_insert_with(std::time::Instant::now)
+                        .elapsed()
+                        < WATCH_OUTAGE;
+                if watch && (transient || restarting) {
                     // A coordinator starting on the run directory: it will answer.
                     if message != last_printed {
                         eprintln!("waiting: {message}");

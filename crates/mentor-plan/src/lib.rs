@@ -1037,6 +1037,14 @@ impl Plan {
             "workers.heartbeat_timeout_seconds",
             self.workers.heartbeat_timeout_seconds,
         )?;
+        // Workers heartbeat every second: one heartbeat a few milliseconds late on a busy
+        // machine must not make a worker lost.
+        if self.workers.heartbeat_timeout_seconds < 2 {
+            return Err(invalid(
+                "workers.heartbeat_timeout_seconds",
+                "must be >= 2 (workers heartbeat every second)",
+            ));
+        }
         if !(self.workers.bucket_size_mb > 0.0 && self.workers.bucket_size_mb.is_finite()) {
             return Err(invalid("workers.bucket_size_mb", "must be > 0"));
         }

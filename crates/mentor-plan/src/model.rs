@@ -517,6 +517,50 @@ impl ModelPlan {
                 }
             }
         }
-        Ok(())
+        self.validate_growth(path, rounds)
+    }
+
+    /// Checks the model of the last round: growth per round must keep its knob in range.
+    fn validate_growth(&self, path: &str, rounds: u32) -> Result<(), PlanError> {
+        let field = |name: &str| format!("{path}.{name}");
+        let last = rounds.max(1);
+        let (name, base, growth, most) = match self {
+            ModelPlan::Cnn(plan) => ("width", plan.width, plan.width_growth_per_round, None),
+            ModelPlan::WideResnet(plan) => ("widen", plan.widen, plan.widen_growth_per_round, None),
+            ModelPlan::Resnet(plan) => ("width", plan.width, plan.width_growth_per_round, None),
+            ModelPlan::Bit(plan) => ("width", plan.width, plan.width_growth_per_round, Some(4)),
+            ModelPlan::Densenet(plan) => (
+                "growth_rate",
+                plan.growth_rate,
+                plan.growth_rate_growth_per_round,
+                None,
+            ),
+            ModelPlan::Efficientnet(_) => {
+                if let ModelPlan::Efficientnet(grown) = self.at_round(last) {
+                    if let Some(phi) = grown.phi.filter(|phi| *phi > 10.0) {
+                        return Err(invalid(
+                            field("phi_growth_per_round"),
+                            format!("makes round {last}'s phi {phi}, past 10"),
+                        ));
+                    }
+                }
+                return Ok(());
+            }
+        };
+        let growth_field = field(&format!("{name}_growth_per_round"));
+        let grown = growth
+            .checked_mul(last - 1)
+            .and_then(|growth| growth.checked_add(base));
+        match (grown, most) {
+            (None, _) => Err(invalid(
+                growth_field,
+                format!("makes round {last}'s {name} overflow"),
+            )),
+            (Some(grown), Some(most)) if grown > most => Err(invalid(
+                growth_field,
+                format!("makes round {last}'s {name} {grown}, past {most}"),
+            )),
+            _ => Ok(()),
+        }
     }
 }

@@ -151,6 +151,12 @@ fn timeouts_past_ten_years_are_refused_with_their_field() {
         )),
         "pseudo_labels.lease_seconds: must be in [1, 315360000] (ten years), not 315360001"
     );
+    // A heartbeat timeout of one heartbeat's interval loses a worker for a late heartbeat.
+    assert_eq!(
+        error_of(&workers("heartbeat_timeout_seconds = 1")),
+        "workers.heartbeat_timeout_seconds: must be >= 2 (workers heartbeat every second)"
+    );
+    Plan::from_toml_str(&workers("heartbeat_timeout_seconds = 2")).expect("two seconds");
 }
 
 #[test]
@@ -473,6 +479,9 @@ fn bad_model_knobs_name_their_field() {
         ("kind = \"efficientnet\"\npreset = \"b9\"", "student.model.preset: unknown preset `b9`, expected b0 to b7"),
         ("kind = \"efficientnet\"\npreset = \"b0\"\nphi = 1.0", "student.model.phi: give either `preset` or `phi`, not both"),
         ("kind = \"efficientnet\"\npreset = \"b7\"\nphi_growth_per_round = 1", "student.model.phi_growth_per_round: grows past b7 by round 2; use `phi` for larger models"),
+        ("kind = \"bit\"\ndepth = 50\nwidth = 4\nwidth_growth_per_round = 1", "student.model.width_growth_per_round: makes round 2's width 5, past 4"),
+        ("kind = \"efficientnet\"\nphi = 9.5\nphi_growth_per_round = 1", "student.model.phi_growth_per_round: makes round 2's phi 10.5, past 10"),
+        ("kind = \"cnn\"\nwidth = 8\nwidth_growth_per_round = 4294967295", "student.model.width_growth_per_round: makes round 2's width overflow"),
         ("kind = \"densenet\"\nblock_config = []", "student.model.block_config: must list at least one block, each with >= 1 layer"),
         ("kind = \"densenet\"\nbn_size = 0", "student.model.bn_size: must be >= 1"),
         ("kind = \"densenet\"\nnum_init_features = 0", "student.model.num_init_features: must be >= 1"),
