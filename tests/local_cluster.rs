@@ -1677,3 +1677,79 @@ fn a_worker_gives_up_on_a_coordinator_that_hangs() {
         worker.log_text()
     );
 }
+
+/// A worker stopped with SIGTERM (a preempted node, the end of a scheduler's allocation) tells
+/// the coordinator before it exits: its training task goes back to the queue at once, without
+/// counting as a lost attempt, and the other worker finishes the run.
+#[test]
+fn a_worker_stopped_by_sigterm_gives_its_task_back_at_once() {
+    let runtime = tokio::runtime::Runtime::new().expect("runtime");
+    let dir = tempfile::tempdir().expect("tempdir");
+    let plan = dir.path().join("plan.toml");
+    let text = tiny_plan_with(&[
+        ("rounds = 2", "rounds = 1"),
+        (
+            "[teacher.train]\nsteps = 30",
+            "[teacher.train]\nsteps = 3000",
+        ),
+    ]);
+    std::fs::write(&plan, text).expect("write plan");
+    let state_dir = dir.path().join("run");
+    let (mut coordinator, address) = start_coordinator(&plan, &state_dir);
+    let _first = start_worker(&address, dir.path().join("worker-1.log"));
+    let mut second = start_worker(&address, dir.path().join("worker-2.log"));
+    let pid = second.child.id();
+    wait_for(
+        "the teacher to be training",
+        Duration::from_secs(120),
+        || {
+            let current = try_status(&runtime, &address)?;
+            current
+                .workers
+                .iter()
+                .any(|w| w.pid == pid && w.task.starts_with("train teacher") && w.step > 0)
+                .then_some(())
+        },
+    );
+    let signalled = std::process::Command::new("kill")
+        .args(["-TERM", &pid.to_string()])
+        .status()
+        .expect("kill -TERM");
+    assert!(signalled.success());
+    let exit = wait_for("the worker to exit", Duration::from_secs(10), || {
+        second.child.try_wait().expect("wait")
+    });
+    assert_eq!(exit.code(), Some(143), "{}", second.log_text());
+    // Told, the coordinator shows it exited at once (a vanished worker is lost only after
+    // the heartbeat timeout) and gave the attempt back without counting a loss.
+    let current = status(&runtime, &address);
+    let gone = current
+        .workers
+        .iter()
+        .find(|w| w.pid == pid)
+        .expect("the worker in status");
+    assert_eq!(gone.state, "exited");
+    let saved: serde_json::Value = serde_json::from_str(
+        &std::fs::read_to_string(state_dir.join("state.json")).expect("state.json"),
+    )
+    .expect("json");
+    let teacher = saved["tasks"]
+        .as_object()
+        .expect("tasks")
+        .values()
+        .find(|task| {
+            task["last_error"]
+                .as_str()
+                .is_some_and(|e| e.contains("SIGTERM"))
+        })
+        .unwrap_or_else(|| panic!("no task left by SIGTERM: {saved}"));
+    assert_eq!(teacher["losses"], 0, "{teacher}");
+    let final_status = watch_run(
+        &runtime,
+        &address,
+        &mut coordinator,
+        Duration::from_secs(300),
+        |_| {},
+    );
+    assert_eq!(final_status.status, "succeeded", "{}", final_status.error);
+}

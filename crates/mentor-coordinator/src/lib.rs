@@ -735,6 +735,21 @@ impl Coordinator {
         }
     }
 
+    /// A worker that stops on purpose (a signal): it is gone, and its task goes back to the
+    /// queue at once without counting as a loss, where a worker that vanishes is noticed after
+    /// the heartbeat timeout and loses its attempt.
+    pub fn leave(&mut self, id: &WorkerId, reason: &str) {
+        let Some(worker) = self.workers.get_mut(id).filter(|worker| worker.alive) else {
+            return;
+        };
+        worker.alive = false;
+        worker.exited = true;
+        worker.task = None;
+        let requeued = self.state.worker_left(id, reason);
+        tracing::warn!(worker = %id, reason, requeued = requeued.len(), "worker left");
+        self.persist_or_log();
+    }
+
     pub fn get_task(&mut self, id: &WorkerId, now: Instant) -> Result<TaskReply, CoordinatorError> {
         let finished = self.state.is_finished();
         let worker = self.worker_mut(id, now)?;
@@ -1715,6 +1730,30 @@ mod tests {
         let unnamed = register(&mut coordinator, "");
         assert_ne!(register(&mut coordinator, ""), unnamed);
         assert_eq!(coordinator.workers.len(), 4);
+    }
+
+    #[test]
+    fn a_worker_that_leaves_gives_its_task_back_without_a_loss() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let start = Instant::now();
+        let (mut coordinator, a, teacher) = one_worker_with_a_teacher_task(dir.path(), start);
+        coordinator.leave(&a, "SIGTERM");
+        let record = &coordinator.state.tasks[&teacher.task.id];
+        assert_eq!(record.state, state::TaskState::Pending);
+        assert_eq!((record.losses, record.failures), (0, 0));
+        assert!(coordinator.workers[&a].exited);
+        assert!(
+            coordinator.get_task(&a, start).is_err(),
+            "a worker that left is gone"
+        );
+        let b = coordinator.register("b".into(), "cpu".into(), 0, start);
+        let TaskReply::Task(again) = coordinator.get_task(&b, start).expect("task") else {
+            panic!("the task was not given again")
+        };
+        assert_eq!(
+            (again.task.id, again.task.attempts),
+            (teacher.task.id, teacher.task.attempts + 1)
+        );
     }
 
     #[test]

@@ -242,6 +242,16 @@ impl WorkerService for WorkerApi {
         }))
     }
 
+    async fn leave(&self, request: Request<pb::LeaveRequest>) -> Result<Response<pb::Ack>, Status> {
+        let request = request.into_inner();
+        let reason = match request.reason.is_empty() {
+            true => "no reason given",
+            false => &request.reason,
+        };
+        lock(&self.shared).leave(&WorkerId(request.worker_id), reason);
+        Ok(Response::new(pb::Ack {}))
+    }
+
     async fn heartbeat(
         &self,
         request: Request<pb::HeartbeatRequest>,

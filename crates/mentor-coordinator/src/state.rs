@@ -616,6 +616,20 @@ impl RunState {
         (requeued, effects)
     }
 
+    /// Puts every task `worker` takes part in back in the queue because it left on purpose
+    /// (stopped by a signal): the attempt is given up without counting as a loss or a failure.
+    pub fn worker_left(&mut self, worker: &WorkerId, reason: &str) -> Vec<TaskId> {
+        let mut requeued = Vec::new();
+        for task in self.tasks.values_mut() {
+            if task.workers().contains(worker) {
+                task.state = TaskState::Pending;
+                task.last_error = Some(format!("worker {worker} left ({reason})"));
+                requeued.push(task.id.clone());
+            }
+        }
+        requeued
+    }
+
     /// Gives a running task whose lease ran out to the next free worker; the late worker's
     /// result, if it ever comes, belongs to an old attempt and is ignored. None when the task
     /// was not running; else the effects (the run fails when the task has lost

@@ -239,6 +239,23 @@ fn outcome_to_proto(result: Result<Outcome, String>) -> pb::task_result::Outcome
     }
 }
 
+/// Waits for SIGTERM or Ctrl-C: the signal's name and the exit status a shell gives it.
+async fn stopping_signal() -> (&'static str, i32) {
+    let mut terminate =
+        match tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()) {
+            Ok(terminate) => terminate,
+            Err(error) => {
+                tracing::warn!(%error, "SIGTERM cannot be handled; Ctrl-C still can");
+                let _ = tokio::signal::ctrl_c().await;
+                return ("SIGINT", 130);
+            }
+        };
+    tokio::select! {
+        _ = terminate.recv() => ("SIGTERM", 143),
+        _ = tokio::signal::ctrl_c() => ("SIGINT", 130),
+    }
+}
+
 /// How long one call to the coordinator may take: every call is answered at once (the
 /// rendezvous is polled), so a call that takes longer meets a coordinator that hangs or a
 /// connection that died without a word, and is handled as an outage.
@@ -468,6 +485,33 @@ async fn main() -> anyhow::Result<()> {
         unlabeled_fingerprint: reply.unlabeled_fingerprint.clone(),
         outage_limit,
     };
+
+    // A worker stopped on purpose (SIGTERM from a scheduler or a preempted node, Ctrl-C) says
+    // so before it exits: its task goes back to the queue at once, not after the heartbeat
+    // timeout, and does not count as a lost attempt.
+    {
+        let mut client = client.clone();
+        let worker_id = worker_id_updates.clone();
+        tokio::spawn(async move {
+            let (signal, code) = stopping_signal().await;
+            tracing::warn!(
+                signal,
+                "stopping: telling the coordinator this worker leaves"
+            );
+            let leave = client.leave(pb::LeaveRequest {
+                worker_id: worker_id.borrow().clone(),
+                reason: signal.to_string(),
+            });
+            match tokio::time::timeout(Duration::from_secs(3), leave).await {
+                Ok(Ok(_)) => {}
+                Ok(Err(status)) => {
+                    tracing::warn!(%status, "the coordinator did not take the leave")
+                }
+                Err(_) => tracing::warn!("the coordinator did not answer the leave within 3 s"),
+            }
+            std::process::exit(code);
+        });
+    }
 
     // Heartbeats start before the data set loads (which can take longer than the coordinator
     // waits for a sign of life) and run beside task execution; they follow re-registrations.
@@ -702,9 +746,25 @@ async fn rendezvous(
         };
         status = match session.client.get_group(request).await {
             Ok(reply) => reply.into_inner(),
-            Err(error) => {
+            // The coordinator restarted (or declared this worker lost): the attempt is over;
+            // registering again at once lets a resumed run count this worker.
+            Err(error) if error.code() == Code::NotFound => {
+                tracing::warn!(worker = %session.id(), task = %task.task_id, "the coordinator no longer knows this worker (restarted?), registering again");
+                session.register_again().await?;
+                return Ok(Err(format!(
+                    "this worker was unknown to the coordinator while it waited for the group of task {}",
+                    task.task_id
+                )));
+            }
+            Err(error) if transient(&error) => {
                 tracing::warn!(%error, "group status query failed, retrying");
                 continue;
+            }
+            Err(error) => {
+                return Ok(Err(format!(
+                    "the coordinator refused this worker's wait for the group of task {}: {error}",
+                    task.task_id
+                )));
             }
         };
     }
