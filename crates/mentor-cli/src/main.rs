@@ -132,6 +132,7 @@ fn status_json(status: &pb::RunStatus) -> Value {
             "host": worker.hostname,
             "pid": worker.pid,
             "seconds_since_heard": number(worker.seconds_since_heard),
+            "seconds_since_progress": number(worker.seconds_since_progress),
             "alive": worker.alive,
             "state": worker.state,
             "task": if worker.task_id.is_empty() { Value::Null } else { json!(worker.task) },
@@ -259,6 +260,11 @@ fn status_text(status: &pb::RunStatus) -> String {
             if let Some(seconds) = worker.seconds_left {
                 task.push_str(&format!(" {} left", duration(seconds)));
             }
+            if worker.seconds_since_progress >= STALL_SECONDS {
+                // Whole minutes: `--watch` prints the text again when it changes.
+                let minutes = (worker.seconds_since_progress / 60.0).floor();
+                task.push_str(&format!(" (no progress for {minutes:.0}m)"));
+            }
             let mut metrics: Vec<_> = worker.metrics.iter().collect();
             metrics.sort_by(|a, b| a.0.cmp(b.0));
             for (name, value) in metrics {
@@ -288,6 +294,11 @@ fn status_text(status: &pb::RunStatus) -> String {
     }
     out
 }
+
+/// A task without progress for this long says so in the text: tasks report every few seconds
+/// to a minute; one silent for minutes may hang (in a collective's setup, say) while its
+/// worker still heartbeats.
+const STALL_SECONDS: f64 = 300.0;
 
 /// What `mentor status` asks.
 enum Target {
@@ -563,6 +574,7 @@ fn json_without_clock(mut value: Value) -> String {
         if let Some(Value::Array(workers)) = object.get_mut("workers") {
             for worker in workers.iter_mut().filter_map(Value::as_object_mut) {
                 worker.remove("seconds_since_heard");
+                worker.remove("seconds_since_progress");
             }
         }
     }
@@ -688,6 +700,24 @@ mod tests {
             "{text}"
         );
         assert!(lines[1].ends_with("idle"), "{text}");
+        // A task that heartbeats and makes no progress for minutes says so.
+        let stalled = pb::RunStatus {
+            workers: vec![pb::WorkerStatus {
+                seconds_since_progress: 725.0,
+                ..worker("r1-t0001", None)
+            }],
+            ..Default::default()
+        };
+        let text = status_text(&stalled);
+        assert!(text.ends_with("(no progress for 12m)\n"), "{text}");
+        let busy = pb::RunStatus {
+            workers: vec![pb::WorkerStatus {
+                seconds_since_progress: 30.0,
+                ..worker("r1-t0001", None)
+            }],
+            ..Default::default()
+        };
+        assert!(!status_text(&busy).contains("no progress"));
     }
 
     #[test]

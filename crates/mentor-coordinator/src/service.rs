@@ -437,6 +437,8 @@ pub fn status_of(coordinator: &Coordinator) -> pb::RunStatus {
                 seconds_left: task.and(worker.seconds_left()),
                 pid: worker.pid,
                 seconds_since_heard: silent.as_secs_f64(),
+                seconds_since_progress: task
+                    .map_or(0.0, |_| worker.progress_at.elapsed().as_secs_f64()),
                 state: if worker.alive && silent > crate::HEARD_RECENTLY {
                     "silent"
                 } else if worker.alive {
