@@ -240,6 +240,49 @@ fn with_free_settings_of(recorded: Plan, plan: &Plan, listing_recorded: bool) ->
     recorded.with_free_settings_of(plan, listing_recorded)
 }
 
+/// Where attempt `attempt` of a training task writes the checkpoint that goes to `output` once
+/// the coordinator takes its result: `round-1-student.attempt-2.safetensors`.
+pub fn attempt_output(output: &Path, attempt: u32) -> PathBuf {
+    let stem = output
+        .file_stem()
+        .map(|stem| stem.to_string_lossy().into_owned())
+        .unwrap_or_default();
+    let extension = output
+        .extension()
+        .map(|extension| format!(".{}", extension.to_string_lossy()))
+        .unwrap_or_default();
+    output.with_file_name(format!("{stem}.attempt-{attempt}{extension}"))
+}
+
+/// Moves the checkpoints attempt `attempt` of a training task wrote into their places;
+/// the checkpoint its result names (the student's).
+fn publish_outputs(spec: &TaskSpec, attempt: u32) -> Result<PathBuf, String> {
+    let outputs: Vec<&PathBuf> = match spec {
+        TaskSpec::Train { output, .. } | TaskSpec::Finetune { output, .. } => vec![output],
+        TaskSpec::TrainMpl {
+            teacher_output,
+            student_output,
+        } => vec![teacher_output, student_output],
+        _ => return Err("a result of training for a task that does not train".into()),
+    };
+    for output in &outputs {
+        let written = attempt_output(output, attempt);
+        mentor_labels::durable::publish(&written, output).map_err(|e| {
+            format!(
+                "the checkpoint `{}` of attempt {attempt} cannot be moved to `{}`: {e}",
+                written.display(),
+                output.display()
+            )
+        })?;
+        // Earlier attempts' files, given up, are of no use (best effort: an attempt still
+        // running somewhere may leave its own later).
+        for earlier in 1..attempt {
+            let _ = std::fs::remove_file(attempt_output(output, earlier));
+        }
+    }
+    Ok(outputs[outputs.len() - 1].clone())
+}
+
 /// Rebases the paths the selection files of a run moved from `from` to `run_dir` record (the
 /// soft-label store's root, when it lies in the run directory), as `RunState::from_saved` does
 /// for the state.
@@ -1033,6 +1076,23 @@ impl Coordinator {
             .tasks
             .get(task)
             .filter(|record| record.is_run_by(id, attempt));
+        // Rank 0's checkpoints of the current attempt go into place now, and only theirs: an
+        // attempt given up that finishes late (a worker cut off from the network) wrote to
+        // its own files and replaces nothing.
+        let outcome = match (outcome, current) {
+            (TaskOutcome::Trained { final_loss, .. }, Some(record))
+                if record.workers().first() == Some(id) =>
+            {
+                match publish_outputs(&record.spec, attempt) {
+                    Ok(checkpoint) => TaskOutcome::Trained {
+                        checkpoint,
+                        final_loss,
+                    },
+                    Err(error) => TaskOutcome::Failed(error),
+                }
+            }
+            (outcome, _) => outcome,
+        };
         // The result of the current attempt, once (from rank 0, or from the rank that failed).
         if let Some(record) = current {
             let failed = matches!(outcome, TaskOutcome::Failed(_));
@@ -1238,7 +1298,7 @@ mod tests {
         (coordinator, a, b, first)
     }
 
-    /// Reports `assignment` trained by `worker` at `now`.
+    /// Reports `assignment` trained by `worker` at `now`, its checkpoints written.
     fn complete_trained(
         coordinator: &mut Coordinator,
         worker: &WorkerId,
@@ -1246,6 +1306,7 @@ mod tests {
         dir: &Path,
         now: Instant,
     ) {
+        write_attempt_outputs(assignment);
         coordinator
             .complete(
                 worker,
@@ -1258,6 +1319,87 @@ mod tests {
                 now,
             )
             .expect("complete");
+    }
+
+    /// Writes the checkpoints a training attempt writes (as a worker would).
+    fn write_attempt_outputs(assignment: &Assignment) {
+        let outputs = match &assignment.task.spec {
+            TaskSpec::Train { output, .. } | TaskSpec::Finetune { output, .. } => vec![output],
+            TaskSpec::TrainMpl {
+                teacher_output,
+                student_output,
+            } => vec![teacher_output, student_output],
+            _ => Vec::new(),
+        };
+        for output in outputs {
+            let written = attempt_output(output, assignment.task.attempts);
+            std::fs::create_dir_all(written.parent().expect("parent")).expect("mkdir");
+            std::fs::write(&written, format!("attempt {}", assignment.task.attempts))
+                .expect("write the attempt's checkpoint");
+        }
+    }
+
+    #[test]
+    fn only_the_current_attempt_puts_its_checkpoint_in_place() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let start = Instant::now();
+        let (mut coordinator, a, first) = one_worker_with_a_teacher_task(dir.path(), start);
+        let TaskSpec::Train { output, .. } = first.task.spec.clone() else {
+            panic!("not a training task")
+        };
+        // The attempt is given up (its worker lost); the next one runs on another worker.
+        coordinator.state.worker_lost(&a);
+        let b = coordinator.register("b".into(), "cpu".into(), 0, start);
+        let TaskReply::Task(second) = coordinator.get_task(&b, start).expect("task") else {
+            panic!("no second attempt")
+        };
+        assert_eq!(second.task.attempts, first.task.attempts + 1);
+        complete_trained(&mut coordinator, &b, &second, dir.path(), start);
+        assert_eq!(
+            std::fs::read_to_string(&output).expect("in place"),
+            format!("attempt {}", second.task.attempts)
+        );
+        // The first attempt finishes late, cut off: its file replaces nothing.
+        write_attempt_outputs(&first);
+        let late = TaskOutcome::Trained {
+            checkpoint: attempt_output(&output, first.task.attempts),
+            final_loss: 0.1,
+        };
+        let _ = coordinator.complete(&a, &first.task.id, first.task.attempts, late, start);
+        assert_eq!(
+            std::fs::read_to_string(&output).expect("in place"),
+            format!("attempt {}", second.task.attempts)
+        );
+        assert_eq!(
+            coordinator
+                .state
+                .current_round()
+                .teacher
+                .as_ref()
+                .map(|m| &m.checkpoint),
+            Some(&output)
+        );
+    }
+
+    #[test]
+    fn a_result_whose_checkpoint_is_missing_fails_its_attempt_naming_the_file() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let start = Instant::now();
+        let (mut coordinator, a, teacher) = one_worker_with_a_teacher_task(dir.path(), start);
+        let claimed = TaskOutcome::Trained {
+            checkpoint: dir.path().join("nowhere.safetensors"),
+            final_loss: 0.1,
+        };
+        coordinator
+            .complete(&a, &teacher.task.id, teacher.task.attempts, claimed, start)
+            .expect("complete");
+        let record = &coordinator.state.tasks[&teacher.task.id];
+        assert_eq!(record.failures, 1);
+        let error = record.last_error.clone().unwrap_or_default();
+        assert!(
+            error.contains(".attempt-1.safetensors") && error.contains("cannot be moved"),
+            "{error}"
+        );
     }
 
     #[test]
@@ -1517,7 +1659,10 @@ mod tests {
         let TaskSpec::Label { teacher, .. } = &label.task.spec else {
             unreachable!("a label task")
         };
-        assert_eq!(teacher.checkpoint, laptop.join("teacher.safetensors"));
+        assert_eq!(
+            teacher.checkpoint,
+            laptop.join("checkpoints/round-1-teacher.safetensors")
+        );
         let saved = std::fs::read_to_string(laptop.join("state.json")).expect("state");
         let old = gpu_machine.display().to_string();
         assert!(!saved.contains(&old), "{old} is still recorded: {saved}");

@@ -45,6 +45,9 @@ fn role_to_proto(role: Role) -> i32 {
 fn task_to_proto(assignment: &Assignment, storage: &str) -> pb::Task {
     let task = &assignment.task;
     let path = |p: &std::path::Path| p.display().to_string();
+    // Training writes to files of its attempt; the coordinator moves them into place when it
+    // takes the attempt's result (`publish_outputs`).
+    let attempt_file = |p: &std::path::Path| path(&crate::attempt_output(p, task.attempts));
     let kind = match &task.spec {
         TaskSpec::Train {
             role,
@@ -52,7 +55,7 @@ fn task_to_proto(assignment: &Assignment, storage: &str) -> pb::Task {
             selection,
         } => pb::task::Kind::Train(pb::TrainTask {
             role: role_to_proto(*role),
-            output_checkpoint: path(output),
+            output_checkpoint: attempt_file(output),
             selection_path: selection.as_deref().map(path).unwrap_or_default(),
             world_size: task.world_size,
             rank: assignment.rank,
@@ -63,8 +66,8 @@ fn task_to_proto(assignment: &Assignment, storage: &str) -> pb::Task {
             student_output,
         } => pb::task::Kind::Train(pb::TrainTask {
             role: role_to_proto(Role::Student),
-            output_checkpoint: path(student_output),
-            teacher_output: path(teacher_output),
+            output_checkpoint: attempt_file(student_output),
+            teacher_output: attempt_file(teacher_output),
             world_size: task.world_size,
             rank: assignment.rank,
             mode: pb::TrainMode::MetaPseudoLabels as i32,
@@ -72,7 +75,7 @@ fn task_to_proto(assignment: &Assignment, storage: &str) -> pb::Task {
         }),
         TaskSpec::Finetune { init, output } => pb::task::Kind::Train(pb::TrainTask {
             role: role_to_proto(Role::Student),
-            output_checkpoint: path(output),
+            output_checkpoint: attempt_file(output),
             init_checkpoint: path(init),
             world_size: task.world_size,
             rank: assignment.rank,
