@@ -239,6 +239,17 @@ fn outcome_to_proto(result: Result<Outcome, String>) -> pb::task_result::Outcome
     }
 }
 
+/// Ends the process at once with `code`, without the exit handlers `std::process::exit` runs:
+/// libtorch's static destructors, run while the libtorch thread is in a task, kill the process
+/// with a signal instead of the exit status a signal's handler promises.
+#[allow(unsafe_code)]
+fn exit_now(code: i32) -> ! {
+    // SAFETY: `_exit` takes any status and does not return; skipping destructors and atexit
+    // handlers is its point (nothing of this process needs flushing but the log, written
+    // line by line).
+    unsafe { libc::_exit(code) }
+}
+
 /// Waits for SIGTERM or Ctrl-C: the signal's name and the exit status a shell gives it.
 async fn stopping_signal() -> (&'static str, i32) {
     let mut terminate =
@@ -509,7 +520,7 @@ async fn main() -> anyhow::Result<()> {
                 }
                 Err(_) => tracing::warn!("the coordinator did not answer the leave within 3 s"),
             }
-            std::process::exit(code);
+            exit_now(code);
         });
     }
 
