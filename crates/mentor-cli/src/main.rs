@@ -114,6 +114,7 @@ fn status_json(status: &pb::RunStatus) -> Value {
         },
         "run_dir": status.run_dir,
         "min_workers": status.min_workers,
+        "waiting": if status.waiting.is_empty() { Value::Null } else { json!(status.waiting) },
         "rounds": status.rounds.iter().map(|round| json!({
             "round": round.round,
             "teacher_test_accuracy": round.teacher_test_accuracy,
@@ -197,6 +198,9 @@ fn status_text(status: &pb::RunStatus) -> String {
             "waiting for workers: {registered} of {} registered (workers.min_workers)\n",
             status.min_workers
         ));
+    }
+    if !status.waiting.is_empty() && status.status == "running" {
+        out.push_str(&format!("waiting: {}\n", status.waiting));
     }
     if !status.run_dir.is_empty() {
         out.push_str(&format!("run directory: {}\n", status.run_dir));

@@ -191,7 +191,7 @@ fn redo_finetune_of(state: &mut RunState, plan: &Plan, dir: &Path) -> Result<(),
         dir: dir.to_path_buf(),
         reason,
     };
-    let recorded = Plan::from_toml_str(&state.plan_toml)
+    let recorded = Plan::from_recorded_toml(&state.plan_toml)
         .map_err(|e| error(format!("the run's recorded plan does not parse: {e}")))?;
     let mut recorded = with_free_settings_of(recorded, plan, state.unlabeled_fingerprint.is_some());
     if let (Some(recorded), Some(mpl)) = (recorded.mpl.as_mut(), plan.mpl.as_ref()) {
@@ -493,7 +493,7 @@ impl Coordinator {
                 tracing::info!(from = %old.display(), to = %run_dir.display(), "the run directory moved since its last save: its recorded paths follow it");
             }
             moved_from = old_dir;
-            recorded_teacher = Plan::from_toml_str(&state.plan_toml)
+            recorded_teacher = Plan::from_recorded_toml(&state.plan_toml)
                 .ok()
                 .and_then(|recorded| recorded.teacher.checkpoint);
             if how == Reopen::RedoFinetune {
@@ -503,7 +503,7 @@ impl Coordinator {
                 // settings decide.
                 // `data.dir` says where the data is, not what it is: a run moved to another
                 // machine reads the same files from wherever they are there.
-                let difference = match Plan::from_toml_str(&state.plan_toml) {
+                let difference = match Plan::from_recorded_toml(&state.plan_toml) {
                     Ok(recorded) => {
                         let listing_recorded = state.unlabeled_fingerprint.is_some();
                         let mut recorded = with_free_settings_of(recorded, &plan, listing_recorded);
@@ -565,9 +565,11 @@ impl Coordinator {
                     now: fingerprint,
                 });
             }
-            // The same listing, recorded in this version's form from now on; a new run, or one
-            // recorded before runs kept it: from now on.
-            _ => state.unlabeled_fingerprint = Some(fingerprint),
+            // The same listing: kept in the form it was recorded in (workers and coordinators
+            // of the version that recorded it compare it as it is).
+            Some(_) => {}
+            // A new run, or one recorded before runs kept it: from now on.
+            None => state.unlabeled_fingerprint = Some(fingerprint),
         }
         if let Some(given) = &plan.teacher.checkpoint {
             // Checked while a task still needs it: a run past its first labeling does not.
@@ -788,6 +790,23 @@ impl Coordinator {
         worker.alive = false;
         worker.exited = true;
         worker.task = None;
+        // Its group's other ranks may be stuck in a collective with it: left out of the next
+        // group until they ask for work or report progress, as after a group's failure.
+        let groups: Vec<(TaskId, u32, Vec<WorkerId>)> = self
+            .state
+            .tasks
+            .values()
+            .filter(|task| task.workers().contains(id))
+            .map(|task| (task.id.clone(), task.attempts, task.workers().to_vec()))
+            .collect();
+        for (task, attempt, members) in groups {
+            self.groups.remove(&(task, attempt));
+            for member in members.iter().filter(|member| *member != id) {
+                if let Some(entry) = self.workers.get_mut(member) {
+                    entry.suspect = true;
+                }
+            }
+        }
         let requeued = self.state.worker_left(id, reason);
         tracing::warn!(worker = %id, reason, requeued = requeued.len(), "worker left");
         self.persist_or_log();
@@ -862,6 +881,55 @@ impl Coordinator {
             fixed if live >= fixed => Some(fixed),
             _ => None,
         }
+    }
+
+    /// Why a pending training task cannot start now: the plan's fixed `world_size` has fewer
+    /// workers of any device kind that can take part. `None` when nothing waits so.
+    pub fn training_wait(&self, now: Instant) -> Option<String> {
+        let wanted = self.plan.workers.world_size;
+        let training_waits = wanted > 1
+            && !self.state.is_finished()
+            && self.plan.workers.collective != mentor_plan::CollectiveKind::Single
+            && self
+                .state
+                .tasks
+                .values()
+                .any(|task| task.state == state::TaskState::Pending && task.spec.is_training())
+            && !self.state.tasks.values().any(|task| {
+                matches!(task.state, state::TaskState::Running { .. }) && task.spec.is_training()
+            });
+        if !training_waits {
+            return None;
+        }
+        let mut kinds: Vec<&str> = self
+            .workers
+            .values()
+            .filter(|w| w.alive)
+            .map(|w| device_kind(&w.device))
+            .collect();
+        kinds.sort_unstable();
+        kinds.dedup();
+        let can = kinds
+            .iter()
+            .map(|kind| self.live_workers(kind, now))
+            .max()
+            .unwrap_or(0);
+        let suspected = self
+            .workers
+            .values()
+            .filter(|w| w.alive && w.suspect)
+            .count();
+        (can < wanted).then(|| {
+            format!(
+                "training waits for {wanted} workers of one device kind (workers.world_size); {can} can take part now{}",
+                match suspected {
+                    0 => String::new(),
+                    n => format!(
+                        ", {n} suspected (a rank of a failed group that has not asked for work since)"
+                    ),
+                }
+            )
+        })
     }
 
     /// Live workers of the device kind `kind` that may take part in a new group (see
@@ -1968,6 +2036,27 @@ mod tests {
     }
 
     #[test]
+    fn a_run_recorded_with_a_setting_this_version_refuses_resumes_under_a_valid_plan() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        drop(coordinator(dir.path()));
+        // An earlier version took a heartbeat timeout of one second, which a resume may change.
+        let state_file = dir.path().join("state.json");
+        let text = std::fs::read_to_string(&state_file).expect("state");
+        let edited = text.replacen(
+            "heartbeat_timeout_seconds = 10",
+            "heartbeat_timeout_seconds = 1",
+            1,
+        );
+        assert_ne!(edited, text);
+        std::fs::write(&state_file, edited).expect("write state");
+        let reopened = coordinator(dir.path());
+        assert!(reopened
+            .state
+            .plan_toml
+            .contains("heartbeat_timeout_seconds = 10"));
+    }
+
+    #[test]
     fn a_runs_elapsed_time_outlives_its_coordinator_and_stops_when_it_ends() {
         let dir = tempfile::tempdir().expect("tempdir");
         let start = Instant::now();
@@ -2017,16 +2106,22 @@ mod tests {
         let mut coordinator = Coordinator::open(plan, dir.path()).expect("open");
         let now = Instant::now();
         let a = coordinator.register("a".into(), "cpu".into(), 0, now);
-        // One worker cannot be two ranks: it waits instead of failing at the join timeout.
+        // One worker cannot be two ranks: it waits instead of failing at the join timeout,
+        // and status says why.
         assert!(matches!(
             coordinator.get_task(&a, now).expect("reply"),
             TaskReply::RetryAfter(_)
         ));
+        assert_eq!(
+            service::status_of(&coordinator).waiting,
+            "training waits for 2 workers of one device kind (workers.world_size); 1 can take part now"
+        );
         let b = coordinator.register("b".into(), "cpu".into(), 0, now);
         let TaskReply::Task(first) = coordinator.get_task(&a, now).expect("task") else {
             panic!("no task once two are there")
         };
         assert_eq!((first.rank, first.task.world_size), (0, 2));
+        assert_eq!(service::status_of(&coordinator).waiting, "");
         let TaskReply::Task(second) = coordinator.get_task(&b, now).expect("task") else {
             panic!("no rank 1")
         };
@@ -2048,6 +2143,13 @@ mod tests {
             .complete(&a, &first.task.id, first.task.attempts, failed, now)
             .expect("complete");
         assert!(coordinator.heartbeat(&b, now));
+        let shown = service::status_of(&coordinator);
+        let hung = shown
+            .workers
+            .iter()
+            .find(|w| w.worker_id == b.0)
+            .expect("b");
+        assert_eq!(hung.state, "suspected");
         let TaskReply::Task(retry) = coordinator.get_task(&a, now).expect("task") else {
             panic!("no retry")
         };

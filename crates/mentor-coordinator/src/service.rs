@@ -444,6 +444,8 @@ pub fn status_of(coordinator: &Coordinator) -> pb::RunStatus {
                     .map_or(0.0, |_| worker.progress_at.elapsed().as_secs_f64()),
                 state: if worker.alive && silent > crate::HEARD_RECENTLY {
                     "silent"
+                } else if worker.alive && worker.suspect {
+                    "suspected"
                 } else if worker.alive {
                     "active"
                 } else if worker.exited {
@@ -471,6 +473,9 @@ pub fn status_of(coordinator: &Coordinator) -> pb::RunStatus {
     if coordinator.regathering() {
         status.phase = crate::state::Phase::WaitingForWorkers.as_str().to_string();
     }
+    status.waiting = coordinator
+        .training_wait(std::time::Instant::now())
+        .unwrap_or_default();
     status
 }
 
@@ -518,6 +523,7 @@ fn run_status(
         tasks_total,
         run_dir: state.paths.run_dir.display().to_string(),
         min_workers,
+        waiting: String::new(),
         final_student_checkpoint: state
             .rounds
             .last()

@@ -22,6 +22,15 @@ pub fn write(path: &Path, temporary: &Path, bytes: &[u8]) -> io::Result<()> {
     publish(temporary, path)
 }
 
+/// Linux's `EINVAL`, `EBADF` and `ENOTSUP`: what a directory flush returns on a file system
+/// that cannot do it.
+#[cfg(unix)]
+const EINVAL: i32 = 22;
+#[cfg(unix)]
+const EBADF: i32 = 9;
+#[cfg(unix)]
+const ENOTSUP: i32 = 95;
+
 /// Flushes the directory holding `path` (its entries: a new or renamed file's name).
 fn sync_directory_of(path: &Path) -> io::Result<()> {
     #[cfg(unix)]
@@ -30,7 +39,19 @@ fn sync_directory_of(path: &Path) -> io::Result<()> {
             Some(parent) if !parent.as_os_str().is_empty() => parent,
             _ => Path::new("."),
         };
-        File::open(parent)?.sync_all()
+        match File::open(parent).and_then(|directory| directory.sync_all()) {
+            // Some file systems (FUSE, network mounts) cannot flush a directory: the rename
+            // stands as on a file system without the flush.
+            Err(error)
+                if matches!(
+                    error.raw_os_error(),
+                    Some(code) if code == EINVAL || code == EBADF || code == ENOTSUP
+                ) || error.kind() == io::ErrorKind::Unsupported =>
+            {
+                Ok(())
+            }
+            other => other,
+        }
     }
     #[cfg(not(unix))]
     {

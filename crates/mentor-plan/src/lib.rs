@@ -779,6 +779,15 @@ impl Plan {
         Ok(plan)
     }
 
+    /// Reads a plan a run recorded, without checking it: a version with other checks wrote it
+    /// (a setting a resume may change, say, that this version's checks refuse), and what
+    /// matters is how it differs from the plan given now, which is checked.
+    pub fn from_recorded_toml(text: &str) -> Result<Plan, PlanError> {
+        toml::from_str(text).map_err(|error| PlanError::Parse {
+            message: error.to_string().trim_end().to_string(),
+        })
+    }
+
     /// The plan as TOML (what workers receive, and what a run records to recognise its plan
     /// on resume), with every default written out: two plans that run the same serialize the
     /// same, whether a default was written in the file or not.
