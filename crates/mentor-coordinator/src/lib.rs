@@ -257,13 +257,9 @@ pub fn attempt_output(output: &Path, attempt: u32) -> PathBuf {
 /// Moves the checkpoints attempt `attempt` of a training task wrote into their places;
 /// the checkpoint its result names (the student's).
 fn publish_outputs(spec: &TaskSpec, attempt: u32) -> Result<PathBuf, String> {
-    let outputs: Vec<&PathBuf> = match spec {
-        TaskSpec::Train { output, .. } | TaskSpec::Finetune { output, .. } => vec![output],
-        TaskSpec::TrainMpl {
-            teacher_output,
-            student_output,
-        } => vec![teacher_output, student_output],
-        _ => return Err("a result of training for a task that does not train".into()),
+    let outputs = spec.outputs();
+    let Some(named) = outputs.last() else {
+        return Err("a result of training for a task that does not train".into());
     };
     for output in &outputs {
         let written = attempt_output(output, attempt);
@@ -280,7 +276,7 @@ fn publish_outputs(spec: &TaskSpec, attempt: u32) -> Result<PathBuf, String> {
             let _ = std::fs::remove_file(attempt_output(output, earlier));
         }
     }
-    Ok(outputs[outputs.len() - 1].clone())
+    Ok(named.to_path_buf())
 }
 
 /// Rebases the paths the selection files of a run moved from `from` to `run_dir` record (the
@@ -365,7 +361,6 @@ pub struct Coordinator {
     pub state: RunState,
     pub workers: BTreeMap<WorkerId, WorkerEntry>,
     pub store: ShardStore,
-    pub started: Instant,
     pub latest_loss: Option<f64>,
     pub latest_accuracy: Option<f64>,
     groups: HashMap<(TaskId, u32), Rendezvous>,
@@ -620,7 +615,6 @@ impl Coordinator {
             state,
             workers: BTreeMap::new(),
             store,
-            started: Instant::now(),
             latest_loss: None,
             latest_accuracy: None,
             groups: HashMap::new(),
@@ -790,8 +784,8 @@ impl Coordinator {
         worker.alive = false;
         worker.exited = true;
         worker.task = None;
-        // Its group's other ranks may be stuck in a collective with it: left out of the next
-        // group until they ask for work or report progress, as after a group's failure.
+        // Its group's other ranks may be stuck in a collective with it, as after a group's
+        // failure.
         let groups: Vec<(TaskId, u32, Vec<WorkerId>)> = self
             .state
             .tasks
@@ -800,12 +794,7 @@ impl Coordinator {
             .map(|task| (task.id.clone(), task.attempts, task.workers().to_vec()))
             .collect();
         for (task, attempt, members) in groups {
-            self.groups.remove(&(task, attempt));
-            for member in members.iter().filter(|member| *member != id) {
-                if let Some(entry) = self.workers.get_mut(member) {
-                    entry.suspect = true;
-                }
-            }
+            self.give_up_group(&task, attempt, &members, id);
         }
         let requeued = self.state.worker_left(id, reason);
         tracing::warn!(worker = %id, reason, requeued = requeued.len(), "worker left");
@@ -883,24 +872,19 @@ impl Coordinator {
         }
     }
 
-    /// Why a pending training task cannot start now: the plan's fixed `world_size` has fewer
-    /// workers of any device kind that can take part. `None` when nothing waits so.
+    /// Why a pending training task cannot start now: no device kind has a group's worth of
+    /// workers that can take part ([`Coordinator::group_size`] is `None` for each), as with a
+    /// plan's fixed `world_size` larger than them. `None` when nothing waits so.
     pub fn training_wait(&self, now: Instant) -> Option<String> {
-        let wanted = self.plan.workers.world_size;
-        let training_waits = wanted > 1
-            && !self.state.is_finished()
-            && self.plan.workers.collective != mentor_plan::CollectiveKind::Single
-            && self
-                .state
+        let training_in = |wanted: fn(&state::TaskState) -> bool| {
+            self.state
                 .tasks
                 .values()
-                .any(|task| task.state == state::TaskState::Pending && task.spec.is_training())
-            && !self.state.tasks.values().any(|task| {
-                matches!(task.state, state::TaskState::Running { .. }) && task.spec.is_training()
-            });
-        if !training_waits {
-            return None;
-        }
+                .any(|task| task.spec.is_training() && wanted(&task.state))
+        };
+        let waits = !self.state.is_finished()
+            && training_in(|state| *state == state::TaskState::Pending)
+            && !training_in(|state| matches!(state, state::TaskState::Running { .. }));
         let mut kinds: Vec<&str> = self
             .workers
             .values()
@@ -909,6 +893,9 @@ impl Coordinator {
             .collect();
         kinds.sort_unstable();
         kinds.dedup();
+        if !waits || kinds.is_empty() || kinds.iter().any(|k| self.group_size(k, now).is_some()) {
+            return None;
+        }
         let can = kinds
             .iter()
             .map(|kind| self.live_workers(kind, now))
@@ -919,17 +906,16 @@ impl Coordinator {
             .values()
             .filter(|w| w.alive && w.suspect)
             .count();
-        (can < wanted).then(|| {
-            format!(
-                "training waits for {wanted} workers of one device kind (workers.world_size); {can} can take part now{}",
-                match suspected {
-                    0 => String::new(),
-                    n => format!(
-                        ", {n} suspected (a rank of a failed group that has not asked for work since)"
-                    ),
-                }
-            )
-        })
+        Some(format!(
+            "training waits for {} workers of one device kind (workers.world_size); {can} can take part now{}",
+            self.plan.workers.world_size,
+            match suspected {
+                0 => String::new(),
+                n => format!(
+                    ", {n} suspected (a rank of a failed group that has not asked for work since)"
+                ),
+            }
+        ))
     }
 
     /// Live workers of the device kind `kind` that may take part in a new group (see
@@ -1169,21 +1155,16 @@ impl Coordinator {
                     .outcome(&self.state.run_id, record, attempt, &id.0, &outcome);
             }
         }
-        // A group attempt that fails: its other ranks may be gone; leave them out of the next
-        // group until they ask for work or report progress again.
-        if let (TaskOutcome::Failed(_), Some(record)) = (&outcome, current) {
-            if record.world_size > 1 {
-                for member in record.workers().to_vec() {
-                    if member != *id {
-                        if let Some(entry) = self.workers.get_mut(&member) {
-                            entry.suspect = true;
-                        }
-                    }
-                }
-                self.groups.remove(&(task.clone(), attempt));
+        let failed_group = match (&outcome, current) {
+            (TaskOutcome::Failed(_), Some(record)) if record.world_size > 1 => {
+                Some(record.workers().to_vec())
             }
-        }
+            _ => None,
+        };
         let current = current.is_some();
+        if let Some(members) = failed_group {
+            self.give_up_group(task, attempt, &members, id);
+        }
         match &outcome {
             TaskOutcome::Failed(error) if !current => {
                 tracing::info!(run = %self.state.run_id, worker = %id, task = %task, attempt, %error, "a report of an attempt given up is ignored")
@@ -1209,6 +1190,24 @@ impl Coordinator {
                 tracing::info!(run = %self.state.run_id, status = self.state.outcome.as_str(), "run finished");
             }
         }
+    }
+
+    /// A group attempt that ended by `ended_by` (it failed or left): its other ranks may be gone
+    /// or stuck in a collective with it, and are left out of new groups until they ask for
+    /// work or report progress again; the attempt's rendezvous goes.
+    fn give_up_group(
+        &mut self,
+        task: &TaskId,
+        attempt: u32,
+        members: &[WorkerId],
+        ended_by: &WorkerId,
+    ) {
+        for member in members.iter().filter(|member| *member != ended_by) {
+            if let Some(entry) = self.workers.get_mut(member) {
+                entry.suspect = true;
+            }
+        }
+        self.groups.remove(&(task.clone(), attempt));
     }
 
     /// Declares workers silent for longer than the plan allows dead; requeues their tasks.
@@ -1391,15 +1390,7 @@ mod tests {
 
     /// Writes the checkpoints a training attempt writes (as a worker would).
     fn write_attempt_outputs(assignment: &Assignment) {
-        let outputs = match &assignment.task.spec {
-            TaskSpec::Train { output, .. } | TaskSpec::Finetune { output, .. } => vec![output],
-            TaskSpec::TrainMpl {
-                teacher_output,
-                student_output,
-            } => vec![teacher_output, student_output],
-            _ => Vec::new(),
-        };
-        for output in outputs {
+        for output in assignment.task.spec.outputs() {
             let written = attempt_output(output, assignment.task.attempts);
             std::fs::create_dir_all(written.parent().expect("parent")).expect("mkdir");
             std::fs::write(&written, format!("attempt {}", assignment.task.attempts))

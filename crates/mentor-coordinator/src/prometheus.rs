@@ -86,7 +86,7 @@ pub fn exposition(status: &pb::RunStatus) -> String {
     gauges(
         &mut out,
         "mentor_run_elapsed_seconds",
-        "Seconds since this coordinator started.",
+        "Seconds since the run began, until it ended.",
         &[(vec![], status.elapsed_seconds)],
     );
     gauges(

@@ -147,6 +147,18 @@ impl TaskSpec {
         )
     }
 
+    /// The checkpoints a training task writes (the student's last); none for other tasks.
+    pub fn outputs(&self) -> Vec<&PathBuf> {
+        match self {
+            TaskSpec::Train { output, .. } | TaskSpec::Finetune { output, .. } => vec![output],
+            TaskSpec::TrainMpl {
+                teacher_output,
+                student_output,
+            } => vec![teacher_output, student_output],
+            _ => Vec::new(),
+        }
+    }
+
     pub fn describe(&self) -> String {
         match self {
             TaskSpec::TrainMpl { .. } => "train teacher and student (MPL)".to_string(),

@@ -265,11 +265,13 @@ impl Source {
         }
     }
 
-    /// Whether a listing fingerprinted `recorded` (by this version, or by one that gave IDX
-    /// data its count alone) is the listing fingerprinted `now`.
-    pub fn same_fingerprint(recorded: &str, now: &str) -> bool {
-        let count_alone = recorded.starts_with("idx:") && recorded.matches(':').count() == 1;
-        recorded == now || (count_alone && now.starts_with(&format!("{recorded}:")))
+    /// Whether two fingerprints name the same listing: equal, or one of them made by a version
+    /// that gave IDX data its count alone and the other of the same count.
+    pub fn same_fingerprint(one: &str, other: &str) -> bool {
+        let count_alone = |a: &str| a.starts_with("idx:") && a.matches(':').count() == 1;
+        let extends =
+            |short: &str, long: &str| count_alone(short) && long.starts_with(&format!("{short}:"));
+        one == other || extends(one, other) || extends(other, one)
     }
 
     /// Examples of the source when known without reading it (not for WebDataset).

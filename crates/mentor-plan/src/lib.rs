@@ -772,9 +772,7 @@ impl Plan {
 
     /// Parses and validates a plan.
     pub fn from_toml_str(text: &str) -> Result<Plan, PlanError> {
-        let plan: Plan = toml::from_str(text).map_err(|error| PlanError::Parse {
-            message: error.to_string().trim_end().to_string(),
-        })?;
+        let plan = Plan::from_recorded_toml(text)?;
         plan.validate()?;
         Ok(plan)
     }

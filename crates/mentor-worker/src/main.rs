@@ -360,6 +360,17 @@ impl Session {
         }
     }
 
+    /// The coordinator no longer knows this worker (it restarted, or declared the worker lost)
+    /// while it `what`: it registers again at once (a resumed run counts it), and the attempt
+    /// of `task` is over; the error to report for it.
+    async fn forgotten(&mut self, task: &str, what: &str) -> anyhow::Result<String> {
+        tracing::warn!(worker = %self.id(), task, "the coordinator no longer knows this worker (restarted?), registering again");
+        self.register_again().await?;
+        Ok(format!(
+            "this worker was unknown to the coordinator when it {what}"
+        ))
+    }
+
     async fn register_again(&mut self) -> anyhow::Result<()> {
         let mut outage = None;
         loop {
@@ -382,8 +393,7 @@ impl Session {
                         );
                     }
                     let (then, now) = (&self.unlabeled_fingerprint, &reply.unlabeled_fingerprint);
-                    let same = mentor_data::Source::same_fingerprint(then, now)
-                        || mentor_data::Source::same_fingerprint(now, then);
+                    let same = mentor_data::Source::same_fingerprint(then, now);
                     if !then.is_empty() && !now.is_empty() && !same {
                         anyhow::bail!(
                             "the coordinator now lists other unlabeled images (listing {now}, this worker's {then}; run {}): this worker's example ids would name other images; it stops",
@@ -710,12 +720,8 @@ async fn rendezvous(
         match session.client.join_group(request.clone()).await {
             Ok(reply) => break reply.into_inner(),
             Err(status) if status.code() == Code::NotFound => {
-                tracing::warn!(worker = %session.id(), task = %task.task_id, "the coordinator no longer knows this worker (restarted?), registering again");
-                session.register_again().await?;
-                return Ok(Err(format!(
-                    "this worker was unknown to the coordinator when it joined the group of task {}",
-                    task.task_id
-                )));
+                let what = format!("joined the group of task {}", task.task_id);
+                return Ok(Err(session.forgotten(&task.task_id, &what).await?));
             }
             Err(status) => {
                 let what = format!("join the group of task {}", task.task_id);
@@ -760,12 +766,8 @@ async fn rendezvous(
             // The coordinator restarted (or declared this worker lost): the attempt is over;
             // registering again at once lets a resumed run count this worker.
             Err(error) if error.code() == Code::NotFound => {
-                tracing::warn!(worker = %session.id(), task = %task.task_id, "the coordinator no longer knows this worker (restarted?), registering again");
-                session.register_again().await?;
-                return Ok(Err(format!(
-                    "this worker was unknown to the coordinator while it waited for the group of task {}",
-                    task.task_id
-                )));
+                let what = format!("waited for the group of task {}", task.task_id);
+                return Ok(Err(session.forgotten(&task.task_id, &what).await?));
             }
             Err(error) if transient(&error) => {
                 tracing::warn!(%error, "group status query failed, retrying");

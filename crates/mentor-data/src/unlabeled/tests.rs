@@ -422,6 +422,7 @@ fn idx_fingerprints_name_the_positions_the_labels_drew() {
     // A run recorded when the count alone named IDX data is taken for the same listing, and
     // only for the same count.
     assert!(Source::same_fingerprint("idx:4", &drawn));
+    assert!(Source::same_fingerprint(&drawn, "idx:4"));
     assert!(!Source::same_fingerprint("idx:5", &drawn));
     assert!(!Source::same_fingerprint("idx:4:0000000000000000", &drawn));
     assert!(!Source::same_fingerprint(
