@@ -5,8 +5,8 @@ use std::path::{Path, PathBuf};
 use std::time::Duration;
 
 use mentor_e2e::{
-    start_coordinator, start_worker, try_status, wait_for_or_explain, watch_run, workspace_root,
-    Process,
+    start_coordinator, start_coordinator_on, start_worker, try_status, wait_for_or_explain,
+    watch_run, workspace_root, Process,
 };
 use mentor_proto::coordinator::v1 as pb;
 
@@ -197,26 +197,42 @@ fn a_dead_rank_fails_its_group_and_the_task_reruns_without_it() {
 /// A rank that registered but never joins its group (a worker hung while loading its data
 /// set) fails that attempt at the join timeout, naming the rank; the run then waits for workers
 /// instead of forming a group it cannot fill (a plan's fixed `world_size` needs that many), and
-/// goes on when another worker comes.
+/// goes on when another worker comes. The join timeout is the one of the run as resumed: a
+/// worker that outlived a coordinator restart uses the timeout the restarted run set, not the
+/// one it read when it started.
 #[test]
 fn a_group_whose_ranks_never_join_fails_naming_them() {
-    let plan = deterministic_plan(2, 1, 20).replacen(
-        "world_size = 2",
-        "world_size = 2\njoin_timeout_seconds = 2",
-        1,
-    );
-    let mut run = Run::start(&plan);
+    let plan = |join_timeout: u32| {
+        deterministic_plan(2, 1, 20).replacen(
+            "world_size = 2",
+            &format!("world_size = 2\njoin_timeout_seconds = {join_timeout}"),
+            1,
+        )
+    };
+    let mut run = Run::start(&plan(3600));
     let _first = run.worker("first");
     // One worker cannot be two ranks: the run starts and waits.
-    wait_for_or_explain(
-        "the run to start with one worker",
-        Duration::from_secs(180),
-        || {
-            let status = run.status()?;
-            (status.phase == "train-teacher" && status.workers.len() == 1).then_some(())
-        },
-        String::new,
-    );
+    let started = |run: &Run| {
+        wait_for_or_explain(
+            "the run to start with one worker",
+            Duration::from_secs(180),
+            || {
+                let status = run.status()?;
+                (status.phase == "train-teacher" && status.workers.len() == 1).then_some(())
+            },
+            String::new,
+        )
+    };
+    started(&run);
+    // The coordinator restarts on the same address with a 2-second join timeout; the worker
+    // registers again and goes on.
+    run.coordinator.child.kill().expect("kill the coordinator");
+    let _ = run.coordinator.child.wait();
+    let plan_path = run.dir.path().join("plan.toml");
+    std::fs::write(&plan_path, plan(2)).expect("write plan");
+    let listen = run.address.trim_start_matches("http://").to_string();
+    run.coordinator = start_coordinator_on(&plan_path, &listen, &run.dir.path().join("run")).0;
+    started(&run);
     // A worker registers and never asks for work: counted while it may still be loading, it
     // makes the group of two, which it never joins.
     let address = run.address.clone();
@@ -249,7 +265,7 @@ fn a_group_whose_ranks_never_join_fails_naming_them() {
         String::new,
     );
     assert!(
-        error.contains("ranks [1] of 2 did not join task"),
+        error.contains("ranks [1] of 2 did not join task") && error.ends_with("within 2s"),
         "{error}"
     );
     // The run does not fail on it: it waits for a second worker, and ends with one.

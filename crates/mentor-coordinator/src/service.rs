@@ -6,7 +6,7 @@
 use std::sync::{Arc, Mutex, MutexGuard};
 use std::time::Instant;
 
-use mentor_plan::Role;
+use mentor_plan::{Role, WorkersPlan};
 use mentor_proto::coordinator::v1 as pb;
 use pb::status_service_server::{StatusService, StatusServiceServer};
 use pb::worker_service_server::{WorkerService, WorkerServiceServer};
@@ -42,12 +42,20 @@ fn role_to_proto(role: Role) -> i32 {
     }
 }
 
-fn task_to_proto(assignment: &Assignment, storage: &str) -> pb::Task {
+fn task_to_proto(assignment: &Assignment, storage: &str, workers: &WorkersPlan) -> pb::Task {
     let task = &assignment.task;
     let path = |p: &std::path::Path| p.display().to_string();
     // Training writes to files of its attempt; the coordinator moves them into place when it
     // takes the attempt's result (`publish_outputs`).
     let attempt_file = |p: &std::path::Path| path(&crate::attempt_output(p, task.attempts));
+    // Every training task carries the group timeouts of the run as it is now.
+    let train = pb::TrainTask {
+        world_size: task.world_size,
+        rank: assignment.rank,
+        join_timeout_seconds: workers.join_timeout_seconds,
+        collective_timeout_seconds: workers.collective_timeout_seconds,
+        ..pb::TrainTask::default()
+    };
     let kind = match &task.spec {
         TaskSpec::Train {
             role,
@@ -57,9 +65,7 @@ fn task_to_proto(assignment: &Assignment, storage: &str) -> pb::Task {
             role: role_to_proto(*role),
             output_checkpoint: attempt_file(output),
             selection_path: selection.as_deref().map(path).unwrap_or_default(),
-            world_size: task.world_size,
-            rank: assignment.rank,
-            ..pb::TrainTask::default()
+            ..train
         }),
         TaskSpec::TrainMpl {
             teacher_output,
@@ -68,19 +74,15 @@ fn task_to_proto(assignment: &Assignment, storage: &str) -> pb::Task {
             role: role_to_proto(Role::Student),
             output_checkpoint: attempt_file(student_output),
             teacher_output: attempt_file(teacher_output),
-            world_size: task.world_size,
-            rank: assignment.rank,
             mode: pb::TrainMode::MetaPseudoLabels as i32,
-            ..pb::TrainTask::default()
+            ..train.clone()
         }),
         TaskSpec::Finetune { init, output } => pb::task::Kind::Train(pb::TrainTask {
             role: role_to_proto(Role::Student),
             output_checkpoint: attempt_file(output),
             init_checkpoint: path(init),
-            world_size: task.world_size,
-            rank: assignment.rank,
             mode: pb::TrainMode::Finetune as i32,
-            ..pb::TrainTask::default()
+            ..train.clone()
         }),
         TaskSpec::Label {
             teacher,
@@ -277,6 +279,7 @@ impl WorkerService for WorkerApi {
             TaskReply::Task(task) => pb::get_task_response::Reply::Task(task_to_proto(
                 &task,
                 &coordinator.storage_root(),
+                &coordinator.plan.workers,
             )),
             TaskReply::RetryAfter(wait) => {
                 pb::get_task_response::Reply::RetryAfterMs(wait.as_millis() as u64)

@@ -50,6 +50,9 @@ pub struct GroupJoin {
     pub rank: usize,
     pub world_size: usize,
     pub setup: GroupSetup,
+    /// Collectives that have not finished after this long fail the task
+    /// (`workers.collective_timeout_seconds` of the run as the coordinator holds it now).
+    pub collective_timeout: Duration,
 }
 
 /// How a rank joins its group, as the rendezvous decided.

@@ -674,8 +674,16 @@ async fn rendezvous(
     if collective == CollectiveKind::Single {
         return Ok(Ok(None));
     }
+    // The coordinator sends the run's timeouts with the task (a resumed run may have changed
+    // them since this worker read the plan); one that does not, the plan's.
     let workers = &context.plan.workers;
-    let join_timeout = Duration::from_secs(workers.join_timeout_seconds);
+    let or_plan = |sent: u64, planned: u64| if sent > 0 { sent } else { planned };
+    let join_seconds = or_plan(train.join_timeout_seconds, workers.join_timeout_seconds);
+    let collective_timeout = Duration::from_secs(or_plan(
+        train.collective_timeout_seconds,
+        workers.collective_timeout_seconds,
+    ));
+    let join_timeout = Duration::from_secs(join_seconds);
     let (listener, address, unique_id) = match collective {
         CollectiveKind::Ring => {
             let bind_host = if context.advertise_host.parse::<std::net::IpAddr>().is_ok() {
@@ -741,7 +749,7 @@ async fn rendezvous(
             break;
         }
         if tokio::time::Instant::now() >= deadline {
-            let seconds = workers.join_timeout_seconds;
+            let seconds = join_seconds;
             return Ok(Err(if status.missing_ranks.is_empty() {
                 // Every rank joined; rank 0's NCCL id never came (its NCCL failed to load?).
                 format!(
@@ -787,7 +795,7 @@ async fn rendezvous(
             listener,
             addresses: status.addresses,
             group: format!("{}/{}", task.task_id, task.attempt),
-            timeout: Duration::from_secs(workers.collective_timeout_seconds),
+            timeout: collective_timeout,
             setup_timeout: join_timeout,
         },
         None => GroupSetup::Nccl {
@@ -798,6 +806,7 @@ async fn rendezvous(
         rank: rank as usize,
         world_size: world_size as usize,
         setup,
+        collective_timeout,
     })))
 }
 

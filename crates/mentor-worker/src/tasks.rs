@@ -121,7 +121,7 @@ pub fn run_task(
                 bucket_bytes,
                 join.setup,
                 dataset.device,
-                std::time::Duration::from_secs(plan.workers.collective_timeout_seconds),
+                join.collective_timeout,
             )
             .map_err(collective_error)?,
             None => Group::single(bucket_bytes, dataset.device),

@@ -80,6 +80,7 @@ unlabeled_ratio = 1
                 timeout: Duration::from_secs(60),
                 setup_timeout: Duration::from_secs(60),
             },
+            collective_timeout: Duration::from_secs(60),
         })
     });
     let group = group.transpose()?;
