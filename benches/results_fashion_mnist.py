@@ -2,7 +2,9 @@
 """Fashion-MNIST with 1,000 labels over several seeds (ALGORITHMS.md section 4): supervised on
 1k labels, Noisy Student, Meta Pseudo Labels and supervised on (almost) all 60k labels, each a
 real run through scripts/local-cluster.sh. Prints mean +- std per method and writes every run's
-numbers to results.json in --out (default runs/results).
+numbers to results.json in --out (default runs/results). --seeds are the training seeds; every
+run of every seed trains on one labeled subset, the one drawn with --split-seed (default 0;
+`data.split_seed` of each plan).
 
 - supervised-1k: the round-1 teacher of the Noisy Student run (same model, same labeled subset);
 - supervised-1k-student: the same with the Meta Pseudo Labels plan's student model and its
@@ -41,8 +43,14 @@ import tomllib
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
-def with_seed(text, seed):
-    return rewrite(text, r"^seed = \d+", f"seed = {seed}")
+def with_seed(text, seed, split_seed):
+    """The plan with the training seed `seed`, on the labeled subset drawn with `split_seed`
+    (`data.split_seed`): every seed trains on one subset (ALGORITHMS.md section 4)."""
+    text = rewrite(text, r"^seed = \d+", f"seed = {seed}")
+    if re.search(r"(?m)^split_seed = \d+", text):
+        return rewrite(text, r"^split_seed = \d+", f"split_seed = {split_seed}")
+    return rewrite(text, r"^(labeled_per_class = \d+[^\n]*)$", rf"\g<1>\nsplit_seed = {split_seed}",
+                   "a `labeled_per_class = N` line in the [data] table")
 
 
 def rewrite(text, pattern, replacement, need=None):
@@ -147,6 +155,8 @@ def parsed(text):
         return None
     if plan is not None:
         plan.get("data", {}).pop("dir", None)
+        # A split seed left out is the run's seed (as `mentor plan` resolves it).
+        plan.setdefault("data", {}).setdefault("split_seed", plan.get("seed", 0))
     return plan
 
 
@@ -292,7 +302,9 @@ def with_workers(text, workers, plan, explicit):
 
 def main():
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--seeds", default="0,1,2")
+    parser.add_argument("--seeds", default="0,1,2", help="training seeds (`seed`), one run of each method per seed")
+    parser.add_argument("--split-seed", type=int, default=0,
+                        help="seed of the labeled subset every run shares (`data.split_seed`, default 0)")
     parser.add_argument("--workers", type=int, help="workers per run (default 2)")
     parser.add_argument("--methods", default="noisy-student,meta-pseudo-labels,supervised-all,supervised-1k-student",
                         help="comma-separated subset of noisy-student, meta-pseudo-labels, supervised-all, "
@@ -339,27 +351,27 @@ def main():
     runs = []
     for seed in [int(s) for s in args.seeds.split(",")]:
         if "noisy-student" in methods:
-            status = run("noisy-student", with_seed(noisy, seed), seed, args)
+            status = run("noisy-student", with_seed(noisy, seed, args.split_seed), seed, args)
             rows["supervised-1k"].append(status["rounds"][0]["teacher_test_accuracy"])
             rows["noisy-student"].append(status["rounds"][-1]["student_test_accuracy"])
             runs.append({"seed": seed, "method": "noisy-student", "status": status})
         if "meta-pseudo-labels" in methods or "mpl-distilled" in methods:
-            status = run("meta-pseudo-labels", with_seed(mpl, seed), seed, args)
+            status = run("meta-pseudo-labels", with_seed(mpl, seed, args.split_seed), seed, args)
             rows["meta-pseudo-labels"].append(status["final_student_test_accuracy"])
             runs.append({"seed": seed, "method": "meta-pseudo-labels", "status": status})
         if "mpl-distilled" in methods:
             checkpoint = status.get("final_student_checkpoint")
             if not checkpoint:
                 raise SystemExit(f"results: the Meta Pseudo Labels run of seed {seed} names no final student")
-            status = run("mpl-distilled", distilled(with_seed(distill, seed), mpl, checkpoint), seed, args)
+            status = run("mpl-distilled", distilled(with_seed(distill, seed, args.split_seed), mpl, checkpoint), seed, args)
             rows["mpl-distilled"].append(status["rounds"][-1]["student_test_accuracy"])
             runs.append({"seed": seed, "method": "mpl-distilled", "status": status})
         if "supervised-1k-student" in methods:
-            status = run("supervised-1k-student", with_seed(student_baseline, seed), seed, args)
+            status = run("supervised-1k-student", with_seed(student_baseline, seed, args.split_seed), seed, args)
             rows["supervised-1k-student"].append(status["rounds"][0]["teacher_test_accuracy"])
             runs.append({"seed": seed, "method": "supervised-1k-student", "status": status})
         if "supervised-all" in methods and not args.quick:
-            status = run("supervised-all", supervised_all(with_seed(noisy, seed)), seed, args)
+            status = run("supervised-all", supervised_all(with_seed(noisy, seed, args.split_seed)), seed, args)
             rows["supervised-all"].append(status["rounds"][0]["teacher_test_accuracy"])
             runs.append({"seed": seed, "method": "supervised-all", "status": status})
     with open(os.path.join(args.out, "results.json"), "w") as f:

@@ -101,7 +101,7 @@ fn the_main_plans_are_described_from_their_data() {
     // shards of 8,192.
     assert!(
         stdout.contains(
-            "1,000 labeled (100 per class, 10 classes), 59,000 unlabeled in 8 shards, 10,000 test images"
+            "1,000 labeled (100 per class drawn with seed 0, 10 classes), 59,000 unlabeled in 8 shards, 10,000 test images"
         ),
         "{stdout}"
     );

@@ -247,6 +247,55 @@ fn the_students_baseline_trains_the_meta_pseudo_labels_students_model() {
     assert!((0.0..=1.0).contains(&accuracy));
 }
 
+/// Every seed trains on one labeled subset (ALGORITHMS.md section 4): the script fixes
+/// `data.split_seed`, and the runs of seeds 0 and 1 record the same unlabeled listing (the
+/// positions the labeled draw left), which another split seed changes.
+#[test]
+fn every_seed_trains_on_the_same_labeled_subset() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let plan = write_plan(dir.path(), "mpl.toml", &plan_with("tiny-mpl.toml", &[]));
+    let listing = |out: &Path, seed: u32| -> String {
+        let state = std::fs::read_to_string(
+            out.join(format!("supervised-1k-student-seed{seed}/state.json")),
+        )
+        .expect("the run's state");
+        let state: serde_json::Value = serde_json::from_str(&state).expect("json");
+        state["unlabeled_fingerprint"]
+            .as_str()
+            .expect("a recorded listing")
+            .to_string()
+    };
+    let run = |out: &Path, extra: &[&str]| {
+        let mut args = script_args(&plan, out, "supervised-1k-student", false);
+        let seeds = args.iter().position(|a| a == "--seeds").expect("--seeds") + 1;
+        args[seeds] = "0,1".into();
+        args.extend(extra.iter().map(|a| a.to_string()));
+        let output = Command::new("python3")
+            .args(args)
+            .stdin(Stdio::null())
+            .output()
+            .expect("python3 runs");
+        assert!(
+            output.status.success(),
+            "the script failed:\n{}",
+            text(&output)
+        );
+    };
+    let out = dir.path().join("out");
+    run(&out, &[]);
+    let written = std::fs::read_to_string(out.join("supervised-1k-student-seed1.toml"))
+        .expect("seed 1's plan");
+    assert!(
+        written.contains("\nseed = 1\n") && written.contains("\nsplit_seed = 0\n"),
+        "{written}"
+    );
+    assert_eq!(listing(&out, 0), listing(&out, 1));
+    let other = dir.path().join("other");
+    run(&other, &["--split-seed", "1"]);
+    assert_eq!(listing(&other, 0), listing(&other, 1));
+    assert_ne!(listing(&out, 0), listing(&other, 0));
+}
+
 /// mpl-distilled: after the seed's Meta Pseudo Labels run, one Noisy Student round whose
 /// teacher is that run's finetuned student, read with the MPL plan's student model.
 #[test]

@@ -49,7 +49,7 @@ pub fn check(path: &Path) -> anyhow::Result<(Plan, DataSummary)> {
 
 fn check_data(plan: &Plan) -> anyhow::Result<DataSummary> {
     // The workers load both sets whole: a file they would choke on fails here.
-    let data = PlanData::load(&plan.data, plan.seed)?;
+    let data = PlanData::load(&plan.data, plan.split_seed())?;
     plan.check_image_side(data.train.rows as u32)?;
     Ok(DataSummary {
         rows: data.train.rows,
@@ -296,9 +296,10 @@ pub fn describe(plan: &Plan, data: &DataSummary) -> String {
         Method::MetaPseudoLabels => String::new(),
     };
     out.push_str(&format!(
-        "          {} labeled ({} per class, {} classes), {unlabeled} unlabeled{source}{shards}, {} test images\n",
+        "          {} labeled ({} per class drawn with seed {}, {} classes), {unlabeled} unlabeled{source}{shards}, {} test images\n",
         thousands(labeled),
         thousands(plan.data.labeled_per_class.into()),
+        plan.split_seed(),
         plan.data.classes,
         thousands(data.test as u64),
     ));

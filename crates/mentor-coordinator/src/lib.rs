@@ -457,7 +457,7 @@ impl Coordinator {
         };
         let run_dir = run_dir.to_path_buf();
         let labels = mentor_data::load_train_labels(&plan.data.dir)?;
-        let split = mentor_data::Split::new(&labels, 0, &plan.data, plan.seed)?;
+        let split = mentor_data::Split::new(&labels, 0, &plan.data, plan.split_seed())?;
         // A model that cannot take the images would fail its first task, after the wait for
         // workers: refused now.
         let dims = mentor_data::read_idx_dims(&plan.data.dir.join("train-images-idx3-ubyte"), 3)?;

@@ -326,6 +326,7 @@ mod tests {
             format: "idx".into(),
             dir: PathBuf::from("."),
             labeled_per_class,
+            split_seed: None,
             unlabeled_limit,
             test_limit: 0,
             shard_size: 10,

@@ -86,7 +86,8 @@ pub struct Plan {
     /// Human name of the run, used in status output and directory names.
     pub name: String,
     pub method: Method,
-    /// Seed of the labeled split, initialisation and sampling.
+    /// Seed of initialisation, noise and sampling, and of the labeled split unless
+    /// `data.split_seed` sets that one.
     #[serde(default)]
     pub seed: u64,
     /// Number of Noisy Student rounds (teacher -> student) to run; read it with
@@ -290,6 +291,10 @@ pub struct DataPlan {
     pub dir: PathBuf,
     /// Labeled images drawn per class from the training set (the rest is unlabeled).
     pub labeled_per_class: u32,
+    /// Seed of that draw; read it with [`Plan::split_seed`] (default: the run's `seed`). Set it
+    /// to train with several seeds on one labeled subset.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub split_seed: Option<u64>,
     /// Use at most this many unlabeled images (0 = all of them).
     #[serde(default)]
     pub unlabeled_limit: u64,
@@ -800,8 +805,12 @@ impl Plan {
     /// `self`), or `None` when they serialize the same. Names what changed when a run
     /// directory is reopened with another plan.
     pub fn first_difference(&self, other: &Plan) -> Option<String> {
-        let table =
-            |plan: &Plan| toml::from_str::<toml::Table>(&plan.to_toml_string()).unwrap_or_default();
+        // A split seed left to its default is the run's seed: the same split as naming it.
+        let table = |plan: &Plan| {
+            let mut plan = plan.clone();
+            plan.data.split_seed = Some(plan.split_seed());
+            toml::from_str::<toml::Table>(&plan.to_toml_string()).unwrap_or_default()
+        };
         difference(String::new(), &table(self).into(), &table(other).into())
     }
 
@@ -847,6 +856,11 @@ impl Plan {
             .with_free_settings_of(plan, true)
             .first_difference(plan)
             .is_none()
+    }
+
+    /// The seed of the labeled split: `data.split_seed`, else the run's `seed`.
+    pub fn split_seed(&self) -> u64 {
+        self.data.split_seed.unwrap_or(self.seed)
     }
 
     /// The role plan (teacher or student) that trained the model of `round`.

@@ -716,3 +716,41 @@ fn a_model_that_cannot_take_the_images_names_its_role_and_round() {
         "teacher.model: cnn on 3x3 inputs: its two 2x2 max pools need at least 4x4"
     );
 }
+
+#[test]
+fn the_labeled_split_follows_the_seed_unless_split_seed_fixes_it() {
+    let plain = Plan::from_toml_str(TINY).expect("plan");
+    assert_eq!((plain.seed, plain.split_seed()), (1, 1));
+    // Naming the default is no change: a run recorded without it resumes under it.
+    let named = Plan::from_toml_str(&tiny_with(
+        "labeled_per_class = 10",
+        "labeled_per_class = 10\nsplit_seed = 1",
+    ))
+    .expect("plan");
+    assert_eq!(plain.first_difference(&named), None);
+    // Another training seed on the same labeled subset.
+    let reseeded = Plan::from_toml_str(
+        &tiny_with(
+            "labeled_per_class = 10",
+            "labeled_per_class = 10\nsplit_seed = 1",
+        )
+        .replacen("seed = 1", "seed = 2", 1),
+    )
+    .expect("plan");
+    assert_eq!((reseeded.seed, reseeded.split_seed()), (2, 1));
+    assert_eq!(
+        plain.first_difference(&reseeded).as_deref(),
+        Some("seed: 1 -> 2")
+    );
+    // Another subset is another run.
+    let resplit = Plan::from_toml_str(&tiny_with(
+        "labeled_per_class = 10",
+        "labeled_per_class = 10\nsplit_seed = 0",
+    ))
+    .expect("plan");
+    assert_eq!(
+        plain.first_difference(&resplit).as_deref(),
+        Some("data.split_seed: 1 -> 0")
+    );
+    assert!(!plain.same_run_as(&resplit));
+}

@@ -46,7 +46,7 @@ impl Dataset {
             test,
             split,
             unlabeled,
-        } = PlanData::load(&plan.data, plan.seed)?;
+        } = PlanData::load(&plan.data, plan.split_seed())?;
         let train = Arc::new(train);
         let unlabeled = unlabeled.with_images(train.clone());
         let test_len = split.test_len;

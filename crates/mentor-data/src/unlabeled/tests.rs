@@ -39,6 +39,7 @@ fn data_plan(format: UnlabeledFormat, path: &Path) -> DataPlan {
         format: "idx".into(),
         dir: PathBuf::from("."),
         labeled_per_class: 1,
+        split_seed: None,
         unlabeled_limit: 0,
         test_limit: 0,
         shard_size: 4,
