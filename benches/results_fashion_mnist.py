@@ -32,12 +32,14 @@ again from scratch. --quick runs the tiny test plans instead (seconds; to check 
 numbers; supervised-all is then left out).
 """
 import argparse
+import fcntl
 import json
 import os
 import re
 import statistics
 import subprocess
 import sys
+import time
 import tomllib
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -196,11 +198,29 @@ def saved_status(directory, args):
     return json.loads(answer.stdout)
 
 
+def held_by_a_coordinator(directory):
+    """What the lock file of a run directory says when a live coordinator holds it, else None."""
+    lock = os.path.join(directory, "coordinator.lock")
+    try:
+        with open(lock) as f:
+            try:
+                fcntl.flock(f, fcntl.LOCK_SH | fcntl.LOCK_NB)
+            except BlockingIOError:
+                return f.read().strip() or "a coordinator"
+    except FileNotFoundError:
+        pass
+    return None
+
+
 def run(name, plan_text, seed, args):
     directory = os.path.join(os.path.abspath(args.out), f"{name}-seed{seed}")
     os.makedirs(os.path.dirname(directory), exist_ok=True)
     plan = directory + ".toml"
     redo_finetune = resume = retry = False
+    in_use = held_by_a_coordinator(directory)
+    if in_use:
+        raise SystemExit(f"results: {directory} is in use by a running coordinator ({in_use}); "
+                         "stop it (or wait for it) first")
     if args.reuse:
         old_text = read(plan)
         old_status = read(os.path.join(directory, "status.json"), json.load)
@@ -247,7 +267,13 @@ def run(name, plan_text, seed, args):
         print(f"[results] {name}, seed {seed}: keeping the joint training in {directory} and "
               "finetuning under the new plan (only the finetune changed)", file=sys.stderr, flush=True)
     else:
-        subprocess.run(["rm", "-rf", directory], check=True)
+        if os.path.exists(directory):
+            # An earlier run of another plan (or one not asked to be reused) is kept aside, not
+            # deleted: it may have cost hours.
+            aside = f"{directory}.replaced-{time.strftime('%Y%m%d-%H%M%S')}"
+            os.rename(directory, aside)
+            print(f"[results] {name}, seed {seed}: the earlier run in {directory} is now {aside}",
+                  file=sys.stderr, flush=True)
         print(f"[results] {name}, seed {seed}: running (logs in {directory}/logs)", file=sys.stderr, flush=True)
     command = [os.path.join(ROOT, "scripts", "local-cluster.sh"), "--plan", plan,
                "--workers", str(args.workers), "--state-dir", directory]

@@ -26,7 +26,7 @@ if [ -z "${MENTOR_BIN:-}" ]; then
   eval "$("$ROOT/scripts/setup.sh" --print-env)"
   MENTOR_BIN="$CARGO_TARGET_DIR/release"
 fi
-PYTHON="${PYTHON:-$(command -v python3)}"
+PYTHON="${PYTHON:-$(command -v python3 || echo python3)}"
 python3() { "$PYTHON" "$@"; }
 [ "$MENTOR_BIN" = "${CARGO_TARGET_DIR:-}/release" ] && (cd "$ROOT" && cargo build --release --quiet --bin bench-ddp)
 results="$(mktemp)"

@@ -36,7 +36,7 @@ if [ -z "${MENTOR_BIN:-}" ]; then
   python3 -c "import PIL" 2>/dev/null || pip install -q --disable-pip-version-check pillow >&2
 fi
 [ "$MENTOR_BIN" = "${CARGO_TARGET_DIR:-}/release" ] && (cd "$ROOT" && cargo build --release --quiet --bin bench-label)
-PYTHON="${PYTHON:-$(command -v python3)}"
+PYTHON="${PYTHON:-$(command -v python3 || echo python3)}"
 python3() { "$PYTHON" "$@"; }
 
 work="$(mktemp -d)"

@@ -36,7 +36,7 @@ if [ -z "${MENTOR_BIN:-}" ]; then
   MENTOR_BIN="$CARGO_TARGET_DIR/release"
 fi
 [ "$MENTOR_BIN" = "${CARGO_TARGET_DIR:-}/release" ] && (cd "$ROOT" && cargo build --release --quiet --bin bench-mpl)
-PYTHON="${PYTHON:-$(command -v python3)}"
+PYTHON="${PYTHON:-$(command -v python3 || echo python3)}"
 if ! "$PYTHON" -c "import torchvision" 2>/dev/null; then
   echo "[bench] installing torchvision 0.26.0 (matches torch 2.11.0)" >&2
   "$PYTHON" -m pip install -q --disable-pip-version-check "torchvision==0.26.0" >&2

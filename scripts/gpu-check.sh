@@ -17,6 +17,7 @@
 # all-reduce, data-parallel and Meta Pseudo Labels step benchmarks on its CPU cores.
 #
 # --mpl: one local cluster (1 worker) per seed of SEEDS (default 0), all at once on the one GPU,
+# every seed on the labeled subset drawn with SPLIT_SEED (default 0, `data.split_seed`),
 # under MPL_PLAN (default deploy/plans/fashion-mnist-mpl-gpu.toml) with `steps` set to STEPS
 # (default: the plan's). STEPS=auto first times a 400-step run of every seed side by side and
 # takes the longest of LENGTHS (default 40000 30000 20000 15000 10000 5000 2000) that ends
@@ -44,7 +45,6 @@ if [ "$mode" = "--prepare" ]; then
   tar -C "$GPU_DIR" -cJf "$GPU_DIR/bin.tar.xz" bin
   rm -rf "$GPU_DIR/bin"
   cp /usr/share/datasets/fashion-mnist/*.gz "$GPU_DIR/data/"
-  grep -qx '/.gpu/' "$ROOT/.git/info/exclude" 2>/dev/null || echo '/.gpu/' >>"$ROOT/.git/info/exclude"
   du -sh "$GPU_DIR" >&2
   echo "[gpu-check] prepared $GPU_DIR; run: scripts/gpu-check.sh --run (carry .gpu)" >&2
   exit 0
@@ -53,7 +53,7 @@ case "$mode" in --run|--mpl|--mpl-step|--results) ;; *) echo "usage: gpu-check.s
 
 OUT="${OUT:-$GPU_DIR/out}"
 mkdir -p "$OUT"
-PYTHON="${PYTHON:-$(command -v python3)}"
+PYTHON="${PYTHON:-$(command -v python3 || echo python3)}"
 [ -x /opt/torch/.venv/bin/python3 ] && PYTHON=/opt/torch/.venv/bin/python3
 # Unpacked outside .gpu, which must stay small enough to carry.
 [ -f "$GPU_DIR/bin.tar.xz" ] || { echo "gpu-check.sh: no $GPU_DIR/bin.tar.xz: run --prepare first" >&2; exit 2; }
@@ -120,11 +120,13 @@ if [ "$mode" = "--mpl" ]; then
     rm -rf "$work"  # an existing state directory would resume an old run
     mkdir -p "$work"
   fi
-  # plan SEED STEPS FILE: MPL_PLAN on this machine's data at SEED (and STEPS, unless empty).
+  # plan SEED STEPS FILE: MPL_PLAN on this machine's data at SEED on the SPLIT_SEED subset (and
+  # STEPS, unless empty).
   plan() {
     # One worker a seed: a plan that waits for more would never start.
     on_this_data "${MPL_PLAN:-$ROOT/deploy/plans/fashion-mnist-mpl-gpu.toml}" |
-      sed -e "s/^seed = .*/seed = $1/" -e "s/^min_workers = .*/min_workers = 1/" >"$3"
+      sed -e "s/^seed = .*/seed = $1/" -e "s/^min_workers = .*/min_workers = 1/" \
+        -e "/^split_seed = /d" -e "s/^\(labeled_per_class = [0-9]*\).*/\1\nsplit_seed = ${SPLIT_SEED:-0}/" >"$3"
     [ -z "$2" ] || sed -i "s/^steps = [0-9]*/steps = $2/" "$3"
   }
   # side_by_side PREFIX: one local cluster per seed, all at once; waits for them or the deadline.

@@ -6,7 +6,9 @@
 # Options:
 #   --plan PLAN        the plan to run (required)
 #   --workers N        worker processes to start (default 2)
-#   --device DEVICE    device of every worker: cpu (default) or cuda:N
+#   --device DEVICE    device of the workers: cpu (default), cuda:N (every worker on that GPU:
+#                      one worker, or a plan whose collective is not NCCL) or cuda (worker i
+#                      on cuda:i-1, one GPU each)
 #   --threads N        libtorch threads per worker (default: cores / workers, at least 1, so
 #                      that workers training together as data-parallel ranks do not oversubscribe)
 #   --state-dir DIR    run directory (default runs/<plan file name>-<date>); an existing one resumes
@@ -36,7 +38,7 @@ listen="127.0.0.1:0"
 bin_dir=""
 reopen=()
 
-usage() { sed -n '2,26p' "$0"; }
+usage() { sed -n '2,28p' "$0"; }
 while [ $# -gt 0 ]; do
   case "$1" in
     --plan) plan="${2:?--plan needs a file}"; shift 2 ;;
@@ -59,7 +61,14 @@ if [ ${#reopen[@]} -gt 0 ] && [ -z "$state_dir" ]; then
   exit 2
 fi
 [ -f "$plan" ] || { echo "local-cluster.sh: plan file $plan not found" >&2; exit 2; }
-case "$workers" in ''|*[!0-9]*|0) echo "local-cluster.sh: --workers must be a positive number" >&2; exit 2 ;; esac
+case "$workers" in ''|*[!0-9]*) echo "local-cluster.sh: --workers must be a positive number, not $workers" >&2; exit 2 ;; esac
+workers=$((10#$workers))
+[ "$workers" -gt 0 ] || { echo "local-cluster.sh: --workers must be a positive number" >&2; exit 2; }
+case "$threads" in *[!0-9]*|0*) echo "local-cluster.sh: --threads must be a positive number, not $threads" >&2; exit 2 ;; esac
+case "$device" in
+  cpu|cuda|cuda:[0-9]|cuda:[0-9][0-9]) ;;
+  *) echo "local-cluster.sh: --device must be cpu, cuda or cuda:N, not $device" >&2; exit 2 ;;
+esac
 if [ -z "$threads" ]; then
   threads=$(( $(nproc) / workers ))
   [ "$threads" -ge 1 ] || threads=1
@@ -89,6 +98,33 @@ plan_check=0
 if [ "$plan_check" -eq 1 ]; then
   exit 2
 fi
+# What the workers must be for this plan: enough of them to start, one GPU each under NCCL.
+if [ "$plan_check" -eq 0 ]; then
+  resolved="$("$BIN/mentor" plan "$plan" --resolved 2>/dev/null || true)"
+  workers_value() {
+    awk -v key="$1" '/^\[/ { table = $0 } table == "[workers]" && $1 == key { gsub(/"/, "", $3); print $3 }' <<<"$resolved"
+  }
+  min_workers="$(workers_value min_workers)"
+  if [ -n "$min_workers" ] && [ "$workers" -lt "$min_workers" ]; then
+    echo "local-cluster.sh: the plan starts when workers.min_workers = $min_workers workers have registered; --workers $workers would wait for ever (pass --workers $min_workers, or lower min_workers in $plan)" >&2
+    exit 2
+  fi
+  collective="$(workers_value collective)"
+  case "$device:$collective" in
+    cuda:[0-9]*:auto|cuda:[0-9]*:nccl)
+      if [ "$workers" -gt 1 ]; then
+        echo "local-cluster.sh: $workers workers on the one GPU $device cannot form an NCCL group (one rank per GPU): pass --workers 1, or --device cuda to give each worker its own GPU" >&2
+        exit 2
+      fi ;;
+  esac
+  if [ "$device" = cuda ] && command -v nvidia-smi >/dev/null; then
+    gpus="$(nvidia-smi -L 2>/dev/null | grep -c '^GPU ' || true)"
+    if [ "$workers" -gt "$gpus" ]; then
+      echo "local-cluster.sh: --device cuda gives each worker its own GPU; this machine has $gpus for $workers workers" >&2
+      exit 2
+    fi
+  fi
+fi
 
 if [ -z "$state_dir" ]; then
   state_dir="$ROOT/runs/$(basename "$plan" .toml)-$(date +%Y%m%d-%H%M%S)"
@@ -109,7 +145,8 @@ cleanup() {
   for pid in "${pids[@]}"; do wait "$pid" 2>/dev/null || true; done
 }
 trap cleanup EXIT
-trap 'echo "[local-cluster] interrupted, stopping every process" >&2; exit 130' INT TERM
+trap 'echo "[local-cluster] interrupted, stopping every process" >&2; exit 130' INT
+trap 'echo "[local-cluster] terminated, stopping every process" >&2; exit 143' TERM
 
 started=$(date +%s)
 coordinator_log="$state_dir/logs/coordinator.log"
@@ -144,7 +181,9 @@ echo "[local-cluster] from another shell: $(printf '%q status --state-dir %q --w
 
 worker_pids=()
 for i in $(seq 1 "$workers"); do
-  "$BIN/worker" --coordinator "$address" --device "$device" --threads "$threads" \
+  worker_device="$device"
+  [ "$device" != cuda ] || worker_device="cuda:$((i - 1))"
+  "$BIN/worker" --coordinator "$address" --device "$worker_device" --threads "$threads" \
     >>"$state_dir/logs/worker-$i.log" 2>&1 &
   worker_pids+=("$!")
   pids+=("$!")
@@ -190,9 +229,20 @@ while true; do
   alive=0
   for pid in "${worker_pids[@]}"; do kill -0 "$pid" 2>/dev/null && alive=$((alive + 1)); done
   if [ "$alive" -eq 0 ]; then
-    # Workers exit when the run is over; the watcher may not have polled since.
-    run_status="$("$BIN/mentor" status --coordinator "$address" --json 2>/dev/null |
-      python3 -c 'import json,sys; print(json.load(sys.stdin)["status"])' 2>/dev/null || echo unknown)"
+    # Workers exit when the run is over; the watcher may not have polled since. A query that
+    # fails (a loaded machine) is asked again, then of the run directory.
+    run_status=unknown
+    for attempt in 1 2 3 4; do
+      if [ "$attempt" -lt 4 ]; then
+        source_args=(--coordinator "$address")
+      else
+        source_args=(--state-dir "$state_dir")
+      fi
+      run_status="$("$BIN/mentor" status "${source_args[@]}" --json 2>/dev/null |
+        python3 -c 'import json,sys; print(json.load(sys.stdin)["status"])' 2>/dev/null || echo unknown)"
+      [ "$run_status" = unknown ] || break
+      sleep 2
+    done
     if [ "$run_status" != "running" ] && [ "$run_status" != "unknown" ]; then
       kill "$watch_pid" 2>/dev/null || true
       wait "$watch_pid" 2>/dev/null || true

@@ -30,16 +30,43 @@ done
 
 say() { echo "[setup] $*" >&2; }
 
+# Under --print-env a failed setup prints a command that fails, so that the caller's
+# `eval "$(scripts/setup.sh --print-env)"` stops there (under `set -e`) instead of going on
+# without torch or protoc: `eval ""` would succeed.
+if [ "$print_env" -eq 1 ]; then
+  trap 'code=$?; [ "$code" -eq 0 ] || printf "echo %q >&2; false\n" "[setup] failed (exit $code): see the messages above"' EXIT
+fi
+
+if ! command -v cargo >/dev/null; then
+  say "cargo is not installed: install Rust (https://rustup.rs) with its rustfmt and clippy components"
+  exit 1
+fi
+if ! command -v python3 >/dev/null; then
+  say "python3 is not installed: install Python 3.11 or later (Debian: apt-get install python3 python3-venv)"
+  exit 1
+fi
+
+sudo_cmd=""
+[ "$(id -u)" -ne 0 ] && sudo_cmd="sudo"
+updated=0
+apt_update() {
+  [ "$updated" -eq 1 ] && return 0
+  updated=1
+  $sudo_cmd apt-get update -qq >&2
+}
+
 apt_missing=()
 dpkg -s protobuf-compiler >/dev/null 2>&1 || apt_missing+=(protobuf-compiler)
+# The virtual environment needs ensurepip (Debian ships it apart, in python3-venv).
+if [ ! -x "$VENV/bin/pip" ] && ! python3 -c 'import ensurepip' >/dev/null 2>&1; then
+  apt_missing+=("python3-venv")
+fi
 if ! dpkg -s dataset-fashion-mnist >/dev/null 2>&1; then
   # The demo data's package is in this project's package sources, not in every Debian's (asked
   # after an update where the package lists are empty, as in a fresh container).
   known() { apt-cache show dataset-fashion-mnist >/dev/null 2>&1; }
   if ! known && [ -z "$(ls -A /var/lib/apt/lists 2>/dev/null | grep -v -e '^lock$' -e '^partial$' || true)" ]; then
-    sudo_cmd=""
-    [ "$(id -u)" -ne 0 ] && sudo_cmd="sudo"
-    $sudo_cmd apt-get update -qq >&2 || true
+    apt_update || true
   fi
   if known || ! command -v apt-cache >/dev/null; then
     apt_missing+=(dataset-fashion-mnist)
@@ -49,16 +76,18 @@ if ! dpkg -s dataset-fashion-mnist >/dev/null 2>&1; then
 fi
 if [ ${#apt_missing[@]} -gt 0 ]; then
   say "installing Debian packages: ${apt_missing[*]}"
-  sudo_cmd=""
-  [ "$(id -u)" -ne 0 ] && sudo_cmd="sudo"
-  $sudo_cmd apt-get update -qq >&2 || say "apt-get update failed, trying the install anyway"
+  apt_update || say "apt-get update failed, trying the install anyway"
   DEBIAN_FRONTEND=noninteractive $sudo_cmd apt-get install -y -qq "${apt_missing[@]}" >&2
 fi
 
 if ! "$VENV/bin/python" -c "import torch, numpy, safetensors, yaml, sys; sys.exit(0 if torch.__version__.startswith('$TORCH_VERSION') else 1)" >/dev/null 2>&1; then
   say "installing torch==$TORCH_VERSION into $VENV (a few GB, a few minutes the first time)"
   mkdir -p "$MENTOR_HOME"
-  [ -x "$VENV/bin/python" ] || python3 -m venv "$VENV"
+  # A venv left without pip (a `python3 -m venv` that failed half-way) is made again.
+  if [ ! -x "$VENV/bin/pip" ]; then
+    rm -rf "$VENV"
+    python3 -m venv "$VENV" || { say "python3 -m venv failed: install python3-venv"; exit 1; }
+  fi
   "$VENV/bin/pip" install -q --disable-pip-version-check "torch==$TORCH_VERSION" numpy safetensors pyyaml >&2
 fi
 
@@ -67,6 +96,9 @@ export PATH="$VENV/bin:$PATH"
 export LIBTORCH_USE_PYTORCH=1
 export LD_LIBRARY_PATH="$TORCH_LIB${LD_LIBRARY_PATH:+:$LD_LIBRARY_PATH}"
 export CARGO_TARGET_DIR="${CARGO_TARGET_DIR:-$MENTOR_HOME/target}"
+# Absolute: the scripts build in the repository and run the binaries from elsewhere.
+case "$CARGO_TARGET_DIR" in /*) ;; *) CARGO_TARGET_DIR="$PWD/$CARGO_TARGET_DIR" ;; esac
+export PATH="$CARGO_TARGET_DIR/release:$PATH"
 
 if [ "$build" -eq 1 ]; then
   say "building (release) into $CARGO_TARGET_DIR"

@@ -394,6 +394,54 @@ fn bad_plan_is_refused_before_anything_starts() {
     );
 }
 
+/// `local-cluster.sh` refuses workers that could not run the plan, before anything starts:
+/// fewer than `workers.min_workers` (the run would wait for ever), several on one GPU under an
+/// NCCL collective, a device or a count it cannot read.
+#[test]
+fn local_cluster_refuses_workers_that_cannot_run_the_plan() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let bin_dir = binary("coordinator")
+        .parent()
+        .expect("binaries have a directory")
+        .to_path_buf();
+    let state_dir = dir.path().join("run");
+    let refused = |extra: &[&str]| -> String {
+        let output = std::process::Command::new(workspace_root().join("scripts/local-cluster.sh"))
+            .arg("--plan")
+            .arg(workspace_root().join("deploy/plans/tiny.toml"))
+            .arg("--state-dir")
+            .arg(&state_dir)
+            .arg("--bin-dir")
+            .arg(&bin_dir)
+            .args(extra)
+            .stdin(std::process::Stdio::null())
+            .output()
+            .expect("local-cluster.sh runs");
+        let stderr = String::from_utf8_lossy(&output.stderr).into_owned();
+        assert_eq!(output.status.code(), Some(2), "{stderr}");
+        stderr
+    };
+    // tiny.toml waits for 2 workers.
+    let stderr = refused(&["--workers", "1"]);
+    assert!(
+        stderr.contains("workers.min_workers = 2")
+            && stderr.contains("--workers 1 would wait for ever"),
+        "{stderr}"
+    );
+    let stderr = refused(&["--workers", "2", "--device", "cuda:0"]);
+    assert!(
+        stderr.contains("2 workers on the one GPU cuda:0 cannot form an NCCL group"),
+        "{stderr}"
+    );
+    assert!(refused(&["--device", "gpu"]).contains("--device must be cpu, cuda or cuda:N, not gpu"));
+    assert!(refused(&["--workers", "two"]).contains("--workers must be a positive number, not two"));
+    assert!(refused(&["--threads", "0"]).contains("--threads must be a positive number, not 0"));
+    assert!(
+        !state_dir.exists(),
+        "a refused start must not create its run directory"
+    );
+}
+
 #[test]
 fn a_model_that_cannot_take_the_images_is_refused_before_the_run_starts() {
     let dir = tempfile::tempdir().expect("tempdir");

@@ -289,11 +289,60 @@ fn every_seed_trains_on_the_same_labeled_subset() {
         written.contains("\nseed = 1\n") && written.contains("\nsplit_seed = 0\n"),
         "{written}"
     );
+    let first = listing(&out, 0);
+    assert_eq!(first, listing(&out, 1));
+    // Another subset: the runs of the first are moved aside, not deleted.
+    run(&out, &["--split-seed", "1"]);
     assert_eq!(listing(&out, 0), listing(&out, 1));
-    let other = dir.path().join("other");
-    run(&other, &["--split-seed", "1"]);
-    assert_eq!(listing(&other, 0), listing(&other, 1));
-    assert_ne!(listing(&out, 0), listing(&other, 0));
+    assert_ne!(listing(&out, 0), first);
+    let aside: Vec<String> = std::fs::read_dir(&out)
+        .expect("out")
+        .filter_map(|entry| entry.ok()?.file_name().into_string().ok())
+        .filter(|name| name.starts_with("supervised-1k-student-seed0.replaced-"))
+        .collect();
+    assert_eq!(aside.len(), 1, "{aside:?}");
+    let kept = std::fs::read_to_string(out.join(&aside[0]).join("state.json")).expect("kept");
+    assert!(
+        kept.contains(&first),
+        "the earlier run was not kept as it was"
+    );
+    // A run directory a live coordinator holds is not touched.
+    let lock = out.join("supervised-1k-student-seed0/coordinator.lock");
+    let mut holder = Command::new("flock")
+        .arg("-x")
+        .arg(&lock)
+        .args(["sleep", "60"])
+        .spawn()
+        .expect("flock runs");
+    wait_for("the lock to be held", Duration::from_secs(10), || {
+        let probe = Command::new("flock")
+            .args(["-n", "-s"])
+            .arg(&lock)
+            .arg("true")
+            .status()
+            .ok()?;
+        (!probe.success()).then_some(())
+    });
+    let mut args = script_args(&plan, &out, "supervised-1k-student", false);
+    args.extend(["--split-seed".to_string(), "2".to_string()]);
+    let output = Command::new("python3")
+        .args(args)
+        .stdin(Stdio::null())
+        .output()
+        .expect("python3 runs");
+    let _ = holder.kill();
+    let _ = holder.wait();
+    assert!(!output.status.success());
+    assert!(
+        text(&output).contains("is in use by a running coordinator"),
+        "{}",
+        text(&output)
+    );
+    assert_eq!(
+        listing(&out, 0),
+        listing(&out, 1),
+        "the held run was left as it was"
+    );
 }
 
 /// mpl-distilled: after the seed's Meta Pseudo Labels run, one Noisy Student round whose
