@@ -192,7 +192,8 @@ pub struct MplPlan {
     /// The strong view's augmentation (the weak view is a flip and shift).
     #[serde(default = "default_strong_randaugment")]
     pub randaugment: RandAugmentPlan,
-    /// Evaluate teacher and student on the test set every this many steps (0 = at the end).
+    /// Evaluate teacher and student on the test set every this many steps during the joint
+    /// training (0 = never during it: only the run's evaluation tasks after it).
     #[serde(default)]
     pub eval_every: u64,
     #[serde(default = "default_log_every")]

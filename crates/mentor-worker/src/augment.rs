@@ -131,9 +131,16 @@ impl RandAugment {
     }
 }
 
-/// Blends `images` toward `degenerate` by `factor` (1 = unchanged), clamped to [0, 1].
+/// The smallest blend factor: the end of the enhance operations' range at magnitude 10 (PIL
+/// factors 0.1 to 1.9). Past it, as magnitudes above 10 would go, a factor reaches 0 (a blank
+/// image) and then below (an inverted one): no longer the operation.
+const BLEND_FACTOR_MIN: f64 = 0.1;
+
+/// Blends `images` toward `degenerate` by `factor` (1 = unchanged, at least
+/// [`BLEND_FACTOR_MIN`]), clamped to [0, 1].
 fn blend(images: &Tensor, degenerate: &Tensor, factor: &Tensor) -> Tensor {
-    (degenerate + factor.view([-1, 1, 1, 1]) * (images - degenerate)).clamp(0.0, 1.0)
+    let factor = factor.clamp_min(BLEND_FACTOR_MIN).view([-1, 1, 1, 1]);
+    (degenerate + factor * (images - degenerate)).clamp(0.0, 1.0)
 }
 
 /// One RandAugment operation at `strength` (0..=3) of its range.
@@ -328,6 +335,29 @@ mod tests {
                 out.allclose(xs, 1e-5, 1e-5, false),
                 "{op} changed the images at magnitude 0"
             );
+        }
+    }
+
+    /// Magnitudes above 10 (the plan allows 30) make the enhance operations stronger, never
+    /// blank or inverted: brightness keeps each image's darkest-to-brightest order of pixels,
+    /// and keeps at least a tenth of it.
+    #[test]
+    fn enhance_ops_past_magnitude_ten_neither_blank_nor_invert() {
+        let xs = images();
+        for _ in 0..8 {
+            let out = apply_op("brightness", &xs, 3.0);
+            let kept = (&out / xs.clamp_min(1e-6)).where_self(&xs.gt(0.05), &out.ones_like());
+            let least = kept.min().double_value(&[]);
+            assert!(least >= 0.1 - 1e-4, "brightness kept {least} of an image");
+            let contrast = apply_op("contrast", &xs, 3.0);
+            let mean = xs.mean_dim(&[1i64, 2, 3][..], true, Kind::Float);
+            let above = xs.gt_tensor(&mean);
+            let still_above = contrast.gt_tensor(&mean);
+            // No pixel above its image's mean falls to or below it (an inverted image's would).
+            let flipped = above
+                .logical_and(&still_above.logical_not())
+                .sum(Kind::Int64);
+            assert_eq!(flipped.int64_value(&[]), 0, "contrast inverted an image");
         }
     }
 

@@ -613,8 +613,7 @@ impl TrainSetup {
     fn finetune(plan: &Plan, dataset: &Dataset, init: &Path) -> Result<TrainSetup, String> {
         let mpl = plan.mpl.as_ref().ok_or("the plan has no [mpl] section")?;
         let mut model = model_config(plan, Role::Student, 1, dataset);
-        model.dropout = 0.0;
-        model.last_survival = 1.0;
+        model.without_noise();
         Ok(TrainSetup {
             name: "finetune",
             round: 1,

@@ -35,6 +35,16 @@ pub struct ModelConfig {
 }
 
 impl ModelConfig {
+    /// The same model without its noise (the finetuning's, ALGORITHMS.md section 2: "dropout
+    /// off"): no dropout before the classifier or inside DenseNet's layers, no stochastic depth.
+    pub fn without_noise(&mut self) {
+        self.dropout = 0.0;
+        self.last_survival = 1.0;
+        if let ModelPlan::Densenet(densenet) = &mut self.model {
+            densenet.drop_rate = 0.0;
+        }
+    }
+
     /// The model of `round` for images of `channels` x `data_size` x `data_size`.
     pub fn from_plan(
         role: &RolePlan,

@@ -136,6 +136,39 @@ fn every_model_gives_batch_by_classes() {
     }
 }
 
+/// The finetuning's model (`without_noise`) trains without dropout anywhere: two forward
+/// passes in train mode agree (batch norm in train mode normalises by the batch, the same
+/// both times), where the noised model's differ.
+#[test]
+fn a_model_without_noise_has_no_dropout_left() {
+    let noisy_densenet = match densenet(8, vec![2, 2], 16, Stem::Small) {
+        ModelPlan::Densenet(plan) => ModelPlan::Densenet(DensenetPlan {
+            drop_rate: 0.5,
+            ..plan
+        }),
+        _ => unreachable!("densenet() makes a DenseNet"),
+    };
+    for model in [noisy_densenet, wide_resnet(10, 1)] {
+        let xs = Tensor::rand([4, 3, 32, 32], (Kind::Float, Device::Cpu));
+        let twice = |config: &ModelConfig| {
+            tch::manual_seed(0);
+            let vs = nn::VarStore::new(Device::Cpu);
+            let built = build(&vs.root(), config);
+            let a = built.forward_t(&xs, true);
+            let b = built.forward_t(&xs, true);
+            a.allclose(&b, 1e-6, 1e-6, false)
+        };
+        let mut config = config(model, 10, 3, 32);
+        assert!(
+            !twice(&config),
+            "the noised model {:?} has no noise",
+            config.model
+        );
+        config.without_noise();
+        assert!(twice(&config), "noise left in {:?}", config.model);
+    }
+}
+
 #[test]
 fn eval_mode_is_deterministic_despite_noise() {
     for model in [
