@@ -46,6 +46,9 @@ pub enum CollectiveError {
     Setup(String),
     #[error("NCCL: {0}")]
     Nccl(String),
+    /// A tensor a collective cannot take (NCCL reads it by address as contiguous f32).
+    #[error("collective buffer: {0}")]
+    Buffer(String),
 }
 
 /// A collective over `f32` host buffers, the same for every backend above the transport.

@@ -126,8 +126,24 @@ pub fn candidates() -> Vec<String> {
 }
 
 impl NcclLibrary {
-    /// Loads NCCL from the first candidate that opens.
+    /// NCCL, loaded from the first candidate that opens, once per process: it stays loaded,
+    /// since `ncclGetUniqueId` starts a bootstrap thread inside the library that outlives the
+    /// call (unloading a copy libtorch did not load would unmap that thread's code).
     pub fn load() -> Result<Arc<NcclLibrary>, CollectiveError> {
+        static LIBRARY: std::sync::OnceLock<Result<Arc<NcclLibrary>, String>> =
+            std::sync::OnceLock::new();
+        LIBRARY
+            .get_or_init(|| {
+                Self::open().map_err(|error| match error {
+                    CollectiveError::Nccl(message) => message,
+                    other => other.to_string(),
+                })
+            })
+            .clone()
+            .map_err(CollectiveError::Nccl)
+    }
+
+    fn open() -> Result<Arc<NcclLibrary>, CollectiveError> {
         let mut failures = Vec::new();
         for path in candidates() {
             // SAFETY: loading NCCL runs its initialisers, which have no preconditions.
@@ -206,6 +222,30 @@ impl NcclLibrary {
     }
 }
 
+/// Where a communicator is in its life. Its owner and its abort handles share it under a lock,
+/// so that the communicator is freed once (by an abort or by the owner's drop, whichever comes
+/// first) and never used after.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Life {
+    Live,
+    Aborted,
+    Destroyed,
+}
+
+#[derive(Debug)]
+struct Shared {
+    comm: usize,
+    life: std::sync::Mutex<Life>,
+}
+
+impl Shared {
+    fn life(&self) -> std::sync::MutexGuard<'_, Life> {
+        self.life
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
+    }
+}
+
 /// One rank's NCCL communicator, on the CUDA device current when it was created.
 #[derive(Debug)]
 pub struct NcclComm {
@@ -213,7 +253,10 @@ pub struct NcclComm {
     comm: Comm,
     rank: usize,
     world_size: usize,
-    aborted: Arc<std::sync::atomic::AtomicBool>,
+    shared: Arc<Shared>,
+    /// A collective was enqueued since the owner last saw the device finish
+    /// ([`NcclComm::mark_finished`]): dropping it then aborts rather than waits.
+    pending: std::sync::atomic::AtomicBool,
 }
 
 // SAFETY: a communicator may be used from any thread, one at a time (we own it exclusively).
@@ -238,7 +281,11 @@ impl NcclComm {
             comm,
             rank,
             world_size,
-            aborted: Arc::new(std::sync::atomic::AtomicBool::new(false)),
+            shared: Arc::new(Shared {
+                comm: comm as usize,
+                life: std::sync::Mutex::new(Life::Live),
+            }),
+            pending: std::sync::atomic::AtomicBool::new(false),
         })
     }
 
@@ -261,6 +308,10 @@ impl NcclComm {
         count: usize,
         stream: *mut c_void,
     ) -> Result<(), CollectiveError> {
+        // Held through the call: an abort waits for the enqueue, and no enqueue follows one.
+        let life = self.live("ncclAllReduce")?;
+        self.pending
+            .store(true, std::sync::atomic::Ordering::SeqCst);
         let code = (self.library.all_reduce)(
             buffer,
             buffer,
@@ -270,6 +321,7 @@ impl NcclComm {
             self.comm,
             stream,
         );
+        drop(life);
         self.library.check(code, "ncclAllReduce")
     }
 
@@ -284,6 +336,15 @@ impl NcclComm {
         root: usize,
         stream: *mut c_void,
     ) -> Result<(), CollectiveError> {
+        if root >= self.world_size {
+            return Err(CollectiveError::Nccl(format!(
+                "ncclBroadcast from rank {root} in a group of {}",
+                self.world_size
+            )));
+        }
+        let life = self.live("ncclBroadcast")?;
+        self.pending
+            .store(true, std::sync::atomic::Ordering::SeqCst);
         let code = (self.library.broadcast)(
             buffer,
             buffer,
@@ -293,21 +354,38 @@ impl NcclComm {
             self.comm,
             stream,
         );
+        drop(life);
         self.library.check(code, "ncclBroadcast")
+    }
+
+    /// The lock on the communicator's life, if it is live; `call` names the refused call.
+    fn live(&self, call: &str) -> Result<std::sync::MutexGuard<'_, Life>, CollectiveError> {
+        let life = self.shared.life();
+        if *life != Life::Live {
+            return Err(CollectiveError::Nccl(format!(
+                "{call} on a communicator that was aborted"
+            )));
+        }
+        Ok(life)
+    }
+
+    /// Says that the device has run every collective enqueued so far.
+    pub fn mark_finished(&self) {
+        self.pending
+            .store(false, std::sync::atomic::Ordering::SeqCst);
     }
 
     /// A handle that can abort this communicator from another thread (a watchdog).
     pub fn abort_handle(&self) -> AbortHandle {
         AbortHandle {
             library: self.library.clone(),
-            comm: self.comm as usize,
-            aborted: self.aborted.clone(),
+            shared: self.shared.clone(),
         }
     }
 
     /// Whether a watchdog aborted the communicator (it is unusable afterwards).
     pub fn is_aborted(&self) -> bool {
-        self.aborted.load(std::sync::atomic::Ordering::SeqCst)
+        *self.shared.life() == Life::Aborted
     }
 }
 
@@ -316,25 +394,43 @@ impl NcclComm {
 #[derive(Debug, Clone)]
 pub struct AbortHandle {
     library: Arc<NcclLibrary>,
-    comm: usize,
-    aborted: Arc<std::sync::atomic::AtomicBool>,
+    shared: Arc<Shared>,
 }
 
 impl AbortHandle {
+    /// Aborts the communicator unless it was aborted or destroyed already (a handle may
+    /// outlive its communicator).
     pub fn abort(&self) {
-        if self.aborted.swap(true, std::sync::atomic::Ordering::SeqCst) {
+        let mut life = self.shared.life();
+        if *life != Life::Live {
             return;
         }
-        // SAFETY: ncclCommAbort may be called from any thread while collectives are pending;
-        // the owner skips ncclCommDestroy once `aborted` is set.
-        unsafe { (self.library.comm_abort)(self.comm as Comm) };
+        *life = Life::Aborted;
+        // SAFETY: the communicator is live (its owner destroys it only under this lock, after
+        // marking it so) and no call of the owner is in flight (they hold the lock); it is
+        // freed here once.
+        unsafe { (self.library.comm_abort)(self.shared.comm as Comm) };
     }
 }
 
 impl Drop for NcclComm {
     fn drop(&mut self) {
-        if !self.comm.is_null() && !self.is_aborted() {
-            // SAFETY: the communicator is valid and dropped once.
+        if self.comm.is_null() {
+            return;
+        }
+        let mut life = self.shared.life();
+        if *life != Life::Live {
+            return;
+        }
+        *life = Life::Destroyed;
+        drop(life);
+        // A collective the device may not have run (a peer died, this rank failed between
+        // enqueue and wait): ncclCommDestroy would wait for it, for ever if the peer is gone.
+        if self.pending.load(std::sync::atomic::Ordering::SeqCst) {
+            // SAFETY: live until now, marked destroyed: no handle frees it after this.
+            unsafe { (self.library.comm_abort)(self.comm) };
+        } else {
+            // SAFETY: as above, and nothing is pending.
             unsafe { (self.library.comm_destroy)(self.comm) };
         }
     }

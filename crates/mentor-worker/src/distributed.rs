@@ -149,6 +149,7 @@ impl Group {
         if self.is_trivial() {
             return Ok(());
         }
+        self.check_buffer(tensor)?;
         match &mut self.transport {
             Transport::Host(collective) => {
                 let mut values = host_values(tensor)?;
@@ -170,6 +171,13 @@ impl Group {
         if self.is_trivial() {
             return Ok(());
         }
+        self.check_buffer(tensor)?;
+        if root >= self.world_size {
+            return Err(CollectiveError::Buffer(format!(
+                "broadcast from rank {root} in a group of {}",
+                self.world_size
+            )));
+        }
         match &mut self.transport {
             Transport::Host(collective) => {
                 let mut values = host_values(tensor)?;
@@ -183,6 +191,31 @@ impl Group {
                 unsafe { comm.broadcast_f32(tensor.data_ptr(), count, root, std::ptr::null_mut()) }
             }
         }
+    }
+
+    /// Refuses what the collectives cannot take, on every transport alike (the host one would
+    /// convert anything, NCCL would read past the end of a half-precision tensor or gather
+    /// the wrong elements of a strided one): contiguous f32, on the group's device under NCCL.
+    fn check_buffer(&self, tensor: &Tensor) -> Result<(), CollectiveError> {
+        if tensor.kind() != Kind::Float {
+            return Err(CollectiveError::Buffer(format!(
+                "a {:?} tensor; collectives take f32",
+                tensor.kind()
+            )));
+        }
+        if !tensor.is_contiguous() {
+            return Err(CollectiveError::Buffer(
+                "a non-contiguous tensor; collectives take contiguous ones".into(),
+            ));
+        }
+        if matches!(self.transport, Transport::Nccl(_)) && tensor.device() != self.device {
+            return Err(CollectiveError::Buffer(format!(
+                "a tensor on {:?}; this NCCL group runs on {:?}",
+                tensor.device(),
+                self.device
+            )));
+        }
+        Ok(())
     }
 
     /// Copies rank 0's values of `variables` to every rank.
@@ -270,6 +303,7 @@ impl Group {
                 seconds: self.timeout.as_secs_f64(),
             });
         }
+        comm.mark_finished();
         Ok(())
     }
 
@@ -521,6 +555,33 @@ mod tests {
             .iter()
             .map(|t| Vec::<f32>::try_from(t.flatten(0, -1)).expect("values"))
             .collect()
+    }
+
+    /// Collectives refuse, on every rank and before any communication, the tensors NCCL could
+    /// not read by address: other kinds, strided views, a root outside the group.
+    #[test]
+    fn collectives_refuse_buffers_nccl_could_not_read() {
+        let errors = on_ring(2, |group| {
+            let mut half = Tensor::zeros([4], (Kind::Half, Device::Cpu));
+            let mut strided = Tensor::zeros([4, 4], (Kind::Float, Device::Cpu)).transpose(0, 1);
+            let mut fine = Tensor::ones([4], (Kind::Float, Device::Cpu));
+            let refused = [
+                group.all_reduce_sum(&mut half),
+                group.broadcast(&mut strided, 0),
+                group.broadcast(&mut fine, 2),
+            ]
+            .map(|result| result.map_err(|e| e.to_string()).err());
+            // The group still works after refusing them.
+            group.all_reduce_sum(&mut fine).expect("all-reduce");
+            (refused, fine.sum(Kind::Float).double_value(&[]))
+        });
+        for (refused, total) in errors {
+            let [half, strided, root] = refused;
+            assert!(half.is_some_and(|e| e.contains("Half tensor")));
+            assert!(strided.is_some_and(|e| e.contains("non-contiguous")));
+            assert!(root.is_some_and(|e| e.contains("broadcast from rank 2 in a group of 2")));
+            assert_eq!(total, 8.0);
+        }
     }
 
     /// Two ranks that each saw half of a batch, their running statistics averaged, hold the

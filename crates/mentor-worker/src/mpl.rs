@@ -247,7 +247,7 @@ pub fn mpl_step(
     // This rank's part of: the student's labeled loss sums before and after its step, the
     // mask count, the teacher's labeled, UDA and MPL cross-entropy losses (already over the
     // global batch).
-    let mut sums = Tensor::stack(
+    let sums = Tensor::stack(
         &[
             s_old,
             s_new,
@@ -260,6 +260,7 @@ pub fn mpl_step(
     );
     // Not waited for: the stream runs the reduction before anything reads `sums`, and the
     // teacher's gradient all-reduce below waits (with its watchdog) in this same step.
+    let mut sums = sums.to_kind(Kind::Float);
     group.all_reduce_sum(&mut sums)?;
     let sums = sums.to_kind(Kind::Double);
     let (s_old, s_new) = (sums.get(0) / global_labeled, sums.get(1) / global_labeled);
