@@ -806,6 +806,11 @@ impl Plan {
     /// `self`), or `None` when they serialize the same. Names what changed when a run
     /// directory is reopened with another plan.
     pub fn first_difference(&self, other: &Plan) -> Option<String> {
+        // The seed first: where it changed, the split seed left to its default did too, and
+        // the seed is what the user changed.
+        if self.seed != other.seed {
+            return Some(format!("seed: {} -> {}", self.seed, other.seed));
+        }
         // A split seed left to its default is the run's seed: the same split as naming it.
         let table = |plan: &Plan| {
             let mut plan = plan.clone();
