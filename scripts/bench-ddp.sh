@@ -27,7 +27,7 @@ if [ -z "${MENTOR_BIN:-}" ]; then
   MENTOR_BIN="$CARGO_TARGET_DIR/release"
 fi
 PYTHON="${PYTHON:-$(command -v python3 || echo python3)}"
-python3() { "$PYTHON" "$@"; }
+python3() { command "$PYTHON" "$@"; }
 [ "$MENTOR_BIN" = "${CARGO_TARGET_DIR:-}/release" ] && (cd "$ROOT" && cargo build --release --quiet --bin bench-ddp)
 results="$(mktemp)"
 # The ranks are stopped on any exit (Ctrl-C, a rank that failed under set -e): a rank left

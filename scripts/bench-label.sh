@@ -37,7 +37,7 @@ if [ -z "${MENTOR_BIN:-}" ]; then
 fi
 [ "$MENTOR_BIN" = "${CARGO_TARGET_DIR:-}/release" ] && (cd "$ROOT" && cargo build --release --quiet --bin bench-label)
 PYTHON="${PYTHON:-$(command -v python3 || echo python3)}"
-python3() { "$PYTHON" "$@"; }
+python3() { command "$PYTHON" "$@"; }
 
 work="$(mktemp -d)"
 trap 'rm -rf "$work"' EXIT

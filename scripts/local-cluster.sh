@@ -110,9 +110,11 @@ if [ "$plan_check" -eq 0 ]; then
     exit 2
   fi
   collective="$(workers_value collective)"
+  world_size="$(workers_value world_size)"
   case "$device:$collective" in
     cuda:[0-9]*:auto|cuda:[0-9]*:nccl)
-      if [ "$workers" -gt 1 ]; then
+      # A group of one rank needs no NCCL (workers labeling side by side on one GPU are fine).
+      if [ "$workers" -gt 1 ] && [ "${world_size:-0}" != 1 ]; then
         echo "local-cluster.sh: $workers workers on the one GPU $device cannot form an NCCL group (one rank per GPU): pass --workers 1, or --device cuda to give each worker its own GPU" >&2
         exit 2
       fi ;;
@@ -240,6 +242,10 @@ while true; do
       fi
       run_status="$("$BIN/mentor" status "${source_args[@]}" --json 2>/dev/null |
         python3 -c 'import json,sys; print(json.load(sys.stdin)["status"])' 2>/dev/null || echo unknown)"
+      # The run directory's answer counts only when it says the run ended.
+      if [ "$attempt" -eq 4 ] && [ "$run_status" != succeeded ] && [ "$run_status" != failed ]; then
+        run_status=unknown
+      fi
       [ "$run_status" = unknown ] || break
       sleep 2
     done

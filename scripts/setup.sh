@@ -19,6 +19,13 @@ ROOT="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
 
 print_env=0
 build=0
+# Under --print-env a failed setup prints a command that fails, so that the caller's
+# `eval "$(scripts/setup.sh --print-env)"` stops there (under `set -e`) instead of going on
+# without torch or protoc: `eval ""` would succeed.
+case " $* " in
+  *" --print-env "*)
+    trap 'code=$?; [ "$code" -eq 0 ] || printf "echo %q >&2; false\n" "[setup] failed (exit $code): see the messages above"' EXIT ;;
+esac
 for arg in "$@"; do
   case "$arg" in
     --print-env) print_env=1 ;;
@@ -29,13 +36,6 @@ for arg in "$@"; do
 done
 
 say() { echo "[setup] $*" >&2; }
-
-# Under --print-env a failed setup prints a command that fails, so that the caller's
-# `eval "$(scripts/setup.sh --print-env)"` stops there (under `set -e`) instead of going on
-# without torch or protoc: `eval ""` would succeed.
-if [ "$print_env" -eq 1 ]; then
-  trap 'code=$?; [ "$code" -eq 0 ] || printf "echo %q >&2; false\n" "[setup] failed (exit $code): see the messages above"' EXIT
-fi
 
 if ! command -v cargo >/dev/null; then
   say "cargo is not installed: install Rust (https://rustup.rs) with its rustfmt and clippy components"
@@ -51,8 +51,7 @@ sudo_cmd=""
 updated=0
 apt_update() {
   [ "$updated" -eq 1 ] && return 0
-  updated=1
-  $sudo_cmd apt-get update -qq >&2
+  $sudo_cmd apt-get update -qq >&2 && updated=1
 }
 
 apt_missing=()

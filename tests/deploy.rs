@@ -7,7 +7,7 @@ use std::path::{Path, PathBuf};
 use std::process::{Command, Output};
 use std::time::Duration;
 
-use mentor_e2e::{binary, tiny_plan_with, wait_for, workspace_root, Process};
+use mentor_e2e::{binary, tiny_plan_with, try_status, wait_for, workspace_root, Process};
 
 fn bin_dir() -> PathBuf {
     binary("worker")
@@ -138,12 +138,25 @@ fn node_scripts_on_two_nodes_run_a_plan_and_end_with_it() {
         )
     );
 
-    let mut first = Process::start(&node_sh(), &first_args, dir.path().join("node-0.log"));
+    // The coordinator lingers 5 s after the end (MENTOR_LINGER_SECONDS, --linger-seconds).
+    let node_sh_text = node_sh().display().to_string();
+    let mut lingering = vec!["MENTOR_LINGER_SECONDS=5", node_sh_text.as_str()];
+    lingering.extend(first_args.iter().copied());
+    let mut first = Process::start(Path::new("env"), &lingering, dir.path().join("node-0.log"));
     let mut second_args = vec!["--coordinator", coordinator.as_str()];
     second_args.extend(common);
     let mut second = Process::start(&node_sh(), &second_args, dir.path().join("node-1.log"));
-    let first_code = wait_exit(&mut first, "the coordinator's node to end with the run");
     let second_code = wait_exit(&mut second, "the other node to end with the run");
+    // Its workers gone, the coordinator still answers with the outcome, then ends.
+    let runtime = tokio::runtime::Runtime::new().expect("runtime");
+    let answered = try_status(&runtime, &format!("http://{coordinator}"));
+    let first_code = wait_exit(&mut first, "the coordinator's node to end with the run");
+    assert_eq!(
+        answered.map(|status| status.status).as_deref(),
+        Some("succeeded"),
+        "{}",
+        first.log_text()
+    );
     let logs = format!(
         "node 0:\n{}\nnode 1:\n{}",
         first.log_text(),
@@ -184,9 +197,42 @@ fn node_scripts_on_two_nodes_run_a_plan_and_end_with_it() {
         failing_dir.to_str().expect("utf-8"),
     ];
     args.extend(common);
-    let mut node = Process::start(&node_sh(), &args, dir.path().join("failing.log"));
+    let mut no_linger = vec!["MENTOR_LINGER_SECONDS=0", node_sh_text.as_str()];
+    no_linger.extend(args.iter().copied());
+    let mut node = Process::start(Path::new("env"), &no_linger, dir.path().join("failing.log"));
+    // A watcher that asks every 20 s finds the coordinator gone (no linger) at its next
+    // question; the run directory tells it how the run ended.
+    wait_for(
+        "the coordinator to listen",
+        Duration::from_secs(120),
+        || try_status(&runtime, &format!("http://{coordinator}")),
+    );
+    let mut watcher = Process::start(
+        &binary("mentor"),
+        &[
+            "status",
+            "--coordinator",
+            coordinator.as_str(),
+            "--watch",
+            "--json",
+            "--interval",
+            "20",
+        ],
+        dir.path().join("watcher.log"),
+    );
     let code = wait_exit(&mut node, "the node of a failing run to end");
     assert_eq!(code, 1, "{}", node.log_text());
+    let watched = wait_exit(&mut watcher, "the watcher to end with the run");
+    assert_eq!(watched, 1, "{}", watcher.log_text());
+    assert!(
+        watcher
+            .log_text()
+            .lines()
+            .last()
+            .is_some_and(|line| line.contains("\"status\":\"failed\"")),
+        "{}",
+        watcher.log_text()
+    );
     assert!(
         node.log_text()
             .contains("the run failed: round 1: no pseudo-labeled example passed the filter"),
@@ -376,6 +422,7 @@ fn the_slurm_batch_script_runs_a_plan_over_the_job_nodes() {
         .env("SLURM_JOB_NODELIST", "127.0.0.1,127.0.0.1")
         .env("SLURM_SUBMIT_DIR", workspace_root())
         .env("MENTOR_PORT", &port)
+        .env("MENTOR_LINGER_SECONDS", "0")
         .output()
         .expect("run the batch script");
     let log = text(&output);

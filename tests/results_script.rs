@@ -309,7 +309,7 @@ fn every_seed_trains_on_the_same_labeled_subset() {
     // A run directory a live coordinator holds is not touched.
     let lock = out.join("supervised-1k-student-seed0/coordinator.lock");
     let mut holder = Command::new("flock")
-        .arg("-x")
+        .args(["-x", "-o"])
         .arg(&lock)
         .args(["sleep", "60"])
         .spawn()

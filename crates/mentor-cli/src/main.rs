@@ -103,10 +103,9 @@ fn status_json(status: &pb::RunStatus) -> Value {
         "tasks": { "done": status.tasks_done, "total": status.tasks_total },
         "latest_loss": number(status.latest_loss),
         "latest_accuracy": number(status.latest_accuracy),
-        // The final student: finetuned when the method finetunes, else the last round's.
-        "final_student_test_accuracy": status.rounds.last().and_then(|round| {
-            round.finetuned_student_test_accuracy.or(round.student_test_accuracy)
-        }),
+        // The final student's (final_student_checkpoint's): finetuned when the method
+        // finetunes, else the last round's; null until that model is evaluated.
+        "final_student_test_accuracy": status.final_student_test_accuracy.map_or(Value::Null, number),
         "final_student_checkpoint": if status.final_student_checkpoint.is_empty() {
             Value::Null
         } else {
@@ -480,6 +479,8 @@ async fn status(target: Target, as_json: bool, watch: bool, interval: f64) -> an
     // directory says itself whether one is starting).
     let mut answered = false;
     let mut silent_since: Option<std::time::Instant> = None;
+    // The run directory the coordinator named, to read how the run ended once it is gone.
+    let mut run_dir: Option<std::path::PathBuf> = None;
     loop {
         let Answer {
             status,
@@ -488,8 +489,17 @@ async fn status(target: Target, as_json: bool, watch: bool, interval: f64) -> an
             Ok(answer) => {
                 answered = true;
                 silent_since = None;
+                if !answer.status.run_dir.is_empty() {
+                    run_dir = Some(answer.status.run_dir.clone().into());
+                }
                 answer
             }
+            // A coordinator that ended with its run (--exit-when-done) is gone: its run
+            // directory, where this machine sees it, says how the run ended.
+            Err(_) if let Some(status) = ended_in(run_dir.as_deref()) => Answer {
+                status,
+                coordinator: None,
+            },
             Err(NoAnswer { message, transient }) => {
                 let restarting = answered
                     && matches!(target, Target::Coordinator(_))
@@ -552,6 +562,12 @@ async fn status(target: Target, as_json: bool, watch: bool, interval: f64) -> an
         }
         tokio::time::sleep(Duration::from_secs_f64(interval)).await;
     }
+}
+
+/// The saved status of the run in `dir`, if it is readable here and the run ended.
+fn ended_in(dir: Option<&std::path::Path>) -> Option<pb::RunStatus> {
+    let status = mentor_coordinator::service::saved_status(dir?).ok()?;
+    (status.status == "succeeded" || status.status == "failed").then_some(status)
 }
 
 /// Says that the status was read from the run directory, not asked of a coordinator.

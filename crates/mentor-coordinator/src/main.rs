@@ -41,6 +41,11 @@ struct Args {
     /// Without it the coordinator goes on answering status queries until stopped.
     #[arg(long)]
     exit_when_done: bool,
+    /// With --exit-when-done: go on answering status queries (and /metrics) this long after
+    /// the run ended and its workers were told, so that a watcher or a Prometheus scrape sees
+    /// the outcome before the coordinator is gone.
+    #[arg(long, env = "MENTOR_LINGER_SECONDS", default_value_t = 30)]
+    linger_seconds: u64,
     /// Also serve the run's status to Prometheus: `GET /metrics` at this IP:PORT or
     /// HOSTNAME:PORT (port 0 picks a free port; the address is logged).
     #[arg(long)]
@@ -168,6 +173,7 @@ async fn serve_run() -> anyhow::Result<Ended> {
         ));
     }
     let exit_when_done = args.exit_when_done;
+    let linger = Duration::from_secs(args.linger_seconds);
     let shutdown = {
         let shared = shared.clone();
         async move {
@@ -180,7 +186,14 @@ async fn serve_run() -> anyhow::Result<Ended> {
             tokio::select! {
                 _ = shutdown_signal() => {}
                 _ = service::run_ended(shared, grace) => {
-                    tracing::info!("the run has ended and its workers were told: exiting (--exit-when-done)");
+                    tracing::info!(
+                        linger_seconds = linger.as_secs(),
+                        "the run has ended and its workers were told: exiting after the linger (--exit-when-done)"
+                    );
+                    tokio::select! {
+                        _ = shutdown_signal() => {}
+                        _ = tokio::time::sleep(linger) => {}
+                    }
                 }
             }
         }

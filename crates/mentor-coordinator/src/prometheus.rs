@@ -98,7 +98,7 @@ pub fn exposition(status: &pb::RunStatus) -> String {
             (vec![("state", "all")], f64::from(status.tasks_total)),
         ],
     );
-    let states = ["active", "silent", "lost", "exited"];
+    let states = ["active", "silent", "suspected", "lost", "exited"];
     let counts: Vec<(Vec<(&str, &str)>, f64)> = states
         .iter()
         .map(|state| {
@@ -350,6 +350,11 @@ mod tests {
                     ..Default::default()
                 },
                 pb::WorkerStatus {
+                    worker_id: "w4".into(),
+                    state: "suspected".into(),
+                    ..Default::default()
+                },
+                pb::WorkerStatus {
                     worker_id: "w3".into(),
                     device: "cpu".into(),
                     state: "active".into(),
@@ -380,6 +385,7 @@ mod tests {
             "mentor_tasks{state=\"done\"} 7",
             "mentor_workers{state=\"active\"} 2",
             "mentor_workers{state=\"lost\"} 1",
+            "mentor_workers{state=\"suspected\"} 1",
             "mentor_worker_step{worker=\"w1\",task=\"train \\\"student\\\"\",device=\"cpu\"} 40",
             "mentor_worker_seconds_left{worker=\"w1\",task=\"train \\\"student\\\"\",device=\"cpu\"} 12",
             "mentor_worker_metric{worker=\"w1\",task=\"train \\\"student\\\"\",metric=\"h\"} 0.25",

@@ -533,6 +533,14 @@ fn run_status(
             .and_then(|round| round.finetuned.as_ref().or(round.student.as_ref()))
             .map(|model| model.checkpoint.display().to_string())
             .unwrap_or_default(),
+        // The same model's accuracy, by the same rule.
+        final_student_test_accuracy: state.rounds.last().and_then(|round| {
+            match (&round.finetuned, &round.student) {
+                (Some(_), _) => round.finetuned_student_test_accuracy,
+                (None, Some(_)) => round.student_test_accuracy,
+                (None, None) => None,
+            }
+        }),
     }
 }
 
@@ -647,4 +655,40 @@ pub async fn serve(
         .await;
     reaper.abort();
     result
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::path::{Path, PathBuf};
+
+    use crate::state::{ModelRef, RunState};
+
+    /// The final student's accuracy is that of the final student's checkpoint: while a
+    /// finetuned student waits for its evaluation, none (not the unfinetuned student's).
+    #[test]
+    fn the_final_accuracy_is_the_final_checkpoints() {
+        let plan =
+            mentor_plan::Plan::from_toml_str(include_str!("../../../deploy/plans/tiny-mpl.toml"))
+                .expect("plan");
+        let mut state = RunState::new("r".into(), &plan, Vec::new(), 0, Path::new("/runs/r"));
+        let model = |name: &str| ModelRef {
+            checkpoint: PathBuf::from(name),
+            role: Role::Student,
+            model_round: 1,
+        };
+        let status = |state: &RunState| run_status(state, "tiny", "meta-pseudo-labels", 1);
+        assert_eq!(status(&state).final_student_test_accuracy, None);
+        let round = &mut state.rounds[0];
+        round.student = Some(model("student.safetensors"));
+        round.student_test_accuracy = Some(0.8);
+        assert_eq!(status(&state).final_student_test_accuracy, Some(0.8));
+        let round = &mut state.rounds[0];
+        round.finetuned = Some(model("finetuned.safetensors"));
+        let waiting = status(&state);
+        assert_eq!(waiting.final_student_checkpoint, "finetuned.safetensors");
+        assert_eq!(waiting.final_student_test_accuracy, None);
+        state.rounds[0].finetuned_student_test_accuracy = Some(0.82);
+        assert_eq!(status(&state).final_student_test_accuracy, Some(0.82));
+    }
 }

@@ -795,11 +795,22 @@ impl Plan {
     /// The plan as TOML (what workers receive, and what a run records to recognise its plan
     /// on resume), with every default written out: two plans that run the same serialize the
     /// same, whether a default was written in the file or not.
+    /// `data.split_seed` is the exception: left out when it is the run's seed (its default),
+    /// so that a plan naming it serializes as plans did before the field existed (a Meta Pseudo
+    /// Labels save recognises its joint training by this text).
     pub fn to_toml_string(&self) -> String {
+        let mut plan = self.with_defaults_written();
+        if plan.data.split_seed == Some(plan.seed) {
+            plan.data.split_seed = None;
+        }
+        toml::to_string(&plan).unwrap_or_default()
+    }
+
+    fn with_defaults_written(&self) -> Plan {
         let mut plan = self.clone();
         plan.rounds = Some(self.rounds());
         plan.pseudo_labels.top_k = Some(self.top_k());
-        toml::to_string(&plan).unwrap_or_default()
+        plan
     }
 
     /// The first setting in which `self` differs from `other`, as `field: A -> B` (A from
@@ -811,11 +822,12 @@ impl Plan {
         if self.seed != other.seed {
             return Some(format!("seed: {} -> {}", self.seed, other.seed));
         }
-        // A split seed left to its default is the run's seed: the same split as naming it.
+        // Compared resolved: a split seed left to its default is the run's seed.
         let table = |plan: &Plan| {
-            let mut plan = plan.clone();
-            plan.data.split_seed = Some(plan.split_seed());
-            toml::from_str::<toml::Table>(&plan.to_toml_string()).unwrap_or_default()
+            let mut resolved = plan.with_defaults_written();
+            resolved.data.split_seed = Some(plan.split_seed());
+            toml::from_str::<toml::Table>(&toml::to_string(&resolved).unwrap_or_default())
+                .unwrap_or_default()
         };
         difference(String::new(), &table(self).into(), &table(other).into())
     }

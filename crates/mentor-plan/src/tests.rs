@@ -728,6 +728,10 @@ fn the_labeled_split_follows_the_seed_unless_split_seed_fixes_it() {
     ))
     .expect("plan");
     assert_eq!(plain.first_difference(&named), None);
+    // And it serializes as before the field existed: what workers receive, and what a Meta
+    // Pseudo Labels save's fingerprint hashes.
+    assert_eq!(plain.to_toml_string(), named.to_toml_string());
+    assert!(!named.to_toml_string().contains("split_seed"));
     // Another training seed on the same labeled subset.
     let reseeded = Plan::from_toml_str(
         &tiny_with(
@@ -753,4 +757,12 @@ fn the_labeled_split_follows_the_seed_unless_split_seed_fixes_it() {
         Some("data.split_seed: 1 -> 0")
     );
     assert!(!plain.same_run_as(&resplit));
+    let written = Plan::from_toml_str(&resplit.to_toml_string()).expect("the written plan");
+    assert_eq!(written.split_seed(), 0);
+    assert_eq!(
+        reseeded.split_seed(),
+        Plan::from_toml_str(&reseeded.to_toml_string())
+            .expect("plan")
+            .split_seed()
+    );
 }
