@@ -739,6 +739,19 @@ fn a_restarted_coordinator_resumes_the_run() {
     let (code, copied) = status_of_run_dir(&copy);
     assert_eq!(code, Some(3), "{copied}");
     assert_eq!(copied["coordinator"], serde_json::Value::Null);
+    // The same directory under another path (a container's bind mount, emulated by a hard
+    // link of its lock file, which shares the lock): its coordinator answers for it.
+    let alias = dir.path().join("alias");
+    std::fs::create_dir(&alias).expect("alias");
+    std::fs::hard_link(
+        state_dir.join("coordinator.lock"),
+        alias.join("coordinator.lock"),
+    )
+    .expect("link the lock");
+    std::fs::copy(state_dir.join("state.json"), alias.join("state.json")).expect("state");
+    let (code, aliased) = status_of_run_dir(&alias);
+    assert_eq!(code, Some(0), "{aliased}");
+    assert_eq!(aliased["coordinator"], address.as_str(), "{aliased}");
     coordinator.child.kill().expect("kill the coordinator");
     let _ = coordinator.child.wait();
     // With its coordinator gone, the saved state answers: the run is stopped, what it had

@@ -219,3 +219,22 @@ fn bad_plans_and_data_are_refused_naming_what_is_wrong() {
         "{stderr}"
     );
 }
+
+/// A reader that goes away (`mentor plan PLAN | head -1`) ends the command quietly, as any
+/// Unix tool, not with a panic.
+#[test]
+fn a_closed_output_ends_the_command_quietly() {
+    let mut child = std::process::Command::new(binary("mentor"))
+        .args(["plan", "--resolved"])
+        .arg(workspace_root().join("deploy/plans/fashion-mnist-noisy-student.toml"))
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .expect("run mentor plan");
+    // Closed before the plan's data is read and the plan written.
+    drop(child.stdout.take());
+    let output = child.wait_with_output().expect("mentor plan ends");
+    let stderr = text(&output.stderr);
+    assert_eq!(output.status.code(), Some(0), "{stderr}");
+    assert!(!stderr.contains("panicked"), "{stderr}");
+}

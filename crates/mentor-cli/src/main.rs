@@ -177,7 +177,7 @@ fn status_text(status: &pb::RunStatus) -> String {
         status.tasks_done,
         status.tasks_total,
         if status.elapsed_seconds.is_finite() {
-            format!("  elapsed {:.0}s", status.elapsed_seconds)
+            format!("  elapsed {}", duration(status.elapsed_seconds))
         } else {
             String::new()
         }
@@ -228,15 +228,17 @@ fn status_text(status: &pb::RunStatus) -> String {
     out.push_str(if mpl {
         "round  teacher acc  student acc  finetuned\n"
     } else {
-        "round  teacher acc  student acc  shards  examples  kept\n"
+        "round  teacher acc  student acc  shards  examples    kept\n"
     });
     for round in &status.rounds {
         let method_columns = if mpl {
             format!("{:>9}", percent(round.finetuned_student_test_accuracy))
         } else {
             format!(
-                "{:>2}/{:<3}  {:>8}  {:>6}",
-                round.shards_done, round.shards, round.examples, round.kept
+                "{:>6}  {:>8}  {:>6}",
+                format!("{}/{}", round.shards_done, round.shards),
+                round.examples,
+                round.kept
             )
         };
         out.push_str(&format!(
@@ -359,21 +361,28 @@ async fn ask(url: &str, connect_timeout: Duration) -> Result<pb::RunStatus, NoAn
 }
 
 /// Asks the coordinator at `url` about the run in `dir`: an answer about another run
-/// directory (an old address, a port reused) is none.
+/// directory (an old address, a port reused) is none. `locked`: the coordinator holds `dir`'s
+/// lock, so it serves this very directory, maybe seen under another path (a container's bind
+/// mount, another host's mount point): the run it names must be the one `dir` records.
 async fn ask_about(
     url: &str,
     dir: &std::path::Path,
     connect_timeout: Duration,
+    locked: bool,
 ) -> Result<Answer, NoAnswer> {
     let status = ask(url, connect_timeout).await?;
-    let same = if status.run_dir.is_empty() {
-        // A build that did not say its run directory: the run it names must be this one's.
+    let recorded_run = || {
         std::fs::read_to_string(dir.join("state.json"))
             .ok()
             .and_then(|text| serde_json::from_str::<Value>(&text).ok())
             .is_some_and(|state| state["run_id"] == status.run_id.as_str())
+    };
+    let same = if status.run_dir.is_empty() {
+        // A build that did not say its run directory: the run it names must be this one's.
+        recorded_run()
     } else {
         std::path::Path::new(&status.run_dir).canonicalize().ok() == dir.canonicalize().ok()
+            || (locked && recorded_run())
     };
     if !same {
         return Err(NoAnswer::new(format!(
@@ -438,7 +447,7 @@ async fn answer_for(dir: &std::path::Path) -> Result<Answer, NoAnswer> {
     match RunLock::holder(dir).map_err(|error| NoAnswer::new(error.to_string()))? {
         // Held: the holder says where it listens once it does.
         Holder::Listening(url) => {
-            ask_about(&url, dir, QUERY_TIMEOUT)
+            ask_about(&url, dir, QUERY_TIMEOUT, true)
                 .await
                 .map_err(|error| NoAnswer {
                     transient: true,
@@ -459,7 +468,7 @@ async fn answer_for(dir: &std::path::Path) -> Result<Answer, NoAnswer> {
                 .ok()
                 .and_then(|text| mentor_proto::coordinator_url(text.trim()).ok());
             match written {
-                Some(url) => match ask_about(&url, dir, Duration::from_secs(2)).await {
+                Some(url) => match ask_about(&url, dir, Duration::from_secs(2), false).await {
                     Ok(answer) => Ok(answer),
                     Err(_) => saved(),
                 },
@@ -519,7 +528,10 @@ async fn status(target: Target, as_json: bool, watch: bool, interval: f64) -> an
                 eprintln!("error: {message}");
                 if as_json {
                     // Scripts reading stdout get an answer too.
-                    println!("{}", json!({"status": "unreachable", "error": message}));
+                    emit(&format!(
+                        "{}\n",
+                        json!({"status": "unreachable", "error": message})
+                    ));
                 }
                 return Ok(2);
             }
@@ -546,11 +558,11 @@ async fn status(target: Target, as_json: bool, watch: bool, interval: f64) -> an
         // A stopped run may be resumed: --watch waits for it.
         let finished = status.status == "succeeded" || status.status == "failed";
         if !watch {
-            println!("{text}");
+            emit(&format!("{text}\n"));
         } else if std::io::stdout().is_terminal() && !as_json {
-            print!("\x1b[2J\x1b[H{text}");
+            emit(&format!("\x1b[2J\x1b[H{text}"));
         } else if comparable != last_printed || finished {
-            println!("{text}");
+            emit(&format!("{text}\n"));
         }
         last_printed = comparable;
         if !watch || finished {
@@ -561,6 +573,20 @@ async fn status(target: Target, as_json: bool, watch: bool, interval: f64) -> an
             });
         }
         tokio::time::sleep(Duration::from_secs_f64(interval)).await;
+    }
+}
+
+/// Writes `text` to standard output; a reader that went away (`mentor status --watch | head`)
+/// ends the command quietly, as with any Unix tool, instead of a panic.
+fn emit(text: &str) {
+    use std::io::Write;
+    let mut out = std::io::stdout().lock();
+    if let Err(error) = out.write_all(text.as_bytes()).and_then(|()| out.flush()) {
+        if error.kind() == std::io::ErrorKind::BrokenPipe {
+            std::process::exit(0);
+        }
+        eprintln!("error: writing the output failed: {error}");
+        std::process::exit(2);
     }
 }
 
@@ -616,9 +642,9 @@ fn check_plan(path: &std::path::Path, resolved: bool) -> anyhow::Result<i32> {
     match plan::check(path) {
         Ok((plan, data)) => {
             if resolved {
-                print!("{}", plan.to_toml_string());
+                emit(&plan.to_toml_string());
             } else {
-                print!("{}", plan::describe(&plan, &data));
+                emit(&plan::describe(&plan, &data));
             }
             Ok(0)
         }

@@ -113,12 +113,34 @@ fn read_error(path: &Path, error: std::io::Error) -> DataError {
     }
 }
 
+/// The files under `dir` that `keep` takes, searched recursively. Hidden folders
+/// (`.ipynb_checkpoints`, `.git`: copies and history, not the data set) are not searched; a
+/// folder reached again through a link (a link to a folder above it) is searched once.
 fn walk(dir: &Path, keep: &dyn Fn(&Path) -> bool, out: &mut Vec<PathBuf>) -> Result<(), DataError> {
+    let mut seen = std::collections::HashSet::new();
+    walk_once(dir, keep, out, &mut seen)
+}
+
+fn walk_once(
+    dir: &Path,
+    keep: &dyn Fn(&Path) -> bool,
+    out: &mut Vec<PathBuf>,
+    seen: &mut std::collections::HashSet<PathBuf>,
+) -> Result<(), DataError> {
+    let real = dir.canonicalize().map_err(|e| read_error(dir, e))?;
+    if !seen.insert(real) {
+        return Ok(());
+    }
     let entries = std::fs::read_dir(dir).map_err(|e| read_error(dir, e))?;
     for entry in entries {
         let path = entry.map_err(|e| read_error(dir, e))?.path();
         if path.is_dir() {
-            walk(&path, keep, out)?;
+            let hidden = path
+                .file_name()
+                .is_some_and(|name| name.to_string_lossy().starts_with('.'));
+            if !hidden {
+                walk_once(&path, keep, out, seen)?;
+            }
         } else if keep(&path) {
             out.push(path);
         }

@@ -76,6 +76,11 @@ fn image_folder_decodes_in_path_order_with_several_threads() {
     std::fs::write(dir.path().join("notes.txt"), b"not an image").expect("write");
     // A resource fork macOS leaves beside an image: hidden, not an image of the folder.
     std::fs::write(dir.path().join("b/._c.JPG"), b"resource fork").expect("write");
+    // A hidden folder's copies are not the data set's images; a link to a folder above is
+    // not followed round for ever.
+    std::fs::create_dir(dir.path().join(".ipynb_checkpoints")).expect("dir");
+    std::fs::write(dir.path().join(".ipynb_checkpoints/a-0.png"), png(0)).expect("write");
+    std::os::unix::fs::symlink(dir.path(), dir.path().join("b/up")).expect("link");
     let source =
         Source::open(&data_plan(UnlabeledFormat::ImageFolder, dir.path()), &[]).expect("open");
     assert_eq!(source.units(), 8);

@@ -131,7 +131,15 @@ fn main() -> anyhow::Result<()> {
                 None,
                 &mut |_| {},
             )
-            .map_err(|error| anyhow::anyhow!("{error}{}", LOAD_HINT))?;
+            .map_err(|error| {
+                // The hint is for a checkpoint that did not load, not for any failure.
+                let hint = if error.contains("checkpoint") {
+                    LOAD_HINT
+                } else {
+                    ""
+                };
+                anyhow::anyhow!("{error}{hint}")
+            })?;
             let Outcome::Evaluated {
                 accuracy,
                 loss,
