@@ -400,23 +400,10 @@ fn bad_plan_is_refused_before_anything_starts() {
 #[test]
 fn local_cluster_refuses_workers_that_cannot_run_the_plan() {
     let dir = tempfile::tempdir().expect("tempdir");
-    let bin_dir = binary("coordinator")
-        .parent()
-        .expect("binaries have a directory")
-        .to_path_buf();
     let state_dir = dir.path().join("run");
+    let plan = workspace_root().join("deploy/plans/tiny.toml");
     let refused = |extra: &[&str]| -> String {
-        let output = std::process::Command::new(workspace_root().join("scripts/local-cluster.sh"))
-            .arg("--plan")
-            .arg(workspace_root().join("deploy/plans/tiny.toml"))
-            .arg("--state-dir")
-            .arg(&state_dir)
-            .arg("--bin-dir")
-            .arg(&bin_dir)
-            .args(extra)
-            .stdin(std::process::Stdio::null())
-            .output()
-            .expect("local-cluster.sh runs");
+        let output = run_local_cluster_sh(&plan, &state_dir, extra);
         let stderr = String::from_utf8_lossy(&output.stderr).into_owned();
         assert_eq!(output.status.code(), Some(2), "{stderr}");
         stderr
@@ -1053,19 +1040,14 @@ fn an_interrupted_mpl_joint_training_resumes_from_its_checkpoint_exactly() {
     assert!(aside == foreign, "the other joint training's save changed");
 }
 
-/// Runs `scripts/local-cluster.sh --plan plan --state-dir state_dir` with the built binaries and
-/// `extra` options to its end; returns its exit code, its standard error and the final status
-/// it saved (`status.json`).
-fn local_cluster_sh(
-    plan: &Path,
-    state_dir: &Path,
-    extra: &[&str],
-) -> (Option<i32>, String, serde_json::Value) {
+/// `scripts/local-cluster.sh --plan plan --state-dir state_dir` with the built binaries and
+/// `extra` options, run to its end.
+fn run_local_cluster_sh(plan: &Path, state_dir: &Path, extra: &[&str]) -> std::process::Output {
     let bin_dir = binary("coordinator")
         .parent()
         .expect("binaries have a directory")
         .to_path_buf();
-    let output = std::process::Command::new(workspace_root().join("scripts/local-cluster.sh"))
+    std::process::Command::new(workspace_root().join("scripts/local-cluster.sh"))
         .arg("--plan")
         .arg(plan)
         .arg("--state-dir")
@@ -1075,7 +1057,18 @@ fn local_cluster_sh(
         .args(extra)
         .stdin(std::process::Stdio::null())
         .output()
-        .expect("local-cluster.sh runs");
+        .expect("local-cluster.sh runs")
+}
+
+/// Runs `scripts/local-cluster.sh --plan plan --state-dir state_dir` with the built binaries and
+/// `extra` options to its end; returns its exit code, its standard error and the final status
+/// it saved (`status.json`).
+fn local_cluster_sh(
+    plan: &Path,
+    state_dir: &Path,
+    extra: &[&str],
+) -> (Option<i32>, String, serde_json::Value) {
+    let output = run_local_cluster_sh(plan, state_dir, extra);
     let stderr = String::from_utf8_lossy(&output.stderr).into_owned();
     let saved = std::fs::read_to_string(state_dir.join("status.json"))
         .unwrap_or_else(|e| panic!("no status.json ({e}): {stderr}"));
