@@ -68,7 +68,48 @@ pub enum GroupSetup {
     },
     Nccl {
         unique_id: Vec<u8>,
+        /// How long `ncclCommInitRank` may wait for the other ranks.
+        setup_timeout: Duration,
     },
+}
+
+/// `ncclCommInitRank` on a thread of its own, waited for up to `timeout`: it blocks until every
+/// rank has called it, and a rank that failed before (its CUDA or NCCL did not load, it died)
+/// never does. Past the timeout the task fails and this worker goes on; the abandoned thread
+/// stays blocked in NCCL (a blocking communicator's setup cannot be cancelled), and should the
+/// group still form, drops its communicator.
+fn init_within(
+    library: std::sync::Arc<NcclLibrary>,
+    id: UniqueId,
+    device: Device,
+    rank: usize,
+    world_size: usize,
+    timeout: Duration,
+) -> Result<NcclComm, CollectiveError> {
+    let (sender, receiver) = std::sync::mpsc::channel();
+    std::thread::Builder::new()
+        .name("nccl-init".into())
+        .spawn(move || {
+            let result = (|| {
+                // The communicator is bound to the device current on the calling thread.
+                if let Device::Cuda(index) = device {
+                    mentor_collective::cuda::set_current_device(index)?;
+                }
+                NcclComm::init(library, &id, rank, world_size)
+            })();
+            let _ = sender.send(result);
+        })
+        .map_err(|error| CollectiveError::Setup(format!("cannot start the NCCL setup: {error}")))?;
+    match receiver.recv_timeout(timeout) {
+        Ok(result) => result,
+        Err(std::sync::mpsc::RecvTimeoutError::Timeout) => Err(CollectiveError::Setup(format!(
+            "ncclCommInitRank did not complete within {:.0}s: a rank of the group never joined it (its log says why)",
+            timeout.as_secs_f64()
+        ))),
+        Err(std::sync::mpsc::RecvTimeoutError::Disconnected) => Err(CollectiveError::Setup(
+            "the NCCL setup thread ended without a communicator".into(),
+        )),
+    }
 }
 
 impl Group {
@@ -110,7 +151,10 @@ impl Group {
                 timeout,
                 setup_timeout,
             })?)),
-            GroupSetup::Nccl { unique_id } => {
+            GroupSetup::Nccl {
+                unique_id,
+                setup_timeout,
+            } => {
                 if !matches!(device, Device::Cuda(_)) || !tch::Cuda::is_available() {
                     return Err(CollectiveError::Nccl(
                         "cannot form a GPU (NCCL) group: this worker has no CUDA device".into(),
@@ -123,7 +167,14 @@ impl Group {
                 }
                 let library = NcclLibrary::load()?;
                 let id = UniqueId::from_bytes(&unique_id)?;
-                Transport::Nccl(NcclComm::init(library, &id, rank, world_size)?)
+                Transport::Nccl(init_within(
+                    library,
+                    id,
+                    device,
+                    rank,
+                    world_size,
+                    setup_timeout,
+                )?)
             }
         };
         Ok(Group {
@@ -524,6 +575,7 @@ mod tests {
             1 << 20,
             GroupSetup::Nccl {
                 unique_id: vec![0; 128],
+                setup_timeout: Duration::from_secs(1),
             },
             Device::Cpu,
             Duration::from_secs(1),

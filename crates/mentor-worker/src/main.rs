@@ -800,6 +800,7 @@ async fn rendezvous(
         },
         None => GroupSetup::Nccl {
             unique_id: status.nccl_unique_id,
+            setup_timeout: join_timeout,
         },
     };
     Ok(Ok(Some(GroupJoin {
