@@ -268,8 +268,9 @@ fi
 echo
 echo "=== final status ($(( $(date +%s) - started )) s wall time) ==="
 # mentor status exits 1 on a failed run: the final status is printed and saved all the same.
-"$BIN/mentor" status --coordinator "$address" || true
-"$BIN/mentor" status --coordinator "$address" --json | tee "$state_dir/status.json" || true
+# Asked by run directory: its coordinator answers, or, were it gone, the state it saved.
+"$BIN/mentor" status --state-dir "$state_dir" || true
+"$BIN/mentor" status --state-dir "$state_dir" --json | tee "$state_dir/status.json" || true
 status="$(python3 -c 'import json,sys; print(json.load(open(sys.argv[1]))["status"])' "$state_dir/status.json")"
 # Where the soft labels went: the plan's pseudo_labels.storage, else the run directory.
 labels="$(python3 -c '
