@@ -138,9 +138,9 @@ fn node_scripts_on_two_nodes_run_a_plan_and_end_with_it() {
         )
     );
 
-    // The coordinator lingers 5 s after the end (MENTOR_LINGER_SECONDS, --linger-seconds).
+    // The coordinator lingers 10 s after the end (MENTOR_LINGER_SECONDS, --linger-seconds).
     let node_sh_text = node_sh().display().to_string();
-    let mut lingering = vec!["MENTOR_LINGER_SECONDS=5", node_sh_text.as_str()];
+    let mut lingering = vec!["MENTOR_LINGER_SECONDS=10", node_sh_text.as_str()];
     lingering.extend(first_args.iter().copied());
     let mut first = Process::start(Path::new("env"), &lingering, dir.path().join("node-0.log"));
     let mut second_args = vec!["--coordinator", coordinator.as_str()];
@@ -183,6 +183,11 @@ fn node_scripts_on_two_nodes_run_a_plan_and_end_with_it() {
                 "min_confidence = 0.5\ntemperature = 100.0",
             ),
             ("min_workers = 2", "min_workers = 1"),
+            // Long enough for the watcher below to see it running.
+            (
+                "[teacher.train]\nsteps = 30",
+                "[teacher.train]\nsteps = 600",
+            ),
         ]),
     )
     .expect("write plan");
