@@ -488,27 +488,37 @@ async fn status(target: Target, as_json: bool, watch: bool, interval: f64) -> an
     // directory says itself whether one is starting).
     let mut answered = false;
     let mut silent_since: Option<std::time::Instant> = None;
-    // The run directory the coordinator named, to read how the run ended once it is gone.
-    let mut run_dir: Option<std::path::PathBuf> = None;
+    // The run the coordinator answered for (its id and directory), to read how it ended once
+    // the coordinator is gone.
+    let mut last_run: Option<(String, std::path::PathBuf)> = None;
     loop {
-        let Answer {
-            status,
-            coordinator,
-        } = match answer(&target).await {
+        let outcome = match answer(&target).await {
             Ok(answer) => {
                 answered = true;
                 silent_since = None;
                 if !answer.status.run_dir.is_empty() {
-                    run_dir = Some(answer.status.run_dir.clone().into());
+                    last_run = Some((
+                        answer.status.run_id.clone(),
+                        answer.status.run_dir.clone().into(),
+                    ));
                 }
-                answer
+                Ok(answer)
             }
             // A coordinator that ended with its run (--exit-when-done) is gone: its run
             // directory, where this machine sees it, says how the run ended.
-            Err(_) if let Some(status) = ended_in(run_dir.as_deref()) => Answer {
-                status,
-                coordinator: None,
+            Err(error) => match ended_in(last_run.as_ref()) {
+                Some(status) => Ok(Answer {
+                    status,
+                    coordinator: None,
+                }),
+                None => Err(error),
             },
+        };
+        let Answer {
+            status,
+            coordinator,
+        } = match outcome {
+            Ok(answer) => answer,
             Err(NoAnswer { message, transient }) => {
                 let restarting = answered
                     && matches!(target, Target::Coordinator(_))
@@ -576,24 +586,31 @@ async fn status(target: Target, as_json: bool, watch: bool, interval: f64) -> an
     }
 }
 
+/// Exit status after the reader of the output went away: 128 + SIGPIPE, as a Unix tool
+/// killed by the signal reports it.
+const CLOSED_OUTPUT: i32 = 141;
+
 /// Writes `text` to standard output; a reader that went away (`mentor status --watch | head`)
-/// ends the command quietly, as with any Unix tool, instead of a panic.
+/// ends the command quietly with [`CLOSED_OUTPUT`], as with any Unix tool, not with a panic.
 fn emit(text: &str) {
     use std::io::Write;
     let mut out = std::io::stdout().lock();
     if let Err(error) = out.write_all(text.as_bytes()).and_then(|()| out.flush()) {
         if error.kind() == std::io::ErrorKind::BrokenPipe {
-            std::process::exit(0);
+            std::process::exit(CLOSED_OUTPUT);
         }
         eprintln!("error: writing the output failed: {error}");
         std::process::exit(2);
     }
 }
 
-/// The saved status of the run in `dir`, if it is readable here and the run ended.
-fn ended_in(dir: Option<&std::path::Path>) -> Option<pb::RunStatus> {
-    let status = mentor_coordinator::service::saved_status(dir?).ok()?;
-    (status.status == "succeeded" || status.status == "failed").then_some(status)
+/// The saved status of the run `(id, directory)`, if its directory is readable here, holds
+/// that run (not another run's directory of the same path on this machine) and says it ended.
+fn ended_in(run: Option<&(String, std::path::PathBuf)>) -> Option<pb::RunStatus> {
+    let (run_id, dir) = run?;
+    let status = mentor_coordinator::service::saved_status(dir).ok()?;
+    let ended = status.status == "succeeded" || status.status == "failed";
+    (ended && status.run_id == *run_id).then_some(status)
 }
 
 /// Says that the status was read from the run directory, not asked of a coordinator.

@@ -174,6 +174,12 @@ async fn serve_run() -> anyhow::Result<Ended> {
     }
     let exit_when_done = args.exit_when_done;
     let linger = Duration::from_secs(args.linger_seconds);
+    if !exit_when_done && args.linger_seconds != 30 {
+        tracing::warn!(
+            linger_seconds = args.linger_seconds,
+            "--linger-seconds has no effect without --exit-when-done: the coordinator serves until stopped"
+        );
+    }
     let shutdown = {
         let shared = shared.clone();
         async move {

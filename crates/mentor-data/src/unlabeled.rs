@@ -115,22 +115,23 @@ fn read_error(path: &Path, error: std::io::Error) -> DataError {
 
 /// The files under `dir` that `keep` takes, searched recursively. Hidden folders
 /// (`.ipynb_checkpoints`, `.git`: copies and history, not the data set) are not searched; a
-/// folder reached again through a link (a link to a folder above it) is searched once.
+/// link back to a folder being searched (a loop) is not followed.
 fn walk(dir: &Path, keep: &dyn Fn(&Path) -> bool, out: &mut Vec<PathBuf>) -> Result<(), DataError> {
-    let mut seen = std::collections::HashSet::new();
-    walk_once(dir, keep, out, &mut seen)
+    walk_below(dir, keep, out, &mut Vec::new())
 }
 
-fn walk_once(
+/// `ancestors`: the real paths of the folders being searched, `dir`'s parents.
+fn walk_below(
     dir: &Path,
     keep: &dyn Fn(&Path) -> bool,
     out: &mut Vec<PathBuf>,
-    seen: &mut std::collections::HashSet<PathBuf>,
+    ancestors: &mut Vec<PathBuf>,
 ) -> Result<(), DataError> {
     let real = dir.canonicalize().map_err(|e| read_error(dir, e))?;
-    if !seen.insert(real) {
+    if ancestors.contains(&real) {
         return Ok(());
     }
+    ancestors.push(real);
     let entries = std::fs::read_dir(dir).map_err(|e| read_error(dir, e))?;
     for entry in entries {
         let path = entry.map_err(|e| read_error(dir, e))?.path();
@@ -139,12 +140,13 @@ fn walk_once(
                 .file_name()
                 .is_some_and(|name| name.to_string_lossy().starts_with('.'));
             if !hidden {
-                walk_once(&path, keep, out, seen)?;
+                walk_below(&path, keep, out, ancestors)?;
             }
         } else if keep(&path) {
             out.push(path);
         }
     }
+    ancestors.pop();
     Ok(())
 }
 
