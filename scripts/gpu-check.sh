@@ -5,7 +5,9 @@
 #   scripts/gpu-check.sh --run       # there: every check and benchmark in one go, table last
 #   scripts/gpu-check.sh --mpl       # there: Meta Pseudo Labels seeds side by side on cuda:0
 #   scripts/gpu-check.sh --mpl-step  # there: step 4 of --run alone (the MPL step against PyTorch)
-#   scripts/gpu-check.sh --results   # there: the four-method table on cuda:0 (SEEDS, default 0,1,2)
+#   scripts/gpu-check.sh --results   # there: the four-method table on cuda:0 (SEEDS, default 0,1,2;
+#                                    # METHODS and MPL_PLAN as results-fashion-mnist.sh's --methods
+#                                    # and --mpl-plan, MPL_PLAN defaulting to the GPU schedule)
 #
 # Every mode but --prepare needs no Rust toolchain: it unpacks .gpu/bin.tar.xz (the binaries,
 # xz-compressed so that .gpu stays under the 64 MiB a device call carries) and uses the
@@ -100,7 +102,8 @@ if [ "$mode" = "--results" ]; then
   # One worker on cuda:0, the GPU schedule of Meta Pseudo Labels; the other plans as on CPU.
   exec "$PYTHON" "$ROOT/benches/results_fashion_mnist.py" --seeds "${SEEDS:-0,1,2}" --workers 1 \
     --device "$DEVICE" --bin-dir "$BIN" --data "$GPU_DIR/data" --reuse \
-    --mpl-plan "$ROOT/deploy/plans/fashion-mnist-mpl-gpu.toml" --out "$OUT/results"
+    ${METHODS:+--methods "$METHODS"} --split-seed "${SPLIT_SEED:-0}" \
+    --mpl-plan "${MPL_PLAN:-$ROOT/deploy/plans/fashion-mnist-mpl-gpu.toml}" --out "$OUT/results"
 fi
 
 if [ "$mode" = "--mpl" ]; then
