@@ -29,7 +29,7 @@ struct Args {
     /// writes to <state-dir>/coordinator.addr).
     #[arg(long, value_parser = mentor_proto::coordinator_url)]
     coordinator: String,
-    /// Device to run models on: `cpu` or `cuda:N`.
+    /// Device to run models on: `cpu`, `cuda` (`cuda:0`) or `cuda:N`.
     #[arg(long, default_value = "cpu")]
     device: String,
     /// libtorch intra-op threads (0 = libtorch's default).

@@ -43,8 +43,8 @@ struct Args {
     /// Labels has one round).
     #[arg(long, default_value_t = 1, value_parser = clap::value_parser!(u32).range(1..))]
     round: u32,
-    /// Classify the PNG/JPEG images under this folder (searched recursively, in path order)
-    /// instead of evaluating on the test set.
+    /// Classify this PNG/JPEG image, or those under this folder (searched recursively, in
+    /// path order, hidden files and folders skipped), instead of evaluating on the test set.
     #[arg(long)]
     images: Option<PathBuf>,
     /// Classes (with their probabilities) given per image.
