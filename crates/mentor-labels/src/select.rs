@@ -52,7 +52,8 @@ pub fn confidence_bin(confidence: f32) -> usize {
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 pub struct Histogram {
     pub classes: usize,
-    /// `classes x CONFIDENCE_BINS`, row-major.
+    /// `classes x CONFIDENCE_BINS`, row-major. Written sparse ([`sparse_bins`]).
+    #[serde(with = "sparse_bins")]
     pub bins: Vec<u64>,
     /// Per class, the examples whose confidence is at least `min_confidence`.
     pub passing: Vec<u64>,
@@ -108,6 +109,66 @@ impl Histogram {
         self.bins[class * CONFIDENCE_BINS + step..(class + 1) * CONFIDENCE_BINS]
             .iter()
             .sum()
+    }
+}
+
+/// A histogram's bins as files hold them (the run's state, manifests, selections): the number
+/// of bins and the `[bin, count]` pairs of those not zero. A shard of 8,192 examples has at most
+/// 8,192 non-zero bins, of 101,000 for 1,000 classes: written dense, a round of ImageNet's
+/// shards made the state file that the coordinator rewrites at every task hundreds of MB.
+/// Bins written dense (every count, by builds before 2026-12-05) read too.
+mod sparse_bins {
+    use serde::{Deserialize, Deserializer, Serialize, Serializer};
+
+    /// More bins than any plan's classes make (`data.classes` x 101) is a corrupt file, not an
+    /// allocation to attempt.
+    const MOST_BINS: usize = 1 << 28;
+
+    #[derive(Serialize, Deserialize)]
+    struct Sparse {
+        len: usize,
+        nonzero: Vec<(usize, u64)>,
+    }
+
+    #[derive(Deserialize)]
+    #[serde(untagged)]
+    enum Written {
+        Dense(Vec<u64>),
+        Sparse(Sparse),
+    }
+
+    pub fn serialize<S: Serializer>(bins: &[u64], serializer: S) -> Result<S::Ok, S::Error> {
+        Sparse {
+            len: bins.len(),
+            nonzero: bins
+                .iter()
+                .enumerate()
+                .filter(|(_, &count)| count > 0)
+                .map(|(bin, &count)| (bin, count))
+                .collect(),
+        }
+        .serialize(serializer)
+    }
+
+    pub fn deserialize<'de, D: Deserializer<'de>>(deserializer: D) -> Result<Vec<u64>, D::Error> {
+        match Written::deserialize(deserializer)? {
+            Written::Dense(bins) => Ok(bins),
+            Written::Sparse(Sparse { len, nonzero }) => {
+                if len > MOST_BINS {
+                    return Err(serde::de::Error::custom(format!(
+                        "a histogram of {len} bins"
+                    )));
+                }
+                let mut bins = vec![0; len];
+                for (bin, count) in nonzero {
+                    let slot = bins.get_mut(bin).ok_or_else(|| {
+                        serde::de::Error::custom(format!("histogram bin {bin} of {len}"))
+                    })?;
+                    *slot = count;
+                }
+                Ok(bins)
+            }
+        }
     }
 }
 
@@ -286,6 +347,37 @@ pub fn filter_and_balance(examples: &[(i64, u16, f32)], config: &SelectionConfig
 
 #[cfg(test)]
 mod tests {
+    /// Files hold a histogram's non-zero bins only, and read back the same; a histogram
+    /// written dense by an earlier build reads too.
+    #[test]
+    fn histograms_are_written_sparse_and_read_either_way() {
+        let mut histogram = super::Histogram::new(1000, 0.3);
+        for (class, confidence) in [(3u16, 0.95f32), (3, 0.951), (999, 0.2), (0, 1.0)] {
+            histogram.add(class, confidence);
+        }
+        let written = serde_json::to_string(&histogram).expect("json");
+        let read: super::Histogram = serde_json::from_str(&written).expect("read back");
+        assert_eq!(read, histogram);
+        let mut dense = serde_json::to_value(&histogram).expect("value");
+        dense["bins"] = serde_json::json!(histogram.bins);
+        // One count a class remains (`passing`); the bins, 101 a class, are three pairs.
+        let dense_size = dense.to_string().len();
+        assert!(
+            written.len() * 50 < dense_size,
+            "{} bytes against {dense_size} dense",
+            written.len()
+        );
+        let read: super::Histogram = serde_json::from_value(dense).expect("dense reads");
+        assert_eq!(read, histogram);
+        let mut corrupt = serde_json::to_value(&histogram).expect("value");
+        corrupt["bins"] = serde_json::json!({"len": 4, "nonzero": [[7, 1]]});
+        let error = serde_json::from_value::<super::Histogram>(corrupt).expect_err("corrupt");
+        assert!(
+            error.to_string().contains("histogram bin 7 of 4"),
+            "{error}"
+        );
+    }
+
     use super::*;
     use rand::{Rng, SeedableRng};
 
