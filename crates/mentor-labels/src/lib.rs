@@ -370,6 +370,25 @@ mod tests {
         assert!(dir.path().join("labels/round-1/a").exists());
         assert_eq!(store.location("round-1/a"), format!("{url}/round-1/a"));
         assert!(!store.exists("round-1/b").expect("exists"));
+        // A relative path is made absolute: workers are sent the root.
+        let cwd = std::env::current_dir().expect("cwd");
+        let up = "../".repeat(cwd.components().count() - 1);
+        let relative = format!(
+            "{up}{}",
+            dir.path()
+                .join("local")
+                .strip_prefix("/")
+                .expect("absolute")
+                .display()
+        );
+        let local = ShardStore::open(&relative).expect("relative path");
+        assert_eq!(
+            std::path::Path::new(local.root())
+                .canonicalize()
+                .expect("root"),
+            dir.path().join("local").canonicalize().expect("dir")
+        );
+        assert!(local.root().starts_with('/'), "{}", local.root());
         let memory = ShardStore::open("memory:///").expect("memory url");
         assert_eq!(
             memory.put_if_absent("k", b"1").expect("put"),

@@ -91,23 +91,21 @@ impl ShardStore {
         let invalid =
             |reason: String| LabelError::Invalid(format!("storage `{location}`: {reason}"));
         if !is_url(location) {
-            std::fs::create_dir_all(location).map_err(|source| LabelError::Io {
+            // Absolute: workers are sent this root, and run elsewhere than the coordinator.
+            let path = std::path::absolute(location).map_err(|source| LabelError::Io {
                 key: location.to_string(),
                 source,
             })?;
-            // Flushed to the disk before a commit returns, as a cloud store's commit is: a
-            // shard or manifest named after a machine's crash holds what was written.
-            let local = object_store::local::LocalFileSystem::new_with_prefix(location)
-                .map_err(|error| invalid(error.to_string()))?
-                .with_fsync(true);
-            return Ok(ShardStore {
-                store: Arc::new(local),
-                prefix: ObjectPath::default(),
-                root: location.to_string(),
-                runtime,
-            });
+            return Self::local(&path, path.display().to_string(), runtime);
         }
         let url = url::Url::parse(location).map_err(|error| invalid(error.to_string()))?;
+        if url.scheme() == "file" {
+            // A file URL is a directory: flushed like one (object_store's own file store is not).
+            let path = url
+                .to_file_path()
+                .map_err(|()| invalid("not a local path".into()))?;
+            return Self::local(&path, location.trim_end_matches('/').to_string(), runtime);
+        }
         let options: Vec<(String, String)> = std::env::vars()
             .filter(|(key, _)| {
                 ["AWS_", "GOOGLE_", "AZURE_"]
@@ -124,6 +122,29 @@ impl ShardStore {
             store: Arc::from(store),
             prefix,
             root: location.trim_end_matches('/').to_string(),
+            runtime,
+        })
+    }
+
+    /// The directory `path`, created if missing, as a store named `root`.
+    fn local(
+        path: &std::path::Path,
+        root: String,
+        runtime: Arc<StoreRuntime>,
+    ) -> Result<ShardStore, LabelError> {
+        std::fs::create_dir_all(path).map_err(|source| LabelError::Io {
+            key: root.clone(),
+            source,
+        })?;
+        // Flushed to the disk before a commit returns, as a cloud store's commit is: a shard or
+        // manifest named after a machine's crash holds what was written.
+        let local = object_store::local::LocalFileSystem::new_with_prefix(path)
+            .map_err(|error| LabelError::Invalid(format!("storage `{root}`: {error}")))?
+            .with_fsync(true);
+        Ok(ShardStore {
+            store: Arc::new(local),
+            prefix: ObjectPath::default(),
+            root,
             runtime,
         })
     }

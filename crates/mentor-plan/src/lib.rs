@@ -1193,10 +1193,15 @@ impl Plan {
                 ));
             }
             if let Some((scheme, _)) = storage.split_once("://") {
-                const SCHEMES: [&str; 11] = [
-                    "file", "memory", "s3", "s3a", "gs", "az", "adl", "azure", "abfs", "abfss",
-                    "https",
+                const SCHEMES: [&str; 10] = [
+                    "file", "s3", "s3a", "gs", "az", "adl", "azure", "abfs", "abfss", "https",
                 ];
+                if scheme == "memory" {
+                    return Err(invalid(
+                        "pseudo_labels.storage",
+                        "`memory://` would give each process a store of its own: labelers' shards would not reach the student",
+                    ));
+                }
                 if !SCHEMES.contains(&scheme) && scheme != "http" {
                     return Err(invalid(
                         "pseudo_labels.storage",

@@ -766,3 +766,18 @@ fn the_labeled_split_follows_the_seed_unless_split_seed_fixes_it() {
             .split_seed()
     );
 }
+
+#[test]
+fn a_store_in_memory_is_refused_for_a_run() {
+    let plan = tiny_with(
+        "[pseudo_labels]",
+        "[pseudo_labels]\nstorage = \"memory:///\"",
+    );
+    assert!(
+        error_of(&plan).contains(
+            "pseudo_labels.storage: `memory://` would give each process a store of its own"
+        ),
+        "{}",
+        error_of(&plan)
+    );
+}
