@@ -322,21 +322,33 @@ const STORE_OWNER: &str = "run.json";
 /// shard keys and manifests are the same for every run (`round-N/shard-XXXXX`), so another
 /// run's labels under the same prefix would pass for this one's (those of a given first teacher
 /// in particular, which two runs may share).
-fn claim_storage(store: &ShardStore, run_id: &str) -> Result<(), CoordinatorError> {
+/// Claims the store for the run; `true` when this call made the claim (not an earlier start of
+/// the same run). A failed write is tried again: a conditional write whose answer was lost may
+/// have been made, and the retry then finds the run's own claim.
+fn claim_storage(store: &ShardStore, run_id: &str) -> Result<bool, CoordinatorError> {
     let error = |reason: String| CoordinatorError::Storage { reason };
     let claim = serde_json::json!({ "run_id": run_id }).to_string();
-    let created = store
-        .put_if_absent(STORE_OWNER, claim.as_bytes())
-        .map_err(|e| error(e.to_string()))?;
+    let mut tries = 0;
+    let created = loop {
+        tries += 1;
+        match store.put_if_absent(STORE_OWNER, claim.as_bytes()) {
+            Ok(outcome) => break outcome,
+            Err(e) if tries < 3 => {
+                tracing::warn!(error = %e, "claiming the soft-label store failed, trying again");
+                std::thread::sleep(std::time::Duration::from_secs(1));
+            }
+            Err(e) => return Err(error(e.to_string())),
+        }
+    };
     if created == mentor_labels::PutOutcome::Created {
-        return Ok(());
+        return Ok(true);
     }
     let owner = store.get(STORE_OWNER).map_err(|e| error(e.to_string()))?;
     let owner: serde_json::Value = serde_json::from_slice(&owner).unwrap_or_default();
     match owner["run_id"].as_str() {
-        Some(owner) if owner == run_id => Ok(()),
+        Some(owner) if owner == run_id => Ok(false),
         owner => Err(error(format!(
-            "`{}` holds the soft labels of run {}: give this run a pseudo_labels.storage of its own (another prefix)",
+            "`{}` holds the soft labels of run {}: give this run a pseudo_labels.storage of its own (another prefix); if no run directory holds that run (a start that failed before saving its state), remove that run.json",
             store.location(STORE_OWNER),
             owner.unwrap_or("unknown (its run.json is unreadable)")
         ))),
@@ -591,9 +603,8 @@ impl Coordinator {
                 state.teacher_checkpoint = Some(resolved);
             }
         }
-        if plan.method == mentor_plan::Method::NoisyStudent {
-            claim_storage(&store, &state.run_id)?;
-        }
+        let claimed = plan.method == mentor_plan::Method::NoisyStudent
+            && claim_storage(&store, &state.run_id)?;
         // The selection files follow a moved directory once nothing can refuse the run any more
         // (a refused run leaves its directory as it was).
         if let Some(old) = &moved_from {
@@ -623,7 +634,15 @@ impl Coordinator {
             lock,
             regathering,
         };
-        coordinator.persist()?;
+        if let Err(error) = coordinator.persist() {
+            // A claim for a run whose id was never saved would refuse every later start.
+            if claimed && !resumed {
+                if let Err(e) = coordinator.store.delete(STORE_OWNER) {
+                    tracing::warn!(error = %e, "could not withdraw the claim on the soft-label store");
+                }
+            }
+            return Err(error);
+        }
         Ok(coordinator)
     }
 
@@ -1977,7 +1996,8 @@ mod tests {
         match Coordinator::open(with_store(), &dir.path().join("second")) {
             Err(CoordinatorError::Storage { reason }) => assert!(
                 reason.contains(&format!("holds the soft labels of run {run_id}"))
-                    && reason.contains("pseudo_labels.storage of its own"),
+                    && reason.contains("pseudo_labels.storage of its own")
+                    && reason.contains("remove that run.json"),
                 "{reason}"
             ),
             Err(e) => panic!("refused for another reason: {e}"),

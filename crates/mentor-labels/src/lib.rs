@@ -370,6 +370,9 @@ mod tests {
         assert!(dir.path().join("labels/round-1/a").exists());
         assert_eq!(store.location("round-1/a"), format!("{url}/round-1/a"));
         assert!(!store.exists("round-1/b").expect("exists"));
+        store.delete("round-1/a").expect("delete");
+        assert!(!store.exists("round-1/a").expect("exists"));
+        store.delete("round-1/a").expect("a missing key deletes");
         // A relative path is made absolute: workers are sent the root.
         let cwd = std::env::current_dir().expect("cwd");
         let up = "../".repeat(cwd.components().count() - 1);

@@ -10,7 +10,7 @@ use std::future::Future;
 use std::sync::Arc;
 
 use object_store::path::Path as ObjectPath;
-use object_store::{GetOptions, ObjectStore, PutMode, PutOptions, PutPayload};
+use object_store::{GetOptions, ObjectStore, ObjectStoreExt, PutMode, PutOptions, PutPayload};
 
 use crate::LabelError;
 
@@ -223,6 +223,15 @@ impl ShardStore {
                 .await
                 .map(|_| ())
         })
+    }
+
+    /// Removes `key` (a missing one is no error).
+    pub fn delete(&self, key: &str) -> Result<(), LabelError> {
+        let (store, path) = (self.store.clone(), self.path(key));
+        match self.run(key, async move { store.delete(&path).await }) {
+            Ok(()) | Err(LabelError::NotFound { .. }) => Ok(()),
+            Err(error) => Err(error),
+        }
     }
 
     pub fn get(&self, key: &str) -> Result<Vec<u8>, LabelError> {
