@@ -328,18 +328,9 @@ const STORE_OWNER: &str = "run.json";
 fn claim_storage(store: &ShardStore, run_id: &str) -> Result<bool, CoordinatorError> {
     let error = |reason: String| CoordinatorError::Storage { reason };
     let claim = serde_json::json!({ "run_id": run_id }).to_string();
-    let mut tries = 0;
-    let created = loop {
-        tries += 1;
-        match store.put_if_absent(STORE_OWNER, claim.as_bytes()) {
-            Ok(outcome) => break outcome,
-            Err(e) if tries < 3 => {
-                tracing::warn!(error = %e, "claiming the soft-label store failed, trying again");
-                std::thread::sleep(std::time::Duration::from_secs(1));
-            }
-            Err(e) => return Err(error(e.to_string())),
-        }
-    };
+    let created = store
+        .commit(STORE_OWNER, claim.as_bytes())
+        .map_err(|e| error(e.to_string()))?;
     if created == mentor_labels::PutOutcome::Created {
         return Ok(true);
     }

@@ -84,7 +84,7 @@ fn is_url(location: &str) -> bool {
 
 impl ShardStore {
     /// Opens `location`: a local directory (created if missing), or a URL (`s3://bucket/prefix`,
-    /// `gs://`, `az://`, `https://`, `file:///`, `memory:///`) configured from the usual
+    /// `gs://`, `az://`, `file:///`; `memory:///` for tests) configured from the usual
     /// environment variables (`AWS_*`, `GOOGLE_*`, `AZURE_*`).
     pub fn open(location: &str) -> Result<ShardStore, LabelError> {
         let runtime = runtime(location)?;
@@ -211,6 +211,24 @@ impl ShardStore {
                 Err(error) => Err(error),
             }
         })
+    }
+
+    /// [`ShardStore::put_if_absent`], tried again (up to 3 times, 1 s then 2 s apart) when the
+    /// write fails: an object store does not retry a conditional write itself, since it cannot
+    /// tell whether a write whose answer was lost was made; the next try finds it made
+    /// (`AlreadyExists`), which the caller checks as it checks any existing object.
+    pub fn commit(&self, key: &str, bytes: &[u8]) -> Result<PutOutcome, LabelError> {
+        let mut tries = 0u32;
+        loop {
+            tries += 1;
+            match self.put_if_absent(key, bytes) {
+                Err(error) if tries < 3 => {
+                    tracing::warn!(key, %error, tries, "writing to the soft-label store failed, trying again");
+                    std::thread::sleep(std::time::Duration::from_secs(u64::from(tries)));
+                }
+                outcome => return outcome,
+            }
+        }
     }
 
     /// Writes `bytes` under `key` atomically, replacing what was there (manifests).

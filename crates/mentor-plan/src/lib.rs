@@ -1193,16 +1193,22 @@ impl Plan {
                 ));
             }
             if let Some((scheme, _)) = storage.split_once("://") {
-                const SCHEMES: [&str; 10] = [
-                    "file", "s3", "s3a", "gs", "az", "adl", "azure", "abfs", "abfss", "https",
+                const SCHEMES: [&str; 9] = [
+                    "file", "s3", "s3a", "gs", "az", "adl", "azure", "abfs", "abfss",
                 ];
+                if scheme == "http" || scheme == "https" {
+                    return Err(invalid(
+                        "pseudo_labels.storage",
+                        "an HTTP store cannot write a shard exactly once (it has no conditional writes); use a directory or s3://, gs://, az://",
+                    ));
+                }
                 if scheme == "memory" {
                     return Err(invalid(
                         "pseudo_labels.storage",
                         "`memory://` would give each process a store of its own: labelers' shards would not reach the student",
                     ));
                 }
-                if !SCHEMES.contains(&scheme) && scheme != "http" {
+                if !SCHEMES.contains(&scheme) {
                     return Err(invalid(
                         "pseudo_labels.storage",
                         format!(

@@ -768,16 +768,21 @@ fn the_labeled_split_follows_the_seed_unless_split_seed_fixes_it() {
 }
 
 #[test]
-fn a_store_in_memory_is_refused_for_a_run() {
-    let plan = tiny_with(
-        "[pseudo_labels]",
-        "[pseudo_labels]\nstorage = \"memory:///\"",
-    );
-    assert!(
-        error_of(&plan).contains(
-            "pseudo_labels.storage: `memory://` would give each process a store of its own"
+fn stores_that_cannot_serve_a_run_are_refused() {
+    for (storage, refusal) in [
+        (
+            "memory:///",
+            "pseudo_labels.storage: `memory://` would give each process a store of its own",
         ),
-        "{}",
-        error_of(&plan)
-    );
+        (
+            "https://host/labels",
+            "pseudo_labels.storage: an HTTP store cannot write a shard exactly once",
+        ),
+    ] {
+        let plan = tiny_with(
+            "[pseudo_labels]",
+            &format!("[pseudo_labels]\nstorage = \"{storage}\""),
+        );
+        assert!(error_of(&plan).contains(refusal), "{}", error_of(&plan));
+    }
 }

@@ -938,8 +938,14 @@ fn label(
         classes: plan.data.classes,
     };
     // A shard committed by an earlier attempt is verified and reported, never written twice.
-    if store.exists(&key).map_err(|e| e.to_string())? {
-        return existing_shard(plan, &store, &key, &header, previous_teachers, started);
+    // A store that cannot say (S3 answers 403 to a missing key without s3:ListBucket) is
+    // labeled for: the exactly-once commit below finds a shard that exists.
+    match store.exists(&key) {
+        Ok(true) => return existing_shard(plan, &store, &key, &header, previous_teachers, started),
+        Ok(false) => {}
+        Err(error) => {
+            tracing::warn!(%error, key, "could not tell whether the shard exists; labeling it")
+        }
     }
     let (_vs, model, config) = load_model(plan, dataset, teacher)?;
     let _guard = tch::no_grad_guard();
@@ -999,10 +1005,7 @@ fn label(
         plan.pseudo_labels.min_confidence as f32,
     );
     let bytes = encode_shard(&header, &labels).map_err(|e| e.to_string())?;
-    match store
-        .put_if_absent(&key, &bytes)
-        .map_err(|e| e.to_string())?
-    {
+    match store.commit(&key, &bytes).map_err(|e| e.to_string())? {
         PutOutcome::Created => {
             tracing::info!(round, shard = shard_index, examples = labels.len(), location = %store.location(&key), "shard committed");
             Ok(Outcome::Labeled {
