@@ -64,7 +64,7 @@ pub fn filter_round(
         });
     }
     let manifest = Manifest {
-        format_version: 1,
+        format_version: mentor_labels::FORMAT_VERSION,
         round: round.round,
         teacher_checkpoint: teacher,
         temperature: plan.pseudo_labels.temperature,
@@ -89,7 +89,7 @@ pub fn filter_round(
     );
     let kept = selection.kept();
     let file = SelectionFile {
-        format_version: 1,
+        format_version: mentor_labels::FORMAT_VERSION,
         round: round.round,
         storage: store.root().to_string(),
         top_k: plan.top_k(),

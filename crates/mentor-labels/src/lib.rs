@@ -93,11 +93,31 @@ impl Manifest {
     }
 
     pub fn from_json(key: &str, bytes: &[u8]) -> Result<Manifest, LabelError> {
-        serde_json::from_slice(bytes).map_err(|error| LabelError::Corrupt {
-            key: key.to_string(),
-            reason: format!("manifest is not valid JSON: {error}"),
-        })
+        let manifest: Manifest =
+            serde_json::from_slice(bytes).map_err(|error| LabelError::Corrupt {
+                key: key.to_string(),
+                reason: format!("manifest is not valid JSON: {error}"),
+            })?;
+        known_version(key, "manifest", manifest.format_version)?;
+        Ok(manifest)
     }
+}
+
+/// The `format_version` of manifests and selections this build writes and reads.
+pub const FORMAT_VERSION: u32 = 1;
+
+/// Refuses a manifest or selection of a format this build does not know (written by a later
+/// one): its fields could mean other things.
+fn known_version(key: &str, what: &str, version: u32) -> Result<(), LabelError> {
+    if version > FORMAT_VERSION {
+        return Err(LabelError::Corrupt {
+            key: key.to_string(),
+            reason: format!(
+                "{what} of format version {version}, which this build (version {FORMAT_VERSION}) does not read: use the build that wrote it, or a later one"
+            ),
+        });
+    }
+    Ok(())
 }
 
 /// Counts a shard's examples by top class and confidence.
@@ -130,10 +150,13 @@ impl SelectionFile {
     }
 
     pub fn from_json(name: &str, bytes: &[u8]) -> Result<SelectionFile, LabelError> {
-        serde_json::from_slice(bytes).map_err(|error| LabelError::Corrupt {
-            key: name.to_string(),
-            reason: format!("selection is not valid JSON: {error}"),
-        })
+        let selection: SelectionFile =
+            serde_json::from_slice(bytes).map_err(|error| LabelError::Corrupt {
+                key: name.to_string(),
+                reason: format!("selection is not valid JSON: {error}"),
+            })?;
+        known_version(name, "selection", selection.format_version)?;
+        Ok(selection)
     }
 }
 
@@ -464,7 +487,7 @@ mod tests {
         let key = shard_key(2, 0);
         store.put_if_absent(&key, &bytes).expect("put");
         let mut manifest = Manifest {
-            format_version: 1,
+            format_version: FORMAT_VERSION,
             round: 2,
             teacher_checkpoint: "round-1-student".into(),
             temperature: 1.0,
@@ -500,6 +523,15 @@ mod tests {
         assert_eq!(
             missing.to_string(),
             "`round-3/manifest.json` not found in the soft-label store"
+        );
+        // A manifest of a later format is refused, not read as this one.
+        manifest.format_version = FORMAT_VERSION + 1;
+        let error = Manifest::from_json("m", &manifest.to_json()).expect_err("later format");
+        assert!(
+            error
+                .to_string()
+                .contains("this build (version 1) does not read"),
+            "{error}"
         );
     }
 }

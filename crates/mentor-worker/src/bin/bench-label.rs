@@ -167,7 +167,7 @@ fn main() -> anyhow::Result<()> {
             .collect(),
     };
     let file = SelectionFile {
-        format_version: 1,
+        format_version: mentor_labels::FORMAT_VERSION,
         round: 1,
         storage,
         top_k: plan.top_k(),
