@@ -44,7 +44,7 @@ struct Args {
     /// With --exit-when-done: go on answering status queries (and /metrics) this long after
     /// the run ended and its workers were told, so that a watcher or a Prometheus scrape sees
     /// the outcome before the coordinator is gone.
-    #[arg(long, env = "MENTOR_LINGER_SECONDS", default_value_t = 30)]
+    #[arg(long, env = "MENTOR_LINGER_SECONDS", default_value_t = DEFAULT_LINGER_SECONDS)]
     linger_seconds: u64,
     /// Also serve the run's status to Prometheus: `GET /metrics` at this IP:PORT or
     /// HOSTNAME:PORT (port 0 picks a free port; the address is logged).
@@ -54,6 +54,9 @@ struct Args {
     #[arg(long, default_value = "text", value_parser = mentor_telemetry::LOG_FORMATS)]
     log_format: String,
 }
+
+/// `--linger-seconds` when not given.
+const DEFAULT_LINGER_SECONDS: u64 = 30;
 
 async fn shutdown_signal() {
     let ctrl_c = tokio::signal::ctrl_c();
@@ -174,7 +177,7 @@ async fn serve_run() -> anyhow::Result<Ended> {
     }
     let exit_when_done = args.exit_when_done;
     let linger = Duration::from_secs(args.linger_seconds);
-    if !exit_when_done && args.linger_seconds != 30 {
+    if !exit_when_done && args.linger_seconds != DEFAULT_LINGER_SECONDS {
         tracing::warn!(
             linger_seconds = args.linger_seconds,
             "--linger-seconds has no effect without --exit-when-done: the coordinator serves until stopped"

@@ -93,31 +93,36 @@ impl Manifest {
     }
 
     pub fn from_json(key: &str, bytes: &[u8]) -> Result<Manifest, LabelError> {
-        let manifest: Manifest =
-            serde_json::from_slice(bytes).map_err(|error| LabelError::Corrupt {
-                key: key.to_string(),
-                reason: format!("manifest is not valid JSON: {error}"),
-            })?;
-        known_version(key, "manifest", manifest.format_version)?;
-        Ok(manifest)
+        read_versioned(key, "manifest", bytes, |manifest: &Manifest| {
+            manifest.format_version
+        })
     }
 }
 
 /// The `format_version` of manifests and selections this build writes and reads.
 pub const FORMAT_VERSION: u32 = 1;
 
-/// Refuses a manifest or selection of a format this build does not know (written by a later
-/// one): its fields could mean other things.
-fn known_version(key: &str, what: &str, version: u32) -> Result<(), LabelError> {
+/// Reads a manifest or selection (`what`) named `key`: valid JSON, of a format this build
+/// knows (one written by a later build is refused: its fields could mean other things).
+fn read_versioned<T: serde::de::DeserializeOwned>(
+    key: &str,
+    what: &str,
+    bytes: &[u8],
+    version_of: impl Fn(&T) -> u32,
+) -> Result<T, LabelError> {
+    let corrupt = |reason: String| LabelError::Corrupt {
+        key: key.to_string(),
+        reason,
+    };
+    let value: T = serde_json::from_slice(bytes)
+        .map_err(|error| corrupt(format!("{what} is not valid JSON: {error}")))?;
+    let version = version_of(&value);
     if version > FORMAT_VERSION {
-        return Err(LabelError::Corrupt {
-            key: key.to_string(),
-            reason: format!(
-                "{what} of format version {version}, which this build (version {FORMAT_VERSION}) does not read: use the build that wrote it, or a later one"
-            ),
-        });
+        return Err(corrupt(format!(
+            "{what} of format version {version}, which this build (version {FORMAT_VERSION}) does not read: use the build that wrote it, or a later one"
+        )));
     }
-    Ok(())
+    Ok(value)
 }
 
 /// Counts a shard's examples by top class and confidence.
@@ -150,13 +155,9 @@ impl SelectionFile {
     }
 
     pub fn from_json(name: &str, bytes: &[u8]) -> Result<SelectionFile, LabelError> {
-        let selection: SelectionFile =
-            serde_json::from_slice(bytes).map_err(|error| LabelError::Corrupt {
-                key: name.to_string(),
-                reason: format!("selection is not valid JSON: {error}"),
-            })?;
-        known_version(name, "selection", selection.format_version)?;
-        Ok(selection)
+        read_versioned(name, "selection", bytes, |selection: &SelectionFile| {
+            selection.format_version
+        })
     }
 }
 
