@@ -322,11 +322,16 @@ const STORE_OWNER: &str = "run.json";
 /// shard keys and manifests are the same for every run (`round-N/shard-XXXXX`), so another
 /// run's labels under the same prefix would pass for this one's (those of a given first teacher
 /// in particular, which two runs may share).
-/// Claims the store for the run; `true` when this call made the claim (not an earlier start of
-/// the same run). A failed write is tried again: a conditional write whose answer was lost may
-/// have been made, and the retry then finds the run's own claim.
+///
+/// `true` when this call made the claim (not an earlier start of the same run). A failed write
+/// is tried again: a conditional write whose answer was lost may have been made, and the retry
+/// then finds the run's own claim. The store is first checked to honour create-if-absent
+/// writes, which the claim and every shard commit rely on.
 fn claim_storage(store: &ShardStore, run_id: &str) -> Result<bool, CoordinatorError> {
     let error = |reason: String| CoordinatorError::Storage { reason };
+    store
+        .check_conditional_writes(&format!(".mentor-probe-{run_id}-{}", std::process::id()))
+        .map_err(|e| error(e.to_string()))?;
     let claim = serde_json::json!({ "run_id": run_id }).to_string();
     let created = store
         .commit(STORE_OWNER, claim.as_bytes())
@@ -463,8 +468,8 @@ impl Coordinator {
         let split = mentor_data::Split::new(&labels, 0, &plan.data, plan.split_seed())?;
         // A model that cannot take the images would fail its first task, after the wait for
         // workers: refused now.
-        let dims = mentor_data::read_idx_dims(&plan.data.dir.join("train-images-idx3-ubyte"), 3)?;
-        plan.check_image_side(dims[1] as u32)
+        let side = mentor_data::check_idx_files(&plan.data, &labels)?;
+        plan.check_image_side(side as u32)
             .map_err(CoordinatorError::PlanData)?;
         let storage = plan
             .pseudo_labels

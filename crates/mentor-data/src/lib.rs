@@ -75,12 +75,11 @@ impl ImageSet {
     pub fn load(dir: &Path, prefix: &str) -> Result<ImageSet, DataError> {
         let (labels, _) = read_idx(&dir.join(format!("{prefix}-labels-idx1-ubyte")), 1)?;
         let (pixels, dims) = read_idx(&dir.join(format!("{prefix}-images-idx3-ubyte")), 3)?;
-        if dims[0] != labels.len() {
-            return Err(DataError::Format {
-                path: dir.join(format!("{prefix}-images-idx3-ubyte")),
-                reason: format!("{} images but {} labels", dims[0], labels.len()),
-            });
-        }
+        check_images(
+            &dir.join(format!("{prefix}-images-idx3-ubyte")),
+            &dims,
+            labels.len(),
+        )?;
         Ok(ImageSet {
             pixels,
             labels,
@@ -113,9 +112,7 @@ impl PlanData {
             });
         }
         let split = Split::new(&train.labels, test.len(), data, seed)?;
-        // Training images of other classes can only be unlabeled; every test image evaluated
-        // needs an output of the model.
-        check_labels("test", &test.labels[..split.test_len], data.classes)?;
+        check_test_labels(&test.labels[..split.test_len], data)?;
         let unlabeled = Source::open(data, &split.unlabeled)?;
         Ok(PlanData {
             train,
@@ -124,6 +121,63 @@ impl PlanData {
             unlabeled,
         })
     }
+}
+
+/// Refuses an images file whose header (`dims`: count, rows, columns) does not go with its
+/// `labels` count or gives images that are not square (every model takes a side; a 28x32
+/// image would fail the first task, not the start).
+fn check_images(path: &Path, dims: &[usize], labels: usize) -> Result<(), DataError> {
+    let format = |reason: String| DataError::Format {
+        path: path.to_path_buf(),
+        reason,
+    };
+    if dims[0] != labels {
+        return Err(format(format!("{} images but {labels} labels", dims[0])));
+    }
+    if dims[1] != dims[2] || dims[1] == 0 {
+        return Err(format(format!(
+            "its images are {}x{}: square images of at least 1x1 are needed",
+            dims[1], dims[2]
+        )));
+    }
+    Ok(())
+}
+
+/// Refuses an empty test set (every accuracy would read 0%) and test labels the plan's
+/// `data.classes` does not cover (every test image evaluated needs an output of the model);
+/// training images of other classes can only be unlabeled.
+fn check_test_labels(test_labels: &[u8], data: &DataPlan) -> Result<(), DataError> {
+    if test_labels.is_empty() {
+        return Err(DataError::Format {
+            path: data.dir.join("t10k-labels-idx1-ubyte"),
+            reason: "the test set has no image".into(),
+        });
+    }
+    check_labels("test", test_labels, data.classes)
+}
+
+/// Checks the four IDX files of `data.dir` against each other and the plan as
+/// [`PlanData::load`] does, reading the headers and the labels but not the training images
+/// (what a coordinator needs before it waits for workers, whose first task would fail on
+/// them). Returns the images' side.
+pub fn check_idx_files(data: &DataPlan, train_labels: &[u8]) -> Result<usize, DataError> {
+    let side = |prefix: &str, labels: usize| -> Result<usize, DataError> {
+        let path = data.dir.join(format!("{prefix}-images-idx3-ubyte"));
+        let dims = read_idx_dims(&path, 3)?;
+        check_images(&path, &dims, labels)?;
+        Ok(dims[1])
+    };
+    let train = side("train", train_labels.len())?;
+    let (test_labels, _) = read_idx(&data.dir.join("t10k-labels-idx1-ubyte"), 1)?;
+    let test = side("t10k", test_labels.len())?;
+    if test != train {
+        return Err(DataError::SizeMismatch {
+            test: format!("{test}x{test}"),
+            train: format!("{train}x{train}"),
+        });
+    }
+    check_test_labels(&test_labels[..evaluated(test_labels.len(), data)], data)?;
+    Ok(train)
 }
 
 /// Refuses labels the plan's `data.classes` does not cover (a model with fewer outputs).
@@ -269,7 +323,9 @@ impl Split {
         let classes = data.classes as usize;
         let mut taken = vec![0u32; classes];
         let mut is_labeled = vec![false; train_labels.len()];
-        let mut labeled = Vec::with_capacity(classes * data.labeled_per_class as usize);
+        // Bounded by the images there are: the plan's product alone may ask for terabytes.
+        let mut labeled =
+            Vec::with_capacity((classes * data.labeled_per_class as usize).min(train_labels.len()));
         for &position in &order {
             let class = train_labels[position as usize] as usize;
             if class < classes && taken[class] < data.labeled_per_class {
@@ -294,16 +350,20 @@ impl Split {
         if data.unlabeled_limit > 0 {
             unlabeled.truncate(data.unlabeled_limit as usize);
         }
-        let test_len = if data.test_limit > 0 {
-            test_len.min(data.test_limit as usize)
-        } else {
-            test_len
-        };
         Ok(Split {
             labeled,
             unlabeled,
-            test_len,
+            test_len: evaluated(test_len, data),
         })
+    }
+}
+
+/// How many of `available` test images are evaluated: the first `data.test_limit` (0: all).
+fn evaluated(available: usize, data: &DataPlan) -> usize {
+    if data.test_limit > 0 {
+        available.min(data.test_limit as usize)
+    } else {
+        available
     }
 }
 
@@ -320,6 +380,9 @@ pub fn shard_ranges(unlabeled: u64, shard_size: u64) -> Vec<(u64, u64)> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// `Split::new(0..300 labeled i % 3, labeled_per_class 2, seed 0).labeled`.
+    const GOLDEN_SPLIT_SEED_0: [u32; 6] = [228, 96, 280, 68, 283, 29];
 
     fn data_plan(labeled_per_class: u32, unlabeled_limit: u64) -> DataPlan {
         DataPlan {
@@ -357,6 +420,94 @@ mod tests {
         assert_eq!(split.unlabeled.len(), 285);
         assert!(split.unlabeled.iter().all(|p| !split.labeled.contains(p)));
         assert!(split.unlabeled.windows(2).all(|w| w[0] < w[1]));
+    }
+
+    /// The labeled subset of a seed is part of a run's identity (ALGORITHMS.md section 4
+    /// reports every seed on the same subset): a change of the shuffle or of the generator
+    /// behind it (a `rand` upgrade) would change every recorded split, and this fails.
+    #[test]
+    fn the_split_of_a_seed_does_not_change_between_builds() {
+        let labels: Vec<u8> = (0..300).map(|i| (i % 3) as u8).collect();
+        let split = Split::new(&labels, 100, &data_plan(2, 0), 0).expect("split");
+        assert_eq!(split.labeled, GOLDEN_SPLIT_SEED_0);
+    }
+
+    #[test]
+    fn a_huge_labeled_per_class_is_refused_not_allocated() {
+        let error = Split::new(&[0, 1, 2], 0, &data_plan(u32::MAX, 0), 0).expect_err("too many");
+        assert!(
+            matches!(error, DataError::NotEnoughLabeled { found: 1, .. }),
+            "{error}"
+        );
+    }
+
+    fn write_idx(path: &Path, dims: &[u32], data: &[u8]) {
+        let mut bytes = vec![0, 0, 8, dims.len() as u8];
+        for dim in dims {
+            bytes.extend(dim.to_be_bytes());
+        }
+        bytes.extend(data);
+        std::fs::write(path, bytes).expect("write");
+    }
+
+    /// A data directory of `train` and `test` images of `rows` x `cols`, labels cycling over
+    /// 3 classes.
+    fn idx_dir(train: u32, test: u32, (rows, cols): (u32, u32)) -> tempfile::TempDir {
+        let dir = tempfile::tempdir().expect("tempdir");
+        for (prefix, count) in [("train", train), ("t10k", test)] {
+            let labels: Vec<u8> = (0..count).map(|i| (i % 3) as u8).collect();
+            write_idx(
+                &dir.path().join(format!("{prefix}-labels-idx1-ubyte")),
+                &[count],
+                &labels,
+            );
+            write_idx(
+                &dir.path().join(format!("{prefix}-images-idx3-ubyte")),
+                &[count, rows, cols],
+                &vec![7; (count * rows * cols) as usize],
+            );
+        }
+        dir
+    }
+
+    /// Non-square images and an empty test set are refused when the plan's data is checked,
+    /// by the workers' full load and by the coordinator's header check alike, naming the file.
+    #[test]
+    fn non_square_images_and_an_empty_test_set_are_refused() {
+        let checks = |dir: &tempfile::TempDir| {
+            let plan = DataPlan {
+                dir: dir.path().to_path_buf(),
+                ..data_plan(1, 0)
+            };
+            let labels = load_train_labels(&plan.dir).expect("labels");
+            (
+                PlanData::load(&plan, 0).map(|_| ()),
+                check_idx_files(&plan, &labels),
+            )
+        };
+        let good = idx_dir(12, 3, (2, 2));
+        let (load, headers) = checks(&good);
+        load.expect("square images");
+        assert_eq!(headers.expect("square images"), 2);
+
+        let wide = idx_dir(12, 3, (2, 3));
+        let (load, headers) = checks(&wide);
+        for error in [load.expect_err("2x3"), headers.expect_err("2x3")] {
+            let message = error.to_string();
+            assert!(
+                message.contains("train-images-idx3-ubyte") && message.contains("2x3"),
+                "{message}"
+            );
+        }
+
+        let no_test = idx_dir(12, 0, (2, 2));
+        let (load, headers) = checks(&no_test);
+        for error in [load.expect_err("no test"), headers.expect_err("no test")] {
+            assert!(
+                error.to_string().contains("the test set has no image"),
+                "{error}"
+            );
+        }
     }
 
     #[test]
@@ -464,5 +615,7 @@ mod tests {
         let split = Split::new(&labels, 10_000, &plan, 0).expect("split");
         assert_eq!(split.labeled.len(), 1000);
         assert_eq!(split.unlabeled.len(), 59_000);
+        // The benchmark's 1,000 labels (split seed 0), which README's results were trained on.
+        assert_eq!(split.labeled[..5], [37228, 18959, 27660, 36924, 29319]);
     }
 }

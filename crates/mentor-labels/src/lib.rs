@@ -185,13 +185,13 @@ pub fn read_shard(
         let actual = sha256_hex(&bytes);
         if actual != expected {
             return Err(LabelError::ChecksumMismatch {
-                key: key.to_string(),
+                key: store.location(key),
                 expected: expected.to_string(),
                 actual,
             });
         }
     }
-    decode_shard(key, &bytes)
+    decode_shard(&store.location(key), &bytes)
 }
 
 /// Reads a manifest and every shard it lists, checking each one; returns them in index order.
@@ -200,13 +200,13 @@ pub fn read_round(
     round: u32,
 ) -> Result<(Manifest, Vec<SoftLabels>), LabelError> {
     let key = manifest_key(round);
-    let manifest = Manifest::from_json(&key, &store.get(&key)?)?;
+    let manifest = Manifest::from_json(&store.location(&key), &store.get(&key)?)?;
     let mut shards = Vec::with_capacity(manifest.shards.len());
     for shard in &manifest.shards {
         let (_, labels) = read_shard(store, &shard.key, Some(&shard.sha256))?;
         if labels.len() as u64 != shard.examples {
             return Err(LabelError::Corrupt {
-                key: shard.key.clone(),
+                key: store.location(&shard.key),
                 reason: format!(
                     "{} examples, the manifest says {}",
                     labels.len(),
@@ -523,7 +523,7 @@ mod tests {
         let missing = read_round(&store, 3).expect_err("no manifest");
         assert_eq!(
             missing.to_string(),
-            "`round-3/manifest.json` not found in the soft-label store"
+            "`memory://round-3/manifest.json` not found in the soft-label store"
         );
         // A manifest of a later format is refused, not read as this one.
         manifest.format_version = FORMAT_VERSION + 1;

@@ -77,6 +77,17 @@ fn runtime(root: &str) -> Result<Arc<StoreRuntime>, LabelError> {
         })
 }
 
+/// `location` without its trailing slashes, a URL's `scheme://` kept whole (`memory:///` is
+/// `memory://`), for messages.
+fn root_name(location: &str) -> String {
+    let trimmed = location.trim_end_matches('/');
+    if trimmed.ends_with(':') {
+        format!("{trimmed}//")
+    } else {
+        trimmed.to_string()
+    }
+}
+
 /// Whether `location` names an object store URL rather than a local path.
 fn is_url(location: &str) -> bool {
     location.contains("://")
@@ -104,7 +115,7 @@ impl ShardStore {
             let path = url
                 .to_file_path()
                 .map_err(|()| invalid("not a local path".into()))?;
-            return Self::local(&path, location.trim_end_matches('/').to_string(), runtime);
+            return Self::local(&path, root_name(location), runtime);
         }
         let options: Vec<(String, String)> = std::env::vars()
             .filter(|(key, _)| {
@@ -121,7 +132,7 @@ impl ShardStore {
         Ok(ShardStore {
             store: Arc::from(store),
             prefix,
-            root: location.trim_end_matches('/').to_string(),
+            root: root_name(location),
             runtime,
         })
     }
@@ -147,6 +158,17 @@ impl ShardStore {
             root,
             runtime,
         })
+    }
+
+    /// `store` under the name `root` (tests: a store that fails on purpose).
+    #[cfg(test)]
+    fn with_object_store(store: Arc<dyn ObjectStore>, root: &str) -> ShardStore {
+        ShardStore {
+            store,
+            prefix: ObjectPath::default(),
+            root: root.to_string(),
+            runtime: runtime(root).expect("runtime"),
+        }
     }
 
     /// A store in memory (tests, benchmarks).
@@ -180,16 +202,17 @@ impl ShardStore {
         self.runtime.spawn(async move {
             let _ = sender.send(future.await);
         });
+        // Errors name the whole location (bucket and prefix), not the key alone.
         let result = receiver.recv().map_err(|_| LabelError::Io {
-            key: key.to_string(),
+            key: self.location(key),
             source: std::io::Error::other("the storage runtime stopped"),
         })?;
         result.map_err(|error| match error {
             object_store::Error::NotFound { .. } => LabelError::NotFound {
-                key: key.to_string(),
+                key: self.location(key),
             },
             other => LabelError::Io {
-                key: key.to_string(),
+                key: self.location(key),
                 source: std::io::Error::other(other.to_string()),
             },
         })
@@ -280,13 +303,246 @@ impl ShardStore {
 
     /// A human-readable location of `key` (a path or URL).
     pub fn location(&self, key: &str) -> String {
-        format!("{}/{key}", self.root.trim_end_matches('/'))
+        if self.root.ends_with("://") {
+            format!("{}{key}", self.root)
+        } else {
+            format!("{}/{key}", self.root)
+        }
+    }
+
+    /// Checks that the store honours create-if-absent writes, which every shard commit and the
+    /// run's claim of the store rely on: writes `probe_key` twice and expects the second write
+    /// refused, then removes it. Some S3-compatible stores ignore `If-None-Match` and overwrite
+    /// (two attempts of a label task would then both "win"); a FUSE mount without hard links
+    /// fails such writes; either is named here, before any work, not in the middle of a round.
+    pub fn check_conditional_writes(&self, probe_key: &str) -> Result<(), LabelError> {
+        let refused = |reason: String| {
+            LabelError::Invalid(format!(
+                "storage `{}` cannot create an object only if it is absent ({reason}); soft labels need that to commit each shard exactly once: use an object store URL (s3://, gs://, az://) or a local file system with hard links",
+                self.root
+            ))
+        };
+        let first = self
+            .commit(probe_key, b"first")
+            .map_err(|error| refused(error.to_string()))?;
+        let second = self
+            .put_if_absent(probe_key, b"second")
+            .map_err(|error| refused(error.to_string()))?;
+        let kept = self.get(probe_key);
+        // Removed whatever the answers: the probe is no part of the run's labels.
+        self.delete(probe_key)?;
+        if first != PutOutcome::Created {
+            return Err(refused(format!(
+                "`{}` was already there; another run probing at the same time?",
+                self.location(probe_key)
+            )));
+        }
+        match (second, kept) {
+            (PutOutcome::AlreadyExists, Ok(bytes)) if bytes == b"first" => Ok(()),
+            (PutOutcome::Created, _) => Err(refused(
+                "a second create-if-absent write of the same key was accepted; the store ignores `If-None-Match`".into(),
+            )),
+            (_, Ok(_)) => Err(refused(
+                "a refused write replaced the object anyway".into(),
+            )),
+            (_, Err(error)) => Err(error),
+        }
     }
 }
 
 #[cfg(test)]
 mod tests {
+    use std::sync::atomic::{AtomicU32, Ordering};
+
+    use futures_util::stream::BoxStream;
+    use object_store::memory::InMemory;
+    use object_store::{
+        CopyOptions, GetResult, ListResult, MultipartUpload, ObjectMeta, PutMultipartOptions,
+        PutResult,
+    };
+
     use super::*;
+
+    /// An object store in memory that misbehaves as real ones do: writes that fail, writes
+    /// made whose answer is lost, heads that fail, and create-if-absent ignored.
+    #[derive(Debug, Default)]
+    struct Faulty {
+        inner: InMemory,
+        /// The next this many writes fail, writing nothing.
+        failing_puts: AtomicU32,
+        /// The next this many writes are made, then answered with an error.
+        lost_answers: AtomicU32,
+        /// Create-if-absent writes overwrite (an S3-compatible store ignoring `If-None-Match`).
+        ignores_create: bool,
+        puts: AtomicU32,
+    }
+
+    fn take(counter: &AtomicU32) -> bool {
+        counter
+            .fetch_update(Ordering::SeqCst, Ordering::SeqCst, |n| n.checked_sub(1))
+            .is_ok()
+    }
+
+    fn failure(what: &str) -> object_store::Error {
+        object_store::Error::Generic {
+            store: "Faulty",
+            source: what.into(),
+        }
+    }
+
+    impl std::fmt::Display for Faulty {
+        fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+            write!(f, "Faulty")
+        }
+    }
+
+    #[async_trait::async_trait]
+    impl ObjectStore for Faulty {
+        async fn put_opts(
+            &self,
+            location: &ObjectPath,
+            payload: PutPayload,
+            mut opts: PutOptions,
+        ) -> object_store::Result<PutResult> {
+            self.puts.fetch_add(1, Ordering::SeqCst);
+            if take(&self.failing_puts) {
+                return Err(failure("connection reset"));
+            }
+            if self.ignores_create {
+                opts.mode = PutMode::Overwrite;
+            }
+            let result = self.inner.put_opts(location, payload, opts).await;
+            if result.is_ok() && take(&self.lost_answers) {
+                return Err(failure("timed out waiting for the answer"));
+            }
+            result
+        }
+
+        async fn put_multipart_opts(
+            &self,
+            location: &ObjectPath,
+            opts: PutMultipartOptions,
+        ) -> object_store::Result<Box<dyn MultipartUpload>> {
+            self.inner.put_multipart_opts(location, opts).await
+        }
+
+        async fn get_opts(
+            &self,
+            location: &ObjectPath,
+            options: GetOptions,
+        ) -> object_store::Result<GetResult> {
+            self.inner.get_opts(location, options).await
+        }
+
+        fn delete_stream(
+            &self,
+            locations: BoxStream<'static, object_store::Result<ObjectPath>>,
+        ) -> BoxStream<'static, object_store::Result<ObjectPath>> {
+            self.inner.delete_stream(locations)
+        }
+
+        fn list(
+            &self,
+            prefix: Option<&ObjectPath>,
+        ) -> BoxStream<'static, object_store::Result<ObjectMeta>> {
+            self.inner.list(prefix)
+        }
+
+        async fn list_with_delimiter(
+            &self,
+            prefix: Option<&ObjectPath>,
+        ) -> object_store::Result<ListResult> {
+            self.inner.list_with_delimiter(prefix).await
+        }
+
+        async fn copy_opts(
+            &self,
+            from: &ObjectPath,
+            to: &ObjectPath,
+            options: CopyOptions,
+        ) -> object_store::Result<()> {
+            self.inner.copy_opts(from, to, options).await
+        }
+    }
+
+    fn faulty(faulty: Faulty) -> (Arc<Faulty>, ShardStore) {
+        let faulty = Arc::new(faulty);
+        let store = ShardStore::with_object_store(faulty.clone(), "s3://bucket/labels");
+        (faulty, store)
+    }
+
+    /// A failed write is tried again and lands; a write made whose answer was lost is found
+    /// made by the next try (the caller then checks the object as any existing one); a store
+    /// that keeps failing gives up after 3 tries, naming the whole location.
+    #[test]
+    fn commits_are_tried_again_when_a_write_fails() {
+        let (store, shards) = faulty(Faulty {
+            failing_puts: AtomicU32::new(2),
+            ..Faulty::default()
+        });
+        assert_eq!(
+            shards.commit("round-1/a", b"a").expect("third try"),
+            PutOutcome::Created
+        );
+        assert_eq!(store.puts.load(Ordering::SeqCst), 3);
+        assert_eq!(shards.get("round-1/a").expect("get"), b"a".to_vec());
+
+        let (store, shards) = faulty(Faulty {
+            lost_answers: AtomicU32::new(1),
+            ..Faulty::default()
+        });
+        assert_eq!(
+            shards.commit("round-1/b", b"b").expect("second try"),
+            PutOutcome::AlreadyExists
+        );
+        assert_eq!(store.puts.load(Ordering::SeqCst), 2);
+        assert_eq!(shards.get("round-1/b").expect("get"), b"b".to_vec());
+
+        let (store, shards) = faulty(Faulty {
+            failing_puts: AtomicU32::new(u32::MAX),
+            ..Faulty::default()
+        });
+        let error = shards.commit("round-1/c", b"c").expect_err("always fails");
+        assert_eq!(store.puts.load(Ordering::SeqCst), 3);
+        let message = error.to_string();
+        assert!(
+            message.contains("s3://bucket/labels/round-1/c")
+                && message.contains("connection reset"),
+            "{message}"
+        );
+    }
+
+    /// A store that accepts a second create-if-absent write of a key is refused, naming the
+    /// store; one that honours it passes; the probe is removed either way.
+    #[test]
+    fn conditional_writes_are_checked() {
+        let (_, honest) = faulty(Faulty::default());
+        honest
+            .check_conditional_writes(".mentor/probe")
+            .expect("honours create");
+        assert!(!honest.exists(".mentor/probe").expect("exists"));
+
+        let (_, lax) = faulty(Faulty {
+            ignores_create: true,
+            ..Faulty::default()
+        });
+        let message = lax
+            .check_conditional_writes(".mentor/probe")
+            .expect_err("ignores create")
+            .to_string();
+        assert!(
+            message.contains("`s3://bucket/labels`") && message.contains("If-None-Match"),
+            "{message}"
+        );
+        assert!(!lax.exists(".mentor/probe").expect("exists"));
+
+        // A local directory honours it (hard links).
+        let dir = tempfile::tempdir().expect("tempdir");
+        let local = ShardStore::open(dir.path().to_str().expect("utf-8")).expect("store");
+        local
+            .check_conditional_writes(".mentor/probe")
+            .expect("local");
+    }
 
     /// The coordinator's last clone of its store is dropped inside its async server: that must
     /// not panic (a tokio runtime dropped in an async context does).

@@ -920,8 +920,40 @@ impl Plan {
         Ok(())
     }
 
-    /// Checks every field; the first problem found is returned.
+    /// Checks every field; the first problem found is returned, with the value the plan gave
+    /// where the rule alone is stated ("must be in [0, 1), not 1.5").
     pub fn validate(&self) -> Result<(), PlanError> {
+        self.check_fields()
+            .map_err(|error| self.naming_the_value(error))
+    }
+
+    /// `error` with the plan's value of its field appended to a bare rule.
+    fn naming_the_value(&self, error: PlanError) -> PlanError {
+        let PlanError::Invalid { field, reason } = error else {
+            return error;
+        };
+        if !reason.starts_with("must be") || reason.contains(", not ") {
+            return PlanError::Invalid { field, reason };
+        }
+        let value = toml::Value::try_from(self).ok().and_then(|plan| {
+            field
+                .split('.')
+                .try_fold(plan, |value, key| value.get(key).cloned())
+        });
+        match value {
+            Some(value) if !value.is_table() && !value.is_array() => {
+                // After the rule, before its explanation.
+                let reason = match reason.split_once(": ") {
+                    Some((rule, why)) => format!("{rule}, not {value}: {why}"),
+                    None => format!("{reason}, not {value}"),
+                };
+                PlanError::Invalid { field, reason }
+            }
+            _ => PlanError::Invalid { field, reason },
+        }
+    }
+
+    fn check_fields(&self) -> Result<(), PlanError> {
         if self.version != PLAN_VERSION {
             return Err(invalid(
                 "version",
@@ -1250,8 +1282,17 @@ fn validate_role(
     if train.steps == 0 {
         return Err(invalid(format!("{role}.train.steps"), "must be >= 1"));
     }
-    if train.batch_size == 0 {
-        return Err(invalid(format!("{role}.train.batch_size"), "must be >= 1"));
+    if !(1..=MAX_BATCH).contains(&train.batch_size) {
+        return Err(invalid(
+            format!("{role}.train.batch_size"),
+            format!("must be in [1, {MAX_BATCH}]"),
+        ));
+    }
+    if train.unlabeled_ratio > MAX_RATIO {
+        return Err(invalid(
+            format!("{role}.train.unlabeled_ratio"),
+            format!("must be <= {MAX_RATIO}"),
+        ));
     }
     if is_student && train.unlabeled_ratio == 0 {
         return Err(invalid(
@@ -1317,7 +1358,21 @@ fn validate_noise(role: &str, noise: &NoisePlan) -> Result<(), PlanError> {
     validate_randaugment(&format!("{role}.noise.randaugment"), &noise.randaugment)
 }
 
+/// The largest batch a plan may ask for (images of one step, all ranks together), and the
+/// largest ratio of unlabeled to labeled images in it: bounds far past any real batch that keep
+/// a typo from allocating a worker's memory away, or spinning, on its first step.
+const MAX_BATCH: u32 = 65_536;
+const MAX_RATIO: u32 = 1_024;
+/// The most RandAugment operations applied to one image.
+const MAX_RANDAUGMENT_OPS: u32 = 16;
+
 fn validate_randaugment(path: &str, randaugment: &RandAugmentPlan) -> Result<(), PlanError> {
+    if randaugment.ops > MAX_RANDAUGMENT_OPS {
+        return Err(invalid(
+            format!("{path}.ops"),
+            format!("must be <= {MAX_RANDAUGMENT_OPS}"),
+        ));
+    }
     if !(0.0..=30.0).contains(&randaugment.magnitude) {
         return Err(invalid(format!("{path}.magnitude"), "must be in [0, 30]"));
     }
@@ -1379,11 +1434,14 @@ fn validate_mpl(mpl: &MplPlan) -> Result<(), PlanError> {
     if mpl.steps == 0 {
         return Err(invalid("mpl.steps", "must be >= 1"));
     }
-    if mpl.batch_size == 0 {
-        return Err(invalid("mpl.batch_size", "must be >= 1"));
+    if !(1..=MAX_BATCH).contains(&mpl.batch_size) {
+        return Err(invalid(
+            "mpl.batch_size",
+            format!("must be in [1, {MAX_BATCH}]"),
+        ));
     }
-    if mpl.mu == 0 {
-        return Err(invalid("mpl.mu", "must be >= 1"));
+    if !(1..=MAX_RATIO).contains(&mpl.mu) {
+        return Err(invalid("mpl.mu", format!("must be in [1, {MAX_RATIO}]")));
     }
     positive("teacher_learning_rate", mpl.teacher_learning_rate)?;
     positive("student_learning_rate", mpl.student_learning_rate)?;
@@ -1430,8 +1488,11 @@ fn validate_mpl(mpl: &MplPlan) -> Result<(), PlanError> {
     if mpl.log_every == 0 {
         return Err(invalid("mpl.log_every", "must be >= 1"));
     }
-    if mpl.finetune.steps > 0 && mpl.finetune.batch_size == 0 {
-        return Err(invalid("mpl.finetune.batch_size", "must be >= 1"));
+    if mpl.finetune.steps > 0 && !(1..=MAX_BATCH).contains(&mpl.finetune.batch_size) {
+        return Err(invalid(
+            "mpl.finetune.batch_size",
+            format!("must be in [1, {MAX_BATCH}]"),
+        ));
     }
     validate_randaugment("mpl.randaugment", &mpl.randaugment)
 }

@@ -8,7 +8,7 @@ use serde::{Deserialize, Serialize};
 use crate::PlanError;
 
 /// An architecture and its settings; `kind` selects the variant.
-#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Serialize)]
 #[serde(tag = "kind", rename_all = "kebab-case")]
 pub enum ModelPlan {
     /// A small conv net for tests and small images.
@@ -23,6 +23,60 @@ pub enum ModelPlan {
     Densenet(DensenetPlan),
     /// EfficientNet with compound scaling.
     Efficientnet(EfficientnetPlan),
+}
+
+/// The `kind` values of [`ModelPlan`], as plans spell them.
+const MODEL_KINDS: &[&str] = &[
+    "cnn",
+    "wide-resnet",
+    "resnet",
+    "bit",
+    "densenet",
+    "efficientnet",
+];
+
+/// Read by hand rather than derived: serde's derived internally tagged enums buffer the table
+/// and lose the key of a wrong value ("expected u32", of no field); this reads the variant's
+/// own table, whose errors name the field.
+impl<'de> Deserialize<'de> for ModelPlan {
+    fn deserialize<D: serde::Deserializer<'de>>(deserializer: D) -> Result<Self, D::Error> {
+        use serde::de::Error;
+        let mut table = toml::Table::deserialize(deserializer)?;
+        let kind = match table.remove("kind") {
+            Some(toml::Value::String(kind)) => kind,
+            Some(other) => {
+                return Err(D::Error::custom(format!(
+                    "`kind` must be a string (one of {}), not {other}",
+                    MODEL_KINDS.join(", ")
+                )))
+            }
+            None => return Err(D::Error::missing_field("kind")),
+        };
+        fn read<T: serde::de::DeserializeOwned>(
+            table: toml::Table,
+        ) -> Result<T, serde_path_to_error::Error<toml::de::Error>> {
+            use serde::de::IntoDeserializer;
+            serde_path_to_error::deserialize(table.into_deserializer())
+        }
+        let model = match kind.as_str() {
+            "cnn" => read(table).map(ModelPlan::Cnn),
+            "wide-resnet" => read(table).map(ModelPlan::WideResnet),
+            "resnet" => read(table).map(ModelPlan::Resnet),
+            "bit" => read(table).map(ModelPlan::Bit),
+            "densenet" => read(table).map(ModelPlan::Densenet),
+            "efficientnet" => read(table).map(ModelPlan::Efficientnet),
+            other => return Err(D::Error::unknown_variant(other, MODEL_KINDS)),
+        };
+        model.map_err(|error| {
+            let path = error.path().to_string();
+            let message = error.into_inner().message().to_string();
+            if path == "." {
+                D::Error::custom(format!("kind = \"{kind}\": {message}"))
+            } else {
+                D::Error::custom(format!("kind = \"{kind}\": `{path}`: {message}"))
+            }
+        })
+    }
 }
 
 /// First layers of the ResNet-style models.
@@ -189,9 +243,12 @@ pub const EFFICIENTNET_PRESETS: [(f64, f64, u32); 8] = [
     (2.0, 3.1, 600),
 ];
 
+/// The index of preset `b0` to `b7`, spelled exactly so (`b01` would be another plan text for
+/// the same run).
 fn preset_index(name: &str) -> Option<usize> {
-    let index: usize = name.strip_prefix('b')?.parse().ok()?;
-    (index < EFFICIENTNET_PRESETS.len()).then_some(index)
+    let digit = name.strip_prefix('b')?;
+    let index: usize = digit.parse().ok()?;
+    (index < EFFICIENTNET_PRESETS.len() && digit == index.to_string()).then_some(index)
 }
 
 impl EfficientnetPlan {

@@ -97,25 +97,25 @@ fn zero_steps_names_the_field() {
         "steps = 30\nbatch_size = 32\nunlabeled_ratio",
         "steps = 0\nbatch_size = 32\nunlabeled_ratio",
     );
-    assert_eq!(error_of(&text), "student.train.steps: must be >= 1");
+    assert_eq!(error_of(&text), "student.train.steps: must be >= 1, not 0");
     // Values that would allocate a worker's memory away, or loop for ever, are refused.
     assert_eq!(
         error_of(&tiny_with(
             "top_k = 3",
             "top_k = 3\nprefetch_batches = 1000000000"
         )),
-        "pseudo_labels.prefetch_batches: must be in [1, 1024]"
+        "pseudo_labels.prefetch_batches: must be in [1, 1024], not 1000000000"
     );
     assert_eq!(
         error_of(&tiny_with(
             "top_k = 3",
             "top_k = 3\nbatch_size = 1000000000"
         )),
-        "pseudo_labels.batch_size: must be in [1, 65536]"
+        "pseudo_labels.batch_size: must be in [1, 65536], not 1000000000"
     );
     assert_eq!(
         error_of(&tiny_with("rounds = 2", "rounds = 4000000000")),
-        "rounds: must be in [1, 1000]"
+        "rounds: must be in [1, 1000], not 4000000000"
     );
 }
 
@@ -154,7 +154,7 @@ fn timeouts_past_ten_years_are_refused_with_their_field() {
     // A heartbeat timeout of one heartbeat's interval loses a worker for a late heartbeat.
     assert_eq!(
         error_of(&workers("heartbeat_timeout_seconds = 1")),
-        "workers.heartbeat_timeout_seconds: must be >= 2 (workers heartbeat every second)"
+        "workers.heartbeat_timeout_seconds: must be >= 2 (workers heartbeat every second), not 1"
     );
     Plan::from_toml_str(&workers("heartbeat_timeout_seconds = 2")).expect("two seconds");
 }
@@ -186,7 +186,7 @@ fn top_k_above_classes_is_refused() {
     let text = tiny_with("top_k = 3", "top_k = 11");
     assert_eq!(
         error_of(&text),
-        "pseudo_labels.top_k: must be between 1 and data.classes (10)"
+        "pseudo_labels.top_k: must be between 1 and data.classes (10), not 11"
     );
 }
 
@@ -238,7 +238,7 @@ fn student_without_pseudo_labels_is_refused() {
     let text = tiny_with("unlabeled_ratio = 2", "unlabeled_ratio = 0");
     assert_eq!(
         error_of(&text),
-        "student.train.unlabeled_ratio: must be >= 1: the student learns from pseudo-labeled images"
+        "student.train.unlabeled_ratio: must be >= 1, not 0: the student learns from pseudo-labeled images"
     );
 }
 
@@ -269,14 +269,17 @@ fn randaugment_cutout_is_read_and_checked() {
     );
     assert_eq!(
         error_of(&text),
-        "student.noise.randaugment.cutout: must be in [0, 1]"
+        "student.noise.randaugment.cutout: must be in [0, 1], not 1.5"
     );
 }
 
 #[test]
 fn dropout_out_of_range_is_refused() {
     let text = tiny_with("dropout = 0.5", "dropout = 1.5");
-    assert_eq!(error_of(&text), "student.noise.dropout: must be in [0, 1)");
+    assert_eq!(
+        error_of(&text),
+        "student.noise.dropout: must be in [0, 1), not 1.5"
+    );
 }
 
 #[test]
@@ -360,7 +363,7 @@ fn warmup_longer_than_training_is_refused() {
     );
     assert_eq!(
         error_of(&text),
-        "teacher.train.warmup_steps: must be below teacher.train.steps (30)"
+        "teacher.train.warmup_steps: must be below teacher.train.steps (30), not 30"
     );
 }
 
@@ -453,6 +456,56 @@ fn tiny_with_student_model(model: &str) -> String {
         &TINY[..start],
         &TINY[end..]
     )
+}
+
+/// A rule broken names the value the plan gave; sizes past any real batch are refused before a
+/// worker allocates them.
+#[test]
+fn a_broken_rule_names_the_value_given() {
+    let message = error_of(&tiny_with(
+        "learning_rate = 0.02",
+        "learning_rate = 0.02\nmomentum = 1.5",
+    ));
+    assert!(
+        message.contains("student.train.momentum: must be in [0, 1), not 1.5"),
+        "{message}"
+    );
+    let message = error_of(&tiny_mpl_with("mu = 2", "mu = 100000"));
+    assert!(
+        message.contains("mpl.mu: must be in [1, 1024], not 100000"),
+        "{message}"
+    );
+    let message = error_of(&tiny_mpl_with(
+        "[mpl]",
+        "[mpl.randaugment]\nops = 100000\n\n[mpl]",
+    ));
+    assert!(
+        message.contains("ops: must be <= 16, not 100000"),
+        "{message}"
+    );
+}
+
+/// A wrong value inside a model table names its field (serde's derived tagged enums lose it).
+#[test]
+fn a_wrong_model_value_names_its_field() {
+    let message = error_of(&tiny_with_student_model("kind = \"cnn\"\nwidth = -1"));
+    assert!(
+        message.contains("width") && message.contains("student.model"),
+        "{message}"
+    );
+    let message = error_of(&tiny_with_student_model("kind = \"cnn\"\nwidht = 8"));
+    assert!(message.contains("widht"), "{message}");
+    let message = error_of(&tiny_with_student_model("kind = \"cnnn\""));
+    assert!(
+        message.contains("cnnn") && message.contains("wide-resnet"),
+        "{message}"
+    );
+    let message = error_of(&tiny_with_student_model("width = 8"));
+    assert!(message.contains("kind"), "{message}");
+    let message = error_of(&tiny_with_student_model(
+        "kind = \"efficientnet\"\npreset = \"b01\"",
+    ));
+    assert!(message.contains("b01"), "{message}");
 }
 
 #[test]
@@ -555,14 +608,17 @@ fn rounds_and_top_k_default_by_method_and_classes() {
 #[test]
 fn mpl_fields_name_themselves() {
     let with = |old: &str, new: &str| error_of(&tiny_mpl_with(old, new));
-    assert_eq!(with("mu = 2", "mu = 0"), "mpl.mu: must be >= 1");
+    assert_eq!(
+        with("mu = 2", "mu = 0"),
+        "mpl.mu: must be in [1, 1024], not 0"
+    );
     assert_eq!(
         with("mu = 2", "mu = 2\nlambda_u = -1.0"),
-        "mpl.lambda_u: must be >= 0"
+        "mpl.lambda_u: must be >= 0, not -1.0"
     );
     assert_eq!(
         with("mu = 2", "mu = 2\nmpl_weight = nan"),
-        "mpl.mpl_weight: must be >= 0"
+        "mpl.mpl_weight: must be >= 0, not nan"
     );
     assert_eq!(
         with(

@@ -316,16 +316,48 @@ pub(crate) fn smoothed_one_hot(labels: &Tensor, classes: i64, smoothing: f64) ->
 }
 
 /// Pseudo-labeled training examples: their images (u8, on the device), which image each row
-/// uses, and the target distributions.
+/// uses, and each row's targets as the shard keeps them, `top_k` classes and their weights: the
+/// dense distributions are made a batch at a time ([rows, classes] floats would take 5 GB for
+/// an ImageNet round's 1.3 million rows of 1,000 classes).
 pub(crate) struct PseudoLabeled {
     images: Tensor,
     rows: Tensor,
-    targets: Tensor,
+    targets: SparseTargets,
+}
+
+/// Targets of a pseudo-labeled row: the classes of its top `k` ([rows, k] i64) and, for soft
+/// labels, their probabilities renormalised over those `k` ([rows, k] f32); hard labels are the
+/// first class, one-hot with label smoothing.
+struct SparseTargets {
+    class_ids: Tensor,
+    weights: Option<Tensor>,
+    classes: i64,
+    smoothing: f64,
+}
+
+impl SparseTargets {
+    /// Dense target distributions ([picks, classes]) of rows `picks`.
+    fn dense(&self, picks: &Tensor) -> Tensor {
+        let class_ids = self.class_ids.index_select(0, picks);
+        match &self.weights {
+            Some(weights) => Tensor::zeros(
+                [class_ids.size()[0], self.classes],
+                (Kind::Float, class_ids.device()),
+            )
+            .scatter(1, &class_ids, &weights.index_select(0, picks)),
+            None => smoothed_one_hot(&class_ids.select(1, 0), self.classes, self.smoothing),
+        }
+    }
 }
 
 impl PseudoLabeled {
     pub(crate) fn len(&self) -> i64 {
-        self.targets.size()[0]
+        self.targets.class_ids.size()[0]
+    }
+
+    /// Target distributions ([picks, classes]) of `picks` (row numbers).
+    pub(crate) fn targets(&self, picks: &Tensor) -> Tensor {
+        self.targets.dense(picks)
     }
 
     /// Images of `picks` (row numbers) as floats in [0, 1].
@@ -419,19 +451,25 @@ fn load_selection(
     let class_ids = Tensor::from_slice(&class_ids)
         .view([rows, k])
         .to_device(device);
-    let targets = match plan.pseudo_labels.mode {
+    let weights = match plan.pseudo_labels.mode {
         LabelMode::Soft => {
             let probs: Vec<f32> = labels.probs.iter().map(|p| p.to_f32()).collect();
             let probs = Tensor::from_slice(&probs).view([rows, k]).to_device(device);
-            let dense = Tensor::zeros([rows, classes], (Kind::Float, device))
-                .scatter(1, &class_ids, &probs);
             // Top-k truncation leaves mass out: renormalise each row.
-            &dense
-                / dense
-                    .sum_dim_intlist(-1, true, Kind::Float)
-                    .clamp_min(1e-12)
+            Some(
+                &probs
+                    / probs
+                        .sum_dim_intlist(-1, true, Kind::Float)
+                        .clamp_min(1e-12),
+            )
         }
-        LabelMode::Hard => smoothed_one_hot(&class_ids.select(1, 0), classes, smoothing),
+        LabelMode::Hard => None,
+    };
+    let targets = SparseTargets {
+        class_ids,
+        weights,
+        classes,
+        smoothing,
     };
     if dataset.unlabeled.format() == mentor_plan::UnlabeledFormat::Idx {
         // Example ids are training-set positions: the images are already on the device.
@@ -750,7 +788,7 @@ fn train(
                     .collect();
                 let rows = upload(&rows[unlabeled_start..unlabeled_end], device);
                 let unlabeled_images = augment(pseudo.images(&rows));
-                let targets = pseudo.targets.index_select(0, &rows);
+                let targets = pseudo.targets(&rows);
                 let logits =
                     model.forward_t(&Tensor::cat(&[&labeled_images, &unlabeled_images], 0), true);
                 let labeled_logits = logits.narrow(0, 0, labeled_rows);
@@ -1101,6 +1139,36 @@ fn existing_shard(
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// A batch's targets made from the kept top-k are the dense distributions: soft ones are
+    /// the renormalised probabilities at their classes, hard ones the smoothed one-hot of the
+    /// first class.
+    #[test]
+    fn sparse_targets_make_the_dense_distributions_of_a_batch() {
+        let class_ids = Tensor::from_slice(&[2i64, 0, 1, 3, 3, 2]).view([3, 2]);
+        let weights = Tensor::from_slice(&[0.75f32, 0.25, 0.5, 0.5, 0.9, 0.1]).view([3, 2]);
+        let soft = SparseTargets {
+            class_ids: class_ids.shallow_clone(),
+            weights: Some(weights),
+            classes: 4,
+            smoothing: 0.0,
+        };
+        let picks = Tensor::from_slice(&[2i64, 0]);
+        let dense = Vec::<f32>::try_from(soft.dense(&picks).flatten(0, -1)).expect("floats");
+        assert_eq!(dense, vec![0.0, 0.0, 0.1, 0.9, 0.25, 0.0, 0.75, 0.0]);
+
+        let hard = SparseTargets {
+            class_ids,
+            weights: None,
+            classes: 4,
+            smoothing: 0.2,
+        };
+        let dense = Vec::<f32>::try_from(hard.dense(&picks).flatten(0, -1)).expect("floats");
+        let expected = [0.05f32, 0.05, 0.05, 0.85, 0.05, 0.05, 0.85, 0.05];
+        for (got, want) in dense.iter().zip(expected) {
+            assert!((got - want).abs() < 1e-6, "{dense:?}");
+        }
+    }
 
     fn cnn(width: u32, residual_blocks: u32) -> ModelConfig {
         ModelConfig {
