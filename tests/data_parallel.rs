@@ -192,6 +192,19 @@ fn a_dead_rank_fails_its_group_and_the_task_reruns_without_it() {
         })
         .count();
     assert_eq!(reruns, 1, "{coordinator_log}");
+    // The dead rank cost the task a lost attempt, not one of its 3 failures.
+    let saved: serde_json::Value = serde_json::from_str(
+        &std::fs::read_to_string(run.dir.path().join("run/state.json")).expect("state.json"),
+    )
+    .expect("state");
+    let teacher = saved["tasks"]
+        .as_object()
+        .expect("tasks")
+        .values()
+        .find(|task| task["world_size"] == 1 && task["losses"].as_u64().is_some_and(|n| n > 0))
+        .unwrap_or_else(|| panic!("no task lost an attempt: {saved}"));
+    assert_eq!(teacher["failures"], 0, "{teacher}");
+    assert_eq!(teacher["losses"], 1, "{teacher}");
 }
 
 /// A rank that registered but never joins its group (a worker hung while loading its data

@@ -29,6 +29,11 @@ pub const HEARTBEAT_INTERVAL: Duration = Duration::from_secs(1);
 /// new groups, and status calls it active rather than silent.
 pub const HEARD_RECENTLY: Duration = Duration::from_secs(3);
 
+/// After a training group fails, how long a new group waits for the failed group's ranks that
+/// still heartbeat (they ask for work once their own collective has failed too): the first rank
+/// to ask would otherwise form a group of one, and the run go on with one worker of many.
+pub const GROUP_SETTLE: Duration = Duration::from_secs(10);
+
 /// Errors a caller of the coordinator can act on.
 #[derive(Debug, thiserror::Error)]
 pub enum CoordinatorError {
@@ -91,6 +96,9 @@ pub struct WorkerEntry {
     /// Was in a training group that failed and has not been heard of since: left out of new
     /// groups until it shows signs of life.
     pub suspect: bool,
+    /// When it was last suspected: a new group waits a little for a suspect that still
+    /// heartbeats (see [`GROUP_SETTLE`]).
+    pub suspected_at: Option<Instant>,
     /// When it registered, until it first asks for a task: it is loading its data set, and a
     /// training group counts it even when its heartbeats are late, for as long as a group
     /// waits for its ranks (`workers.join_timeout_seconds`) after its registration.
@@ -150,7 +158,7 @@ enum Verdict {
 /// The answer to a worker asking for work.
 #[derive(Debug, Clone, PartialEq)]
 pub enum TaskReply {
-    Task(Assignment),
+    Task(Box<Assignment>),
     RetryAfter(Duration),
     Shutdown,
 }
@@ -727,6 +735,7 @@ impl Coordinator {
                 alive: true,
                 exited: false,
                 suspect: false,
+                suspected_at: None,
                 loading_since: Some(now),
                 task: None,
                 progress: Progress::default(),
@@ -809,7 +818,7 @@ impl Coordinator {
             .map(|task| (task.id.clone(), task.attempts, task.workers().to_vec()))
             .collect();
         for (task, attempt, members) in groups {
-            self.give_up_group(&task, attempt, &members, id);
+            self.give_up_group(&task, attempt, &members, id, Instant::now());
         }
         let requeued = self.state.worker_left(id, reason);
         tracing::warn!(worker = %id, reason, requeued = requeued.len(), "worker left");
@@ -835,15 +844,30 @@ impl Coordinator {
         if let Some(held) = held {
             if let Some(assignment) = self.state.assignment_held(&held, id) {
                 tracing::info!(run = %self.state.run_id, worker = %id, task = %held, rank = assignment.rank, "task asked for again, given again");
-                return Ok(TaskReply::Task(assignment));
+                return Ok(TaskReply::Task(Box::new(assignment)));
             }
             // An attempt it was told to stop (it asks without reporting): over for it.
             if let Some(worker) = self.workers.get_mut(id) {
                 worker.task = None;
             }
         }
-        let group_size = self.group_size(&kind, now);
-        match self.state.assign_within(id, &kind, group_size) {
+        // No new group while the ranks of one that failed may still come (they count then),
+        // and no CPU group while there can be a GPU one.
+        let gpus_can_train =
+            self.live_workers("cuda", now) > 0 && self.group_size("cuda", now).is_some();
+        let group_size = if self.settling(&kind, now) || (kind == "cpu" && gpus_can_train) {
+            None
+        } else {
+            self.group_size(&kind, now)
+        };
+        let others_can_take = self
+            .workers
+            .values()
+            .any(|w| w.id != *id && w.alive && !w.exited && !w.suspect);
+        match self
+            .state
+            .assign_within(id, &kind, group_size, others_can_take)
+        {
             Some(assignment) => {
                 let task = &assignment.task;
                 tracing::info!(
@@ -862,7 +886,7 @@ impl Coordinator {
                 worker.progress_at = now;
                 worker.progress_origin = None;
                 self.persist_or_log();
-                Ok(TaskReply::Task(assignment))
+                Ok(TaskReply::Task(Box::new(assignment)))
             }
             None => Ok(TaskReply::RetryAfter(Duration::from_millis(200))),
         }
@@ -885,6 +909,20 @@ impl Coordinator {
             fixed if live >= fixed => Some(fixed),
             _ => None,
         }
+    }
+
+    /// Whether a rank of a training group of device kind `kind` that failed less than
+    /// [`GROUP_SETTLE`] ago is suspected yet still heartbeats: it will ask for work once its
+    /// own collective has failed, and a new group should count it.
+    fn settling(&self, kind: &str, now: Instant) -> bool {
+        self.workers.values().any(|w| {
+            w.alive
+                && w.suspect
+                && device_kind(&w.device) == kind
+                && now.saturating_duration_since(w.last_seen) <= HEARD_RECENTLY
+                && w.suspected_at
+                    .is_some_and(|at| now.saturating_duration_since(at) < GROUP_SETTLE)
+        })
     }
 
     /// Why a pending training task cannot start now: no device kind has a group's worth of
@@ -1164,28 +1202,30 @@ impl Coordinator {
         };
         // The result of the current attempt, once (from rank 0, or from the rank that failed).
         if let Some(record) = current {
-            let failed = matches!(outcome, TaskOutcome::Failed(_));
-            if failed || record.workers().first() == Some(id) {
+            if outcome.is_failure() || record.workers().first() == Some(id) {
                 self.metrics
                     .outcome(&self.state.run_id, record, attempt, &id.0, &outcome);
             }
         }
         let failed_group = match (&outcome, current) {
-            (TaskOutcome::Failed(_), Some(record)) if record.world_size > 1 => {
+            (outcome, Some(record)) if outcome.is_failure() && record.world_size > 1 => {
                 Some(record.workers().to_vec())
             }
             _ => None,
         };
         let current = current.is_some();
         if let Some(members) = failed_group {
-            self.give_up_group(task, attempt, &members, id);
+            self.give_up_group(task, attempt, &members, id, now);
         }
         match &outcome {
-            TaskOutcome::Failed(error) if !current => {
-                tracing::info!(run = %self.state.run_id, worker = %id, task = %task, attempt, %error, "a report of an attempt given up is ignored")
+            TaskOutcome::Failed(error) | TaskOutcome::GroupFailed(error) if !current => {
+                tracing::info!(run = %self.state.run_id, worker = %id, task = %task, attempt, %error, "a report of an attempt given up is ignored, or counted as what broke its group")
             }
             TaskOutcome::Failed(error) => {
                 tracing::warn!(run = %self.state.run_id, worker = %id, task = %task, %error, "task failed")
+            }
+            TaskOutcome::GroupFailed(error) => {
+                tracing::warn!(run = %self.state.run_id, worker = %id, task = %task, %error, "a rank's group failed: the attempt is lost, the task goes back to the queue")
             }
             TaskOutcome::Evaluated { accuracy, .. } => {
                 self.latest_accuracy = Some(*accuracy);
@@ -1216,13 +1256,30 @@ impl Coordinator {
         attempt: u32,
         members: &[WorkerId],
         ended_by: &WorkerId,
+        now: Instant,
     ) {
         for member in members.iter().filter(|member| *member != ended_by) {
             if let Some(entry) = self.workers.get_mut(member) {
                 entry.suspect = true;
+                entry.suspected_at = Some(now);
             }
         }
         self.groups.remove(&(task.clone(), attempt));
+    }
+
+    /// Forgives the workers a stall of the coordinator's own (`stalled`: a slow disk under its
+    /// lock, the process stopped, its machine paused): no heartbeat or progress report got in
+    /// meanwhile, and the queued ones would race the reaper. Their silence and their tasks'
+    /// leases are counted without it.
+    pub fn pardon_stall(&mut self, stalled: Duration, now: Instant) {
+        tracing::warn!(
+            seconds = stalled.as_secs_f64(),
+            "the coordinator stalled: workers' silence during the stall is not held against them"
+        );
+        for worker in self.workers.values_mut().filter(|w| w.alive) {
+            worker.last_seen = (worker.last_seen + stalled).min(now);
+            worker.progress_at = (worker.progress_at + stalled).min(now);
+        }
     }
 
     /// Declares workers silent for longer than the plan allows dead; requeues their tasks.
@@ -1328,7 +1385,7 @@ mod tests {
         for _ in 0..10 {
             if let TaskReply::Task(assignment) = coordinator.get_task(id, now).expect("task") {
                 if matches!(assignment.task.spec, TaskSpec::Label { .. }) {
-                    return assignment;
+                    return *assignment;
                 }
                 let evaluated = TaskOutcome::Evaluated {
                     accuracy: 0.5,
@@ -1362,7 +1419,7 @@ mod tests {
         let TaskReply::Task(teacher) = coordinator.get_task(&a, start).expect("task") else {
             panic!("no teacher task")
         };
-        (coordinator, a, teacher)
+        (coordinator, a, *teacher)
     }
 
     /// A coordinator of the tiny plan with workers "a" and "b" registered, and "a" given rank 0
@@ -1377,7 +1434,7 @@ mod tests {
         let TaskReply::Task(first) = coordinator.get_task(&a, now).expect("task") else {
             panic!("no task for rank 0")
         };
-        (coordinator, a, b, first)
+        (coordinator, a, b, *first)
     }
 
     /// Reports `assignment` trained by `worker` at `now`, its checkpoints written.
@@ -1848,7 +1905,7 @@ mod tests {
                 let TaskReply::Task(again) = coordinator.get_task(&a, start).expect("task") else {
                     panic!("no retry")
                 };
-                attempt = again;
+                attempt = *again;
             }
             let failed = TaskOutcome::Failed("storage unreachable".into());
             coordinator
@@ -1903,14 +1960,14 @@ mod tests {
         let TaskReply::Task(again) = coordinator.get_task(&a, start).expect("task") else {
             panic!("no task the second time")
         };
-        assert_eq!(again, teacher);
+        assert_eq!(*again, teacher);
         complete_trained(&mut coordinator, &a, &teacher, dir.path(), start);
         // A labeler asking again keeps its shard, and no second shard runs beside it.
         let label = next_label_task(&mut coordinator, &a, start);
         let TaskReply::Task(again) = coordinator.get_task(&a, start).expect("task") else {
             panic!("no task the second time")
         };
-        assert_eq!(again, label);
+        assert_eq!(*again, label);
         let running = coordinator
             .state
             .tasks
@@ -2135,6 +2192,91 @@ mod tests {
         assert_eq!(second.rank, 1);
     }
 
+    /// When a rank of three dies, the first survivor to ask does not form a group of one: the
+    /// next group waits for the other survivor (still heartbeating) and has two ranks.
+    #[test]
+    fn the_survivors_of_a_failed_group_train_together() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let now = Instant::now();
+        let mut coordinator = coordinator(dir.path());
+        let [a, b, c] =
+            ["a", "b", "c"].map(|host| coordinator.register(host.into(), "cpu".into(), 0, now));
+        let mut ranks = Vec::new();
+        for worker in [&a, &b, &c] {
+            let TaskReply::Task(assignment) = coordinator.get_task(worker, now).expect("task")
+            else {
+                panic!("no rank for {worker}")
+            };
+            ranks.push(assignment);
+        }
+        assert_eq!(ranks[0].task.world_size, 3);
+        // c is killed: a's collective fails first.
+        let broken = TaskOutcome::GroupFailed("the peer closed the ring".into());
+        let task = ranks[0].task.id.clone();
+        coordinator
+            .complete(&a, &task, 1, broken, now)
+            .expect("complete");
+        let soon = now + Duration::from_millis(200);
+        assert!(coordinator.heartbeat(&b, soon));
+        assert!(
+            matches!(
+                coordinator.get_task(&a, soon).expect("reply"),
+                TaskReply::RetryAfter(_)
+            ),
+            "a formed a group while b, still heartbeating, had not asked yet"
+        );
+        // b's collective fails too; it asks. c, dead, has not been heard of for seconds.
+        let later = now + HEARD_RECENTLY + Duration::from_secs(1);
+        assert!(coordinator.heartbeat(&a, later));
+        let TaskReply::Task(retry) = coordinator.get_task(&b, later).expect("task") else {
+            panic!("no retry")
+        };
+        assert_eq!(retry.task.id, task);
+        assert_eq!(retry.task.world_size, 2, "the survivors train together");
+    }
+
+    /// A stall of the coordinator's own (its lock held by a slow disk, the process stopped)
+    /// longer than the heartbeat timeout does not make its workers lost.
+    #[test]
+    fn a_stall_of_the_coordinator_is_not_held_against_its_workers() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let now = Instant::now();
+        let mut coordinator = coordinator(dir.path());
+        let a = coordinator.register("a".into(), "cpu".into(), 0, now);
+        let timeout = Duration::from_secs(coordinator.plan.workers.heartbeat_timeout_seconds);
+        let stalled = timeout + Duration::from_secs(5);
+        let after = now + stalled + HEARTBEAT_INTERVAL;
+        coordinator.pardon_stall(stalled, after);
+        coordinator.reap(after);
+        assert!(
+            coordinator.workers[&a].alive,
+            "lost to the coordinator's stall"
+        );
+        // Silence past the timeout without a stall is still loss.
+        coordinator.reap(after + timeout + HEARTBEAT_INTERVAL * 2);
+        assert!(!coordinator.workers[&a].alive);
+    }
+
+    /// A CPU worker (a GPU node whose driver broke, say) does not take a training task while
+    /// GPU workers can train it.
+    #[test]
+    fn training_goes_to_gpus_when_there_are_gpu_workers() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let now = Instant::now();
+        let mut coordinator = coordinator(dir.path());
+        let cpu = coordinator.register("cpu-node".into(), "cpu".into(), 0, now);
+        let gpu = coordinator.register("gpu-node".into(), "cuda:0".into(), 0, now);
+        assert!(matches!(
+            coordinator.get_task(&cpu, now).expect("reply"),
+            TaskReply::RetryAfter(_)
+        ));
+        let TaskReply::Task(assignment) = coordinator.get_task(&gpu, now).expect("task") else {
+            panic!("the GPU worker got no task")
+        };
+        assert!(assignment.task.spec.is_training());
+        assert_eq!(assignment.task.device_kind, "cuda");
+    }
+
     #[test]
     fn a_rank_still_in_a_failed_groups_attempt_is_not_counted_for_the_next() {
         let dir = tempfile::tempdir().expect("tempdir");
@@ -2144,8 +2286,8 @@ mod tests {
             panic!("no rank 1")
         };
         assert_eq!((first.task.world_size, second.rank), (2, 1));
-        // Rank 0 fails; rank 1 hangs in the group's setup, heartbeating.
-        let failed = TaskOutcome::Failed("ranks [1] of 2 did not join".into());
+        // Rank 0's join fails; rank 1 hangs in the group's setup, heartbeating.
+        let failed = TaskOutcome::GroupFailed("ranks [1] of 2 did not join".into());
         coordinator
             .complete(&a, &first.task.id, first.task.attempts, failed, now)
             .expect("complete");
@@ -2157,10 +2299,21 @@ mod tests {
             .find(|w| w.worker_id == b.0)
             .expect("b");
         assert_eq!(hung.state, "suspected");
-        let TaskReply::Task(retry) = coordinator.get_task(&a, now).expect("task") else {
+        // The next group waits a while for the failed group's ranks that still heartbeat...
+        assert!(matches!(
+            coordinator.get_task(&a, now).expect("reply"),
+            TaskReply::RetryAfter(_)
+        ));
+        // ...then goes on without them.
+        let later = now + GROUP_SETTLE;
+        assert!(coordinator.heartbeat(&b, later));
+        let TaskReply::Task(retry) = coordinator.get_task(&a, later).expect("task") else {
             panic!("no retry")
         };
         assert_eq!(retry.task.world_size, 1, "the hung rank was counted");
+        // A group's failure is a lost attempt, not a failure of the task.
+        let record = &coordinator.state.tasks[&first.task.id];
+        assert_eq!((record.failures, record.losses), (0, 1));
     }
 
     #[test]

@@ -92,7 +92,7 @@ impl MetricsLog {
         outcome: &TaskOutcome,
     ) {
         let event = match outcome {
-            TaskOutcome::Failed(_) => "failed",
+            TaskOutcome::Failed(_) | TaskOutcome::GroupFailed(_) => "failed",
             _ => "done",
         };
         let mut row = task_row(event, run_id, task, attempt, worker);
@@ -114,6 +114,10 @@ impl MetricsLog {
             }
             TaskOutcome::Failed(error) => {
                 row.insert("error".into(), json!(error));
+            }
+            TaskOutcome::GroupFailed(error) => {
+                row.insert("error".into(), json!(error));
+                row.insert("group_failure".into(), json!(true));
             }
         }
         self.append(row);

@@ -4,7 +4,7 @@
 //! that is never held across an `.await`; the global filter runs on a blocking thread.
 
 use std::sync::{Arc, Mutex, MutexGuard};
-use std::time::Instant;
+use std::time::{Duration, Instant};
 
 use mentor_plan::{Role, WorkersPlan};
 use mentor_proto::coordinator::v1 as pb;
@@ -123,6 +123,7 @@ fn task_to_proto(assignment: &Assignment, storage: &str, workers: &WorkersPlan) 
 
 fn outcome_from_proto(
     outcome: Option<pb::task_result::Outcome>,
+    group_failure: bool,
 ) -> Result<TaskOutcome, CoordinatorError> {
     use pb::task_result::Outcome;
     match outcome {
@@ -159,6 +160,7 @@ fn outcome_from_proto(
             accuracy: eval.accuracy,
             loss: eval.loss,
         }),
+        Some(Outcome::Error(error)) if group_failure => Ok(TaskOutcome::GroupFailed(error)),
         Some(Outcome::Error(error)) => Ok(TaskOutcome::Failed(error)),
         None => Err(CoordinatorError::InvalidRequest(
             "task result has no outcome".into(),
@@ -322,7 +324,8 @@ impl WorkerService for WorkerApi {
         request: Request<pb::TaskResult>,
     ) -> Result<Response<pb::Ack>, Status> {
         let result = request.into_inner();
-        let mut outcome = outcome_from_proto(result.outcome).map_err(to_status)?;
+        let mut outcome =
+            outcome_from_proto(result.outcome, result.group_failure).map_err(to_status)?;
         let task_id = TaskId(result.task_id);
         let effects = {
             let mut coordinator = lock(&self.shared);
@@ -626,6 +629,10 @@ pub async fn run_ended(shared: Shared, grace: std::time::Duration) {
     }
 }
 
+/// A reaper tick this much later than due means the coordinator stalled (see
+/// [`Coordinator::pardon_stall`]); lock contention delays it by milliseconds.
+const STALL: Duration = Duration::from_secs(1);
+
 /// Serves both services on `listener` until `shutdown` resolves; also runs the worker reaper.
 pub async fn serve(
     listener: tokio::net::TcpListener,
@@ -636,9 +643,22 @@ pub async fn serve(
         let shared = shared.clone();
         tokio::spawn(async move {
             let mut ticks = tokio::time::interval(HEARTBEAT_INTERVAL);
+            ticks.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+            let mut last = Instant::now();
             loop {
                 ticks.tick().await;
-                lock(&shared).reap(Instant::now());
+                let mut coordinator = lock(&shared);
+                // Read once the lock is held: a stall under it (or of the whole process)
+                // shows as a late tick.
+                let now = Instant::now();
+                let late = now
+                    .saturating_duration_since(last)
+                    .saturating_sub(HEARTBEAT_INTERVAL);
+                if late > STALL {
+                    coordinator.pardon_stall(late, now);
+                }
+                coordinator.reap(now);
+                last = now;
             }
         })
     };

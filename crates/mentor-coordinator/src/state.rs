@@ -203,6 +203,24 @@ pub struct TaskRecord {
     /// Device kind (`cpu`, `cuda`) of the current attempt's group.
     #[serde(default)]
     pub device_kind: String,
+    /// Workers that reported an error of their own for this task: another worker takes its
+    /// next attempt when one can (a node with a broken mount or a GPU held by another process
+    /// would otherwise fail all of a task's attempts within a second, healthy workers idle).
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub failed_on: Vec<WorkerId>,
+    /// The last attempt given up because its group failed (see [`TaskOutcome::GroupFailed`]),
+    /// with its members: one of them reporting an error of its own afterwards (the rank whose
+    /// failure broke the group, its report beaten by its peers') turns that loss into the
+    /// failure it was, with that error.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub group_loss: Option<GroupLoss>,
+}
+
+/// An attempt of a training group given up because the group failed.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct GroupLoss {
+    pub attempt: u32,
+    pub members: Vec<WorkerId>,
 }
 
 impl TaskRecord {
@@ -252,7 +270,27 @@ pub enum TaskOutcome {
         accuracy: f64,
         loss: f64,
     },
+    /// An error of the task itself on the reporting worker (counts toward [`MAX_ATTEMPTS`]).
     Failed(String),
+    /// A rank's collective or join failed: the group broke, most often because a peer died
+    /// (killed, preempted) or failed on its own. The attempt counts as lost, as a dead worker's
+    /// does ([`MAX_LOSSES`]), not as a failure of the task.
+    GroupFailed(String),
+}
+
+impl TaskOutcome {
+    /// Whether the attempt ended in an error, of its own or of its group.
+    pub fn is_failure(&self) -> bool {
+        matches!(self, TaskOutcome::Failed(_) | TaskOutcome::GroupFailed(_))
+    }
+
+    /// The error of a failed attempt.
+    pub fn error(&self) -> Option<&str> {
+        match self {
+            TaskOutcome::Failed(error) | TaskOutcome::GroupFailed(error) => Some(error),
+            _ => None,
+        }
+    }
 }
 
 #[derive(Debug, Clone, PartialEq, Default, Serialize, Deserialize)]
@@ -503,6 +541,8 @@ impl RunState {
                 last_error: None,
                 world_size: 0,
                 device_kind: String::new(),
+                failed_on: Vec::new(),
+                group_loss: None,
             },
         );
     }
@@ -550,16 +590,19 @@ impl RunState {
         device_kind: &str,
         group_size: u32,
     ) -> Option<Assignment> {
-        self.assign_within(worker, device_kind, Some(group_size))
+        self.assign_within(worker, device_kind, Some(group_size), false)
     }
 
     /// [`RunState::assign`], where `None` for the group size means that no new training group
     /// can be filled now: `worker` may join a group that is forming or take a task of one rank.
+    /// With `others_can_take`, a pending task `worker` failed on its own is left to the others
+    /// (it may still join a group another worker starts).
     pub fn assign_within(
         &mut self,
         worker: &WorkerId,
         device_kind: &str,
         group_size: Option<u32>,
+        others_can_take: bool,
     ) -> Option<Assignment> {
         if self.is_finished() {
             return None;
@@ -579,7 +622,9 @@ impl RunState {
             }
         }
         let task = self.tasks.values_mut().find(|task| {
-            task.state == TaskState::Pending && (group_size.is_some() || !task.spec.is_training())
+            task.state == TaskState::Pending
+                && (group_size.is_some() || !task.spec.is_training())
+                && !(others_can_take && task.failed_on.contains(worker))
         })?;
         task.world_size = match (task.spec.is_training(), group_size) {
             (true, Some(size)) => size.max(1),
@@ -659,6 +704,33 @@ impl RunState {
             Some(message) if !self.is_finished() => self.fail(message),
             _ => Vec::new(),
         })
+    }
+
+    /// Counts an error of its own that `worker` reported for `task` (already back in the queue,
+    /// or running again): the run fails at the task's [`MAX_ATTEMPTS`]th.
+    fn count_failure(&mut self, task_id: &TaskId, worker: &WorkerId, error: &str) -> Vec<Effect> {
+        let finished = self.is_finished();
+        let Some(task) = self.tasks.get_mut(task_id) else {
+            return Vec::new();
+        };
+        task.last_error = Some(error.to_string());
+        task.failures += 1;
+        if !task.failed_on.contains(worker) {
+            task.failed_on.push(worker.clone());
+        }
+        if task.failures < MAX_ATTEMPTS || finished {
+            return Vec::new();
+        }
+        let workers: Vec<&str> = task.failed_on.iter().map(|w| w.0.as_str()).collect();
+        let message = format!(
+            "task {} ({}, round {}) failed {} times (on {}), last error: {error}",
+            task.id,
+            task.spec.describe(),
+            task.round,
+            task.failures,
+            workers.join(", ")
+        );
+        self.fail(message)
     }
 
     /// Puts `task` back in the queue after its attempt was given up for `reason`; returns the
@@ -785,28 +857,42 @@ impl RunState {
             return Vec::new();
         };
         if !task.is_run_by(worker, attempt) {
+            // The error of its own of a member of a group attempt given up as the group's
+            // failure: what broke the group, reported after its peers' reports.
+            let broke_the_group = task.state != TaskState::Done
+                && task
+                    .group_loss
+                    .as_ref()
+                    .is_some_and(|loss| loss.attempt == attempt && loss.members.contains(worker));
+            if let (true, TaskOutcome::Failed(error)) = (broke_the_group, &outcome) {
+                task.group_loss = None;
+                task.losses = task.losses.saturating_sub(1);
+                return self.count_failure(task_id, worker, error);
+            }
             // A late result of an attempt that was given up or reassigned: ignore it.
             return Vec::new();
         }
         let is_rank_zero = task.workers().first() == Some(worker);
-        if !is_rank_zero && !matches!(outcome, TaskOutcome::Failed(_)) {
+        if !is_rank_zero && !outcome.is_failure() {
             return Vec::new();
         }
-        if let TaskOutcome::Failed(error) = &outcome {
-            task.last_error = Some(error.clone());
-            task.failures += 1;
-            if task.failures >= MAX_ATTEMPTS {
-                let message = format!(
-                    "task {} ({}, round {}) failed {} times, last error: {error}",
-                    task.id,
-                    task.spec.describe(),
-                    task.round,
-                    task.failures
-                );
-                return self.fail(message);
+        match &outcome {
+            TaskOutcome::Failed(error) => {
+                task.state = TaskState::Pending;
+                return self.count_failure(task_id, worker, error);
             }
-            task.state = TaskState::Pending;
-            return Vec::new();
+            TaskOutcome::GroupFailed(error) => {
+                let members = task.workers().to_vec();
+                // The workers say "data-parallel group failed: ...", which the run's failure
+                // at the losses' limit reads after "the last because the".
+                let given_up = Self::lose_attempt(task, error.clone());
+                task.group_loss = Some(GroupLoss { attempt, members });
+                return match given_up {
+                    Some(message) if !self.is_finished() => self.fail(message),
+                    _ => Vec::new(),
+                };
+            }
+            _ => {}
         }
         task.state = TaskState::Done;
         let spec = task.spec.clone();

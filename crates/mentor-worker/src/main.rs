@@ -15,7 +15,9 @@ use mentor_proto::coordinator::v1 as pb;
 use mentor_worker::cpu::CpuBfloat16;
 use mentor_worker::dataset::Dataset;
 use mentor_worker::distributed::{GroupJoin, GroupSetup};
-use mentor_worker::tasks::{run_task, ModelSource, Outcome, Progress, TaskKind};
+use mentor_worker::tasks::{
+    is_group_failure, run_task, ModelSource, Outcome, Progress, TaskKind, GROUP_FAILED,
+};
 use pb::worker_service_client::WorkerServiceClient;
 use tokio::sync::{mpsc, oneshot, watch};
 use tonic::transport::Channel;
@@ -435,6 +437,7 @@ impl Session {
         task_id: &str,
         attempt: u32,
         outcome: pb::task_result::Outcome,
+        group_failure: bool,
     ) -> anyhow::Result<()> {
         let mut outage = None;
         loop {
@@ -443,6 +446,7 @@ impl Session {
                 worker_id: self.id(),
                 task_id: task_id.to_string(),
                 outcome: Some(outcome.clone()),
+                group_failure,
             };
             match self.client.complete_task(result).await {
                 Ok(_) => return Ok(()),
@@ -624,11 +628,17 @@ async fn task_loop(
             },
             Err(error) => Err(error.to_string()),
         };
+        let group_failure = result.as_ref().is_err_and(|error| is_group_failure(error));
         if let Err(message) = &result {
             tracing::error!(worker = %session.id(), task = %task.task_id, error = %message, "task failed");
         }
         session
-            .complete_task(&task.task_id, task.attempt, outcome_to_proto(result))
+            .complete_task(
+                &task.task_id,
+                task.attempt,
+                outcome_to_proto(result),
+                group_failure,
+            )
             .await?;
     }
 }
@@ -753,12 +763,12 @@ async fn rendezvous(
             return Ok(Err(if status.missing_ranks.is_empty() {
                 // Every rank joined; rank 0's NCCL id never came (its NCCL failed to load?).
                 format!(
-                    "every rank joined task {} but rank 0's NCCL unique id did not arrive within {seconds}s (see rank 0's log)",
+                    "{GROUP_FAILED}every rank joined task {} but rank 0's NCCL unique id did not arrive within {seconds}s (see rank 0's log)",
                     task.task_id
                 )
             } else {
                 format!(
-                    "ranks {:?} of {world_size} did not join task {} within {seconds}s",
+                    "{GROUP_FAILED}ranks {:?} of {world_size} did not join task {} within {seconds}s",
                     status.missing_ranks, task.task_id
                 )
             }));

@@ -606,8 +606,18 @@ fn soft_cross_entropy_sum(logits: &Tensor, targets: &Tensor) -> Tensor {
     -(targets * logits.log_softmax(-1, Kind::Float)).sum(Kind::Float)
 }
 
+/// How the error of a rank whose group failed begins (a collective, the group's setup or its
+/// join): the coordinator counts such an attempt as lost, not as a failure of the task (see
+/// `TaskResult.group_failure`).
+pub const GROUP_FAILED: &str = "data-parallel group failed: ";
+
 pub(crate) fn collective_error(error: mentor_collective::CollectiveError) -> String {
-    format!("data-parallel group failed: {error}")
+    format!("{GROUP_FAILED}{error}")
+}
+
+/// Whether a task's `error` is its group's failure rather than the rank's own.
+pub fn is_group_failure(error: &str) -> bool {
+    error.starts_with(GROUP_FAILED)
 }
 
 /// What one training task trains: a role's model from scratch, or a finetuning from a

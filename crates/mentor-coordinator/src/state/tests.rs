@@ -282,7 +282,7 @@ fn a_task_failing_three_times_fails_the_run() {
     }
     match &state.outcome {
         RunOutcome::Failed(message) => assert!(
-            message.contains("failed 3 times, last error: out of memory"),
+            message.contains("failed 3 times (on w), last error: out of memory"),
             "{message}"
         ),
         other => panic!("unexpected {other:?}"),
@@ -634,4 +634,84 @@ fn a_finetune_is_redone_from_the_middle_of_one_or_before_one_begins() {
         .redo_finetune(&none)
         .expect_err("no finetune");
     assert!(error.contains("mpl.finetune.steps is 0"), "{error}");
+}
+
+/// A worker that failed a task on its own leaves the next attempt to another worker when one
+/// can take it (a broken node would otherwise fail every attempt within a second), and takes
+/// it again when it is alone; the run's failure names the workers it failed on.
+#[test]
+fn a_task_a_worker_failed_goes_to_another_worker_when_one_can_take_it() {
+    let mut state = new_run();
+    state.start();
+    let (a, b) = (worker("a"), worker("b"));
+    let task = state.assign(&a, "cpu", 1).map(|a| a.task).expect("task");
+    let failed = TaskOutcome::Failed("CUDA error: busy".into());
+    assert!(state.complete(&task.id, &a, 1, failed.clone()).is_empty());
+    assert_eq!(state.tasks[&task.id].failed_on, vec![a.clone()]);
+    // Another worker is there: the broken node gets nothing (only the teacher task waits).
+    assert!(state.assign_within(&a, "cpu", Some(1), true).is_none());
+    let retry = state
+        .assign_within(&b, "cpu", Some(1), true)
+        .expect("b takes it");
+    assert_eq!(
+        (retry.task.id.clone(), retry.task.attempts),
+        (task.id.clone(), 2)
+    );
+    assert!(state.complete(&task.id, &b, 2, failed.clone()).is_empty());
+    // Alone, a worker retries what it failed.
+    let third = state
+        .assign_within(&a, "cpu", Some(1), false)
+        .expect("a alone");
+    assert_eq!(third.task.attempts, 3);
+    assert_eq!(
+        state.complete(&task.id, &a, 3, failed),
+        vec![Effect::Finished]
+    );
+    match &state.outcome {
+        RunOutcome::Failed(message) => assert!(
+            message.contains("failed 3 times (on a, b), last error: CUDA error: busy"),
+            "{message}"
+        ),
+        other => panic!("unexpected {other:?}"),
+    }
+}
+
+/// A rank whose group broke reports a group failure: a lost attempt, not a failure of the
+/// task (a preempted peer must not use up the task's 3 failures). When the rank whose own error
+/// broke the group reports it afterwards, the loss becomes that failure, with its error.
+#[test]
+fn a_group_failure_is_a_loss_until_the_rank_that_broke_it_reports_its_own_error() {
+    let mut state = new_run();
+    state.start();
+    let (a, b) = (worker("a"), worker("b"));
+    let task = state.assign(&a, "cpu", 2).map(|a| a.task).expect("rank 0");
+    state.assign(&b, "cpu", 2).expect("rank 1");
+    let broken = TaskOutcome::GroupFailed("the peer closed the ring".into());
+    assert!(state.complete(&task.id, &a, 1, broken).is_empty());
+    let record = &state.tasks[&task.id];
+    assert_eq!((record.failures, record.losses), (0, 1));
+    assert_eq!(record.state, TaskState::Pending);
+    assert!(record.failed_on.is_empty());
+    // b ran out of memory: its report, beaten by a's, names what happened.
+    let own = TaskOutcome::Failed("out of memory".into());
+    assert!(state.complete(&task.id, &b, 1, own.clone()).is_empty());
+    let record = &state.tasks[&task.id];
+    assert_eq!((record.failures, record.losses), (1, 0));
+    assert_eq!(record.last_error.as_deref(), Some("out of memory"));
+    assert_eq!(record.failed_on, vec![b.clone()]);
+    // Counted once: the same report again changes nothing.
+    assert!(state.complete(&task.id, &b, 1, own).is_empty());
+    assert_eq!(state.tasks[&task.id].failures, 1);
+    // Group failures alone end the run at the losses' limit, not the failures'.
+    for attempt in 2..=MAX_LOSSES + 1 {
+        let task = state.assign(&a, "cpu", 2).map(|a| a.task).expect("rank 0");
+        state.assign(&b, "cpu", 2).expect("rank 1");
+        let broken = TaskOutcome::GroupFailed("the peer closed the ring".into());
+        let effects = state.complete(&task.id, &a, attempt, broken);
+        if attempt <= MAX_LOSSES {
+            assert!(effects.is_empty(), "ended at attempt {attempt}");
+        } else {
+            assert_eq!(effects, vec![Effect::Finished]);
+        }
+    }
 }
