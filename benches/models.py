@@ -145,7 +145,11 @@ def build(name, channels, classes):
             m.conv1 = adapt_conv(m.conv1, channels)
         return m
     if name == "efficientnet-b0":
-        m = torchvision.models.efficientnet_b0(num_classes=classes)
+        # Without dropout and stochastic depth, as mentor's benchmark builds its EfficientNet
+        # (torchvision's defaults, 0.2 each, would make the reference do more work a step).
+        m = torchvision.models.efficientnet_b0(
+            num_classes=classes, dropout=0.0, stochastic_depth_prob=0.0
+        )
         if channels != 3:
             m.features[0][0] = adapt_conv(m.features[0][0], channels)
         return m

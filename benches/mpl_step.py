@@ -171,7 +171,18 @@ def main():
     teacher_optimizer = sgd(teacher, s["teacher_learning_rate"], s)
     student_optimizer = sgd(student, s["student_learning_rate"], s)
     smoothing, decay = s["label_smoothing"], s["ema"]
-    baseline = 0.0
+    # h, its baseline and the losses stay tensors on the device, as on the workers' side: a
+    # .item() a step would make the host wait for the GPU twice a step.
+    baseline = torch.zeros((), device=device)
+    # The EMA's floating-point tensors are updated with one fused call, the others copied.
+    ema_float, student_float, ema_other, student_other = [], [], [], []
+    for e, v in zip(ema.state_dict().values(), student.state_dict().values()):
+        if e.dtype.is_floating_point:
+            ema_float.append(e)
+            student_float.append(v)
+        else:
+            ema_other.append(e)
+            student_other.append(v)
 
     for step in range(total):
         x_l, y_l, x_uw, x_us = batches[step % distinct]
@@ -189,13 +200,13 @@ def main():
 
         s_logits = student(torch.cat([x_l, x_us]))
         s_l, s_us = s_logits.split([n_l, n_u])
-        s_old = F.cross_entropy(s_l.detach(), y_l).item()
+        s_old = F.cross_entropy(s_l.detach(), y_l)
         s_loss = F.cross_entropy(s_us, pseudo, label_smoothing=smoothing)
         student_optimizer.zero_grad(set_to_none=True)
         s_loss.backward()
         student_optimizer.step()
         with torch.no_grad():
-            s_new = F.cross_entropy(student(x_l), y_l).item()
+            s_new = F.cross_entropy(student(x_l), y_l)
         h = s_old - s_new if s["mpl_sign"] == "theory" else s_new - s_old
         if s["baseline_decay"] > 0:
             baseline = s["baseline_decay"] * baseline + (1 - s["baseline_decay"]) * h
@@ -210,19 +221,17 @@ def main():
 
         if decay > 0:
             with torch.no_grad():
-                for e, v in zip(ema.state_dict().values(), student.state_dict().values()):
-                    if e.dtype.is_floating_point:
-                        e.mul_(decay).add_(v, alpha=1 - decay)
-                    else:
-                        e.copy_(v)
+                torch._foreach_lerp_(ema_float, student_float, 1 - decay)
+                for e, v in zip(ema_other, student_other):
+                    e.copy_(v)
     synchronize()
     step_seconds = (time.perf_counter() - started) / args.steps
     print(json.dumps({
         "impl": "pytorch-channels-last" if args.channels_last else "pytorch",
         "device": args.device,
         "threads": args.threads, "steps": args.steps, "step_seconds": step_seconds,
-        "batch_seconds": batch_seconds, "final_h": h,
-        "final_student_labeled_loss": s_new}), flush=True)
+        "batch_seconds": batch_seconds, "final_h": float(h),
+        "final_student_labeled_loss": float(s_new)}), flush=True)
 
 
 if __name__ == "__main__":

@@ -860,14 +860,13 @@ impl Coordinator {
         } else {
             self.group_size(&kind, now)
         };
-        let others_can_take = self
+        let others: Vec<WorkerId> = self
             .workers
             .values()
-            .any(|w| w.id != *id && w.alive && !w.exited && !w.suspect);
-        match self
-            .state
-            .assign_within(id, &kind, group_size, others_can_take)
-        {
+            .filter(|w| w.id != *id && w.alive && !w.exited && !w.suspect)
+            .map(|w| w.id.clone())
+            .collect();
+        match self.state.assign_within(id, &kind, group_size, &others) {
             Some(assignment) => {
                 let task = &assignment.task;
                 tracing::info!(

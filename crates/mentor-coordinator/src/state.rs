@@ -590,19 +590,20 @@ impl RunState {
         device_kind: &str,
         group_size: u32,
     ) -> Option<Assignment> {
-        self.assign_within(worker, device_kind, Some(group_size), false)
+        self.assign_within(worker, device_kind, Some(group_size), &[])
     }
 
     /// [`RunState::assign`], where `None` for the group size means that no new training group
     /// can be filled now: `worker` may join a group that is forming or take a task of one rank.
-    /// With `others_can_take`, a pending task `worker` failed on its own is left to the others
-    /// (it may still join a group another worker starts).
+    /// A pending task `worker` failed on its own is left to the `others` that could take it
+    /// (the workers that may ask for work besides it) while one of them has not failed it too;
+    /// `worker` may still join a group another worker starts.
     pub fn assign_within(
         &mut self,
         worker: &WorkerId,
         device_kind: &str,
         group_size: Option<u32>,
-        others_can_take: bool,
+        others: &[WorkerId],
     ) -> Option<Assignment> {
         if self.is_finished() {
             return None;
@@ -624,7 +625,8 @@ impl RunState {
         let task = self.tasks.values_mut().find(|task| {
             task.state == TaskState::Pending
                 && (group_size.is_some() || !task.spec.is_training())
-                && !(others_can_take && task.failed_on.contains(worker))
+                && !(task.failed_on.contains(worker)
+                    && others.iter().any(|other| !task.failed_on.contains(other)))
         })?;
         task.world_size = match (task.spec.is_training(), group_size) {
             (true, Some(size)) => size.max(1),

@@ -164,6 +164,17 @@ impl Source {
                 positions: split_unlabeled.to_vec(),
                 images: None,
             }),
+            UnlabeledFormat::ImageFolder | UnlabeledFormat::Webdataset if !path.exists() => {
+                Err(DataError::Unlabeled {
+                    path,
+                    reason: "does not exist".into(),
+                })
+            }
+            UnlabeledFormat::ImageFolder if !path.is_dir() => Err(DataError::Unlabeled {
+                path,
+                reason: "is not a folder (format `image-folder` searches a folder for images)"
+                    .into(),
+            }),
             UnlabeledFormat::ImageFolder => {
                 let mut files = Vec::new();
                 walk(&path, &is_image, &mut files)?;
@@ -181,10 +192,17 @@ impl Source {
             }
             UnlabeledFormat::Webdataset => {
                 let mut tars = Vec::new();
+                let is_tar = |p: &Path| p.extension().is_some_and(|e| e == "tar");
                 if path.is_file() {
+                    // Found at labeling time otherwise, after the teacher's training.
+                    if !is_tar(&path) {
+                        return Err(DataError::Unlabeled {
+                            path,
+                            reason: "is not a .tar file (WebDataset shards are uncompressed tar files: name a .tar file or a folder of them)".into(),
+                        });
+                    }
                     tars.push(path.clone());
                 } else {
-                    let is_tar = |p: &Path| p.extension().is_some_and(|e| e == "tar");
                     walk(&path, &is_tar, &mut tars)?;
                     tars.sort();
                 }
@@ -453,46 +471,72 @@ enum Encoded {
 type Item = Result<(i64, Encoded), DataError>;
 type ItemIter = Box<dyn Iterator<Item = Item> + Send>;
 
+/// Encoded samples of a tar read ahead of the decoders: the reader waits when this many are
+/// queued, so a worker holds a few dozen images of a tar at a time, not the whole tar (a
+/// WebDataset shard is commonly a gigabyte).
+const TAR_READ_AHEAD: usize = 64;
+
 /// The samples of one WebDataset tar, in order (all of them, or the `wanted` sample indices):
-/// `key.{jpg,jpeg,png}` with an optional `key.cls` (and other members) next to it. Reads the tar
-/// sequentially when the pipeline's reader reaches it; an unreadable tar is one error item.
-fn tar_samples(tar_index: usize, path: PathBuf, wanted: Option<HashSet<u32>>) -> Vec<Item> {
-    read_tar(tar_index, &path, wanted.as_ref()).unwrap_or_else(|error| vec![Err(error)])
+/// `key.{jpg,jpeg,png}` with an optional `key.cls` (and other members) next to it. The tar is
+/// read sequentially, on a thread of its own, once the pipeline's reader reaches it, and at most
+/// [`TAR_READ_AHEAD`] samples ahead of it; a tar that cannot be read ends with an error item.
+fn tar_samples(
+    tar_index: usize,
+    path: PathBuf,
+    mut wanted: Option<HashSet<u32>>,
+) -> impl Iterator<Item = Item> {
+    let mut started: Option<std::sync::mpsc::IntoIter<Item>> = None;
+    std::iter::from_fn(move || {
+        let receiver = started.get_or_insert_with(|| {
+            let (sender, receiver) = std::sync::mpsc::sync_channel(TAR_READ_AHEAD);
+            let (path, wanted) = (path.clone(), wanted.take());
+            std::thread::spawn(move || {
+                // A send fails once the pipeline stopped reading: the reading stops too.
+                let mut emit = |item: Item| sender.send(item).is_ok();
+                if let Err(error) = read_tar(tar_index, &path, wanted.as_ref(), &mut emit) {
+                    emit(Err(error));
+                }
+            });
+            receiver.into_iter()
+        });
+        receiver.next()
+    })
 }
 
+/// Reads a tar's samples and gives each to `emit`, in order, until `emit` answers `false` (no
+/// one reads them any more).
 fn read_tar(
     tar_index: usize,
     path: &Path,
     wanted: Option<&HashSet<u32>>,
-) -> Result<Vec<Item>, DataError> {
+    emit: &mut dyn FnMut(Item) -> bool,
+) -> Result<(), DataError> {
     let corrupt = |reason: String| DataError::Unlabeled {
         path: path.to_path_buf(),
         reason,
     };
     let file = std::fs::File::open(path).map_err(|e| read_error(path, e))?;
     let mut archive = tar::Archive::new(std::io::BufReader::new(file));
-    let mut samples = Vec::new();
     let mut current_key: Option<String> = None;
     let mut current_image: Option<(String, Vec<u8>)> = None;
     let mut sample_index: u32 = 0;
-    let mut finish = |key: Option<String>,
-                      image: Option<(String, Vec<u8>)>,
-                      samples: &mut Vec<Item>|
-     -> Result<(), DataError> {
-        let Some(key) = key else { return Ok(()) };
-        let Some((name, bytes)) = image else {
-            return Err(corrupt(format!(
-                "sample `{key}` has no .jpg, .jpeg or .png member"
-            )));
+    // `Ok(false)`: nobody reads any more.
+    let mut finish =
+        |key: Option<String>, image: Option<(String, Vec<u8>)>| -> Result<bool, DataError> {
+            let Some(key) = key else { return Ok(true) };
+            let Some((name, bytes)) = image else {
+                return Err(corrupt(format!(
+                    "sample `{key}` has no .jpg, .jpeg or .png member"
+                )));
+            };
+            let index = sample_index;
+            sample_index += 1;
+            if wanted.is_none_or(|w| w.contains(&index)) {
+                let id = ((tar_index as i64) << 32) | index as i64;
+                return Ok(emit(Ok((id, Encoded::Bytes { name, bytes }))));
+            }
+            Ok(true)
         };
-        let index = sample_index;
-        sample_index += 1;
-        if wanted.is_none_or(|w| w.contains(&index)) {
-            let id = ((tar_index as i64) << 32) | index as i64;
-            samples.push(Ok((id, Encoded::Bytes { name, bytes })));
-        }
-        Ok(())
-    };
     let entries = archive
         .entries()
         .map_err(|e| corrupt(format!("not a tar file ({e})")))?;
@@ -521,7 +565,9 @@ fn read_tar(
             format!("{directory}/{stem}")
         };
         if current_key.as_deref() != Some(key.as_str()) {
-            finish(current_key.take(), current_image.take(), &mut samples)?;
+            if !finish(current_key.take(), current_image.take())? {
+                return Ok(());
+            }
             current_key = Some(key);
         }
         // `key.left.png`: the field is `left.png`, an image by its last suffix.
@@ -536,8 +582,8 @@ fn read_tar(
             current_image = Some((format!("{}:{member}", path.display()), bytes));
         }
     }
-    finish(current_key.take(), current_image.take(), &mut samples)?;
-    Ok(samples)
+    finish(current_key.take(), current_image.take())?;
+    Ok(())
 }
 
 fn decode_one(encoded: Encoded, geometry: Geometry, out: &mut Vec<u8>) -> Result<(), DataError> {

@@ -649,19 +649,20 @@ fn a_task_a_worker_failed_goes_to_another_worker_when_one_can_take_it() {
     assert!(state.complete(&task.id, &a, 1, failed.clone()).is_empty());
     assert_eq!(state.tasks[&task.id].failed_on, vec![a.clone()]);
     // Another worker is there: the broken node gets nothing (only the teacher task waits).
-    assert!(state.assign_within(&a, "cpu", Some(1), true).is_none());
+    let others = [b.clone()];
+    assert!(state.assign_within(&a, "cpu", Some(1), &others).is_none());
     let retry = state
-        .assign_within(&b, "cpu", Some(1), true)
+        .assign_within(&b, "cpu", Some(1), std::slice::from_ref(&a))
         .expect("b takes it");
     assert_eq!(
         (retry.task.id.clone(), retry.task.attempts),
         (task.id.clone(), 2)
     );
     assert!(state.complete(&task.id, &b, 2, failed.clone()).is_empty());
-    // Alone, a worker retries what it failed.
+    // Once every worker there failed it, any of them retries it (nobody would otherwise).
     let third = state
-        .assign_within(&a, "cpu", Some(1), false)
-        .expect("a alone");
+        .assign_within(&a, "cpu", Some(1), &others)
+        .expect("a, b having failed it too");
     assert_eq!(third.task.attempts, 3);
     assert_eq!(
         state.complete(&task.id, &a, 3, failed),

@@ -257,6 +257,30 @@ fn broken_webdataset_tars_are_named() {
     let error = Source::open(&data_plan(UnlabeledFormat::Webdataset, empty.path()), &[])
         .expect_err("no tars");
     assert!(error.to_string().contains("no .tar file"), "{error}");
+
+    // A single file must be a tar; a path that does not exist is named as such, not as a
+    // failed read; an image folder must be a folder.
+    let zip = dir.path().join("shards.zip");
+    std::fs::write(&zip, b"PK").expect("write");
+    let error =
+        Source::open(&data_plan(UnlabeledFormat::Webdataset, &zip), &[]).expect_err("a zip");
+    assert!(
+        error.to_string().contains("shards.zip")
+            && error.to_string().contains("is not a .tar file"),
+        "{error}"
+    );
+    let error =
+        Source::open(&data_plan(UnlabeledFormat::ImageFolder, &zip), &[]).expect_err("a file");
+    assert!(error.to_string().contains("is not a folder"), "{error}");
+    for format in [UnlabeledFormat::ImageFolder, UnlabeledFormat::Webdataset] {
+        let error = Source::open(&data_plan(format, &dir.path().join("nowhere")), &[])
+            .expect_err("missing");
+        assert!(
+            error.to_string().contains("data.unlabeled.path")
+                && error.to_string().contains("nowhere`: does not exist"),
+            "{error}"
+        );
+    }
 }
 
 #[test]
@@ -435,4 +459,41 @@ fn idx_fingerprints_name_the_positions_the_labels_drew() {
         "image-folder:4",
         "image-folder:4:00ff"
     ));
+}
+
+/// A tar's samples come in order from a reader that runs at most a few samples ahead: the
+/// first ones arrive without the whole tar being read, a reader whose consumer stopped ends,
+/// and a tar damaged halfway gives the samples before the damage, then the error.
+#[test]
+fn tar_samples_are_read_as_they_are_consumed() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let count = TAR_READ_AHEAD * 4;
+    let members: Vec<(String, Vec<u8>)> = (0..count)
+        .map(|i| (format!("{i:05}.png"), png(i as u8)))
+        .collect();
+    let members: Vec<(&str, Vec<u8>)> = members
+        .iter()
+        .map(|(name, bytes)| (name.as_str(), bytes.clone()))
+        .collect();
+    let bytes = tar_with(&members);
+    let path = dir.path().join("big.tar");
+    std::fs::write(&path, &bytes).expect("write");
+    let first: Vec<i64> = tar_samples(3, path.clone(), None)
+        .take(3)
+        .map(|item| item.expect("sample").0)
+        .collect();
+    assert_eq!(first, vec![3 << 32, (3 << 32) | 1, (3 << 32) | 2]);
+    assert_eq!(tar_samples(3, path.clone(), None).count(), count);
+
+    // Cut inside the second half: the first half arrives, then the tar's error.
+    std::fs::write(&path, &bytes[..bytes.len() * 3 / 4]).expect("write");
+    let items: Vec<Item> = tar_samples(0, path.clone(), None).collect();
+    let (good, bad): (Vec<_>, Vec<_>) = items.iter().partition(|item| item.is_ok());
+    assert!(
+        good.len() >= count / 2,
+        "{} samples before the damage",
+        good.len()
+    );
+    assert_eq!(bad.len(), 1);
+    assert!(items.last().expect("items").is_err());
 }

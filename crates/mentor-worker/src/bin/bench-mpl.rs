@@ -78,6 +78,13 @@ fn main() -> anyhow::Result<()> {
         })),
         _ => anyhow::bail!("the PyTorch reference has the `cnn` model only"),
     };
+    // The reference implements the reference codebases' training-mode feedback only: a plan
+    // with the other would compare unlike steps.
+    if mpl.feedback != mentor_plan::MplFeedback::Train {
+        anyhow::bail!(
+            "the PyTorch reference measures `mpl.feedback = \"train\"` steps only; this plan sets another"
+        );
+    }
     let settings = serde_json::json!({
         "data": plan.data.dir,
         "labeled_per_class": plan.data.labeled_per_class,
