@@ -1073,6 +1073,12 @@ impl Plan {
                         "not used when teacher.checkpoint gives the first teacher; remove one of them",
                     ));
                 }
+                (Some(_), None) if self.teacher.noise != NoisePlan::default() => {
+                    return Err(invalid(
+                        "teacher.noise",
+                        "not used when teacher.checkpoint gives the first teacher (noise applies to training, and it is not trained); remove it",
+                    ));
+                }
                 (None, None) => {
                     return Err(invalid(
                         "teacher.train",
@@ -1197,6 +1203,12 @@ impl Plan {
 
     fn validate_pseudo_labels(&self) -> Result<(), PlanError> {
         let labels = &self.pseudo_labels;
+        if labels.per_class > 0 && !labels.balance {
+            return Err(invalid(
+                "pseudo_labels.per_class",
+                "sets the class balance, which pseudo_labels.balance = false turns off; remove one of them",
+            ));
+        }
         if !(labels.temperature > 0.0 && labels.temperature.is_finite()) {
             return Err(invalid("pseudo_labels.temperature", "must be > 0"));
         }
@@ -1277,7 +1289,7 @@ fn validate_role(
         ));
     }
     let Some(train) = &plan.train else {
-        return validate_noise(role, &plan.noise);
+        return validate_noise(role, &plan.noise, model);
     };
     if train.steps == 0 {
         return Err(invalid(format!("{role}.train.steps"), "must be >= 1"));
@@ -1339,10 +1351,10 @@ fn validate_role(
     if train.log_every == 0 {
         return Err(invalid(format!("{role}.train.log_every"), "must be >= 1"));
     }
-    validate_noise(role, &plan.noise)
+    validate_noise(role, &plan.noise, model)
 }
 
-fn validate_noise(role: &str, noise: &NoisePlan) -> Result<(), PlanError> {
+fn validate_noise(role: &str, noise: &NoisePlan, model: &ModelPlan) -> Result<(), PlanError> {
     if !(0.0..1.0).contains(&noise.dropout) {
         return Err(invalid(
             format!("{role}.noise.dropout"),
@@ -1353,6 +1365,15 @@ fn validate_noise(role: &str, noise: &NoisePlan) -> Result<(), PlanError> {
         return Err(invalid(
             format!("{role}.noise.stochastic_depth_survival"),
             "must be in (0, 1]",
+        ));
+    }
+    // Settings that would do nothing are refused rather than ignored.
+    if noise.stochastic_depth_survival < 1.0 && !model.has_residual_blocks() {
+        return Err(invalid(
+            format!("{role}.noise.stochastic_depth_survival"),
+            format!(
+                "{role}.model has no residual blocks to drop (a cnn with residual_blocks = 0, or a densenet, whose drop_rate is its own); remove it"
+            ),
         ));
     }
     validate_randaugment(&format!("{role}.noise.randaugment"), &noise.randaugment)
@@ -1367,6 +1388,12 @@ const MAX_RATIO: u32 = 1_024;
 const MAX_RANDAUGMENT_OPS: u32 = 16;
 
 fn validate_randaugment(path: &str, randaugment: &RandAugmentPlan) -> Result<(), PlanError> {
+    if randaugment.ops == 0 && (randaugment.magnitude != 0.0 || !randaugment.op_list.is_empty()) {
+        return Err(invalid(
+            format!("{path}.ops"),
+            "is 0 (its default in a table that is given), so magnitude and op_list apply to no operation: set ops (e.g. 2)",
+        ));
+    }
     if randaugment.ops > MAX_RANDAUGMENT_OPS {
         return Err(invalid(
             format!("{path}.ops"),

@@ -222,11 +222,13 @@ fn student_smaller_than_teacher_is_refused() {
         "residual_blocks = 1\nwidth_growth_per_round",
         "residual_blocks = 0\nwidth_growth_per_round",
     );
-    let text = text.replacen(
-        "[teacher.model]\nkind = \"cnn\"\nwidth = 8",
-        "[teacher.model]\nkind = \"cnn\"\nwidth = 8\nresidual_blocks = 2",
-        1,
-    );
+    let text = text
+        .replacen(
+            "[teacher.model]\nkind = \"cnn\"\nwidth = 8",
+            "[teacher.model]\nkind = \"cnn\"\nwidth = 8\nresidual_blocks = 2",
+            1,
+        )
+        .replacen("stochastic_depth_survival = 0.8\n", "", 1);
     assert_eq!(
         error_of(&text),
         "student.model: the student must be at least as large as the teacher"
@@ -448,6 +450,8 @@ fn shipped_mpl_plans_are_valid() {
 }
 
 /// A plan whose student is `model` (TOML body of `[student.model]`), teacher unchanged.
+/// The tiny plan with another student model, without stochastic depth (models without
+/// residual blocks refuse it).
 fn tiny_with_student_model(model: &str) -> String {
     let start = TINY.find("[student.model]").expect("section");
     let end = TINY[start..].find("[student.train]").expect("next section") + start;
@@ -456,6 +460,7 @@ fn tiny_with_student_model(model: &str) -> String {
         &TINY[..start],
         &TINY[end..]
     )
+    .replacen("stochastic_depth_survival = 0.8\n", "", 1)
 }
 
 /// A rule broken names the value the plan gave; sizes past any real batch are refused before a
@@ -483,6 +488,42 @@ fn a_broken_rule_names_the_value_given() {
         message.contains("ops: must be <= 16, not 100000"),
         "{message}"
     );
+}
+
+/// Settings that would do nothing where they are set are refused, naming them, rather than
+/// ignored: stochastic depth on a model without residual blocks, RandAugment settings without
+/// operations, a class-balance size without balancing, noise for a teacher that is not trained.
+#[test]
+fn settings_that_would_do_nothing_are_refused() {
+    // The tiny plan's teacher is a cnn without residual blocks.
+    let message = error_of(&tiny_with(
+        "[student.model]",
+        "[teacher.noise]\nstochastic_depth_survival = 0.8\n\n[student.model]",
+    ));
+    assert!(
+        message.starts_with(
+            "teacher.noise.stochastic_depth_survival: teacher.model has no residual blocks"
+        ),
+        "{message}"
+    );
+    let message = error_of(&tiny_with(
+        "[student.model]",
+        "[teacher.noise]\nrandaugment = { magnitude = 5 }\n\n[student.model]",
+    ));
+    assert!(
+        message.starts_with("teacher.noise.randaugment.ops: is 0"),
+        "{message}"
+    );
+    let message = error_of(&tiny_with(
+        "top_k = 3",
+        "top_k = 3\nbalance = false\nper_class = 100",
+    ));
+    assert!(message.starts_with("pseudo_labels.per_class:"), "{message}");
+    let message = error_of(&format!(
+        "{}\n[teacher.noise]\ndropout = 0.5\n",
+        tiny_with_teacher_checkpoint("teacher.safetensors")
+    ));
+    assert!(message.starts_with("teacher.noise: not used"), "{message}");
 }
 
 /// A wrong value inside a model table names its field (serde's derived tagged enums lose it).
