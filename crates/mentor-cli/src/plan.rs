@@ -30,6 +30,9 @@ pub struct DataSummary {
 /// Reads and checks the plan at `path` and its data.
 pub fn check(path: &Path) -> anyhow::Result<(Plan, DataSummary)> {
     let plan = Plan::load(path)?;
+    // What a new run refuses (a recorded run resumes with its plan as it was).
+    plan.check_unused()
+        .with_context(|| format!("plan `{}` (for a new run)", path.display()))?;
     let data =
         check_data(&plan).with_context(|| format!("the data of plan `{}`", path.display()))?;
     check_storage(&plan).with_context(|| format!("plan `{}`", path.display()))?;

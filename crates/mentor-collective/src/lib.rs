@@ -44,11 +44,30 @@ pub enum CollectiveError {
     OutOfStep(String),
     #[error("group setup failed: {0}")]
     Setup(String),
+    /// The group's setup failed because another rank did not take part in time (it never
+    /// connected, or never joined the NCCL communicator).
+    #[error("group setup failed: {0}")]
+    PeerSetup(String),
     #[error("NCCL: {0}")]
     Nccl(String),
     /// A tensor a collective cannot take (NCCL reads it by address as contiguous f32).
     #[error("collective buffer: {0}")]
     Buffer(String),
+}
+
+impl CollectiveError {
+    /// Whether another rank is the likely cause (it died, fell silent or never came), rather
+    /// than this rank's own setup, device or buffers: the coordinator counts such an attempt as
+    /// the group's loss, and an error of a rank's own as that rank's failure.
+    pub fn is_peer_failure(&self) -> bool {
+        matches!(
+            self,
+            CollectiveError::Timeout { .. }
+                | CollectiveError::GroupTimeout { .. }
+                | CollectiveError::Peer { .. }
+                | CollectiveError::PeerSetup(_)
+        )
+    }
 }
 
 /// A collective over `f32` host buffers, the same for every backend above the transport.

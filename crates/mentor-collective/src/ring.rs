@@ -130,7 +130,7 @@ impl TcpRing {
                     std::thread::sleep(Duration::from_millis(50));
                 }
                 Err(error) => {
-                    return Err(CollectiveError::Setup(format!(
+                    return Err(CollectiveError::PeerSetup(format!(
                         "rank {rank} could not connect to rank {next_rank} at {} within {setup_timeout:?}: {error}",
                         addresses[next_rank]
                     )))
@@ -169,7 +169,7 @@ impl TcpRing {
                     std::thread::sleep(Duration::from_millis(10));
                 }
                 Err(error) if error.kind() == ErrorKind::WouldBlock => {
-                    return Err(CollectiveError::Setup(format!(
+                    return Err(CollectiveError::PeerSetup(format!(
                         "rank {rank} was not joined by rank {previous_rank} within {setup_timeout:?}"
                     )))
                 }
@@ -688,6 +688,20 @@ mod tests {
             error.to_string().contains("was not joined by rank 1"),
             "{error}"
         );
+        // Another rank's absence: the group's failure, not this rank's.
+        assert!(error.is_peer_failure(), "{error:?}");
+        // A ring this rank cannot even describe is its own.
+        let own = TcpRing::connect(RingConfig {
+            rank: 2,
+            world_size: 2,
+            listener: TcpListener::bind("127.0.0.1:0").expect("bind"),
+            addresses: vec!["a".into(), "b".into()],
+            group: "g".into(),
+            timeout: Duration::from_secs(1),
+            setup_timeout: Duration::from_secs(1),
+        })
+        .expect_err("rank 2 of 2");
+        assert!(!own.is_peer_failure(), "{own:?}");
     }
 
     #[test]

@@ -491,6 +491,11 @@ impl Coordinator {
         let fingerprint = source.fingerprint(&plan.data);
         let state_file = run_dir.join("state.json");
         let resumed = state_file.exists();
+        if !resumed {
+            // Settings that would do nothing: refused for a new run, while a run recorded by an
+            // earlier build with one resumes with its plan unchanged.
+            plan.check_unused().map_err(CoordinatorError::PlanData)?;
+        }
         // A resumed run's `teacher.checkpoint`, as its plan gave it, and its old directory when
         // it moved.
         let mut recorded_teacher = None;
@@ -860,10 +865,20 @@ impl Coordinator {
         } else {
             self.group_size(&kind, now)
         };
+        // Those that could take what this worker could: of its device kind (a group's size and
+        // the GPU preference are the same for them), asking for work (not still loading, not
+        // suspected). A worker of another kind is none: it may never be given a training task.
         let others: Vec<WorkerId> = self
             .workers
             .values()
-            .filter(|w| w.id != *id && w.alive && !w.exited && !w.suspect)
+            .filter(|w| {
+                w.id != *id
+                    && w.alive
+                    && !w.exited
+                    && !w.suspect
+                    && w.loading_since.is_none()
+                    && device_kind(&w.device) == kind
+            })
             .map(|w| w.id.clone())
             .collect();
         match self.state.assign_within(id, &kind, group_size, &others) {
@@ -2254,6 +2269,37 @@ mod tests {
         // Silence past the timeout without a stall is still loss.
         coordinator.reap(after + timeout + HEARTBEAT_INTERVAL * 2);
         assert!(!coordinator.workers[&a].alive);
+    }
+
+    /// A GPU worker whose teacher training failed (out of memory, say) beside a CPU worker that
+    /// may not train while GPUs can: the GPU worker retries it (the CPU worker could not), the
+    /// run does not wait for ever.
+    #[test]
+    fn a_task_failed_on_a_gpu_is_retried_when_no_other_gpu_worker_can_take_it() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let now = Instant::now();
+        let mut coordinator = coordinator(dir.path());
+        let cpu = coordinator.register("cpu-node".into(), "cpu".into(), 0, now);
+        let gpu = coordinator.register("gpu-node".into(), "cuda:0".into(), 0, now);
+        let _ = coordinator.get_task(&cpu, now).expect("reply");
+        let TaskReply::Task(first) = coordinator.get_task(&gpu, now).expect("task") else {
+            panic!("the GPU worker got no task")
+        };
+        let oom = TaskOutcome::Failed("CUDA out of memory".into());
+        coordinator
+            .complete(&gpu, &first.task.id, 1, oom, now)
+            .expect("complete");
+        let mut retried = None;
+        for _ in 0..20 {
+            for worker in [&cpu, &gpu] {
+                if let TaskReply::Task(assignment) =
+                    coordinator.get_task(worker, now).expect("reply")
+                {
+                    retried.get_or_insert((worker.clone(), assignment.task.attempts));
+                }
+            }
+        }
+        assert_eq!(retried, Some((gpu, 2)), "nobody retried the task");
     }
 
     /// A CPU worker (a GPU node whose driver broke, say) does not take a training task while

@@ -633,6 +633,15 @@ pub async fn run_ended(shared: Shared, grace: std::time::Duration) {
 /// [`Coordinator::pardon_stall`]); lock contention delays it by milliseconds.
 const STALL: Duration = Duration::from_secs(1);
 
+/// How long the coordinator stalled when the reaper, due one interval after its tick at
+/// `last`, runs at `now`; `None` for a tick on time (or late by less than [`STALL`]).
+fn stalled_for(last: Instant, now: Instant) -> Option<Duration> {
+    let late = now
+        .saturating_duration_since(last)
+        .saturating_sub(HEARTBEAT_INTERVAL);
+    (late > STALL).then_some(late)
+}
+
 /// Serves both services on `listener` until `shutdown` resolves; also runs the worker reaper.
 pub async fn serve(
     listener: tokio::net::TcpListener,
@@ -651,11 +660,8 @@ pub async fn serve(
                 // Read once the lock is held: a stall under it (or of the whole process)
                 // shows as a late tick.
                 let now = Instant::now();
-                let late = now
-                    .saturating_duration_since(last)
-                    .saturating_sub(HEARTBEAT_INTERVAL);
-                if late > STALL {
-                    coordinator.pardon_stall(late, now);
+                if let Some(stalled) = stalled_for(last, now) {
+                    coordinator.pardon_stall(stalled, now);
                 }
                 coordinator.reap(now);
                 last = now;
@@ -681,6 +687,15 @@ pub async fn serve(
 mod tests {
     use super::*;
     use std::path::{Path, PathBuf};
+
+    #[test]
+    fn a_reaper_tick_seconds_late_is_a_stall() {
+        let last = Instant::now();
+        let on_time = last + HEARTBEAT_INTERVAL + Duration::from_millis(30);
+        assert_eq!(stalled_for(last, on_time), None);
+        let stopped = last + HEARTBEAT_INTERVAL + Duration::from_secs(40);
+        assert_eq!(stalled_for(last, stopped), Some(Duration::from_secs(40)));
+    }
 
     use crate::state::{ModelRef, RunState};
 

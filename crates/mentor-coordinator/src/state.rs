@@ -827,6 +827,8 @@ impl RunState {
                 task.state = TaskState::Pending;
                 task.failures = 0;
                 task.losses = 0;
+                task.failed_on.clear();
+                task.group_loss = None;
             }
         }
         self.outcome = RunOutcome::Running;

@@ -485,21 +485,34 @@ fn tar_samples(
     path: PathBuf,
     mut wanted: Option<HashSet<u32>>,
 ) -> impl Iterator<Item = Item> {
-    let mut started: Option<std::sync::mpsc::IntoIter<Item>> = None;
+    type Reader = (
+        std::sync::mpsc::IntoIter<Item>,
+        Option<std::thread::JoinHandle<()>>,
+    );
+    let mut started: Option<Reader> = None;
     std::iter::from_fn(move || {
-        let receiver = started.get_or_insert_with(|| {
+        let (receiver, thread) = started.get_or_insert_with(|| {
             let (sender, receiver) = std::sync::mpsc::sync_channel(TAR_READ_AHEAD);
             let (path, wanted) = (path.clone(), wanted.take());
-            std::thread::spawn(move || {
+            let thread = std::thread::spawn(move || {
                 // A send fails once the pipeline stopped reading: the reading stops too.
                 let mut emit = |item: Item| sender.send(item).is_ok();
                 if let Err(error) = read_tar(tar_index, &path, wanted.as_ref(), &mut emit) {
                     emit(Err(error));
                 }
             });
-            receiver.into_iter()
+            (receiver.into_iter(), Some(thread))
         });
-        receiver.next()
+        receiver.next().or_else(|| {
+            // The channel closed: the tar ended, or its reader died, which is no end.
+            let panicked = thread.take().is_some_and(|thread| thread.join().is_err());
+            panicked.then(|| {
+                Err(DataError::Unlabeled {
+                    path: path.clone(),
+                    reason: "the thread reading this tar failed before its end".into(),
+                })
+            })
+        })
     })
 }
 

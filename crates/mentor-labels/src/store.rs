@@ -311,42 +311,53 @@ impl ShardStore {
     }
 
     /// Checks that the store honours create-if-absent writes, which every shard commit and the
-    /// run's claim of the store rely on: writes `probe_key` twice and expects the second write
-    /// refused, then removes it. Some S3-compatible stores ignore `If-None-Match` and overwrite
-    /// (two attempts of a label task would then both "win"); a FUSE mount without hard links
-    /// fails such writes; either is named here, before any work, not in the middle of a round.
+    /// run's claim of the store rely on: writes `probe_key` (a key of its own: the caller's run
+    /// and process) twice and expects the second write refused and the first kept, then removes
+    /// it. Some S3-compatible stores ignore `If-None-Match` and overwrite (two attempts of a
+    /// label task would then both "win"); a FUSE mount without hard links fails such writes;
+    /// either is named here, before any work, not in the middle of a round.
     pub fn check_conditional_writes(&self, probe_key: &str) -> Result<(), LabelError> {
+        let advice = if is_url(&self.root) && !self.root.starts_with("file:") {
+            "use a store that honours `If-None-Match` (AWS S3, Google Cloud Storage, Azure Blob Storage, a recent MinIO)"
+        } else {
+            "use a local or network file system with hard links, or the store's own URL (s3://, gs://, az://) rather than a FUSE mount of it"
+        };
         let refused = |reason: String| {
             LabelError::Invalid(format!(
-                "storage `{}` cannot create an object only if it is absent ({reason}); soft labels need that to commit each shard exactly once: use an object store URL (s3://, gs://, az://) or a local file system with hard links",
+                "storage `{}` cannot create an object only if it is absent ({reason}); soft labels need that to commit each shard exactly once: {advice}",
                 self.root
             ))
         };
-        let first = self
-            .commit(probe_key, b"first")
-            .map_err(|error| refused(error.to_string()))?;
-        let second = self
-            .put_if_absent(probe_key, b"second")
-            .map_err(|error| refused(error.to_string()))?;
-        let kept = self.get(probe_key);
-        // Removed whatever the answers: the probe is no part of the run's labels.
-        self.delete(probe_key)?;
-        if first != PutOutcome::Created {
-            return Err(refused(format!(
-                "`{}` was already there; another run probing at the same time?",
-                self.location(probe_key)
-            )));
+        let verdict = (|| {
+            // A first write whose answer was lost and that its retry then found made is ours.
+            let first = self
+                .commit(probe_key, b"first")
+                .map_err(|error| refused(error.to_string()))?;
+            if first == PutOutcome::AlreadyExists && self.get(probe_key)? != b"first" {
+                return Err(refused(format!(
+                    "`{}` held something else before the probe wrote it",
+                    self.location(probe_key)
+                )));
+            }
+            let second = self
+                .put_if_absent(probe_key, b"second")
+                .map_err(|error| refused(error.to_string()))?;
+            if second == PutOutcome::Created {
+                return Err(refused(
+                    "a second create-if-absent write of the same key was accepted; the store ignores `If-None-Match`".into(),
+                ));
+            }
+            if self.get(probe_key)? != b"first" {
+                return Err(refused("a refused write replaced the object anyway".into()));
+            }
+            Ok(())
+        })();
+        // Removed whatever the verdict; a store that refuses deletes (a bucket policy without
+        // DeleteObject) keeps a few bytes, which is no reason to refuse it.
+        if let Err(error) = self.delete(probe_key) {
+            tracing::warn!(%error, key = probe_key, "could not remove the store's write probe");
         }
-        match (second, kept) {
-            (PutOutcome::AlreadyExists, Ok(bytes)) if bytes == b"first" => Ok(()),
-            (PutOutcome::Created, _) => Err(refused(
-                "a second create-if-absent write of the same key was accepted; the store ignores `If-None-Match`".into(),
-            )),
-            (_, Ok(_)) => Err(refused(
-                "a refused write replaced the object anyway".into(),
-            )),
-            (_, Err(error)) => Err(error),
-        }
+        verdict
     }
 }
 
@@ -522,6 +533,14 @@ mod tests {
             .expect("honours create");
         assert!(!honest.exists(".mentor/probe").expect("exists"));
 
+        // A first write whose answer was lost is found made by its retry: still a pass.
+        let (_, lost) = faulty(Faulty {
+            lost_answers: AtomicU32::new(1),
+            ..Faulty::default()
+        });
+        lost.check_conditional_writes(".mentor/probe")
+            .expect("a lost answer");
+
         let (_, lax) = faulty(Faulty {
             ignores_create: true,
             ..Faulty::default()
@@ -531,7 +550,9 @@ mod tests {
             .expect_err("ignores create")
             .to_string();
         assert!(
-            message.contains("`s3://bucket/labels`") && message.contains("If-None-Match"),
+            message.contains("`s3://bucket/labels`")
+                && message.contains("ignores `If-None-Match`")
+                && message.contains("AWS S3"),
             "{message}"
         );
         assert!(!lax.exists(".mentor/probe").expect("exists"));

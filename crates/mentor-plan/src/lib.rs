@@ -920,6 +920,45 @@ impl Plan {
         Ok(())
     }
 
+    /// Refuses settings that would do nothing where they are set, naming the first: stochastic
+    /// depth on a model without residual blocks, RandAugment settings without operations, a
+    /// class-balance size without balancing, noise for a teacher read from a checkpoint. Checked
+    /// for new runs (the coordinator, `mentor plan`), not by [`Plan::validate`]: a run recorded
+    /// by an earlier build with such a setting resumes with its plan unchanged.
+    pub fn check_unused(&self) -> Result<(), PlanError> {
+        for (role, plan) in [("teacher", &self.teacher), ("student", &self.student)] {
+            if plan.noise.stochastic_depth_survival < 1.0 && !plan.model.has_residual_blocks() {
+                return Err(invalid(
+                    format!("{role}.noise.stochastic_depth_survival"),
+                    format!(
+                        "{role}.model has no residual blocks to drop (a cnn with residual_blocks = 0, or a densenet, whose drop_rate is its own); remove it"
+                    ),
+                ));
+            }
+            check_randaugment_used(
+                &format!("{role}.noise.randaugment"),
+                &plan.noise.randaugment,
+            )?;
+        }
+        if let Some(mpl) = &self.mpl {
+            check_randaugment_used("mpl.randaugment", &mpl.randaugment)?;
+        }
+        if self.teacher.checkpoint.is_some() && self.teacher.noise != NoisePlan::default() {
+            return Err(invalid(
+                "teacher.noise",
+                "not used when teacher.checkpoint gives the first teacher (noise applies to training, and it is not trained); remove it",
+            ));
+        }
+        let labels = &self.pseudo_labels;
+        if labels.per_class > 0 && !labels.balance {
+            return Err(invalid(
+                "pseudo_labels.per_class",
+                "sets the class balance, which pseudo_labels.balance = false turns off; remove one of them",
+            ));
+        }
+        Ok(())
+    }
+
     /// Checks every field; the first problem found is returned, with the value the plan gave
     /// where the rule alone is stated ("must be in [0, 1), not 1.5").
     pub fn validate(&self) -> Result<(), PlanError> {
@@ -1073,12 +1112,6 @@ impl Plan {
                         "not used when teacher.checkpoint gives the first teacher; remove one of them",
                     ));
                 }
-                (Some(_), None) if self.teacher.noise != NoisePlan::default() => {
-                    return Err(invalid(
-                        "teacher.noise",
-                        "not used when teacher.checkpoint gives the first teacher (noise applies to training, and it is not trained); remove it",
-                    ));
-                }
                 (None, None) => {
                     return Err(invalid(
                         "teacher.train",
@@ -1203,12 +1236,6 @@ impl Plan {
 
     fn validate_pseudo_labels(&self) -> Result<(), PlanError> {
         let labels = &self.pseudo_labels;
-        if labels.per_class > 0 && !labels.balance {
-            return Err(invalid(
-                "pseudo_labels.per_class",
-                "sets the class balance, which pseudo_labels.balance = false turns off; remove one of them",
-            ));
-        }
         if !(labels.temperature > 0.0 && labels.temperature.is_finite()) {
             return Err(invalid("pseudo_labels.temperature", "must be > 0"));
         }
@@ -1289,7 +1316,7 @@ fn validate_role(
         ));
     }
     let Some(train) = &plan.train else {
-        return validate_noise(role, &plan.noise, model);
+        return validate_noise(role, &plan.noise);
     };
     if train.steps == 0 {
         return Err(invalid(format!("{role}.train.steps"), "must be >= 1"));
@@ -1351,10 +1378,10 @@ fn validate_role(
     if train.log_every == 0 {
         return Err(invalid(format!("{role}.train.log_every"), "must be >= 1"));
     }
-    validate_noise(role, &plan.noise, model)
+    validate_noise(role, &plan.noise)
 }
 
-fn validate_noise(role: &str, noise: &NoisePlan, model: &ModelPlan) -> Result<(), PlanError> {
+fn validate_noise(role: &str, noise: &NoisePlan) -> Result<(), PlanError> {
     if !(0.0..1.0).contains(&noise.dropout) {
         return Err(invalid(
             format!("{role}.noise.dropout"),
@@ -1365,15 +1392,6 @@ fn validate_noise(role: &str, noise: &NoisePlan, model: &ModelPlan) -> Result<()
         return Err(invalid(
             format!("{role}.noise.stochastic_depth_survival"),
             "must be in (0, 1]",
-        ));
-    }
-    // Settings that would do nothing are refused rather than ignored.
-    if noise.stochastic_depth_survival < 1.0 && !model.has_residual_blocks() {
-        return Err(invalid(
-            format!("{role}.noise.stochastic_depth_survival"),
-            format!(
-                "{role}.model has no residual blocks to drop (a cnn with residual_blocks = 0, or a densenet, whose drop_rate is its own); remove it"
-            ),
         ));
     }
     validate_randaugment(&format!("{role}.noise.randaugment"), &noise.randaugment)
@@ -1387,13 +1405,18 @@ const MAX_RATIO: u32 = 1_024;
 /// The most RandAugment operations applied to one image.
 const MAX_RANDAUGMENT_OPS: u32 = 16;
 
-fn validate_randaugment(path: &str, randaugment: &RandAugmentPlan) -> Result<(), PlanError> {
+/// Refuses a RandAugment `magnitude` or `op_list` with no operation to apply them to.
+fn check_randaugment_used(path: &str, randaugment: &RandAugmentPlan) -> Result<(), PlanError> {
     if randaugment.ops == 0 && (randaugment.magnitude != 0.0 || !randaugment.op_list.is_empty()) {
         return Err(invalid(
             format!("{path}.ops"),
             "is 0 (its default in a table that is given), so magnitude and op_list apply to no operation: set ops (e.g. 2)",
         ));
     }
+    Ok(())
+}
+
+fn validate_randaugment(path: &str, randaugment: &RandAugmentPlan) -> Result<(), PlanError> {
     if randaugment.ops > MAX_RANDAUGMENT_OPS {
         return Err(invalid(
             format!("{path}.ops"),

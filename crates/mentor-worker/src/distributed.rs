@@ -102,7 +102,7 @@ fn init_within(
         .map_err(|error| CollectiveError::Setup(format!("cannot start the NCCL setup: {error}")))?;
     match receiver.recv_timeout(timeout) {
         Ok(result) => result,
-        Err(std::sync::mpsc::RecvTimeoutError::Timeout) => Err(CollectiveError::Setup(format!(
+        Err(std::sync::mpsc::RecvTimeoutError::Timeout) => Err(CollectiveError::PeerSetup(format!(
             "ncclCommInitRank did not complete within {:.0}s: a rank of the group never joined it (its log says why)",
             timeout.as_secs_f64()
         ))),

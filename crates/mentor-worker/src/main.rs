@@ -750,9 +750,10 @@ async fn rendezvous(
     let deadline = tokio::time::Instant::now() + join_timeout;
     loop {
         if status.cancelled {
-            return Ok(Err(
-                "the coordinator cancelled this attempt of the task".into()
-            ));
+            // Another rank's report ended the attempt: this rank did nothing wrong.
+            return Ok(Err(format!(
+                "{GROUP_FAILED}the coordinator cancelled this attempt of the task (another rank reported its end)"
+            )));
         }
         let nccl_ready = collective != CollectiveKind::Nccl || status.nccl_unique_id.len() == 128;
         if status.ready && nccl_ready {

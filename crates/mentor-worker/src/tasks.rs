@@ -336,6 +336,24 @@ struct SparseTargets {
 }
 
 impl SparseTargets {
+    /// The targets of rows whose top `k` classes are `class_ids` ([rows, k]) with
+    /// probabilities `probs` (soft labels; `None`: hard ones), renormalised over those `k` (top-k
+    /// truncation leaves mass out).
+    fn new(class_ids: Tensor, probs: Option<Tensor>, classes: i64, smoothing: f64) -> Self {
+        let weights = probs.map(|probs| {
+            &probs
+                / probs
+                    .sum_dim_intlist(-1, true, Kind::Float)
+                    .clamp_min(1e-12)
+        });
+        SparseTargets {
+            class_ids,
+            weights,
+            classes,
+            smoothing,
+        }
+    }
+
     /// Dense target distributions ([picks, classes]) of rows `picks`.
     fn dense(&self, picks: &Tensor) -> Tensor {
         let class_ids = self.class_ids.index_select(0, picks);
@@ -451,26 +469,14 @@ fn load_selection(
     let class_ids = Tensor::from_slice(&class_ids)
         .view([rows, k])
         .to_device(device);
-    let weights = match plan.pseudo_labels.mode {
+    let probs = match plan.pseudo_labels.mode {
         LabelMode::Soft => {
             let probs: Vec<f32> = labels.probs.iter().map(|p| p.to_f32()).collect();
-            let probs = Tensor::from_slice(&probs).view([rows, k]).to_device(device);
-            // Top-k truncation leaves mass out: renormalise each row.
-            Some(
-                &probs
-                    / probs
-                        .sum_dim_intlist(-1, true, Kind::Float)
-                        .clamp_min(1e-12),
-            )
+            Some(Tensor::from_slice(&probs).view([rows, k]).to_device(device))
         }
         LabelMode::Hard => None,
     };
-    let targets = SparseTargets {
-        class_ids,
-        weights,
-        classes,
-        smoothing,
-    };
+    let targets = SparseTargets::new(class_ids, probs, classes, smoothing);
     if dataset.unlabeled.format() == mentor_plan::UnlabeledFormat::Idx {
         // Example ids are training-set positions: the images are already on the device.
         return Ok(PseudoLabeled {
@@ -606,13 +612,20 @@ fn soft_cross_entropy_sum(logits: &Tensor, targets: &Tensor) -> Tensor {
     -(targets * logits.log_softmax(-1, Kind::Float)).sum(Kind::Float)
 }
 
-/// How the error of a rank whose group failed begins (a collective, the group's setup or its
-/// join): the coordinator counts such an attempt as lost, not as a failure of the task (see
-/// `TaskResult.group_failure`).
+/// How the error of a rank whose group failed because of another rank begins (a collective,
+/// the group's setup or its join): the coordinator counts such an attempt as lost, not as a
+/// failure of the task (see `TaskResult.group_failure`).
 pub const GROUP_FAILED: &str = "data-parallel group failed: ";
 
+/// A collective's error as a task's: the group's failure when another rank is the likely
+/// cause, else this rank's own (its device, its setup), which counts against the task and the
+/// worker.
 pub(crate) fn collective_error(error: mentor_collective::CollectiveError) -> String {
-    format!("{GROUP_FAILED}{error}")
+    if error.is_peer_failure() {
+        format!("{GROUP_FAILED}{error}")
+    } else {
+        format!("data-parallel training failed on this rank: {error}")
+    }
 }
 
 /// Whether a task's `error` is its group's failure rather than the rank's own.
@@ -1156,23 +1169,17 @@ mod tests {
     #[test]
     fn sparse_targets_make_the_dense_distributions_of_a_batch() {
         let class_ids = Tensor::from_slice(&[2i64, 0, 1, 3, 3, 2]).view([3, 2]);
-        let weights = Tensor::from_slice(&[0.75f32, 0.25, 0.5, 0.5, 0.9, 0.1]).view([3, 2]);
-        let soft = SparseTargets {
-            class_ids: class_ids.shallow_clone(),
-            weights: Some(weights),
-            classes: 4,
-            smoothing: 0.0,
-        };
+        // Top-2 of a distribution: their mass is renormalised (0.6 + 0.2 -> 0.75 + 0.25).
+        let probs = Tensor::from_slice(&[0.6f32, 0.2, 0.25, 0.25, 0.9, 0.1]).view([3, 2]);
+        let soft = SparseTargets::new(class_ids.shallow_clone(), Some(probs), 4, 0.0);
         let picks = Tensor::from_slice(&[2i64, 0]);
         let dense = Vec::<f32>::try_from(soft.dense(&picks).flatten(0, -1)).expect("floats");
-        assert_eq!(dense, vec![0.0, 0.0, 0.1, 0.9, 0.25, 0.0, 0.75, 0.0]);
+        let expected = [0.0f32, 0.0, 0.1, 0.9, 0.25, 0.0, 0.75, 0.0];
+        for (got, want) in dense.iter().zip(expected) {
+            assert!((got - want).abs() < 1e-6, "{dense:?}");
+        }
 
-        let hard = SparseTargets {
-            class_ids,
-            weights: None,
-            classes: 4,
-            smoothing: 0.2,
-        };
+        let hard = SparseTargets::new(class_ids, None, 4, 0.2);
         let dense = Vec::<f32>::try_from(hard.dense(&picks).flatten(0, -1)).expect("floats");
         let expected = [0.05f32, 0.05, 0.05, 0.85, 0.05, 0.05, 0.85, 0.05];
         for (got, want) in dense.iter().zip(expected) {

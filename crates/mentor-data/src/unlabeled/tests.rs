@@ -461,9 +461,8 @@ fn idx_fingerprints_name_the_positions_the_labels_drew() {
     ));
 }
 
-/// A tar's samples come in order from a reader that runs at most a few samples ahead: the
-/// first ones arrive without the whole tar being read, a reader whose consumer stopped ends,
-/// and a tar damaged halfway gives the samples before the damage, then the error.
+/// A tar's samples come in order from its reader thread, a consumer may stop after the first
+/// ones, and a tar damaged halfway gives the samples before the damage, then the error.
 #[test]
 fn tar_samples_are_read_as_they_are_consumed() {
     let dir = tempfile::tempdir().expect("tempdir");
