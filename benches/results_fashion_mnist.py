@@ -134,7 +134,20 @@ def supervised_1k_student(text, mpl_text):
     # The run's short student phase (not measured) needs a student at least as large.
     text = replace_table(text, "student.model", student["model"])
     text = replace_table(text, "teacher.noise", noise)
+    if not has_residual_blocks(student["model"]):
+        # A new run refuses stochastic depth on a model without residual blocks: the short
+        # student phase drops it (plans whose model has them keep their text, and --reuse).
+        text = re.sub(r"^(\[student\.noise\]\n(?:[^\[\n][^\n]*\n)*?)stochastic_depth_survival = [^\n]*\n",
+                      r"\g<1>", text, count=1, flags=re.M)
     return rewrite(text, r"(\[student.train\]\nsteps = )\d+", r"\g<1>100")
+
+
+def has_residual_blocks(model):
+    """Whether a plan's model table has residual blocks (where stochastic depth applies), as
+    the plan's own check says."""
+    if model.get("kind") == "cnn":
+        return model.get("residual_blocks", 0) > 0
+    return model.get("kind") != "densenet"
 
 
 def read(path, parse=lambda f: f.read()):
