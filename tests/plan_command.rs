@@ -148,7 +148,18 @@ fn bad_plans_and_data_are_refused_naming_what_is_wrong() {
 
     let stderr = refused("field.toml", &tiny_plan_with(&[("top_k = 3", "top_k = 0")]));
     assert!(
-        stderr.contains("pseudo_labels.top_k: must be between 1 and data.classes (10)"),
+        stderr.contains("pseudo_labels.top_k: must be between 1 and data.classes (10), not 0"),
+        "{stderr}"
+    );
+
+    // A setting that would do nothing: refused for a new run, naming it.
+    let stderr = refused(
+        "unused.toml",
+        &tiny_plan_with(&[("top_k = 3", "top_k = 3\nbalance = false\nper_class = 50")]),
+    );
+    assert!(
+        stderr.contains("(for a new run)")
+            && stderr.contains("pseudo_labels.per_class: sets the class balance"),
         "{stderr}"
     );
 

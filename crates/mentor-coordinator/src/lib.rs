@@ -2271,6 +2271,32 @@ mod tests {
         assert!(!coordinator.workers[&a].alive);
     }
 
+    /// A setting that would do nothing is refused for a new run, while a run recorded with it
+    /// (by a build that accepted it) resumes with its plan unchanged.
+    #[test]
+    fn settings_that_do_nothing_refuse_new_runs_only() {
+        let text = TINY.replacen("top_k = 3", "top_k = 3\nbalance = false\nper_class = 50", 1);
+        let unused = Plan::from_toml_str(&text).expect("a valid plan");
+        let fresh = tempfile::tempdir().expect("tempdir");
+        let error = Coordinator::open(unused.clone(), fresh.path())
+            .err()
+            .expect("a new run refused");
+        assert!(
+            error.to_string().contains("pseudo_labels.per_class"),
+            "{error}"
+        );
+
+        // A run recorded with that plan.
+        let dir = tempfile::tempdir().expect("tempdir");
+        drop(coordinator(dir.path()));
+        let state_file = dir.path().join("state.json");
+        let mut saved: serde_json::Value =
+            serde_json::from_slice(&std::fs::read(&state_file).expect("state")).expect("json");
+        saved["plan_toml"] = serde_json::Value::String(unused.to_toml_string());
+        std::fs::write(&state_file, saved.to_string()).expect("write state");
+        Coordinator::open(unused, dir.path()).expect("the recorded run resumes");
+    }
+
     /// A GPU worker whose teacher training failed (out of memory, say) beside a CPU worker that
     /// may not train while GPUs can: the GPU worker retries it (the CPU worker could not), the
     /// run does not wait for ever.
