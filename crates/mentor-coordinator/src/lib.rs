@@ -882,7 +882,7 @@ impl Coordinator {
             .map(|w| w.id.clone())
             .collect();
         match self.state.assign_within(id, &kind, group_size, &others) {
-            Some(assignment) => {
+            Some(mut assignment) => {
                 let task = &assignment.task;
                 tracing::info!(
                     run = %self.state.run_id,
@@ -894,11 +894,19 @@ impl Coordinator {
                     world_size = task.world_size,
                     "task assigned"
                 );
+                let (task_id, rank) = (task.id.clone(), assignment.rank);
                 let worker = self.worker_mut(id, now)?;
-                worker.task = Some(task.id.clone());
+                worker.task = Some(task_id.clone());
                 worker.progress = Progress::default();
                 worker.progress_at = now;
                 worker.progress_origin = None;
+                let instance = worker.instance.clone();
+                if rank == 0 && !instance.is_empty() {
+                    if let Some(record) = self.state.tasks.get_mut(&task_id) {
+                        record.rank0_instance = Some(instance.clone());
+                    }
+                    assignment.task.rank0_instance = Some(instance);
+                }
                 self.persist_or_log();
                 Ok(TaskReply::Task(Box::new(assignment)))
             }
@@ -1190,6 +1198,15 @@ impl Coordinator {
     ) -> Result<Vec<Effect>, CoordinatorError> {
         let worker = self.worker_mut(id, now)?;
         worker.task = None;
+        let instance = worker.instance.clone();
+        // The result of an attempt a coordinator restart left running, sent again by its rank 0
+        // under its new id: taken while no other attempt has started.
+        if !outcome.is_failure()
+            && !instance.is_empty()
+            && self.state.readopt(task, id, attempt, &instance)
+        {
+            tracing::info!(run = %self.state.run_id, worker = %id, task = %task, attempt, "the result of an attempt left running by a coordinator restart is taken");
+        }
         // The task's record when this is a report of its current attempt; stale ones are
         // ignored (and logged as such).
         let current = self
@@ -1482,6 +1499,50 @@ mod tests {
             std::fs::write(&written, format!("attempt {}", assignment.task.attempts))
                 .expect("write the attempt's checkpoint");
         }
+    }
+
+    /// A training that ended as the coordinator restarted: its worker process registers again
+    /// and sends its result again under its new id. The result is taken (hours of training are
+    /// not run again); another process's claim to it is not.
+    #[test]
+    fn a_result_sent_again_after_a_coordinator_restart_is_taken() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let start = Instant::now();
+        let mut coordinator = Coordinator::open(one_worker_plan(), dir.path()).expect("open");
+        let a =
+            coordinator.register_instance("a".into(), "cpu".into(), 0, "process-1".into(), start);
+        let TaskReply::Task(teacher) = coordinator.get_task(&a, start).expect("task") else {
+            panic!("no teacher task")
+        };
+        write_attempt_outputs(&teacher);
+        drop(coordinator);
+
+        let mut coordinator = Coordinator::open(one_worker_plan(), dir.path()).expect("resume");
+        let task = teacher.task.id.clone();
+        let trained = || TaskOutcome::Trained {
+            checkpoint: dir.path().join("teacher.safetensors"),
+            final_loss: 0.1,
+        };
+        let stranger =
+            coordinator.register_instance("a".into(), "cpu".into(), 0, "process-2".into(), start);
+        coordinator
+            .complete(&stranger, &task, 1, trained(), start)
+            .expect("complete");
+        assert_eq!(
+            coordinator.state.tasks[&task].state,
+            state::TaskState::Pending
+        );
+        let again =
+            coordinator.register_instance("a".into(), "cpu".into(), 0, "process-1".into(), start);
+        assert_ne!(again, a, "a new coordinator gives a new id");
+        coordinator
+            .complete(&again, &task, 1, trained(), start)
+            .expect("complete");
+        let record = &coordinator.state.tasks[&task];
+        assert_eq!(
+            (record.state.clone(), record.attempts),
+            (state::TaskState::Done, 1)
+        );
     }
 
     #[test]

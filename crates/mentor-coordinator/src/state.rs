@@ -214,6 +214,22 @@ pub struct TaskRecord {
     /// failure it was, with that error.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub group_loss: Option<GroupLoss>,
+    /// The process (`instance`) of the current attempt's rank 0, when it said which.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub rank0_instance: Option<String>,
+    /// The attempt a coordinator restart left running, with its rank 0's process: that
+    /// process's result, sent again under the id it registers with next, is taken while no
+    /// other attempt has started (a training that ended as the coordinator restarted is not
+    /// run again).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub abandoned: Option<Abandoned>,
+}
+
+/// An attempt left running when the coordinator stopped.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct Abandoned {
+    pub attempt: u32,
+    pub instance: String,
 }
 
 /// An attempt of a training group given up because the group failed.
@@ -543,6 +559,8 @@ impl RunState {
                 device_kind: String::new(),
                 failed_on: Vec::new(),
                 group_loss: None,
+                rank0_instance: None,
+                abandoned: None,
             },
         );
     }
@@ -637,6 +655,8 @@ impl RunState {
             workers: vec![worker.clone()],
         };
         task.attempts += 1;
+        task.rank0_instance = None;
+        task.abandoned = None;
         Some(Assignment {
             task: task.clone(),
             rank: 0,
@@ -844,8 +864,44 @@ impl RunState {
         for task in self.tasks.values_mut() {
             if matches!(task.state, TaskState::Running { .. }) {
                 task.state = TaskState::Pending;
+                task.abandoned = task
+                    .rank0_instance
+                    .take()
+                    .filter(|instance| !instance.is_empty())
+                    .map(|instance| Abandoned {
+                        attempt: task.attempts,
+                        instance,
+                    });
             }
         }
+    }
+
+    /// Takes `worker` (the process `instance`) back as rank 0 of `attempt` of `task`, the
+    /// attempt a coordinator restart left running, while no other attempt has started; `false`
+    /// when that is not the case.
+    pub fn readopt(
+        &mut self,
+        task_id: &TaskId,
+        worker: &WorkerId,
+        attempt: u32,
+        instance: &str,
+    ) -> bool {
+        let Some(task) = self.tasks.get_mut(task_id) else {
+            return false;
+        };
+        let left = task
+            .abandoned
+            .as_ref()
+            .is_some_and(|left| left.attempt == attempt && left.instance == instance);
+        if !left || task.state != TaskState::Pending || task.attempts != attempt {
+            return false;
+        }
+        task.state = TaskState::Running {
+            workers: vec![worker.clone()],
+        };
+        task.abandoned = None;
+        task.rank0_instance = Some(instance.to_string());
+        true
     }
 
     /// Records the outcome a rank reports for `attempt` of a task and advances the run when its
