@@ -50,6 +50,10 @@ pub enum CollectiveError {
     PeerSetup(String),
     #[error("NCCL: {0}")]
     Nccl(String),
+    /// An NCCL error that another rank's end most likely caused: `ncclRemoteError` (a remote
+    /// process exited, or the network failed) or `ncclSystemError` (a socket or call failed).
+    #[error("NCCL: {0}")]
+    NcclPeer(String),
     /// A tensor a collective cannot take (NCCL reads it by address as contiguous f32).
     #[error("collective buffer: {0}")]
     Buffer(String),
@@ -66,7 +70,20 @@ impl CollectiveError {
                 | CollectiveError::GroupTimeout { .. }
                 | CollectiveError::Peer { .. }
                 | CollectiveError::PeerSetup(_)
+                | CollectiveError::NcclPeer(_)
         )
+    }
+}
+
+/// `ncclSystemError` and `ncclRemoteError`, the result codes of a peer gone.
+const NCCL_PEER_CODES: [i32; 2] = [2, 6];
+
+/// The error of NCCL result `code`: a peer's failure for [`NCCL_PEER_CODES`], else this rank's.
+pub fn nccl_error(code: i32, message: String) -> CollectiveError {
+    if NCCL_PEER_CODES.contains(&code) {
+        CollectiveError::NcclPeer(message)
+    } else {
+        CollectiveError::Nccl(message)
     }
 }
 
@@ -109,4 +126,17 @@ pub fn chunk_bounds(len: usize, parts: usize, index: usize) -> (usize, usize) {
     let start = index * base + index.min(extra);
     let size = base + usize::from(index < extra);
     (start, start + size)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn nccl_errors_of_a_peer_gone_are_the_groups() {
+        assert!(nccl_error(6, "remote process exited".into()).is_peer_failure());
+        assert!(nccl_error(2, "system error".into()).is_peer_failure());
+        assert!(!nccl_error(4, "invalid argument".into()).is_peer_failure());
+        assert!(!nccl_error(1, "unhandled cuda error".into()).is_peer_failure());
+    }
 }

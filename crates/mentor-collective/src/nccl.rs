@@ -17,7 +17,7 @@ use std::ffi::{c_char, c_int, c_void, CStr};
 use std::path::PathBuf;
 use std::sync::Arc;
 
-use crate::CollectiveError;
+use crate::{nccl_error, CollectiveError};
 
 /// `ncclUniqueId`: 128 opaque bytes made by rank 0 and handed to every rank.
 #[repr(C)]
@@ -197,10 +197,8 @@ impl NcclLibrary {
         }
         // SAFETY: ncclGetErrorString returns a static string for any code.
         let message = unsafe { CStr::from_ptr((self.get_error_string)(code)) };
-        Err(CollectiveError::Nccl(format!(
-            "{call} failed: {} (code {code})",
-            message.to_string_lossy()
-        )))
+        let message = format!("{call} failed: {} (code {code})", message.to_string_lossy());
+        Err(nccl_error(code, message))
     }
 
     /// NCCL's version code (e.g. 22809 for 2.28.9).

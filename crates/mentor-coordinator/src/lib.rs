@@ -391,6 +391,9 @@ pub struct Coordinator {
     /// coordinator, as a new run waits for them before it starts: else the first worker back
     /// would train alone what the whole group trained.
     regathering: bool,
+    /// Until when tasks a restart left running wait for their rank 0 to send its result again
+    /// (it registers anew and resends at once; one that does not come is gone).
+    abandoned_until: Option<Instant>,
 }
 
 impl Coordinator {
@@ -626,6 +629,9 @@ impl Coordinator {
             .min()
             .unwrap_or(u32::MAX)
             .max(1);
+        let abandoned_until = state
+            .has_abandoned()
+            .then(|| Instant::now() + Duration::from_secs(plan.workers.heartbeat_timeout_seconds));
         let regathering = resumed
             && !state.is_finished()
             && state.phase != Phase::WaitingForWorkers
@@ -642,6 +648,7 @@ impl Coordinator {
             most_ranks: plan_most_ranks,
             lock,
             regathering,
+            abandoned_until,
         };
         if let Err(error) = coordinator.persist() {
             // A claim for a run whose id was never saved would refuse every later start.
@@ -865,10 +872,12 @@ impl Coordinator {
         } else {
             self.group_size(&kind, now)
         };
-        // Those that could take what this worker could: of its device kind (a group's size and
-        // the GPU preference are the same for them), asking for work (not still loading, not
-        // suspected). A worker of another kind is none: it may never be given a training task.
-        let others: Vec<WorkerId> = self
+        // Those that could take a task this worker failed: any worker that asks for work or is
+        // still loading (for as long as a group would wait for it), not suspected; training
+        // only for those of its device kind (a group's size and the GPU preference are the same
+        // for them: a CPU worker beside GPU workers never trains).
+        let loading_limit = Duration::from_secs(self.plan.workers.join_timeout_seconds);
+        let others: Vec<(WorkerId, bool)> = self
             .workers
             .values()
             .filter(|w| {
@@ -876,11 +885,16 @@ impl Coordinator {
                     && w.alive
                     && !w.exited
                     && !w.suspect
-                    && w.loading_since.is_none()
-                    && device_kind(&w.device) == kind
+                    && w.loading_since
+                        .is_none_or(|at| now.saturating_duration_since(at) <= loading_limit)
             })
-            .map(|w| w.id.clone())
+            .map(|w| (w.id.clone(), device_kind(&w.device) == kind))
             .collect();
+        if self.abandoned_until.is_some_and(|until| now >= until) {
+            tracing::info!(run = %self.state.run_id, "attempts left running by the restart sent no result in time: their tasks run again");
+            self.state.release_abandoned();
+            self.abandoned_until = None;
+        }
         match self.state.assign_within(id, &kind, group_size, &others) {
             Some(mut assignment) => {
                 let task = &assignment.task;
@@ -1200,9 +1214,19 @@ impl Coordinator {
         worker.task = None;
         let instance = worker.instance.clone();
         // The result of an attempt a coordinator restart left running, sent again by its rank 0
-        // under its new id: taken while no other attempt has started.
+        // under its new id: taken while no other attempt has started, and only with its files
+        // (a restart between their publication and the save of the state that records it leaves
+        // none: the task then runs again, nothing counted).
+        let outputs_written = self.state.tasks.get(task).is_some_and(|record| {
+            record
+                .spec
+                .outputs()
+                .iter()
+                .all(|output| attempt_output(output, attempt).exists())
+        });
         if !outcome.is_failure()
             && !instance.is_empty()
+            && outputs_written
             && self.state.readopt(task, id, attempt, &instance)
         {
             tracing::info!(run = %self.state.run_id, worker = %id, task = %task, attempt, "the result of an attempt left running by a coordinator restart is taken");
@@ -1532,6 +1556,11 @@ mod tests {
             coordinator.state.tasks[&task].state,
             state::TaskState::Pending
         );
+        // Another worker asking first does not start the task again while its result may come.
+        assert!(matches!(
+            coordinator.get_task(&stranger, start).expect("reply"),
+            TaskReply::RetryAfter(_)
+        ));
         let again =
             coordinator.register_instance("a".into(), "cpu".into(), 0, "process-1".into(), start);
         assert_ne!(again, a, "a new coordinator gives a new id");
@@ -1543,6 +1572,45 @@ mod tests {
             (record.state.clone(), record.attempts),
             (state::TaskState::Done, 1)
         );
+    }
+
+    /// A task a restart left running whose result does not come (its worker died with the
+    /// coordinator), or comes without its files (published before a save the restart lost),
+    /// runs again once the wait is over, nothing counted against it.
+    #[test]
+    fn a_result_that_does_not_come_back_after_a_restart_is_run_again() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let start = Instant::now();
+        let mut coordinator = Coordinator::open(one_worker_plan(), dir.path()).expect("open");
+        let a =
+            coordinator.register_instance("a".into(), "cpu".into(), 0, "process-1".into(), start);
+        let TaskReply::Task(teacher) = coordinator.get_task(&a, start).expect("task") else {
+            panic!("no teacher task")
+        };
+        drop(coordinator);
+        let mut coordinator = Coordinator::open(one_worker_plan(), dir.path()).expect("resume");
+        let task = teacher.task.id.clone();
+        let again =
+            coordinator.register_instance("a".into(), "cpu".into(), 0, "process-1".into(), start);
+        // Its files are missing: not taken, not counted.
+        let trained = TaskOutcome::Trained {
+            checkpoint: dir.path().join("teacher.safetensors"),
+            final_loss: 0.1,
+        };
+        coordinator
+            .complete(&again, &task, 1, trained, start)
+            .expect("complete");
+        let record = &coordinator.state.tasks[&task];
+        assert_eq!(
+            (record.state.clone(), record.failures),
+            (state::TaskState::Pending, 0)
+        );
+        let timeout = Duration::from_secs(coordinator.plan.workers.heartbeat_timeout_seconds);
+        let later = Instant::now() + timeout + Duration::from_secs(1);
+        let TaskReply::Task(retry) = coordinator.get_task(&again, later).expect("task") else {
+            panic!("the task did not run again after the wait")
+        };
+        assert_eq!((retry.task.id.clone(), retry.task.attempts), (task, 2));
     }
 
     #[test]

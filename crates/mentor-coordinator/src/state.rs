@@ -614,14 +614,16 @@ impl RunState {
     /// [`RunState::assign`], where `None` for the group size means that no new training group
     /// can be filled now: `worker` may join a group that is forming or take a task of one rank.
     /// A pending task `worker` failed on its own is left to the `others` that could take it
-    /// (the workers that may ask for work besides it) while one of them has not failed it too;
-    /// `worker` may still join a group another worker starts.
+    /// (the workers that may ask for work besides it, each with whether it may train: a
+    /// training task is left only to those) while one of them has not failed it too; `worker`
+    /// may still join a group another worker starts. A task a coordinator restart left running
+    /// waits for its result until [`RunState::release_abandoned`].
     pub fn assign_within(
         &mut self,
         worker: &WorkerId,
         device_kind: &str,
         group_size: Option<u32>,
-        others: &[WorkerId],
+        others: &[(WorkerId, bool)],
     ) -> Option<Assignment> {
         if self.is_finished() {
             return None;
@@ -641,10 +643,15 @@ impl RunState {
             }
         }
         let task = self.tasks.values_mut().find(|task| {
+            let training = task.spec.is_training();
+            let left_to_others = task.failed_on.contains(worker)
+                && others.iter().any(|(other, may_train)| {
+                    (*may_train || !training) && !task.failed_on.contains(other)
+                });
             task.state == TaskState::Pending
-                && (group_size.is_some() || !task.spec.is_training())
-                && !(task.failed_on.contains(worker)
-                    && others.iter().any(|other| !task.failed_on.contains(other)))
+                && (group_size.is_some() || !training)
+                && !left_to_others
+                && task.abandoned.is_none()
         })?;
         task.world_size = match (task.spec.is_training(), group_size) {
             (true, Some(size)) => size.max(1),
@@ -873,6 +880,19 @@ impl RunState {
                         instance,
                     });
             }
+        }
+    }
+
+    /// Whether a task waits for the result of an attempt a coordinator restart left running.
+    pub fn has_abandoned(&self) -> bool {
+        self.tasks.values().any(|task| task.abandoned.is_some())
+    }
+
+    /// Gives up waiting for the results of attempts a coordinator restart left running: their
+    /// tasks get new attempts.
+    pub fn release_abandoned(&mut self) {
+        for task in self.tasks.values_mut() {
+            task.abandoned = None;
         }
     }
 

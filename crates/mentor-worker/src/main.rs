@@ -752,7 +752,7 @@ async fn rendezvous(
         if status.cancelled {
             // Another rank's report ended the attempt: this rank did nothing wrong.
             return Ok(Err(format!(
-                "{GROUP_FAILED}the coordinator cancelled this attempt of the task (another rank reported its end)"
+                "{GROUP_FAILED}the coordinator gave this attempt of the task up (its log says why)"
             )));
         }
         let nccl_ready = collective != CollectiveKind::Nccl || status.nccl_unique_id.len() == 128;

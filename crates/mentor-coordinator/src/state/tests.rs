@@ -649,10 +649,10 @@ fn a_task_a_worker_failed_goes_to_another_worker_when_one_can_take_it() {
     assert!(state.complete(&task.id, &a, 1, failed.clone()).is_empty());
     assert_eq!(state.tasks[&task.id].failed_on, vec![a.clone()]);
     // Another worker is there: the broken node gets nothing (only the teacher task waits).
-    let others = [b.clone()];
+    let others = [(b.clone(), true)];
     assert!(state.assign_within(&a, "cpu", Some(1), &others).is_none());
     let retry = state
-        .assign_within(&b, "cpu", Some(1), std::slice::from_ref(&a))
+        .assign_within(&b, "cpu", Some(1), &[(a.clone(), true)])
         .expect("b takes it");
     assert_eq!(
         (retry.task.id.clone(), retry.task.attempts),
@@ -715,4 +715,48 @@ fn a_group_failure_is_a_loss_until_the_rank_that_broke_it_reports_its_own_error(
             assert_eq!(effects, vec![Effect::Finished]);
         }
     }
+}
+
+/// A labeling task a GPU worker failed is left to a CPU worker, which may label though not
+/// train; a training task is not (the CPU worker could never take it).
+#[test]
+fn a_failed_task_is_left_to_others_that_may_take_it() {
+    let mut state = new_run();
+    state.start();
+    let (gpu, cpu) = (worker("gpu"), worker("cpu"));
+    let teacher = state
+        .assign_within(&gpu, "cuda", Some(1), &[(cpu.clone(), false)])
+        .expect("teacher");
+    let oom = TaskOutcome::Failed("CUDA out of memory".into());
+    assert!(state
+        .complete(&teacher.task.id, &gpu, 1, oom.clone())
+        .is_empty());
+    // The CPU worker may not train: the GPU worker retries the teacher.
+    let retry = state
+        .assign_within(&gpu, "cuda", Some(1), &[(cpu.clone(), false)])
+        .expect("the GPU worker retries");
+    assert_eq!(retry.task.id, teacher.task.id);
+    state.complete(
+        &teacher.task.id,
+        &gpu,
+        2,
+        TaskOutcome::Trained {
+            checkpoint: "teacher.safetensors".into(),
+            final_loss: 0.5,
+        },
+    );
+    // Labeling: the failed shard is left to the CPU worker.
+    let shard = state
+        .assign_within(&gpu, "cuda", Some(1), &[(cpu.clone(), false)])
+        .expect("a labeling task");
+    assert!(!shard.task.spec.is_training());
+    assert!(state.complete(&shard.task.id, &gpu, 1, oom).is_empty());
+    let next = state
+        .assign_within(&gpu, "cuda", Some(1), &[(cpu.clone(), false)])
+        .expect("another task");
+    assert_ne!(next.task.id, shard.task.id);
+    let taken = state
+        .assign_within(&cpu, "cpu", None, &[(gpu.clone(), false)])
+        .expect("the CPU worker labels");
+    assert_eq!(taken.task.id, shard.task.id);
 }
