@@ -92,15 +92,16 @@ else
 fi
 
 # What the run will do, checked as the run will check it: a refused plan stops here, naming
-# the field or file. (Binaries from before `mentor plan`, through --bin-dir, answer 2: skipped.)
+# the field or file; with --state-dir, a run recorded there is checked as a resume. (Binaries
+# from before `mentor plan` or its --state-dir, through --bin-dir, answer 2: skipped.)
 plan_check=0
-"$BIN/mentor" plan "$plan" >&2 || plan_check=$?
+"$BIN/mentor" plan "$plan" ${state_dir:+--state-dir "$state_dir"} >&2 || plan_check=$?
 if [ "$plan_check" -eq 1 ]; then
   exit 2
 fi
 # What the workers must be for this plan: enough of them to start, one GPU each under NCCL.
 if [ "$plan_check" -eq 0 ]; then
-  resolved="$("$BIN/mentor" plan "$plan" --resolved 2>/dev/null || true)"
+  resolved="$("$BIN/mentor" plan "$plan" --resolved ${state_dir:+--state-dir "$state_dir"} 2>/dev/null || true)"
   workers_value() {
     awk -v key="$1" '/^\[/ { table = $0 } table == "[workers]" && $1 == key { gsub(/"/, "", $3); print $3 }' <<<"$resolved"
   }

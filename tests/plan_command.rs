@@ -162,6 +162,15 @@ fn bad_plans_and_data_are_refused_naming_what_is_wrong() {
             && stderr.contains("pseudo_labels.per_class: sets the class balance"),
         "{stderr}"
     );
+    // For a run recorded with it (an earlier build's), which resumes with its plan: accepted.
+    let recorded = dir.path().join("recorded-run");
+    std::fs::create_dir_all(&recorded).expect("run dir");
+    std::fs::write(recorded.join("state.json"), "{}").expect("state");
+    let output = mentor_plan(
+        &["--state-dir", recorded.to_str().expect("utf-8")],
+        &dir.path().join("unused.toml"),
+    );
+    assert_eq!(output.status.code(), Some(0), "{}", text(&output.stderr));
 
     let stderr = refused(
         "no-data.toml",

@@ -65,6 +65,10 @@ enum Command {
         /// Print the plan with every default written out (what the run records) instead.
         #[arg(long)]
         resolved: bool,
+        /// The run directory the plan is for: a run recorded there resumes with its plan, so
+        /// settings that would do nothing (refused for a new run) pass.
+        #[arg(long, value_name = "DIR")]
+        state_dir: Option<PathBuf>,
     },
 }
 
@@ -655,8 +659,13 @@ fn text_without_clock(text: &str) -> String {
 }
 
 /// `mentor plan`: 0 when the plan and its data would start a run, 1 when refused.
-fn check_plan(path: &std::path::Path, resolved: bool) -> anyhow::Result<i32> {
-    match plan::check(path) {
+fn check_plan(
+    path: &std::path::Path,
+    resolved: bool,
+    state_dir: Option<&std::path::Path>,
+) -> anyhow::Result<i32> {
+    let resumes = state_dir.is_some_and(|dir| dir.join("state.json").exists());
+    match plan::check(path, !resumes) {
         Ok((plan, data)) => {
             if resolved {
                 emit(&plan.to_toml_string());
@@ -690,7 +699,11 @@ async fn main() {
             };
             status(target, json, watch, interval).await
         }
-        Command::Plan { plan, resolved } => check_plan(&plan, resolved),
+        Command::Plan {
+            plan,
+            resolved,
+            state_dir,
+        } => check_plan(&plan, resolved, state_dir.as_deref()),
     };
     match code {
         Ok(code) => std::process::exit(code),

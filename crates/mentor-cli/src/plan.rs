@@ -27,12 +27,14 @@ pub struct DataSummary {
     pub test: usize,
 }
 
-/// Reads and checks the plan at `path` and its data.
-pub fn check(path: &Path) -> anyhow::Result<(Plan, DataSummary)> {
+/// Reads and checks the plan at `path` and its data; for a `new_run`, also refuses settings that
+/// would do nothing (a recorded run resumes with its plan as it was).
+pub fn check(path: &Path, new_run: bool) -> anyhow::Result<(Plan, DataSummary)> {
     let plan = Plan::load(path)?;
-    // What a new run refuses (a recorded run resumes with its plan as it was).
-    plan.check_unused()
-        .with_context(|| format!("plan `{}` (for a new run)", path.display()))?;
+    if new_run {
+        plan.check_unused()
+            .with_context(|| format!("plan `{}` (for a new run)", path.display()))?;
+    }
     let data =
         check_data(&plan).with_context(|| format!("the data of plan `{}`", path.display()))?;
     check_storage(&plan).with_context(|| format!("plan `{}`", path.display()))?;

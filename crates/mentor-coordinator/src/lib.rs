@@ -534,6 +534,8 @@ impl Coordinator {
                             filter.min_confidence = wanted.min_confidence;
                             filter.per_class = wanted.per_class;
                             filter.balance = wanted.balance;
+                            // New filter settings, checked as a new run's are.
+                            wanted.check_unused().map_err(CoordinatorError::PlanData)?;
                         }
                         recorded.first_difference(&plan)
                     }

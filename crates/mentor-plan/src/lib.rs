@@ -949,14 +949,7 @@ impl Plan {
                 "not used when teacher.checkpoint gives the first teacher (noise applies to training, and it is not trained); remove it",
             ));
         }
-        let labels = &self.pseudo_labels;
-        if labels.per_class > 0 && !labels.balance {
-            return Err(invalid(
-                "pseudo_labels.per_class",
-                "sets the class balance, which pseudo_labels.balance = false turns off; remove one of them",
-            ));
-        }
-        Ok(())
+        self.pseudo_labels.check_unused()
     }
 
     /// Checks every field; the first problem found is returned, with the value the plan gave
@@ -1404,6 +1397,20 @@ const MAX_BATCH: u32 = 65_536;
 const MAX_RATIO: u32 = 1_024;
 /// The most RandAugment operations applied to one image.
 const MAX_RANDAUGMENT_OPS: u32 = 16;
+
+impl PseudoLabelPlan {
+    /// Refuses a class-balance size without balancing (see [`Plan::check_unused`]; also what a
+    /// run retried with new filter settings checks).
+    pub fn check_unused(&self) -> Result<(), PlanError> {
+        if self.per_class > 0 && !self.balance {
+            return Err(invalid(
+                "pseudo_labels.per_class",
+                "sets the class balance, which pseudo_labels.balance = false turns off; remove one of them",
+            ));
+        }
+        Ok(())
+    }
+}
 
 /// Refuses a RandAugment `magnitude` or `op_list` with no operation to apply them to.
 fn check_randaugment_used(path: &str, randaugment: &RandAugmentPlan) -> Result<(), PlanError> {
