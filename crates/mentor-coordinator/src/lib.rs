@@ -1219,16 +1219,18 @@ impl Coordinator {
         // under its new id: taken while no other attempt has started, and only with its files
         // (a restart between their publication and the save of the state that records it leaves
         // none: the task then runs again, nothing counted).
-        let outputs_written = self.state.tasks.get(task).is_some_and(|record| {
-            record
-                .spec
-                .outputs()
-                .iter()
-                .all(|output| attempt_output(output, attempt).exists())
-        });
+        // (The files are looked at only for a task a restart left running.)
+        let left_with_its_files = |record: &state::TaskRecord| {
+            record.abandoned.is_some()
+                && record
+                    .spec
+                    .outputs()
+                    .iter()
+                    .all(|output| attempt_output(output, attempt).exists())
+        };
         if !outcome.is_failure()
             && !instance.is_empty()
-            && outputs_written
+            && self.state.tasks.get(task).is_some_and(left_with_its_files)
             && self.state.readopt(task, id, attempt, &instance)
         {
             tracing::info!(run = %self.state.run_id, worker = %id, task = %task, attempt, "the result of an attempt left running by a coordinator restart is taken");
@@ -1527,6 +1529,23 @@ mod tests {
         }
     }
 
+    /// A one-worker run whose worker process `process-1` was given the teacher's training, then
+    /// a coordinator restart: the new coordinator, the worker's id before it and its attempt.
+    fn restarted_during_the_teacher(
+        dir: &Path,
+        start: Instant,
+    ) -> (Coordinator, WorkerId, Assignment) {
+        let mut coordinator = Coordinator::open(one_worker_plan(), dir).expect("open");
+        let a =
+            coordinator.register_instance("a".into(), "cpu".into(), 0, "process-1".into(), start);
+        let TaskReply::Task(teacher) = coordinator.get_task(&a, start).expect("task") else {
+            panic!("no teacher task")
+        };
+        drop(coordinator);
+        let coordinator = Coordinator::open(one_worker_plan(), dir).expect("resume");
+        (coordinator, a, *teacher)
+    }
+
     /// A training that ended as the coordinator restarted: its worker process registers again
     /// and sends its result again under its new id. The result is taken (hours of training are
     /// not run again); another process's claim to it is not.
@@ -1534,16 +1553,8 @@ mod tests {
     fn a_result_sent_again_after_a_coordinator_restart_is_taken() {
         let dir = tempfile::tempdir().expect("tempdir");
         let start = Instant::now();
-        let mut coordinator = Coordinator::open(one_worker_plan(), dir.path()).expect("open");
-        let a =
-            coordinator.register_instance("a".into(), "cpu".into(), 0, "process-1".into(), start);
-        let TaskReply::Task(teacher) = coordinator.get_task(&a, start).expect("task") else {
-            panic!("no teacher task")
-        };
+        let (mut coordinator, a, teacher) = restarted_during_the_teacher(dir.path(), start);
         write_attempt_outputs(&teacher);
-        drop(coordinator);
-
-        let mut coordinator = Coordinator::open(one_worker_plan(), dir.path()).expect("resume");
         let task = teacher.task.id.clone();
         let trained = || TaskOutcome::Trained {
             checkpoint: dir.path().join("teacher.safetensors"),
@@ -1583,14 +1594,7 @@ mod tests {
     fn a_result_that_does_not_come_back_after_a_restart_is_run_again() {
         let dir = tempfile::tempdir().expect("tempdir");
         let start = Instant::now();
-        let mut coordinator = Coordinator::open(one_worker_plan(), dir.path()).expect("open");
-        let a =
-            coordinator.register_instance("a".into(), "cpu".into(), 0, "process-1".into(), start);
-        let TaskReply::Task(teacher) = coordinator.get_task(&a, start).expect("task") else {
-            panic!("no teacher task")
-        };
-        drop(coordinator);
-        let mut coordinator = Coordinator::open(one_worker_plan(), dir.path()).expect("resume");
+        let (mut coordinator, _, teacher) = restarted_during_the_teacher(dir.path(), start);
         let task = teacher.task.id.clone();
         let again =
             coordinator.register_instance("a".into(), "cpu".into(), 0, "process-1".into(), start);

@@ -299,14 +299,6 @@ impl TaskOutcome {
     pub fn is_failure(&self) -> bool {
         matches!(self, TaskOutcome::Failed(_) | TaskOutcome::GroupFailed(_))
     }
-
-    /// The error of a failed attempt.
-    pub fn error(&self) -> Option<&str> {
-        match self {
-            TaskOutcome::Failed(error) | TaskOutcome::GroupFailed(error) => Some(error),
-            _ => None,
-        }
-    }
 }
 
 #[derive(Debug, Clone, PartialEq, Default, Serialize, Deserialize)]

@@ -160,25 +160,23 @@ impl ShardStore {
         })
     }
 
-    /// `store` under the name `root` (tests: a store that fails on purpose).
-    #[cfg(test)]
-    fn with_object_store(store: Arc<dyn ObjectStore>, root: &str) -> ShardStore {
-        ShardStore {
+    /// `store` at its root, under the name `root` (in memory; in tests, a store that fails on
+    /// purpose).
+    fn with_object_store(
+        store: Arc<dyn ObjectStore>,
+        root: &str,
+    ) -> Result<ShardStore, LabelError> {
+        Ok(ShardStore {
             store,
             prefix: ObjectPath::default(),
             root: root.to_string(),
-            runtime: runtime(root).expect("runtime"),
-        }
+            runtime: runtime(root)?,
+        })
     }
 
     /// A store in memory (tests, benchmarks).
     pub fn in_memory() -> Result<ShardStore, LabelError> {
-        Ok(ShardStore {
-            store: Arc::new(object_store::memory::InMemory::new()),
-            prefix: ObjectPath::default(),
-            root: "memory://".to_string(),
-            runtime: runtime("memory://")?,
-        })
+        Self::with_object_store(Arc::new(object_store::memory::InMemory::new()), "memory://")
     }
 
     /// The root as given to [`ShardStore::open`].
@@ -375,7 +373,7 @@ mod tests {
     use super::*;
 
     /// An object store in memory that misbehaves as real ones do: writes that fail, writes
-    /// made whose answer is lost, heads that fail, and create-if-absent ignored.
+    /// made whose answer is lost, and create-if-absent ignored.
     #[derive(Debug, Default)]
     struct Faulty {
         inner: InMemory,
@@ -478,7 +476,8 @@ mod tests {
 
     fn faulty(faulty: Faulty) -> (Arc<Faulty>, ShardStore) {
         let faulty = Arc::new(faulty);
-        let store = ShardStore::with_object_store(faulty.clone(), "s3://bucket/labels");
+        let store =
+            ShardStore::with_object_store(faulty.clone(), "s3://bucket/labels").expect("store");
         (faulty, store)
     }
 

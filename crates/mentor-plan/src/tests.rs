@@ -27,6 +27,15 @@ fn tiny_mpl_with(old: &str, new: &str) -> String {
 
 #[test]
 fn shipped_plans_are_valid() {
+    // As a new run checks them too: no setting that would do nothing.
+    for text in [
+        DEMO,
+        TINY,
+        include_str!("../../../deploy/plans/fashion-mnist-mpl-distill.toml"),
+    ] {
+        let plan = Plan::from_toml_str(text).expect("plan");
+        plan.check_unused().expect("no unused setting");
+    }
     let demo = Plan::from_toml_str(DEMO).expect("demo plan");
     assert_eq!(demo.method, Method::NoisyStudent);
     assert_eq!(demo.rounds(), 2);
@@ -412,6 +421,7 @@ fn shipped_mpl_plans_are_valid() {
         let plan = Plan::from_toml_str(text).expect("mpl plan");
         assert_eq!(plan.method, Method::MetaPseudoLabels);
         assert!(plan.mpl.is_some());
+        plan.check_unused().expect("no unused setting");
     }
     let bad = tiny_mpl_with("mpl_sign = \"theory\"", "mpl_sign = \"sideways\"");
     assert!(error_of(&bad).contains("unknown variant `sideways`"));
