@@ -259,6 +259,7 @@ fn a_group_whose_ranks_never_join_fails_naming_them() {
                 device: "cpu".into(),
                 pid: 0,
                 instance: String::new(),
+                running: None,
             })
             .await
             .expect("register");

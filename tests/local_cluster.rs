@@ -812,14 +812,38 @@ fn a_restarted_coordinator_resumes_the_run() {
         saved["final_student_test_accuracy"].as_f64(),
         final_status.rounds[0].student_test_accuracy
     );
-    // The restarted coordinator put the student's training back in the queue: its workers
-    // stopped the attempt they were running at their next progress report instead of
-    // finishing work whose result would be ignored.
+    // The student's training went on through the restart: its workers registered again
+    // naming their attempt, the restarted coordinator took it back, and it finished as the
+    // attempt it was (a restart costs no training).
     let logs: Vec<String> = workers.iter().map(|w| w.log_text()).collect();
+    let went_on = |log: &String| {
+        log.split_once("the coordinator took this worker's attempt back")
+            .is_some_and(|(_, after)| after.contains("role=\"student\"") && after.contains("training"))
+    };
     assert!(
-        logs.iter().any(|log| log.contains("stopping this attempt")),
-        "no worker stopped its attempt:\n{}",
+        logs.iter().any(went_on),
+        "no worker went on training with its attempt:\n{}",
         logs.join("\n")
+    );
+    assert!(
+        !logs.iter().any(|log| log.contains("stopping this attempt")),
+        "a worker stopped its attempt:\n{}",
+        logs.join("\n")
+    );
+    let state: serde_json::Value = serde_json::from_str(
+        &std::fs::read_to_string(state_dir.join("state.json")).expect("state"),
+    )
+    .expect("state.json");
+    let student = state["tasks"]
+        .as_object()
+        .expect("tasks")
+        .values()
+        .find(|task| task["spec"]["kind"] == "train" && task["spec"]["role"] == "student")
+        .unwrap_or_else(|| panic!("no student training in {state}"));
+    assert_eq!(
+        (student["attempts"].as_u64(), student["losses"].as_u64()),
+        (Some(1), Some(0)),
+        "{student}"
     );
 }
 

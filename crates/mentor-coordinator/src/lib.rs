@@ -797,6 +797,57 @@ impl Coordinator {
                 .all(|worker| worker.exited || !worker.alive)
     }
 
+    /// A worker that registered again (the coordinator restarted, or had declared it lost)
+    /// while it runs `attempt` of `task` as `rank`: taken back as that rank when the attempt is
+    /// one a restart left running and no other has started since, so that its training goes
+    /// on instead of starting over (a group's once all its ranks are back). `false` otherwise:
+    /// the worker stops the attempt, whose result would be ignored.
+    pub fn resume_running(
+        &mut self,
+        id: &WorkerId,
+        task: &TaskId,
+        attempt: u32,
+        rank: u32,
+        now: Instant,
+    ) -> bool {
+        let Some(worker) = self.workers.get(id).filter(|worker| worker.alive) else {
+            return false;
+        };
+        // A registration sent again, its reply lost.
+        let held = |record: &state::TaskRecord| {
+            record.is_run_by(id, attempt)
+                || record
+                    .abandoned
+                    .as_ref()
+                    .is_some_and(|left| left.attempt == attempt && left.is_back(id))
+        };
+        if self.state.tasks.get(task).is_some_and(held) {
+            return true;
+        }
+        let instance = worker.instance.clone();
+        if !self.state.readopt_rank(task, attempt, rank, &instance, id) {
+            tracing::info!(run = %self.state.run_id, worker = %id, task = %task, attempt, rank, "a worker registered again with an attempt that is no longer its: it stops it");
+            return false;
+        }
+        if let Some(worker) = self.workers.get_mut(id) {
+            worker.task = Some(task.clone());
+            worker.loading_since = None;
+            worker.progress_at = now;
+            worker.progress_origin = None;
+        }
+        let running = self
+            .state
+            .tasks
+            .get(task)
+            .is_some_and(|record| record.is_run_by(id, attempt));
+        tracing::info!(run = %self.state.run_id, worker = %id, task = %task, attempt, rank, every_rank_back = running, "an attempt left running by a coordinator restart is taken back: it goes on");
+        if !self.state.has_abandoned() {
+            self.abandoned_until = None;
+        }
+        self.persist_or_log();
+        true
+    }
+
     /// A worker's heartbeat: it lives. It does not clear a suspicion (a rank of a failed group
     /// stays out of new groups until it asks for work or reports progress): the heartbeat
     /// comes from a thread of its own, which goes on while the task's thread hangs, in a
@@ -917,11 +968,11 @@ impl Coordinator {
                 worker.progress_at = now;
                 worker.progress_origin = None;
                 let instance = worker.instance.clone();
-                if rank == 0 && !instance.is_empty() {
-                    if let Some(record) = self.state.tasks.get_mut(&task_id) {
-                        record.rank0_instance = Some(instance.clone());
+                if !instance.is_empty() {
+                    self.state.record_instance(&task_id, rank, &instance);
+                    if let Some(record) = self.state.tasks.get(&task_id) {
+                        assignment.task.instances = record.instances.clone();
                     }
-                    assignment.task.rank0_instance = Some(instance);
                 }
                 self.persist_or_log();
                 Ok(TaskReply::Task(Box::new(assignment)))
@@ -1193,6 +1244,15 @@ impl Coordinator {
         match &record.state {
             state::TaskState::Done => Verdict::Stop(format!("task {task} is done")),
             _ if matches!(record.spec, TaskSpec::Label { .. }) => Verdict::GoOn,
+            // A rank of an attempt a restart left running, back, while the others come back.
+            state::TaskState::Pending
+                if record
+                    .abandoned
+                    .as_ref()
+                    .is_some_and(|left| left.attempt == attempt && left.is_back(worker)) =>
+            {
+                Verdict::GoOn
+            }
             state::TaskState::Running { .. } => Verdict::Stop(format!(
                 "task {task} now runs as attempt {}{why}",
                 record.attempts
@@ -1617,6 +1677,162 @@ mod tests {
             panic!("the task did not run again after the wait")
         };
         assert_eq!((retry.task.id.clone(), retry.task.attempts), (task, 2));
+    }
+
+    /// A training still running when the coordinator restarted: its worker registers again
+    /// naming it and goes on with it (hours of training are not started over); its reports
+    /// count and its result finishes the task as the same attempt. Another process naming it
+    /// is refused.
+    #[test]
+    fn a_training_left_running_by_a_restart_goes_on_with_its_worker() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let start = Instant::now();
+        let (mut coordinator, _, teacher) = restarted_during_the_teacher(dir.path(), start);
+        let task = teacher.task.id.clone();
+        let stranger =
+            coordinator.register_instance("b".into(), "cpu".into(), 0, "process-2".into(), start);
+        assert!(!coordinator.resume_running(&stranger, &task, 1, 0, start));
+        let again =
+            coordinator.register_instance("a".into(), "cpu".into(), 0, "process-1".into(), start);
+        assert!(
+            !coordinator.resume_running(&again, &task, 2, 0, start),
+            "another attempt"
+        );
+        assert!(coordinator.resume_running(&again, &task, 1, 0, start));
+        assert!(
+            coordinator.resume_running(&again, &task, 1, 0, start),
+            "a registration sent again keeps it"
+        );
+        let record = &coordinator.state.tasks[&task];
+        assert_eq!(record.workers(), std::slice::from_ref(&again));
+        assert_eq!(record.attempts, 1);
+        assert_eq!(coordinator.workers[&again].task.as_ref(), Some(&task));
+        // The wait for it is over: nothing else waits.
+        assert_eq!(coordinator.abandoned_until, None);
+        let progress = Progress {
+            step: 7,
+            ..Progress::default()
+        };
+        let verdict = coordinator
+            .progress(&again, &task, 1, progress, start)
+            .expect("progress");
+        assert_eq!(verdict, None);
+        assert_eq!(coordinator.workers[&again].progress.step, 7);
+        // Saved as running by the process that took it back: a second restart leaves it
+        // running again for the same process.
+        let saved: state::RunState = serde_json::from_str(
+            &std::fs::read_to_string(dir.path().join("state.json")).expect("state"),
+        )
+        .expect("saved state");
+        assert_eq!(saved.tasks[&task].instances, ["process-1"]);
+        complete_trained(&mut coordinator, &again, &teacher, dir.path(), start);
+        let record = &coordinator.state.tasks[&task];
+        assert_eq!(
+            (record.state.clone(), record.attempts, record.losses),
+            (state::TaskState::Done, 1, 0)
+        );
+    }
+
+    /// A group's attempt left running by a restart: each rank registering again goes on (its
+    /// reports are neither recorded nor refused) while the others come back, and nothing else
+    /// starts the task; the attempt runs again, by rank, once every rank is back.
+    #[test]
+    fn a_group_left_running_by_a_restart_goes_on_once_every_rank_is_back() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let start = Instant::now();
+        let mut coordinator = coordinator(dir.path());
+        let a = coordinator.register_instance("a".into(), "cpu".into(), 0, "p-a".into(), start);
+        let b = coordinator.register_instance("b".into(), "cpu".into(), 0, "p-b".into(), start);
+        let TaskReply::Task(first) = coordinator.get_task(&a, start).expect("task") else {
+            panic!("no task for rank 0")
+        };
+        let TaskReply::Task(second) = coordinator.get_task(&b, start).expect("task") else {
+            panic!("no task for rank 1")
+        };
+        let task = first.task.id.clone();
+        assert_eq!((second.task.id.clone(), second.rank), (task.clone(), 1));
+        assert_eq!(coordinator.state.tasks[&task].instances, ["p-a", "p-b"]);
+        drop(coordinator);
+        let mut coordinator = self::coordinator(dir.path());
+        let b2 = coordinator.register_instance("b".into(), "cpu".into(), 0, "p-b".into(), start);
+        assert!(
+            !coordinator.resume_running(&b2, &task, 1, 0, start),
+            "rank 1's process is not rank 0"
+        );
+        assert!(coordinator.resume_running(&b2, &task, 1, 1, start));
+        assert_eq!(
+            coordinator.state.tasks[&task].state,
+            state::TaskState::Pending
+        );
+        let report = |coordinator: &mut Coordinator, id: &WorkerId| {
+            let progress = Progress {
+                step: 3,
+                ..Progress::default()
+            };
+            coordinator
+                .progress(id, &task, 1, progress, start)
+                .expect("progress")
+        };
+        assert_eq!(report(&mut coordinator, &b2), None, "rank 1 goes on");
+        let c = coordinator.register_instance("c".into(), "cpu".into(), 0, "p-c".into(), start);
+        assert!(matches!(
+            coordinator.get_task(&c, start).expect("reply"),
+            TaskReply::RetryAfter(_)
+        ));
+        let a2 = coordinator.register_instance("a".into(), "cpu".into(), 0, "p-a".into(), start);
+        assert!(coordinator.resume_running(&a2, &task, 1, 0, start));
+        let record = &coordinator.state.tasks[&task];
+        assert_eq!(record.workers(), [a2.clone(), b2.clone()]);
+        assert_eq!((record.attempts, record.world_size), (1, 2));
+        assert_eq!(report(&mut coordinator, &a2), None);
+        assert_eq!(coordinator.workers[&a2].progress.step, 3, "recorded");
+    }
+
+    /// A rank that never comes back: once the wait is over the task runs again, and the rank
+    /// that did come back is told to stop the attempt. A worker declared lost (no restart)
+    /// that registers again naming its attempt is told to stop it too.
+    #[test]
+    fn ranks_back_alone_are_stopped_when_the_wait_for_the_others_ends() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let start = Instant::now();
+        let mut coordinator = coordinator(dir.path());
+        let a = coordinator.register_instance("a".into(), "cpu".into(), 0, "p-a".into(), start);
+        let b = coordinator.register_instance("b".into(), "cpu".into(), 0, "p-b".into(), start);
+        let TaskReply::Task(first) = coordinator.get_task(&a, start).expect("task") else {
+            panic!("no task for rank 0")
+        };
+        let TaskReply::Task(_) = coordinator.get_task(&b, start).expect("task") else {
+            panic!("no task for rank 1")
+        };
+        let task = first.task.id.clone();
+        drop(coordinator);
+        let mut coordinator = self::coordinator(dir.path());
+        let b2 = coordinator.register_instance("b".into(), "cpu".into(), 0, "p-b".into(), start);
+        let c = coordinator.register_instance("c".into(), "cpu".into(), 0, "p-c".into(), start);
+        assert!(coordinator.resume_running(&b2, &task, 1, 1, start));
+        let timeout = Duration::from_secs(coordinator.plan.workers.heartbeat_timeout_seconds);
+        let later = start + timeout + Duration::from_secs(1);
+        coordinator.heartbeat(&b2, later);
+        let TaskReply::Task(retry) = coordinator.get_task(&c, later).expect("task") else {
+            panic!("the task did not run again after the wait")
+        };
+        assert_eq!(
+            (retry.task.id.clone(), retry.task.attempts),
+            (task.clone(), 2)
+        );
+        let verdict = coordinator
+            .progress(&b2, &task, 1, Progress::default(), later)
+            .expect("progress");
+        assert!(verdict.is_some_and(|reason| reason.contains("now runs as attempt 2")));
+
+        // Declared lost, then back with its attempt: that attempt is over.
+        let much_later = later + timeout + Duration::from_secs(1);
+        coordinator.heartbeat(&b2, much_later);
+        coordinator.reap(much_later);
+        assert!(!coordinator.workers[&c].alive);
+        let c2 =
+            coordinator.register_instance("c".into(), "cpu".into(), 0, "p-c".into(), much_later);
+        assert!(!coordinator.resume_running(&c2, &task, 2, 0, much_later));
     }
 
     #[test]

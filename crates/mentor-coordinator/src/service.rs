@@ -228,13 +228,18 @@ impl WorkerService for WorkerApi {
             return Err(Status::invalid_argument("device must not be empty"));
         }
         let mut coordinator = lock(&self.shared);
+        let now = Instant::now();
         let id = coordinator.register_instance(
             request.hostname,
             request.device,
             request.pid,
             request.instance,
-            Instant::now(),
+            now,
         );
+        let running_kept = request.running.is_some_and(|running| {
+            let task = TaskId(running.task_id);
+            coordinator.resume_running(&id, &task, running.attempt, running.rank, now)
+        });
         Ok(Response::new(pb::RegisterResponse {
             worker_id: id.0,
             run_id: coordinator.state.run_id.clone(),
@@ -246,6 +251,7 @@ impl WorkerService for WorkerApi {
                 .unlabeled_fingerprint
                 .clone()
                 .unwrap_or_default(),
+            running_kept,
         }))
     }
 

@@ -214,13 +214,20 @@ pub struct TaskRecord {
     /// failure it was, with that error.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub group_loss: Option<GroupLoss>,
-    /// The process (`instance`) of the current attempt's rank 0, when it said which.
-    #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub rank0_instance: Option<String>,
-    /// The attempt a coordinator restart left running, with its rank 0's process: that
-    /// process's result, sent again under the id it registers with next, is taken while no
-    /// other attempt has started (a training that ended as the coordinator restarted is not
-    /// run again).
+    /// The processes (`instance`) of the current attempt's ranks, by rank, where they said
+    /// which (empty where one did not). Recorded by earlier versions for rank 0 alone.
+    #[serde(
+        default,
+        alias = "rank0_instance",
+        deserialize_with = "one_or_many",
+        skip_serializing_if = "Vec::is_empty"
+    )]
+    pub instances: Vec<String>,
+    /// The attempt a coordinator restart left running, with its ranks' processes: while no
+    /// other attempt has started, those processes, registering again, are taken back as its
+    /// ranks (its training goes on), and its rank 0's result, sent again under the id it
+    /// registers with next, is taken (a training that ended as the coordinator restarted is
+    /// not run again).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub abandoned: Option<Abandoned>,
 }
@@ -229,7 +236,34 @@ pub struct TaskRecord {
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 pub struct Abandoned {
     pub attempt: u32,
-    pub instance: String,
+    /// Its ranks' processes, by rank (earlier versions recorded rank 0's alone).
+    #[serde(alias = "instance", deserialize_with = "one_or_many")]
+    pub instances: Vec<String>,
+    /// The workers its ranks registered again as, by rank, so far (this coordinator's ids: a
+    /// restart forgets them, and the ranks register again).
+    #[serde(skip)]
+    pub back: Vec<Option<WorkerId>>,
+}
+
+impl Abandoned {
+    /// Whether `worker` is one of its ranks, back and waiting for the others.
+    pub fn is_back(&self, worker: &WorkerId) -> bool {
+        self.back.iter().flatten().any(|back| back == worker)
+    }
+}
+
+/// A list of strings, or the one string earlier versions recorded in its place.
+fn one_or_many<'de, D: serde::Deserializer<'de>>(deserializer: D) -> Result<Vec<String>, D::Error> {
+    #[derive(Deserialize)]
+    #[serde(untagged)]
+    enum OneOrMany {
+        One(String),
+        Many(Vec<String>),
+    }
+    Ok(match OneOrMany::deserialize(deserializer)? {
+        OneOrMany::One(one) => vec![one],
+        OneOrMany::Many(many) => many,
+    })
 }
 
 /// An attempt of a training group given up because the group failed.
@@ -551,7 +585,7 @@ impl RunState {
                 device_kind: String::new(),
                 failed_on: Vec::new(),
                 group_loss: None,
-                rank0_instance: None,
+                instances: Vec::new(),
                 abandoned: None,
             },
         );
@@ -654,7 +688,7 @@ impl RunState {
             workers: vec![worker.clone()],
         };
         task.attempts += 1;
-        task.rank0_instance = None;
+        task.instances.clear();
         task.abandoned = None;
         Some(Assignment {
             task: task.clone(),
@@ -863,13 +897,14 @@ impl RunState {
         for task in self.tasks.values_mut() {
             if matches!(task.state, TaskState::Running { .. }) {
                 task.state = TaskState::Pending;
-                task.abandoned = task
-                    .rank0_instance
-                    .take()
-                    .filter(|instance| !instance.is_empty())
-                    .map(|instance| Abandoned {
+                let instances = std::mem::take(&mut task.instances);
+                task.abandoned = instances
+                    .first()
+                    .is_some_and(|rank0| !rank0.is_empty())
+                    .then(|| Abandoned {
                         attempt: task.attempts,
-                        instance,
+                        instances,
+                        back: Vec::new(),
                     });
             }
         }
@@ -889,8 +924,8 @@ impl RunState {
     }
 
     /// Takes `worker` (the process `instance`) back as rank 0 of `attempt` of `task`, the
-    /// attempt a coordinator restart left running, while no other attempt has started; `false`
-    /// when that is not the case.
+    /// attempt a coordinator restart left running, to take its result, while no other attempt
+    /// has started; `false` when that is not the case.
     pub fn readopt(
         &mut self,
         task_id: &TaskId,
@@ -901,10 +936,9 @@ impl RunState {
         let Some(task) = self.tasks.get_mut(task_id) else {
             return false;
         };
-        let left = task
-            .abandoned
-            .as_ref()
-            .is_some_and(|left| left.attempt == attempt && left.instance == instance);
+        let left = task.abandoned.as_ref().is_some_and(|left| {
+            left.attempt == attempt && left.instances.first().map(String::as_str) == Some(instance)
+        });
         if !left || task.state != TaskState::Pending || task.attempts != attempt {
             return false;
         }
@@ -912,8 +946,60 @@ impl RunState {
             workers: vec![worker.clone()],
         };
         task.abandoned = None;
-        task.rank0_instance = Some(instance.to_string());
+        task.instances = vec![instance.to_string()];
         true
+    }
+
+    /// Takes `worker` (the process `instance`, registering again) back as `rank` of `attempt`
+    /// of `task`, the attempt a coordinator restart left running, while no other attempt has
+    /// started: `false` when that is not the case. The attempt runs again once all its ranks
+    /// are back; until then those back go on training (a group's ranks train among
+    /// themselves) and wait.
+    pub fn readopt_rank(
+        &mut self,
+        task_id: &TaskId,
+        attempt: u32,
+        rank: u32,
+        instance: &str,
+        worker: &WorkerId,
+    ) -> bool {
+        let Some(task) = self.tasks.get_mut(task_id) else {
+            return false;
+        };
+        if task.state != TaskState::Pending || task.attempts != attempt {
+            return false;
+        }
+        let Some(left) = task.abandoned.as_mut() else {
+            return false;
+        };
+        let rank = rank as usize;
+        let named = left.instances.get(rank).map(String::as_str);
+        if left.attempt != attempt || instance.is_empty() || named != Some(instance) {
+            return false;
+        }
+        left.back.resize(left.instances.len(), None);
+        left.back[rank] = Some(worker.clone());
+        if left.back.iter().all(Option::is_some)
+            && left.back.len() == task.world_size.max(1) as usize
+        {
+            let workers = left.back.drain(..).flatten().collect();
+            task.instances = std::mem::take(&mut left.instances);
+            task.abandoned = None;
+            task.state = TaskState::Running { workers };
+        }
+        true
+    }
+
+    /// Records that rank `rank` of the current attempt of `task` runs in the process
+    /// `instance`.
+    pub fn record_instance(&mut self, task_id: &TaskId, rank: u32, instance: &str) {
+        if let Some(task) = self.tasks.get_mut(task_id) {
+            let rank = rank as usize;
+            if task.instances.len() <= rank {
+                task.instances.resize(rank + 1, String::new());
+            }
+            task.instances[rank] = instance.to_string();
+        }
     }
 
     /// Records the outcome a rank reports for `attempt` of a task and advances the run when its

@@ -19,7 +19,7 @@ use mentor_worker::tasks::{
     is_group_failure, run_task, ModelSource, Outcome, Progress, TaskKind, GROUP_FAILED,
 };
 use pb::worker_service_client::WorkerServiceClient;
-use tokio::sync::{mpsc, oneshot, watch};
+use tokio::sync::{mpsc, oneshot, watch, Notify};
 use tonic::transport::Channel;
 use tonic::Code;
 
@@ -325,6 +325,11 @@ struct Session {
     /// `same_listing`): a coordinator met again must have the same one.
     unlabeled_fingerprint: String,
     outage_limit: Duration,
+    /// The attempt this worker runs, from its start to its reported end: a registration sent
+    /// again names it, so that a restarted coordinator takes it back.
+    running: Option<pb::RunningAttempt>,
+    /// Woken when a heartbeat finds this worker unknown to the coordinator.
+    unknown: Arc<Notify>,
 }
 
 impl Session {
@@ -342,7 +347,7 @@ impl Session {
         match status.code() {
             Code::NotFound => {
                 tracing::warn!(worker = %self.id(), "the coordinator no longer knows this worker (restarted?), registering again");
-                self.register_again().await
+                self.register_again().await.map(drop)
             }
             _ if transient(&status) => {
                 let started = *outage.get_or_insert_with(|| {
@@ -373,10 +378,17 @@ impl Session {
         ))
     }
 
-    async fn register_again(&mut self) -> anyhow::Result<()> {
+    /// Registers again under a new id, naming the attempt this worker runs, if any: whether
+    /// the coordinator took that attempt back (the worker goes on with it) or not (it stops
+    /// it: its result would be ignored).
+    async fn register_again(&mut self) -> anyhow::Result<bool> {
         let mut outage = None;
+        let registration = pb::RegisterRequest {
+            running: self.running.clone(),
+            ..self.registration.clone()
+        };
         loop {
-            match self.client.register(self.registration.clone()).await {
+            match self.client.register(registration.clone()).await {
                 Ok(reply) => {
                     let reply = reply.into_inner();
                     // A resumed run may have changed where its data is and how it spreads
@@ -402,9 +414,16 @@ impl Session {
                             reply.run_id
                         );
                     }
-                    tracing::info!(worker = %reply.worker_id, run = %reply.run_id, "registered again");
+                    match &self.running {
+                        Some(running) if reply.running_kept => {
+                            tracing::info!(worker = %reply.worker_id, run = %reply.run_id, task = %running.task_id, attempt = running.attempt, "registered again; the coordinator took this worker's attempt back, it goes on")
+                        }
+                        _ => {
+                            tracing::info!(worker = %reply.worker_id, run = %reply.run_id, "registered again")
+                        }
+                    }
                     self.worker_id.send_replace(reply.worker_id);
-                    return Ok(());
+                    return Ok(reply.running_kept);
                 }
                 Err(status) if status.code() == Code::NotFound => {
                     anyhow::bail!("registration refused: {status}")
@@ -474,6 +493,7 @@ async fn main() -> anyhow::Result<()> {
         device: args.device.clone(),
         pid: std::process::id(),
         instance: format!("{:016x}", rand::random::<u64>()),
+        running: None,
     };
     let deadline = Instant::now() + outage_limit;
     let reply = loop {
@@ -502,6 +522,7 @@ async fn main() -> anyhow::Result<()> {
     }
 
     let (worker_id, worker_id_updates) = watch::channel(reply.worker_id.clone());
+    let unknown = Arc::new(Notify::new());
     let mut session = Session {
         client: client.clone(),
         registration,
@@ -509,6 +530,8 @@ async fn main() -> anyhow::Result<()> {
         plan_toml: reply.plan_toml,
         unlabeled_fingerprint: reply.unlabeled_fingerprint.clone(),
         outage_limit,
+        running: None,
+        unknown: unknown.clone(),
     };
 
     // A worker stopped on purpose (SIGTERM from a scheduler or a preempted node, Ctrl-C) says
@@ -540,6 +563,8 @@ async fn main() -> anyhow::Result<()> {
 
     // Heartbeats start before the data set loads (which can take longer than the coordinator
     // waits for a sign of life) and run beside task execution; they follow re-registrations.
+    // One the coordinator does not know (it restarted) wakes a running task's loop, which
+    // registers again at once, naming its attempt (an idle worker finds out at its next ask).
     let heartbeat = {
         let mut client = client.clone();
         let interval = Duration::from_millis(reply.heartbeat_interval_ms.max(100));
@@ -550,13 +575,15 @@ async fn main() -> anyhow::Result<()> {
             loop {
                 ticks.tick().await;
                 let worker_id = worker_id_updates.borrow().clone();
-                if let Err(status) = client
-                    .heartbeat(pb::HeartbeatRequest {
-                        worker_id: worker_id.clone(),
-                    })
-                    .await
-                {
-                    tracing::debug!(worker = %worker_id, %status, "heartbeat failed");
+                let request = pb::HeartbeatRequest {
+                    worker_id: worker_id.clone(),
+                };
+                match client.heartbeat(request).await {
+                    Ok(reply) if !reply.get_ref().known => unknown.notify_waiters(),
+                    Ok(_) => {}
+                    Err(status) => {
+                        tracing::debug!(worker = %worker_id, %status, "heartbeat failed")
+                    }
                 }
             }
         })
@@ -616,11 +643,9 @@ async fn task_loop(
             Ok(kind) => match rendezvous(session, context, &task).await? {
                 Ok(group) => match execute(session, &task, torch, kind, group).await? {
                     Run::Finished(result) => result,
-                    Run::Stopped { unknown_worker } => {
+                    Run::Stopped => {
                         // Its result would be ignored: the task went back to the queue.
-                        if unknown_worker {
-                            session.register_again().await?;
-                        }
+                        session.running = None;
                         continue;
                     }
                 },
@@ -640,6 +665,7 @@ async fn task_loop(
                 group_failure,
             )
             .await?;
+        session.running = None;
     }
 }
 
@@ -827,9 +853,8 @@ enum Run {
     /// It ran to its end (or failed); the result goes to the coordinator.
     Finished(Result<Outcome, String>),
     /// The coordinator no longer counted the attempt as this worker's, so it was stopped at a
-    /// progress report. `unknown_worker`: the coordinator did not know this worker any more
-    /// (it was declared lost, or the coordinator restarted), so it must register again.
-    Stopped { unknown_worker: bool },
+    /// progress report or a registration.
+    Stopped,
 }
 
 /// Runs a task on the libtorch thread, forwarding its progress to the coordinator, and stops it
@@ -857,7 +882,17 @@ async fn execute(
         })
         .map_err(|_| anyhow::anyhow!("the libtorch thread has stopped"))?;
     let task_id = assignment.task_id.as_str();
-    let mut unknown_worker = false;
+    // From here on a registration sent again names this attempt (a restarted coordinator
+    // takes it back); until the result is reported.
+    session.running = Some(pb::RunningAttempt {
+        task_id: task_id.to_string(),
+        attempt: assignment.attempt,
+        rank: match &assignment.kind {
+            Some(pb::task::Kind::Train(train)) => train.rank,
+            _ => 0,
+        },
+    });
+    let unknown = session.unknown.clone();
     loop {
         // Reports first: the libtorch thread sends a task's last report before its result, and
         // the coordinator must get it (the last evaluation, a line of metrics.jsonl) first.
@@ -887,23 +922,46 @@ async fn execute(
                             stop.store(true, Ordering::Release);
                         }
                     }
-                    Err(status) if status.code() == Code::NotFound && !labeling => {
-                        tracing::warn!(worker = %session.id(), task = %task_id, attempt = assignment.attempt, "the coordinator no longer knows this worker (declared lost, or restarted) and has put its task back in the queue; stopping this attempt");
-                        unknown_worker = true;
-                        stop.store(true, Ordering::Release);
+                    Err(status) if status.code() == Code::NotFound => {
+                        go_on_or_stop(session, task_id, assignment.attempt, labeling, &stop).await?;
                     }
                     Err(status) => tracing::warn!(%status, "progress report failed"),
                 }
+            }
+            _ = unknown.notified() => {
+                go_on_or_stop(session, task_id, assignment.attempt, labeling, &stop).await?;
             }
             result = &mut done_receiver => {
                 let result = result.map_err(|_| anyhow::anyhow!("the libtorch thread stopped during a task"))?;
                 // A task that ended before it saw the stop reports its result anyway (the
                 // coordinator ignores it if the attempt is not the worker's).
                 return Ok(match result {
-                    Err(_) if stop.load(Ordering::Acquire) => Run::Stopped { unknown_worker },
+                    Err(_) if stop.load(Ordering::Acquire) => Run::Stopped,
                     result => Run::Finished(result),
                 });
             }
         }
     }
+}
+
+/// The coordinator no longer knows this worker (it restarted, or declared the worker lost)
+/// while it runs `attempt` of `task`: it registers again naming the attempt, and goes on with
+/// it if the coordinator took it back, or stops it (a labeler goes on anyway: whoever commits
+/// the shard first wins).
+async fn go_on_or_stop(
+    session: &mut Session,
+    task: &str,
+    attempt: u32,
+    labeling: bool,
+    stop: &AtomicBool,
+) -> anyhow::Result<()> {
+    if stop.load(Ordering::Acquire) {
+        return Ok(());
+    }
+    tracing::warn!(worker = %session.id(), task, attempt, "the coordinator no longer knows this worker (restarted, or declared it lost); registering again");
+    if !session.register_again().await? && !labeling {
+        tracing::warn!(worker = %session.id(), task, attempt, "the coordinator has put this worker's task back in the queue; stopping this attempt");
+        stop.store(true, Ordering::Release);
+    }
+    Ok(())
 }

@@ -366,6 +366,35 @@ fn restart_requeues_running_tasks_and_state_round_trips() {
     assert_eq!(task.losses, 0, "a restart is no loss of the task's");
 }
 
+/// A state saved by the version that recorded rank 0's process alone (`rank0_instance`,
+/// `abandoned.instance`) resumes: the process is rank 0's.
+#[test]
+fn rank_0s_process_recorded_by_an_earlier_version_is_read() {
+    let mut state = new_run();
+    state.start();
+    let task = state.assign(&worker("w"), "cpu", 1).expect("task").task.id;
+    state.record_instance(&task, 0, "p-0");
+    let mut json = serde_json::to_value(&state).expect("serialize");
+    let record = &mut json["tasks"][&task.0];
+    assert_eq!(record["instances"], serde_json::json!(["p-0"]));
+    let record = record.as_object_mut().expect("record");
+    record.remove("instances");
+    record.insert("rank0_instance".into(), "p-0".into());
+    let mut restored: RunState = serde_json::from_value(json).expect("deserialize");
+    assert_eq!(restored, state);
+    restored.requeue_running();
+    let mut json = serde_json::to_value(&restored).expect("serialize");
+    let abandoned = json["tasks"][&task.0]["abandoned"]
+        .as_object_mut()
+        .expect("abandoned");
+    assert_eq!(abandoned["instances"], serde_json::json!(["p-0"]));
+    abandoned.remove("instances");
+    abandoned.insert("instance".into(), "p-0".into());
+    let mut old: RunState = serde_json::from_value(json).expect("deserialize");
+    assert_eq!(old, restored);
+    assert!(old.readopt_rank(&task, 1, 0, "p-0", &worker("w2")));
+}
+
 #[test]
 fn a_training_task_forms_a_group_of_ranks() {
     let mut state = new_run();
