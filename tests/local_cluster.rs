@@ -818,7 +818,9 @@ fn a_restarted_coordinator_resumes_the_run() {
     let logs: Vec<String> = workers.iter().map(|w| w.log_text()).collect();
     let went_on = |log: &String| {
         log.split_once("the coordinator took this worker's attempt back")
-            .is_some_and(|(_, after)| after.contains("role=\"student\"") && after.contains("training"))
+            .is_some_and(|(_, after)| {
+                after.contains("role=\"student\"") && after.contains("training")
+            })
     };
     assert!(
         logs.iter().any(went_on),

@@ -1442,6 +1442,65 @@ impl Coordinator {
                 self.persist_or_log();
             }
         }
+        self.give_up_stalled(now);
+    }
+
+    /// Gives up the training and evaluation attempts of workers that still heartbeat but
+    /// reported no progress for `workers.progress_timeout_seconds` (a libtorch call that hangs,
+    /// a deadlock: the task would hold its worker, and the run, for ever); the first report of
+    /// an attempt may take `workers.join_timeout_seconds` longer (a group's ranks report
+    /// nothing while they join). The task goes to another worker; the worker is left out of
+    /// new groups until it asks for work or reports progress again.
+    fn give_up_stalled(&mut self, now: Instant) {
+        let workers = &self.plan.workers;
+        let seconds = workers.progress_timeout_seconds;
+        if seconds == 0 {
+            return;
+        }
+        let join = Duration::from_secs(workers.join_timeout_seconds);
+        let limit = Duration::from_secs(seconds);
+        let stalled: Vec<(WorkerId, TaskId)> = self
+            .workers
+            .values()
+            .filter(|w| {
+                let allowed = limit
+                    + if w.progress_origin.is_none() {
+                        join
+                    } else {
+                        Duration::ZERO
+                    };
+                w.alive && now.saturating_duration_since(w.progress_at) > allowed
+            })
+            .filter_map(|w| {
+                let task = w.task.clone()?;
+                let record = self.state.tasks.get(&task)?;
+                let labeling = matches!(record.spec, TaskSpec::Label { .. });
+                (!labeling && record.workers().contains(&w.id)).then_some((w.id.clone(), task))
+            })
+            .collect();
+        for (id, task) in stalled {
+            // Another rank's stall may have given the attempt up already.
+            let Some(record) = self
+                .state
+                .tasks
+                .get(&task)
+                .filter(|record| record.workers().contains(&id))
+            else {
+                continue;
+            };
+            let (attempt, members) = (record.attempts, record.workers().to_vec());
+            if let Some(worker) = self.workers.get_mut(&id) {
+                worker.task = None;
+                worker.suspect = true;
+                worker.suspected_at = Some(now);
+            }
+            self.give_up_group(&task, attempt, &members, &id, now);
+            if let Some(effects) = self.state.progress_stalled(&task, seconds) {
+                tracing::warn!(worker = %id, task = %task, attempt, progress_timeout_seconds = seconds, "no progress from the worker within the progress timeout: the attempt is given up, the task goes to another worker");
+                self.log_effects(&effects);
+                self.persist_or_log();
+            }
+        }
     }
 
     /// Applies the global filter's result.
@@ -1833,6 +1892,84 @@ mod tests {
         let c2 =
             coordinator.register_instance("c".into(), "cpu".into(), 0, "p-c".into(), much_later);
         assert!(!coordinator.resume_running(&c2, &task, 2, 0, much_later));
+    }
+
+    /// A training whose worker heartbeats but reports no progress (a hung libtorch call) is
+    /// given up after `workers.progress_timeout_seconds` (its first report allowed the join
+    /// timeout more), as a lost attempt, and goes to another worker.
+    #[test]
+    fn a_training_without_progress_is_given_up_after_the_progress_timeout() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let start = Instant::now();
+        let (mut coordinator, a, teacher) = one_worker_with_a_teacher_task(dir.path(), start);
+        let task = teacher.task.id.clone();
+        let workers = &coordinator.plan.workers;
+        let limit = Duration::from_secs(workers.progress_timeout_seconds);
+        let join = Duration::from_secs(workers.join_timeout_seconds);
+        assert_eq!(limit, Duration::from_secs(1800), "the default");
+        let reap_at = |coordinator: &mut Coordinator, at: Instant| {
+            coordinator.heartbeat(&a, at);
+            coordinator.reap(at);
+            coordinator.state.tasks[&task].state.clone()
+        };
+        let running = state::TaskState::Running {
+            workers: vec![a.clone()],
+        };
+        // Before its first report it has the join timeout more.
+        let first = start + limit + Duration::from_secs(1);
+        assert_eq!(reap_at(&mut coordinator, first), running);
+        let progress = Progress {
+            step: 10,
+            ..Progress::default()
+        };
+        coordinator
+            .progress(&a, &task, 1, progress, first)
+            .expect("progress");
+        assert_eq!(reap_at(&mut coordinator, first + limit), running);
+        let stalled = first + limit + Duration::from_secs(1);
+        assert_eq!(
+            reap_at(&mut coordinator, stalled),
+            state::TaskState::Pending
+        );
+        let record = &coordinator.state.tasks[&task];
+        assert_eq!((record.losses, record.failures), (1, 0));
+        let error = record.last_error.clone().unwrap_or_default();
+        assert!(
+            error.contains("no progress for 1800 s (workers.progress_timeout_seconds)"),
+            "{error}"
+        );
+        assert_eq!(coordinator.workers[&a].task, None);
+        // A stalled attempt never reported: given up at the limit plus the join timeout. (A new
+        // group waits a few seconds for the suspect, which may still answer.)
+        let asked = stalled + Duration::from_secs(11);
+        let b = coordinator.register("b".into(), "cpu".into(), 0, asked);
+        coordinator.heartbeat(&a, asked);
+        let TaskReply::Task(retry) = coordinator.get_task(&b, asked).expect("task") else {
+            panic!("the task did not go to another worker")
+        };
+        assert_eq!(retry.task.workers(), std::slice::from_ref(&b));
+        assert_eq!(retry.task.attempts, 2);
+        let late = asked + limit + join + Duration::from_secs(1);
+        coordinator.heartbeat(&b, late - Duration::from_secs(2));
+        assert_eq!(
+            reap_at(&mut coordinator, late - Duration::from_secs(2)),
+            retry.task.state
+        );
+        coordinator.heartbeat(&b, late);
+        assert_eq!(reap_at(&mut coordinator, late), state::TaskState::Pending);
+        // 0: never.
+        let mut plan = one_worker_plan();
+        plan.workers.progress_timeout_seconds = 0;
+        let other = tempfile::tempdir().expect("tempdir");
+        let mut coordinator = Coordinator::open(plan, other.path()).expect("open");
+        let c = coordinator.register("c".into(), "cpu".into(), 0, start);
+        let TaskReply::Task(teacher) = coordinator.get_task(&c, start).expect("task") else {
+            panic!("no teacher task")
+        };
+        let much_later = start + Duration::from_secs(10 * 24 * 3600);
+        coordinator.heartbeat(&c, much_later);
+        coordinator.reap(much_later);
+        assert!(coordinator.state.tasks[&teacher.task.id].is_run_by(&c, 1));
     }
 
     #[test]

@@ -761,6 +761,25 @@ impl RunState {
         })
     }
 
+    /// Gives up the running attempt of a training or evaluation `task` whose worker reported
+    /// no progress for `seconds` (a hung worker that still heartbeats): a lost attempt, as a
+    /// dead worker's. The effects of a run that failed of it, or `None` when the task was not
+    /// running.
+    pub fn progress_stalled(&mut self, task_id: &TaskId, seconds: u64) -> Option<Vec<Effect>> {
+        let task = self
+            .tasks
+            .get_mut(task_id)
+            .filter(|task| matches!(task.state, TaskState::Running { .. }))?;
+        let reason = format!(
+            "attempt {} reported no progress for {seconds} s (workers.progress_timeout_seconds): a hung worker?",
+            task.attempts
+        );
+        Some(match Self::lose_attempt(task, reason) {
+            Some(message) if !self.is_finished() => self.fail(message),
+            _ => Vec::new(),
+        })
+    }
+
     /// Counts an error of its own that `worker` reported for `task` (already back in the queue,
     /// or running again): the run fails at the task's [`MAX_ATTEMPTS`]th.
     fn count_failure(&mut self, task_id: &TaskId, worker: &WorkerId, error: &str) -> Vec<Effect> {

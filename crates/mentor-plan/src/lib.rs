@@ -680,6 +680,11 @@ pub struct WorkersPlan {
     /// A group whose ranks have not all joined after this long fails the task.
     #[serde(default = "default_join_timeout")]
     pub join_timeout_seconds: u64,
+    /// A training or evaluation that reports no progress for this long (a hung worker that
+    /// still heartbeats) is given up and goes to another worker; its first report may take
+    /// the join timeout longer (0 = never).
+    #[serde(default = "default_progress_timeout")]
+    pub progress_timeout_seconds: u64,
 }
 
 /// How gradients travel between the ranks of a training group.
@@ -702,6 +707,9 @@ fn default_collective_timeout() -> u64 {
 fn default_join_timeout() -> u64 {
     60
 }
+fn default_progress_timeout() -> u64 {
+    1800
+}
 
 fn default_min_workers() -> u32 {
     1
@@ -720,6 +728,7 @@ impl Default for WorkersPlan {
             bucket_size_mb: default_bucket_size_mb(),
             collective_timeout_seconds: default_collective_timeout(),
             join_timeout_seconds: default_join_timeout(),
+            progress_timeout_seconds: default_progress_timeout(),
         }
     }
 }
@@ -840,7 +849,8 @@ impl Plan {
     ///   recorded its unlabeled listing's fingerprint (`listing_recorded`), which then vouches
     ///   that they are the same files;
     /// - how many workers it waits for and spreads over, and how it watches them
-    ///   (`workers.min_workers`, `world_size` and the heartbeat, join and collective timeouts;
+    ///   (`workers.min_workers`, `world_size` and the heartbeat, join, collective and progress
+    ///   timeouts;
     ///   `pseudo_labels.lease_seconds`), which change nothing it computes beyond float
     ///   rounding: a run resumed after a machine was lost for good goes on with fewer workers.
     ///   The transport (`workers.collective`, `bucket_size_mb`) stays: every rank of a group,
@@ -852,6 +862,7 @@ impl Plan {
         workers.heartbeat_timeout_seconds = wanted.heartbeat_timeout_seconds;
         workers.join_timeout_seconds = wanted.join_timeout_seconds;
         workers.collective_timeout_seconds = wanted.collective_timeout_seconds;
+        workers.progress_timeout_seconds = wanted.progress_timeout_seconds;
         self.pseudo_labels.lease_seconds = plan.pseudo_labels.lease_seconds;
         self.data.dir = plan.data.dir.clone();
         if let (true, Some(_), Some(given)) = (
@@ -1159,6 +1170,10 @@ impl Plan {
             "workers.join_timeout_seconds",
             self.workers.join_timeout_seconds,
         )?;
+        let progress = self.workers.progress_timeout_seconds;
+        if progress != 0 {
+            check_seconds("workers.progress_timeout_seconds", progress)?;
+        }
         let ranks = self.workers.world_size;
         if ranks > 1 {
             // Each rank takes a slice of every global batch, so a batch needs one image per rank.

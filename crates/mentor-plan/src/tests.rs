@@ -141,6 +141,7 @@ fn timeouts_past_ten_years_are_refused_with_their_field() {
         "heartbeat_timeout_seconds",
         "collective_timeout_seconds",
         "join_timeout_seconds",
+        "progress_timeout_seconds",
     ] {
         assert_eq!(
             error_of(&workers(&format!("{field} = 9223372036854775807"))),
@@ -148,8 +149,12 @@ fn timeouts_past_ten_years_are_refused_with_their_field() {
                 "workers.{field}: must be in [1, 315360000] (ten years), not 9223372036854775807"
             )
         );
-        assert!(error_of(&workers(&format!("{field} = 0")))
-            .starts_with(&format!("workers.{field}: must be in [1, 315360000]")));
+        if field == "progress_timeout_seconds" {
+            Plan::from_toml_str(&workers(&format!("{field} = 0"))).expect("0: never");
+        } else {
+            assert!(error_of(&workers(&format!("{field} = 0")))
+                .starts_with(&format!("workers.{field}: must be in [1, 315360000]")));
+        }
         Plan::from_toml_str(&workers(&format!("{field} = 315360000")))
             .expect("ten years are allowed");
     }
@@ -782,6 +787,7 @@ fn a_resumed_run_may_change_where_its_data_is_and_how_many_workers_it_waits_for(
     moved.data.dir = "/elsewhere/fashion-mnist".into();
     moved.workers.heartbeat_timeout_seconds = 60;
     moved.workers.collective_timeout_seconds = 600;
+    moved.workers.progress_timeout_seconds = 0;
     moved.pseudo_labels.lease_seconds = 600;
     assert!(recorded.same_run_as(&moved));
     // What it computes, or how its ranks move gradients, may not.
