@@ -391,9 +391,15 @@ pub struct Coordinator {
     /// coordinator, as a new run waits for them before it starts: else the first worker back
     /// would train alone what the whole group trained.
     regathering: bool,
-    /// Until when tasks a restart left running wait for their rank 0 to send its result again
-    /// (it registers anew and resends at once; one that does not come is gone).
+    /// Until when tasks a restart left running wait for their ranks to register again naming
+    /// them, or their rank 0 to send its result again (they do at once; one that does not come
+    /// is gone).
     abandoned_until: Option<Instant>,
+    /// Why the last save of the run state failed (a full disk, a read-only or vanished run
+    /// directory); `None` while saves succeed. No task is handed out meanwhile: work whose
+    /// assignment a restart could not know of would run twice, its ids and attempt numbers
+    /// given again.
+    save_error: Option<String>,
 }
 
 impl Coordinator {
@@ -651,6 +657,7 @@ impl Coordinator {
             lock,
             regathering,
             abandoned_until,
+            save_error: None,
         };
         if let Err(error) = coordinator.persist() {
             // A claim for a run whose id was never saved would refuse every later start.
@@ -698,9 +705,32 @@ impl Coordinator {
         write_atomically(&path, &json).map_err(|e| error(e.to_string()))
     }
 
-    fn persist_or_log(&self) {
-        if let Err(error) = self.persist() {
-            tracing::error!(%error, "failed to save the run state");
+    /// Saves the state; a failure is logged once (until a save succeeds again) and holds the
+    /// handing out of tasks (see [`Coordinator::save_error`]).
+    fn persist_or_log(&mut self) {
+        match self.persist() {
+            Ok(()) => {
+                if self.save_error.take().is_some() {
+                    tracing::info!(run = %self.state.run_id, "the run state is saved again: tasks are handed out again");
+                }
+            }
+            Err(error) => {
+                if self.save_error.is_none() {
+                    tracing::error!(run = %self.state.run_id, %error, "failed to save the run state: no task is handed out until it can be saved");
+                }
+                self.save_error = Some(error.to_string());
+            }
+        }
+    }
+
+    /// Why the run hands out no task now, for status: the state cannot be saved, or training
+    /// waits for workers (see [`Coordinator::training_wait`]).
+    pub fn waiting(&self, now: Instant) -> Option<String> {
+        match &self.save_error {
+            Some(error) => Some(format!(
+                "no task is handed out until the run state can be saved: {error}"
+            )),
+            None => self.training_wait(now),
         }
     }
 
@@ -902,6 +932,12 @@ impl Coordinator {
         let (held, kind) = (worker.task.clone(), device_kind(&worker.device).to_string());
         if self.regathering {
             return Ok(TaskReply::RetryAfter(Duration::from_millis(200)));
+        }
+        if self.save_error.is_some() {
+            self.persist_or_log();
+            if self.save_error.is_some() {
+                return Ok(TaskReply::RetryAfter(Duration::from_secs(1)));
+            }
         }
         // A worker asks while it holds a task when the reply that gave it was lost (its retry
         // after a dropped connection): the same task again, not a second one beside it that
@@ -1970,6 +2006,45 @@ mod tests {
         coordinator.heartbeat(&c, much_later);
         coordinator.reap(much_later);
         assert!(coordinator.state.tasks[&teacher.task.id].is_run_by(&c, 1));
+    }
+
+    /// While the run state cannot be saved (a full disk, a run directory gone read-only) no
+    /// task is handed out, and status says why; once a save succeeds, tasks are handed out
+    /// again. A restart then knows every assignment made.
+    #[test]
+    fn no_task_is_handed_out_while_the_run_state_cannot_be_saved() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let start = Instant::now();
+        let mut coordinator = Coordinator::open(one_worker_plan(), dir.path()).expect("open");
+        let state_file = dir.path().join("state.json");
+        // A directory where the state file goes: the save's rename fails.
+        std::fs::remove_file(&state_file).expect("remove the state");
+        std::fs::create_dir(&state_file).expect("a directory in its place");
+        let a = coordinator.register("a".into(), "cpu".into(), 0, start);
+        assert!(matches!(
+            coordinator.get_task(&a, start).expect("reply"),
+            TaskReply::RetryAfter(_)
+        ));
+        let waiting = coordinator.waiting(start).unwrap_or_default();
+        assert!(
+            waiting.starts_with("no task is handed out until the run state can be saved: ")
+                && waiting.contains("state.json"),
+            "{waiting}"
+        );
+        assert!(coordinator
+            .state
+            .tasks
+            .values()
+            .all(|task| task.state == state::TaskState::Pending));
+        std::fs::remove_dir(&state_file).expect("the directory goes");
+        let TaskReply::Task(teacher) = coordinator.get_task(&a, start).expect("task") else {
+            panic!("no task once the state could be saved")
+        };
+        assert_eq!(coordinator.waiting(start), None);
+        let saved: state::RunState =
+            serde_json::from_str(&std::fs::read_to_string(&state_file).expect("state"))
+                .expect("saved state");
+        assert!(saved.tasks[&teacher.task.id].is_run_by(&a, 1));
     }
 
     #[test]

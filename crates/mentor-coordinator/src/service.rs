@@ -486,7 +486,7 @@ pub fn status_of(coordinator: &Coordinator) -> pb::RunStatus {
         status.phase = crate::state::Phase::WaitingForWorkers.as_str().to_string();
     }
     status.waiting = coordinator
-        .training_wait(std::time::Instant::now())
+        .waiting(std::time::Instant::now())
         .unwrap_or_default();
     status
 }
