@@ -913,6 +913,8 @@ enum Stop {
     Not,
     /// Its worker is killed; a replacement joins the same coordinator.
     Worker,
+    /// The coordinator is killed and started again; the worker goes on.
+    Coordinator,
     /// The coordinator and the worker are killed, the run directory is moved and the data set
     /// is read from another folder (a link to the same files); both start again there.
     EverythingAndMove,
@@ -950,6 +952,21 @@ fn long_tiny_mpl_run(dir: &std::path::Path, stop: Stop) -> (Vec<Vec<u8>>, String
             );
             std::thread::sleep(Duration::from_millis(5));
         }
+        if stop == Stop::Coordinator {
+            coordinator.child.kill().expect("kill the coordinator");
+            let _ = coordinator.child.wait();
+            let listen = address.trim_start_matches("http://").to_string();
+            (coordinator, _) = start_coordinator_on(&plan, &listen, &state_dir);
+            let final_status = watch_run(
+                &runtime,
+                &address,
+                &mut coordinator,
+                Duration::from_secs(600),
+                |_| {},
+            );
+            assert_eq!(final_status.status, "succeeded", "{}", final_status.error);
+            return (read_checkpoints(&state_dir), first.log_text());
+        }
         first.child.kill().expect("kill the worker");
         let _ = first.child.wait();
         if stop == Stop::EverythingAndMove {
@@ -981,7 +998,18 @@ fn long_tiny_mpl_run(dir: &std::path::Path, stop: Stop) -> (Vec<Vec<u8>>, String
         |_| {},
     );
     assert_eq!(final_status.status, "succeeded", "{}", final_status.error);
-    let checkpoints = [
+    (
+        read_checkpoints(&state_dir),
+        replacement
+            .map(|worker| worker.log_text())
+            .unwrap_or_default(),
+    )
+}
+
+/// The teacher, student and finetuned student a tiny Meta Pseudo Labels run left in its run
+/// directory.
+fn read_checkpoints(state_dir: &std::path::Path) -> Vec<Vec<u8>> {
+    [
         "round-1-teacher",
         "round-1-student",
         "round-1-student-finetuned",
@@ -990,13 +1018,7 @@ fn long_tiny_mpl_run(dir: &std::path::Path, stop: Stop) -> (Vec<Vec<u8>>, String
     .map(|name| {
         std::fs::read(state_dir.join(format!("checkpoints/{name}.safetensors"))).expect(name)
     })
-    .collect();
-    (
-        checkpoints,
-        replacement
-            .map(|worker| worker.log_text())
-            .unwrap_or_default(),
-    )
+    .collect()
 }
 
 /// The folder a plan's text names in its `[data] dir` line.
@@ -1029,6 +1051,19 @@ fn resumed_step(log: &str) -> u64 {
 fn an_interrupted_mpl_joint_training_resumes_from_its_checkpoint_exactly() {
     let dir = tempfile::tempdir().expect("tempdir");
     let (uninterrupted, _) = long_tiny_mpl_run(&dir.path().join("whole"), Stop::Not);
+    // A restarted coordinator takes the joint training back from its worker, which trained on
+    // meanwhile: it neither stops nor resumes from its save, and ends with the same models.
+    let (went_on, log) = long_tiny_mpl_run(&dir.path().join("restarted"), Stop::Coordinator);
+    assert!(
+        log.contains("the coordinator took this worker's attempt back")
+            && !log.contains("resumes its joint training")
+            && !log.contains("stopping this attempt"),
+        "{log}"
+    );
+    assert!(
+        went_on == uninterrupted,
+        "the run whose coordinator restarted ends with other models"
+    );
     for (stop, name) in [
         (Stop::Worker, "killed worker"),
         (Stop::EverythingAndMove, "moved run"),

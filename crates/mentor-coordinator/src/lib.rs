@@ -680,6 +680,12 @@ impl Coordinator {
             reason: e.to_string(),
         })?;
         self.lock.record_address(url);
+        // Workers can reach it from now on: the wait for the attempts a restart left running
+        // counts from here, not from the state's loading.
+        if self.abandoned_until.is_some() {
+            let wait = Duration::from_secs(self.plan.workers.heartbeat_timeout_seconds);
+            self.abandoned_until = Some(Instant::now() + wait);
+        }
         Ok(())
     }
 
