@@ -562,10 +562,11 @@ fn malformed_addresses_are_refused_at_once() {
 /// A worker killed in the middle of its task: the coordinator declares it lost after the
 /// heartbeat timeout, gives the task to another worker, and the run still succeeds.
 #[test]
-fn a_killed_worker_loses_its_task_to_another_worker() {
+fn a_frozen_worker_loses_its_task_and_stops_it_when_it_wakes() {
     let runtime = tokio::runtime::Runtime::new().expect("runtime");
     let dir = tempfile::tempdir().expect("tempdir");
-    // One worker starts the run; the teacher trains long enough to be killed mid-task.
+    // One worker starts the run; the teacher trains long enough to be frozen mid-task (a
+    // SIGSTOP, as a node that hangs or a VM paused): it goes silent.
     let mut edits = ONE_WORKER_SHORT_HEARTBEAT.to_vec();
     edits.push((
         "[teacher.train]\nsteps = 30",
@@ -595,8 +596,15 @@ fn a_killed_worker_loses_its_task_to_another_worker() {
                 .map(|w| w.worker_id.clone())
         },
     );
-    doomed.child.kill().expect("kill the worker");
-    let _ = doomed.child.wait();
+    let pid = doomed.child.id().to_string();
+    let signal = |name: &str| {
+        let sent = std::process::Command::new("kill")
+            .args([name, &pid])
+            .status()
+            .expect("kill");
+        assert!(sent.success(), "kill {name}");
+    };
+    signal("-STOP");
 
     let lost = wait_for(
         "the coordinator to declare the worker lost",
@@ -615,6 +623,21 @@ fn a_killed_worker_loses_its_task_to_another_worker() {
 
     // A new worker picks the requeued task up and the run completes.
     let _replacement = start_worker(&address, dir.path().join("replacement.log"));
+    wait_for(
+        "the replacement to train the teacher",
+        Duration::from_secs(120),
+        || {
+            let current = status(&runtime, &address);
+            current
+                .workers
+                .iter()
+                .any(|w| w.worker_id != doomed_id && w.task == "train teacher" && w.step > 0)
+                .then_some(())
+        },
+    );
+    // The frozen worker wakes: its heartbeat finds it unknown, it registers again naming its
+    // attempt, which is no longer its, and stops it (its result would be ignored).
+    signal("-CONT");
     let final_status = watch_run(
         &runtime,
         &address,
@@ -627,6 +650,17 @@ fn a_killed_worker_loses_its_task_to_another_worker() {
     assert!(final_status.rounds[0].student_test_accuracy.is_some());
     let log = coordinator.log_text();
     assert!(log.contains("worker lost"), "{log}");
+    assert!(
+        log.contains("a worker registered again with an attempt that is no longer its"),
+        "{log}"
+    );
+    let woken = doomed.log_text();
+    assert!(
+        woken.contains(
+            "the coordinator has put this worker's task back in the queue; stopping this attempt"
+        ),
+        "{woken}"
+    );
 }
 
 /// The coordinator killed mid-run and started again on the same state directory resumes the

@@ -1017,6 +1017,14 @@ impl Coordinator {
                     }
                 }
                 self.persist_or_log();
+                if self.save_error.is_some() {
+                    // Not handed out: a restart would not know of it.
+                    self.state.unassign(&assignment, id);
+                    if let Some(worker) = self.workers.get_mut(id) {
+                        worker.task = None;
+                    }
+                    return Ok(TaskReply::RetryAfter(Duration::from_secs(1)));
+                }
                 Ok(TaskReply::Task(Box::new(assignment)))
             }
             None => Ok(TaskReply::RetryAfter(Duration::from_millis(200))),
@@ -1336,6 +1344,18 @@ impl Coordinator {
             && self.state.readopt(task, id, attempt, &instance)
         {
             tracing::info!(run = %self.state.run_id, worker = %id, task = %task, attempt, "the result of an attempt left running by a coordinator restart is taken");
+        }
+        // A rank back of such an attempt that reports a failure: the attempt cannot go on as a
+        // whole. (A success of a rank but rank 0 is not its end: rank 0's result may follow.)
+        let back_here = |record: &state::TaskRecord| {
+            outcome.is_failure()
+                && record
+                    .abandoned
+                    .as_ref()
+                    .is_some_and(|left| left.attempt == attempt && left.is_back(id))
+        };
+        if self.state.tasks.get(task).is_some_and(back_here) {
+            self.state.forget_back(id);
         }
         // The task's record when this is a report of its current attempt; stale ones are
         // ignored (and logged as such).
@@ -1889,6 +1909,66 @@ mod tests {
         assert_eq!(coordinator.workers[&a2].progress.step, 3, "recorded");
     }
 
+    /// A rank back of a group's attempt that then leaves (SIGTERM), is lost or reports a
+    /// failure: the attempt cannot go on, and its task runs again at once instead of after
+    /// the wait (or with a dead rank once the others are back).
+    #[test]
+    fn a_rank_back_that_goes_ends_the_wait_for_its_attempt() {
+        for how in ["leaves", "is lost", "fails"] {
+            let dir = tempfile::tempdir().expect("tempdir");
+            let start = Instant::now();
+            let mut coordinator = coordinator(dir.path());
+            let a = coordinator.register_instance("a".into(), "cpu".into(), 0, "p-a".into(), start);
+            let b = coordinator.register_instance("b".into(), "cpu".into(), 0, "p-b".into(), start);
+            let TaskReply::Task(first) = coordinator.get_task(&a, start).expect("task") else {
+                panic!("no task for rank 0")
+            };
+            let TaskReply::Task(_) = coordinator.get_task(&b, start).expect("task") else {
+                panic!("no task for rank 1")
+            };
+            let task = first.task.id.clone();
+            drop(coordinator);
+            let mut coordinator = self::coordinator(dir.path());
+            let b2 =
+                coordinator.register_instance("b".into(), "cpu".into(), 0, "p-b".into(), start);
+            let c = coordinator.register_instance("c".into(), "cpu".into(), 0, "p-c".into(), start);
+            let d = coordinator.register_instance("d".into(), "cpu".into(), 0, "p-d".into(), start);
+            assert!(coordinator.resume_running(&b2, &task, 1, 1, start));
+            // Past the heartbeat timeout for the rank that is lost (the others heartbeat).
+            let timeout = coordinator.plan.workers.heartbeat_timeout_seconds;
+            let now = start + Duration::from_secs(timeout + 1);
+            coordinator.heartbeat(&c, now);
+            coordinator.heartbeat(&d, now);
+            if how != "is lost" {
+                coordinator.heartbeat(&b2, now);
+            }
+            match how {
+                "leaves" => coordinator.leave(&b2, "SIGTERM"),
+                "is lost" => coordinator.reap(now),
+                _ => {
+                    let failed = TaskOutcome::GroupFailed("a peer closed the ring".into());
+                    coordinator
+                        .complete(&b2, &task, 1, failed, now)
+                        .expect("complete");
+                }
+            }
+            assert!(
+                coordinator.state.tasks[&task].abandoned.is_none(),
+                "{how}: still waited for"
+            );
+            let TaskReply::Task(retry) = coordinator.get_task(&c, now).expect("task") else {
+                panic!("{how}: the task did not run again at once")
+            };
+            assert_eq!(
+                (retry.task.id.clone(), retry.task.attempts),
+                (task.clone(), 2),
+                "{how}"
+            );
+            let a2 = coordinator.register_instance("a".into(), "cpu".into(), 0, "p-a".into(), now);
+            assert!(!coordinator.resume_running(&a2, &task, 1, 0, now), "{how}");
+        }
+    }
+
     /// A rank that never comes back: once the wait is over the task runs again, and the rank
     /// that did come back is told to stop the attempt. A worker declared lost (no restart)
     /// that registers again naming its attempt is told to stop it too.
@@ -2023,10 +2103,21 @@ mod tests {
         let start = Instant::now();
         let mut coordinator = Coordinator::open(one_worker_plan(), dir.path()).expect("open");
         let state_file = dir.path().join("state.json");
-        // A directory where the state file goes: the save's rename fails.
+        let a = coordinator.register("a".into(), "cpu".into(), 0, start);
+        // A directory where the state file goes: the save's rename fails. The assignment whose
+        // save fails is taken back.
         std::fs::remove_file(&state_file).expect("remove the state");
         std::fs::create_dir(&state_file).expect("a directory in its place");
-        let a = coordinator.register("a".into(), "cpu".into(), 0, start);
+        assert!(matches!(
+            coordinator.get_task(&a, start).expect("reply"),
+            TaskReply::RetryAfter(_)
+        ));
+        assert_eq!(coordinator.workers[&a].task, None);
+        assert!(coordinator
+            .state
+            .tasks
+            .values()
+            .all(|task| task.attempts == 0));
         assert!(matches!(
             coordinator.get_task(&a, start).expect("reply"),
             TaskReply::RetryAfter(_)

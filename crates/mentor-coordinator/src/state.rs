@@ -710,6 +710,7 @@ impl RunState {
     /// training group loses its attempt as a whole. Returns the requeued tasks and the effects:
     /// the run fails when a task has lost [`MAX_LOSSES`] attempts.
     pub fn worker_lost(&mut self, worker: &WorkerId) -> (Vec<TaskId>, Vec<Effect>) {
+        self.forget_back(worker);
         let mut requeued = Vec::new();
         let mut given_up = None;
         for task in self.tasks.values_mut() {
@@ -731,6 +732,7 @@ impl RunState {
     /// Puts every task `worker` takes part in back in the queue because it left on purpose
     /// (stopped by a signal): the attempt is given up without counting as a loss or a failure.
     pub fn worker_left(&mut self, worker: &WorkerId, reason: &str) -> Vec<TaskId> {
+        self.forget_back(worker);
         let mut requeued = Vec::new();
         for task in self.tasks.values_mut() {
             if task.workers().contains(worker) {
@@ -1007,6 +1009,40 @@ impl RunState {
             task.state = TaskState::Running { workers };
         }
         true
+    }
+
+    /// `worker` was a rank back of an attempt a restart left running, and is gone or done with
+    /// it (lost, left, reported its end): that attempt cannot go on, its task waits no more (the
+    /// other ranks back are told to stop at their next report).
+    pub fn forget_back(&mut self, worker: &WorkerId) {
+        for task in self.tasks.values_mut() {
+            if task
+                .abandoned
+                .as_ref()
+                .is_some_and(|left| left.is_back(worker))
+            {
+                task.abandoned = None;
+            }
+        }
+    }
+
+    /// Undoes [`RunState::assign_within`]'s `assignment` of `worker` (its save failed: a
+    /// restart would not know of it). The attempt number is given again next time.
+    pub fn unassign(&mut self, assignment: &Assignment, worker: &WorkerId) {
+        let Some(task) = self.tasks.get_mut(&assignment.task.id) else {
+            return;
+        };
+        if !task.is_run_by(worker, assignment.task.attempts) {
+            return;
+        }
+        if assignment.rank == 0 {
+            task.state = TaskState::Pending;
+            task.attempts -= 1;
+            task.instances.clear();
+        } else if let TaskState::Running { workers } = &mut task.state {
+            workers.retain(|member| member != worker);
+            task.instances.truncate(assignment.rank as usize);
+        }
     }
 
     /// Records that rank `rank` of the current attempt of `task` runs in the process

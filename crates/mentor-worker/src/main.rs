@@ -642,7 +642,12 @@ async fn task_loop(
         let result = match task_from_proto(&task) {
             Ok(kind) => match rendezvous(session, context, &task).await? {
                 Ok(group) => match execute(session, &task, torch, kind, group).await? {
-                    Run::Finished(result) => result,
+                    // A registration from here on names no attempt: a result the restarted
+                    // coordinator did not see is sent as such, and taken only with its files.
+                    Run::Finished(result) => {
+                        session.running = None;
+                        result
+                    }
                     Run::Stopped => {
                         // Its result would be ignored: the task went back to the queue.
                         session.running = None;
@@ -665,7 +670,6 @@ async fn task_loop(
                 group_failure,
             )
             .await?;
-        session.running = None;
     }
 }
 
@@ -883,7 +887,7 @@ async fn execute(
         .map_err(|_| anyhow::anyhow!("the libtorch thread has stopped"))?;
     let task_id = assignment.task_id.as_str();
     // From here on a registration sent again names this attempt (a restarted coordinator
-    // takes it back); until the result is reported.
+    // takes it back), until the task ends.
     session.running = Some(pb::RunningAttempt {
         task_id: task_id.to_string(),
         attempt: assignment.attempt,
