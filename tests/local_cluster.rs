@@ -578,7 +578,7 @@ fn a_frozen_worker_loses_its_task_and_stops_it_when_it_wakes() {
     let state_dir = dir.path().join("run");
     let (mut coordinator, address) = start_coordinator(&plan, &state_dir);
 
-    let mut doomed = start_worker(&address, dir.path().join("doomed.log"));
+    let doomed = start_worker(&address, dir.path().join("doomed.log"));
     let doomed_id = wait_for(
         "the first worker to train",
         Duration::from_secs(120),
