@@ -14,6 +14,11 @@ use object_store::{GetOptions, ObjectStore, ObjectStoreExt, PutMode, PutOptions,
 
 use crate::LabelError;
 
+/// Whether `error` is a refusal of the credentials or permissions in use.
+fn is_denied(error: &LabelError) -> bool {
+    matches!(error, LabelError::Io { source, .. } if source.kind() == std::io::ErrorKind::PermissionDenied)
+}
+
 /// Whether a create-if-absent write took effect.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum PutOutcome {
@@ -190,6 +195,17 @@ impl ShardStore {
             .fold(self.prefix.clone(), |path, part| path.join(part))
     }
 
+    /// What a refused operation asks of the user: credentials or file permissions that let
+    /// soft labels be read, written, listed and deleted under the root.
+    fn permission_advice(&self) -> String {
+        let root = &self.root;
+        if is_url(root) && !root.starts_with("file:") {
+            format!("the credentials in use (the environment's, or the machine's role) must be valid and allow reading, writing, listing and deleting objects under `{root}` (on S3: s3:GetObject, s3:PutObject, s3:ListBucket and s3:DeleteObject)")
+        } else {
+            format!("the user running the coordinator and the workers must be able to read, write and delete files under `{root}`")
+        }
+    }
+
     /// Runs `future` on the store's runtime and waits for it.
     fn run<T: Send + 'static>(
         &self,
@@ -208,6 +224,14 @@ impl ShardStore {
         result.map_err(|error| match error {
             object_store::Error::NotFound { .. } => LabelError::NotFound {
                 key: self.location(key),
+            },
+            denied @ (object_store::Error::PermissionDenied { .. }
+            | object_store::Error::Unauthenticated { .. }) => LabelError::Io {
+                key: self.location(key),
+                source: std::io::Error::new(
+                    std::io::ErrorKind::PermissionDenied,
+                    format!("{denied}; {}", self.permission_advice()),
+                ),
             },
             other => LabelError::Io {
                 key: self.location(key),
@@ -243,6 +267,8 @@ impl ShardStore {
         loop {
             tries += 1;
             match self.put_if_absent(key, bytes) {
+                // Refused credentials stay refused: no use waiting.
+                Err(error) if is_denied(&error) => return Err(error),
                 Err(error) if tries < 3 => {
                     tracing::warn!(key, %error, tries, "writing to the soft-label store failed, trying again");
                     std::thread::sleep(std::time::Duration::from_secs(u64::from(tries)));
@@ -383,6 +409,8 @@ mod tests {
         lost_answers: AtomicU32,
         /// Create-if-absent writes overwrite (an S3-compatible store ignoring `If-None-Match`).
         ignores_create: bool,
+        /// Writes are refused (credentials without write permission).
+        denies_puts: bool,
         puts: AtomicU32,
     }
 
@@ -416,6 +444,12 @@ mod tests {
             self.puts.fetch_add(1, Ordering::SeqCst);
             if take(&self.failing_puts) {
                 return Err(failure("connection reset"));
+            }
+            if self.denies_puts {
+                return Err(object_store::Error::PermissionDenied {
+                    path: location.to_string(),
+                    source: "403 Forbidden: Access Denied".into(),
+                });
             }
             if self.ignores_create {
                 opts.mode = PutMode::Overwrite;
@@ -518,6 +552,28 @@ mod tests {
         assert!(
             message.contains("s3://bucket/labels/round-1/c")
                 && message.contains("connection reset"),
+            "{message}"
+        );
+    }
+
+    /// Credentials that may not write: the error names the location and says what the
+    /// credentials must allow.
+    #[test]
+    fn a_refused_write_says_what_the_credentials_must_allow() {
+        let (store, shards) = faulty(Faulty {
+            denies_puts: true,
+            ..Faulty::default()
+        });
+        let message = shards
+            .commit("round-1/d", b"d")
+            .expect_err("refused")
+            .to_string();
+        assert_eq!(store.puts.load(Ordering::SeqCst), 1, "not tried again");
+        assert!(
+            message.contains("s3://bucket/labels/round-1/d")
+                && message.contains("Access Denied")
+                && message.contains("s3:PutObject")
+                && message.contains("under `s3://bucket/labels`"),
             "{message}"
         );
     }
