@@ -15,7 +15,8 @@
 #                            succeeded, 1 if it failed); needs --state-dir
 #   --state-dir DIR          the run directory, on a file system every node shares at this path
 #   --metrics-port P         with --plan: the coordinator serves the run's status to Prometheus
-#                            at http://<this node>:P/metrics
+#                            at http://<this node>:P/metrics (ignored, with a notice, without
+#                            --plan: a job gives every node the same)
 #   --gpus N|all             one worker per GPU, cuda:0 .. cuda:N-1 (N: refused on a machine that
 #                            shows fewer; all: every GPU this process
 #                            sees: CUDA_VISIBLE_DEVICES when set (Slurm sets it), else what
@@ -148,7 +149,12 @@ fi
 
 case "$threads" in ''|[1-9]|[1-9][0-9]|[1-9][0-9][0-9]) ;; *) fail "--threads takes a positive number" ;; esac
 case "$metrics_port" in ''|*[!0-9]*) [ -z "$metrics_port" ] || fail "--metrics-port takes a port number" ;; esac
-[ -z "$metrics_port" ] || [ -n "$plan" ] || fail "--metrics-port is the coordinator's: give it with --plan"
+# The coordinator's, like --retry-failed: a node without --plan ignores it (a Slurm job gives
+# every node the same options).
+if [ -n "$metrics_port" ] && [ -z "$plan" ]; then
+  echo "[node] --metrics-port is the coordinator's: ignored on this node, which runs no coordinator (no --plan)" >&2
+  metrics_port=""
+fi
 case "$connect_timeout" in ''|*[!0-9]*) [ -z "$connect_timeout" ] || fail "--connect-timeout-seconds takes a number of seconds" ;; esac
 if [ -z "$threads" ]; then
   threads=$(( $(nproc) / (workers > 0 ? workers : 1) ))
@@ -210,7 +216,8 @@ cleanup() {
   for pid in "${pids[@]}"; do wait "$pid" 2>/dev/null || true; done
 }
 trap cleanup EXIT
-trap 'echo "[node] stopping every process" >&2; exit 143' INT TERM
+trap 'echo "[node] interrupted, stopping every process" >&2; exit 130' INT
+trap 'echo "[node] terminated, stopping every process" >&2; exit 143' TERM
 
 start() {
   local name="$1" command="$2"

@@ -26,6 +26,8 @@
 # Installs what is missing first (scripts/setup.sh), builds, then prints progress while the run
 # goes, the final status (text and JSON) at the end, and exits non-zero if the run failed.
 # Every process it started is stopped on exit, Ctrl-C included. Logs: <state-dir>/logs/.
+# COORDINATOR_START_SECONDS (default 600): how long a coordinator still checking the data and
+# the soft-label store before it listens is waited for.
 set -euo pipefail
 
 ROOT="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
@@ -112,6 +114,10 @@ if [ "$plan_check" -eq 0 ]; then
   fi
   collective="$(workers_value collective)"
   world_size="$(workers_value world_size)"
+  if [ "${world_size:-0}" -gt "$workers" ]; then
+    echo "local-cluster.sh: the plan trains in groups of workers.world_size = $world_size workers; --workers $workers would wait for ever (pass --workers $world_size, or lower world_size in $plan)" >&2
+    exit 2
+  fi
   case "$device:$collective" in
     cuda:[0-9]*:auto|cuda:[0-9]*:nccl)
       # A group of one rank needs no NCCL (workers labeling side by side on one GPU are fine).
@@ -120,12 +126,16 @@ if [ "$plan_check" -eq 0 ]; then
         exit 2
       fi ;;
   esac
-  if [ "$device" = cuda ] && command -v nvidia-smi >/dev/null; then
+  # The GPUs this process sees: CUDA_VISIBLE_DEVICES's list when set, else nvidia-smi's.
+  gpus=""
+  if [ -n "${CUDA_VISIBLE_DEVICES+set}" ]; then
+    gpus="$(tr ',' '\n' <<<"$CUDA_VISIBLE_DEVICES" | grep -c '[^[:space:]]' || true)"
+  elif command -v nvidia-smi >/dev/null; then
     gpus="$(nvidia-smi -L 2>/dev/null | grep -c '^GPU ' || true)"
-    if [ "$workers" -gt "$gpus" ]; then
-      echo "local-cluster.sh: --device cuda gives each worker its own GPU; this machine has $gpus for $workers workers" >&2
-      exit 2
-    fi
+  fi
+  if [ "$device" = cuda ] && [ -n "$gpus" ] && [ "$workers" -gt "$gpus" ]; then
+    echo "local-cluster.sh: --device cuda gives each worker its own GPU; this process sees $gpus (CUDA_VISIBLE_DEVICES, nvidia-smi) for $workers workers" >&2
+    exit 2
   fi
 fi
 
@@ -151,6 +161,15 @@ trap cleanup EXIT
 trap 'echo "[local-cluster] interrupted, stopping every process" >&2; exit 130' INT
 trap 'echo "[local-cluster] terminated, stopping every process" >&2; exit 143' TERM
 
+# The run's status ("running", "succeeded", ...) from `mentor status ARGS`' first line, or
+# "unknown" (no Python needed: a --bin-dir machine may have none).
+status_of() {
+  local line
+  line="$("$BIN/mentor" status "$@" 2>/dev/null | head -n 1 || true)"
+  line="$(sed -n 's/.*  status: \([a-z]*\)  .*/\1/p' <<<"$line")"
+  echo "${line:-unknown}"
+}
+
 started=$(date +%s)
 coordinator_log="$state_dir/logs/coordinator.log"
 # Logs of a resumed run are appended to; each start is marked.
@@ -167,16 +186,28 @@ log_offset=$(stat -c %s "$coordinator_log" 2>/dev/null || echo 0)
 coordinator_pid=$!
 pids+=("$coordinator_pid")
 
-for _ in $(seq 1 300); do
-  [ -s "$state_dir/coordinator.addr" ] && break
+# The coordinator checks the data and the soft-label store before it listens (a large image
+# folder on a network file system, an object store far away): it is waited for while it lives,
+# with a word every 30 s, up to COORDINATOR_START_SECONDS (default 600).
+start_limit="${COORDINATOR_START_SECONDS:-600}"
+waited=0
+while [ ! -s "$state_dir/coordinator.addr" ]; do
   if ! kill -0 "$coordinator_pid" 2>/dev/null; then
     echo "[local-cluster] the coordinator stopped:" >&2
     tail -c +"$((log_offset + 1))" "$coordinator_log" >&2
     exit 1
   fi
+  if [ "$waited" -ge $((start_limit * 10)) ]; then
+    echo "[local-cluster] the coordinator did not start listening within ${start_limit}s (COORDINATOR_START_SECONDS); its log so far:" >&2
+    tail -c +"$((log_offset + 1))" "$coordinator_log" | tail -n 20 >&2
+    exit 1
+  fi
+  if [ "$waited" -gt 0 ] && [ $((waited % 300)) -eq 0 ]; then
+    echo "[local-cluster] the coordinator is still starting ($((waited / 10))s; see $coordinator_log)" >&2
+  fi
   sleep 0.1
+  waited=$((waited + 1))
 done
-[ -s "$state_dir/coordinator.addr" ] || { echo "[local-cluster] the coordinator did not start" >&2; exit 1; }
 address="$(cat "$state_dir/coordinator.addr")"
 echo "[local-cluster] coordinator at $address, run directory $state_dir" >&2
 # Quoted for the shell (%q), so that the line can be copied whatever the paths hold.
@@ -241,8 +272,7 @@ while true; do
       else
         source_args=(--state-dir "$state_dir")
       fi
-      run_status="$("$BIN/mentor" status "${source_args[@]}" --json 2>/dev/null |
-        python3 -c 'import json,sys; print(json.load(sys.stdin)["status"])' 2>/dev/null || echo unknown)"
+      run_status="$(status_of "${source_args[@]}")"
       # The run directory's answer counts only when it says the run ended.
       if [ "$attempt" -eq 4 ] && [ "$run_status" != succeeded ] && [ "$run_status" != failed ]; then
         run_status=unknown
@@ -272,7 +302,7 @@ echo "=== final status ($(( $(date +%s) - started )) s wall time) ==="
 # Asked by run directory: its coordinator answers, or, were it gone, the state it saved.
 "$BIN/mentor" status --state-dir "$state_dir" || true
 "$BIN/mentor" status --state-dir "$state_dir" --json | tee "$state_dir/status.json" || true
-status="$(python3 -c 'import json,sys; print(json.load(open(sys.argv[1]))["status"])' "$state_dir/status.json")"
+status="$(status_of --state-dir "$state_dir")"
 # Where the soft labels went: the plan's pseudo_labels.storage, else the run directory.
 labels="$(python3 -c '
 import sys, tomllib

@@ -117,13 +117,21 @@ fn node_scripts_on_two_nodes_run_a_plan_and_end_with_it() {
             .is_some_and(|line| line.ends_with("--exit-when-done --retry-failed")),
         "{retry}"
     );
+    // So do --retry-failed and --metrics-port, the coordinator's options, which a node without
+    // --plan ignores (a Slurm job gives every node the same options).
     let workers_only = Command::new(node_sh())
         .args(["--coordinator", coordinator.as_str()])
         .args(common)
-        .args(["--retry-failed", "--dry-run"])
+        .args(["--retry-failed", "--metrics-port", "9100", "--dry-run"])
         .output()
         .expect("node.sh --dry-run");
     assert!(workers_only.status.success(), "{}", text(&workers_only));
+    assert!(
+        String::from_utf8_lossy(&workers_only.stderr)
+            .contains("--metrics-port is the coordinator's: ignored on this node"),
+        "{}",
+        text(&workers_only)
+    );
     assert_eq!(
         String::from_utf8_lossy(&workers_only.stdout).trim_end(),
         lines[1],

@@ -395,8 +395,8 @@ fn bad_plan_is_refused_before_anything_starts() {
 }
 
 /// `local-cluster.sh` refuses workers that could not run the plan, before anything starts:
-/// fewer than `workers.min_workers` (the run would wait for ever), several on one GPU under an
-/// NCCL collective, a device or a count it cannot read.
+/// fewer than `workers.min_workers` or a fixed `workers.world_size` (the run would wait for
+/// ever), several on one GPU under an NCCL collective, a device or a count it cannot read.
 #[test]
 fn local_cluster_refuses_workers_that_cannot_run_the_plan() {
     let dir = tempfile::tempdir().expect("tempdir");
@@ -418,6 +418,19 @@ fn local_cluster_refuses_workers_that_cannot_run_the_plan() {
     let stderr = refused(&["--workers", "2", "--device", "cuda:0"]);
     assert!(
         stderr.contains("2 workers on the one GPU cuda:0 cannot form an NCCL group"),
+        "{stderr}"
+    );
+    // A fixed group of 3 waits for a third worker that never comes.
+    let three = dir.path().join("three.toml");
+    let text = std::fs::read_to_string(&plan).expect("plan");
+    let text = text.replacen("min_workers = 2", "min_workers = 2\nworld_size = 3", 1);
+    std::fs::write(&three, text).expect("write plan");
+    let output = run_local_cluster_sh(&three, &state_dir, &["--workers", "2"]);
+    let stderr = String::from_utf8_lossy(&output.stderr).into_owned();
+    assert_eq!(output.status.code(), Some(2), "{stderr}");
+    assert!(
+        stderr.contains("workers.world_size = 3")
+            && stderr.contains("--workers 2 would wait for ever"),
         "{stderr}"
     );
     assert!(refused(&["--device", "gpu"]).contains("--device must be cpu, cuda or cuda:N, not gpu"));
