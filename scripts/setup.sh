@@ -55,12 +55,22 @@ apt_update() {
 }
 
 apt_missing=()
-dpkg -s protobuf-compiler >/dev/null 2>&1 || apt_missing+=(protobuf-compiler)
+# protoc from anywhere will do (PROTOC names one, as prost-build reads it).
+if [ -z "${PROTOC:-}" ] && ! command -v protoc >/dev/null; then
+  apt_missing+=(protobuf-compiler)
+fi
 # The virtual environment needs ensurepip (Debian ships it apart, in python3-venv).
 if [ ! -x "$VENV/bin/pip" ] && ! python3 -c 'import ensurepip' >/dev/null 2>&1; then
   apt_missing+=("python3-venv")
 fi
-if ! dpkg -s dataset-fashion-mnist >/dev/null 2>&1; then
+fashion=/usr/share/datasets/fashion-mnist
+have_fashion() {
+  local name
+  for name in train-images-idx3-ubyte train-labels-idx1-ubyte t10k-images-idx3-ubyte t10k-labels-idx1-ubyte; do
+    [ -e "$fashion/$name" ] || [ -e "$fashion/$name.gz" ] || return 1
+  done
+}
+if ! have_fashion && ! dpkg -s dataset-fashion-mnist >/dev/null 2>&1; then
   # The demo data's package is in this project's package sources, not in every Debian's (asked
   # after an update where the package lists are empty, as in a fresh container).
   known() { apt-cache show dataset-fashion-mnist >/dev/null 2>&1; }
@@ -72,6 +82,10 @@ if ! dpkg -s dataset-fashion-mnist >/dev/null 2>&1; then
   else
     say "dataset-fashion-mnist is not in this machine's package sources: put the Fashion-MNIST IDX files in /usr/share/datasets/fashion-mnist by hand for the demo and the tests"
   fi
+fi
+if [ ${#apt_missing[@]} -gt 0 ] && ! command -v apt-get >/dev/null; then
+  say "missing: ${apt_missing[*]} (Debian's package names); this machine has no apt-get: install protoc (or set PROTOC), python3's venv module, and the Fashion-MNIST IDX files in $fashion by hand"
+  exit 1
 fi
 if [ ${#apt_missing[@]} -gt 0 ]; then
   say "installing Debian packages: ${apt_missing[*]}"
