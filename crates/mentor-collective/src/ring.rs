@@ -35,6 +35,10 @@ pub struct TcpRing {
     rank: usize,
     world_size: usize,
     next: TcpStream,
+    /// The same socket as `next`: an exchange whose receiving side failed shuts its sending
+    /// side through it, so that a send blocked on a neighbour that stopped reading (programs
+    /// that diverged) fails within a moment instead of at the timeout.
+    next_control: TcpStream,
     previous: TcpStream,
     timeout: Duration,
     scratch: Vec<f32>,
@@ -176,10 +180,14 @@ impl TcpRing {
                 Err(error) => return Err(CollectiveError::Setup(error.to_string())),
             }
         };
+        let next_control = next
+            .try_clone()
+            .map_err(|error| CollectiveError::Setup(error.to_string()))?;
         Ok(TcpRing {
             rank,
             world_size,
             next,
+            next_control,
             previous,
             timeout,
             scratch: Vec::new(),
@@ -241,6 +249,7 @@ impl TcpRing {
         );
         let (outgoing, incoming) = disjoint(data, send, receive);
         let next = &mut self.next;
+        let next_control = &self.next_control;
         let previous = &mut self.previous;
         let scratch = &mut self.scratch;
         scratch.resize(SEGMENT.min(incoming.len()), 0.0);
@@ -270,6 +279,19 @@ impl TcpRing {
                 }
                 Ok(())
             })();
+            if received.is_err() {
+                // A send still blocked after a moment waits on a neighbour that stopped
+                // reading: its header went out long ago, so cutting it off loses nothing the
+                // neighbour needs to name the divergence (one cut at once could, by racing the
+                // header out).
+                let grace = Instant::now() + Duration::from_millis(200);
+                while !sender.is_finished() && Instant::now() < grace {
+                    std::thread::sleep(Duration::from_millis(1));
+                }
+                if !sender.is_finished() {
+                    let _ = next_control.shutdown(std::net::Shutdown::Write);
+                }
+            }
             let sent = sender
                 .join()
                 .unwrap_or_else(|_| Err(std::io::Error::other("sender thread panicked")))
@@ -598,6 +620,27 @@ mod tests {
             let error = second.as_ref().expect_err("a broken ring refuses");
             assert!(error.contains("broke in an earlier collective"), "{error}");
         }
+    }
+
+    /// Ranks whose programs diverged on an all-reduce larger than the sockets' buffers: each
+    /// stops reading at the other's header while its own send is blocked; both fail at once,
+    /// not at the collective timeout (10 s here).
+    #[test]
+    fn diverged_ranks_blocked_in_a_large_send_fail_at_once() {
+        let started = Instant::now();
+        let results = ring(2, |ring| {
+            let mut data = vec![1.0f32; 16 * 1024 * 1024 + ring.rank()];
+            ring.all_reduce_sum(&mut data).map_err(|e| e.to_string())
+        });
+        for result in &results {
+            let error = result.as_ref().expect_err("diverged lengths must fail");
+            assert!(!error.contains("timed out"), "{error}");
+        }
+        assert!(
+            started.elapsed() < Duration::from_secs(5),
+            "took {:?}",
+            started.elapsed()
+        );
     }
 
     #[test]

@@ -5,8 +5,10 @@
 //! in buckets of `bucket_bytes` after each backward pass (the loss is normalised by the global
 //! batch, so the sum is the global mean gradient), and batch-norm statistics stay local
 //! during training. Unlike DDP, which keeps rank 0's, what a group saves or evaluates holds
-//! their mean over ranks ([`Group::average_buffers`]): for running means that is exactly the
-//! statistic of the global batch, and every rank then holds the model that is saved.
+//! their mean over ranks ([`Group::average_buffers`]), each rank weighing the same: for running
+//! means that is the statistic of the global batch when the ranks' slices are of one size, and
+//! close to it otherwise (a batch of 10 over 4 ranks: slices of 3, 3, 2 and 2); every rank then
+//! holds the model that is saved.
 #![allow(unsafe_code)]
 
 use std::time::Duration;

@@ -961,7 +961,8 @@ pub fn train_mpl(
     }
     Ok(Outcome::Trained {
         checkpoint: PathBuf::from(student_output),
-        final_loss: last.map_or(0.0, |stats| stats.read().student_labeled_loss),
+        // Not known when the attempt resumed from the save of its last step (nothing left to run).
+        final_loss: last.map_or(f64::NAN, |stats| stats.read().student_labeled_loss),
         steps: mpl.steps,
         seconds: started.elapsed().as_secs_f64(),
     })
