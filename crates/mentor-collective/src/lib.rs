@@ -95,6 +95,11 @@ pub trait HostCollective: Send {
     fn all_reduce_sum(&mut self, data: &mut [f32]) -> Result<(), CollectiveError>;
     /// Replaces `data` on every rank by `root`'s.
     fn broadcast(&mut self, data: &mut [f32], root: usize) -> Result<(), CollectiveError>;
+    /// How long a collective may wait on a peer from now on (a transport without peers has
+    /// nothing to wait for).
+    fn set_timeout(&mut self, _timeout: std::time::Duration) -> Result<(), CollectiveError> {
+        Ok(())
+    }
 }
 
 /// World size 1.

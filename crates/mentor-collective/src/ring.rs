@@ -420,6 +420,14 @@ impl HostCollective for TcpRing {
         self.guarded(|ring| ring.ring_all_reduce(data))
     }
 
+    fn set_timeout(&mut self, timeout: Duration) -> Result<(), CollectiveError> {
+        for stream in [&self.next, &self.previous] {
+            configure(stream, timeout).map_err(|e| CollectiveError::Setup(e.to_string()))?;
+        }
+        self.timeout = timeout;
+        Ok(())
+    }
+
     fn broadcast(&mut self, data: &mut [f32], root: usize) -> Result<(), CollectiveError> {
         self.guarded(|ring| ring.ring_broadcast(data, root))
     }
@@ -620,6 +628,40 @@ mod tests {
             let error = second.as_ref().expect_err("a broken ring refuses");
             assert!(error.contains("broke in an earlier collective"), "{error}");
         }
+    }
+
+    /// A longer timeout set for one collective (ranks that finish loading at different
+    /// times) lets a rank late by more than the usual timeout be waited for; the usual one,
+    /// set again, holds for what follows.
+    #[test]
+    fn a_timeout_set_for_a_collective_waits_that_long() {
+        let results = ring(2, |ring| {
+            // Short first: the longer one set next is what lets the late rank be waited for.
+            ring.set_timeout(Duration::from_millis(300))
+                .expect("timeout");
+            if ring.rank() == 1 {
+                std::thread::sleep(Duration::from_millis(1000));
+            }
+            ring.set_timeout(Duration::from_secs(10)).expect("timeout");
+            let mut one = vec![1.0f32];
+            let waited = ring.all_reduce_sum(&mut one).map(|()| one[0]);
+            ring.set_timeout(Duration::from_millis(300))
+                .expect("timeout");
+            if ring.rank() == 1 {
+                std::thread::sleep(Duration::from_millis(1000));
+            }
+            let late = ring.all_reduce_sum(&mut one).map_err(|e| e.to_string());
+            (waited.map_err(|e| e.to_string()), late)
+        });
+        for (waited, _) in &results {
+            assert_eq!(waited, &Ok(2.0));
+        }
+        // The one under the short timeout failed on rank 0, which waited for rank 1.
+        let error = results[0]
+            .1
+            .as_ref()
+            .expect_err("rank 1 was late under 300 ms");
+        assert!(error.contains("rank 1"), "{error}");
     }
 
     /// Ranks whose programs diverged on an all-reduce larger than the sockets' buffers: each

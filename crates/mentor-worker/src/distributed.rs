@@ -360,6 +360,30 @@ impl Group {
         Ok(())
     }
 
+    /// Waits until every rank gets here, for up to `timeout` (`None`: as long as it takes)
+    /// instead of the collective timeout: ranks that prepare at different speeds (reading a
+    /// round's pseudo labels from a slow disk) meet here before the collectives of training.
+    pub fn barrier_within(&mut self, timeout: Option<Duration>) -> Result<(), CollectiveError> {
+        if self.is_trivial() {
+            return Ok(());
+        }
+        // Ten years stands for no limit (a socket timeout must be finite).
+        let wait = timeout.unwrap_or(Duration::from_secs(10 * 365 * 24 * 3600));
+        let usual = self.timeout;
+        self.set_timeout(wait)?;
+        let met = self.all_reduce_scalars(&mut [0.0]);
+        self.set_timeout(usual)?;
+        met
+    }
+
+    fn set_timeout(&mut self, timeout: Duration) -> Result<(), CollectiveError> {
+        if let Transport::Host(host) = &mut self.transport {
+            host.set_timeout(timeout)?;
+        }
+        self.timeout = timeout;
+        Ok(())
+    }
+
     /// Sums a few scalars over ranks (losses, counts; in f32, so integers are exact below
     /// 2^24).
     pub fn all_reduce_scalars(&mut self, values: &mut [f64]) -> Result<(), CollectiveError> {
@@ -636,6 +660,39 @@ mod tests {
             assert!(root.is_some_and(|e| e.contains("broadcast from rank 2 in a group of 2")));
             assert_eq!(total, 8.0);
         }
+    }
+
+    /// A barrier waits for a rank late by more than the collective timeout, up to its own
+    /// limit, and the collective timeout holds again after it.
+    #[test]
+    fn a_barrier_waits_past_the_collective_timeout_and_restores_it() {
+        let results = on_ring(2, |group| {
+            group
+                .set_timeout(Duration::from_millis(300))
+                .expect("timeout");
+            let late = |group: &Group| {
+                if group.rank == 1 {
+                    std::thread::sleep(Duration::from_millis(1000));
+                }
+            };
+            late(group);
+            let met = group
+                .barrier_within(Some(Duration::from_secs(20)))
+                .map_err(|e| e.to_string());
+            late(group);
+            let after = group
+                .all_reduce_scalars(&mut [1.0])
+                .map_err(|e| e.to_string());
+            (met, after)
+        });
+        for (met, _) in &results {
+            assert_eq!(met, &Ok(()));
+        }
+        let after = results[0]
+            .1
+            .as_ref()
+            .expect_err("the usual 300 ms hold again");
+        assert!(after.contains("rank 1"), "{after}");
     }
 
     /// Two ranks that each saw half of a batch, their running statistics averaged, hold the

@@ -2,7 +2,7 @@
 //! and pseudo-label one unlabeled shard with a clean teacher.
 
 use std::path::{Path, PathBuf};
-use std::time::Instant;
+use std::time::{Duration, Instant};
 
 use mentor_data::DecodeOptions;
 use mentor_labels::{
@@ -726,15 +726,19 @@ fn train(
         load_exactly(&mut vs, init)
             .map_err(|e| format!("failed to load checkpoint `{}`: {e}", init.display()))?;
     }
-    // The pseudo labels are read before the first collective: ranks that read at different
-    // speeds would otherwise wait for each other in it, under the collective timeout.
+    // The pseudo labels are read before the first collective, and the ranks then meet in a
+    // barrier that waits as long as a task may go without progress
+    // (`workers.progress_timeout_seconds`): ranks that read at different speeds (a cold disk,
+    // a slower node) would otherwise fail the first collective at its timeout.
     let pseudo = match selection {
-        Some(path) => Some(load_selection(
-            plan,
-            dataset,
-            path,
-            train_plan.label_smoothing,
-        )?),
+        Some(path) => {
+            let pseudo = load_selection(plan, dataset, path, train_plan.label_smoothing)?;
+            let limit = plan.workers.progress_timeout_seconds;
+            group
+                .barrier_within((limit > 0).then(|| Duration::from_secs(limit)))
+                .map_err(collective_error)?;
+            Some(pseudo)
+        }
         None => None,
     };
     let variables = vs.trainable_variables();
