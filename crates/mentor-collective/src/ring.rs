@@ -177,6 +177,15 @@ impl TcpRing {
                         "rank {rank} was not joined by rank {previous_rank} within {setup_timeout:?}"
                     )))
                 }
+                // A connection reset before it was accepted (a port scanner, a peer that gave
+                // up): not ours, and no fault of this rank's; wait on for the previous rank.
+                Err(error)
+                    if matches!(
+                        error.kind(),
+                        ErrorKind::ConnectionAborted
+                            | ErrorKind::ConnectionReset
+                            | ErrorKind::Interrupted
+                    ) && Instant::now() < deadline => {}
                 Err(error) => return Err(CollectiveError::Setup(error.to_string())),
             }
         };

@@ -593,7 +593,13 @@ pub(crate) fn write_safetensors_atomically(
         std::fs::create_dir_all(parent)
             .map_err(|e| format!("failed to create `{}`: {e}", parent.display()))?;
     }
-    let temporary = output.with_extension(format!("{}.tmp.safetensors", std::process::id()));
+    // Unique to this write: two processes may share a process id (containers on one shared
+    // file system), and an attempt given up may still be writing beside the next one.
+    let temporary = output.with_extension(format!(
+        "{}-{:08x}.tmp.safetensors",
+        std::process::id(),
+        rand::random::<u32>()
+    ));
     // safetensors refuses tensors that are not contiguous (a channels-last variable with more
     // than one input channel, which no model has today: `models::conv2d` lays out only
     // depthwise weights, whose memory is contiguous); write contiguous copies.
