@@ -262,6 +262,13 @@ while true; do
   fi
   alive=0
   for pid in "${worker_pids[@]}"; do kill -0 "$pid" 2>/dev/null && alive=$((alive + 1)); done
+  # Workers that exited before the run could start (a GPU that is not there, a data set it
+  # cannot read) leave it waiting for workers.min_workers for ever.
+  if [ "$alive" -gt 0 ] && [ -n "${min_workers:-}" ] && [ "$alive" -lt "$min_workers" ] &&
+    "$BIN/mentor" status --coordinator "$address" 2>/dev/null | grep -q '^waiting for workers: '; then
+    failure="$((workers - alive)) worker(s) exited before the run could start; the $alive left are fewer than workers.min_workers = $min_workers (see $state_dir/logs/worker-*.log)"
+    break
+  fi
   if [ "$alive" -eq 0 ]; then
     # Workers exit when the run is over; the watcher may not have polled since. A query that
     # fails (a loaded machine) is asked again, then of the run directory.

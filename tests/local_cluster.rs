@@ -1168,6 +1168,50 @@ fn run_local_cluster_sh(plan: &Path, state_dir: &Path, extra: &[&str]) -> std::p
         .expect("local-cluster.sh runs")
 }
 
+/// A worker that exits before the run can start (a GPU that is not there, say) leaves fewer
+/// than `workers.min_workers`: `local-cluster.sh` says so and stops, instead of waiting for
+/// ever.
+#[test]
+fn local_cluster_stops_when_workers_exit_before_the_run_can_start() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let bin = dir.path().join("bin");
+    std::fs::create_dir(&bin).expect("bin");
+    for name in ["coordinator", "mentor"] {
+        std::os::unix::fs::symlink(binary(name), bin.join(name)).expect("link");
+    }
+    // The first worker started exits at once; the others are the real one.
+    let worker = bin.join("worker");
+    std::fs::write(
+        &worker,
+        format!(
+            "#!/bin/sh\nif mkdir '{}' 2>/dev/null; then echo 'worker: cuda:7 is not there' >&2; exit 1; fi\nexec '{}' \"$@\"\n",
+            dir.path().join("first").display(),
+            binary("worker").display()
+        ),
+    )
+    .expect("worker script");
+    let mut permissions = std::fs::metadata(&worker).expect("metadata").permissions();
+    std::os::unix::fs::PermissionsExt::set_mode(&mut permissions, 0o755);
+    std::fs::set_permissions(&worker, permissions).expect("chmod");
+    let output = std::process::Command::new(workspace_root().join("scripts/local-cluster.sh"))
+        .arg("--plan")
+        .arg(workspace_root().join("deploy/plans/tiny.toml"))
+        .arg("--state-dir")
+        .arg(dir.path().join("run"))
+        .arg("--bin-dir")
+        .arg(&bin)
+        .stdin(std::process::Stdio::null())
+        .output()
+        .expect("local-cluster.sh runs");
+    let stderr = String::from_utf8_lossy(&output.stderr);
+    assert_eq!(output.status.code(), Some(1), "{stderr}");
+    assert!(
+        stderr.contains("1 worker(s) exited before the run could start; the 1 left are fewer than workers.min_workers = 2")
+            && stderr.contains("cuda:7 is not there"),
+        "{stderr}"
+    );
+}
+
 /// Runs `scripts/local-cluster.sh --plan plan --state-dir state_dir` with the built binaries and
 /// `extra` options to its end; returns its exit code, its standard error and the final status
 /// it saved (`status.json`).
