@@ -360,18 +360,21 @@ impl Group {
         Ok(())
     }
 
-    /// Waits until every rank gets here, for up to `timeout` (`None`: as long as it takes)
-    /// instead of the collective timeout: ranks that prepare at different speeds (reading a
-    /// round's pseudo labels from a slow disk) meet here before the collectives of training.
-    pub fn barrier_within(&mut self, timeout: Option<Duration>) -> Result<(), CollectiveError> {
+    /// Sums `values` over ranks, waiting for the others up to `timeout` instead of the
+    /// collective timeout: ranks that prepare at different speeds (reading a round's pseudo
+    /// labels from a slow disk) meet here before the collectives of training, each saying how
+    /// its preparation went (a rank that failed lets the others know at once).
+    pub fn meet_within(
+        &mut self,
+        values: &mut [f64],
+        timeout: Duration,
+    ) -> Result<(), CollectiveError> {
         if self.is_trivial() {
             return Ok(());
         }
-        // Ten years stands for no limit (a socket timeout must be finite).
-        let wait = timeout.unwrap_or(Duration::from_secs(10 * 365 * 24 * 3600));
         let usual = self.timeout;
-        self.set_timeout(wait)?;
-        let met = self.all_reduce_scalars(&mut [0.0]);
+        self.set_timeout(timeout)?;
+        let met = self.all_reduce_scalars(values);
         self.set_timeout(usual)?;
         met
     }
@@ -662,10 +665,10 @@ mod tests {
         }
     }
 
-    /// A barrier waits for a rank late by more than the collective timeout, up to its own
-    /// limit, and the collective timeout holds again after it.
+    /// Ranks meeting wait for one late by more than the collective timeout, up to their own
+    /// limit, and learn what each brought; the collective timeout holds again after it.
     #[test]
-    fn a_barrier_waits_past_the_collective_timeout_and_restores_it() {
+    fn a_meeting_waits_past_the_collective_timeout_and_restores_it() {
         let results = on_ring(2, |group| {
             group
                 .set_timeout(Duration::from_millis(300))
@@ -676,8 +679,10 @@ mod tests {
                 }
             };
             late(group);
+            let mut failed = [group.rank as f64];
             let met = group
-                .barrier_within(Some(Duration::from_secs(20)))
+                .meet_within(&mut failed, Duration::from_secs(20))
+                .map(|()| failed[0])
                 .map_err(|e| e.to_string());
             late(group);
             let after = group
@@ -686,7 +691,7 @@ mod tests {
             (met, after)
         });
         for (met, _) in &results {
-            assert_eq!(met, &Ok(()));
+            assert_eq!(met, &Ok(1.0));
         }
         let after = results[0]
             .1

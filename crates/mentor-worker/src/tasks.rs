@@ -732,18 +732,32 @@ fn train(
         load_exactly(&mut vs, init)
             .map_err(|e| format!("failed to load checkpoint `{}`: {e}", init.display()))?;
     }
-    // The pseudo labels are read before the first collective, and the ranks then meet in a
-    // barrier that waits as long as a task may go without progress
-    // (`workers.progress_timeout_seconds`): ranks that read at different speeds (a cold disk,
-    // a slower node) would otherwise fail the first collective at its timeout.
+    // The pseudo labels are read before the first collective, and the ranks then meet, each
+    // saying whether its reading failed, under the time a task may go without progress
+    // (`workers.progress_timeout_seconds`; the collective timeout where that is 0): ranks that
+    // read at different speeds (a cold disk, a slower node) would otherwise fail the first
+    // collective at its timeout, and a rank whose reading failed would leave the others
+    // waiting out the meeting's.
     let pseudo = match selection {
         Some(path) => {
-            let pseudo = load_selection(plan, dataset, path, train_plan.label_smoothing)?;
-            let limit = plan.workers.progress_timeout_seconds;
+            let read = load_selection(plan, dataset, path, train_plan.label_smoothing);
+            let limit = match plan.workers.progress_timeout_seconds {
+                0 => plan.workers.collective_timeout_seconds,
+                seconds => seconds,
+            };
+            let mut failed = [f64::from(u8::from(read.is_err()))];
             group
-                .barrier_within((limit > 0).then(|| Duration::from_secs(limit)))
+                .meet_within(&mut failed, Duration::from_secs(limit))
                 .map_err(collective_error)?;
-            Some(pseudo)
+            match read {
+                Err(error) => return Err(error),
+                Ok(_) if failed[0] > 0.0 => {
+                    return Err(format!(
+                        "{GROUP_FAILED}another rank failed to read the round's pseudo labels (its log says why)"
+                    ))
+                }
+                Ok(pseudo) => Some(pseudo),
+            }
         }
         None => None,
     };
