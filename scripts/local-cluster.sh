@@ -67,6 +67,10 @@ case "$workers" in ''|*[!0-9]*) echo "local-cluster.sh: --workers must be a posi
 workers=$((10#$workers))
 [ "$workers" -gt 0 ] || { echo "local-cluster.sh: --workers must be a positive number" >&2; exit 2; }
 case "$threads" in *[!0-9]*|0*) echo "local-cluster.sh: --threads must be a positive number, not $threads" >&2; exit 2 ;; esac
+start_limit="${COORDINATOR_START_SECONDS:-600}"
+case "$start_limit" in
+  ''|*[!0-9]*|0) echo "local-cluster.sh: COORDINATOR_START_SECONDS must be a positive number of seconds, not $start_limit" >&2; exit 2 ;;
+esac
 case "$device" in
   cpu|cuda|cuda:[0-9]|cuda:[0-9][0-9]) ;;
   *) echo "local-cluster.sh: --device must be cpu, cuda or cuda:N, not $device" >&2; exit 2 ;;
@@ -189,7 +193,6 @@ pids+=("$coordinator_pid")
 # The coordinator checks the data and the soft-label store before it listens (a large image
 # folder on a network file system, an object store far away): it is waited for while it lives,
 # with a word every 30 s, up to COORDINATOR_START_SECONDS (default 600).
-start_limit="${COORDINATOR_START_SECONDS:-600}"
 waited=0
 while [ ! -s "$state_dir/coordinator.addr" ]; do
   if ! kill -0 "$coordinator_pid" 2>/dev/null; then

@@ -572,8 +572,10 @@ fn malformed_addresses_are_refused_at_once() {
     );
 }
 
-/// A worker killed in the middle of its task: the coordinator declares it lost after the
-/// heartbeat timeout, gives the task to another worker, and the run still succeeds.
+/// A worker frozen in the middle of its task (SIGSTOP: a node that hangs, a paused VM): the
+/// coordinator declares it lost after the heartbeat timeout, gives the task to another worker,
+/// and the run still succeeds; the frozen worker, woken, stops the attempt that is no longer
+/// its.
 #[test]
 fn a_frozen_worker_loses_its_task_and_stops_it_when_it_wakes() {
     let runtime = tokio::runtime::Runtime::new().expect("runtime");
@@ -609,15 +611,7 @@ fn a_frozen_worker_loses_its_task_and_stops_it_when_it_wakes() {
                 .map(|w| w.worker_id.clone())
         },
     );
-    let pid = doomed.child.id().to_string();
-    let signal = |name: &str| {
-        let sent = std::process::Command::new("kill")
-            .args([name, &pid])
-            .status()
-            .expect("kill");
-        assert!(sent.success(), "kill {name}");
-    };
-    signal("-STOP");
+    doomed.signal("-STOP");
 
     let lost = wait_for(
         "the coordinator to declare the worker lost",
@@ -650,7 +644,7 @@ fn a_frozen_worker_loses_its_task_and_stops_it_when_it_wakes() {
     );
     // The frozen worker wakes: its heartbeat finds it unknown, it registers again naming its
     // attempt, which is no longer its, and stops it (its result would be ignored).
-    signal("-CONT");
+    doomed.signal("-CONT");
     let final_status = watch_run(
         &runtime,
         &address,
@@ -786,6 +780,11 @@ fn a_restarted_coordinator_resumes_the_run() {
     let (code, aliased) = status_of_run_dir(&alias);
     assert_eq!(code, Some(0), "{aliased}");
     assert_eq!(aliased["coordinator"], address.as_str(), "{aliased}");
+    // The workers are frozen while no coordinator serves, so that the student's training is
+    // still running when the next one does (on a fast machine it could end meanwhile).
+    for worker in &workers {
+        worker.signal("-STOP");
+    }
     coordinator.child.kill().expect("kill the coordinator");
     let _ = coordinator.child.wait();
     // With its coordinator gone, the saved state answers: the run is stopped, what it had
@@ -812,6 +811,9 @@ fn a_restarted_coordinator_resumes_the_run() {
     );
 
     let (mut restarted, _) = start_coordinator_on(&plan, &listen, &state_dir);
+    for worker in &workers {
+        worker.signal("-CONT");
+    }
     let final_status = wait_for(
         "the resumed run to finish",
         Duration::from_secs(300),
@@ -1000,10 +1002,14 @@ fn long_tiny_mpl_run(dir: &std::path::Path, stop: Stop) -> (Vec<Vec<u8>>, String
             std::thread::sleep(Duration::from_millis(5));
         }
         if stop == Stop::Coordinator {
+            // Frozen while no coordinator serves, so that it is still training when the next
+            // one does.
+            first.signal("-STOP");
             coordinator.child.kill().expect("kill the coordinator");
             let _ = coordinator.child.wait();
             let listen = address.trim_start_matches("http://").to_string();
             (coordinator, _) = start_coordinator_on(&plan, &listen, &state_dir);
+            first.signal("-CONT");
             let final_status = watch_run(
                 &runtime,
                 &address,
@@ -1193,7 +1199,10 @@ fn local_cluster_stops_when_workers_exit_before_the_run_can_start() {
     let mut permissions = std::fs::metadata(&worker).expect("metadata").permissions();
     std::os::unix::fs::PermissionsExt::set_mode(&mut permissions, 0o755);
     std::fs::set_permissions(&worker, permissions).expect("chmod");
-    let output = std::process::Command::new(workspace_root().join("scripts/local-cluster.sh"))
+    // Under a time limit: a regression would otherwise hang the suite.
+    let output = std::process::Command::new("timeout")
+        .arg("300")
+        .arg(workspace_root().join("scripts/local-cluster.sh"))
         .arg("--plan")
         .arg(workspace_root().join("deploy/plans/tiny.toml"))
         .arg("--state-dir")

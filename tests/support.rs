@@ -39,6 +39,15 @@ pub struct Process {
 }
 
 impl Process {
+    /// Sends the signal `name` (`-STOP`, `-CONT`, ...) to the process.
+    pub fn signal(&self, name: &str) {
+        let sent = std::process::Command::new("kill")
+            .args([name, &self.child.id().to_string()])
+            .status()
+            .expect("kill");
+        assert!(sent.success(), "kill {name}");
+    }
+
     pub fn start(program: &Path, args: &[&str], log: PathBuf) -> Process {
         let file = std::fs::File::create(&log).expect("log file");
         let child = Command::new(program)

@@ -262,10 +262,17 @@ impl TcpRing {
         let previous = &mut self.previous;
         let scratch = &mut self.scratch;
         scratch.resize(SEGMENT.min(incoming.len()), 0.0);
+        let header_out = std::sync::atomic::AtomicBool::new(false);
         std::thread::scope(|scope| {
+            let header_out = &header_out;
             let sender = scope.spawn(move || {
                 let bytes = header.map(Call::bytes);
-                write_parts(next, bytes.as_ref(), bytemuck::cast_slice(outgoing))
+                write_parts(
+                    next,
+                    bytes.as_ref(),
+                    bytemuck::cast_slice(outgoing),
+                    header_out,
+                )
             });
             let received = (|| {
                 if let Some(ours) = header {
@@ -289,12 +296,24 @@ impl TcpRing {
                 Ok(())
             })();
             if received.is_err() {
-                // A send still blocked after a moment waits on a neighbour that stopped
-                // reading: its header went out long ago, so cutting it off loses nothing the
-                // neighbour needs to name the divergence (one cut at once could, by racing the
-                // header out).
-                let grace = Instant::now() + Duration::from_millis(200);
-                while !sender.is_finished() && Instant::now() < grace {
+                // A send still blocked a moment after it started waits on a neighbour that
+                // stopped reading: its header is out by then, so cutting it off loses nothing
+                // the neighbour needs to name the divergence (a cut before the sender thread
+                // even ran, on a loaded machine, could).
+                let grace = Duration::from_millis(200);
+                let deadline = Instant::now() + timeout;
+                let mut out_since = None;
+                while !sender.is_finished() {
+                    let now = Instant::now();
+                    if header_out.load(std::sync::atomic::Ordering::Acquire) {
+                        let since = *out_since.get_or_insert(now);
+                        if now >= since + grace {
+                            break;
+                        }
+                    }
+                    if now >= deadline {
+                        break;
+                    }
                     std::thread::sleep(Duration::from_millis(1));
                 }
                 if !sender.is_finished() {
@@ -313,10 +332,14 @@ impl TcpRing {
 /// Writes `header` (if any) and `data` in one vectored write: two writes in a row, the first
 /// one small, would let the kernel hold the second back (TCP autocorking) until the first is
 /// acknowledged, milliseconds on a one-way ring socket whose acknowledgements are delayed.
+/// `header_out` is set as the write starts: the kernel takes the header first, at once (an
+/// exchange starts with the socket's buffers empty), even when the rest then waits on the
+/// neighbour (a blocking write returns only when all it was given is queued).
 fn write_parts(
     stream: &mut TcpStream,
     header: Option<&[u8; HEADER]>,
     data: &[u8],
+    header_out: &std::sync::atomic::AtomicBool,
 ) -> std::io::Result<()> {
     let mut parts = [
         std::io::IoSlice::new(header.map_or(&[][..], |h| &h[..])),
@@ -324,6 +347,7 @@ fn write_parts(
     ];
     let mut parts = &mut parts[..];
     std::io::IoSlice::advance_slices(&mut parts, 0);
+    header_out.store(true, std::sync::atomic::Ordering::Release);
     while !parts.is_empty() {
         match stream.write_vectored(parts) {
             Ok(0) => return Err(std::io::Error::from(ErrorKind::WriteZero)),
@@ -499,7 +523,8 @@ impl TcpRing {
         } else {
             &[]
         };
-        write_parts(&mut self.next, Some(&ours.bytes()), payload)
+        let header_out = std::sync::atomic::AtomicBool::new(false);
+        write_parts(&mut self.next, Some(&ours.bytes()), payload, &header_out)
             .map_err(|e| peer_error(next_rank, "broadcast", e, timeout))?;
         if self.rank == root {
             self.receive_header(ours)?;
