@@ -531,25 +531,20 @@ fn read_tar(
     let file = std::fs::File::open(path).map_err(|e| read_error(path, e))?;
     let mut archive = tar::Archive::new(std::io::BufReader::new(file));
     let mut current_key: Option<String> = None;
-    let mut current_image: Option<(String, Vec<u8>)> = None;
+    let mut current_image = SampleImages::default();
     let mut sample_index: u32 = 0;
     // `Ok(false)`: nobody reads any more.
-    let mut finish =
-        |key: Option<String>, image: Option<(String, Vec<u8>)>| -> Result<bool, DataError> {
-            let Some(key) = key else { return Ok(true) };
-            let Some((name, bytes)) = image else {
-                return Err(corrupt(format!(
-                    "sample `{key}` has no .jpg, .jpeg or .png member"
-                )));
-            };
-            let index = sample_index;
-            sample_index += 1;
-            if wanted.is_none_or(|w| w.contains(&index)) {
-                let id = ((tar_index as i64) << 32) | index as i64;
-                return Ok(emit(Ok((id, Encoded::Bytes { name, bytes }))));
-            }
-            Ok(true)
-        };
+    let mut finish = |key: Option<String>, images: SampleImages| -> Result<bool, DataError> {
+        let Some(key) = key else { return Ok(true) };
+        let (name, bytes) = images.the_image(&key).map_err(corrupt)?;
+        let index = sample_index;
+        sample_index += 1;
+        if wanted.is_none_or(|w| w.contains(&index)) {
+            let id = ((tar_index as i64) << 32) | index as i64;
+            return Ok(emit(Ok((id, Encoded::Bytes { name, bytes }))));
+        }
+        Ok(true)
+    };
     let entries = archive
         .entries()
         .map_err(|e| corrupt(format!("not a tar file ({e})")))?;
@@ -578,7 +573,7 @@ fn read_tar(
             format!("{directory}/{stem}")
         };
         if current_key.as_deref() != Some(key.as_str()) {
-            if !finish(current_key.take(), current_image.take())? {
+            if !finish(current_key.take(), std::mem::take(&mut current_image))? {
                 return Ok(());
             }
             current_key = Some(key);
@@ -586,20 +581,117 @@ fn read_tar(
         // `key.left.png`: the field is `left.png`, an image by its last suffix.
         let suffix = extension.rsplit('.').next().unwrap_or(extension);
         if IMAGE_EXTENSIONS.contains(&suffix.to_ascii_lowercase().as_str()) {
+            // A sample's other images (`key.seg.png`, `key.depth.png`) are read only while it
+            // has no plain one (`key.jpg`, `key.png`): the plain one is the sample's image.
+            let plain = !extension.contains('.');
+            if current_image.plain.is_some() && !plain {
+                continue;
+            }
             // The header's size is only a hint: a damaged one must not allocate the memory away.
             let hint = entry.size().min(64 << 20) as usize;
             let mut bytes = Vec::with_capacity(hint);
             entry
                 .read_to_end(&mut bytes)
                 .map_err(|e| corrupt(format!("member `{member}` is truncated ({e})")))?;
-            current_image = Some((format!("{}:{member}", path.display()), bytes));
+            current_image
+                .add(
+                    format!("{}:{member}", path.display()),
+                    bytes,
+                    plain,
+                    &member,
+                )
+                .map_err(corrupt)?;
         }
     }
-    finish(current_key.take(), current_image.take())?;
+    finish(current_key.take(), current_image)?;
     Ok(())
 }
 
+/// The image members of one WebDataset sample read so far: the plain one (`key.jpg`,
+/// `key.png`), else the others (`key.left.png`).
+#[derive(Default)]
+struct SampleImages {
+    /// Member name, full name and bytes of the plain image, and of each other one.
+    plain: Option<(String, String, Vec<u8>)>,
+    others: Vec<(String, String, Vec<u8>)>,
+}
+
+impl SampleImages {
+    fn add(
+        &mut self,
+        name: String,
+        bytes: Vec<u8>,
+        plain: bool,
+        member: &str,
+    ) -> Result<(), String> {
+        if plain {
+            if let Some((first, _, _)) = &self.plain {
+                return Err(format!(
+                    "sample has two images, `{first}` and `{member}`: which one to label is not known; keep one per sample (other fields as `key.NAME.png`)"
+                ));
+            }
+            self.plain = Some((member.to_string(), name, bytes));
+            self.others.clear();
+        } else {
+            self.others.push((member.to_string(), name, bytes));
+        }
+        Ok(())
+    }
+
+    /// The sample's image: the plain one, else its only other one.
+    fn the_image(mut self, key: &str) -> Result<(String, Vec<u8>), String> {
+        if let Some((_, name, bytes)) = self.plain {
+            return Ok((name, bytes));
+        }
+        match self.others.len() {
+            0 => Err(format!("sample `{key}` has no .jpg, .jpeg or .png member")),
+            1 => {
+                let (_, name, bytes) = self.others.remove(0);
+                Ok((name, bytes))
+            }
+            _ => {
+                let members: Vec<&str> = self.others.iter().map(|(m, _, _)| m.as_str()).collect();
+                Err(format!(
+                    "sample `{key}` has several images ({}) and none is its plain `{key}.jpg`, `.jpeg` or `.png`: which one to label is not known",
+                    members.join(", ")
+                ))
+            }
+        }
+    }
+}
+
+/// What to do about an image that does not decode.
+const REPLACE_IN_PLACE: &str = "replace it in place with a decodable image (a blank one will do): removing it would change the ids of the images after it, which a run under way refuses";
+
+/// [`decode_one_unguarded`], a panic of the image decoder (a malformed file can make one
+/// panic) turned into an error naming the image.
 fn decode_one(encoded: Encoded, geometry: Geometry, out: &mut Vec<u8>) -> Result<(), DataError> {
+    let name = match &encoded {
+        Encoded::Idx(_, position) => format!("IDX image {position}"),
+        Encoded::File(path) => path.display().to_string(),
+        Encoded::Bytes { name, .. } => name.clone(),
+    };
+    let decoded = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
+        decode_one_unguarded(encoded, geometry, out)
+    }));
+    decoded.unwrap_or_else(|panic| {
+        let what = panic
+            .downcast_ref::<&str>()
+            .map(|s| s.to_string())
+            .or_else(|| panic.downcast_ref::<String>().cloned())
+            .unwrap_or_else(|| "no message".into());
+        Err(DataError::Unlabeled {
+            path: PathBuf::from(name),
+            reason: format!("the image decoder failed on it ({what}); {REPLACE_IN_PLACE}"),
+        })
+    })
+}
+
+fn decode_one_unguarded(
+    encoded: Encoded,
+    geometry: Geometry,
+    out: &mut Vec<u8>,
+) -> Result<(), DataError> {
     let image = match encoded {
         Encoded::Idx(images, position) => {
             let size = images.image_size();
@@ -622,14 +714,14 @@ fn decode_one(encoded: Encoded, geometry: Geometry, out: &mut Vec<u8>) -> Result
             let bytes = std::fs::read(&path).map_err(|e| read_error(&path, e))?;
             let image = image::load_from_memory(&bytes).map_err(|e| DataError::Unlabeled {
                 path: path.clone(),
-                reason: format!("not a decodable image ({e})"),
+                reason: format!("not a decodable image ({e}); {REPLACE_IN_PLACE}"),
             })?;
             image
         }
         Encoded::Bytes { name, bytes } => {
             let image = image::load_from_memory(&bytes).map_err(|e| DataError::Unlabeled {
                 path: PathBuf::from(&name),
-                reason: format!("not a decodable image ({e})"),
+                reason: format!("not a decodable image ({e}); {REPLACE_IN_PLACE}"),
             })?;
             image
         }

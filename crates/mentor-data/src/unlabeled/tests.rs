@@ -164,8 +164,13 @@ fn a_corrupt_image_is_named_after_the_batches_before_it() {
     );
     let error = results[1].as_ref().expect_err("second batch holds 3.png");
     assert!(error.to_string().contains("3.png"), "{error}");
+    // What to do, and why removing the file is not it.
     assert!(
-        error.to_string().contains("not a decodable image"),
+        error.to_string().contains("not a decodable image")
+            && error.to_string().contains("replace it in place")
+            && error
+                .to_string()
+                .contains("removing it would change the ids"),
         "{error}"
     );
 }
@@ -230,6 +235,55 @@ fn webdataset_tars_are_one_shard_each_with_key_grouping() {
     assert_eq!(ids, vec![0, 2, 1 << 32]);
     let values: Vec<f64> = picked.iter().flat_map(|b| means(b, GRAY)).collect();
     assert_eq!(values, vec![1.0, 2.0, 7.0]);
+}
+
+/// A sample with several image fields (`000.jpg` beside `000.seg.png`, as
+/// `webdataset.TarWriter` writes masks and depth maps): its plain image is the one labelled,
+/// wherever it comes in the sample; one with two plain images, or several others and no plain
+/// one, is refused naming them.
+#[test]
+fn a_webdataset_samples_plain_image_is_the_one_labelled() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    std::fs::write(
+        dir.path().join("shard-000.tar"),
+        tar_with(&[
+            ("000.seg.png", png(9)),
+            ("000.png", png(1)),
+            ("000.depth.png", png(8)),
+            ("001.left.png", png(2)),
+            ("001.cls", b"1".to_vec()),
+        ]),
+    )
+    .expect("write");
+    let source =
+        Source::open(&data_plan(UnlabeledFormat::Webdataset, dir.path()), &[]).expect("open");
+    let batches =
+        collect(source.decode(0, 1, GRAY, options(4, 1)).expect("decode")).expect("batches");
+    let values: Vec<f64> = batches.iter().flat_map(|b| means(b, GRAY)).collect();
+    assert_eq!(values, vec![1.0, 2.0], "the plain image, then the only one");
+
+    for (members, expected) in [
+        (
+            vec![("000.png", png(1)), ("000.jpg", jpeg([9, 9, 9]))],
+            "sample has two images, `000.png` and `000.jpg`",
+        ),
+        (
+            vec![("000.seg.png", png(1)), ("000.depth.png", png(2))],
+            "sample `000` has several images (000.seg.png, 000.depth.png)",
+        ),
+    ] {
+        let case = tempfile::tempdir().expect("tempdir");
+        std::fs::write(case.path().join("s.tar"), tar_with(&members)).expect("write");
+        let source =
+            Source::open(&data_plan(UnlabeledFormat::Webdataset, case.path()), &[]).expect("open");
+        let error = collect(source.decode(0, 1, GRAY, options(4, 1)).expect("decode"))
+            .expect_err("ambiguous");
+        let message = error.to_string();
+        assert!(
+            message.contains("s.tar") && message.contains(expected),
+            "{message}"
+        );
+    }
 }
 
 #[test]
