@@ -759,6 +759,10 @@ pub struct Batches {
     pending: BTreeMap<usize, Result<Batch, DataError>>,
     next: usize,
     failed: bool,
+    /// One permit back to the reading thread per batch delivered: no more than
+    /// `prefetch + threads` batches are read and not yet delivered, however long one of them
+    /// takes to decode (the others, decoded meanwhile, wait in `pending`).
+    permits: SyncSender<()>,
 }
 
 impl std::fmt::Debug for Batches {
@@ -783,11 +787,25 @@ impl Batches {
         let (done_sender, done_receiver) = std::sync::mpsc::sync_channel::<Done>(prefetch);
         let (total_sender, total_receiver) = std::sync::mpsc::channel::<usize>();
         let job_receiver = Arc::new(Mutex::new(job_receiver));
+        let window = prefetch + threads;
+        let (permit_sender, permit_receiver) = std::sync::mpsc::sync_channel::<()>(window);
+        for _ in 0..window {
+            let _ = permit_sender.try_send(());
+        }
         std::thread::Builder::new()
             .name("mentor-read".into())
             .spawn({
                 let done = done_sender.clone();
-                move || read_items(items, batch_size, job_sender, done, total_sender)
+                move || {
+                    read_items(
+                        items,
+                        batch_size,
+                        job_sender,
+                        done,
+                        total_sender,
+                        permit_receiver,
+                    )
+                }
             })
             .map_err(no_thread)?;
         for index in 0..threads {
@@ -804,6 +822,7 @@ impl Batches {
             pending: BTreeMap::new(),
             next: 0,
             failed: false,
+            permits: permit_sender,
         })
     }
 }
@@ -814,16 +833,22 @@ fn read_items(
     jobs: SyncSender<Job>,
     done: SyncSender<Done>,
     total: std::sync::mpsc::Sender<usize>,
+    permits: Receiver<()>,
 ) {
     let mut batch = Vec::with_capacity(batch_size);
     let mut sequence = 0;
+    // A batch is sent once the consumer has room for it (`Batches::permits`); `false` when
+    // nobody reads any more.
+    let send = |sequence: usize, batch: Vec<(i64, Encoded)>| {
+        permits.recv().is_ok() && jobs.send((sequence, batch)).is_ok()
+    };
     for item in items {
         match item {
             Ok(item) => batch.push(item),
             Err(error) => {
                 // Everything before the error still arrives first: the error takes the next slot.
                 if !batch.is_empty() {
-                    if jobs.send((sequence, std::mem::take(&mut batch))).is_err() {
+                    if !send(sequence, std::mem::take(&mut batch)) {
                         return;
                     }
                     sequence += 1;
@@ -833,14 +858,14 @@ fn read_items(
             }
         }
         if batch.len() == batch_size {
-            if jobs.send((sequence, std::mem::take(&mut batch))).is_err() {
+            if !send(sequence, std::mem::take(&mut batch)) {
                 return;
             }
             sequence += 1;
         }
     }
     if !batch.is_empty() {
-        if jobs.send((sequence, batch)).is_err() {
+        if !send(sequence, batch) {
             return;
         }
         sequence += 1;
@@ -884,6 +909,7 @@ impl Iterator for Batches {
             if let Some(result) = self.pending.remove(&self.next) {
                 self.next += 1;
                 self.failed = result.is_err();
+                let _ = self.permits.try_send(());
                 return Some(result);
             }
             match self.results.recv() {

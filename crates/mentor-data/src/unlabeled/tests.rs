@@ -387,6 +387,7 @@ fn batches_of(sent: Vec<Done>, total: Option<usize>) -> Batches {
         pending: BTreeMap::new(),
         next: 0,
         failed: false,
+        permits: std::sync::mpsc::sync_channel(1).0,
     }
 }
 
@@ -435,6 +436,7 @@ fn a_batch_that_never_arrives_is_an_error_not_a_gap() {
         pending: BTreeMap::new(),
         next: 0,
         failed: false,
+        permits: std::sync::mpsc::sync_channel(1).0,
     };
     match batches.next() {
         Some(Err(error)) => assert!(
@@ -549,4 +551,51 @@ fn tar_samples_are_read_as_they_are_consumed() {
     );
     assert_eq!(bad.len(), 1);
     assert!(items.last().expect("items").is_err());
+}
+
+/// One image slow to decode (a huge PNG, a stall on a network file system) holds the batches
+/// decoded after it in memory until it comes; no more of the shard is read meanwhile than the
+/// pipeline's window (`prefetch + threads` batches), however long the shard.
+#[test]
+fn a_slow_image_holds_back_no_more_than_the_pipelines_window() {
+    let pulled = Arc::new(std::sync::atomic::AtomicUsize::new(0));
+    let big = {
+        let image = image::GrayImage::from_fn(3000, 3000, |x, y| {
+            image::Luma([((x * 7 + y * 13) % 251) as u8])
+        });
+        let mut bytes = Vec::new();
+        image::DynamicImage::ImageLuma8(image)
+            .write_to(
+                &mut std::io::Cursor::new(&mut bytes),
+                image::ImageFormat::Png,
+            )
+            .expect("png");
+        bytes
+    };
+    let tiny = png(3);
+    let counter = pulled.clone();
+    let items: ItemIter = Box::new((0..2000i64).map(move |id| {
+        counter.fetch_add(1, std::sync::atomic::Ordering::SeqCst);
+        let bytes = if id == 0 { big.clone() } else { tiny.clone() };
+        Ok((
+            id,
+            Encoded::Bytes {
+                name: format!("{id}.png"),
+                bytes,
+            },
+        ))
+    }));
+    let mut batches = Batches::start(items, GRAY, options(1, 2)).expect("start");
+    let first = batches.next().expect("a batch").expect("decoded");
+    assert_eq!(first.example_ids, vec![0]);
+    // Window: prefetch + threads batches of one image, plus the one the reader holds.
+    let options = options(1, 2);
+    let window = options.prefetch.max(1) + options.threads.max(1);
+    let read = pulled.load(std::sync::atomic::Ordering::SeqCst);
+    assert!(
+        read <= window + 2,
+        "{read} images read while the first one decoded"
+    );
+    let rest = collect(batches).expect("the rest");
+    assert_eq!(rest.len(), 1999);
 }
