@@ -1609,7 +1609,13 @@ fn refused_open(plan: &std::path::Path, state_dir: &std::path::Path, extra: &[&s
 
 /// Writes `tars` WebDataset shards of `per_tar` real Fashion-MNIST training images (PNG, with
 /// their `.cls`), taken from the end of the training set.
-fn write_webdataset(dir: &std::path::Path, tars: usize, per_tar: usize) {
+/// `broken`: the (tar, sample) whose image is no image (a truncated download).
+fn write_webdataset(
+    dir: &std::path::Path,
+    tars: usize,
+    per_tar: usize,
+    broken: Option<(usize, usize)>,
+) {
     let train = mentor_data::ImageSet::load(
         std::path::Path::new("/usr/share/datasets/fashion-mnist"),
         "train",
@@ -1627,8 +1633,12 @@ fn write_webdataset(dir: &std::path::Path, tars: usize, per_tar: usize) {
             image
                 .write_to(&mut png, image::ImageFormat::Png)
                 .expect("png");
+            let png = match broken == Some((tar_index, sample)) {
+                true => b"\x89PNG cut short".to_vec(),
+                false => png.into_inner(),
+            };
             for (name, bytes) in [
-                (format!("{sample:06}.png"), png.into_inner()),
+                (format!("{sample:06}.png"), png),
                 (
                     format!("{sample:06}.cls"),
                     train.labels[position].to_string().into_bytes(),
@@ -1662,7 +1672,8 @@ fn webdataset_labeling_survives_a_killed_labeler_without_loss_or_duplicates() {
     // the label job running for seconds, a window the 100 ms status polls cannot miss.
     let (tars, per_tar) = (8usize, 1000usize);
     let tar_dir = dir.path().join("unlabeled");
-    write_webdataset(&tar_dir, tars, per_tar);
+    // One image does not decode: labeled NaN, never selected, not a failed shard.
+    write_webdataset(&tar_dir, tars, per_tar, Some((0, 5)));
     let storage = format!("file://{}/labels", dir.path().display());
     let unlabeled = format!(
         "[data.unlabeled]\nformat = \"webdataset\"\npath = \"{}\"\n\n[teacher.model]",
@@ -1711,7 +1722,7 @@ fn webdataset_labeling_survives_a_killed_labeler_without_loss_or_duplicates() {
         "the kill came after the label job"
     );
 
-    let _replacement = start_worker(&address, dir.path().join("replacement.log"));
+    let replacement = start_worker(&address, dir.path().join("replacement.log"));
     let final_status = watch_run(
         &runtime,
         &address,
@@ -1745,6 +1756,17 @@ fn webdataset_labeling_survives_a_killed_labeler_without_loss_or_duplicates() {
         .flat_map(|t| (0..per_tar as i64).map(move |i| (t << 32) | i))
         .collect();
     assert_eq!(ids, expected);
+    for shard in &shards {
+        for (row, id) in shard.example_ids.iter().enumerate() {
+            let (_, confidence) = shard.top(row);
+            assert_eq!(confidence.is_nan(), *id == 5, "example {id}: {confidence}");
+        }
+    }
+    let logs = format!("{}{}", doomed.log_text(), replacement.log_text());
+    assert!(
+        logs.contains("labeled NaN (never selected)") && logs.contains("shard-000.tar:000005.png"),
+        "{logs}"
+    );
     let leftovers: Vec<String> = std::fs::read_dir(dir.path().join("labels/round-1"))
         .expect("round dir")
         .map(|e| e.expect("entry").file_name().to_string_lossy().into_owned())
@@ -1769,7 +1791,7 @@ fn webdataset_labeling_survives_a_killed_labeler_without_loss_or_duplicates() {
 fn a_changed_unlabeled_listing_is_refused_by_workers_and_on_resume() {
     let dir = tempfile::tempdir().expect("tempdir");
     let tar_dir = dir.path().join("unlabeled");
-    write_webdataset(&tar_dir, 2, 20);
+    write_webdataset(&tar_dir, 2, 20, None);
     let unlabeled = format!(
         "[data.unlabeled]\nformat = \"webdataset\"\npath = \"{}\"\n\n[teacher.model]",
         tar_dir.display()

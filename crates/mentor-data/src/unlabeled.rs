@@ -41,6 +41,9 @@ impl Geometry {
 pub struct Batch {
     pub example_ids: Vec<i64>,
     pub pixels: Vec<u8>,
+    /// Rows whose image did not decode, with why, under [`DecodeOptions::skip_undecodable`]
+    /// (their pixels are zeros).
+    pub undecodable: Vec<(usize, String)>,
 }
 
 /// Pipeline settings.
@@ -51,6 +54,10 @@ pub struct DecodeOptions {
     pub threads: usize,
     /// Decoded batches waiting for the consumer, at most.
     pub prefetch: usize,
+    /// An image file or tar member that does not decode (truncated, not an image) becomes a
+    /// row of zeros listed in [`Batch::undecodable`] instead of an error: one bad file among
+    /// a million need not fail a labeling shard. Reading errors stay errors.
+    pub skip_undecodable: bool,
 }
 
 /// Decode threads for `pseudo_labels.decode_threads`: 0 means one per core, leaving one for
@@ -72,6 +79,7 @@ impl DecodeOptions {
             batch_size,
             threads: decode_threads(labels.decode_threads),
             prefetch: labels.prefetch_batches as usize,
+            skip_undecodable: false,
         }
     }
 }
@@ -782,6 +790,7 @@ impl Batches {
         };
         let threads = options.threads.max(1);
         let prefetch = options.prefetch.max(1);
+        let skip_undecodable = options.skip_undecodable;
         let batch_size = options.batch_size.max(1);
         let (job_sender, job_receiver) = std::sync::mpsc::sync_channel::<Job>(prefetch);
         let (done_sender, done_receiver) = std::sync::mpsc::sync_channel::<Done>(prefetch);
@@ -813,7 +822,7 @@ impl Batches {
             let done = done_sender.clone();
             std::thread::Builder::new()
                 .name(format!("mentor-decode-{index}"))
-                .spawn(move || decode_jobs(jobs, done, geometry))
+                .spawn(move || decode_jobs(jobs, done, geometry, skip_undecodable))
                 .map_err(no_thread)?;
         }
         Ok(Batches {
@@ -873,7 +882,12 @@ fn read_items(
     let _ = total.send(sequence);
 }
 
-fn decode_jobs(jobs: Arc<Mutex<Receiver<Job>>>, done: SyncSender<Done>, geometry: Geometry) {
+fn decode_jobs(
+    jobs: Arc<Mutex<Receiver<Job>>>,
+    done: SyncSender<Done>,
+    geometry: Geometry,
+    skip_undecodable: bool,
+) {
     loop {
         let job = {
             let Ok(receiver) = jobs.lock() else { return };
@@ -883,13 +897,27 @@ fn decode_jobs(jobs: Arc<Mutex<Receiver<Job>>>, done: SyncSender<Done>, geometry
         let mut batch = Batch {
             example_ids: Vec::with_capacity(items.len()),
             pixels: Vec::with_capacity(items.len() * geometry.pixels()),
+            undecodable: Vec::new(),
         };
         let mut result = Ok(());
         for (id, encoded) in items {
+            let row = batch.example_ids.len();
             batch.example_ids.push(id);
-            if let Err(error) = decode_one(encoded, geometry, &mut batch.pixels) {
-                result = Err(error);
-                break;
+            let skippable = skip_undecodable && !matches!(encoded, Encoded::Idx(..));
+            match decode_one(encoded, geometry, &mut batch.pixels) {
+                Ok(()) => {}
+                // Not decodable (a read that failed is a `DataError::Read`, and stays one).
+                Err(DataError::Unlabeled { path, reason }) if skippable => {
+                    batch.pixels.truncate(row * geometry.pixels());
+                    batch.pixels.resize((row + 1) * geometry.pixels(), 0);
+                    batch
+                        .undecodable
+                        .push((row, format!("{}: {reason}", path.display())));
+                }
+                Err(error) => {
+                    result = Err(error);
+                    break;
+                }
             }
         }
         if done.send((sequence, result.map(|()| batch))).is_err() {

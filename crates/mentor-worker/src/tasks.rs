@@ -1036,7 +1036,14 @@ fn label(
     let _guard = tch::no_grad_guard();
     let labels = {
         let plan_labels = &plan.pseudo_labels;
-        let options = DecodeOptions::from_plan(plan_labels, plan_labels.batch_size as usize);
+        // An image that does not decode (one truncated file among a million) is labeled NaN,
+        // which no filter keeps, instead of failing the shard: removing the file would shift
+        // every later id, which a run under way refuses.
+        let options = DecodeOptions {
+            skip_undecodable: true,
+            ..DecodeOptions::from_plan(plan_labels, plan_labels.batch_size as usize)
+        };
+        let mut undecodable = 0usize;
         let batches = dataset
             .unlabeled
             .decode(start, end, dataset.geometry(), options)
@@ -1060,10 +1067,21 @@ fn label(
             let distribution =
                 (logits.to_kind(Kind::Float) / plan_labels.temperature).softmax(-1, Kind::Float);
             let (values, indices) = distribution.topk(top_k, -1, true, true);
-            let values = Vec::<f32>::try_from(values.to_device(tch::Device::Cpu).flatten(0, -1))
-                .map_err(|e| e.to_string())?;
+            let mut values =
+                Vec::<f32>::try_from(values.to_device(tch::Device::Cpu).flatten(0, -1))
+                    .map_err(|e| e.to_string())?;
             let indices = Vec::<i64>::try_from(indices.to_device(tch::Device::Cpu).flatten(0, -1))
                 .map_err(|e| e.to_string())?;
+            for (row, why) in &batch.undecodable {
+                tracing::warn!(
+                    shard = shard_index,
+                    example_id = batch.example_ids[*row],
+                    "labeled NaN (never selected): {why}"
+                );
+                let k = top_k as usize;
+                values[row * k..(row + 1) * k].fill(f32::NAN);
+                undecodable += 1;
+            }
             probs.extend(values);
             class_ids.extend(indices.into_iter().map(|c| c as u16));
             ids.extend(batch.example_ids);
@@ -1075,6 +1093,9 @@ fn label(
                 images_per_second: ids.len() as f64 / started.elapsed().as_secs_f64().max(1e-9),
                 metrics: Vec::new(),
             });
+        }
+        if undecodable > 0 {
+            tracing::warn!(shard = shard_index, undecodable, "images that did not decode were labeled NaN: the student never trains on them (replace them in place to have them labeled)");
         }
         if expected > 0 && ids.len() as u64 != expected {
             return Err(format!(

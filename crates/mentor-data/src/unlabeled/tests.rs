@@ -11,6 +11,7 @@ fn options(batch_size: usize, threads: usize) -> DecodeOptions {
         batch_size,
         threads,
         prefetch: 2,
+        skip_undecodable: false,
     }
 }
 
@@ -142,6 +143,40 @@ fn rgb_geometry_is_channels_first() {
     assert!(pixels[..64].iter().all(|&p| p == 10));
     assert!(pixels[64..128].iter().all(|&p| p == 20));
     assert!(pixels[128..].iter().all(|&p| p == 30));
+}
+
+/// Labeling skips what does not decode: the image becomes a row of zeros, listed with why,
+/// and the rest of the shard goes on; a file that cannot be read stays an error.
+#[test]
+fn undecodable_images_are_listed_not_fatal_when_asked() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    for i in 0..4u8 {
+        std::fs::write(dir.path().join(format!("{i}.png")), png(i + 1)).expect("write");
+    }
+    std::fs::write(dir.path().join("2.png"), b"\x89PNG broken").expect("write");
+    let source =
+        Source::open(&data_plan(UnlabeledFormat::ImageFolder, dir.path()), &[]).expect("open");
+    let skipping = DecodeOptions {
+        skip_undecodable: true,
+        ..options(4, 2)
+    };
+    let batches = collect(source.decode(0, 4, GRAY, skipping).expect("decode")).expect("batches");
+    assert_eq!(batches.len(), 1);
+    let batch = &batches[0];
+    assert_eq!(batch.example_ids, vec![0, 1, 2, 3]);
+    assert_eq!(means(batch, GRAY), vec![1.0, 2.0, 0.0, 4.0]);
+    assert_eq!(batch.undecodable.len(), 1);
+    let (row, why) = &batch.undecodable[0];
+    assert_eq!(*row, 2);
+    assert!(
+        why.contains("2.png") && why.contains("not a decodable image"),
+        "{why}"
+    );
+    // A file gone between the listing and the decoding is no decoding matter.
+    std::fs::remove_file(dir.path().join("3.png")).expect("remove");
+    let error =
+        collect(source.decode(0, 4, GRAY, skipping).expect("decode")).expect_err("unreadable");
+    assert!(error.to_string().contains("3.png"), "{error}");
 }
 
 #[test]
@@ -396,6 +431,7 @@ fn a_stream_that_stops_before_the_reader_said_it_ended_is_an_error() {
     let batch = |id| Batch {
         example_ids: vec![id],
         pixels: vec![0; 28 * 28],
+        undecodable: Vec::new(),
     };
     // Two batches, and the reader's word that there were two: a clean end.
     let whole = batches_of(vec![(0, Ok(batch(1))), (1, Ok(batch(2)))], Some(2));
@@ -425,6 +461,7 @@ fn a_batch_that_never_arrives_is_an_error_not_a_gap() {
     let batch = Batch {
         example_ids: vec![7],
         pixels: vec![0; 28 * 28],
+        undecodable: Vec::new(),
     };
     sender.send((1, Ok(batch))).expect("send");
     drop(sender);

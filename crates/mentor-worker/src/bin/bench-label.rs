@@ -94,6 +94,7 @@ fn main() -> anyhow::Result<()> {
         batch_size: args.batch_size as usize,
         threads: mentor_data::decode_threads(0),
         prefetch: 4,
+        skip_undecodable: false,
     };
     let mut pixels = Vec::new();
     for batch in dataset
