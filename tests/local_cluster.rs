@@ -5,7 +5,7 @@ use std::path::Path;
 use std::time::Duration;
 
 use mentor_e2e::{
-    binary, plan_with, run_on_two_workers, start_coordinator, start_coordinator_on,
+    binary, plan_with, run_on_two_workers, saved_state, start_coordinator, start_coordinator_on,
     start_coordinator_with, start_worker, status, tiny_plan_with, try_status, wait_for,
     wait_for_or_explain, watch_run, workspace_root, Process, ONE_WORKER_SHORT_HEARTBEAT,
 };
@@ -881,10 +881,7 @@ fn a_restarted_coordinator_resumes_the_run() {
         "a worker stopped its attempt:\n{}",
         logs.join("\n")
     );
-    let state: serde_json::Value = serde_json::from_str(
-        &std::fs::read_to_string(state_dir.join("state.json")).expect("state"),
-    )
-    .expect("state.json");
+    let state = saved_state(&state_dir);
     let student = state["tasks"]
         .as_object()
         .expect("tasks")
@@ -1569,10 +1566,7 @@ fn a_tiny_meta_pseudo_labels_run_trains_evaluates_and_finetunes() {
     assert_ne!(checkpoint("round-1-student-finetuned"), finetuned);
     assert!(again.log_text().contains("redoing the finetune"));
     // The joint training ran once; the old finetune and its evaluation were replaced.
-    let state: serde_json::Value = serde_json::from_str(
-        &std::fs::read_to_string(state_dir.join("state.json")).expect("state.json"),
-    )
-    .expect("state json");
+    let state = saved_state(&state_dir);
     let kinds: Vec<&str> = state["tasks"]
         .as_object()
         .expect("tasks")
@@ -1966,10 +1960,7 @@ fn a_worker_stopped_by_sigterm_gives_its_task_back_at_once() {
         .find(|w| w.pid == pid)
         .expect("the worker in status");
     assert_eq!(gone.state, "exited");
-    let saved: serde_json::Value = serde_json::from_str(
-        &std::fs::read_to_string(state_dir.join("state.json")).expect("state.json"),
-    )
-    .expect("json");
+    let saved = saved_state(&state_dir);
     let teacher = saved["tasks"]
         .as_object()
         .expect("tasks")

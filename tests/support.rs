@@ -101,6 +101,12 @@ pub fn wait_for_or_explain<T>(
     }
 }
 
+/// The run state a coordinator saved in `state_dir` (`state.json`), as JSON.
+pub fn saved_state(state_dir: &Path) -> serde_json::Value {
+    let text = std::fs::read_to_string(state_dir.join("state.json")).expect("state.json");
+    serde_json::from_str(&text).expect("state.json is JSON")
+}
+
 /// A number unique within this process (log file names).
 fn unique() -> u64 {
     static NEXT: std::sync::atomic::AtomicU64 = std::sync::atomic::AtomicU64::new(0);

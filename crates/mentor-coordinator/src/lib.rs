@@ -1727,6 +1727,26 @@ mod tests {
         (coordinator, a, *teacher)
     }
 
+    /// A coordinator of the tiny plan whose round-1 teacher's training ran as a group of two
+    /// (processes "p-a" and "p-b", ranks 0 and 1) when it was stopped, opened again on its
+    /// directory; the task.
+    fn restarted_during_a_group(dir: &Path, start: Instant) -> (Coordinator, TaskId) {
+        let mut coordinator = coordinator(dir);
+        let a = coordinator.register_instance("a".into(), "cpu".into(), 0, "p-a".into(), start);
+        let b = coordinator.register_instance("b".into(), "cpu".into(), 0, "p-b".into(), start);
+        let TaskReply::Task(first) = coordinator.get_task(&a, start).expect("task") else {
+            panic!("no task for rank 0")
+        };
+        let TaskReply::Task(second) = coordinator.get_task(&b, start).expect("task") else {
+            panic!("no task for rank 1")
+        };
+        let task = first.task.id.clone();
+        assert_eq!((second.task.id.clone(), second.rank), (task.clone(), 1));
+        assert_eq!(coordinator.state.tasks[&task].instances, ["p-a", "p-b"]);
+        drop(coordinator);
+        (self::coordinator(dir), task)
+    }
+
     /// A training that ended as the coordinator restarted: its worker process registers again
     /// and sends its result again under its new id. The result is taken (hours of training are
     /// not run again); another process's claim to it is not.
@@ -1861,20 +1881,7 @@ mod tests {
     fn a_group_left_running_by_a_restart_goes_on_once_every_rank_is_back() {
         let dir = tempfile::tempdir().expect("tempdir");
         let start = Instant::now();
-        let mut coordinator = coordinator(dir.path());
-        let a = coordinator.register_instance("a".into(), "cpu".into(), 0, "p-a".into(), start);
-        let b = coordinator.register_instance("b".into(), "cpu".into(), 0, "p-b".into(), start);
-        let TaskReply::Task(first) = coordinator.get_task(&a, start).expect("task") else {
-            panic!("no task for rank 0")
-        };
-        let TaskReply::Task(second) = coordinator.get_task(&b, start).expect("task") else {
-            panic!("no task for rank 1")
-        };
-        let task = first.task.id.clone();
-        assert_eq!((second.task.id.clone(), second.rank), (task.clone(), 1));
-        assert_eq!(coordinator.state.tasks[&task].instances, ["p-a", "p-b"]);
-        drop(coordinator);
-        let mut coordinator = self::coordinator(dir.path());
+        let (mut coordinator, task) = restarted_during_a_group(dir.path(), start);
         let b2 = coordinator.register_instance("b".into(), "cpu".into(), 0, "p-b".into(), start);
         assert!(
             !coordinator.resume_running(&b2, &task, 1, 0, start),
@@ -1917,18 +1924,7 @@ mod tests {
         for how in ["leaves", "is lost", "fails"] {
             let dir = tempfile::tempdir().expect("tempdir");
             let start = Instant::now();
-            let mut coordinator = coordinator(dir.path());
-            let a = coordinator.register_instance("a".into(), "cpu".into(), 0, "p-a".into(), start);
-            let b = coordinator.register_instance("b".into(), "cpu".into(), 0, "p-b".into(), start);
-            let TaskReply::Task(first) = coordinator.get_task(&a, start).expect("task") else {
-                panic!("no task for rank 0")
-            };
-            let TaskReply::Task(_) = coordinator.get_task(&b, start).expect("task") else {
-                panic!("no task for rank 1")
-            };
-            let task = first.task.id.clone();
-            drop(coordinator);
-            let mut coordinator = self::coordinator(dir.path());
+            let (mut coordinator, task) = restarted_during_a_group(dir.path(), start);
             let b2 =
                 coordinator.register_instance("b".into(), "cpu".into(), 0, "p-b".into(), start);
             let c = coordinator.register_instance("c".into(), "cpu".into(), 0, "p-c".into(), start);
@@ -1976,18 +1972,7 @@ mod tests {
     fn ranks_back_alone_are_stopped_when_the_wait_for_the_others_ends() {
         let dir = tempfile::tempdir().expect("tempdir");
         let start = Instant::now();
-        let mut coordinator = coordinator(dir.path());
-        let a = coordinator.register_instance("a".into(), "cpu".into(), 0, "p-a".into(), start);
-        let b = coordinator.register_instance("b".into(), "cpu".into(), 0, "p-b".into(), start);
-        let TaskReply::Task(first) = coordinator.get_task(&a, start).expect("task") else {
-            panic!("no task for rank 0")
-        };
-        let TaskReply::Task(_) = coordinator.get_task(&b, start).expect("task") else {
-            panic!("no task for rank 1")
-        };
-        let task = first.task.id.clone();
-        drop(coordinator);
-        let mut coordinator = self::coordinator(dir.path());
+        let (mut coordinator, task) = restarted_during_a_group(dir.path(), start);
         let b2 = coordinator.register_instance("b".into(), "cpu".into(), 0, "p-b".into(), start);
         let c = coordinator.register_instance("c".into(), "cpu".into(), 0, "p-c".into(), start);
         assert!(coordinator.resume_running(&b2, &task, 1, 1, start));
