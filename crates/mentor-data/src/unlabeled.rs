@@ -540,19 +540,27 @@ fn read_tar(
     let mut archive = tar::Archive::new(std::io::BufReader::new(file));
     let mut current_key: Option<String> = None;
     let mut current_image = SampleImages::default();
-    let mut sample_index: u32 = 0;
+    // Samples finished so far (the next one's index), and those of them emitted.
+    let sample_index = std::cell::Cell::new(0u32);
+    let emitted = std::cell::Cell::new(0usize);
+    let is_wanted = |index: u32| wanted.is_none_or(|w| w.contains(&index));
     // `Ok(false)`: nobody reads any more.
     let mut finish = |key: Option<String>, images: SampleImages| -> Result<bool, DataError> {
         let Some(key) = key else { return Ok(true) };
-        let (name, bytes) = images.the_image(&key).map_err(corrupt)?;
-        let index = sample_index;
-        sample_index += 1;
-        if wanted.is_none_or(|w| w.contains(&index)) {
+        let index = sample_index.get();
+        sample_index.set(index + 1);
+        if is_wanted(index) {
+            let (name, bytes) = images.the_image(&key).map_err(corrupt)?;
+            emitted.set(emitted.get() + 1);
             let id = ((tar_index as i64) << 32) | index as i64;
             return Ok(emit(Ok((id, Encoded::Bytes { name, bytes }))));
         }
         Ok(true)
     };
+    // Reading stops once every wanted sample is out (the student's loader wants a few of a
+    // tar's samples), and the images of samples not wanted are not read.
+    let all_out = || wanted.is_some_and(|w| emitted.get() == w.len());
+    let mut current_wanted = is_wanted(0);
     let entries = archive
         .entries()
         .map_err(|e| corrupt(format!("not a tar file ({e})")))?;
@@ -581,10 +589,14 @@ fn read_tar(
             format!("{directory}/{stem}")
         };
         if current_key.as_deref() != Some(key.as_str()) {
-            if !finish(current_key.take(), std::mem::take(&mut current_image))? {
+            if !finish(current_key.take(), std::mem::take(&mut current_image))? || all_out() {
                 return Ok(());
             }
             current_key = Some(key);
+            current_wanted = is_wanted(sample_index.get());
+        }
+        if !current_wanted {
+            continue;
         }
         // `key.left.png`: the field is `left.png`, an image by its last suffix.
         let suffix = extension.rsplit('.').next().unwrap_or(extension);

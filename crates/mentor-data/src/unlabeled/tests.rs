@@ -321,6 +321,40 @@ fn a_webdataset_samples_plain_image_is_the_one_labelled() {
     }
 }
 
+/// The student's loader wants a few samples of a tar: reading stops once they are out (a tar
+/// is commonly a gigabyte), so a tail it never needed, here cut short, costs nothing; the same
+/// tail read for labeling is an error, named.
+#[test]
+fn reading_a_tar_stops_once_the_wanted_samples_are_out() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let members: Vec<(String, Vec<u8>)> = (0..6u8)
+        .map(|i| (format!("{i:03}.png"), png(i + 1)))
+        .collect();
+    let as_refs = |n: usize| -> Vec<(&str, Vec<u8>)> {
+        members[..n]
+            .iter()
+            .map(|(name, bytes)| (name.as_str(), bytes.clone()))
+            .collect()
+    };
+    let whole = tar_with(&as_refs(6));
+    // Up to the middle of sample 4's header (a tar ends in two 512-byte blocks of zeros).
+    let four = tar_with(&as_refs(4)).len() - 1024;
+    std::fs::write(dir.path().join("s.tar"), &whole[..four + 100]).expect("write");
+    let source =
+        Source::open(&data_plan(UnlabeledFormat::Webdataset, dir.path()), &[]).expect("open");
+    let picked = collect(
+        source
+            .decode_ids(&[2, 1], GRAY, options(4, 1))
+            .expect("ids"),
+    )
+    .expect("the wanted samples come before the cut");
+    let values: Vec<f64> = picked.iter().flat_map(|b| means(b, GRAY)).collect();
+    assert_eq!(values, vec![2.0, 3.0]);
+    let error = collect(source.decode(0, 1, GRAY, options(4, 1)).expect("decode"))
+        .expect_err("labeling reads it all");
+    assert!(error.to_string().contains("s.tar"), "{error}");
+}
+
 #[test]
 fn broken_webdataset_tars_are_named() {
     let dir = tempfile::tempdir().expect("tempdir");
