@@ -680,8 +680,13 @@ impl SampleImages {
     }
 }
 
-/// What to do about an image that does not decode.
+/// What to do about an image file that does not decode (a folder's listing records names, not
+/// sizes).
 const REPLACE_IN_PLACE: &str = "replace it in place with a decodable image (a blank one will do): removing it would change the ids of the images after it, which a run under way refuses";
+
+/// What to do about a tar member that does not decode (a WebDataset listing records each
+/// tar's size: a repaired tar is another listing).
+const REPAIR_FOR_A_NEW_RUN: &str = "a run under way cannot take a repaired tar (the run records each tar's size): repair it for a new run";
 
 /// [`decode_one_unguarded`], a panic of the image decoder (a malformed file can make one
 /// panic) turned into an error naming the image.
@@ -690,6 +695,10 @@ fn decode_one(encoded: Encoded, geometry: Geometry, out: &mut Vec<u8>) -> Result
         Encoded::Idx(_, position) => format!("IDX image {position}"),
         Encoded::File(path) => path.display().to_string(),
         Encoded::Bytes { name, .. } => name.clone(),
+    };
+    let advice = match &encoded {
+        Encoded::Bytes { .. } => REPAIR_FOR_A_NEW_RUN,
+        _ => REPLACE_IN_PLACE,
     };
     let decoded = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
         decode_one_unguarded(encoded, geometry, out)
@@ -702,7 +711,7 @@ fn decode_one(encoded: Encoded, geometry: Geometry, out: &mut Vec<u8>) -> Result
             .unwrap_or_else(|| "no message".into());
         Err(DataError::Unlabeled {
             path: PathBuf::from(name),
-            reason: format!("the image decoder failed on it ({what}); {REPLACE_IN_PLACE}"),
+            reason: format!("the image decoder failed on it ({what}); {advice}"),
         })
     })
 }
@@ -741,7 +750,7 @@ fn decode_one_unguarded(
         Encoded::Bytes { name, bytes } => {
             let image = image::load_from_memory(&bytes).map_err(|e| DataError::Unlabeled {
                 path: PathBuf::from(&name),
-                reason: format!("not a decodable image ({e}); {REPLACE_IN_PLACE}"),
+                reason: format!("not a decodable image ({e}); {REPAIR_FOR_A_NEW_RUN}"),
             })?;
             image
         }
@@ -902,7 +911,10 @@ fn decode_jobs(
 ) {
     loop {
         let job = {
-            let Ok(receiver) = jobs.lock() else { return };
+            // A poisoned lock (a decoder that panicked holding it, which `recv` does not) still
+            // guards an intact queue: a decoder that stopped here would leave its batches
+            // undelivered and the reader waiting on their permits.
+            let receiver = jobs.lock().unwrap_or_else(|poisoned| poisoned.into_inner());
             receiver.recv()
         };
         let Ok((sequence, items)) = job else { return };

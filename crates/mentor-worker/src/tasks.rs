@@ -1095,7 +1095,7 @@ fn label(
             });
         }
         if undecodable > 0 {
-            tracing::warn!(shard = shard_index, undecodable, "images that did not decode were labeled NaN: the student never trains on them (replace them in place to have them labeled)");
+            tracing::warn!(shard = shard_index, undecodable, "images that did not decode were labeled NaN: the student never trains on them (a file of an image folder replaced in place under the same name is labeled by the next round; a repaired tar counts in a new run only)");
         }
         if expected > 0 && ids.len() as u64 != expected {
             return Err(format!(
