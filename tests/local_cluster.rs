@@ -1007,38 +1007,30 @@ fn long_tiny_mpl_run(dir: &std::path::Path, stop: Stop) -> (Vec<Vec<u8>>, String
             let listen = address.trim_start_matches("http://").to_string();
             (coordinator, _) = start_coordinator_on(&plan, &listen, &state_dir);
             first.signal("-CONT");
-            let final_status = watch_run(
-                &runtime,
-                &address,
-                &mut coordinator,
-                Duration::from_secs(600),
-                |_| {},
-            );
-            assert_eq!(final_status.status, "succeeded", "{}", final_status.error);
-            return (read_checkpoints(&state_dir), first.log_text());
+        } else {
+            first.child.kill().expect("kill the worker");
+            let _ = first.child.wait();
+            if stop == Stop::EverythingAndMove {
+                coordinator.child.kill().expect("kill the coordinator");
+                let _ = coordinator.child.wait();
+                let moved = dir.join("moved-run");
+                std::fs::rename(&state_dir, &moved).expect("move the run directory");
+                state_dir = moved;
+                let data = dir.join("data-elsewhere");
+                let original = plan_data_dir(&text);
+                std::os::unix::fs::symlink(&original, &data).expect("link the data set");
+                let moved_plan = dir.join("plan-elsewhere.toml");
+                let moved_text = text.replacen(
+                    &format!("dir = \"{}\"", original.display()),
+                    &format!("dir = \"{}\"", data.display()),
+                    1,
+                );
+                assert_ne!(moved_text, text, "the plan's data.dir did not change");
+                std::fs::write(&moved_plan, moved_text).expect("write plan");
+                (coordinator, address) = start_coordinator(&moved_plan, &state_dir);
+            }
+            replacement = Some(start_worker(&address, dir.join("replacement.log")));
         }
-        first.child.kill().expect("kill the worker");
-        let _ = first.child.wait();
-        if stop == Stop::EverythingAndMove {
-            coordinator.child.kill().expect("kill the coordinator");
-            let _ = coordinator.child.wait();
-            let moved = dir.join("moved-run");
-            std::fs::rename(&state_dir, &moved).expect("move the run directory");
-            state_dir = moved;
-            let data = dir.join("data-elsewhere");
-            let original = plan_data_dir(&text);
-            std::os::unix::fs::symlink(&original, &data).expect("link the data set");
-            let moved_plan = dir.join("plan-elsewhere.toml");
-            let moved_text = text.replacen(
-                &format!("dir = \"{}\"", original.display()),
-                &format!("dir = \"{}\"", data.display()),
-                1,
-            );
-            assert_ne!(moved_text, text, "the plan's data.dir did not change");
-            std::fs::write(&moved_plan, moved_text).expect("write plan");
-            (coordinator, address) = start_coordinator(&moved_plan, &state_dir);
-        }
-        replacement = Some(start_worker(&address, dir.join("replacement.log")));
     }
     let final_status = watch_run(
         &runtime,
@@ -1048,18 +1040,7 @@ fn long_tiny_mpl_run(dir: &std::path::Path, stop: Stop) -> (Vec<Vec<u8>>, String
         |_| {},
     );
     assert_eq!(final_status.status, "succeeded", "{}", final_status.error);
-    (
-        read_checkpoints(&state_dir),
-        replacement
-            .map(|worker| worker.log_text())
-            .unwrap_or_default(),
-    )
-}
-
-/// The teacher, student and finetuned student a tiny Meta Pseudo Labels run left in its run
-/// directory.
-fn read_checkpoints(state_dir: &std::path::Path) -> Vec<Vec<u8>> {
-    [
+    let checkpoints = [
         "round-1-teacher",
         "round-1-student",
         "round-1-student-finetuned",
@@ -1068,7 +1049,14 @@ fn read_checkpoints(state_dir: &std::path::Path) -> Vec<Vec<u8>> {
     .map(|name| {
         std::fs::read(state_dir.join(format!("checkpoints/{name}.safetensors"))).expect(name)
     })
-    .collect()
+    .collect();
+    // The log of the worker that finished the run after the interruption.
+    let log = match (replacement, stop) {
+        (Some(worker), _) => worker.log_text(),
+        (None, Stop::Coordinator) => first.log_text(),
+        (None, _) => String::new(),
+    };
+    (checkpoints, log)
 }
 
 /// The folder a plan's text names in its `[data] dir` line.

@@ -271,7 +271,7 @@ impl TcpRing {
                     next,
                     bytes.as_ref(),
                     bytemuck::cast_slice(outgoing),
-                    header_out,
+                    Some(header_out),
                 )
             });
             let received = (|| {
@@ -332,14 +332,14 @@ impl TcpRing {
 /// Writes `header` (if any) and `data` in one vectored write: two writes in a row, the first
 /// one small, would let the kernel hold the second back (TCP autocorking) until the first is
 /// acknowledged, milliseconds on a one-way ring socket whose acknowledgements are delayed.
-/// `header_out` is set as the write starts: the kernel takes the header first, at once (an
+/// `header_out`, if any, is set as the write starts: the kernel takes the header first, at once (an
 /// exchange starts with the socket's buffers empty), even when the rest then waits on the
 /// neighbour (a blocking write returns only when all it was given is queued).
 fn write_parts(
     stream: &mut TcpStream,
     header: Option<&[u8; HEADER]>,
     data: &[u8],
-    header_out: &std::sync::atomic::AtomicBool,
+    header_out: Option<&std::sync::atomic::AtomicBool>,
 ) -> std::io::Result<()> {
     let mut parts = [
         std::io::IoSlice::new(header.map_or(&[][..], |h| &h[..])),
@@ -347,7 +347,9 @@ fn write_parts(
     ];
     let mut parts = &mut parts[..];
     std::io::IoSlice::advance_slices(&mut parts, 0);
-    header_out.store(true, std::sync::atomic::Ordering::Release);
+    if let Some(header_out) = header_out {
+        header_out.store(true, std::sync::atomic::Ordering::Release);
+    }
     while !parts.is_empty() {
         match stream.write_vectored(parts) {
             Ok(0) => return Err(std::io::Error::from(ErrorKind::WriteZero)),
@@ -523,8 +525,7 @@ impl TcpRing {
         } else {
             &[]
         };
-        let header_out = std::sync::atomic::AtomicBool::new(false);
-        write_parts(&mut self.next, Some(&ours.bytes()), payload, &header_out)
+        write_parts(&mut self.next, Some(&ours.bytes()), payload, None)
             .map_err(|e| peer_error(next_rank, "broadcast", e, timeout))?;
         if self.rank == root {
             self.receive_header(ours)?;

@@ -851,11 +851,7 @@ impl Coordinator {
         };
         // A registration sent again, its reply lost.
         let held = |record: &state::TaskRecord| {
-            record.is_run_by(id, attempt)
-                || record
-                    .abandoned
-                    .as_ref()
-                    .is_some_and(|left| left.attempt == attempt && left.is_back(id))
+            record.is_run_by(id, attempt) || record.is_back(id, attempt)
         };
         if self.state.tasks.get(task).is_some_and(held) {
             return true;
@@ -1295,14 +1291,7 @@ impl Coordinator {
             state::TaskState::Done => Verdict::Stop(format!("task {task} is done")),
             _ if matches!(record.spec, TaskSpec::Label { .. }) => Verdict::GoOn,
             // A rank of an attempt a restart left running, back, while the others come back.
-            state::TaskState::Pending
-                if record
-                    .abandoned
-                    .as_ref()
-                    .is_some_and(|left| left.attempt == attempt && left.is_back(worker)) =>
-            {
-                Verdict::GoOn
-            }
+            state::TaskState::Pending if record.is_back(worker, attempt) => Verdict::GoOn,
             state::TaskState::Running { .. } => Verdict::Stop(format!(
                 "task {task} now runs as attempt {}{why}",
                 record.attempts
@@ -1347,14 +1336,8 @@ impl Coordinator {
         }
         // A rank back of such an attempt that reports a failure: the attempt cannot go on as a
         // whole. (A success of a rank but rank 0 is not its end: rank 0's result may follow.)
-        let back_here = |record: &state::TaskRecord| {
-            outcome.is_failure()
-                && record
-                    .abandoned
-                    .as_ref()
-                    .is_some_and(|left| left.attempt == attempt && left.is_back(id))
-        };
-        if self.state.tasks.get(task).is_some_and(back_here) {
+        let back_here = |record: &state::TaskRecord| record.is_back(id, attempt);
+        if outcome.is_failure() && self.state.tasks.get(task).is_some_and(back_here) {
             self.state.forget_back(id);
         }
         // The task's record when this is a report of its current attempt; stale ones are
@@ -1498,7 +1481,8 @@ impl Coordinator {
             if let Some(worker) = self.workers.get_mut(&id) {
                 worker.task = None;
             }
-            if let Some(effects) = self.state.lease_expired(&task) {
+            let why = |attempt| format!("lease of attempt {attempt} expired without progress");
+            if let Some(effects) = self.state.give_up_running(&task, why) {
                 tracing::warn!(worker = %id, task = %task, lease_seconds = lease.as_secs(), "lease expired without progress, shard given to another labeler");
                 self.log_effects(&effects);
                 self.persist_or_log();
@@ -1557,7 +1541,10 @@ impl Coordinator {
                 worker.suspected_at = Some(now);
             }
             self.give_up_group(&task, attempt, &members, &id, now);
-            if let Some(effects) = self.state.progress_stalled(&task, seconds) {
+            let why = |attempt| {
+                format!("attempt {attempt} reported no progress for {seconds} s (workers.progress_timeout_seconds): a hung worker?")
+            };
+            if let Some(effects) = self.state.give_up_running(&task, why) {
                 tracing::warn!(worker = %id, task = %task, attempt, progress_timeout_seconds = seconds, "no progress from the worker within the progress timeout: the attempt is given up, the task goes to another worker");
                 self.log_effects(&effects);
                 self.persist_or_log();

@@ -286,6 +286,14 @@ impl TaskRecord {
     pub fn is_run_by(&self, worker: &WorkerId, attempt: u32) -> bool {
         self.attempts == attempt && self.workers().contains(worker)
     }
+
+    /// Whether `worker` is a rank back of `attempt`, the attempt a restart left running, and
+    /// waits for the others (see [`RunState::readopt_rank`]).
+    pub fn is_back(&self, worker: &WorkerId, attempt: u32) -> bool {
+        self.abandoned
+            .as_ref()
+            .is_some_and(|left| left.attempt == attempt && left.is_back(worker))
+    }
 }
 
 /// A task given to a worker, with its rank in the task's group.
@@ -744,38 +752,21 @@ impl RunState {
         requeued
     }
 
-    /// Gives a running task whose lease ran out to the next free worker; the late worker's
+    /// Gives up the running attempt of `task` as lost (a labeler's lease ran out, a training
+    /// reported no progress in time), `why` saying so of its attempt number; the late worker's
     /// result, if it ever comes, belongs to an old attempt and is ignored. None when the task
     /// was not running; else the effects (the run fails when the task has lost
     /// [`MAX_LOSSES`] attempts).
-    pub fn lease_expired(&mut self, task_id: &TaskId) -> Option<Vec<Effect>> {
+    pub fn give_up_running(
+        &mut self,
+        task_id: &TaskId,
+        why: impl FnOnce(u32) -> String,
+    ) -> Option<Vec<Effect>> {
         let task = self
             .tasks
             .get_mut(task_id)
             .filter(|task| matches!(task.state, TaskState::Running { .. }))?;
-        let reason = format!(
-            "lease of attempt {} expired without progress",
-            task.attempts
-        );
-        Some(match Self::lose_attempt(task, reason) {
-            Some(message) if !self.is_finished() => self.fail(message),
-            _ => Vec::new(),
-        })
-    }
-
-    /// Gives up the running attempt of a training or evaluation `task` whose worker reported
-    /// no progress for `seconds` (a hung worker that still heartbeats): a lost attempt, as a
-    /// dead worker's. The effects of a run that failed of it, or `None` when the task was not
-    /// running.
-    pub fn progress_stalled(&mut self, task_id: &TaskId, seconds: u64) -> Option<Vec<Effect>> {
-        let task = self
-            .tasks
-            .get_mut(task_id)
-            .filter(|task| matches!(task.state, TaskState::Running { .. }))?;
-        let reason = format!(
-            "attempt {} reported no progress for {seconds} s (workers.progress_timeout_seconds): a hung worker?",
-            task.attempts
-        );
+        let reason = why(task.attempts);
         Some(match Self::lose_attempt(task, reason) {
             Some(message) if !self.is_finished() => self.fail(message),
             _ => Vec::new(),

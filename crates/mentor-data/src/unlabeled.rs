@@ -550,7 +550,7 @@ fn read_tar(
         let index = sample_index.get();
         sample_index.set(index + 1);
         if is_wanted(index) {
-            let (name, bytes) = images.the_image(&key).map_err(corrupt)?;
+            let (name, bytes) = images.the_image(&key, path).map_err(corrupt)?;
             emitted.set(emitted.get() + 1);
             let id = ((tar_index as i64) << 32) | index as i64;
             return Ok(emit(Ok((id, Encoded::Bytes { name, bytes }))));
@@ -613,70 +613,52 @@ fn read_tar(
             entry
                 .read_to_end(&mut bytes)
                 .map_err(|e| corrupt(format!("member `{member}` is truncated ({e})")))?;
-            current_image
-                .add(
-                    format!("{}:{member}", path.display()),
-                    bytes,
-                    plain,
-                    &member,
-                )
-                .map_err(corrupt)?;
+            current_image.add(member, bytes, plain).map_err(corrupt)?;
         }
     }
     finish(current_key.take(), current_image)?;
     Ok(())
 }
 
-/// The image members of one WebDataset sample read so far: the plain one (`key.jpg`,
-/// `key.png`), else the others (`key.left.png`).
+/// The image members of one WebDataset sample read so far, by member name: the plain one
+/// (`key.jpg`, `key.png`), else the others (`key.left.png`).
 #[derive(Default)]
 struct SampleImages {
-    /// Member name, full name and bytes of the plain image, and of each other one.
-    plain: Option<(String, String, Vec<u8>)>,
-    others: Vec<(String, String, Vec<u8>)>,
+    plain: Option<(String, Vec<u8>)>,
+    others: Vec<(String, Vec<u8>)>,
 }
 
 impl SampleImages {
-    fn add(
-        &mut self,
-        name: String,
-        bytes: Vec<u8>,
-        plain: bool,
-        member: &str,
-    ) -> Result<(), String> {
+    fn add(&mut self, member: String, bytes: Vec<u8>, plain: bool) -> Result<(), String> {
         if plain {
-            if let Some((first, _, _)) = &self.plain {
+            if let Some((first, _)) = &self.plain {
                 return Err(format!(
                     "sample has two images, `{first}` and `{member}`: which one to label is not known; keep one per sample (other fields as `key.NAME.png`)"
                 ));
             }
-            self.plain = Some((member.to_string(), name, bytes));
+            self.plain = Some((member, bytes));
             self.others.clear();
         } else {
-            self.others.push((member.to_string(), name, bytes));
+            self.others.push((member, bytes));
         }
         Ok(())
     }
 
-    /// The sample's image: the plain one, else its only other one.
-    fn the_image(mut self, key: &str) -> Result<(String, Vec<u8>), String> {
-        if let Some((_, name, bytes)) = self.plain {
-            return Ok((name, bytes));
-        }
-        match self.others.len() {
-            0 => Err(format!("sample `{key}` has no .jpg, .jpeg or .png member")),
-            1 => {
-                let (_, name, bytes) = self.others.remove(0);
-                Ok((name, bytes))
-            }
-            _ => {
-                let members: Vec<&str> = self.others.iter().map(|(m, _, _)| m.as_str()).collect();
-                Err(format!(
+    /// The sample's image, its plain one else its only other one, named `tar:member`.
+    fn the_image(mut self, key: &str, tar: &Path) -> Result<(String, Vec<u8>), String> {
+        let (member, bytes) = match (self.plain, self.others.len()) {
+            (Some(plain), _) => plain,
+            (None, 1) => self.others.remove(0),
+            (None, 0) => return Err(format!("sample `{key}` has no .jpg, .jpeg or .png member")),
+            (None, _) => {
+                let members: Vec<&str> = self.others.iter().map(|(m, _)| m.as_str()).collect();
+                return Err(format!(
                     "sample `{key}` has several images ({}) and none is its plain `{key}.jpg`, `.jpeg` or `.png`: which one to label is not known",
                     members.join(", ")
-                ))
+                ));
             }
-        }
+        };
+        Ok((format!("{}:{member}", tar.display()), bytes))
     }
 }
 

@@ -325,8 +325,9 @@ struct Session {
     /// `same_listing`): a coordinator met again must have the same one.
     unlabeled_fingerprint: String,
     outage_limit: Duration,
-    /// The attempt this worker runs, from its start to its reported end: a registration sent
-    /// again names it, so that a restarted coordinator takes it back.
+    /// The attempt whose work this worker runs, set by [`execute`] while the work goes on: a
+    /// registration sent again names it, so that a restarted coordinator takes it back (once
+    /// the work ended, its result is sent as such, taken only with its files).
     running: Option<pb::RunningAttempt>,
     /// Woken when a heartbeat finds this worker unknown to the coordinator.
     unknown: Arc<Notify>,
@@ -642,15 +643,9 @@ async fn task_loop(
         let result = match task_from_proto(&task) {
             Ok(kind) => match rendezvous(session, context, &task).await? {
                 Ok(group) => match execute(session, &task, torch, kind, group).await? {
-                    // A registration from here on names no attempt: a result the restarted
-                    // coordinator did not see is sent as such, and taken only with its files.
-                    Run::Finished(result) => {
-                        session.running = None;
-                        result
-                    }
+                    Run::Finished(result) => result,
                     Run::Stopped => {
                         // Its result would be ignored: the task went back to the queue.
-                        session.running = None;
                         continue;
                     }
                 },
@@ -937,6 +932,7 @@ async fn execute(
             }
             result = &mut done_receiver => {
                 let result = result.map_err(|_| anyhow::anyhow!("the libtorch thread stopped during a task"))?;
+                session.running = None;
                 // A task that ended before it saw the stop reports its result anyway (the
                 // coordinator ignores it if the attempt is not the worker's).
                 return Ok(match result {

@@ -314,7 +314,9 @@ fn lost_attempts_do_not_count_as_failures_but_end_the_run_past_their_own_limit()
     for _ in 2..MAX_LOSSES {
         let task = state.assign(&a, "cpu", 1).map(|a| a.task).expect("task");
         assert!(last.is_empty(), "the run ended early: {:?}", state.outcome);
-        last = state.lease_expired(&task.id).expect("the task was running");
+        last = state
+            .give_up_running(&task.id, |n| format!("lease of attempt {n} expired"))
+            .expect("the task was running");
     }
     assert_eq!(last, vec![Effect::Finished]);
     match &state.outcome {
