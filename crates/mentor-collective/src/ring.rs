@@ -34,11 +34,9 @@ pub struct RingConfig {
 pub struct TcpRing {
     rank: usize,
     world_size: usize,
+    /// Both sockets are non-blocking once the ring is formed: a step of a collective sends and
+    /// receives on one thread (see [`transfer`]).
     next: TcpStream,
-    /// The same socket as `next`: an exchange whose receiving side failed shuts its sending
-    /// side through it, so that a send blocked on a neighbour that stopped reading (programs
-    /// that diverged) fails within a moment instead of at the timeout.
-    next_control: TcpStream,
     previous: TcpStream,
     timeout: Duration,
     scratch: Vec<f32>,
@@ -189,14 +187,15 @@ impl TcpRing {
                 Err(error) => return Err(CollectiveError::Setup(error.to_string())),
             }
         };
-        let next_control = next
-            .try_clone()
-            .map_err(|error| CollectiveError::Setup(error.to_string()))?;
+        for stream in [&next, &previous] {
+            stream
+                .set_nonblocking(true)
+                .map_err(|error| CollectiveError::Setup(error.to_string()))?;
+        }
         Ok(TcpRing {
             rank,
             world_size,
             next,
-            next_control,
             previous,
             timeout,
             scratch: Vec::new(),
@@ -215,7 +214,7 @@ impl TcpRing {
 
     /// The next collective's description. Before a collective moves data, each rank tells the
     /// next one what it is about to run (the header travels in the same write as its first
-    /// data, see [`write_parts`]) and compares what the previous one sent: ranks whose programs
+    /// data, see [`transfer`]) and compares what the previous one sent: ranks whose programs
     /// diverged (another length, another collective, or a skipped one wherever the calls after
     /// it differ) fail naming both calls, instead of mixing the bytes of different tensors into
     /// wrong sums.
@@ -229,159 +228,255 @@ impl TcpRing {
         call
     }
 
-    /// Reads the previous rank's header and compares it with `ours`.
-    fn receive_header(&mut self, ours: Call) -> Result<(), CollectiveError> {
-        let (rank, previous_rank, timeout) = (self.rank, self.previous_rank(), self.timeout);
-        check_header(&mut self.previous, ours, rank, previous_rank, timeout)
-    }
-
-    /// Sends `data[send]` to the next rank while receiving as many values as `data[receive]`
-    /// holds from the previous one, which are added to (`reduce`) or copied into
-    /// `data[receive]`. Received data is reduced segment by segment, while it is still hot in
-    /// cache and while the next segment is on the wire.
-    /// With `header` (a collective's first exchange), the header goes out with the data and
-    /// the previous rank's is checked before any of its data is read.
-    fn exchange(
+    /// One step of a collective, on this thread: sends `outgoing` (after `header`, if any) to
+    /// the next rank while receiving into `incoming` (after the previous rank's header, compared
+    /// with `expect`, if any) from the previous one. See [`transfer`].
+    fn step(
         &mut self,
-        data: &mut [f32],
-        send: (usize, usize),
-        receive: (usize, usize),
-        reduce: bool,
         header: Option<Call>,
+        outgoing: &[f32],
+        expect: Option<Call>,
+        incoming: Incoming<'_>,
+        operation: &'static str,
     ) -> Result<(), CollectiveError> {
-        const SEGMENT: usize = 64 * 1024;
-        let (rank, next_rank, previous_rank, timeout) = (
-            self.rank,
-            self.next_rank(),
-            self.previous_rank(),
-            self.timeout,
-        );
-        let (outgoing, incoming) = disjoint(data, send, receive);
-        let next = &mut self.next;
-        let next_control = &self.next_control;
-        let previous = &mut self.previous;
-        let scratch = &mut self.scratch;
-        scratch.resize(SEGMENT.min(incoming.len()), 0.0);
-        let header_out = std::sync::atomic::AtomicBool::new(false);
-        std::thread::scope(|scope| {
-            let header_out = &header_out;
-            let sender = scope.spawn(move || {
-                let bytes = header.map(Call::bytes);
-                write_parts(
-                    next,
-                    bytes.as_ref(),
-                    bytemuck::cast_slice(outgoing),
-                    Some(header_out),
-                )
-            });
-            let received = (|| {
-                if let Some(ours) = header {
-                    check_header(previous, ours, rank, previous_rank, timeout)?;
-                }
-                let error = |e| peer_error(previous_rank, "all-reduce", e, timeout);
-                if !reduce {
-                    return previous
-                        .read_exact(bytemuck::cast_slice_mut(incoming))
-                        .map_err(error);
-                }
-                for segment in incoming.chunks_mut(SEGMENT) {
-                    let buffer = &mut scratch[..segment.len()];
-                    previous
-                        .read_exact(bytemuck::cast_slice_mut(buffer))
-                        .map_err(error)?;
-                    for (value, received) in segment.iter_mut().zip(buffer.iter()) {
-                        *value += received;
-                    }
-                }
-                Ok(())
-            })();
-            if received.is_err() {
-                // A send still blocked a moment after it started waits on a neighbour that
-                // stopped reading: its header is out by then, so cutting it off loses nothing
-                // the neighbour needs to name the divergence (a cut before the sender thread
-                // even ran, on a loaded machine, could).
-                let grace = Duration::from_millis(200);
-                let deadline = Instant::now() + timeout;
-                let mut out_since = None;
-                while !sender.is_finished() {
-                    let now = Instant::now();
-                    if header_out.load(std::sync::atomic::Ordering::Acquire) {
-                        let since = *out_since.get_or_insert(now);
-                        if now >= since + grace {
-                            break;
-                        }
-                    }
-                    if now >= deadline {
-                        break;
-                    }
-                    std::thread::sleep(Duration::from_millis(1));
-                }
-                if !sender.is_finished() {
-                    let _ = next_control.shutdown(std::net::Shutdown::Write);
-                }
-            }
-            let sent = sender
-                .join()
-                .unwrap_or_else(|_| Err(std::io::Error::other("sender thread panicked")))
-                .map_err(|e| peer_error(next_rank, "all-reduce", e, timeout));
-            received.and(sent)
-        })
+        let ends = Ends {
+            rank: self.rank,
+            next_rank: self.next_rank(),
+            previous_rank: self.previous_rank(),
+            timeout: self.timeout,
+            operation,
+        };
+        transfer(
+            &self.next,
+            &self.previous,
+            header.map(Call::bytes).as_ref(),
+            bytemuck::cast_slice(outgoing),
+            expect,
+            incoming,
+            &mut self.scratch,
+            &ends,
+        )
     }
 }
 
-/// Writes `header` (if any) and `data` in one vectored write: two writes in a row, the first
-/// one small, would let the kernel hold the second back (TCP autocorking) until the first is
-/// acknowledged, milliseconds on a one-way ring socket whose acknowledgements are delayed.
-/// `header_out`, if any, is set as the write starts: the kernel takes the header first, at once (an
-/// exchange starts with the socket's buffers empty), even when the rest then waits on the
-/// neighbour (a blocking write returns only when all it was given is queued).
-fn write_parts(
-    stream: &mut TcpStream,
+/// Where the values an exchange receives go.
+enum Incoming<'a> {
+    /// Nothing but the header (if any) is received.
+    Nothing,
+    /// Added to these values.
+    Reduce(&'a mut [f32]),
+    /// Copied into these values.
+    Copy(&'a mut [f32]),
+}
+
+impl Incoming<'_> {
+    fn bytes(&self) -> usize {
+        match self {
+            Incoming::Nothing => 0,
+            Incoming::Reduce(values) | Incoming::Copy(values) => std::mem::size_of_val(*values),
+        }
+    }
+}
+
+/// Who a transfer runs between, for its errors.
+struct Ends {
+    rank: usize,
+    next_rank: usize,
+    previous_rank: usize,
+    timeout: Duration,
+    operation: &'static str,
+}
+
+/// Values of a received segment reduced at a time, while they are still hot in cache and while
+/// the next ones are on the wire.
+const SEGMENT: usize = 64 * 1024;
+
+/// Sends `header` and `outgoing` to `next` while receiving `expect`'s header and `incoming`'s
+/// bytes from `previous`, on one thread: both sockets are non-blocking, each is written or read
+/// as far as it goes, and poll(2) waits for either when neither moves. A step used to send from
+/// a thread of its own, spawned for it: on a machine whose cores are busy, waking that thread
+/// cost more than a small all-reduce's data. Fails when neither socket moves for the timeout
+/// (naming the previous rank while its data is awaited, else the next one), on a header that
+/// is not `expect` (naming both collectives), or when a neighbour's connection fails.
+#[allow(clippy::too_many_arguments)]
+fn transfer(
+    next: &TcpStream,
+    previous: &TcpStream,
     header: Option<&[u8; HEADER]>,
-    data: &[u8],
-    header_out: Option<&std::sync::atomic::AtomicBool>,
-) -> std::io::Result<()> {
+    outgoing: &[u8],
+    expect: Option<Call>,
+    mut incoming: Incoming<'_>,
+    scratch: &mut Vec<f32>,
+    ends: &Ends,
+) -> Result<(), CollectiveError> {
+    // The header and the data go out in one vectored write: two writes in a row, the first one
+    // small, would let the kernel hold the second back (TCP autocorking) until the first is
+    // acknowledged, milliseconds on a one-way ring socket whose acknowledgements are delayed.
     let mut parts = [
         std::io::IoSlice::new(header.map_or(&[][..], |h| &h[..])),
-        std::io::IoSlice::new(data),
+        std::io::IoSlice::new(outgoing),
     ];
     let mut parts = &mut parts[..];
     std::io::IoSlice::advance_slices(&mut parts, 0);
-    if let Some(header_out) = header_out {
-        header_out.store(true, std::sync::atomic::Ordering::Release);
+    let mut theirs = [0u8; HEADER];
+    let mut header_left = if expect.is_some() { HEADER } else { 0 };
+    let total = incoming.bytes();
+    let mut received = 0;
+    if let Incoming::Reduce(values) = &incoming {
+        scratch.resize(SEGMENT.min(values.len()), 0.0);
     }
-    while !parts.is_empty() {
-        match stream.write_vectored(parts) {
-            Ok(0) => return Err(std::io::Error::from(ErrorKind::WriteZero)),
-            Ok(written) => std::io::IoSlice::advance_slices(&mut parts, written),
-            Err(error) if error.kind() == ErrorKind::Interrupted => {}
-            Err(error) => return Err(error),
+    let peer = |peer: usize, source: std::io::Error| CollectiveError::Peer {
+        peer,
+        operation: ends.operation,
+        source,
+    };
+    loop {
+        let mut moved = false;
+        // Writing first: a diverged neighbour names both collectives only from this header.
+        if !parts.is_empty() {
+            match (&*next).write_vectored(parts) {
+                Ok(0) => return Err(peer(ends.next_rank, ErrorKind::WriteZero.into())),
+                Ok(written) => {
+                    std::io::IoSlice::advance_slices(&mut parts, written);
+                    moved = true;
+                }
+                Err(error) if would_wait(&error) => {}
+                Err(error) => return Err(peer(ends.next_rank, error)),
+            }
+        }
+        if header_left > 0 || received < total {
+            let read = if header_left > 0 {
+                (&*previous).read(&mut theirs[HEADER - header_left..])
+            } else {
+                match &mut incoming {
+                    Incoming::Nothing => Ok(0),
+                    Incoming::Copy(values) => {
+                        (&*previous).read(&mut bytemuck::cast_slice_mut(values)[received..])
+                    }
+                    Incoming::Reduce(_) => {
+                        // Into the scratch, up to the end of the segment being received.
+                        let segment = received / (SEGMENT * 4);
+                        let start = segment * SEGMENT * 4;
+                        let end = (start + SEGMENT * 4).min(total);
+                        (&*previous).read(
+                            &mut bytemuck::cast_slice_mut(&mut scratch[..])
+                                [received - start..end - start],
+                        )
+                    }
+                }
+            };
+            match read {
+                Ok(0) => {
+                    return Err(peer(
+                        ends.previous_rank,
+                        std::io::Error::new(
+                            ErrorKind::UnexpectedEof,
+                            "the connection closed in the middle of a collective",
+                        ),
+                    ))
+                }
+                Ok(count) if header_left > 0 => {
+                    header_left -= count;
+                    moved = true;
+                    if header_left == 0 {
+                        compare(expect, &theirs, ends)?;
+                    }
+                }
+                Ok(count) => {
+                    if let Incoming::Reduce(values) = &mut incoming {
+                        // The values completed by this read (a read may end inside one).
+                        let start = received / (SEGMENT * 4) * SEGMENT;
+                        let (from, to) = (received / 4, (received + count) / 4);
+                        for (value, add) in values[from..to]
+                            .iter_mut()
+                            .zip(&scratch[from - start..to - start])
+                        {
+                            *value += add;
+                        }
+                    }
+                    received += count;
+                    moved = true;
+                }
+                Err(error) if would_wait(&error) => {}
+                Err(error) => return Err(peer(ends.previous_rank, error)),
+            }
+        }
+        let sending = !parts.is_empty();
+        let receiving = header_left > 0 || received < total;
+        if !sending && !receiving {
+            return Ok(());
+        }
+        if !moved {
+            wait_for(next, sending, previous, receiving, ends)?;
         }
     }
-    Ok(())
 }
 
-/// Reads the previous rank's header from `previous` and compares it with `ours`.
-fn check_header(
-    previous: &mut TcpStream,
-    ours: Call,
-    rank: usize,
-    previous_rank: usize,
-    timeout: Duration,
+/// Whether a non-blocking read or write found nothing to do yet.
+fn would_wait(error: &std::io::Error) -> bool {
+    matches!(error.kind(), ErrorKind::WouldBlock | ErrorKind::Interrupted)
+}
+
+/// Waits until `next` can be written (if `sending`) or `previous` read (if `receiving`), at
+/// most the timeout.
+fn wait_for(
+    next: &TcpStream,
+    sending: bool,
+    previous: &TcpStream,
+    receiving: bool,
+    ends: &Ends,
 ) -> Result<(), CollectiveError> {
-    let mut received = [0u8; HEADER];
-    previous
-        .read_exact(&mut received)
-        .map_err(|e| peer_error(previous_rank, "check-in", e, timeout))?;
-    let theirs = Call::from_bytes(&received);
-    if theirs != ours {
-        return Err(CollectiveError::OutOfStep(format!(
-            "rank {rank} runs {}, rank {previous_rank} runs {}: the ranks' programs diverged",
-            ours.describe(),
-            theirs.describe()
-        )));
+    use nix::poll::{PollFd, PollFlags, PollTimeout};
+    use std::os::fd::AsFd;
+    let mut fds = Vec::with_capacity(2);
+    if sending {
+        fds.push(PollFd::new(next.as_fd(), PollFlags::POLLOUT));
     }
-    Ok(())
+    if receiving {
+        fds.push(PollFd::new(previous.as_fd(), PollFlags::POLLIN));
+    }
+    let limit = PollTimeout::try_from(ends.timeout).unwrap_or(PollTimeout::MAX);
+    let deadline = Instant::now() + ends.timeout;
+    loop {
+        match nix::poll::poll(&mut fds, limit) {
+            Ok(0) => {
+                return Err(CollectiveError::Timeout {
+                    peer: if receiving {
+                        ends.previous_rank
+                    } else {
+                        ends.next_rank
+                    },
+                    operation: ends.operation,
+                    seconds: ends.timeout.as_secs_f64(),
+                })
+            }
+            Ok(_) => return Ok(()),
+            // A signal: wait on, up to the same deadline.
+            Err(nix::errno::Errno::EINTR) if Instant::now() < deadline => {}
+            Err(errno) => {
+                return Err(CollectiveError::Peer {
+                    peer: ends.previous_rank,
+                    operation: ends.operation,
+                    source: errno.into(),
+                })
+            }
+        }
+    }
+}
+
+/// Compares the previous rank's header with `ours`.
+fn compare(ours: Option<Call>, theirs: &[u8; HEADER], ends: &Ends) -> Result<(), CollectiveError> {
+    let theirs = Call::from_bytes(theirs);
+    match ours {
+        Some(ours) if theirs != ours => Err(CollectiveError::OutOfStep(format!(
+            "rank {} runs {}, rank {} runs {}: the ranks' programs diverged",
+            ends.rank,
+            ours.describe(),
+            ends.previous_rank,
+            theirs.describe()
+        ))),
+        _ => Ok(()),
+    }
 }
 
 /// `data[a]` and `data[b]` for two disjoint ranges, the second one mutable.
@@ -494,43 +589,49 @@ impl TcpRing {
         let mut header = Some(self.next_call(0, data.len()));
         let world = self.world_size;
         let len = data.len();
-        // Reduce-scatter: after W-1 steps rank r holds the full sum of chunk r+1.
+        // Reduce-scatter: after W-1 steps rank r holds the full sum of chunk r+1. The
+        // collective's first step sends its header with the data and checks the previous
+        // rank's before reading any of its data.
         for step in 0..world - 1 {
             let send = chunk_bounds(len, world, (self.rank + world - step) % world);
             let receive = chunk_bounds(len, world, (self.rank + world - step - 1) % world);
-            self.exchange(data, send, receive, true, header.take())?;
+            let (outgoing, incoming) = disjoint(data, send, receive);
+            let header = header.take();
+            self.step(
+                header,
+                outgoing,
+                header,
+                Incoming::Reduce(incoming),
+                "all-reduce",
+            )?;
         }
         // All-gather: pass the reduced chunks around the ring.
         for step in 0..world - 1 {
             let send = chunk_bounds(len, world, (self.rank + 1 + world - step) % world);
             let receive = chunk_bounds(len, world, (self.rank + world - step) % world);
-            self.exchange(data, send, receive, false, None)?;
+            let (outgoing, incoming) = disjoint(data, send, receive);
+            self.step(None, outgoing, None, Incoming::Copy(incoming), "all-reduce")?;
         }
         Ok(())
     }
 
     fn ring_broadcast(&mut self, data: &mut [f32], root: usize) -> Result<(), CollectiveError> {
         let ours = self.next_call(1 + root as u64, data.len());
-        let (next_rank, previous_rank, timeout) =
-            (self.next_rank(), self.previous_rank(), self.timeout);
-        if self.rank != root {
-            self.receive_header(ours)?;
-            self.previous
-                .read_exact(bytemuck::cast_slice_mut(data))
-                .map_err(|e| peer_error(previous_rank, "broadcast", e, timeout))?;
-        }
         // Every rank sends its header on; the data goes round to the rank before the root.
-        let payload: &[u8] = if next_rank != root {
-            bytemuck::cast_slice(data)
-        } else {
-            &[]
-        };
-        write_parts(&mut self.next, Some(&ours.bytes()), payload, None)
-            .map_err(|e| peer_error(next_rank, "broadcast", e, timeout))?;
+        let forwards = self.next_rank() != root;
         if self.rank == root {
-            self.receive_header(ours)?;
+            let payload: &[f32] = if forwards { data } else { &[] };
+            return self.step(
+                Some(ours),
+                payload,
+                Some(ours),
+                Incoming::Nothing,
+                "broadcast",
+            );
         }
-        Ok(())
+        self.step(None, &[], Some(ours), Incoming::Copy(data), "broadcast")?;
+        let payload: &[f32] = if forwards { data } else { &[] };
+        self.step(Some(ours), payload, None, Incoming::Nothing, "broadcast")
     }
 }
 
@@ -599,6 +700,24 @@ mod tests {
                         "world {world}, index {i}"
                     );
                 }
+            }
+        }
+    }
+
+    /// Chunks longer than a reduced segment: received bytes are added segment by segment, a
+    /// read that ends inside a value completing it on the next read.
+    #[test]
+    fn all_reduce_of_chunks_longer_than_a_segment_is_exact() {
+        let len = 3 * (SEGMENT + 4_465) + 2;
+        let results = ring(3, move |ring| {
+            let rank = ring.rank() as f32;
+            let mut data: Vec<f32> = (0..len).map(|i| i as f32 + rank).collect();
+            ring.all_reduce_sum(&mut data).expect("all-reduce");
+            data
+        });
+        for data in results {
+            for (i, value) in data.iter().enumerate() {
+                assert_eq!(*value, 3.0 * i as f32 + 3.0, "index {i}");
             }
         }
     }
