@@ -1,0 +1,159 @@
+//! The benchmark scripts and binaries still run, on the smallest settings: each prints its
+//! table with a positive finite number in every measured cell. Nothing here is timed; the
+//! numbers themselves are the benchmarks' business (README, "Benchmarks"). A benchmark that
+//! no longer runs (a plan it writes that a later check refuses, an argument renamed) fails
+//! here rather than when someone next measures.
+
+use std::path::PathBuf;
+use std::process::{Command, Stdio};
+
+use mentor_e2e::{binary, workspace_root};
+
+/// The folder of the built binaries, as the scripts' `MENTOR_BIN`.
+fn bin_dir() -> PathBuf {
+    binary("coordinator")
+        .parent()
+        .expect("binaries have a directory")
+        .to_path_buf()
+}
+
+/// Runs `scripts/<script>` with `args` on the built binaries (no build of its own: without
+/// `CARGO_TARGET_DIR` the script takes `MENTOR_BIN` as it is) and returns its standard output,
+/// failing on a non-zero exit.
+fn run_script(script: &str, args: &[&str]) -> String {
+    let output = Command::new(workspace_root().join("scripts").join(script))
+        .args(args)
+        .env("MENTOR_BIN", bin_dir())
+        .env_remove("CARGO_TARGET_DIR")
+        .current_dir(workspace_root())
+        .stdin(Stdio::null())
+        .output()
+        .expect("the script starts");
+    let stdout = String::from_utf8_lossy(&output.stdout).into_owned();
+    assert!(
+        output.status.success(),
+        "{script} failed:\n{stdout}\n{}",
+        String::from_utf8_lossy(&output.stderr)
+    );
+    stdout
+}
+
+/// The numbers of the line of `table` that starts (after spaces) with `label`, which must hold
+/// `count` of them, all positive and finite.
+fn row(table: &str, label: &str, count: usize) -> Vec<f64> {
+    let line = table
+        .lines()
+        .find(|line| line.trim_start().starts_with(label))
+        .unwrap_or_else(|| panic!("no row {label:?} in:\n{table}"));
+    let numbers: Vec<f64> = line.trim_start()[label.len()..]
+        .split_whitespace()
+        .filter_map(|field| field.replace(',', "").parse().ok())
+        .collect();
+    assert_eq!(numbers.len(), count, "row {label:?}: {line}");
+    assert!(
+        numbers.iter().all(|n| n.is_finite() && *n > 0.0),
+        "row {label:?}: {line}"
+    );
+    numbers
+}
+
+#[test]
+fn data_parallel_training_benchmark_runs_one_and_two_processes() {
+    let table = run_script("bench-ddp.sh", &["--steps", "3", "--batch", "16"]);
+    // img/s of mentor and PyTorch (both layouts), and the two ratios.
+    row(&table, "1 ", 5);
+    row(&table, "2 ", 5);
+}
+
+#[test]
+fn all_reduce_benchmark_runs_the_ring_and_gloo() {
+    let table = run_script(
+        "bench-allreduce.sh",
+        &["--worlds", "2", "--sizes-mb", "1", "--iterations", "2"],
+    );
+    // algbw and busbw of both, and the ratio.
+    row(&table, "2      1MB", 5);
+}
+
+#[test]
+fn labeling_benchmark_runs_the_service_and_pytorch() {
+    let table = run_script(
+        "bench-label.sh",
+        &["--examples", "64", "--batch-size", "32"],
+    );
+    row(&table, "bare forward (decoded, no I/O)", 1);
+    // img/s, then the ratio (to the bare forward, then mentor / PyTorch).
+    row(&table, "mentor label service", 2);
+    row(&table, "PyTorch DataLoader + numpy", 2);
+    row(&table, "student read of pseudo labels:", 1);
+}
+
+/// The model and MPL step benchmarks' own halves (their scripts add PyTorch with torchvision,
+/// which the test setup does not install).
+#[test]
+fn model_and_mpl_step_benchmark_binaries_measure() {
+    let run = |name: &str, args: &[&str]| -> Vec<serde_json::Value> {
+        let output = Command::new(binary(name))
+            .args(args)
+            .current_dir(workspace_root())
+            .stdin(Stdio::null())
+            .output()
+            .expect("the benchmark starts");
+        let stdout = String::from_utf8_lossy(&output.stdout).into_owned();
+        assert!(
+            output.status.success(),
+            "{name} failed:\n{stdout}\n{}",
+            String::from_utf8_lossy(&output.stderr)
+        );
+        stdout
+            .lines()
+            .filter(|line| line.starts_with('{'))
+            .map(|line| serde_json::from_str(line).expect("a JSON result"))
+            .collect()
+    };
+    let positive = |value: &serde_json::Value, key: &str| {
+        let number = value[key].as_f64().unwrap_or(f64::NAN);
+        assert!(number.is_finite() && number > 0.0, "{key} in {value}");
+    };
+    let models = run(
+        "bench-models",
+        &[
+            "--models",
+            "wrn-28-2",
+            "--batch",
+            "2",
+            "--warmup",
+            "1",
+            "--iterations",
+            "1",
+            "--threads",
+            "1",
+        ],
+    );
+    let modes: Vec<&str> = models
+        .iter()
+        .map(|result| {
+            positive(result, "images_per_second");
+            result["mode"].as_str().unwrap_or("?")
+        })
+        .collect();
+    assert_eq!(modes, ["train", "inference"], "{models:?}");
+    let mpl = run(
+        "bench-mpl",
+        &[
+            "--plan",
+            "deploy/plans/fashion-mnist-mpl.toml",
+            "--steps",
+            "2",
+            "--warmup",
+            "1",
+            "--threads",
+            "1",
+            "--device",
+            "cpu",
+        ],
+    );
+    assert_eq!(mpl.len(), 1, "{mpl:?}");
+    positive(&mpl[0], "step_seconds");
+    positive(&mpl[0], "batch_seconds");
+}
