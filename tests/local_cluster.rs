@@ -966,14 +966,23 @@ enum Stop {
     EverythingAndMove,
 }
 
-/// A 400-step tiny Meta Pseudo Labels run (resume checkpoint every 50 steps) on one worker in
-/// `dir`, interrupted as `stop` says. Returns its teacher, student and finetuned student
-/// checkpoints, and the log of the worker that finished it when it was interrupted.
-fn long_tiny_mpl_run(dir: &std::path::Path, stop: Stop) -> (Vec<Vec<u8>>, String) {
+/// What [`long_tiny_mpl_run`] ended with.
+struct MplRun {
+    /// The teacher, student and finetuned student checkpoints.
+    checkpoints: Vec<Vec<u8>>,
+    /// The log of the worker that finished the run when it was interrupted.
+    log: String,
+    /// The run directory (where it ended).
+    state_dir: std::path::PathBuf,
+}
+
+/// A 400-step tiny Meta Pseudo Labels run (resume checkpoint every 40 steps, evaluation every
+/// 20) on one worker in `dir`, interrupted as `stop` says.
+fn long_tiny_mpl_run(dir: &std::path::Path, stop: Stop) -> MplRun {
     let runtime = tokio::runtime::Runtime::new().expect("runtime");
     let edits = [
         ("steps = 40", "steps = 400"),
-        ("log_every = 10", "log_every = 10\ncheckpoint_every = 50"),
+        ("log_every = 10", "log_every = 10\ncheckpoint_every = 40"),
         ("min_workers = 2", "min_workers = 1"),
         (
             "heartbeat_timeout_seconds = 10",
@@ -1056,7 +1065,11 @@ fn long_tiny_mpl_run(dir: &std::path::Path, stop: Stop) -> (Vec<Vec<u8>>, String
         (None, Stop::Coordinator) => first.log_text(),
         (None, _) => String::new(),
     };
-    (checkpoints, log)
+    MplRun {
+        checkpoints,
+        log,
+        state_dir,
+    }
 }
 
 /// The folder a plan's text names in its `[data] dir` line.
@@ -1088,10 +1101,14 @@ fn resumed_step(log: &str) -> u64 {
 #[test]
 fn an_interrupted_mpl_joint_training_resumes_from_its_checkpoint_exactly() {
     let dir = tempfile::tempdir().expect("tempdir");
-    let (uninterrupted, _) = long_tiny_mpl_run(&dir.path().join("whole"), Stop::Not);
+    let uninterrupted = long_tiny_mpl_run(&dir.path().join("whole"), Stop::Not).checkpoints;
     // A restarted coordinator takes the joint training back from its worker, which trained on
     // meanwhile: it neither stops nor resumes from its save, and ends with the same models.
-    let (went_on, log) = long_tiny_mpl_run(&dir.path().join("restarted"), Stop::Coordinator);
+    let MplRun {
+        checkpoints: went_on,
+        log,
+        ..
+    } = long_tiny_mpl_run(&dir.path().join("restarted"), Stop::Coordinator);
     assert!(
         log.contains("the coordinator took this worker's attempt back")
             && !log.contains("resumes its joint training")
@@ -1106,11 +1123,38 @@ fn an_interrupted_mpl_joint_training_resumes_from_its_checkpoint_exactly() {
         (Stop::Worker, "killed worker"),
         (Stop::EverythingAndMove, "moved run"),
     ] {
-        let (resumed, log) = long_tiny_mpl_run(&dir.path().join(name.replace(' ', "-")), stop);
+        let MplRun {
+            checkpoints: resumed,
+            log,
+            state_dir,
+        } = long_tiny_mpl_run(&dir.path().join(name.replace(' ', "-")), stop);
         let step = resumed_step(&log);
         assert!(
-            (50..400).contains(&step) && step.is_multiple_of(50),
+            (40..400).contains(&step) && step.is_multiple_of(40),
             "{name}: resumed at step {step}"
+        );
+        // The resumed attempt's first report, 10 steps on, carries the evaluation made at the
+        // step of the save (before it, and saved with it), not nothing until its next one.
+        let rows: Vec<serde_json::Value> = std::fs::read_to_string(state_dir.join("metrics.jsonl"))
+            .expect("metrics.jsonl")
+            .lines()
+            .map(|line| serde_json::from_str(line).expect("a JSON line"))
+            .collect();
+        let first_resumed = rows
+            .iter()
+            .find(|row| row["event"] == "progress" && row["attempt"] == 2)
+            .unwrap_or_else(|| panic!("{name}: no report of the resumed attempt"));
+        assert_eq!(
+            (
+                first_resumed["step"].as_u64(),
+                first_resumed["metrics"]["evaluation_step"].as_f64()
+            ),
+            (Some(step + 10), Some(step as f64)),
+            "{name}: {first_resumed}"
+        );
+        assert!(
+            first_resumed["metrics"]["student_test_accuracy"].is_number(),
+            "{name}: {first_resumed}"
         );
         for (model, (a, b)) in ["teacher", "student", "finetuned student"]
             .iter()

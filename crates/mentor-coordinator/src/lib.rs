@@ -644,13 +644,16 @@ impl Coordinator {
             && !state.is_finished()
             && state.phase != Phase::WaitingForWorkers
             && plan.workers.min_workers > 0;
+        // What status shows until the next evaluation; the latest loss comes with the next
+        // progress report.
+        let latest_accuracy = state.latest_accuracy();
         let coordinator = Coordinator {
             plan,
             state,
             workers: BTreeMap::new(),
             store,
             latest_loss: None,
-            latest_accuracy: None,
+            latest_accuracy,
             groups: HashMap::new(),
             metrics: metrics::MetricsLog::open(&run_dir),
             most_ranks: plan_most_ranks,
@@ -1732,6 +1735,19 @@ mod tests {
         assert_eq!(coordinator.state.tasks[&task].instances, ["p-a", "p-b"]);
         drop(coordinator);
         (self::coordinator(dir), task)
+    }
+
+    /// A restarted coordinator's status shows the run's latest evaluation from its state, not
+    /// nothing until the next one.
+    #[test]
+    fn a_restarted_coordinator_shows_the_latest_test_accuracy_it_saved() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let mut first = coordinator(dir.path());
+        first.state.rounds[0].teacher_test_accuracy = Some(0.7);
+        first.persist().expect("save");
+        drop(first);
+        let restarted = coordinator(dir.path());
+        assert_eq!(crate::service::status_of(&restarted).latest_accuracy, 0.7);
     }
 
     /// A training that ended as the coordinator restarted: its worker process registers again

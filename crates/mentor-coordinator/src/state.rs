@@ -570,6 +570,18 @@ impl RunState {
         &self.rounds[self.rounds.len() - 1]
     }
 
+    /// The test accuracy of the run's latest evaluation of a whole model: the last round's
+    /// finetuned student, student or teacher, whichever it has got to (a round evaluates them
+    /// in the reverse order), else the round's before.
+    pub fn latest_accuracy(&self) -> Option<f64> {
+        self.rounds.iter().rev().find_map(|round| {
+            round
+                .finetuned_student_test_accuracy
+                .or(round.student_test_accuracy)
+                .or(round.teacher_test_accuracy)
+        })
+    }
+
     fn current_round_mut(&mut self) -> &mut RoundRecord {
         let last = self.rounds.len() - 1;
         &mut self.rounds[last]

@@ -541,7 +541,12 @@ impl<'a> Carried<'a> {
 
     /// The checkpoint of the state after `state.step` steps of the joint training `identity`:
     /// named tensors (the models' variables themselves, not copies).
-    fn tensors(&self, state: &MplState, identity: Identity) -> Vec<(String, Tensor)> {
+    fn tensors(
+        &self,
+        state: &MplState,
+        identity: Identity,
+        evaluation: Option<Evaluation>,
+    ) -> Vec<(String, Tensor)> {
         let mut tensors = vec![(
             "meta".to_string(),
             Tensor::from_slice(&[
@@ -552,6 +557,9 @@ impl<'a> Carried<'a> {
                 (identity.fingerprint & 0xffff_ffff) as f64,
             ]),
         )];
+        if let Some(evaluation) = evaluation {
+            tensors.push(("evaluation".to_string(), evaluation.to_tensor()));
+        }
         for (prefix, vs) in &self.stores {
             for (name, value) in vs.variables() {
                 tensors.push((format!("{prefix}/{name}"), value));
@@ -567,12 +575,14 @@ impl<'a> Carried<'a> {
         tensors
     }
 
-    /// Loads the checkpoint at `path` into the models, the optimizers and `state`; `false`
-    /// (nothing loaded) when it was saved by another joint training than `identity`.
+    /// Loads the checkpoint at `path` into the models, the optimizers, `state` and `evaluation`
+    /// (the last one before the save, if the checkpoint records it); `false` (nothing loaded)
+    /// when it was saved by another joint training than `identity`.
     fn load(
         &mut self,
         path: &Path,
         state: &mut MplState,
+        evaluation: &mut Option<Evaluation>,
         identity: Identity,
     ) -> Result<bool, String> {
         let error = |reason: String| format!("resume checkpoint `{}`: {reason}", path.display());
@@ -614,7 +624,49 @@ impl<'a> Carried<'a> {
         }
         state.step = meta[0] as u64;
         state.set_baseline(meta[2]);
+        // Saved by builds since 2026-12-05 only.
+        *evaluation = saved.get("evaluation").and_then(Evaluation::from_tensor);
         Ok(true)
+    }
+}
+
+/// The joint training's last evaluation on the test set: reported with every progress report
+/// until the next one, and saved with the resume checkpoint, so that a resumed training (or a
+/// restarted coordinator) shows it before its next evaluation.
+#[derive(Debug, Clone, Copy, PartialEq)]
+struct Evaluation {
+    /// Steps done when it was made.
+    step: u64,
+    teacher_accuracy: f64,
+    student_accuracy: f64,
+}
+
+impl Evaluation {
+    fn metrics(self) -> [(String, f64); 3] {
+        [
+            ("teacher_test_accuracy".to_string(), self.teacher_accuracy),
+            ("student_test_accuracy".to_string(), self.student_accuracy),
+            ("evaluation_step".to_string(), self.step as f64),
+        ]
+    }
+
+    fn to_tensor(self) -> Tensor {
+        Tensor::from_slice(&[
+            self.step as f64,
+            self.teacher_accuracy,
+            self.student_accuracy,
+        ])
+    }
+
+    fn from_tensor(tensor: &Tensor) -> Option<Evaluation> {
+        match Vec::<f64>::try_from(tensor).ok()?.as_slice() {
+            &[step, teacher_accuracy, student_accuracy] => Some(Evaluation {
+                step: step as u64,
+                teacher_accuracy,
+                student_accuracy,
+            }),
+            _ => None,
+        }
     }
 }
 
@@ -740,6 +792,7 @@ pub fn train_mpl(
     let checkpoint = resume_path(teacher_output);
     let identity = Identity::of(plan);
     let mut saver = BackgroundSaver::default();
+    let mut evaluation: Option<Evaluation> = None;
     if mpl.checkpoint_every > 0 {
         let mut failure = None;
         let mut foreign = false;
@@ -751,7 +804,7 @@ pub fn train_mpl(
                 &mut teacher_optimizer,
                 &mut student_optimizer,
             )
-            .load(&checkpoint, &mut state, identity);
+            .load(&checkpoint, &mut state, &mut evaluation, identity);
             match loaded {
                 Ok(true) => tracing::info!(
                     step = state.step,
@@ -794,7 +847,6 @@ pub fn train_mpl(
     let mut window = Window::default();
     let mut window_started = Instant::now();
     let started = Instant::now();
-    let mut accuracies: Vec<(String, f64)> = Vec::new();
     let mut last: Option<StepStats> = None;
     for step in first_step..mpl.steps {
         // Each step's batch and randomness come from seeds of its own: a resumed run draws
@@ -855,18 +907,6 @@ pub fn train_mpl(
                 group.average_buffers(buffers).map_err(collective_error)?;
             }
         }
-        if rank == 0 && checkpointing {
-            // Copied now, written while the training goes on.
-            let tensors = Carried::new(
-                &teacher_vs,
-                &student_vs,
-                ema.as_ref().map(|(vs, _)| vs),
-                &mut teacher_optimizer,
-                &mut student_optimizer,
-            )
-            .tensors(&state, identity);
-            saver.save(tensors, &checkpoint)?;
-        }
         if evaluating {
             // Each rank evaluates its slice of the test set; the counts are summed.
             let batch_size = plan.pseudo_labels.batch_size as i64;
@@ -894,17 +934,30 @@ pub fn train_mpl(
             let student_accuracy = counts[1] / total.max(1) as f64;
             // Reported with every later progress report until the next evaluation: the step
             // says which one they are.
-            accuracies = vec![
-                ("teacher_test_accuracy".to_string(), teacher_accuracy),
-                ("student_test_accuracy".to_string(), student_accuracy),
-                ("evaluation_step".to_string(), (step + 1) as f64),
-            ];
+            evaluation = Some(Evaluation {
+                step: step + 1,
+                teacher_accuracy,
+                student_accuracy,
+            });
             tracing::info!(
                 step = step + 1,
                 teacher_accuracy = format!("{teacher_accuracy:.4}"),
                 student_accuracy = format!("{student_accuracy:.4}"),
                 "meta pseudo labels evaluation"
             );
+        }
+        if rank == 0 && checkpointing {
+            // Copied now, written while the training goes on; after the evaluation of the
+            // same step, which it records.
+            let tensors = Carried::new(
+                &teacher_vs,
+                &student_vs,
+                ema.as_ref().map(|(vs, _)| vs),
+                &mut teacher_optimizer,
+                &mut student_optimizer,
+            )
+            .tensors(&state, identity, evaluation);
+            saver.save(tensors, &checkpoint)?;
         }
         if let (true, Some(means)) = (reporting, means) {
             let steps = window.steps() as f64;
@@ -924,7 +977,11 @@ pub fn train_mpl(
                 ("teacher_uda_term".to_string(), means.teacher_uda_term),
                 ("teacher_mpl_term".to_string(), means.teacher_mpl_term),
             ];
-            metrics.extend(accuracies.iter().cloned());
+            metrics.extend(
+                evaluation
+                    .iter()
+                    .flat_map(|evaluation| evaluation.metrics()),
+            );
             tracing::info!(
                 step = step + 1,
                 total = mpl.steps,
@@ -941,10 +998,7 @@ pub fn train_mpl(
                 step: step + 1,
                 total_steps: mpl.steps,
                 loss: Some(means.teacher_labeled_loss),
-                accuracy: accuracies
-                    .iter()
-                    .find(|(name, _)| name == "student_test_accuracy")
-                    .map(|(_, v)| *v),
+                accuracy: evaluation.map(|evaluation| evaluation.student_accuracy),
                 images_per_second: (steps * (labeled_batch + 2 * unlabeled_batch) as f64) / seconds,
                 metrics,
             });

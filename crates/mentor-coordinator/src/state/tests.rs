@@ -96,6 +96,7 @@ fn two_rounds_run_through_every_phase() {
     );
     state.start();
     assert_eq!(state.phase, Phase::TrainTeacher);
+    assert_eq!(state.latest_accuracy(), None, "nothing evaluated yet");
 
     let teacher = state
         .assign(&w, "cpu", 1)
@@ -132,6 +133,7 @@ fn two_rounds_run_through_every_phase() {
     assert_eq!(state.phase, Phase::Filter);
     let round = state.current_round();
     assert_eq!(round.teacher_test_accuracy, Some(0.70));
+    assert_eq!(state.latest_accuracy(), Some(0.70));
     assert_eq!(round.examples, 1500);
     assert_eq!(
         round.shards.iter().map(|s| s.index).collect::<Vec<_>>(),
@@ -190,6 +192,12 @@ fn two_rounds_run_through_every_phase() {
     assert_eq!(state.outcome, RunOutcome::Succeeded);
     assert_eq!(state.rounds.len(), 2);
     assert_eq!(state.rounds[1].student_test_accuracy, Some(0.8));
+    assert_eq!(state.latest_accuracy(), Some(0.8));
+    // Round 2 before its student: its teacher's (round 1's student).
+    state.rounds[1].student_test_accuracy = None;
+    assert_eq!(state.latest_accuracy(), Some(0.75));
+    state.rounds[1].teacher_test_accuracy = None;
+    assert_eq!(state.latest_accuracy(), Some(0.75), "round 1's student");
     assert_eq!(state.rounds[1].kept, 1300);
     assert!(state.assign(&w, "cpu", 1).map(|a| a.task).is_none());
 }
