@@ -208,12 +208,18 @@ pub struct TaskRecord {
     /// would otherwise fail all of a task's attempts within a second, healthy workers idle).
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub failed_on: Vec<WorkerId>,
-    /// The last attempt given up because its group failed (see [`TaskOutcome::GroupFailed`]),
-    /// with its members: one of them reporting an error of its own afterwards (the rank whose
-    /// failure broke the group, its report beaten by its peers') turns that loss into the
-    /// failure it was, with that error.
-    #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub group_loss: Option<GroupLoss>,
+    /// The attempts given up because their group failed (see [`TaskOutcome::GroupFailed`]),
+    /// with their members, the latest [`MAX_LOSSES`]: one of them reporting an error of its own
+    /// afterwards (the rank whose failure broke the group, its report beaten by its peers',
+    /// possibly after the next attempt's group failed as well) turns that loss into the failure
+    /// it was, with that error. Recorded by earlier versions for the last attempt alone.
+    #[serde(
+        default,
+        alias = "group_loss",
+        deserialize_with = "one_or_many",
+        skip_serializing_if = "Vec::is_empty"
+    )]
+    pub group_losses: Vec<GroupLoss>,
     /// The processes (`instance`) of the current attempt's ranks, by rank, where they said
     /// which (empty where one did not). Recorded by earlier versions for rank 0 alone.
     #[serde(
@@ -253,12 +259,14 @@ impl Abandoned {
 }
 
 /// A list of strings, or the one string earlier versions recorded in its place.
-fn one_or_many<'de, D: serde::Deserializer<'de>>(deserializer: D) -> Result<Vec<String>, D::Error> {
+fn one_or_many<'de, D: serde::Deserializer<'de>, T: Deserialize<'de>>(
+    deserializer: D,
+) -> Result<Vec<T>, D::Error> {
     #[derive(Deserialize)]
     #[serde(untagged)]
-    enum OneOrMany {
-        One(String),
-        Many(Vec<String>),
+    enum OneOrMany<T> {
+        One(T),
+        Many(Vec<T>),
     }
     Ok(match OneOrMany::deserialize(deserializer)? {
         OneOrMany::One(one) => vec![one],
@@ -604,7 +612,7 @@ impl RunState {
                 world_size: 0,
                 device_kind: String::new(),
                 failed_on: Vec::new(),
-                group_loss: None,
+                group_losses: Vec::new(),
                 instances: Vec::new(),
                 abandoned: None,
             },
@@ -905,7 +913,7 @@ impl RunState {
                 task.failures = 0;
                 task.losses = 0;
                 task.failed_on.clear();
-                task.group_loss = None;
+                task.group_losses.clear();
             }
         }
         self.outcome = RunOutcome::Running;
@@ -1077,11 +1085,11 @@ impl RunState {
             // failure: what broke the group, reported after its peers' reports.
             let broke_the_group = task.state != TaskState::Done
                 && task
-                    .group_loss
-                    .as_ref()
-                    .is_some_and(|loss| loss.attempt == attempt && loss.members.contains(worker));
+                    .group_losses
+                    .iter()
+                    .any(|loss| loss.attempt == attempt && loss.members.contains(worker));
             if let (true, TaskOutcome::Failed(error)) = (broke_the_group, &outcome) {
-                task.group_loss = None;
+                task.group_losses.retain(|loss| loss.attempt != attempt);
                 task.losses = task.losses.saturating_sub(1);
                 return self.count_failure(task_id, worker, error);
             }
@@ -1102,7 +1110,10 @@ impl RunState {
                 // The workers say "data-parallel group failed: ...", which the run's failure
                 // at the losses' limit reads after "the last because the".
                 let given_up = Self::lose_attempt(task, error.clone());
-                task.group_loss = Some(GroupLoss { attempt, members });
+                task.group_losses.push(GroupLoss { attempt, members });
+                if task.group_losses.len() > MAX_LOSSES as usize {
+                    task.group_losses.remove(0);
+                }
                 return match given_up {
                     Some(message) if !self.is_finished() => self.fail(message),
                     _ => Vec::new(),

@@ -742,18 +742,52 @@ fn a_group_failure_is_a_loss_until_the_rank_that_broke_it_reports_its_own_error(
     // Counted once: the same report again changes nothing.
     assert!(state.complete(&task.id, &b, 1, own).is_empty());
     assert_eq!(state.tasks[&task.id].failures, 1);
-    // Group failures alone end the run at the losses' limit, not the failures'.
-    for attempt in 2..=MAX_LOSSES + 1 {
-        let task = state.assign(&a, "cpu", 2).map(|a| a.task).expect("rank 0");
-        state.assign(&b, "cpu", 2).expect("rank 1");
+    // Two group failures in a row, then the first one's culprit reports: that loss becomes its
+    // failure, the second stays a loss.
+    let c = worker("c");
+    for (attempt, rank1) in [(2, &b), (3, &c)] {
+        state.assign(&a, "cpu", 2).expect("rank 0");
+        state.assign(rank1, "cpu", 2).expect("rank 1");
         let broken = TaskOutcome::GroupFailed("the peer closed the ring".into());
-        let effects = state.complete(&task.id, &a, attempt, broken);
-        if attempt <= MAX_LOSSES {
-            assert!(effects.is_empty(), "ended at attempt {attempt}");
+        assert!(state.complete(&task.id, &a, attempt, broken).is_empty());
+    }
+    let record = &state.tasks[&task.id];
+    assert_eq!((record.failures, record.losses), (1, 2));
+    // A saved state keeps both, and reads as an earlier version's one (the last alone) did.
+    let json = serde_json::to_value(&state).expect("serialize");
+    let losses = json["tasks"][&task.id.0]["group_losses"].clone();
+    assert_eq!(losses.as_array().map(Vec::len), Some(2), "{losses}");
+    let mut old = json.clone();
+    let old_record = old["tasks"][&task.id.0].as_object_mut().expect("record");
+    old_record.remove("group_losses");
+    old_record.insert("group_loss".into(), losses[1].clone());
+    let old: RunState = serde_json::from_value(old).expect("an earlier version's state");
+    assert_eq!(old.tasks[&task.id].group_losses.len(), 1);
+    let restored: RunState = serde_json::from_value(json).expect("deserialize");
+    assert_eq!(restored, state);
+    let own = TaskOutcome::Failed("out of memory".into());
+    assert!(state.complete(&task.id, &b, 2, own).is_empty());
+    let record = &state.tasks[&task.id];
+    assert_eq!((record.failures, record.losses), (2, 1));
+    assert_eq!(record.failed_on, vec![b.clone()]);
+    // The rest of the test counts losses from none.
+    state.tasks.get_mut(&task.id).expect("task").losses = 0;
+    // Group failures alone end the run at the losses' limit, not the failures'.
+    for loss in 1..=MAX_LOSSES {
+        let task = state.assign(&a, "cpu", 2).map(|a| a.task).expect("rank 0");
+        state.assign(&c, "cpu", 2).expect("rank 1");
+        let broken = TaskOutcome::GroupFailed("the peer closed the ring".into());
+        let effects = state.complete(&task.id, &a, task.attempts, broken);
+        if loss < MAX_LOSSES {
+            assert!(effects.is_empty(), "ended at loss {loss}");
         } else {
             assert_eq!(effects, vec![Effect::Finished]);
         }
     }
+    assert!(
+        state.tasks[&task.id].group_losses.len() <= MAX_LOSSES as usize,
+        "the losses kept are bounded"
+    );
 }
 
 /// A labeling task a GPU worker failed is left to a CPU worker, which may label though not
