@@ -54,6 +54,9 @@ pub enum CollectiveError {
     /// process exited, or the network failed) or `ncclSystemError` (a socket or call failed).
     #[error("NCCL: {0}")]
     NcclPeer(String),
+    /// A collective this rank could not run (an impossible call, a failed system call).
+    #[error("collective: {0}")]
+    Local(String),
     /// A tensor a collective cannot take (NCCL reads it by address as contiguous f32).
     #[error("collective buffer: {0}")]
     Buffer(String),

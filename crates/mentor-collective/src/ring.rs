@@ -318,6 +318,8 @@ fn transfer(
     ];
     let mut parts = &mut parts[..];
     std::io::IoSlice::advance_slices(&mut parts, 0);
+    let header_bytes: &[u8] = header.map_or(&[][..], |h| &h[..]);
+    let mut sent = 0;
     let mut theirs = [0u8; HEADER];
     let mut header_left = if expect.is_some() { HEADER } else { 0 };
     let total = incoming.bytes();
@@ -338,6 +340,7 @@ fn transfer(
                 Ok(0) => return Err(peer(ends.next_rank, ErrorKind::WriteZero.into())),
                 Ok(written) => {
                     std::io::IoSlice::advance_slices(&mut parts, written);
+                    sent += written;
                     moved = true;
                 }
                 Err(error) if would_wait(&error) => {}
@@ -379,7 +382,10 @@ fn transfer(
                     header_left -= count;
                     moved = true;
                     if header_left == 0 {
-                        compare(expect, &theirs, ends)?;
+                        if let Err(error) = compare(expect, &theirs, ends) {
+                            finish_header(next, &header_bytes[sent.min(header_bytes.len())..]);
+                            return Err(error);
+                        }
                     }
                 }
                 Ok(count) => {
@@ -418,7 +424,9 @@ fn would_wait(error: &std::io::Error) -> bool {
 }
 
 /// Waits until `next` can be written (if `sending`) or `previous` read (if `receiving`), at
-/// most the timeout.
+/// most the timeout. While sending, `next` is also watched for its rank closing the connection
+/// (it never writes on it: anything readable there is its end of the stream): a rank blocked in
+/// a send to a neighbour that gave up and stopped reading fails at once, not at the timeout.
 fn wait_for(
     next: &TcpStream,
     sending: bool,
@@ -430,36 +438,72 @@ fn wait_for(
     use std::os::fd::AsFd;
     let mut fds = Vec::with_capacity(2);
     if sending {
-        fds.push(PollFd::new(next.as_fd(), PollFlags::POLLOUT));
+        fds.push(PollFd::new(
+            next.as_fd(),
+            PollFlags::POLLOUT | PollFlags::POLLIN,
+        ));
     }
     if receiving {
         fds.push(PollFd::new(previous.as_fd(), PollFlags::POLLIN));
     }
-    let limit = PollTimeout::try_from(ends.timeout).unwrap_or(PollTimeout::MAX);
     let deadline = Instant::now() + ends.timeout;
     loop {
+        let left = deadline.saturating_duration_since(Instant::now());
+        let limit = PollTimeout::try_from(left).unwrap_or(PollTimeout::MAX);
         match nix::poll::poll(&mut fds, limit) {
-            Ok(0) => {
-                return Err(CollectiveError::Timeout {
-                    peer: if receiving {
-                        ends.previous_rank
-                    } else {
-                        ends.next_rank
-                    },
-                    operation: ends.operation,
-                    seconds: ends.timeout.as_secs_f64(),
-                })
+            Ok(0) => break,
+            Ok(_) => {
+                let gone = PollFlags::POLLIN | PollFlags::POLLHUP | PollFlags::POLLERR;
+                let next_gone = sending
+                    && fds[0]
+                        .revents()
+                        .is_some_and(|events| events.intersects(gone));
+                if next_gone {
+                    return Err(CollectiveError::Peer {
+                        peer: ends.next_rank,
+                        operation: ends.operation,
+                        source: std::io::Error::new(
+                            ErrorKind::ConnectionAborted,
+                            "it closed the connection in the middle of a collective",
+                        ),
+                    });
+                }
+                return Ok(());
             }
-            Ok(_) => return Ok(()),
-            // A signal: wait on, up to the same deadline.
-            Err(nix::errno::Errno::EINTR) if Instant::now() < deadline => {}
+            // A signal: wait on for what is left of the timeout.
+            Err(nix::errno::Errno::EINTR) if !left.is_zero() => {}
+            Err(nix::errno::Errno::EINTR) => break,
             Err(errno) => {
-                return Err(CollectiveError::Peer {
-                    peer: ends.previous_rank,
-                    operation: ends.operation,
-                    source: errno.into(),
-                })
+                return Err(CollectiveError::Local(format!(
+                    "waiting on the ring's sockets failed: {errno}"
+                )))
             }
+        }
+    }
+    Err(CollectiveError::Timeout {
+        peer: if receiving {
+            ends.previous_rank
+        } else {
+            ends.next_rank
+        },
+        operation: ends.operation,
+        seconds: ends.timeout.as_secs_f64(),
+    })
+}
+
+/// Writes what is left of this step's header after the previous rank's turned out to differ
+/// (the socket was full of the last collective's data when the step started): the next rank
+/// names both collectives only from it. At most `GRACE`; the data after it is not sent.
+fn finish_header(next: &TcpStream, header: &[u8]) {
+    const GRACE: Duration = Duration::from_millis(200);
+    let deadline = Instant::now() + GRACE;
+    let mut left = header;
+    while !left.is_empty() && Instant::now() < deadline {
+        match (&*next).write(left) {
+            Ok(0) => return,
+            Ok(written) => left = &left[written..],
+            Err(error) if would_wait(&error) => std::thread::sleep(Duration::from_millis(1)),
+            Err(_) => return,
         }
     }
 }
@@ -616,8 +660,16 @@ impl TcpRing {
     }
 
     fn ring_broadcast(&mut self, data: &mut [f32], root: usize) -> Result<(), CollectiveError> {
+        if root >= self.world_size {
+            return Err(CollectiveError::Local(format!(
+                "a broadcast from rank {root} in a ring of {} ranks",
+                self.world_size
+            )));
+        }
         let ours = self.next_call(1 + root as u64, data.len());
-        // Every rank sends its header on; the data goes round to the rank before the root.
+        // Every rank sends its header to the next one at once (ranks that disagree on the root
+        // would otherwise all wait to receive first); the data goes round from the root to the
+        // rank before it.
         let forwards = self.next_rank() != root;
         if self.rank == root {
             let payload: &[f32] = if forwards { data } else { &[] };
@@ -629,9 +681,17 @@ impl TcpRing {
                 "broadcast",
             );
         }
-        self.step(None, &[], Some(ours), Incoming::Copy(data), "broadcast")?;
-        let payload: &[f32] = if forwards { data } else { &[] };
-        self.step(Some(ours), payload, None, Incoming::Nothing, "broadcast")
+        self.step(
+            Some(ours),
+            &[],
+            Some(ours),
+            Incoming::Copy(data),
+            "broadcast",
+        )?;
+        if forwards {
+            self.step(None, data, None, Incoming::Nothing, "broadcast")?;
+        }
+        Ok(())
     }
 }
 
@@ -841,14 +901,92 @@ mod tests {
 
     #[test]
     fn broadcast_copies_the_root() {
-        let results = ring(3, |ring| {
-            let mut data = vec![ring.rank() as f32; 17];
-            ring.broadcast(&mut data, 1).expect("broadcast");
-            data
-        });
-        for data in results {
-            assert_eq!(data, vec![1.0; 17]);
+        for world in [2, 3, 4] {
+            let results = ring(world, move |ring| {
+                (0..world)
+                    .map(|root| {
+                        let mut data = vec![ring.rank() as f32; 17];
+                        ring.broadcast(&mut data, root).expect("broadcast");
+                        data
+                    })
+                    .collect::<Vec<_>>()
+            });
+            for by_root in results {
+                for (root, data) in by_root.iter().enumerate() {
+                    assert_eq!(data, &vec![root as f32; 17], "world {world}, root {root}");
+                }
+            }
         }
+    }
+
+    /// Ranks that disagree on a broadcast's root fail naming both calls, instead of all waiting
+    /// to receive first until the timeout; a root outside the ring is refused.
+    #[test]
+    fn ranks_broadcasting_from_different_roots_fail_at_once() {
+        let started = Instant::now();
+        let results = ring(2, |ring| {
+            let mut data = vec![1.0f32; 4];
+            let root = 1 - ring.rank();
+            ring.broadcast(&mut data, root).map_err(|e| e.to_string())
+        });
+        assert!(
+            started.elapsed() < Duration::from_secs(5),
+            "took {:?}",
+            started.elapsed()
+        );
+        for result in &results {
+            let error = result.as_ref().expect_err("different roots must fail");
+            assert!(
+                error.contains("a broadcast from rank 0 of 4 values")
+                    && error.contains("a broadcast from rank 1 of 4 values"),
+                "{error}"
+            );
+        }
+        let results = ring(2, |ring| {
+            let mut data = vec![1.0f32; 4];
+            ring.broadcast(&mut data, 2).map_err(|e| e.to_string())
+        });
+        for result in &results {
+            let error = result.as_ref().expect_err("no rank 2");
+            assert!(
+                error.contains("broadcast from rank 2 in a ring of 2"),
+                "{error}"
+            );
+        }
+    }
+
+    /// A rank whose receiving is done but whose send is blocked on a next rank that stopped
+    /// reading (it diverged, failed and shut its sockets, its process still alive) fails at
+    /// once, not when that process exits or at the timeout (10 s here).
+    #[test]
+    fn a_blocked_send_fails_when_the_next_rank_gives_up() {
+        let results = ring(3, |ring| {
+            let rank = ring.rank();
+            // Chunks far larger than the sockets' buffers.
+            let mut data = vec![1.0f32; 3 * 8 * 1024 * 1024 + usize::from(rank == 1)];
+            if rank == 1 {
+                // Late: rank 2 sends its whole chunk to rank 0 meanwhile.
+                std::thread::sleep(Duration::from_millis(1000));
+            }
+            let started = Instant::now();
+            let outcome = ring.all_reduce_sum(&mut data).map_err(|e| e.to_string());
+            let took = started.elapsed();
+            if rank == 1 {
+                // Failed, sockets shut, but the process (this ring) lives on a while.
+                std::thread::sleep(Duration::from_millis(3000));
+            }
+            (outcome, took)
+        });
+        let (outcome, took) = &results[0];
+        let error = outcome.as_ref().expect_err("rank 0's send cannot finish");
+        assert!(
+            error.contains("rank 1") && !error.contains("did not answer"),
+            "{error}"
+        );
+        assert!(
+            *took < Duration::from_millis(2500),
+            "took {took:?}: {error}"
+        );
     }
 
     #[test]
