@@ -21,18 +21,26 @@ fn bin_dir() -> PathBuf {
 /// `CARGO_TARGET_DIR` the script takes `MENTOR_BIN` as it is) and returns its standard output,
 /// failing on a non-zero exit.
 fn run_script(script: &str, args: &[&str]) -> String {
-    let output = Command::new(workspace_root().join("scripts").join(script))
-        .args(args)
+    let mut command = Command::new(workspace_root().join("scripts").join(script));
+    command
         .env("MENTOR_BIN", bin_dir())
-        .env_remove("CARGO_TARGET_DIR")
+        .env_remove("CARGO_TARGET_DIR");
+    stdout_of(command, script, args)
+}
+
+/// The standard output of `command` run with `args` in the workspace root, failing (with both
+/// outputs) on a non-zero exit.
+fn stdout_of(mut command: Command, name: &str, args: &[&str]) -> String {
+    let output = command
+        .args(args)
         .current_dir(workspace_root())
         .stdin(Stdio::null())
         .output()
-        .expect("the script starts");
+        .unwrap_or_else(|error| panic!("{name} does not start: {error}"));
     let stdout = String::from_utf8_lossy(&output.stdout).into_owned();
     assert!(
         output.status.success(),
-        "{script} failed:\n{stdout}\n{}",
+        "{name} failed:\n{stdout}\n{}",
         String::from_utf8_lossy(&output.stderr)
     );
     stdout
@@ -93,19 +101,7 @@ fn labeling_benchmark_runs_the_service_and_pytorch() {
 #[test]
 fn model_and_mpl_step_benchmark_binaries_measure() {
     let run = |name: &str, args: &[&str]| -> Vec<serde_json::Value> {
-        let output = Command::new(binary(name))
-            .args(args)
-            .current_dir(workspace_root())
-            .stdin(Stdio::null())
-            .output()
-            .expect("the benchmark starts");
-        let stdout = String::from_utf8_lossy(&output.stdout).into_owned();
-        assert!(
-            output.status.success(),
-            "{name} failed:\n{stdout}\n{}",
-            String::from_utf8_lossy(&output.stderr)
-        );
-        stdout
+        stdout_of(Command::new(binary(name)), name, args)
             .lines()
             .filter(|line| line.starts_with('{'))
             .map(|line| serde_json::from_str(line).expect("a JSON result"))
