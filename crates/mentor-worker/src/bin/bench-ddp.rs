@@ -35,6 +35,8 @@ struct Args {
 fn main() -> anyhow::Result<()> {
     let args = Args::parse();
     tch::set_num_threads(args.threads);
+    // As the workers do on the CPU.
+    mentor_worker::memory::keep_freed_memory();
     let plan_text = format!(
         r#"
 version = 1

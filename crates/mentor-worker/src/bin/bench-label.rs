@@ -56,6 +56,10 @@ fn main() -> anyhow::Result<()> {
         tch::set_num_threads(args.threads);
     }
     let device = mentor_worker::parse_device(&args.device).map_err(anyhow::Error::msg)?;
+    if device == tch::Device::Cpu {
+        // As the workers do.
+        mentor_worker::memory::keep_freed_memory();
+    }
     let work = tempfile::tempdir().context("temporary directory")?;
     let storage = work.path().join("labels").display().to_string();
     let mut plan = Plan::load(&args.plan)?;

@@ -72,6 +72,10 @@ fn main() -> anyhow::Result<()> {
         tch::set_num_threads(args.threads);
     }
     let device = mentor_worker::parse_device(&args.device).map_err(anyhow::Error::msg)?;
+    if device == tch::Device::Cpu {
+        // As the workers do.
+        mentor_worker::memory::keep_freed_memory();
+    }
     for name in args
         .models
         .split(',')

@@ -35,6 +35,9 @@ struct Args {
     /// `cpu`, `cuda` or `cuda:N`.
     #[arg(long, default_value = "cpu")]
     device: String,
+    /// On the CPU, keep freed memory for reuse as workers do (`false`: the allocator's default).
+    #[arg(long, default_value_t = true, action = clap::ArgAction::Set)]
+    keep_freed_memory: bool,
 }
 
 fn main() -> anyhow::Result<()> {
@@ -42,6 +45,8 @@ fn main() -> anyhow::Result<()> {
     tch::set_num_threads(args.threads);
     tch::manual_seed(0);
     let device = mentor_worker::parse_device(&args.device).map_err(anyhow::Error::msg)?;
+    let freed_memory = (device == tch::Device::Cpu && args.keep_freed_memory)
+        .then(mentor_worker::memory::keep_freed_memory);
     let plan = Plan::load(&args.plan).with_context(|| args.plan.display().to_string())?;
     let mpl = plan
         .mpl
@@ -147,7 +152,7 @@ fn main() -> anyhow::Result<()> {
     for (index, batch) in batches.iter().enumerate() {
         if index == args.warmup as usize {
             mentor_worker::synchronize(device);
-            timed = Some(Instant::now());
+            timed = Some((Instant::now(), mentor_worker::memory::minor_faults()));
         }
         let stats = mpl_step(
             &mut Learner {
@@ -172,7 +177,17 @@ fn main() -> anyhow::Result<()> {
         last = Some(stats);
     }
     mentor_worker::synchronize(device);
-    let step_seconds = timed.map_or(0.0, |t| t.elapsed().as_secs_f64()) / args.steps as f64;
+    let step_seconds = timed.map_or(0.0, |(t, _)| t.elapsed().as_secs_f64()) / args.steps as f64;
+    // Pages the allocator mapped afresh, each one a fault: what keeping freed memory saves.
+    let faults_per_step = match (
+        timed.and_then(|(_, f)| f),
+        mentor_worker::memory::minor_faults(),
+    ) {
+        (Some(before), Some(after)) => {
+            Some(after.saturating_sub(before) as f64 / args.steps as f64)
+        }
+        _ => None,
+    };
     let last = last.context("no step ran")?.read();
     println!(
         "{}",
@@ -185,6 +200,8 @@ fn main() -> anyhow::Result<()> {
             "batch_seconds": batch_seconds,
             "final_h": last.h,
             "final_student_labeled_loss": last.student_labeled_loss,
+            "freed_memory_kept": freed_memory == Some(mentor_worker::memory::FreedMemory::Kept),
+            "minor_faults_per_step": faults_per_step,
             "settings": settings,
         })
     );
