@@ -544,7 +544,7 @@ impl<'a> Carried<'a> {
     fn tensors(
         &self,
         state: &MplState,
-        identity: Identity,
+        identity: &Identity,
         evaluation: Option<Evaluation>,
     ) -> Vec<(String, Tensor)> {
         let mut tensors = vec![(
@@ -560,6 +560,10 @@ impl<'a> Carried<'a> {
         if let Some(evaluation) = evaluation {
             tensors.push(("evaluation".to_string(), evaluation.to_tensor()));
         }
+        tensors.push((
+            "plan".to_string(),
+            Tensor::from_slice(identity.plan_text.as_bytes()),
+        ));
         for (prefix, vs) in &self.stores {
             for (name, value) in vs.variables() {
                 tensors.push((format!("{prefix}/{name}"), value));
@@ -583,7 +587,7 @@ impl<'a> Carried<'a> {
         path: &Path,
         state: &mut MplState,
         evaluation: &mut Option<Evaluation>,
-        identity: Identity,
+        identity: &Identity,
     ) -> Result<bool, String> {
         let error = |reason: String| format!("resume checkpoint `{}`: {reason}", path.display());
         let saved: HashMap<String, Tensor> = Tensor::read_safetensors(path)
@@ -596,7 +600,11 @@ impl<'a> Carried<'a> {
             .filter(|meta| meta.len() == 5)
             .ok_or_else(|| error("no step, length, baseline and fingerprint".into()))?;
         let fingerprint = ((meta[3] as u64) << 32) | meta[4] as u64;
-        if !identity.matches(meta[1], fingerprint) {
+        let plan_text = saved
+            .get("plan")
+            .and_then(|plan| Vec::<u8>::try_from(plan).ok())
+            .and_then(|bytes| String::from_utf8(bytes).ok());
+        if !identity.matches(meta[1], fingerprint, plan_text.as_deref()) {
             return Ok(false);
         }
         for (prefix, vs) in &self.stores {
@@ -687,13 +695,20 @@ fn set_aside(checkpoint: &Path) -> Result<PathBuf, String> {
 }
 
 /// Which joint training a resume checkpoint belongs to: its length and a fingerprint of the
-/// plan's settings that shape it.
-#[derive(Debug, Clone, Copy, PartialEq)]
+/// plan's settings that shape it. A save records the plan itself as well: a later build reads
+/// it again and fingerprints it as it does its own plan, so that a setting added since (with a
+/// default that keeps what the save did) does not set the save aside as another training's.
+#[derive(Debug, Clone, PartialEq)]
 struct Identity {
     steps: u64,
     fingerprint: u64,
     /// The fingerprint as saves made before the data's folder was left out of it have it.
     located: u64,
+    /// The fingerprint as saves made before `workers.progress_timeout_seconds` have it (they
+    /// record no plan): that setting, though left out as its section is, was written.
+    before_progress_timeout: u64,
+    /// The plan, as saves record it.
+    plan_text: String,
 }
 
 impl Identity {
@@ -710,26 +725,42 @@ impl Identity {
             mpl.checkpoint_every = 1;
         }
         shaping.workers = Default::default();
-        let hash = |plan: &Plan| {
-            plan.to_toml_string()
-                .bytes()
-                .fold(0xcbf2_9ce4_8422_2325u64, |hash, byte| {
-                    (hash ^ byte as u64).wrapping_mul(0x0100_0000_01b3)
-                })
+        let hash = |text: &str| {
+            text.bytes().fold(0xcbf2_9ce4_8422_2325u64, |hash, byte| {
+                (hash ^ byte as u64).wrapping_mul(0x0100_0000_01b3)
+            })
         };
-        let located = hash(&shaping);
+        let without_progress_timeout = |text: String| {
+            text.lines()
+                .filter(|line| !line.starts_with("progress_timeout_seconds = "))
+                .map(|line| format!("{line}\n"))
+                .collect::<String>()
+        };
+        let located = hash(&without_progress_timeout(shaping.to_toml_string()));
         shaping.data.dir = PathBuf::new();
+        let text = shaping.to_toml_string();
         Identity {
             steps: plan.mpl.as_ref().map_or(0, |mpl| mpl.steps),
-            fingerprint: hash(&shaping),
+            fingerprint: hash(&text),
             located,
+            before_progress_timeout: hash(&without_progress_timeout(text)),
+            plan_text: plan.to_toml_string(),
         }
     }
 
-    /// Whether a save of `steps` steps with `fingerprint` belongs to this joint training.
-    fn matches(&self, steps: f64, fingerprint: u64) -> bool {
-        steps == self.steps as f64
-            && (fingerprint == self.fingerprint || fingerprint == self.located)
+    /// Whether a save of `steps` steps with `fingerprint`, recording `plan_text` (saves since
+    /// 2026-12-05), belongs to this joint training.
+    fn matches(&self, steps: f64, fingerprint: u64, plan_text: Option<&str>) -> bool {
+        if steps != self.steps as f64 {
+            return false;
+        }
+        match plan_text {
+            // A plan this build cannot read (a later build's) is another training's.
+            Some(text) => Plan::from_toml_str(text)
+                .is_ok_and(|saved| Identity::of(&saved).fingerprint == self.fingerprint),
+            None => [self.fingerprint, self.located, self.before_progress_timeout]
+                .contains(&fingerprint),
+        }
     }
 }
 
@@ -804,7 +835,7 @@ pub fn train_mpl(
                 &mut teacher_optimizer,
                 &mut student_optimizer,
             )
-            .load(&checkpoint, &mut state, &mut evaluation, identity);
+            .load(&checkpoint, &mut state, &mut evaluation, &identity);
             match loaded {
                 Ok(true) => tracing::info!(
                     step = state.step,
@@ -956,7 +987,7 @@ pub fn train_mpl(
                 &mut teacher_optimizer,
                 &mut student_optimizer,
             )
-            .tensors(&state, identity, evaluation);
+            .tensors(&state, &identity, evaluation);
             saver.save(tensors, &checkpoint)?;
         }
         if let (true, Some(means)) = (reporting, means) {

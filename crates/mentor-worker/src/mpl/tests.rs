@@ -425,7 +425,16 @@ fn the_resume_identity_follows_the_joint_training_settings_only() {
         ("min_workers = 2", "min_workers = 1"),
     ] {
         assert!(tiny.contains(from), "tiny-mpl.toml has no `{from}`");
-        assert_eq!(identity(&tiny.replacen(from, to, 1)), base, "{to}");
+        let other = identity(&tiny.replacen(from, to, 1));
+        assert_eq!(
+            (other.steps, other.fingerprint),
+            (base.steps, base.fingerprint),
+            "{to}"
+        );
+        assert!(
+            base.matches(other.steps as f64, 0, Some(&other.plan_text)),
+            "{to}"
+        );
     }
     for (from, to) in [
         ("seed = 1", "seed = 2"),
@@ -436,22 +445,42 @@ fn the_resume_identity_follows_the_joint_training_settings_only() {
         ),
     ] {
         assert!(tiny.contains(from), "tiny-mpl.toml has no `{from}`");
-        assert_ne!(identity(&tiny.replacen(from, to, 1)), base, "{to}");
+        let other = identity(&tiny.replacen(from, to, 1));
+        assert_ne!(other.fingerprint, base.fingerprint, "{to}");
+        assert!(
+            !base.matches(other.steps as f64, 0, Some(&other.plan_text)),
+            "{to}"
+        );
     }
     let longer = identity(&tiny.replacen("steps = 40", "steps = 41", 1));
     assert_ne!(longer.steps, base.steps);
-    assert!(!base.matches(longer.steps as f64, longer.fingerprint));
+    assert!(!base.matches(longer.steps as f64, longer.fingerprint, None));
     // The data's folder is where the data is, not what it is: a run moved to a machine that
     // keeps it elsewhere resumes, and saves made before the folder was left out of the
     // fingerprint (theirs has it) are still recognised.
     let from = "dir = \"/usr/share/datasets/fashion-mnist\"";
     assert!(tiny.contains(from), "tiny-mpl.toml has no `{from}`");
     let moved = identity(&tiny.replacen(from, "dir = \"/elsewhere/fashion-mnist\"", 1));
-    assert!(moved.matches(base.steps as f64, base.fingerprint));
-    assert!(base.matches(base.steps as f64, base.located));
+    assert!(moved.matches(base.steps as f64, base.fingerprint, None));
+    assert!(base.matches(base.steps as f64, base.located, None));
     let other_seed = identity(&tiny.replacen("seed = 1", "seed = 2", 1));
-    assert!(!base.matches(base.steps as f64, other_seed.fingerprint));
-    assert!(!base.matches(base.steps as f64, other_seed.located));
+    assert!(!base.matches(base.steps as f64, other_seed.fingerprint, None));
+    assert!(!base.matches(base.steps as f64, other_seed.located, None));
+    // Saves made before workers.progress_timeout_seconds: their plans' text had no such line.
+    assert!(base.matches(base.steps as f64, base.before_progress_timeout, None));
+    assert!(!base.matches(base.steps as f64, other_seed.before_progress_timeout, None));
+
+    // A save that records its plan is recognised by that plan read again, not by a
+    // fingerprint of the text the build that saved it wrote: the plan as written by hand
+    // (without the settings at their defaults, as a build that did not have them wrote it)
+    // is the same training, whatever the fingerprint says; another plan is not, nor a text
+    // this build cannot read.
+    assert!(base.matches(base.steps as f64, 0, Some(tiny)));
+    assert!(base.matches(base.steps as f64, 0, Some(&base.plan_text)));
+    let seed_two = tiny.replacen("seed = 1", "seed = 2", 1);
+    assert!(!base.matches(base.steps as f64, base.fingerprint, Some(&seed_two)));
+    let unknown = format!("{tiny}\n[future]\nsetting = 1\n");
+    assert!(!base.matches(base.steps as f64, base.fingerprint, Some(&unknown)));
 }
 
 /// The ranks of a resumed joint training check that they resume from one step. 33,000 is a
