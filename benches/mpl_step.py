@@ -108,7 +108,17 @@ def main():
                         help="batches drawn (and timed); the steps cycle through them")
     parser.add_argument("--channels-last", action="store_true",
                         help="models and inputs in torch.channels_last")
+    parser.add_argument("--keep-freed-memory", action="store_true",
+                        help="glibc keeps freed memory for reuse, as mentor's workers set it "
+                             "(one arena, no mmap per large block, no trim below 2 GB)")
     args = parser.parse_args()
+    if args.keep_freed_memory:
+        import ctypes
+        libc = ctypes.CDLL("libc.so.6")
+        # M_ARENA_MAX, M_MMAP_MAX, M_TRIM_THRESHOLD: what mentor_worker::memory sets.
+        for param, value in ((-8, 1), (-4, 0), (-1, 2**31 - 1)):
+            if libc.mallopt(param, value) != 1:
+                raise SystemExit(f"mallopt({param}, {value}) was refused")
     s = json.loads(args.settings)
     torch.set_num_threads(args.threads)
     torch.manual_seed(0)
