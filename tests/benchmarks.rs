@@ -101,7 +101,19 @@ fn labeling_benchmark_runs_the_service_and_pytorch() {
 #[test]
 fn model_and_mpl_step_benchmark_binaries_measure() {
     let run = |name: &str, args: &[&str]| -> Vec<serde_json::Value> {
-        stdout_of(Command::new(binary(name)), name, args)
+        // The allocator's settings are the benchmark's own, not the environment's.
+        let mut command = Command::new(binary(name));
+        command.env_remove("GLIBC_TUNABLES");
+        for variable in [
+            "MALLOC_ARENA_MAX",
+            "MALLOC_MMAP_MAX_",
+            "MALLOC_MMAP_THRESHOLD_",
+            "MALLOC_TRIM_THRESHOLD_",
+            "MALLOC_TOP_PAD_",
+        ] {
+            command.env_remove(variable);
+        }
+        stdout_of(command, name, args)
             .lines()
             .filter(|line| line.starts_with('{'))
             .map(|line| serde_json::from_str(line).expect("a JSON result"))

@@ -49,7 +49,8 @@ struct Args {
     advertise_host: String,
     /// On the CPU, keep the memory libtorch frees for reuse instead of returning it to the
     /// system (15-20% faster training steps, some 20% more peak memory); `false` leaves the C
-    /// allocator as it is. Malloc settings in GLIBC_TUNABLES take precedence.
+    /// allocator as it is. Malloc settings in GLIBC_TUNABLES or MALLOC_* variables take
+    /// precedence.
     #[arg(long, default_value_t = true, action = clap::ArgAction::Set)]
     keep_freed_memory: bool,
 }
@@ -507,7 +508,7 @@ async fn run(
     match freed_memory {
         Some(FreedMemory::Kept) => tracing::debug!("freed memory is kept for reuse"),
         Some(FreedMemory::LeftToTunables) => {
-            tracing::info!("the allocator follows the malloc settings of GLIBC_TUNABLES")
+            tracing::info!("the allocator follows the malloc settings of the environment")
         }
         Some(FreedMemory::Refused) => tracing::info!(
             "the C library refused to keep freed memory for reuse: training runs as it allocates"

@@ -15,12 +15,21 @@
 pub enum FreedMemory {
     /// Large blocks come from the heap and freed memory stays in it.
     Kept,
-    /// `GLIBC_TUNABLES` sets the allocator's own `glibc.malloc.*` settings: they are left as
-    /// they are.
+    /// `GLIBC_TUNABLES` sets the allocator's own `glibc.malloc.*` settings, or one of glibc's
+    /// older `MALLOC_*` variables is set: they are left as they are.
     LeftToTunables,
     /// The C library refused the settings (not glibc, say).
     Refused,
 }
+
+/// glibc's older environment variables for the settings [`keep_freed_memory`] makes.
+pub const MALLOC_VARIABLES: [&str; 5] = [
+    "MALLOC_ARENA_MAX",
+    "MALLOC_MMAP_MAX_",
+    "MALLOC_MMAP_THRESHOLD_",
+    "MALLOC_TRIM_THRESHOLD_",
+    "MALLOC_TOP_PAD_",
+];
 
 /// Whether `tunables` (a `GLIBC_TUNABLES` value) sets any of glibc's malloc settings.
 pub fn sets_malloc_tunables(tunables: &str) -> bool {
@@ -31,11 +40,18 @@ pub fn sets_malloc_tunables(tunables: &str) -> bool {
 
 /// Makes glibc serve large blocks from its main heap and keep freed memory there for reuse
 /// (one arena for every thread, no `mmap` per large block, no trimming of the heap below
-/// 2 GB), unless `GLIBC_TUNABLES` says how the allocator should behave. For processes that
+/// 2 GB), unless `GLIBC_TUNABLES` or a `MALLOC_*` variable says how the allocator should
+/// behave. For processes that
 /// train on the CPU; call it before any thread starts (a thread that already has an arena of
 /// its own keeps it).
 pub fn keep_freed_memory() -> FreedMemory {
-    if std::env::var("GLIBC_TUNABLES").is_ok_and(|tunables| sets_malloc_tunables(&tunables)) {
+    let tunables =
+        std::env::var("GLIBC_TUNABLES").is_ok_and(|tunables| sets_malloc_tunables(&tunables));
+    if tunables
+        || MALLOC_VARIABLES
+            .iter()
+            .any(|name| std::env::var_os(name).is_some())
+    {
         return FreedMemory::LeftToTunables;
     }
     if set_malloc_options() {

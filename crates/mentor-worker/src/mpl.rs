@@ -755,8 +755,10 @@ impl Identity {
             return false;
         }
         match plan_text {
-            // A plan this build cannot read (a later build's) is another training's.
-            Some(text) => Plan::from_toml_str(text)
+            // Read as recorded, unchecked: a setting this build's checks refuse may have been
+            // valid when it was saved (and a resume may change it). A plan this build cannot
+            // read (a later build's settings) is another training's.
+            Some(text) => Plan::from_recorded_toml(text)
                 .is_ok_and(|saved| Identity::of(&saved).fingerprint == self.fingerprint),
             None => [self.fingerprint, self.located, self.before_progress_timeout]
                 .contains(&fingerprint),

@@ -34,9 +34,9 @@ struct Args {
 
 fn main() -> anyhow::Result<()> {
     let args = Args::parse();
-    tch::set_num_threads(args.threads);
-    // As the workers do on the CPU.
+    // As the workers do on the CPU, before libtorch starts its threads.
     mentor_worker::memory::keep_freed_memory();
+    tch::set_num_threads(args.threads);
     let plan_text = format!(
         r#"
 version = 1

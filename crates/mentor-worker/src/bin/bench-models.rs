@@ -68,13 +68,13 @@ fn model_plan(name: &str) -> anyhow::Result<ModelPlan> {
 
 fn main() -> anyhow::Result<()> {
     let args = Args::parse();
-    if args.threads > 0 {
-        tch::set_num_threads(args.threads);
-    }
     let device = mentor_worker::parse_device(&args.device).map_err(anyhow::Error::msg)?;
     if device == tch::Device::Cpu {
-        // As the workers do.
+        // As the workers do, before libtorch starts its threads.
         mentor_worker::memory::keep_freed_memory();
+    }
+    if args.threads > 0 {
+        tch::set_num_threads(args.threads);
     }
     for name in args
         .models

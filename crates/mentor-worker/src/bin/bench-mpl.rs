@@ -42,11 +42,12 @@ struct Args {
 
 fn main() -> anyhow::Result<()> {
     let args = Args::parse();
-    tch::set_num_threads(args.threads);
-    tch::manual_seed(0);
     let device = mentor_worker::parse_device(&args.device).map_err(anyhow::Error::msg)?;
+    // Before libtorch starts its threads.
     let freed_memory = (device == tch::Device::Cpu && args.keep_freed_memory)
         .then(mentor_worker::memory::keep_freed_memory);
+    tch::set_num_threads(args.threads);
+    tch::manual_seed(0);
     let plan = Plan::load(&args.plan).with_context(|| args.plan.display().to_string())?;
     let mpl = plan
         .mpl

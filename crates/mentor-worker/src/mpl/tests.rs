@@ -481,6 +481,15 @@ fn the_resume_identity_follows_the_joint_training_settings_only() {
     assert!(!base.matches(base.steps as f64, base.fingerprint, Some(&seed_two)));
     let unknown = format!("{tiny}\n[future]\nsetting = 1\n");
     assert!(!base.matches(base.steps as f64, base.fingerprint, Some(&unknown)));
+    // A setting that does not shape the training, valid when saved, refused by this build's
+    // checks: still this training.
+    let refused_now = tiny.replacen(
+        "heartbeat_timeout_seconds = 10",
+        "heartbeat_timeout_seconds = 0",
+        1,
+    );
+    assert!(Plan::from_toml_str(&refused_now).is_err(), "0 s is refused");
+    assert!(base.matches(base.steps as f64, 0, Some(&refused_now)));
 }
 
 /// The ranks of a resumed joint training check that they resume from one step. 33,000 is a
