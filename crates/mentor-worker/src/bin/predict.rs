@@ -63,10 +63,14 @@ struct Args {
 
 fn main() -> anyhow::Result<()> {
     let args = Args::parse();
+    let device = mentor_worker::parse_device(&args.device).map_err(anyhow::Error::msg)?;
+    if device == tch::Device::Cpu {
+        // As the workers do, before libtorch starts its threads.
+        mentor_worker::memory::keep_freed_memory();
+    }
     if args.threads > 0 {
         tch::set_num_threads(args.threads);
     }
-    let device = mentor_worker::parse_device(&args.device).map_err(anyhow::Error::msg)?;
     let (mut plan, source, note) = match (&args.state_dir, &args.plan, &args.checkpoint) {
         (Some(dir), _, _) => final_student(dir)?,
         (None, Some(plan), Some(checkpoint)) => {
