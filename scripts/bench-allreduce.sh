@@ -59,6 +59,6 @@ for (impl, world, size) in sorted(k for k in by if k[0] == "mentor-ring"):
     ring, gloo = by[(impl, world, size)], by.get(("gloo", world, size))
     if not gloo:
         continue
-    print(f"{world:>2} {size/2**20:>6.0f}MB {ring['algbw_gbps']:>11.2f} {ring['busbw_gbps']:>11.2f} "
-          f"{gloo['algbw_gbps']:>11.2f} {gloo['busbw_gbps']:>11.2f} {ring['busbw_gbps']/gloo['busbw_gbps']:>12.2f}")
+    print(f"{world:>2} {size/2**20:>6.0f}MB {ring['algbw_gbps']:>11.3f} {ring['busbw_gbps']:>11.3f} "
+          f"{gloo['algbw_gbps']:>11.3f} {gloo['busbw_gbps']:>11.3f} {ring['busbw_gbps']/gloo['busbw_gbps']:>12.2f}")
 PY
