@@ -507,7 +507,7 @@ async fn run(
     mentor_telemetry::init(&args.log_format);
     match freed_memory {
         Some(FreedMemory::Kept) => tracing::debug!("freed memory is kept for reuse"),
-        Some(FreedMemory::LeftToTunables) => {
+        Some(FreedMemory::LeftToEnvironment) => {
             tracing::info!("the allocator follows the malloc settings of the environment")
         }
         Some(FreedMemory::Refused) => tracing::info!(

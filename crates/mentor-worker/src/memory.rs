@@ -17,7 +17,7 @@ pub enum FreedMemory {
     Kept,
     /// `GLIBC_TUNABLES` sets the allocator's own `glibc.malloc.*` settings, or one of glibc's
     /// older `MALLOC_*` variables is set: they are left as they are.
-    LeftToTunables,
+    LeftToEnvironment,
     /// The C library refused the settings (not glibc, say).
     Refused,
 }
@@ -52,7 +52,7 @@ pub fn keep_freed_memory() -> FreedMemory {
             .iter()
             .any(|name| std::env::var_os(name).is_some())
     {
-        return FreedMemory::LeftToTunables;
+        return FreedMemory::LeftToEnvironment;
     }
     if set_malloc_options() {
         FreedMemory::Kept
