@@ -1,7 +1,7 @@
 //! The coordinator's own step of a round: write the manifest, decide the global filter and
 //! balance from the shards' confidence histograms, and write the selection the student's loader
-//! applies. No label is loaded here, except to rebuild the histogram of a shard whose labeler did
-//! not report one (a run resumed from an older state file).
+//! applies. No label is loaded here, except to rebuild the histogram of a shard whose histogram
+//! file is missing or damaged (see [`save_histogram`]).
 //!
 //! Blocking I/O: run it on a blocking thread, never on a tokio worker.
 
@@ -12,14 +12,85 @@ use mentor_labels::{
     SelectionConfig, SelectionFile, ShardStore,
 };
 use mentor_plan::Plan;
+use serde::{Deserialize, Serialize};
 
-use crate::state::RoundRecord;
+use crate::state::{RoundRecord, RunPaths, ShardRecord};
+
+/// A shard's confidence histogram in its own file, named by the shard it counts.
+#[derive(Serialize, Deserialize)]
+struct HistogramFile {
+    key: String,
+    sha256: String,
+    histogram: Histogram,
+}
+
+/// Writes the histogram a labeler reported for `shard` of `round` to its own file, once, so that
+/// `state.json` does not carry it (see [`ShardRecord::histogram`]). Not flushed to the disk: the
+/// file is a record of what the filter could recompute, and one lost or cut short by a crash of
+/// the machine is recomputed from the shard.
+pub fn save_histogram(
+    paths: &RunPaths,
+    round: u32,
+    shard: &ShardRecord,
+    histogram: &Histogram,
+) -> std::io::Result<()> {
+    let path = paths.histogram(round, shard.index);
+    let file = HistogramFile {
+        key: shard.key.clone(),
+        sha256: shard.sha256.clone(),
+        histogram: histogram.clone(),
+    };
+    let json = serde_json::to_vec(&file).map_err(std::io::Error::other)?;
+    if let Some(parent) = path.parent() {
+        std::fs::create_dir_all(parent)?;
+    }
+    let temporary = path.with_extension("tmp");
+    std::fs::write(&temporary, json)?;
+    std::fs::rename(&temporary, &path)
+}
+
+/// The histogram file of `shard` of `round`, when it is there and counts this very shard (its
+/// key and SHA-256, its examples) in this shape; else None (with a warning when a file was
+/// there), and the shard's labels are counted again.
+fn load_histogram(
+    paths: &RunPaths,
+    round: u32,
+    shard: &ShardRecord,
+    classes: usize,
+    min_confidence: f32,
+) -> Option<Histogram> {
+    let path = paths.histogram(round, shard.index);
+    let bytes = std::fs::read(&path).ok()?;
+    let why = match serde_json::from_slice::<HistogramFile>(&bytes) {
+        Err(e) => e.to_string(),
+        Ok(file) if file.key != shard.key || file.sha256 != shard.sha256 => {
+            format!("it counts `{}` ({})", file.key, file.sha256)
+        }
+        // Another filter setting (a failed filter retried with another `min_confidence`): no
+        // fault of the file.
+        Ok(file)
+            if file.histogram.classes != classes
+                || file.histogram.min_confidence != min_confidence =>
+        {
+            return None
+        }
+        Ok(file) if file.histogram.total() != shard.examples => format!(
+            "it counts {} examples, the shard has {}",
+            file.histogram.total(),
+            shard.examples
+        ),
+        Ok(file) => return Some(file.histogram),
+    };
+    tracing::warn!(path = %path.display(), shard = %shard.key, reason = %why, "a histogram file does not fit its shard: the shard's labels are counted again");
+    None
+}
 
 /// Writes the round's manifest, decides the selection and writes it to `selection_path`.
 /// Returns the number of distinct examples kept.
 pub fn filter_round(
     plan: &Plan,
     round: &RoundRecord,
+    paths: &RunPaths,
     store: &ShardStore,
     selection_path: &Path,
 ) -> Result<u64, String> {
@@ -33,17 +104,19 @@ pub fn filter_round(
     let mut total = Histogram::new(classes, min_confidence);
     let mut shards = Vec::with_capacity(round.shards.len());
     for shard in &round.shards {
-        let histogram = match &shard.histogram {
-            Some(histogram)
-                if histogram.classes == classes && histogram.min_confidence == min_confidence =>
-            {
-                histogram.clone()
-            }
-            _ => {
-                let (_, labels) = read_shard(store, &shard.key, Some(&shard.sha256))
-                    .map_err(|e| e.to_string())?;
-                shard_histogram(&labels, classes, min_confidence)
-            }
+        let reported = shard.histogram.as_ref().filter(|histogram| {
+            histogram.classes == classes && histogram.min_confidence == min_confidence
+        });
+        let histogram = match reported {
+            Some(histogram) => histogram.clone(),
+            None => match load_histogram(paths, round.round, shard, classes, min_confidence) {
+                Some(histogram) => histogram,
+                None => {
+                    let (_, labels) = read_shard(store, &shard.key, Some(&shard.sha256))
+                        .map_err(|e| e.to_string())?;
+                    shard_histogram(&labels, classes, min_confidence)
+                }
+            },
         };
         if histogram.total() != shard.examples {
             return Err(format!(
@@ -71,7 +144,7 @@ pub fn filter_round(
         top_k: plan.top_k(),
         classes: plan.data.classes,
         examples: round.examples,
-        shards: shards.clone(),
+        shards,
     };
     // The manifest is written last, after every shard is committed.
     store
@@ -88,6 +161,11 @@ pub fn filter_round(
         },
     );
     let kept = selection.kept();
+    // Every student worker reads the selection: the shards' histograms stay in the manifest.
+    let mut shards = manifest.shards;
+    for shard in &mut shards {
+        shard.histogram = None;
+    }
     let file = SelectionFile {
         format_version: mentor_labels::FORMAT_VERSION,
         round: round.round,

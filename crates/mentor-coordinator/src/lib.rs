@@ -630,6 +630,17 @@ impl Coordinator {
         if let Some(old) = &moved_from {
             rebase_selections(&run_dir, old).map_err(state_store_error)?;
         }
+        // A state written before histograms had files of their own carries them: they move out,
+        // once nothing can refuse the run (the next save leaves them out of `state.json`).
+        for round in &mut state.rounds {
+            for shard in &mut round.shards {
+                if let Some(histogram) = &shard.histogram {
+                    if filter::save_histogram(&state.paths, round.round, shard, histogram).is_ok() {
+                        shard.histogram = None;
+                    }
+                }
+            }
+        }
         let plan_most_ranks = plan
             .training_batches()
             .iter()
@@ -1400,10 +1411,37 @@ impl Coordinator {
             }
             _ => tracing::info!(run = %self.state.run_id, worker = %id, task = %task, "task done"),
         }
+        let outcome = match outcome {
+            TaskOutcome::Labeled(shard) if current => {
+                let round = self.state.tasks.get(task).map_or(0, |record| record.round);
+                TaskOutcome::Labeled(self.keep_histogram_aside(round, shard))
+            }
+            outcome => outcome,
+        };
         let effects = self.state.complete(task, id, attempt, outcome);
         self.log_effects(&effects);
         self.persist_or_log();
         Ok(effects)
+    }
+
+    /// Writes the histogram of a labeled shard to its own file and leaves it out of the record
+    /// (see [`state::ShardRecord::histogram`]); one that cannot be written stays in memory (a
+    /// restart then counts that shard's labels again).
+    fn keep_histogram_aside(
+        &self,
+        round: u32,
+        mut shard: state::ShardRecord,
+    ) -> state::ShardRecord {
+        if let Some(histogram) = &shard.histogram {
+            match filter::save_histogram(&self.state.paths, round, &shard, histogram) {
+                Ok(()) => shard.histogram = None,
+                Err(error) => {
+                    let path = self.state.paths.histogram(round, shard.index);
+                    tracing::warn!(path = %path.display(), %error, "could not write a shard's histogram: the filter counts its labels again if the coordinator restarts first");
+                }
+            }
+        }
+        shard
     }
 
     fn log_effects(&self, effects: &[Effect]) {
@@ -3393,5 +3431,175 @@ mod tests {
             std::fs::read_to_string(existing.join("notes.txt")).expect("kept"),
             "mine"
         );
+    }
+
+    /// Labels every shard of the one-worker tiny run's first round as a labeler does: the shard
+    /// committed to the store, its histogram reported.
+    fn label_every_shard(coordinator: &mut Coordinator, a: &WorkerId, now: Instant) {
+        let plan = coordinator.plan.clone();
+        let (classes, min_confidence) = (
+            plan.data.classes as usize,
+            plan.pseudo_labels.min_confidence as f32,
+        );
+        while coordinator.state.phase == Phase::Label {
+            let assignment = next_label_task(coordinator, a, now);
+            let TaskSpec::Label {
+                shard_index,
+                start,
+                end,
+                ..
+            } = assignment.task.spec
+            else {
+                unreachable!()
+            };
+            let top_k = plan.top_k() as usize;
+            let rows = (start..end).map(|id| id as i64).collect::<Vec<_>>();
+            let class_ids = rows
+                .iter()
+                .flat_map(|&id| (0..top_k).map(move |k| ((id as usize + k) % classes) as u16))
+                .collect();
+            let probs = rows
+                .iter()
+                .flat_map(|&id| {
+                    let top = 0.4 + (id % 60) as f32 / 100.0;
+                    (0..top_k).map(move |k| if k == 0 { top } else { (1.0 - top) / 4.0 })
+                })
+                .collect();
+            let labels =
+                mentor_labels::SoftLabels::new(top_k, rows, class_ids, probs).expect("labels");
+            let header = mentor_labels::ShardHeader {
+                round: 1,
+                teacher_checkpoint: "teacher".into(),
+                temperature: plan.pseudo_labels.temperature,
+                classes: plan.data.classes,
+            };
+            let bytes = mentor_labels::encode_shard(&header, &labels).expect("encode");
+            let key = mentor_labels::shard_key(1, shard_index);
+            coordinator
+                .store
+                .put(&key, &bytes)
+                .expect("commit the shard");
+            let shard = state::ShardRecord {
+                index: shard_index,
+                key,
+                examples: labels.len() as u64,
+                sha256: mentor_labels::sha256_hex(&bytes),
+                bytes: bytes.len() as u64,
+                histogram: Some(mentor_labels::shard_histogram(
+                    &labels,
+                    classes,
+                    min_confidence,
+                )),
+            };
+            coordinator
+                .complete(a, &assignment.task.id, 1, TaskOutcome::Labeled(shard), now)
+                .expect("complete");
+        }
+        assert_eq!(coordinator.state.phase, Phase::Filter);
+    }
+
+    /// Runs the round's filter as the service does; the examples kept and the selection file.
+    fn filter_now(coordinator: &Coordinator) -> (u64, Vec<u8>) {
+        let path = coordinator.state.paths.selection(1);
+        let kept = filter::filter_round(
+            &coordinator.plan,
+            coordinator.state.current_round(),
+            &coordinator.state.paths,
+            &coordinator.store,
+            &path,
+        )
+        .expect("filter");
+        (kept, std::fs::read(&path).expect("selection"))
+    }
+
+    /// `state.json`, rewritten at every change of a run, carries no shard's histogram: each is
+    /// written once to a file of its own, which the filter reads; one missing or damaged is
+    /// counted again from its shard, to the same selection; a state written before (histograms
+    /// inside) gives them their files when the run resumes.
+    #[test]
+    fn shard_histograms_live_in_files_of_their_own_not_in_the_state_file() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let start = Instant::now();
+        let (mut coordinator, a, teacher) = one_worker_with_a_teacher_task(dir.path(), start);
+        complete_trained(&mut coordinator, &a, &teacher, dir.path(), start);
+        label_every_shard(&mut coordinator, &a, start);
+        let paths = coordinator.state.paths.clone();
+        let store = coordinator.store.clone();
+        let shards = coordinator.state.current_round().shards.clone();
+        assert_eq!(shards.len(), 4, "the tiny plan's shards");
+        let state_file = std::fs::read_to_string(paths.state_file()).expect("state");
+        assert!(
+            !state_file.contains("histogram") && !state_file.contains("nonzero"),
+            "the state file carries histograms"
+        );
+        for shard in &shards {
+            assert_eq!(shard.histogram, None, "kept in memory: {shard:?}");
+            assert!(paths.histogram(1, shard.index).exists(), "{shard:?}");
+        }
+
+        // The filter from the histogram files, no label read (the shards' files are damaged
+        // meanwhile); the manifest lists each shard's histogram, the selection (every student
+        // reads it) none.
+        let committed: Vec<Vec<u8>> = shards
+            .iter()
+            .map(|shard| store.get(&shard.key).expect("shard"))
+            .collect();
+        for shard in &shards {
+            store.put(&shard.key, b"not a shard").expect("damage");
+        }
+        let (kept, selection) = filter_now(&coordinator);
+        for (shard, bytes) in shards.iter().zip(&committed) {
+            store.put(&shard.key, bytes).expect("restore");
+        }
+        assert!(kept > 0);
+        let manifest_key = mentor_labels::manifest_key(1);
+        let manifest = mentor_labels::Manifest::from_json(
+            &manifest_key,
+            &coordinator.store.get(&manifest_key).expect("manifest"),
+        )
+        .expect("manifest");
+        assert!(manifest
+            .shards
+            .iter()
+            .all(|shard| shard.histogram.is_some()));
+        let file = mentor_labels::SelectionFile::from_json("selection", &selection).expect("read");
+        assert!(file.shards.iter().all(|shard| shard.histogram.is_none()));
+
+        // One histogram file damaged, one of another shard's labels, one gone: after a restart
+        // the filter counts those shards again and decides the same.
+        drop(coordinator);
+        std::fs::write(paths.histogram(1, 0), b"{ cut short").expect("damage");
+        std::fs::copy(paths.histogram(1, 2), paths.histogram(1, 1)).expect("swap");
+        std::fs::remove_file(paths.histogram(1, 3)).expect("remove");
+        let coordinator = Coordinator::open(one_worker_plan(), dir.path()).expect("resume");
+        assert_eq!(filter_now(&coordinator), (kept, selection.clone()));
+
+        // A state file of an earlier version, histograms inside and no histogram files.
+        drop(coordinator);
+        let mut old: serde_json::Value = serde_json::from_str(&state_file).expect("json");
+        let plan = one_worker_plan();
+        for (i, shard) in shards.iter().enumerate() {
+            let (_, labels) =
+                mentor_labels::read_shard(&store, &shard.key, Some(&shard.sha256)).expect("read");
+            let histogram = mentor_labels::shard_histogram(
+                &labels,
+                plan.data.classes as usize,
+                plan.pseudo_labels.min_confidence as f32,
+            );
+            old["rounds"][0]["shards"][i]["histogram"] =
+                serde_json::to_value(&histogram).expect("histogram");
+        }
+        std::fs::remove_dir_all(dir.path().join("histograms")).expect("remove");
+        std::fs::write(paths.state_file(), serde_json::to_vec(&old).expect("json")).expect("write");
+        let coordinator = Coordinator::open(one_worker_plan(), dir.path()).expect("resume");
+        for shard in &shards {
+            assert!(paths.histogram(1, shard.index).exists(), "{shard:?}");
+        }
+        let state_file = std::fs::read_to_string(paths.state_file()).expect("state");
+        assert!(
+            !state_file.contains("histogram"),
+            "the old histograms stayed"
+        );
+        assert_eq!(filter_now(&coordinator), (kept, selection));
     }
 }

@@ -178,16 +178,18 @@ fn spawn_effects(shared: &Shared, effects: Vec<Effect>) {
         if let Effect::Filter { round, selection } = effect {
             let shared = shared.clone();
             tokio::task::spawn_blocking(move || {
-                let (plan, record, store) = {
+                let (plan, record, paths, store) = {
                     let coordinator = lock(&shared);
                     (
                         coordinator.plan.clone(),
                         coordinator.state.current_round().clone(),
+                        coordinator.state.paths.clone(),
                         coordinator.store.clone(),
                     )
                 };
-                let result = crate::filter::filter_round(&plan, &record, &store, &selection)
-                    .map(|kept| (kept, selection));
+                let result =
+                    crate::filter::filter_round(&plan, &record, &paths, &store, &selection)
+                        .map(|kept| (kept, selection));
                 let more = lock(&shared).filter_finished(round, result);
                 spawn_effects(&shared, more);
             });

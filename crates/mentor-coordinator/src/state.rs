@@ -319,8 +319,12 @@ pub struct ShardRecord {
     pub examples: u64,
     pub sha256: String,
     pub bytes: u64,
-    /// Top-class confidence counts the labeler took of the shard (what the filter adds up).
-    #[serde(default)]
+    /// Top-class confidence counts the labeler took of the shard (what the filter adds up),
+    /// until they are written to their own file ([`RunPaths::histogram`]). Never written to
+    /// `state.json`, which is rewritten whole at every change of the run: a thousand classes
+    /// make a shard's histogram up to a hundred kilobytes, rewritten thousands of times a round
+    /// if it stayed there. (States written before read back with them.)
+    #[serde(default, skip_serializing)]
     pub histogram: Option<mentor_labels::Histogram>,
 }
 
@@ -408,6 +412,15 @@ impl RunPaths {
 
     pub fn state_file(&self) -> PathBuf {
         self.run_dir.join("state.json")
+    }
+
+    /// The confidence histogram a labeler reported for shard `index` of `round`, kept out of
+    /// `state.json` (see [`ShardRecord::histogram`]).
+    pub fn histogram(&self, round: u32, index: u32) -> PathBuf {
+        self.run_dir
+            .join("histograms")
+            .join(format!("round-{round}"))
+            .join(format!("shard-{index:05}.json"))
     }
 }
 
