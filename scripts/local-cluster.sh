@@ -40,7 +40,7 @@ listen="127.0.0.1:0"
 bin_dir=""
 reopen=()
 
-usage() { sed -n '2,28p' "$0"; }
+usage() { sed -n '2,30p' "$0"; }
 while [ $# -gt 0 ]; do
   case "$1" in
     --plan) plan="${2:?--plan needs a file}"; shift 2 ;;
@@ -98,16 +98,17 @@ else
 fi
 
 # What the run will do, checked as the run will check it: a refused plan stops here, naming
-# the field or file; with --state-dir, a run recorded there is checked as a resume. (Binaries
-# from before `mentor plan` or its --state-dir, through --bin-dir, answer 2: skipped.)
+# the field or file; with --state-dir, a run recorded there is checked as the coordinator will
+# reopen it (another plan's run is refused here). (Binaries from before `mentor plan`, its
+# --state-dir or its --redo-finetune and --retry-failed, through --bin-dir, answer 2: skipped.)
 plan_check=0
-"$BIN/mentor" plan "$plan" ${state_dir:+--state-dir "$state_dir"} >&2 || plan_check=$?
+"$BIN/mentor" plan "$plan" ${state_dir:+--state-dir "$state_dir"} ${reopen[@]+"${reopen[@]}"} >&2 || plan_check=$?
 if [ "$plan_check" -eq 1 ]; then
   exit 2
 fi
 # What the workers must be for this plan: enough of them to start, one GPU each under NCCL.
 if [ "$plan_check" -eq 0 ]; then
-  resolved="$("$BIN/mentor" plan "$plan" --resolved ${state_dir:+--state-dir "$state_dir"} 2>/dev/null || true)"
+  resolved="$("$BIN/mentor" plan "$plan" --resolved ${state_dir:+--state-dir "$state_dir"} ${reopen[@]+"${reopen[@]}"} 2>/dev/null || true)"
   workers_value() {
     awk -v key="$1" '/^\[/ { table = $0 } table == "[workers]" && $1 == key { gsub(/"/, "", $3); print $3 }' <<<"$resolved"
   }

@@ -5,7 +5,11 @@
 use std::path::Path;
 use std::process::Output;
 
-use mentor_e2e::{binary, tiny_plan_with, workspace_root};
+use std::time::Duration;
+
+use mentor_e2e::{
+    binary, saved_state, start_coordinator, tiny_plan_with, wait_for, workspace_root,
+};
 use mentor_plan::Plan;
 
 fn mentor_plan(args: &[&str], plan: &Path) -> Output {
@@ -163,14 +167,62 @@ fn bad_plans_and_data_are_refused_naming_what_is_wrong() {
         "{stderr}"
     );
     // For a run recorded with it (an earlier build's), which resumes with its plan: accepted.
+    // (A real run of the tiny plan, its recorded plan then given that setting, as such a build
+    // recorded it.)
     let recorded = dir.path().join("recorded-run");
-    std::fs::create_dir_all(&recorded).expect("run dir");
-    std::fs::write(recorded.join("state.json"), "{}").expect("state");
-    let output = mentor_plan(
-        &["--state-dir", recorded.to_str().expect("utf-8")],
-        &dir.path().join("unused.toml"),
-    );
+    let tiny = dir.path().join("tiny.toml");
+    std::fs::write(&tiny, tiny_plan_with(&[])).expect("write plan");
+    let (mut coordinator, _) = start_coordinator(&tiny, &recorded);
+    coordinator.signal("-TERM");
+    wait_for("the coordinator to stop", Duration::from_secs(30), || {
+        (!coordinator.is_running()).then_some(())
+    });
+    let mut state = saved_state(&recorded);
+    let recorded_plan = state["plan_toml"]
+        .as_str()
+        .expect("plan_toml")
+        .replacen("per_class = 0", "per_class = 50", 1)
+        .replacen("balance = true", "balance = false", 1);
+    assert!(recorded_plan.contains("per_class = 50") && recorded_plan.contains("balance = false"));
+    state["plan_toml"] = recorded_plan.into();
+    std::fs::write(recorded.join("state.json"), state.to_string()).expect("state");
+    let state_dir = ["--state-dir", recorded.to_str().expect("utf-8")];
+    let output = mentor_plan(&state_dir, &dir.path().join("unused.toml"));
     assert_eq!(output.status.code(), Some(0), "{}", text(&output.stderr));
+
+    // Another plan for that run: refused as the coordinator would refuse it, naming the
+    // difference (a run started then would stop at once).
+    let other = dir.path().join("other.toml");
+    let other_text = tiny_plan_with(&[("top_k = 3", "top_k = 4\nbalance = false\nper_class = 50")]);
+    std::fs::write(&other, other_text).expect("write plan");
+    let output = mentor_plan(&state_dir, &other);
+    assert_eq!(output.status.code(), Some(1));
+    let stderr = text(&output.stderr);
+    assert!(
+        stderr.contains("other.toml")
+            && stderr.contains("holds a run of another plan")
+            && stderr.contains("pseudo_labels.top_k: 3 -> 4"),
+        "{stderr}"
+    );
+    // Nor is there a finetune to redo or a failure to retry in it.
+    for (flag, why) in [
+        ("--redo-finetune", "cannot redo the finetune"),
+        ("--retry-failed", "it has not failed"),
+    ] {
+        let output = mentor_plan(
+            &[state_dir[0], state_dir[1], flag],
+            &dir.path().join("unused.toml"),
+        );
+        assert_eq!(output.status.code(), Some(1), "{flag}");
+        let stderr = text(&output.stderr);
+        assert!(stderr.contains(why), "{flag}: {stderr}");
+    }
+    // A state file that cannot be read is named.
+    std::fs::write(recorded.join("state.json"), "{ cut short").expect("state");
+    let output = mentor_plan(&state_dir, &tiny);
+    assert_eq!(output.status.code(), Some(1));
+    let stderr = text(&output.stderr);
+    assert!(stderr.contains("unreadable state.json"), "{stderr}");
 
     let stderr = refused(
         "no-data.toml",

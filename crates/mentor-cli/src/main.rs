@@ -9,7 +9,9 @@ use std::io::IsTerminal;
 use std::path::PathBuf;
 use std::time::Duration;
 
+use anyhow::Context;
 use clap::{Parser, Subcommand};
+use mentor_coordinator::{Coordinator, Reopen};
 use mentor_proto::coordinator::v1 as pb;
 use pb::status_service_client::StatusServiceClient;
 use serde_json::{json, Value};
@@ -65,10 +67,18 @@ enum Command {
         /// Print the plan with every default written out (what the run records) instead.
         #[arg(long)]
         resolved: bool,
-        /// The run directory the plan is for: a run recorded there resumes with its plan, so
-        /// settings that would do nothing (refused for a new run) pass.
+        /// The run directory the plan is for: a run recorded there is checked as the
+        /// coordinator would resume it (the plan must be the run's, up to the settings a
+        /// resumed run may change), and settings that would do nothing (refused for a new run)
+        /// pass.
         #[arg(long, value_name = "DIR")]
         state_dir: Option<PathBuf>,
+        /// Check the plan as the coordinator's --redo-finetune takes it (with --state-dir).
+        #[arg(long, requires = "state_dir", conflicts_with = "retry_failed")]
+        redo_finetune: bool,
+        /// Check the plan as the coordinator's --retry-failed takes it (with --state-dir).
+        #[arg(long, requires = "state_dir")]
+        retry_failed: bool,
     },
 }
 
@@ -658,14 +668,23 @@ fn text_without_clock(text: &str) -> String {
         .join("\n")
 }
 
-/// `mentor plan`: 0 when the plan and its data would start a run, 1 when refused.
+/// `mentor plan`: 0 when the plan and its data would start a run (or reopen the one in
+/// `state_dir` the way `how` says), 1 when refused.
 fn check_plan(
     path: &std::path::Path,
     resolved: bool,
     state_dir: Option<&std::path::Path>,
+    how: Reopen,
 ) -> anyhow::Result<i32> {
     let resumes = state_dir.is_some_and(|dir| dir.join("state.json").exists());
-    match plan::check(path, !resumes) {
+    let checked = plan::check(path, !resumes).and_then(|(plan, data)| {
+        if let Some(dir) = state_dir {
+            Coordinator::check_reopen(&plan, dir, how)
+                .with_context(|| format!("plan `{}` for {}", path.display(), dir.display()))?;
+        }
+        Ok((plan, data))
+    });
+    match checked {
         Ok((plan, data)) => {
             if resolved {
                 emit(&plan.to_toml_string());
@@ -703,7 +722,16 @@ async fn main() {
             plan,
             resolved,
             state_dir,
-        } => check_plan(&plan, resolved, state_dir.as_deref()),
+            redo_finetune,
+            retry_failed,
+        } => {
+            let how = match (redo_finetune, retry_failed) {
+                (true, _) => Reopen::RedoFinetune,
+                (_, true) => Reopen::RetryFailed,
+                _ => Reopen::Resume,
+            };
+            check_plan(&plan, resolved, state_dir.as_deref(), how)
+        }
     };
     match code {
         Ok(code) => std::process::exit(code),

@@ -70,7 +70,7 @@ pub enum CoordinatorError {
 
 /// How a run directory is opened.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
-enum Reopen {
+pub enum Reopen {
     /// Resume the run saved there (or start one).
     Resume,
     /// `--redo-finetune`: finetune a Meta Pseudo Labels run's student again.
@@ -225,6 +225,76 @@ fn redo_finetune_of(state: &mut RunState, plan: &Plan, dir: &Path) -> Result<(),
         previous_finetuned_accuracy = ?previous,
         "redoing the finetune of the student"
     );
+    Ok(())
+}
+
+/// The refusal of `--redo-finetune` or `--retry-failed` on a directory that holds no run.
+fn no_saved_run(run_dir: &Path, how: Reopen) -> CoordinatorError {
+    let (dir, reason) = (
+        run_dir.to_path_buf(),
+        "it holds no run (no state.json)".into(),
+    );
+    match how {
+        Reopen::RedoFinetune => CoordinatorError::RedoFinetune { dir, reason },
+        _ => CoordinatorError::RetryFailed { dir, reason },
+    }
+}
+
+/// Checks that `plan` may open the run recorded in `state` the way `how` says, and makes the
+/// state that run's (its plan the new one where they may differ; a finetune to redo or a failed
+/// phase to retry set up). Nothing is written.
+fn reopen(
+    state: &mut RunState,
+    plan: &Plan,
+    how: Reopen,
+    run_dir: &Path,
+) -> Result<(), CoordinatorError> {
+    if how == Reopen::RedoFinetune {
+        redo_finetune_of(state, plan, run_dir)?;
+    } else if state.plan_toml != plan.to_toml_string() {
+        // The text may differ in form alone (a run recorded by an older version); the
+        // settings decide.
+        // `data.dir` says where the data is, not what it is: a run moved to another
+        // machine reads the same files from wherever they are there.
+        let difference = match Plan::from_recorded_toml(&state.plan_toml) {
+            Ok(recorded) => {
+                let listing_recorded = state.unlabeled_fingerprint.is_some();
+                let mut recorded = with_free_settings_of(recorded, plan, listing_recorded);
+                // A run whose filter kept nothing is retried with other filter settings
+                // (those its error advises): the filter runs again on the shards.
+                if how == Reopen::RetryFailed && state.failed_in == Some(Phase::Filter) {
+                    let (filter, wanted) = (&mut recorded.pseudo_labels, &plan.pseudo_labels);
+                    filter.min_confidence = wanted.min_confidence;
+                    filter.per_class = wanted.per_class;
+                    filter.balance = wanted.balance;
+                    // New filter settings, checked as a new run's are.
+                    wanted.check_unused().map_err(CoordinatorError::PlanData)?;
+                }
+                recorded.first_difference(plan)
+            }
+            Err(e) => Some(format!("the recorded plan does not parse: {e}")),
+        };
+        if let Some(difference) = difference {
+            return Err(CoordinatorError::PlanMismatch {
+                dir: run_dir.to_path_buf(),
+                difference,
+            });
+        }
+        state.plan_toml = plan.to_toml_string();
+    }
+    if how == Reopen::RetryFailed {
+        let failure = match &state.outcome {
+            state::RunOutcome::Failed(message) => message.clone(),
+            _ => String::new(),
+        };
+        state
+            .retry_failed()
+            .map_err(|reason| CoordinatorError::RetryFailed {
+                dir: run_dir.to_path_buf(),
+                reason,
+            })?;
+        tracing::info!(run = %state.run_id, %failure, phase = state.phase.as_str(), "retrying the failed run from the phase it failed in");
+    }
     Ok(())
 }
 
@@ -435,16 +505,36 @@ impl Coordinator {
         how: Reopen,
     ) -> Result<Coordinator, CoordinatorError> {
         if !run_dir.join("state.json").exists() {
-            let (dir, reason) = (
-                run_dir.to_path_buf(),
-                "it holds no run (no state.json)".into(),
-            );
-            return Err(match how {
-                Reopen::RedoFinetune => CoordinatorError::RedoFinetune { dir, reason },
-                _ => CoordinatorError::RetryFailed { dir, reason },
-            });
+            return Err(no_saved_run(run_dir, how));
         }
         Coordinator::open_run(plan, run_dir, how)
+    }
+
+    /// What opening `run_dir` with `plan` the way `how` says would refuse about the run saved
+    /// there (another plan, no finetune to redo, no failure to retry, an unreadable
+    /// `state.json`), found without opening it: nothing is taken or written. A directory
+    /// without a saved run is fine to resume (a new run starts there). For `mentor plan
+    /// --state-dir`; the plan's own checks and its data's are not made here.
+    pub fn check_reopen(plan: &Plan, run_dir: &Path, how: Reopen) -> Result<(), CoordinatorError> {
+        let state_file = run_dir.join("state.json");
+        if !state_file.exists() {
+            return match how {
+                Reopen::Resume => Ok(()),
+                _ => Err(no_saved_run(run_dir, how)),
+            };
+        }
+        let state_store_error = |reason: String| CoordinatorError::StateStore {
+            path: state_file.clone(),
+            reason,
+        };
+        let run_dir = run_dir
+            .canonicalize()
+            .map_err(|e| state_store_error(e.to_string()))?;
+        let text =
+            std::fs::read_to_string(&state_file).map_err(|e| state_store_error(e.to_string()))?;
+        let (mut state, _) = RunState::from_saved(&text, &run_dir)
+            .map_err(|e| state_store_error(format!("unreadable state.json: {e}")))?;
+        reopen(&mut state, plan, how, &run_dir)
     }
 
     fn open_run(plan: Plan, run_dir: &Path, how: Reopen) -> Result<Coordinator, CoordinatorError> {
@@ -521,53 +611,7 @@ impl Coordinator {
             recorded_teacher = Plan::from_recorded_toml(&state.plan_toml)
                 .ok()
                 .and_then(|recorded| recorded.teacher.checkpoint);
-            if how == Reopen::RedoFinetune {
-                redo_finetune_of(&mut state, &plan, &run_dir)?;
-            } else if state.plan_toml != plan.to_toml_string() {
-                // The text may differ in form alone (a run recorded by an older version); the
-                // settings decide.
-                // `data.dir` says where the data is, not what it is: a run moved to another
-                // machine reads the same files from wherever they are there.
-                let difference = match Plan::from_recorded_toml(&state.plan_toml) {
-                    Ok(recorded) => {
-                        let listing_recorded = state.unlabeled_fingerprint.is_some();
-                        let mut recorded = with_free_settings_of(recorded, &plan, listing_recorded);
-                        // A run whose filter kept nothing is retried with other filter settings
-                        // (those its error advises): the filter runs again on the shards.
-                        if how == Reopen::RetryFailed && state.failed_in == Some(Phase::Filter) {
-                            let (filter, wanted) =
-                                (&mut recorded.pseudo_labels, &plan.pseudo_labels);
-                            filter.min_confidence = wanted.min_confidence;
-                            filter.per_class = wanted.per_class;
-                            filter.balance = wanted.balance;
-                            // New filter settings, checked as a new run's are.
-                            wanted.check_unused().map_err(CoordinatorError::PlanData)?;
-                        }
-                        recorded.first_difference(&plan)
-                    }
-                    Err(e) => Some(format!("the recorded plan does not parse: {e}")),
-                };
-                if let Some(difference) = difference {
-                    return Err(CoordinatorError::PlanMismatch {
-                        dir: run_dir,
-                        difference,
-                    });
-                }
-                state.plan_toml = plan.to_toml_string();
-            }
-            if how == Reopen::RetryFailed {
-                let failure = match &state.outcome {
-                    state::RunOutcome::Failed(message) => message.clone(),
-                    _ => String::new(),
-                };
-                state
-                    .retry_failed()
-                    .map_err(|reason| CoordinatorError::RetryFailed {
-                        dir: run_dir.clone(),
-                        reason,
-                    })?;
-                tracing::info!(run = %state.run_id, %failure, phase = state.phase.as_str(), "retrying the failed run from the phase it failed in");
-            }
+            reopen(&mut state, &plan, how, &run_dir)?;
             state.requeue_running();
             state.began_at_ms.get_or_insert_with(state::unix_ms);
             tracing::info!(run = %state.run_id, round = state.round, phase = state.phase.as_str(), "resuming run from the state store");
@@ -2642,7 +2686,7 @@ mod tests {
         match Coordinator::open_to_retry_failed(one_worker_plan(), dir.path()) {
             Err(CoordinatorError::RetryFailed { reason, .. }) => {
                 assert!(
-                    reason.contains("it has not failed (it is running)"),
+                    reason.contains("it has not failed (it was still running when last saved"),
                     "{reason}"
                 )
             }

@@ -912,10 +912,11 @@ impl RunState {
     /// (a failed filter runs again); everything finished stays. Errors say why it cannot.
     pub fn retry_failed(&mut self) -> Result<(), String> {
         if !matches!(self.outcome, RunOutcome::Failed(_)) {
-            return Err(format!(
-                "it has not failed (it is {})",
-                self.outcome.as_str()
-            ));
+            let what = match self.outcome {
+                RunOutcome::Succeeded => "it succeeded",
+                _ => "it was still running when last saved: resume it without --retry-failed",
+            };
+            return Err(format!("it has not failed ({what})"));
         }
         let phase = self.failed_in.filter(|phase| *phase != Phase::Done).ok_or(
             "it failed under a version of the coordinator that did not record where; run it again in a new --state-dir",
