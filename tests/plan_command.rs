@@ -115,9 +115,39 @@ fn the_main_plans_are_described_from_their_data() {
         "{stdout}"
     );
     assert!(stdout.contains("8 labeling tasks"), "{stdout}");
+    // Every training setting of a role is said.
+    assert!(
+        stdout.contains("sgd at 0.05 (Nesterov momentum 0.9, weight decay 5e-4), cosine after 50 warmup steps, label smoothing 0.1; progress every 50 steps"),
+        "{stdout}"
+    );
+    let dir = tempfile::tempdir().expect("tempdir");
+    let changed = dir.path().join("changed.toml");
+    let text_of = std::fs::read_to_string(&noisy_student).expect("plan");
+    let edited = text_of.replacen(
+        "[teacher.train]\n",
+        "[teacher.train]\nflip_and_shift = false\nlog_every = 7\nmomentum = 0\nlabel_smoothing = 0\n",
+        1,
+    );
+    assert_ne!(edited, text_of, "the plan has a [teacher.train] table");
+    std::fs::write(&changed, edited).expect("write plan");
+    let changed_out = text(&mentor_plan(&[], &changed).stdout);
+    assert!(
+        changed_out.contains("sgd at 0.05 (no momentum, weight decay 5e-4), cosine after 50 warmup steps, no flips or shifts; progress every 7 steps"),
+        "{changed_out}"
+    );
 
     let mpl = workspace_root().join("deploy/plans/fashion-mnist-mpl-30k-mu7.toml");
     let stdout = text(&mentor_plan(&[], &mpl).stdout);
+    assert!(
+        stdout.contains("losses measured in training mode"),
+        "{stdout}"
+    );
+    let eval = workspace_root().join("deploy/plans/fashion-mnist-mpl-30k-mu7-w10-eval.toml");
+    let eval_out = text(&mentor_plan(&[], &eval).stdout);
+    assert!(
+        eval_out.contains("losses measured in evaluation mode around the step"),
+        "{eval_out}"
+    );
     assert!(
         stdout.contains("30,000 steps of 64 labeled + 448 unlabeled"),
         "{stdout}"

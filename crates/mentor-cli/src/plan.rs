@@ -10,7 +10,8 @@ use std::path::Path;
 use anyhow::Context;
 use mentor_data::PlanData;
 use mentor_plan::{
-    LabelMode, Method, ModelPlan, NoisePlan, Plan, Precision, RandAugmentPlan, RolePlan, TrainPlan,
+    LabelMode, Method, ModelPlan, MplFeedback, NoisePlan, Optimizer, Plan, Precision,
+    RandAugmentPlan, RolePlan, TrainPlan,
 };
 
 /// What the data of a plan holds, as the run will see it.
@@ -242,10 +243,18 @@ fn schedule(train: &TrainPlan, labeled: u64, pseudo: Option<(u64, String)>) -> S
         }
         _ => text.push_str(&format!(" ({} epochs)", epochs(images, labeled))),
     }
+    let momentum = match train.optimizer {
+        Optimizer::Sgd if train.momentum > 0.0 => {
+            format!("Nesterov momentum {}, ", number(train.momentum))
+        }
+        Optimizer::Sgd => "no momentum, ".to_string(),
+        Optimizer::Adam => String::new(),
+    };
     text.push_str(&format!(
-        ", {} at {}, {}",
+        ", {} at {} ({momentum}weight decay {}), {}",
         plan_name(&train.optimizer),
         number(train.learning_rate),
+        number(train.weight_decay),
         plan_name(&train.schedule)
     ));
     if train.warmup_steps > 0 {
@@ -254,6 +263,19 @@ fn schedule(train: &TrainPlan, labeled: u64, pseudo: Option<(u64, String)>) -> S
             count(train.warmup_steps, "warmup step")
         ));
     }
+    if train.label_smoothing > 0.0 {
+        text.push_str(&format!(
+            ", label smoothing {}",
+            number(train.label_smoothing)
+        ));
+    }
+    if !train.flip_and_shift {
+        text.push_str(", no flips or shifts");
+    }
+    text.push_str(&format!(
+        "; progress every {}",
+        count(train.log_every, "step")
+    ));
     text
 }
 
@@ -466,8 +488,12 @@ fn meta_pseudo_labels(plan: &Plan, data: &DataSummary, out: &mut String) {
         } else {
             String::new()
         };
+        let measured = match mpl.feedback {
+            MplFeedback::Train => "in training mode",
+            MplFeedback::Eval => "in evaluation mode around the step",
+        };
         format!(
-            "mpl_weight {}, sign {}{baseline}",
+            "mpl_weight {}, sign {}{baseline}, the student's losses measured {measured}",
             number(mpl.mpl_weight),
             plan_name(&mpl.mpl_sign)
         )
