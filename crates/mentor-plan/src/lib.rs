@@ -951,8 +951,21 @@ impl Plan {
                 &plan.noise.randaugment,
             )?;
         }
+        if self.student.model.grows() && self.rounds() <= 1 {
+            return Err(invalid(
+                format!("student.model.{}", self.student.model.growth_field()),
+                "grows the student from round 2 on, and this plan has one round (rounds = 1, or Meta Pseudo Labels); remove it",
+            ));
+        }
         if let Some(mpl) = &self.mpl {
             check_randaugment_used("mpl.randaugment", &mpl.randaugment)?;
+            let finetune = &mpl.finetune;
+            if finetune.steps == 0 && *finetune != FinetunePlan::default() {
+                return Err(invalid(
+                    "mpl.finetune.steps",
+                    "is 0 (its default in a table that is given: no finetune), so batch_size and learning_rate apply to nothing: set steps (e.g. 2000)",
+                ));
+            }
         }
         if self.teacher.checkpoint.is_some() && self.teacher.noise != NoisePlan::default() {
             return Err(invalid(

@@ -463,6 +463,18 @@ impl ModelPlan {
         }
     }
 
+    /// The name of this kind's growth field (`width_growth_per_round`, ...).
+    pub fn growth_field(&self) -> &'static str {
+        match self {
+            ModelPlan::Cnn(_) | ModelPlan::Resnet(_) | ModelPlan::Bit(_) => {
+                "width_growth_per_round"
+            }
+            ModelPlan::WideResnet(_) => "widen_growth_per_round",
+            ModelPlan::Densenet(_) => "growth_rate_growth_per_round",
+            ModelPlan::Efficientnet(_) => "phi_growth_per_round",
+        }
+    }
+
     /// Checks the knobs; `path` is the field path of this section (`student.model`).
     pub fn validate(&self, path: &str, rounds: u32) -> Result<(), PlanError> {
         let field = |name: &str| format!("{path}.{name}");

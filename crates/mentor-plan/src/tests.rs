@@ -507,7 +507,8 @@ fn a_broken_rule_names_the_value_given() {
 
 /// Settings that would do nothing where they are set are refused, naming them, rather than
 /// ignored: stochastic depth on a model without residual blocks, RandAugment settings without
-/// operations, a class-balance size without balancing, noise for a teacher that is not trained.
+/// operations, a class-balance size without balancing, noise for a teacher that is not trained,
+/// finetune settings without finetune steps, growth without a second round.
 #[test]
 fn settings_that_would_do_nothing_are_refused() {
     // Refused for new runs; a recorded plan with one still reads (it resumes unchanged).
@@ -547,6 +548,18 @@ fn settings_that_would_do_nothing_are_refused() {
         tiny_with_teacher_checkpoint("teacher.safetensors")
     ));
     assert!(message.starts_with("teacher.noise: not used"), "{message}");
+    // A finetune table without steps (no finetune), growth in a plan of one round.
+    let message = error_of(&tiny_mpl_with(
+        "finetune = { steps = 10, batch_size = 32, learning_rate = 0.01 }",
+        "finetune = { batch_size = 32, learning_rate = 0.01 }",
+    ));
+    assert!(message.starts_with("mpl.finetune.steps: is 0"), "{message}");
+    let message = error_of(&tiny_with("rounds = 2", "rounds = 1"));
+    assert!(
+        message
+            .starts_with("student.model.width_growth_per_round: grows the student from round 2 on"),
+        "{message}"
+    );
 }
 
 /// A wrong value inside a model table names its field (serde's derived tagged enums lose it).
