@@ -218,7 +218,7 @@ fi
 # 1. A Noisy Student round on cuda:0 whose training tasks form an NCCL group of one.
 plan="$OUT/gpu-plan.toml"
 sed -e "s#/usr/share/datasets/fashion-mnist#$GPU_DIR/data#" -e 's/min_workers = 2/min_workers = 1\ncollective = "nccl"/' \
-  -e 's/^rounds = 2/rounds = 1/' "$ROOT/deploy/plans/tiny.toml" >"$plan"
+  -e 's/^rounds = 2/rounds = 1/' -e '/^width_growth_per_round/d' "$ROOT/deploy/plans/tiny.toml" >"$plan"
 state="$OUT/run"
 rm -rf "$state"
 "$BIN/coordinator" --plan "$plan" --listen 127.0.0.1:0 --state-dir "$state" >"$OUT/coordinator.log" 2>&1 &

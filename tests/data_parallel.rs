@@ -17,6 +17,7 @@ fn deterministic_plan(world_size: u32, min_workers: u32, teacher_steps: u32) -> 
         .expect("tiny plan");
     let plan = tiny
         .replacen("rounds = 2", "rounds = 1", 1)
+        .replacen("width_growth_per_round = 4\n", "", 1)
         .replacen(
             "min_workers = 2",
             &format!("min_workers = {min_workers}\nworld_size = {world_size}"),

@@ -269,6 +269,7 @@ fn tiny_plan_runs_two_rounds_on_two_worker_processes() {
     let given_teacher = |model: &str| {
         tiny_plan_with(&[
             ("rounds = 2", "rounds = 1"),
+            ("width_growth_per_round = 4\n", ""),
             (
                 "[teacher.model]\nkind = \"cnn\"\nwidth = 8\nhidden = 32\n\n[teacher.train]\nsteps = 30\nbatch_size = 32\nlog_every = 10\n",
                 &format!(
@@ -678,11 +679,14 @@ fn a_restarted_coordinator_resumes_the_run() {
     let dir = tempfile::tempdir().expect("tempdir");
     let tiny = std::fs::read_to_string(workspace_root().join("deploy/plans/tiny.toml"))
         .expect("tiny plan");
-    let plan_text = tiny.replacen("rounds = 2", "rounds = 1", 1).replacen(
-        "steps = 30\nbatch_size = 32\nunlabeled_ratio",
-        "steps = 1500\nbatch_size = 32\nunlabeled_ratio",
-        1,
-    );
+    let plan_text = tiny
+        .replacen("rounds = 2", "rounds = 1", 1)
+        .replacen("width_growth_per_round = 4\n", "", 1)
+        .replacen(
+            "steps = 30\nbatch_size = 32\nunlabeled_ratio",
+            "steps = 1500\nbatch_size = 32\nunlabeled_ratio",
+            1,
+        );
     assert_ne!(plan_text, tiny);
     let plan = dir.path().join("plan.toml");
     std::fs::write(&plan, &plan_text).expect("write plan");
@@ -1951,6 +1955,7 @@ fn a_worker_stopped_by_sigterm_gives_its_task_back_at_once() {
     let plan = dir.path().join("plan.toml");
     let text = tiny_plan_with(&[
         ("rounds = 2", "rounds = 1"),
+        ("width_growth_per_round = 4\n", ""),
         (
             "[teacher.train]\nsteps = 30",
             "[teacher.train]\nsteps = 3000",

@@ -219,13 +219,15 @@ pub fn watch_run(
 }
 
 /// Edits of the tiny plan for tests that start the run with one worker and then lose it.
-pub const ONE_WORKER_SHORT_HEARTBEAT: [(&str, &str); 3] = [
+pub const ONE_WORKER_SHORT_HEARTBEAT: [(&str, &str); 4] = [
     ("min_workers = 2", "min_workers = 1"),
     (
         "heartbeat_timeout_seconds = 10",
         "heartbeat_timeout_seconds = 2",
     ),
     ("rounds = 2", "rounds = 1"),
+    // One round: the student's growth would apply to nothing (refused).
+    ("width_growth_per_round = 4\n", ""),
 ];
 
 /// `deploy/plans/tiny.toml` with each `(from, to)` applied once; an edit that matches nothing

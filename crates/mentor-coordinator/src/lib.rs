@@ -46,6 +46,8 @@ pub enum CoordinatorError {
     Data(#[from] mentor_data::DataError),
     #[error("the plan does not fit its data: {0}")]
     PlanData(mentor_plan::PlanError),
+    #[error("the plan sets what would do nothing, refused for a new run: {0}")]
+    UnusedSetting(mentor_plan::PlanError),
     #[error("state directory `{dir}` holds a run of another plan (first difference, the run's -> this plan's: {difference}); use a new --state-dir or the same plan (a Meta Pseudo Labels run whose plan changed in [mpl.finetune] only can finetune again with --redo-finetune)")]
     PlanMismatch { dir: PathBuf, difference: String },
     #[error("cannot redo the finetune of the run in `{dir}`: {reason}")]
@@ -268,7 +270,9 @@ fn reopen(
                     filter.per_class = wanted.per_class;
                     filter.balance = wanted.balance;
                     // New filter settings, checked as a new run's are.
-                    wanted.check_unused().map_err(CoordinatorError::PlanData)?;
+                    wanted
+                        .check_unused()
+                        .map_err(CoordinatorError::UnusedSetting)?;
                 }
                 recorded.first_difference(plan)
             }
@@ -593,7 +597,8 @@ impl Coordinator {
         if !resumed {
             // Settings that would do nothing: refused for a new run, while a run recorded by an
             // earlier build with one resumes with its plan unchanged.
-            plan.check_unused().map_err(CoordinatorError::PlanData)?;
+            plan.check_unused()
+                .map_err(CoordinatorError::UnusedSetting)?;
         }
         // A resumed run's `teacher.checkpoint`, as its plan gave it, and its old directory when
         // it moved.

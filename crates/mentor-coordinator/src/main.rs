@@ -154,7 +154,13 @@ async fn serve_run() -> anyhow::Result<Ended> {
             Coordinator::open(plan, &state_dir)
         }
     })
-    .with_context(|| format!("failed to open the run in `{}`", state_dir.display()))?;
+    .with_context(|| {
+        format!(
+            "failed to open the run of plan `{}` in `{}`",
+            args.plan.display(),
+            state_dir.display()
+        )
+    })?;
     let run_dir = coordinator.state.paths.run_dir.clone();
     let address = listener.local_addr()?;
     coordinator.announce(&format!("http://{address}"))?;

@@ -826,8 +826,22 @@ impl Plan {
     /// `self`), or `None` when they serialize the same. Names what changed when a run
     /// directory is reopened with another plan.
     pub fn first_difference(&self, other: &Plan) -> Option<String> {
-        // The seed first: where it changed, the split seed left to its default did too, and
-        // the seed is what the user changed.
+        // Another plan altogether first (its name, its method), then the seed: where it
+        // changed, the split seed left to its default did too, and the seed is what the user
+        // changed.
+        if self.method != other.method {
+            return Some(format!(
+                "method: {} -> {} (another plan altogether)",
+                self.method.as_str(),
+                other.method.as_str()
+            ));
+        }
+        if self.name != other.name {
+            return Some(format!(
+                "name: {:?} -> {:?} (another plan altogether)",
+                self.name, other.name
+            ));
+        }
         if self.seed != other.seed {
             return Some(format!("seed: {} -> {}", self.seed, other.seed));
         }

@@ -52,6 +52,15 @@ impl<'de> Deserialize<'de> for ModelPlan {
             }
             None => return Err(D::Error::missing_field("kind")),
         };
+        // A role's own setting written after its `.model` header lands in the model's table.
+        if let Some(key) = ["precision", "checkpoint"]
+            .into_iter()
+            .find(|key| table.contains_key(*key))
+        {
+            return Err(D::Error::custom(format!(
+                "`{key}` is a setting of the role (`[teacher]` or `[student]`), not of its model: write it under the role's header, before its `.model` table (a line after `[teacher.model]` belongs to the model)"
+            )));
+        }
         fn read<T: serde::de::DeserializeOwned>(
             table: toml::Table,
         ) -> Result<T, serde_path_to_error::Error<toml::de::Error>> {

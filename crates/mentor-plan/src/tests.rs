@@ -579,6 +579,15 @@ fn a_wrong_model_value_names_its_field() {
     );
     let message = error_of(&tiny_with_student_model("width = 8"));
     assert!(message.contains("kind"), "{message}");
+    // A role's setting written after its model's header is told where it goes.
+    let message = error_of(&tiny_with_student_model(
+        "kind = \"cnn\"\nprecision = \"bfloat16\"",
+    ));
+    assert!(
+        message.contains("`precision` is a setting of the role")
+            && message.contains("student.model"),
+        "{message}"
+    );
     let message = error_of(&tiny_with_student_model(
         "kind = \"efficientnet\"\npreset = \"b01\"",
     ));
@@ -785,6 +794,19 @@ fn defaults_serialize_written_out_and_differences_are_named() {
     assert_eq!(
         written.first_difference(&data).as_deref(),
         Some("data.test_limit: 500 -> 0")
+    );
+    // Another plan altogether is named as such, before the differences that follow from it.
+    let noisy_student = Plan::from_toml_str(TINY).expect("plan");
+    assert_eq!(
+        written.first_difference(&noisy_student).as_deref(),
+        Some("method: meta-pseudo-labels -> noisy-student (another plan altogether)")
+    );
+    let renamed =
+        Plan::from_toml_str(&TINY_MPL.replacen("name = \"tiny-mpl\"", "name = \"other\"", 1))
+            .expect("plan");
+    assert_eq!(
+        written.first_difference(&renamed).as_deref(),
+        Some("name: \"tiny-mpl\" -> \"other\" (another plan altogether)")
     );
 }
 

@@ -36,7 +36,7 @@ struct Args {
     #[arg(long, default_value = "cpu")]
     device: String,
     /// libtorch intra-op threads (0 = libtorch's default).
-    #[arg(long, default_value_t = 0)]
+    #[arg(long, default_value_t = 0, value_parser = clap::value_parser!(i32).range(0..=4096))]
     threads: i32,
     /// Give up if the coordinator cannot be reached for this long (at most a week).
     #[arg(long, default_value_t = 60, value_parser = clap::value_parser!(u64).range(1..=604_800))]
@@ -48,7 +48,8 @@ struct Args {
     #[arg(long, default_value = "127.0.0.1")]
     advertise_host: String,
     /// On the CPU, keep the memory libtorch frees for reuse instead of returning it to the
-    /// system (15-20% faster training steps, some 20% more peak memory); `false` leaves the C
+    /// system (about 30% more images a second in a Meta Pseudo Labels training, for some 30%
+    /// more peak memory); `false` leaves the C
     /// allocator as it is. Malloc settings in GLIBC_TUNABLES or MALLOC_* variables take
     /// precedence.
     #[arg(long, default_value_t = true, action = clap::ArgAction::Set)]
