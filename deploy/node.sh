@@ -26,7 +26,9 @@
 #                            for a node that runs the coordinator alone
 #   --device cpu|cuda        cpu: --workers CPU workers; cuda: like --gpus (default: cuda when
 #                            --gpus is given or a GPU is seen, else cpu)
-#   --threads N              libtorch threads per CPU worker (default: cores / workers, at least 1)
+#   --threads N              libtorch threads per worker (default: the cores this node gives the
+#                            step, as nproc counts them, / workers, at least 1: workers that
+#                            share a node do not oversubscribe its cores)
 #   --advertise-host HOST    where other nodes reach this node's CPU workers for the TCP ring
 #                            (default: this host's first address from `hostname -I`)
 #   --connect-timeout-seconds S
@@ -197,7 +199,7 @@ if [ "$workers" -gt 0 ]; then
 fi
 for i in $(seq 0 $((workers - 1))); do
   if [ "$device" = cuda ]; then
-    commands+=("$(q "$worker_bin") $worker_common --device cuda:$i --advertise-host $(q "$advertise")")
+    commands+=("$(q "$worker_bin") $worker_common --device cuda:$i --threads $threads --advertise-host $(q "$advertise")")
   else
     commands+=("$(q "$worker_bin") $worker_common --device cpu --threads $threads --advertise-host $(q "$advertise")")
   fi

@@ -26,7 +26,7 @@ fn free_port() -> u16 {
     listener.local_addr().expect("address").port()
 }
 
-/// Cores as `nproc` counts them (what node.sh divides among its CPU workers).
+/// Cores as `nproc` counts them (what node.sh divides among its workers).
 fn nproc() -> String {
     let output = Command::new("nproc").output().expect("nproc");
     String::from_utf8_lossy(&output.stdout).trim().to_string()
@@ -402,8 +402,9 @@ fn node_sh_refuses_what_it_cannot_start() {
     assert_eq!(
         String::from_utf8_lossy(&output.stdout),
         format!(
-            "{bin}/worker --coordinator h:1 --device cuda:0 --advertise-host 10.0.0.7\n\
-             {bin}/worker --coordinator h:1 --device cuda:1 --advertise-host 10.0.0.7\n"
+            "{bin}/worker --coordinator h:1 --device cuda:0 --threads {threads} --advertise-host 10.0.0.7\n\
+             {bin}/worker --coordinator h:1 --device cuda:1 --threads {threads} --advertise-host 10.0.0.7\n",
+            threads = (nproc().parse::<u32>().expect("nproc") / 2).max(1)
         )
     );
 }
@@ -536,6 +537,35 @@ fn the_kubernetes_manifests_start_what_they_say() {
         worker_job["spec"]["parallelism"],
         worker_job["spec"]["completions"]
     );
+    // The coordinator is ready when its gRPC port listens.
+    let coordinator_container = &job["spec"]["template"]["spec"]["containers"][0];
+    assert_eq!(
+        coordinator_container["readinessProbe"]["tcpSocket"]["port"],
+        service["spec"]["ports"][0]["targetPort"]
+    );
+    // Worker pods are not best-effort, their shared memory is bounded, and they may land on
+    // GPU nodes tainted for GPU pods.
+    let worker_spec = &worker_job["spec"]["template"]["spec"];
+    let requests = &worker_spec["containers"][0]["resources"]["requests"];
+    assert!(
+        requests["cpu"].is_string() && requests["memory"].is_string(),
+        "{requests}"
+    );
+    let shm = worker_spec["volumes"]
+        .as_array()
+        .expect("volumes")
+        .iter()
+        .find(|v| v["emptyDir"]["medium"] == "Memory")
+        .expect("a shared-memory volume");
+    assert!(shm["emptyDir"]["sizeLimit"].is_string(), "{shm}");
+    assert!(
+        worker_spec["tolerations"]
+            .as_array()
+            .expect("tolerations")
+            .iter()
+            .any(|t| t["key"] == "nvidia.com/gpu"),
+        "{worker_spec}"
+    );
 
     // Each container's command line, as node.sh reads it (the pod's paths mapped to this
     // checkout's): the coordinator alone in its pod, one GPU worker per worker pod.
@@ -585,8 +615,9 @@ fn the_kubernetes_manifests_start_what_they_say() {
     assert_eq!(
         started,
         format!(
-            "{}/worker --coordinator {address} --connect-timeout-seconds 600 --device cuda:0 --advertise-host 10.0.0.7\n",
-            bin.display()
+            "{}/worker --coordinator {address} --connect-timeout-seconds 600 --device cuda:0 --threads {} --advertise-host 10.0.0.7\n",
+            bin.display(),
+            nproc()
         )
     );
 
