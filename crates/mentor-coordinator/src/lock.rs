@@ -78,7 +78,7 @@ impl RunLock {
                     std::thread::sleep(std::time::Duration::from_millis(20));
                 }
                 Err(std::fs::TryLockError::WouldBlock) => return Err(in_use(run_dir, &path)),
-                Err(std::fs::TryLockError::Error(e)) => return Err(store_error(&path, e)),
+                Err(std::fs::TryLockError::Error(e)) => return Err(lock_error(&path, e)),
             }
         }
     }
@@ -110,7 +110,7 @@ impl RunLock {
         match file.try_lock_shared() {
             Ok(()) => Ok(()),
             Err(std::fs::TryLockError::WouldBlock) => Err(in_use(run_dir, &path)),
-            Err(std::fs::TryLockError::Error(e)) => Err(store_error(&path, e)),
+            Err(std::fs::TryLockError::Error(e)) => Err(lock_error(&path, e)),
         }
     }
 
@@ -155,6 +155,27 @@ fn in_use(run_dir: &Path, path: &Path) -> CoordinatorError {
     }
 }
 
+/// Linux's `ENOLCK`, `ENOSYS` and `EOPNOTSUPP`: what `flock` returns on a file system that
+/// does not lock (Lustre mounted without `flock`, some FUSE and network mounts).
+const NO_LOCKS: [i32; 3] = [37, 38, 95];
+
+/// A failure to lock `path`, with what to do when its file system cannot lock at all.
+fn lock_error(path: &Path, error: std::io::Error) -> CoordinatorError {
+    let unsupported = error.kind() == std::io::ErrorKind::Unsupported
+        || error
+            .raw_os_error()
+            .is_some_and(|code| NO_LOCKS.contains(&code));
+    if !unsupported {
+        return store_error(path, error);
+    }
+    CoordinatorError::StateStore {
+        path: path.to_path_buf(),
+        reason: format!(
+            "cannot lock it ({error}): its file system does not support flock, with which a coordinator keeps its run directory to itself; use a run directory on one that does (NFS v4, a local disk; Lustre mounted with -o flock)"
+        ),
+    }
+}
+
 fn store_error(path: &Path, error: std::io::Error) -> CoordinatorError {
     CoordinatorError::StateStore {
         path: path.to_path_buf(),
@@ -165,6 +186,22 @@ fn store_error(path: &Path, error: std::io::Error) -> CoordinatorError {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// A file system that cannot lock is named as the cause, with what to do; other failures
+    /// are reported as they are.
+    #[test]
+    fn a_file_system_without_locks_is_named() {
+        let path = Path::new("/shared/run/coordinator.lock");
+        for code in NO_LOCKS {
+            let message = lock_error(path, std::io::Error::from_raw_os_error(code)).to_string();
+            assert!(
+                message.contains("does not support flock") && message.contains("-o flock"),
+                "{message}"
+            );
+        }
+        let denied = lock_error(path, std::io::Error::from_raw_os_error(13)).to_string();
+        assert!(!denied.contains("flock"), "{denied}");
+    }
 
     #[test]
     fn a_coordinator_on_every_interface_is_reached_at_its_host() {
