@@ -677,7 +677,9 @@ fn check_plan(
     how: Reopen,
 ) -> anyhow::Result<i32> {
     let resumes = state_dir.is_some_and(|dir| dir.join("state.json").exists());
-    let checked = plan::check(path, !resumes).and_then(|(plan, data)| {
+    // (--redo-finetune or --retry-failed on a directory without a run: refused for that below.)
+    let new_run = !resumes && how == Reopen::Resume;
+    let checked = plan::check(path, new_run).and_then(|(plan, data)| {
         if let Some(dir) = state_dir {
             Coordinator::check_reopen(&plan, dir, how)
                 .with_context(|| format!("plan `{}` for {}", path.display(), dir.display()))?;

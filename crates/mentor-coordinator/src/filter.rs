@@ -74,6 +74,16 @@ fn load_histogram(
         {
             return None
         }
+        Ok(file)
+            if file.histogram.bins.len() != classes * mentor_labels::CONFIDENCE_BINS
+                || file.histogram.passing.len() != classes =>
+        {
+            format!(
+                "{} bins and {} class counts for {classes} classes",
+                file.histogram.bins.len(),
+                file.histogram.passing.len()
+            )
+        }
         Ok(file) if file.histogram.total() != shard.examples => format!(
             "it counts {} examples, the shard has {}",
             file.histogram.total(),

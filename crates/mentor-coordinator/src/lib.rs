@@ -46,7 +46,7 @@ pub enum CoordinatorError {
     Data(#[from] mentor_data::DataError),
     #[error("the plan does not fit its data: {0}")]
     PlanData(mentor_plan::PlanError),
-    #[error("the plan sets what would do nothing, refused for a new run: {0}")]
+    #[error("the plan sets what would do nothing: {0}")]
     UnusedSetting(mentor_plan::PlanError),
     #[error("state directory `{dir}` holds a run of another plan (first difference, the run's -> this plan's: {difference}); use a new --state-dir or the same plan (a Meta Pseudo Labels run whose plan changed in [mpl.finetune] only can finetune again with --redo-finetune)")]
     PlanMismatch { dir: PathBuf, difference: String },

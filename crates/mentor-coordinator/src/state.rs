@@ -321,9 +321,10 @@ pub struct ShardRecord {
     pub bytes: u64,
     /// Top-class confidence counts the labeler took of the shard (what the filter adds up),
     /// until they are written to their own file ([`RunPaths::histogram`]). Never written to
-    /// `state.json`, which is rewritten whole at every change of the run: a thousand classes
-    /// make a shard's histogram up to a hundred kilobytes, rewritten thousands of times a round
-    /// if it stayed there. (States written before read back with them.)
+    /// `state.json`, which is rewritten whole at every change of the run: with a thousand
+    /// classes a shard's histogram is some 100 KB of compact JSON (0.6 MB as `state.json` is
+    /// written, indented), rewritten thousands of times a round if it stayed there. (States
+    /// written before read back with them.)
     #[serde(default, skip_serializing)]
     pub histogram: Option<mentor_labels::Histogram>,
 }
@@ -520,9 +521,27 @@ impl RunState {
     /// Its labeling tasks keep the old place too: a shard committed before the move (whose
     /// result the coordinator never recorded) names the teacher there.
     pub fn move_teacher_checkpoint(&mut self, from: &Path, to: &Path) -> Result<(), String> {
+        // Histograms still in memory (a state of an earlier version, a file that could not be
+        // written) are not serialized: set aside around the round trip.
+        let histograms: Vec<Vec<_>> = self
+            .rounds
+            .iter_mut()
+            .map(|round| {
+                round
+                    .shards
+                    .iter_mut()
+                    .map(|s| s.histogram.take())
+                    .collect()
+            })
+            .collect();
         let mut value = serde_json::to_value(&*self).map_err(|e| e.to_string())?;
         rebase(&mut value, from, to);
         *self = serde_json::from_value(value).map_err(|e| e.to_string())?;
+        for (round, kept) in self.rounds.iter_mut().zip(histograms) {
+            for (shard, histogram) in round.shards.iter_mut().zip(kept) {
+                shard.histogram = histogram;
+            }
+        }
         for task in self.tasks.values_mut() {
             if let TaskSpec::Label {
                 teacher,

@@ -237,6 +237,41 @@ fn a_given_teacher_is_evaluated_and_labels_at_once() {
     assert_eq!(reread.teacher_checkpoint, None);
 }
 
+/// A given teacher that moved (a run resumed on another machine) is named at its new place
+/// everywhere, and the shard histograms still in memory (which `state.json` never holds) stay.
+#[test]
+fn a_moved_teacher_keeps_the_histograms_in_memory() {
+    let mut state = new_run();
+    let (old, new) = (
+        "/models/teacher.safetensors",
+        "/mnt/models/teacher.safetensors",
+    );
+    state.teacher_checkpoint = Some(old.into());
+    state.start();
+    let mut histogram = mentor_labels::Histogram::new(10, 0.3);
+    histogram.add(3, 0.9);
+    state.current_round_mut().shards.push(ShardRecord {
+        index: 0,
+        key: "round-1/shard-00000.safetensors".into(),
+        examples: 1,
+        sha256: "00".into(),
+        bytes: 10,
+        histogram: Some(histogram.clone()),
+    });
+    state
+        .move_teacher_checkpoint(Path::new(old), Path::new(new))
+        .expect("move");
+    assert_eq!(
+        state
+            .current_round()
+            .teacher
+            .as_ref()
+            .map(|t| t.checkpoint.clone()),
+        Some(PathBuf::from(new))
+    );
+    assert_eq!(state.current_round().shards[0].histogram, Some(histogram));
+}
+
 #[test]
 fn lost_worker_tasks_go_to_another_worker() {
     let mut state = new_run();
