@@ -322,6 +322,57 @@ fn bad_plans_and_data_are_refused_naming_what_is_wrong() {
     );
 }
 
+/// A plan's `teacher.checkpoint` is checked while its run still labels with it: `mentor plan
+/// --state-dir` on a run past its first labeling passes without the file, as the coordinator
+/// then starts without it; before, the missing file is refused.
+#[test]
+fn a_given_teacher_is_needed_until_the_first_labeling_is_done() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let teacher = dir.path().join("teacher.safetensors");
+    let header = r#"{"fc.weight":{"dtype":"F32","shape":[1],"data_offsets":[0,4]}}"#;
+    let mut bytes = (header.len() as u64).to_le_bytes().to_vec();
+    bytes.extend_from_slice(header.as_bytes());
+    bytes.extend_from_slice(&[0; 4]);
+    std::fs::write(&teacher, bytes).expect("write checkpoint");
+    let plan = dir.path().join("given.toml");
+    let plan_text = tiny_plan_with(&[
+        ("rounds = 2", "rounds = 1"),
+        ("width_growth_per_round = 4\n", ""),
+        (
+            "[teacher.model]\nkind = \"cnn\"\nwidth = 8\nhidden = 32\n\n[teacher.train]\nsteps = 30\nbatch_size = 32\nlog_every = 10\n",
+            &format!(
+                "[teacher]\ncheckpoint = \"{}\"\n\n[teacher.model]\nkind = \"cnn\"\nwidth = 8\nhidden = 32\n",
+                teacher.display()
+            ),
+        ),
+    ]);
+    std::fs::write(&plan, plan_text).expect("write plan");
+    let run = dir.path().join("run");
+    let (mut coordinator, _) = start_coordinator(&plan, &run);
+    coordinator.signal("-TERM");
+    wait_for("the coordinator to stop", Duration::from_secs(30), || {
+        (!coordinator.is_running()).then_some(())
+    });
+    std::fs::remove_file(&teacher).expect("remove the teacher");
+    let state_dir = ["--state-dir", run.to_str().expect("utf-8")];
+
+    // Waiting for workers: the first labeling is still to come.
+    let output = mentor_plan(&state_dir, &plan);
+    assert_eq!(output.status.code(), Some(1));
+    let stderr = text(&output.stderr);
+    assert!(
+        stderr.contains("teacher.checkpoint") && stderr.contains("no such file"),
+        "{stderr}"
+    );
+
+    // Past it (the run trains its student).
+    let mut state = saved_state(&run);
+    state["phase"] = "train-student".into();
+    std::fs::write(run.join("state.json"), state.to_string()).expect("state");
+    let output = mentor_plan(&state_dir, &plan);
+    assert_eq!(output.status.code(), Some(0), "{}", text(&output.stderr));
+}
+
 /// A reader that goes away (`mentor plan PLAN | head -1`) ends the command quietly with 141
 /// (128 + SIGPIPE), as any Unix tool, not with a panic.
 #[test]

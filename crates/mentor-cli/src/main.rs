@@ -680,9 +680,14 @@ fn check_plan(
     // (--redo-finetune or --retry-failed on a directory without a run: refused for that below.)
     let new_run = !resumes && how == Reopen::Resume;
     let checked = plan::check(path, new_run).and_then(|(plan, data)| {
-        if let Some(dir) = state_dir {
-            Coordinator::check_reopen(&plan, dir, how)
-                .with_context(|| format!("plan `{}` for {}", path.display(), dir.display()))?;
+        let teacher_needed = match state_dir {
+            Some(dir) => Coordinator::check_reopen(&plan, dir, how)
+                .with_context(|| format!("plan `{}` for {}", path.display(), dir.display()))?,
+            None => true,
+        };
+        // A run past its first labeling no longer reads the first teacher's file.
+        if teacher_needed {
+            plan::check_teacher(path, &plan)?;
         }
         Ok((plan, data))
     });

@@ -29,7 +29,8 @@ pub struct DataSummary {
 }
 
 /// Reads and checks the plan at `path` and its data; for a `new_run`, also refuses settings that
-/// would do nothing (a recorded run resumes with its plan as it was).
+/// would do nothing (a recorded run resumes with its plan as it was). Its `teacher.checkpoint`
+/// is checked by [`check_teacher`], while a run needs it.
 pub fn check(path: &Path, new_run: bool) -> anyhow::Result<(Plan, DataSummary)> {
     let plan = Plan::load(path)?;
     if new_run {
@@ -39,6 +40,11 @@ pub fn check(path: &Path, new_run: bool) -> anyhow::Result<(Plan, DataSummary)> 
     let data =
         check_data(&plan).with_context(|| format!("the data of plan `{}`", path.display()))?;
     check_storage(&plan).with_context(|| format!("plan `{}`", path.display()))?;
+    Ok((plan, data))
+}
+
+/// The plan's `teacher.checkpoint`, when it gives one, is a checkpoint file.
+pub fn check_teacher(path: &Path, plan: &Plan) -> anyhow::Result<()> {
     if let Some(checkpoint) = &plan.teacher.checkpoint {
         // What the coordinator checks when the run starts; that the tensors fit teacher.model
         // shows when a worker loads them (the first task: the teacher's evaluation).
@@ -50,7 +56,7 @@ pub fn check(path: &Path, new_run: bool) -> anyhow::Result<(Plan, DataSummary)> 
             )
         })?;
     }
-    Ok((plan, data))
+    Ok(())
 }
 
 fn check_data(plan: &Plan) -> anyhow::Result<DataSummary> {

@@ -518,12 +518,18 @@ impl Coordinator {
     /// there (another plan, no finetune to redo, no failure to retry, an unreadable
     /// `state.json`), found without opening it: nothing is taken or written. A directory
     /// without a saved run is fine to resume (a new run starts there). For `mentor plan
-    /// --state-dir`; the plan's own checks and its data's are not made here.
-    pub fn check_reopen(plan: &Plan, run_dir: &Path, how: Reopen) -> Result<(), CoordinatorError> {
+    /// --state-dir`; the plan's own checks and its data's are not made here. Returns whether
+    /// the run still needs the plan's `teacher.checkpoint` (see
+    /// [`RunState::needs_given_teacher`]; a new run does).
+    pub fn check_reopen(
+        plan: &Plan,
+        run_dir: &Path,
+        how: Reopen,
+    ) -> Result<bool, CoordinatorError> {
         let state_file = run_dir.join("state.json");
         if !state_file.exists() {
             return match how {
-                Reopen::Resume => Ok(()),
+                Reopen::Resume => Ok(true),
                 _ => Err(no_saved_run(run_dir, how)),
             };
         }
@@ -538,7 +544,8 @@ impl Coordinator {
             std::fs::read_to_string(&state_file).map_err(|e| state_store_error(e.to_string()))?;
         let (mut state, _) = RunState::from_saved(&text, &run_dir)
             .map_err(|e| state_store_error(format!("unreadable state.json: {e}")))?;
-        reopen(&mut state, plan, how, &run_dir)
+        reopen(&mut state, plan, how, &run_dir)?;
+        Ok(state.needs_given_teacher())
     }
 
     fn open_run(plan: Plan, run_dir: &Path, how: Reopen) -> Result<Coordinator, CoordinatorError> {
@@ -649,9 +656,7 @@ impl Coordinator {
         }
         if let Some(given) = &plan.teacher.checkpoint {
             // Checked while a task still needs it: a run past its first labeling does not.
-            let needed =
-                state.round == 1 && matches!(state.phase, Phase::WaitingForWorkers | Phase::Label);
-            if needed {
+            if state.needs_given_teacher() {
                 // A resumed run keeps the file it resolved when it began (its tasks name it),
                 // wherever the coordinator starts again, unless the plan now names the teacher
                 // in another place (the run moved to a machine that keeps it elsewhere): its

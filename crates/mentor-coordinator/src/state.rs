@@ -520,6 +520,12 @@ impl RunState {
     /// moved to a machine that keeps its models elsewhere.
     /// Its labeling tasks keep the old place too: a shard committed before the move (whose
     /// result the coordinator never recorded) names the teacher there.
+    /// Whether a task still to run labels with the first teacher a plan gives
+    /// (`teacher.checkpoint`): until the first labeling is done.
+    pub fn needs_given_teacher(&self) -> bool {
+        self.round == 1 && matches!(self.phase, Phase::WaitingForWorkers | Phase::Label)
+    }
+
     pub fn move_teacher_checkpoint(&mut self, from: &Path, to: &Path) -> Result<(), String> {
         // Histograms still in memory (a state of an earlier version, a file that could not be
         // written) are not serialized: set aside around the round trip.
