@@ -3612,10 +3612,10 @@ mod tests {
             &coordinator.store.get(&manifest_key).expect("manifest"),
         )
         .expect("manifest");
-        assert!(manifest
-            .shards
-            .iter()
-            .all(|shard| shard.histogram.is_some()));
+        for shard in &manifest.shards {
+            let histogram = shard.histogram.as_ref().expect("the shard's histogram");
+            assert_eq!(histogram.total(), shard.examples, "{}", shard.key);
+        }
         let file = mentor_labels::SelectionFile::from_json("selection", &selection).expect("read");
         assert!(file.shards.iter().all(|shard| shard.histogram.is_none()));
 

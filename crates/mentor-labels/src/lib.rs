@@ -74,9 +74,12 @@ pub struct ManifestShard {
     pub histogram: Option<Histogram>,
 }
 
-/// The list of a round's shards, written after every shard is committed.
+/// The list of a round's shards, written after every shard is committed. `S` is how a shard is
+/// held: a [`ManifestShard`], or its JSON already written (`Box<serde_json::value::RawValue>`),
+/// so that the writer of a round of many shards of many classes need not hold every shard's
+/// histogram at once.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
-pub struct Manifest {
+pub struct Manifest<S = ManifestShard> {
     pub format_version: u32,
     pub round: u32,
     pub teacher_checkpoint: String,
@@ -84,14 +87,16 @@ pub struct Manifest {
     pub top_k: u32,
     pub classes: u32,
     pub examples: u64,
-    pub shards: Vec<ManifestShard>,
+    pub shards: Vec<S>,
 }
 
-impl Manifest {
+impl<S: Serialize> Manifest<S> {
     pub fn to_json(&self) -> Vec<u8> {
         serde_json::to_vec_pretty(self).unwrap_or_default()
     }
+}
 
+impl Manifest {
     pub fn from_json(key: &str, bytes: &[u8]) -> Result<Manifest, LabelError> {
         read_versioned(key, "manifest", bytes, |manifest: &Manifest| {
             manifest.format_version
