@@ -25,6 +25,16 @@ fn text(bytes: &[u8]) -> String {
     String::from_utf8_lossy(bytes).into_owned()
 }
 
+/// Writes a safetensors file of one tensor at `path`: a checkpoint as `mentor plan` and the
+/// coordinator check one (its header), not one a model loads.
+fn write_tiny_checkpoint(path: &Path) {
+    let header = r#"{"fc.weight":{"dtype":"F32","shape":[1],"data_offsets":[0,4]}}"#;
+    let mut bytes = (header.len() as u64).to_le_bytes().to_vec();
+    bytes.extend_from_slice(header.as_bytes());
+    bytes.extend_from_slice(&[0; 4]);
+    std::fs::write(path, bytes).expect("write checkpoint");
+}
+
 #[test]
 fn every_shipped_plan_passes_and_says_what_its_run_does() {
     let plans = workspace_root().join("deploy/plans");
@@ -51,11 +61,7 @@ fn every_shipped_plan_passes_and_says_what_its_run_does() {
                     "{stderr}"
                 );
                 let made = copy.path().join("teacher.safetensors");
-                let header = r#"{"fc.weight":{"dtype":"F32","shape":[1],"data_offsets":[0,4]}}"#;
-                let mut bytes = (header.len() as u64).to_le_bytes().to_vec();
-                bytes.extend_from_slice(header.as_bytes());
-                bytes.extend_from_slice(&[0; 4]);
-                std::fs::write(&made, bytes).expect("write checkpoint");
+                write_tiny_checkpoint(&made);
                 let text = std::fs::read_to_string(&path).expect("plan").replacen(
                     &checkpoint.display().to_string(),
                     &made.display().to_string(),
@@ -329,11 +335,7 @@ fn bad_plans_and_data_are_refused_naming_what_is_wrong() {
 fn a_given_teacher_is_needed_until_the_first_labeling_is_done() {
     let dir = tempfile::tempdir().expect("tempdir");
     let teacher = dir.path().join("teacher.safetensors");
-    let header = r#"{"fc.weight":{"dtype":"F32","shape":[1],"data_offsets":[0,4]}}"#;
-    let mut bytes = (header.len() as u64).to_le_bytes().to_vec();
-    bytes.extend_from_slice(header.as_bytes());
-    bytes.extend_from_slice(&[0; 4]);
-    std::fs::write(&teacher, bytes).expect("write checkpoint");
+    write_tiny_checkpoint(&teacher);
     let plan = dir.path().join("given.toml");
     let plan_text = tiny_plan_with(&[
         ("rounds = 2", "rounds = 1"),

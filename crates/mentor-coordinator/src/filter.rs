@@ -49,6 +49,22 @@ pub fn save_histogram(
     std::fs::rename(&temporary, &path)
 }
 
+/// Writes the histogram `shard` of `round` carries to its own file ([`save_histogram`]) and
+/// leaves it out of the record (see [`ShardRecord::histogram`]); one that cannot be written
+/// stays in memory (a restart then counts that shard's labels again).
+pub fn set_histogram_aside(paths: &RunPaths, round: u32, shard: &mut ShardRecord) {
+    let Some(histogram) = &shard.histogram else {
+        return;
+    };
+    match save_histogram(paths, round, shard, histogram) {
+        Ok(()) => shard.histogram = None,
+        Err(error) => {
+            let path = paths.histogram(round, shard.index);
+            tracing::warn!(path = %path.display(), %error, "could not write a shard's histogram: the filter counts its labels again if the coordinator restarts first");
+        }
+    }
+}
+
 /// The histogram file of `shard` of `round`, when it is there and counts this very shard (its
 /// key and SHA-256, its examples) in this shape; else None (with a warning when a file was
 /// there), and the shard's labels are counted again.

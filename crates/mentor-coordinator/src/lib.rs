@@ -688,11 +688,7 @@ impl Coordinator {
         // once nothing can refuse the run (the next save leaves them out of `state.json`).
         for round in &mut state.rounds {
             for shard in &mut round.shards {
-                if let Some(histogram) = &shard.histogram {
-                    if filter::save_histogram(&state.paths, round.round, shard, histogram).is_ok() {
-                        shard.histogram = None;
-                    }
-                }
+                filter::set_histogram_aside(&state.paths, round.round, shard);
             }
         }
         let plan_most_ranks = plan
@@ -1466,9 +1462,10 @@ impl Coordinator {
             _ => tracing::info!(run = %self.state.run_id, worker = %id, task = %task, "task done"),
         }
         let outcome = match outcome {
-            TaskOutcome::Labeled(shard) if current => {
+            TaskOutcome::Labeled(mut shard) if current => {
                 let round = self.state.tasks.get(task).map_or(0, |record| record.round);
-                TaskOutcome::Labeled(self.keep_histogram_aside(round, shard))
+                filter::set_histogram_aside(&self.state.paths, round, &mut shard);
+                TaskOutcome::Labeled(shard)
             }
             outcome => outcome,
         };
@@ -1476,26 +1473,6 @@ impl Coordinator {
         self.log_effects(&effects);
         self.persist_or_log();
         Ok(effects)
-    }
-
-    /// Writes the histogram of a labeled shard to its own file and leaves it out of the record
-    /// (see [`state::ShardRecord::histogram`]); one that cannot be written stays in memory (a
-    /// restart then counts that shard's labels again).
-    fn keep_histogram_aside(
-        &self,
-        round: u32,
-        mut shard: state::ShardRecord,
-    ) -> state::ShardRecord {
-        if let Some(histogram) = &shard.histogram {
-            match filter::save_histogram(&self.state.paths, round, &shard, histogram) {
-                Ok(()) => shard.histogram = None,
-                Err(error) => {
-                    let path = self.state.paths.histogram(round, shard.index);
-                    tracing::warn!(path = %path.display(), %error, "could not write a shard's histogram: the filter counts its labels again if the coordinator restarts first");
-                }
-            }
-        }
-        shard
     }
 
     fn log_effects(&self, effects: &[Effect]) {
