@@ -27,7 +27,7 @@
 # goes, the final status (text and JSON) at the end, and exits non-zero if the run failed.
 # Every process it started is stopped on exit, Ctrl-C included. Logs: <state-dir>/logs/.
 # COORDINATOR_START_SECONDS (default 600): how long a coordinator still checking the data and
-# the soft-label store before it listens is waited for.
+# the soft-label store before it serves (writes coordinator.addr) is waited for.
 set -euo pipefail
 
 ROOT="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
@@ -191,7 +191,7 @@ log_offset=$(stat -c %s "$coordinator_log" 2>/dev/null || echo 0)
 coordinator_pid=$!
 pids+=("$coordinator_pid")
 
-# The coordinator checks the data and the soft-label store before it listens (a large image
+# The coordinator checks the data and the soft-label store before it serves (a large image
 # folder on a network file system, an object store far away): it is waited for while it lives,
 # with a word every 30 s, up to COORDINATOR_START_SECONDS (default 600).
 waited=0
@@ -323,6 +323,6 @@ if plan.get("method") != "meta-pseudo-labels":
 ' "$plan" "$state_dir/pseudo-labels" 2>/dev/null || true)"
 echo "[local-cluster] run $status; checkpoints in $state_dir/checkpoints${labels:+, soft labels in $labels}" >&2
 if [ "$status" = "failed" ]; then
-  echo "[local-cluster] once the cause is dealt with, the same command with --retry-failed --state-dir $(printf %q "$state_dir") goes on from where the run failed" >&2
+  echo "[local-cluster] once the cause is dealt with, the same command with --retry-failed (in place of --redo-finetune, if it had one) --state-dir $(printf %q "$state_dir") goes on from where the run failed" >&2
 fi
 [ "$status" = "succeeded" ]

@@ -7,7 +7,7 @@
 //! its own whatever the settings. The activations of a Meta Pseudo Labels step on Fashion-MNIST
 //! (960 images of 28x28x32 floats, 96 MB each) were page-faulted in and zeroed again at every
 //! step, a fifth of the step's time in the kernel. Served from the one main heap and kept there,
-//! they are reused: about 40% more images a second in a worker's joint training, for some 20%
+//! they are reused: about 30% more images a second in a worker's joint training, for some 30%
 //! more peak memory (README, "Benchmarks").
 
 /// What [`keep_freed_memory`] did.
