@@ -1289,7 +1289,10 @@ fn a_failed_run_goes_on_with_retry_failed_once_its_cause_is_gone() {
         error.contains("mpl-joint.resume.safetensors") && error.contains("move it away"),
         "{saved}"
     );
-    assert!(stderr.contains("--retry-failed --state-dir"), "{stderr}");
+    assert!(
+        stderr.contains("the same command with --retry-failed (in place of --redo-finetune, if it had one) --state-dir"),
+        "{stderr}"
+    );
 
     std::fs::remove_file(&save).expect("move the damaged save away");
     let (code, stderr, saved) = local_cluster_sh(&plan, &state_dir, &["--retry-failed"]);

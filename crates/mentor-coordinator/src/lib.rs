@@ -385,16 +385,29 @@ fn rebase_selections(run_dir: &Path, from: &Path) -> Result<(), String> {
 }
 
 /// The plan's `teacher.checkpoint`, made absolute (relative paths start where the coordinator
-/// runs, as `data.dir` does), once it is known to be a safetensors file with tensors in it.
-fn teacher_checkpoint(given: &Path) -> Result<PathBuf, CoordinatorError> {
+/// runs, as `data.dir` does), once it is known to be a safetensors file with tensors in it,
+/// with the SHA-256 of its bytes. A run records the digest of the teacher it began with
+/// (`began_with`): another file (a retrained teacher put in its place, or named by a plan
+/// edited between two starts) would label the rest of its shards with another model than the
+/// first ones, and is refused.
+fn teacher_checkpoint(
+    given: &Path,
+    began_with: Option<&str>,
+) -> Result<(PathBuf, String), CoordinatorError> {
     let refuse = |reason: String| CoordinatorError::TeacherCheckpoint {
         path: given.to_path_buf(),
         reason,
     };
     let path = std::path::absolute(given).map_err(|e| refuse(e.to_string()))?;
     let tensors = checkpoint::tensor_count(&path).map_err(refuse)?;
-    tracing::info!(checkpoint = %path.display(), tensors, "the first teacher is read from a checkpoint, not trained");
-    Ok(path)
+    let digest = mentor_labels::sha256_file(&path).map_err(|e| refuse(e.to_string()))?;
+    if let Some(then) = began_with.filter(|then| **then != digest) {
+        return Err(refuse(format!(
+            "it is not the teacher this run began labeling with (its SHA-256 is {digest}, the run's teacher's {then}): one round's soft labels come from one teacher; give the run its teacher back, or start a new run (another --state-dir) with this one"
+        )));
+    }
+    tracing::info!(checkpoint = %path.display(), tensors, sha256 = %digest, "the first teacher is read from a checkpoint, not trained");
+    Ok((path, digest))
 }
 
 /// The key, at the soft-label store's root, that names the run whose labels it holds.
@@ -516,7 +529,7 @@ impl Coordinator {
 
     /// What opening `run_dir` with `plan` the way `how` says would refuse about the run saved
     /// there (another plan, no finetune to redo, no failure to retry, an unreadable
-    /// `state.json`), found without opening it: nothing is taken or written. A directory
+    /// `state.json`, a first teacher other than the one it began labeling with), found without opening it: nothing is taken or written. A directory
     /// without a saved run is fine to resume (a new run starts there). For `mentor plan
     /// --state-dir`; the plan's own checks and its data's are not made here. Returns whether
     /// the run still needs the plan's `teacher.checkpoint` (see
@@ -545,7 +558,16 @@ impl Coordinator {
         let (mut state, _) = RunState::from_saved(&text, &run_dir)
             .map_err(|e| state_store_error(format!("unreadable state.json: {e}")))?;
         reopen(&mut state, plan, how, &run_dir)?;
-        Ok(state.needs_given_teacher())
+        let needed = state.needs_given_teacher();
+        // The teacher a run began labeling with is the one it goes on with.
+        if let (true, Some(given), Some(began_with)) = (
+            needed,
+            &plan.teacher.checkpoint,
+            &state.teacher_checkpoint_sha256,
+        ) {
+            teacher_checkpoint(given, Some(began_with))?;
+        }
+        Ok(needed)
     }
 
     fn open_run(plan: Plan, run_dir: &Path, how: Reopen) -> Result<Coordinator, CoordinatorError> {
@@ -661,20 +683,24 @@ impl Coordinator {
                 // wherever the coordinator starts again, unless the plan now names the teacher
                 // in another place (the run moved to a machine that keeps it elsewhere): its
                 // tasks then read it from there.
-                let resolved = match state.teacher_checkpoint.clone() {
+                let began_with = state.teacher_checkpoint_sha256.clone();
+                let began_with = began_with.as_deref();
+                let (resolved, digest) = match state.teacher_checkpoint.clone() {
                     Some(recorded) if recorded_teacher.as_ref() == Some(given) => {
-                        teacher_checkpoint(&recorded)?
+                        teacher_checkpoint(&recorded, began_with)?
                     }
                     Some(recorded) if recorded_teacher.is_some() => {
-                        let resolved = teacher_checkpoint(given)?;
+                        let (resolved, digest) = teacher_checkpoint(given, began_with)?;
                         state
                             .move_teacher_checkpoint(&recorded, &resolved)
                             .map_err(state_store_error)?;
-                        resolved
+                        (resolved, digest)
                     }
-                    _ => teacher_checkpoint(given)?,
+                    _ => teacher_checkpoint(given, began_with)?,
                 };
                 state.teacher_checkpoint = Some(resolved);
+                // A run recorded before runs kept the digest: from now on.
+                state.teacher_checkpoint_sha256 = Some(digest);
             }
         }
         let claimed = plan.method == mentor_plan::Method::NoisyStudent
@@ -1537,7 +1563,10 @@ impl Coordinator {
             self.log_effects(&effects);
             self.persist_or_log();
         }
-        // A labeler that is heard of but makes no progress loses its shard after the lease.
+        // A labeler that is heard of but makes no progress loses its shard after the lease, and
+        // is left out of new groups and of those a failed task waits for (its heartbeats come
+        // from a thread of their own: a labeler stuck in a read or a decoder still sends them)
+        // until it reports progress or asks for work again.
         let lease = Duration::from_secs(self.plan.pseudo_labels.lease_seconds);
         let expired: Vec<(WorkerId, TaskId)> = self
             .workers
@@ -1552,6 +1581,8 @@ impl Coordinator {
         for (id, task) in expired {
             if let Some(worker) = self.workers.get_mut(&id) {
                 worker.task = None;
+                worker.suspect = true;
+                worker.suspected_at = Some(now);
             }
             let why = |attempt| format!("lease of attempt {attempt} expired without progress");
             if let Some(effects) = self.state.give_up_running(&task, why) {
@@ -2353,12 +2384,18 @@ mod tests {
         // Heard of but silent on progress past the lease: the shard goes to another labeler.
         let expired = halfway + lease + Duration::from_secs(1);
         coordinator.heartbeat(&a, expired);
+        assert_eq!(coordinator.live_workers("cpu", expired), 1);
         coordinator.reap(expired);
         assert!(coordinator.workers[&a].alive, "a slow labeler is not dead");
         assert_eq!(
             coordinator.state.tasks[&task].state,
             crate::state::TaskState::Pending
         );
+        // A labeler stuck for good would still heartbeat: until it is heard of otherwise, no
+        // group counts on it.
+        assert!(coordinator.workers[&a].suspect);
+        coordinator.heartbeat(&a, expired);
+        assert_eq!(coordinator.live_workers("cpu", expired), 0);
         let b = coordinator.register("b".into(), "cpu".into(), 0, expired);
         let mut retry = next_label_task(&mut coordinator, &b, expired);
         while retry.task.id != task {
@@ -2380,6 +2417,10 @@ mod tests {
         }
         assert_eq!(coordinator.workers[&a].progress.step, 0);
         assert_eq!(coordinator.workers[&b].progress.step, 3);
+        assert!(
+            !coordinator.workers[&a].suspect,
+            "a labeler that reports is not stuck"
+        );
 
         // The slow labeler's late result belongs to attempt 1 and changes nothing.
         let shards_before = coordinator.state.current_round().shards.len();
@@ -2611,6 +2652,39 @@ mod tests {
         let recorded = moved.state.teacher_checkpoint.clone();
         assert_eq!(recorded, Some(laptop_teacher.clone()));
         drop(moved);
+
+        // Another teacher (retrained, say) in the place of the one the run began with, or
+        // named by the plan: refused, naming the file, before anything changes.
+        let saved = std::fs::read(run.join("state.json")).expect("state");
+        let mut other_teacher = file.clone();
+        *other_teacher.last_mut().expect("bytes") = 1;
+        let elsewhere = laptop.join("models/retrained.safetensors");
+        std::fs::write(&elsewhere, &other_teacher).expect("write");
+        std::fs::write(&laptop_teacher, &other_teacher).expect("overwrite");
+        for checkpoint in [&laptop_teacher, &elsewhere] {
+            for check in [true, false] {
+                let refused = if check {
+                    Coordinator::check_reopen(&given(checkpoint), &run, Reopen::Resume).map(|_| ())
+                } else {
+                    Coordinator::open(given(checkpoint), &run).map(|_| ())
+                };
+                match refused {
+                    Err(CoordinatorError::TeacherCheckpoint { path, reason }) => {
+                        assert_eq!(&path, checkpoint);
+                        assert!(
+                            reason.contains("not the teacher this run began"),
+                            "{reason}"
+                        );
+                    }
+                    Err(e) => panic!("refused for another reason: {e}"),
+                    Ok(()) => panic!("a run went on with another teacher"),
+                }
+            }
+        }
+        assert_eq!(std::fs::read(run.join("state.json")).expect("state"), saved);
+        // Its own teacher back (a copy, anywhere): the run goes on.
+        std::fs::write(&elsewhere, &file).expect("write");
+        Coordinator::open(given(&elsewhere), &run).expect("the same teacher elsewhere");
 
         // A plan that trains its first teacher is another run.
         match Coordinator::open(one_worker_plan(), &run) {

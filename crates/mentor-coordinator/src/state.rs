@@ -454,6 +454,10 @@ pub struct RunState {
     /// made absolute) instead of trained.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub teacher_checkpoint: Option<PathBuf>,
+    /// The SHA-256 of that file's bytes when the run began labeling with it: a resumed run
+    /// refuses another teacher, wherever its file now lies.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub teacher_checkpoint_sha256: Option<String>,
     /// The phase a failed run was in when it failed (where `--retry-failed` takes it back).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub failed_in: Option<Phase>,
@@ -515,17 +519,17 @@ impl RunState {
         Ok((state, moved.then_some(recorded)))
     }
 
-    /// Takes every reference to the first teacher's file `from` (the state's, its round's and
-    /// its tasks') to `to`: the plan names the same teacher in another place, as after a run
-    /// moved to a machine that keeps its models elsewhere.
-    /// Its labeling tasks keep the old place too: a shard committed before the move (whose
-    /// result the coordinator never recorded) names the teacher there.
     /// Whether a task still to run labels with the first teacher a plan gives
     /// (`teacher.checkpoint`): until the first labeling is done.
     pub fn needs_given_teacher(&self) -> bool {
         self.round == 1 && matches!(self.phase, Phase::WaitingForWorkers | Phase::Label)
     }
 
+    /// Takes every reference to the first teacher's file `from` (the state's, its round's and
+    /// its tasks') to `to`: the plan names the same teacher in another place, as after a run
+    /// moved to a machine that keeps its models elsewhere.
+    /// Its labeling tasks keep the old place too: a shard committed before the move (whose
+    /// result the coordinator never recorded) names the teacher there.
     pub fn move_teacher_checkpoint(&mut self, from: &Path, to: &Path) -> Result<(), String> {
         // Histograms still in memory (a state of an earlier version, a file that could not be
         // written) are not serialized: set aside around the round trip.
@@ -594,6 +598,7 @@ impl RunState {
             method: plan.method,
             finetune: plan.mpl.as_ref().is_some_and(|mpl| mpl.finetune.steps > 0),
             teacher_checkpoint: plan.teacher.checkpoint.clone(),
+            teacher_checkpoint_sha256: None,
             failed_in: None,
             unlabeled_fingerprint: None,
             began_at_ms: Some(unix_ms()),

@@ -352,6 +352,7 @@ impl Source {
         options: DecodeOptions,
     ) -> Result<Batches, DataError> {
         self.check_range(start, end)?;
+        let skip_undecodable = options.skip_undecodable;
         let items: ItemIter = match self {
             Source::Idx { positions, images } => {
                 let images = idx_images(images)?;
@@ -376,11 +377,9 @@ impl Source {
                 let selected: Vec<(usize, PathBuf)> = (start..end)
                     .map(|i| (i as usize, tars[i as usize].clone()))
                     .collect();
-                Box::new(
-                    selected
-                        .into_iter()
-                        .flat_map(|(index, path)| tar_samples(index, path, None)),
-                )
+                Box::new(selected.into_iter().flat_map(move |(index, path)| {
+                    tar_samples(index, path, None, skip_undecodable)
+                }))
             }
         };
         Batches::start(items, geometry, options)
@@ -402,6 +401,7 @@ impl Source {
                 self.format().as_str()
             ))
         };
+        let skip_undecodable = options.skip_undecodable;
         let items: ItemIter = match self {
             Source::Idx { images, .. } => {
                 let images = idx_images(images)?;
@@ -451,7 +451,9 @@ impl Source {
                 Box::new(
                     selected
                         .into_iter()
-                        .flat_map(|(index, path, samples)| tar_samples(index, path, Some(samples))),
+                        .flat_map(move |(index, path, samples)| {
+                            tar_samples(index, path, Some(samples), skip_undecodable)
+                        }),
                 )
             }
         };
@@ -492,6 +494,7 @@ fn tar_samples(
     tar_index: usize,
     path: PathBuf,
     mut wanted: Option<HashSet<u32>>,
+    skip_undecodable: bool,
 ) -> impl Iterator<Item = Item> {
     type Reader = (
         std::sync::mpsc::IntoIter<Item>,
@@ -505,7 +508,14 @@ fn tar_samples(
             let thread = std::thread::spawn(move || {
                 // A send fails once the pipeline stopped reading: the reading stops too.
                 let mut emit = |item: Item| sender.send(item).is_ok();
-                if let Err(error) = read_tar(tar_index, &path, wanted.as_ref(), &mut emit) {
+                let read = read_tar(
+                    tar_index,
+                    &path,
+                    wanted.as_ref(),
+                    skip_undecodable,
+                    &mut emit,
+                );
+                if let Err(error) = read {
                     emit(Err(error));
                 }
             });
@@ -526,10 +536,16 @@ fn tar_samples(
 
 /// Reads a tar's samples and gives each to `emit`, in order, until `emit` answers `false` (no
 /// one reads them any more).
+///
+/// A tar cut short (a download that stopped, a copy that ran out of disk) is an error naming
+/// it, or under `skip_undecodable` (labeling) the end of its samples, with a warning: the
+/// samples before the cut are labeled, the one it cut and those after are not. A sample's id
+/// is its position in its own tar, so no other sample's id moves.
 fn read_tar(
     tar_index: usize,
     path: &Path,
     wanted: Option<&HashSet<u32>>,
+    skip_undecodable: bool,
     emit: &mut dyn FnMut(Item) -> bool,
 ) -> Result<(), DataError> {
     let corrupt = |reason: String| DataError::Unlabeled {
@@ -561,11 +577,19 @@ fn read_tar(
     // tar's samples), and the images of samples not wanted are not read.
     let all_out = || wanted.is_some_and(|w| emitted.get() == w.len());
     let mut current_wanted = is_wanted(0);
+    // Why the tar ended before its end, if it did.
+    let mut cut: Option<String> = None;
     let entries = archive
         .entries()
         .map_err(|e| corrupt(format!("not a tar file ({e})")))?;
     for entry in entries {
-        let mut entry = entry.map_err(|e| corrupt(format!("unreadable tar entry ({e})")))?;
+        let mut entry = match entry {
+            Ok(entry) => entry,
+            Err(e) => {
+                cut = Some(format!("unreadable tar entry ({e})"));
+                break;
+            }
+        };
         if !entry.header().entry_type().is_file() {
             continue;
         }
@@ -610,13 +634,31 @@ fn read_tar(
             // The header's size is only a hint: a damaged one must not allocate the memory away.
             let hint = entry.size().min(64 << 20) as usize;
             let mut bytes = Vec::with_capacity(hint);
-            entry
-                .read_to_end(&mut bytes)
-                .map_err(|e| corrupt(format!("member `{member}` is truncated ({e})")))?;
+            if let Err(e) = entry.read_to_end(&mut bytes) {
+                cut = Some(format!("member `{member}` is truncated ({e})"));
+                break;
+            }
             current_image.add(member, bytes, plain).map_err(corrupt)?;
         }
     }
-    finish(current_key.take(), current_image)?;
+    match cut {
+        None => {
+            finish(current_key.take(), current_image)?;
+        }
+        Some(reason) if skip_undecodable => {
+            // The sample the cut fell in counts if its image was read whole.
+            if current_image.plain.is_some() || !current_image.others.is_empty() {
+                finish(current_key.take(), current_image)?;
+            }
+            tracing::warn!(
+                tar = %path.display(),
+                samples = sample_index.get(),
+                reason,
+                "a tar is cut short: its samples after these are not labeled (a run under way cannot take a repaired tar, the run records each tar's size: repair it for a new run)"
+            );
+        }
+        Some(reason) => return Err(corrupt(reason)),
+    }
     Ok(())
 }
 

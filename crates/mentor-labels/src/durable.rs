@@ -16,10 +16,23 @@ pub fn publish(temporary: &Path, path: &Path) -> io::Result<()> {
     sync_directory_of(path)
 }
 
-/// Writes `bytes` to `path` durably through `temporary` (a file beside it, replaced).
+/// Writes `bytes` to `path` durably through `temporary` (a file beside it, replaced). A write
+/// that fails before the rename removes its temporary: a disk full, the likeliest cause, would
+/// stay full of it.
 pub fn write(path: &Path, temporary: &Path, bytes: &[u8]) -> io::Result<()> {
-    std::fs::write(temporary, bytes)?;
-    publish(temporary, path)
+    std::fs::write(temporary, bytes)
+        .and_then(|()| publish(temporary, path))
+        .inspect_err(|_| remove_if_there(temporary))
+}
+
+/// Removes a temporary file that is of no use any more, if it is there (best effort: the error
+/// that made it useless is the one to report).
+pub fn remove_if_there(temporary: &Path) {
+    if let Err(e) = std::fs::remove_file(temporary) {
+        if e.kind() != io::ErrorKind::NotFound {
+            tracing::warn!(path = %temporary.display(), error = %e, "a temporary file could not be removed");
+        }
+    }
 }
 
 /// Linux's `EINVAL`, `EBADF` and `ENOTSUP`: what a directory flush returns on a file system
@@ -73,6 +86,22 @@ mod tests {
         write(&path, &temporary, b"second, longer").expect("second write");
         assert_eq!(std::fs::read(&path).expect("read back"), b"second, longer");
         assert!(!temporary.exists(), "the temporary was renamed into place");
+    }
+
+    #[test]
+    fn a_write_that_cannot_be_moved_into_place_leaves_no_temporary() {
+        let dir = tempfile::tempdir().expect("temporary directory");
+        // A directory where the file should go: the rename fails after the temporary is written.
+        let path = dir.path().join("state.json");
+        std::fs::create_dir(&path).expect("a directory in the way");
+        std::fs::write(path.join("inside"), b"kept").expect("write");
+        let temporary = dir.path().join("state.tmp");
+        write(&path, &temporary, b"new").expect_err("a directory is in the way");
+        assert!(
+            !temporary.exists(),
+            "the temporary of a failed write was left"
+        );
+        assert_eq!(std::fs::read(path.join("inside")).expect("read"), b"kept");
     }
 
     #[test]

@@ -607,10 +607,24 @@ pub(crate) fn write_safetensors_atomically(
         .into_iter()
         .map(|(name, value)| (name, value.contiguous()))
         .collect();
-    Tensor::write_safetensors(&tensors, &temporary)
-        .map_err(|e| format!("failed to write checkpoint `{}`: {e}", temporary.display()))?;
-    mentor_labels::durable::publish(&temporary, output)
-        .map_err(|e| format!("failed to move checkpoint to `{}`: {e}", output.display()))
+    // A checkpoint that fails half-written (a full disk, most likely) is removed: it would keep
+    // the disk full for the task's next attempt.
+    let cleanup = |error: String| {
+        mentor_labels::durable::remove_if_there(&temporary);
+        error
+    };
+    Tensor::write_safetensors(&tensors, &temporary).map_err(|e| {
+        cleanup(format!(
+            "failed to write checkpoint `{}`: {e}",
+            temporary.display()
+        ))
+    })?;
+    mentor_labels::durable::publish(&temporary, output).map_err(|e| {
+        cleanup(format!(
+            "failed to move checkpoint to `{}`: {e}",
+            output.display()
+        ))
+    })
 }
 
 /// Sum over rows of the cross-entropy against target distributions.
@@ -1207,6 +1221,27 @@ fn existing_shard(
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// A checkpoint that cannot be put in its place leaves no half of itself behind, and what
+    /// was there stays.
+    #[test]
+    fn a_checkpoint_that_cannot_be_published_leaves_no_temporary() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let output = dir.path().join("student.safetensors");
+        std::fs::create_dir(&output).expect("a directory in the way");
+        let tensors = [(
+            "w".to_string(),
+            Tensor::ones([4], (Kind::Float, tch::Device::Cpu)),
+        )];
+        let error = write_safetensors_atomically(tensors, &output).expect_err("in the way");
+        assert!(error.contains("failed to move checkpoint"), "{error}");
+        let left: Vec<_> = std::fs::read_dir(dir.path())
+            .expect("list")
+            .map(|entry| entry.expect("entry").file_name())
+            .collect();
+        assert_eq!(left, vec![std::ffi::OsString::from("student.safetensors")]);
+        assert!(output.is_dir());
+    }
 
     /// A batch's targets made from the kept top-k are the dense distributions: soft ones are
     /// the renormalised probabilities at their classes, hard ones the smoothed one-hot of the

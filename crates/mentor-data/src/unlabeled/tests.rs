@@ -375,6 +375,27 @@ fn broken_webdataset_tars_are_named() {
     let error =
         collect(source.decode(0, 1, GRAY, options(4, 1)).expect("decode")).expect_err("truncated");
     assert!(error.to_string().contains("t.tar"), "{error}");
+    // Labeling takes the samples before the cut, and ends the tar there (the image the cut
+    // fell in, short of its end, does not decode: labeled NaN).
+    let skipping = DecodeOptions {
+        skip_undecodable: true,
+        ..options(4, 1)
+    };
+    let batches = collect(source.decode(0, 1, GRAY, skipping).expect("decode")).expect("cut short");
+    let ids: Vec<i64> = batches.iter().flat_map(|b| b.example_ids.clone()).collect();
+    assert_eq!(ids, vec![0], "the sample before the cut, alone");
+    // A tar cut inside a member's header: the samples before it are whole.
+    let whole = tar_with(&[("a.png", png(1)), ("b.png", png(2)), ("c.png", png(3))]);
+    let second_header = 512 + png(1).len().div_ceil(512) * 512;
+    std::fs::write(cut.join("t.tar"), &whole[..second_header + 100]).expect("write");
+    let source = Source::open(&data_plan(UnlabeledFormat::Webdataset, &cut), &[]).expect("open");
+    collect(source.decode(0, 1, GRAY, options(4, 1)).expect("decode")).expect_err("cut header");
+    let batches = collect(source.decode(0, 1, GRAY, skipping).expect("decode")).expect("cut short");
+    let ids: Vec<i64> = batches.iter().flat_map(|b| b.example_ids.clone()).collect();
+    assert_eq!(ids, vec![0]);
+    assert!(batches.iter().all(|b| b.undecodable.is_empty()));
+    let means = means(&batches[0], GRAY);
+    assert!((means[0] - 1.0).abs() < 1e-9, "{means:?}");
 
     let empty = tempfile::tempdir().expect("tempdir");
     let error = Source::open(&data_plan(UnlabeledFormat::Webdataset, empty.path()), &[])
@@ -604,16 +625,16 @@ fn tar_samples_are_read_as_they_are_consumed() {
     let bytes = tar_with(&members);
     let path = dir.path().join("big.tar");
     std::fs::write(&path, &bytes).expect("write");
-    let first: Vec<i64> = tar_samples(3, path.clone(), None)
+    let first: Vec<i64> = tar_samples(3, path.clone(), None, false)
         .take(3)
         .map(|item| item.expect("sample").0)
         .collect();
     assert_eq!(first, vec![3 << 32, (3 << 32) | 1, (3 << 32) | 2]);
-    assert_eq!(tar_samples(3, path.clone(), None).count(), count);
+    assert_eq!(tar_samples(3, path.clone(), None, false).count(), count);
 
     // Cut inside the second half: the first half arrives, then the tar's error.
     std::fs::write(&path, &bytes[..bytes.len() * 3 / 4]).expect("write");
-    let items: Vec<Item> = tar_samples(0, path.clone(), None).collect();
+    let items: Vec<Item> = tar_samples(0, path.clone(), None, false).collect();
     let (good, bad): (Vec<_>, Vec<_>) = items.iter().partition(|item| item.is_ok());
     assert!(
         good.len() >= count / 2,
