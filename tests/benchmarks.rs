@@ -84,6 +84,25 @@ fn all_reduce_benchmark_runs_the_ring_and_gloo() {
 }
 
 #[test]
+fn scheduler_benchmark_runs_both_ways_of_saving() {
+    let table = run_script(
+        "bench-scheduler.sh",
+        &[
+            "--shard-size",
+            "100",
+            "--tasks",
+            "40",
+            "--reference-tasks",
+            "10",
+        ],
+    );
+    // tasks/s, tasks, seconds and saves of each, then the ratio.
+    assert_eq!(row(&table, "grouped saves (mentor):", 4)[1], 40.0);
+    assert_eq!(row(&table, "a save per change:", 4)[1], 10.0);
+    row(&table, "ratio (grouped / a save per change):", 1);
+}
+
+#[test]
 fn labeling_benchmark_runs_the_service_and_pytorch() {
     let table = run_script(
         "bench-label.sh",

@@ -487,7 +487,27 @@ pub struct Coordinator {
     /// assignment a restart could not know of would run twice, its ids and attempt numbers
     /// given again.
     save_error: Option<String>,
+    /// Changes not saved yet (see [`Coordinator::persist_soon`]).
+    unsaved: bool,
+    /// When the last save ended, how long it took and how many bytes it wrote.
+    last_save: Option<(Instant, Duration, usize)>,
+    /// Saves made (for `bench-scheduler`).
+    saves: u64,
+    /// States this large (bytes) or larger save labeling changes in groups (see
+    /// [`Coordinator::persist_soon`]); [`GROUP_SAVES_FROM`] but in tests.
+    group_saves_from: usize,
 }
+
+/// The size of a saved state (bytes) from which the assignments and results of labeling tasks
+/// are saved in groups: some 2,000 tasks. Below it every change is saved as it happens.
+pub const GROUP_SAVES_FROM: usize = 1 << 20;
+
+/// A save of a large state is followed by this many times its duration without one: saving
+/// takes at most a fifth of the coordinator's time.
+const SAVE_SPACING: u32 = 4;
+
+/// How often the service saves changes left for a later save.
+pub const SAVE_CHECK_INTERVAL: Duration = Duration::from_millis(50);
 
 impl Coordinator {
     /// Opens the run of `plan` in `run_dir`, resuming the saved state when there is one.
@@ -748,6 +768,10 @@ impl Coordinator {
             regathering,
             abandoned_until,
             save_error: None,
+            unsaved: false,
+            last_save: None,
+            saves: 0,
+            group_saves_from: GROUP_SAVES_FROM,
         };
         if let Err(error) = coordinator.persist() {
             // A claim for a run whose id was never saved would refuse every later start.
@@ -792,20 +816,32 @@ impl Coordinator {
 
     /// Writes the state snapshot atomically.
     pub fn persist(&self) -> Result<(), CoordinatorError> {
+        self.write_state().map(|_| ())
+    }
+
+    /// Writes `state.json` whole; the bytes written.
+    fn write_state(&self) -> Result<usize, CoordinatorError> {
         let path = self.state.paths.state_file();
         let error = |reason: String| CoordinatorError::StateStore {
             path: path.clone(),
             reason,
         };
         let json = serde_json::to_vec_pretty(&self.state).map_err(|e| error(e.to_string()))?;
-        write_atomically(&path, &json).map_err(|e| error(e.to_string()))
+        write_atomically(&path, &json).map_err(|e| error(e.to_string()))?;
+        Ok(json.len())
     }
 
     /// Saves the state; a failure is logged once (until a save succeeds again) and holds the
     /// handing out of tasks (see [`Coordinator::save_error`]).
     fn persist_or_log(&mut self) {
-        match self.persist() {
-            Ok(()) => {
+        let began = Instant::now();
+        let saved = self.write_state();
+        let ended = Instant::now();
+        self.saves += 1;
+        match saved {
+            Ok(bytes) => {
+                self.unsaved = false;
+                self.last_save = Some((ended, ended - began, bytes));
                 if self.save_error.take().is_some() {
                     tracing::info!(run = %self.state.run_id, "the run state is saved again: tasks are handed out again");
                 }
@@ -816,6 +852,50 @@ impl Coordinator {
                 }
                 self.save_error = Some(error.to_string());
             }
+        }
+    }
+
+    /// Saves a labeling task's assignment or result: at once while the state is small, else
+    /// with the changes after it, at most [`SAVE_SPACING`] times the last save's duration
+    /// later ([`Coordinator::save_if_due`]). The whole state is rewritten at every save, and a
+    /// round of a large data set has tens of thousands of labeling tasks: saved one change at
+    /// a time, they would keep the coordinator busy writing. What a restart loses of them is
+    /// safe to lose: a labeling task runs again, and finds its shard committed if it was.
+    /// Every other change is saved at once, and saves those waiting with it.
+    fn persist_soon(&mut self, now: Instant) {
+        self.unsaved = true;
+        if self.save_error.is_some() || self.save_due(now) {
+            self.persist_or_log();
+        }
+    }
+
+    fn save_due(&self, now: Instant) -> bool {
+        match self.last_save {
+            Some((at, took, bytes)) if bytes >= self.group_saves_from => {
+                now.saturating_duration_since(at) >= took * SAVE_SPACING
+            }
+            _ => true,
+        }
+    }
+
+    /// The size of a saved state (bytes) from which labeling's changes are saved in groups
+    /// ([`GROUP_SAVES_FROM`] unless set; `usize::MAX`: every change saved at once, the
+    /// reference of `bench-scheduler`).
+    pub fn set_group_saves_from(&mut self, bytes: usize) {
+        self.group_saves_from = bytes;
+    }
+
+    /// Saves made by this coordinator since it opened the run (but its first and last).
+    pub fn saves(&self) -> u64 {
+        self.saves
+    }
+
+    /// Saves the changes [`Coordinator::persist_soon`] left for later, once due. The service
+    /// calls it every [`SAVE_CHECK_INTERVAL`]; the coordinator's last save, as it exits,
+    /// saves the rest.
+    pub fn save_if_due(&mut self, now: Instant) {
+        if self.unsaved && self.save_due(now) {
+            self.persist_or_log();
         }
     }
 
@@ -1102,7 +1182,11 @@ impl Coordinator {
                         assignment.task.instances = record.instances.clone();
                     }
                 }
-                self.persist_or_log();
+                if matches!(assignment.task.spec, TaskSpec::Label { .. }) {
+                    self.persist_soon(now);
+                } else {
+                    self.persist_or_log();
+                }
                 if self.save_error.is_some() {
                     // Not handed out: a restart would not know of it.
                     self.state.unassign(&assignment, id);
@@ -1495,9 +1579,15 @@ impl Coordinator {
             }
             outcome => outcome,
         };
+        let labeled = matches!(outcome, TaskOutcome::Labeled(_));
         let effects = self.state.complete(task, id, attempt, outcome);
         self.log_effects(&effects);
-        self.persist_or_log();
+        // A shard's result that changes nothing else (not the last of its round) may wait.
+        if labeled && effects.is_empty() {
+            self.persist_soon(now);
+        } else {
+            self.persist_or_log();
+        }
         Ok(effects)
     }
 
@@ -2356,6 +2446,78 @@ mod tests {
             )
             .expect("progress");
         assert_eq!(worker_status(&coordinator).seconds_left, None);
+    }
+
+    /// The state as `state.json` holds it now: the state of task `task`.
+    fn saved_task_state(dir: &Path, task: &TaskId) -> String {
+        let text = std::fs::read_to_string(dir.join("state.json")).expect("state");
+        let saved: serde_json::Value = serde_json::from_str(&text).expect("json");
+        saved["tasks"][&task.0]["state"]["state"]
+            .as_str()
+            .expect("a task state")
+            .to_string()
+    }
+
+    /// A large state saves labeling's assignments and results in groups, at most a few times
+    /// the duration of a save apart; anything else at once. What a restart loses of them
+    /// runs again.
+    #[test]
+    fn a_large_states_labeling_changes_are_saved_in_groups() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        // Instants before the coordinator's saves: no save is due until the clock moves on.
+        let start = Instant::now();
+        let (mut coordinator, a, teacher) = one_worker_with_a_teacher_task(dir.path(), start);
+        coordinator.group_saves_from = 0;
+        assert_eq!(saved_task_state(dir.path(), &teacher.task.id), "running");
+        complete_trained(&mut coordinator, &a, &teacher, dir.path(), start);
+        assert_eq!(saved_task_state(dir.path(), &teacher.task.id), "done");
+
+        let first = next_label_task(&mut coordinator, &a, start);
+        let task = first.task.id.clone();
+        assert_eq!(
+            saved_task_state(dir.path(), &task),
+            "pending",
+            "saved with the next save"
+        );
+        coordinator.save_if_due(start);
+        assert_eq!(
+            saved_task_state(dir.path(), &task),
+            "pending",
+            "not due yet"
+        );
+        let later = Instant::now() + Duration::from_secs(60);
+        coordinator.save_if_due(later);
+        assert_eq!(saved_task_state(dir.path(), &task), "running");
+
+        // A result waits for the next save too; a restart before it runs the task again.
+        let shard = crate::state::ShardRecord {
+            index: 0,
+            key: mentor_labels::shard_key(1, 0),
+            examples: 1,
+            sha256: "00".into(),
+            bytes: 1,
+            histogram: None,
+        };
+        // (At an instant before the last save: none is due.)
+        let effects = coordinator
+            .complete(&a, &task, 1, TaskOutcome::Labeled(shard), start)
+            .expect("complete");
+        assert!(effects.is_empty(), "{effects:?}");
+        assert_eq!(coordinator.state.tasks[&task].state, state::TaskState::Done);
+        assert_eq!(saved_task_state(dir.path(), &task), "running");
+        drop(coordinator);
+        let mut reopened = Coordinator::open(one_worker_plan(), dir.path()).expect("reopen");
+        assert_eq!(
+            reopened.state.tasks[&task].state,
+            state::TaskState::Pending,
+            "a result a restart lost: the task runs again"
+        );
+        let b = reopened.register("b".into(), "cpu".into(), 0, later);
+        let again = next_label_task(&mut reopened, &b, later);
+        assert_eq!(again.task.id, task);
+        assert_eq!(again.task.attempts, 2);
+        // A small state (the default threshold) saves every change at once.
+        assert_eq!(saved_task_state(dir.path(), &task), "running");
     }
 
     #[test]

@@ -676,6 +676,17 @@ pub async fn serve(
             }
         })
     };
+    let saver = {
+        let shared = shared.clone();
+        tokio::spawn(async move {
+            let mut ticks = tokio::time::interval(crate::SAVE_CHECK_INTERVAL);
+            ticks.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+            loop {
+                ticks.tick().await;
+                lock(&shared).save_if_due(Instant::now());
+            }
+        })
+    };
     resume_effects(&shared);
     let result = tonic::transport::Server::builder()
         .add_service(WorkerServiceServer::new(WorkerApi {
@@ -688,6 +699,7 @@ pub async fn serve(
         )
         .await;
     reaper.abort();
+    saver.abort();
     result
 }
 
