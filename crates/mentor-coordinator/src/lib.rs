@@ -410,6 +410,75 @@ fn teacher_checkpoint(
     Ok((path, digest))
 }
 
+/// Before a failed run's filter or student training runs again (`--retry-failed`): the round's
+/// shards that are gone from the store or are no longer what their labelers committed (a
+/// partial copy of a moved run, a deleted object, a damaged disk; each would fail every attempt
+/// that reads it) are removed and labeled again, the others kept. Reads each of the round's
+/// shards once.
+fn relabel_damaged_shards(
+    state: &mut RunState,
+    store: &ShardStore,
+) -> Result<(), CoordinatorError> {
+    if !matches!(state.phase, Phase::Filter | Phase::TrainStudent) {
+        return Ok(());
+    }
+    let round = state.current_round();
+    let total = round.shards.len();
+    tracing::info!(
+        round = round.round,
+        shards = total,
+        "checking the round's soft-label shards before the retry"
+    );
+    let mut damaged = Vec::new();
+    for (n, shard) in round.shards.iter().enumerate() {
+        let why = match store.get(&shard.key) {
+            Ok(bytes) if mentor_labels::sha256_hex(&bytes) == shard.sha256 => None,
+            Ok(_) => Some("its bytes are not those its labeler committed"),
+            Err(mentor_labels::LabelError::NotFound { .. }) => Some("it is gone from the store"),
+            Err(e) => {
+                return Err(CoordinatorError::Storage {
+                    reason: format!(
+                        "checking shard `{}` before the retry: {e}",
+                        store.location(&shard.key)
+                    ),
+                })
+            }
+        };
+        if let Some(why) = why {
+            tracing::warn!(shard = %store.location(&shard.key), why, "this shard is labeled again");
+            damaged.push((shard.index, shard.key.clone()));
+        }
+        if (n + 1) % 1000 == 0 {
+            tracing::info!(
+                checked = n + 1,
+                of = total,
+                damaged = damaged.len(),
+                "checking shards"
+            );
+        }
+    }
+    for (_, key) in &damaged {
+        store.delete(key).map_err(|e| CoordinatorError::Storage {
+            reason: format!("removing the damaged shard `{}`: {e}", store.location(key)),
+        })?;
+    }
+    let indices: Vec<u32> = damaged.iter().map(|(index, _)| *index).collect();
+    if !indices.is_empty() {
+        tracing::info!(
+            damaged = indices.len(),
+            of = total,
+            "the damaged shards are labeled again, then the round's filter runs again"
+        );
+    }
+    let run_dir = state.paths.run_dir.clone();
+    state
+        .relabel(&indices)
+        .map_err(|reason| CoordinatorError::RetryFailed {
+            dir: run_dir,
+            reason,
+        })
+}
+
 /// The key, at the soft-label store's root, that names the run whose labels it holds.
 const STORE_OWNER: &str = "run.json";
 
@@ -736,6 +805,9 @@ impl Coordinator {
             for shard in &mut round.shards {
                 filter::set_histogram_aside(&state.paths, round.round, shard);
             }
+        }
+        if how == Reopen::RetryFailed {
+            relabel_damaged_shards(&mut state, &store)?;
         }
         let plan_most_ranks = plan
             .training_batches()
@@ -2918,6 +2990,103 @@ mod tests {
         }
     }
 
+    /// A run that failed reading its round's shards (its student training, here) is retried
+    /// with the shards gone or altered since labeled again and the others kept; the filter then
+    /// runs again and makes one student training.
+    #[test]
+    fn a_retry_labels_again_the_shards_gone_or_altered_since_they_were_labeled() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let start = Instant::now();
+        let (mut coordinator, a, teacher) = one_worker_with_a_teacher_task(dir.path(), start);
+        complete_trained(&mut coordinator, &a, &teacher, dir.path(), start);
+        label_every_shard(&mut coordinator, &a, start);
+        let (kept, _) = filter_now(&coordinator);
+        let selection = coordinator.state.paths.selection(1);
+        coordinator.filter_finished(1, Ok((kept, selection)));
+        assert_eq!(coordinator.state.phase, Phase::TrainStudent);
+        let student_tasks = |coordinator: &Coordinator| -> Vec<TaskId> {
+            coordinator
+                .state
+                .tasks
+                .values()
+                .filter(|task| {
+                    matches!(
+                        task.spec,
+                        TaskSpec::Train {
+                            role: mentor_plan::Role::Student,
+                            ..
+                        }
+                    )
+                })
+                .map(|task| task.id.clone())
+                .collect()
+        };
+        for _ in 0..state::MAX_ATTEMPTS {
+            let TaskReply::Task(student) = coordinator.get_task(&a, start).expect("task") else {
+                panic!("no student training")
+            };
+            let failed = TaskOutcome::Failed(
+                "shard `round-1/shard-00001.safetensors` fails its checksum".into(),
+            );
+            coordinator
+                .complete(&a, &student.task.id, student.task.attempts, failed, start)
+                .expect("complete");
+        }
+        assert!(coordinator.state.is_finished());
+        let labeled = coordinator.state.current_round().shards.clone();
+        assert_eq!(labeled.len(), 4);
+        drop(coordinator);
+
+        // Shard 1 altered, shard 2 gone.
+        let file = |index: u32| {
+            dir.path()
+                .join("pseudo-labels")
+                .join(mentor_labels::shard_key(1, index))
+        };
+        let mut altered = std::fs::read(file(1)).expect("shard 1");
+        *altered.last_mut().expect("bytes") ^= 1;
+        std::fs::write(file(1), &altered).expect("alter shard 1");
+        std::fs::remove_file(file(2)).expect("remove shard 2");
+
+        let mut retried =
+            Coordinator::open_to_retry_failed(one_worker_plan(), dir.path()).expect("retry");
+        assert_eq!(retried.state.phase, Phase::Label);
+        let kept_shards: Vec<u32> = retried
+            .state
+            .current_round()
+            .shards
+            .iter()
+            .map(|shard| shard.index)
+            .collect();
+        assert_eq!(kept_shards, [0, 3]);
+        assert!(!file(1).exists(), "the altered shard is removed");
+        assert!(student_tasks(&retried).is_empty());
+        let pending: Vec<u32> = retried
+            .state
+            .tasks
+            .values()
+            .filter(|task| task.state == state::TaskState::Pending)
+            .map(|task| match task.spec {
+                TaskSpec::Label { shard_index, .. } => shard_index,
+                _ => panic!("{:?} is pending", task.spec),
+            })
+            .collect();
+        assert_eq!(pending, [1, 2]);
+        // What was kept is as it was.
+        assert_eq!(retried.state.current_round().shards[1], labeled[3]);
+
+        let b = retried.register("b".into(), "cpu".into(), 0, start);
+        label_every_shard(&mut retried, &b, start);
+        assert_eq!(retried.state.phase, Phase::Filter);
+        assert_eq!(retried.state.current_round().shards.len(), 4);
+        let (kept_again, _) = filter_now(&retried);
+        assert_eq!(kept_again, kept, "the same labels, the same selection");
+        let selection = retried.state.paths.selection(1);
+        retried.filter_finished(1, Ok((kept_again, selection)));
+        assert_eq!(retried.state.phase, Phase::TrainStudent);
+        assert_eq!(student_tasks(&retried).len(), 1);
+    }
+
     #[test]
     fn a_worker_asking_again_while_holding_a_task_gets_the_same_one() {
         let dir = tempfile::tempdir().expect("tempdir");
@@ -3759,7 +3928,13 @@ mod tests {
                 )),
             };
             coordinator
-                .complete(a, &assignment.task.id, 1, TaskOutcome::Labeled(shard), now)
+                .complete(
+                    a,
+                    &assignment.task.id,
+                    assignment.task.attempts,
+                    TaskOutcome::Labeled(shard),
+                    now,
+                )
                 .expect("complete");
         }
         assert_eq!(coordinator.state.phase, Phase::Filter);

@@ -967,6 +967,55 @@ impl RunState {
         Ok(())
     }
 
+    /// Takes the current round back to its labeling for the shards `damaged` (gone from the
+    /// store or altered since they were labeled), after [`RunState::retry_failed`] of a run
+    /// that failed in the round's filter or student training (which read them): their labeling
+    /// tasks run again, the round's student training task goes (the filter makes it again) and
+    /// the round's other shards stay.
+    pub fn relabel(&mut self, damaged: &[u32]) -> Result<(), String> {
+        if damaged.is_empty() {
+            return Ok(());
+        }
+        if !matches!(self.phase, Phase::Filter | Phase::TrainStudent) {
+            return Err(format!(
+                "shards are labeled again only before the round's filter or student training, not in phase {}",
+                self.phase.as_str()
+            ));
+        }
+        let round = self.round;
+        for task in self.tasks.values_mut() {
+            if let TaskSpec::Label { shard_index, .. } = &task.spec {
+                if task.round == round && damaged.contains(shard_index) {
+                    task.state = TaskState::Pending;
+                    task.failures = 0;
+                    task.losses = 0;
+                    task.failed_on.clear();
+                    task.group_losses.clear();
+                    task.abandoned = None;
+                }
+            }
+        }
+        self.tasks.retain(|_, task| {
+            !(task.round == round
+                && matches!(
+                    task.spec,
+                    TaskSpec::Train {
+                        role: Role::Student,
+                        ..
+                    }
+                ))
+        });
+        let record = self.current_round_mut();
+        record
+            .shards
+            .retain(|shard| !damaged.contains(&shard.index));
+        record.examples = record.shards.iter().map(|shard| shard.examples).sum();
+        record.kept = 0;
+        record.selection = None;
+        self.phase = Phase::Label;
+        Ok(())
+    }
+
     /// Requeues every running task (after a coordinator restart). The attempt abandoned keeps
     /// its number, the next one is numbered after it, and neither counts as a failure or a loss.
     pub fn requeue_running(&mut self) {
