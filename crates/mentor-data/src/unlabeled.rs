@@ -724,9 +724,18 @@ fn decode_one(encoded: Encoded, geometry: Geometry, out: &mut Vec<u8>) -> Result
         Encoded::Bytes { .. } => REPAIR_FOR_A_NEW_RUN,
         _ => REPLACE_IN_PLACE,
     };
-    let decoded = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
+    guarded(name, advice, || {
         decode_one_unguarded(encoded, geometry, out)
-    }));
+    })
+}
+
+/// `decode`, its panic turned into an error naming the image `name`, with `advice`.
+fn guarded(
+    name: String,
+    advice: &str,
+    decode: impl FnOnce() -> Result<(), DataError>,
+) -> Result<(), DataError> {
+    let decoded = std::panic::catch_unwind(std::panic::AssertUnwindSafe(decode));
     decoded.unwrap_or_else(|panic| {
         let what = panic
             .downcast_ref::<&str>()

@@ -355,6 +355,40 @@ fn reading_a_tar_stops_once_the_wanted_samples_are_out() {
     assert!(error.to_string().contains("s.tar"), "{error}");
 }
 
+/// A decoder that panics on a malformed image fails that image, named, with what to do: the
+/// decoding thread and the shard's other images go on.
+#[test]
+fn a_decoder_panic_is_an_error_naming_the_image() {
+    for (payload, message) in [
+        (
+            Box::new("index out of bounds") as Box<dyn std::any::Any + Send>,
+            "index out of bounds",
+        ),
+        (
+            Box::new(String::from("bad huffman code")),
+            "bad huffman code",
+        ),
+        (Box::new(7u8), "no message"),
+    ] {
+        let error = guarded("shards/x.tar:7.jpg".into(), REPAIR_FOR_A_NEW_RUN, || {
+            std::panic::resume_unwind(payload)
+        })
+        .expect_err("a panic is an error");
+        match error {
+            DataError::Unlabeled { path, reason } => {
+                assert_eq!(path, PathBuf::from("shards/x.tar:7.jpg"));
+                assert!(
+                    reason.contains(&format!("the image decoder failed on it ({message})"))
+                        && reason.ends_with(REPAIR_FOR_A_NEW_RUN),
+                    "{reason}"
+                );
+            }
+            other => panic!("another error: {other}"),
+        }
+    }
+    assert!(guarded("fine.png".into(), REPLACE_IN_PLACE, || Ok(())).is_ok());
+}
+
 #[test]
 fn broken_webdataset_tars_are_named() {
     let dir = tempfile::tempdir().expect("tempdir");
