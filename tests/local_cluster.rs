@@ -122,10 +122,75 @@ fn tiny_plan_runs_two_rounds_on_two_worker_processes() {
         assert!(state_dir
             .join(format!("checkpoints/round-{round}-student.safetensors"))
             .exists());
+
+        // `mentor labels` counts what the shards hold, class by class, and gives what the
+        // filter kept.
+        let output = std::process::Command::new(binary("mentor"))
+            .args([
+                "labels",
+                "--round",
+                &round.to_string(),
+                "--json",
+                "--state-dir",
+            ])
+            .arg(&state_dir)
+            .output()
+            .expect("mentor labels");
+        assert!(output.status.success(), "{output:?}");
+        let summary: serde_json::Value =
+            serde_json::from_slice(&output.stdout).expect("one JSON object");
+        let (mut top1, mut passing) = (vec![0u64; 10], vec![0u64; 10]);
+        for shard in &shards {
+            for row in 0..shard.len() {
+                let class = shard.class_ids[row * 3] as usize;
+                top1[class] += 1;
+                passing[class] += u64::from(shard.probs[row * 3].to_f32() >= 0.1);
+            }
+        }
+        let column = |name: &str| -> Vec<u64> {
+            summary["classes"]
+                .as_array()
+                .expect("classes")
+                .iter()
+                .map(|class| class[name].as_u64().expect(name))
+                .collect()
+        };
+        assert_eq!(column("top1"), top1, "{summary}");
+        assert_eq!(column("passing"), passing, "{summary}");
+        assert_eq!(summary["examples"], 1500);
+        assert_eq!(summary["shards_labeled"], 4);
+        assert_eq!(summary["filtered"], true);
+        assert_eq!(
+            summary["kept"].as_u64(),
+            Some(final_status.rounds[round as usize - 1].kept)
+        );
+        let text = std::process::Command::new(binary("mentor"))
+            .args(["labels", "--round", &round.to_string(), "--state-dir"])
+            .arg(&state_dir)
+            .output()
+            .expect("mentor labels");
+        let text = String::from_utf8_lossy(&text.stdout).into_owned();
+        assert!(
+            text.starts_with(&format!(
+                "round {round}: 4 of 4 shards labeled, 1,500 examples"
+            )) && text.contains("threshold"),
+            "{text}"
+        );
     }
     assert!(state_dir
         .join("checkpoints/round-1-teacher.safetensors")
         .exists());
+    // No third round; a Meta Pseudo Labels run writes no labels (below).
+    let output = std::process::Command::new(binary("mentor"))
+        .args(["labels", "--round", "3", "--state-dir"])
+        .arg(&state_dir)
+        .output()
+        .expect("mentor labels");
+    assert_eq!(output.status.code(), Some(2));
+    assert!(
+        String::from_utf8_lossy(&output.stderr).contains("has no round 3 yet"),
+        "{output:?}"
+    );
     assert!(store.exists("round-2/manifest.json").expect("exists"));
 
     // The format opens in one line of Python, as the README shows.

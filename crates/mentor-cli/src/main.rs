@@ -3,6 +3,7 @@
 //!
 //! Talks to the coordinator's status service only; it never links libtorch.
 
+mod labels;
 mod plan;
 
 use std::io::IsTerminal;
@@ -79,6 +80,25 @@ enum Command {
         /// Check the plan as the coordinator's --retry-failed takes it (with --state-dir).
         #[arg(long, requires = "state_dir")]
         retry_failed: bool,
+    },
+    /// Shows what a Noisy Student round's soft labels hold, class by class.
+    ///
+    /// For each class: the examples whose top class it is, their share, their mean top-class
+    /// probability and how many reach pseudo_labels.min_confidence; once the round's filter has
+    /// run, its threshold for the class, how many times each example above it is used, and how
+    /// many are above it. Read from the run directory (live or not): the labelers' histograms
+    /// and the round's selection file. Exit status: 0, or 2 when the directory holds no run or
+    /// the round no soft labels.
+    Labels {
+        /// The run directory (the coordinator's --state-dir).
+        #[arg(long)]
+        state_dir: PathBuf,
+        /// The round (default: the latest with soft labels).
+        #[arg(long)]
+        round: Option<u32>,
+        /// Print one JSON object instead of text.
+        #[arg(long)]
+        json: bool,
     },
 }
 
@@ -606,7 +626,7 @@ const CLOSED_OUTPUT: i32 = 141;
 
 /// Writes `text` to standard output; a reader that went away (`mentor status --watch | head`)
 /// ends the command quietly with [`CLOSED_OUTPUT`], as with any Unix tool, not with a panic.
-fn emit(text: &str) {
+pub(crate) fn emit(text: &str) {
     use std::io::Write;
     let mut out = std::io::stdout().lock();
     if let Err(error) = out.write_all(text.as_bytes()).and_then(|()| out.flush()) {
@@ -739,6 +759,11 @@ async fn main() {
             };
             check_plan(&plan, resolved, state_dir.as_deref(), how)
         }
+        Command::Labels {
+            state_dir,
+            round,
+            json,
+        } => labels::labels(&state_dir, round, json),
     };
     match code {
         Ok(code) => std::process::exit(code),

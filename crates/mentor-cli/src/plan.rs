@@ -99,7 +99,7 @@ fn check_storage(plan: &Plan) -> anyhow::Result<()> {
 }
 
 /// `59,000`.
-fn thousands(value: u64) -> String {
+pub(crate) fn thousands(value: u64) -> String {
     let digits = value.to_string();
     let mut out = String::new();
     for (index, digit) in digits.chars().enumerate() {

@@ -111,6 +111,60 @@ fn load_histogram(
     None
 }
 
+/// The top-class confidence histogram of `shard` of round `round`: the one its labeler
+/// reported, else its file, else counted again from the shard.
+fn histogram_of(
+    plan: &Plan,
+    round: u32,
+    shard: &ShardRecord,
+    paths: &RunPaths,
+    store: &ShardStore,
+) -> Result<Histogram, String> {
+    let classes = plan.data.classes as usize;
+    let min_confidence = plan.pseudo_labels.min_confidence as f32;
+    let reported = shard.histogram.as_ref().filter(|histogram| {
+        histogram.classes == classes && histogram.min_confidence == min_confidence
+    });
+    let histogram = match reported {
+        Some(histogram) => histogram.clone(),
+        None => match load_histogram(paths, round, shard, classes, min_confidence) {
+            Some(histogram) => histogram,
+            None => {
+                let (_, labels) = read_shard(store, &shard.key, Some(&shard.sha256))
+                    .map_err(|e| e.to_string())?;
+                shard_histogram(&labels, classes, min_confidence)
+            }
+        },
+    };
+    if histogram.total() != shard.examples {
+        return Err(format!(
+            "shard `{}`: its histogram counts {} examples, the shard has {}",
+            shard.key,
+            histogram.total(),
+            shard.examples
+        ));
+    }
+    Ok(histogram)
+}
+
+/// The top-class confidence histogram of the shards of `round` labeled so far (for `mentor
+/// labels`; the filter adds them up as it writes the manifest).
+pub fn round_histogram(
+    plan: &Plan,
+    round: &RoundRecord,
+    paths: &RunPaths,
+    store: &ShardStore,
+) -> Result<Histogram, String> {
+    let mut total = Histogram::new(
+        plan.data.classes as usize,
+        plan.pseudo_labels.min_confidence as f32,
+    );
+    for shard in &round.shards {
+        total.merge(&histogram_of(plan, round.round, shard, paths, store)?)?;
+    }
+    Ok(total)
+}
+
 /// Writes the round's manifest, decides the selection and writes it to `selection_path`.
 /// Returns the number of distinct examples kept.
 pub fn filter_round(
@@ -131,28 +185,7 @@ pub fn filter_round(
     let mut shards = Vec::with_capacity(round.shards.len());
     let mut written = Vec::with_capacity(round.shards.len());
     for shard in &round.shards {
-        let reported = shard.histogram.as_ref().filter(|histogram| {
-            histogram.classes == classes && histogram.min_confidence == min_confidence
-        });
-        let histogram = match reported {
-            Some(histogram) => histogram.clone(),
-            None => match load_histogram(paths, round.round, shard, classes, min_confidence) {
-                Some(histogram) => histogram,
-                None => {
-                    let (_, labels) = read_shard(store, &shard.key, Some(&shard.sha256))
-                        .map_err(|e| e.to_string())?;
-                    shard_histogram(&labels, classes, min_confidence)
-                }
-            },
-        };
-        if histogram.total() != shard.examples {
-            return Err(format!(
-                "shard `{}`: its histogram counts {} examples, the shard has {}",
-                shard.key,
-                histogram.total(),
-                shard.examples
-            ));
-        }
+        let histogram = histogram_of(plan, round.round, shard, paths, store)?;
         total.merge(&histogram)?;
         let mut entry = ManifestShard {
             index: shard.index,
