@@ -1871,6 +1871,32 @@ fn webdataset_labeling_survives_a_killed_labeler_without_loss_or_duplicates() {
         .filter(|name| name.starts_with('.') || name.contains("tmp"))
         .collect();
     assert!(leftovers.is_empty(), "temporary files left: {leftovers:?}");
+    // The manifest counts the image that did not decode apart, and `mentor labels` (reading
+    // a store given by URL) says so.
+    assert_eq!(
+        manifest
+            .shards
+            .iter()
+            .filter_map(|s| s.histogram.as_ref())
+            .map(|h| h.undecodable)
+            .sum::<u64>(),
+        1
+    );
+    let output = std::process::Command::new(binary("mentor"))
+        .args(["labels", "--json", "--state-dir"])
+        .arg(&state_dir)
+        .output()
+        .expect("mentor labels");
+    assert!(output.status.success(), "{output:?}");
+    let summary: serde_json::Value = serde_json::from_slice(&output.stdout).expect("JSON");
+    assert_eq!(summary["undecodable"], 1, "{summary}");
+    let top1: u64 = summary["classes"]
+        .as_array()
+        .expect("classes")
+        .iter()
+        .map(|class| class["top1"].as_u64().expect("top1"))
+        .sum();
+    assert_eq!(top1, (tars * per_tar) as u64 - 1);
 
     // The selection points at those shards and the student trained on it.
     let selection: serde_json::Value = serde_json::from_slice(

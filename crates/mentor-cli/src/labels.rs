@@ -175,6 +175,7 @@ fn to_json(summary: &Summary) -> Value {
         "shards_total": summary.shards_total,
         "examples": summary.examples,
         "min_confidence": hundredths(summary.min_confidence),
+        "undecodable": summary.histogram.undecodable,
         "filtered": summary.selection.is_some(),
         "kept": summary.selection.as_ref().map(|file| file.selection.kept()),
         "classes": classes,
@@ -227,6 +228,13 @@ fn to_text(summary: &Summary) -> String {
             );
         }
         out.push('\n');
+    }
+    if summary.histogram.undecodable > 0 {
+        let _ = writeln!(
+            out,
+            "{} images did not decode: labeled NaN, in no class, never kept (the labelers' logs name them)",
+            thousands(summary.histogram.undecodable)
+        );
     }
     match &summary.selection {
         Some(file) => {

@@ -413,14 +413,15 @@ fn teacher_checkpoint(
 /// Before a failed run's filter or student training runs again (`--retry-failed`): the round's
 /// shards that are gone from the store or are no longer what their labelers committed (a
 /// partial copy of a moved run, a deleted object, a damaged disk; each would fail every attempt
-/// that reads it) are removed and labeled again, the others kept. Reads each of the round's
-/// shards once.
-fn relabel_damaged_shards(
-    state: &mut RunState,
+/// that reads it), by index and key. Reads each of the round's shards once; changes nothing
+/// (the run takes them back to labeling with [`RunState::relabel`], and removes them from the
+/// store once nothing can refuse it).
+fn damaged_shards(
+    state: &RunState,
     store: &ShardStore,
-) -> Result<(), CoordinatorError> {
+) -> Result<Vec<(u32, String)>, CoordinatorError> {
     if !matches!(state.phase, Phase::Filter | Phase::TrainStudent) {
-        return Ok(());
+        return Ok(Vec::new());
     }
     let round = state.current_round();
     let total = round.shards.len();
@@ -457,26 +458,14 @@ fn relabel_damaged_shards(
             );
         }
     }
-    for (_, key) in &damaged {
-        store.delete(key).map_err(|e| CoordinatorError::Storage {
-            reason: format!("removing the damaged shard `{}`: {e}", store.location(key)),
-        })?;
-    }
-    let indices: Vec<u32> = damaged.iter().map(|(index, _)| *index).collect();
-    if !indices.is_empty() {
+    if !damaged.is_empty() {
         tracing::info!(
-            damaged = indices.len(),
+            damaged = damaged.len(),
             of = total,
             "the damaged shards are labeled again, then the round's filter runs again"
         );
     }
-    let run_dir = state.paths.run_dir.clone();
-    state
-        .relabel(&indices)
-        .map_err(|reason| CoordinatorError::RetryFailed {
-            dir: run_dir,
-            reason,
-        })
+    Ok(damaged)
 }
 
 /// The key, at the soft-label store's root, that names the run whose labels it holds.
@@ -552,10 +541,13 @@ pub struct Coordinator {
     /// is gone).
     abandoned_until: Option<Instant>,
     /// Why the last save of the run state failed (a full disk, a read-only or vanished run
-    /// directory); `None` while saves succeed. No task is handed out meanwhile: work whose
-    /// assignment a restart could not know of would run twice, its ids and attempt numbers
-    /// given again.
+    /// directory), and when; `None` while saves succeed. No task is handed out meanwhile: work
+    /// whose assignment a restart could not know of would run twice, its ids and attempt
+    /// numbers given again. (Labeling tasks alone may run so, under grouped saves: see
+    /// [`Coordinator::persist_soon`].)
     save_error: Option<String>,
+    /// When the last save failed: the service's saver tries again a second later.
+    save_failed_at: Option<Instant>,
     /// Changes not saved yet (see [`Coordinator::persist_soon`]).
     unsaved: bool,
     /// When the last save ended, how long it took and how many bytes it wrote.
@@ -765,6 +757,19 @@ impl Coordinator {
             // A new run, or one recorded before runs kept it: from now on.
             None => state.unlabeled_fingerprint = Some(fingerprint),
         }
+        // A retry relabels the shards damaged since the round read them (with the round's
+        // teacher: the given one's file is checked below when that is it).
+        let damaged = match how {
+            Reopen::RetryFailed => damaged_shards(&state, &store)?,
+            _ => Vec::new(),
+        };
+        let indices: Vec<u32> = damaged.iter().map(|(index, _)| *index).collect();
+        state
+            .relabel(&indices)
+            .map_err(|reason| CoordinatorError::RetryFailed {
+                dir: run_dir.clone(),
+                reason,
+            })?;
         if let Some(given) = &plan.teacher.checkpoint {
             // Checked while a task still needs it: a run past its first labeling does not.
             if state.needs_given_teacher() {
@@ -806,8 +811,10 @@ impl Coordinator {
                 filter::set_histogram_aside(&state.paths, round.round, shard);
             }
         }
-        if how == Reopen::RetryFailed {
-            relabel_damaged_shards(&mut state, &store)?;
+        for (_, key) in &damaged {
+            store.delete(key).map_err(|e| CoordinatorError::Storage {
+                reason: format!("removing the damaged shard `{}`: {e}", store.location(key)),
+            })?;
         }
         let plan_most_ranks = plan
             .training_batches()
@@ -840,6 +847,7 @@ impl Coordinator {
             regathering,
             abandoned_until,
             save_error: None,
+            save_failed_at: None,
             unsaved: false,
             last_save: None,
             saves: 0,
@@ -923,6 +931,7 @@ impl Coordinator {
                     tracing::error!(run = %self.state.run_id, %error, "failed to save the run state: no task is handed out until it can be saved");
                 }
                 self.save_error = Some(error.to_string());
+                self.save_failed_at = Some(ended);
             }
         }
     }
@@ -932,7 +941,10 @@ impl Coordinator {
     /// later ([`Coordinator::save_if_due`]). The whole state is rewritten at every save, and a
     /// round of a large data set has tens of thousands of labeling tasks: saved one change at
     /// a time, they would keep the coordinator busy writing. What a restart loses of them is
-    /// safe to lose: a labeling task runs again, and finds its shard committed if it was.
+    /// safe to lose: a labeling task runs again, and finds its shard committed if it was (a
+    /// lost assignment is handed out again under the same attempt number while its first
+    /// labeler may still be at work: whichever commits the shard first wins, and the other
+    /// finds it committed, the same labels of the same teacher).
     /// Every other change is saved at once, and saves those waiting with it.
     fn persist_soon(&mut self, now: Instant) {
         self.unsaved = true;
@@ -966,7 +978,13 @@ impl Coordinator {
     /// calls it every [`SAVE_CHECK_INTERVAL`]; the coordinator's last save, as it exits,
     /// saves the rest.
     pub fn save_if_due(&mut self, now: Instant) {
-        if self.unsaved && self.save_due(now) {
+        // A save that failed (a full disk) is tried again a second later, not at every call:
+        // each rewrites the whole state under the coordinator's lock.
+        let failed_lately = self.save_error.is_some()
+            && self
+                .save_failed_at
+                .is_some_and(|at| now.saturating_duration_since(at) < Duration::from_secs(1));
+        if self.unsaved && !failed_lately && self.save_due(now) {
             self.persist_or_log();
         }
     }
@@ -1346,7 +1364,7 @@ impl Coordinator {
             match suspected {
                 0 => String::new(),
                 n => format!(
-                    ", {n} suspected (a rank of a failed group that has not asked for work since)"
+                    ", {n} suspected (a rank of a failed group, a hung worker or a labeler whose lease expired, not asking for work since)"
                 ),
             }
         ))
@@ -1743,8 +1761,10 @@ impl Coordinator {
         for (id, task) in expired {
             if let Some(worker) = self.workers.get_mut(&id) {
                 worker.task = None;
+                // Not a rank of a failed group, which asks for work within seconds: no new
+                // group waits for it (`suspected_at`).
                 worker.suspect = true;
-                worker.suspected_at = Some(now);
+                worker.suspected_at = None;
             }
             let why = |attempt| format!("lease of attempt {attempt} expired without progress");
             if let Some(effects) = self.state.give_up_running(&task, why) {
@@ -2592,6 +2612,51 @@ mod tests {
         assert_eq!(saved_task_state(dir.path(), &task), "running");
     }
 
+    /// The service saves what waits for a save by itself, within a second.
+    #[test]
+    fn the_service_saves_grouped_changes_by_itself() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let start = Instant::now();
+        let (mut coordinator, a, teacher) = one_worker_with_a_teacher_task(dir.path(), start);
+        coordinator.set_group_saves_from(0);
+        complete_trained(&mut coordinator, &a, &teacher, dir.path(), start);
+        let task = next_label_task(&mut coordinator, &a, start).task.id;
+        assert_eq!(
+            saved_task_state(dir.path(), &task),
+            "pending",
+            "a save waits"
+        );
+
+        let runtime = tokio::runtime::Runtime::new().expect("runtime");
+        let shared: service::Shared = std::sync::Arc::new(std::sync::Mutex::new(coordinator));
+        let (stop, stopped) = tokio::sync::oneshot::channel::<()>();
+        let server = runtime.spawn({
+            let shared = shared.clone();
+            async move {
+                let listener = tokio::net::TcpListener::bind("127.0.0.1:0")
+                    .await
+                    .expect("bind");
+                service::serve(listener, shared, async {
+                    let _ = stopped.await;
+                })
+                .await
+            }
+        });
+        let deadline = Instant::now() + Duration::from_secs(10);
+        while saved_task_state(dir.path(), &task) != "running" {
+            assert!(
+                Instant::now() < deadline,
+                "the service never saved the change"
+            );
+            std::thread::sleep(Duration::from_millis(20));
+        }
+        let _ = stop.send(());
+        runtime
+            .block_on(server)
+            .expect("the server task")
+            .expect("serve");
+    }
+
     #[test]
     fn a_labeler_without_progress_loses_its_shard_when_the_lease_expires() {
         let dir = tempfile::tempdir().expect("tempdir");
@@ -3085,6 +3150,63 @@ mod tests {
         retried.filter_finished(1, Ok((kept_again, selection)));
         assert_eq!(retried.state.phase, Phase::TrainStudent);
         assert_eq!(student_tasks(&retried).len(), 1);
+    }
+
+    /// Relabeling a given teacher's round reads the teacher the run began with: another file
+    /// in its place refuses the retry, which then changes nothing (the damaged shard stays
+    /// where it was until a retry can go on).
+    #[test]
+    fn a_retry_relabels_with_the_given_teacher_only() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let (run, teacher) = (
+            dir.path().join("run"),
+            dir.path().join("teacher.safetensors"),
+        );
+        let header = br#"{"w":{"dtype":"F32","shape":[1],"data_offsets":[0,4]}}"#;
+        let mut file = (header.len() as u64).to_le_bytes().to_vec();
+        file.extend_from_slice(header);
+        file.extend_from_slice(&[0; 4]);
+        std::fs::write(&teacher, &file).expect("teacher");
+        let mut plan = one_worker_plan();
+        plan.teacher.train = None;
+        plan.teacher.checkpoint = Some(teacher.clone());
+        let start = Instant::now();
+        let mut coordinator = Coordinator::open(plan.clone(), &run).expect("open");
+        let a = coordinator.register("a".into(), "cpu".into(), 0, start);
+        label_every_shard(&mut coordinator, &a, start);
+        coordinator.filter_finished(1, Err("the store went away".into()));
+        assert!(coordinator.state.is_finished());
+        assert_eq!(coordinator.state.failed_in, Some(Phase::Filter));
+        drop(coordinator);
+        let shard = run
+            .join("pseudo-labels")
+            .join(mentor_labels::shard_key(1, 2));
+        let mut altered = std::fs::read(&shard).expect("shard 2");
+        *altered.last_mut().expect("bytes") ^= 1;
+        std::fs::write(&shard, &altered).expect("alter shard 2");
+
+        let mut other = file.clone();
+        *other.last_mut().expect("bytes") = 1;
+        std::fs::write(&teacher, &other).expect("another teacher in its place");
+        let saved = std::fs::read(run.join("state.json")).expect("state");
+        match Coordinator::open_to_retry_failed(plan.clone(), &run) {
+            Err(CoordinatorError::TeacherCheckpoint { reason, .. }) => {
+                assert!(
+                    reason.contains("not the teacher this run began"),
+                    "{reason}"
+                )
+            }
+            Err(e) => panic!("refused for another reason: {e}"),
+            Ok(_) => panic!("relabeled with another teacher"),
+        }
+        assert_eq!(std::fs::read(run.join("state.json")).expect("state"), saved);
+        assert!(shard.exists(), "a refused retry removed a shard");
+
+        std::fs::write(&teacher, &file).expect("its teacher back");
+        let retried = Coordinator::open_to_retry_failed(plan, &run).expect("retry");
+        assert_eq!(retried.state.phase, Phase::Label);
+        assert_eq!(retried.state.current_round().shards.len(), 3);
+        assert!(!shard.exists(), "the damaged shard is removed");
     }
 
     #[test]

@@ -213,17 +213,19 @@ async fn serve_run() -> anyhow::Result<Ended> {
             }
         }
     };
-    service::serve(listener, shared.clone(), shutdown)
-        .await
-        .context("gRPC server failed")?;
+    let served = service::serve(listener, shared.clone(), shutdown).await;
     let coordinator = shared
         .lock()
         .unwrap_or_else(|poisoned| poisoned.into_inner());
-    // A save that failed while serving (a full disk) was logged; the last one must hold, or
-    // the directory would say the run is still going (and a restart would redo finished work).
-    coordinator
+    // A save that failed while serving (a full disk) was logged, and labeling's changes may
+    // wait for a save (grouped saves): the last one must hold, or the directory would say the
+    // run is still going (and a restart would redo finished work). Made before a server error
+    // is reported too.
+    let saved = coordinator
         .persist()
-        .context("the run's final state could not be saved")?;
+        .context("the run's final state could not be saved");
+    served.context("gRPC server failed")?;
+    saved?;
     if !exit_when_done {
         return Ok(Ended::Serving);
     }

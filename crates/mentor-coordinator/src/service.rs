@@ -138,6 +138,7 @@ fn outcome_from_proto(
                 bins: label.histogram_bins,
                 passing: label.histogram_passing,
                 min_confidence: label.min_confidence as f32,
+                undecodable: label.histogram_undecodable,
             });
             if let Some(histogram) = &histogram {
                 if histogram.bins.len() != classes * mentor_labels::CONFIDENCE_BINS {

@@ -539,8 +539,10 @@ fn tar_samples(
 ///
 /// A tar cut short (a download that stopped, a copy that ran out of disk) is an error naming
 /// it, or under `skip_undecodable` (labeling) the end of its samples, with a warning: the
-/// samples before the cut are labeled, the one it cut and those after are not. A sample's id
-/// is its position in its own tar, so no other sample's id moves.
+/// samples before the cut are labeled (the one it cut too if its image is whole), those after
+/// are not. A sample's id is its position in its own tar, so no other sample's id moves; a
+/// read of given samples (`wanted`, the student's) that finds them all before the cut is no
+/// error.
 fn read_tar(
     tar_index: usize,
     path: &Path,
@@ -632,34 +634,48 @@ fn read_tar(
                 continue;
             }
             // The header's size is only a hint: a damaged one must not allocate the memory away.
-            let hint = entry.size().min(64 << 20) as usize;
-            let mut bytes = Vec::with_capacity(hint);
-            if let Err(e) = entry.read_to_end(&mut bytes) {
-                cut = Some(format!("member `{member}` is truncated ({e})"));
-                break;
+            let size = entry.size();
+            let mut bytes = Vec::with_capacity(size.min(64 << 20) as usize);
+            // A member the file ends inside reads short, without an error.
+            match entry.read_to_end(&mut bytes) {
+                Ok(read) if read as u64 == size => {}
+                Ok(read) => {
+                    cut = Some(format!(
+                        "member `{member}` is cut short: {read} of its {size} bytes"
+                    ));
+                    break;
+                }
+                Err(e) => {
+                    cut = Some(format!("member `{member}` is unreadable ({e})"));
+                    break;
+                }
             }
             current_image.add(member, bytes, plain).map_err(corrupt)?;
         }
     }
-    match cut {
-        None => {
-            finish(current_key.take(), current_image)?;
-        }
-        Some(reason) if skip_undecodable => {
-            // The sample the cut fell in counts if its image was read whole.
-            if current_image.plain.is_some() || !current_image.others.is_empty() {
-                finish(current_key.take(), current_image)?;
-            }
-            tracing::warn!(
-                tar = %path.display(),
-                samples = sample_index.get(),
-                reason,
-                "a tar is cut short: its samples after these are not labeled (a run under way cannot take a repaired tar, the run records each tar's size: repair it for a new run)"
-            );
-        }
-        Some(reason) => return Err(corrupt(reason)),
+    let Some(reason) = cut else {
+        finish(current_key.take(), current_image)?;
+        return Ok(());
+    };
+    // The sample the cut fell in counts if its image was read whole (a cut inside its image
+    // leaves it none).
+    if current_image.plain.is_some() || !current_image.others.is_empty() {
+        finish(current_key.take(), current_image)?;
     }
-    Ok(())
+    if skip_undecodable {
+        tracing::warn!(
+            tar = %path.display(),
+            samples = sample_index.get(),
+            reason,
+            "a tar is cut short: its samples after these are not labeled (a run under way cannot take a repaired tar, the run records each tar's size: repair it for a new run)"
+        );
+        Ok(())
+    } else if all_out() {
+        // Every sample asked for (those labeled: before the cut) was read.
+        Ok(())
+    } else {
+        Err(corrupt(reason))
+    }
 }
 
 /// The image members of one WebDataset sample read so far, by member name: the plain one

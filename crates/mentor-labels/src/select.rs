@@ -58,6 +58,14 @@ pub struct Histogram {
     /// Per class, the examples whose confidence is at least `min_confidence`.
     pub passing: Vec<u64>,
     pub min_confidence: f32,
+    /// Examples labeled NaN (their image did not decode), which no class counts and no filter
+    /// keeps. (Histograms written before they were counted apart hold them in bin 0.)
+    #[serde(default, skip_serializing_if = "is_zero")]
+    pub undecodable: u64,
+}
+
+fn is_zero(count: &u64) -> bool {
+    *count == 0
 }
 
 impl Histogram {
@@ -67,12 +75,17 @@ impl Histogram {
             bins: vec![0; classes * CONFIDENCE_BINS],
             passing: vec![0; classes],
             min_confidence,
+            undecodable: 0,
         }
     }
 
     /// Counts one example by its top class and that class's probability.
     pub fn add(&mut self, class: u16, confidence: f32) {
         let class = class as usize;
+        if confidence.is_nan() {
+            self.undecodable += 1;
+            return;
+        }
         if class >= self.classes {
             return;
         }
@@ -96,12 +109,13 @@ impl Histogram {
         for (total, count) in self.passing.iter_mut().zip(&other.passing) {
             *total += count;
         }
+        self.undecodable += other.undecodable;
         Ok(())
     }
 
-    /// Examples counted.
+    /// Examples counted, those labeled NaN included.
     pub fn total(&self) -> u64 {
-        self.bins.iter().sum()
+        self.bins.iter().sum::<u64>() + self.undecodable
     }
 
     /// Examples of `class` whose confidence is at least `step / 100`.
@@ -376,6 +390,33 @@ mod tests {
             error.to_string().contains("histogram bin 7 of 4"),
             "{error}"
         );
+    }
+
+    /// An example labeled NaN (its image did not decode) counts apart: in the total, in no
+    /// class, never passing; sums and files keep the count, and files written before read as
+    /// none.
+    #[test]
+    fn examples_labeled_nan_are_counted_apart() {
+        let mut histogram = super::Histogram::new(10, 0.3);
+        histogram.add(4, f32::NAN);
+        histogram.add(4, 0.9);
+        assert_eq!((histogram.total(), histogram.undecodable), (2, 1));
+        assert_eq!(histogram.bins.iter().sum::<u64>(), 1);
+        assert_eq!(histogram.passing[4], 1);
+        let mut sum = histogram.clone();
+        sum.merge(&histogram).expect("merge");
+        assert_eq!((sum.total(), sum.undecodable), (4, 2));
+        let written = serde_json::to_value(&histogram).expect("json");
+        assert_eq!(written["undecodable"], 1);
+        let read: super::Histogram = serde_json::from_value(written.clone()).expect("read");
+        assert_eq!(read, histogram);
+        let mut earlier = written;
+        earlier
+            .as_object_mut()
+            .expect("object")
+            .remove("undecodable");
+        let read: super::Histogram = serde_json::from_value(earlier).expect("read");
+        assert_eq!(read.undecodable, 0);
     }
 
     use super::*;

@@ -244,6 +244,7 @@ fn outcome_to_proto(result: Result<Outcome, String>) -> pb::task_result::Outcome
             histogram_bins: histogram.bins,
             histogram_passing: histogram.passing,
             min_confidence: histogram.min_confidence as f64,
+            histogram_undecodable: histogram.undecodable,
         }),
         Err(message) => Proto::Error(message),
     }

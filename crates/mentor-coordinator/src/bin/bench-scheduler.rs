@@ -43,6 +43,28 @@ struct Args {
     data: PathBuf,
 }
 
+/// A folder of its own under the system's temporary folder, removed when dropped.
+struct ScratchDir(PathBuf);
+
+impl ScratchDir {
+    fn new() -> anyhow::Result<ScratchDir> {
+        let path = std::env::temp_dir().join(format!("bench-scheduler-{}", std::process::id()));
+        let _ = std::fs::remove_dir_all(&path);
+        std::fs::create_dir_all(&path).with_context(|| path.display().to_string())?;
+        Ok(ScratchDir(path))
+    }
+
+    fn path(&self) -> &Path {
+        &self.0
+    }
+}
+
+impl Drop for ScratchDir {
+    fn drop(&mut self) {
+        let _ = std::fs::remove_dir_all(&self.0);
+    }
+}
+
 struct Measured {
     seconds: f64,
     tasks: usize,
@@ -52,7 +74,7 @@ struct Measured {
 
 fn main() -> anyhow::Result<()> {
     let args = Args::parse();
-    let dir = tempfile::tempdir().context("a temporary directory")?;
+    let dir = ScratchDir::new()?;
     let teacher = dir.path().join("teacher.safetensors");
     // A checkpoint's header is all the coordinator reads of it.
     let header = br#"{"w":{"dtype":"F32","shape":[1],"data_offsets":[0,4]}}"#;
@@ -179,7 +201,8 @@ fn measure(
             },
         };
         coordinator.complete(worker, &task.id, task.attempts, outcome, Instant::now())?;
-        // The service's saver, at its interval.
+        // The service's saver (every 50 ms) would save no sooner than this: a save is due
+        // at most once a spacing.
         coordinator.save_if_due(Instant::now());
     }
     let seconds = began.map_or(Duration::ZERO, |b| b.elapsed()).as_secs_f64();

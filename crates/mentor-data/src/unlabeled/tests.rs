@@ -409,27 +409,49 @@ fn broken_webdataset_tars_are_named() {
     let error =
         collect(source.decode(0, 1, GRAY, options(4, 1)).expect("decode")).expect_err("truncated");
     assert!(error.to_string().contains("t.tar"), "{error}");
-    // Labeling takes the samples before the cut, and ends the tar there (the image the cut
-    // fell in, short of its end, does not decode: labeled NaN).
+    // Labeling takes the samples before the cut, and ends the tar there: no image cut short
+    // is labeled.
     let skipping = DecodeOptions {
         skip_undecodable: true,
         ..options(4, 1)
     };
     let batches = collect(source.decode(0, 1, GRAY, skipping).expect("decode")).expect("cut short");
-    let ids: Vec<i64> = batches.iter().flat_map(|b| b.example_ids.clone()).collect();
-    assert_eq!(ids, vec![0], "the sample before the cut, alone");
-    // A tar cut inside a member's header: the samples before it are whole.
+    assert!(batches.iter().all(|b| b.undecodable.is_empty()));
+    // Cut inside the second sample's header, then inside its image: the first sample is whole.
     let whole = tar_with(&[("a.png", png(1)), ("b.png", png(2)), ("c.png", png(3))]);
     let second_header = 512 + png(1).len().div_ceil(512) * 512;
-    std::fs::write(cut.join("t.tar"), &whole[..second_header + 100]).expect("write");
-    let source = Source::open(&data_plan(UnlabeledFormat::Webdataset, &cut), &[]).expect("open");
-    collect(source.decode(0, 1, GRAY, options(4, 1)).expect("decode")).expect_err("cut header");
-    let batches = collect(source.decode(0, 1, GRAY, skipping).expect("decode")).expect("cut short");
-    let ids: Vec<i64> = batches.iter().flat_map(|b| b.example_ids.clone()).collect();
-    assert_eq!(ids, vec![0]);
-    assert!(batches.iter().all(|b| b.undecodable.is_empty()));
-    let means = means(&batches[0], GRAY);
-    assert!((means[0] - 1.0).abs() < 1e-9, "{means:?}");
+    for cut_at in [second_header + 100, second_header + 512 + 10] {
+        std::fs::write(cut.join("t.tar"), &whole[..cut_at]).expect("write");
+        let source =
+            Source::open(&data_plan(UnlabeledFormat::Webdataset, &cut), &[]).expect("open");
+        let error =
+            collect(source.decode(0, 1, GRAY, options(4, 1)).expect("decode")).expect_err("cut");
+        assert!(error.to_string().contains("t.tar"), "{error}");
+        let batches =
+            collect(source.decode(0, 1, GRAY, skipping).expect("decode")).expect("cut short");
+        let ids: Vec<i64> = batches.iter().flat_map(|b| b.example_ids.clone()).collect();
+        assert_eq!(ids, vec![0], "cut at byte {cut_at}");
+        assert!(batches.iter().all(|b| b.undecodable.is_empty()));
+        let means = means(&batches[0], GRAY);
+        assert!((means[0] - 1.0).abs() < 1e-9, "{means:?}");
+        // The student asks for what was labeled, without skipping: it is read.
+        let batches = collect(
+            source
+                .decode_ids(&[0], GRAY, options(4, 1))
+                .expect("decode"),
+        )
+        .expect("the labeled sample, before the cut");
+        let ids: Vec<i64> = batches.iter().flat_map(|b| b.example_ids.clone()).collect();
+        assert_eq!(ids, vec![0], "cut at byte {cut_at}");
+        // A sample after the cut is an error naming the tar.
+        let error = collect(
+            source
+                .decode_ids(&[0, 1], GRAY, options(4, 1))
+                .expect("decode"),
+        )
+        .expect_err("a sample after the cut");
+        assert!(error.to_string().contains("t.tar"), "{error}");
+    }
 
     let empty = tempfile::tempdir().expect("tempdir");
     let error = Source::open(&data_plan(UnlabeledFormat::Webdataset, empty.path()), &[])
