@@ -188,12 +188,39 @@ fn spawn_effects(shared: &Shared, effects: Vec<Effect>) {
                         coordinator.store.clone(),
                     )
                 };
-                let result =
+                let result = with_retries(&FILTER_RETRY_WAITS, round, || {
                     crate::filter::filter_round(&plan, &record, &paths, &store, &selection)
-                        .map(|kept| (kept, selection));
+                })
+                .map(|kept| (kept, selection));
                 let more = lock(&shared).filter_finished(round, result);
                 spawn_effects(&shared, more);
             });
+        }
+    }
+}
+
+/// The waits before the filter's second and third tries: an object store or a network file
+/// system that fails a write for a moment does not fail a run that labeled for hours.
+const FILTER_RETRY_WAITS: [Duration; 2] = [Duration::from_secs(5), Duration::from_secs(30)];
+
+/// `step` (round `round`'s filter), tried again after each of `waits` while it fails; the last
+/// error otherwise.
+fn with_retries<T>(
+    waits: &[Duration],
+    round: u32,
+    mut step: impl FnMut() -> Result<T, String>,
+) -> Result<T, String> {
+    let mut waits = waits.iter();
+    loop {
+        match step() {
+            Ok(value) => return Ok(value),
+            Err(error) => match waits.next() {
+                Some(wait) => {
+                    tracing::warn!(round, %error, retry_in_seconds = wait.as_secs_f64(), "the filter failed: it runs again");
+                    std::thread::sleep(*wait);
+                }
+                None => return Err(error),
+            },
         }
     }
 }
@@ -708,6 +735,27 @@ pub async fn serve(
 mod tests {
     use super::*;
     use std::path::{Path, PathBuf};
+
+    #[test]
+    fn a_failed_filter_runs_again_before_it_fails_the_run() {
+        let waits = [Duration::ZERO; 2];
+        let mut tries = 0;
+        let passed = with_retries(&waits, 1, || {
+            tries += 1;
+            if tries < 3 {
+                Err(format!("the store is away ({tries})"))
+            } else {
+                Ok(tries)
+            }
+        });
+        assert_eq!(passed, Ok(3));
+        let mut tries = 0;
+        let failed: Result<(), String> = with_retries(&waits, 1, || {
+            tries += 1;
+            Err(format!("the store is away ({tries})"))
+        });
+        assert_eq!(failed, Err("the store is away (3)".to_string()));
+    }
 
     #[test]
     fn a_reaper_tick_seconds_late_is_a_stall() {
