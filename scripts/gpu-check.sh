@@ -240,6 +240,9 @@ nccl_run="$("$PYTHON" -c 'import json,sys; print(json.load(open(sys.argv[1]))["s
 nccl_groups="$(grep -c 'data-parallel group formed' "$OUT/worker.log" || true)"
 nccl_ok="no"
 [ "$nccl_run" = "succeeded" ] && grep -q 'every rank joined.*Nccl' "$OUT/worker.log" && nccl_ok="yes"
+# The worker told the coordinator its GPU's PCI bus id (cudaDeviceGetPCIBusId).
+gpu_id="$("$PYTHON" -c 'import json,sys; print(",".join(w.get("gpu") or "" for w in json.load(open(sys.argv[1])).get("workers", [])))' "$OUT/status.json" 2>/dev/null || true)"
+grep -q "PCI bus id is unknown" "$OUT/worker.log" && gpu_id="unknown ($(grep -m1 'PCI bus id is unknown' "$OUT/worker.log"))"
 
 # 2. Model throughput against PyTorch on the same GPU, same run.
 "$BIN/bench-models" --device cuda --batch 128 --image-size 32 --iterations 20 >"$OUT/bench-models.jsonl" 2>"$OUT/bench-models.err" || true
@@ -264,6 +267,7 @@ MENTOR_BIN="$BIN" PYTHON="$PYTHON" "$ROOT/scripts/bench-mpl.sh" --plan "$OUT/ben
 echo
 echo "=== gpu-check ($(head -1 "$OUT/gpu.txt")) ==="
 echo "NCCL world-size-1 Noisy Student round: run $nccl_run, NCCL groups formed: $nccl_groups, ok: $nccl_ok"
+echo "the worker's GPU (PCI bus id, for the coordinator's one-worker-a-GPU check): ${gpu_id:-not told}"
 "$PYTHON" - "$OUT/bench-models.jsonl" <<'PY'
 import json, sys
 rows = [json.loads(l) for l in open(sys.argv[1]) if l.startswith("{")]

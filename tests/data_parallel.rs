@@ -261,6 +261,7 @@ fn a_group_whose_ranks_never_join_fails_naming_them() {
                 pid: 0,
                 instance: String::new(),
                 running: None,
+                gpu: String::new(),
             })
             .await
             .expect("register");

@@ -569,6 +569,109 @@ fn status_command_reports_an_unreachable_coordinator() {
 
 /// Addresses the binaries cannot use are refused at once, naming what is wrong, before
 /// anything is written.
+/// A second live worker on a GPU of a host (its PCI bus id, which the workers send) is refused
+/// at registration, naming the first, when the plan trains in NCCL groups (the tiny plan's
+/// `auto` collective on GPUs): NCCL would fail every group of both. The same process
+/// registering again, another GPU or another host passes; so does a second worker under a
+/// plan whose groups are of one rank.
+#[test]
+fn a_second_worker_on_one_gpu_is_refused() {
+    use mentor_proto::coordinator::v1 as pb;
+    let dir = tempfile::tempdir().expect("tempdir");
+    let plan = workspace_root().join("deploy/plans/tiny.toml");
+    let (_coordinator, address) = start_coordinator(&plan, &dir.path().join("run"));
+    let client_address = address.clone();
+    let runtime = tokio::runtime::Runtime::new().expect("runtime");
+    runtime.block_on(async {
+        let mut client = pb::worker_service_client::WorkerServiceClient::connect(address)
+            .await
+            .expect("connect");
+        let request = |host: &str, gpu: &str, instance: &str| pb::RegisterRequest {
+            hostname: host.into(),
+            device: "cuda:0".into(),
+            pid: 7,
+            instance: instance.into(),
+            running: None,
+            gpu: gpu.into(),
+        };
+        let first = client
+            .register(request("node-1", "0000:3B:00.0", "first"))
+            .await
+            .expect("the first worker on the GPU")
+            .into_inner()
+            .worker_id;
+        let refused = client
+            .register(request("node-1", "0000:3B:00.0", "second"))
+            .await
+            .expect_err("a second worker on the same GPU");
+        assert_eq!(refused.code(), tonic::Code::AlreadyExists);
+        assert!(
+            refused
+                .message()
+                .contains(&format!("is worker {first}'s already"))
+                && refused.message().contains("0000:3B:00.0"),
+            "{refused}"
+        );
+        let again = client
+            .register(request("node-1", "0000:3B:00.0", "first"))
+            .await
+            .expect("the same process again");
+        assert_eq!(again.into_inner().worker_id, first);
+        // Status names the GPU.
+        let mut status = pb::status_service_client::StatusServiceClient::new(
+            tonic::transport::Channel::from_shared(client_address.clone())
+                .expect("address")
+                .connect()
+                .await
+                .expect("connect"),
+        );
+        let workers = status
+            .get_status(pb::GetStatusRequest::default())
+            .await
+            .expect("status")
+            .into_inner()
+            .workers;
+        assert_eq!(workers.len(), 1);
+        assert_eq!(workers[0].gpu, "0000:3B:00.0");
+        for (host, gpu, instance) in [
+            ("node-1", "0000:5E:00.0", "third"),
+            ("node-2", "0000:3B:00.0", "fourth"),
+            ("node-1", "", "fifth"),
+        ] {
+            client
+                .register(request(host, gpu, instance))
+                .await
+                .unwrap_or_else(|e| panic!("{host} {gpu:?}: {e}"));
+        }
+    });
+
+    let single = dir.path().join("single.toml");
+    std::fs::write(
+        &single,
+        plan_with("tiny.toml", &[("[workers]", "[workers]\nworld_size = 1")]),
+    )
+    .expect("write plan");
+    let (_coordinator, address) = start_coordinator(&single, &dir.path().join("single"));
+    runtime.block_on(async {
+        let mut client = pb::worker_service_client::WorkerServiceClient::connect(address)
+            .await
+            .expect("connect");
+        for instance in ["first", "second"] {
+            client
+                .register(pb::RegisterRequest {
+                    hostname: "node-1".into(),
+                    device: "cuda:0".into(),
+                    pid: 7,
+                    instance: instance.into(),
+                    running: None,
+                    gpu: "0000:3B:00.0".into(),
+                })
+                .await
+                .expect("workers side by side on one GPU, in groups of one");
+        }
+    });
+}
+
 #[test]
 fn malformed_addresses_are_refused_at_once() {
     let run = |program: &str, args: &[&str]| {

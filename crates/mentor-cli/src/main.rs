@@ -165,6 +165,7 @@ fn status_json(status: &pb::RunStatus) -> Value {
             "device": worker.device,
             "host": worker.hostname,
             "pid": worker.pid,
+            "gpu": if worker.gpu.is_empty() { Value::Null } else { json!(worker.gpu) },
             "seconds_since_heard": number(worker.seconds_since_heard),
             "seconds_since_progress": number(worker.seconds_since_progress),
             "alive": worker.alive,

@@ -91,6 +91,8 @@ pub struct WorkerEntry {
     pub device: String,
     /// Drawn by the worker process (empty when it does not say): who registers again.
     pub instance: String,
+    /// The PCI bus id of its GPU, when it said (see [`Coordinator::gpu_taken`]).
+    pub gpu: String,
     pub last_seen: Instant,
     pub alive: bool,
     /// Told to shut down because the run ended.
@@ -1041,6 +1043,7 @@ impl Coordinator {
                 pid,
                 device,
                 instance,
+                gpu: String::new(),
                 last_seen: now,
                 alive: true,
                 exited: false,
@@ -1066,6 +1069,37 @@ impl Coordinator {
         }
         self.persist_or_log();
         id
+    }
+
+    /// The live worker other than the process `instance` that trains on the GPU `gpu` (its PCI
+    /// bus id) of `hostname`, when the plan's training groups are NCCL groups of several ranks:
+    /// a second worker there is refused, since NCCL refuses two ranks on one GPU and every
+    /// group of both would fail (a restarted worker whose first process is gone is taken once
+    /// that one is declared lost, after the heartbeat timeout). Under the ring collective, or
+    /// in groups of one, workers share a GPU (labeling side by side).
+    pub fn gpu_taken(&self, hostname: &str, gpu: &str, instance: &str) -> Option<&WorkerEntry> {
+        let workers = &self.plan.workers;
+        let nccl_groups = matches!(
+            workers.collective,
+            mentor_plan::CollectiveKind::Auto | mentor_plan::CollectiveKind::Nccl
+        ) && workers.world_size != 1;
+        if gpu.is_empty() || !nccl_groups {
+            return None;
+        }
+        self.workers.values().find(|w| {
+            w.alive
+                && !w.exited
+                && w.hostname == hostname
+                && w.gpu == gpu
+                && (instance.is_empty() || w.instance != instance)
+        })
+    }
+
+    /// Records the PCI bus id of worker `id`'s GPU.
+    pub fn set_gpu(&mut self, id: &WorkerId, gpu: String) {
+        if let Some(worker) = self.workers.get_mut(id) {
+            worker.gpu = gpu;
+        }
     }
 
     fn worker_mut(

@@ -259,6 +259,15 @@ impl WorkerService for WorkerApi {
         }
         let mut coordinator = lock(&self.shared);
         let now = Instant::now();
+        if let Some(other) =
+            coordinator.gpu_taken(&request.hostname, &request.gpu, &request.instance)
+        {
+            return Err(Status::already_exists(format!(
+                "the GPU {} of host {} ({}) is worker {}'s already (process {}, {}): one worker a GPU (NCCL refuses two ranks on one GPU); give this worker another --device, or stop the other",
+                request.gpu, request.hostname, request.device, other.id, other.pid, other.device
+            )));
+        }
+        let gpu = request.gpu;
         let id = coordinator.register_instance(
             request.hostname,
             request.device,
@@ -266,6 +275,7 @@ impl WorkerService for WorkerApi {
             request.instance,
             now,
         );
+        coordinator.set_gpu(&id, gpu);
         let running_kept = request.running.is_some_and(|running| {
             let task = TaskId(running.task_id);
             coordinator.resume_running(&id, &task, running.attempt, running.rank, now)
@@ -481,6 +491,7 @@ pub fn status_of(coordinator: &Coordinator) -> pb::RunStatus {
                 images_per_second: progress.images_per_second,
                 seconds_left: task.and(worker.seconds_left()),
                 pid: worker.pid,
+                gpu: worker.gpu.clone(),
                 seconds_since_heard: silent.as_secs_f64(),
                 seconds_since_progress: task
                     .map_or(0.0, |_| worker.progress_at.elapsed().as_secs_f64()),

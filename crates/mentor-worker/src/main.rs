@@ -285,6 +285,21 @@ const CALL_TIMEOUT: Duration = Duration::from_secs(10);
 
 /// Whether a failed call met the coordinator's absence (down, restarting, unreachable, too
 /// slow), not its refusal: the call is worth trying again.
+/// The PCI bus id of a CUDA device's GPU, for the coordinator to refuse a second worker on it;
+/// empty for the CPU or when the CUDA runtime cannot tell.
+fn gpu_of(device: tch::Device) -> String {
+    let tch::Device::Cuda(index) = device else {
+        return String::new();
+    };
+    match mentor_collective::cuda::pci_bus_id(index) {
+        Ok(id) => id,
+        Err(error) => {
+            tracing::warn!(%error, "the GPU's PCI bus id is unknown: the coordinator cannot tell whether another worker uses this GPU");
+            String::new()
+        }
+    }
+}
+
 fn transient(status: &tonic::Status) -> bool {
     match status.code() {
         Code::Unavailable | Code::Unknown | Code::Cancelled | Code::DeadlineExceeded => true,
@@ -528,6 +543,7 @@ async fn run(
         pid: std::process::id(),
         instance: format!("{:016x}", rand::random::<u64>()),
         running: None,
+        gpu: gpu_of(device),
     };
     let deadline = Instant::now() + outage_limit;
     let reply = loop {
