@@ -537,11 +537,26 @@ fn the_kubernetes_manifests_start_what_they_say() {
         worker_job["spec"]["parallelism"],
         worker_job["spec"]["completions"]
     );
-    // The coordinator is ready when its gRPC port listens.
+    // The coordinator is ready when its gRPC port listens, alive while it answers status
+    // queries (its probes run here against a real coordinator, below).
     let coordinator_container = &job["spec"]["template"]["spec"]["containers"][0];
     assert_eq!(
         coordinator_container["readinessProbe"]["tcpSocket"]["port"],
         service["spec"]["ports"][0]["targetPort"]
+    );
+    let probe_command = |probe: &str| -> Vec<String> {
+        coordinator_container[probe]["exec"]["command"]
+            .as_array()
+            .unwrap_or_else(|| panic!("{probe}: {coordinator_container}"))
+            .iter()
+            .map(|part| part.as_str().expect("a string").to_string())
+            .collect()
+    };
+    let liveness = probe_command("livenessProbe");
+    assert_eq!(probe_command("startupProbe"), liveness);
+    assert!(
+        liveness[2].contains(&format!("--coordinator 127.0.0.1:{}", service_port)),
+        "{liveness:?}"
     );
     // Worker pods are not best-effort, their shared memory is bounded, and they may land on
     // GPU nodes tainted for GPU pods.
@@ -619,6 +634,48 @@ fn the_kubernetes_manifests_start_what_they_say() {
             bin.display()
         )
     );
+
+    // The probe, as the pod runs it (its `mentor` the one built here): alive while a
+    // coordinator answers on the port, not once none does.
+    let probe = |port: u16| {
+        let script = liveness[2].replace(
+            &format!("127.0.0.1:{service_port}"),
+            &format!("127.0.0.1:{port}"),
+        );
+        Command::new(&liveness[0])
+            .arg(&liveness[1])
+            .arg(script)
+            .env("PATH", format!("{}:/usr/bin:/bin", bin.display()))
+            .status()
+            .expect("the probe")
+            .success()
+    };
+    let port = free_port();
+    let state_dir = tempfile::tempdir().expect("tempdir");
+    let tiny = workspace_root().join("deploy/plans/tiny.toml");
+    let mut live = Process::start(
+        &binary("coordinator"),
+        &[
+            "--plan",
+            tiny.to_str().expect("utf-8"),
+            "--listen",
+            &format!("127.0.0.1:{port}"),
+            "--state-dir",
+            state_dir.path().to_str().expect("utf-8"),
+        ],
+        state_dir.path().join("coordinator.log"),
+    );
+    wait_for("the coordinator to listen", Duration::from_secs(60), || {
+        state_dir
+            .path()
+            .join("coordinator.addr")
+            .exists()
+            .then_some(())
+    });
+    assert!(probe(port), "the probe fails a live coordinator");
+    live.child.kill().expect("kill");
+    let _ = live.child.wait();
+    assert!(!probe(port), "the probe passes with no coordinator");
 
     // The deployment's plan is the demo plan (comments aside), and passes `mentor plan`.
     let parse = |path: &Path| {
