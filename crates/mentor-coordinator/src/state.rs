@@ -450,6 +450,10 @@ pub struct RunState {
     /// reused, so a worker of an earlier coordinator cannot pass for one of this one.
     #[serde(default)]
     pub workers_registered: u64,
+    /// Tasks of finished rounds, all done, no longer kept (see [`RunState::promote`]): counted
+    /// in [`RunState::task_counts`].
+    #[serde(default, skip_serializing_if = "is_zero")]
+    pub past_rounds_tasks: u32,
     /// Noisy Student: the first teacher, read from this file (the plan's `teacher.checkpoint`,
     /// made absolute) instead of trained.
     #[serde(default, skip_serializing_if = "Option::is_none")]
@@ -595,6 +599,7 @@ impl RunState {
             },
             next_task: 0,
             workers_registered: 0,
+            past_rounds_tasks: 0,
             method: plan.method,
             finetune: plan.mpl.as_ref().is_some_and(|mpl| mpl.finetune.steps > 0),
             teacher_checkpoint: plan.teacher.checkpoint.clone(),
@@ -1443,6 +1448,12 @@ impl RunState {
             teacher_test_accuracy: finished.student_test_accuracy,
             ..RoundRecord::default()
         });
+        // The finished round's tasks, all done, go: its record keeps what it made, and
+        // `state.json`, rewritten at every change, would otherwise grow by a round's tasks
+        // (tens of thousands on a large data set) at every round.
+        let kept = self.tasks.len();
+        self.tasks.retain(|_, task| task.round > finished.round);
+        self.past_rounds_tasks += (kept - self.tasks.len()) as u32;
         self.start_labeling(student, false);
         Vec::new()
     }
@@ -1454,8 +1465,13 @@ impl RunState {
             .values()
             .filter(|task| task.state == TaskState::Done)
             .count();
-        (done as u32, self.tasks.len() as u32)
+        let past = self.past_rounds_tasks;
+        (done as u32 + past, self.tasks.len() as u32 + past)
     }
+}
+
+fn is_zero(count: &u32) -> bool {
+    *count == 0
 }
 
 /// Milliseconds since the Unix epoch.

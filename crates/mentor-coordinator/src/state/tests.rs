@@ -171,9 +171,17 @@ fn two_rounds_run_through_every_phase() {
     assert_eq!(state.phase, Phase::EvaluateStudent);
     finish_pending(&mut state, &w, 0.75);
 
-    // Round 2: the student is the teacher; no new teacher evaluation.
+    // Round 2: the student is the teacher; no new teacher evaluation. Round 1's tasks (the
+    // teacher's training and evaluation, four shards, the student's training and evaluation)
+    // are no longer kept, but counted.
     assert_eq!(state.round, 2);
     assert_eq!(state.phase, Phase::Label);
+    assert!(state.tasks.values().all(|task| task.round == 2));
+    assert_eq!(state.past_rounds_tasks, 8);
+    assert_eq!(state.task_counts(), (8, 12));
+    let saved = serde_json::to_string(&state).expect("json");
+    let (read, _) = RunState::from_saved(&saved, Path::new("/runs/tiny")).expect("read back");
+    assert_eq!(read.task_counts(), (8, 12));
     let round_two = state.current_round();
     assert_eq!(round_two.teacher_test_accuracy, Some(0.75));
     let teacher_two = round_two.teacher.clone().expect("teacher");
