@@ -21,12 +21,6 @@ pub const MAX_ATTEMPTS: u32 = 3;
 /// otherwise go back to the queue forever.
 pub const MAX_LOSSES: u32 = 5;
 
-/// A task fails the run once its workers left (stopped by SIGTERM or Ctrl-C) this many of its
-/// attempts: a task whose memory gets its pods evicted (Kubernetes evicts with SIGTERM) would
-/// otherwise go back to the queue for ever, while the preemptions of a long run seldom stop
-/// one task so often.
-pub const MAX_LEAVES: u32 = 20;
-
 /// Identifies a task within a run.
 #[derive(Debug, Clone, PartialEq, Eq, PartialOrd, Ord, Hash, Serialize, Deserialize)]
 pub struct TaskId(pub String);
@@ -202,9 +196,6 @@ pub struct TaskRecord {
     /// [`MAX_LOSSES`]).
     #[serde(default)]
     pub losses: u32,
-    /// Attempts given up because a worker left on purpose (the run fails at [`MAX_LEAVES`]).
-    #[serde(default)]
-    pub leaves: u32,
     pub last_error: Option<String>,
     /// Ranks of the current attempt (1 for tasks that do not train).
     #[serde(default)]
@@ -665,7 +656,6 @@ impl RunState {
                 attempts: 0,
                 failures: 0,
                 losses: 0,
-                leaves: 0,
                 last_error: None,
                 world_size: 0,
                 device_kind: String::new(),
@@ -816,36 +806,18 @@ impl RunState {
     }
 
     /// Puts every task `worker` takes part in back in the queue because it left on purpose
-    /// (stopped by a signal): the attempt is given up without counting as a loss or a failure,
-    /// but as a leave (the run fails when a task's workers left [`MAX_LEAVES`] of its
-    /// attempts). Returns the requeued tasks and the effects.
-    pub fn worker_left(&mut self, worker: &WorkerId, reason: &str) -> (Vec<TaskId>, Vec<Effect>) {
+    /// (stopped by a signal): the attempt is given up without counting as a loss or a failure.
+    pub fn worker_left(&mut self, worker: &WorkerId, reason: &str) -> Vec<TaskId> {
         self.forget_back(worker);
         let mut requeued = Vec::new();
-        let mut given_up = None;
         for task in self.tasks.values_mut() {
             if task.workers().contains(worker) {
                 task.state = TaskState::Pending;
-                task.leaves += 1;
-                let error = format!("worker {worker} left ({reason})");
-                if task.leaves >= MAX_LEAVES {
-                    given_up.get_or_insert(format!(
-                        "task {} ({}, round {}): its workers left {} of its attempts, the last because {error}; a task whose workers are evicted for lack of memory (Kubernetes evicts with SIGTERM) ends this way: see the pods' events and the system's logs",
-                        task.id,
-                        task.spec.describe(),
-                        task.round,
-                        task.leaves
-                    ));
-                }
-                task.last_error = Some(error);
+                task.last_error = Some(format!("worker {worker} left ({reason})"));
                 requeued.push(task.id.clone());
             }
         }
-        let effects = match given_up {
-            Some(message) if !self.is_finished() => self.fail(message),
-            _ => Vec::new(),
-        };
-        (requeued, effects)
+        requeued
     }
 
     /// Gives up the running attempt of `task` as lost (a labeler's lease ran out, a training
@@ -989,7 +961,6 @@ impl RunState {
                 task.state = TaskState::Pending;
                 task.failures = 0;
                 task.losses = 0;
-                task.leaves = 0;
                 task.failed_on.clear();
                 task.group_losses.clear();
             }
@@ -1023,7 +994,6 @@ impl RunState {
                     task.state = TaskState::Pending;
                     task.failures = 0;
                     task.losses = 0;
-                    task.leaves = 0;
                     task.failed_on.clear();
                     task.group_losses.clear();
                     task.abandoned = None;
