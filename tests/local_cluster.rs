@@ -567,8 +567,6 @@ fn status_command_reports_an_unreachable_coordinator() {
     );
 }
 
-/// Addresses the binaries cannot use are refused at once, naming what is wrong, before
-/// anything is written.
 /// A second live worker on a GPU of a host (its PCI bus id, which the workers send) is refused
 /// at registration, naming the first, when the plan trains in NCCL groups (the tiny plan's
 /// `auto` collective on GPUs): NCCL would fail every group of both. The same process
@@ -672,6 +670,8 @@ fn a_second_worker_on_one_gpu_is_refused() {
     });
 }
 
+/// Addresses the binaries cannot use are refused at once, naming what is wrong, before
+/// anything is written.
 #[test]
 fn malformed_addresses_are_refused_at_once() {
     let run = |program: &str, args: &[&str]| {

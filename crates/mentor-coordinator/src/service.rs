@@ -200,8 +200,9 @@ fn spawn_effects(shared: &Shared, effects: Vec<Effect>) {
 }
 
 /// The waits before the filter's second and third tries: an object store or a network file
-/// system that fails a write for a moment does not fail a run that labeled for hours.
-const FILTER_RETRY_WAITS: [Duration; 2] = [Duration::from_secs(5), Duration::from_secs(30)];
+/// system that fails a write for a moment does not fail a run that labeled for hours. (Short
+/// enough for a coordinator stopped meanwhile to end within a scheduler's grace period.)
+const FILTER_RETRY_WAITS: [Duration; 2] = [Duration::from_secs(2), Duration::from_secs(10)];
 
 /// `step` (round `round`'s filter), tried again after each of `waits` while it fails; the last
 /// error otherwise.
@@ -378,10 +379,17 @@ impl WorkerService for WorkerApi {
             if let TaskOutcome::Labeled(shard) = &mut outcome {
                 match coordinator.state.tasks.get(&task_id).map(|t| &t.spec) {
                     Some(TaskSpec::Label { shard_index, .. }) => shard.index = *shard_index,
-                    _ => {
+                    Some(_) => {
                         return Err(Status::invalid_argument(format!(
                             "task `{task_id}` is not a labeling task"
                         )))
+                    }
+                    // A late result of a finished round's task (a labeler whose lease ran out
+                    // reporting after its round ended; the round's tasks are no longer kept):
+                    // its shard was labeled by another, and the result changes nothing.
+                    None => {
+                        tracing::info!(worker = %result.worker_id, task = %task_id, attempt = result.attempt, "a labeling result for a task of a finished round is ignored");
+                        return Ok(Response::new(pb::Ack {}));
                     }
                 }
             }
@@ -746,6 +754,60 @@ pub async fn serve(
 mod tests {
     use super::*;
     use std::path::{Path, PathBuf};
+
+    /// A labeling result for a task the run no longer has (a finished round's, sent late by a
+    /// labeler whose lease ran out) is acknowledged and changes nothing: an error would stop the
+    /// worker. A result naming a task that is not a labeling task is refused.
+    #[test]
+    fn a_late_labeling_result_of_a_finished_round_is_acknowledged() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let plan =
+            mentor_plan::Plan::from_toml_str(include_str!("../../../deploy/plans/tiny.toml"))
+                .expect("tiny plan");
+        let mut coordinator = Coordinator::open(plan, dir.path()).expect("open");
+        for host in ["a", "b"] {
+            coordinator.register(host.into(), "cpu".into(), 0, Instant::now());
+        }
+        let saved = std::fs::read(dir.path().join("state.json")).expect("state");
+        let api = WorkerApi {
+            shared: Arc::new(Mutex::new(coordinator)),
+        };
+        let result = |task: &str| pb::TaskResult {
+            worker_id: "w1-somewhere".into(),
+            task_id: task.into(),
+            attempt: 2,
+            outcome: Some(pb::task_result::Outcome::Label(pb::LabelOutcome {
+                shard_path: "round-1/shard-00003.safetensors".into(),
+                examples: 100,
+                sha256: "00".into(),
+                ..Default::default()
+            })),
+            ..Default::default()
+        };
+        let runtime = tokio::runtime::Runtime::new().expect("runtime");
+        runtime
+            .block_on(api.complete_task(Request::new(result("r1-t0099"))))
+            .expect("acknowledged");
+        assert_eq!(
+            std::fs::read(dir.path().join("state.json")).expect("state"),
+            saved
+        );
+        let teacher = {
+            let coordinator = lock(&api.shared);
+            let task = coordinator
+                .state
+                .tasks
+                .keys()
+                .next()
+                .expect("a task")
+                .clone();
+            task
+        };
+        let refused = runtime
+            .block_on(api.complete_task(Request::new(result(&teacher.0))))
+            .expect_err("not a labeling task");
+        assert_eq!(refused.code(), tonic::Code::InvalidArgument);
+    }
 
     #[test]
     fn a_failed_filter_runs_again_before_it_fails_the_run() {

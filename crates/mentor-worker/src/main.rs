@@ -283,8 +283,6 @@ async fn stopping_signal() -> (&'static str, i32) {
 /// connection that died without a word, and is handled as an outage.
 const CALL_TIMEOUT: Duration = Duration::from_secs(10);
 
-/// Whether a failed call met the coordinator's absence (down, restarting, unreachable, too
-/// slow), not its refusal: the call is worth trying again.
 /// The PCI bus id of a CUDA device's GPU, for the coordinator to refuse a second worker on it;
 /// empty for the CPU or when the CUDA runtime cannot tell.
 fn gpu_of(device: tch::Device) -> String {
@@ -300,6 +298,8 @@ fn gpu_of(device: tch::Device) -> String {
     }
 }
 
+/// Whether a failed call met the coordinator's absence (down, restarting, unreachable, too
+/// slow), not its refusal: the call is worth trying again.
 fn transient(status: &tonic::Status) -> bool {
     match status.code() {
         Code::Unavailable | Code::Unknown | Code::Cancelled | Code::DeadlineExceeded => true,
@@ -553,6 +553,13 @@ async fn run(
             Err(status) if transient(&status) && Instant::now() < deadline => {
                 tracing::debug!(%status, "registration failed, retrying");
                 tokio::time::sleep(Duration::from_millis(250)).await;
+            }
+            // Another worker holds this GPU: this one's own first process, crashed and not yet
+            // declared lost (the coordinator's heartbeat timeout), or a second worker started
+            // on it by mistake, which waits and then stops with the coordinator's reason.
+            Err(status) if status.code() == Code::AlreadyExists && Instant::now() < deadline => {
+                tracing::warn!(reason = %status.message(), "the coordinator counts another worker on this GPU: registering again in 5 s");
+                tokio::time::sleep(Duration::from_secs(5)).await;
             }
             Err(status) => {
                 return Err(status).context("registration with the coordinator failed");
