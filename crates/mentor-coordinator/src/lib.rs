@@ -554,7 +554,7 @@ pub struct Coordinator {
     unsaved: bool,
     /// When the last save ended, how long it took and how many bytes it wrote.
     last_save: Option<(Instant, Duration, usize)>,
-    /// Saves made (for `bench-scheduler`).
+    /// Saves made or tried (for `bench-scheduler`).
     saves: u64,
     /// States this large (bytes) or larger save labeling changes in groups (see
     /// [`Coordinator::persist_soon`]); [`GROUP_SAVES_FROM`] but in tests.
@@ -971,7 +971,8 @@ impl Coordinator {
         self.group_saves_from = bytes;
     }
 
-    /// Saves made by this coordinator since it opened the run (but its first and last).
+    /// Saves made or tried by this coordinator since it opened the run (but its first and
+    /// last).
     pub fn saves(&self) -> u64 {
         self.saves
     }
@@ -2574,6 +2575,16 @@ mod tests {
         assert_eq!(worker_status(&coordinator).seconds_left, None);
     }
 
+    /// A safetensors checkpoint of one float tensor `w` whose last byte is `last`: checkpoints
+    /// with different `last` are other teachers of the same shape.
+    fn tiny_checkpoint(last: u8) -> Vec<u8> {
+        let header = br#"{"w":{"dtype":"F32","shape":[1],"data_offsets":[0,4]}}"#;
+        let mut file = (header.len() as u64).to_le_bytes().to_vec();
+        file.extend_from_slice(header);
+        file.extend_from_slice(&[0, 0, 0, last]);
+        file
+    }
+
     /// The state as `state.json` holds it now: the state of task `task`.
     fn saved_task_state(dir: &Path, task: &TaskId) -> String {
         let text = std::fs::read_to_string(dir.join("state.json")).expect("state");
@@ -2931,10 +2942,7 @@ mod tests {
         std::fs::create_dir_all(gpu_machine.join("run")).expect("mkdir");
         std::fs::create_dir_all(gpu_machine.join("models")).expect("mkdir");
         // The teacher's file lies outside the run directory: moving the run does not move it.
-        let header = br#"{"w":{"dtype":"F32","shape":[1],"data_offsets":[0,4]}}"#;
-        let mut file = (header.len() as u64).to_le_bytes().to_vec();
-        file.extend_from_slice(header);
-        file.extend_from_slice(&[0; 4]);
+        let file = tiny_checkpoint(0);
         let gpu_teacher = gpu_machine.join("models/teacher.safetensors");
         std::fs::write(&gpu_teacher, &file).expect("write the teacher");
         let given = |checkpoint: &Path| {
@@ -2989,8 +2997,7 @@ mod tests {
         // Another teacher (retrained, say) in the place of the one the run began with, or
         // named by the plan: refused, naming the file, before anything changes.
         let saved = std::fs::read(run.join("state.json")).expect("state");
-        let mut other_teacher = file.clone();
-        *other_teacher.last_mut().expect("bytes") = 1;
+        let other_teacher = tiny_checkpoint(1);
         let elsewhere = laptop.join("models/retrained.safetensors");
         std::fs::write(&elsewhere, &other_teacher).expect("write");
         std::fs::write(&laptop_teacher, &other_teacher).expect("overwrite");
@@ -3196,10 +3203,7 @@ mod tests {
             dir.path().join("run"),
             dir.path().join("teacher.safetensors"),
         );
-        let header = br#"{"w":{"dtype":"F32","shape":[1],"data_offsets":[0,4]}}"#;
-        let mut file = (header.len() as u64).to_le_bytes().to_vec();
-        file.extend_from_slice(header);
-        file.extend_from_slice(&[0; 4]);
+        let file = tiny_checkpoint(0);
         std::fs::write(&teacher, &file).expect("teacher");
         let mut plan = one_worker_plan();
         plan.teacher.train = None;
@@ -3219,8 +3223,7 @@ mod tests {
         *altered.last_mut().expect("bytes") ^= 1;
         std::fs::write(&shard, &altered).expect("alter shard 2");
 
-        let mut other = file.clone();
-        *other.last_mut().expect("bytes") = 1;
+        let other = tiny_checkpoint(1);
         std::fs::write(&teacher, &other).expect("another teacher in its place");
         let saved = std::fs::read(run.join("state.json")).expect("state");
         match Coordinator::open_to_retry_failed(plan.clone(), &run) {
