@@ -1212,7 +1212,8 @@ impl Coordinator {
         for (task, attempt, members) in groups {
             self.give_up_group(&task, attempt, &members, id, Instant::now());
         }
-        let requeued = self.state.worker_left(id, reason);
+        let (requeued, effects) = self.state.worker_left(id, reason);
+        self.log_effects(&effects);
         tracing::warn!(worker = %id, reason, requeued = requeued.len(), "worker left");
         self.persist_or_log();
     }
@@ -1555,6 +1556,7 @@ impl Coordinator {
                     .progress(&self.state.run_id, record, attempt, &id.0, &progress);
             }
         }
+        self.state.report_progress(task, attempt, progress.step);
         let worker = self.worker_mut(id, now)?;
         worker.progress_origin.get_or_insert((progress.step, now));
         worker.progress_at = now;
@@ -3311,20 +3313,43 @@ mod tests {
         coordinator.leave(&a, "SIGTERM");
         let record = &coordinator.state.tasks[&teacher.task.id];
         assert_eq!(record.state, state::TaskState::Pending);
-        assert_eq!((record.losses, record.failures), (0, 0));
+        assert_eq!((record.losses, record.failures, record.leaves), (0, 0, 1));
         assert!(coordinator.workers[&a].exited);
         assert!(
             coordinator.get_task(&a, start).is_err(),
             "a worker that left is gone"
         );
-        let b = coordinator.register("b".into(), "cpu".into(), 0, start);
+        let mut b = coordinator.register("b".into(), "cpu".into(), 0, start);
         let TaskReply::Task(again) = coordinator.get_task(&b, start).expect("task") else {
             panic!("the task was not given again")
         };
         assert_eq!(
-            (again.task.id, again.task.attempts),
-            (teacher.task.id, teacher.task.attempts + 1)
+            (again.task.id.clone(), again.task.attempts),
+            (teacher.task.id.clone(), teacher.task.attempts + 1)
         );
+        // Its progress reports say how far it got: leaving past where the attempts before it
+        // got starts the count of leaves again (a long training, preempted again and again,
+        // goes on), and one not getting further counts.
+        let mut attempt = again;
+        for (step, leaves) in [(40, 1), (40, 2)] {
+            let progress = Progress {
+                step,
+                total_steps: 100,
+                ..Progress::default()
+            };
+            let stop = coordinator
+                .progress(&b, &attempt.task.id, attempt.task.attempts, progress, start)
+                .expect("progress");
+            assert_eq!(stop, None);
+            coordinator.leave(&b, "SIGTERM");
+            let record = &coordinator.state.tasks[&teacher.task.id];
+            assert_eq!((record.leaves, record.reached.best), (leaves, 40));
+            b = coordinator.register(format!("b{step}{leaves}"), "cpu".into(), 0, start);
+            let TaskReply::Task(next) = coordinator.get_task(&b, start).expect("task") else {
+                panic!("the task was not given again")
+            };
+            attempt = next;
+        }
     }
 
     #[test]

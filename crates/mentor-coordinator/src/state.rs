@@ -16,10 +16,18 @@ use serde::{Deserialize, Serialize};
 /// was lost do not count: see [`MAX_LOSSES`]).
 pub const MAX_ATTEMPTS: u32 = 3;
 
-/// A task fails the run once this many of its attempts were given up because a worker was lost
-/// or its lease ran out: a task that kills its worker process (out of memory, say) would
-/// otherwise go back to the queue forever.
+/// A task fails the run once this many of its attempts in a row were given up, without getting
+/// further than the attempts before them (see [`Reached`]), because a worker was lost or its
+/// lease ran out: a task that kills its worker process (out of memory, say) would otherwise go
+/// back to the queue forever.
 pub const MAX_LOSSES: u32 = 5;
+
+/// A task fails the run once its workers left (stopped by SIGTERM or Ctrl-C) this many of its
+/// attempts in a row without getting further than the attempts before them (see [`Reached`]):
+/// a task whose memory gets its pods evicted (Kubernetes evicts with SIGTERM) would otherwise
+/// go back to the queue for ever, while a long training on preemptible machines, stopped again
+/// and again, gets further at each attempt and goes on.
+pub const MAX_LEAVES: u32 = 20;
 
 /// Identifies a task within a run.
 #[derive(Debug, Clone, PartialEq, Eq, PartialOrd, Ord, Hash, Serialize, Deserialize)]
@@ -196,6 +204,13 @@ pub struct TaskRecord {
     /// [`MAX_LOSSES`]).
     #[serde(default)]
     pub losses: u32,
+    /// Attempts given up because a worker left on purpose (the run fails at [`MAX_LEAVES`]).
+    #[serde(default)]
+    pub leaves: u32,
+    /// How far the current attempt and the earlier ones got: an attempt given up further than
+    /// all before it starts the counts of lost and left attempts again.
+    #[serde(default)]
+    pub reached: Reached,
     pub last_error: Option<String>,
     /// Ranks of the current attempt (1 for tasks that do not train).
     #[serde(default)]
@@ -272,6 +287,43 @@ fn one_or_many<'de, D: serde::Deserializer<'de>, T: Deserialize<'de>>(
         OneOrMany::One(one) => vec![one],
         OneOrMany::Many(many) => many,
     })
+}
+
+/// How far a task's attempts got, in the steps of their progress reports (a training's global
+/// step, which a resumed attempt goes on from; a labeler's images): the current attempt's
+/// furthest report and the furthest of the attempts given up before it.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Serialize, Deserialize)]
+pub struct Reached {
+    /// The attempt `step` is of.
+    pub attempt: u32,
+    pub step: u64,
+    /// The furthest step of the attempts given up so far.
+    pub best: u64,
+}
+
+impl Reached {
+    /// Takes a progress report of `attempt`.
+    pub fn report(&mut self, attempt: u32, step: u64) {
+        if self.attempt != attempt {
+            *self = Reached {
+                attempt,
+                step,
+                best: self.best,
+            };
+        } else {
+            self.step = self.step.max(step);
+        }
+    }
+
+    /// Called as `attempt` is given up: whether it got further than every attempt before it
+    /// (which it then becomes the measure of).
+    pub fn got_further(&mut self, attempt: u32) -> bool {
+        let further = self.attempt == attempt && self.step > self.best;
+        if further {
+            self.best = self.step;
+        }
+        further
+    }
 }
 
 /// An attempt of a training group given up because the group failed.
@@ -656,6 +708,8 @@ impl RunState {
                 attempts: 0,
                 failures: 0,
                 losses: 0,
+                leaves: 0,
+                reached: Reached::default(),
                 last_error: None,
                 world_size: 0,
                 device_kind: String::new(),
@@ -806,18 +860,60 @@ impl RunState {
     }
 
     /// Puts every task `worker` takes part in back in the queue because it left on purpose
-    /// (stopped by a signal): the attempt is given up without counting as a loss or a failure.
-    pub fn worker_left(&mut self, worker: &WorkerId, reason: &str) -> Vec<TaskId> {
+    /// (stopped by a signal): the attempt is given up without counting as a loss or a failure,
+    /// but as a leave. Returns the requeued tasks and the effects: the run fails when a task's
+    /// workers left [`MAX_LEAVES`] of its attempts in a row without getting further.
+    pub fn worker_left(&mut self, worker: &WorkerId, reason: &str) -> (Vec<TaskId>, Vec<Effect>) {
         self.forget_back(worker);
         let mut requeued = Vec::new();
+        let mut given_up = None;
         for task in self.tasks.values_mut() {
             if task.workers().contains(worker) {
+                Self::count_from_further(task);
                 task.state = TaskState::Pending;
+                task.leaves += 1;
+                if task.leaves >= MAX_LEAVES {
+                    given_up.get_or_insert(format!(
+                        "task {} ({}, round {}): its workers left {} of its attempts in a row, \
+                         none getting further than step {}, the last because worker {worker} \
+                         left ({reason}); pods evicted for the task's memory (Kubernetes stops \
+                         them with SIGTERM) end this way: see the workers' logs and the \
+                         cluster's events",
+                        task.id,
+                        task.spec.describe(),
+                        task.round,
+                        task.leaves,
+                        task.reached.best
+                    ));
+                }
                 task.last_error = Some(format!("worker {worker} left ({reason})"));
                 requeued.push(task.id.clone());
             }
         }
-        requeued
+        let effects = match given_up {
+            Some(message) if !self.is_finished() => self.fail(message),
+            _ => Vec::new(),
+        };
+        (requeued, effects)
+    }
+
+    /// Starts the task's counts of lost and left attempts again if its running attempt, about
+    /// to be given up, got further than every attempt before it.
+    fn count_from_further(task: &mut TaskRecord) {
+        if task.reached.got_further(task.attempts) {
+            task.losses = 0;
+            task.leaves = 0;
+        }
+    }
+
+    /// Takes a progress report of the current attempt of `task` (see [`Reached`]); one of
+    /// another attempt changes nothing.
+    pub fn report_progress(&mut self, task: &TaskId, attempt: u32, step: u64) {
+        if let Some(task) = self.tasks.get_mut(task) {
+            if task.attempts == attempt {
+                task.reached.report(attempt, step);
+            }
+        }
     }
 
     /// Gives up the running attempt of `task` as lost (a labeler's lease ran out, a training
@@ -871,17 +967,20 @@ impl RunState {
     /// Puts `task` back in the queue after its attempt was given up for `reason`; returns the
     /// run's failure message when that was its last loss allowed.
     fn lose_attempt(task: &mut TaskRecord, reason: String) -> Option<String> {
+        Self::count_from_further(task);
         task.state = TaskState::Pending;
         task.losses += 1;
         let message = (task.losses >= MAX_LOSSES).then(|| {
             format!(
-                "task {} ({}, round {}) lost {} attempts, the last because the {reason}; a task \
-                 that ends its worker process (killed for lack of memory, say) ends this way: see \
-                 the workers' logs and the system's",
+                "task {} ({}, round {}) lost {} attempts in a row, none getting further than \
+                 step {}, the last because the {reason}; a task that ends its worker process \
+                 (killed for lack of memory, say) ends this way: see the workers' logs and the \
+                 system's",
                 task.id,
                 task.spec.describe(),
                 task.round,
-                task.losses
+                task.losses,
+                task.reached.best
             )
         });
         task.last_error = Some(reason);
@@ -961,6 +1060,7 @@ impl RunState {
                 task.state = TaskState::Pending;
                 task.failures = 0;
                 task.losses = 0;
+                task.leaves = 0;
                 task.failed_on.clear();
                 task.group_losses.clear();
             }
@@ -994,6 +1094,7 @@ impl RunState {
                     task.state = TaskState::Pending;
                     task.failures = 0;
                     task.losses = 0;
+                    task.leaves = 0;
                     task.failed_on.clear();
                     task.group_losses.clear();
                     task.abandoned = None;

@@ -373,12 +373,78 @@ fn lost_attempts_do_not_count_as_failures_but_end_the_run_past_their_own_limit()
     match &state.outcome {
         RunOutcome::Failed(message) => assert!(
             message.contains(&format!(
-                "lost {MAX_LOSSES} attempts, the last because the lease"
+                "lost {MAX_LOSSES} attempts in a row, none getting further than step 0, the \
+                 last because the lease"
             )) && message.contains("(train teacher, round 1)"),
             "{message}"
         ),
         other => panic!("unexpected {other:?}"),
     }
+}
+
+#[test]
+fn attempts_that_get_further_start_the_counts_of_lost_and_left_attempts_again() {
+    let mut state = new_run();
+    state.start();
+    let a = worker("a");
+    // A long training on preemptible machines: each attempt, stopped (SIGTERM) or lost, got
+    // further than the ones before it (it resumes from its checkpoint): the run goes on well
+    // past both limits.
+    let mut step = 0;
+    for n in 0..2 * (MAX_LEAVES + MAX_LOSSES) {
+        let task = state.assign(&a, "cpu", 1).map(|a| a.task).expect("task");
+        step += 500;
+        state.report_progress(&task.id, task.attempts, step);
+        // A late report of an earlier attempt changes nothing.
+        state.report_progress(&task.id, task.attempts - 1, 1_000_000);
+        // The last of them lost: the counts of leaves below start from 0.
+        let (requeued, effects) = if n % 2 == 1 {
+            state.worker_lost(&a)
+        } else {
+            state.worker_left(&a, "SIGTERM")
+        };
+        assert_eq!((requeued.len(), effects), (1, Vec::new()), "attempt {n}");
+    }
+    assert!(!state.is_finished(), "{:?}", state.outcome);
+    let task_id = state.tasks.keys().next().cloned().expect("a task");
+    assert_eq!(state.tasks[&task_id].reached.best, step);
+    // From then on its attempts are stopped without getting past that step: the run fails at
+    // the MAX_LEAVES-th, naming the step and why.
+    for n in 1..=MAX_LEAVES {
+        let task = state.assign(&a, "cpu", 1).map(|a| a.task).expect("task");
+        state.report_progress(&task.id, task.attempts, step);
+        let (_, effects) = state.worker_left(&a, "SIGTERM");
+        assert_eq!(effects.is_empty(), n < MAX_LEAVES, "leave {n}");
+    }
+    match &state.outcome {
+        RunOutcome::Failed(message) => assert!(
+            message.contains(&format!(
+                "its workers left {MAX_LEAVES} of its attempts in a row, none getting further \
+                 than step {step}, the last because worker a left (SIGTERM)"
+            )) && message.contains("evicted"),
+            "{message}"
+        ),
+        other => panic!("unexpected {other:?}"),
+    }
+
+    // Losses count the same way, apart from leaves: 4 lost attempts, then one getting further
+    // (lost too: the count starts again at 1), then 3 more lost without getting further: the
+    // run goes on; the next ends it.
+    let mut state = new_run();
+    state.start();
+    let lose = |state: &mut RunState, step: u64| {
+        let task = state.assign(&a, "cpu", 1).map(|a| a.task).expect("task");
+        state.report_progress(&task.id, task.attempts, step);
+        state.worker_lost(&a).1
+    };
+    for _ in 1..MAX_LOSSES {
+        assert!(lose(&mut state, 0).is_empty());
+    }
+    assert!(lose(&mut state, 100).is_empty());
+    for _ in 2..MAX_LOSSES {
+        assert!(lose(&mut state, 100).is_empty());
+    }
+    assert_eq!(lose(&mut state, 90), vec![Effect::Finished]);
 }
 
 #[test]
