@@ -558,6 +558,34 @@ fn the_kubernetes_manifests_start_what_they_say() {
         liveness[2].contains(&format!("--coordinator 127.0.0.1:{}", service_port)),
         "{liveness:?}"
     );
+    // Both pods run as the image's unprivileged user, which owns nothing it should not write.
+    let dockerfile = std::fs::read_to_string(workspace_root().join("deploy/docker/Dockerfile"))
+        .expect("the Dockerfile");
+    let image_user = dockerfile
+        .lines()
+        .filter_map(|line| line.strip_prefix("USER "))
+        .next_back()
+        .expect("the image names its user");
+    let (uid, gid) = image_user.split_once(':').expect("USER uid:gid");
+    for job in [job, worker_job] {
+        let pod = &job["spec"]["template"]["spec"];
+        let security = &pod["securityContext"];
+        assert_eq!(security["runAsNonRoot"], true, "{pod}");
+        assert_eq!(security["runAsUser"].to_string(), uid, "{pod}");
+        assert_eq!(security["runAsGroup"].to_string(), gid, "{pod}");
+        assert_eq!(security["fsGroup"].to_string(), gid, "{pod}");
+        assert_eq!(
+            security["seccompProfile"]["type"], "RuntimeDefault",
+            "{pod}"
+        );
+        let container = &pod["containers"][0]["securityContext"];
+        assert_eq!(container["allowPrivilegeEscalation"], false, "{pod}");
+        assert_eq!(
+            container["capabilities"]["drop"],
+            serde_json::json!(["ALL"])
+        );
+    }
+    assert_ne!(uid, "0", "the image runs as root");
     // Worker pods are not best-effort, their shared memory is bounded, and they may land on
     // GPU nodes tainted for GPU pods.
     let worker_spec = &worker_job["spec"]["template"]["spec"];
