@@ -36,11 +36,33 @@ pids=()
 trap 'for pid in "${pids[@]}"; do kill "$pid" 2>/dev/null || true; done; rm -f "$results"' EXIT
 trap 'exit 143' INT TERM
 free_port() { python3 -c 'import socket; s=socket.socket(); s.bind(("127.0.0.1",0)); print(s.getsockname()[1])'; }
+# The first of N consecutive ports that are free now, below the kernel's ephemeral range (where
+# the outgoing connections of other processes, tests run beside this one, take theirs).
+free_ports() {
+  python3 - "$1" <<'PY'
+import random, socket, sys
+n = int(sys.argv[1])
+for _ in range(200):
+    base = random.randrange(20000, 32000 - n)
+    sockets = []
+    try:
+        for port in range(base, base + n):
+            s = socket.socket()
+            sockets.append(s)
+            s.bind(("127.0.0.1", port))
+    except OSError:
+        continue
+    finally:
+        for s in sockets:
+            s.close()
+    print(base)
+    sys.exit(0)
+sys.exit("no free ports")
+PY
+}
 
 for world in 1 2; do
-  # A port the system just gave out, and the ones above it for the other ranks.
-  base="$(free_port)"
-  [ "$base" -lt 65000 ] || base=$((base - 1000))
+  base="$(free_ports "$world")"
   pids=()
   for rank in $(seq 0 $((world - 1))); do
     "$MENTOR_BIN/bench-ddp" --rank "$rank" --world-size "$world" --base-port "$base" \

@@ -6,7 +6,8 @@
 # - Debian packages: protobuf-compiler (protoc), dataset-fashion-mnist (the demo data);
 # - torch 2.11.0 (the libtorch that tch 0.24 builds against) in a virtual environment under
 #   $MENTOR_HOME (default ~/.cache/mentor), with numpy and safetensors for the Python one-liner,
-#   PyYAML for the tests of deploy/kubernetes and Pillow for the labeling benchmark's images;
+#   PyYAML for the tests of deploy/kubernetes, Pillow for the labeling benchmark's images and
+#   torchvision 0.26.0 for the benchmarks' PyTorch references;
 # - a persistent CARGO_TARGET_DIR under $MENTOR_HOME, reused across clones;
 # - the release build, when --build is given.
 # Each step is skipped when already done. Progress goes to stderr.
@@ -15,6 +16,8 @@ set -euo pipefail
 MENTOR_HOME="${MENTOR_HOME:-$HOME/.cache/mentor}"
 VENV="$MENTOR_HOME/venv"
 TORCH_VERSION="2.11.0"
+# The torchvision of that torch: the benchmarks' PyTorch references (models, RandAugment).
+TORCHVISION_VERSION="0.26.0"
 ROOT="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
 
 print_env=0
@@ -105,7 +108,7 @@ if [ ${#apt_missing[@]} -gt 0 ]; then
   DEBIAN_FRONTEND=noninteractive $sudo_cmd apt-get install -y -qq "${apt_missing[@]}" >&2
 fi
 
-if ! "$VENV/bin/python" -c "import torch, numpy, safetensors, yaml, PIL, sys; sys.exit(0 if torch.__version__.startswith('$TORCH_VERSION') else 1)" >/dev/null 2>&1; then
+if ! "$VENV/bin/python" -c "import torch, torchvision, numpy, safetensors, yaml, PIL, sys; sys.exit(0 if torch.__version__.startswith('$TORCH_VERSION') else 1)" >/dev/null 2>&1; then
   say "installing torch==$TORCH_VERSION into $VENV (a few GB, a few minutes the first time)"
   mkdir -p "$MENTOR_HOME"
   # A venv left without pip (a `python3 -m venv` that failed half-way) is made again.
@@ -113,7 +116,8 @@ if ! "$VENV/bin/python" -c "import torch, numpy, safetensors, yaml, PIL, sys; sy
     rm -rf "$VENV"
     python3 -m venv "$VENV" || { say "python3 -m venv failed: install python3-venv"; exit 1; }
   fi
-  "$VENV/bin/pip" install -q --disable-pip-version-check "torch==$TORCH_VERSION" numpy safetensors pyyaml pillow >&2
+  "$VENV/bin/pip" install -q --disable-pip-version-check "torch==$TORCH_VERSION" \
+    "torchvision==$TORCHVISION_VERSION" numpy safetensors pyyaml pillow >&2
 fi
 
 TORCH_LIB="$("$VENV/bin/python" -c 'import os, torch; print(os.path.join(os.path.dirname(torch.__file__), "lib"))')"
