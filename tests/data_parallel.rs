@@ -131,17 +131,28 @@ fn two_ranks_end_with_the_parameters_of_one_worker() {
         one.iter().map(|t| &t.0).collect::<Vec<_>>(),
         two.iter().map(|t| &t.0).collect::<Vec<_>>()
     );
+    // Equal up to float rounding (the gradient summed in another order), amplified over 20
+    // steps: within 1e-4 plus 0.1% of the value (a rank training on its half of the batch
+    // alone, or a wrong normalisation, is off by percents).
     let mut largest = 0f32;
     let mut changed = false;
+    let mut worst = String::new();
     for ((name, a), (_, b)) in one.iter().zip(&two) {
         for (x, y) in a.iter().zip(b) {
-            largest = largest.max((x - y).abs());
+            let excess = (x - y).abs() / (1e-4 + 1e-3 * x.abs());
+            if excess > largest {
+                worst = format!("{name}: {x} against {y}");
+            }
+            largest = largest.max(excess);
         }
         changed |= a.iter().any(|v| *v != 0.0);
         assert_eq!(a.len(), b.len(), "{name}");
     }
     assert!(changed);
-    assert!(largest < 1e-4, "parameters differ by up to {largest}");
+    assert!(
+        largest <= 1.0,
+        "parameters differ by up to {largest} times the rounding allowed ({worst})"
+    );
 }
 
 #[test]
@@ -202,10 +213,18 @@ fn a_dead_rank_fails_its_group_and_the_task_reruns_without_it() {
         .as_object()
         .expect("tasks")
         .values()
-        .find(|task| task["world_size"] == 1 && task["losses"].as_u64().is_some_and(|n| n > 0))
-        .unwrap_or_else(|| panic!("no task lost an attempt: {saved}"));
+        .find(|task| task["world_size"] == 1 && task["attempts"].as_u64().is_some_and(|n| n > 1))
+        .unwrap_or_else(|| panic!("no task ran again: {saved}"));
     assert_eq!(teacher["failures"], 0, "{teacher}");
-    assert_eq!(teacher["losses"], 1, "{teacher}");
+    // The lost attempt got further than every attempt before it: not one of the losses in a row that
+    // end a run (see `a_training_without_progress_is_given_up_after_the_progress_timeout`).
+    assert_eq!(teacher["losses"], 0, "{teacher}");
+    assert!(
+        teacher["reached"]["best"]
+            .as_u64()
+            .is_some_and(|step| step > 0),
+        "{teacher}"
+    );
 }
 
 /// A rank that registered but never joins its group (a worker hung while loading its data

@@ -1355,6 +1355,132 @@ fn an_interrupted_mpl_joint_training_resumes_from_its_checkpoint_exactly() {
     assert!(aside == foreign, "the other joint training's save changed");
 }
 
+/// A one-round tiny Noisy Student run on one worker in `dir` whose teacher trains 400 steps
+/// with a save every 40; with `interrupt`, its worker is killed once the teacher has saved
+/// itself and a replacement joins. Returns the teacher and student checkpoints, the
+/// replacement's log and the run directory; `snapshot` receives a copy of the teacher's save
+/// as the worker was killed.
+fn long_tiny_noisy_student_run(
+    dir: &std::path::Path,
+    plan_edits: &[(&str, &str)],
+    interrupt: Option<&std::path::Path>,
+) -> (Vec<Vec<u8>>, String, std::path::PathBuf) {
+    let runtime = tokio::runtime::Runtime::new().expect("runtime");
+    let mut edits = vec![
+        ("rounds = 2", "rounds = 1"),
+        ("width_growth_per_round = 4\n", ""),
+        ("steps = 30", "steps = 400"),
+        ("log_every = 10", "log_every = 10\ncheckpoint_every = 40"),
+        ("min_workers = 2", "min_workers = 1"),
+        (
+            "heartbeat_timeout_seconds = 10",
+            "heartbeat_timeout_seconds = 2",
+        ),
+    ];
+    edits.extend_from_slice(plan_edits);
+    std::fs::create_dir_all(dir).expect("run directory");
+    let plan = dir.join("plan.toml");
+    std::fs::write(&plan, tiny_plan_with(&edits)).expect("write plan");
+    let state_dir = dir.join("run");
+    let (mut coordinator, address) = start_coordinator(&plan, &state_dir);
+    let mut first = start_worker(&address, dir.join("first.log"));
+    let save = state_dir.join("checkpoints/round-1-teacher.resume.safetensors");
+    let mut replacement = None;
+    if let Some(snapshot) = interrupt {
+        let deadline = std::time::Instant::now() + Duration::from_secs(300);
+        while !save.exists() {
+            assert!(
+                std::time::Instant::now() < deadline,
+                "no resume checkpoint after 300 s"
+            );
+            std::thread::sleep(Duration::from_millis(5));
+        }
+        first.child.kill().expect("kill the worker");
+        let _ = first.child.wait();
+        std::fs::copy(&save, snapshot).expect("copy the save");
+        replacement = Some(start_worker(&address, dir.join("replacement.log")));
+    }
+    let status = watch_run(
+        &runtime,
+        &address,
+        &mut coordinator,
+        Duration::from_secs(600),
+        |_| {},
+    );
+    assert_eq!(status.status, "succeeded", "{}", status.error);
+    assert!(!save.exists(), "the teacher's save outlived its training");
+    let checkpoints = ["round-1-teacher", "round-1-student"]
+        .iter()
+        .map(|name| {
+            std::fs::read(state_dir.join(format!("checkpoints/{name}.safetensors"))).expect(name)
+        })
+        .collect();
+    let log = replacement
+        .map(|worker| worker.log_text())
+        .unwrap_or_default();
+    (checkpoints, log, state_dir)
+}
+
+/// A Noisy Student training whose worker is killed resumes from its last save, not from step
+/// 0, and ends with exactly the models of a run that was never interrupted; the save of
+/// another training (another teacher learning rate) left in a run's directory is set aside,
+/// neither resumed nor overwritten.
+#[test]
+fn an_interrupted_noisy_student_training_resumes_from_its_save_exactly() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let (uninterrupted, _, _) = long_tiny_noisy_student_run(&dir.path().join("whole"), &[], None);
+    let snapshot = dir.path().join("teacher-save.safetensors");
+    let (resumed, log, _) =
+        long_tiny_noisy_student_run(&dir.path().join("killed"), &[], Some(&snapshot));
+    let line = log
+        .lines()
+        .find(|line| line.contains("the training resumes from its save"))
+        .unwrap_or_else(|| panic!("the teacher's training did not resume:\n{log}"));
+    let step: u64 = line
+        .split_whitespace()
+        .find_map(|field| field.strip_prefix("step="))
+        .and_then(|step| step.parse().ok())
+        .unwrap_or_else(|| panic!("no step in `{line}`"));
+    assert!(
+        (40..400).contains(&step) && step.is_multiple_of(40) && line.contains("role=\"teacher\""),
+        "resumed at step {step}: {line}"
+    );
+    for (model, (a, b)) in ["teacher", "student"]
+        .iter()
+        .zip(uninterrupted.iter().zip(&resumed))
+    {
+        assert!(
+            a == b,
+            "the resumed run's {model} differs from the uninterrupted run's"
+        );
+    }
+
+    // Another training's save at the teacher's place is set aside, unchanged.
+    let other = dir.path().join("other");
+    let checkpoints = other.join("run/checkpoints");
+    std::fs::create_dir_all(&checkpoints).expect("mkdir");
+    std::fs::copy(
+        &snapshot,
+        checkpoints.join("round-1-teacher.resume.safetensors"),
+    )
+    .expect("leave the save there");
+    let (_, _, state_dir) = long_tiny_noisy_student_run(
+        &other,
+        &[(
+            "[teacher.train]\n",
+            "[teacher.train]\nlearning_rate = 0.03\n",
+        )],
+        None,
+    );
+    let aside =
+        std::fs::read(state_dir.join("checkpoints/round-1-teacher.resume.other-1.safetensors"))
+            .expect("the other training's save, set aside");
+    assert!(
+        aside == std::fs::read(&snapshot).expect("snapshot"),
+        "the other training's save changed"
+    );
+}
+
 /// `scripts/local-cluster.sh --plan plan --state-dir state_dir` with the built binaries and
 /// `extra` options, run to its end.
 fn run_local_cluster_sh(plan: &Path, state_dir: &Path, extra: &[&str]) -> std::process::Output {

@@ -282,6 +282,14 @@ fn schedule(train: &TrainPlan, labeled: u64, pseudo: Option<(u64, String)>) -> S
         "; progress every {}",
         count(train.log_every, "step")
     ));
+    if train.checkpoint_every == 0 {
+        text.push_str(", no resume checkpoint (a stopped training starts over)");
+    } else if train.checkpoint_every < train.steps {
+        text.push_str(&format!(
+            ", resume checkpoint every {}",
+            count(train.checkpoint_every, "step")
+        ));
+    }
     text
 }
 

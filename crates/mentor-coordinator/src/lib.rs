@@ -2361,7 +2361,12 @@ mod tests {
             state::TaskState::Pending
         );
         let record = &coordinator.state.tasks[&task];
-        assert_eq!((record.losses, record.failures), (1, 0));
+        // Lost, but further (step 10) than any attempt before it: not one of the losses in a row
+        // that end a run.
+        assert_eq!(
+            (record.losses, record.failures, record.reached.best),
+            (0, 0, 10)
+        );
         let error = record.last_error.clone().unwrap_or_default();
         assert!(
             error.contains("no progress for 1800 s (workers.progress_timeout_seconds)"),
@@ -3331,7 +3336,7 @@ mod tests {
         // got starts the count of leaves again (a long training, preempted again and again,
         // goes on), and one not getting further counts.
         let mut attempt = again;
-        for (step, leaves) in [(40, 1), (40, 2)] {
+        for (step, leaves) in [(40, 0), (40, 1)] {
             let progress = Progress {
                 step,
                 total_steps: 100,

@@ -869,9 +869,10 @@ impl RunState {
         let mut given_up = None;
         for task in self.tasks.values_mut() {
             if task.workers().contains(worker) {
-                Self::count_from_further(task);
                 task.state = TaskState::Pending;
-                task.leaves += 1;
+                if !Self::count_from_further(task) {
+                    task.leaves += 1;
+                }
                 if task.leaves >= MAX_LEAVES {
                     given_up.get_or_insert(format!(
                         "task {} ({}, round {}): its workers left {} of its attempts in a row, \
@@ -898,19 +899,22 @@ impl RunState {
     }
 
     /// Starts the task's counts of lost and left attempts again if its running attempt, about
-    /// to be given up, got further than every attempt before it.
-    fn count_from_further(task: &mut TaskRecord) {
-        if task.reached.got_further(task.attempts) {
+    /// to be given up, got further than every attempt before it (which it then does not count
+    /// in); whether it did.
+    fn count_from_further(task: &mut TaskRecord) -> bool {
+        let further = task.reached.got_further(task.attempts);
+        if further {
             task.losses = 0;
             task.leaves = 0;
         }
+        further
     }
 
     /// Takes a progress report of the current attempt of `task` (see [`Reached`]); one of
     /// another attempt changes nothing.
     pub fn report_progress(&mut self, task: &TaskId, attempt: u32, step: u64) {
         if let Some(task) = self.tasks.get_mut(task) {
-            if task.attempts == attempt {
+            if task.attempts == attempt && matches!(task.state, TaskState::Running { .. }) {
                 task.reached.report(attempt, step);
             }
         }
@@ -967,9 +971,10 @@ impl RunState {
     /// Puts `task` back in the queue after its attempt was given up for `reason`; returns the
     /// run's failure message when that was its last loss allowed.
     fn lose_attempt(task: &mut TaskRecord, reason: String) -> Option<String> {
-        Self::count_from_further(task);
         task.state = TaskState::Pending;
-        task.losses += 1;
+        if !Self::count_from_further(task) {
+            task.losses += 1;
+        }
         let message = (task.losses >= MAX_LOSSES).then(|| {
             format!(
                 "task {} ({}, round {}) lost {} attempts in a row, none getting further than \

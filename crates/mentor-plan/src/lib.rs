@@ -276,6 +276,7 @@ impl MplPlan {
             label_smoothing: self.label_smoothing,
             flip_and_shift: true,
             log_every: self.log_every,
+            checkpoint_every: self.checkpoint_every,
         }
     }
 }
@@ -446,6 +447,14 @@ pub struct TrainPlan {
     /// Report progress every this many steps.
     #[serde(default = "default_log_every")]
     pub log_every: u64,
+    /// Rank 0 saves the training (model, batch-norm statistics, momentum buffers, step) every
+    /// this many steps; a task that stops resumes from the last save (0 = never). Left out of
+    /// the plan's TOML at its default, as plans written before it were.
+    #[serde(
+        default = "default_checkpoint_every",
+        skip_serializing_if = "is_default_checkpoint_every"
+    )]
+    pub checkpoint_every: u64,
 }
 
 fn default_learning_rate() -> f64 {
@@ -468,6 +477,9 @@ fn default_log_every() -> u64 {
 }
 fn default_checkpoint_every() -> u64 {
     1000
+}
+fn is_default_checkpoint_every(every: &u64) -> bool {
+    *every == default_checkpoint_every()
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Serialize, Deserialize)]

@@ -12,6 +12,7 @@ pub mod memory;
 pub mod models;
 pub mod mpl;
 pub mod optim;
+pub mod resume;
 pub mod tasks;
 pub mod window;
 

@@ -28,6 +28,7 @@ use crate::dataset::{upload, Dataset};
 use crate::distributed::{buffers, Group};
 use crate::models::build;
 use crate::optim::Sgd;
+use crate::resume::ranks_agree_on_step;
 use crate::tasks::{
     collective_error, learning_rate, model_config, save_checkpoint, test_counts, BackgroundSaver,
     Outcome, Progress,
@@ -488,18 +489,6 @@ impl Ema {
             }
         });
     }
-}
-
-/// Whether every rank of the group holds `step`, rank 0's (`None`: this rank has none, and
-/// every rank answers false). Rank 0's step is broadcast (exact in f32 below 2^24 steps) and
-/// the ranks that differ are counted.
-fn ranks_agree_on_step(group: &mut Group, step: Option<u64>) -> Result<bool, CollectiveError> {
-    let own = step.map_or(f64::NAN, |step| step as f32 as f64);
-    let mut first = [own];
-    group.broadcast_scalars(&mut first, 0)?;
-    let mut differing = [if own == first[0] { 0.0 } else { 1.0 }];
-    group.all_reduce_scalars(&mut differing)?;
-    Ok(differing[0] == 0.0)
 }
 
 /// The SGD of either side of the joint training at `rate` (Nesterov momentum when momentum is

@@ -2,6 +2,8 @@
 //! more dimensions (convolution and linear weights) are decayed; biases and normalisation
 //! parameters (one dimension) sit in a second parameter group without decay.
 
+use std::collections::HashMap;
+
 use tch::nn::{self, OptimizerConfig};
 use tch::Tensor;
 
@@ -186,6 +188,205 @@ struct Factors {
     momentum: Tensor,
 }
 
+/// Adam with weight decay on weights only (added to the gradient, as `torch.optim.Adam` does),
+/// computing what libtorch's Adam computes (betas 0.9 and 0.999, epsilon 1e-8), with its moment
+/// estimates and step count readable and writable so that a training can checkpoint them and
+/// resume exactly.
+#[derive(Debug)]
+pub struct Adam {
+    variables: Vec<Tensor>,
+    /// First and second moment estimates, by variable (`None` before its first step).
+    moments: Vec<Option<(Tensor, Tensor)>>,
+    steps: u64,
+    clearer: tch::COptimizer,
+    learning_rate: f64,
+    weight_decay: f64,
+}
+
+impl Adam {
+    const BETAS: (f64, f64) = (0.9, 0.999);
+    const EPSILON: f64 = 1e-8;
+
+    pub fn new(vs: &nn::VarStore, learning_rate: f64, weight_decay: f64) -> Result<Adam, String> {
+        let variables = vs.trainable_variables();
+        let error = |e: tch::TchError| format!("failed to build the optimizer: {e}");
+        let mut clearer = tch::COptimizer::sgd(0.0, 0.0, 0.0, 0.0, false).map_err(error)?;
+        for variable in &variables {
+            clearer.add_parameters(variable, 0).map_err(error)?;
+        }
+        Ok(Adam {
+            moments: variables.iter().map(|_| None).collect(),
+            variables,
+            steps: 0,
+            clearer,
+            learning_rate,
+            weight_decay,
+        })
+    }
+
+    /// `g + wd * p` (weights) into both moment estimates, then `p -= lr / (1 - beta1^t) * m /
+    /// (sqrt(v / (1 - beta2^t)) + eps)`.
+    pub fn step(&mut self) {
+        let (beta1, beta2) = Self::BETAS;
+        self.steps += 1;
+        let first_correction = 1.0 - beta1.powi(self.steps as i32);
+        let second_correction = (1.0 - beta2.powi(self.steps as i32)).sqrt();
+        tch::no_grad(|| {
+            for (index, variable) in self.variables.iter_mut().enumerate() {
+                let mut gradient = variable.grad();
+                if !gradient.defined() {
+                    continue;
+                }
+                if self.weight_decay != 0.0 && decays(variable) {
+                    let _ = gradient.g_add_(&(&*variable * self.weight_decay));
+                }
+                let (first, second) = self.moments[index]
+                    .get_or_insert_with(|| (gradient.zeros_like(), gradient.zeros_like()));
+                let _ = first.g_mul_scalar_(beta1);
+                let _ = first.g_add_(&(&gradient * (1.0 - beta1)));
+                let _ = second.g_mul_scalar_(beta2);
+                let _ = second.g_add_(&(&gradient * &gradient * (1.0 - beta2)));
+                let denominator = second.sqrt() / second_correction + Self::EPSILON;
+                let _ = variable
+                    .g_add_(&(&*first / denominator * (-self.learning_rate / first_correction)));
+            }
+        });
+    }
+}
+
+/// The optimizer of a training task ([`Sgd`] or [`Adam`], as `{role}.train.optimizer` says),
+/// with its state as named tensors for the training's resume save.
+#[derive(Debug)]
+pub enum TrainOptimizer {
+    Sgd(Sgd),
+    Adam(Adam),
+}
+
+impl TrainOptimizer {
+    pub fn set_lr(&mut self, learning_rate: f64) {
+        match self {
+            TrainOptimizer::Sgd(sgd) => sgd.set_lr(learning_rate),
+            TrainOptimizer::Adam(adam) => adam.learning_rate = learning_rate,
+        }
+    }
+
+    pub fn zero_grad(&mut self) {
+        let (clearer, variables) = match self {
+            TrainOptimizer::Sgd(sgd) => return sgd.zero_grad(),
+            TrainOptimizer::Adam(adam) => (&mut adam.clearer, &adam.variables),
+        };
+        if clearer.zero_grad().is_err() {
+            for variable in variables {
+                let mut grad = variable.grad();
+                if grad.defined() {
+                    let _ = grad.detach_();
+                    let _ = grad.zero_();
+                }
+            }
+        }
+    }
+
+    pub fn step(&mut self) {
+        match self {
+            TrainOptimizer::Sgd(sgd) => sgd.step(),
+            TrainOptimizer::Adam(adam) => adam.step(),
+        }
+    }
+
+    /// The state a resumed training needs, as named tensors (not copies): SGD's momentum
+    /// buffers (`momentum/<variable>`), Adam's moment estimates (`first/<variable>`,
+    /// `second/<variable>`) and step count (`steps`).
+    pub fn state(&self) -> Vec<(String, Tensor)> {
+        match self {
+            TrainOptimizer::Sgd(sgd) => sgd
+                .buffers()
+                .iter()
+                .enumerate()
+                .filter_map(|(index, buffer)| {
+                    Some((
+                        format!("momentum/{index}"),
+                        buffer.as_ref()?.shallow_clone(),
+                    ))
+                })
+                .collect(),
+            TrainOptimizer::Adam(adam) => {
+                let mut state = vec![(
+                    "steps".to_string(),
+                    Tensor::from_slice(&[adam.steps as f64]),
+                )];
+                for (index, moments) in adam.moments.iter().enumerate() {
+                    if let Some((first, second)) = moments {
+                        state.push((format!("first/{index}"), first.shallow_clone()));
+                        state.push((format!("second/{index}"), second.shallow_clone()));
+                    }
+                }
+                state
+            }
+        }
+    }
+
+    /// Takes back a state [`TrainOptimizer::state`] gave (names without the save's prefix).
+    pub fn set_state(&mut self, state: &[(String, &Tensor)]) -> Result<(), String> {
+        let indexed =
+            |name: &str, prefix: &str| -> Option<usize> { name.strip_prefix(prefix)?.parse().ok() };
+        match self {
+            TrainOptimizer::Sgd(sgd) => {
+                for (name, value) in state {
+                    match indexed(name, "momentum/") {
+                        Some(index) => sgd.set_buffer(index, value)?,
+                        None => return Err(format!("`{name}` is not SGD's (a save of Adam?)")),
+                    }
+                }
+            }
+            TrainOptimizer::Adam(adam) => {
+                let mut firsts = HashMap::new();
+                let mut seconds = HashMap::new();
+                for (name, value) in state {
+                    if name == "steps" {
+                        adam.steps = Vec::<f64>::try_from(*value)
+                            .ok()
+                            .and_then(|steps| steps.first().copied())
+                            .ok_or("Adam's step count is not a number")?
+                            as u64;
+                    } else if let Some(index) = indexed(name, "first/") {
+                        firsts.insert(index, *value);
+                    } else if let Some(index) = indexed(name, "second/") {
+                        seconds.insert(index, *value);
+                    } else {
+                        return Err(format!("`{name}` is not Adam's (a save of SGD?)"));
+                    }
+                }
+                for (index, first) in firsts {
+                    let second = seconds
+                        .remove(&index)
+                        .ok_or_else(|| format!("Adam's second moment {index} is missing"))?;
+                    let variable = adam.variables.get(index).ok_or_else(|| {
+                        format!("no variable {index} ({} in all)", adam.variables.len())
+                    })?;
+                    for moment in [first, second] {
+                        if moment.size() != variable.size() {
+                            return Err(format!(
+                                "Adam's moment {index} has shape {:?}, its variable {:?}",
+                                moment.size(),
+                                variable.size()
+                            ));
+                        }
+                    }
+                    let device = variable.device();
+                    adam.moments[index] = Some((
+                        first.to_device(device).copy(),
+                        second.to_device(device).copy(),
+                    ));
+                }
+                if let Some(index) = seconds.keys().next() {
+                    return Err(format!("Adam's first moment {index} is missing"));
+                }
+            }
+        }
+        Ok(())
+    }
+}
+
 #[cfg(test)]
 pub(crate) mod tests {
     use mentor_plan::{CnnPlan, ModelPlan};
@@ -353,5 +554,120 @@ pub(crate) mod tests {
             );
         }
         assert_eq!(b, c, "a resumed optimizer must continue exactly");
+    }
+
+    /// The Rust Adam takes the steps libtorch's Adam takes (weight decay on weights only), and
+    /// a training optimizer of either kind given the state of another continues identically.
+    #[test]
+    fn adam_matches_libtorch_and_both_optimizers_resume_from_their_state() {
+        let config = small_cnn();
+        let values = |vs: &nn::VarStore| {
+            vs.trainable_variables()
+                .iter()
+                .flat_map(|t| Vec::<f32>::try_from(t.flatten(0, -1)).expect("values"))
+                .collect::<Vec<f32>>()
+        };
+        tch::manual_seed(5);
+        let inputs: Vec<Tensor> = (0..6)
+            .map(|_| Tensor::randn([4, 1, 8, 8], (Kind::Float, Device::Cpu)))
+            .collect();
+        let loss = |model: &Model, x: &Tensor| {
+            model
+                .forward_t(x, true)
+                .log_softmax(-1, Kind::Float)
+                .mean(Kind::Float)
+                .neg()
+        };
+        // Every model starts from the same variables, by copy.
+        let start = nn::VarStore::new(Device::Cpu);
+        let _ = build(&start.root(), &config);
+        let copy_of_start = || {
+            let mut vs = nn::VarStore::new(Device::Cpu);
+            let model = build(&vs.root(), &config);
+            vs.copy(&start).expect("copy");
+            (vs, model)
+        };
+        let (libtorch_vs, libtorch_model) = copy_of_start();
+        let mut libtorch = build_optimizer(
+            &libtorch_vs,
+            nn::Adam {
+                wd: 1e-3,
+                ..Default::default()
+            },
+            0.01,
+        )
+        .expect("optimizer");
+        for x in &inputs {
+            libtorch.zero_grad();
+            loss(&libtorch_model, x).backward();
+            libtorch.step();
+        }
+        type Build = fn(&nn::VarStore) -> TrainOptimizer;
+        let kinds: [(&str, Build); 2] = [
+            ("adam", |vs| {
+                TrainOptimizer::Adam(Adam::new(vs, 0.01, 1e-3).expect("optimizer"))
+            }),
+            ("sgd", |vs| {
+                TrainOptimizer::Sgd(Sgd::new(vs, 0.05, 0.9, 5e-4, true).expect("optimizer"))
+            }),
+        ];
+        for (kind, new) in kinds {
+            let (ours_vs, ours_model) = copy_of_start();
+            let (mut resumed_vs, resumed_model) = copy_of_start();
+            let mut ours = new(&ours_vs);
+            let mut resumed: Option<TrainOptimizer> = None;
+            for (step, x) in inputs.iter().enumerate() {
+                ours.zero_grad();
+                loss(&ours_model, x).backward();
+                ours.step();
+                if let Some(optimizer) = resumed.as_mut() {
+                    optimizer.zero_grad();
+                    loss(&resumed_model, x).backward();
+                    optimizer.step();
+                } else if step == 2 {
+                    // A third model resumes from the second's variables and optimizer state.
+                    resumed_vs.copy(&ours_vs).expect("copy");
+                    let mut optimizer = new(&resumed_vs);
+                    let state = ours.state();
+                    assert!(!state.is_empty(), "{kind}: no state");
+                    let named: Vec<(String, &Tensor)> = state
+                        .iter()
+                        .map(|(name, value)| (name.clone(), value))
+                        .collect();
+                    optimizer.set_state(&named).expect("set state");
+                    resumed = Some(optimizer);
+                }
+            }
+            let trained = values(&ours_vs);
+            assert!(
+                trained
+                    .iter()
+                    .zip(&values(&start))
+                    .any(|(x, y)| (x - y).abs() > 1e-3),
+                "{kind}: no training"
+            );
+            if kind == "adam" {
+                for (x, y) in values(&libtorch_vs).iter().zip(&trained) {
+                    assert!(
+                        (x - y).abs() <= 1e-5 + 1e-4 * x.abs(),
+                        "libtorch {x} vs ours {y}"
+                    );
+                }
+            }
+            assert_eq!(
+                trained,
+                values(&resumed_vs),
+                "{kind}: a resumed optimizer must continue exactly"
+            );
+        }
+        // The state of one kind is refused by the other.
+        let vs = nn::VarStore::new(Device::Cpu);
+        let _model = build(&vs.root(), &config);
+        let momentum = Tensor::zeros([1], (Kind::Float, Device::Cpu));
+        let mut adam = TrainOptimizer::Adam(Adam::new(&vs, 0.01, 0.0).expect("optimizer"));
+        let error = adam
+            .set_state(&[("momentum/0".to_string(), &momentum)])
+            .expect_err("SGD's state taken by Adam");
+        assert!(error.contains("not Adam's"), "{error}");
     }
 }

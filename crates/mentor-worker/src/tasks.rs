@@ -21,7 +21,8 @@ use crate::augment::{flip_and_shift, RandAugment};
 use crate::dataset::{to_unit, upload, Dataset};
 use crate::distributed::{buffers, Group, GroupJoin};
 use crate::models::{build, Model, ModelConfig};
-use crate::optim::build_optimizer;
+use crate::optim::{Adam, Sgd, TrainOptimizer};
+use crate::resume;
 use crate::window::Window;
 
 /// A model checkpoint and the plan section (role, round) that built it.
@@ -780,28 +781,40 @@ fn train(
         .broadcast_parameters(&variables)
         .map_err(collective_error)?;
     let mut optimizer = match train_plan.optimizer {
-        Optimizer::Sgd => build_optimizer(
+        Optimizer::Sgd => TrainOptimizer::Sgd(Sgd::new(
             &vs,
-            nn::Sgd {
-                momentum: train_plan.momentum,
-                dampening: 0.0,
-                wd: train_plan.weight_decay,
-                nesterov: train_plan.momentum > 0.0,
-            },
             train_plan.learning_rate,
-        ),
-        Optimizer::Adam => build_optimizer(
+            train_plan.momentum,
+            train_plan.weight_decay,
+            train_plan.momentum > 0.0,
+        )?),
+        Optimizer::Adam => TrainOptimizer::Adam(Adam::new(
             &vs,
-            nn::Adam {
-                wd: train_plan.weight_decay,
-                ..Default::default()
-            },
             train_plan.learning_rate,
-        ),
-    }?;
-    // Noise differs per rank; the batch order is the same on every rank (`sampler`).
-    tch::manual_seed(seed.wrapping_add(7919 * rank as i64));
-    let mut sampler = StdRng::seed_from_u64(seed as u64);
+            train_plan.weight_decay,
+        )?),
+    };
+    let resume_path = resume::resume_path(output);
+    let identity = match train_plan.checkpoint_every {
+        0 => None,
+        _ => Some(training_identity(plan, setup, selection)?),
+    };
+    let first_step = match &identity {
+        Some(identity) => resume_training(&resume_path, &vs, &mut optimizer, identity, group)?,
+        None => 0,
+    };
+    if first_step > 0 {
+        tracing::info!(
+            role = name,
+            round,
+            rank,
+            step = first_step,
+            total = train_plan.steps,
+            checkpoint = %resume_path.display(),
+            "the training resumes from its save"
+        );
+    }
+    let mut saver = BackgroundSaver::default();
     let randaugment = RandAugment::from_plan(&setup.randaugment);
     let augment = |images: Tensor| -> Tensor {
         let images = if train_plan.flip_and_shift {
@@ -823,7 +836,12 @@ fn train(
     let images_per_step =
         (labeled_batch + if pseudo.is_some() { unlabeled_batch } else { 0 }) as f64;
     let mut last_loss = f64::NAN;
-    for step in 0..train_plan.steps {
+    for step in first_step..train_plan.steps {
+        // Each step's batch (the same on every rank: `sampler`) and noise (per rank) come from
+        // seeds of its own: a resumed training draws what the one that did not stop drew.
+        let step_seed = seed.wrapping_add(104_729i64.wrapping_mul(step as i64));
+        let mut sampler = StdRng::seed_from_u64(step_seed as u64);
+        tch::manual_seed(step_seed.wrapping_add(7919 * rank as i64));
         optimizer.set_lr(learning_rate(train_plan, step));
         let picks: Vec<i64> = (0..labeled_batch)
             .map(|_| sampler.gen_range(0..labeled_count))
@@ -919,6 +937,21 @@ fn train(
             progress(report);
             window_started = Instant::now();
         }
+        if let Some(identity) = &identity {
+            if (step + 1) % train_plan.checkpoint_every == 0 && step + 1 < train_plan.steps {
+                // What is saved holds the mean of the ranks' batch-norm statistics, which every
+                // rank then goes on from, resumed or not.
+                group
+                    .average_buffers(&buffers(&vs))
+                    .map_err(collective_error)?;
+                if rank == 0 {
+                    saver.save(
+                        resume::tensors(&vs, &optimizer, identity, step + 1),
+                        &resume_path,
+                    )?;
+                }
+            }
+        }
     }
     // Each rank's batch-norm statistics saw its own slice of every batch: the saved model holds
     // their mean, the statistics of the global batches.
@@ -926,7 +959,10 @@ fn train(
         .average_buffers(&buffers(&vs))
         .map_err(collective_error)?;
     if rank == 0 {
+        saver.finish()?;
         save_checkpoint(&vs, output)?;
+        // The output holds the training now; its save would only take room.
+        mentor_labels::durable::remove_if_there(&resume_path);
     }
     Ok(Outcome::Trained {
         checkpoint: output.to_path_buf(),
@@ -934,6 +970,87 @@ fn train(
         steps: train_plan.steps,
         seconds: started.elapsed().as_secs_f64(),
     })
+}
+
+/// The identity of the training `setup` (see [`resume::Identity`]): its section's settings but
+/// how often it reports and saves, its model, noise, seed and round, and the SHA-256 of the
+/// checkpoint it starts from and of the pseudo labels it learns from.
+fn training_identity(
+    plan: &Plan,
+    setup: &TrainSetup,
+    selection: Option<&Path>,
+) -> Result<resume::Identity, String> {
+    let mut train_plan = setup.train_plan.clone();
+    train_plan.log_every = 1;
+    train_plan.checkpoint_every = 1;
+    let digest = |path: Option<&PathBuf>| -> Result<String, String> {
+        path.map(|path| {
+            mentor_labels::sha256_file(path)
+                .map_err(|e| format!("failed to read `{}`: {e}", path.display()))
+        })
+        .transpose()
+        .map(Option::unwrap_or_default)
+    };
+    let shaping = format!(
+        "{} round {} seed {} split {} labeled {}\n{train_plan:?}\n{:?}\n{:?}\ninit {}\nselection {}",
+        setup.name,
+        setup.round,
+        plan.seed,
+        plan.split_seed(),
+        plan.data.labeled_per_class,
+        setup.model,
+        setup.randaugment,
+        digest(setup.init.as_ref())?,
+        digest(selection.map(Path::to_path_buf).as_ref())?,
+    );
+    Ok(resume::Identity::new(train_plan.steps, &shaping))
+}
+
+/// Loads the resume save at `path` into the model and the optimizer when it is this training's
+/// (`identity`) and every rank of the group reads the same step: the step to go on from (0 when
+/// there is no save; another training's is set aside).
+fn resume_training(
+    path: &Path,
+    vs: &nn::VarStore,
+    optimizer: &mut TrainOptimizer,
+    identity: &resume::Identity,
+    group: &mut Group,
+) -> Result<u64, String> {
+    let mut step = 0;
+    let mut failure = None;
+    let mut foreign = false;
+    if path.exists() {
+        match resume::load(path, vs, optimizer, identity) {
+            Ok(Some(saved)) => step = saved,
+            Ok(None) => foreign = true,
+            Err(error) => failure = Some(error),
+        }
+    }
+    // Every rank must go on from the same step (one file, seen by all). A rank that could not
+    // read the save makes every rank stop now.
+    let agree = resume::ranks_agree_on_step(group, failure.is_none().then_some(step))
+        .map_err(collective_error)?;
+    if let Some(error) = failure {
+        return Err(format!(
+            "{error} (if the save is damaged, move it away to start the training over, then start \
+             the coordinator again, with --retry-failed once the run has failed)"
+        ));
+    }
+    if !agree {
+        return Err(format!(
+            "the ranks do not resume from the same step of `{}` (workers need the run directory on a shared file system)",
+            path.display()
+        ));
+    }
+    if foreign && group.rank == 0 {
+        let aside = resume::set_aside(path)?;
+        tracing::warn!(
+            checkpoint = %path.display(),
+            kept_as = %aside.display(),
+            "the resume checkpoint belongs to another training (another plan or other pseudo labels in this directory); starting from step 0"
+        );
+    }
+    Ok(step)
 }
 
 /// Accuracy and mean cross-entropy of a model on the plan's test images (eval mode, no noise),

@@ -428,8 +428,8 @@ fn attempts_that_get_further_start_the_counts_of_lost_and_left_attempts_again() 
     }
 
     // Losses count the same way, apart from leaves: 4 lost attempts, then one getting further
-    // (lost too: the count starts again at 1), then 3 more lost without getting further: the
-    // run goes on; the next ends it.
+    // (lost too: the count starts again, without it), then 4 more lost without getting
+    // further: the run goes on; the next ends it.
     let mut state = new_run();
     state.start();
     let lose = |state: &mut RunState, step: u64| {
@@ -441,7 +441,7 @@ fn attempts_that_get_further_start_the_counts_of_lost_and_left_attempts_again() 
         assert!(lose(&mut state, 0).is_empty());
     }
     assert!(lose(&mut state, 100).is_empty());
-    for _ in 2..MAX_LOSSES {
+    for _ in 1..MAX_LOSSES {
         assert!(lose(&mut state, 100).is_empty());
     }
     assert_eq!(lose(&mut state, 90), vec![Effect::Finished]);

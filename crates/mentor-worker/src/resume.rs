@@ -1,0 +1,185 @@
+//! Saves of a Noisy Student training (teacher, student) or a finetune in progress, so that an
+//! attempt stopped (a preempted machine, a lost worker, a restarted pod) resumes where the last
+//! one saved instead of from step 0.
+//!
+//! Rank 0 writes `<output>.resume.safetensors` beside the task's output every
+//! `{role}.train.checkpoint_every` steps: the model's variables (batch-norm statistics, averaged
+//! over the ranks, included), the optimizer's state, the step and an identity of the training.
+//! Each step draws its batch and its noise from seeds of its own, so the resumed training is
+//! the training that did not stop. The save goes once the output is written.
+
+use std::collections::HashMap;
+use std::path::{Path, PathBuf};
+
+use mentor_collective::CollectiveError;
+use tch::{nn, Tensor};
+
+use crate::distributed::Group;
+use crate::optim::TrainOptimizer;
+
+/// The resume save of the training whose output is `output`, shared by the task's attempts:
+/// `round-1-teacher.resume.safetensors` for `round-1-teacher.attempt-2.safetensors`.
+pub fn resume_path(output: &Path) -> PathBuf {
+    let name = output
+        .file_name()
+        .and_then(|name| name.to_str())
+        .unwrap_or("training.safetensors");
+    let stem = name.strip_suffix(".safetensors").unwrap_or(name);
+    let stem = match stem.rsplit_once(".attempt-") {
+        Some((task, attempt)) if attempt.parse::<u32>().is_ok() => task,
+        _ => stem,
+    };
+    output.with_file_name(format!("{stem}.resume.safetensors"))
+}
+
+/// Which training a save belongs to: its length and a fingerprint of what shapes it (the
+/// settings of its section but how often it reports and saves, its model, its noise, its seed
+/// and round, the digests of the files it starts from and learns from). A save of another
+/// training left at the same place (a plan changed between runs in one directory, a student
+/// whose pseudo labels were filtered again) is set aside, never resumed.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Identity {
+    pub steps: u64,
+    pub fingerprint: u64,
+}
+
+impl Identity {
+    /// The identity of a training of `steps` steps described by `shaping` (the text of what
+    /// shapes it).
+    pub fn new(steps: u64, shaping: &str) -> Identity {
+        let fingerprint = shaping
+            .bytes()
+            .fold(0xcbf2_9ce4_8422_2325u64, |hash, byte| {
+                (hash ^ byte as u64).wrapping_mul(0x0100_0000_01b3)
+            });
+        Identity { steps, fingerprint }
+    }
+
+    fn meta(&self, step: u64) -> Tensor {
+        Tensor::from_slice(&[
+            step as f64,
+            self.steps as f64,
+            (self.fingerprint >> 32) as f64,
+            (self.fingerprint & 0xffff_ffff) as f64,
+        ])
+    }
+}
+
+/// The named tensors of a save after `step` steps (the variables themselves, not copies: the
+/// background saver copies them).
+pub fn tensors(
+    vs: &nn::VarStore,
+    optimizer: &TrainOptimizer,
+    identity: &Identity,
+    step: u64,
+) -> Vec<(String, Tensor)> {
+    let mut tensors = vec![("meta".to_string(), identity.meta(step))];
+    for (name, value) in vs.variables() {
+        tensors.push((format!("model/{name}"), value));
+    }
+    for (name, value) in optimizer.state() {
+        tensors.push((format!("optimizer/{name}"), value));
+    }
+    tensors
+}
+
+/// Loads the save at `path` into the model and the optimizer: the step it was made after, or
+/// `None` (nothing loaded) when it is another training's.
+pub fn load(
+    path: &Path,
+    vs: &nn::VarStore,
+    optimizer: &mut TrainOptimizer,
+    identity: &Identity,
+) -> Result<Option<u64>, String> {
+    let error = |reason: String| format!("resume checkpoint `{}`: {reason}", path.display());
+    let saved: HashMap<String, Tensor> = Tensor::read_safetensors(path)
+        .map_err(|e| error(crate::libtorch_message(&e.to_string())))?
+        .into_iter()
+        .collect();
+    let meta = saved
+        .get("meta")
+        .and_then(|meta| Vec::<f64>::try_from(meta).ok())
+        .filter(|meta| meta.len() == 4)
+        .ok_or_else(|| error("no step, length and fingerprint".into()))?;
+    let fingerprint = ((meta[2] as u64) << 32) | meta[3] as u64;
+    if meta[1] != identity.steps as f64 || fingerprint != identity.fingerprint {
+        return Ok(None);
+    }
+    for (name, mut variable) in vs.variables() {
+        let key = format!("model/{name}");
+        let value = saved
+            .get(&key)
+            .ok_or_else(|| error(format!("`{key}` is missing")))?;
+        if value.size() != variable.size() {
+            return Err(error(format!(
+                "`{key}` has shape {:?}, the model {:?}",
+                value.size(),
+                variable.size()
+            )));
+        }
+        tch::no_grad(|| variable.copy_(value));
+    }
+    let state: Vec<(String, &Tensor)> = saved
+        .iter()
+        .filter_map(|(key, value)| Some((key.strip_prefix("optimizer/")?.to_string(), value)))
+        .collect();
+    optimizer.set_state(&state).map_err(error)?;
+    Ok(Some(meta[0] as u64))
+}
+
+/// Renames the save of another training to a free `<stem>.other-N.safetensors` beside it, and
+/// returns that name.
+pub fn set_aside(checkpoint: &Path) -> Result<PathBuf, String> {
+    let stem = checkpoint
+        .file_name()
+        .and_then(|name| name.to_str())
+        .and_then(|name| name.strip_suffix(".safetensors"))
+        .unwrap_or("resume");
+    let aside = (1..)
+        .map(|n| checkpoint.with_file_name(format!("{stem}.other-{n}.safetensors")))
+        .find(|path| !path.exists())
+        .expect("a free name");
+    std::fs::rename(checkpoint, &aside).map_err(|e| {
+        format!(
+            "failed to set aside the resume checkpoint `{}` of another training: {e}",
+            checkpoint.display()
+        )
+    })?;
+    Ok(aside)
+}
+
+/// Whether every rank of the group holds `step`, rank 0's (`None`: this rank has none, and
+/// every rank answers false). Rank 0's step is broadcast (exact in f32 below 2^24 steps) and
+/// the ranks that differ are counted.
+pub fn ranks_agree_on_step(group: &mut Group, step: Option<u64>) -> Result<bool, CollectiveError> {
+    let own = step.map_or(f64::NAN, |step| step as f32 as f64);
+    let mut first = [own];
+    group.broadcast_scalars(&mut first, 0)?;
+    let mut differing = [if own == first[0] { 0.0 } else { 1.0 }];
+    group.all_reduce_scalars(&mut differing)?;
+    Ok(differing[0] == 0.0)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_tasks_attempts_share_its_save() {
+        for output in [
+            "run/checkpoints/round-1-teacher.attempt-1.safetensors",
+            "run/checkpoints/round-1-teacher.attempt-12.safetensors",
+            "run/checkpoints/round-1-teacher.safetensors",
+        ] {
+            assert_eq!(
+                resume_path(Path::new(output)),
+                Path::new("run/checkpoints/round-1-teacher.resume.safetensors"),
+                "{output}"
+            );
+        }
+        assert_eq!(
+            resume_path(Path::new("a/model.attempt-x.safetensors")),
+            Path::new("a/model.attempt-x.resume.safetensors")
+        );
+    }
+}
