@@ -1355,22 +1355,27 @@ fn an_interrupted_mpl_joint_training_resumes_from_its_checkpoint_exactly() {
     assert!(aside == foreign, "the other joint training's save changed");
 }
 
-/// A one-round tiny Noisy Student run on one worker in `dir` whose teacher trains 400 steps
-/// with a save every 40; with `interrupt`, its worker is killed once the teacher has saved
-/// itself and a replacement joins. Returns the teacher and student checkpoints, the
-/// replacement's log and the run directory; `snapshot` receives a copy of the teacher's save
-/// as the worker was killed.
+/// A one-round tiny Noisy Student run on one worker in `dir` whose teacher and student train
+/// 400 steps each with a save every 40; with `interrupt` (a role and a file), its worker is
+/// killed once that role's training has saved itself, the save is copied to the file, and a
+/// replacement joins. Returns the teacher and student checkpoints, the replacement's log and
+/// the run directory.
 fn long_tiny_noisy_student_run(
     dir: &std::path::Path,
     plan_edits: &[(&str, &str)],
-    interrupt: Option<&std::path::Path>,
+    interrupt: Option<(&str, &std::path::Path)>,
 ) -> (Vec<Vec<u8>>, String, std::path::PathBuf) {
     let runtime = tokio::runtime::Runtime::new().expect("runtime");
     let mut edits = vec![
         ("rounds = 2", "rounds = 1"),
         ("width_growth_per_round = 4\n", ""),
         ("steps = 30", "steps = 400"),
+        ("steps = 30", "steps = 400"),
         ("log_every = 10", "log_every = 10\ncheckpoint_every = 40"),
+        (
+            "learning_rate = 0.02\nlog_every = 10",
+            "learning_rate = 0.02\nlog_every = 10\ncheckpoint_every = 40",
+        ),
         ("min_workers = 2", "min_workers = 1"),
         (
             "heartbeat_timeout_seconds = 10",
@@ -1384,9 +1389,9 @@ fn long_tiny_noisy_student_run(
     let state_dir = dir.join("run");
     let (mut coordinator, address) = start_coordinator(&plan, &state_dir);
     let mut first = start_worker(&address, dir.join("first.log"));
-    let save = state_dir.join("checkpoints/round-1-teacher.resume.safetensors");
     let mut replacement = None;
-    if let Some(snapshot) = interrupt {
+    if let Some((role, snapshot)) = interrupt {
+        let save = state_dir.join(format!("checkpoints/round-1-{role}.resume.safetensors"));
         let deadline = std::time::Instant::now() + Duration::from_secs(300);
         while !save.exists() {
             assert!(
@@ -1408,7 +1413,10 @@ fn long_tiny_noisy_student_run(
         |_| {},
     );
     assert_eq!(status.status, "succeeded", "{}", status.error);
-    assert!(!save.exists(), "the teacher's save outlived its training");
+    for role in ["teacher", "student"] {
+        let save = state_dir.join(format!("checkpoints/round-1-{role}.resume.safetensors"));
+        assert!(!save.exists(), "the {role}'s save outlived its training");
+    }
     let checkpoints = ["round-1-teacher", "round-1-student"]
         .iter()
         .map(|name| {
@@ -1421,38 +1429,47 @@ fn long_tiny_noisy_student_run(
     (checkpoints, log, state_dir)
 }
 
-/// A Noisy Student training whose worker is killed resumes from its last save, not from step
-/// 0, and ends with exactly the models of a run that was never interrupted; the save of
-/// another training (another teacher learning rate) left in a run's directory is set aside,
-/// neither resumed nor overwritten.
+/// A Noisy Student training whose worker is killed, the teacher's or the student's (which
+/// learns from pseudo labels), resumes from its last save, not from step 0, and ends with
+/// exactly the models of a run that was never interrupted; the save of another training
+/// (another teacher learning rate) left in a run's directory is set aside, neither resumed nor
+/// overwritten.
 #[test]
 fn an_interrupted_noisy_student_training_resumes_from_its_save_exactly() {
     let dir = tempfile::tempdir().expect("tempdir");
     let (uninterrupted, _, _) = long_tiny_noisy_student_run(&dir.path().join("whole"), &[], None);
     let snapshot = dir.path().join("teacher-save.safetensors");
-    let (resumed, log, _) =
-        long_tiny_noisy_student_run(&dir.path().join("killed"), &[], Some(&snapshot));
-    let line = log
-        .lines()
-        .find(|line| line.contains("the training resumes from its save"))
-        .unwrap_or_else(|| panic!("the teacher's training did not resume:\n{log}"));
-    let step: u64 = line
-        .split_whitespace()
-        .find_map(|field| field.strip_prefix("step="))
-        .and_then(|step| step.parse().ok())
-        .unwrap_or_else(|| panic!("no step in `{line}`"));
-    assert!(
-        (40..400).contains(&step) && step.is_multiple_of(40) && line.contains("role=\"teacher\""),
-        "resumed at step {step}: {line}"
-    );
-    for (model, (a, b)) in ["teacher", "student"]
-        .iter()
-        .zip(uninterrupted.iter().zip(&resumed))
-    {
-        assert!(
-            a == b,
-            "the resumed run's {model} differs from the uninterrupted run's"
+    for role in ["teacher", "student"] {
+        let copy = dir.path().join(format!("{role}-save.safetensors"));
+        let (resumed, log, _) = long_tiny_noisy_student_run(
+            &dir.path().join(format!("killed-{role}")),
+            &[],
+            Some((role, &copy)),
         );
+        let line = log
+            .lines()
+            .find(|line| line.contains("the training resumes from its save"))
+            .unwrap_or_else(|| panic!("the {role}'s training did not resume:\n{log}"));
+        let step: u64 = line
+            .split_whitespace()
+            .find_map(|field| field.strip_prefix("step="))
+            .and_then(|step| step.parse().ok())
+            .unwrap_or_else(|| panic!("no step in `{line}`"));
+        assert!(
+            (40..400).contains(&step)
+                && step.is_multiple_of(40)
+                && line.contains(&format!("role=\"{role}\"")),
+            "resumed at step {step}: {line}"
+        );
+        for (model, (a, b)) in ["teacher", "student"]
+            .iter()
+            .zip(uninterrupted.iter().zip(&resumed))
+        {
+            assert!(
+                a == b,
+                "killed {role}: the resumed run's {model} differs from the uninterrupted run's"
+            );
+        }
     }
 
     // Another training's save at the teacher's place is set aside, unchanged.

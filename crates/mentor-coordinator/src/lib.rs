@@ -338,8 +338,16 @@ pub fn attempt_output(output: &Path, attempt: u32) -> PathBuf {
     output.with_file_name(format!("{stem}.attempt-{attempt}{extension}"))
 }
 
-/// Moves the checkpoints attempt `attempt` of a training task wrote into their places;
-/// the checkpoint its result names (the student's).
+/// The save a training in progress whose checkpoint goes to `output` resumes from
+/// (`round-1-teacher.resume.safetensors`; the worker's `resume::resume_path`, which its
+/// attempts share).
+pub fn resume_save(output: &Path) -> PathBuf {
+    output.with_extension("resume.safetensors")
+}
+
+/// Moves the checkpoints attempt `attempt` of a training task wrote into their places, and
+/// removes the save the training resumed from (its model is in place now); the checkpoint its
+/// result names (the student's).
 fn publish_outputs(spec: &TaskSpec, attempt: u32) -> Result<PathBuf, String> {
     let outputs = spec.outputs();
     let Some(named) = outputs.last() else {
@@ -359,6 +367,7 @@ fn publish_outputs(spec: &TaskSpec, attempt: u32) -> Result<PathBuf, String> {
         for earlier in 1..attempt {
             let _ = std::fs::remove_file(attempt_output(output, earlier));
         }
+        mentor_labels::durable::remove_if_there(&resume_save(output));
     }
     Ok(named.to_path_buf())
 }
@@ -595,7 +604,11 @@ impl Coordinator {
         plan: Plan,
         run_dir: &Path,
     ) -> Result<Coordinator, CoordinatorError> {
-        Coordinator::open_saved(plan, run_dir, Reopen::RedoFinetune)
+        let coordinator = Coordinator::open_saved(plan, run_dir, Reopen::RedoFinetune)?;
+        // The finetune starts over: a save of an earlier one, interrupted, is not resumed.
+        let finetuned = coordinator.state.paths.finetuned_checkpoint();
+        mentor_labels::durable::remove_if_there(&resume_save(&finetuned));
+        Ok(coordinator)
     }
 
     /// Opens the run saved in `run_dir` the way `how` says; refused when there is none.

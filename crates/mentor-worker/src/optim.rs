@@ -191,7 +191,8 @@ struct Factors {
 /// Adam with weight decay on weights only (added to the gradient, as `torch.optim.Adam` does),
 /// computing what libtorch's Adam computes (betas 0.9 and 0.999, epsilon 1e-8), with its moment
 /// estimates and step count readable and writable so that a training can checkpoint them and
-/// resume exactly.
+/// resume exactly. One step count for all variables (libtorch counts per variable: the two
+/// differ only for a variable that got no gradient at some steps, which no model here has).
 #[derive(Debug)]
 pub struct Adam {
     variables: Vec<Tensor>,
@@ -341,6 +342,9 @@ impl TrainOptimizer {
             TrainOptimizer::Adam(adam) => {
                 let mut firsts = HashMap::new();
                 let mut seconds = HashMap::new();
+                if !state.iter().any(|(name, _)| name == "steps") {
+                    return Err("Adam's step count is missing".into());
+                }
                 for (name, value) in state {
                     if name == "steps" {
                         adam.steps = Vec::<f64>::try_from(*value)
@@ -664,10 +668,23 @@ pub(crate) mod tests {
         let vs = nn::VarStore::new(Device::Cpu);
         let _model = build(&vs.root(), &config);
         let momentum = Tensor::zeros([1], (Kind::Float, Device::Cpu));
+        let steps = Tensor::from_slice(&[3.0f64]);
         let mut adam = TrainOptimizer::Adam(Adam::new(&vs, 0.01, 0.0).expect("optimizer"));
         let error = adam
             .set_state(&[("momentum/0".to_string(), &momentum)])
+            .expect_err("a state without Adam's step count");
+        assert!(error.contains("step count is missing"), "{error}");
+        let error = adam
+            .set_state(&[
+                ("steps".to_string(), &steps),
+                ("momentum/0".to_string(), &momentum),
+            ])
             .expect_err("SGD's state taken by Adam");
         assert!(error.contains("not Adam's"), "{error}");
+        let mut sgd = TrainOptimizer::Sgd(Sgd::new(&vs, 0.05, 0.9, 0.0, true).expect("optimizer"));
+        let error = sgd
+            .set_state(&[("steps".to_string(), &steps)])
+            .expect_err("Adam's state taken by SGD");
+        assert!(error.contains("not SGD's"), "{error}");
     }
 }

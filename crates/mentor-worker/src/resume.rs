@@ -6,7 +6,8 @@
 //! `{role}.train.checkpoint_every` steps: the model's variables (batch-norm statistics, averaged
 //! over the ranks, included), the optimizer's state, the step and an identity of the training.
 //! Each step draws its batch and its noise from seeds of its own, so the resumed training is
-//! the training that did not stop. The save goes once the output is written.
+//! the training that did not stop (on as many ranks). The coordinator removes the save once it
+//! takes the task's model.
 
 use std::collections::HashMap;
 use std::path::{Path, PathBuf};
@@ -83,19 +84,34 @@ pub fn tensors(
     tensors
 }
 
-/// Loads the save at `path` into the model and the optimizer: the step it was made after, or
-/// `None` (nothing loaded) when it is another training's.
+/// What [`load`] found.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Loaded {
+    /// No save (or one removed as it was about to be read).
+    Nothing,
+    /// Another training's save: nothing loaded.
+    Foreign,
+    /// This training's save, loaded: the step it was made after.
+    Step(u64),
+}
+
+/// Loads the save at `path`, if there is one, into the model and the optimizer.
 pub fn load(
     path: &Path,
     vs: &nn::VarStore,
     optimizer: &mut TrainOptimizer,
     identity: &Identity,
-) -> Result<Option<u64>, String> {
+) -> Result<Loaded, String> {
     let error = |reason: String| format!("resume checkpoint `{}`: {reason}", path.display());
-    let saved: HashMap<String, Tensor> = Tensor::read_safetensors(path)
-        .map_err(|e| error(crate::libtorch_message(&e.to_string())))?
-        .into_iter()
-        .collect();
+    if !path.exists() {
+        return Ok(Loaded::Nothing);
+    }
+    let saved: HashMap<String, Tensor> = match Tensor::read_safetensors(path) {
+        Ok(saved) => saved.into_iter().collect(),
+        // Removed since (the coordinator took the model of an attempt that finished).
+        Err(_) if !path.exists() => return Ok(Loaded::Nothing),
+        Err(e) => return Err(error(crate::libtorch_message(&e.to_string()))),
+    };
     let meta = saved
         .get("meta")
         .and_then(|meta| Vec::<f64>::try_from(meta).ok())
@@ -103,7 +119,7 @@ pub fn load(
         .ok_or_else(|| error("no step, length and fingerprint".into()))?;
     let fingerprint = ((meta[2] as u64) << 32) | meta[3] as u64;
     if meta[1] != identity.steps as f64 || fingerprint != identity.fingerprint {
-        return Ok(None);
+        return Ok(Loaded::Foreign);
     }
     for (name, mut variable) in vs.variables() {
         let key = format!("model/{name}");
@@ -124,7 +140,7 @@ pub fn load(
         .filter_map(|(key, value)| Some((key.strip_prefix("optimizer/")?.to_string(), value)))
         .collect();
     optimizer.set_state(&state).map_err(error)?;
-    Ok(Some(meta[0] as u64))
+    Ok(Loaded::Step(meta[0] as u64))
 }
 
 /// Renames the save of another training to a free `<stem>.other-N.safetensors` beside it, and

@@ -944,11 +944,15 @@ fn train(
                 group
                     .average_buffers(&buffers(&vs))
                     .map_err(collective_error)?;
+                // A save that fails (a full disk, say) costs what it would have kept, not the
+                // training: it goes on, and says so.
                 if rank == 0 {
-                    saver.save(
+                    if let Err(error) = saver.save(
                         resume::tensors(&vs, &optimizer, identity, step + 1),
                         &resume_path,
-                    )?;
+                    ) {
+                        tracing::warn!(role = name, round, %error, "a resume save failed; the training goes on");
+                    }
                 }
             }
         }
@@ -959,10 +963,12 @@ fn train(
         .average_buffers(&buffers(&vs))
         .map_err(collective_error)?;
     if rank == 0 {
-        saver.finish()?;
+        if let Err(error) = saver.finish() {
+            tracing::warn!(role = name, round, %error, "a resume save failed");
+        }
+        // The coordinator removes the resume save once it takes this model: until then a
+        // next attempt (this one's result lost) resumes from it.
         save_checkpoint(&vs, output)?;
-        // The output holds the training now; its save would only take room.
-        mentor_labels::durable::remove_if_there(&resume_path);
     }
     Ok(Outcome::Trained {
         checkpoint: output.to_path_buf(),
@@ -972,38 +978,60 @@ fn train(
     })
 }
 
-/// The identity of the training `setup` (see [`resume::Identity`]): its section's settings but
-/// how often it reports and saves, its model, noise, seed and round, and the SHA-256 of the
-/// checkpoint it starts from and of the pseudo labels it learns from.
+/// The identity of the training `setup` (see [`resume::Identity`]): the plan (in TOML, as the
+/// run records it) without what a resumed run may change (the workers, the lease, where the
+/// data and the given teacher are) or what does not shape a training (how often it reports
+/// and saves), which training of the run it is (role or finetune, round), and the digests of
+/// the checkpoint it starts from and of the pseudo labels it learns from (their selection file
+/// but the store's place, which a moved run rewrites).
 fn training_identity(
     plan: &Plan,
     setup: &TrainSetup,
     selection: Option<&Path>,
 ) -> Result<resume::Identity, String> {
-    let mut train_plan = setup.train_plan.clone();
-    train_plan.log_every = 1;
-    train_plan.checkpoint_every = 1;
-    let digest = |path: Option<&PathBuf>| -> Result<String, String> {
-        path.map(|path| {
-            mentor_labels::sha256_file(path)
-                .map_err(|e| format!("failed to read `{}`: {e}", path.display()))
-        })
-        .transpose()
-        .map(Option::unwrap_or_default)
+    let mut shaping = plan.clone();
+    shaping.workers = Default::default();
+    shaping.pseudo_labels.lease_seconds = Default::default();
+    shaping.data.dir = PathBuf::new();
+    shaping.data.unlabeled.path = None;
+    shaping.teacher.checkpoint = None;
+    for role in [&mut shaping.teacher, &mut shaping.student] {
+        if let Some(train) = role.train.as_mut() {
+            train.log_every = 1;
+            train.checkpoint_every = 1;
+        }
+    }
+    if let Some(mpl) = shaping.mpl.as_mut() {
+        mpl.log_every = 1;
+        mpl.eval_every = 0;
+        mpl.checkpoint_every = 1;
+    }
+    let read = |path: &Path| {
+        std::fs::read(path).map_err(|e| format!("failed to read `{}`: {e}", path.display()))
     };
-    let shaping = format!(
-        "{} round {} seed {} split {} labeled {}\n{train_plan:?}\n{:?}\n{:?}\ninit {}\nselection {}",
+    let init = match &setup.init {
+        Some(path) => mentor_labels::sha256_file(path)
+            .map_err(|e| format!("failed to read `{}`: {e}", path.display()))?,
+        None => String::new(),
+    };
+    let pseudo_labels = match selection {
+        Some(path) => {
+            let mut value: serde_json::Value = serde_json::from_slice(&read(path)?)
+                .map_err(|e| format!("selection `{}`: {e}", path.display()))?;
+            if let Some(fields) = value.as_object_mut() {
+                fields.remove("storage");
+            }
+            value.to_string()
+        }
+        None => String::new(),
+    };
+    let text = format!(
+        "{} round {}\n{}\ninit {init}\nselection {pseudo_labels}",
         setup.name,
         setup.round,
-        plan.seed,
-        plan.split_seed(),
-        plan.data.labeled_per_class,
-        setup.model,
-        setup.randaugment,
-        digest(setup.init.as_ref())?,
-        digest(selection.map(Path::to_path_buf).as_ref())?,
+        shaping.to_toml_string()
     );
-    Ok(resume::Identity::new(train_plan.steps, &shaping))
+    Ok(resume::Identity::new(setup.train_plan.steps, &text))
 }
 
 /// Loads the resume save at `path` into the model and the optimizer when it is this training's
@@ -1019,16 +1047,17 @@ fn resume_training(
     let mut step = 0;
     let mut failure = None;
     let mut foreign = false;
-    if path.exists() {
-        match resume::load(path, vs, optimizer, identity) {
-            Ok(Some(saved)) => step = saved,
-            Ok(None) => foreign = true,
-            Err(error) => failure = Some(error),
-        }
+    match resume::load(path, vs, optimizer, identity) {
+        Ok(resume::Loaded::Step(saved)) => step = saved,
+        Ok(resume::Loaded::Nothing) => {}
+        Ok(resume::Loaded::Foreign) => foreign = true,
+        Err(error) => failure = Some(error),
     }
-    // Every rank must go on from the same step (one file, seen by all). A rank that could not
-    // read the save makes every rank stop now.
-    let agree = resume::ranks_agree_on_step(group, failure.is_none().then_some(step))
+    // A rank that could not read the save makes every rank stop now: its own failure, the
+    // others' their group's.
+    let mut failed = [f64::from(u8::from(failure.is_some()))];
+    group
+        .all_reduce_scalars(&mut failed)
         .map_err(collective_error)?;
     if let Some(error) = failure {
         return Err(format!(
@@ -1036,6 +1065,14 @@ fn resume_training(
              the coordinator again, with --retry-failed once the run has failed)"
         ));
     }
+    if failed[0] > 0.0 {
+        return Err(format!(
+            "{GROUP_FAILED}another rank failed to read the resume save `{}` (its log says why)",
+            path.display()
+        ));
+    }
+    // Every rank must go on from the same step (one file, seen by all).
+    let agree = resume::ranks_agree_on_step(group, Some(step)).map_err(collective_error)?;
     if !agree {
         return Err(format!(
             "the ranks do not resume from the same step of `{}` (workers need the run directory on a shared file system)",
