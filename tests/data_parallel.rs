@@ -5,8 +5,8 @@ use std::path::{Path, PathBuf};
 use std::time::Duration;
 
 use mentor_e2e::{
-    start_coordinator, start_coordinator_on, start_worker, try_status, wait_for_or_explain,
-    watch_run, workspace_root, Process,
+    start_coordinator, start_coordinator_on, start_worker, tiny_plan_with, try_status,
+    wait_for_or_explain, watch_run, workspace_root, Process,
 };
 use mentor_proto::coordinator::v1 as pb;
 
@@ -364,5 +364,58 @@ fn ranks_on_separate_hosts_meet_at_their_advertised_addresses() {
     assert!(
         joined.contains("\"127.0.0.2:") && joined.contains("\"127.0.0.3:"),
         "{joined}"
+    );
+}
+
+/// A two-rank training (teacher with batch norm, flips and shifts: per-rank statistics and
+/// noise) whose second rank is killed after a save resumes from it once a replacement joins,
+/// and ends with exactly the teacher of a two-rank run that was not interrupted.
+#[test]
+fn a_two_rank_training_resumes_from_its_save_exactly() {
+    let plan = tiny_plan_with(&[
+        ("rounds = 2", "rounds = 1"),
+        ("width_growth_per_round = 4\n", ""),
+        ("min_workers = 2", "min_workers = 2\nworld_size = 2"),
+        ("steps = 30", "steps = 400"),
+        ("log_every = 10", "log_every = 10\ncheckpoint_every = 40"),
+        (
+            "heartbeat_timeout_seconds = 10",
+            "heartbeat_timeout_seconds = 2",
+        ),
+    ]);
+    let mut whole = Run::start(&plan);
+    let _workers = [whole.worker("a"), whole.worker("b")];
+    let status = whole.wait_finished();
+    assert_eq!(status.status, "succeeded", "{}", status.error);
+
+    let mut interrupted = Run::start(&plan);
+    let first = interrupted.worker("a");
+    let mut doomed = interrupted.worker("b");
+    let save = interrupted
+        .dir
+        .path()
+        .join("run/checkpoints/round-1-teacher.resume.safetensors");
+    let deadline = std::time::Instant::now() + Duration::from_secs(300);
+    while !save.exists() {
+        assert!(std::time::Instant::now() < deadline, "no save after 300 s");
+        std::thread::sleep(Duration::from_millis(5));
+    }
+    doomed.child.kill().expect("kill a rank");
+    let _ = doomed.child.wait();
+    let replacement = interrupted.worker("c");
+    let status = interrupted.wait_finished();
+    assert_eq!(status.status, "succeeded", "{}", status.error);
+    let logs = format!("{}{}", first.log_text(), replacement.log_text());
+    assert_eq!(
+        logs.lines()
+            .filter(|line| line.contains("the training resumes from its save"))
+            .count(),
+        2,
+        "both ranks of the next attempt resume:\n{logs}"
+    );
+    assert!(
+        std::fs::read(whole.teacher()).expect("teacher")
+            == std::fs::read(interrupted.teacher()).expect("teacher"),
+        "the resumed two-rank teacher differs from the uninterrupted one's"
     );
 }
