@@ -368,11 +368,16 @@ fn ranks_on_separate_hosts_meet_at_their_advertised_addresses() {
 }
 
 /// A two-rank training (teacher with batch norm, flips and shifts: per-rank statistics and
-/// noise) whose second rank is killed after a save resumes from it once a replacement joins,
-/// and ends with exactly the teacher of a two-rank run that was not interrupted.
+/// noise; Adam, whose moment estimates and step count the save carries) whose second rank is
+/// killed after a save resumes from it once a replacement joins, and ends with exactly the
+/// teacher of a two-rank run that was not interrupted.
 #[test]
 fn a_two_rank_training_resumes_from_its_save_exactly() {
     let plan = tiny_plan_with(&[
+        (
+            "[teacher.train]\n",
+            "[teacher.train]\noptimizer = \"adam\"\nlearning_rate = 0.003\n",
+        ),
         ("rounds = 2", "rounds = 1"),
         ("width_growth_per_round = 4\n", ""),
         ("min_workers = 2", "min_workers = 2\nworld_size = 2"),
