@@ -881,6 +881,9 @@ impl Plan {
     ///   rounding: a run resumed after a machine was lost for good goes on with fewer workers.
     ///   The transport (`workers.collective`, `bucket_size_mb`) stays: every rank of a group,
     ///   a worker of the earlier coordinator too, must move gradients the same way.
+    ///
+    /// (A worker's training save leaves the same settings out of its identity: keep
+    /// `mentor-worker`'s `tasks::training_identity` in step.)
     pub fn with_free_settings_of(mut self, plan: &Plan, listing_recorded: bool) -> Plan {
         let (workers, wanted) = (&mut self.workers, &plan.workers);
         workers.min_workers = wanted.min_workers;

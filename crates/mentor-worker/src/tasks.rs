@@ -797,12 +797,13 @@ fn train(
     let resume_path = resume::resume_path(output);
     let identity = match train_plan.checkpoint_every {
         0 => None,
-        _ => Some(training_identity(plan, setup, selection)?),
+        _ => Some(training_identity(plan, setup, selection)),
     };
     let first_step = match &identity {
         Some(identity) => resume_training(&resume_path, &vs, &mut optimizer, identity, group)?,
         None => 0,
     };
+    let identity = identity.and_then(Result::ok);
     if first_step > 0 {
         tracing::info!(
             role = name,
@@ -945,8 +946,11 @@ fn train(
                     .average_buffers(&buffers(&vs))
                     .map_err(collective_error)?;
                 // A save that fails (a full disk, say) costs what it would have kept, not the
-                // training: it goes on, and says so.
+                // training: it goes on, and says so (and the next save is tried all the same).
                 if rank == 0 {
+                    if let Err(error) = saver.finish() {
+                        tracing::warn!(role = name, round, %error, "a resume save failed; the training goes on");
+                    }
                     if let Err(error) = saver.save(
                         resume::tensors(&vs, &optimizer, identity, step + 1),
                         &resume_path,
@@ -1041,17 +1045,27 @@ fn resume_training(
     path: &Path,
     vs: &nn::VarStore,
     optimizer: &mut TrainOptimizer,
-    identity: &resume::Identity,
+    identity: &Result<resume::Identity, String>,
     group: &mut Group,
 ) -> Result<u64, String> {
     let mut step = 0;
     let mut failure = None;
     let mut foreign = false;
-    match resume::load(path, vs, optimizer, identity) {
-        Ok(resume::Loaded::Step(saved)) => step = saved,
-        Ok(resume::Loaded::Nothing) => {}
-        Ok(resume::Loaded::Foreign) => foreign = true,
-        Err(error) => failure = Some(error),
+    // What the training reads to know itself (see `training_identity`), then the save.
+    match identity {
+        Err(error) => failure = Some(error.clone()),
+        Ok(identity) => match resume::load(path, vs, optimizer, identity) {
+            Ok(resume::Loaded::Step(saved)) => step = saved,
+            Ok(resume::Loaded::Nothing) => {}
+            Ok(resume::Loaded::Foreign) => foreign = true,
+            Err(error) => {
+                failure = Some(format!(
+                    "{error} (if the save is damaged, move it away to start the training over, \
+                     then start the coordinator again, with --retry-failed once the run has \
+                     failed)"
+                ))
+            }
+        },
     }
     // A rank that could not read the save makes every rank stop now: its own failure, the
     // others' their group's.
@@ -1060,14 +1074,12 @@ fn resume_training(
         .all_reduce_scalars(&mut failed)
         .map_err(collective_error)?;
     if let Some(error) = failure {
-        return Err(format!(
-            "{error} (if the save is damaged, move it away to start the training over, then start \
-             the coordinator again, with --retry-failed once the run has failed)"
-        ));
+        return Err(error);
     }
     if failed[0] > 0.0 {
         return Err(format!(
-            "{GROUP_FAILED}another rank failed to read the resume save `{}` (its log says why)",
+            "{GROUP_FAILED}another rank failed to read the resume save `{}` or what the training \
+             resumes from (its log says why)",
             path.display()
         ));
     }
@@ -1079,13 +1091,18 @@ fn resume_training(
             path.display()
         ));
     }
+    // After the ranks' last meeting here: a rank leaving early would leave the others
+    // waiting in the training's first collective.
     if foreign && group.rank == 0 {
-        let aside = resume::set_aside(path)?;
-        tracing::warn!(
-            checkpoint = %path.display(),
-            kept_as = %aside.display(),
-            "the resume checkpoint belongs to another training (another plan or other pseudo labels in this directory); starting from step 0"
-        );
+        match resume::set_aside(path) {
+            Ok(aside) => tracing::warn!(
+                checkpoint = %path.display(),
+                kept_as = %aside.display(),
+                "the resume checkpoint belongs to another training (another plan or other pseudo labels in this directory); starting from step 0"
+            ),
+            // The first save replaces it.
+            Err(error) => tracing::warn!(%error, "starting from step 0"),
+        }
     }
     Ok(step)
 }
@@ -1375,6 +1392,69 @@ fn existing_shard(
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// On a group of two, each rank resumes from the same save; one rank that cannot read its
+    /// save fails with its own error and the other with its group's (no rank is left waiting
+    /// in a collective); ranks that see different saves both fail; another training's save is
+    /// set aside by rank 0 and both start from step 0.
+    #[test]
+    fn the_ranks_of_a_group_resume_together_or_fail_together() {
+        use crate::distributed::on_ring;
+        use crate::optim::tests::small_cnn;
+        let dir = tempfile::tempdir().expect("tempdir");
+        let identity = resume::Identity::new(100, "a training");
+        // A save after 40 steps of `identity`.
+        let good = dir.path().join("good.resume.safetensors");
+        {
+            let vs = nn::VarStore::new(tch::Device::Cpu);
+            let _model = build(&vs.root(), &small_cnn());
+            let optimizer =
+                TrainOptimizer::Sgd(Sgd::new(&vs, 0.1, 0.9, 0.0, true).expect("optimizer"));
+            write_safetensors_atomically(resume::tensors(&vs, &optimizer, &identity, 40), &good)
+                .expect("save");
+        }
+        let damaged = dir.path().join("damaged.resume.safetensors");
+        std::fs::write(&damaged, b"not a save").expect("write");
+        let none = dir.path().join("none.resume.safetensors");
+        let foreign = dir.path().join("foreign.resume.safetensors");
+        std::fs::copy(&good, &foreign).expect("copy");
+        let run = |paths: [PathBuf; 2], identity: resume::Identity| {
+            on_ring(2, move |group| {
+                let vs = nn::VarStore::new(tch::Device::Cpu);
+                let _model = build(&vs.root(), &small_cnn());
+                let mut optimizer =
+                    TrainOptimizer::Sgd(Sgd::new(&vs, 0.1, 0.9, 0.0, true).expect("optimizer"));
+                let path = &paths[group.rank];
+                resume_training(path, &vs, &mut optimizer, &Ok(identity.clone()), group)
+            })
+        };
+        let same = [good.clone(), good.clone()];
+        assert_eq!(run(same, identity.clone()), vec![Ok(40), Ok(40)]);
+
+        let answers = run([none.clone(), damaged.clone()], identity.clone());
+        let own = answers[1].clone().expect_err("the damaged save's rank");
+        assert!(
+            own.contains("damaged.resume.safetensors") && own.contains("move it away"),
+            "{own}"
+        );
+        let peer = answers[0].clone().expect_err("the other rank");
+        assert!(is_group_failure(&peer), "{peer}");
+
+        let answers = run([good.clone(), none.clone()], identity.clone());
+        for answer in answers {
+            let error = answer.expect_err("ranks at different steps");
+            assert!(error.contains("shared file system"), "{error}");
+        }
+
+        let other = resume::Identity::new(100, "another training");
+        let both = [foreign.clone(), foreign.clone()];
+        assert_eq!(run(both, other), vec![Ok(0), Ok(0)]);
+        assert!(!foreign.exists());
+        assert!(dir
+            .path()
+            .join("foreign.resume.other-1.safetensors")
+            .exists());
+    }
 
     /// A checkpoint that cannot be put in its place leaves no half of itself behind, and what
     /// was there stays.
