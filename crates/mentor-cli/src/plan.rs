@@ -619,6 +619,25 @@ mod tests {
             ),
             "{text}"
         );
+        // Resume saves: said when a training makes some, and when it makes none.
+        let plan = tiny_with(&[
+            ("steps = 30", "steps = 3000"),
+            ("log_every = 10", "log_every = 10\ncheckpoint_every = 0"),
+        ]);
+        let text = describe(&plan, &data);
+        assert!(
+            text.contains(
+                "progress every 10 steps, no resume checkpoint (a stopped training starts over)"
+            ),
+            "{text}"
+        );
+        let plan = tiny_with(&[("steps = 30", "steps = 3000")]);
+        let text = describe(&plan, &data);
+        assert!(
+            text.contains("progress every 10 steps, resume checkpoint every 1,000 steps\n"),
+            "{text}"
+        );
+        assert!(!text.contains("no resume checkpoint"), "{text}");
     }
 
     #[test]
