@@ -1146,6 +1146,8 @@ struct MplRun {
     log: String,
     /// The run directory (where it ended).
     state_dir: std::path::PathBuf,
+    /// The joint training's save as it was when the run was interrupted.
+    save_at_stop: Option<Vec<u8>>,
 }
 
 /// A 400-step tiny Meta Pseudo Labels run (resume checkpoint every 40 steps, evaluation every
@@ -1169,8 +1171,9 @@ fn long_tiny_mpl_run(dir: &std::path::Path, stop: Stop) -> MplRun {
     let (mut coordinator, mut address) = start_coordinator(&plan, &state_dir);
     let mut first = start_worker(&address, dir.join("first.log"));
     let mut replacement = None;
+    let mut save_at_stop = None;
+    let checkpoint = state_dir.join("checkpoints/mpl-joint.resume.safetensors");
     if stop != Stop::Not {
-        let checkpoint = state_dir.join("checkpoints/mpl-joint.resume.safetensors");
         let deadline = std::time::Instant::now() + Duration::from_secs(300);
         while !checkpoint.exists() {
             assert!(
@@ -1191,6 +1194,7 @@ fn long_tiny_mpl_run(dir: &std::path::Path, stop: Stop) -> MplRun {
         } else {
             first.child.kill().expect("kill the worker");
             let _ = first.child.wait();
+            save_at_stop = Some(std::fs::read(&checkpoint).expect("the save"));
             if stop == Stop::EverythingAndMove {
                 coordinator.child.kill().expect("kill the coordinator");
                 let _ = coordinator.child.wait();
@@ -1221,6 +1225,13 @@ fn long_tiny_mpl_run(dir: &std::path::Path, stop: Stop) -> MplRun {
         |_| {},
     );
     assert_eq!(final_status.status, "succeeded", "{}", final_status.error);
+    // The coordinator removed the joint training's save when it took the models.
+    assert!(
+        !state_dir
+            .join("checkpoints/mpl-joint.resume.safetensors")
+            .exists(),
+        "the joint training's save outlived it"
+    );
     let checkpoints = [
         "round-1-teacher",
         "round-1-student",
@@ -1241,6 +1252,7 @@ fn long_tiny_mpl_run(dir: &std::path::Path, stop: Stop) -> MplRun {
         checkpoints,
         log,
         state_dir,
+        save_at_stop,
     }
 }
 
@@ -1281,6 +1293,7 @@ fn an_interrupted_mpl_joint_training_resumes_from_its_checkpoint_exactly() {
         log,
         ..
     } = long_tiny_mpl_run(&dir.path().join("restarted"), Stop::Coordinator);
+    let mut foreign = None;
     assert!(
         log.contains("the coordinator took this worker's attempt back")
             && !log.contains("resumes its joint training")
@@ -1299,7 +1312,9 @@ fn an_interrupted_mpl_joint_training_resumes_from_its_checkpoint_exactly() {
             checkpoints: resumed,
             log,
             state_dir,
+            save_at_stop,
         } = long_tiny_mpl_run(&dir.path().join(name.replace(' ', "-")), stop);
+        foreign = foreign.or(save_at_stop);
         let step = resumed_step(&log);
         assert!(
             (40..400).contains(&step) && step.is_multiple_of(40),
@@ -1343,7 +1358,7 @@ fn an_interrupted_mpl_joint_training_resumes_from_its_checkpoint_exactly() {
     // neither resumed nor overwritten: it is set aside.
     let runtime = tokio::runtime::Runtime::new().expect("runtime");
     let saved = "checkpoints/mpl-joint.resume.safetensors";
-    let foreign = std::fs::read(dir.path().join("whole/run").join(saved)).expect("its save");
+    let foreign = foreign.expect("a save of the 400-step joint training");
     let other = dir.path().join("other");
     std::fs::create_dir_all(other.join("run/checkpoints")).expect("mkdir");
     std::fs::write(other.join("run").join(saved), &foreign).expect("leave the save there");

@@ -369,6 +369,11 @@ fn publish_outputs(spec: &TaskSpec, attempt: u32) -> Result<PathBuf, String> {
         }
         mentor_labels::durable::remove_if_there(&resume_save(output));
     }
+    if let TaskSpec::TrainMpl { teacher_output, .. } = spec {
+        // The joint training's save (the worker's `mpl::resume_path`).
+        let joint = teacher_output.with_file_name("mpl-joint.resume.safetensors");
+        mentor_labels::durable::remove_if_there(&joint);
+    }
     Ok(named.to_path_buf())
 }
 
