@@ -7,7 +7,8 @@
 #   scripts/gpu-check.sh --mpl-step  # there: step 4 of --run alone (the MPL step against PyTorch)
 #   scripts/gpu-check.sh --results   # there: the four-method table on cuda:0 (SEEDS, default 0,1,2;
 #                                    # METHODS and MPL_PLAN as results-fashion-mnist.sh's --methods
-#                                    # and --mpl-plan, MPL_PLAN defaulting to the GPU schedule)
+#                                    # and --mpl-plan, MPL_PLAN defaulting to the GPU schedule;
+#                                    # RESULTS_STATE=DIR to go on over several calls)
 #
 # Every mode but --prepare needs no Rust toolchain: it unpacks .gpu/bin.tar.xz (the binaries,
 # xz-compressed so that .gpu stays under the 64 MiB a device call carries) and uses the
@@ -100,10 +101,23 @@ fi
 
 if [ "$mode" = "--results" ]; then
   # One worker on cuda:0, the GPU schedule of Meta Pseudo Labels; the other plans as on CPU.
-  exec "$PYTHON" "$ROOT/benches/results_fashion_mnist.py" --seeds "${SEEDS:-0,1,2}" --workers 1 \
+  # RESULTS_STATE=DIR keeps the runs in DIR (as MPL_STATE for --mpl: a path that survives
+  # between calls while the device machine stays warm), so that a table longer than one
+  # call's limit is finished by the same call again (--reuse resumes each run where it
+  # stopped); results.json and the runs' plans and status files come back under
+  # $OUT/results either way.
+  results="$(realpath -m "${RESULTS_STATE:-$OUT/results}")"
+  code=0
+  "$PYTHON" "$ROOT/benches/results_fashion_mnist.py" --seeds "${SEEDS:-0,1,2}" --workers 1 \
     --device "$DEVICE" --bin-dir "$BIN" --data "$GPU_DIR/data" --reuse \
     ${METHODS:+--methods "$METHODS"} --split-seed "${SPLIT_SEED:-0}" \
-    --mpl-plan "${MPL_PLAN:-$ROOT/deploy/plans/fashion-mnist-mpl-gpu.toml}" --out "$OUT/results"
+    --mpl-plan "${MPL_PLAN:-$ROOT/deploy/plans/fashion-mnist-mpl-gpu.toml}" --out "$results" || code=$?
+  if [ "$results" != "$(realpath -m "$OUT/results")" ]; then
+    mkdir -p "$OUT/results"
+    (cd "$results" && find . -maxdepth 2 \( -name '*.json' -o -name '*.toml' \) \
+      ! -path './*/pseudo-labels/*' -exec cp --parents {} "$OUT/results/" \;) || true
+  fi
+  exit "$code"
 fi
 
 if [ "$mode" = "--mpl" ]; then
