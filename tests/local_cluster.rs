@@ -1476,6 +1476,29 @@ fn an_interrupted_noisy_student_training_resumes_from_its_save_exactly() {
                 && line.contains(&format!("role=\"{role}\"")),
             "resumed at step {step}: {line}"
         );
+        // The resumed attempt's reports say so (status shows them), its first 10 steps on.
+        let rows: Vec<serde_json::Value> =
+            std::fs::read_to_string(dir.path().join(format!("killed-{role}/run/metrics.jsonl")))
+                .expect("metrics.jsonl")
+                .lines()
+                .map(|line| serde_json::from_str(line).expect("a JSON line"))
+                .collect();
+        let resumed_report = rows
+            .iter()
+            .find(|row| {
+                row["event"] == "progress"
+                    && row["kind"].as_str().is_some_and(|kind| kind.contains(role))
+                    && row["metrics"]["resumed_from_step"].is_number()
+            })
+            .unwrap_or_else(|| panic!("no report of the resumed {role} training"));
+        assert_eq!(
+            (
+                resumed_report["step"].as_u64(),
+                resumed_report["metrics"]["resumed_from_step"].as_f64()
+            ),
+            (Some(step + 10), Some(step as f64)),
+            "{resumed_report}"
+        );
         for (model, (a, b)) in ["teacher", "student"]
             .iter()
             .zip(uninterrupted.iter().zip(&resumed))

@@ -921,7 +921,11 @@ fn train(
                 loss: Some(last_loss),
                 accuracy: Some(sums[1] / (steps_in_window * labeled_batch as u64) as f64),
                 images_per_second: steps_in_window as f64 * images_per_step / seconds,
-                metrics: Vec::new(),
+                // Status says when an attempt went on from a save.
+                metrics: match first_step {
+                    0 => Vec::new(),
+                    step => vec![("resumed_from_step".to_string(), step as f64)],
+                },
             };
             tracing::info!(
                 role = name,
