@@ -1343,6 +1343,11 @@ fn an_interrupted_mpl_joint_training_resumes_from_its_checkpoint_exactly() {
             first_resumed["metrics"]["student_test_accuracy"].is_number(),
             "{name}: {first_resumed}"
         );
+        assert_eq!(
+            first_resumed["metrics"]["resumed_from_step"].as_f64(),
+            Some(step as f64),
+            "{name}: {first_resumed}"
+        );
         for (model, (a, b)) in ["teacher", "student", "finetuned student"]
             .iter()
             .zip(uninterrupted.iter().zip(&resumed))

@@ -1004,6 +1004,9 @@ pub fn train_mpl(
                     .iter()
                     .flat_map(|evaluation| evaluation.metrics()),
             );
+            if first_step > 0 {
+                metrics.push(("resumed_from_step".to_string(), first_step as f64));
+            }
             tracing::info!(
                 step = step + 1,
                 total = mpl.steps,
