@@ -6,7 +6,7 @@ use std::time::Duration;
 
 use mentor_e2e::{
     start_coordinator, start_coordinator_on, start_worker, tiny_plan_with, try_status,
-    wait_for_or_explain, watch_run, workspace_root, Process,
+    wait_for_file, wait_for_or_explain, watch_run, workspace_root, Process,
 };
 use mentor_proto::coordinator::v1 as pb;
 
@@ -400,11 +400,7 @@ fn a_two_rank_training_resumes_from_its_save_exactly() {
         .dir
         .path()
         .join("run/checkpoints/round-1-teacher.resume.safetensors");
-    let deadline = std::time::Instant::now() + Duration::from_secs(300);
-    while !save.exists() {
-        assert!(std::time::Instant::now() < deadline, "no save after 300 s");
-        std::thread::sleep(Duration::from_millis(5));
-    }
+    wait_for_file(&save);
     doomed.child.kill().expect("kill a rank");
     let _ = doomed.child.wait();
     let replacement = interrupted.worker("c");

@@ -7,7 +7,8 @@ use std::time::Duration;
 use mentor_e2e::{
     binary, plan_with, run_on_two_workers, saved_state, start_coordinator, start_coordinator_on,
     start_coordinator_with, start_worker, status, tiny_plan_with, try_status, wait_for,
-    wait_for_or_explain, watch_run, workspace_root, Process, ONE_WORKER_SHORT_HEARTBEAT,
+    wait_for_file, wait_for_or_explain, watch_run, workspace_root, Process,
+    ONE_WORKER_SHORT_HEARTBEAT,
 };
 use mentor_labels::{read_round, ShardStore};
 
@@ -1174,14 +1175,7 @@ fn long_tiny_mpl_run(dir: &std::path::Path, stop: Stop) -> MplRun {
     let mut save_at_stop = None;
     let checkpoint = state_dir.join("checkpoints/mpl-joint.resume.safetensors");
     if stop != Stop::Not {
-        let deadline = std::time::Instant::now() + Duration::from_secs(300);
-        while !checkpoint.exists() {
-            assert!(
-                std::time::Instant::now() < deadline,
-                "no resume checkpoint after 300 s"
-            );
-            std::thread::sleep(Duration::from_millis(5));
-        }
+        wait_for_file(&checkpoint);
         if stop == Stop::Coordinator {
             // Frozen while no coordinator serves, so that it is still training when the next
             // one does.
@@ -1412,14 +1406,7 @@ fn long_tiny_noisy_student_run(
     let mut replacement = None;
     if let Some((role, snapshot)) = interrupt {
         let save = state_dir.join(format!("checkpoints/round-1-{role}.resume.safetensors"));
-        let deadline = std::time::Instant::now() + Duration::from_secs(300);
-        while !save.exists() {
-            assert!(
-                std::time::Instant::now() < deadline,
-                "no resume checkpoint after 300 s"
-            );
-            std::thread::sleep(Duration::from_millis(5));
-        }
+        wait_for_file(&save);
         first.child.kill().expect("kill the worker");
         let _ = first.child.wait();
         std::fs::copy(&save, snapshot).expect("copy the save");

@@ -101,6 +101,20 @@ pub fn wait_for_or_explain<T>(
     }
 }
 
+/// Waits (up to 300 s) for `path` to exist, looking every 5 ms: a save a test stops a
+/// training at as soon as it appears, while the training is still far from its end.
+pub fn wait_for_file(path: &Path) {
+    let deadline = Instant::now() + Duration::from_secs(300);
+    while !path.exists() {
+        assert!(
+            Instant::now() < deadline,
+            "no `{}` after 300 s",
+            path.display()
+        );
+        std::thread::sleep(Duration::from_millis(5));
+    }
+}
+
 /// The run state a coordinator saved in `state_dir` (`state.json`), as JSON.
 pub fn saved_state(state_dir: &Path) -> serde_json::Value {
     let text = std::fs::read_to_string(state_dir.join("state.json")).expect("state.json");

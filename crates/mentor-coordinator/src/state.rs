@@ -342,6 +342,17 @@ impl TaskRecord {
         }
     }
 
+    /// Back to the queue with its failures, losses and leaves forgotten (a run retried after
+    /// it failed: what failed it is taken to be fixed). How far its attempts got is kept.
+    pub fn requeue_afresh(&mut self) {
+        self.state = TaskState::Pending;
+        self.failures = 0;
+        self.losses = 0;
+        self.leaves = 0;
+        self.failed_on.clear();
+        self.group_losses.clear();
+    }
+
     /// Whether `worker` runs the current attempt `attempt` of this task.
     pub fn is_run_by(&self, worker: &WorkerId, attempt: u32) -> bool {
         self.attempts == attempt && self.workers().contains(worker)
@@ -1062,12 +1073,7 @@ impl RunState {
         )?;
         for task in self.tasks.values_mut() {
             if task.state != TaskState::Done {
-                task.state = TaskState::Pending;
-                task.failures = 0;
-                task.losses = 0;
-                task.leaves = 0;
-                task.failed_on.clear();
-                task.group_losses.clear();
+                task.requeue_afresh();
             }
         }
         self.outcome = RunOutcome::Running;
@@ -1096,12 +1102,7 @@ impl RunState {
         for task in self.tasks.values_mut() {
             if let TaskSpec::Label { shard_index, .. } = &task.spec {
                 if task.round == round && damaged.contains(shard_index) {
-                    task.state = TaskState::Pending;
-                    task.failures = 0;
-                    task.losses = 0;
-                    task.leaves = 0;
-                    task.failed_on.clear();
-                    task.group_losses.clear();
+                    task.requeue_afresh();
                     task.abandoned = None;
                 }
             }

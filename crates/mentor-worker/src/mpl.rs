@@ -28,7 +28,7 @@ use crate::dataset::{upload, Dataset};
 use crate::distributed::{buffers, Group};
 use crate::models::build;
 use crate::optim::Sgd;
-use crate::resume::ranks_agree_on_step;
+use crate::resume::{self, Loaded};
 use crate::tasks::{
     collective_error, learning_rate, model_config, save_checkpoint, test_counts, BackgroundSaver,
     Outcome, Progress,
@@ -597,20 +597,7 @@ impl<'a> Carried<'a> {
             return Ok(false);
         }
         for (prefix, vs) in &self.stores {
-            for (name, mut variable) in vs.variables() {
-                let key = format!("{prefix}/{name}");
-                let value = saved
-                    .get(&key)
-                    .ok_or_else(|| error(format!("`{key}` is missing")))?;
-                if value.size() != variable.size() {
-                    return Err(error(format!(
-                        "`{key}` has shape {:?}, the model {:?}",
-                        value.size(),
-                        variable.size()
-                    )));
-                }
-                tch::no_grad(|| variable.copy_(value));
-            }
+            resume::copy_variables(vs, &saved, prefix, error)?;
         }
         for (prefix, optimizer) in &mut self.optimizers {
             for index in 0..optimizer.buffers().len() {
@@ -667,22 +654,6 @@ impl Evaluation {
     }
 }
 
-/// Renames the resume checkpoint of another joint training to a free
-/// `mpl-joint.resume.other-N.safetensors` beside it, and returns that name.
-fn set_aside(checkpoint: &Path) -> Result<PathBuf, String> {
-    let aside = (1..)
-        .map(|n| checkpoint.with_file_name(format!("mpl-joint.resume.other-{n}.safetensors")))
-        .find(|path| !path.exists())
-        .expect("a free name");
-    std::fs::rename(checkpoint, &aside).map_err(|e| {
-        format!(
-            "failed to set aside the resume checkpoint `{}` of another joint training: {e}",
-            checkpoint.display()
-        )
-    })?;
-    Ok(aside)
-}
-
 /// Which joint training a resume checkpoint belongs to: its length and a fingerprint of the
 /// plan's settings that shape it. A save records the plan itself as well: a later build reads
 /// it again and fingerprints it as it does its own plan, so that a setting added since (with a
@@ -714,11 +685,7 @@ impl Identity {
             mpl.checkpoint_every = 1;
         }
         shaping.workers = Default::default();
-        let hash = |text: &str| {
-            text.bytes().fold(0xcbf2_9ce4_8422_2325u64, |hash, byte| {
-                (hash ^ byte as u64).wrapping_mul(0x0100_0000_01b3)
-            })
-        };
+        let hash = resume::fingerprint;
         let without_progress_timeout = |text: String| {
             text.lines()
                 .filter(|line| !line.starts_with("progress_timeout_seconds = "))
@@ -816,51 +783,29 @@ pub fn train_mpl(
     let mut saver = BackgroundSaver::default();
     let mut evaluation: Option<Evaluation> = None;
     if mpl.checkpoint_every > 0 {
-        let mut failure = None;
-        let mut foreign = false;
-        if checkpoint.exists() {
-            let loaded = Carried::new(
+        let found = match checkpoint.exists() {
+            false => Ok(Loaded::Nothing),
+            true => Carried::new(
                 &teacher_vs,
                 &student_vs,
                 ema.as_ref().map(|(vs, _)| vs),
                 &mut teacher_optimizer,
                 &mut student_optimizer,
             )
-            .load(&checkpoint, &mut state, &mut evaluation, &identity);
-            match loaded {
-                Ok(true) => tracing::info!(
-                    step = state.step,
-                    total = mpl.steps,
-                    checkpoint = %checkpoint.display(),
-                    "meta pseudo labels resumes its joint training"
-                ),
-                Ok(false) => foreign = true,
-                Err(error) => failure = Some(error),
-            }
-        }
-        // Every rank must continue from the same step (one file, seen by all). A rank that
-        // could not read the checkpoint makes every rank stop now.
-        let agree = ranks_agree_on_step(group, failure.is_none().then_some(state.step))
-            .map_err(collective_error)?;
-        if let Some(error) = failure {
-            return Err(format!(
-                "{error} (if the save is damaged, move it away to start the joint training over, then \
-                 start the coordinator again, with --retry-failed once the run has failed)"
-            ));
-        }
-        if !agree {
-            return Err(format!(
-                "the ranks do not resume from the same step of `{}` (workers need the run directory on a shared file system)",
-                checkpoint.display()
-            ));
-        }
-        if foreign && rank == 0 {
-            // Not this joint training's: kept aside, not overwritten by this one's first save.
-            let aside = set_aside(&checkpoint)?;
-            tracing::warn!(
+            .load(&checkpoint, &mut state, &mut evaluation, &identity)
+            .map(|loaded| match loaded {
+                true => Loaded::Step(state.step),
+                false => Loaded::Foreign,
+            })
+            .map_err(resume::damaged),
+        };
+        state.step = resume::agree_on_resume(&checkpoint, group, found)?;
+        if state.step > 0 {
+            tracing::info!(
+                step = state.step,
+                total = mpl.steps,
                 checkpoint = %checkpoint.display(),
-                kept_as = %aside.display(),
-                "the resume checkpoint belongs to another joint training (another plan in this directory); starting from step 0"
+                "meta pseudo labels resumes its joint training"
             );
         }
     }

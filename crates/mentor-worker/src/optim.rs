@@ -58,10 +58,7 @@ pub struct Sgd {
     /// variables' device: `addcmul_` with one of them is a scaled add in one kernel (three
     /// with a scratch copy). On a GPU the step of a small model is bound by its kernel count.
     factors: Factors,
-    /// libtorch's optimizer over the same variables, used only to clear their gradients:
-    /// its `zero_grad` drops them (set to none), which tch offers no other way to do; the
-    /// next backward then writes fresh gradients instead of adding into zeroed ones.
-    clearer: tch::COptimizer,
+    clearer: GradientClearer,
     learning_rate: f64,
     momentum: f64,
     weight_decay: f64,
@@ -79,11 +76,7 @@ impl Sgd {
         nesterov: bool,
     ) -> Result<Sgd, String> {
         let variables = vs.trainable_variables();
-        let error = |e: tch::TchError| format!("failed to build the optimizer: {e}");
-        let mut clearer = tch::COptimizer::sgd(0.0, 0.0, 0.0, 0.0, false).map_err(error)?;
-        for variable in &variables {
-            clearer.add_parameters(variable, 0).map_err(error)?;
-        }
+        let clearer = GradientClearer::new(&variables)?;
         let device = variables.first().map_or(tch::Device::Cpu, Tensor::device);
         let factor = |value: f64| Tensor::from(value as f32).to_device(device);
         Ok(Sgd {
@@ -112,15 +105,7 @@ impl Sgd {
     /// Drops the gradients (the next backward writes them afresh); zeroes them in place if
     /// libtorch cannot.
     pub fn zero_grad(&mut self) {
-        if self.clearer.zero_grad().is_err() {
-            for variable in &self.variables {
-                let mut grad = variable.grad();
-                if grad.defined() {
-                    let _ = grad.detach_();
-                    let _ = grad.zero_();
-                }
-            }
-        }
+        self.clearer.clear(&self.variables);
     }
 
     /// `d = g + wd * p` (weights), `buf = momentum * buf + d` (`d` on the first step), then
@@ -180,6 +165,38 @@ impl Sgd {
     }
 }
 
+/// Drops the gradients of an optimizer's variables (see [`Sgd::zero_grad`]): libtorch's
+/// optimizer over them, used for nothing else, whose `zero_grad` sets them to none, which tch
+/// offers no other way to do; the next backward then writes fresh gradients instead of adding
+/// into zeroed ones.
+#[derive(Debug)]
+struct GradientClearer(tch::COptimizer);
+
+impl GradientClearer {
+    fn new(variables: &[Tensor]) -> Result<GradientClearer, String> {
+        let error = |e: tch::TchError| format!("failed to build the optimizer: {e}");
+        let mut clearer = tch::COptimizer::sgd(0.0, 0.0, 0.0, 0.0, false).map_err(error)?;
+        for variable in variables {
+            clearer.add_parameters(variable, 0).map_err(error)?;
+        }
+        Ok(GradientClearer(clearer))
+    }
+
+    /// Drops the gradients of `variables` (those it was made over); zeroes them in place if
+    /// libtorch cannot.
+    fn clear(&mut self, variables: &[Tensor]) {
+        if self.0.zero_grad().is_err() {
+            for variable in variables {
+                let mut grad = variable.grad();
+                if grad.defined() {
+                    let _ = grad.detach_();
+                    let _ = grad.zero_();
+                }
+            }
+        }
+    }
+}
+
 /// The step's scalars as one-element f32 tensors (see [`Sgd`]).
 #[derive(Debug)]
 struct Factors {
@@ -199,7 +216,7 @@ pub struct Adam {
     /// First and second moment estimates, by variable (`None` before its first step).
     moments: Vec<Option<(Tensor, Tensor)>>,
     steps: u64,
-    clearer: tch::COptimizer,
+    clearer: GradientClearer,
     learning_rate: f64,
     weight_decay: f64,
 }
@@ -210,11 +227,7 @@ impl Adam {
 
     pub fn new(vs: &nn::VarStore, learning_rate: f64, weight_decay: f64) -> Result<Adam, String> {
         let variables = vs.trainable_variables();
-        let error = |e: tch::TchError| format!("failed to build the optimizer: {e}");
-        let mut clearer = tch::COptimizer::sgd(0.0, 0.0, 0.0, 0.0, false).map_err(error)?;
-        for variable in &variables {
-            clearer.add_parameters(variable, 0).map_err(error)?;
-        }
+        let clearer = GradientClearer::new(&variables)?;
         Ok(Adam {
             moments: variables.iter().map(|_| None).collect(),
             variables,
@@ -272,18 +285,9 @@ impl TrainOptimizer {
     }
 
     pub fn zero_grad(&mut self) {
-        let (clearer, variables) = match self {
-            TrainOptimizer::Sgd(sgd) => return sgd.zero_grad(),
-            TrainOptimizer::Adam(adam) => (&mut adam.clearer, &adam.variables),
-        };
-        if clearer.zero_grad().is_err() {
-            for variable in variables {
-                let mut grad = variable.grad();
-                if grad.defined() {
-                    let _ = grad.detach_();
-                    let _ = grad.zero_();
-                }
-            }
+        match self {
+            TrainOptimizer::Sgd(sgd) => sgd.zero_grad(),
+            TrainOptimizer::Adam(adam) => adam.clearer.clear(&adam.variables),
         }
     }
 
@@ -401,6 +405,31 @@ pub(crate) mod tests {
 
     /// A cnn with batch norm and a residual block: weights, biases and normalisation
     /// parameters of every kind.
+    /// The trainable values of `vs`, flattened in order.
+    fn values(vs: &nn::VarStore) -> Vec<f32> {
+        vs.trainable_variables()
+            .iter()
+            .flat_map(|t| Vec::<f32>::try_from(t.flatten(0, -1)).expect("values"))
+            .collect()
+    }
+
+    /// Six batches of four random 8x8 images, drawn after seeding the generator with `seed`.
+    fn inputs(seed: i64) -> Vec<Tensor> {
+        tch::manual_seed(seed);
+        (0..6)
+            .map(|_| Tensor::randn([4, 1, 8, 8], (Kind::Float, Device::Cpu)))
+            .collect()
+    }
+
+    /// The loss the optimizer tests train on.
+    fn loss(model: &Model, x: &Tensor) -> Tensor {
+        model
+            .forward_t(x, true)
+            .log_softmax(-1, Kind::Float)
+            .mean(Kind::Float)
+            .neg()
+    }
+
     pub(crate) fn small_cnn() -> ModelConfig {
         ModelConfig {
             model: ModelPlan::Cnn(CnnPlan {
@@ -493,12 +522,6 @@ pub(crate) mod tests {
         // The same starting point by copy: the global generator is shared with the tests that
         // run beside this one, so seeding it before each build would not give equal models.
         ours_vs.copy(&libtorch_vs).expect("copy");
-        let values = |vs: &nn::VarStore| {
-            vs.trainable_variables()
-                .iter()
-                .flat_map(|t| Vec::<f32>::try_from(t.flatten(0, -1)).expect("values"))
-                .collect::<Vec<f32>>()
-        };
         let initial = values(&libtorch_vs);
         let mut libtorch = build_optimizer(
             &libtorch_vs,
@@ -513,17 +536,7 @@ pub(crate) mod tests {
         .expect("optimizer");
         let mut ours = Sgd::new(&ours_vs, rate, momentum, wd, true).expect("optimizer");
         let mut resumed: Option<Sgd> = None;
-        tch::manual_seed(4);
-        let inputs: Vec<Tensor> = (0..6)
-            .map(|_| Tensor::randn([4, 1, 8, 8], (Kind::Float, Device::Cpu)))
-            .collect();
-        let loss = |model: &Model, x: &Tensor| {
-            model
-                .forward_t(x, true)
-                .log_softmax(-1, Kind::Float)
-                .mean(Kind::Float)
-                .neg()
-        };
+        let inputs = inputs(4);
         for (step, x) in inputs.iter().enumerate() {
             libtorch.zero_grad();
             loss(&libtorch_model, x).backward();
@@ -565,23 +578,7 @@ pub(crate) mod tests {
     #[test]
     fn adam_matches_libtorch_and_both_optimizers_resume_from_their_state() {
         let config = small_cnn();
-        let values = |vs: &nn::VarStore| {
-            vs.trainable_variables()
-                .iter()
-                .flat_map(|t| Vec::<f32>::try_from(t.flatten(0, -1)).expect("values"))
-                .collect::<Vec<f32>>()
-        };
-        tch::manual_seed(5);
-        let inputs: Vec<Tensor> = (0..6)
-            .map(|_| Tensor::randn([4, 1, 8, 8], (Kind::Float, Device::Cpu)))
-            .collect();
-        let loss = |model: &Model, x: &Tensor| {
-            model
-                .forward_t(x, true)
-                .log_softmax(-1, Kind::Float)
-                .mean(Kind::Float)
-                .neg()
-        };
+        let inputs = inputs(5);
         // Every model starts from the same variables, by copy.
         let start = nn::VarStore::new(Device::Cpu);
         let _ = build(&start.root(), &config);

@@ -17,6 +17,7 @@ use tch::{nn, Tensor};
 
 use crate::distributed::Group;
 use crate::optim::TrainOptimizer;
+use crate::tasks::{collective_error, GROUP_FAILED};
 
 /// The resume save of the training whose output is `output`, shared by the task's attempts:
 /// `round-1-teacher.resume.safetensors` for `round-1-teacher.attempt-2.safetensors`.
@@ -48,12 +49,10 @@ impl Identity {
     /// The identity of a training of `steps` steps described by `shaping` (the text of what
     /// shapes it).
     pub fn new(steps: u64, shaping: &str) -> Identity {
-        let fingerprint = shaping
-            .bytes()
-            .fold(0xcbf2_9ce4_8422_2325u64, |hash, byte| {
-                (hash ^ byte as u64).wrapping_mul(0x0100_0000_01b3)
-            });
-        Identity { steps, fingerprint }
+        Identity {
+            steps,
+            fingerprint: fingerprint(shaping),
+        }
     }
 
     fn meta(&self, step: u64) -> Tensor {
@@ -64,6 +63,39 @@ impl Identity {
             (self.fingerprint & 0xffff_ffff) as f64,
         ])
     }
+}
+
+/// FNV-1a of `text`: what identities of trainings compare (stable across builds and machines,
+/// unlike the standard library's hasher).
+pub(crate) fn fingerprint(text: &str) -> u64 {
+    text.bytes().fold(0xcbf2_9ce4_8422_2325u64, |hash, byte| {
+        (hash ^ byte as u64).wrapping_mul(0x0100_0000_01b3)
+    })
+}
+
+/// Copies the tensors `saved` holds under `<prefix>/<name>` into the variables of `vs` (every
+/// one must be there, in its shape); `error` makes the message of what is wrong.
+pub(crate) fn copy_variables(
+    vs: &nn::VarStore,
+    saved: &HashMap<String, Tensor>,
+    prefix: &str,
+    error: impl Fn(String) -> String,
+) -> Result<(), String> {
+    for (name, mut variable) in vs.variables() {
+        let key = format!("{prefix}/{name}");
+        let value = saved
+            .get(&key)
+            .ok_or_else(|| error(format!("`{key}` is missing")))?;
+        if value.size() != variable.size() {
+            return Err(error(format!(
+                "`{key}` has shape {:?}, the model {:?}",
+                value.size(),
+                variable.size()
+            )));
+        }
+        tch::no_grad(|| variable.copy_(value));
+    }
+    Ok(())
 }
 
 /// The named tensors of a save after `step` steps (the variables themselves, not copies: the
@@ -121,20 +153,7 @@ pub fn load(
     if meta[1] != identity.steps as f64 || fingerprint != identity.fingerprint {
         return Ok(Loaded::Foreign);
     }
-    for (name, mut variable) in vs.variables() {
-        let key = format!("model/{name}");
-        let value = saved
-            .get(&key)
-            .ok_or_else(|| error(format!("`{key}` is missing")))?;
-        if value.size() != variable.size() {
-            return Err(error(format!(
-                "`{key}` has shape {:?}, the model {:?}",
-                value.size(),
-                variable.size()
-            )));
-        }
-        tch::no_grad(|| variable.copy_(value));
-    }
+    copy_variables(vs, &saved, "model", error)?;
     let state: Vec<(String, &Tensor)> = saved
         .iter()
         .filter_map(|(key, value)| Some((key.strip_prefix("optimizer/")?.to_string(), value)))
@@ -143,9 +162,67 @@ pub fn load(
     Ok(Loaded::Step(meta[0] as u64))
 }
 
+/// `error`, reading a save, with what to do about it.
+pub fn damaged(error: String) -> String {
+    format!(
+        "{error} (if the save is damaged, move it away to start the training over, then start \
+         the coordinator again, with --retry-failed once the run has failed)"
+    )
+}
+
+/// The step every rank of `group` goes on from, given what this rank `found` at `path` (its
+/// save loaded, or this rank's error as the task's message). A rank that could not read the
+/// save fails with its error, the others with their group's; ranks that found different steps
+/// all fail; another training's save is set aside by rank 0 and every rank starts from step
+/// 0. Every rank meets the others the same number of times whatever it found, so that none is
+/// left waiting in a collective.
+pub fn agree_on_resume(
+    path: &Path,
+    group: &mut Group,
+    found: Result<Loaded, String>,
+) -> Result<u64, String> {
+    let mut failed = [f64::from(u8::from(found.is_err()))];
+    group
+        .all_reduce_scalars(&mut failed)
+        .map_err(collective_error)?;
+    let found = found?;
+    if failed[0] > 0.0 {
+        return Err(format!(
+            "{GROUP_FAILED}another rank failed to read the resume save `{}` or what the training \
+             resumes from (its log says why)",
+            path.display()
+        ));
+    }
+    let step = match found {
+        Loaded::Step(step) => step,
+        Loaded::Nothing | Loaded::Foreign => 0,
+    };
+    // One file, seen by all.
+    if !ranks_agree_on_step(group, Some(step)).map_err(collective_error)? {
+        return Err(format!(
+            "the ranks do not resume from the same step of `{}` (workers need the run directory on a shared file system)",
+            path.display()
+        ));
+    }
+    // After the ranks' last meeting: a rank leaving early would leave the others waiting in
+    // the training's first collective.
+    if found == Loaded::Foreign && group.rank == 0 {
+        match set_aside(path) {
+            Ok(aside) => tracing::warn!(
+                checkpoint = %path.display(),
+                kept_as = %aside.display(),
+                "the resume checkpoint belongs to another training (another plan, or other inputs, in this directory); starting from step 0"
+            ),
+            // This training's first save replaces it.
+            Err(error) => tracing::warn!(%error, "starting from step 0"),
+        }
+    }
+    Ok(step)
+}
+
 /// Renames the save of another training to a free `<stem>.other-N.safetensors` beside it, and
 /// returns that name.
-pub fn set_aside(checkpoint: &Path) -> Result<PathBuf, String> {
+fn set_aside(checkpoint: &Path) -> Result<PathBuf, String> {
     let stem = checkpoint
         .file_name()
         .and_then(|name| name.to_str())
@@ -167,7 +244,10 @@ pub fn set_aside(checkpoint: &Path) -> Result<PathBuf, String> {
 /// Whether every rank of the group holds `step`, rank 0's (`None`: this rank has none, and
 /// every rank answers false). Rank 0's step is broadcast (exact in f32 below 2^24 steps) and
 /// the ranks that differ are counted.
-pub fn ranks_agree_on_step(group: &mut Group, step: Option<u64>) -> Result<bool, CollectiveError> {
+pub(crate) fn ranks_agree_on_step(
+    group: &mut Group,
+    step: Option<u64>,
+) -> Result<bool, CollectiveError> {
     let own = step.map_or(f64::NAN, |step| step as f32 as f64);
     let mut first = [own];
     group.broadcast_scalars(&mut first, 0)?;

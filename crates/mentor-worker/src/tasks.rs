@@ -556,6 +556,27 @@ impl BackgroundSaver {
         Ok(())
     }
 
+    /// As [`BackgroundSaver::save`], for saves a task can do without (a training's resume
+    /// save): the previous save's error, or this one's failing to start, is logged, and this
+    /// save is made all the same.
+    pub(crate) fn save_or_warn(
+        &mut self,
+        tensors: impl IntoIterator<Item = (String, Tensor)>,
+        output: &Path,
+    ) {
+        self.finish_or_warn();
+        if let Err(error) = self.save(tensors, output) {
+            tracing::warn!(%error, "a save failed; the task goes on");
+        }
+    }
+
+    /// Waits for the save in progress, if any, and logs its error.
+    pub(crate) fn finish_or_warn(&mut self) {
+        if let Err(error) = self.finish() {
+            tracing::warn!(%error, "a save failed; the task goes on");
+        }
+    }
+
     /// Waits for the save in progress, if any; its error.
     pub(crate) fn finish(&mut self) -> Result<(), String> {
         match self.pending.take() {
@@ -952,15 +973,8 @@ fn train(
                 // A save that fails (a full disk, say) costs what it would have kept, not the
                 // training: it goes on, and says so (and the next save is tried all the same).
                 if rank == 0 {
-                    if let Err(error) = saver.finish() {
-                        tracing::warn!(role = name, round, %error, "a resume save failed; the training goes on");
-                    }
-                    if let Err(error) = saver.save(
-                        resume::tensors(&vs, &optimizer, identity, step + 1),
-                        &resume_path,
-                    ) {
-                        tracing::warn!(role = name, round, %error, "a resume save failed; the training goes on");
-                    }
+                    let tensors = resume::tensors(&vs, &optimizer, identity, step + 1);
+                    saver.save_or_warn(tensors, &resume_path);
                 }
             }
         }
@@ -971,9 +985,7 @@ fn train(
         .average_buffers(&buffers(&vs))
         .map_err(collective_error)?;
     if rank == 0 {
-        if let Err(error) = saver.finish() {
-            tracing::warn!(role = name, round, %error, "a resume save failed");
-        }
+        saver.finish_or_warn();
         // The coordinator removes the resume save once it takes this model: until then a
         // next attempt (this one's result lost) resumes from it.
         save_checkpoint(&vs, output)?;
@@ -1052,63 +1064,11 @@ fn resume_training(
     identity: &Result<resume::Identity, String>,
     group: &mut Group,
 ) -> Result<u64, String> {
-    let mut step = 0;
-    let mut failure = None;
-    let mut foreign = false;
     // What the training reads to know itself (see `training_identity`), then the save.
-    match identity {
-        Err(error) => failure = Some(error.clone()),
-        Ok(identity) => match resume::load(path, vs, optimizer, identity) {
-            Ok(resume::Loaded::Step(saved)) => step = saved,
-            Ok(resume::Loaded::Nothing) => {}
-            Ok(resume::Loaded::Foreign) => foreign = true,
-            Err(error) => {
-                failure = Some(format!(
-                    "{error} (if the save is damaged, move it away to start the training over, \
-                     then start the coordinator again, with --retry-failed once the run has \
-                     failed)"
-                ))
-            }
-        },
-    }
-    // A rank that could not read the save makes every rank stop now: its own failure, the
-    // others' their group's.
-    let mut failed = [f64::from(u8::from(failure.is_some()))];
-    group
-        .all_reduce_scalars(&mut failed)
-        .map_err(collective_error)?;
-    if let Some(error) = failure {
-        return Err(error);
-    }
-    if failed[0] > 0.0 {
-        return Err(format!(
-            "{GROUP_FAILED}another rank failed to read the resume save `{}` or what the training \
-             resumes from (its log says why)",
-            path.display()
-        ));
-    }
-    // Every rank must go on from the same step (one file, seen by all).
-    let agree = resume::ranks_agree_on_step(group, Some(step)).map_err(collective_error)?;
-    if !agree {
-        return Err(format!(
-            "the ranks do not resume from the same step of `{}` (workers need the run directory on a shared file system)",
-            path.display()
-        ));
-    }
-    // After the ranks' last meeting here: a rank leaving early would leave the others
-    // waiting in the training's first collective.
-    if foreign && group.rank == 0 {
-        match resume::set_aside(path) {
-            Ok(aside) => tracing::warn!(
-                checkpoint = %path.display(),
-                kept_as = %aside.display(),
-                "the resume checkpoint belongs to another training (another plan or other pseudo labels in this directory); starting from step 0"
-            ),
-            // The first save replaces it.
-            Err(error) => tracing::warn!(%error, "starting from step 0"),
-        }
-    }
-    Ok(step)
+    let found = identity
+        .clone()
+        .and_then(|identity| resume::load(path, vs, optimizer, &identity).map_err(resume::damaged));
+    resume::agree_on_resume(path, group, found)
 }
 
 /// Accuracy and mean cross-entropy of a model on the plan's test images (eval mode, no noise),

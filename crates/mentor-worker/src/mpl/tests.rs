@@ -10,6 +10,7 @@ use tch::{Device, Kind, Tensor};
 use super::*;
 use crate::distributed::on_ring;
 use crate::models::{build, ModelConfig};
+use crate::resume::ranks_agree_on_step;
 
 fn config(mpl_weight: f64, sign: MplSign) -> MplConfig {
     MplConfig {
