@@ -5,8 +5,8 @@ use std::path::Path;
 use std::time::Duration;
 
 use mentor_e2e::{
-    binary, plan_with, run_on_two_workers, saved_state, start_coordinator, start_coordinator_on,
-    start_coordinator_with, start_worker, status, tiny_plan_with, try_status, wait_for,
+    binary, plan_with, run_on_two_workers, saved_state, start_coordinator, start_coordinator_in,
+    start_coordinator_on, start_coordinator_with, start_worker, start_worker_in, status, tiny_plan_with, try_status, wait_for,
     wait_for_file, wait_for_or_explain, watch_run, workspace_root, Process,
     ONE_WORKER_SHORT_HEARTBEAT,
 };
@@ -17,14 +17,26 @@ fn tiny_plan_runs_two_rounds_on_two_worker_processes() {
     let runtime = tokio::runtime::Runtime::new().expect("runtime");
     let dir = tempfile::tempdir().expect("tempdir");
     let state_dir = dir.path().join("run");
-    let plan = workspace_root().join("deploy/plans/tiny.toml");
-    let (mut coordinator, address) = start_coordinator(&plan, &state_dir);
+    // The plan's data and soft-label store are named relative to where the coordinator runs;
+    // the workers run elsewhere (as on other machines) and are sent absolute paths.
+    let tiny = tiny_plan_with(&[]);
+    std::os::unix::fs::symlink(plan_data_dir(&tiny), dir.path().join("data")).expect("symlink");
+    let plan = dir.path().join("tiny.toml");
+    let relative = tiny_plan_with(&[
+        ("dir = \"/usr/share/datasets/fashion-mnist\"", "dir = \"data\""),
+        ("[pseudo_labels]\n", "[pseudo_labels]\nstorage = \"run/pseudo-labels\"\n"),
+    ]);
+    std::fs::write(&plan, relative).expect("write plan");
+    let (mut coordinator, address) =
+        start_coordinator_in(&plan, "127.0.0.1:0", &state_dir, &[], dir.path());
+    let elsewhere = dir.path().join("elsewhere");
+    std::fs::create_dir(&elsewhere).expect("elsewhere");
     // The second worker is given the address as the coordinator's --listen takes it, without
     // `http://`.
     let bare_address = address.strip_prefix("http://").expect("an http:// address");
     let mut workers = vec![
-        start_worker(&address, dir.path().join("worker-1.log")),
-        start_worker(bare_address, dir.path().join("worker-2.log")),
+        start_worker_in(&address, dir.path().join("worker-1.log"), &elsewhere),
+        start_worker_in(bare_address, dir.path().join("worker-2.log"), &elsewhere),
     ];
 
     let mut seen_workers_busy = 0;
@@ -53,6 +65,17 @@ fn tiny_plan_runs_two_rounds_on_two_worker_processes() {
     );
     assert_eq!(final_status.method, "noisy-student");
     assert_eq!(final_status.workers.len(), 2);
+    // The run records the absolute paths it sent.
+    let recorded = saved_state(&state_dir)["plan_toml"]
+        .as_str()
+        .expect("plan_toml")
+        .to_string();
+    let absolute = |path: &str| dir.path().join(path).display().to_string();
+    assert!(
+        recorded.contains(&format!("dir = \"{}\"", absolute("data")))
+            && recorded.contains(&format!("storage = \"{}\"", absolute("run/pseudo-labels"))),
+        "{recorded}"
+    );
     assert_eq!(
         seen_workers_busy, 2,
         "labeling tasks were never spread over both workers"
@@ -221,6 +244,7 @@ fn tiny_plan_runs_two_rounds_on_two_worker_processes() {
     let student = state_dir.join("checkpoints/round-2-student.safetensors");
     let predict = |extra: &[&str]| {
         let output = std::process::Command::new(binary("predict"))
+            .current_dir(dir.path())
             .args(["--plan", plan.to_str().expect("utf-8"), "--round", "2"])
             .arg("--checkpoint")
             .arg(&student)

@@ -49,8 +49,14 @@ impl Process {
     }
 
     pub fn start(program: &Path, args: &[&str], log: PathBuf) -> Process {
+        Process::start_in(program, args, log, Path::new("."))
+    }
+
+    /// [`Process::start`] in the working directory `dir`.
+    pub fn start_in(program: &Path, args: &[&str], log: PathBuf, dir: &Path) -> Process {
         let file = std::fs::File::create(&log).expect("log file");
         let child = Command::new(program)
+            .current_dir(dir)
             .args(args)
             .stdout(Stdio::from(file.try_clone().expect("clone log")))
             .stderr(Stdio::from(file))
@@ -145,6 +151,17 @@ pub fn start_coordinator_with(
     state_dir: &Path,
     extra: &[&str],
 ) -> (Process, String) {
+    start_coordinator_in(plan, listen, state_dir, extra, Path::new("."))
+}
+
+/// [`start_coordinator_with`] in the working directory `dir`.
+pub fn start_coordinator_in(
+    plan: &Path,
+    listen: &str,
+    state_dir: &Path,
+    extra: &[&str],
+    dir: &Path,
+) -> (Process, String) {
     let _ = std::fs::remove_file(state_dir.join("coordinator.addr"));
     let mut args = vec![
         "--plan",
@@ -155,10 +172,11 @@ pub fn start_coordinator_with(
         state_dir.to_str().expect("utf-8 path"),
     ];
     args.extend_from_slice(extra);
-    let mut coordinator = Process::start(
+    let mut coordinator = Process::start_in(
         &binary("coordinator"),
         &args,
         state_dir.with_extension(format!("coordinator-{}.log", unique())),
+        dir,
     );
     let address = wait_for(
         "the coordinator's address file",
@@ -180,7 +198,12 @@ pub fn start_coordinator_with(
 
 /// Starts a CPU worker with one libtorch thread.
 pub fn start_worker(address: &str, log: PathBuf) -> Process {
-    Process::start(
+    start_worker_in(address, log, Path::new("."))
+}
+
+/// [`start_worker`] in the working directory `dir`.
+pub fn start_worker_in(address: &str, log: PathBuf, dir: &Path) -> Process {
+    Process::start_in(
         &binary("worker"),
         &[
             "--coordinator",
@@ -191,6 +214,7 @@ pub fn start_worker(address: &str, log: PathBuf) -> Process {
             "1",
         ],
         log,
+        dir,
     )
 }
 

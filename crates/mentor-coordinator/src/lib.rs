@@ -260,7 +260,11 @@ fn reopen(
         // settings decide.
         // `data.dir` says where the data is, not what it is: a run moved to another
         // machine reads the same files from wherever they are there.
-        let difference = match Plan::from_recorded_toml(&state.plan_toml) {
+        // A run recorded with relative paths (by an earlier build) read them where its
+        // coordinator runs, as they are read now.
+        let recorded = Plan::from_recorded_toml(&state.plan_toml)
+            .and_then(Plan::with_absolute_paths);
+        let difference = match recorded {
             Ok(recorded) => {
                 let listing_recorded = state.unlabeled_fingerprint.is_some();
                 let mut recorded = with_free_settings_of(recorded, plan, listing_recorded);
@@ -705,6 +709,11 @@ impl Coordinator {
             reason,
         };
         let run_dir = run_dir.to_path_buf();
+        // Recorded and sent to workers as absolute paths: a worker started in another
+        // directory, or on another machine, reads the same places.
+        let plan = plan
+            .with_absolute_paths()
+            .map_err(CoordinatorError::PlanData)?;
         let labels = mentor_data::load_train_labels(&plan.data.dir)?;
         let split = mentor_data::Split::new(&labels, 0, &plan.data, plan.split_seed())?;
         // A model that cannot take the images would fail its first task, after the wait for

@@ -907,6 +907,28 @@ impl Plan {
         self
     }
 
+    /// The plan with its local paths made absolute where it is read (`data.dir`,
+    /// `data.unlabeled.path`, a `pseudo_labels.storage` that is not a URL): workers are sent
+    /// the plan and run in other directories, on other machines, so a relative path would
+    /// name another place there. `teacher.checkpoint` keeps its form (the coordinator resolves
+    /// it itself and records its digest).
+    pub fn with_absolute_paths(mut self) -> Result<Plan, PlanError> {
+        let absolute = |field: &str, path: &Path| {
+            std::path::absolute(path).map_err(|e| invalid(field, format!("`{}`: {e}", path.display())))
+        };
+        self.data.dir = absolute("data.dir", &self.data.dir)?;
+        if let Some(path) = &self.data.unlabeled.path {
+            self.data.unlabeled.path = Some(absolute("data.unlabeled.path", path)?);
+        }
+        if let Some(storage) = &self.pseudo_labels.storage {
+            if !storage.contains("://") {
+                let path = absolute("pseudo_labels.storage", Path::new(storage))?;
+                self.pseudo_labels.storage = Some(path.display().to_string());
+            }
+        }
+        Ok(self)
+    }
+
     /// Whether `plan` is this run's plan but for the settings a resumed run may change
     /// ([`Plan::with_free_settings_of`]): a worker of the run may go on under it.
     pub fn same_run_as(&self, plan: &Plan) -> bool {

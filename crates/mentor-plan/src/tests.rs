@@ -942,3 +942,36 @@ fn stores_that_cannot_serve_a_run_are_refused() {
         assert!(error_of(&plan).contains(refusal), "{}", error_of(&plan));
     }
 }
+
+/// Local paths are made absolute where the plan is read; a store URL and the teacher's
+/// checkpoint keep their form.
+#[test]
+fn local_paths_are_made_absolute_where_the_plan_is_read() {
+    let text = tiny_with(
+        "dir = \"/usr/share/datasets/fashion-mnist\"",
+        "dir = \"data\"\nunlabeled = { format = \"image-folder\", path = \"images\" }",
+    )
+    .replace("[pseudo_labels]\n", "[pseudo_labels]\nstorage = \"labels\"\n");
+    let here = std::env::current_dir().expect("current dir");
+    let plan = Plan::from_toml_str(&text)
+        .expect("plan")
+        .with_absolute_paths()
+        .expect("absolute");
+    assert_eq!(plan.data.dir, here.join("data"));
+    assert_eq!(plan.data.unlabeled.path, Some(here.join("images")));
+    assert_eq!(
+        plan.pseudo_labels.storage,
+        Some(here.join("labels").display().to_string())
+    );
+    // Already absolute: unchanged, as is a URL.
+    assert_eq!(plan.clone().with_absolute_paths().expect("again"), plan);
+    let text = text.replace("storage = \"labels\"", "storage = \"s3://bucket/labels\"");
+    let plan = Plan::from_toml_str(&text)
+        .expect("plan")
+        .with_absolute_paths()
+        .expect("absolute");
+    assert_eq!(
+        plan.pseudo_labels.storage.as_deref(),
+        Some("s3://bucket/labels")
+    );
+}
