@@ -6,9 +6,9 @@ use std::time::Duration;
 
 use mentor_e2e::{
     binary, plan_with, run_on_two_workers, saved_state, start_coordinator, start_coordinator_in,
-    start_coordinator_on, start_coordinator_with, start_worker, start_worker_in, status, tiny_plan_with, try_status, wait_for,
-    wait_for_file, wait_for_or_explain, watch_run, workspace_root, Process,
-    ONE_WORKER_SHORT_HEARTBEAT,
+    start_coordinator_on, start_coordinator_with, start_worker, start_worker_in, status,
+    tiny_plan_with, try_status, wait_for, wait_for_file, wait_for_or_explain, watch_run,
+    workspace_root, Process, ONE_WORKER_SHORT_HEARTBEAT,
 };
 use mentor_labels::{read_round, ShardStore};
 
@@ -23,8 +23,14 @@ fn tiny_plan_runs_two_rounds_on_two_worker_processes() {
     std::os::unix::fs::symlink(plan_data_dir(&tiny), dir.path().join("data")).expect("symlink");
     let plan = dir.path().join("tiny.toml");
     let relative = tiny_plan_with(&[
-        ("dir = \"/usr/share/datasets/fashion-mnist\"", "dir = \"data\""),
-        ("[pseudo_labels]\n", "[pseudo_labels]\nstorage = \"run/pseudo-labels\"\n"),
+        (
+            "dir = \"/usr/share/datasets/fashion-mnist\"",
+            "dir = \"data\"",
+        ),
+        (
+            "[pseudo_labels]\n",
+            "[pseudo_labels]\nstorage = \"run/pseudo-labels\"\n",
+        ),
     ]);
     std::fs::write(&plan, relative).expect("write plan");
     let (mut coordinator, address) =

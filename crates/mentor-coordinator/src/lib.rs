@@ -262,8 +262,8 @@ fn reopen(
         // machine reads the same files from wherever they are there.
         // A run recorded with relative paths (by an earlier build) read them where its
         // coordinator runs, as they are read now.
-        let recorded = Plan::from_recorded_toml(&state.plan_toml)
-            .and_then(Plan::with_absolute_paths);
+        let recorded =
+            Plan::from_recorded_toml(&state.plan_toml).and_then(Plan::with_absolute_paths);
         let difference = match recorded {
             Ok(recorded) => {
                 let listing_recorded = state.unlabeled_fingerprint.is_some();
@@ -352,11 +352,12 @@ pub fn resume_save(output: &Path) -> PathBuf {
 /// Moves the checkpoints attempt `attempt` of a training task wrote into their places, and
 /// removes the save the training resumed from (its model is in place now); the checkpoint its
 /// result names (the student's).
-fn publish_outputs(spec: &TaskSpec, attempt: u32) -> Result<PathBuf, String> {
+fn publish_outputs(spec: &TaskSpec, attempt: u32) -> Result<Published, String> {
     let outputs = spec.outputs();
     let Some(named) = outputs.last() else {
         return Err("a result of training for a task that does not train".into());
     };
+    let mut leftovers = Vec::new();
     for output in &outputs {
         let written = attempt_output(output, attempt);
         mentor_labels::durable::publish(&written, output).map_err(|e| {
@@ -368,17 +369,27 @@ fn publish_outputs(spec: &TaskSpec, attempt: u32) -> Result<PathBuf, String> {
         })?;
         // Earlier attempts' files, given up, are of no use (best effort: an attempt still
         // running somewhere may leave its own later).
-        for earlier in 1..attempt {
-            let _ = std::fs::remove_file(attempt_output(output, earlier));
-        }
-        mentor_labels::durable::remove_if_there(&resume_save(output));
+        leftovers.extend((1..attempt).map(|earlier| attempt_output(output, earlier)));
+        leftovers.push(resume_save(output));
     }
     if let TaskSpec::TrainMpl { teacher_output, .. } = spec {
         // The joint training's save (the worker's `mpl::resume_path`).
-        let joint = teacher_output.with_file_name("mpl-joint.resume.safetensors");
-        mentor_labels::durable::remove_if_there(&joint);
+        leftovers.push(teacher_output.with_file_name("mpl-joint.resume.safetensors"));
     }
-    Ok(named.to_path_buf())
+    Ok(Published {
+        checkpoint: named.to_path_buf(),
+        leftovers,
+    })
+}
+
+/// A training's checkpoints put in place by [`publish_outputs`].
+struct Published {
+    /// The checkpoint the result names (the last output).
+    checkpoint: PathBuf,
+    /// What the training left that is of no use once the state records its result: earlier
+    /// attempts' checkpoints and its resume saves. Removed only after that state is saved: a
+    /// coordinator stopped before the save runs the task again, and it resumes from its save.
+    leftovers: Vec<PathBuf>,
 }
 
 /// Rebases the paths the selection files of a run moved from `from` to `run_dir` record (the
@@ -574,6 +585,9 @@ pub struct Coordinator {
     last_save: Option<(Instant, Duration, usize)>,
     /// Saves made or tried (for `bench-scheduler`).
     saves: u64,
+    /// Files of finished trainings to remove once the state that records them is saved (see
+    /// [`Published::leftovers`]).
+    leftovers: Vec<PathBuf>,
     /// States this large (bytes) or larger save labeling changes in groups (see
     /// [`Coordinator::persist_soon`]); [`GROUP_SAVES_FROM`] but in tests.
     group_saves_from: usize,
@@ -880,6 +894,7 @@ impl Coordinator {
             unsaved: false,
             last_save: None,
             saves: 0,
+            leftovers: Vec::new(),
             group_saves_from: GROUP_SAVES_FROM,
         };
         if let Err(error) = coordinator.persist() {
@@ -951,6 +966,9 @@ impl Coordinator {
             Ok(bytes) => {
                 self.unsaved = false;
                 self.last_save = Some((ended, ended - began, bytes));
+                for leftover in std::mem::take(&mut self.leftovers) {
+                    mentor_labels::durable::remove_if_there(&leftover);
+                }
                 if self.save_error.take().is_some() {
                     tracing::info!(run = %self.state.run_id, "the run state is saved again: tasks are handed out again");
                 }
@@ -977,7 +995,11 @@ impl Coordinator {
     /// Every other change is saved at once, and saves those waiting with it.
     fn persist_soon(&mut self, now: Instant) {
         self.unsaved = true;
-        if self.save_error.is_some() || self.save_due(now) {
+        if self.save_error.is_some() {
+            if !self.save_failed_lately(now) {
+                self.persist_or_log();
+            }
+        } else if self.save_due(now) {
             self.persist_or_log();
         }
     }
@@ -1008,15 +1030,19 @@ impl Coordinator {
     /// calls it every [`SAVE_CHECK_INTERVAL`]; the coordinator's last save, as it exits,
     /// saves the rest.
     pub fn save_if_due(&mut self, now: Instant) {
-        // A save that failed (a full disk) is tried again a second later, not at every call:
-        // each rewrites the whole state under the coordinator's lock.
-        let failed_lately = self.save_error.is_some()
-            && self
-                .save_failed_at
-                .is_some_and(|at| now.saturating_duration_since(at) < Duration::from_secs(1));
-        if self.unsaved && !failed_lately && self.save_due(now) {
+        if self.unsaved && !self.save_failed_lately(now) && self.save_due(now) {
             self.persist_or_log();
         }
+    }
+
+    /// Whether the last save failed (a full disk) less than a second ago: it is tried again a
+    /// second later, not at every call, each of which would rewrite the whole state under the
+    /// coordinator's lock.
+    fn save_failed_lately(&self, now: Instant) -> bool {
+        self.save_error.is_some()
+            && self
+                .save_failed_at
+                .is_some_and(|at| now.saturating_duration_since(at) < Duration::from_secs(1))
     }
 
     /// Why the run hands out no task now, for status: the state cannot be saved, or training
@@ -1259,7 +1285,9 @@ impl Coordinator {
             return Ok(TaskReply::RetryAfter(Duration::from_millis(200)));
         }
         if self.save_error.is_some() {
-            self.persist_or_log();
+            if !self.save_failed_lately(now) {
+                self.persist_or_log();
+            }
             if self.save_error.is_some() {
                 return Ok(TaskReply::RetryAfter(Duration::from_secs(1)));
             }
@@ -1645,7 +1673,8 @@ impl Coordinator {
         // The result of an attempt a coordinator restart left running, sent again by its rank 0
         // under its new id: taken while no other attempt has started, and only with its files
         // (a restart between their publication and the save of the state that records it leaves
-        // none: the task then runs again, nothing counted).
+        // none: the task then runs again, nothing counted, from the resume save it left, which
+        // is removed only after that save).
         // (The files are looked at only for a task a restart left running.)
         let left_with_its_files = |record: &state::TaskRecord| {
             record.abandoned.is_some()
@@ -1683,10 +1712,13 @@ impl Coordinator {
                 if record.workers().first() == Some(id) =>
             {
                 match publish_outputs(&record.spec, attempt) {
-                    Ok(checkpoint) => TaskOutcome::Trained {
-                        checkpoint,
-                        final_loss,
-                    },
+                    Ok(published) => {
+                        self.leftovers.extend(published.leftovers);
+                        TaskOutcome::Trained {
+                            checkpoint: published.checkpoint,
+                            final_loss,
+                        }
+                    }
                     Err(error) => TaskOutcome::Failed(error),
                 }
             }
@@ -2457,10 +2489,19 @@ mod tests {
             .tasks
             .values()
             .all(|task| task.attempts == 0));
+        // Asked again within a second: not tried again (each try rewrites the whole state).
+        let tried = coordinator.saves;
         assert!(matches!(
-            coordinator.get_task(&a, start).expect("reply"),
+            coordinator.get_task(&a, Instant::now()).expect("reply"),
             TaskReply::RetryAfter(_)
         ));
+        assert_eq!(coordinator.saves, tried);
+        let later = Instant::now() + Duration::from_secs(2);
+        assert!(matches!(
+            coordinator.get_task(&a, later).expect("reply"),
+            TaskReply::RetryAfter(_)
+        ));
+        assert_eq!(coordinator.saves, tried + 1);
         let waiting = coordinator.waiting(start).unwrap_or_default();
         assert!(
             waiting.starts_with("no task is handed out until the run state can be saved: ")
@@ -2473,10 +2514,11 @@ mod tests {
             .values()
             .all(|task| task.state == state::TaskState::Pending));
         std::fs::remove_dir(&state_file).expect("the directory goes");
-        let TaskReply::Task(teacher) = coordinator.get_task(&a, start).expect("task") else {
+        let later = Instant::now() + Duration::from_secs(2);
+        let TaskReply::Task(teacher) = coordinator.get_task(&a, later).expect("task") else {
             panic!("no task once the state could be saved")
         };
-        assert_eq!(coordinator.waiting(start), None);
+        assert_eq!(coordinator.waiting(later), None);
         let saved: state::RunState =
             serde_json::from_str(&std::fs::read_to_string(&state_file).expect("state"))
                 .expect("saved state");
@@ -2523,6 +2565,41 @@ mod tests {
                 .map(|m| &m.checkpoint),
             Some(&output)
         );
+    }
+
+    /// A training's resume save is removed only once the state that records its result is
+    /// saved: a coordinator stopped before that save runs the task again from its save.
+    #[test]
+    fn a_trainings_resume_save_outlives_its_result_until_the_state_records_it() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let start = Instant::now();
+        let (mut coordinator, a, teacher) = one_worker_with_a_teacher_task(dir.path(), start);
+        let TaskSpec::Train { output, .. } = teacher.task.spec.clone() else {
+            panic!("not a training task")
+        };
+        let save = resume_save(&output);
+        std::fs::create_dir_all(save.parent().expect("parent")).expect("mkdir");
+        std::fs::write(&save, "step 1000").expect("a resume save");
+        // The state cannot be saved (a directory where its file goes).
+        let state_file = dir.path().join("state.json");
+        std::fs::remove_file(&state_file).expect("remove the state");
+        std::fs::create_dir(&state_file).expect("a directory in its place");
+        complete_trained(&mut coordinator, &a, &teacher, dir.path(), start);
+        assert!(coordinator.save_error.is_some());
+        assert_eq!(
+            std::fs::read_to_string(&output).expect("in place"),
+            "attempt 1"
+        );
+        assert!(
+            save.exists(),
+            "the save went before the state recorded the result"
+        );
+        // Once the state is saved, the save goes.
+        std::fs::remove_dir(&state_file).expect("the directory goes");
+        coordinator.persist_or_log();
+        assert!(coordinator.save_error.is_none());
+        assert!(!save.exists(), "the save is left behind");
+        assert_eq!(saved_task_state(dir.path(), &teacher.task.id), "done");
     }
 
     #[test]

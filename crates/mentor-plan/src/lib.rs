@@ -914,7 +914,8 @@ impl Plan {
     /// it itself and records its digest).
     pub fn with_absolute_paths(mut self) -> Result<Plan, PlanError> {
         let absolute = |field: &str, path: &Path| {
-            std::path::absolute(path).map_err(|e| invalid(field, format!("`{}`: {e}", path.display())))
+            std::path::absolute(path)
+                .map_err(|e| invalid(field, format!("`{}`: {e}", path.display())))
         };
         self.data.dir = absolute("data.dir", &self.data.dir)?;
         if let Some(path) = &self.data.unlabeled.path {

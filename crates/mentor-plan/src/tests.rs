@@ -951,7 +951,10 @@ fn local_paths_are_made_absolute_where_the_plan_is_read() {
         "dir = \"/usr/share/datasets/fashion-mnist\"",
         "dir = \"data\"\nunlabeled = { format = \"image-folder\", path = \"images\" }",
     )
-    .replace("[pseudo_labels]\n", "[pseudo_labels]\nstorage = \"labels\"\n");
+    .replace(
+        "[pseudo_labels]\n",
+        "[pseudo_labels]\nstorage = \"labels\"\n",
+    );
     let here = std::env::current_dir().expect("current dir");
     let plan = Plan::from_toml_str(&text)
         .expect("plan")
