@@ -1829,6 +1829,9 @@ impl Coordinator {
             .filter(|w| w.alive && now.saturating_duration_since(w.last_seen) > timeout)
             .map(|w| w.id.clone())
             .collect();
+        // What changed is saved once, after all of it (many workers may be lost at once, a
+        // preemption): each save rewrites the whole state.
+        let mut changed = false;
         for id in lost {
             if let Some(worker) = self.workers.get_mut(&id) {
                 worker.alive = false;
@@ -1837,7 +1840,7 @@ impl Coordinator {
             let (requeued, effects) = self.state.worker_lost(&id);
             tracing::warn!(worker = %id, requeued = requeued.len(), "worker lost");
             self.log_effects(&effects);
-            self.persist_or_log();
+            changed = true;
         }
         // A labeler that is heard of but makes no progress loses its shard after the lease, and
         // is left out of new groups and of those a failed task waits for (its heartbeats come
@@ -1866,10 +1869,13 @@ impl Coordinator {
             if let Some(effects) = self.state.give_up_running(&task, why) {
                 tracing::warn!(worker = %id, task = %task, lease_seconds = lease.as_secs(), "lease expired without progress, shard given to another labeler");
                 self.log_effects(&effects);
-                self.persist_or_log();
+                changed = true;
             }
         }
-        self.give_up_stalled(now);
+        changed |= self.give_up_stalled(now);
+        if changed {
+            self.persist_or_log();
+        }
     }
 
     /// Gives up the training and evaluation attempts of workers that still heartbeat but
@@ -1877,12 +1883,13 @@ impl Coordinator {
     /// a deadlock: the task would hold its worker, and the run, for ever); the first report of
     /// an attempt may take `workers.join_timeout_seconds` longer (a group's ranks report
     /// nothing while they join). The task goes to another worker; the worker is left out of
-    /// new groups until it asks for work or reports progress again.
-    fn give_up_stalled(&mut self, now: Instant) {
+    /// new groups until it asks for work or reports progress again. Whether it gave one up
+    /// (the caller saves the state).
+    fn give_up_stalled(&mut self, now: Instant) -> bool {
         let workers = &self.plan.workers;
         let seconds = workers.progress_timeout_seconds;
         if seconds == 0 {
-            return;
+            return false;
         }
         let join = Duration::from_secs(workers.join_timeout_seconds);
         let limit = Duration::from_secs(seconds);
@@ -1905,6 +1912,7 @@ impl Coordinator {
                 (!labeling && record.workers().contains(&w.id)).then_some((w.id.clone(), task))
             })
             .collect();
+        let mut changed = false;
         for (id, task) in stalled {
             // Another rank's stall may have given the attempt up already.
             let Some(record) = self
@@ -1928,9 +1936,10 @@ impl Coordinator {
             if let Some(effects) = self.state.give_up_running(&task, why) {
                 tracing::warn!(worker = %id, task = %task, attempt, progress_timeout_seconds = seconds, "no progress from the worker within the progress timeout: the attempt is given up, the task goes to another worker");
                 self.log_effects(&effects);
-                self.persist_or_log();
+                changed = true;
             }
         }
+        changed
     }
 
     /// Applies the global filter's result.
@@ -2565,6 +2574,27 @@ mod tests {
                 .map(|m| &m.checkpoint),
             Some(&output)
         );
+    }
+
+    /// Workers lost together (a preemption) are saved in one rewrite of the state, not one
+    /// each.
+    #[test]
+    fn workers_lost_together_are_saved_once() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let start = Instant::now();
+        let mut coordinator = coordinator(dir.path());
+        let ids: Vec<WorkerId> = ["a", "b", "c"]
+            .iter()
+            .map(|host| coordinator.register(host.to_string(), "cpu".into(), 0, start))
+            .collect();
+        let saves = coordinator.saves;
+        let timeout = Duration::from_secs(coordinator.plan.workers.heartbeat_timeout_seconds);
+        coordinator.reap(start + timeout * 2);
+        assert!(ids.iter().all(|id| !coordinator.workers[id].alive));
+        assert_eq!(coordinator.saves, saves + 1);
+        // Nothing changed: nothing saved.
+        coordinator.reap(start + timeout * 3);
+        assert_eq!(coordinator.saves, saves + 1);
     }
 
     /// A training's resume save is removed only once the state that records its result is
