@@ -1326,7 +1326,6 @@ impl RunState {
             }
             _ => {}
         }
-        task.state = TaskState::Done;
         let spec = task.spec.clone();
         let phase = self.phase;
         let round = self.current_round_mut();
@@ -1384,12 +1383,16 @@ impl RunState {
                 }
             }
             (spec, outcome) => {
+                // Not done: a retry of the failed run (`--retry-failed`) runs it again.
                 let message = format!(
                     "task {task_id} ({}) returned a mismatched result: {outcome:?}",
                     spec.describe()
                 );
                 return self.fail(message);
             }
+        }
+        if let Some(task) = self.tasks.get_mut(task_id) {
+            task.state = TaskState::Done;
         }
         self.advance()
     }

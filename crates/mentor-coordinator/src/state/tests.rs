@@ -942,3 +942,29 @@ fn a_failed_task_is_left_to_others_that_may_take_it() {
         .expect("the CPU worker labels");
     assert_eq!(taken.task.id, shard.task.id);
 }
+
+/// A result of the wrong kind (a worker's bug) fails the run without counting its task as
+/// done: `--retry-failed` hands the task out again.
+#[test]
+fn a_mismatched_result_fails_the_run_and_its_task_runs_again_on_retry() {
+    let mut state = new_run();
+    state.start();
+    let w = worker("w");
+    let task = state.assign(&w, "cpu", 1).map(|a| a.task).expect("task");
+    assert!(matches!(task.spec, TaskSpec::Train { .. }));
+    let wrong = TaskOutcome::Evaluated {
+        accuracy: 0.5,
+        loss: 1.0,
+    };
+    assert_eq!(
+        state.complete(&task.id, &w, task.attempts, wrong),
+        vec![Effect::Finished]
+    );
+    match &state.outcome {
+        RunOutcome::Failed(message) => assert!(message.contains("mismatched"), "{message}"),
+        other => panic!("unexpected {other:?}"),
+    }
+    state.retry_failed().expect("retry");
+    let again = state.assign(&w, "cpu", 1).map(|a| a.task).expect("the task again");
+    assert_eq!(again.id, task.id);
+}
