@@ -2088,6 +2088,10 @@ fn webdataset_labeling_survives_a_killed_labeler_without_loss_or_duplicates() {
     let mut edits = ONE_WORKER_SHORT_HEARTBEAT.to_vec();
     edits.extend([
         ("unlabeled_limit = 1500\n", ""),
+        (
+            "shard_size = 400          # 4 shards, the last one short\n",
+            "",
+        ),
         ("[teacher.model]", unlabeled.as_str()),
         ("[pseudo_labels]", labels.as_str()),
     ]);
@@ -2229,6 +2233,10 @@ fn a_changed_unlabeled_listing_is_refused_by_workers_and_on_resume() {
     let mut edits = ONE_WORKER_SHORT_HEARTBEAT.to_vec();
     edits.extend([
         ("unlabeled_limit = 1500\n", ""),
+        (
+            "shard_size = 400          # 4 shards, the last one short\n",
+            "",
+        ),
         ("[teacher.model]", unlabeled.as_str()),
     ]);
     let plan = dir.path().join("plan.toml");

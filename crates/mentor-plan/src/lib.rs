@@ -1003,6 +1003,14 @@ impl Plan {
                 &plan.noise.randaugment,
             )?;
         }
+        if self.data.unlabeled.format == UnlabeledFormat::Webdataset
+            && self.data.shard_size != default_shard_size()
+        {
+            return Err(invalid(
+                "data.shard_size",
+                "not used with format `webdataset`, whose shards are its .tar files (one pseudo-label shard each); remove it",
+            ));
+        }
         if self.student.model.grows() && self.rounds() <= 1 {
             return Err(invalid(
                 format!("student.model.{}", self.student.model.growth_field()),
@@ -1202,10 +1210,12 @@ impl Plan {
         self.validate_data()?;
         validate_role("teacher", &self.teacher, false, self.rounds())?;
         validate_role("student", &self.student, true, self.rounds())?;
-        if self.student.model.at_least_as_large_as(&self.teacher.model) == Some(false) {
+        if let Some((setting, student, teacher)) =
+            self.student.model.first_smaller_than(&self.teacher.model)
+        {
             return Err(invalid(
-                "student.model",
-                "the student must be at least as large as the teacher",
+                format!("student.model.{setting}"),
+                format!("{student} is below the teacher's {teacher}: the student must be at least as large as the teacher"),
             ));
         }
         self.validate_pseudo_labels()?;
@@ -1409,7 +1419,7 @@ fn validate_role(
     if is_student && train.unlabeled_ratio == 0 {
         return Err(invalid(
             format!("{role}.train.unlabeled_ratio"),
-            "must be >= 1: the student learns from pseudo-labeled images",
+            format!("required, from 1 to {MAX_RATIO} (0 or left out): the student learns from pseudo-labeled images"),
         ));
     }
     if !is_student && train.unlabeled_ratio != 0 {
@@ -1492,12 +1502,28 @@ impl PseudoLabelPlan {
     }
 }
 
-/// Refuses a RandAugment `magnitude` or `op_list` with no operation to apply them to.
+/// The RandAugment operations whose effect does not depend on the magnitude.
+const MAGNITUDE_FREE_OPS: &[&str] = &["identity", "auto-contrast", "equalize"];
+
+/// Refuses a RandAugment `magnitude` or `op_list` with no operation to apply them to, and
+/// operations at magnitude 0 (most of them then leave the image as it is) unless each one of
+/// `op_list` ignores the magnitude.
 fn check_randaugment_used(path: &str, randaugment: &RandAugmentPlan) -> Result<(), PlanError> {
     if randaugment.ops == 0 && (randaugment.magnitude != 0.0 || !randaugment.op_list.is_empty()) {
         return Err(invalid(
             format!("{path}.ops"),
             "is 0 (its default in a table that is given), so magnitude and op_list apply to no operation: set ops (e.g. 2)",
+        ));
+    }
+    let magnitude_free = !randaugment.op_list.is_empty()
+        && randaugment
+            .op_list
+            .iter()
+            .all(|op| MAGNITUDE_FREE_OPS.contains(&op.as_str()));
+    if randaugment.ops > 0 && randaugment.magnitude == 0.0 && !magnitude_free {
+        return Err(invalid(
+            format!("{path}.magnitude"),
+            "is 0 (its default in a table that is given), where most operations leave the image as it is: set it (e.g. 5; ALGORITHMS.md uses 9 to 27)",
         ));
     }
     Ok(())

@@ -423,41 +423,61 @@ impl ModelPlan {
         }
     }
 
-    /// Whether `self` is at least as large as `other`; `None` when kinds differ.
+    /// Whether this model is at least as large as `other` in every size setting (`None`: other
+    /// kinds, which do not compare).
     pub fn at_least_as_large_as(&self, other: &ModelPlan) -> Option<bool> {
-        let ge = |a: &[f64], b: &[f64]| a.iter().zip(b).all(|(x, y)| x >= y);
-        Some(match (self, other) {
-            (ModelPlan::Cnn(a), ModelPlan::Cnn(b)) => ge(
-                &[a.width as f64, a.residual_blocks as f64, a.hidden as f64],
-                &[b.width as f64, b.residual_blocks as f64, b.hidden as f64],
-            ),
-            (ModelPlan::WideResnet(a), ModelPlan::WideResnet(b)) => ge(
-                &[a.depth as f64, a.widen as f64],
-                &[b.depth as f64, b.widen as f64],
-            ),
-            (ModelPlan::Resnet(a), ModelPlan::Resnet(b)) => ge(
-                &[a.depth as f64, a.width as f64],
-                &[b.depth as f64, b.width as f64],
-            ),
-            (ModelPlan::Bit(a), ModelPlan::Bit(b)) => ge(
-                &[a.depth as f64, a.width as f64],
-                &[b.depth as f64, b.width as f64],
-            ),
-            (ModelPlan::Densenet(a), ModelPlan::Densenet(b)) => ge(
-                &[
-                    a.growth_rate as f64,
-                    a.block_config.iter().sum::<u32>() as f64,
-                    a.num_init_features as f64,
-                ],
-                &[
-                    b.growth_rate as f64,
-                    b.block_config.iter().sum::<u32>() as f64,
-                    b.num_init_features as f64,
+        (self.sizes().0 == other.sizes().0).then(|| self.first_smaller_than(other).is_none())
+    }
+
+    /// The first size setting in which this model is smaller than `other` of the same kind:
+    /// its name, this model's value and `other`'s.
+    pub fn first_smaller_than(&self, other: &ModelPlan) -> Option<(&'static str, f64, f64)> {
+        let ((kind, mine), (other_kind, theirs)) = (self.sizes(), other.sizes());
+        if kind != other_kind {
+            return None;
+        }
+        mine.into_iter()
+            .zip(theirs)
+            .find(|((_, a), (_, b))| a < b)
+            .map(|((name, a), (_, b))| (name, a, b))
+    }
+
+    /// The model's kind and the settings its size grows with, in the order they are compared.
+    fn sizes(&self) -> (&'static str, Vec<(&'static str, f64)>) {
+        match self {
+            ModelPlan::Cnn(a) => (
+                "cnn",
+                vec![
+                    ("width", a.width as f64),
+                    ("residual_blocks", a.residual_blocks as f64),
+                    ("hidden", a.hidden as f64),
                 ],
             ),
-            (ModelPlan::Efficientnet(a), ModelPlan::Efficientnet(b)) => a.size() >= b.size(),
-            _ => return None,
-        })
+            ModelPlan::WideResnet(a) => (
+                "wide-resnet",
+                vec![("depth", a.depth as f64), ("widen", a.widen as f64)],
+            ),
+            ModelPlan::Resnet(a) => (
+                "resnet",
+                vec![("depth", a.depth as f64), ("width", a.width as f64)],
+            ),
+            ModelPlan::Bit(a) => (
+                "bit",
+                vec![("depth", a.depth as f64), ("width", a.width as f64)],
+            ),
+            ModelPlan::Densenet(a) => (
+                "densenet",
+                vec![
+                    ("growth_rate", a.growth_rate as f64),
+                    (
+                        "block_config (sum)",
+                        a.block_config.iter().sum::<u32>() as f64,
+                    ),
+                    ("num_init_features", a.num_init_features as f64),
+                ],
+            ),
+            ModelPlan::Efficientnet(a) => ("efficientnet", vec![("preset or phi", a.size())]),
+        }
     }
 
     /// Whether this plan grows from round to round.

@@ -245,7 +245,7 @@ fn student_smaller_than_teacher_is_refused() {
         .replacen("stochastic_depth_survival = 0.8\n", "", 1);
     assert_eq!(
         error_of(&text),
-        "student.model: the student must be at least as large as the teacher"
+        "student.model.residual_blocks: 0 is below the teacher's 2: the student must be at least as large as the teacher"
     );
 }
 
@@ -254,7 +254,7 @@ fn student_without_pseudo_labels_is_refused() {
     let text = tiny_with("unlabeled_ratio = 2", "unlabeled_ratio = 0");
     assert_eq!(
         error_of(&text),
-        "student.train.unlabeled_ratio: must be >= 1, not 0: the student learns from pseudo-labeled images"
+        "student.train.unlabeled_ratio: required, from 1 to 1024 (0 or left out): the student learns from pseudo-labeled images"
     );
 }
 
@@ -976,5 +976,57 @@ fn local_paths_are_made_absolute_where_the_plan_is_read() {
     assert_eq!(
         plan.pseudo_labels.storage.as_deref(),
         Some("s3://bucket/labels")
+    );
+}
+
+/// Operations at magnitude 0 mostly leave the image as it is: refused for a new run, naming
+/// the field, unless every listed operation ignores the magnitude.
+#[test]
+fn randaugment_operations_at_magnitude_zero_are_refused() {
+    let check = |text: &str| {
+        Plan::from_toml_str(text)
+            .expect("a valid plan")
+            .check_unused()
+            .map_err(|e| e.to_string())
+    };
+    let text = tiny_with(
+        "randaugment = { ops = 2, magnitude = 9 }",
+        "randaugment = { ops = 2 }",
+    );
+    let error = check(&text).expect_err("magnitude 0");
+    assert!(
+        error.starts_with("student.noise.randaugment.magnitude: is 0"),
+        "{error}"
+    );
+    let text = tiny_mpl_with("[mpl]\n", "[mpl]\nrandaugment = { ops = 1 }\n");
+    let error = check(&text).expect_err("magnitude 0");
+    assert!(
+        error.starts_with("mpl.randaugment.magnitude: is 0"),
+        "{error}"
+    );
+    let text = tiny_with(
+        "randaugment = { ops = 2, magnitude = 9 }",
+        "randaugment = { ops = 1, op_list = [\"auto-contrast\", \"equalize\"] }",
+    );
+    check(&text).expect("operations that ignore the magnitude");
+}
+
+/// WebDataset shards are the tar files: a shard size would do nothing.
+#[test]
+fn a_shard_size_for_webdataset_is_refused() {
+    let text = tiny_with(
+        "dir = \"/usr/share/datasets/fashion-mnist\"",
+        "dir = \"/usr/share/datasets/fashion-mnist\"\nunlabeled = { format = \"webdataset\", path = \"shards\" }",
+    )
+    .replace("unlabeled_limit = 1500\n", "");
+    let error = Plan::from_toml_str(&text)
+        .expect("a valid plan")
+        .check_unused()
+        .expect_err("shard_size with webdataset");
+    assert!(
+        error
+            .to_string()
+            .starts_with("data.shard_size: not used with format `webdataset`"),
+        "{error}"
     );
 }

@@ -965,6 +965,9 @@ fn a_mismatched_result_fails_the_run_and_its_task_runs_again_on_retry() {
         other => panic!("unexpected {other:?}"),
     }
     state.retry_failed().expect("retry");
-    let again = state.assign(&w, "cpu", 1).map(|a| a.task).expect("the task again");
+    let again = state
+        .assign(&w, "cpu", 1)
+        .map(|a| a.task)
+        .expect("the task again");
     assert_eq!(again.id, task.id);
 }
