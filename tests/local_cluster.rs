@@ -1703,6 +1703,29 @@ fn a_threshold_no_pseudo_label_reaches_fails_the_run_naming_it() {
         .join("checkpoints/round-1-student.safetensors")
         .exists());
     assert!(error.contains("--retry-failed"), "{saved}");
+    // `mentor labels`, what the next threshold is chosen from, says the filter ran and kept
+    // nothing, with each class's threshold.
+    let labels = |extra: &[&str]| {
+        let output = std::process::Command::new(binary("mentor"))
+            .args(["labels", "--state-dir"])
+            .arg(&state_dir)
+            .args(extra)
+            .output()
+            .expect("mentor labels");
+        assert!(output.status.success(), "{output:?}");
+        String::from_utf8_lossy(&output.stdout).into_owned()
+    };
+    let text = labels(&[]);
+    assert!(
+        text.contains("threshold") && text.contains("the filter kept nothing"),
+        "{text}"
+    );
+    let json: serde_json::Value = serde_json::from_str(&labels(&["--json"])).expect("json");
+    assert_eq!(
+        (&json["filtered"], &json["kept"]),
+        (&true.into(), &0.into())
+    );
+    assert!(json["classes"][0]["threshold"].is_f64(), "{json}");
 
     let lowered = tiny_plan_with(&[(
         "min_confidence = 0.1",

@@ -7,7 +7,7 @@
 use std::path::Path;
 
 use anyhow::{bail, Context};
-use mentor_coordinator::state::{RoundRecord, RunState};
+use mentor_coordinator::state::{Phase, RoundRecord, RunState};
 use mentor_labels::{Histogram, SelectionFile, ShardStore, CONFIDENCE_BINS};
 use mentor_plan::{Method, Plan};
 use serde_json::{json, Value};
@@ -65,16 +65,24 @@ fn summarize(state_dir: &Path, wanted: Option<u32>) -> anyhow::Result<Summary> {
     let histogram =
         mentor_coordinator::filter::round_histogram(&plan, record, &state.paths, &store)
             .map_err(|e| anyhow::anyhow!("round {}: {e}", record.round))?;
-    let selection = match &record.selection {
-        Some(path) if record.kept > 0 => {
-            let bytes = std::fs::read(path)
+    // A filter that kept nothing failed the run before the round recorded its selection; its
+    // file says each class's threshold, what the next min_confidence is chosen from.
+    let kept_nothing = state.failed_in == Some(Phase::Filter) && record.round == state.round;
+    let selection_file = match &record.selection {
+        Some(path) if record.kept > 0 => Some(path.clone()),
+        _ if kept_nothing => Some(state.paths.selection(record.round)).filter(|path| path.exists()),
+        _ => None,
+    };
+    let selection = match selection_file {
+        Some(path) => {
+            let bytes = std::fs::read(&path)
                 .with_context(|| format!("the selection file `{}`", path.display()))?;
             Some(
                 serde_json::from_slice::<SelectionFile>(&bytes)
                     .with_context(|| format!("the selection file `{}`", path.display()))?,
             )
         }
-        _ => None,
+        None => None,
     };
     Ok(Summary {
         round: record.round,
@@ -237,6 +245,12 @@ fn to_text(summary: &Summary) -> String {
         );
     }
     match &summary.selection {
+        Some(file) if file.selection.kept() == 0 => {
+            let _ = writeln!(
+                out,
+                "the filter kept nothing: no class has an example at or above its threshold; lower pseudo_labels.min_confidence below the passing confidences above and run the coordinator again with --retry-failed"
+            );
+        }
         Some(file) => {
             let _ = writeln!(
                 out,
