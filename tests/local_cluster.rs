@@ -539,6 +539,29 @@ fn local_cluster_refuses_workers_that_cannot_run_the_plan() {
     );
 }
 
+/// A CPU worker under `workers.collective = "nccl"` could train in no group: refused when it
+/// registers, naming the setting and the flag, and it stops.
+#[test]
+fn a_cpu_worker_is_refused_under_the_nccl_collective() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let plan = dir.path().join("plan.toml");
+    let text = tiny_plan_with(&[("[workers]\n", "[workers]\ncollective = \"nccl\"\n")]);
+    std::fs::write(&plan, text).expect("write plan");
+    let (_coordinator, address) = start_coordinator(&plan, &dir.path().join("run"));
+    let mut worker = start_worker(&address, dir.path().join("worker.log"));
+    let code = wait_for("the worker to stop", Duration::from_secs(30), || {
+        worker.child.try_wait().expect("try_wait")
+    });
+    let log = worker.log_text();
+    assert!(!code.success(), "{log}");
+    assert!(
+        log.contains(
+            "the coordinator refused this worker: the plan sets workers.collective = \"nccl\""
+        ) && log.contains("--device cuda"),
+        "{log}"
+    );
+}
+
 #[test]
 fn a_model_that_cannot_take_the_images_is_refused_before_the_run_starts() {
     let dir = tempfile::tempdir().expect("tempdir");
@@ -596,6 +619,34 @@ fn status_command_reports_an_unreachable_coordinator() {
         stderr.contains("--interval") && stderr.contains("must be from 0.1 to 86400"),
         "{stderr}"
     );
+    // An interval without --watch would do nothing.
+    let output = std::process::Command::new(binary("mentor"))
+        .args([
+            "status",
+            "--coordinator",
+            "http://127.0.0.1:9",
+            "--interval",
+            "5",
+        ])
+        .output()
+        .expect("run mentor");
+    let stderr = String::from_utf8_lossy(&output.stderr);
+    assert_eq!(output.status.code(), Some(2), "{stderr}");
+    assert!(stderr.contains("--watch"), "{stderr}");
+
+    // A run directory that holds no run is not an unreachable coordinator.
+    let dir = tempfile::tempdir().expect("tempdir");
+    for state_dir in [dir.path().to_path_buf(), dir.path().join("missing")] {
+        let output = std::process::Command::new(binary("mentor"))
+            .args(["status", "--json", "--state-dir"])
+            .arg(&state_dir)
+            .output()
+            .expect("run mentor");
+        assert_eq!(output.status.code(), Some(2));
+        let answer: serde_json::Value =
+            serde_json::from_slice(&output.stdout).expect("a JSON answer on stdout");
+        assert_eq!(answer["status"], "no-run", "{answer}");
+    }
 }
 
 /// A second live worker on a GPU of a host (its PCI bus id, which the workers send) is refused
@@ -763,13 +814,33 @@ fn malformed_addresses_are_refused_at_once() {
     );
     assert_ne!(code, Some(0), "{stderr}");
     assert!(
-        stderr.contains("failed to listen on `127.0.0.1:not-a-port`"),
+        stderr.contains("failed to listen on `127.0.0.1:not-a-port`")
+            && stderr.contains("--listen takes IP:PORT"),
         "{stderr}"
     );
     assert!(
         !state_dir.exists(),
         "a refused --listen created the run directory"
     );
+    // A port alone (a Prometheus habit) gets the same hint.
+    let (code, stderr) = run(
+        "coordinator",
+        &[
+            "--plan",
+            plan.to_str().expect("utf-8 path"),
+            "--metrics-listen",
+            "9090",
+            "--state-dir",
+            state_dir.to_str().expect("utf-8 path"),
+        ],
+    );
+    assert_ne!(code, Some(0), "{stderr}");
+    assert!(
+        stderr.contains("failed to listen on `9090`")
+            && stderr.contains("--metrics-listen takes IP:PORT"),
+        "{stderr}"
+    );
+    assert!(!state_dir.exists());
 }
 
 /// A worker frozen in the middle of its task (SIGSTOP: a node that hangs, a paused VM): the

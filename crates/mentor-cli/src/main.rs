@@ -53,7 +53,7 @@ enum Command {
         #[arg(long)]
         watch: bool,
         /// Seconds between two refreshes with --watch (at least 0.1).
-        #[arg(long, default_value_t = 2.0, value_parser = parse_interval)]
+        #[arg(long, default_value_t = 2.0, value_parser = parse_interval, requires = "watch")]
         interval: f64,
     },
     /// Checks a plan and its data as a run would, and says what the run will do.
@@ -358,6 +358,9 @@ struct Answer {
 struct NoAnswer {
     message: String,
     transient: bool,
+    /// No run where one was named (a run directory that is missing or holds none), rather
+    /// than a coordinator that does not answer.
+    no_run: bool,
 }
 
 impl NoAnswer {
@@ -365,6 +368,14 @@ impl NoAnswer {
         NoAnswer {
             message,
             transient: false,
+            no_run: false,
+        }
+    }
+
+    fn no_run(message: String) -> NoAnswer {
+        NoAnswer {
+            no_run: true,
+            ..NoAnswer::new(message)
         }
     }
 }
@@ -461,7 +472,7 @@ async fn answer(target: &Target) -> Result<Answer, NoAnswer> {
 async fn answer_for(dir: &std::path::Path) -> Result<Answer, NoAnswer> {
     use mentor_coordinator::lock::{Holder, RunLock};
     if !dir.is_dir() {
-        return Err(NoAnswer::new(format!(
+        return Err(NoAnswer::no_run(format!(
             "`{}`: {}",
             dir.display(),
             if dir.exists() {
@@ -477,7 +488,13 @@ async fn answer_for(dir: &std::path::Path) -> Result<Answer, NoAnswer> {
                 status,
                 coordinator: None,
             })
-            .map_err(|error| NoAnswer::new(error.to_string()))
+            .map_err(|error| {
+                if dir.join("state.json").exists() {
+                    NoAnswer::new(error.to_string())
+                } else {
+                    NoAnswer::no_run(error.to_string())
+                }
+            })
     };
     match RunLock::holder(dir).map_err(|error| NoAnswer::new(error.to_string()))? {
         // Held: the holder says where it listens once it does.
@@ -495,6 +512,7 @@ async fn answer_for(dir: &std::path::Path) -> Result<Answer, NoAnswer> {
                 dir.display()
             ),
             transient: true,
+            no_run: false,
         }),
         // Not held: a coordinator of a build without the lock may still serve the directory
         // at the address it wrote.
@@ -554,7 +572,11 @@ async fn status(target: Target, as_json: bool, watch: bool, interval: f64) -> an
             coordinator,
         } = match outcome {
             Ok(answer) => answer,
-            Err(NoAnswer { message, transient }) => {
+            Err(NoAnswer {
+                message,
+                transient,
+                no_run,
+            }) => {
                 let restarting = answered
                     && matches!(target, Target::Coordinator(_))
                     && silent_since
@@ -573,9 +595,10 @@ async fn status(target: Target, as_json: bool, watch: bool, interval: f64) -> an
                 eprintln!("error: {message}");
                 if as_json {
                     // Scripts reading stdout get an answer too.
+                    let status = if no_run { "no-run" } else { "unreachable" };
                     emit(&format!(
                         "{}\n",
-                        json!({"status": "unreachable", "error": message})
+                        json!({"status": status, "error": message})
                     ));
                 }
                 return Ok(2);

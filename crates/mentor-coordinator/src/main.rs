@@ -104,6 +104,17 @@ fn main() {
     std::process::exit(code);
 }
 
+/// Why listening on `address`, given by `flag`, failed; for an address in the wrong form, the
+/// form it takes.
+fn listen_error(address: &str, flag: &str, error: &std::io::Error) -> anyhow::Error {
+    let hint = if error.kind() == std::io::ErrorKind::InvalidInput {
+        format!(" ({flag} takes IP:PORT or HOSTNAME:PORT)")
+    } else {
+        format!(" ({flag})")
+    };
+    anyhow::anyhow!("failed to listen on `{address}`: {error}{hint}")
+}
+
 /// How the coordinator ended.
 enum Ended {
     /// Stopped by a signal without --exit-when-done.
@@ -127,21 +138,12 @@ async fn serve_run() -> anyhow::Result<Ended> {
     lock::RunLock::check_free(&state_dir)?;
     let listener = tokio::net::TcpListener::bind(args.listen.as_str())
         .await
-        .map_err(|error| {
-            let hint = if error.kind() == std::io::ErrorKind::InvalidInput {
-                " (--listen takes IP:PORT or HOSTNAME:PORT)"
-            } else {
-                ""
-            };
-            anyhow::anyhow!("failed to listen on `{}`: {error}{hint}", args.listen)
-        })?;
+        .map_err(|error| listen_error(&args.listen, "--listen", &error))?;
     let metrics_listener = match &args.metrics_listen {
         Some(address) => Some(
             tokio::net::TcpListener::bind(address.as_str())
                 .await
-                .map_err(|error| {
-                    anyhow::anyhow!("failed to listen on `{address}` (--metrics-listen): {error}")
-                })?,
+                .map_err(|error| listen_error(address, "--metrics-listen", &error))?,
         ),
         None => None,
     };

@@ -561,8 +561,12 @@ async fn run(
                 tracing::warn!(reason = %status.message(), "the coordinator counts another worker on this GPU: registering again in 5 s");
                 tokio::time::sleep(Duration::from_secs(5)).await;
             }
-            Err(status) => {
+            // Refused (the coordinator says why) or unreachable past the deadline.
+            Err(status) if transient(&status) => {
                 return Err(status).context("registration with the coordinator failed");
+            }
+            Err(status) => {
+                anyhow::bail!("the coordinator refused this worker: {}", status.message());
             }
         }
     };

@@ -57,7 +57,7 @@ struct Args {
     #[arg(long, default_value = "cpu")]
     device: String,
     /// libtorch intra-op threads (0 = libtorch's choice).
-    #[arg(long, default_value_t = 0)]
+    #[arg(long, default_value_t = 0, value_parser = clap::value_parser!(i32).range(0..=4096))]
     threads: i32,
 }
 
