@@ -13,7 +13,7 @@ pub mod prometheus;
 pub mod service;
 pub mod state;
 
-use std::collections::{BTreeMap, HashMap};
+use std::collections::{BTreeMap, BTreeSet, HashMap};
 use std::path::{Path, PathBuf};
 use std::time::{Duration, Instant};
 
@@ -1512,6 +1512,7 @@ impl Coordinator {
                 "worker {id} is not rank {rank} of task {task}"
             )));
         }
+        let members = record.workers().to_vec();
         let world_size = record.world_size as usize;
         let rendezvous = self
             .groups
@@ -1523,6 +1524,30 @@ impl Coordinator {
         rendezvous.addresses[rank as usize] = Some(address);
         if rank == 0 && !nccl_unique_id.is_empty() {
             rendezvous.nccl_unique_id = nccl_unique_id;
+        }
+        // A ring address on loopback is reached from its own host alone: a group of ranks on
+        // several hosts with one cannot form (its ranks would wait for the join timeout).
+        let host_of = |member: &WorkerId| self.workers.get(member).map(|w| w.hostname.as_str());
+        let joined: Vec<(usize, &str, &str)> = rendezvous
+            .addresses
+            .iter()
+            .enumerate()
+            .filter_map(|(rank, address)| {
+                let host = host_of(members.get(rank)?)?;
+                Some((rank, host, address.as_deref()?))
+            })
+            .collect();
+        let hosts: BTreeSet<&str> = joined.iter().map(|(_, host, _)| *host).collect();
+        if let (true, Some((loopback_rank, host, address))) = (
+            hosts.len() > 1,
+            joined.iter().find(|(_, _, address)| {
+                mentor_proto::is_loopback_host(mentor_proto::host_of(address))
+            }),
+        ) {
+            return Err(CoordinatorError::InvalidRequest(format!(
+                "rank {loopback_rank} (on host {host}) gave the ring address {address}, on loopback, to a group on the hosts {}: start each worker with --advertise-host set to an address the other hosts reach it at",
+                hosts.iter().copied().collect::<Vec<_>>().join(", ")
+            )));
         }
         tracing::info!(task = %task, attempt, rank, world_size, worker = %id, "rank joined");
         self.get_group(id, task, attempt, now)
@@ -3930,7 +3955,7 @@ mod tests {
         assert_eq!((first.rank, first.task.world_size), (0, 2));
         let task = first.task.id.clone();
         let view = coordinator
-            .join_group(&a, join(&task, 0, "127.0.0.1:1000"), now)
+            .join_group(&a, join(&task, 0, "10.0.0.1:1000"), now)
             .expect("join");
         assert!(!view.ready);
         assert_eq!(view.missing_ranks, vec![1]);
@@ -3942,13 +3967,26 @@ mod tests {
             .join_group(&b, join(&task, 0, "x"), now)
             .expect_err("wrong rank");
         assert!(error.to_string().contains("is not rank 0"), "{error}");
+        // Workers "a" and "b" are on hosts of those names: a ring address on loopback would
+        // be reached by no other rank.
+        for loopback in ["127.0.0.1:1001", "localhost:1001", "[::1]:1001"] {
+            let error = coordinator
+                .join_group(&b, join(&task, 1, loopback), now)
+                .expect_err("loopback across hosts");
+            assert!(
+                error.to_string().contains("rank 1 (on host b)")
+                    && error.to_string().contains("on loopback")
+                    && error.to_string().contains("--advertise-host"),
+                "{error}"
+            );
+        }
         let view = coordinator
-            .join_group(&b, join(&task, 1, "127.0.0.1:1001"), now)
+            .join_group(&b, join(&task, 1, "node-b:1001"), now)
             .expect("join");
         assert!(view.ready);
         assert_eq!(
             view.addresses,
-            vec!["127.0.0.1:1000".to_string(), "127.0.0.1:1001".to_string()]
+            vec!["10.0.0.1:1000".to_string(), "node-b:1001".to_string()]
         );
 
         // Rank 1 fails: the attempt is over for rank 0, and rank 0 is suspected until heard of.

@@ -63,9 +63,46 @@ pub fn coordinator_url(address: &str) -> Result<String, String> {
     Ok(url)
 }
 
+/// Whether `host` (an IP address, `[IPv6]`, or a name) is the loopback host: a ring address or
+/// coordinator there is reached from its own machine alone.
+pub fn is_loopback_host(host: &str) -> bool {
+    let host = host.trim_start_matches('[').trim_end_matches(']');
+    host.eq_ignore_ascii_case("localhost")
+        || host
+            .parse::<std::net::IpAddr>()
+            .is_ok_and(|ip| ip.is_loopback())
+}
+
+/// The host of `HOST:PORT` or `http://HOST:PORT` (`[::1]` for an IPv6 address).
+pub fn host_of(address: &str) -> &str {
+    let authority = address
+        .split_once("://")
+        .map_or(address, |(_, rest)| rest)
+        .trim_end_matches('/');
+    authority
+        .rsplit_once(':')
+        .map_or(authority, |(host, _)| host)
+}
+
 #[cfg(test)]
 mod tests {
-    use super::coordinator_url;
+    use super::{coordinator_url, host_of, is_loopback_host};
+
+    #[test]
+    fn loopback_hosts_are_told_from_others() {
+        for (address, host, loopback) in [
+            ("127.0.0.1:9000", "127.0.0.1", true),
+            ("http://localhost:50051", "localhost", true),
+            ("[::1]:9000", "[::1]", true),
+            ("http://10.0.0.7:50051/", "10.0.0.7", false),
+            ("node-3:9000", "node-3", false),
+        ] {
+            assert_eq!(host_of(address), host, "{address}");
+            assert_eq!(is_loopback_host(host_of(address)), loopback, "{address}");
+        }
+        assert!(is_loopback_host("127.0.0.2"));
+        assert!(!is_loopback_host("0.0.0.0"));
+    }
 
     #[test]
     fn a_coordinator_address_is_read_with_or_without_its_scheme() {

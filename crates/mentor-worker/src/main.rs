@@ -388,7 +388,11 @@ impl Session {
                 tokio::time::sleep(Duration::from_millis(500)).await;
                 Ok(())
             }
-            _ => anyhow::bail!("failed to {what}: {status}"),
+            _ => anyhow::bail!(
+                "failed to {what}: the coordinator refused ({:?}): {}",
+                status.code(),
+                status.message()
+            ),
         }
     }
 
@@ -534,6 +538,10 @@ async fn run(
     }
     let outage_limit = Duration::from_secs(args.connect_timeout_seconds);
     let mut client = connect(&args.coordinator, outage_limit).await?;
+    let on_loopback = mentor_proto::is_loopback_host;
+    if on_loopback(&args.advertise_host) && !on_loopback(mentor_proto::host_of(&args.coordinator)) {
+        tracing::warn!(advertise_host = %args.advertise_host, coordinator = %args.coordinator, "the coordinator is on another host, and this worker's ring address is on loopback: ranks on other hosts cannot reach it in a data-parallel group; set --advertise-host to an address they reach it at");
+    }
     let hostname = std::fs::read_to_string("/proc/sys/kernel/hostname")
         .map(|h| h.trim().to_string())
         .unwrap_or_else(|_| "localhost".into());
