@@ -318,6 +318,55 @@ fn bad_plans_and_data_are_refused_naming_what_is_wrong() {
         "{stderr}"
     );
 
+    // A folder this user may not write in (for root, who may write anywhere, the command runs
+    // as `nobody` through setpriv, from a copy of the binary `nobody` can reach).
+    let locked = dir.path().join("locked");
+    std::fs::create_dir(&locked).expect("locked");
+    let mode = |path: &Path, mode: u32| {
+        use std::os::unix::fs::PermissionsExt;
+        std::fs::set_permissions(path, std::fs::Permissions::from_mode(mode)).expect("chmod");
+    };
+    mode(dir.path(), 0o755);
+    mode(&locked, 0o555);
+    let plan = dir.path().join("locked.toml");
+    let storage = locked.join("labels");
+    std::fs::write(
+        &plan,
+        tiny_plan_with(&[(
+            "top_k = 3\n",
+            &format!("top_k = 3\nstorage = \"{}\"\n", storage.display()),
+        )]),
+    )
+    .expect("write plan");
+    mode(&plan, 0o644);
+    let uid = std::process::Command::new("id")
+        .arg("-u")
+        .output()
+        .expect("id");
+    let output = if text(&uid.stdout).trim() == "0" {
+        let copy = dir.path().join("mentor");
+        std::fs::copy(binary("mentor"), &copy).expect("copy mentor");
+        mode(&copy, 0o755);
+        std::process::Command::new("setpriv")
+            .args(["--reuid=65534", "--regid=65534", "--clear-groups"])
+            .arg(&copy)
+            .arg("plan")
+            .arg(&plan)
+            .output()
+            .expect("setpriv (util-linux)")
+    } else {
+        mentor_plan(&[], &plan)
+    };
+    assert_eq!(output.status.code(), Some(1), "{output:?}");
+    let stderr = text(&output.stderr);
+    assert!(
+        stderr.contains(&format!(
+            "`{}` is not writable by this user",
+            locked.display()
+        )),
+        "{stderr}"
+    );
+
     let missing = dir.path().join("absent.toml");
     let output = mentor_plan(&[], &missing);
     assert_eq!(output.status.code(), Some(1));

@@ -74,7 +74,8 @@ fn check_data(plan: &Plan) -> anyhow::Result<DataSummary> {
 }
 
 /// A local `pseudo_labels.storage` must be a directory the run can create: its nearest
-/// existing ancestor is a directory. (An object store is reached when the run starts.)
+/// existing ancestor is a directory this user may write in. (An object store is reached when
+/// the run starts.)
 fn check_storage(plan: &Plan) -> anyhow::Result<()> {
     let Some(location) = &plan.pseudo_labels.storage else {
         return Ok(());
@@ -85,14 +86,23 @@ fn check_storage(plan: &Plan) -> anyhow::Result<()> {
     let mut path = Path::new(location);
     loop {
         match std::fs::metadata(path) {
-            Ok(metadata) if metadata.is_dir() => return Ok(()),
+            Ok(metadata) if metadata.is_dir() => {
+                anyhow::ensure!(
+                    writable(path),
+                    "pseudo_labels.storage `{location}`: `{}` is not writable by this user",
+                    path.display()
+                );
+                return Ok(());
+            }
             Ok(_) => anyhow::bail!(
                 "pseudo_labels.storage `{location}`: `{}` is not a directory",
                 path.display()
             ),
             Err(_) => match path.parent() {
                 Some(parent) if !parent.as_os_str().is_empty() => path = parent,
-                _ => return Ok(()),
+                // A relative path is created in the working directory.
+                Some(_) => path = Path::new("."),
+                None => return Ok(()),
             },
         }
     }
@@ -655,4 +665,16 @@ mod tests {
         assert_eq!(count(1, "op"), "1 op");
         assert_eq!(count(1_000, "step"), "1,000 steps");
     }
+}
+
+/// Whether this process may create entries in the directory `dir` (`access(2)`: the user's
+/// own permissions, and a read-only file system).
+#[allow(unsafe_code)]
+fn writable(dir: &Path) -> bool {
+    use std::os::unix::ffi::OsStrExt;
+    let Ok(path) = std::ffi::CString::new(dir.as_os_str().as_bytes()) else {
+        return false;
+    };
+    // SAFETY: `path` is a valid NUL-terminated string that outlives the call.
+    unsafe { libc::access(path.as_ptr(), libc::W_OK | libc::X_OK) == 0 }
 }
