@@ -573,14 +573,18 @@ fn a_model_that_cannot_take_the_images_is_refused_before_the_run_starts() {
         "[teacher.model]\nkind = \"densenet\"\ngrowth_rate = 4\nnum_init_features = 8\n",
     )]);
     std::fs::write(&plan, text).expect("write plan");
-    let state_dir = dir.path().join("run");
+    // The run directory's missing parents are made for it, and go with it.
+    let state_dir = dir.path().join("runs/densenet/run");
     let stderr = refused_open(&plan, &state_dir, &[]);
     assert!(
         stderr.contains("the plan does not fit its data: teacher.model: densenet on 28x28 inputs")
             && stderr.contains("stem = \"small\""),
         "{stderr}"
     );
-    assert!(!state_dir.exists(), "a refused run leaves no directory");
+    assert!(
+        !dir.path().join("runs").exists(),
+        "a refused run leaves no directory"
+    );
 }
 
 #[test]

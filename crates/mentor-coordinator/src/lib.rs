@@ -694,19 +694,32 @@ impl Coordinator {
             path: run_dir.to_path_buf(),
             reason,
         };
-        let created = !run_dir.exists();
+        // The folders this start makes (the run directory, and its parents that are missing:
+        // `runs/` of the default `runs/<name>`), deepest first.
+        let created: Vec<PathBuf> = std::path::absolute(run_dir)
+            .map(|absolute| {
+                absolute
+                    .ancestors()
+                    .take_while(|folder| !folder.exists())
+                    .map(Path::to_path_buf)
+                    .collect()
+            })
+            .unwrap_or_default();
         std::fs::create_dir_all(run_dir).map_err(|e| state_store_error(e.to_string()))?;
         let run_dir = run_dir
             .canonicalize()
             .map_err(|e| state_store_error(e.to_string()))?;
         let lock = lock::RunLock::take(&run_dir)?;
         let opened = Coordinator::open_locked(plan, &run_dir, lock, how);
-        if opened.is_err() && created {
+        if opened.is_err() && !created.is_empty() {
             // A run directory made for a run that could not start holds nothing worth keeping:
-            // it goes (each removal fails, leaving things as they are, if anything else is in it).
+            // it goes, with the parents made for it (each removal fails, leaving things as they
+            // are, if anything else is in it).
             let _ = std::fs::remove_file(run_dir.join(lock::FILE_NAME));
             let _ = std::fs::remove_dir(run_dir.join("pseudo-labels"));
-            let _ = std::fs::remove_dir(&run_dir);
+            for folder in &created {
+                let _ = std::fs::remove_dir(folder);
+            }
         }
         opened
     }
@@ -728,6 +741,14 @@ impl Coordinator {
         let plan = plan
             .with_absolute_paths()
             .map_err(CoordinatorError::PlanData)?;
+        let state_file = run_dir.join("state.json");
+        let resumed = state_file.exists();
+        if !resumed {
+            // Settings that would do nothing: refused for a new run (before the data is read),
+            // while a run recorded by an earlier build with one resumes with its plan unchanged.
+            plan.check_unused()
+                .map_err(CoordinatorError::UnusedSetting)?;
+        }
         let labels = mentor_data::load_train_labels(&plan.data.dir)?;
         let split = mentor_data::Split::new(&labels, 0, &plan.data, plan.split_seed())?;
         // A model that cannot take the images would fail its first task, after the wait for
@@ -745,14 +766,6 @@ impl Coordinator {
         })?;
         let source = mentor_data::Source::open(&plan.data, &split.unlabeled)?;
         let fingerprint = source.fingerprint(&plan.data);
-        let state_file = run_dir.join("state.json");
-        let resumed = state_file.exists();
-        if !resumed {
-            // Settings that would do nothing: refused for a new run, while a run recorded by an
-            // earlier build with one resumes with its plan unchanged.
-            plan.check_unused()
-                .map_err(CoordinatorError::UnusedSetting)?;
-        }
         // A resumed run's `teacher.checkpoint`, as its plan gave it, and its old directory when
         // it moved.
         let mut recorded_teacher = None;
