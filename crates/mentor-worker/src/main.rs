@@ -16,9 +16,7 @@ use mentor_worker::cpu::CpuBfloat16;
 use mentor_worker::dataset::Dataset;
 use mentor_worker::distributed::{GroupJoin, GroupSetup};
 use mentor_worker::memory::FreedMemory;
-use mentor_worker::tasks::{
-    is_group_failure, run_task, ModelSource, Outcome, Progress, TaskKind, GROUP_FAILED,
-};
+use mentor_worker::tasks::{run_task, ModelSource, Outcome, Progress, TaskError, TaskKind};
 use pb::worker_service_client::WorkerServiceClient;
 use tokio::sync::{mpsc, oneshot, watch, Notify};
 use tonic::transport::Channel;
@@ -64,7 +62,7 @@ struct Job {
     /// Set when the coordinator no longer counts this attempt as the worker's: the task stops
     /// at its next progress report.
     stop: Arc<AtomicBool>,
-    done: oneshot::Sender<Result<Outcome, String>>,
+    done: oneshot::Sender<Result<Outcome, TaskError>>,
 }
 
 /// The unwinding payload that stops a task at a progress report (see [`Job::stop`]). Its
@@ -137,10 +135,10 @@ fn spawn_torch_thread(
                         .unwrap_or_else(|| "unknown panic".into());
                     // The status gets libtorch's message; the log keeps its C++ trace too.
                     tracing::error!(panic = %message, "the task panicked");
-                    Err(format!(
+                    Err(TaskError::Own(format!(
                         "libtorch error: {}",
                         mentor_worker::libtorch_message(&message)
-                    ))
+                    )))
                 });
                 let _ = job.done.send(result);
             }
@@ -205,7 +203,7 @@ fn task_from_proto(task: &pb::Task) -> anyhow::Result<TaskKind> {
     })
 }
 
-fn outcome_to_proto(result: Result<Outcome, String>) -> pb::task_result::Outcome {
+fn outcome_to_proto(result: Result<Outcome, TaskError>) -> pb::task_result::Outcome {
     use pb::task_result::Outcome as Proto;
     match result {
         Ok(Outcome::Trained {
@@ -246,7 +244,7 @@ fn outcome_to_proto(result: Result<Outcome, String>) -> pb::task_result::Outcome
             min_confidence: histogram.min_confidence as f64,
             histogram_undecodable: histogram.undecodable,
         }),
-        Err(message) => Proto::Error(message),
+        Err(error) => Proto::Error(error.to_string()),
     }
 }
 
@@ -719,9 +717,9 @@ async fn task_loop(
                 },
                 Err(error) => Err(error),
             },
-            Err(error) => Err(error.to_string()),
+            Err(error) => Err(TaskError::Own(error.to_string())),
         };
-        let group_failure = result.as_ref().is_err_and(|error| is_group_failure(error));
+        let group_failure = result.as_ref().is_err_and(TaskError::is_group_failure);
         if let Err(message) = &result {
             tracing::error!(worker = %session.id(), task = %task.task_id, error = %message, "task failed");
         }
@@ -765,14 +763,14 @@ async fn rendezvous(
     session: &mut Session,
     context: &TaskContext,
     task: &pb::Task,
-) -> anyhow::Result<Result<Option<GroupJoin>, String>> {
+) -> anyhow::Result<Result<Option<GroupJoin>, TaskError>> {
     let Some(pb::task::Kind::Train(train)) = &task.kind else {
         return Ok(Ok(None));
     };
     let (rank, world_size) = (train.rank, train.world_size.max(1));
     let collective = match choose_collective(&context.plan, context.device, world_size) {
         Ok(kind) => kind,
-        Err(error) => return Ok(Err(error)),
+        Err(error) => return Ok(Err(TaskError::Own(error))),
     };
     if collective == CollectiveKind::Single {
         return Ok(Ok(None));
@@ -797,9 +795,9 @@ async fn rendezvous(
             let listener = match std::net::TcpListener::bind((bind_host, 0)) {
                 Ok(listener) => listener,
                 Err(error) => {
-                    return Ok(Err(format!(
+                    return Ok(Err(TaskError::Own(format!(
                         "failed to open the ring listener on {bind_host}: {error}"
-                    )))
+                    ))))
                 }
             };
             let port = listener.local_addr().map(|a| a.port()).unwrap_or(0);
@@ -811,7 +809,7 @@ async fn rendezvous(
         }
         _ if rank == 0 => match NcclLibrary::load().and_then(|library| library.unique_id()) {
             Ok(id) => (None, String::new(), id.to_bytes()),
-            Err(error) => return Ok(Err(error.to_string())),
+            Err(error) => return Ok(Err(TaskError::Own(error.to_string()))),
         },
         _ => (None, String::new(), Vec::new()),
     };
@@ -832,7 +830,9 @@ async fn rendezvous(
             Ok(reply) => break reply.into_inner(),
             Err(status) if status.code() == Code::NotFound => {
                 let what = format!("joined the group of task {}", task.task_id);
-                return Ok(Err(session.forgotten(&task.task_id, &what).await?));
+                return Ok(Err(TaskError::Own(
+                    session.forgotten(&task.task_id, &what).await?,
+                )));
             }
             Err(status) => {
                 let what = format!("join the group of task {}", task.task_id);
@@ -844,8 +844,8 @@ async fn rendezvous(
     loop {
         if status.cancelled {
             // Another rank's report ended the attempt: this rank did nothing wrong.
-            return Ok(Err(format!(
-                "{GROUP_FAILED}the coordinator gave this attempt of the task up (its log says why)"
+            return Ok(Err(TaskError::Group(
+                "the coordinator gave this attempt of the task up (its log says why)".into(),
             )));
         }
         let nccl_ready = collective != CollectiveKind::Nccl || status.nccl_unique_id.len() == 128;
@@ -854,18 +854,18 @@ async fn rendezvous(
         }
         if tokio::time::Instant::now() >= deadline {
             let seconds = join_seconds;
-            return Ok(Err(if status.missing_ranks.is_empty() {
+            return Ok(Err(TaskError::Group(if status.missing_ranks.is_empty() {
                 // Every rank joined; rank 0's NCCL id never came (its NCCL failed to load?).
                 format!(
-                    "{GROUP_FAILED}every rank joined task {} but rank 0's NCCL unique id did not arrive within {seconds}s (see rank 0's log)",
+                    "every rank joined task {} but rank 0's NCCL unique id did not arrive within {seconds}s (see rank 0's log)",
                     task.task_id
                 )
             } else {
                 format!(
-                    "{GROUP_FAILED}ranks {:?} of {world_size} did not join task {} within {seconds}s",
+                    "ranks {:?} of {world_size} did not join task {} within {seconds}s",
                     status.missing_ranks, task.task_id
                 )
-            }));
+            })));
         }
         tokio::time::sleep(Duration::from_millis(100)).await;
         let request = pb::GetGroupRequest {
@@ -879,17 +879,19 @@ async fn rendezvous(
             // registering again at once lets a resumed run count this worker.
             Err(error) if error.code() == Code::NotFound => {
                 let what = format!("waited for the group of task {}", task.task_id);
-                return Ok(Err(session.forgotten(&task.task_id, &what).await?));
+                return Ok(Err(TaskError::Own(
+                    session.forgotten(&task.task_id, &what).await?,
+                )));
             }
             Err(error) if transient(&error) => {
                 tracing::warn!(%error, "group status query failed, retrying");
                 continue;
             }
             Err(error) => {
-                return Ok(Err(format!(
+                return Ok(Err(TaskError::Own(format!(
                     "the coordinator refused this worker's wait for the group of task {}: {error}",
                     task.task_id
-                )));
+                ))));
             }
         };
     }
@@ -918,7 +920,7 @@ async fn rendezvous(
 /// How a task run on the libtorch thread ended.
 enum Run {
     /// It ran to its end (or failed); the result goes to the coordinator.
-    Finished(Result<Outcome, String>),
+    Finished(Result<Outcome, TaskError>),
     /// The coordinator no longer counted the attempt as this worker's, so it was stopped at a
     /// progress report or a registration.
     Stopped,

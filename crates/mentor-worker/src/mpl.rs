@@ -31,7 +31,7 @@ use crate::optim::Sgd;
 use crate::resume::{self, Loaded};
 use crate::tasks::{
     collective_error, learning_rate, model_config, save_checkpoint, test_counts, BackgroundSaver,
-    Outcome, Progress,
+    Outcome, Progress, TaskError,
 };
 use crate::window::Window;
 
@@ -736,7 +736,7 @@ pub fn train_mpl(
     student_output: &Path,
     group: &mut Group,
     progress: &mut dyn FnMut(Progress),
-) -> Result<Outcome, String> {
+) -> Result<Outcome, TaskError> {
     let mpl = plan.mpl.as_ref().ok_or("the plan has no [mpl] section")?;
     let (rank, world_size) = (group.rank, group.world_size);
     let labeled_batch = mpl.batch_size as usize;
@@ -864,7 +864,8 @@ pub fn train_mpl(
                     "Meta Pseudo Labels diverged between steps {} and {}; lower the learning rates",
                     step + 1 - window.steps(),
                     step + 1
-                ));
+                )
+                .into());
             }
             Some(means)
         } else {

@@ -17,7 +17,7 @@ use tch::{nn, Tensor};
 
 use crate::distributed::Group;
 use crate::optim::TrainOptimizer;
-use crate::tasks::{collective_error, GROUP_FAILED};
+use crate::tasks::{collective_error, TaskError};
 
 /// The resume save of the training whose output is `output`, shared by the task's attempts:
 /// `round-1-teacher.resume.safetensors` for `round-1-teacher.attempt-2.safetensors`.
@@ -180,18 +180,18 @@ pub fn agree_on_resume(
     path: &Path,
     group: &mut Group,
     found: Result<Loaded, String>,
-) -> Result<u64, String> {
+) -> Result<u64, TaskError> {
     let mut failed = [f64::from(u8::from(found.is_err()))];
     group
         .all_reduce_scalars(&mut failed)
         .map_err(collective_error)?;
     let found = found?;
     if failed[0] > 0.0 {
-        return Err(format!(
-            "{GROUP_FAILED}another rank failed to read the resume save `{}` or what the training \
-             resumes from (its log says why)",
+        return Err(TaskError::Group(format!(
+            "another rank failed to read the resume save `{}` or what the training resumes \
+             from (its log says why)",
             path.display()
-        ));
+        )));
     }
     let step = match found {
         Loaded::Step(step) => step,
@@ -199,10 +199,10 @@ pub fn agree_on_resume(
     };
     // One file, seen by all.
     if !ranks_agree_on_step(group, Some(step)).map_err(collective_error)? {
-        return Err(format!(
+        return Err(TaskError::Own(format!(
             "the ranks do not resume from the same step of `{}` (workers need the run directory on a shared file system)",
             path.display()
-        ));
+        )));
     }
     // After the ranks' last meeting: a rank leaving early would leave the others waiting in
     // the training's first collective.

@@ -112,8 +112,8 @@ pub fn run_task(
     task: &TaskKind,
     group: Option<GroupJoin>,
     progress: &mut dyn FnMut(Progress),
-) -> Result<Outcome, String> {
-    let form_group = |group: Option<GroupJoin>| -> Result<Group, String> {
+) -> Result<Outcome, TaskError> {
+    let form_group = |group: Option<GroupJoin>| -> Result<Group, TaskError> {
         let bucket_bytes = (plan.workers.bucket_size_mb * 1024.0 * 1024.0) as usize;
         let group = match group {
             Some(join) => Group::form(
@@ -174,7 +174,7 @@ pub fn run_task(
                 progress,
             )
         }
-        TaskKind::Evaluate { model } => evaluate(plan, dataset, model, progress),
+        TaskKind::Evaluate { model } => Ok(evaluate(plan, dataset, model, progress)?),
         TaskKind::Label {
             teacher,
             round,
@@ -193,7 +193,8 @@ pub fn run_task(
             storage,
             previous_teachers,
             progress,
-        ),
+        )
+        .map_err(TaskError::from),
     }
 }
 
@@ -654,25 +655,50 @@ fn soft_cross_entropy_sum(logits: &Tensor, targets: &Tensor) -> Tensor {
     -(targets * logits.log_softmax(-1, Kind::Float)).sum(Kind::Float)
 }
 
-/// How the error of a rank whose group failed because of another rank begins (a collective,
-/// the group's setup or its join): the coordinator counts such an attempt as lost, not as a
-/// failure of the task (see `TaskResult.group_failure`).
-pub const GROUP_FAILED: &str = "data-parallel group failed: ";
+/// Why a task failed, as the coordinator is told.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum TaskError {
+    /// The task's own error on this rank (its data, its device, its checkpoint): it counts
+    /// against the task and the worker.
+    #[error("{0}")]
+    Own(String),
+    /// The rank's group failed because of another rank (a collective, the group's setup or its
+    /// join): the coordinator counts the attempt as lost, not as a failure of the task (see
+    /// `TaskResult.group_failure`).
+    #[error("data-parallel group failed: {0}")]
+    Group(String),
+}
+
+impl TaskError {
+    /// Whether the error is its group's failure rather than the rank's own.
+    pub fn is_group_failure(&self) -> bool {
+        matches!(self, TaskError::Group(_))
+    }
+}
+
+impl From<String> for TaskError {
+    fn from(message: String) -> TaskError {
+        TaskError::Own(message)
+    }
+}
+
+impl From<&str> for TaskError {
+    fn from(message: &str) -> TaskError {
+        TaskError::Own(message.to_string())
+    }
+}
 
 /// A collective's error as a task's: the group's failure when another rank is the likely
 /// cause, else this rank's own (its device, its setup), which counts against the task and the
 /// worker.
-pub(crate) fn collective_error(error: mentor_collective::CollectiveError) -> String {
+pub(crate) fn collective_error(error: mentor_collective::CollectiveError) -> TaskError {
     if error.is_peer_failure() {
-        format!("{GROUP_FAILED}{error}")
+        TaskError::Group(error.to_string())
     } else {
-        format!("data-parallel training failed on this rank: {error}")
+        TaskError::Own(format!(
+            "data-parallel training failed on this rank: {error}"
+        ))
     }
-}
-
-/// Whether a task's `error` is its group's failure rather than the rank's own.
-pub fn is_group_failure(error: &str) -> bool {
-    error.starts_with(GROUP_FAILED)
 }
 
 /// What one training task trains: a role's model from scratch, or a finetuning from a
@@ -740,7 +766,7 @@ fn train(
     selection: Option<&Path>,
     group: &mut Group,
     progress: &mut dyn FnMut(Progress),
-) -> Result<Outcome, String> {
+) -> Result<Outcome, TaskError> {
     let train_plan = &setup.train_plan;
     let (name, round) = (setup.name, setup.round);
     // Wrapping: any u64 seed is valid; the usual ones give the same numbers as plain arithmetic.
@@ -757,7 +783,8 @@ fn train(
         };
         return Err(format!(
             "{field}.batch_size ({labeled_batch}) is smaller than the group ({world_size} ranks)"
-        ));
+        )
+        .into());
     }
     tch::manual_seed(seed);
     let classes = plan.data.classes as i64;
@@ -774,29 +801,29 @@ fn train(
     // read at different speeds (a cold disk, a slower node) would otherwise fail the first
     // collective at its timeout, and a rank whose reading failed would leave the others
     // waiting out the meeting's.
-    let pseudo = match selection {
-        Some(path) => {
-            let read = load_selection(plan, dataset, path, train_plan.label_smoothing);
-            let limit = match plan.workers.progress_timeout_seconds {
-                0 => plan.workers.collective_timeout_seconds,
-                seconds => seconds,
-            };
-            let mut failed = [f64::from(u8::from(read.is_err()))];
-            group
-                .meet_within(&mut failed, Duration::from_secs(limit))
-                .map_err(collective_error)?;
-            match read {
-                Err(error) => return Err(error),
-                Ok(_) if failed[0] > 0.0 => {
-                    return Err(format!(
-                        "{GROUP_FAILED}another rank failed to read the round's pseudo labels (its log says why)"
-                    ))
+    let pseudo =
+        match selection {
+            Some(path) => {
+                let read = load_selection(plan, dataset, path, train_plan.label_smoothing);
+                let limit = match plan.workers.progress_timeout_seconds {
+                    0 => plan.workers.collective_timeout_seconds,
+                    seconds => seconds,
+                };
+                let mut failed = [f64::from(u8::from(read.is_err()))];
+                group
+                    .meet_within(&mut failed, Duration::from_secs(limit))
+                    .map_err(collective_error)?;
+                match read {
+                    Err(error) => return Err(error.into()),
+                    Ok(_) if failed[0] > 0.0 => return Err(TaskError::Group(
+                        "another rank failed to read the round's pseudo labels (its log says why)"
+                            .into(),
+                    )),
+                    Ok(pseudo) => Some(pseudo),
                 }
-                Ok(pseudo) => Some(pseudo),
             }
-        }
-        None => None,
-    };
+            None => None,
+        };
     let variables = vs.trainable_variables();
     group
         .broadcast_parameters(&variables)
@@ -932,7 +959,8 @@ fn train(
                     step + 1 - steps_in_window,
                     step + 1,
                     sums[0] / steps_in_window as f64
-                ));
+                )
+                .into());
             }
             last_loss = sums[0] / steps_in_window as f64;
             let seconds = window_started.elapsed().as_secs_f64().max(1e-9);
@@ -1065,7 +1093,7 @@ fn resume_training(
     optimizer: &mut TrainOptimizer,
     identity: &Result<resume::Identity, String>,
     group: &mut Group,
-) -> Result<u64, String> {
+) -> Result<u64, TaskError> {
     // What the training reads to know itself (see `training_identity`), then the save.
     let found = identity
         .clone()
@@ -1399,17 +1427,21 @@ mod tests {
 
         let answers = run([none.clone(), damaged.clone()], identity.clone());
         let own = answers[1].clone().expect_err("the damaged save's rank");
+        let TaskError::Own(own) = own else {
+            panic!("the damaged save's rank failed as its group: {own}")
+        };
         assert!(
             own.contains("damaged.resume.safetensors") && own.contains("move it away"),
             "{own}"
         );
         let peer = answers[0].clone().expect_err("the other rank");
-        assert!(is_group_failure(&peer), "{peer}");
+        assert!(peer.is_group_failure(), "{peer}");
 
         let answers = run([good.clone(), none.clone()], identity.clone());
         for answer in answers {
             let error = answer.expect_err("ranks at different steps");
-            assert!(error.contains("shared file system"), "{error}");
+            assert!(!error.is_group_failure(), "{error}");
+            assert!(error.to_string().contains("shared file system"), "{error}");
         }
 
         let other = resume::Identity::new(100, "another training");

@@ -29,7 +29,8 @@ fn a_diverging_teacher_stops_naming_the_steps_before_saving() {
         selection: None,
     };
     let error = run_task(&plan, &dataset, &task, None, &mut |_| {})
-        .expect_err("a learning rate of 1e30 must diverge");
+        .expect_err("a learning rate of 1e30 must diverge")
+        .to_string();
     // The tiny plan reports every 10 steps.
     assert!(
         error.contains("teacher training diverged between steps 0 and 10"),
@@ -55,7 +56,8 @@ fn a_diverging_joint_training_stops_naming_the_steps_before_saving() {
         student_output: dir.path().join("student.safetensors"),
     };
     let error = run_task(&plan, &dataset, &task, None, &mut |_| {})
-        .expect_err("learning rates of 1e30 must diverge");
+        .expect_err("learning rates of 1e30 must diverge")
+        .to_string();
     assert!(
         error.contains("Meta Pseudo Labels diverged between steps 0 and 5"),
         "{error}"

@@ -90,7 +90,8 @@ fn a_committed_shard_is_reused_and_another_teachers_is_refused() {
         None,
         &mut |_| {},
     )
-    .expect_err("stale shard");
+    .expect_err("stale shard")
+    .to_string();
     assert!(error.contains("round-1/shard-00001.safetensors"), "{error}");
     assert!(error.contains("holds the labels of teacher"), "{error}");
 }

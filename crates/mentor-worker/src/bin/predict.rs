@@ -137,7 +137,7 @@ fn main() -> anyhow::Result<()> {
             )
             .map_err(|error| {
                 // The hint is for a checkpoint that did not load, not for any failure.
-                let hint = if error.contains("checkpoint") {
+                let hint = if error.to_string().contains("checkpoint") {
                     LOAD_HINT
                 } else {
                     ""
