@@ -566,6 +566,18 @@ fn meta_pseudo_labels(plan: &Plan, data: &DataSummary, out: &mut String) {
     }
 }
 
+/// Whether this process may create entries in the directory `dir` (`access(2)`: the user's
+/// own permissions, and a read-only file system).
+#[allow(unsafe_code)]
+fn writable(dir: &Path) -> bool {
+    use std::os::unix::ffi::OsStrExt;
+    let Ok(path) = std::ffi::CString::new(dir.as_os_str().as_bytes()) else {
+        return false;
+    };
+    // SAFETY: `path` is a valid NUL-terminated string that outlives the call.
+    unsafe { libc::access(path.as_ptr(), libc::W_OK | libc::X_OK) == 0 }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -665,16 +677,4 @@ mod tests {
         assert_eq!(count(1, "op"), "1 op");
         assert_eq!(count(1_000, "step"), "1,000 steps");
     }
-}
-
-/// Whether this process may create entries in the directory `dir` (`access(2)`: the user's
-/// own permissions, and a read-only file system).
-#[allow(unsafe_code)]
-fn writable(dir: &Path) -> bool {
-    use std::os::unix::ffi::OsStrExt;
-    let Ok(path) = std::ffi::CString::new(dir.as_os_str().as_bytes()) else {
-        return false;
-    };
-    // SAFETY: `path` is a valid NUL-terminated string that outlives the call.
-    unsafe { libc::access(path.as_ptr(), libc::W_OK | libc::X_OK) == 0 }
 }
