@@ -77,9 +77,42 @@ pub fn parse_device(text: &str) -> Result<tch::Device, String> {
     Ok(tch::Device::Cuda(index))
 }
 
+/// Runs one task `task` on this long-lived libtorch thread, a panic (a libtorch error) caught
+/// as its end. Libtorch's thread-local modes are set as a task expects them first: a task that
+/// panicked inside tch's `no_grad` or `autocast` closures skipped their restore, and would
+/// leave gradients off (every later training failing at its backward) or autocast on (later
+/// float32 trainings silently in half precision).
+pub fn run_isolated<T>(task: impl FnOnce() -> T) -> std::thread::Result<T> {
+    models::Autocast::off_on_this_thread();
+    std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| tch::with_grad(task)))
+}
+
 #[cfg(test)]
 mod tests {
     use super::libtorch_message;
+
+    /// A task that panics with gradients off and autocast on leaves neither to the next task
+    /// on its thread.
+    #[test]
+    fn a_task_that_panics_leaves_no_libtorch_mode_to_the_next() {
+        use crate::models::Autocast;
+        use tch::{Device, Kind, Tensor};
+        let failed = super::run_isolated(|| {
+            tch::no_grad(|| {
+                std::mem::forget(Autocast::bfloat16(Device::Cpu));
+                panic!("a libtorch error");
+            })
+        });
+        assert!(failed.is_err());
+        let next = super::run_isolated(|| {
+            let weight = Tensor::ones([2], (Kind::Float, Device::Cpu)).set_requires_grad(true);
+            (
+                (&weight * 2.0).requires_grad(),
+                Autocast::is_enabled(Device::Cpu),
+            )
+        });
+        assert_eq!(next.expect("the next task"), (true, false));
+    }
 
     #[test]
     fn a_libtorch_error_or_panic_reads_as_libtorch_s_message() {

@@ -114,7 +114,7 @@ fn spawn_torch_thread(
                 let stop = job.stop;
                 let task = job.task;
                 let group = job.group;
-                let result = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
+                let result = mentor_worker::run_isolated(|| {
                     let mut report = |p: Progress| {
                         let _ = progress.send(p);
                         if stop.load(Ordering::Acquire) {
@@ -123,7 +123,7 @@ fn spawn_torch_thread(
                         }
                     };
                     run_task(&plan, &dataset, &task, group, &mut report)
-                }))
+                })
                 .unwrap_or_else(|panic| {
                     if panic.is::<Stopped>() {
                         return Err("stopped: the attempt is no longer this worker's".into());

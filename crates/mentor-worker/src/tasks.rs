@@ -1242,7 +1242,10 @@ fn label(
             let count = batch.example_ids.len();
             let pixels = dataset.pixels_tensor(&batch.pixels, count);
             let images = dataset.model_input(&to_unit(&pixels), config.resolution);
-            let logits = tch::autocast(autocast, || model.forward_t(&images, false));
+            let logits = {
+                let _autocast = autocast.then(|| crate::models::Autocast::float16(dataset.device));
+                model.forward_t(&images, false)
+            };
             let distribution =
                 (logits.to_kind(Kind::Float) / plan_labels.temperature).softmax(-1, Kind::Float);
             let (values, indices) = distribution.topk(top_k, -1, true, true);

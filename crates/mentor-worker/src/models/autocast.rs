@@ -16,6 +16,8 @@ const CPU: i8 = 0;
 const CUDA: i8 = 1;
 /// `c10::ScalarType::BFloat16`.
 const BFLOAT16: i8 = 15;
+/// `c10::ScalarType::Half`.
+const FLOAT16: i8 = 5;
 
 extern "C" {
     #[link_name = "_ZN2at8autocast19is_autocast_enabledEN3c1010DeviceTypeE"]
@@ -32,9 +34,11 @@ extern "C" {
     fn set_autocast_cache_enabled(enabled: bool);
 }
 
-/// Autocast to bfloat16 on one device type for the calling thread while it lives; the previous
-/// settings come back when it is dropped. The cast cache stays off inside: weights change at
-/// every step, and a cached bfloat16 copy would outlive its weight.
+/// Autocast to bfloat16 (or float16) on one device type for the calling thread while it
+/// lives; the previous settings come back when it is dropped, also when a libtorch error
+/// unwinds through it (tch's own `autocast` closure then leaves autocast on for the thread,
+/// and its cast cache holding stale weights). The cast cache stays off inside: weights change
+/// at every step, and a cached low-precision copy would outlive its weight.
 pub struct Autocast {
     device: i8,
     enabled: bool,
@@ -44,6 +48,25 @@ pub struct Autocast {
 
 impl Autocast {
     pub fn bfloat16(device: Device) -> Autocast {
+        Autocast::to(device, BFLOAT16)
+    }
+
+    /// Autocast to float16 (mixed-precision inference on GPUs).
+    pub fn float16(device: Device) -> Autocast {
+        Autocast::to(device, FLOAT16)
+    }
+
+    /// Turns autocast off on this thread for every device type: what a thread that runs one
+    /// task after another does before each (a task that failed inside a scope of autocast
+    /// taken without a guard would leave it on).
+    pub fn off_on_this_thread() {
+        for device in [CPU, CUDA] {
+            // SAFETY: writes a thread-local flag.
+            unsafe { set_autocast_enabled(device, false) }
+        }
+    }
+
+    fn to(device: Device, dtype: i8) -> Autocast {
         let device = device_type(device);
         // SAFETY: thread-local settings of libtorch, read and written by value.
         unsafe {
@@ -53,7 +76,7 @@ impl Autocast {
                 dtype: get_autocast_dtype(device),
                 cache: is_autocast_cache_enabled(),
             };
-            set_autocast_dtype(device, BFLOAT16);
+            set_autocast_dtype(device, dtype);
             set_autocast_cache_enabled(false);
             set_autocast_enabled(device, true);
             previous
