@@ -2451,6 +2451,80 @@ fn a_worker_gives_up_on_a_coordinator_that_hangs() {
     );
 }
 
+/// A training that ends while its coordinator is down: the worker keeps its result past its
+/// connection timeout and gives it to the restarted coordinator, which takes it (the training
+/// does not run again).
+#[test]
+fn a_result_finished_during_a_coordinator_outage_is_delivered_after_it() {
+    let runtime = tokio::runtime::Runtime::new().expect("runtime");
+    let dir = tempfile::tempdir().expect("tempdir");
+    let mut edits = ONE_WORKER_SHORT_HEARTBEAT.to_vec();
+    edits.push((
+        "steps = 30\nbatch_size = 32\nunlabeled_ratio",
+        "steps = 200\nbatch_size = 32\nunlabeled_ratio",
+    ));
+    let plan = dir.path().join("plan.toml");
+    std::fs::write(&plan, tiny_plan_with(&edits)).expect("write plan");
+    let state_dir = dir.path().join("run");
+    let port = std::net::TcpListener::bind("127.0.0.1:0")
+        .expect("free port")
+        .local_addr()
+        .expect("address")
+        .port();
+    let listen = format!("127.0.0.1:{port}");
+    let address = format!("http://{listen}");
+    let (mut coordinator, _) = start_coordinator_on(&plan, &listen, &state_dir);
+    let mut worker = Process::start(
+        &binary("worker"),
+        &[
+            "--coordinator",
+            &address,
+            "--device",
+            "cpu",
+            "--threads",
+            "1",
+            "--connect-timeout-seconds",
+            "1",
+        ],
+        dir.path().join("worker.log"),
+    );
+    wait_for("the student to train", Duration::from_secs(300), || {
+        let current = try_status(&runtime, &address)?;
+        current
+            .workers
+            .iter()
+            .any(|w| w.task.starts_with("train student"))
+            .then_some(())
+    });
+    coordinator.child.kill().expect("kill the coordinator");
+    let _ = coordinator.child.wait();
+    // The training ends during the outage (its checkpoint written), and the outage outlasts
+    // the worker's connection timeout.
+    wait_for_file(&state_dir.join("checkpoints/round-1-student.attempt-1.safetensors"));
+    std::thread::sleep(Duration::from_secs(3));
+    assert!(worker.is_running(), "{}", worker.log_text());
+    let (mut coordinator, _) = start_coordinator_on(&plan, &listen, &state_dir);
+    let status = watch_run(
+        &runtime,
+        &address,
+        &mut coordinator,
+        Duration::from_secs(300),
+        |_| {},
+    );
+    assert_eq!(status.status, "succeeded", "{}", worker.log_text());
+    let saved = saved_state(&state_dir);
+    let student = saved["tasks"]
+        .as_object()
+        .expect("tasks")
+        .values()
+        .find(|task| task["spec"]["kind"] == "train" && task["spec"]["role"] == "student")
+        .unwrap_or_else(|| panic!("no student task in {saved}"));
+    assert_eq!(
+        student["attempts"], 1,
+        "the student trained again: {student}"
+    );
+}
+
 /// A worker stopped with SIGTERM (a preempted node, the end of a scheduler's allocation) tells
 /// the coordinator before it exits: its training task goes back to the queue at once, without
 /// counting as a lost attempt, and the other worker finishes the run.

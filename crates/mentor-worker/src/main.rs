@@ -367,6 +367,18 @@ impl Session {
         outage: &mut Option<Instant>,
         what: &str,
     ) -> anyhow::Result<()> {
+        let limit = self.outage_limit;
+        self.recover_within(status, outage, what, limit).await
+    }
+
+    /// [`Session::recover`], giving up after an outage of `limit`.
+    async fn recover_within(
+        &mut self,
+        status: tonic::Status,
+        outage: &mut Option<Instant>,
+        what: &str,
+        limit: Duration,
+    ) -> anyhow::Result<()> {
         match status.code() {
             Code::NotFound => {
                 tracing::warn!(worker = %self.id(), "the coordinator no longer knows this worker (restarted?), registering again");
@@ -377,10 +389,9 @@ impl Session {
                     tracing::warn!(%status, "the coordinator is unreachable, retrying");
                     Instant::now()
                 });
-                if started.elapsed() > self.outage_limit {
+                if started.elapsed() > limit {
                     anyhow::bail!(
-                        "failed to {what}: the coordinator was unreachable for {:?} ({status})",
-                        self.outage_limit
+                        "failed to {what}: the coordinator was unreachable for {limit:?} ({status})"
                     );
                 }
                 tokio::time::sleep(Duration::from_millis(500)).await;
@@ -496,14 +507,22 @@ impl Session {
             };
             match self.client.complete_task(result).await {
                 Ok(_) => return Ok(()),
+                // The work is done: a coordinator restarting takes its result for longer than
+                // the connection timeout, at least RESULT_OUTAGE_LIMIT (a worker gone, the task
+                // would run again).
                 Err(status) => {
-                    self.recover(status, &mut outage, "report a task result")
+                    let limit = self.outage_limit.max(RESULT_OUTAGE_LIMIT);
+                    self.recover_within(status, &mut outage, "report a task result", limit)
                         .await?
                 }
             }
         }
     }
 }
+
+/// How long a worker keeps sending a finished task's result to a coordinator it cannot reach,
+/// at least (`--connect-timeout-seconds` when longer).
+const RESULT_OUTAGE_LIMIT: Duration = Duration::from_secs(600);
 
 fn main() -> anyhow::Result<()> {
     let args = Args::parse();

@@ -928,7 +928,9 @@ pub fn train_mpl(
                 &mut student_optimizer,
             )
             .tensors(&state, &identity, evaluation);
-            saver.save(tensors, &checkpoint)?;
+            // A save that fails (a full disk, say) costs what it would have kept, not the
+            // training (nor the other ranks, which would wait for this one in a collective).
+            saver.save_or_warn(tensors, &checkpoint);
         }
         if let (true, Some(means)) = (reporting, means) {
             let steps = window.steps() as f64;
@@ -979,7 +981,7 @@ pub fn train_mpl(
             window_started = Instant::now();
         }
     }
-    saver.finish()?;
+    saver.finish_or_warn();
     if rank == 0 {
         save_checkpoint(&teacher_vs, teacher_output)?;
         match &ema {
