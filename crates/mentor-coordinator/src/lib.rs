@@ -371,15 +371,39 @@ fn publish_outputs(spec: &TaskSpec, attempt: u32) -> Result<Published, String> {
         // running somewhere may leave its own later).
         leftovers.extend((1..attempt).map(|earlier| attempt_output(output, earlier)));
         leftovers.push(resume_save(output));
+        leftovers.extend(temporaries_of(output));
     }
     if let TaskSpec::TrainMpl { teacher_output, .. } = spec {
         // The joint training's save (the worker's `mpl::resume_path`).
-        leftovers.push(teacher_output.with_file_name("mpl-joint.resume.safetensors"));
+        let joint = teacher_output.with_file_name("mpl-joint.resume.safetensors");
+        leftovers.extend(temporaries_of(&joint));
+        leftovers.push(joint);
     }
     Ok(Published {
         checkpoint: named.to_path_buf(),
         leftovers,
     })
+}
+
+/// The temporary files of writes of `output` (`round-1-student.safetensors`) and of its
+/// attempts' and resume saves that never ended (`round-1-student.attempt-2.<pid>-<n>.tmp.safetensors`:
+/// a worker killed while it wrote one).
+fn temporaries_of(output: &Path) -> Vec<PathBuf> {
+    let (Some(folder), Some(stem)) = (output.parent(), output.file_stem()) else {
+        return Vec::new();
+    };
+    let prefix = format!("{}.", stem.to_string_lossy());
+    let Ok(entries) = std::fs::read_dir(folder) else {
+        return Vec::new();
+    };
+    entries
+        .filter_map(|entry| entry.ok().map(|entry| entry.path()))
+        .filter(|path| {
+            path.file_name()
+                .map(|name| name.to_string_lossy())
+                .is_some_and(|name| name.starts_with(&prefix) && name.ends_with(".tmp.safetensors"))
+        })
+        .collect()
 }
 
 /// A training's checkpoints put in place by [`publish_outputs`].
@@ -2648,6 +2672,16 @@ mod tests {
         let save = resume_save(&output);
         std::fs::create_dir_all(save.parent().expect("parent")).expect("mkdir");
         std::fs::write(&save, "step 1000").expect("a resume save");
+        // Writes that never ended (a worker killed while it saved), and another training's.
+        let folder = save.parent().expect("parent");
+        let stale = [
+            folder.join("round-1-teacher.attempt-1.4242-0000beef.tmp.safetensors"),
+            folder.join("round-1-teacher.resume.4242-0000cafe.tmp.safetensors"),
+        ];
+        let other = folder.join("round-1-student.resume.4242-0000f00d.tmp.safetensors");
+        for path in stale.iter().chain([&other]) {
+            std::fs::write(path, "half a save").expect("a temporary file");
+        }
         // The state cannot be saved (a directory where its file goes).
         let state_file = dir.path().join("state.json");
         std::fs::remove_file(&state_file).expect("remove the state");
@@ -2667,6 +2701,11 @@ mod tests {
         coordinator.persist_or_log();
         assert!(coordinator.save_error.is_none());
         assert!(!save.exists(), "the save is left behind");
+        assert!(
+            stale.iter().all(|path| !path.exists()),
+            "temporary files are left behind"
+        );
+        assert!(other.exists(), "another training's file went");
         assert_eq!(saved_task_state(dir.path(), &teacher.task.id), "done");
     }
 
