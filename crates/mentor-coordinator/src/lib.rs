@@ -1830,6 +1830,15 @@ impl Coordinator {
         };
         let labeled = matches!(outcome, TaskOutcome::Labeled(_));
         let effects = self.state.complete(task, id, attempt, outcome);
+        // An attempt that ended (done, or back in the queue) needs its rendezvous no more.
+        if !self
+            .state
+            .tasks
+            .get(task)
+            .is_some_and(|record| record.is_run_by(id, attempt))
+        {
+            self.groups.remove(&(task.clone(), attempt));
+        }
         self.log_effects(&effects);
         // A shard's result that changes nothing else (not the last of its round) may wait.
         if labeled && effects.is_empty() {
@@ -3997,6 +4006,34 @@ mod tests {
             panic!("no task")
         };
         assert_eq!((first.rank, first.task.world_size), (0, 1));
+    }
+
+    /// A group's rendezvous goes once its attempt ends well (as when it fails): a run of many
+    /// trainings keeps none.
+    #[test]
+    fn a_finished_groups_rendezvous_is_forgotten() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let now = Instant::now();
+        let (mut coordinator, a, b, first) = two_workers_with_a_teacher_task(dir.path(), now);
+        let task = first.task.id.clone();
+        let TaskReply::Task(second) = coordinator.get_task(&b, now).expect("task") else {
+            panic!("no task for rank 1")
+        };
+        coordinator
+            .join_group(&a, join(&task, 0, "10.0.0.1:1000"), now)
+            .expect("join");
+        coordinator
+            .join_group(&b, join(&task, 1, "10.0.0.2:1000"), now)
+            .expect("join");
+        assert_eq!(coordinator.groups.len(), 1);
+        complete_trained(&mut coordinator, &b, &second, dir.path(), now);
+        assert_eq!(
+            coordinator.groups.len(),
+            1,
+            "rank 0 has not ended the attempt"
+        );
+        complete_trained(&mut coordinator, &a, &first, dir.path(), now);
+        assert!(coordinator.groups.is_empty());
     }
 
     #[test]
