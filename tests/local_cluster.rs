@@ -805,46 +805,34 @@ fn malformed_addresses_are_refused_at_once() {
     let dir = tempfile::tempdir().expect("tempdir");
     let state_dir = dir.path().join("run");
     let plan = workspace_root().join("deploy/plans/tiny.toml");
-    let (code, stderr) = run(
-        "coordinator",
-        &[
-            "--plan",
-            plan.to_str().expect("utf-8 path"),
-            "--listen",
-            "127.0.0.1:not-a-port",
-            "--state-dir",
-            state_dir.to_str().expect("utf-8 path"),
-        ],
-    );
-    assert_ne!(code, Some(0), "{stderr}");
-    assert!(
-        stderr.contains("failed to listen on `127.0.0.1:not-a-port`")
-            && stderr.contains("--listen takes IP:PORT"),
-        "{stderr}"
-    );
-    assert!(
-        !state_dir.exists(),
-        "a refused --listen created the run directory"
-    );
-    // A port alone (a Prometheus habit) gets the same hint.
-    let (code, stderr) = run(
-        "coordinator",
-        &[
-            "--plan",
-            plan.to_str().expect("utf-8 path"),
-            "--metrics-listen",
-            "9090",
-            "--state-dir",
-            state_dir.to_str().expect("utf-8 path"),
-        ],
-    );
-    assert_ne!(code, Some(0), "{stderr}");
-    assert!(
-        stderr.contains("failed to listen on `9090`")
-            && stderr.contains("--metrics-listen takes IP:PORT"),
-        "{stderr}"
-    );
-    assert!(!state_dir.exists());
+    // An address that cannot be used is refused before the run directory is touched, with the
+    // form the flag takes (a port alone, a Prometheus habit, too).
+    for (flag, address) in [
+        ("--listen", "127.0.0.1:not-a-port"),
+        ("--metrics-listen", "9090"),
+    ] {
+        let (code, stderr) = run(
+            "coordinator",
+            &[
+                "--plan",
+                plan.to_str().expect("utf-8 path"),
+                flag,
+                address,
+                "--state-dir",
+                state_dir.to_str().expect("utf-8 path"),
+            ],
+        );
+        assert_ne!(code, Some(0), "{stderr}");
+        assert!(
+            stderr.contains(&format!("failed to listen on `{address}`"))
+                && stderr.contains(&format!("{flag} takes IP:PORT")),
+            "{stderr}"
+        );
+        assert!(
+            !state_dir.exists(),
+            "a refused {flag} created the run directory"
+        );
+    }
 }
 
 /// A worker frozen in the middle of its task (SIGSTOP: a node that hangs, a paused VM): the
