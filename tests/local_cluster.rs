@@ -82,6 +82,14 @@ fn tiny_plan_runs_two_rounds_on_two_worker_processes() {
             && recorded.contains(&format!("storage = \"{}\"", absolute("run/pseudo-labels"))),
         "{recorded}"
     );
+    // The same plan, relative paths and all, is this run's for `mentor plan --state-dir` (what
+    // `local-cluster.sh` asks before it resumes a run).
+    let output = std::process::Command::new(binary("mentor"))
+        .current_dir(dir.path())
+        .args(["plan", "tiny.toml", "--state-dir", "run"])
+        .output()
+        .expect("mentor plan");
+    assert!(output.status.success(), "{output:?}");
     assert_eq!(
         seen_workers_busy, 2,
         "labeling tasks were never spread over both workers"

@@ -203,7 +203,7 @@ fn redo_finetune_of(state: &mut RunState, plan: &Plan, dir: &Path) -> Result<(),
         dir: dir.to_path_buf(),
         reason,
     };
-    let recorded = Plan::from_recorded_toml(&state.plan_toml)
+    let recorded = recorded_plan(state)
         .map_err(|e| error(format!("the run's recorded plan does not parse: {e}")))?;
     let mut recorded = with_free_settings_of(recorded, plan, state.unlabeled_fingerprint.is_some());
     if let (Some(recorded), Some(mpl)) = (recorded.mpl.as_mut(), plan.mpl.as_ref()) {
@@ -260,11 +260,7 @@ fn reopen(
         // settings decide.
         // `data.dir` says where the data is, not what it is: a run moved to another
         // machine reads the same files from wherever they are there.
-        // A run recorded with relative paths (by an earlier build) read them where its
-        // coordinator runs, as they are read now.
-        let recorded =
-            Plan::from_recorded_toml(&state.plan_toml).and_then(Plan::with_absolute_paths);
-        let difference = match recorded {
+        let difference = match recorded_plan(state) {
             Ok(recorded) => {
                 let listing_recorded = state.unlabeled_fingerprint.is_some();
                 let mut recorded = with_free_settings_of(recorded, plan, listing_recorded);
@@ -306,6 +302,32 @@ fn reopen(
         tracing::info!(run = %state.run_id, %failure, phase = state.phase.as_str(), "retrying the failed run from the phase it failed in");
     }
     Ok(())
+}
+
+/// The plan `state` records, its local paths absolute: a run recorded with relative paths (by
+/// an earlier build) read them where its coordinator runs, as they are read now.
+fn recorded_plan(state: &RunState) -> Result<Plan, mentor_plan::PlanError> {
+    Plan::from_recorded_toml(&state.plan_toml).and_then(Plan::with_absolute_paths)
+}
+
+/// A run directory that moved from `from` to `to` (`RunState::from_saved` found it): the local
+/// soft-label store its plan records inside it (`pseudo_labels.storage = "run/labels"`,
+/// recorded absolute) moved with it, as the state's own paths did.
+fn rebase_recorded_storage(state: &mut RunState, from: &Path, to: &Path) {
+    let Ok(mut recorded) = Plan::from_recorded_toml(&state.plan_toml) else {
+        return;
+    };
+    let moved = recorded
+        .pseudo_labels
+        .storage
+        .as_deref()
+        .filter(|storage| !storage.contains("://"))
+        .and_then(|storage| Path::new(storage).strip_prefix(from).ok())
+        .map(|inside| to.join(inside).display().to_string());
+    if let Some(storage) = moved {
+        recorded.pseudo_labels.storage = Some(storage);
+        state.plan_toml = recorded.to_toml_string();
+    }
 }
 
 /// The run's `recorded` plan with the settings a resumed run may change taken from `plan`
@@ -698,8 +720,16 @@ impl Coordinator {
             .map_err(|e| state_store_error(e.to_string()))?;
         let text =
             std::fs::read_to_string(&state_file).map_err(|e| state_store_error(e.to_string()))?;
-        let (mut state, _) = RunState::from_saved(&text, &run_dir)
+        let (mut state, moved_from) = RunState::from_saved(&text, &run_dir)
             .map_err(|e| state_store_error(format!("unreadable state.json: {e}")))?;
+        if let Some(old) = &moved_from {
+            rebase_recorded_storage(&mut state, old, &run_dir);
+        }
+        // As the coordinator reads it.
+        let plan = &plan
+            .clone()
+            .with_absolute_paths()
+            .map_err(CoordinatorError::PlanData)?;
         reopen(&mut state, plan, how, &run_dir)?;
         let needed = state.needs_given_teacher();
         // The teacher a run began labeling with is the one it goes on with.
@@ -801,6 +831,7 @@ impl Coordinator {
                 .map_err(|e| state_store_error(format!("unreadable state.json: {e}")))?;
             if let Some(old) = &old_dir {
                 tracing::info!(from = %old.display(), to = %run_dir.display(), "the run directory moved since its last save: its recorded paths follow it");
+                rebase_recorded_storage(&mut state, old, &run_dir);
             }
             moved_from = old_dir;
             recorded_teacher = Plan::from_recorded_toml(&state.plan_toml)
@@ -3160,6 +3191,39 @@ mod tests {
             Err(e) => panic!("refused for another reason: {e}"),
             Ok(_) => panic!("a run of another seed was resumed"),
         }
+    }
+
+    /// A soft-label store the plan names inside the run directory (recorded absolute) moves
+    /// with it: the plan naming its new place resumes the run, for `mentor plan --state-dir`
+    /// too.
+    #[test]
+    fn a_store_inside_a_moved_run_directory_moves_with_it() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let root = dir.path().canonicalize().expect("canonicalize");
+        let (gpu_machine, laptop) = (root.join("gpu-machine"), root.join("laptop"));
+        let with_store = |run_dir: &Path| {
+            let mut plan = one_worker_plan();
+            plan.pseudo_labels.storage = Some(run_dir.join("labels").display().to_string());
+            plan
+        };
+        drop(Coordinator::open(with_store(&gpu_machine), &gpu_machine).expect("open"));
+        std::fs::rename(&gpu_machine, &laptop).expect("move the run directory");
+        Coordinator::check_reopen(&with_store(&laptop), &laptop, Reopen::Resume)
+            .expect("mentor plan --state-dir");
+        let moved = Coordinator::open(with_store(&laptop), &laptop).expect("reopen");
+        let recorded = Plan::from_toml_str(&moved.state.plan_toml).expect("recorded plan");
+        assert_eq!(
+            recorded.pseudo_labels.storage,
+            Some(laptop.join("labels").display().to_string())
+        );
+        // A store elsewhere than the run directory stays where it was: another is refused.
+        drop(moved);
+        let mut elsewhere = one_worker_plan();
+        elsewhere.pseudo_labels.storage = Some(root.join("other").display().to_string());
+        assert!(matches!(
+            Coordinator::open(elsewhere, &laptop),
+            Err(CoordinatorError::PlanMismatch { .. })
+        ));
     }
 
     #[test]

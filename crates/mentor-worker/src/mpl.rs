@@ -673,7 +673,7 @@ struct Identity {
 
 impl Identity {
     /// FNV-1a of the plan without what does not change the joint training (its finetune,
-    /// logging, evaluation and checkpoint intervals, the workers, the places the data is read
+    /// logging, evaluation and checkpoint intervals, the workers, the folder the data is read
     /// from: a run moved to another machine resumes), so that a checkpoint left by another run
     /// in the same directory is never taken for this one.
     fn of(plan: &Plan) -> Identity {
@@ -694,9 +694,6 @@ impl Identity {
         };
         let located = hash(&without_progress_timeout(shaping.to_toml_string()));
         shaping.data.dir = PathBuf::new();
-        // Where the unlabeled images are, not what they are (the coordinator compares their
-        // listing with the run's).
-        shaping.data.unlabeled.path = None;
         let text = shaping.to_toml_string();
         Identity {
             steps: plan.mpl.as_ref().map_or(0, |mpl| mpl.steps),

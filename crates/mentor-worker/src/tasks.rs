@@ -1043,8 +1043,6 @@ fn training_identity(
     shaping.data.dir = PathBuf::new();
     shaping.data.unlabeled.path = None;
     shaping.teacher.checkpoint = None;
-    // Where the soft labels are kept: their selection (below) says what they are.
-    shaping.pseudo_labels.storage = None;
     for role in [&mut shaping.teacher, &mut shaping.student] {
         if let Some(train) = role.train.as_mut() {
             train.log_every = 1;
