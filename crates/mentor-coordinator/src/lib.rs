@@ -1595,31 +1595,55 @@ impl Coordinator {
             rendezvous.nccl_unique_id = nccl_unique_id;
         }
         // A ring address on loopback is reached from its own host alone: a group of ranks on
-        // several hosts with one cannot form (its ranks would wait for the join timeout).
-        let host_of = |member: &WorkerId| self.workers.get(member).map(|w| w.hostname.as_str());
-        let joined: Vec<(usize, &str, &str)> = rendezvous
-            .addresses
-            .iter()
-            .enumerate()
-            .filter_map(|(rank, address)| {
-                let host = host_of(members.get(rank)?)?;
-                Some((rank, host, address.as_deref()?))
-            })
-            .collect();
-        let hosts: BTreeSet<&str> = joined.iter().map(|(_, host, _)| *host).collect();
-        if let (true, Some((loopback_rank, host, address))) = (
-            hosts.len() > 1,
-            joined.iter().find(|(_, _, address)| {
-                mentor_proto::is_loopback_host(mentor_proto::host_of(address))
-            }),
-        ) {
-            return Err(CoordinatorError::InvalidRequest(format!(
-                "rank {loopback_rank} (on host {host}) gave the ring address {address}, on loopback, to a group on the hosts {}: start each worker with --advertise-host set to an address the other hosts reach it at",
-                hosts.iter().copied().collect::<Vec<_>>().join(", ")
-            )));
+        // several hosts with one cannot form (its ranks would fail to connect after the join).
+        // Once every rank has joined, such an attempt fails as that rank's own failure, naming
+        // the flag (three in a row fail the run with it); the other ranks see it cancelled.
+        let addresses = rendezvous.addresses.clone();
+        let complete = addresses.iter().all(Option::is_some);
+        if let (true, Some((member, message))) =
+            (complete, self.loopback_across_hosts(&members, &addresses))
+        {
+            tracing::warn!(task = %task, attempt, worker = %member, %message, "a group cannot form");
+            self.complete(&member, task, attempt, TaskOutcome::Failed(message), now)?;
+            return Ok(GroupView {
+                cancelled: true,
+                ..GroupView::default()
+            });
         }
         tracing::info!(task = %task, attempt, rank, world_size, worker = %id, "rank joined");
         self.get_group(id, task, attempt, now)
+    }
+
+    /// The first member of a group whose ranks (`members`, on their hosts) are on several hosts
+    /// that gave a ring address on loopback, with why the group cannot form.
+    fn loopback_across_hosts(
+        &self,
+        members: &[WorkerId],
+        addresses: &[Option<String>],
+    ) -> Option<(WorkerId, String)> {
+        let host_of = |member: &WorkerId| self.workers.get(member).map(|w| w.hostname.as_str());
+        let hosts: BTreeSet<&str> = members.iter().filter_map(host_of).collect();
+        if hosts.len() < 2 {
+            return None;
+        }
+        members
+            .iter()
+            .zip(addresses)
+            .enumerate()
+            .find_map(|(rank, (member, address))| {
+                let address = address.as_deref()?;
+                let on_loopback = mentor_proto::is_loopback_host(mentor_proto::host_of(address));
+                on_loopback.then(|| {
+                    (
+                        member.clone(),
+                        format!(
+                            "rank {rank} (worker {member} on host {}) gave the ring address {address}, on loopback, to a group on the hosts {}: start each worker with --advertise-host set to an address the other hosts reach it at",
+                            host_of(member).unwrap_or("?"),
+                            hosts.iter().copied().collect::<Vec<_>>().join(", ")
+                        ),
+                    )
+                })
+            })
     }
 
     /// The state of a group's rendezvous.
@@ -4100,6 +4124,48 @@ mod tests {
         assert!(coordinator.groups.is_empty());
     }
 
+    /// A group on several hosts given a ring address on loopback cannot form: once every rank
+    /// joined, the attempt fails as that rank's own failure, naming it and --advertise-host,
+    /// whichever rank joined first; the other rank sees the attempt cancelled.
+    #[test]
+    fn a_loopback_ring_address_in_a_group_over_hosts_fails_its_rank() {
+        for loopback_rank in [0u32, 1] {
+            let dir = tempfile::tempdir().expect("tempdir");
+            let now = Instant::now();
+            let (mut coordinator, a, b, _) = two_workers_with_a_teacher_task(dir.path(), now);
+            let TaskReply::Task(second) = coordinator.get_task(&b, now).expect("task") else {
+                panic!("no task for rank 1")
+            };
+            let task = second.task.id.clone();
+            let address = |rank: u32| {
+                if rank == loopback_rank {
+                    "127.0.0.1:1000"
+                } else {
+                    "10.0.0.9:1000"
+                }
+            };
+            let first = coordinator
+                .join_group(&a, join(&task, 0, address(0)), now)
+                .expect("join");
+            assert!(!first.ready && !first.cancelled);
+            let last = coordinator
+                .join_group(&b, join(&task, 1, address(1)), now)
+                .expect("join");
+            assert!(last.cancelled, "{last:?}");
+            let record = &coordinator.state.tasks[&task];
+            assert_eq!(record.failures, 1);
+            let blamed = if loopback_rank == 0 { &a } else { &b };
+            let error = record.last_error.clone().unwrap_or_default();
+            assert!(
+                error.contains(&format!("rank {loopback_rank} (worker {blamed} on host"))
+                    && error.contains("127.0.0.1:1000, on loopback")
+                    && error.contains("--advertise-host"),
+                "{error}"
+            );
+            assert!(coordinator.groups.is_empty());
+        }
+    }
+
     #[test]
     fn a_training_group_forms_through_the_rendezvous() {
         let dir = tempfile::tempdir().expect("tempdir");
@@ -4121,19 +4187,6 @@ mod tests {
             .join_group(&b, join(&task, 0, "x"), now)
             .expect_err("wrong rank");
         assert!(error.to_string().contains("is not rank 0"), "{error}");
-        // Workers "a" and "b" are on hosts of those names: a ring address on loopback would
-        // be reached by no other rank.
-        for loopback in ["127.0.0.1:1001", "localhost:1001", "[::1]:1001"] {
-            let error = coordinator
-                .join_group(&b, join(&task, 1, loopback), now)
-                .expect_err("loopback across hosts");
-            assert!(
-                error.to_string().contains("rank 1 (on host b)")
-                    && error.to_string().contains("on loopback")
-                    && error.to_string().contains("--advertise-host"),
-                "{error}"
-            );
-        }
         let view = coordinator
             .join_group(&b, join(&task, 1, "node-b:1001"), now)
             .expect("join");
