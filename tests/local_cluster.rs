@@ -547,29 +547,6 @@ fn local_cluster_refuses_workers_that_cannot_run_the_plan() {
     );
 }
 
-/// A CPU worker under `workers.collective = "nccl"` could train in no group: refused when it
-/// registers, naming the setting and the flag, and it stops.
-#[test]
-fn a_cpu_worker_is_refused_under_the_nccl_collective() {
-    let dir = tempfile::tempdir().expect("tempdir");
-    let plan = dir.path().join("plan.toml");
-    let text = tiny_plan_with(&[("[workers]\n", "[workers]\ncollective = \"nccl\"\n")]);
-    std::fs::write(&plan, text).expect("write plan");
-    let (_coordinator, address) = start_coordinator(&plan, &dir.path().join("run"));
-    let mut worker = start_worker(&address, dir.path().join("worker.log"));
-    let code = wait_for("the worker to stop", Duration::from_secs(30), || {
-        worker.child.try_wait().expect("try_wait")
-    });
-    let log = worker.log_text();
-    assert!(!code.success(), "{log}");
-    assert!(
-        log.contains(
-            "the coordinator refused this worker: the plan sets workers.collective = \"nccl\""
-        ) && log.contains("--device cuda"),
-        "{log}"
-    );
-}
-
 #[test]
 fn a_model_that_cannot_take_the_images_is_refused_before_the_run_starts() {
     let dir = tempfile::tempdir().expect("tempdir");

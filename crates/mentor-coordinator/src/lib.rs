@@ -1459,8 +1459,11 @@ impl Coordinator {
     /// for a rank none can be, then fail at its join timeout. One rank with the `single`
     /// transport.
     fn group_size(&self, kind: &str, now: Instant) -> Option<u32> {
-        if self.plan.workers.collective == mentor_plan::CollectiveKind::Single {
-            return Some(1);
+        match self.plan.workers.collective {
+            mentor_plan::CollectiveKind::Single => return Some(1),
+            // NCCL trains on CUDA devices only: CPU workers label and evaluate.
+            mentor_plan::CollectiveKind::Nccl if kind != "cuda" => return None,
+            _ => {}
         }
         let live = self.live_workers(kind, now);
         match self.plan.workers.world_size {
@@ -1507,6 +1510,13 @@ impl Coordinator {
         kinds.dedup();
         if !waits || kinds.is_empty() || kinds.iter().any(|k| self.group_size(k, now).is_some()) {
             return None;
+        }
+        if self.plan.workers.collective == mentor_plan::CollectiveKind::Nccl
+            && !kinds.contains(&"cuda")
+        {
+            return Some(
+                "training waits for a GPU worker: workers.collective = \"nccl\" trains on CUDA devices only (CPU workers label and evaluate); start workers with --device cuda, or set workers.collective = \"auto\" or \"ring\"".into(),
+            );
         }
         let can = kinds
             .iter()
@@ -4094,6 +4104,33 @@ mod tests {
             panic!("no task")
         };
         assert_eq!((first.rank, first.task.world_size), (0, 1));
+    }
+
+    /// Under `workers.collective = "nccl"` a CPU worker trains in no group (it labels and
+    /// evaluates): with no GPU worker, training waits and status says why.
+    #[test]
+    fn cpu_workers_do_not_train_under_nccl_and_status_says_so() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let now = Instant::now();
+        let mut plan = one_worker_plan();
+        plan.workers.collective = mentor_plan::CollectiveKind::Nccl;
+        let mut coordinator = Coordinator::open(plan, dir.path()).expect("open");
+        let a = coordinator.register("a".into(), "cpu".into(), 0, now);
+        assert!(matches!(
+            coordinator.get_task(&a, now).expect("reply"),
+            TaskReply::RetryAfter(_)
+        ));
+        let waiting = coordinator.waiting(now).unwrap_or_default();
+        assert!(
+            waiting.starts_with("training waits for a GPU worker: workers.collective = \"nccl\""),
+            "{waiting}"
+        );
+        // A GPU worker trains.
+        let g = coordinator.register("g".into(), "cuda:0".into(), 0, now);
+        let TaskReply::Task(teacher) = coordinator.get_task(&g, now).expect("reply") else {
+            panic!("no training for the GPU worker")
+        };
+        assert!(teacher.task.spec.is_training());
     }
 
     /// A group's rendezvous goes once its attempt ends well (as when it fails): a run of many

@@ -260,15 +260,6 @@ impl WorkerService for WorkerApi {
         }
         let mut coordinator = lock(&self.shared);
         let now = Instant::now();
-        if coordinator.plan.workers.collective == mentor_plan::CollectiveKind::Nccl
-            && !request.device.starts_with("cuda")
-        {
-            // It could train in no group: every training it took would fail.
-            return Err(Status::failed_precondition(format!(
-                "the plan sets workers.collective = \"nccl\", which trains on CUDA devices only, and this worker runs on `{}`: start it with --device cuda (or cuda:N), or set workers.collective = \"auto\" or \"ring\"",
-                request.device
-            )));
-        }
         if let Some(other) =
             coordinator.gpu_taken(&request.hostname, &request.gpu, &request.instance)
         {
