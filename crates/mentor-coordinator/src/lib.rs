@@ -379,7 +379,6 @@ fn publish_outputs(spec: &TaskSpec, attempt: u32) -> Result<Published, String> {
     let Some(named) = outputs.last() else {
         return Err("a result of training for a task that does not train".into());
     };
-    let mut leftovers = Vec::new();
     for output in &outputs {
         let written = attempt_output(output, attempt);
         mentor_labels::durable::publish(&written, output).map_err(|e| {
@@ -389,8 +388,19 @@ fn publish_outputs(spec: &TaskSpec, attempt: u32) -> Result<Published, String> {
                 output.display()
             )
         })?;
-        // Earlier attempts' files, given up, are of no use (best effort: an attempt still
-        // running somewhere may leave its own later).
+    }
+    Ok(Published {
+        checkpoint: named.to_path_buf(),
+        leftovers: leftovers_of(spec, attempt),
+    })
+}
+
+/// What a training whose attempt `attempt` put its checkpoints in place left that is of no
+/// use: earlier attempts' files, given up (best effort: an attempt still running somewhere may
+/// leave its own later), its resume saves and the temporary files of writes that never ended.
+fn leftovers_of(spec: &TaskSpec, attempt: u32) -> Vec<PathBuf> {
+    let mut leftovers = Vec::new();
+    for output in spec.outputs() {
         leftovers.extend((1..attempt).map(|earlier| attempt_output(output, earlier)));
         leftovers.push(resume_save(output));
         leftovers.extend(temporaries_of(output));
@@ -401,10 +411,7 @@ fn publish_outputs(spec: &TaskSpec, attempt: u32) -> Result<Published, String> {
         leftovers.extend(temporaries_of(&joint));
         leftovers.push(joint);
     }
-    Ok(Published {
-        checkpoint: named.to_path_buf(),
-        leftovers,
-    })
+    leftovers
 }
 
 /// The temporary files of writes of `output` (`round-1-student.safetensors`) and of its
@@ -944,7 +951,16 @@ impl Coordinator {
         // What status shows until the next evaluation; the latest loss comes with the next
         // progress report.
         let latest_accuracy = state.latest_accuracy();
-        let coordinator = Coordinator {
+        // What finished trainings left (a coordinator stopped between the save that recorded
+        // one and the removal, or before a save that failed ever succeeded): it goes with the
+        // first save.
+        let leftovers: Vec<PathBuf> = state
+            .tasks
+            .values()
+            .filter(|task| task.state == state::TaskState::Done && task.spec.is_training())
+            .flat_map(|task| leftovers_of(&task.spec, task.attempts + 1))
+            .collect();
+        let mut coordinator = Coordinator {
             plan,
             state,
             workers: BTreeMap::new(),
@@ -962,7 +978,7 @@ impl Coordinator {
             unsaved: false,
             last_save: None,
             saves: 0,
-            leftovers: Vec::new(),
+            leftovers,
             group_saves_from: GROUP_SAVES_FROM,
         };
         if let Err(error) = coordinator.persist() {
@@ -1006,9 +1022,18 @@ impl Coordinator {
         self.store.root().to_string()
     }
 
-    /// Writes the state snapshot atomically.
-    pub fn persist(&self) -> Result<(), CoordinatorError> {
-        self.write_state().map(|_| ())
+    /// Writes the state snapshot atomically; then removes what finished trainings left (see
+    /// [`Published::leftovers`]).
+    pub fn persist(&mut self) -> Result<(), CoordinatorError> {
+        self.write_state()?;
+        self.remove_leftovers();
+        Ok(())
+    }
+
+    fn remove_leftovers(&mut self) {
+        for leftover in std::mem::take(&mut self.leftovers) {
+            mentor_labels::durable::remove_if_there(&leftover);
+        }
     }
 
     /// Writes `state.json` whole, compact (a third smaller than indented, and as much faster
@@ -1035,9 +1060,7 @@ impl Coordinator {
             Ok(bytes) => {
                 self.unsaved = false;
                 self.last_save = Some((ended, ended - began, bytes));
-                for leftover in std::mem::take(&mut self.leftovers) {
-                    mentor_labels::durable::remove_if_there(&leftover);
-                }
+                self.remove_leftovers();
                 if self.save_error.take().is_some() {
                     tracing::info!(run = %self.state.run_id, "the run state is saved again: tasks are handed out again");
                 }
@@ -2711,6 +2734,38 @@ mod tests {
                 .map(|m| &m.checkpoint),
             Some(&output)
         );
+    }
+
+    /// A coordinator stopped after the save that recorded a training's result but before it
+    /// removed what the training left: the next start removes it.
+    #[test]
+    fn a_finished_trainings_leftovers_go_at_the_next_start() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let start = Instant::now();
+        let (mut coordinator, a, teacher) = one_worker_with_a_teacher_task(dir.path(), start);
+        let TaskSpec::Train { output, .. } = teacher.task.spec.clone() else {
+            panic!("not a training task")
+        };
+        let save = resume_save(&output);
+        std::fs::create_dir_all(save.parent().expect("parent")).expect("mkdir");
+        std::fs::write(&save, "step 1000").expect("a resume save");
+        // The result recorded, the leftovers not removed yet.
+        let state_file = dir.path().join("state.json");
+        std::fs::remove_file(&state_file).expect("remove the state");
+        std::fs::create_dir(&state_file).expect("a directory in its place");
+        complete_trained(&mut coordinator, &a, &teacher, dir.path(), start);
+        std::fs::remove_dir(&state_file).expect("the directory goes");
+        coordinator
+            .write_state()
+            .expect("the save that records the result");
+        drop(coordinator);
+        assert!(save.exists());
+        let _again = Coordinator::open(one_worker_plan(), dir.path()).expect("reopen");
+        assert!(
+            !save.exists(),
+            "the finished training's save is left behind"
+        );
+        assert!(output.exists(), "its checkpoint went");
     }
 
     /// Workers lost together (a preemption) are saved in one rewrite of the state, not one

@@ -216,7 +216,7 @@ async fn serve_run() -> anyhow::Result<Ended> {
         }
     };
     let served = service::serve(listener, shared.clone(), shutdown).await;
-    let coordinator = shared
+    let mut coordinator = shared
         .lock()
         .unwrap_or_else(|poisoned| poisoned.into_inner());
     // A save that failed while serving (a full disk) was logged, and labeling's changes may
