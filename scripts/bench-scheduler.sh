@@ -3,7 +3,7 @@
 # out and taken back a second with labeling's changes saved in groups (what the coordinator
 # does) against a save of state.json at every change (the reference), in the same run, on
 # Fashion-MNIST's 59,900 unlabeled images cut into shards of --shard-size (default 2: 29,950
-# shards, a state.json of some 18 MB). The gRPC layer and the workers' inference are left
+# shards, a state.json of some 12 MB). The gRPC layer and the workers' inference are left
 # out: this measures the scheduler and its saves.
 #
 #   scripts/bench-scheduler.sh [--shard-size 2] [--tasks 5000] [--reference-tasks 300]

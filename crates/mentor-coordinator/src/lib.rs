@@ -647,7 +647,8 @@ pub struct Coordinator {
 }
 
 /// The size of a saved state (bytes) from which the assignments and results of labeling tasks
-/// are saved in groups: some 2,000 tasks. Below it every change is saved as it happens.
+/// are saved in groups: some 3,500 tasks (compact JSON). Below it every change is saved as it
+/// happens.
 pub const GROUP_SAVES_FROM: usize = 1 << 20;
 
 /// A save of a large state is followed by this many times its duration without one: saving
