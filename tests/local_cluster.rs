@@ -1787,6 +1787,20 @@ fn a_threshold_no_pseudo_label_reaches_fails_the_run_naming_it() {
         saved["rounds"][0]["pseudo_labels"]["kept"].as_u64() > Some(0),
         "{saved}"
     );
+    // A store that is not where the run recorded it is named, not made anew.
+    let store = state_dir.join("pseudo-labels");
+    std::fs::rename(&store, dir.path().join("moved-away")).expect("move the store away");
+    let output = std::process::Command::new(binary("mentor"))
+        .args(["labels", "--state-dir"])
+        .arg(&state_dir)
+        .output()
+        .expect("mentor labels");
+    assert_eq!(output.status.code(), Some(2), "{output:?}");
+    assert!(
+        String::from_utf8_lossy(&output.stderr).contains("is not there"),
+        "{output:?}"
+    );
+    assert!(!store.exists(), "mentor labels made the store");
 }
 
 /// Meta Pseudo Labels on two worker processes (one data-parallel group): teacher and student

@@ -60,6 +60,19 @@ fn summarize(state_dir: &Path, wanted: Option<u32>) -> anyhow::Result<Summary> {
         .storage
         .clone()
         .unwrap_or_else(|| run_dir.join("pseudo-labels").display().to_string());
+    // Read, not made: a local store that is not there is named rather than created (a run
+    // recorded by an earlier build may name it relative to where its coordinator ran).
+    if !storage.contains("://") && !Path::new(&storage).is_dir() {
+        bail!(
+            "the soft-label store `{storage}` of the run in `{}` is not there{}",
+            state_dir.display(),
+            if Path::new(&storage).is_relative() {
+                " (a relative store is read from the working directory: run this where the coordinator ran)"
+            } else {
+                ""
+            }
+        );
+    }
     let store =
         ShardStore::open(&storage).with_context(|| format!("the soft-label store `{storage}`"))?;
     let histogram =
