@@ -5,10 +5,11 @@ use std::path::Path;
 use std::time::Duration;
 
 use mentor_e2e::{
-    binary, plan_with, run_on_two_workers, saved_state, start_coordinator, start_coordinator_in,
-    start_coordinator_on, start_coordinator_with, start_worker, start_worker_in, status,
-    tiny_plan_with, try_status, wait_for, wait_for_file, wait_for_or_explain, watch_run,
-    workspace_root, Process, ONE_WORKER_SHORT_HEARTBEAT,
+    binary, free_loopback_address, plan_with, run_on_two_workers, saved_state, start_coordinator,
+    start_coordinator_in, start_coordinator_on, start_coordinator_with, start_worker,
+    start_worker_in, start_worker_with, status, tiny_plan_with, try_status, wait_for,
+    wait_for_file, wait_for_or_explain, watch_run, workspace_root, Process,
+    ONE_WORKER_SHORT_HEARTBEAT,
 };
 use mentor_labels::{read_round, ShardStore};
 
@@ -938,13 +939,7 @@ fn a_restarted_coordinator_resumes_the_run() {
     let plan = dir.path().join("plan.toml");
     std::fs::write(&plan, &plan_text).expect("write plan");
     let state_dir = dir.path().join("run");
-    let port = std::net::TcpListener::bind("127.0.0.1:0")
-        .expect("free port")
-        .local_addr()
-        .expect("address")
-        .port();
-    let listen = format!("127.0.0.1:{port}");
-    let address = format!("http://{listen}");
+    let (listen, address) = free_loopback_address();
     let (mut coordinator, _) = start_coordinator_on(&plan, &listen, &state_dir);
     let workers = [
         start_worker(&address, dir.path().join("worker-1.log")),
@@ -2398,19 +2393,11 @@ fn a_worker_gives_up_on_a_coordinator_that_hangs() {
     let dir = tempfile::tempdir().expect("tempdir");
     let plan = workspace_root().join("deploy/plans/tiny.toml");
     let (coordinator, address) = start_coordinator(&plan, &dir.path().join("run"));
-    let mut worker = Process::start(
-        &binary("worker"),
-        &[
-            "--coordinator",
-            &address,
-            "--device",
-            "cpu",
-            "--threads",
-            "1",
-            "--connect-timeout-seconds",
-            "2",
-        ],
+    let mut worker = start_worker_with(
+        &address,
         dir.path().join("worker.log"),
+        Path::new("."),
+        &["--connect-timeout-seconds", "2"],
     );
     // Registered, waiting for a second worker (the plan's min_workers) and asking for work.
     wait_for("the worker to register", Duration::from_secs(60), || {
@@ -2453,27 +2440,13 @@ fn a_result_finished_during_a_coordinator_outage_is_delivered_after_it() {
     let plan = dir.path().join("plan.toml");
     std::fs::write(&plan, tiny_plan_with(&edits)).expect("write plan");
     let state_dir = dir.path().join("run");
-    let port = std::net::TcpListener::bind("127.0.0.1:0")
-        .expect("free port")
-        .local_addr()
-        .expect("address")
-        .port();
-    let listen = format!("127.0.0.1:{port}");
-    let address = format!("http://{listen}");
+    let (listen, address) = free_loopback_address();
     let (mut coordinator, _) = start_coordinator_on(&plan, &listen, &state_dir);
-    let mut worker = Process::start(
-        &binary("worker"),
-        &[
-            "--coordinator",
-            &address,
-            "--device",
-            "cpu",
-            "--threads",
-            "1",
-            "--connect-timeout-seconds",
-            "1",
-        ],
+    let mut worker = start_worker_with(
+        &address,
         dir.path().join("worker.log"),
+        Path::new("."),
+        &["--connect-timeout-seconds", "1"],
     );
     wait_for("the student to train", Duration::from_secs(300), || {
         let current = try_status(&runtime, &address)?;

@@ -133,6 +133,19 @@ fn unique() -> u64 {
     NEXT.fetch_add(1, std::sync::atomic::Ordering::SeqCst)
 }
 
+/// A free loopback port, as the coordinator's `--listen` takes it and as the URL workers are
+/// given: for a coordinator restarted on the same address.
+pub fn free_loopback_address() -> (String, String) {
+    let port = std::net::TcpListener::bind("127.0.0.1:0")
+        .expect("free port")
+        .local_addr()
+        .expect("address")
+        .port();
+    let listen = format!("127.0.0.1:{port}");
+    let url = format!("http://{listen}");
+    (listen, url)
+}
+
 /// Starts a coordinator on a free loopback port; returns it and its address.
 pub fn start_coordinator(plan: &Path, state_dir: &Path) -> (Process, String) {
     start_coordinator_on(plan, "127.0.0.1:0", state_dir)
@@ -203,19 +216,21 @@ pub fn start_worker(address: &str, log: PathBuf) -> Process {
 
 /// [`start_worker`] in the working directory `dir`.
 pub fn start_worker_in(address: &str, log: PathBuf, dir: &Path) -> Process {
-    Process::start_in(
-        &binary("worker"),
-        &[
-            "--coordinator",
-            address,
-            "--device",
-            "cpu",
-            "--threads",
-            "1",
-        ],
-        log,
-        dir,
-    )
+    start_worker_with(address, log, dir, &[])
+}
+
+/// [`start_worker_in`] with `extra` arguments.
+pub fn start_worker_with(address: &str, log: PathBuf, dir: &Path, extra: &[&str]) -> Process {
+    let mut args = vec![
+        "--coordinator",
+        address,
+        "--device",
+        "cpu",
+        "--threads",
+        "1",
+    ];
+    args.extend_from_slice(extra);
+    Process::start_in(&binary("worker"), &args, log, dir)
 }
 
 /// The run's status, or `None` while the coordinator cannot be reached.

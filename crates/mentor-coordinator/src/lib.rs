@@ -2238,6 +2238,27 @@ mod tests {
             .expect("complete");
     }
 
+    /// A resume save of the training `assignment` (as its rank 0 would write): the training's
+    /// output and the save's path.
+    fn with_a_resume_save(assignment: &Assignment) -> (PathBuf, PathBuf) {
+        let TaskSpec::Train { output, .. } = assignment.task.spec.clone() else {
+            panic!("not a training task")
+        };
+        let save = resume_save(&output);
+        std::fs::create_dir_all(save.parent().expect("parent")).expect("mkdir");
+        std::fs::write(&save, "step 1000").expect("a resume save");
+        (output, save)
+    }
+
+    /// Makes the run state in `dir` impossible to save (a directory where its file goes, the
+    /// rename of a save fails) and returns its path: removing that directory ends it.
+    fn unsavable_state(dir: &Path) -> PathBuf {
+        let state_file = dir.join("state.json");
+        std::fs::remove_file(&state_file).expect("remove the state");
+        std::fs::create_dir(&state_file).expect("a directory in its place");
+        state_file
+    }
+
     /// Writes the checkpoints a training attempt writes (as a worker would).
     fn write_attempt_outputs(assignment: &Assignment) {
         for output in assignment.task.spec.outputs() {
@@ -2643,12 +2664,9 @@ mod tests {
         let dir = tempfile::tempdir().expect("tempdir");
         let start = Instant::now();
         let mut coordinator = Coordinator::open(one_worker_plan(), dir.path()).expect("open");
-        let state_file = dir.path().join("state.json");
         let a = coordinator.register("a".into(), "cpu".into(), 0, start);
-        // A directory where the state file goes: the save's rename fails. The assignment whose
-        // save fails is taken back.
-        std::fs::remove_file(&state_file).expect("remove the state");
-        std::fs::create_dir(&state_file).expect("a directory in its place");
+        // The assignment whose save fails is taken back.
+        let state_file = unsavable_state(dir.path());
         assert!(matches!(
             coordinator.get_task(&a, start).expect("reply"),
             TaskReply::RetryAfter(_)
@@ -2744,16 +2762,9 @@ mod tests {
         let dir = tempfile::tempdir().expect("tempdir");
         let start = Instant::now();
         let (mut coordinator, a, teacher) = one_worker_with_a_teacher_task(dir.path(), start);
-        let TaskSpec::Train { output, .. } = teacher.task.spec.clone() else {
-            panic!("not a training task")
-        };
-        let save = resume_save(&output);
-        std::fs::create_dir_all(save.parent().expect("parent")).expect("mkdir");
-        std::fs::write(&save, "step 1000").expect("a resume save");
+        let (output, save) = with_a_resume_save(&teacher);
         // The result recorded, the leftovers not removed yet.
-        let state_file = dir.path().join("state.json");
-        std::fs::remove_file(&state_file).expect("remove the state");
-        std::fs::create_dir(&state_file).expect("a directory in its place");
+        let state_file = unsavable_state(dir.path());
         complete_trained(&mut coordinator, &a, &teacher, dir.path(), start);
         std::fs::remove_dir(&state_file).expect("the directory goes");
         coordinator
@@ -2797,12 +2808,7 @@ mod tests {
         let dir = tempfile::tempdir().expect("tempdir");
         let start = Instant::now();
         let (mut coordinator, a, teacher) = one_worker_with_a_teacher_task(dir.path(), start);
-        let TaskSpec::Train { output, .. } = teacher.task.spec.clone() else {
-            panic!("not a training task")
-        };
-        let save = resume_save(&output);
-        std::fs::create_dir_all(save.parent().expect("parent")).expect("mkdir");
-        std::fs::write(&save, "step 1000").expect("a resume save");
+        let (output, save) = with_a_resume_save(&teacher);
         // Writes that never ended (a worker killed while it saved), and another training's.
         let folder = save.parent().expect("parent");
         let stale = [
@@ -2813,10 +2819,7 @@ mod tests {
         for path in stale.iter().chain([&other]) {
             std::fs::write(path, "half a save").expect("a temporary file");
         }
-        // The state cannot be saved (a directory where its file goes).
-        let state_file = dir.path().join("state.json");
-        std::fs::remove_file(&state_file).expect("remove the state");
-        std::fs::create_dir(&state_file).expect("a directory in its place");
+        let state_file = unsavable_state(dir.path());
         complete_trained(&mut coordinator, &a, &teacher, dir.path(), start);
         assert!(coordinator.save_error.is_some());
         assert_eq!(
