@@ -44,8 +44,13 @@ fn summarize(state_dir: &Path, wanted: Option<u32>) -> anyhow::Result<Summary> {
     let run_dir = state_dir
         .canonicalize()
         .with_context(|| state_dir.display().to_string())?;
-    let (state, _) = RunState::from_saved(&text, &run_dir)
+    let (mut state, moved_from) = RunState::from_saved(&text, &run_dir)
         .map_err(|e| anyhow::anyhow!("`{}` is unreadable: {e}", state_file.display()))?;
+    // A store recorded inside a run directory that moved (or was copied) is read in its new
+    // place, as the coordinator would.
+    if let Some(old) = &moved_from {
+        mentor_coordinator::rebase_recorded_storage(&mut state, old, &run_dir);
+    }
     let plan = Plan::from_recorded_toml(&state.plan_toml)
         .map_err(|e| anyhow::anyhow!("the plan recorded in `{}`: {e}", state_file.display()))?;
     if plan.method != Method::NoisyStudent {

@@ -313,7 +313,7 @@ fn recorded_plan(state: &RunState) -> Result<Plan, mentor_plan::PlanError> {
 /// A run directory that moved from `from` to `to` (`RunState::from_saved` found it): the local
 /// soft-label store its plan records inside it (`pseudo_labels.storage = "run/labels"`,
 /// recorded absolute) moved with it, as the state's own paths did.
-fn rebase_recorded_storage(state: &mut RunState, from: &Path, to: &Path) {
+pub fn rebase_recorded_storage(state: &mut RunState, from: &Path, to: &Path) {
     let Ok(mut recorded) = Plan::from_recorded_toml(&state.plan_toml) else {
         return;
     };
@@ -323,7 +323,10 @@ fn rebase_recorded_storage(state: &mut RunState, from: &Path, to: &Path) {
         .as_deref()
         .filter(|storage| !storage.contains("://"))
         .and_then(|storage| Path::new(storage).strip_prefix(from).ok())
-        .map(|inside| to.join(inside).display().to_string());
+        .map(|inside| match inside.as_os_str().is_empty() {
+            true => to.display().to_string(),
+            false => to.join(inside).display().to_string(),
+        });
     if let Some(storage) = moved {
         recorded.pseudo_labels.storage = Some(storage);
         state.plan_toml = recorded.to_toml_string();
@@ -1544,6 +1547,10 @@ impl Coordinator {
         }
         let can = kinds
             .iter()
+            .filter(|kind| {
+                self.plan.workers.collective != mentor_plan::CollectiveKind::Nccl
+                    || **kind == "cuda"
+            })
             .map(|kind| self.live_workers(kind, now))
             .max()
             .unwrap_or(0);
@@ -2753,6 +2760,19 @@ mod tests {
                 .map(|m| &m.checkpoint),
             Some(&output)
         );
+    }
+
+    /// A training still running keeps its resume save across a coordinator restart (what a
+    /// start removes is only what finished trainings left).
+    #[test]
+    fn a_running_trainings_resume_save_outlives_a_restart() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let start = Instant::now();
+        let (coordinator, _, teacher) = one_worker_with_a_teacher_task(dir.path(), start);
+        let (_, save) = with_a_resume_save(&teacher);
+        drop(coordinator);
+        let _again = Coordinator::open(one_worker_plan(), dir.path()).expect("reopen");
+        assert!(save.exists(), "a running training's save went");
     }
 
     /// A coordinator stopped after the save that recorded a training's result but before it
@@ -4184,12 +4204,15 @@ mod tests {
             waiting.starts_with("training waits for a GPU worker: workers.collective = \"nccl\""),
             "{waiting}"
         );
-        // A GPU worker trains.
+        // A GPU worker trains; then the CPU worker labels.
         let g = coordinator.register("g".into(), "cuda:0".into(), 0, now);
         let TaskReply::Task(teacher) = coordinator.get_task(&g, now).expect("reply") else {
             panic!("no training for the GPU worker")
         };
         assert!(teacher.task.spec.is_training());
+        complete_trained(&mut coordinator, &g, &teacher, dir.path(), now);
+        let label = next_label_task(&mut coordinator, &a, now);
+        assert!(matches!(label.task.spec, TaskSpec::Label { .. }));
     }
 
     /// A group's rendezvous goes once its attempt ends well (as when it fails): a run of many

@@ -694,6 +694,10 @@ impl Identity {
         };
         let located = hash(&without_progress_timeout(shaping.to_toml_string()));
         shaping.data.dir = PathBuf::new();
+        // Where the unlabeled images are, not what they are (a resumed run may read them from
+        // another place; the coordinator compares their listing). Saves that record their plan
+        // are compared through this same function on both sides.
+        shaping.data.unlabeled.path = None;
         let text = shaping.to_toml_string();
         Identity {
             steps: plan.mpl.as_ref().map_or(0, |mpl| mpl.steps),
