@@ -43,6 +43,9 @@ pub fn resume_path(output: &Path) -> PathBuf {
 pub struct Identity {
     pub steps: u64,
     pub fingerprint: u64,
+    /// The fingerprint saves of earlier builds have, which described the training otherwise
+    /// (taken as this training's too).
+    pub earlier: Option<u64>,
 }
 
 impl Identity {
@@ -52,6 +55,16 @@ impl Identity {
         Identity {
             steps,
             fingerprint: fingerprint(shaping),
+            earlier: None,
+        }
+    }
+
+    /// This identity, also recognising the saves of earlier builds that described the training
+    /// as `shaping`.
+    pub fn or_earlier(self, shaping: &str) -> Identity {
+        Identity {
+            earlier: Some(fingerprint(shaping)),
+            ..self
         }
     }
 
@@ -150,7 +163,8 @@ pub fn load(
         .filter(|meta| meta.len() == 4)
         .ok_or_else(|| error("no step, length and fingerprint".into()))?;
     let fingerprint = ((meta[2] as u64) << 32) | meta[3] as u64;
-    if meta[1] != identity.steps as f64 || fingerprint != identity.fingerprint {
+    let known = fingerprint == identity.fingerprint || Some(fingerprint) == identity.earlier;
+    if meta[1] != identity.steps as f64 || !known {
         return Ok(Loaded::Foreign);
     }
     copy_variables(vs, &saved, "model", error)?;
@@ -277,5 +291,31 @@ mod tests {
             resume_path(Path::new("a/model.attempt-x.safetensors")),
             Path::new("a/model.attempt-x.resume.safetensors")
         );
+    }
+
+    /// A save made under the description an earlier build gave the training is this
+    /// training's when the identity names it; another description's is not.
+    #[test]
+    fn a_save_of_an_earlier_builds_description_is_recognised() {
+        use crate::models::build;
+        use crate::optim::{tests::small_cnn, Sgd};
+        let dir = tempfile::tempdir().expect("tempdir");
+        let path = dir.path().join("round-1-teacher.resume.safetensors");
+        let vs = nn::VarStore::new(tch::Device::Cpu);
+        let _model = build(&vs.root(), &small_cnn());
+        let mut optimizer =
+            TrainOptimizer::Sgd(Sgd::new(&vs, 0.1, 0.9, 0.0, true).expect("optimizer"));
+        let earlier = Identity::new(100, "storage = \"labels\"");
+        crate::tasks::write_safetensors_atomically(tensors(&vs, &optimizer, &earlier, 40), &path)
+            .expect("save");
+        let now = Identity::new(100, "no storage");
+        let load = |identity: &Identity, optimizer: &mut TrainOptimizer| {
+            load(&path, &vs, optimizer, identity).expect("load")
+        };
+        assert_eq!(load(&now, &mut optimizer), Loaded::Foreign);
+        let both = now.or_earlier("storage = \"labels\"");
+        assert_eq!(load(&both, &mut optimizer), Loaded::Step(40));
+        let other = Identity::new(100, "no storage").or_earlier("another training");
+        assert_eq!(load(&other, &mut optimizer), Loaded::Foreign);
     }
 }

@@ -1031,7 +1031,7 @@ fn train(
 /// data and the given teacher are) or what does not shape a training (how often it reports
 /// and saves), which training of the run it is (role or finetune, round), and the digests of
 /// the checkpoint it starts from and of the pseudo labels it learns from (their selection file
-/// but the store's place, which a moved run rewrites).
+/// but the store's place, which a moved run rewrites: `pseudo_labels.storage` is left out too).
 fn training_identity(
     plan: &Plan,
     setup: &TrainSetup,
@@ -1073,13 +1073,18 @@ fn training_identity(
         }
         None => String::new(),
     };
-    let text = format!(
-        "{} round {}\n{}\ninit {init}\nselection {pseudo_labels}",
-        setup.name,
-        setup.round,
-        shaping.to_toml_string()
-    );
-    Ok(resume::Identity::new(setup.train_plan.steps, &text))
+    let text = |shaping: &Plan| {
+        format!(
+            "{} round {}\n{}\ninit {init}\nselection {pseudo_labels}",
+            setup.name,
+            setup.round,
+            shaping.to_toml_string()
+        )
+    };
+    // Saves of builds before 2026-12-06 counted the store's place in.
+    let earlier = text(&shaping);
+    shaping.pseudo_labels.storage = None;
+    Ok(resume::Identity::new(setup.train_plan.steps, &text(&shaping)).or_earlier(&earlier))
 }
 
 /// Loads the resume save at `path` into the model and the optimizer when it is this training's
