@@ -319,7 +319,10 @@ fn bad_plans_and_data_are_refused_naming_what_is_wrong() {
     );
 
     // A folder this user may not write in (for root, who may write anywhere, the command runs
-    // as `nobody` through setpriv, from a copy of the binary `nobody` can reach).
+    // as `nobody` through setpriv, from a copy of the binary in /tmp, which `nobody` can reach
+    // whatever TMPDIR says).
+    let open_dir = tempfile::tempdir_in("/tmp").expect("a folder in /tmp");
+    let dir = &open_dir;
     let locked = dir.path().join("locked");
     std::fs::create_dir(&locked).expect("locked");
     let mode = |path: &Path, mode: u32| {
