@@ -2435,7 +2435,7 @@ fn a_result_finished_during_a_coordinator_outage_is_delivered_after_it() {
     let mut edits = ONE_WORKER_SHORT_HEARTBEAT.to_vec();
     edits.push((
         "steps = 30\nbatch_size = 32\nunlabeled_ratio",
-        "steps = 200\nbatch_size = 32\nunlabeled_ratio",
+        "steps = 600\nbatch_size = 32\nunlabeled_ratio",
     ));
     let plan = dir.path().join("plan.toml");
     std::fs::write(&plan, tiny_plan_with(&edits)).expect("write plan");
@@ -2448,6 +2448,7 @@ fn a_result_finished_during_a_coordinator_outage_is_delivered_after_it() {
         Path::new("."),
         &["--connect-timeout-seconds", "1"],
     );
+    // A student long enough (600 steps, seconds) to be killed under at the first sight of it.
     wait_for("the student to train", Duration::from_secs(300), || {
         let current = try_status(&runtime, &address)?;
         current
