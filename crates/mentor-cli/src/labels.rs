@@ -44,13 +44,10 @@ fn summarize(state_dir: &Path, wanted: Option<u32>) -> anyhow::Result<Summary> {
     let run_dir = state_dir
         .canonicalize()
         .with_context(|| state_dir.display().to_string())?;
-    let (mut state, moved_from) = RunState::from_saved(&text, &run_dir)
+    // (A store recorded inside a run directory that moved or was copied is read in its new
+    // place, as the coordinator reads it.)
+    let (state, _) = RunState::from_saved(&text, &run_dir)
         .map_err(|e| anyhow::anyhow!("`{}` is unreadable: {e}", state_file.display()))?;
-    // A store recorded inside a run directory that moved (or was copied) is read in its new
-    // place, as the coordinator would.
-    if let Some(old) = &moved_from {
-        mentor_coordinator::rebase_recorded_storage(&mut state, old, &run_dir);
-    }
     let plan = Plan::from_recorded_toml(&state.plan_toml)
         .map_err(|e| anyhow::anyhow!("the plan recorded in `{}`: {e}", state_file.display()))?;
     if plan.method != Method::NoisyStudent {
@@ -67,7 +64,9 @@ fn summarize(state_dir: &Path, wanted: Option<u32>) -> anyhow::Result<Summary> {
         .unwrap_or_else(|| run_dir.join("pseudo-labels").display().to_string());
     // Read, not made: a local store that is not there is named rather than created (a run
     // recorded by an earlier build may name it relative to where its coordinator ran).
-    if !storage.contains("://") && !Path::new(&storage).is_dir() {
+    let local =
+        plan.pseudo_labels.storage.is_none() || plan.pseudo_labels.local_storage().is_some();
+    if local && !Path::new(&storage).is_dir() {
         bail!(
             "the soft-label store `{storage}` of the run in `{}` is not there{}",
             state_dir.display(),

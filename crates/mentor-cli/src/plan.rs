@@ -77,25 +77,24 @@ fn check_data(plan: &Plan) -> anyhow::Result<DataSummary> {
 /// existing ancestor is a directory this user may write in. (An object store is reached when
 /// the run starts.)
 fn check_storage(plan: &Plan) -> anyhow::Result<()> {
-    let Some(location) = &plan.pseudo_labels.storage else {
+    let Some(location) = plan.pseudo_labels.local_storage() else {
         return Ok(());
     };
-    if location.contains("://") {
-        return Ok(());
-    }
-    let mut path = Path::new(location);
+    let mut path = location;
     loop {
         match std::fs::metadata(path) {
             Ok(metadata) if metadata.is_dir() => {
                 anyhow::ensure!(
                     writable(path),
-                    "pseudo_labels.storage `{location}`: `{}` is not writable by this user",
+                    "pseudo_labels.storage `{}`: `{}` is not writable by this user",
+                    location.display(),
                     path.display()
                 );
                 return Ok(());
             }
             Ok(_) => anyhow::bail!(
-                "pseudo_labels.storage `{location}`: `{}` is not a directory",
+                "pseudo_labels.storage `{}`: `{}` is not a directory",
+                location.display(),
                 path.display()
             ),
             Err(_) => match path.parent() {

@@ -310,29 +310,6 @@ fn recorded_plan(state: &RunState) -> Result<Plan, mentor_plan::PlanError> {
     Plan::from_recorded_toml(&state.plan_toml).and_then(Plan::with_absolute_paths)
 }
 
-/// A run directory that moved from `from` to `to` (`RunState::from_saved` found it): the local
-/// soft-label store its plan records inside it (`pseudo_labels.storage = "run/labels"`,
-/// recorded absolute) moved with it, as the state's own paths did.
-pub fn rebase_recorded_storage(state: &mut RunState, from: &Path, to: &Path) {
-    let Ok(mut recorded) = Plan::from_recorded_toml(&state.plan_toml) else {
-        return;
-    };
-    let moved = recorded
-        .pseudo_labels
-        .storage
-        .as_deref()
-        .filter(|storage| !storage.contains("://"))
-        .and_then(|storage| Path::new(storage).strip_prefix(from).ok())
-        .map(|inside| match inside.as_os_str().is_empty() {
-            true => to.display().to_string(),
-            false => to.join(inside).display().to_string(),
-        });
-    if let Some(storage) = moved {
-        recorded.pseudo_labels.storage = Some(storage);
-        state.plan_toml = recorded.to_toml_string();
-    }
-}
-
 /// The run's `recorded` plan with the settings a resumed run may change taken from `plan`
 /// ([`Plan::with_free_settings_of`]), each place that moved logged.
 fn with_free_settings_of(recorded: Plan, plan: &Plan, listing_recorded: bool) -> Plan {
@@ -731,11 +708,8 @@ impl Coordinator {
             .map_err(|e| state_store_error(e.to_string()))?;
         let text =
             std::fs::read_to_string(&state_file).map_err(|e| state_store_error(e.to_string()))?;
-        let (mut state, moved_from) = RunState::from_saved(&text, &run_dir)
+        let (mut state, _) = RunState::from_saved(&text, &run_dir)
             .map_err(|e| state_store_error(format!("unreadable state.json: {e}")))?;
-        if let Some(old) = &moved_from {
-            rebase_recorded_storage(&mut state, old, &run_dir);
-        }
         // As the coordinator reads it.
         let plan = &plan
             .clone()
@@ -842,7 +816,6 @@ impl Coordinator {
                 .map_err(|e| state_store_error(format!("unreadable state.json: {e}")))?;
             if let Some(old) = &old_dir {
                 tracing::info!(from = %old.display(), to = %run_dir.display(), "the run directory moved since its last save: its recorded paths follow it");
-                rebase_recorded_storage(&mut state, old, &run_dir);
             }
             moved_from = old_dir;
             recorded_teacher = Plan::from_recorded_toml(&state.plan_toml)
@@ -1486,11 +1459,11 @@ impl Coordinator {
     /// for a rank none can be, then fail at its join timeout. One rank with the `single`
     /// transport.
     fn group_size(&self, kind: &str, now: Instant) -> Option<u32> {
-        match self.plan.workers.collective {
-            mentor_plan::CollectiveKind::Single => return Some(1),
-            // NCCL trains on CUDA devices only: CPU workers label and evaluate.
-            mentor_plan::CollectiveKind::Nccl if kind != "cuda" => return None,
-            _ => {}
+        if !self.trains_on(kind) {
+            return None;
+        }
+        if self.plan.workers.collective == mentor_plan::CollectiveKind::Single {
+            return Some(1);
         }
         let live = self.live_workers(kind, now);
         match self.plan.workers.world_size {
@@ -1498,6 +1471,12 @@ impl Coordinator {
             fixed if live >= fixed => Some(fixed),
             _ => None,
         }
+    }
+
+    /// Whether workers of the device kind `kind` may train under the plan's collective: NCCL
+    /// trains on CUDA devices only (CPU workers label and evaluate).
+    fn trains_on(&self, kind: &str) -> bool {
+        self.plan.workers.collective != mentor_plan::CollectiveKind::Nccl || kind == "cuda"
     }
 
     /// Whether a rank of a training group of device kind `kind` that failed less than
@@ -1538,19 +1517,14 @@ impl Coordinator {
         if !waits || kinds.is_empty() || kinds.iter().any(|k| self.group_size(k, now).is_some()) {
             return None;
         }
-        if self.plan.workers.collective == mentor_plan::CollectiveKind::Nccl
-            && !kinds.contains(&"cuda")
-        {
+        if !kinds.iter().any(|kind| self.trains_on(kind)) {
             return Some(
                 "training waits for a GPU worker: workers.collective = \"nccl\" trains on CUDA devices only (CPU workers label and evaluate); start workers with --device cuda, or set workers.collective = \"auto\" or \"ring\"".into(),
             );
         }
         let can = kinds
             .iter()
-            .filter(|kind| {
-                self.plan.workers.collective != mentor_plan::CollectiveKind::Nccl
-                    || **kind == "cuda"
-            })
+            .filter(|kind| self.trains_on(kind))
             .map(|kind| self.live_workers(kind, now))
             .max()
             .unwrap_or(0);
@@ -1639,10 +1613,14 @@ impl Coordinator {
         // several hosts with one cannot form (its ranks would fail to connect after the join).
         // Once every rank has joined, such an attempt fails as that rank's own failure, naming
         // the flag (three in a row fail the run with it); the other ranks see it cancelled.
-        let addresses = rendezvous.addresses.clone();
-        let complete = addresses.iter().all(Option::is_some);
-        if let (true, Some((member, message))) =
-            (complete, self.loopback_across_hosts(&members, &addresses))
+        // (Looked at once every rank has joined: copied then alone.)
+        let joined = rendezvous
+            .addresses
+            .iter()
+            .all(Option::is_some)
+            .then(|| rendezvous.addresses.clone());
+        if let Some((member, message)) =
+            joined.and_then(|addresses| self.loopback_across_hosts(&members, &addresses))
         {
             tracing::warn!(task = %task, attempt, worker = %member, %message, "a group cannot form");
             self.complete(&member, task, attempt, TaskOutcome::Failed(message), now)?;

@@ -544,17 +544,23 @@ fn default_method() -> Method {
     Method::NoisyStudent
 }
 
+/// `path` taken from under `from` to the same place under `to`; `None` when it is not at or
+/// under `from` (whole components only: `/runs/a` does not take `/runs/ab` along).
+fn rebased(path: &Path, from: &Path, to: &Path) -> Option<PathBuf> {
+    let rest = path.strip_prefix(from).ok()?;
+    Some(if rest.as_os_str().is_empty() {
+        to.to_path_buf()
+    } else {
+        to.join(rest)
+    })
+}
+
 /// Rewrites every string of `value` that is a path at or under `from` to the same path under
-/// `to` (whole components only: `/runs/a` does not take `/runs/ab` along).
+/// `to` (see [`rebased`]).
 pub fn rebase(value: &mut serde_json::Value, from: &Path, to: &Path) {
     match value {
         serde_json::Value::String(text) => {
-            if let Ok(rest) = Path::new(text.as_str()).strip_prefix(from) {
-                let moved = if rest.as_os_str().is_empty() {
-                    to.to_path_buf()
-                } else {
-                    to.join(rest)
-                };
+            if let Some(moved) = rebased(Path::new(text.as_str()), from, to) {
                 *text = moved.display().to_string();
             }
         }
@@ -570,7 +576,9 @@ impl RunState {
     /// The state saved in `text` (a `state.json`), opened in `run_dir`. A run directory may have
     /// been moved or copied since it was saved (from a GPU machine to a laptop, say): every
     /// recorded path under the old directory is then taken to the same place under `run_dir`,
-    /// so that the run goes on with its own files. Returns the old directory when it moved.
+    /// so that the run goes on with its own files; so is a local soft-label store its plan
+    /// records there (`pseudo_labels.storage = "run/labels"`, recorded absolute). Returns the
+    /// old directory when it moved.
     pub fn from_saved(text: &str, run_dir: &Path) -> Result<(RunState, Option<PathBuf>), String> {
         let mut value: serde_json::Value = serde_json::from_str(text).map_err(|e| e.to_string())?;
         let recorded = value
@@ -582,8 +590,27 @@ impl RunState {
         if moved {
             rebase(&mut value, &recorded, run_dir);
         }
-        let state = serde_json::from_value(value).map_err(|e| e.to_string())?;
+        let mut state: RunState = serde_json::from_value(value).map_err(|e| e.to_string())?;
+        if moved {
+            state.rebase_plan_storage(&recorded, run_dir);
+        }
         Ok((state, moved.then_some(recorded)))
+    }
+
+    /// Takes a local soft-label store the recorded plan names under `from` to `to` (the plan's
+    /// text is not a path: [`rebase`] leaves it as it is).
+    fn rebase_plan_storage(&mut self, from: &Path, to: &Path) {
+        let Ok(mut plan) = Plan::from_recorded_toml(&self.plan_toml) else {
+            return;
+        };
+        let moved = plan
+            .pseudo_labels
+            .local_storage()
+            .and_then(|storage| rebased(storage, from, to));
+        if let Some(storage) = moved {
+            plan.pseudo_labels.storage = Some(storage.display().to_string());
+            self.plan_toml = plan.to_toml_string();
+        }
     }
 
     /// Whether a task still to run labels with the first teacher a plan gives

@@ -921,11 +921,9 @@ impl Plan {
         if let Some(path) = &self.data.unlabeled.path {
             self.data.unlabeled.path = Some(absolute("data.unlabeled.path", path)?);
         }
-        if let Some(storage) = &self.pseudo_labels.storage {
-            if !storage.contains("://") {
-                let path = absolute("pseudo_labels.storage", Path::new(storage))?;
-                self.pseudo_labels.storage = Some(path.display().to_string());
-            }
+        if let Some(storage) = self.pseudo_labels.local_storage() {
+            let path = absolute("pseudo_labels.storage", storage)?;
+            self.pseudo_labels.storage = Some(path.display().to_string());
         }
         Ok(self)
     }
@@ -1489,6 +1487,15 @@ const MAX_RATIO: u32 = 1_024;
 const MAX_RANDAUGMENT_OPS: u32 = 16;
 
 impl PseudoLabelPlan {
+    /// `storage` when it is a local folder rather than an object store URL (`s3://...`,
+    /// `file://...`).
+    pub fn local_storage(&self) -> Option<&Path> {
+        self.storage
+            .as_deref()
+            .filter(|storage| !storage.contains("://"))
+            .map(Path::new)
+    }
+
     /// Refuses a class-balance size without balancing (see [`Plan::check_unused`]; also what a
     /// run retried with new filter settings checks).
     pub fn check_unused(&self) -> Result<(), PlanError> {

@@ -11,7 +11,6 @@
 //! stopped task resumes where it was (each step draws its batch and its randomness from seeds
 //! of its own, so the resumed run is the run that did not stop).
 
-use std::collections::HashMap;
 use std::path::{Path, PathBuf};
 use std::time::Instant;
 
@@ -536,14 +535,15 @@ impl<'a> Carried<'a> {
         identity: &Identity,
         evaluation: Option<Evaluation>,
     ) -> Vec<(String, Tensor)> {
+        let [high, low] = resume::halves(identity.fingerprint);
         let mut tensors = vec![(
             "meta".to_string(),
             Tensor::from_slice(&[
                 state.step as f64,
                 identity.steps as f64,
                 state.baseline(),
-                (identity.fingerprint >> 32) as f64,
-                (identity.fingerprint & 0xffff_ffff) as f64,
+                high,
+                low,
             ]),
         )];
         if let Some(evaluation) = evaluation {
@@ -568,8 +568,8 @@ impl<'a> Carried<'a> {
         tensors
     }
 
-    /// Loads the checkpoint at `path` into the models, the optimizers, `state` and `evaluation`
-    /// (the last one before the save, if the checkpoint records it); `false` (nothing loaded)
+    /// Loads the checkpoint at `path`, if there is one, into the models, the optimizers, `state`
+    /// and `evaluation` (the last one before the save, if the checkpoint records it); nothing
     /// when it was saved by another joint training than `identity`.
     fn load(
         &mut self,
@@ -577,24 +577,19 @@ impl<'a> Carried<'a> {
         state: &mut MplState,
         evaluation: &mut Option<Evaluation>,
         identity: &Identity,
-    ) -> Result<bool, String> {
+    ) -> Result<Loaded, String> {
         let error = |reason: String| format!("resume checkpoint `{}`: {reason}", path.display());
-        let saved: HashMap<String, Tensor> = Tensor::read_safetensors(path)
-            .map_err(|e| error(e.to_string()))?
-            .into_iter()
-            .collect();
-        let meta = saved
-            .get("meta")
-            .and_then(|meta| Vec::<f64>::try_from(meta).ok())
-            .filter(|meta| meta.len() == 5)
-            .ok_or_else(|| error("no step, length, baseline and fingerprint".into()))?;
-        let fingerprint = ((meta[3] as u64) << 32) | meta[4] as u64;
+        let Some((saved, meta)) = resume::read(path, 5, "step, length, baseline and fingerprint")?
+        else {
+            return Ok(Loaded::Nothing);
+        };
+        let fingerprint = resume::from_halves(meta[3], meta[4]);
         let plan_text = saved
             .get("plan")
             .and_then(|plan| Vec::<u8>::try_from(plan).ok())
             .and_then(|bytes| String::from_utf8(bytes).ok());
         if !identity.matches(meta[1], fingerprint, plan_text.as_deref()) {
-            return Ok(false);
+            return Ok(Loaded::Foreign);
         }
         for (prefix, vs) in &self.stores {
             resume::copy_variables(vs, &saved, prefix, error)?;
@@ -610,7 +605,7 @@ impl<'a> Carried<'a> {
         state.set_baseline(meta[2]);
         // Saved by builds since 2026-12-05 only.
         *evaluation = saved.get("evaluation").and_then(Evaluation::from_tensor);
-        Ok(true)
+        Ok(Loaded::Step(state.step))
     }
 }
 
@@ -787,22 +782,15 @@ pub fn train_mpl(
     let mut saver = BackgroundSaver::default();
     let mut evaluation: Option<Evaluation> = None;
     if mpl.checkpoint_every > 0 {
-        let found = match checkpoint.exists() {
-            false => Ok(Loaded::Nothing),
-            true => Carried::new(
-                &teacher_vs,
-                &student_vs,
-                ema.as_ref().map(|(vs, _)| vs),
-                &mut teacher_optimizer,
-                &mut student_optimizer,
-            )
-            .load(&checkpoint, &mut state, &mut evaluation, &identity)
-            .map(|loaded| match loaded {
-                true => Loaded::Step(state.step),
-                false => Loaded::Foreign,
-            })
-            .map_err(resume::damaged),
-        };
+        let found = Carried::new(
+            &teacher_vs,
+            &student_vs,
+            ema.as_ref().map(|(vs, _)| vs),
+            &mut teacher_optimizer,
+            &mut student_optimizer,
+        )
+        .load(&checkpoint, &mut state, &mut evaluation, &identity)
+        .map_err(resume::damaged);
         state.step = resume::agree_on_resume(&checkpoint, group, found)?;
         if state.step > 0 {
             tracing::info!(

@@ -238,6 +238,11 @@ impl Adam {
         })
     }
 
+    /// Drops the gradients (see [`Sgd::zero_grad`]).
+    pub fn zero_grad(&mut self) {
+        self.clearer.clear(&self.variables);
+    }
+
     /// `g + wd * p` (weights) into both moment estimates, then `p -= lr / (1 - beta1^t) * m /
     /// (sqrt(v / (1 - beta2^t)) + eps)`.
     pub fn step(&mut self) {
@@ -287,7 +292,7 @@ impl TrainOptimizer {
     pub fn zero_grad(&mut self) {
         match self {
             TrainOptimizer::Sgd(sgd) => sgd.zero_grad(),
-            TrainOptimizer::Adam(adam) => adam.clearer.clear(&adam.variables),
+            TrainOptimizer::Adam(adam) => adam.zero_grad(),
         }
     }
 
@@ -403,8 +408,6 @@ pub(crate) mod tests {
     use super::*;
     use crate::models::{build, Model, ModelConfig};
 
-    /// A cnn with batch norm and a residual block: weights, biases and normalisation
-    /// parameters of every kind.
     /// The trainable values of `vs`, flattened in order.
     fn values(vs: &nn::VarStore) -> Vec<f32> {
         vs.trainable_variables()
@@ -430,6 +433,8 @@ pub(crate) mod tests {
             .neg()
     }
 
+    /// A cnn with batch norm and a residual block: weights, biases and normalisation
+    /// parameters of every kind.
     pub(crate) fn small_cnn() -> ModelConfig {
         ModelConfig {
             model: ModelPlan::Cnn(CnnPlan {

@@ -69,13 +69,46 @@ impl Identity {
     }
 
     fn meta(&self, step: u64) -> Tensor {
-        Tensor::from_slice(&[
-            step as f64,
-            self.steps as f64,
-            (self.fingerprint >> 32) as f64,
-            (self.fingerprint & 0xffff_ffff) as f64,
-        ])
+        let [high, low] = halves(self.fingerprint);
+        Tensor::from_slice(&[step as f64, self.steps as f64, high, low])
     }
+}
+
+/// A fingerprint as the two numbers a save's meta holds it in (each exact in an f64).
+pub(crate) fn halves(fingerprint: u64) -> [f64; 2] {
+    [
+        (fingerprint >> 32) as f64,
+        (fingerprint & 0xffff_ffff) as f64,
+    ]
+}
+
+/// The fingerprint a save's meta holds in two numbers (see [`halves`]).
+pub(crate) fn from_halves(high: f64, low: f64) -> u64 {
+    ((high as u64) << 32) | low as u64
+}
+
+/// A save read back: its named tensors, and the numbers of its `meta` tensor.
+pub(crate) type Save = (HashMap<String, Tensor>, Vec<f64>);
+
+/// The named tensors of the save at `path` and the numbers of its `meta` tensor (`len` of
+/// them: `what`, for the error); `None` when there is no save (or it was removed as it was
+/// about to be read: the coordinator took the model of an attempt that finished).
+pub(crate) fn read(path: &Path, len: usize, what: &str) -> Result<Option<Save>, String> {
+    let error = |reason: String| format!("resume checkpoint `{}`: {reason}", path.display());
+    if !path.exists() {
+        return Ok(None);
+    }
+    let saved: HashMap<String, Tensor> = match Tensor::read_safetensors(path) {
+        Ok(saved) => saved.into_iter().collect(),
+        Err(_) if !path.exists() => return Ok(None),
+        Err(e) => return Err(error(crate::libtorch_message(&e.to_string()))),
+    };
+    let meta = saved
+        .get("meta")
+        .and_then(|meta| Vec::<f64>::try_from(meta).ok())
+        .filter(|meta| meta.len() == len)
+        .ok_or_else(|| error(format!("no {what}")))?;
+    Ok(Some((saved, meta)))
 }
 
 /// FNV-1a of `text`: what identities of trainings compare (stable across builds and machines,
@@ -148,21 +181,10 @@ pub fn load(
     identity: &Identity,
 ) -> Result<Loaded, String> {
     let error = |reason: String| format!("resume checkpoint `{}`: {reason}", path.display());
-    if !path.exists() {
+    let Some((saved, meta)) = read(path, 4, "step, length and fingerprint")? else {
         return Ok(Loaded::Nothing);
-    }
-    let saved: HashMap<String, Tensor> = match Tensor::read_safetensors(path) {
-        Ok(saved) => saved.into_iter().collect(),
-        // Removed since (the coordinator took the model of an attempt that finished).
-        Err(_) if !path.exists() => return Ok(Loaded::Nothing),
-        Err(e) => return Err(error(crate::libtorch_message(&e.to_string()))),
     };
-    let meta = saved
-        .get("meta")
-        .and_then(|meta| Vec::<f64>::try_from(meta).ok())
-        .filter(|meta| meta.len() == 4)
-        .ok_or_else(|| error("no step, length and fingerprint".into()))?;
-    let fingerprint = ((meta[2] as u64) << 32) | meta[3] as u64;
+    let fingerprint = from_halves(meta[2], meta[3]);
     let known = fingerprint == identity.fingerprint || Some(fingerprint) == identity.earlier;
     if meta[1] != identity.steps as f64 || !known {
         return Ok(Loaded::Foreign);

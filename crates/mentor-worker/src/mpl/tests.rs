@@ -1,5 +1,6 @@
 //! The sign of `h` on a constructed case, an MPL step on 2 ranks equal to 1 rank, the EMA.
 
+use std::collections::HashMap;
 use std::sync::Mutex;
 
 use mentor_collective::chunk_bounds;
